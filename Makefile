@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   -- set everything up, then run the main job (end-to-end demo)
+#   make test   -- set everything up, then run the test suite
+# Both are idempotent: a second run reuses .venv and the installed data.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.djpq-installed
+DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PYTEST_ARGS ?=
+
+.PHONY: setup data demo test lint clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision pinned: these versions come from the local package cache.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[tvm,onnxruntime,vision,plots,data,test,lint]'
+	touch $(STAMP)
+
+data:
+	@if [ ! -f $(DATA) ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	  else \
+	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' or set DJPQ_DATA"; \
+	  fi; \
+	fi
+
+demo: setup
+	$(PY) -m djpq_compiler.cli demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check djpq_compiler passes backends tests examples benchmarks
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info

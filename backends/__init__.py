@@ -1,0 +1,1 @@
+"""Backends lowering converted models (installed as ``djpq_compiler.backends``)."""

@@ -1,0 +1,1 @@
+"""Integer reference executor: the single definition of integer semantics."""

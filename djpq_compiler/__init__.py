@@ -1,0 +1,46 @@
+"""djpq-compiler: Differentiable Joint Pruning and Quantization as a torch.fx graph compiler.
+
+Public API::
+
+    import djpq_compiler as djpq
+    report = djpq.bops(model, example_inputs)            # exact BOPs at any stage
+    groups = djpq.analyze(model, example_inputs)         # channel dependency groups
+    pruned = djpq.prune(model, example_inputs, keep={})  # physically smaller GraphModule
+"""
+
+from __future__ import annotations
+
+from djpq_compiler.bops import BopsReport, BopsRow, bops
+from djpq_compiler.errors import (
+    ArtifactError,
+    BackendError,
+    CaptureError,
+    ConfigError,
+    DataError,
+    DjpqError,
+    MissingExtraError,
+    PlanError,
+    PruningError,
+    QuantizationError,
+    UnsupportedOpError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "bops",
+    "BopsReport",
+    "BopsRow",
+    "DjpqError",
+    "CaptureError",
+    "ConfigError",
+    "DataError",
+    "UnsupportedOpError",
+    "PruningError",
+    "QuantizationError",
+    "PlanError",
+    "ArtifactError",
+    "BackendError",
+    "MissingExtraError",
+]

@@ -1,0 +1,154 @@
+"""Capture pass: ``nn.Module`` -> ``torch.fx.GraphModule`` with shapes in ``node.meta``.
+
+Requires: a model whose forward can be symbolically traced (or that ``torch.export`` accepts when
+tracing fails) and example inputs it accepts.
+Guarantees: the returned ``GraphModule`` owns deep copies of the model's modules (the user's model
+is never modified), every tensor-valued node carries ``node.meta["tensor_meta"]``
+(``torch.fx.passes.shape_prop.TensorMetadata``), and ``gm.meta["djpq.capture"]`` says how the
+graph was obtained.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.shape_prop import ShapeProp
+
+from djpq_compiler.errors import CaptureError
+
+__all__ = ["capture", "as_input_tuple", "propagate_shapes"]
+
+_HOW_TO_FIX = (
+    "Make the forward traceable: move data-dependent Python control flow into a submodule and "
+    "pass its class in leaf_modules=(...) so it is kept opaque, or fix the branch with "
+    "concrete_args={'arg': value}."
+)
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """Normalize ``example_inputs`` (a tensor or a tuple/list of arguments) to a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise CaptureError(
+        f"example_inputs must be a tensor or a tuple of forward arguments, got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self._leaves = leaf_modules
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaves and isinstance(m, self._leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and this package (the user's code)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        name = frame.filename
+        if "/torch/" not in name and "djpq_compiler" not in name and "/passes/" not in name:
+            return f"{name}:{frame.lineno} ({frame.line})"
+    return "unknown location"
+
+
+def _trace(
+    model: nn.Module,
+    leaf_modules: tuple[type[nn.Module], ...],
+    concrete_args: dict[str, Any] | None,
+) -> fx.GraphModule:
+    tracer = _LeafTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # FX raises TraceError, TypeError, RuntimeError, ...
+        raise CaptureError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            f"  at {_user_frame(exc)}\n  {_HOW_TO_FIX}"
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """Run ``gm`` once on ``inputs`` (eval mode, no grad) recording ``tensor_meta`` per node.
+
+    The module's train/eval state is restored afterwards, so BatchNorm statistics are untouched.
+    """
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        node_text = _failing_node(exc)
+        raise CaptureError(
+            f"running {gm.__class__.__name__} on the example inputs failed at {node_text}: "
+            f"{type(exc).__name__}: {_root_message(exc)}\n  Check that example_inputs have the "
+            f"shape and dtype the model expects (got "
+            f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]})."
+        ) from exc
+    finally:
+        gm.train(was_training)
+
+
+def _root_message(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _failing_node(exc: BaseException) -> str:
+    text = str(exc)
+    marker = "node="
+    if marker in text:
+        return text[text.index(marker) :].splitlines()[0]
+    return "an unknown node"
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: tuple[type[nn.Module], ...] = (),
+    concrete_args: dict[str, Any] | None = None,
+    copy_model: bool = True,
+) -> PassResult:
+    """Trace ``model`` with ``torch.fx`` and record tensor shapes in ``node.meta``.
+
+    Args:
+        model: The model to capture. It is deep-copied first unless ``copy_model`` is False.
+        example_inputs: A tensor or tuple of forward arguments used for shape propagation.
+        leaf_modules: Module classes kept as opaque ``call_module`` nodes.
+        concrete_args: Passed to the FX tracer to specialize Python control flow.
+        copy_model: Trace a deep copy (default) so the caller's model is never modified.
+
+    Returns:
+        ``PassResult`` whose ``graph_module`` is the captured ``GraphModule``.
+
+    Raises:
+        CaptureError: tracing failed (with FX's reason and the user code location) or the example
+            inputs do not fit the model (naming the failing node).
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    source = copy.deepcopy(model) if copy_model else model
+    gm = _trace(source, tuple(leaf_modules), concrete_args)
+    gm.train(model.training)
+    propagate_shapes(gm, inputs)
+    gm.meta["djpq.capture"] = "torch.fx.symbolic_trace"
+    gm.meta["djpq.source_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    return PassResult(gm, True)
