@@ -1,0 +1,160 @@
+"""Integer pooling: max (exact) and average (integer division, round half up).
+
+Average pooling keeps the input scale and zero point: ``out = z + div_half_up(S, c)`` with ``S``
+the window sum of ``q - z`` (padding contributes real zero) and ``c`` the divisor, exactly as
+``torch.nn.functional.avg_pool2d`` counts it. ``div_half_up(S, c) = floor((2S + c) / (2c))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from djpq_compiler.errors import QuantizationError
+
+from .fixedpoint import as_int_tensor
+
+__all__ = [
+    "div_half_up",
+    "int_adaptive_avg_pool2d",
+    "int_avg_pool2d",
+    "int_max_pool2d",
+]
+
+IntPair = int | Sequence[int]
+
+
+def _pair(value: IntPair) -> tuple[int, int]:
+    """Expand an int (or a 1/2-sequence) to a pair of ints."""
+    if isinstance(value, int):
+        return value, value
+    vals = tuple(int(v) for v in value)
+    return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
+
+
+def div_half_up(num: torch.Tensor, den: torch.Tensor | int) -> torch.Tensor:
+    """Integer division rounded to nearest, ties towards +inf: ``floor((2 num + den) / (2 den))``.
+
+    Args:
+        num: ``int64`` numerator (any sign).
+        den: Positive ``int64`` divisor (tensor broadcastable to ``num``, or int).
+    """
+    return torch.div(2 * num + den, 2 * den, rounding_mode="floor")
+
+
+def _check_4d(x: torch.Tensor, op: str) -> torch.Tensor:
+    x = as_int_tensor(x, "x_q")
+    if x.ndim != 4:
+        raise QuantizationError(f"{op} expects an (N, C, H, W) tensor, got {tuple(x.shape)}")
+    return x
+
+
+def int_max_pool2d(
+    x_q: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    ceil_mode: bool = False,
+) -> torch.Tensor:
+    """Max pooling on integers (exact; padded positions never win, as in torch).
+
+    Same scale and zero point in and out (max commutes with the monotone dequantization).
+    """
+    x = _check_4d(x_q, "int_max_pool2d")
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _avg_counts(
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    count_include_pad: bool,
+) -> torch.Tensor:
+    """Per-output divisors of ``avg_pool2d`` (torch's definition, incl. ceil_mode windows)."""
+    per_axis = []
+    for size, out, k, s, p in zip(in_hw, out_hw, kernel, stride, padding, strict=True):
+        start = torch.arange(out, dtype=torch.int64) * s - p
+        end = torch.clamp(start + k, max=size + p)
+        if count_include_pad:
+            per_axis.append(end - start)
+        else:
+            per_axis.append(torch.clamp(end, max=size) - torch.clamp(start, min=0))
+    return per_axis[0][:, None] * per_axis[1][None, :]
+
+
+def int_avg_pool2d(
+    x_q: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+    zero_point: int = 0,
+    qmin: int | None = None,
+    qmax: int | None = None,
+) -> torch.Tensor:
+    """Average pooling: ``z + div_half_up(sum(q - z over window), count)``, optional clip.
+
+    Window sums are exact (float64 sum of integers ``< 2^53``); the divisor follows
+    ``torch.nn.functional.avg_pool2d`` (``count_include_pad``, ``ceil_mode``,
+    ``divisor_override``).
+
+    Returns:
+        An ``int64`` tensor at the input's scale and zero point.
+    """
+    x = _check_4d(x_q, "int_avg_pool2d") - zero_point
+    kernel = _pair(kernel_size)
+    strides = kernel if stride is None or stride in ([], ()) else _pair(stride)
+    pads = _pair(padding)
+    sums = F.avg_pool2d(x.double(), kernel, strides, pads, ceil_mode, True, divisor_override=1)
+    sums = torch.round(sums).to(torch.int64)
+    if divisor_override is not None:
+        if int(divisor_override) <= 0:
+            raise QuantizationError(f"divisor_override must be > 0, got {divisor_override}")
+        counts: torch.Tensor | int = int(divisor_override)
+    else:
+        counts = _avg_counts(
+            (x.shape[2], x.shape[3]), (sums.shape[2], sums.shape[3]),
+            kernel, strides, pads, count_include_pad,
+        )
+    out = div_half_up(sums, counts) + zero_point
+    return out.clamp(min=qmin, max=qmax) if qmin is not None or qmax is not None else out
+
+
+def int_adaptive_avg_pool2d(
+    x_q: torch.Tensor,
+    output_size: int | Sequence[int | None],
+    zero_point: int = 0,
+) -> torch.Tensor:
+    """Adaptive average pooling with torch's bins and :func:`div_half_up` rounding.
+
+    Bin ``i`` of an axis of length ``n`` pooled to ``o`` covers
+    ``[floor(i n / o), ceil((i + 1) n / o))``.
+
+    Returns:
+        An ``int64`` tensor at the input's scale and zero point.
+    """
+    x = _check_4d(x_q, "int_adaptive_avg_pool2d") - zero_point
+    sizes = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    out_h, out_w = (x.shape[2 + i] if s is None else int(s) for i, s in enumerate(sizes))
+    h_bins = _adaptive_bins(x.shape[2], out_h)
+    w_bins = _adaptive_bins(x.shape[3], out_w)
+    out = torch.empty(x.shape[:2] + (out_h, out_w), dtype=torch.int64)
+    for i, (h0, h1) in enumerate(h_bins):
+        for j, (w0, w1) in enumerate(w_bins):
+            window_sum = x[:, :, h0:h1, w0:w1].sum(dim=(2, 3))
+            out[:, :, i, j] = div_half_up(window_sum, (h1 - h0) * (w1 - w0))
+    return out + zero_point
+
+
+def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+    """torch's adaptive pooling bins ``[floor(i*size/out), ceil((i+1)*size/out))``."""
+    if out <= 0:
+        raise QuantizationError(f"adaptive pooling output size must be > 0, got {out}")
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
