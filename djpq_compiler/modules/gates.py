@@ -105,7 +105,7 @@ class VIBGate(nn.Module):
         return torch.exp(self.log_alpha())
 
     def kl(self) -> torch.Tensor:
-        """Per-atom VIB penalty ``0.5 * log(1 + alpha) = 0.5 * softplus(log alpha)``, shape ``(n,)``."""
+        """Per-atom VIB penalty ``0.5 * log(1 + alpha) = 0.5 * softplus(log alpha)``, ``(n,)``."""
         return 0.5 * nn.functional.softplus(self.log_alpha())
 
     def keep_mask(self) -> torch.Tensor:
@@ -118,7 +118,7 @@ class VIBGate(nn.Module):
         return int(self.keep_mask().sum().item())
 
     def soft_keep(self, temperature: float = 1.0) -> torch.Tensor:
-        """Differentiable keep probability ``sigmoid((log alpha - log tau) / T)``, shape ``(n,)``."""
+        """Differentiable keep probability ``sigmoid((log alpha - log tau) / T)``, ``(n,)``."""
         if not temperature > 0.0:
             raise ConfigError(f"soft_keep temperature must be > 0, got {temperature!r}")
         return torch.sigmoid((self.log_alpha() - self.log_threshold) / temperature)
@@ -226,7 +226,7 @@ class VIBGate(nn.Module):
 
     # ----------------------------------------------------------------------------- validation
     def check_finite(self, name: str) -> None:
-        """Raise :class:`QuantizationError` naming this gate if ``mu`` or ``log_sigma2`` is NaN/Inf."""
+        """Raise :class:`QuantizationError` naming this gate if ``mu``/``log_sigma2`` is NaN/Inf."""
         for pname, value in (("mu", self.mu), ("log_sigma2", self.log_sigma2)):
             bad = ~torch.isfinite(value.detach())
             if bool(bad.any()):

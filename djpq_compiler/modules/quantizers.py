@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -41,8 +41,8 @@ def levels(bits: torch.Tensor | float, signed: bool) -> torch.Tensor | float:
 
 class _DQRound(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         x: torch.Tensor,
         d: torch.Tensor,
         q_max: torch.Tensor,
@@ -51,16 +51,14 @@ class _DQRound(torch.autograd.Function):
         x_min = -q_max if signed else torch.zeros_like(q_max)
         q = torch.round(torch.maximum(torch.minimum(x, q_max), x_min) / d) * d
         ctx.save_for_backward(x, d, q_max, q)
-        ctx.signed = signed  # type: ignore[attr-defined]
+        ctx.signed = signed
         return q
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, d, q_max, q = ctx.saved_tensors  # type: ignore[attr-defined]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, d, q_max, q = ctx.saved_tensors
         above = x > q_max
-        below = x < -q_max if ctx.signed else x < 0  # type: ignore[attr-defined]
+        below = x < -q_max if ctx.signed else x < 0
         inside = ~(above | below)
         zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
         gx = gd = gq = None
@@ -70,18 +68,21 @@ class _DQRound(torch.autograd.Function):
             gd = torch.where(inside, grad * (q - x) / d, zero).sum_to_size(d.shape)
         if ctx.needs_input_grad[2]:
             sign = above.to(grad.dtype)
-            if ctx.signed:  # type: ignore[attr-defined]
+            if ctx.signed:
                 sign = sign - below.to(grad.dtype)
             gq = (grad * sign).sum_to_size(q_max.shape)
         return gx, gd, gq, None
 
 
-def dq_quantize(x: torch.Tensor, d: torch.Tensor, q_max: torch.Tensor, signed: bool) -> torch.Tensor:
+def dq_quantize(
+    x: torch.Tensor, d: torch.Tensor, q_max: torch.Tensor, signed: bool
+) -> torch.Tensor:
     """``d * round(clip(x, x_min, q_max) / d)`` with the DQ gradients (see the module docstring).
 
     ``d`` and ``q_max`` must be positive and broadcast against ``x``.
     """
-    return _DQRound.apply(x, d, q_max, signed)  # type: ignore[no-any-return]
+    out: torch.Tensor = _DQRound.apply(x, d, q_max, signed)
+    return out
 
 
 def _signed_pow(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -329,8 +330,10 @@ class DQQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """Record the range of ``x`` (only while ``calibrating``)."""
         if not self.calibrating:
-            raise QuantizationError("observe() called on a quantizer that is not calibrating; "
-                                    "call start_calibration() first")
+            raise QuantizationError(
+                "observe() called on a quantizer that is not calibrating; "
+                "call start_calibration() first"
+            )
         rows = x.detach().float()
         rows = rows.reshape(1, -1) if self.per_tensor else rows.movedim(self.channel_dim, 0)
         rows = rows.reshape(rows.shape[0], -1)
@@ -354,12 +357,16 @@ class DQQuantizer(nn.Module):
         """Set ``q_max`` from the observed range and ``d = q_max^t / levels(init_bits)``; stop
         observing. ``obs_max`` holds ``max|x|`` (signed) or ``max x`` (unsigned)."""
         if self.obs_count == 0:
-            raise QuantizationError("finish_calibration(): the quantizer observed no data; "
-                                    "run calibration batches through the model first")
+            raise QuantizationError(
+                "finish_calibration(): the quantizer observed no data; "
+                "run calibration batches through the model first"
+            )
         rng = self.obs_max.clamp_min(MIN_RANGE)
         if not bool(torch.isfinite(rng).all()):
-            raise QuantizationError("finish_calibration(): the observed range is not finite "
-                                    "(NaN/Inf in the calibration activations)")
+            raise QuantizationError(
+                "finish_calibration(): the observed range is not finite "
+                "(NaN/Inf in the calibration activations)"
+            )
         self.log_q_max.copy_(torch.log(rng))
         if self.log_d is not None:
             n = float(levels(float(self.init_bits), self.signed))
@@ -402,8 +409,10 @@ def _check_args(
     if not 2 <= init_bits <= 32:
         raise ConfigError(f"init_bits must lie in [2, 32], got {init_bits}")
     allowed = tuple(allowed_bits)
-    if not allowed or any(b < 2 or b & (b - 1) for b in allowed) or list(allowed) != sorted(
-        set(allowed)
+    if (
+        not allowed
+        or any(b < 2 or b & (b - 1) for b in allowed)
+        or list(allowed) != sorted(set(allowed))
     ):
         raise ConfigError(
             f"allowed_bits must be strictly increasing powers of two >= 2, got {allowed}"
