@@ -180,18 +180,23 @@ def as_int_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.to(torch.int64)
 
 
-def channel_view(value: MultiplierLike, ndim: int, name: str) -> torch.Tensor:
-    """Broadcast a per-tensor int or per-channel 1-D tensor along dim 1 of an ``ndim`` tensor."""
+def channel_view(value: MultiplierLike, ref: torch.Tensor, name: str) -> torch.Tensor:
+    """Broadcast a per-tensor int or a per-channel 1-D tensor along dim 1 of ``ref``.
+
+    Raises:
+        QuantizationError: ``value`` is not an int/integer tensor, or its length is not 1 or
+            ``ref.shape[1]``.
+    """
     if torch.is_tensor(value):
         value = as_int_tensor(value, name)
         if value.ndim == 0:
             return value
-        if value.ndim != 1 or ndim < 2:
+        if value.ndim != 1 or ref.ndim < 2 or value.shape[0] not in (1, ref.shape[1]):
             raise QuantizationError(
-                f"per-channel {name} must be 1-D and apply to dim 1 of a tensor with >= 2 dims, "
-                f"got shape {tuple(value.shape)} for a {ndim}-D tensor"
+                f"per-channel {name} must be 1-D with one entry per channel of dim 1, got shape "
+                f"{tuple(value.shape)} for a tensor of shape {tuple(ref.shape)}"
             )
-        return value.reshape((1, -1) + (1,) * (ndim - 2))
+        return value.reshape((1, -1) + (1,) * (ref.ndim - 2))
     if isinstance(value, bool) or not isinstance(value, int):
         raise QuantizationError(f"{name} must be an int or an integer tensor, got {value!r}")
     return torch.tensor(value, dtype=torch.int64)
@@ -249,13 +254,13 @@ def requantize(
         QuantizationError: Bad ``m``/``shift``, or ``|acc| * m + 2^(shift-1) >= 2^63``.
     """
     acc = as_int_tensor(acc, "acc")
-    m_t = channel_view(m, acc.ndim, "m")
-    shift_t = channel_view(shift, acc.ndim, "shift")
+    m_t = channel_view(m, acc, "m")
+    shift_t = channel_view(shift, acc, "shift")
     _check_multiplier(m_t, shift_t)
     _check_no_overflow(acc, m_t, shift_t)
     one = torch.ones((), dtype=torch.int64)
     rounding = torch.where(shift_t > 0, one << (shift_t - 1).clamp(min=0), 0)
-    out = ((acc * m_t + rounding) >> shift_t) + channel_view(zero_point, acc.ndim, "zero_point")
+    out = ((acc * m_t + rounding) >> shift_t) + channel_view(zero_point, acc, "zero_point")
     if qmin is not None or qmax is not None:
         out = out.clamp(min=qmin, max=qmax)
     return out
