@@ -4,7 +4,8 @@ Requires: a model whose forward can be symbolically traced (or that ``torch.expo
 tracing fails) and example inputs it accepts.
 Guarantees: the returned ``GraphModule`` owns deep copies of the model's modules (the user's model
 is never modified), every tensor-valued node carries ``node.meta["tensor_meta"]``
-(``torch.fx.passes.shape_prop.TensorMetadata``), and ``gm.meta["djpq.capture"]`` says how the
+(``torch.fx.passes.shape_prop.TensorMetadata``), small non-tensor results (``x.size(0)``, shapes)
+carry their value in ``node.meta["djpq.value"]``, and ``gm.meta["djpq.capture"]`` says how the
 graph was obtained.
 """
 
@@ -82,6 +83,24 @@ def _trace(
     return fx.GraphModule(tracer.root, graph, name)
 
 
+class _RecordingShapeProp(ShapeProp):
+    """ShapeProp that also records small non-tensor results (sizes, ints) as ``djpq.value``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if _is_static_value(result):
+            n.meta["djpq.value"] = result
+        return result
+
+
+def _is_static_value(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str, torch.Size, torch.dtype, torch.device)):
+        return True
+    if isinstance(value, (tuple, list)) and len(value) <= 16:
+        return all(isinstance(v, (bool, int, float)) for v in value)
+    return False
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Run ``gm`` once on ``inputs`` (eval mode, no grad) recording ``tensor_meta`` per node.
 
@@ -91,7 +110,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            _RecordingShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         node_text = _failing_node(exc)
         raise CaptureError(

@@ -1,0 +1,307 @@
+"""Per-op channel rules, keyed by the op (module class, function object or method name).
+
+Every rule has one signature, ``rule(state, node) -> Info``: it reads the infos of the node's
+inputs from ``state.info``, records element unions, roles, barriers and the node's zero behaviour,
+and returns the info of the node's output. An op without a rule is a barrier (see
+``analysis.py``); no op is ever assumed to pass channels through.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from djpq_compiler.layers import tensor_shape
+from djpq_compiler.passes.dependency.state import AnalysisState, Info, Opaque, Role, Space, Zero
+from djpq_compiler.registry import Registry
+
+__all__ = ["RULES", "Rule"]
+
+Rule = Callable[[AnalysisState, fx.Node], Info]
+RULES: Registry[Rule] = Registry("channel-dependency")
+
+
+def _input(st: AnalysisState, node: fx.Node, i: int = 0) -> Info:
+    arg = node.args[i] if len(node.args) > i else None
+    return st.info.get(arg.name) if isinstance(arg, fx.Node) else None
+
+
+def _space_at(st: AnalysisState, info: Info, dim: int, size: int, reader: fx.Node) -> Space | None:
+    """``info`` as a space on ``dim`` of ``size`` channels; anything else becomes a barrier."""
+    if isinstance(info, Space) and info.dim == dim and info.size == size:
+        return info
+    st.barrier_info(info, f"{reader.name} reads channels that are not tracked as dim {dim}")
+    return None
+
+
+def _module(st: AnalysisState, node: fx.Node) -> nn.Module:
+    return st.gm.get_submodule(str(node.target))
+
+
+def _params(module_path: str, mod: nn.Module, names: tuple[str, ...]) -> list[str]:
+    prefix = f"{module_path}." if module_path else ""
+    return [prefix + n for n in names if isinstance(getattr(mod, n, None), torch.Tensor)]
+
+
+# --------------------------------------------------------------------------- producers / consumers
+def _conv_like(st: AnalysisState, node: fx.Node, *, in_ch: int, out_ch: int, groups: int,
+               weight: str | None, bias: str | None, transposed: bool, key: str) -> Info:
+    x = _input(st, node)
+    out = st.new_space(node, 1, out_ch)
+    x_sp = _space_at(st, x, 1, in_ch, node)
+    w_out, w_in = (1, 0) if transposed else (0, 1)
+    st.module_calls.setdefault(key, []).append((x_sp, out))
+    if weight is None:
+        st.barrier(out, f"{node.name}: weight is computed in the graph, not a parameter")
+        if x_sp is not None:
+            st.barrier(x_sp, f"{node.name}: weight is computed in the graph, not a parameter")
+        st.zero_kind[node.name] = Zero.NEVER
+        return out
+    if groups == 1:
+        st.add_role(out, Role("producer", node.name, weight, w_out))
+        if bias is not None:
+            st.add_role(out, Role("producer", node.name, bias, 0))
+        if x_sp is not None:
+            st.add_role(x_sp, Role("consumer", node.name, weight, w_in))
+        st.gate_points[node.name] = out
+        st.zero_kind[node.name] = Zero.GATE
+    elif groups == in_ch and out_ch % in_ch == 0 and not transposed:
+        mult = out_ch // in_ch  # depthwise: output channel c*mult+r reads input channel c
+        if x_sp is not None:
+            st.union(out, x_sp, np.arange(out_ch), np.arange(out_ch) // mult)
+        else:
+            st.barrier(out, f"{node.name}: depthwise conv input is not tracked")
+        st.add_role(out, Role("param", node.name, weight, 0))
+        if bias is not None:
+            st.add_role(out, Role("param", node.name, bias, 0))
+        st.gate_points[node.name] = out
+        st.zero_kind[node.name] = Zero.GATE
+    else:
+        reason = f"{node.name}: grouped conv (groups={groups}) keeps its per-group channel counts"
+        st.barrier(out, reason)
+        if x_sp is not None:
+            st.barrier(x_sp, reason)
+        st.zero_kind[node.name] = Zero.NEVER
+    return out
+
+
+@RULES.register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_module(st: AnalysisState, node: fx.Node) -> Info:
+    mod = _module(st, node)
+    path = str(node.target)
+    (w,) = _params(path, mod, ("weight",))
+    b = _params(path, mod, ("bias",))
+    return _conv_like(st, node, in_ch=mod.in_channels, out_ch=mod.out_channels,  # type: ignore[arg-type]
+                      groups=mod.groups, weight=w, bias=b[0] if b else None,  # type: ignore[arg-type]
+                      transposed=False, key=path)
+
+
+@RULES.register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose_module(st: AnalysisState, node: fx.Node) -> Info:
+    mod = _module(st, node)
+    path = str(node.target)
+    b = _params(path, mod, ("bias",))
+    return _conv_like(st, node, in_ch=mod.in_channels, out_ch=mod.out_channels,  # type: ignore[arg-type]
+                      groups=mod.groups, weight=f"{path}.weight",  # type: ignore[arg-type]
+                      bias=b[0] if b else None, transposed=True, key=path)
+
+
+def _get_attr_target(arg: object) -> str | None:
+    return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def _fn_arg(node: fx.Node, i: int, name: str) -> object:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+@RULES.register(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                F.conv_transpose3d)
+def conv_functional(st: AnalysisState, node: fx.Node) -> Info:
+    transposed = node.target in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+    w_node = _fn_arg(node, 1, "weight")
+    wshape = tensor_shape(w_node) or ()
+    groups = int(_fn_arg(node, 6, "groups") or 1)  # type: ignore[call-overload]
+    if transposed:
+        in_ch, out_ch = wshape[0], wshape[1] * groups
+    else:
+        out_ch, in_ch = wshape[0], wshape[1] * groups
+    weight = _exclusive_get_attr(w_node)
+    bias_node = _fn_arg(node, 2, "bias")
+    bias = _exclusive_get_attr(bias_node)
+    if bias_node is not None and bias is None:
+        weight = None  # a computed bias cannot be sliced: treat like a computed weight
+    return _conv_like(st, node, in_ch=in_ch, out_ch=out_ch, groups=groups, weight=weight,
+                      bias=bias, transposed=transposed, key=weight or node.name)
+
+
+def _exclusive_get_attr(arg: object) -> str | None:
+    """The get_attr target of ``arg`` if it is a parameter read by this node only."""
+    target = _get_attr_target(arg)
+    if target is None or not isinstance(arg, fx.Node) or len(arg.users) != 1:
+        return None
+    return target
+
+
+def _linear(st: AnalysisState, node: fx.Node, weight: str | None, bias: str | None,
+            in_f: int, out_f: int, key: str) -> Info:
+    x = _input(st, node)
+    in_shape = tensor_shape(node.args[0]) or (in_f,)
+    out_shape = tensor_shape(node) or (out_f,)
+    out = st.new_space(node, len(out_shape) - 1, out_f)
+    x_sp = _space_at(st, x, len(in_shape) - 1, in_f, node)
+    st.module_calls.setdefault(key, []).append((x_sp, out))
+    if weight is None:
+        st.barrier(out, f"{node.name}: weight is computed in the graph, not a parameter")
+        if x_sp is not None:
+            st.barrier(x_sp, f"{node.name}: weight is computed in the graph, not a parameter")
+        st.zero_kind[node.name] = Zero.NEVER
+        return out
+    st.add_role(out, Role("producer", node.name, weight, 0))
+    if bias is not None:
+        st.add_role(out, Role("producer", node.name, bias, 0))
+    if x_sp is not None:
+        st.add_role(x_sp, Role("consumer", node.name, weight, 1))
+    st.gate_points[node.name] = out
+    st.zero_kind[node.name] = Zero.GATE
+    return out
+
+
+@RULES.register(nn.Linear)
+def linear_module(st: AnalysisState, node: fx.Node) -> Info:
+    mod = _module(st, node)
+    path = str(node.target)
+    b = _params(path, mod, ("bias",))
+    return _linear(st, node, f"{path}.weight", b[0] if b else None, mod.in_features,  # type: ignore[arg-type]
+                   mod.out_features, path)  # type: ignore[arg-type]
+
+
+@RULES.register(F.linear)
+def linear_functional(st: AnalysisState, node: fx.Node) -> Info:
+    w_node = _fn_arg(node, 1, "weight")
+    out_f, in_f = tensor_shape(w_node) or (0, 0)
+    weight = _exclusive_get_attr(w_node)
+    bias_node = _fn_arg(node, 2, "bias")
+    bias = _exclusive_get_attr(bias_node)
+    if bias_node is not None and bias is None:
+        weight = None
+    return _linear(st, node, weight, bias, in_f, out_f, weight or node.name)
+
+
+# --------------------------------------------------------------------------- per-channel affine
+@RULES.register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def per_channel_norm(st: AnalysisState, node: fx.Node) -> Info:
+    """BN / InstanceNorm: channels pass through; parameters are sliced; a gate sits after it.
+
+    A conv/linear whose only user is this norm moves its gate point here (DESIGN invariant 3:
+    the gate multiplies after conv and BN, before the nonlinearity).
+    """
+    mod = _module(st, node)
+    path = str(node.target)
+    x = _input(st, node)
+    size = int(mod.num_features)  # type: ignore[arg-type]
+    x_sp = _space_at(st, x, 1, size, node)
+    out = st.new_space(node, 1, size)
+    st.module_calls.setdefault(path, []).append((x_sp, out))
+    if x_sp is None:
+        st.barrier(out, f"{node.name}: input channels are not tracked")
+        st.zero_kind[node.name] = Zero.NEVER
+        return out
+    st.union(out, x_sp)
+    for p in _params(path, mod, ("weight", "bias", "running_mean", "running_var")):
+        st.add_role(out, Role("param", node.name, p, 0))
+    producer = node.args[0]
+    if isinstance(producer, fx.Node) and producer.name in st.gate_points \
+            and len(producer.users) == 1:
+        del st.gate_points[producer.name]
+        st.zero_kind[producer.name] = Zero.NEVER
+    st.gate_points[node.name] = out
+    st.zero_kind[node.name] = Zero.GATE
+    return out
+
+
+# --------------------------------------------------------------------------- elementwise unary
+def _pass_through(st: AnalysisState, node: fx.Node, zero: Zero) -> Info:
+    x = _input(st, node)
+    in_shape = tensor_shape(node.args[0]) if node.args else None
+    out_shape = tensor_shape(node)
+    if not isinstance(x, Space) or in_shape is None or out_shape is None:
+        if x is not None and not isinstance(x, Opaque):
+            st.barrier_info(x, f"{node.name}: channels not tracked as one dimension")
+        return Opaque(f"output of {node.name}")
+    dim = x.dim + len(out_shape) - len(in_shape)
+    if dim < 0 or dim >= len(out_shape) or out_shape[dim] != x.size:
+        st.barrier(x, f"{node.name}: output does not keep the channel dimension")
+        return Opaque(f"output of {node.name}")
+    out = st.new_space(node, dim, x.size)
+    st.union(out, x)
+    st.zero_kind[node.name] = zero
+    return out
+
+
+ZERO_PRESERVING = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.Tanh,
+    nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink,
+    nn.Softshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.silu, F.gelu, F.elu,
+    F.selu, F.mish, F.dropout, F.dropout2d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
+    torch.relu, torch.relu_, torch.tanh, torch.nn.functional.tanh, torch.max_pool2d,
+    torch.avg_pool1d, torch.adaptive_avg_pool1d, torch.dropout,
+    "relu", "relu_", "tanh", "to", "float", "type_as",
+)
+NOT_ZERO_PRESERVING = (
+    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, torch.sigmoid, F.sigmoid,
+    F.hardsigmoid, F.softplus, torch.exp, torch.cos, "sigmoid", "exp",
+)
+
+
+@RULES.register(*ZERO_PRESERVING)
+def unary_zero_preserving(st: AnalysisState, node: fx.Node) -> Info:
+    return _pass_through(st, node, Zero.SAME)
+
+
+@RULES.register(*NOT_ZERO_PRESERVING)
+def unary_not_zero_preserving(st: AnalysisState, node: fx.Node) -> Info:
+    return _pass_through(st, node, Zero.NEVER)
+
+
+@RULES.register(nn.PReLU)
+def prelu(st: AnalysisState, node: fx.Node) -> Info:
+    out = _pass_through(st, node, Zero.SAME)
+    mod = _module(st, node)
+    if isinstance(out, Space) and mod.num_parameters > 1:  # type: ignore[operator]
+        st.add_role(out, Role("param", node.name, f"{node.target}.weight", 0))
+        st.module_calls.setdefault(str(node.target), []).append((None, out))
+    return out
+
+
+@RULES.register(torch.clamp, torch.clip, "clamp", "clip", "clamp_")
+def clamp(st: AnalysisState, node: fx.Node) -> Info:
+    lo = _fn_arg(node, 1, "min")
+    hi = _fn_arg(node, 2, "max")
+    keeps_zero = (lo is None or (isinstance(lo, (int, float)) and lo <= 0)) and \
+        (hi is None or (isinstance(hi, (int, float)) and hi >= 0))
+    return _pass_through(st, node, Zero.SAME if keeps_zero else Zero.NEVER)
+
+
+# --------------------------------------------------------------------------- metadata reads
+@RULES.register(builtins.getattr, "size", "dim", "numel", "ndimension")
+def metadata(st: AnalysisState, node: fx.Node) -> Info:
+    """Reading sizes does not touch channels (a dynamic size follows the pruned tensor)."""
+    return None
+
+
+# Registered here so the import order keeps all rules in one registry.
+from djpq_compiler.passes.dependency import rules_binary, rules_shape  # noqa: E402,F401

@@ -1,0 +1,156 @@
+"""Channel rules for shape ops, computed by running the op on id fields (see ``fields.py``).
+
+Three kinds, by what pruning must do to them afterwards:
+
+* ``AUTO`` (flatten, permute, cat, ...): re-executes correctly on pruned inputs.
+* ``RESHAPE`` (view, reshape): a literal size at the channel position is rewritten by ``prune``.
+* ``SELECT`` (getitem, narrow, split, chunk): a proper channel selection is rewritten by ``prune``
+  as an ``index_select`` of the kept positions.
+
+A channel dimension split into several dimensions (the first ``view`` of a channel shuffle) is
+carried as an unresolved field; whatever comes out of it is a barrier, because the literal sizes
+of the intermediate views cannot follow an arbitrary pruning.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from djpq_compiler.layers import tensor_shape
+from djpq_compiler.passes.dependency.fields import clean_dim, evaluate_on_fields, line_along
+from djpq_compiler.passes.dependency.rules import RULES
+from djpq_compiler.passes.dependency.state import (
+    AnalysisState,
+    Field,
+    Info,
+    Opaque,
+    Role,
+    Space,
+    Zero,
+)
+
+__all__ = ["ShapeKind"]
+
+
+class ShapeKind(enum.Enum):
+    AUTO = "auto"
+    RESHAPE = "reshape"
+    SELECT = "select"
+
+
+def _shape_rule(st: AnalysisState, node: fx.Node, kind: ShapeKind) -> Info:
+    if kind is ShapeKind.SELECT and any(
+        tensor_shape(a) is not None for a in node.all_input_nodes[1:]
+    ):
+        return _give_up(st, node, "indexes channels with a tensor")
+    result = evaluate_on_fields(st, node)
+    if result is None:
+        return _give_up(st, node, "has arguments of unknown value")
+    if isinstance(result, torch.Tensor):
+        return _tensor_result(st, node, result, kind)
+    if isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
+        st.zero_kind[node.name] = Zero.SAME
+        return tuple(Field(r, piece=True) for r in result)
+    return None
+
+
+def _give_up(st: AnalysisState, node: fx.Node, why: str) -> Info:
+    for arg in node.all_input_nodes:
+        st.barrier_info(st.info.get(arg.name), f"{node.name} {why}")
+    return Opaque(f"output of {node.name}")
+
+
+def _tensor_result(st: AnalysisState, node: fx.Node, ids: torch.Tensor, kind: ShapeKind) -> Info:
+    st.zero_kind[node.name] = Zero.SAME
+    d = clean_dim(ids)
+    if d is None:
+        if bool((ids < 0).all()):
+            return Opaque(f"output of {node.name}")
+        return Field(ids)
+    v = line_along(ids, d)
+    if bool((v < 0).all()):
+        return Opaque(f"output of {node.name}")
+    space = st.new_space(node, d, len(v))
+    known = v >= 0
+    st.union_ids(space.ids()[known], v[known])
+    if not known.all():
+        st.barrier(space, f"{node.name} mixes tracked channels with untracked ones")
+    inputs = [st.info.get(a.name) for a in node.all_input_nodes]
+    from_field = any(isinstance(i, Field) and not i.piece for i in inputs)
+    if from_field:
+        st.barrier(space, f"{node.name}: channels went through a reshape that splits the "
+                          "channel dimension (e.g. channel shuffle); its sizes cannot follow pruning")
+    if kind is ShapeKind.RESHAPE:
+        st.add_role(space, Role("reshape", node.name, node.name, d))
+    if _in_order(st, v[known]):
+        return space
+    if kind is ShapeKind.SELECT and _direct_select(st, node, space, v):
+        return space
+    if kind is not ShapeKind.AUTO or from_field:
+        st.barrier(space, f"{node.name} reorders or selects channels in a way pruning cannot "
+                          "rewrite")
+    return space
+
+
+def _in_order(st: AnalysisState, v: np.ndarray) -> bool:
+    """Every origin space's channels appear completely and in order (cat, flatten, identity)."""
+    owners = st.space_of_ids(v)
+    for sid in np.unique(owners).tolist():
+        vals = v[owners == sid]
+        origin = st.spaces[sid]
+        if np.any(np.diff(vals) < 0) or not np.array_equal(np.unique(vals), origin.ids()):
+            return False
+    return True
+
+
+def _direct_select(st: AnalysisState, node: fx.Node, space: Space, v: np.ndarray) -> bool:
+    """A selection of channels straight from one tensor: rewritable as ``index_select``."""
+    src = node.args[0]
+    if isinstance(src, fx.Node) and isinstance(st.info.get(src.name), tuple):
+        src = src.args[0]  # getitem on the result of split/chunk
+    if not isinstance(src, fx.Node) or (v < 0).any():
+        return False
+    origin = st.info.get(src.name)
+    if not isinstance(origin, Space) or origin.dim != space.dim:
+        return False
+    owners = st.space_of_ids(v)
+    src_shape, out_shape = tensor_shape(src), tensor_shape(node)
+    if src_shape is None or out_shape is None or len(src_shape) != len(out_shape):
+        return False
+    same_elsewhere = all(a == b for i, (a, b) in enumerate(zip(src_shape, out_shape, strict=True))
+                         if i != space.dim)
+    if not same_elsewhere or not np.all(owners == origin.id) or len(np.unique(v)) != len(v):
+        return False
+    st.add_role(space, Role("select", node.name, src.name, space.dim,
+                            tuple(int(i) for i in v - origin.base)))
+    return True
+
+
+AUTO_OPS = (torch.flatten, nn.Flatten, "flatten", torch.permute, "permute", torch.transpose,
+            "transpose", torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", torch.cat,
+            torch.concat, torch.concatenate, torch.stack, "expand", "expand_as", "repeat",
+            nn.Unflatten, "unflatten", torch.movedim, "movedim", torch.swapaxes, "swapaxes", "contiguous", "clone", "detach", torch.clone)
+RESHAPE_OPS = ("view", "reshape", torch.reshape)
+SELECT_OPS = (operator.getitem, torch.narrow, "narrow", torch.split, "split", torch.chunk,
+              "chunk", torch.unbind, "unbind", torch.tensor_split, "tensor_split")
+
+
+@RULES.register(*AUTO_OPS)
+def shape_auto(st: AnalysisState, node: fx.Node) -> Info:
+    return _shape_rule(st, node, ShapeKind.AUTO)
+
+
+@RULES.register(*RESHAPE_OPS)
+def shape_reshape(st: AnalysisState, node: fx.Node) -> Info:
+    return _shape_rule(st, node, ShapeKind.RESHAPE)
+
+
+@RULES.register(*SELECT_OPS)
+def shape_select(st: AnalysisState, node: fx.Node) -> Info:
+    return _shape_rule(st, node, ShapeKind.SELECT)
