@@ -64,7 +64,9 @@ def int_max_pool2d(
     Same scale and zero point in and out (max commutes with the monotone dequantization).
     """
     x = _check_4d(x_q, "int_max_pool2d")
-    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    kernel = _pair(kernel_size)
+    strides = kernel if stride is None or stride in ([], ()) else _pair(stride)
+    return F.max_pool2d(x, kernel, strides, _pair(padding), _pair(dilation), ceil_mode)
 
 
 def _avg_counts(

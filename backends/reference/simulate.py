@@ -8,6 +8,8 @@ up), which is bounded by one LSB, and not to float32 noise.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +54,7 @@ def simulate_conv2d(
     out_zero_point: int,
     qmin: int,
     qmax: int,
-    **conv_kwargs: object,
+    **conv_kwargs: Any,
 ) -> torch.Tensor:
     """``quantize(conv2d(dequant(x), dequant(w)) + bias_q * s_x * s_w, s_out, z_out)``.
 
@@ -112,7 +114,7 @@ def simulate_avg_pool2d(
     zero_point: int,
     qmin: int,
     qmax: int,
-    **pool_kwargs: object,
+    **pool_kwargs: Any,
 ) -> torch.Tensor:
     """``quantize(avg_pool2d(dequant(x)), s, z)`` at the input's scale and zero point."""
     x = dequantize(x_q, scale, zero_point, dtype=_F64)
