@@ -301,13 +301,13 @@ class DQQuantizer(nn.Module):
         return p.reshape(shape)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` (regardless of ``calibrating``)."""
+        """Fake-quantize ``x`` (regardless of ``calibrating``); the result has ``x``'s dtype."""
         d, q_grid = self._shaped(self.d(), x), self._shaped(self.q_grid(), x)
         t = self.t()
         if t is None:
-            return dq_quantize(x, d, q_grid, self.signed)
+            return dq_quantize(x, d, q_grid, self.signed).to(x.dtype)
         q = dq_quantize(_signed_pow(x, t), d, q_grid, self.signed)
-        return _signed_pow(q, 1.0 / t)
+        return _signed_pow(q, 1.0 / t).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Identity when disabled or calibrating (recording the range), else :meth:`quantize`."""
