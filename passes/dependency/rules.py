@@ -9,6 +9,7 @@ and returns the info of the node's output. An op without a rule is a barrier (se
 from __future__ import annotations
 
 import builtins
+import operator
 from collections.abc import Callable
 
 import numpy as np
@@ -303,5 +304,59 @@ def metadata(st: AnalysisState, node: fx.Node) -> Info:
     return None
 
 
-# Registered here so the import order keeps all rules in one registry.
+# --------------------------------------------------------------------------- reductions
+def _reduced_dims(node: fx.Node, ndim: int) -> tuple[int, ...] | None:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return None
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)  # type: ignore[arg-type]
+    return tuple(d % ndim for d in dims)  # type: ignore[operator]
+
+
+@RULES.register(torch.mean, "mean", torch.sum, "sum", torch.amax, "amax", torch.amin, "amin")
+def reduction(st: AnalysisState, node: fx.Node) -> Info:
+    """Reducing spatial dims keeps channels (zero stays zero); reducing channels is a barrier."""
+    x = _input(st, node)
+    in_shape = tensor_shape(node.args[0])
+    dims = _reduced_dims(node, len(in_shape)) if in_shape else None
+    if not isinstance(x, Space) or dims is None or x.dim in dims:
+        st.barrier_info(x, f"{node.name} reduces over the channel dimension")
+        return Opaque(f"output of {node.name}")
+    keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+    dim = x.dim if keepdim else x.dim - sum(1 for d in dims if d < x.dim)
+    out = st.new_space(node, dim, x.size)
+    st.union(out, x)
+    st.zero_kind[node.name] = Zero.SAME
+    return out
+
+
+# --------------------------------------------------------------------------- known barriers
+@RULES.register(nn.LayerNorm, F.layer_norm, nn.GroupNorm, F.group_norm, nn.LocalResponseNorm,
+                F.softmax, nn.Softmax, "softmax", torch.softmax, nn.MultiheadAttention,
+                torch.matmul, operator.matmul, torch.bmm, "matmul", torch.einsum,
+                F.scaled_dot_product_attention)
+def mixing_barrier(st: AnalysisState, node: fx.Node) -> Info:
+    """Ops that mix channels (normalize across them, attend over them): known barriers.
+
+    Unlike an op with no rule, these are understood: their inputs cannot lose channels because
+    every output depends on all of them, and their outputs are new, untracked channel sets.
+    """
+    for arg in node.all_input_nodes:
+        st.barrier_info(st.info.get(arg.name), f"{node.name} mixes channels "
+                                                "(normalization/attention/matmul)")
+    return Opaque(f"output of {node.name}")
+
+
+def _register_torchvision() -> None:
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # torchvision is optional
+        return
+    RULES.register(stochastic_depth)(unary_zero_preserving)
+
+
+_register_torchvision()
+
+
+# The binary and shape rules live in their own files and register into RULES on import.
 from djpq_compiler.passes.dependency import rules_binary, rules_shape  # noqa: E402,F401
