@@ -1,8 +1,9 @@
 """Exact bit-operation (BOPs) counting — the single implementation (DESIGN invariant 5).
 
 BOPs of a conv: ``k_h*k_w * H_out*W_out * C_out_kept * (C_in_kept/groups) * b_w * b_a``; of a
-linear: ``in_kept * out_kept * b_w * b_a`` (times tokens for a linear over ``(N, T, C)``). ``b_a`` is
-the bit-width of the activation *feeding* the layer. BN, activations, adds and pooling are free.
+linear: ``in_kept * out_kept * b_w * b_a`` (times tokens for a linear over ``(N, T, C)``).
+``b_a`` is the bit-width of the activation *feeding* the layer. BN, activations, adds and
+pooling are free.
 FP32 counts 32x32 on every layer of the unpruned model. All counts are per sample.
 
 The same :func:`layer_bops` is used for reports, the differentiable DJPQ loss (with tensors for the
@@ -119,7 +120,8 @@ class BopsReport:
         for r in self.rows:
             if r.name == name:
                 return r
-        raise KeyError(f"no conv/linear layer named {name!r}; layers: {[r.name for r in self.rows]}")
+        names = [r.name for r in self.rows]
+        raise KeyError(f"no conv/linear layer named {name!r}; layers: {names}")
 
     def table(self) -> str:
         """A fixed-width text table, one line per layer plus the totals."""

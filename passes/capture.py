@@ -116,11 +116,16 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
         raise CaptureError(
             f"running {gm.__class__.__name__} on the example inputs failed at {node_text}: "
             f"{type(exc).__name__}: {_root_message(exc)}\n  Check that example_inputs have the "
-            f"shape and dtype the model expects (got "
-            f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]})."
+            f"shape and dtype the model expects (got {_describe(inputs)})."
         ) from exc
     finally:
         gm.train(was_training)
+
+
+def _describe(inputs: Sequence[Any]) -> str:
+    return ", ".join(
+        str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs
+    )
 
 
 def _root_message(exc: BaseException) -> str:

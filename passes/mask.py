@@ -27,6 +27,10 @@ def atom_mask(group: ChannelGroup, keep: Sequence[int]) -> np.ndarray:
     return mask
 
 
+def _not(new: fx.Node):  # type: ignore[no-untyped-def]
+    return lambda user: user is not new
+
+
 def insert_channel_masks(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassResult:
     """Multiply each gate point's output by the kept-channel mask of its group."""
     groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
@@ -47,7 +51,7 @@ def insert_channel_masks(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) 
                 getter = gm.graph.get_attr(name)
             with gm.graph.inserting_after(getter):
                 masked = gm.graph.call_function(torch.mul, (node, getter))
-            node.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked)
+            node.replace_all_uses_with(masked, delete_user_cb=_not(masked))
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, True)

@@ -1,11 +1,11 @@
 """Prune pass: physically remove channels from every member of their group.
 
 Requires: ``gm.meta["djpq.groups"]`` and shapes from the capture pass.
-Guarantees: parameters of producers (output rows), consumers (input columns), per-channel ops
-(norms, depthwise convs, PReLU, get_attr scales) are sliced to the kept channels; module
+Guarantees: parameters of producers (output rows), consumers (input columns) and per-channel
+ops (norms, depthwise convs, PReLU, get_attr scales) are sliced to the kept channels; module
 attributes (``out_channels``, ``in_features``, ``groups``, ``num_features`` ...) follow; literal
-channel sizes in ``view``/``reshape`` are rewritten; channel selections (``x[:, a:b]``, split) become
-``index_select`` of the kept positions. Validation happens before any change, so a bad request
+channel sizes in ``view``/``reshape`` are rewritten; channel selections (``x[:, a:b]``, split)
+become ``index_select`` of the kept positions. Validation happens before any change, so a bad request
 leaves the graph untouched.
 """
 
@@ -40,7 +40,9 @@ def validate_keep(groups: Sequence[ChannelGroup], keep: Mapping[int, Sequence[in
         if not idx:
             raise PruningError(f"keep[{gid}] is empty: a group must keep at least one channel")
         if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= group.size:
-            raise PruningError(f"keep[{gid}] must be distinct channel indices in 0..{group.size - 1}")
+            raise PruningError(
+                f"keep[{gid}] must be distinct channel indices in 0..{group.size - 1}"
+            )
 
 
 def _collect(groups: Sequence[ChannelGroup], keep: Mapping[int, Sequence[int]]

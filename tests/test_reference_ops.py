@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from djpq_compiler.backends.reference import (
     accumulator_bound,
     accumulator_dtype,
@@ -39,9 +42,6 @@ from djpq_compiler.backends.reference import (
     simulate_conv2d,
     simulate_linear,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from djpq_compiler.errors import ConfigError, DjpqError, QuantizationError
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True)

@@ -85,7 +85,8 @@ def _tensor_result(st: AnalysisState, node: fx.Node, ids: torch.Tensor, kind: Sh
     from_field = any(isinstance(i, Field) and not i.piece for i in inputs)
     if from_field:
         st.barrier(space, f"{node.name}: channels went through a reshape that splits the "
-                          "channel dimension (e.g. channel shuffle); its sizes cannot follow pruning")
+                          "channel dimension (e.g. channel shuffle); its sizes cannot follow "
+                          "pruning")
     if kind is ShapeKind.RESHAPE:
         st.add_role(space, Role("reshape", node.name, node.name, d))
     if _in_order(st, v[known]):
@@ -135,7 +136,8 @@ def _direct_select(st: AnalysisState, node: fx.Node, space: Space, v: np.ndarray
 AUTO_OPS = (torch.flatten, nn.Flatten, "flatten", torch.permute, "permute", torch.transpose,
             "transpose", torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", torch.cat,
             torch.concat, torch.concatenate, torch.stack, "expand", "expand_as", "repeat",
-            nn.Unflatten, "unflatten", torch.movedim, "movedim", torch.swapaxes, "swapaxes", "contiguous", "clone", "detach", torch.clone)
+            nn.Unflatten, "unflatten", torch.movedim, "movedim", torch.swapaxes, "swapaxes",
+            "contiguous", "clone", "detach", torch.clone)
 RESHAPE_OPS = ("view", "reshape", torch.reshape)
 SELECT_OPS = (operator.getitem, torch.narrow, "narrow", torch.split, "split", torch.chunk,
               "chunk", torch.unbind, "unbind", torch.tensor_split, "tensor_split")

@@ -1,0 +1,97 @@
+"""Insert-gates pass: one VIB gate per prunable channel group, multiplied in at every gate point.
+
+Requires: ``gm.meta["djpq.groups"]`` (the dependency analysis, ``dependency/analyze.py``) on the
+graph it was computed for (node names unchanged).
+Guarantees: ``gm.djpq_gates`` is an ``nn.ModuleDict`` holding one
+:class:`~djpq_compiler.modules.gates.VIBGate` per prunable group, keyed ``"g<group id>"`` with
+``group.size`` atoms. After every gate point of such a group a ``call_module`` node
+``djpq_gates.g<id>(x, index, dim=member.dim)`` multiplies the output, and every former user of the
+gate point reads the gated value (DESIGN invariant 3: after conv/linear *and* its BN, before any
+nonlinearity). ``index`` is a non-persistent long buffer ``_djpq_gate_index_<node>`` mapping each
+channel of the member to its atom, or ``None`` where that map is the identity. All producers of a
+group share the one gate instance. ``gm.meta["djpq.gates"]`` maps group id -> gate module path.
+The graph is linted and recompiled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from djpq_compiler.config import GateSpec
+from djpq_compiler.errors import PruningError
+from djpq_compiler.modules.gates import VIBGate
+from djpq_compiler.passes.dependency.groups import ChannelGroup, Member
+
+__all__ = ["insert_gates", "GATES_ATTR", "gate_path"]
+
+#: Attribute of the prepared ``GraphModule`` holding the gates.
+GATES_ATTR = "djpq_gates"
+
+
+def gate_path(group_id: int) -> str:
+    """Qualified submodule path of the gate of group ``group_id``."""
+    return f"{GATES_ATTR}.g{group_id}"
+
+
+def _index_arg(gm: fx.GraphModule, group: ChannelGroup, member: Member,
+               after: fx.Node) -> fx.Node | None:
+    """A ``get_attr`` of the member's atom index, or ``None`` for the identity map."""
+    if member.index == tuple(range(group.size)):
+        return None
+    name = f"_djpq_gate_index_{member.node}"
+    gm.register_buffer(name, torch.tensor(member.index, dtype=torch.long), persistent=False)
+    with gm.graph.inserting_after(after):
+        return gm.graph.get_attr(name)
+
+
+def _gate_after(gm: fx.GraphModule, group: ChannelGroup, node: fx.Node) -> fx.Node:
+    member = group.member(node.name)
+    index = _index_arg(gm, group, member, node)
+    with gm.graph.inserting_after(index if index is not None else node):
+        gated = gm.graph.call_module(gate_path(group.id), (node, index), {"dim": member.dim})
+    node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
+    return gated
+
+
+def insert_gates(gm: fx.GraphModule, spec: GateSpec | None = None) -> PassResult:
+    """Insert one shared VIB gate per prunable group after each of its gate points.
+
+    Args:
+        gm: A captured graph with ``gm.meta["djpq.groups"]``.
+        spec: Gate initialisation (default :class:`~djpq_compiler.config.GateSpec`).
+
+    Returns:
+        ``PassResult(gm, modified)``; ``modified`` is False when no group is prunable.
+
+    Raises:
+        PruningError: the graph has no dependency analysis, or a gate point is not in the graph.
+    """
+    if "djpq.groups" not in gm.meta:
+        raise PruningError("insert_gates needs gm.meta['djpq.groups']: run dependency_analysis "
+                           "on the captured graph first")
+    spec = spec or GateSpec()
+    groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    gates = nn.ModuleDict()
+    paths: dict[int, str] = {}
+    for group in groups:
+        if not group.prunable:
+            continue
+        gates[f"g{group.id}"] = VIBGate.from_spec(group.size, spec)
+        paths[group.id] = gate_path(group.id)
+    gm.add_module(GATES_ATTR, gates)
+    for group in groups:
+        if group.id not in paths:
+            continue
+        for point in group.gate_points:
+            if point not in nodes:
+                raise PruningError(f"gate point {point!r} of group {group.id} is not in the graph;"
+                                   " was the graph changed after dependency_analysis?")
+            _gate_after(gm, group, nodes[point])
+    gm.meta["djpq.gates"] = paths
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, bool(paths))

@@ -1,0 +1,215 @@
+"""Insert-quantizers pass: DQ quantizers on weights and on the activations that matter for BOPs.
+
+Requires: a captured graph (``tensor_meta`` on tensor nodes), the conv/linear ``layers`` found on
+it (``djpq_compiler.layers.find_layers``; gates may have been inserted since, node objects are
+unchanged) and the resolved configuration of each layer, keyed by layer node name.
+Guarantees:
+
+* **Weights.** Every layer whose resolved ``weight`` spec is set gets a signed
+  :class:`~djpq_compiler.modules.quantizers.DQQuantizer`. Module layers carry it as a
+  ``torch.nn.utils.parametrize`` parametrization of ``weight`` (path
+  ``<module>.parametrizations.weight.0``; the float weight stays at ``...weight.original``); a
+  module called twice shares it. Functional layers get a ``call_module`` node
+  ``djpq_quant.w_<weight node>`` right after the weight's node (usually a ``get_attr``).
+* **Activations.** Every tensor read (as input 0) by a layer whose ``activation`` spec is set gets
+  one quantizer node ``djpq_quant.a_<producer>`` directly after its producer, shared by *all*
+  users of that producer (a tensor is quantized once, as in integer deployment). The spec is the
+  one of the first such layer in graph order. Residual adds (two tensor operands) and concats
+  get one too. The network input (a placeholder) is quantized at ``config.input_bits``, fixed.
+* **Signedness** [choice]: unsigned when the graph proves the value non-negative (ReLU, ReLU6,
+  sigmoid, softmax, abs; then pooling, reshapes, slicing, concat, add, mul of non-negative
+  values — see :data:`NONNEG_RULES`); otherwise the quantizer is built signed and listed in
+  ``gm.meta["djpq.auto_signed"]`` so that calibration makes it unsigned when every observed
+  value is ``>= 0``. An explicit ``QuantSpec.signed`` always wins.
+* ``gm.meta`` gets ``"djpq.weight_quantizers"`` and ``"djpq.input_quantizers"`` (layer node name
+  -> quantizer path) and ``"djpq.act_quantizers"`` (producer node name -> quantizer path). All
+  quantizers start calibrating (observers). The graph is linted and recompiled.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.nn.utils import parametrize
+
+from djpq_compiler.config import DJPQConfig, QuantSpec, ResolvedLayerConfig
+from djpq_compiler.layers import Layer, tensor_shape
+from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.registry import Registry
+
+__all__ = ["insert_quantizers", "nonnegative_nodes", "NONNEG_RULES", "QUANT_ATTR"]
+
+#: Attribute of the prepared ``GraphModule`` holding the node quantizers.
+QUANT_ATTR = "djpq_quant"
+
+NonnegRule = Callable[[list[bool]], bool]
+#: Whether an op's output is provably ``>= 0``, given which of its tensor inputs are.
+NONNEG_RULES: Registry[NonnegRule] = Registry("nonneg")
+
+
+@NONNEG_RULES.register(
+    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, F.relu, F.relu6, F.sigmoid,
+    F.softmax, F.hardsigmoid, torch.relu, torch.relu_, torch.sigmoid, torch.softmax, torch.abs,
+    "relu", "relu_", "sigmoid", "softmax", "abs",
+)
+def _always_nonneg(inputs: list[bool]) -> bool:
+    return True
+
+
+@NONNEG_RULES.register(
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Identity, nn.Dropout,
+    nn.Upsample, DQQuantizer, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
+    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout, F.interpolate, torch.flatten,
+    torch.reshape, torch.cat, torch.concat, torch.add, torch.mul, torch.permute,
+    torch.transpose, operator.getitem, operator.add, operator.mul, "flatten", "view",
+    "reshape", "contiguous", "permute", "transpose", "add", "mul", "mean", "max",
+)
+def _all_inputs_nonneg(inputs: list[bool]) -> bool:
+    return bool(inputs) and all(inputs)
+
+
+def nonnegative_nodes(gm: fx.GraphModule) -> set[str]:
+    """Names of the nodes whose output is provably non-negative (see :data:`NONNEG_RULES`)."""
+    nonneg: set[str] = set()
+    for node in gm.graph.nodes:
+        rule = NONNEG_RULES.lookup(gm, node)
+        if rule is None:
+            continue
+        ins = [a.name in nonneg for a in node.all_input_nodes if tensor_shape(a) is not None]
+        if rule(ins):
+            nonneg.add(node.name)
+    return nonneg
+
+
+_RESIDUAL_OPS = (operator.add, torch.add, "add")
+_CONCAT_OPS = (torch.cat, torch.concat)
+
+
+def _is_residual_or_concat(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method") or tensor_shape(node) is None:
+        return False
+    if node.target in _CONCAT_OPS:
+        return True
+    if node.target in _RESIDUAL_OPS:
+        return sum(tensor_shape(a) is not None for a in node.args[:2]) == 2
+    return False
+
+
+class _Inserter:
+    """Builds and places the quantizers of one graph (state of one pass invocation)."""
+
+    def __init__(self, gm: fx.GraphModule, config: DJPQConfig) -> None:
+        self.gm, self.config = gm, config
+        self.bank = nn.ModuleDict()
+        gm.add_module(QUANT_ATTR, self.bank)
+        self.nonneg = nonnegative_nodes(gm)
+        self.weight_q: dict[str, str] = {}
+        self.input_q: dict[str, str] = {}
+        self.act_q: dict[str, str] = {}
+        self.auto: list[str] = []
+
+    def _build(self, spec: QuantSpec, signed: bool, n_channels: int | None, dim: int,
+               fixed_bits: int | None = None) -> DQQuantizer:
+        if fixed_bits is not None:
+            return DQQuantizer(spec.signed if spec.signed is not None else signed,
+                               init_bits=fixed_bits, fixed_bits=True, max_bits=32)
+        return DQQuantizer.from_spec(
+            spec, signed, restricted=self.config.restricted,
+            allowed_bits=self.config.allowed_bits,
+            n_channels=n_channels if spec.per_channel else None, channel_dim=dim)
+
+    def weight(self, layer: Layer, spec: QuantSpec) -> None:
+        dim = 1 if layer.kind == "conv_transpose" else 0
+        quant = self._build(spec, True, layer.weight_shape[dim], dim)
+        node = layer.node
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(str(node.target))
+            if not parametrize.is_parametrized(mod, "weight"):
+                parametrize.register_parametrization(mod, "weight", quant)
+            self.weight_q[node.name] = f"{node.target}.parametrizations.weight.0"
+            return
+        w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        if not isinstance(w, fx.Node):
+            return
+        if w.op == "call_module" and str(w.target).startswith(f"{QUANT_ATTR}.w_"):
+            self.weight_q[node.name] = str(w.target)  # weight shared with an earlier layer
+            return
+        self.weight_q[node.name] = self._insert_after(w, f"w_{w.name}", quant)
+
+    def activation(self, producer: fx.Node, spec: QuantSpec) -> str:
+        if producer.name in self.act_q:
+            return self.act_q[producer.name]
+        nonneg = producer.name in self.nonneg
+        shape = tensor_shape(producer)
+        n_ch = shape[1] if shape is not None and len(shape) > 1 else None
+        fixed = self.config.input_bits if producer.op == "placeholder" else None
+        quant = self._build(spec, not nonneg, n_ch, 1, fixed)
+        path = self._insert_after(producer, f"a_{producer.name}", quant)
+        if spec.signed is None and not nonneg:
+            self.auto.append(path)
+        self.act_q[producer.name] = path
+        return path
+
+    def _insert_after(self, node: fx.Node, key: str, quant: DQQuantizer) -> str:
+        self.bank[key] = quant
+        path = f"{QUANT_ATTR}.{key}"
+        with self.gm.graph.inserting_after(node):
+            q = self.gm.graph.call_module(path, (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+        return path
+
+
+def _layer_input(layer: Layer) -> fx.Node | None:
+    x = layer.node.args[0] if layer.node.args else layer.node.kwargs.get("input")
+    return x if isinstance(x, fx.Node) else None
+
+
+def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[Layer],
+                      layer_configs: Mapping[str, ResolvedLayerConfig]) -> PassResult:
+    """Insert weight and activation DQ quantizers (see the module docstring for the rules).
+
+    Args:
+        gm: The captured (possibly gated) graph.
+        config: The global configuration (``input_bits``, ``restricted``, ``allowed_bits``).
+        layers: Its conv/linear layers, in graph order.
+        layer_configs: ``{layer node name: resolved config}`` for every layer.
+
+    Returns:
+        ``PassResult(gm, modified)``.
+    """
+    ins = _Inserter(gm, config)
+    for layer in layers:
+        spec = layer_configs[layer.node.name].weight
+        if spec is not None:
+            ins.weight(layer, spec)
+    producers: dict[str, tuple[fx.Node, QuantSpec]] = {}
+    for layer in layers:
+        x, spec = _layer_input(layer), layer_configs[layer.node.name].activation
+        if x is not None and spec is not None and x.name not in producers:
+            producers[x.name] = (x, spec)
+    merges = {n.name for n in gm.graph.nodes if config.quantize and _is_residual_or_concat(n)}
+    for node in list(gm.graph.nodes):  # before any insertion: shapes are known
+        if node.name in producers:
+            ins.activation(*producers[node.name])
+        elif node.name in merges:
+            ins.activation(node, config.activation)
+    for layer in layers:
+        x = _layer_input(layer)  # now the quantizer node, when there is one
+        if x is not None and x.op == "call_module" and str(x.target).startswith(f"{QUANT_ATTR}.a_"):
+            ins.input_q[layer.node.name] = str(x.target)
+    gm.meta["djpq.weight_quantizers"] = ins.weight_q
+    gm.meta["djpq.input_quantizers"] = ins.input_q
+    gm.meta["djpq.act_quantizers"] = ins.act_q
+    gm.meta["djpq.auto_signed"] = tuple(ins.auto)
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, bool(ins.weight_q or ins.act_q))
