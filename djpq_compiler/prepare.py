@@ -1,0 +1,199 @@
+"""``prepare()``: a model -> a trainable DJPQ ``GraphModule`` with VIB gates and DQ quantizers.
+
+Pipeline (each step a pass, see ``passes/``)::
+
+    capture -> dependency_analysis (config.ignore / prune=False layers are barriers)
+            -> insert_gates (config.prune) -> insert_quantizers (config.quantize)
+            -> record layers (gm.meta["djpq.layers"]) -> calibrate -> propagate_shapes
+
+Calibration [choice]: the quantizers observe ``calibration_data`` (at most
+``config.calibration_batches`` batches; default: the example inputs once) with the model in eval
+mode and gates at their initial (open) value; each ``q_max`` is set from the observed range and
+``d`` from the initial bit-width. Activation quantizers whose signedness the graph could not prove
+become unsigned when every observed value is ``>= 0`` (so the calibration data must be
+representative; an explicit ``QuantSpec.signed`` avoids the guess).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from djpq_compiler.config import DJPQConfig, ResolvedLayerConfig
+from djpq_compiler.errors import ConfigError
+from djpq_compiler.layers import Layer, find_layers
+from djpq_compiler.modules.gates import VIBGate, attach_step_hook
+from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.passes.capture import as_input_tuple, capture, propagate_shapes
+from djpq_compiler.passes.dependency import ChannelGroup, Member, dependency_analysis
+from djpq_compiler.passes.insert_gates import insert_gates
+from djpq_compiler.passes.insert_quantizers import insert_quantizers
+from djpq_compiler.prepared import PreparedLayer, quantizers
+
+__all__ = ["prepare", "calibrate"]
+
+#: Functional layers resolve config overrides as the equivalent module type.
+_FUNCTION_TYPES: dict[object, type[nn.Module]] = {
+    F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d, F.linear: nn.Linear,
+    F.conv_transpose1d: nn.ConvTranspose1d, F.conv_transpose2d: nn.ConvTranspose2d,
+    F.conv_transpose3d: nn.ConvTranspose3d,
+}
+
+
+def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = None, *,
+            calibration_data: Iterable[Any] | None = None) -> fx.GraphModule:
+    """Trace ``model`` and insert VIB gates and DQ quantizers (see the module docstring).
+
+    Args:
+        model: A float ``nn.Module`` (never modified; a deep copy is traced).
+        example_inputs: A tensor or tuple of forward arguments (shapes fix the BOPs).
+        config: :class:`~djpq_compiler.config.DJPQConfig` (default: prune and quantize, 8 bit).
+        calibration_data: Batches of forward arguments (each like ``example_inputs``) for the
+            observers; default: ``example_inputs``.
+
+    Returns:
+        A ``GraphModule`` with ``meta["djpq.stage"] == "prepared"``, in the train/eval mode of
+        ``model``; gates open, quantizers calibrated.
+
+    Raises:
+        ConfigError: ``model`` is already prepared, ``config`` is not a ``DJPQConfig``, or an
+            override/ignore name matches no module.
+        CaptureError: the model cannot be traced or does not run on ``example_inputs``.
+    """
+    config = DJPQConfig() if config is None else config
+    if not isinstance(config, DJPQConfig):
+        raise ConfigError(f"prepare(): config must be a DJPQConfig, got {type(config).__name__}")
+    _check_not_prepared(model)
+    inputs = as_input_tuple(example_inputs)
+    gm = capture(model, inputs).graph_module
+    layers = find_layers(gm)
+    config.check_names([n for n, _ in model.named_modules() if n] +
+                       [la.node.name for la in layers if la.weight_source == "functional"])
+    resolved = _resolve(gm, config, layers)
+    dependency_analysis(gm, strict=config.strict, ignore=_frozen_names(gm, config, resolved))
+    sources = {la.node.name: _input_name(la) for la in layers}
+    if config.prune:
+        insert_gates(gm, config.gate)
+        attach_step_hook(gm)
+    insert_quantizers(gm, config, layers, resolved)
+    gm.meta["djpq.layers"] = _records(gm, layers, sources)
+    gm.meta["djpq.config"] = config
+    batches = [inputs] if calibration_data is None else itertools.islice(
+        calibration_data, config.calibration_batches)
+    calibrate(gm, batches)
+    propagate_shapes(gm, inputs)
+    gm.meta["djpq.stage"] = "prepared"
+    return gm
+
+
+def _check_not_prepared(model: nn.Module) -> None:
+    stage = getattr(model, "meta", {}).get("djpq.stage") if isinstance(model, fx.GraphModule) \
+        else None
+    if stage is not None:
+        raise ConfigError(f"prepare(): the model is already {stage}; pass the original float "
+                          "model (prepare it once, then train, then convert)")
+    for name, mod in model.named_modules():
+        if isinstance(mod, (VIBGate, DQQuantizer)):
+            raise ConfigError(f"prepare(): the model already contains a DJPQ {type(mod).__name__}"
+                              f" at '{name}'; pass the original float model")
+
+
+def _layer_type(gm: fx.GraphModule, layer: Layer) -> tuple[str, type]:
+    if layer.weight_source == "module":
+        return str(layer.node.target), type(gm.get_submodule(str(layer.node.target)))
+    return layer.node.name, _FUNCTION_TYPES.get(layer.node.target, type(None))
+
+
+def _resolve(gm: fx.GraphModule, config: DJPQConfig,
+             layers: list[Layer]) -> dict[str, ResolvedLayerConfig]:
+    """``{layer node name: resolved config}``; the first and last layers are flagged."""
+    out = {}
+    for i, layer in enumerate(layers):
+        name, kind = _layer_type(gm, layer)
+        out[layer.node.name] = config.resolve(name, kind, first_or_last=i in (0, len(layers) - 1))
+    return out
+
+
+def _frozen_names(gm: fx.GraphModule, config: DJPQConfig,
+                  resolved: Mapping[str, ResolvedLayerConfig]) -> set[str]:
+    """Node/module names whose output channels must not be pruned (ignored or prune=False)."""
+    frozen = {node for node, r in resolved.items() if r.ignored or not r.prune}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            target = str(node.target)
+            if config.resolve(target, type(gm.get_submodule(target))).ignored:
+                frozen.add(target)
+    return frozen
+
+
+def _input_name(layer: Layer) -> str | None:
+    x = layer.node.args[0] if layer.node.args else layer.node.kwargs.get("input")
+    return x.name if isinstance(x, fx.Node) else None
+
+
+def _find_member(by_node: Mapping[str, tuple[ChannelGroup, Member]], node: str | None,
+                 channels: int) -> tuple[int | None, tuple[int, ...] | None, int | None]:
+    hit = by_node.get(node) if node is not None else None
+    if hit is None or len(hit[1].index) != channels:
+        return None, None, None
+    group, member = hit
+    return group.id, member.index, group.size
+
+
+def _records(gm: fx.GraphModule, layers: list[Layer],
+             sources: Mapping[str, str | None]) -> tuple[PreparedLayer, ...]:
+    groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
+    by_node = {m.node: (g, m) for g in groups for m in g.members}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    weight_q: dict[str, str] = gm.meta.get("djpq.weight_quantizers", {})
+    input_q: dict[str, str] = gm.meta.get("djpq.input_quantizers", {})
+    records = []
+    for la in layers:
+        name = la.node.name
+        src = sources[name]
+        og, oi, osz = _find_member(by_node, name, la.out_channels)
+        ig, ii, isz = _find_member(by_node, src, la.in_channels)
+        records.append(PreparedLayer(
+            name=la.name, node=name, kind=la.kind, kernel_positions=la.kernel * la.positions,
+            groups=la.groups, in_channels=la.in_channels, out_channels=la.out_channels,
+            weight_quantizer=weight_q.get(name), input_quantizer=input_q.get(name),
+            network_input=src is not None and nodes[src].op == "placeholder",
+            out_group=og, out_index=oi, in_group=ig, in_index=ii, out_group_size=osz,
+            in_group_size=isz))
+    return tuple(records)
+
+
+def calibrate(gm: fx.GraphModule, batches: Iterable[Any]) -> None:
+    """Observe ``batches`` (forward arguments) in eval mode and set every quantizer's range.
+
+    Quantizers listed in ``gm.meta["djpq.auto_signed"]`` become unsigned when all observed values
+    are ``>= 0``. The module's train/eval mode is restored.
+
+    Raises:
+        QuantizationError: a quantizer observed nothing (no batches) or a non-finite range.
+    """
+    qs = [q for _, q in quantizers(gm)]
+    if not qs:
+        return
+    was_training = gm.training
+    gm.eval()
+    try:
+        for q in qs:
+            q.start_calibration()
+        with torch.no_grad():
+            for batch in batches:
+                gm(*as_input_tuple(batch))
+        for path in gm.meta.get("djpq.auto_signed", ()):
+            q = gm.get_submodule(path)
+            if isinstance(q, DQQuantizer) and q.obs_count and bool((q.obs_min >= 0).all()):
+                q.signed = False
+        for q in qs:
+            q.finish_calibration()
+    finally:
+        gm.train(was_training)
