@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from djpq_compiler.errors import ConfigError
 
-__all__ = ["EpochLog", "FitResult", "seed_everything", "make_optimizer", "make_scheduler",
-           "train_epoch", "evaluate", "fit"]
+__all__ = ["EpochLog", "FitResult", "Regularizer", "seed_everything", "make_optimizer",
+           "make_scheduler", "train_epoch", "evaluate", "fit"]
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
 
