@@ -24,12 +24,30 @@ from djpq_compiler.errors import (
     QuantizationError,
     UnsupportedOpError,
 )
+from djpq_compiler.loss import djpq_loss
+from djpq_compiler.prepare import prepare
+from djpq_compiler.prepared import (
+    check_finite,
+    open_gates,
+    param_groups,
+    set_gates_deterministic,
+    set_quantizers,
+)
+from djpq_compiler.prepared_bops import layer_summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "bops",
+    "prepare",
+    "djpq_loss",
+    "param_groups",
+    "layer_summary",
+    "check_finite",
+    "set_quantizers",
+    "set_gates_deterministic",
+    "open_gates",
     "BopsReport",
     "BopsRow",
     "DjpqError",

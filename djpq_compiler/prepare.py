@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from djpq_compiler import prepared_bops as _prepared_bops  # noqa: F401  (bops row source)
 from djpq_compiler.config import DJPQConfig, ResolvedLayerConfig
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.layers import Layer, find_layers
