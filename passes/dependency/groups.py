@@ -160,7 +160,7 @@ def build_groups(st: AnalysisState) -> tuple[ChannelGroup, ...]:
         index = {s.id: np.searchsorted(atoms, labels[s.base:s.base + s.size]) for s in spaces}
         reason = _unprunable_reason(st, spaces, index, zero, len(atoms))
         members = tuple(
-            Member(s.node, s.dim, tuple(int(i) for i in index[s.id]),
+            Member(s.node, s.dim, tuple(index[s.id].tolist()),
                    tuple(st.roles.get(s.id, ())))
             for s in spaces
         )

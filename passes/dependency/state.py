@@ -109,17 +109,24 @@ class AnalysisState:
         """Elements ``a[a_idx[i]]`` and ``b[b_idx[i]]`` are kept or removed together."""
         a_ids = a.ids() if a_idx is None else a.base + np.asarray(a_idx, dtype=np.int64)
         b_ids = b.ids() if b_idx is None else b.base + np.asarray(b_idx, dtype=np.int64)
-        self.union_ids(a_ids, b_ids)
+        if a_ids.shape != b_ids.shape:
+            raise ValueError(f"union of {a_ids.shape} and {b_ids.shape} ids")
+        if a_ids.size:
+            self.pairs_a.append(a_ids)
+            self.pairs_b.append(b_ids)
+            self.space_edges.add((a.id, b.id))
 
     def union_ids(self, a_ids: np.ndarray, b_ids: np.ndarray) -> None:
+        """Like :meth:`union` for global element ids that may span several spaces."""
         if a_ids.shape != b_ids.shape:
             raise ValueError(f"union of {a_ids.shape} and {b_ids.shape} ids")
         if a_ids.size == 0:
             return
         self.pairs_a.append(a_ids)
         self.pairs_b.append(b_ids)
-        pairs = np.unique(np.stack([self.space_of_ids(a_ids), self.space_of_ids(b_ids)], 1), axis=0)
-        self.space_edges.update((int(x), int(y)) for x, y in pairs)
+        n = len(self.spaces)
+        codes = np.unique(self.space_of_ids(a_ids) * n + self.space_of_ids(b_ids))
+        self.space_edges.update((int(c // n), int(c % n)) for c in codes)
 
     def space_of_ids(self, ids: np.ndarray) -> np.ndarray:
         bases = np.array([s.base for s in self.spaces], dtype=np.int64)
