@@ -64,7 +64,7 @@ class VGG7(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10,
-                 widths: Sequence[int] = (32, 64, 128), fc: int = 256, bn: bool = True,
+                 widths: Sequence[int] = (16, 32, 64), fc: int = 256, bn: bool = True,
                  input_size: int = 28) -> None:
         super().__init__()
         if len(widths) != 3 or min(widths) < 1 or fc < 1 or input_size < 8:
@@ -91,7 +91,7 @@ class VGG7(nn.Module):
         return self.fc2(self.relu(self.fc1(x)))
 
 
-def vgg7(in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128),
+def vgg7(in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64),
          fc: int = 256, bn: bool = True, input_size: int = 28) -> VGG7:
     """A VGG7. The defaults are a slim Fashion-MNIST variant; the paper's CIFAR-10 net is
     ``vgg7(in_channels=3, widths=(128, 256, 512), fc=1024, bn=False, input_size=32)``
@@ -185,7 +185,8 @@ class InvertedResidual(nn.Module):
 
 
 # (expansion t, channels c, repeats n, first stride s), as in the MobileNetV2 paper's table
-_MBV2_SMALL = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 2, 1))
+# (expansion 4 instead of 6 keeps CPU training affordable)
+_MBV2_SMALL = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 3, 2), (4, 64, 2, 1))
 
 
 class MobileNetV2Small(nn.Module):
@@ -197,13 +198,14 @@ class MobileNetV2Small(nn.Module):
         setting: ``(t, c, n, s)`` rows, as in the MobileNetV2 paper.
         stem: channels of the stem conv.
         last: channels of the final 1x1 conv before pooling.
+        stem_stride: stride of the stem conv.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10,
                  setting: Sequence[tuple[int, int, int, int]] = _MBV2_SMALL, stem: int = 16,
-                 last: int = 256) -> None:
+                 last: int = 128, stem_stride: int = 1) -> None:
         super().__init__()
-        self.stem = _conv_bn(in_channels, stem, 3, act=nn.ReLU6)
+        self.stem = _conv_bn(in_channels, stem, 3, stem_stride, act=nn.ReLU6)
         blocks: list[nn.Module] = []
         cin = stem
         for t, c, n, s in setting:
@@ -222,9 +224,9 @@ class MobileNetV2Small(nn.Module):
 
 def mobilenetv2_small(in_channels: int = 1, num_classes: int = 10,
                       setting: Sequence[tuple[int, int, int, int]] = _MBV2_SMALL, stem: int = 16,
-                      last: int = 256) -> MobileNetV2Small:
+                      last: int = 128, stem_stride: int = 1) -> MobileNetV2Small:
     """A small MobileNetV2 (inverted residuals, depthwise convs, residual adds)."""
-    return MobileNetV2Small(in_channels, num_classes, setting, stem, last)
+    return MobileNetV2Small(in_channels, num_classes, setting, stem, last, stem_stride)
 
 
 # ----------------------------------------------------------------------------------- Inception
