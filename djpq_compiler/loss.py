@@ -20,6 +20,8 @@ mean of its channels' bits. Depthwise convs see ``C_in / groups`` inputs per out
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -89,7 +91,8 @@ def djpq_loss(prepared: nn.Module, kind: str | None = None, *,
     """
     gm = unwrap(prepared)
     records = prepared_layers(gm)
-    kind = gm.meta["djpq.config"].loss_kind if kind is None else kind
+    meta: dict[str, Any] = getattr(gm, "meta", {})
+    kind = meta["djpq.config"].loss_kind if kind is None else kind
     if kind not in LOSS_KINDS:
         raise ConfigError(f"djpq_loss: kind must be one of {LOSS_KINDS}, got {kind!r}")
     if not temperature > 0:
@@ -103,5 +106,5 @@ def djpq_loss(prepared: nn.Module, kind: str | None = None, *,
         b_w, b_a = _bits(gm, rec.weight_quantizer), _bits(gm, rec.input_quantizer)
         out = _out_term(gm, rec, kind, temperature)
         in_pg = _in_per_group(gm, rec, temperature)
-        total = total + layer_bops(rec.kernel_positions, out, in_pg, b_w, b_a)  # type: ignore[arg-type]
+        total = total + layer_bops(rec.kernel_positions, out, in_pg, b_w, b_a)  # type: ignore[type-var]
     return total / fp32

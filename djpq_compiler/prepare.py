@@ -191,9 +191,9 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[Any]) -> None:
             for batch in batches:
                 gm(*as_input_tuple(batch))
         for path in gm.meta.get("djpq.auto_signed", ()):
-            q = gm.get_submodule(path)
-            if isinstance(q, DQQuantizer) and q.obs_count and bool((q.obs_min >= 0).all()):
-                q.signed = False
+            auto = gm.get_submodule(path)
+            if isinstance(auto, DQQuantizer) and auto.obs_count and bool((auto.obs_min >= 0).all()):
+                auto.signed = False
         for q in qs:
             q.finish_calibration()
     finally:

@@ -126,7 +126,8 @@ def gate_of(model: nn.Module, group: int | None) -> VIBGate | None:
     if group is None:
         return None
     gm = unwrap(model)
-    paths: dict[int, str] = gm.meta.get("djpq.gates", {})
+    meta: dict[str, Any] = getattr(gm, "meta", {})
+    paths: dict[int, str] = meta.get("djpq.gates", {})
     if group not in paths:
         return None
     gate = gm.get_submodule(paths[group])
