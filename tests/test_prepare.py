@@ -230,3 +230,13 @@ def test_check_finite_names_the_culprit() -> None:
         gm.djpq_quant.a_relu.log_q_max.fill_(math.inf)
     with pytest.raises(QuantizationError, match="a_relu"):
         djpq.check_finite(gm)
+
+
+def test_calibration_data_is_limited_to_calibration_batches() -> None:
+    small, big = X.abs(), 10 * X.abs()
+    for batches, expected in ((1, small), (2, big)):
+        torch.manual_seed(0)
+        gm = djpq.prepare(Residual().eval(), X, DJPQConfig(calibration_batches=batches),
+                          calibration_data=iter([small, big, 100 * X]))
+        q_max = float(gm.get_submodule("djpq_quant.a_x").q_max().detach())
+        assert q_max == pytest.approx(float(expected.max()), rel=1e-5)
