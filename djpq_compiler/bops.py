@@ -35,7 +35,7 @@ def layer_bops(kernel_positions: int, out_kept: Num, in_per_group_kept: Num, b_w
 
     Works on Python numbers and on tensors (differentiable in every argument but the first).
     """
-    return kernel_positions * out_kept * in_per_group_kept * b_w * b_a  # type: ignore[return-value]
+    return kernel_positions * out_kept * in_per_group_kept * b_w * b_a
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def bops(
         A :class:`BopsReport`.
     """
     stage = model.meta.get("djpq.stage") if isinstance(model, fx.GraphModule) else None
-    if stage in _ROW_SOURCES:
+    if isinstance(model, fx.GraphModule) and stage in _ROW_SOURCES:
         if overrides or weight_bits != FP32_BITS or act_bits != FP32_BITS:
             raise ConfigError(f"bops(): a {stage} model carries its own bit-widths; do not pass "
                               "weight_bits/act_bits/overrides")

@@ -116,7 +116,7 @@ def _function_layer(node: fx.Node) -> Layer | None:
         return None
     # conv{1,2,3}d and conv_transpose{1,2,3}d both take ``groups`` as the 7th argument.
     groups = node.kwargs.get("groups", node.args[6] if len(node.args) > 6 else 1)
-    return _make_layer(node, node.target, shape, int(groups), "functional")
+    return _make_layer(node, node.target, shape, int(groups), "functional")  # type: ignore[arg-type]
 
 
 def _make_layer(

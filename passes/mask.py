@@ -8,7 +8,7 @@ physically pruned model computes (DESIGN invariant 1). Used by the oracle tests.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ def atom_mask(group: ChannelGroup, keep: Sequence[int]) -> np.ndarray:
     return mask
 
 
-def _not(new: fx.Node):  # type: ignore[no-untyped-def]
+def _not(new: fx.Node) -> Callable[[fx.Node], bool]:
     return lambda user: user is not new
 
 

@@ -5,8 +5,8 @@ Guarantees: parameters of producers (output rows), consumers (input columns) and
 ops (norms, depthwise convs, PReLU, get_attr scales) are sliced to the kept channels; module
 attributes (``out_channels``, ``in_features``, ``groups``, ``num_features`` ...) follow; literal
 channel sizes in ``view``/``reshape`` are rewritten; channel selections (``x[:, a:b]``, split)
-become ``index_select`` of the kept positions. Validation happens before any change, so a bad request
-leaves the graph untouched.
+become ``index_select`` of the kept positions. Validation happens before any change, so a bad
+request leaves the graph untouched.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _rewrite_reshape(node: fx.Node, dim: int, size: int) -> None:
             shape[dim] = size
         args[1] = type(args[1])(shape)
     elif "shape" in node.kwargs:
-        shape = list(node.kwargs["shape"])
+        shape = list(node.kwargs["shape"])  # type: ignore[arg-type]
         if isinstance(shape[dim], int) and shape[dim] != -1:
             shape[dim] = size
         node.kwargs = {**node.kwargs, "shape": tuple(shape)}

@@ -52,7 +52,7 @@ def _one_field(st: AnalysisState, info: Info, shape: tuple[int, ...] | None) -> 
 
 def field_args(st: AnalysisState, node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``node``'s args and kwargs with every node replaced by its field or static value."""
-    mapped = fx.node.map_arg((node.args, node.kwargs), lambda n: _Lazy(n))
+    mapped = fx.node.map_arg((node.args, node.kwargs), _Lazy)  # type: ignore[arg-type]
     args, kwargs = _resolve(st, mapped)
     return tuple(args), dict(kwargs)
 

@@ -310,7 +310,7 @@ def _reduced_dims(node: fx.Node, ndim: int) -> tuple[int, ...] | None:
     if dims is None:
         return None
     dims = (dims,) if isinstance(dims, int) else tuple(dims)  # type: ignore[arg-type]
-    return tuple(d % ndim for d in dims)  # type: ignore[operator]
+    return tuple(int(d) % ndim for d in dims)  # type: ignore[arg-type]
 
 
 @RULES.register(torch.mean, "mean", torch.sum, "sum", torch.amax, "amax", torch.amin, "amin")

@@ -15,7 +15,7 @@ __all__ = ["binary_add", "binary_mul", "binary_div"]
 
 
 def _operands(node: fx.Node) -> list[object]:
-    ops = list(node.args[:2])
+    ops: list[object] = list(node.args[:2])
     for key in ("other", "input"):
         if key in node.kwargs:
             ops.append(node.kwargs[key])
