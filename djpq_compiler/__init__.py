@@ -6,11 +6,15 @@ Public API::
     report = djpq.bops(model, example_inputs)            # exact BOPs at any stage
     groups = djpq.analyze(model, example_inputs)         # channel dependency groups
     pruned = djpq.prune(model, example_inputs, keep={})  # physically smaller GraphModule
+    prepared = djpq.prepare(model, example_inputs, djpq.DJPQConfig())
+    loss = task_loss + gamma * djpq.djpq_loss(prepared)
 """
 
 from __future__ import annotations
 
+from djpq_compiler.analysis import AnalysisReport, analyze, prune
 from djpq_compiler.bops import BopsReport, BopsRow, bops
+from djpq_compiler.config import DJPQConfig, GateSpec, Override, QuantSpec
 from djpq_compiler.errors import (
     ArtifactError,
     BackendError,
@@ -40,6 +44,13 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "bops",
+    "analyze",
+    "prune",
+    "AnalysisReport",
+    "DJPQConfig",
+    "QuantSpec",
+    "GateSpec",
+    "Override",
     "prepare",
     "djpq_loss",
     "param_groups",
