@@ -146,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model)
     acc = evaluate(model, loader, progress=not args.no_progress, desc="Fashion-MNIST test")
     print(f"{args.model} (FP32 checkpoint): Fashion-MNIST test accuracy {100 * acc:.2f} % "
-          f"on {len(loader.dataset)} images")
+          f"on {len(loader.dataset)} images")  # type: ignore[arg-type]
     example = test.images[:1]
     for w, a in ((32, 32), (8, 8)):
         print()

@@ -172,7 +172,7 @@ def fit(
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     if channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     sched = make_scheduler(opt, schedule, epochs * len(train_loader))
     logs: list[EpochLog] = []
