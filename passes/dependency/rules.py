@@ -348,11 +348,18 @@ def mixing_barrier(st: AnalysisState, node: fx.Node) -> Info:
 
 
 def _register_torchvision() -> None:
+    """Rules for torchvision's ``torch.fx.wrap``-ed functions (leaf calls in traced graphs)."""
     try:
+        from torchvision.models import swin_transformer
         from torchvision.ops import stochastic_depth
     except ImportError:  # torchvision is optional
         return
     RULES.register(stochastic_depth)(unary_zero_preserving)
+    # Swin: windowed attention mixes channels; patch merging interleaves 2x2 neighbours into
+    # channels (its LayerNorm fixes those channels anyway); the bias table is not activations.
+    mixing = [getattr(swin_transformer, name, None) for name in (
+        "shifted_window_attention", "_patch_merging_pad", "_get_relative_position_bias")]
+    RULES.register(*[fn for fn in mixing if fn is not None])(mixing_barrier)
 
 
 _register_torchvision()
