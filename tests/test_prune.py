@@ -18,6 +18,7 @@ CASES = [
     (T.SqueezeExcite, (2, 3, 8, 8)),
     (T.FlattenLinear, (2, 1, 6, 6)),
     (T.Attention, (2, 5, 6)),
+    (T.Decoder, (2, 3, 8, 8)),
 ]
 
 
@@ -87,3 +88,14 @@ def test_bad_requests_raise() -> None:
         prune(model, x, {ok.id: [ok.size]})
     with pytest.raises(PruningError, match="groups are"):
         prune(model, x, {99: [0]})
+
+
+def test_conv_transpose_prunes_both_sides() -> None:
+    model = T.Decoder().eval()
+    x = torch.randn(1, 3, 8, 8)
+    report = analyze(model, x)
+    enc, up = report.group_of("enc"), report.group_of("up")
+    assert enc.nodes == {"enc", "relu"} and up.gate_points == ("bn",)
+    pruned = prune(model, x, {enc.id: [0, 3], up.id: [1, 2, 4]})
+    assert pruned.up.in_channels == 2 and pruned.up.out_channels == 3
+    assert tuple(pruned.up.weight.shape[:2]) == (2, 3) and pruned.head.in_channels == 3

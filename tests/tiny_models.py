@@ -155,3 +155,18 @@ class ConstantAdd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(F.relu(self.a(x)) + 1.0)
+
+
+class Decoder(nn.Module):
+    """Conv -> ConvTranspose (upsampling) -> conv: transposed weights are (in, out, k, k)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(6, 5, 2, stride=2)
+        self.bn = nn.BatchNorm2d(5)
+        self.head = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.enc(x))
+        return self.head(F.relu(self.bn(self.up(y))))
