@@ -1,0 +1,225 @@
+"""Integer modules: the op set of a converted model (``convert(prepared, integer=True)``).
+
+Each module computes exactly what ``docs/integer_semantics.md`` defines, on ``int64`` tensors that
+hold integer codes (the container dtype a backend uses — int8, uint8, int16 — follows ``bits``
+and ``signed``). All activation zero points are 0: DJPQ's DQ quantizers are symmetric (signed) or
+start at zero (unsigned), so every activation range is ``qrange(bits, signed)``.
+
+A backend lowers a converted graph node by node, keyed by these classes (plus shape ops such as
+``flatten``/``view`` and the float ops of non-integer islands, which always sit between a
+:class:`Dequantize` and a :class:`Quantize`). Attributes are plain Python numbers or buffers so
+that backends and the ONNX exporter can read them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .elementwise import AddRescale, int_add, int_concat
+from .fixedpoint import qrange, requantize
+from .ops import dequantize, int_conv2d, int_linear, quantize
+from .pooling import int_adaptive_avg_pool2d, int_avg_pool2d, int_max_pool2d
+
+__all__ = [
+    "Quantize",
+    "Dequantize",
+    "IntConv2d",
+    "IntLinear",
+    "IntAdd",
+    "IntConcat",
+    "IntClip",
+    "IntMaxPool2d",
+    "IntAvgPool2d",
+    "IntAdaptiveAvgPool2d",
+    "INTEGER_MODULES",
+    "IntegerTracer",
+    "trace_integer",
+]
+
+
+class Quantize(nn.Module):
+    """Float -> integer codes: ``clamp(round_half_even(x / scale), qmin, qmax)``."""
+
+    def __init__(self, scale: float, bits: int, signed: bool) -> None:
+        super().__init__()
+        self.scale, self.bits, self.signed = float(scale), int(bits), bool(signed)
+        self.qmin, self.qmax = qrange(self.bits, self.signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize(x, self.scale, 0, self.qmin, self.qmax).to(torch.int64)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}, bits={self.bits}, signed={self.signed}"
+
+
+class Dequantize(nn.Module):
+    """Integer codes -> float: ``q * scale``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return dequantize(q, self.scale, 0, dtype=torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}"
+
+
+class _IntLayer(nn.Module):
+    """Shared state of integer conv/linear: int weights, int bias, per-channel requantization.
+
+    ``out_scale is None`` means the layer ends a float island boundary: it returns the real value
+    ``acc * in_scale * w_scale[c]`` as float32 instead of requantized codes.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, w_scale: torch.Tensor,
+                 in_scale: float, w_bits: int, out_scale: float | None, out_bits: int,
+                 out_signed: bool, clip: tuple[int, int] | None, m: torch.Tensor,
+                 shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.to(torch.int64))
+        self.register_buffer("bias", bias.to(torch.int64))
+        self.register_buffer("w_scale", w_scale.to(torch.float64))
+        self.register_buffer("m", m.to(torch.int64))
+        self.register_buffer("shift", shift.to(torch.int64))
+        self.in_scale, self.w_bits = float(in_scale), int(w_bits)
+        self.out_scale = None if out_scale is None else float(out_scale)
+        self.out_bits, self.out_signed = int(out_bits), bool(out_signed)
+        lo, hi = qrange(self.out_bits, self.out_signed)
+        self.qmin, self.qmax = clip if clip is not None else (lo, hi)
+
+    def _finish(self, acc: torch.Tensor) -> torch.Tensor:
+        if self.out_scale is None:
+            shape = [1] * acc.ndim
+            shape[1] = -1
+            real = acc.to(torch.float64) * (self.in_scale * self.w_scale).view(shape)
+            return real.to(torch.float32)
+        return requantize(acc, self.m, self.shift, 0, self.qmin, self.qmax)
+
+
+class IntConv2d(_IntLayer):
+    """``requantize(sum x_q * w_q + bias) `` with per-output-channel multipliers (BN, gate and the
+    weight scale folded in); ``clip`` fuses a following ReLU/ReLU6."""
+
+    def __init__(self, *, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], groups: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        self.dilation, self.groups = tuple(dilation), int(groups)
+
+    def forward(self, x_q: torch.Tensor) -> torch.Tensor:
+        acc = int_conv2d(x_q, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                         dilation=self.dilation, groups=self.groups)
+        return self._finish(acc)
+
+
+class IntLinear(_IntLayer):
+    """Integer linear on ``(N, in_features)`` inputs."""
+
+    def forward(self, x_q: torch.Tensor) -> torch.Tensor:
+        return self._finish(int_linear(x_q, self.weight, self.bias))
+
+
+class IntAdd(nn.Module):
+    """``a + b`` of two integer tensors at different scales, rescaled to the output scale."""
+
+    def __init__(self, params: AddRescale, scales: tuple[float, float, float], bits: int,
+                 signed: bool, clip: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.params = params
+        self.a_scale, self.b_scale, self.out_scale = (float(s) for s in scales)
+        self.bits, self.signed = int(bits), bool(signed)
+        self.qmin, self.qmax = clip if clip is not None else qrange(self.bits, self.signed)
+
+    def forward(self, a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+        return int_add(a_q, b_q, self.params, 0, 0, 0, self.qmin, self.qmax)
+
+
+class IntConcat(nn.Module):
+    """Concatenation with each input rescaled to the output scale (identity when equal)."""
+
+    def __init__(self, rescales: Sequence[tuple[int, int] | None], in_scales: Sequence[float],
+                 out_scale: float, bits: int, signed: bool, dim: int) -> None:
+        super().__init__()
+        self.rescales = list(rescales)
+        self.in_scales, self.out_scale = [float(s) for s in in_scales], float(out_scale)
+        self.bits, self.signed, self.dim = int(bits), bool(signed), int(dim)
+        self.qmin, self.qmax = qrange(self.bits, self.signed)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return int_concat(list(xs), self.rescales, [0] * len(xs), 0, self.qmin, self.qmax,
+                          dim=self.dim)
+
+
+class IntClip(nn.Module):
+    """ReLU / ReLU6 on codes: ``clamp(q, lo, hi)``."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        super().__init__()
+        self.lo, self.hi = int(lo), int(hi)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return q.clamp(self.lo, self.hi)
+
+
+class IntMaxPool2d(nn.Module):
+    def __init__(self, kernel_size: Sequence[int], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], ceil_mode: bool) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation, self.ceil_mode = tuple(padding), tuple(dilation), ceil_mode
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return int_max_pool2d(q, self.kernel_size, self.stride, self.padding, self.dilation,
+                              self.ceil_mode)
+
+
+class IntAvgPool2d(nn.Module):
+    """Average pooling at the input's scale (window sum, divide with round-half-up)."""
+
+    def __init__(self, kernel_size: Sequence[int], stride: Sequence[int],
+                 padding: Sequence[int], ceil_mode: bool, count_include_pad: bool,
+                 divisor_override: int | None) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = (tuple(kernel_size), tuple(stride),
+                                                       tuple(padding))
+        self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
+        self.divisor_override = divisor_override
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return int_avg_pool2d(q, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                              self.count_include_pad, self.divisor_override)
+
+
+class IntAdaptiveAvgPool2d(nn.Module):
+    def __init__(self, output_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return int_adaptive_avg_pool2d(q, self.output_size)
+
+
+INTEGER_MODULES: tuple[type[nn.Module], ...] = (
+    Quantize, Dequantize, IntConv2d, IntLinear, IntAdd, IntConcat, IntClip, IntMaxPool2d,
+    IntAvgPool2d, IntAdaptiveAvgPool2d,
+)
+
+
+class IntegerTracer(torch.fx.Tracer):
+    """FX tracer that keeps every integer module as one ``call_module`` node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, INTEGER_MODULES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_integer(root: nn.Module) -> torch.fx.GraphModule:
+    """Trace a hand-built integer model into the graph form ``convert`` produces."""
+    graph = IntegerTracer().trace(root)
+    gm = torch.fx.GraphModule(root, graph, type(root).__name__)
+    gm.meta["djpq.stage"] = "converted"
+    return gm
