@@ -15,7 +15,8 @@ Guarantees:
   one quantizer node ``djpq_quant.a_<producer>`` directly after its producer, shared by *all*
   users of that producer (a tensor is quantized once, as in integer deployment). The spec is the
   one of the first such layer in graph order. Residual adds (two tensor operands) and concats
-  get one too. The network input (a placeholder) is quantized at ``config.input_bits``, fixed.
+  get one on their output *and on each operand* (integer add/concat takes integer operands).
+  The network input (a placeholder) is quantized at ``config.input_bits``, fixed.
 * **Signedness** [choice]: unsigned when the graph proves the value non-negative (ReLU, ReLU6,
   sigmoid, softmax, abs; then pooling, reshapes, slicing, concat, add, mul of non-negative
   values — see :data:`NONNEG_RULES`); otherwise the quantizer is built signed and listed in
@@ -168,6 +169,16 @@ class _Inserter:
         return path
 
 
+def _merge_operands(node: fx.Node) -> list[fx.Node]:
+    """Tensor operands of a residual add (args 0, 1) or a concat (the list in arg 0)."""
+    args = node.args[0] if node.target in _CONCAT_OPS else node.args[:2]
+    return [a for a in args if isinstance(a, fx.Node) and tensor_shape(a) is not None]  # type: ignore[union-attr]
+
+
+def _is_activation_quantizer(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(f"{QUANT_ATTR}.a_")
+
+
 def _layer_input(layer: Layer) -> fx.Node | None:
     x = layer.node.args[0] if layer.node.args else layer.node.kwargs.get("input")
     return x if isinstance(x, fx.Node) else None
@@ -198,13 +209,17 @@ def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[L
             producers[x.name] = (x, spec)
     merges = {n.name for n in gm.graph.nodes if config.quantize and _is_residual_or_concat(n)}
     for node in list(gm.graph.nodes):  # before any insertion: shapes are known
+        if node.name in merges:  # integer add/concat needs integer operands
+            for operand in _merge_operands(node):
+                if not _is_activation_quantizer(operand):
+                    ins.activation(operand, config.activation)
         if node.name in producers:
             ins.activation(*producers[node.name])
         elif node.name in merges:
             ins.activation(node, config.activation)
     for layer in layers:
         x = _layer_input(layer)  # now the quantizer node, when there is one
-        if x is not None and x.op == "call_module" and str(x.target).startswith(f"{QUANT_ATTR}.a_"):
+        if x is not None and _is_activation_quantizer(x):
             ins.input_q[layer.node.name] = str(x.target)
     gm.meta["djpq.weight_quantizers"] = ins.weight_q
     gm.meta["djpq.input_quantizers"] = ins.input_q
