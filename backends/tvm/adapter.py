@@ -1,0 +1,205 @@
+"""The one module that touches TVM: version pin, Relax building, targets, compile, run, export.
+
+Every other file of the TVM backend goes through this adapter, so a TVM upgrade (0.27 renamed
+``tvm.tir`` to ``tvm.tirx``, ``.struct_info`` to ``.ty``, ``tvm.nd.array`` to
+``tvm.runtime.tensor``, ``imported_modules`` to ``imports``; REFERENCE.md §3) is a change here
+only. ``import tvm`` is slow (~3 s) and imports torch, so it happens lazily, on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from djpq_compiler.errors import BackendError, MissingExtraError
+
+__all__ = [
+    "TVM_VERSION",
+    "Builder",
+    "compile_module",
+    "cuda_source",
+    "export_library",
+    "load_tvm",
+    "make_target",
+    "run_vm",
+]
+
+#: The TVM release this backend is written and tested against (pyproject's ``tvm`` extra).
+TVM_VERSION = "0.27.0"
+
+
+@functools.cache
+def load_tvm() -> Any:
+    """Import TVM once and check its version.
+
+    Returns:
+        The ``tvm`` module.
+
+    Raises:
+        MissingExtraError: TVM is not installed (install the ``tvm`` extra).
+        BackendError: The installed TVM is not the pinned release.
+    """
+    try:
+        import tvm
+        import tvm.relax  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(
+            "the TVM backend needs Apache TVM, which is not installed: "
+            "pip install 'djpq-compiler[tvm]'"
+        ) from exc
+    version = str(getattr(tvm, "__version__", "unknown"))
+    if not version.startswith(TVM_VERSION):
+        raise BackendError(
+            f"the TVM backend is pinned to apache-tvm {TVM_VERSION}.x but {version} is installed; "
+            "reinstall it with pip install 'djpq-compiler[tvm]'"
+        )
+    return tvm
+
+
+def make_target(spec: dict[str, Any], host: dict[str, Any] | None = None) -> Any:
+    """Return ``tvm.target.Target(spec, host)`` (targets are dicts in TVM 0.27)."""
+    tvm = load_tvm()
+    return tvm.target.Target(spec, host=host) if host is not None else tvm.target.Target(spec)
+
+
+def system_cpu() -> str:
+    """LLVM's name for this machine's CPU (``"mcpu": "native"`` would mean a generic CPU)."""
+    return str(load_tvm().target.codegen.llvm_get_system_cpu())
+
+
+class Builder:
+    """A thin wrapper of ``relax.BlockBuilder`` with the ops the emitter needs.
+
+    Each op method emits one binding into the current dataflow block and returns the new var.
+    Shapes are static; :meth:`shape` and :meth:`dtype` read them back from the var's type.
+    """
+
+    def __init__(self) -> None:
+        tvm = load_tvm()
+        self._relax = tvm.relax
+        self._op = tvm.relax.op
+        self._bb = tvm.relax.BlockBuilder()
+
+    # -- function structure -------------------------------------------------------------------
+    def var(self, name: str, shape: Sequence[int], dtype: str) -> Any:
+        """A function parameter of static shape and dtype."""
+        return self._relax.Var(name, self._relax.TensorType(tuple(shape), dtype))
+
+    def function(self, name: str, params: list[Any]) -> Any:
+        """Context manager opening function ``name`` with ``params``."""
+        return self._bb.function(name, params)
+
+    def dataflow(self) -> Any:
+        """Context manager opening a dataflow block."""
+        return self._bb.dataflow()
+
+    def emit_output(self, outputs: list[Any]) -> Any:
+        """Emit the (tuple of) outputs of the dataflow block."""
+        value = outputs[0] if len(outputs) == 1 else self._relax.Tuple(outputs)
+        return self._bb.emit_output(value)
+
+    def finish(self, output: Any) -> Any:
+        """Close the function with ``output`` and return the IRModule."""
+        self._bb.emit_func_output(output)
+        return self._bb.finalize()
+
+    # -- types --------------------------------------------------------------------------------
+    @staticmethod
+    def shape(expr: Any) -> tuple[int, ...]:
+        """Static shape of a tensor expression."""
+        return tuple(int(v) for v in expr.ty.shape)
+
+    @staticmethod
+    def dtype(expr: Any) -> str:
+        """Element dtype of a tensor expression (``"int8"``, ``"float32"``, ...)."""
+        return str(expr.ty.dtype)
+
+    # -- ops ----------------------------------------------------------------------------------
+    def _emit(self, call: Any) -> Any:
+        return self._bb.emit(call)
+
+    def const(self, value: np.ndarray | int | float, dtype: str) -> Any:
+        """A constant with an explicit dtype (without it ints default to int32)."""
+        return self._relax.const(np.asarray(value).astype(dtype), dtype)
+
+    def astype(self, x: Any, dtype: str) -> Any:
+        return x if self.dtype(x) == dtype else self._emit(self._op.astype(x, dtype))
+
+    def binary(self, name: str, a: Any, b: Any) -> Any:
+        """Elementwise ``add``, ``subtract``, ``multiply``, ``divide``, ``floor_divide``,
+        ``right_shift`` (broadcasting; both operands must share a dtype)."""
+        return self._emit(getattr(self._op, name)(a, b))
+
+    def unary(self, name: str, x: Any) -> Any:
+        """Elementwise ``round`` (half to even), ``floor``, ..."""
+        return self._emit(getattr(self._op, name)(x))
+
+    def clip(self, x: Any, lo: int | float, hi: int | float) -> Any:
+        return self._emit(self._op.clip(x, lo, hi))
+
+    def conv2d(self, x: Any, w: Any, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], groups: int, out_dtype: str) -> Any:
+        """NCHW/OIHW convolution accumulating in ``out_dtype``; padding is 2 or 4 ints."""
+        return self._emit(self._op.nn.conv2d(
+            x, w, strides=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+            groups=groups, out_dtype=out_dtype))
+
+    def matmul(self, a: Any, b: Any, out_dtype: str) -> Any:
+        return self._emit(self._op.matmul(a, b, out_dtype=out_dtype))
+
+    def max_pool2d(self, x: Any, kernel: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int], ceil_mode: bool) -> Any:
+        return self._emit(self._op.nn.max_pool2d(
+            x, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), ceil_mode))
+
+    def concat(self, xs: list[Any], axis: int) -> Any:
+        return self._emit(self._op.concat(xs, axis=axis))
+
+    def reshape(self, x: Any, shape: Sequence[int]) -> Any:
+        return self._emit(self._op.reshape(x, tuple(int(s) for s in shape)))
+
+    def permute(self, x: Any, axes: Sequence[int]) -> Any:
+        return self._emit(self._op.permute_dims(x, list(axes)))
+
+    def strided_slice(self, x: Any, axes: list[int], begin: list[int], end: list[int],
+                      strides: list[int]) -> Any:
+        return self._emit(self._op.strided_slice(x, axes, begin, end, strides))
+
+
+def compile_module(mod: Any, target: Any) -> Any:
+    """``tvm.compile`` a Relax IRModule to a VM executable."""
+    return load_tvm().compile(mod, target=target)
+
+
+def run_vm(executable: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run ``main`` of a host (CPU) executable on numpy arrays; returns numpy arrays."""
+    tvm = load_tvm()
+    dev = tvm.cpu()
+    vm = tvm.relax.VirtualMachine(executable, dev)
+    result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays])
+    items = list(result) if not hasattr(result, "numpy") else [result]
+    return [item.numpy() for item in items]
+
+
+def export_library(executable: Any, path: str, cross_compiler: str | None = None) -> None:
+    """Write ``path``: a ``.so`` linked by ``cross_compiler`` (or the host cc), or a ``.tar``."""
+    tvm = load_tvm()
+    if cross_compiler is None:
+        executable.export_library(path)
+        return
+    fcompile = tvm.support.cc.cross_compiler(cross_compiler)
+    executable.export_library(path, fcompile=fcompile)
+
+
+def cuda_source(executable: Any) -> str:
+    """The CUDA C source of the device kernels of a CUDA executable (``imports`` tree walk)."""
+    stack = [executable.mod]
+    while stack:
+        module = stack.pop()
+        if module.kind == "cuda":
+            return str(module.inspect_source("cuda"))
+        stack.extend(module.imports)
+    raise BackendError("the executable holds no CUDA module; build it with target='cuda'")

@@ -1,0 +1,207 @@
+"""Build a converted model with TVM for x86, aarch64 (cross) or CUDA; run and export it.
+
+Targets (dicts, TVM 0.27):
+
+* ``"x86"``: ``{"kind": "llvm", "mcpu": <this CPU>}``; the result is callable here.
+* ``"aarch64"``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon",
+  "+dotprod"]}``, cross-compiled; ``export("m.tar")`` needs no toolchain, ``export("m.so")`` needs
+  ``aarch64-linux-gnu-gcc``.
+* ``"cuda"``: ``{"kind": "cuda", "arch": "sm_80"}`` with an llvm host; inspect the kernels with
+  :meth:`CompiledModel.cuda_source` and compile them with :func:`compile_cuda_to_ptx`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from djpq_compiler.errors import BackendError
+
+from . import adapter
+from .emit import lower
+
+__all__ = ["TARGETS", "CompiledModel", "build", "compile_cuda_to_ptx", "find_nvcc",
+           "target_spec"]
+
+TARGETS = ("x86", "aarch64", "cuda")
+AARCH64_GCC = "aarch64-linux-gnu-gcc"
+
+
+def target_spec(target: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The TVM target dict (and host dict) of a target name.
+
+    Raises:
+        BackendError: Unknown target name.
+    """
+    if target == "x86":
+        return {"kind": "llvm", "mcpu": adapter.system_cpu()}, None
+    if target == "aarch64":
+        return {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                "mattr": ["+neon", "+dotprod"]}, None
+    if target == "cuda":
+        return {"kind": "cuda", "arch": "sm_80"}, {"kind": "llvm"}
+    raise BackendError(f"unknown TVM target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+class CompiledModel:
+    """A converted model compiled by TVM.
+
+    Call it with float32 torch tensors shaped like the example inputs (host targets only): integer
+    outputs come back as ``int64`` tensors (like the reference executor), float outputs as
+    ``float32`` tensors.
+
+    Attributes:
+        target: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
+        ir_module: The Relax IRModule that was compiled.
+        compile_seconds: Wall time of ``tvm.compile``.
+    """
+
+    def __init__(self, target: str, executable: Any, ir_module: Any,
+                 input_shapes: list[tuple[int, ...]], output_kinds: list[str],
+                 output_tuple: bool, compile_seconds: float) -> None:
+        self.target = target
+        self.executable = executable
+        self.ir_module = ir_module
+        self.input_shapes = input_shapes
+        self.output_kinds = output_kinds
+        self.output_tuple = output_tuple
+        self.compile_seconds = compile_seconds
+
+    def _runnable_here(self) -> bool:
+        if self.target == "x86":
+            return platform.machine().lower() in ("x86_64", "amd64")
+        if self.target == "aarch64":
+            return platform.machine().lower() in ("aarch64", "arm64")
+        return False
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the compiled model on this machine.
+
+        Raises:
+            BackendError: Cross-compiled/CUDA target, or inputs of the wrong number/shape.
+        """
+        if not self._runnable_here():
+            raise BackendError(
+                f"a model built for target={self.target!r} cannot run on this "
+                f"{platform.machine()} host; export() it and load it on the device"
+            )
+        shapes = [tuple(t.shape) for t in inputs]
+        if shapes != self.input_shapes:
+            raise BackendError(f"compiled for input shapes {self.input_shapes}, got {shapes}; "
+                               "rebuild with matching example_inputs")
+        arrays = [t.detach().cpu().to(torch.float32).contiguous().numpy() for t in inputs]
+        results = adapter.run_vm(self.executable, arrays)
+        outs = tuple(
+            torch.from_numpy(r).to(torch.int64) if kind == "int" else torch.from_numpy(r)
+            for r, kind in zip(results, self.output_kinds, strict=True)
+        )
+        return outs if self.output_tuple else outs[0]
+
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Write the compiled library: ``.so`` (linked) or ``.tar`` (objects, no toolchain).
+
+        Raises:
+            BackendError: Bad suffix, or an aarch64 ``.so`` without the cross compiler.
+        """
+        out = Path(path)
+        if out.suffix not in (".so", ".tar"):
+            raise BackendError(f"export path must end in .so or .tar, got {out.name!r}")
+        cross = None
+        if out.suffix == ".so" and self.target == "aarch64":
+            cross = shutil.which(AARCH64_GCC)
+            if cross is None:
+                raise BackendError(
+                    f"linking an aarch64 .so needs {AARCH64_GCC}: "
+                    "apt-get install gcc-aarch64-linux-gnu (or export a .tar, which needs no "
+                    "toolchain)"
+                )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        adapter.export_library(self.executable, str(out), cross)
+        return out
+
+    def cuda_source(self) -> str:
+        """The generated CUDA C source (target ``"cuda"`` only)."""
+        if self.target != "cuda":
+            raise BackendError(f"cuda_source() needs target='cuda', this is {self.target!r}")
+        return adapter.cuda_source(self.executable)
+
+    def script(self) -> str:
+        """The Relax IRModule as TVMScript text."""
+        return str(self.ir_module.script())
+
+
+def _as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if torch.is_tensor(example_inputs):
+        return [example_inputs]
+    return list(example_inputs)
+
+
+def build(converted: fx.GraphModule, target: str = "x86",
+          example_inputs: torch.Tensor | Sequence[torch.Tensor] = ()) -> CompiledModel:
+    """Lower a converted model to Relax and compile it for ``target``.
+
+    Args:
+        converted: The output of ``convert()`` (``gm.meta["djpq.stage"] == "converted"``).
+        target: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
+        example_inputs: One float32 tensor (or a sequence, one per input) fixing static shapes.
+
+    Returns:
+        The :class:`CompiledModel`.
+
+    Raises:
+        BackendError: Unsupported nodes (all listed at once), bad inputs or an unknown target.
+        MissingExtraError: TVM is not installed.
+    """
+    spec, host = target_spec(target)
+    if not isinstance(converted, fx.GraphModule):
+        raise BackendError(f"build() needs the converted GraphModule, got {type(converted)}")
+    inputs = _as_inputs(example_inputs)
+    ir_module, lowering = lower(converted, inputs)
+    start = time.perf_counter()
+    executable = adapter.compile_module(ir_module, adapter.make_target(spec, host))
+    seconds = time.perf_counter() - start
+    return CompiledModel(target, executable, ir_module, [tuple(t.shape) for t in inputs],
+                         lowering.output_kinds, lowering.output_tuple, seconds)
+
+
+def find_nvcc() -> str:
+    """Path of the local nvcc (``/usr/local/cuda/bin/nvcc`` or on ``PATH``).
+
+    Raises:
+        BackendError: No nvcc found.
+    """
+    default = Path("/usr/local/cuda/bin/nvcc")
+    if default.is_file():
+        return str(default)
+    found = shutil.which("nvcc")
+    if found is None:
+        raise BackendError("nvcc not found (looked in /usr/local/cuda/bin and on PATH); "
+                           "install the CUDA toolkit to compile the generated CUDA source")
+    return found
+
+
+def compile_cuda_to_ptx(source: str, arch: str = "sm_80", timeout: float = 300.0) -> str:
+    """Compile CUDA C source to PTX text with the local nvcc.
+
+    Raises:
+        BackendError: nvcc is missing or rejects the source (its stderr is included).
+    """
+    nvcc = find_nvcc()
+    with tempfile.TemporaryDirectory(prefix="djpq_ptx_") as tmp:
+        src, ptx = Path(tmp, "kernels.cu"), Path(tmp, "kernels.ptx")
+        src.write_text(source)
+        cmd = [nvcc, "--ptx", f"-arch={arch}", "-O3", "-o", str(ptx), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0:
+            raise BackendError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        return ptx.read_text()

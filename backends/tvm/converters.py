@@ -1,0 +1,219 @@
+"""Converters of the integer modules (``backends/reference/modules.py``) to Relax.
+
+Each converter reproduces the reference executor bit for bit (``docs/integer_semantics.md``):
+integer conv/matmul accumulating in int32 (int64 where the weight-derived bound needs it), dyadic
+requantization ``(acc * m + 2^(shift-1)) >> shift`` in int64, clips, and average pools as exact
+window sums followed by ``floor((2S + c) / (2c))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.errors import BackendError
+
+from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
+
+INT32_MAX = 2**31 - 1
+
+
+def _np(value: Any) -> np.ndarray:
+    """An int/tensor parameter as an int64 numpy array."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().to(torch.int64).numpy()
+    return np.asarray(value, dtype=np.int64)
+
+
+def _channel_const(ctx: Lowering, value: np.ndarray, ndim: int, dtype: str) -> Any:
+    """A per-channel (dim 1) or per-tensor constant, as the reference's ``channel_view``."""
+    flat = value.reshape(-1)
+    if flat.size == 1 or bool(np.all(flat == flat[0])):
+        return ctx.bb.const(flat[0], dtype)
+    return ctx.bb.const(flat.reshape((1, -1) + (1,) * (ndim - 2)), dtype)
+
+
+def requantize(ctx: Lowering, acc: Any, m: Any, shift: Any,
+               qmin: int | None = None, qmax: int | None = None) -> Any:
+    """``clip(((acc * m + R) >> shift), qmin, qmax)`` in int64, ``R = 2^(shift-1)`` (0 if 0)."""
+    ndim = len(ctx.bb.shape(acc))
+    m_np, shift_np = _np(m), _np(shift)
+    rounding = np.where(shift_np > 0, np.left_shift(1, np.maximum(shift_np - 1, 0)), 0)
+    acc64 = ctx.bb.astype(acc, "int64")
+    prod = ctx.bb.binary("multiply", acc64, _channel_const(ctx, m_np, ndim, "int64"))
+    prod = ctx.bb.binary("add", prod, _channel_const(ctx, rounding, ndim, "int64"))
+    out = ctx.bb.binary("right_shift", prod, _channel_const(ctx, shift_np, ndim, "int64"))
+    if qmin is None and qmax is None:
+        return out
+    lo = -(2**63) if qmin is None else qmin
+    hi = 2**63 - 1 if qmax is None else qmax
+    return ctx.bb.clip(out, lo, hi)
+
+
+def _operand_dtypes(x: IntValue, w_lo: int, w_hi: int) -> tuple[str, str]:
+    """Data/weight dtypes of an integer conv/matmul: native u8/s8 x s8, else a common type."""
+    x_dtype, w_dtype = container_dtype(x.lo, x.hi), container_dtype(min(w_lo, -1), w_hi)
+    if x_dtype in ("uint8", "int8") and w_dtype == "int8":
+        return x_dtype, w_dtype
+    common = container_dtype(min(x.lo, w_lo, -1), max(x.hi, w_hi))
+    common = "int32" if common in ("uint16", "uint8") else common
+    return common, common
+
+
+def _accumulate_dtype(x: IntValue, weight: np.ndarray, bias: np.ndarray) -> str:
+    """int32 if ``max_o sum|w_o| * max|x| + max|bias|`` fits it, else int64 (from weights only)."""
+    per_out = np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1)
+    bound = int(per_out.max(initial=0)) * max(abs(x.lo), abs(x.hi))
+    bound += int(np.abs(bias).max(initial=0))
+    return "int32" if bound <= INT32_MAX else "int64"
+
+
+def _finish_layer(ctx: Lowering, module: im._IntLayer, acc: Any) -> Lowered:
+    """Requantize + clip (integer output) or ``acc * s_x * s_w`` (float output), per channel."""
+    if module.out_scale is None:
+        ndim = len(ctx.bb.shape(acc))
+        scale = (module.in_scale * module.w_scale.detach().cpu().double()).numpy()
+        shape = (1, -1) + (1,) * (ndim - 2) if scale.size > 1 else ()
+        real = ctx.bb.binary("multiply", ctx.bb.astype(acc, "float64"),
+                             ctx.bb.const(scale.reshape(shape), "float64"))
+        return FloatValue(ctx.bb.astype(real, "float32"))
+    out = requantize(ctx, acc, module.m, module.shift, module.qmin, module.qmax)
+    return ctx.int_value(out, module.qmin, module.qmax)
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    """An int or 1/2-sequence of ints as a pair (rejecting ``"same"``-style strings)."""
+    if isinstance(value, int):
+        return value, value
+    vals = tuple(value)
+    if not vals or not all(isinstance(v, int) for v in vals):
+        raise BackendError(f"expected ints or a pair of ints, got {value!r}")
+    return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
+
+
+@register(im.IntConv2d)
+def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Integer conv2d (plain, depthwise, grouped) + int bias + per-channel requantization."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    weight, bias = _np(module.weight), _np(module.bias)
+    try:
+        stride, padding = _pair(module.stride), _pair(module.padding)
+        dilation = _pair(module.dilation)
+    except BackendError as exc:
+        raise BackendError(f"{node.format_node()}: {exc}; convert() emits explicit int "
+                           "paddings, rebuild the model with integer padding") from None
+    x_dtype, w_dtype = _operand_dtypes(x, int(weight.min()), int(weight.max()))
+    acc_dtype = _accumulate_dtype(x, weight, bias)
+    acc = ctx.bb.conv2d(ctx.bb.astype(x.expr, x_dtype), ctx.bb.const(weight, w_dtype),
+                        stride, padding, dilation, int(module.groups), acc_dtype)
+    if bias.size and np.any(bias):
+        acc = ctx.bb.binary("add", acc, ctx.bb.const(bias.reshape(1, -1, 1, 1), acc_dtype))
+    return _finish_layer(ctx, module, acc)
+
+
+@register(im.IntLinear)
+def convert_linear(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Integer linear: ``x @ w.T`` accumulating in int32/int64, bias on the last dim."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    weight, bias = _np(module.weight), _np(module.bias)
+    x_dtype, w_dtype = _operand_dtypes(x, int(weight.min()), int(weight.max()))
+    acc_dtype = _accumulate_dtype(x, weight, bias)
+    acc = ctx.bb.matmul(ctx.bb.astype(x.expr, x_dtype),
+                        ctx.bb.const(np.ascontiguousarray(weight.T), w_dtype), acc_dtype)
+    if bias.size and np.any(bias):
+        acc = ctx.bb.binary("add", acc, ctx.bb.const(bias, acc_dtype))
+    return _finish_layer(ctx, module, acc)
+
+
+@register(im.Quantize)
+def convert_quantize(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``clip(round_half_even(x / scale))`` with the division in float32, as the reference."""
+    module = ctx.module(node)
+    x = ctx.value(node.args[0])
+    if not isinstance(x, FloatValue):
+        raise BackendError(f"{node.format_node()}: Quantize expects a float tensor")
+    scaled = ctx.bb.binary("divide", x.expr, ctx.bb.const(np.float32(module.scale), "float32"))
+    codes = ctx.bb.clip(ctx.bb.unary("round", scaled), module.qmin, module.qmax)
+    return ctx.int_value(codes, module.qmin, module.qmax)
+
+
+@register(im.Dequantize)
+def convert_dequantize(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``float32(q) * float32(scale)``."""
+    module = ctx.module(node)
+    q = ctx.int_arg(node)
+    real = ctx.bb.astype(q.expr, "float32")
+    return FloatValue(ctx.bb.binary("multiply", real,
+                                    ctx.bb.const(np.float32(module.scale), "float32")))
+
+
+@register(im.IntAdd)
+def convert_add(ctx: Lowering, node: fx.Node) -> Lowered:
+    """TFLite-style add: both inputs to the intermediate scale, sum, requantize + clip."""
+    module = ctx.module(node)
+    a, b = ctx.int_arg(node, 0), ctx.int_arg(node, 1)
+    p = module.params
+    a_i = requantize(ctx, a.expr, p.a_m, p.a_shift)
+    b_i = requantize(ctx, b.expr, p.b_m, p.b_shift)
+    out = requantize(ctx, ctx.bb.binary("add", a_i, b_i), p.out_m, p.out_shift,
+                     module.qmin, module.qmax)
+    return ctx.int_value(out, module.qmin, module.qmax)
+
+
+def _rescale_part(ctx: Lowering, x: IntValue, rescale: tuple[int, int] | None,
+                  qmin: int, qmax: int) -> Any:
+    """One concat input moved to the output scale: requantize (or not) and clip."""
+    target = container_dtype(qmin, qmax)
+    if rescale is None:
+        if qmin <= x.lo and x.hi <= qmax:
+            return ctx.bb.astype(x.expr, target)
+        return ctx.bb.astype(ctx.bb.clip(ctx.bb.astype(x.expr, "int64"), qmin, qmax), target)
+    return ctx.bb.astype(requantize(ctx, x.expr, rescale[0], rescale[1], qmin, qmax), target)
+
+
+@register(im.IntConcat)
+def convert_concat(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Concatenation with each input rescaled to the output scale."""
+    module = ctx.module(node)
+    xs = [ctx.int_arg(node, i) for i in range(len(node.args))]
+    if len(xs) != len(module.rescales):
+        raise BackendError(f"{node.format_node()}: {len(xs)} inputs but "
+                           f"{len(module.rescales)} rescales")
+    parts = [_rescale_part(ctx, x, r, module.qmin, module.qmax)
+             for x, r in zip(xs, module.rescales, strict=True)]
+    axis = module.dim % len(ctx.bb.shape(parts[0]))
+    return IntValue(ctx.bb.concat(parts, axis), module.qmin, module.qmax)
+
+
+@register(im.IntClip)
+def convert_clip(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``clamp(q, lo, hi)`` (torch semantics, also for ``lo > hi``)."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    lo, hi = module.lo, module.hi
+    new_lo, new_hi = min(max(x.lo, lo), hi), min(max(x.hi, lo), hi)
+    wide = container_dtype(min(x.lo, new_lo), max(x.hi, new_hi))
+    out = ctx.bb.clip(ctx.bb.astype(x.expr, wide), new_lo, new_hi)
+    return ctx.int_value(out, new_lo, new_hi)
+
+
+def _strides(kernel: tuple[int, int], stride: Sequence[int] | None) -> tuple[int, int]:
+    return kernel if stride is None or len(stride) == 0 else _pair(stride)
+
+
+@register(im.IntMaxPool2d)
+def convert_max_pool(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Max pooling on the codes (exact; padded positions never win)."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    kernel = _pair(module.kernel_size)
+    out = ctx.bb.max_pool2d(x.expr, kernel, _strides(kernel, module.stride),
+                            _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))
+    return IntValue(out, x.lo, x.hi)

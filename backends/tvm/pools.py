@@ -1,0 +1,125 @@
+"""Average pools on integer codes, exactly as ``backends/reference/pooling.py``.
+
+``out = div_half_up(S, c) = floor((2S + c) / (2c))`` with ``S`` the exact window sum (a depthwise
+conv with a ones kernel for ``avg_pool2d``, two 0/1 matmuls for adaptive bins) and ``c`` torch's
+divisor, a constant computed here from the static shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from djpq_compiler.backends.reference import modules as im
+
+from .converters import _pair, _strides
+from .emit import IntValue, Lowered, Lowering, container_dtype, register
+
+INT32_MAX = 2**31 - 1
+
+
+def _pool_out(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """torch's pooled length (a ceil-mode window must start inside the image or left pad)."""
+    out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _avg_counts(in_hw: tuple[int, int], out_hw: tuple[int, int], kernel: tuple[int, int],
+                stride: tuple[int, int], padding: tuple[int, int],
+                count_include_pad: bool) -> np.ndarray:
+    """Per-output divisors of ``avg_pool2d`` (torch's definition, incl. ceil-mode windows)."""
+    per_axis = []
+    for size, out, k, s, p in zip(in_hw, out_hw, kernel, stride, padding, strict=True):
+        start = np.arange(out, dtype=np.int64) * s - p
+        end = np.minimum(start + k, size + p)
+        if count_include_pad:
+            per_axis.append(end - start)
+        else:
+            per_axis.append(np.minimum(end, size) - np.maximum(start, 0))
+    return per_axis[0][:, None] * per_axis[1][None, :]
+
+
+def _div_half_up(ctx: Lowering, sums: Any, counts: np.ndarray, sum_bound: int) -> Any:
+    """``floor((2S + c) / (2c))`` in int32 (int64 when ``2|S| + c`` could overflow)."""
+    dtype = "int32" if 2 * sum_bound + 2 * int(counts.max()) <= INT32_MAX else "int64"
+    sums = ctx.bb.astype(sums, dtype)
+    shape = counts.shape if counts.size > 1 else ()
+    c = ctx.bb.const(counts.reshape(shape), dtype)
+    num = ctx.bb.binary("add", ctx.bb.binary("add", sums, sums), c)
+    return ctx.bb.binary("floor_divide", num, ctx.bb.binary("add", c, c))
+
+
+def _quotient_range(lo: int, hi: int, window: int, min_count: int) -> tuple[int, int]:
+    """Bounds of ``div_half_up(S, c)`` for ``S`` in ``[window*min(lo,0), window*max(hi,0)]``."""
+    s_lo, s_hi = window * min(lo, 0), window * max(hi, 0)
+    return ((2 * s_lo + min_count) // (2 * min_count), (2 * s_hi + min_count) // (2 * min_count))
+
+
+def _window_sum(ctx: Lowering, x: IntValue, kernel: tuple[int, int], stride: tuple[int, int],
+                pads: tuple[int, int, int, int], bound: int) -> Any:
+    """Exact window sums: a depthwise conv with a ones kernel, int32/int64 accumulation."""
+    channels = ctx.bb.shape(x.expr)[1]
+    acc = "int32" if bound <= INT32_MAX else "int64"
+    x_dtype = container_dtype(x.lo, x.hi)
+    w_dtype = "int8" if x_dtype in ("int8", "uint8") else acc
+    data = ctx.bb.astype(x.expr, x_dtype if w_dtype == "int8" else acc)
+    ones = ctx.bb.const(np.ones((channels, 1) + kernel, dtype=np.int64), w_dtype)
+    return ctx.bb.conv2d(data, ones, stride, pads, (1, 1), channels, acc)
+
+
+@register(im.IntAvgPool2d)
+def convert_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``avg_pool2d`` on codes: window sum, torch's divisor, round half up."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    kernel = _pair(module.kernel_size)
+    stride, (p_h, p_w) = _strides(kernel, module.stride), _pair(module.padding)
+    in_hw = ctx.bb.shape(x.expr)[2:]
+    out_hw = tuple(_pool_out(n, k, s, p, bool(module.ceil_mode))
+                   for n, k, s, p in zip(in_hw, kernel, stride, (p_h, p_w), strict=True))
+    # Extra bottom/right zero padding realizes ceil-mode windows; zeros never change a sum.
+    extra = [max((o - 1) * s + k - (n + 2 * p), 0)
+             for n, o, k, s, p in zip(in_hw, out_hw, kernel, stride, (p_h, p_w), strict=True)]
+    window = kernel[0] * kernel[1]
+    bound = window * max(abs(x.lo), abs(x.hi))
+    sums = _window_sum(ctx, x, kernel, stride, (p_h, p_w, p_h + extra[0], p_w + extra[1]), bound)
+    if module.divisor_override is not None:
+        counts = np.array([[int(module.divisor_override)]], dtype=np.int64)
+        lo, hi = _quotient_range(x.lo, x.hi, window, int(module.divisor_override))
+    else:
+        counts = _avg_counts(in_hw, out_hw, kernel, stride, (p_h, p_w),
+                             bool(module.count_include_pad))
+        lo, hi = min(x.lo, 0), max(x.hi, 0)
+    return ctx.int_value(_div_half_up(ctx, sums, counts, bound), lo, hi)
+
+
+def _bin_matrix(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 matrix ``(out, size)`` of torch's adaptive bins and each bin's length."""
+    matrix = np.zeros((out, size), dtype=np.int64)
+    for i in range(out):
+        matrix[i, i * size // out: -(-(i + 1) * size // out)] = 1
+    return matrix, matrix.sum(axis=1)
+
+
+@register(im.IntAdaptiveAvgPool2d)
+def convert_adaptive_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Adaptive average pool: bin sums as ``P_h @ X @ P_w^T`` (exact int matmuls)."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    shape = ctx.bb.shape(x.expr)
+    size = module.output_size
+    sizes = (size, size) if isinstance(size, int) else tuple(size)
+    out_h, out_w = (shape[2 + i] if s is None else int(s) for i, s in enumerate(sizes))
+    p_h, len_h = _bin_matrix(shape[2], out_h)
+    p_w, len_w = _bin_matrix(shape[3], out_w)
+    bound = int(len_h.max()) * int(len_w.max()) * max(abs(x.lo), abs(x.hi))
+    acc = "int32" if bound <= INT32_MAX else "int64"
+    data = ctx.bb.astype(x.expr, acc)
+    rows = ctx.bb.matmul(data, ctx.bb.const(np.ascontiguousarray(p_w.T), acc), acc)
+    sums = ctx.bb.matmul(ctx.bb.const(p_h, acc), rows, acc)
+    counts = len_h[:, None] * len_w[None, :]
+    return ctx.int_value(_div_half_up(ctx, sums, counts, bound), x.lo, x.hi)
