@@ -1,0 +1,209 @@
+"""TVM backend: bit-exact agreement with the reference executor, error listing, targets."""
+
+from __future__ import annotations
+
+import operator
+import shutil
+import tarfile
+
+import pytest
+import torch
+from torch import nn
+
+from djpq_compiler.backends.reference import (
+    accumulator_bound,
+    add_rescale,
+    concat_rescales,
+    qrange,
+    requant_params,
+)
+from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.errors import BackendError
+
+pytest.importorskip("tvm")
+tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
+
+
+def make_layer(kind: str, c_in: int, c_out: int, in_scale: float, *, x_bits: int, w_bits: int,
+               out_bits: int, out_signed: bool = False, out_scale: float | None = 0.05,
+               groups: int = 1, k: int = 3, stride: int = 1, padding: int = 1,
+               seed: int = 0) -> nn.Module:
+    """An IntConv2d/IntLinear with random negative and positive weights, per-channel scales."""
+    gen = torch.Generator().manual_seed(seed)
+    wmin, wmax = qrange(w_bits, True)
+    shape = (c_out, c_in // groups, k, k) if kind == "conv" else (c_out, c_in)
+    weight = torch.randint(wmin, wmax + 1, shape, generator=gen)
+    w_scale = 0.01 + 0.04 * torch.rand(c_out, generator=gen, dtype=torch.float64)
+    bias = torch.randint(-500, 501, (c_out,), generator=gen)
+    fan_in = weight[0].numel()
+    bound = accumulator_bound(fan_in, x_bits, w_bits, bias_bound=500)
+    m, shift = requant_params(in_scale, w_scale, out_scale or 1.0, bound)
+    common = dict(weight=weight, bias=bias, w_scale=w_scale, in_scale=in_scale, w_bits=w_bits,
+                  out_scale=out_scale, out_bits=out_bits, out_signed=out_signed, clip=None,
+                  m=m, shift=shift)
+    if kind == "linear":
+        return im.IntLinear(**common)
+    return im.IntConv2d(stride=(stride, stride), padding=(padding, padding), dilation=(1, 1),
+                        groups=groups, **common)
+
+
+class Net(nn.Module):
+    """Conv(+relu clip) -> depthwise -> grouped, max/avg pools, add, concat, pool, linear."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        s_in, s1, s2, s3 = 0.02, 0.05, 0.04, 0.07
+        self.quant = im.Quantize(s_in, 8, signed=False)
+        self.conv = make_layer("conv", 3, 6, s_in, x_bits=8, w_bits=bits, out_bits=bits,
+                               out_scale=s1, seed=1)
+        self.relu = im.IntClip(0, 2 ** bits - 3)
+        self.dw = make_layer("conv", 6, 6, s1, x_bits=bits, w_bits=bits, out_bits=bits,
+                             out_signed=True, out_scale=s2, groups=6, stride=2, seed=2)
+        self.grouped = make_layer("conv", 6, 6, s2, x_bits=bits, w_bits=min(bits, 8),
+                                  out_bits=bits, out_signed=True, out_scale=s3, groups=3, seed=3)
+        self.maxpool = im.IntMaxPool2d((3, 3), (1, 1), (1, 1), (1, 1), False)
+        self.avgpool = im.IntAvgPool2d((3, 3), (1, 1), (1, 1), False, True, None)
+        self.add = im.IntAdd(add_rescale(s2, s3, 0.06), (s2, s3, 0.06), bits, True)
+        self.cat = im.IntConcat(concat_rescales([0.06, s2], s2), [0.06, s2], s2, bits, True, 1)
+        self.gap = im.IntAdaptiveAvgPool2d(2)
+        self.fc = make_layer("linear", 48, 5, s2, x_bits=bits, w_bits=bits, out_bits=bits,
+                             out_signed=True, out_scale=0.1, seed=4)
+        self.dequant = im.Dequantize(0.1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.relu(self.conv(self.quant(x)))
+        b = self.dw(a)
+        c = self.grouped(b)
+        s = self.add(self.maxpool(b), self.avgpool(c))
+        cat = self.cat(s, b)
+        y = self.fc(torch.flatten(self.gap(cat), 1))
+        return self.dequant(y), cat
+
+
+class PoolNet(nn.Module):
+    """Average pools with ceil_mode, count_include_pad=False, divisor_override, uneven bins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.05, 6, signed=True)
+        self.avg_ceil = im.IntAvgPool2d((3, 3), (2, 2), (1, 1), True, False, None)
+        self.avg_div = im.IntAvgPool2d((2, 2), (2, 2), (0, 0), True, True, 3)
+        self.max_ceil = im.IntMaxPool2d((2, 2), (2, 2), (0, 0), (1, 1), True)
+        self.gap = im.IntAdaptiveAvgPool2d((3, None))
+        self.fc = make_layer("linear", 7, 4, 0.05, x_bits=6, w_bits=5, out_bits=8,
+                             out_scale=None, seed=5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = self.quant(x)
+        flat = q.view(q.size(0), -1)
+        return (self.avg_ceil(q), self.avg_div(q), self.max_ceil(q), self.gap(q),
+                self.fc(flat[:, :7]))
+
+
+def example(shape: tuple[int, ...], seed: int = 0, signed: bool = False) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=gen) * 6.0
+    return x - 3.0 if signed else x
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, tuple]:
+    """Hand-built converted graphs and their x86 builds, shared across tests (one compile each)."""
+    out = {}
+    for bits in (2, 4, 8, 12, 16):
+        gm = im.trace_integer(Net(bits).eval())
+        x = example((2, 3, 9, 9), seed=bits)
+        out[f"net{bits}"] = (gm, x, tvm_backend.build(gm, "x86", example_inputs=(x,)))
+    gm = im.trace_integer(PoolNet().eval())
+    x = example((1, 2, 7, 7), signed=True)
+    out["pools"] = (gm, x, tvm_backend.build(gm, "x86", example_inputs=x))
+    return out
+
+
+def _assert_equal(got: tuple, want: tuple) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(g, w), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12, 16])
+def test_net_bit_exact(compiled: dict, bits: int) -> None:
+    gm, x, model = compiled[f"net{bits}"]
+    for seed in range(3):  # also inputs other than the example
+        inp = x if seed == 0 else example(tuple(x.shape), seed=100 + seed)
+        _assert_equal(model(inp), gm(inp))
+
+
+def test_containers_follow_bits(compiled: dict) -> None:
+    text4, text12 = compiled["net4"][2].script(), compiled["net12"][2].script()
+    assert "int4" not in text4 and "int8" in text4
+    assert "int16" in text12
+    assert 'out_dtype="int64"' in compiled["net16"][2].script()  # 16x16-bit needs int64 acc
+
+
+def test_pools_and_float_output_bit_exact(compiled: dict) -> None:
+    gm, x, model = compiled["pools"]
+    _assert_equal(model(x), gm(x))
+    ties = ((torch.arange(98) - 49) * 0.025).reshape(1, 2, 7, 7)  # x / scale hits .5 ties
+    _assert_equal(model(ties), gm(ties))
+
+
+class Unsupported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.1, 8, signed=False)
+        self.dequant = im.Dequantize(0.1)
+        self.requant = im.Quantize(0.1, 8, signed=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(self.dequant(self.quant(x)))  # a float island
+        return operator.mul(self.requant(y), 2)
+
+
+def test_unsupported_nodes_listed_in_one_error() -> None:
+    gm = im.trace_integer(Unsupported())
+    with pytest.raises(BackendError) as info:
+        tvm_backend.build(gm, "x86", example_inputs=torch.rand(1, 4))
+    message = str(info.value)
+    assert "2 node(s)" in message and "float islands are not lowered yet" in message
+    assert "torch.sigmoid" in message and "operator.mul" in message
+
+
+def test_rejects_unconverted_graph() -> None:
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with pytest.raises(BackendError, match="convert"):
+        tvm_backend.build(gm, "x86", example_inputs=torch.rand(1, 2))
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    return im.trace_integer(Net(4).eval()), example((1, 3, 9, 9))
+
+
+def test_aarch64_tar_export_without_toolchain(small: tuple, tmp_path) -> None:
+    gm, x = small
+    model = tvm_backend.build(gm, "aarch64", example_inputs=x)
+    path = model.export(tmp_path / "net.tar")
+    with tarfile.open(path) as tar:
+        assert any(name.endswith(".o") for name in tar.getnames())
+    with pytest.raises(BackendError, match="cannot run"):
+        model(x)
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        with pytest.raises(BackendError, match="apt-get install gcc-aarch64-linux-gnu"):
+            model.export(tmp_path / "net.so")
+    if shutil.which("qemu-aarch64") is None:
+        pytest.skip("qemu-aarch64 not installed: aarch64 execution not checked")
+
+
+def test_cuda_source_and_ptx(small: tuple) -> None:
+    gm, x = small
+    model = tvm_backend.build(gm, "cuda", example_inputs=x)
+    source = model.cuda_source()
+    assert "__global__" in source
+    try:
+        tvm_backend.find_nvcc()
+    except BackendError:
+        pytest.skip("nvcc not installed: PTX not checked")
+    ptx = tvm_backend.compile_cuda_to_ptx(source, arch="sm_80")
+    assert ".entry" in ptx and ".target sm_80" in ptx
