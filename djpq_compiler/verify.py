@@ -21,12 +21,16 @@ __all__ = ["random_keep", "pruning_oracle"]
 
 
 def random_keep(report: AnalysisReport, seed: int = 0) -> dict[int, list[int]]:
-    """Keep 30-70 % of every prunable group (at least one channel)."""
+    """Keep 30-70 % of every prunable group (at least one channel of every member)."""
     rng = np.random.default_rng(seed)
     keep = {}
     for g in report.prunable_groups:
         n = max(1, int(round(g.size * rng.uniform(0.3, 0.7))))
-        keep[g.id] = sorted(rng.choice(g.size, size=n, replace=False).tolist())
+        kept = set(rng.choice(g.size, size=n, replace=False).tolist())
+        for member in g.members:  # no member (concat branch, split piece) may become empty
+            if member.index and not kept.intersection(member.index):
+                kept.add(int(rng.choice(np.asarray(member.index))))
+        keep[g.id] = sorted(kept)
     return keep
 
 

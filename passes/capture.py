@@ -11,7 +11,9 @@ graph was obtained.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -109,7 +111,8 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback itself before raising; our message replaces it
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             _RecordingShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         node_text = _failing_node(exc)

@@ -43,6 +43,21 @@ def validate_keep(groups: Sequence[ChannelGroup], keep: Mapping[int, Sequence[in
             raise PruningError(
                 f"keep[{gid}] must be distinct channel indices in 0..{group.size - 1}"
             )
+        _check_no_empty_member(group, idx)
+
+
+def _check_no_empty_member(group: ChannelGroup, atoms: Sequence[int]) -> None:
+    """A member that would lose every channel (one branch of a concat, one piece of a split)
+    would leave a layer with zero channels: refuse it, naming the member."""
+    mask = atom_mask(group, atoms)
+    for member in group.members:
+        if member.index and not mask[np.asarray(member.index, dtype=np.int64)].any():
+            own = sorted(set(member.index))
+            raise PruningError(
+                f"keep[{group.id}] removes every channel of {member.node!r} (a member of group "
+                f"{group.id}, e.g. one branch of a concat or one piece of a split); a layer "
+                f"cannot have zero channels. Keep at least one of its atoms {own[:8]}"
+                f"{'...' if len(own) > 8 else ''}.")
 
 
 def _collect(groups: Sequence[ChannelGroup], keep: Mapping[int, Sequence[int]]
@@ -122,7 +137,11 @@ def _rewrite_reshape(node: fx.Node, dim: int, size: int) -> None:
 
 
 def _rewrite_select(gm: fx.GraphModule, node: fx.Node, role: Role, positions: np.ndarray) -> None:
-    src = next(n for n in gm.graph.nodes if n.name == role.target)
+    # Read the node's actual input (not the analysed source by name): passes may have put a
+    # quantizer between them since the analysis.
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src.target in _TUPLE_PRODUCERS:
+        src = src.args[0]
     name = f"_djpq_select_{node.name}"
     gm.register_buffer(name, torch.as_tensor(positions, dtype=torch.long))
     with gm.graph.inserting_before(node):
@@ -131,6 +150,10 @@ def _rewrite_select(gm: fx.GraphModule, node: fx.Node, role: Role, positions: np
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+
+
+_TUPLE_PRODUCERS = (torch.split, "split", torch.chunk, "chunk", torch.unbind, "unbind",
+                    torch.tensor_split, "tensor_split")
 
 
 def prune_graph(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassResult:
