@@ -121,7 +121,7 @@ class Builder:
     def _emit(self, call: Any) -> Any:
         return self._bb.emit(call)
 
-    def const(self, value: np.ndarray | int | float, dtype: str) -> Any:
+    def const(self, value: Any, dtype: str) -> Any:
         """A constant with an explicit dtype (without it ints default to int32)."""
         return self._relax.const(np.asarray(value).astype(dtype), dtype)
 

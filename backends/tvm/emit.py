@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from djpq_compiler.errors import BackendError
 
@@ -173,12 +173,13 @@ class Lowering:
         self.output_kinds: list[str] = []
         self.output_tuple = False
 
-    def module(self, node: fx.Node) -> nn.Module:
+    def module(self, node: fx.Node) -> Any:
+        """The submodule a ``call_module`` node calls (typed loosely: converters know its class)."""
         return self.gm.get_submodule(str(node.target))
 
     def value(self, arg: Any) -> Any:
         """Map fx nodes inside ``arg`` (possibly nested) to their lowered values."""
-        return fx.node.map_arg(arg, lambda n: self.env[n])
+        return fx.node.map_arg(arg, lambda n: self.env[n])  # type: ignore[arg-type,return-value]
 
     def int_arg(self, node: fx.Node, index: int = 0) -> IntValue:
         """The ``index``-th positional argument of ``node`` as integer codes."""

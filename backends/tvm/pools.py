@@ -78,9 +78,11 @@ def convert_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     x = ctx.int_arg(node)
     kernel = _pair(module.kernel_size)
     stride, (p_h, p_w) = _strides(kernel, module.stride), _pair(module.padding)
-    in_hw = ctx.bb.shape(x.expr)[2:]
-    out_hw = tuple(_pool_out(n, k, s, p, bool(module.ceil_mode))
-                   for n, k, s, p in zip(in_hw, kernel, stride, (p_h, p_w), strict=True))
+    shape = ctx.bb.shape(x.expr)
+    in_hw = (shape[2], shape[3])
+    out_h, out_w = (_pool_out(n, k, s, p, bool(module.ceil_mode))
+                    for n, k, s, p in zip(in_hw, kernel, stride, (p_h, p_w), strict=True))
+    out_hw = (out_h, out_w)
     # Extra bottom/right zero padding realizes ceil-mode windows; zeros never change a sum.
     extra = [max((o - 1) * s + k - (n + 2 * p), 0)
              for n, o, k, s, p in zip(in_hw, out_hw, kernel, stride, (p_h, p_w), strict=True)]

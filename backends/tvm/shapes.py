@@ -84,21 +84,30 @@ def convert_contiguous(ctx: Lowering, node: fx.Node) -> Lowered:
     return _tensor_arg(ctx, node)
 
 
+def _append(lists: tuple[list[int], ...], values: tuple[int, ...]) -> None:
+    for target, value in zip(lists, values, strict=True):
+        target.append(value)
+
+
 def slice_tensor(ctx: Lowering, node: fx.Node, value: Any, index: Any) -> Lowered:
     """``x[index]`` for ints and step-1/positive-step slices (no ellipsis, None or tensors)."""
     if not isinstance(value, (IntValue, FloatValue)):
         raise BackendError(f"{node.format_node()}: cannot index {value!r}")
     items = index if isinstance(index, tuple) else (index,)
     shape = ctx.bb.shape(value.expr)
-    axes, begins, ends, steps, dropped = [], [], [], [], []
+    axes: list[int] = []
+    begins: list[int] = []
+    ends: list[int] = []
+    steps: list[int] = []
+    dropped: list[int] = []
     for axis, item in enumerate(items):
         if isinstance(item, int):
             start = item % shape[axis]
-            axes.append(axis), begins.append(start), ends.append(start + 1), steps.append(1)
+            _append((axes, begins, ends, steps), (axis, start, start + 1, 1))
             dropped.append(axis)
         elif isinstance(item, slice) and (item.step or 1) > 0:
             start, stop, step = item.indices(shape[axis])
-            axes.append(axis), begins.append(start), ends.append(stop), steps.append(step)
+            _append((axes, begins, ends, steps), (axis, start, stop, step))
         else:
             raise BackendError(f"{node.format_node()}: only int and positive-step slice "
                                f"indexing is supported, got {item!r}")
