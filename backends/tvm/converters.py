@@ -217,3 +217,14 @@ def convert_max_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     out = ctx.bb.max_pool2d(x.expr, kernel, _strides(kernel, module.stride),
                             _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))
     return IntValue(out, x.lo, x.hi)
+
+
+if hasattr(im, "Requantize"):  # added to the reference modules alongside convert()
+
+    @register(im.Requantize)
+    def convert_requantize(ctx: Lowering, node: fx.Node) -> Lowered:
+        """Codes moved to another scale: ``clip((q * m + R) >> shift)`` in int64."""
+        module = ctx.module(node)
+        x = ctx.int_arg(node)
+        out = requantize(ctx, x.expr, module.m, module.shift, module.qmin, module.qmax)
+        return ctx.int_value(out, module.qmin, module.qmax)
