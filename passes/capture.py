@@ -1,7 +1,15 @@
 """Capture pass: ``nn.Module`` -> ``torch.fx.GraphModule`` with shapes in ``node.meta``.
 
-Requires: a model whose forward can be symbolically traced (or that ``torch.export`` accepts when
-tracing fails) and example inputs it accepts.
+Requires: a model whose forward can be symbolically traced and example inputs it accepts.
+
+Why there is no ``torch.export`` fallback: when ``torch.fx.symbolic_trace`` fails, the pass tries
+``torch.export.export`` only to tell the user what it found. An exported program is an
+*aten-level* graph (``torch.ops.aten.conv2d.default``, ``aten.batch_norm``, parameters as
+``get_attr`` nodes, a pytree output, an ``eval()`` that raises): no channel rule covers those ops,
+so every channel would be a barrier and nothing could be pruned, and ``prepare`` could not attach
+module quantizers. Rather than fall back silently to a graph the passes do not understand, the
+``CaptureError`` says that torch.export could capture the model, that aten-level graphs are not
+supported yet, and how to make the forward symbolically traceable.
 Guarantees: the returned ``GraphModule`` owns deep copies of the model's modules (the user's model
 is never modified), every tensor-valued node carries ``node.meta["tensor_meta"]``
 (``torch.fx.passes.shape_prop.TensorMetadata``), small non-tensor results (``x.size(0)``, shapes)
@@ -15,6 +23,7 @@ import contextlib
 import copy
 import io
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +35,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from djpq_compiler.errors import CaptureError
 
-__all__ = ["capture", "as_input_tuple", "propagate_shapes"]
+__all__ = ["capture", "as_input_tuple", "propagate_shapes", "export_probe"]
 
 _HOW_TO_FIX = (
     "Make the forward traceable: move data-dependent Python control flow into a submodule and "
@@ -68,10 +77,32 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
+def export_probe(model: nn.Module, inputs: Sequence[Any]) -> str:
+    """One sentence on whether ``torch.export`` can capture ``model`` (for the CaptureError).
+
+    The exported program is never used: aten-level graphs have no channel rules (module
+    docstring). ``model`` should be a copy; export may run its forward.
+    """
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, tuple(inputs))
+    except Exception as exc:  # export raises UserError, GuardOnDataDependent..., RuntimeError
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return f"torch.export could not capture it either ({type(exc).__name__}: {first})."
+    ops = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function"})
+    return (f"torch.export could capture it, but only as an aten-level graph ({', '.join(ops[:4])}"
+            f"{', ...' if len(ops) > 4 else ''}), and aten-level graphs are not supported yet: no "
+            "channel rule covers aten ops, so every channel would be a barrier. djpq-compiler "
+            "does not fall back to it. Since torch.export could specialize the forward, the failing "
+            "branch most likely depends only on shapes: decide it in __init__ instead.")
+
+
 def _trace(
     model: nn.Module,
     leaf_modules: tuple[type[nn.Module], ...],
     concrete_args: dict[str, Any] | None,
+    inputs: Sequence[Any],
 ) -> fx.GraphModule:
     tracer = _LeafTracer(leaf_modules)
     try:
@@ -79,7 +110,7 @@ def _trace(
     except Exception as exc:  # FX raises TraceError, TypeError, RuntimeError, ...
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-            f"  at {_user_frame(exc)}\n  {_HOW_TO_FIX}"
+            f"  at {_user_frame(exc)}\n  {export_probe(model, inputs)}\n  {_HOW_TO_FIX}"
         ) from exc
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
@@ -166,14 +197,15 @@ def capture(
         ``PassResult`` whose ``graph_module`` is the captured ``GraphModule``.
 
     Raises:
-        CaptureError: tracing failed (with FX's reason and the user code location) or the example
-            inputs do not fit the model (naming the failing node).
+        CaptureError: tracing failed (with FX's reason, the user code location and whether
+            ``torch.export`` could capture it instead) or the example inputs do not fit the model
+            (naming the failing node).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
     source = copy.deepcopy(model) if copy_model else model
-    gm = _trace(source, tuple(leaf_modules), concrete_args)
+    gm = _trace(source, tuple(leaf_modules), concrete_args, inputs)
     gm.train(model.training)
     propagate_shapes(gm, inputs)
     gm.meta["djpq.capture"] = "torch.fx.symbolic_trace"
