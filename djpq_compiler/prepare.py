@@ -82,6 +82,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
     if config.prune:
         insert_gates(gm, config.gate)
         attach_step_hook(gm)
+        propagate_shapes(gm, inputs)  # gate nodes get shapes: later passes see tensors
     insert_quantizers(gm, config, layers, resolved)
     gm.meta["djpq.layers"] = _records(gm, layers, sources)
     gm.meta["djpq.config"] = config

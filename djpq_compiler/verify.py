@@ -14,10 +14,10 @@ import torch
 
 from djpq_compiler.analysis import AnalysisReport, analyze
 from djpq_compiler.passes.capture import as_input_tuple, propagate_shapes
-from djpq_compiler.passes.mask import insert_channel_masks
+from djpq_compiler.passes.mask import atom_mask, insert_channel_masks
 from djpq_compiler.passes.prune import prune_graph
 
-__all__ = ["random_keep", "pruning_oracle"]
+__all__ = ["random_keep", "pruning_oracle", "integer_agreement"]
 
 
 def random_keep(report: AnalysisReport, seed: int = 0) -> dict[int, list[int]]:
@@ -60,3 +60,57 @@ def pruning_oracle(model: torch.nn.Module, example: Any, seed: int = 0
     n0 = sum(p.numel() for p in report.graph_module.parameters())
     n1 = sum(p.numel() for p in pruned.parameters())
     return report, err, n0, n1
+
+
+def _node_values(gm: torch.fx.GraphModule, inputs: tuple[Any, ...],
+                 names: set[str]) -> dict[str, torch.Tensor]:
+    """Run ``gm`` and keep the outputs of the named nodes."""
+    seen: dict[str, torch.Tensor] = {}
+
+    class _Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.name in names:
+                seen[n.name] = out
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*inputs)
+    return seen
+
+
+def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphModule,
+                      example: Any) -> dict[str, int]:
+    """Max code difference (in LSB) between the fake-quant prepared model (eval, hard gates) and
+    the integer converted model at every activation quantizer, end to end."""
+    from djpq_compiler.prepared import set_gates_deterministic
+
+    inputs = as_input_tuple(example)
+    mapping: dict[str, str] = converted.meta["djpq.quant_map"]
+    model = copy.deepcopy(prepared).eval()
+    set_gates_deterministic(model, True)
+    fq = _node_values(model, inputs, set(mapping))
+    ints = _node_values(converted, inputs, set(mapping.values()))
+    nodes = {n.name: n for n in model.graph.nodes}
+    out = {}
+    for qname, cname in mapping.items():
+        d = float(model.get_submodule(str(nodes[qname].target)).snapped().d)
+        codes = torch.round(fq[qname].to(torch.float64) / d).to(torch.int64)
+        codes = _kept_part(model, converted.meta.get("djpq.keep", {}), nodes[qname], codes)
+        out[qname] = int((codes - ints[cname]).abs().max())
+    return out
+
+
+def _kept_part(model: torch.fx.GraphModule, keep: dict[int, list[int]], qnode: torch.fx.Node,
+               codes: torch.Tensor) -> torch.Tensor:
+    """The channels of a prepared-model value that survive pruning (others are zero there)."""
+    by_node = {m.node: (g, m) for g in model.meta["djpq.groups"] for m in g.members}
+    src = qnode.args[0]
+    while isinstance(src, torch.fx.Node) and src.name not in by_node and src.op == "call_module":
+        src = src.args[0]  # through gates and quantizers inserted after the analysis
+    hit = by_node.get(src.name) if isinstance(src, torch.fx.Node) else None
+    if hit is None or hit[0].id not in keep:
+        return codes
+    group, member = hit
+    elems = np.nonzero(atom_mask(group, keep[group.id])[np.asarray(member.index)])[0]
+    return codes.index_select(member.dim, torch.as_tensor(elems, dtype=torch.long))

@@ -179,8 +179,18 @@ def _is_activation_quantizer(node: fx.Node) -> bool:
     return node.op == "call_module" and str(node.target).startswith(f"{QUANT_ATTR}.a_")
 
 
+_SHAPE_OPS = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape)
+
+
 def _layer_input(layer: Layer) -> fx.Node | None:
+    """The node whose output is quantized for ``layer``: its input, looking back through
+    single-user reshapes (``flatten``/``view``) so the producer itself is quantized (the same
+    values, and the integer conv/linear before the reshape can then emit codes directly)."""
     x = layer.node.args[0] if layer.node.args else layer.node.kwargs.get("input")
+    while isinstance(x, fx.Node) and len(x.users) == 1 and x.op in ("call_function",
+                                                                     "call_method") \
+            and x.target in _SHAPE_OPS and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
     return x if isinstance(x, fx.Node) else None
 
 

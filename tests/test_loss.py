@@ -31,12 +31,23 @@ def test_gradients_reach_gates_and_quantizers(factory: type[nn.Module], kind: st
     for name, g in gates(gm):
         for p in (g.mu, g.log_sigma2):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # every quantizer a layer's BOPs depend on (its weights, its input); add/concat quantizers
+    # cost no BOPs and learn from the task loss alone
+    costed = set(gm.meta["djpq.weight_quantizers"].values()) | set(
+        gm.meta["djpq.input_quantizers"].values())
     for name, q in quantizers(gm):
         if q.fixed_bits:  # the network input: fixed input_bits, nothing to learn
             assert name == "djpq_quant.a_x"
             continue
+        if name not in costed:
+            assert p_grad_none(q), name
+            continue
         for p in (q.log_d, q.log_q_max):
             assert p is not None and p.grad is not None and p.grad.abs() > 0, name
+
+
+def p_grad_none(q: nn.Module) -> bool:
+    return all(p.grad is None for p in q.parameters())
 
 
 def test_quantize_only_loss_is_the_bops_ratio() -> None:

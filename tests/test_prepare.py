@@ -83,8 +83,11 @@ def test_depthwise_conv_and_its_producer_share_a_gate() -> None:
 def test_quantizers_one_per_producer_shared_by_users() -> None:
     gm = _prepare(Residual())
     acts = _act_nodes(gm)
+    # layer inputs (the fc input is quantized before the flatten, on the pooled producer), the
+    # residual add's gated operand and the add's output (integer add needs integer operands)
     assert set(acts) == {"djpq_quant.a_x", "djpq_quant.a_relu", "djpq_quant.a_relu_1",
-                         "djpq_quant.a_flatten"}
+                         "djpq_quant.a_djpq_gates_g0_1", "djpq_quant.a_add",
+                         "djpq_quant.a_adaptive_avg_pool2d"}
     users = {u.name for u in acts["djpq_quant.a_relu"].users}
     assert users == {"conv1", "add"}  # conv1 and the residual read the same quantized tensor
     weights = dict(quantizers(gm))

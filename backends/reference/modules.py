@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .elementwise import AddRescale, int_add, int_concat
-from .fixedpoint import qrange, requantize
+from .fixedpoint import qrange, quantize_multiplier, requantize
 from .ops import dequantize, int_conv2d, int_linear, quantize
 from .pooling import int_adaptive_avg_pool2d, int_avg_pool2d, int_max_pool2d
 
@@ -31,6 +31,7 @@ __all__ = [
     "IntAdd",
     "IntConcat",
     "IntClip",
+    "Requantize",
     "IntMaxPool2d",
     "IntAvgPool2d",
     "IntAdaptiveAvgPool2d",
@@ -89,8 +90,11 @@ class _IntLayer(nn.Module):
         self.in_scale, self.w_bits = float(in_scale), int(w_bits)
         self.out_scale = None if out_scale is None else float(out_scale)
         self.out_bits, self.out_signed = int(out_bits), bool(out_signed)
-        lo, hi = qrange(self.out_bits, self.out_signed)
-        self.qmin, self.qmax = clip if clip is not None else (lo, hi)
+        if self.out_scale is None:  # float output: no integer range
+            self.qmin, self.qmax = 0, 0
+        else:
+            self.qmin, self.qmax = clip if clip is not None else qrange(self.out_bits,
+                                                                       self.out_signed)
 
     def _finish(self, acc: torch.Tensor) -> torch.Tensor:
         if self.out_scale is None:
@@ -155,6 +159,21 @@ class IntConcat(nn.Module):
                           dim=self.dim)
 
 
+class Requantize(nn.Module):
+    """Codes at ``in_scale`` -> codes at ``out_scale`` (dyadic multiplier, clip to the range)."""
+
+    def __init__(self, in_scale: float, out_scale: float, bits: int, signed: bool,
+                 clip: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.in_scale, self.out_scale = float(in_scale), float(out_scale)
+        self.bits, self.signed = int(bits), bool(signed)
+        self.m, self.shift = quantize_multiplier(self.in_scale / self.out_scale)
+        self.qmin, self.qmax = clip if clip is not None else qrange(self.bits, self.signed)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return requantize(q, self.m, self.shift, 0, self.qmin, self.qmax)
+
+
 class IntClip(nn.Module):
     """ReLU / ReLU6 on codes: ``clamp(q, lo, hi)``."""
 
@@ -205,7 +224,8 @@ class IntAdaptiveAvgPool2d(nn.Module):
 
 
 INTEGER_MODULES: tuple[type[nn.Module], ...] = (
-    Quantize, Dequantize, IntConv2d, IntLinear, IntAdd, IntConcat, IntClip, IntMaxPool2d,
+    Quantize, Dequantize, IntConv2d, IntLinear, IntAdd, IntConcat, IntClip, Requantize,
+    IntMaxPool2d,
     IntAvgPool2d, IntAdaptiveAvgPool2d,
 )
 

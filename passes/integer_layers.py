@@ -1,0 +1,117 @@
+"""Integer conv/linear construction for ``to_integer``: weight codes, folded BN/gate, multipliers.
+
+For a layer reading codes ``x_q`` at scale ``s_x`` with weight codes ``w_q`` on the learned grid
+``d_w`` (exactly what the prepared weight quantizer produced), followed by an optional eval BN
+(with the gate's ``mu`` already folded in) or a gate factor ``g`` on the layer itself:
+
+    real_c = k_c * s_x * d_w * acc_c + b'_c,   k_c = g_c * gamma_c / sigma_c,
+    b'_c = ((b_c * g_c) - mean_c) * gamma_c / sigma_c + beta_c
+
+so the integer layer uses ``w_scale_c = d_w * |k_c|`` (the sign of ``k_c`` flips that channel's
+codes), ``bias_int_c = round(b'_c / (s_x * w_scale_c))`` and a per-channel dyadic multiplier
+``s_x * w_scale_c / s_out`` (``requant_params``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.backends.reference.fixedpoint import qrange
+from djpq_compiler.backends.reference.ops import accumulator_bound, requant_params
+
+__all__ = ["LayerParams", "layer_params"]
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    kind: str  # "conv" or "linear"
+    node: str
+    module: str
+    d_w: float
+    w_bits: int
+
+    def in_channels(self, mod: nn.Module) -> int:
+        w = mod.weight  # type: ignore[union-attr]
+        groups = getattr(mod, "groups", 1)
+        return int(w.shape[1]) * int(groups)  # type: ignore[arg-type]
+
+    def _affine(self, gm: fx.GraphModule, bn: fx.Node | None) -> tuple[torch.Tensor, torch.Tensor]:
+        mod = gm.get_submodule(self.module)
+        w = mod.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+        b = torch.zeros(w.shape[0], dtype=torch.float64)
+        if mod.bias is not None:
+            b = mod.bias.detach().to(torch.float64)  # type: ignore[union-attr]
+        g = gm.meta.get("djpq.layer_scales", {}).get(self.node)
+        k = g.to(torch.float64) if g is not None else torch.ones_like(b)
+        b = b * k
+        if bn is not None:
+            n = gm.get_submodule(str(bn.target))
+            sigma = torch.sqrt(n.running_var.to(torch.float64) + n.eps)  # type: ignore[union-attr,operator]
+            gamma, beta = torch.ones_like(b), torch.zeros_like(b)
+            if n.weight is not None:
+                gamma = n.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+            if n.bias is not None:
+                beta = n.bias.detach().to(torch.float64)  # type: ignore[union-attr]
+            kb = gamma / sigma
+            b = (b - n.running_mean.to(torch.float64)) * kb + beta  # type: ignore[union-attr]
+            k = k * kb
+        return k, b
+
+    def codes(self, gm: fx.GraphModule) -> torch.Tensor:
+        w = gm.get_submodule(self.module).weight.detach()  # type: ignore[union-attr]
+        limit = 2 ** (self.w_bits - 1) - 1
+        return torch.clamp(torch.round(w / self.d_w), -limit, limit).to(torch.int64)
+
+    def build(self, gm: fx.GraphModule, bn: fx.Node | None, x_scale: float, x_bits: int,
+              x_signed: bool, out: object | None, relu: str | None) -> nn.Module:
+        """The integer module (``out`` is the output ``Act`` or None for a float output)."""
+        mod = gm.get_submodule(self.module)
+        k, post_bias = self._affine(gm, bn)
+        codes = self.codes(gm)
+        sign = torch.where(k < 0, -1, 1).to(torch.int64)
+        shape = [-1] + [1] * (codes.ndim - 1)
+        codes = codes * sign.view(shape)
+        codes[(k == 0)] = 0
+        w_scale = self.d_w * torch.where(k == 0, torch.ones_like(k), k.abs())
+        bias = torch.round(post_bias / (x_scale * w_scale)).to(torch.int64)
+        fan_in = int(codes[0].numel())
+        bound = accumulator_bound(fan_in, x_bits, self.w_bits, x_signed=x_signed,
+                                  bias_bound=int(bias.abs().max()) if bias.numel() else 0)
+        if out is not None:
+            lo, hi = qrange(out.bits, out.signed)  # type: ignore[attr-defined]
+            if relu is not None:
+                lo = max(lo, 0)
+            if relu == "relu6":
+                hi = min(hi, int(torch.round(torch.tensor(6.0 / out.scale))))  # type: ignore[attr-defined]
+            m, shift = requant_params(x_scale, w_scale, out.scale, bound)  # type: ignore[attr-defined]
+            common = dict(out_scale=out.scale, out_bits=out.bits,  # type: ignore[attr-defined]
+                          out_signed=out.signed, clip=(lo, hi))  # type: ignore[attr-defined]
+        else:
+            m = shift = torch.zeros(codes.shape[0], dtype=torch.int64)
+            common = dict(out_scale=None, out_bits=32, out_signed=True, clip=None)
+        kwargs = dict(weight=codes, bias=bias, w_scale=w_scale, in_scale=x_scale,
+                      w_bits=self.w_bits, m=m, shift=shift, **common)
+        if self.kind == "linear":
+            return im.IntLinear(**kwargs)  # type: ignore[arg-type]
+        return im.IntConv2d(stride=mod.stride, padding=mod.padding,  # type: ignore[arg-type]
+                            dilation=mod.dilation, groups=mod.groups, **kwargs)  # type: ignore[arg-type]
+
+
+def layer_params(gm: fx.GraphModule, node: fx.Node) -> LayerParams | None:
+    """The integer-lowerable description of a conv2d/linear module node, else ``None``."""
+    grid = gm.meta.get("djpq.weight_grid", {}).get(node.name)
+    if node.op != "call_module" or grid is None:
+        return None
+    mod = gm.get_submodule(str(node.target))
+    shape = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and \
+            not isinstance(mod.padding, str):
+        return LayerParams("conv", node.name, str(node.target), grid[0], grid[1])
+    if isinstance(mod, nn.Linear) and shape is not None and len(shape.shape) == 2:
+        return LayerParams("linear", node.name, str(node.target), grid[0], grid[1])
+    return None

@@ -1,0 +1,91 @@
+"""Pooling on integer codes for ``to_integer``: max pooling is exact; average pooling divides the
+integer window sum with the reference's rounding (at the input's scale)."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from djpq_compiler.backends.reference import modules as im
+
+__all__ = ["pool_module", "window_sum"]
+
+
+def _arg(node: fx.Node, i: int, name: str, default: object) -> object:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _from_module(mod: nn.Module) -> nn.Module | None:
+    if isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
+        return im.IntMaxPool2d(_pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size),
+                               _pair(mod.padding), _pair(mod.dilation), mod.ceil_mode)
+    if isinstance(mod, nn.AvgPool2d):
+        return im.IntAvgPool2d(_pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size),
+                               _pair(mod.padding), mod.ceil_mode, mod.count_include_pad,
+                               mod.divisor_override)
+    if isinstance(mod, nn.AdaptiveAvgPool2d):
+        return im.IntAdaptiveAvgPool2d(mod.output_size)  # type: ignore[arg-type]
+    return None
+
+
+def _from_function(node: fx.Node) -> nn.Module | None:
+    if node.target is F.max_pool2d and not _arg(node, 6, "return_indices", False):
+        k = _pair(_arg(node, 1, "kernel_size", None))
+        s = _arg(node, 2, "stride", None)
+        return im.IntMaxPool2d(k, _pair(s) if s else k, _pair(_arg(node, 3, "padding", 0)),
+                               _pair(_arg(node, 4, "dilation", 1)),
+                               bool(_arg(node, 5, "ceil_mode", False)))
+    if node.target is F.avg_pool2d:
+        k = _pair(_arg(node, 1, "kernel_size", None))
+        s = _arg(node, 2, "stride", None)
+        return im.IntAvgPool2d(k, _pair(s) if s else k, _pair(_arg(node, 3, "padding", 0)),
+                               bool(_arg(node, 4, "ceil_mode", False)),
+                               bool(_arg(node, 5, "count_include_pad", True)),
+                               _arg(node, 6, "divisor_override", None))  # type: ignore[arg-type]
+    if node.target is F.adaptive_avg_pool2d:
+        return im.IntAdaptiveAvgPool2d(_arg(node, 1, "output_size", None))  # type: ignore[arg-type]
+    return None
+
+
+def pool_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The integer pooling module for ``node``, or ``None`` if it is not a supported pool."""
+    if node.op == "call_module":
+        return _from_module(gm.get_submodule(str(node.target)))
+    if node.op == "call_function":
+        return _from_function(node)
+    return None
+
+
+def window_sum(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, int] | None:
+    """An average pool with one window size everywhere, as ``(window-sum module, count)``.
+
+    Summing on codes and rescaling ``s_in / count -> s_out`` in one requantization rounds once,
+    where pooling at the input scale and then requantizing would round twice.
+    """
+    shape = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    if shape is None or len(shape.shape) != 4:
+        return None
+    h, w = int(shape.shape[2]), int(shape.shape[3])
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, nn.AdaptiveAvgPool2d):
+            return _adaptive_sum(mod.output_size, h, w)  # type: ignore[arg-type]
+        if isinstance(mod, nn.AvgPool2d) and _pair(mod.padding) == (0, 0) \
+                and mod.divisor_override is None:
+            k = _pair(mod.kernel_size)
+            return (im.IntAvgPool2d(k, _pair(mod.stride or k), (0, 0), mod.ceil_mode, True, 1),
+                    k[0] * k[1]) if not mod.ceil_mode else None
+    elif node.target is F.adaptive_avg_pool2d:
+        return _adaptive_sum(_arg(node, 1, "output_size", None), h, w)
+    return None
+
+
+def _adaptive_sum(output_size: object, h: int, w: int) -> tuple[nn.Module, int] | None:
+    oh, ow = _pair(output_size)  # type: ignore[arg-type]
+    oh, ow = oh or h, ow or w
+    if h % oh or w % ow:
+        return None  # uneven bins: counts differ per bin
+    k = (h // oh, w // ow)
+    return im.IntAvgPool2d(k, k, (0, 0), False, True, 1), k[0] * k[1]

@@ -1,0 +1,76 @@
+"""Strip-weight-quantizers pass: read out each layer's weight grid, leave float weights behind.
+
+Requires: a prepared graph (``gm.meta["djpq.weight_quantizers"]``: layer node -> quantizer path).
+Guarantees: every weight quantizer is snapped to its read-out bits; ``gm.meta["djpq.weight_grid"]``
+maps layer node name -> ``(d, bits)`` (step and read-out bit-width, per-tensor); module layers no
+longer carry a parametrization (``weight`` is the float original) and functional weight
+quantizer nodes are removed. The integer codes of any slice of the weight are then
+``clamp(round(w / d), -L, L)`` with ``L = 2^(bits-1) - 1`` — what the quantizer computed.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.nn.utils import parametrize
+
+from djpq_compiler.errors import QuantizationError
+from djpq_compiler.modules.quantizers import DQQuantizer
+
+__all__ = ["strip_weight_quantizers"]
+
+
+def _grid(path: str, quant: DQQuantizer) -> tuple[float, int]:
+    if not quant.per_tensor:
+        raise QuantizationError(f"weight quantizer {path} is per-channel; convert() supports "
+                                "per-tensor DQ weight quantizers (QuantSpec(per_channel=False))")
+    if quant.learn_t:
+        raise QuantizationError(f"weight quantizer {path} learns a non-linear mapping t; it has "
+                                "no integer form: prepare with learn_t=False to convert")
+    quant.check_finite(path)
+    snapped = quant.snapped()
+    return float(snapped.d), int(snapped.bits)
+
+
+def _unparametrize(gm: fx.GraphModule, path: str) -> None:
+    """Replace a parametrized module by a plain one holding the float original weight.
+
+    ``parametrize.remove_parametrizations`` edits the dynamically created class, which a deep
+    copy shares with the original module: removing it there would break the prepared model.
+    """
+    mod = gm.get_submodule(path)
+    base = type(mod).__bases__[0]
+    plain = base.__new__(base)
+    plain.__dict__ = dict(mod.__dict__)
+    plain._modules = {k: v for k, v in mod._modules.items() if k != "parametrizations"}
+    plain._buffers = dict(mod._buffers)
+    plain._parameters = dict(mod._parameters)
+    original = mod.parametrizations.weight.original  # type: ignore[union-attr]
+    plain._parameters["weight"] = nn.Parameter(original.detach().clone())
+    owner_path, _, attr = path.rpartition(".")
+    setattr(gm.get_submodule(owner_path) if owner_path else gm, attr, plain)
+
+
+def strip_weight_quantizers(gm: fx.GraphModule) -> PassResult:
+    """Record ``(d, bits)`` per layer and remove the weight quantizers."""
+    grid: dict[str, tuple[float, int]] = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for layer, path in gm.meta.get("djpq.weight_quantizers", {}).items():
+        quant = gm.get_submodule(path)
+        if not isinstance(quant, DQQuantizer):
+            continue
+        grid[layer] = _grid(path, quant)
+        owner = path.split(".parametrizations.")[0] if ".parametrizations." in path else None
+        if owner is not None and parametrize.is_parametrized(gm.get_submodule(owner), "weight"):
+            _unparametrize(gm, owner)
+    for node in list(nodes.values()):
+        target = str(node.target)
+        if node.op == "call_module" and target.split(".")[-1].startswith("w_") \
+                and isinstance(gm.get_submodule(target), DQQuantizer):
+            node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+            gm.graph.erase_node(node)
+    gm.meta["djpq.weight_grid"] = grid
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, bool(grid))

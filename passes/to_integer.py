@@ -1,0 +1,274 @@
+"""To-integer pass: lower a folded, pruned prepared graph to integer modules.
+
+Requires: a prepared graph after ``fold_gates``, ``strip_weight_quantizers`` (``djpq.weight_grid``),
+``prune_graph`` and ``fold_scales(scale_layers=False)`` (``djpq.layer_scales``); eval mode.
+Guarantees: a new ``GraphModule`` (``meta["djpq.stage"] == "converted"``) whose values are integer
+codes wherever the prepared model had an activation quantizer, computed by the modules of
+``backends/reference/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
+one ``IntConv2d``/``IntLinear`` (weight codes of the learned grid, BN and gate factors folded into
+per-channel dyadic multipliers, ReLU as the clip range); residual adds and concats of quantized
+operands become ``IntAdd``/``IntConcat``; pooling, ReLU and shape ops run on codes. Everything else
+runs in float between a ``Dequantize`` and the next ``Quantize`` and is listed in
+``meta["djpq.float_ops"]``. Conversion never changes what a node computes beyond the ≤ 1 LSB of
+integer rounding (DESIGN invariant 4).
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.backends.reference.elementwise import add_rescale, concat_rescales
+from djpq_compiler.backends.reference.fixedpoint import qrange
+from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.passes.integer_layers import layer_params
+from djpq_compiler.passes.integer_pools import pool_module, window_sum
+
+__all__ = ["to_integer", "Act"]
+
+
+@dataclass(frozen=True)
+class Act:
+    """An integer activation: codes in ``qrange(bits, signed)`` at ``scale`` (zero point 0)."""
+
+    scale: float
+    bits: int
+    signed: bool
+
+
+_RELU = (nn.ReLU, F.relu, torch.relu, "relu")
+_RELU6 = (nn.ReLU6, F.relu6)
+_SHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape, "permute",
+          "transpose", "contiguous", operator.getitem, "squeeze", "unsqueeze", torch.squeeze,
+          torch.unsqueeze, nn.Identity, nn.Dropout, F.dropout)
+_METADATA = ("size", builtins.getattr, "dim")
+_ADD = (operator.add, torch.add, "add")
+_CAT = (torch.cat, torch.concat)
+
+
+class _Lowering:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.graph = fx.Graph()
+        self.env: dict[str, fx.Node] = {}
+        self.act: dict[str, Act | None] = {}
+        self.deq: dict[str, fx.Node] = {}
+        self.bank = nn.ModuleDict()
+        self.done: set[str] = set()
+        self.float_ops: list[str] = []
+        self.layers: dict[str, dict[str, object]] = {}
+
+    # --------------------------------------------------------------------------- helpers
+    def key(self, node: fx.Node) -> object:
+        if node.op == "call_module":
+            return type(self.gm.get_submodule(str(node.target)))
+        return node.target
+
+    def is_quant(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(
+            self.gm.get_submodule(str(node.target)), DQQuantizer)
+
+    def quant_act(self, node: fx.Node) -> Act:
+        q = self.gm.get_submodule(str(node.target))
+        snapped = q.snapped()  # type: ignore[operator]
+        return Act(float(snapped.d), int(snapped.bits), bool(q.signed))
+
+    def sole_user(self, node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    def module(self, name: str, mod: nn.Module, args: tuple[object, ...]) -> fx.Node:
+        self.bank[name] = mod
+        return self.graph.call_module(f"djpq_int.{name}", args)
+
+    def as_float(self, node: fx.Node) -> fx.Node:
+        """The float value of an already lowered node (dequantized once, if integer)."""
+        act = self.act.get(node.name)
+        if act is None:
+            return self.env[node.name]
+        if node.name not in self.deq:
+            self.deq[node.name] = self.module(f"deq_{node.name}", im.Dequantize(act.scale),
+                                              (self.env[node.name],))
+        return self.deq[node.name]
+
+    def copy_float(self, node: fx.Node) -> None:
+        new = self.graph.node_copy(node, lambda n: self.as_float(n))
+        self.env[node.name], self.act[node.name] = new, None
+        if node.op in ("call_module", "call_function", "call_method") and \
+                self.key(node) not in _SHAPE:
+            self.float_ops.append(node.name)
+
+    def copy_int(self, node: fx.Node, act: Act) -> None:
+        new = self.graph.node_copy(node, lambda n: self.env[n.name])
+        self.env[node.name], self.act[node.name] = new, act
+
+    # --------------------------------------------------------------------------- ops
+    def quantizer(self, node: fx.Node) -> None:
+        out = self.quant_act(node)
+        src = node.args[0]
+        src_act = self.act.get(src.name)  # type: ignore[union-attr]
+        x = self.env[src.name]  # type: ignore[union-attr]
+        if src_act is None:
+            new = self.module(f"q_{node.name}", im.Quantize(out.scale, out.bits, out.signed), (x,))
+        elif src_act == out:
+            new = x
+        else:
+            new = self.module(f"rq_{node.name}", im.Requantize(src_act.scale, out.scale,
+                                                                out.bits, out.signed), (x,))
+        self.env[node.name], self.act[node.name] = new, out
+
+    def layer_chain(self, node: fx.Node) -> bool:
+        x = node.args[0]
+        x_act = self.act.get(x.name) if isinstance(x, fx.Node) else None
+        params = layer_params(self.gm, node) if x_act is not None else None
+        if params is None or x_act is None:
+            return False
+        chain, bn, relu, quant = self._chain(node)
+        out_act = self.quant_act(quant) if quant is not None else None
+        mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, out_act, relu)
+        new = self.module(f"{params.kind}_{node.name}", mod, (self.env[x.name],))  # type: ignore[union-attr]
+        for n in chain:
+            self.done.add(n.name)
+            self.env[n.name], self.act[n.name] = new, out_act
+        self.layers[node.name] = {"w_bits": params.w_bits, "a_bits": x_act.bits,
+                                  "out": mod.weight.shape[0], "in": params.in_channels(mod)}
+        return True
+
+    def _chain(self, node: fx.Node
+               ) -> tuple[list[fx.Node], fx.Node | None, str | None, fx.Node | None]:
+        chain, bn, relu = [node], None, None
+        nxt = self.sole_user(node)
+        if nxt is not None and nxt.op == "call_module" and isinstance(
+                self.gm.get_submodule(str(nxt.target)), nn.modules.batchnorm._BatchNorm):
+            bn_mod = self.gm.get_submodule(str(nxt.target))
+            if bn_mod.running_mean is not None:
+                bn, nxt = nxt, self.sole_user(nxt)
+                chain.append(bn)
+        base = list(chain)
+        if nxt is not None and self.key(nxt) in _RELU + _RELU6:
+            relu = "relu" if self.key(nxt) in _RELU else "relu6"
+            chain.append(nxt)
+            nxt = self.sole_user(nxt)
+        if nxt is not None and self.is_quant(nxt):
+            chain.append(nxt)
+            return chain, bn, relu, nxt
+        return base, bn, None, None
+
+    def merge(self, node: fx.Node) -> bool:
+        """Integer add/concat of quantized operands whose output is quantized next."""
+        quant = self.sole_user(node)
+        if quant is None or not self.is_quant(quant):
+            return False
+        is_cat = self.key(node) in _CAT
+        operands = list(node.args[0]) if is_cat else list(node.args[:2])  # type: ignore[arg-type]
+        acts = [self.act.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        if any(a is None for a in acts) or (is_cat and dim != 1):
+            return False
+        out = self.quant_act(quant)
+        ins = tuple(self.env[a.name] for a in operands)  # type: ignore[union-attr]
+        if is_cat:
+            scales = [a.scale for a in acts]  # type: ignore[union-attr]
+            mod: nn.Module = im.IntConcat(concat_rescales(scales, out.scale), scales, out.scale,
+                                          out.bits, out.signed, 1)
+        else:
+            a, b = acts
+            mod = im.IntAdd(add_rescale(a.scale, b.scale, out.scale),  # type: ignore[union-attr]
+                            (a.scale, b.scale, out.scale), out.bits, out.signed)  # type: ignore[union-attr]
+        new = self.module(f"{'cat' if is_cat else 'add'}_{node.name}", mod, ins)
+        for n in (node, quant):
+            self.done.add(n.name)
+            self.env[n.name], self.act[n.name] = new, out
+        return True
+
+    def on_codes(self, node: fx.Node) -> bool:
+        """Ops that run on codes at the input's scale: pooling, ReLU, shape ops."""
+        x = node.args[0] if node.args else None
+        act = self.act.get(x.name) if isinstance(x, fx.Node) else None
+        if act is None:
+            return False
+        if self.pool_requant(node, act):
+            return True
+        mod = int_module_for(self.gm, node, act)
+        if mod is not None:
+            self.env[node.name] = self.module(f"op_{node.name}", mod, (self.env[x.name],))  # type: ignore[union-attr]
+            self.act[node.name] = act
+            return True
+        if self.key(node) in _SHAPE:
+            self.copy_int(node, act)
+            return True
+        return False
+
+    def pool_requant(self, node: fx.Node, act: Act) -> bool:
+        """Average pool + the quantizer after it: window sum, then one requantization."""
+        quant = self.sole_user(node)
+        summed = window_sum(self.gm, node) if quant is not None and self.is_quant(quant) else None
+        if summed is None or quant is None:
+            return False
+        pool, count = summed
+        out = self.quant_act(quant)
+        x = self.env[node.args[0].name]  # type: ignore[union-attr]
+        total = self.module(f"sum_{node.name}", pool, (x,))
+        new = self.module(f"rq_{quant.name}", im.Requantize(act.scale / count, out.scale,
+                                                            out.bits, out.signed), (total,))
+        for n in (node, quant):
+            self.done.add(n.name)
+            self.env[n.name], self.act[n.name] = new, out
+        return True
+
+    def run(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            if node.name in self.done:
+                continue
+            if node.op in ("placeholder", "get_attr"):
+                self.env[node.name], self.act[node.name] = self.graph.node_copy(node), None
+            elif node.op == "output":
+                self.graph.node_copy(node, lambda n: self.as_float(n))
+            elif self.is_quant(node):
+                self.quantizer(node)
+            elif self.key(node) in _METADATA:  # sizes of codes == sizes of values
+                self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
+                self.act[node.name] = None
+            elif self.key(node) in _ADD + _CAT and self.merge(node):
+                continue
+            elif self.layer_chain(node) or self.on_codes(node):
+                continue
+            else:
+                self.copy_float(node)
+        self.gm.add_module("djpq_int", self.bank)
+        out = fx.GraphModule(self.gm, self.graph, "ConvertedModel")
+        out.meta.update({k: v for k, v in self.gm.meta.items() if k.startswith("djpq.")})
+        out.meta["djpq.stage"] = "converted"
+        out.meta["djpq.integer"] = True
+        out.meta["djpq.float_ops"] = tuple(self.float_ops)
+        out.meta["djpq.lowered_layers"] = self.layers
+        out.meta["djpq.quant_map"] = {  # prepared quantizer node -> converted node of its codes
+            n.name: self.env[n.name].name for n in self.gm.graph.nodes
+            if self.is_quant(n) and self.act.get(n.name) is not None}
+        return out
+
+
+def int_module_for(gm: fx.GraphModule, node: fx.Node, act: Act) -> nn.Module | None:
+    """The integer module computing ``node`` on codes at ``act``'s scale, if there is one."""
+    key = type(gm.get_submodule(str(node.target))) if node.op == "call_module" else node.target
+    lo, hi = qrange(act.bits, act.signed)
+    if key in _RELU:
+        return im.IntClip(max(lo, 0), hi)
+    if key in _RELU6:
+        return im.IntClip(max(lo, 0), min(hi, int(torch.round(torch.tensor(6.0 / act.scale)))))
+    return pool_module(gm, node)
+
+
+def to_integer(gm: fx.GraphModule) -> fx.GraphModule:
+    """Lower ``gm`` (see module docstring); returns the converted ``GraphModule``."""
+    gm.eval()
+    with torch.no_grad():
+        return _Lowering(gm).run()
+
