@@ -12,6 +12,7 @@ soft channel counts and continuous bit-widths) and the benchmarks.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -222,8 +223,16 @@ def bops(
         from djpq_compiler.passes.capture import capture
 
         gm = capture(model, example_inputs).graph_module
-    layers = find_layers(gm)
+    _check_bits("weight_bits", weight_bits)
+    _check_bits("act_bits", act_bits)
     overrides = dict(overrides or {})
+    for name, pair in overrides.items():
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ConfigError(f"bops(): overrides[{name!r}] must be a (b_w, b_a) pair, "
+                              f"got {pair!r}")
+        _check_bits(f"overrides[{name!r}] b_w", pair[0])
+        _check_bits(f"overrides[{name!r}] b_a", pair[1])
+    layers = find_layers(gm)
     unknown = set(overrides) - {layer.name for layer in layers}
     if unknown:
         raise ConfigError(f"bops(): overrides name no conv/linear layer: {sorted(unknown)}; "
@@ -233,6 +242,14 @@ def bops(
         b_w, b_a = overrides.get(layer.name, (weight_bits, act_bits))
         rows.append(row_for_layer(layer, b_w, b_a))
     return BopsReport(tuple(rows), stage="float")
+
+
+def _check_bits(label: str, value: object) -> None:
+    """Bit-widths are real numbers in ``(0, 32]``; anything else would give nonsense BOPs."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        0 < float(value) <= FP32_BITS
+    if not ok:
+        raise ConfigError(f"bops(): {label} must be a number in (0, {FP32_BITS}], got {value!r}")
 
 
 def _has_shapes(gm: fx.GraphModule) -> bool:

@@ -94,8 +94,8 @@ def export_probe(model: nn.Module, inputs: Sequence[Any]) -> str:
     return (f"torch.export could capture it, but only as an aten-level graph ({', '.join(ops[:4])}"
             f"{', ...' if len(ops) > 4 else ''}), and aten-level graphs are not supported yet: no "
             "channel rule covers aten ops, so every channel would be a barrier. djpq-compiler "
-            "does not fall back to it. Since torch.export could specialize the forward, the failing "
-            "branch most likely depends only on shapes: decide it in __init__ instead.")
+            "does not fall back to it. Since torch.export could specialize the forward, the "
+            "failing branch most likely depends only on shapes: decide it in __init__ instead.")
 
 
 def _trace(
@@ -158,7 +158,8 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
 
 def _describe(inputs: Sequence[Any]) -> str:
     return ", ".join(
-        str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs
+        f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        for t in inputs
     )
 
 
@@ -171,8 +172,8 @@ def _root_message(exc: BaseException) -> str:
 def _failing_node(exc: BaseException) -> str:
     text = str(exc)
     marker = "node="
-    if marker in text:
-        return text[text.index(marker) :].splitlines()[0]
+    if marker in text:  # ShapeProp: "node=<format_node()> with meta={...}"; drop the meta dump
+        return text[text.index(marker) :].splitlines()[0].split(" with meta=")[0]
     return "an unknown node"
 
 

@@ -375,6 +375,14 @@ class DQQuantizer(nn.Module):
 
     def check_finite(self, name: str) -> None:
         """Raise :class:`QuantizationError` naming this quantizer on NaN/Inf/zero parameters."""
+        for pname, param in self.named_parameters(recurse=False):
+            # a raw parameter at +Inf can hide behind a clamp (d = min(exp(log_d), q_max))
+            if not bool(torch.isfinite(param.detach()).all()):
+                raise QuantizationError(
+                    f"quantizer '{name}': parameter {pname} is not finite "
+                    f"({param.detach().flatten()[:8].tolist()}); training diverged — lower the "
+                    "learning rate of the quantizer parameters"
+                )
         with torch.no_grad():
             values = {"q_max": self.q_max(), "d": self.d()}
             if self.log_t is not None:
