@@ -4,7 +4,8 @@ Runs the properties of ``djpq_compiler.testing.properties`` on ``--examples`` ra
 (hypothesis, one CPU thread) and writes a summary to ``--out``. On the first failure hypothesis
 shrinks it to a minimal recipe, which is printed and recorded.
 
-Usage: python benchmarks/fuzz/run.py --examples 2000 [--seed 0] [--out benchmarks/fuzz/RESULTS.md]
+Usage: python benchmarks/fuzz/run.py --examples 2000 [--seed 0] [--minutes 30]
+       [--out benchmarks/fuzz/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from djpq_compiler.testing import Recipe, check_analysis, check_prepare, recipes
+
+
+class TimeUp(BaseException):
+    """Raised inside the property when the time budget is spent; a BaseException, so hypothesis
+    stops at once instead of treating it as a failure to shrink."""
 
 
 class Tally:
@@ -46,7 +52,9 @@ class Tally:
         self.heads[recipe.head] += 1
 
 
-def run(examples: int, seed: int, max_blocks: int) -> tuple[Tally, str | None, float]:
+def run(examples: int, seed: int, max_blocks: int,
+        minutes: float | None = None) -> tuple[Tally, str | None, float]:
+    """Check up to ``examples`` recipes (stopping cleanly after ``minutes``)."""
     tally = Tally()
     start = time.perf_counter()
 
@@ -55,6 +63,8 @@ def run(examples: int, seed: int, max_blocks: int) -> tuple[Tally, str | None, f
               suppress_health_check=list(HealthCheck))
     @given(recipes(max_blocks=max_blocks))
     def prop(recipe: Recipe) -> None:
+        if minutes is not None and time.perf_counter() - start > 60 * minutes:
+            raise TimeUp
         stats = check_analysis(recipe, seed=recipe.seed)  # a function of the recipe: replayable
         check_prepare(recipe)
         tally.add(recipe, stats)
@@ -64,6 +74,8 @@ def run(examples: int, seed: int, max_blocks: int) -> tuple[Tally, str | None, f
     failure = None
     try:
         prop()
+    except TimeUp:
+        print(f"time budget of {minutes} min spent", flush=True)
     except Exception as exc:  # the shrunk failure: record it
         failure = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     return tally, failure, time.perf_counter() - start
@@ -72,12 +84,12 @@ def run(examples: int, seed: int, max_blocks: int) -> tuple[Tally, str | None, f
 def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Namespace) -> str:
     status = "no property violated" if failure is None else "FAILURE (minimal recipe below)"
     lines = [
-        f"## Run: {args.examples} requested examples, seed {args.seed}, max {args.max_blocks} "
-        "blocks",
+        f"## Run: {args.examples} requested examples (time budget {args.minutes} min), "
+        f"seed {args.seed}, max {args.max_blocks} blocks",
         "",
         f"* command: `python benchmarks/fuzz/run.py --examples {args.examples} --seed {args.seed}"
-        f" --max-blocks {args.max_blocks}` (torch {torch.__version__}, 1 thread, "
-        f"{platform.machine()})",
+        f" --max-blocks {args.max_blocks} --minutes {args.minutes}` (torch {torch.__version__}, "
+        f"1 thread, {platform.machine()}, shared 2-core machine)",
         f"* passing examples: {tally.examples} in {seconds:.0f} s; result: **{status}**",
         f"* channel groups analysed: {tally.groups} ({tally.prunable} prunable); ops with no "
         f"rule reported: {tally.missing}; worst pruning-oracle relative error: "
@@ -95,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-blocks", type=int, default=6)
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop cleanly (and report) after this many minutes")
     parser.add_argument("--out", type=Path, default=None, help="append the summary to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    tally, failure, seconds = run(args.examples, args.seed, args.max_blocks)
+    tally, failure, seconds = run(args.examples, args.seed, args.max_blocks, args.minutes)
     text = report(tally, failure, seconds, args)
     print(text)
     if args.out is not None:

@@ -18,8 +18,9 @@ become barriers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,9 @@ NO_RULE_OPS = ("cumsum_w", "flip_c", "roll_c")
 IN_CHANNELS = 3
 BATCH = 2
 
-_ACT_FNS = {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "gelu": F.gelu,
-            "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+_ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "gelu": F.gelu,
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
 
 # --------------------------------------------------------------------------- block specs
@@ -305,8 +307,8 @@ def _build_block(spec: Block, c: int, size: int) -> tuple[nn.Module, int, int]:
     if isinstance(spec, Conv):
         stride = spec.stride if size >= 2 else 1
         groups, out = _groups_for(spec, c)
-        mod = nn.Sequential(_conv_bn(c, out, spec.k, stride, groups, spec.bn), _act(spec.act))
-        return mod, out, (size - 1) // stride + 1
+        seq = nn.Sequential(_conv_bn(c, out, spec.k, stride, groups, spec.bn), _act(spec.act))
+        return seq, out, (size - 1) // stride + 1
     if isinstance(spec, Act):
         return _Fn(spec.name), c, size
     if isinstance(spec, Residual):
@@ -317,17 +319,19 @@ def _build_block(spec: Block, c: int, size: int) -> tuple[nn.Module, int, int]:
         return (_PoolBlock(spec), c, size // 2) if size >= 2 else (nn.Identity(), c, size)
     if isinstance(spec, NoRule):
         return _NoRuleBlock(spec), c, size
-    builders = {Concat: _ConcatBlock, SplitCat: _SplitCatBlock, SqueezeExcite: _SEBlock,
-                Shuffle: _ShuffleBlock}
-    mod = builders[type(spec)](spec, c)  # type: ignore[arg-type]
-    return mod, int(mod.out_channels), size
+    builders: dict[type, Any] = {
+        Concat: _ConcatBlock, SplitCat: _SplitCatBlock, SqueezeExcite: _SEBlock,
+        Shuffle: _ShuffleBlock}
+    mod: nn.Module = builders[type(spec)](spec, c)
+    return mod, int(mod.out_channels), size  # type: ignore[arg-type]
 
 
 @torch.no_grad()
 def _randomize_norms(model: nn.Module) -> None:
     """Non-trivial BN statistics and affine parameters, so eval-mode BN is not the identity."""
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None \
+                and m.running_var is not None:
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.uniform_(0.5, 1.5)
