@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx
 
@@ -25,7 +24,6 @@ from djpq_compiler.errors import BackendError, MissingExtraError
 from . import float_ops, integer_ops  # noqa: F401  (registers the converters)
 from .graph import (
     OPSET,
-    DimValue,
     Emitter,
     FValue,
     Poison,
@@ -97,8 +95,8 @@ def record_shapes(gm: fx.GraphModule,
                   example_inputs: Sequence[torch.Tensor]) -> dict[fx.Node, tuple[int, ...]]:
     """Static shape of every tensor-valued node for the example inputs."""
     recorder = _ShapeRecorder(gm)
-    with torch.no_grad():
-        recorder.run(*example_inputs)
+    with torch.no_grad():  # batch 1 suffices: only the non-batch dims are baked into the file
+        recorder.run(*(x[:1] for x in example_inputs))
     return recorder.shapes
 
 
@@ -142,10 +140,11 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Emitter
     ctx = Emitter(gm, shapes)
     errors: list[str] = []
     for node in gm.graph.nodes:
-        if any(isinstance(ctx.env.get(a), Poison) for a in node.all_input_nodes):
-            ctx.env[node] = Poison()
-            continue
         converter = converter_for(gm, node)
+        if converter is not None and any(isinstance(ctx.env.get(a), Poison)
+                                         for a in node.all_input_nodes):
+            ctx.env[node] = Poison()  # its input already failed and is reported
+            continue
         try:
             if converter is None:
                 what = (type(ctx.module(node)).__name__ if node.op == "call_module"
