@@ -104,7 +104,7 @@ def record_shapes(gm: fx.GraphModule,
 def _placeholder(ctx: Emitter, node: fx.Node) -> Value:
     from onnx import TensorProto, helper
 
-    shape = [BATCH_DIM, *ctx.shape(node)[1:]]
+    shape: list[str | int] = [BATCH_DIM, *ctx.shape(node)[1:]]
     ctx.inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, shape))
     ctx.fresh(node.name)
     return FValue(node.name)
@@ -128,8 +128,8 @@ def _output(ctx: Emitter, node: fx.Node) -> Value:
         else:
             raise BackendError(f"{node.format_node()}: outputs must be tensors, got {item!r}")
         ctx.nodes.append(helper.make_node("Identity", [item.name], [name], name=name))
-        ctx.outputs.append(helper.make_tensor_value_info(
-            name, elem, [BATCH_DIM, *ctx.shape(arg)[1:]]))
+        dims: list[str | int] = [BATCH_DIM, *ctx.shape(arg)[1:]]
+        ctx.outputs.append(helper.make_tensor_value_info(name, elem, dims))
     return None
 
 

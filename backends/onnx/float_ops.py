@@ -85,7 +85,7 @@ def _linear(ctx: Emitter, node: fx.Node) -> Value:
     m = ctx.module(node)
     x = _float(ctx, node)
     weight = m.weight.detach().numpy()
-    if len(ctx.shape(node.args[0])) == 2:  # type: ignore[arg-type]
+    if len(ctx.shape(node.args[0])) == 2:
         inputs = [x, ctx.const(weight, f"{node.name}/weight")]
         if m.bias is not None:
             inputs.append(ctx.const(m.bias.detach().numpy(), f"{node.name}/bias"))
@@ -155,7 +155,8 @@ _BINARY = {operator.add: "Add", torch.add: "Add", torch.Tensor.add: "Add",
 
 @register(*_BINARY)
 def _binary(ctx: Emitter, node: fx.Node) -> Value:
-    target = node.target if node.op == "call_function" else getattr(torch.Tensor, str(node.target))
+    target: Any = (node.target if node.op == "call_function"
+                   else getattr(torch.Tensor, str(node.target)))
     if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
         raise BackendError(f"{node.format_node()}: alpha/rounding_mode are not exported")
     a, b = ctx.real(node, node.args[0]), ctx.real(node, node.args[1])
@@ -164,7 +165,8 @@ def _binary(ctx: Emitter, node: fx.Node) -> Value:
 
 @register(torch.cat, torch.concat)
 def _cat(ctx: Emitter, node: fx.Node) -> Value:
-    parts = [ctx.real(node, a) for a in (node.args[0] if node.args else node.kwargs["tensors"])]
+    tensors: Any = node.args[0] if node.args else node.kwargs["tensors"]
+    parts = [ctx.real(node, a) for a in tensors]
     dim = int(_arg(ctx, node, 1, "dim", 0))
     return FValue(ctx.op("Concat", parts, node.name, axis=dim % len(ctx.shape(node))))
 
@@ -222,7 +224,7 @@ def _avg_pool(ctx: Emitter, node: fx.Node) -> Value:
 def _adaptive_avg_pool(ctx: Emitter, node: fx.Node) -> Value:
     size = (ctx.module(node).output_size if node.op == "call_module"
             else _arg(ctx, node, 1, "output_size", None))
-    in_hw = ctx.shape(node.args[0])[2:]  # type: ignore[arg-type]
+    in_hw = ctx.shape(node.args[0])[2:]
     kernel = adaptive_windows(node, in_hw, size)
     if tuple(kernel) == tuple(in_hw):
         return FValue(ctx.op("GlobalAveragePool", [_float(ctx, node)], node.name))
@@ -260,7 +262,7 @@ def _reshape(ctx: Emitter, node: fx.Node, x: QValue | FValue, dims: list[Any]) -
 @register(torch.flatten, torch.Tensor.flatten, nn.Flatten)
 def _flatten(ctx: Emitter, node: fx.Node) -> Value:
     x = _tensor(ctx, node)
-    shape = ctx.shape(node.args[0])  # type: ignore[arg-type]
+    shape = ctx.shape(node.args[0])
     if node.op == "call_module":
         m = ctx.module(node)
         start, end = m.start_dim, m.end_dim
@@ -284,7 +286,7 @@ def _view(ctx: Emitter, node: fx.Node) -> Value:
 @register(torch.Tensor.size)
 def _size(ctx: Emitter, node: fx.Node) -> Value:
     """``x.size(0)`` is dynamic (batch); other dims are static ints."""
-    shape = ctx.shape(node.args[0])  # type: ignore[arg-type]
+    shape = ctx.shape(node.args[0])
     dim = _arg(ctx, node, 1, "dim", None)
     if dim is not None and int(dim) % len(shape) != 0:
         return shape[int(dim)]
@@ -301,5 +303,5 @@ def _size(ctx: Emitter, node: fx.Node) -> Value:
 def _getitem(ctx: Emitter, node: fx.Node) -> Value:
     container, index = ctx.value(node.args[0]), ctx.value(node.args[1])
     if isinstance(container, (tuple, list)):
-        return container[index]  # type: ignore[no-any-return]
+        return container[index]
     raise BackendError(f"{node.format_node()}: tensor indexing is not exported")

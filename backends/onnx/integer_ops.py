@@ -140,7 +140,7 @@ def convert_linear(ctx: Emitter, node: fx.Node) -> Value:
     x = ctx.int_arg(node)
     xf = ctx.dequantize(x, module.in_scale, f"{node.name}/x_dq")
     codes = _np(module.weight, np.int64)
-    ndim = len(ctx.shape(node.args[0]))  # type: ignore[arg-type]
+    ndim = len(ctx.shape(node.args[0]))
     if ndim == 2:
         inputs = [xf, _dq_weight(ctx, node, module, codes, 0, x)]
         if module.bias.numel():
@@ -266,7 +266,7 @@ def convert_adaptive_avg_pool(ctx: Emitter, node: fx.Node) -> Value:
     """DQ -> GlobalAveragePool / AveragePool (equal bins) -> Q at the same scale."""
     module = ctx.module(node)
     x = ctx.as_qvalue(ctx.int_arg(node), f"{node.name}/x_q")
-    in_hw = ctx.shape(node.args[0])[2:]  # type: ignore[arg-type]
+    in_hw = ctx.shape(node.args[0])[2:]
     kernel = adaptive_windows(node, in_hw, module.output_size)
     real = ctx.dequantize(x, x.scale, f"{node.name}/x_dq")
     if tuple(kernel) == tuple(in_hw):
