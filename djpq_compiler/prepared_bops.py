@@ -2,7 +2,8 @@
 
 Rows use the **read-out** bit-widths (``DQQuantizer.readout_bits``: ``ceil`` of the continuous
 bits, or the next allowed value when restricted) and the **hard** kept channel counts (the gates'
-``keep_mask`` through each member's atom index). ``b_a`` is the read-out bits of the quantizer of
+``deploy_mask`` — ``keep_mask`` never empty, as ``convert`` keeps it — through each
+member's atom index). ``b_a`` is the read-out bits of the quantizer of
 the tensor the layer reads: ``config.input_bits`` for the network input; 32 where there is no
 quantizer (``quantize=False``, ignored layers) or it is disabled (the report describes what the
 model computes). Depthwise layers are handled by :class:`~djpq_compiler.bops.BopsRow`.
@@ -36,7 +37,7 @@ def _hard_count(gm: nn.Module, group: int | None, counts: tuple[int, ...] | None
     gate = gate_of(gm, group)
     if gate is None or counts is None:
         return float(full)
-    keep = gate.keep_mask().cpu()
+    keep = gate.deploy_mask().cpu()
     return float((keep.to(torch.float64) * torch.tensor(counts, dtype=torch.float64)).sum())
 
 

@@ -70,8 +70,8 @@ def _node_values(gm: torch.fx.GraphModule, inputs: tuple[Any, ...],
     class _Recorder(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
             out = super().run_node(n)
-            if n.name in names:
-                seen[n.name] = out
+            if n.name in names:  # clone: a later in-place op (ReLU(inplace=True)) may edit it
+                seen[n.name] = out.clone() if isinstance(out, torch.Tensor) else out
             return out
 
     with torch.no_grad():

@@ -24,14 +24,11 @@ __all__ = ["fold_gates"]
 
 
 def _keep_atoms(name: str, gate: VIBGate) -> list[int]:
-    with torch.no_grad():
-        mask = gate.keep_mask()
-        if not bool(mask.any()):
-            best = int(torch.argmax(gate.log_alpha()))
-            warnings.warn(f"gate {name} would prune every channel of its group; keeping channel "
-                          f"{best} (the one with the largest alpha)", stacklevel=3)
-            mask = torch.zeros_like(mask)
-            mask[best] = True
+    mask = gate.deploy_mask()
+    if not bool(gate.keep_mask().any()):
+        best = int(torch.nonzero(mask).flatten()[0])
+        warnings.warn(f"gate {name} would prune every channel of its group; keeping channel "
+                      f"{best} (the one with the largest alpha)", stacklevel=3)
     return torch.nonzero(mask).flatten().tolist()
 
 

@@ -179,17 +179,25 @@ def _is_activation_quantizer(node: fx.Node) -> bool:
     return node.op == "call_module" and str(node.target).startswith(f"{QUANT_ATTR}.a_")
 
 
-_SHAPE_OPS = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape)
+#: Ops that commute with quantization (same values either way): the quantizer may sit before.
+_COMMUTING = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape,
+              nn.MaxPool2d, F.max_pool2d, nn.Dropout, F.dropout, nn.Identity)
 
 
-def _layer_input(layer: Layer) -> fx.Node | None:
+def _commutes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), (nn.MaxPool2d, nn.Flatten,
+                                                                nn.Dropout, nn.Identity))
+    return node.op in ("call_function", "call_method") and node.target in _COMMUTING
+
+
+def _layer_input(layer: Layer, gm: fx.GraphModule) -> fx.Node | None:
     """The node whose output is quantized for ``layer``: its input, looking back through
-    single-user reshapes (``flatten``/``view``) so the producer itself is quantized (the same
-    values, and the integer conv/linear before the reshape can then emit codes directly)."""
+    ops that commute with quantization (reshapes, max pooling, dropout) so the
+    producer itself is quantized — the same values, and the integer conv/linear before them
+    then emits codes directly (max pooling is exact on codes)."""
     x = layer.node.args[0] if layer.node.args else layer.node.kwargs.get("input")
-    while isinstance(x, fx.Node) and len(x.users) == 1 and x.op in ("call_function",
-                                                                     "call_method") \
-            and x.target in _SHAPE_OPS and isinstance(x.args[0], fx.Node):
+    while isinstance(x, fx.Node) and _commutes(gm, x) and isinstance(x.args[0], fx.Node):
         x = x.args[0]
     return x if isinstance(x, fx.Node) else None
 
@@ -214,7 +222,7 @@ def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[L
             ins.weight(layer, spec)
     producers: dict[str, tuple[fx.Node, QuantSpec]] = {}
     for layer in layers:
-        x, spec = _layer_input(layer), layer_configs[layer.node.name].activation
+        x, spec = _layer_input(layer, gm), layer_configs[layer.node.name].activation
         if x is not None and spec is not None and x.name not in producers:
             producers[x.name] = (x, spec)
     merges = {n.name for n in gm.graph.nodes if config.quantize and _is_residual_or_concat(n)}
@@ -228,7 +236,7 @@ def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[L
         elif node.name in merges:
             ins.activation(node, config.activation)
     for layer in layers:
-        x = _layer_input(layer)  # now the quantizer node, when there is one
+        x = _layer_input(layer, gm)  # now the quantizer node, when there is one
         if x is not None and _is_activation_quantizer(x):
             ins.input_q[layer.node.name] = str(x.target)
     gm.meta["djpq.weight_quantizers"] = ins.weight_q

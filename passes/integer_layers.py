@@ -23,6 +23,7 @@ from torch import nn
 from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.fixedpoint import qrange
 from djpq_compiler.backends.reference.ops import accumulator_bound, requant_params
+from djpq_compiler.errors import QuantizationError
 
 __all__ = ["LayerParams", "layer_params"]
 
@@ -88,18 +89,47 @@ class LayerParams:
                 lo = max(lo, 0)
             if relu == "relu6":
                 hi = min(hi, int(torch.round(torch.tensor(6.0 / out.scale))))  # type: ignore[attr-defined]
+            bias = _saturating_bias(self.node, bias, fan_in, x_bits, self.w_bits, x_signed,
+                                    x_scale * w_scale / out.scale, max(abs(lo), abs(hi)))  # type: ignore[attr-defined]
+            bound = accumulator_bound(fan_in, x_bits, self.w_bits, x_signed=x_signed,
+                                      bias_bound=int(bias.abs().max()) if bias.numel() else 0)
             m, shift = requant_params(x_scale, w_scale, out.scale, bound)  # type: ignore[attr-defined]
             common = dict(out_scale=out.scale, out_bits=out.bits,  # type: ignore[attr-defined]
                           out_signed=out.signed, clip=(lo, hi))  # type: ignore[attr-defined]
-        else:
+        else:  # float output: the bias stays float (no int32 bound), added after scaling
             m = shift = torch.zeros(codes.shape[0], dtype=torch.int64)
-            common = dict(out_scale=None, out_bits=32, out_signed=True, clip=None)
+            common = dict(out_scale=None, out_bits=32, out_signed=True, clip=None,
+                          out_bias=post_bias)
+            bias = torch.zeros_like(bias)
         kwargs = dict(weight=codes, bias=bias, w_scale=w_scale, in_scale=x_scale,
                       w_bits=self.w_bits, m=m, shift=shift, **common)
         if self.kind == "linear":
             return im.IntLinear(**kwargs)  # type: ignore[arg-type]
         return im.IntConv2d(stride=mod.stride, padding=mod.padding,  # type: ignore[arg-type]
                             dilation=mod.dilation, groups=mod.groups, **kwargs)  # type: ignore[arg-type]
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _saturating_bias(node: str, bias: torch.Tensor, fan_in: int, x_bits: int, w_bits: int,
+                     x_signed: bool, multiplier: torch.Tensor, q_abs: int) -> torch.Tensor:
+    """Clamp int32-overflowing biases where that provably changes no output, else raise.
+
+    A bias beyond int32 at scale ``s_x * s_w`` drives the output past the clip range whatever
+    the accumulator does, as long as ``(2^31 - 1 - max|acc|) * M > q_abs + 1``; then the clamped
+    bias gives the same (saturated) codes.
+    """
+    over = bias.abs() > INT32_MAX
+    if not bool(over.any()):
+        return bias
+    acc_max = accumulator_bound(fan_in, x_bits, w_bits, x_signed=x_signed)
+    margin = (INT32_MAX - acc_max) * multiplier.to(torch.float64)
+    if not bool((margin[over] > q_abs + 1).all()):
+        raise QuantizationError(
+            f"layer {node}: its bias does not fit int32 at scale s_x*s_w and does not saturate "
+            "the output either; retrain with a larger activation range (q_max) or more bits")
+    return bias.clamp(-INT32_MAX, INT32_MAX)
 
 
 def layer_params(gm: fx.GraphModule, node: fx.Node) -> LayerParams | None:

@@ -74,14 +74,17 @@ class _IntLayer(nn.Module):
     """Shared state of integer conv/linear: int weights, int bias, per-channel requantization.
 
     ``out_scale is None`` means the layer ends a float island boundary: it returns the real value
-    ``acc * in_scale * w_scale[c]`` as float32 instead of requantized codes.
+    ``acc * in_scale * w_scale[c] + out_bias[c]`` as float32 instead of requantized codes (the
+    bias then stays float: ``bias`` is zero and ``out_bias`` holds it, so no int32 bound applies).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, w_scale: torch.Tensor,
                  in_scale: float, w_bits: int, out_scale: float | None, out_bits: int,
                  out_signed: bool, clip: tuple[int, int] | None, m: torch.Tensor,
-                 shift: torch.Tensor) -> None:
+                 shift: torch.Tensor, out_bias: torch.Tensor | None = None) -> None:
         super().__init__()
+        zeros = torch.zeros(weight.shape[0], dtype=torch.float64)
+        self.register_buffer("out_bias", zeros if out_bias is None else out_bias.to(torch.float64))
         self.register_buffer("weight", weight.to(torch.int64))
         self.register_buffer("bias", bias.to(torch.int64))
         self.register_buffer("w_scale", w_scale.to(torch.float64))
@@ -101,7 +104,7 @@ class _IntLayer(nn.Module):
             shape = [1] * acc.ndim
             shape[1] = -1
             real = acc.to(torch.float64) * (self.in_scale * self.w_scale).view(shape)
-            return real.to(torch.float32)
+            return (real + self.out_bias.view(shape)).to(torch.float32)
         return requantize(acc, self.m, self.shift, 0, self.qmin, self.qmax)
 
 

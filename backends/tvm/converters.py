@@ -81,6 +81,10 @@ def _finish_layer(ctx: Lowering, module: im._IntLayer, acc: Any) -> Lowered:
         shape = (1, -1) + (1,) * (ndim - 2) if scale.size > 1 else ()
         real = ctx.bb.binary("multiply", ctx.bb.astype(acc, "float64"),
                              ctx.bb.const(scale.reshape(shape), "float64"))
+        out_bias = getattr(module, "out_bias", None)
+        if out_bias is not None and bool(out_bias.abs().max() > 0):
+            bias = out_bias.detach().cpu().double().numpy()
+            real = ctx.bb.binary("add", real, ctx.bb.const(bias.reshape(shape), "float64"))
         return FloatValue(ctx.bb.astype(real, "float32"))
     out = requantize(ctx, acc, module.m, module.shift, module.qmin, module.qmax)
     return ctx.int_value(out, module.qmin, module.qmax)

@@ -113,6 +113,17 @@ class VIBGate(nn.Module):
         with torch.no_grad():
             return self.log_alpha() > self.log_threshold
 
+    def deploy_mask(self) -> torch.Tensor:
+        """The atoms ``convert`` keeps: :meth:`keep_mask`, but never empty — a group whose gate
+        would close completely keeps its atom with the largest alpha (a layer cannot have zero
+        channels). BOPs of prepared models count this same mask."""
+        with torch.no_grad():
+            mask = self.keep_mask()
+            if not bool(mask.any()):
+                mask = torch.zeros_like(mask)
+                mask[int(torch.argmax(self.log_alpha()))] = True
+            return mask
+
     def n_kept(self) -> int:
         """Number of atoms the hard gate keeps."""
         return int(self.keep_mask().sum().item())

@@ -1,0 +1,116 @@
+"""DJPQ fine-tune on Fashion-MNIST from a committed FP32 checkpoint, and its baselines.
+
+Each method gets the same wall-clock budget from the same checkpoint; accuracy is measured on the
+full 10k test set with the *integer* converted model (hard gates, read-out bits), BOPs with
+``djpq.bops`` of that model. Results append to a JSON-lines file.
+
+Usage:
+  python benchmarks/djpq_finetune/run.py --model resnet20 --method djpq --minutes 15 --gamma 1
+  methods: djpq, djpq_restricted, two_stage, two_stage_restricted, dq_only, vib_only, w8a8, w4a4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import djpq_compiler as djpq
+from djpq_compiler import zoo
+from djpq_compiler.config import DJPQConfig, QuantSpec
+from djpq_compiler.convert import convert
+from djpq_compiler.data import fashion_mnist_loaders
+from djpq_compiler.finetune import FinetuneConfig, accuracy, finetune
+
+METHODS = {
+    "djpq": {},
+    "djpq_restricted": {"restricted": True},
+    "dq_only": {"prune": False},
+    "dq_only_restricted": {"prune": False, "restricted": True},
+    "vib_only": {"quantize": False},
+    "w8a8": {"prune": False, "weight": QuantSpec(bits=8, learn_bits=False),
+             "activation": QuantSpec(bits=8, learn_bits=False)},
+    "w4a4": {"prune": False, "weight": QuantSpec(bits=4, learn_bits=False),
+             "activation": QuantSpec(bits=4, learn_bits=False)},
+}
+
+
+def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argparse.Namespace,
+           minutes: float, gamma: float) -> torch.fx.GraphModule:
+    train, _ = loaders
+    calib = [next(iter(train))[0] for _ in range(4)]
+    prepared = djpq.prepare(model, calib[0], cfg, calibration_data=calib)
+    finetune(prepared, train, FinetuneConfig(gamma=gamma, minutes=minutes,
+                                             weight_lr=args.weight_lr, djpq_lr=args.djpq_lr,
+                                             log_every=args.log_every),
+             progress=False, on_log=lambda log: print(f"  step {log.step} {log.seconds:.0f}s "
+                                                      f"task {log.task_loss:.3f} "
+                                                      f"R {log.regularizer:.4f} "
+                                                      f"GBOPs {log.gbops:.4f}", flush=True))
+    return prepared
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    loaders = fashion_mnist_loaders(batch_size=args.batch_size, seed=args.seed)
+    model = zoo.load_pretrained(args.model)
+    x = next(iter(loaders[1]))[0][:1]
+    fp32 = djpq.bops(model, x)
+    fp32_acc = accuracy(model, loaders[1])
+    start = time.perf_counter()
+    if args.method.startswith("two_stage"):
+        stage1 = _stage(model, DJPQConfig(quantize=False), loaders, args, args.minutes / 2,
+                        args.gamma)
+        pruned = convert(stage1, integer=False)
+        extra = {"restricted": True} if args.method.endswith("restricted") else {}
+        prepared = _stage(pruned, DJPQConfig(prune=False, **extra), loaders, args,
+                          args.minutes / 2, args.gamma)
+    else:
+        prepared = _stage(model, DJPQConfig(**METHODS[args.method]), loaders, args,
+                          args.minutes, args.gamma)
+    train_s = time.perf_counter() - start
+    converted = convert(prepared)
+    report = djpq.bops(converted)
+    result = {
+        "model": args.model, "method": args.method, "gamma": args.gamma,
+        "minutes": args.minutes, "train_seconds": round(train_s),
+        "fp32_acc": fp32_acc, "fake_quant_acc": accuracy(prepared, loaders[1]),
+        "integer_acc": accuracy(converted, loaders[1]),
+        "gbops": report.gbops, "fp32_gbops": fp32.gbops,
+        "bops_reduction": fp32.total / report.total,
+        "float_ops": list(converted.meta["djpq.float_ops"]),
+        "bits": {r.name: [r.b_w, r.b_a, r.out_kept, r.out_total] for r in report.rows},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    result["drop_points"] = 100 * (result["fp32_acc"] - result["integer_acc"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet20", choices=sorted(zoo.MODELS))
+    parser.add_argument("--method", default="djpq",
+                        choices=sorted(METHODS) + ["two_stage", "two_stage_restricted"])
+    parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--gamma", type=float, default=1.0)
+    parser.add_argument("--weight-lr", type=float, default=2e-4)
+    parser.add_argument("--djpq-lr", type=float, default=1e-2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/djpq_finetune/results.jsonl")
+    args = parser.parse_args()
+    result = run(args)
+    print(json.dumps({k: v for k, v in result.items() if k != "bits"}, indent=1))
+    with Path(args.out).open("a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""DJPQ fine-tuning: task loss + gamma * djpq_loss, with gates and quantizers in their own
+optimizer group, under a step or wall-clock budget; and evaluation of the deployed form.
+
+The same loop serves every method of the claims benchmark: DJPQ (gates + learned bits),
+VIB-only (``quantize=False``), DQ-only (``prune=False``) and fixed-bit fake-quant (bits not
+learned) differ only in the :class:`~djpq_compiler.config.DJPQConfig` given to ``prepare``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from djpq_compiler.bops import bops
+from djpq_compiler.errors import ConfigError
+from djpq_compiler.loss import djpq_loss
+from djpq_compiler.prepared import check_finite, param_groups
+
+__all__ = ["FinetuneConfig", "FinetuneLog", "finetune", "accuracy"]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Budget and optimizer of a DJPQ fine-tune.
+
+    Attributes:
+        gamma: Weight of the DJPQ regulariser (``loss = task + gamma * R``).
+        steps: Maximum optimizer steps (``None``: until ``minutes`` run out).
+        minutes: Wall-clock budget (``None``: until ``steps``).
+        weight_lr: Adam learning rate of the model weights.
+        djpq_lr: Adam learning rate of gate and quantizer parameters.
+        log_every: Steps between :class:`FinetuneLog` records (hard-gate BOPs are counted then).
+        loss_kind: ``"vib_bops"`` / ``"soft_bops"``; ``None`` uses the prepared config's.
+    """
+
+    gamma: float = 1.0
+    steps: int | None = None
+    minutes: float | None = 10.0
+    weight_lr: float = 2e-4
+    djpq_lr: float = 1e-2
+    log_every: int = 100
+    loss_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.minutes is None:
+            raise ConfigError("FinetuneConfig: set steps or minutes (or both)")
+        if self.gamma < 0 or self.weight_lr <= 0 or self.djpq_lr <= 0:
+            raise ConfigError("FinetuneConfig: gamma >= 0 and learning rates > 0 required")
+
+
+@dataclass(frozen=True)
+class FinetuneLog:
+    step: int
+    seconds: float
+    task_loss: float
+    regularizer: float
+    gbops: float
+
+
+def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConfig,
+             progress: bool = True,
+             on_log: Callable[[FinetuneLog], None] | None = None) -> list[FinetuneLog]:
+    """Train ``prepared`` in place; returns the periodic logs (BOPs at hard gates, read-out bits).
+
+    Raises:
+        QuantizationError: a gate or quantizer parameter became NaN/Inf (checked at every log).
+    """
+    opt = torch.optim.Adam(param_groups(prepared, weight_lr=config.weight_lr,
+                                        djpq_lr=config.djpq_lr))
+    start, logs, step = time.perf_counter(), [], 0
+    limit = config.steps if config.steps is not None else 10**12
+    bar = tqdm(total=config.steps, disable=not progress, desc="djpq fine-tune", leave=False)
+    prepared.train()
+    for x, y in _batches(train_loader):
+        elapsed = time.perf_counter() - start
+        if step >= limit or (config.minutes is not None and elapsed > 60 * config.minutes):
+            break
+        task = F.cross_entropy(prepared(x), y)
+        reg = djpq_loss(prepared, config.loss_kind) if config.gamma else torch.zeros(())
+        opt.zero_grad(set_to_none=True)
+        (task + config.gamma * reg).backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % config.log_every == 0:
+            check_finite(prepared)
+            log = FinetuneLog(step, elapsed, task.item(), reg.item(), bops(prepared).gbops)
+            logs.append(log)
+            bar.set_postfix(loss=f"{log.task_loss:.3f}", gbops=f"{log.gbops:.4f}")
+            if on_log is not None:
+                on_log(log)
+    bar.close()
+    prepared.eval()
+    return logs
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader, progress: bool = False) -> float:
+    """Top-1 accuracy in ``[0, 1]`` of any classifier (prepared, converted or float), eval mode."""
+    model.eval()
+    correct = seen = 0
+    for x, y in tqdm(loader, disable=not progress, desc="eval", leave=False):
+        correct += int((model(x).argmax(1) == y).sum())
+        seen += int(y.shape[0])
+    if not seen:
+        raise ConfigError("accuracy(): the loader yielded no batches")
+    return correct / seen
