@@ -102,7 +102,7 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     gm = copy.deepcopy(model)
     gm.eval()
     fold_gates(gm)
-    strip_weight_quantizers(gm)
+    strip_weight_quantizers(gm, fake_quantize=integer)
     _slice_scales(gm)
     prune_graph(gm, gm.meta["djpq.keep"])
     fold_scales(gm, scale_layers=not integer)

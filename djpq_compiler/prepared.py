@@ -31,6 +31,7 @@ __all__ = [
     "gates",
     "quantizers",
     "set_quantizers",
+    "snap_quantizers",
     "set_gates_deterministic",
     "open_gates",
     "param_groups",
@@ -160,6 +161,14 @@ def set_quantizers(model: nn.Module, enabled: bool) -> None:
     """Enable or disable (identity) every quantizer."""
     for _, q in quantizers(model):
         q.enabled = bool(enabled)
+
+
+def snap_quantizers(model: nn.Module) -> None:
+    """Snap every quantizer to its read-out bits in place (``DQQuantizer.snap_``): the model then
+    computes what ``convert`` deploys. Use it on a copy for evaluation; training continues from
+    the snapped values otherwise."""
+    for _, q in quantizers(model):
+        q.snap_()
 
 
 def set_gates_deterministic(model: nn.Module, deterministic: bool) -> None:

@@ -81,14 +81,16 @@ def _node_values(gm: torch.fx.GraphModule, inputs: tuple[Any, ...],
 
 def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphModule,
                       example: Any) -> dict[str, int]:
-    """Max code difference (in LSB) between the fake-quant prepared model (eval, hard gates) and
-    the integer converted model at every activation quantizer, end to end."""
-    from djpq_compiler.prepared import set_gates_deterministic
+    """Max code difference (in LSB) between the fake-quant prepared model (eval, hard gates,
+    quantizers snapped to their read-out bits) and the integer converted model at every
+    activation quantizer, end to end."""
+    from djpq_compiler.prepared import set_gates_deterministic, snap_quantizers
 
     inputs = as_input_tuple(example)
     mapping: dict[str, str] = converted.meta["djpq.quant_map"]
     model = copy.deepcopy(prepared).eval()
     set_gates_deterministic(model, True)
+    snap_quantizers(model)  # the deployed grid (read-out bits) is the reference
     fq = _node_values(model, inputs, set(mapping))
     ints = _node_values(converted, inputs, set(mapping.values()))
     nodes = {n.name: n for n in model.graph.nodes}

@@ -19,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from djpq_compiler.errors import QuantizationError
 from djpq_compiler.layers import LAYER_FUNCTIONS
 
-__all__ = ["fold_scales"]
+__all__ = ["fold_scales", "fold_layer_scale"]
 
 
 def _view(scale: torch.Tensor, ref: torch.Tensor, dim: int) -> torch.Tensor:
@@ -39,7 +39,7 @@ def _fold_norm(mod: nn.modules.batchnorm._NormBase, mu: torch.Tensor) -> None:
         mod.bias.mul_(mu.to(mod.bias.dtype))  # type: ignore[union-attr]
 
 
-def _fold_layer(mod: nn.Module, mu: torch.Tensor) -> None:
+def fold_layer_scale(mod: nn.Module, mu: torch.Tensor) -> None:
     transposed = isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed
     with torch.no_grad():
         mod.weight.mul_(_view(mu, mod.weight, 1 if transposed else 0))  # type: ignore[operator]
@@ -71,7 +71,7 @@ def fold_scales(gm: fx.GraphModule, *, scale_layers: bool) -> PassResult:
             _fold_norm(mod, mu)
         elif isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
             if scale_layers:
-                _fold_layer(mod, mu)
+                fold_layer_scale(mod, mu)
             else:
                 kept[name] = mu
         elif node.op == "call_function" and node.target in LAYER_FUNCTIONS:

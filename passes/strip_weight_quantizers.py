@@ -10,6 +10,7 @@ quantizer nodes are removed. The integer codes of any slice of the weight are th
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
@@ -33,7 +34,7 @@ def _grid(path: str, quant: DQQuantizer) -> tuple[float, int]:
     return float(snapped.d), int(snapped.bits)
 
 
-def _unparametrize(gm: fx.GraphModule, path: str) -> None:
+def _unparametrize(gm: fx.GraphModule, path: str, grid: tuple[float, int] | None) -> None:
     """Replace a parametrized module by a plain one holding the float original weight.
 
     ``parametrize.remove_parametrizations`` edits the dynamically created class, which a deep
@@ -46,14 +47,34 @@ def _unparametrize(gm: fx.GraphModule, path: str) -> None:
     plain._modules = {k: v for k, v in mod._modules.items() if k != "parametrizations"}
     plain._buffers = dict(mod._buffers)
     plain._parameters = dict(mod._parameters)
-    original = mod.parametrizations.weight.original  # type: ignore[union-attr]
-    plain._parameters["weight"] = nn.Parameter(original.detach().clone())
+    weight = mod.parametrizations.weight.original.detach().clone()  # type: ignore[union-attr]
+    if grid is not None:
+        d, bits = grid
+        limit = 2 ** (bits - 1) - 1
+        weight = torch.clamp(torch.round(weight / d), -limit, limit) * d
+    plain._parameters["weight"] = nn.Parameter(weight)
     owner_path, _, attr = path.rpartition(".")
     setattr(gm.get_submodule(owner_path) if owner_path else gm, attr, plain)
 
 
-def strip_weight_quantizers(gm: fx.GraphModule) -> PassResult:
-    """Record ``(d, bits)`` per layer and remove the weight quantizers."""
+def _fake_quantize_attr(gm: fx.GraphModule, target: str, quant: nn.Module) -> None:
+    """Replace a functional layer's ``get_attr`` weight by its deployed value ``d * codes``."""
+    d, bits = _grid(target, quant)  # type: ignore[arg-type]
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    weight = getattr(owner, attr)
+    limit = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        weight.copy_(torch.clamp(torch.round(weight / d), -limit, limit) * d)
+
+
+def strip_weight_quantizers(gm: fx.GraphModule, *, fake_quantize: bool = False) -> PassResult:
+    """Record ``(d, bits)`` per layer and remove the weight quantizers.
+
+    With ``fake_quantize`` the float weight left behind is the deployed one, ``d * codes`` (so a
+    layer that ends up in a float island computes what the prepared model computed); otherwise it
+    is the float original (``convert(integer=False)``: quantizers disabled).
+    """
     grid: dict[str, tuple[float, int]] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     for layer, path in gm.meta.get("djpq.weight_quantizers", {}).items():
@@ -63,12 +84,15 @@ def strip_weight_quantizers(gm: fx.GraphModule) -> PassResult:
         grid[layer] = _grid(path, quant)
         owner = path.split(".parametrizations.")[0] if ".parametrizations." in path else None
         if owner is not None and parametrize.is_parametrized(gm.get_submodule(owner), "weight"):
-            _unparametrize(gm, owner)
+            _unparametrize(gm, owner, grid[layer] if fake_quantize else None)
     for node in list(nodes.values()):
         target = str(node.target)
         if node.op == "call_module" and target.split(".")[-1].startswith("w_") \
                 and isinstance(gm.get_submodule(target), DQQuantizer):
-            node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+            source = node.args[0]
+            if fake_quantize and isinstance(source, fx.Node) and source.op == "get_attr":
+                _fake_quantize_attr(gm, str(source.target), gm.get_submodule(target))
+            node.replace_all_uses_with(source)  # type: ignore[arg-type]
             gm.graph.erase_node(node)
     gm.meta["djpq.weight_grid"] = grid
     gm.graph.lint()

@@ -28,6 +28,7 @@ from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.elementwise import add_rescale, concat_rescales
 from djpq_compiler.backends.reference.fixedpoint import qrange
 from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.passes.fold_scales import fold_layer_scale
 from djpq_compiler.passes.integer_layers import layer_params
 from djpq_compiler.passes.integer_pools import pool_module, window_sum
 
@@ -99,6 +100,9 @@ class _Lowering:
         return self.deq[node.name]
 
     def copy_float(self, node: fx.Node) -> None:
+        scale = self.gm.meta.get("djpq.layer_scales", {}).pop(node.name, None)
+        if scale is not None:  # a gated layer left in float: its gate factor goes in its weights
+            fold_layer_scale(self.gm.get_submodule(str(node.target)), scale)
         new = self.graph.node_copy(node, lambda n: self.as_float(n))
         self.env[node.name], self.act[node.name] = new, None
         if node.op in ("call_module", "call_function", "call_method") and \

@@ -287,6 +287,15 @@ class DQQuantizer(nn.Module):
             q_max = q_grid if t is None else q_grid ** (1.0 / t)
         return Snapped(d, q_max, bits)
 
+    def snap_(self) -> None:
+        """Set the parameters to their read-out values in place, so that the forward pass
+        computes exactly the deployed grid (:meth:`snapped`): what ``convert`` integerizes."""
+        s = self.snapped()
+        with torch.no_grad():
+            self.log_q_max.copy_(torch.log(s.q_max))
+            if self.log_d is not None and not self.restricted:
+                self.log_d.copy_(torch.log(s.d))
+
     # ------------------------------------------------------------------------------- forward
     def _shaped(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.per_tensor:
