@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import traceback
 import warnings
@@ -34,8 +35,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
 from djpq_compiler.errors import CaptureError
+from djpq_compiler.layers import tensor_shape
 
-__all__ = ["capture", "as_input_tuple", "propagate_shapes", "export_probe"]
+__all__ = ["capture", "as_input_tuple", "propagate_shapes", "export_probe", "graph_signature"]
 
 _HOW_TO_FIX = (
     "Make the forward traceable: move data-dependent Python control flow into a submodule and "
@@ -177,6 +179,18 @@ def _failing_node(exc: BaseException) -> str:
     return "an unknown node"
 
 
+def graph_signature(gm: fx.GraphModule) -> str:
+    """SHA-256 over every node's op, target (module class for modules) and output shape."""
+    items = []
+    for node in gm.graph.nodes:
+        if node.op in ("call_module",):
+            target = type(gm.get_submodule(str(node.target))).__name__ + ":" + str(node.target)
+        else:
+            target = getattr(node.target, "__name__", str(node.target))
+        items.append(f"{node.op}|{target}|{tensor_shape(node)}")
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+
+
 def capture(
     model: nn.Module,
     example_inputs: Any,
@@ -210,5 +224,6 @@ def capture(
     gm.train(model.training)
     propagate_shapes(gm, inputs)
     gm.meta["djpq.capture"] = "torch.fx.symbolic_trace"
+    gm.meta["djpq.signature"] = graph_signature(gm)
     gm.meta["djpq.source_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
     return PassResult(gm, True)
