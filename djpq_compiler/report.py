@@ -153,9 +153,10 @@ def _agreement_lines(result: DemoResult) -> list[str]:
     lines = []
     if result.integer_agreement:
         worst = max(result.integer_agreement.values())
+        flag = "" if worst <= 1 else f"; EXCEEDS the invariant at {_worst(result)}"
         lines.append(f"- fake-quant (snapped) vs integer reference: max {worst} LSB over "
                      f"{len(result.integer_agreement)} activation quantizers "
-                     "(invariant: <= 1 LSB)")
+                     f"(invariant: <= 1 LSB{flag})")
     else:
         lines.append("- fake-quant vs integer reference: not measured")
     if result.tvm_bit_exact is None:
@@ -169,6 +170,10 @@ def _agreement_lines(result: DemoResult) -> list[str]:
         lines.append(f"- onnxruntime vs integer reference: max {result.onnx_max_lsb} LSB over "
                      f"all integer activations (invariant: <= 1 LSB){_note(result.onnx_note)}")
     return lines
+
+
+def _worst(result: DemoResult) -> str:
+    return ", ".join(k for k, v in result.integer_agreement.items() if v > 1)
 
 
 def _note(text: str) -> str:
@@ -248,7 +253,8 @@ def plot_bits(layers: Sequence[LayerRow], path: Path) -> Path:
     top.bar([x - width / 2 for x in xs], [r.b_w for r in layers], width, label="weight bits")
     top.bar([x + width / 2 for x in xs], [r.b_a for r in layers], width, label="activation bits")
     top.set_ylabel("bits")
-    top.legend()
+    top.set_ylim(0, 1.4 * max([r.b_w for r in layers] + [r.b_a for r in layers] + [1]))
+    top.legend(loc="upper right", ncols=2)
     top.set_title("Per-layer bit-widths and kept channels")
     kept = [r.out_kept / r.out_total if r.out_total else 1.0 for r in layers]
     bottom.bar(list(xs), kept, color="tab:green")

@@ -54,7 +54,8 @@ def test_markdown_has_accuracies_bops_layers_latency_and_caveat() -> None:
     assert "| fc2 | 32 | 32 | 256/256 | 10/10 |" in text
     assert "Float islands (layers left in float in the integer model): fc2" in text
     assert "TVM vs integer reference: bit-exact" in text
-    assert "max 1 LSB" in text and "max 1 LSB over 2 activation quantizers" in text
+    assert "max 1 LSB over 2 activation quantizers (invariant: <= 1 LSB)" in text
+    assert "EXCEEDS" not in text
     assert "| TVM (x86) | 1 | 0.412 | 50 |" in text and "not installed" in text
     assert "shared machine" in text
     assert "resnet20 has no checkpoint" in text
@@ -72,8 +73,10 @@ def test_markdown_handles_missing_measurements() -> None:
 
 
 def test_mismatch_is_not_hidden() -> None:
-    res = _result(tvm_bit_exact=False)
-    assert "MISMATCH" in render_markdown(res) and "MISMATCH" in summary(res)
+    res = _result(tvm_bit_exact=False, integer_agreement={"q1": 0, "q_relu": 2})
+    text = render_markdown(res)
+    assert "MISMATCH" in text and "MISMATCH" in summary(res)
+    assert "max 2 LSB" in text and "EXCEEDS the invariant at q_relu" in text
 
 
 def test_summary_lines() -> None:
