@@ -124,17 +124,15 @@ def test_regression_prune_refuses_to_empty_a_concat_branch() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-#: Found by the long fuzz run (benchmarks/fuzz/RESULTS.md), NOT fixed yet: a channel shuffle whose
-#: ``c // groups`` is 1 is analysed as a pass-through (the size-1 dimension is ignored), so the
-#: producer's group is prunable; but the shuffle's ``view`` computes ``size(1) // groups`` at run
-#: time while ``prune`` rewrites only the literal ``groups`` position, so after pruning to 1
-#: channel the view asks for ``[2, 2, 0, 4, 4]``. Fix belongs in passes/dependency/rules_shape.py
-#: (a reshape whose other sizes are computed from the channel size must be a barrier).
+#: Found by the long fuzz run (benchmarks/fuzz/RESULTS.md): a channel shuffle whose ``c // groups``
+#: is 1 looked like a pass-through (the size-1 dimension hides the split), so the producer's group
+#: was prunable, but the shuffle's ``view`` computes ``size(1) // groups`` at run time and asked for
+#: ``[2, 2, 0, 4, 4]`` after pruning. Fixed in passes/dependency/rules_shape.py: a reshape whose
+#: size arguments are computed from a channel count (other than that count at the channel
+#: position) is a barrier.
 SHUFFLE_OF_GROUP_SIZE_ONE = Recipe(blocks=(Conv(out=2, bn=False, act=None), Shuffle(groups=2)),
                                    head="conv", size=4)
 
 
-@pytest.mark.xfail(raises=djpq.CaptureError, strict=True,
-                   reason="known bug: shuffle with c // groups == 1 is prunable, its view breaks")
 def test_regression_channel_shuffle_with_one_channel_per_group() -> None:
     check_analysis(SHUFFLE_OF_GROUP_SIZE_ONE)

@@ -89,6 +89,10 @@ def _tensor_result(st: AnalysisState, node: fx.Node, ids: torch.Tensor, kind: Sh
                           "pruning")
     if kind is ShapeKind.RESHAPE:
         st.add_role(space, Role("reshape", node.name, node.name, d))
+        derived = _derived_channel_sizes(st, node, d)
+        if derived:
+            st.barrier(space, f"{node.name}: shape argument {derived} is computed from a channel "
+                              "count (e.g. size(1) // groups); it cannot follow pruning")
     if _in_order(st, v[known]):
         return space
     if kind is ShapeKind.SELECT and _direct_select(st, node, space, v):
@@ -97,6 +101,51 @@ def _tensor_result(st: AnalysisState, node: fx.Node, ids: torch.Tensor, kind: Sh
         st.barrier(space, f"{node.name} reorders or selects channels in a way pruning cannot "
                           "rewrite")
     return space
+
+
+def _size_read(st: AnalysisState, node: fx.Node) -> int | None:
+    """The channel count a metadata node reads: ``x.size(c)`` / ``x.shape[c]`` / ``x.size()[c]``
+    where ``c`` is ``x``'s tracked channel dim; ``None`` otherwise."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) > 1:
+        src, dim = node.args[0], node.args[1]
+    elif node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int):
+        inner = node.args[0]
+        if not ((inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1)
+                or (inner.op == "call_function" and inner.args[1:] == ("shape",))):
+            return None
+        src, dim = inner.args[0], node.args[1]
+    else:
+        return None
+    info = st.info.get(src.name) if isinstance(src, fx.Node) else None
+    shape = tensor_shape(src)
+    if isinstance(info, Space) and shape is not None and isinstance(dim, int) \
+            and dim % len(shape) == info.dim:
+        return info.size
+    return None
+
+
+def _derived_channel_sizes(st: AnalysisState, node: fx.Node, d: int) -> str | None:
+    """A shape argument of a reshape that depends on a channel count other than by being that
+    count at the output's channel position (``view(n, c // g, g, ...)`` in a channel shuffle)."""
+    shape_args = node.args[1:]
+    if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+        shape_args = tuple(shape_args[0])
+    for position, arg in enumerate(shape_args):
+        if not isinstance(arg, fx.Node):
+            continue
+        if position == d and _size_read(st, arg) is not None:
+            continue  # the channel count itself, where the channels are: follows pruning
+        stack, seen = [arg], set()
+        while stack:
+            cur = stack.pop()
+            if cur.name in seen or tensor_shape(cur) is not None:
+                continue
+            seen.add(cur.name)
+            if _size_read(st, cur) is not None:
+                return arg.name
+            stack.extend(cur.all_input_nodes)
+    return None
 
 
 def _in_order(st: AnalysisState, v: np.ndarray) -> bool:
