@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from djpq_compiler import bops, zoo
-from djpq_compiler.cli import main
+from djpq_compiler import analyze, bops, zoo
+from djpq_compiler.cli import _demo_model, main
 
 
 def test_bops_zoo_model_prints_table_and_total(capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,6 +36,13 @@ def test_bops_bits_and_user_factory(capsys: pytest.CaptureFixture[str]) -> None:
     ["bops", "--model", "vgg7", "--input-shape", "1,x"],
     ["bops", "--model", "vgg7", "--weight-bits", "64"],
     ["bops"],
+    ["analyze"],
+    ["analyze", "--model", "alexnet"],
+    ["demo", "--minutes", "-1"],
+    ["demo", "--minutes", "soon"],
+    ["demo", "--train-subset", "0"],
+    ["demo", "--model", "djpq_compiler.zoo:vgg7"],
+    ["demo", "--frobnicate"],
     ["frobnicate"],
     [],
 ])
@@ -69,4 +76,64 @@ def test_python_dash_m_entry_points(module: str, monkeypatch: pytest.MonkeyPatch
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "bops" in out and "demo" in out
+    assert "bops" in out and "demo" in out and "analyze" in out
+
+
+def test_analyze_prints_the_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "--model", "resnet20", "--input-shape", "1,1,32,32"]) == 0
+    out = capsys.readouterr().out
+    expected = analyze(zoo.resnet20(), torch.randn(1, 1, 32, 32)).summary()
+    assert out == f"resnet20 on input (1, 1, 32, 32)\n{expected}\n"
+
+
+def test_analyze_user_factory_error_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "--model", "no_such_module_xyz:f"]) == 1
+    assert "no_such_module_xyz" in capsys.readouterr().err
+
+
+def test_demo_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--minutes", "--steps", "--gamma", "--train-subset", "--test-subset",
+                 "--out", "--no-tvm", "--no-onnx", "--seed", "--latency-runs", "--data"):
+        assert flag in out
+    assert "report.md" in out
+
+
+def test_demo_falls_back_when_resnet20_has_no_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    available = {"mobilenetv2"}
+    monkeypatch.setattr(zoo, "checkpoint_path",
+                        lambda name: Path(__file__) if name in available else tmp_path / "x.pt")
+    name, notes = _demo_model(None)
+    assert name == "mobilenetv2" and "resnet20" in notes[0]
+    assert "running the demo on mobilenetv2" in capsys.readouterr().err
+    assert _demo_model("vgg7") == ("vgg7", [])  # an explicit choice is never replaced
+    available.add("resnet20")
+    assert _demo_model(None) == ("resnet20", [])
+
+
+@pytest.mark.slow  # ~90 s on 2 shared cores (two TVM builds, 200-image evaluations)
+def test_demo_end_to_end_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "run"
+    argv = ["demo", "--model", "vgg7", "--steps", "2", "--train-subset", "256",
+            "--test-subset", "200", "--latency-runs", "2", "--out", str(out_dir), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    text = (out_dir / "report.md").read_text()
+    assert f"report: {out_dir / 'report.md'}" in out
+    assert "djpq " + " ".join(argv) in text
+    for line in out.splitlines():  # the accuracies printed are the ones in the report
+        if line.startswith(("[fp32]", "[fake-quant]", "[integer]")):
+            acc = line.split("accuracy ")[1].split(" %")[0]
+            assert f"| {acc} % |" in text
+    assert "Top-1 accuracy on 200 Fashion-MNIST test images" in text
+    assert "TVM vs integer reference: bit-exact" in text
+    assert "onnxruntime vs integer reference: max" in text
+    for name in ("model.onnx", "model_tvm.so", "layer_bits.png", "layer_bops.png",
+                 "accuracy_vs_gbops.png"):
+        assert (out_dir / name).stat().st_size > 1000
+    assert (out_dir / "layer_bits.png").read_bytes().startswith(b"\x89PNG")
