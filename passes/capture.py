@@ -225,5 +225,6 @@ def capture(
     propagate_shapes(gm, inputs)
     gm.meta["djpq.capture"] = "torch.fx.symbolic_trace"
     gm.meta["djpq.signature"] = graph_signature(gm)
+    gm.meta["djpq.source_params"] = sum(p.numel() for p in gm.parameters())
     gm.meta["djpq.source_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
     return PassResult(gm, True)

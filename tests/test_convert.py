@@ -142,3 +142,17 @@ def test_torchvision_convert(name: str) -> None:
     assert _float_error(p, x) < 1e-4
     converted = convert(p)
     assert max(integer_agreement(p, converted, x).values()) <= 1
+
+
+def test_model_size_counts_packed_bits() -> None:
+    from djpq_compiler.size import model_size
+
+    x = torch.randn(2, 1, 28, 28)
+    cfg = DJPQConfig(weight=QuantSpec(bits=4), activation=QuantSpec(bits=8))
+    p = _prepare(zoo.get_model("vgg7"), x, config=cfg)
+    report = model_size(convert(p))
+    fp32 = 4 * sum(q.numel() for q in zoo.get_model("vgg7").parameters())
+    assert report.fp32_bytes == fp32
+    weights = [r for r in report.rows if r.name.endswith(".weight")]
+    assert weights and all(r.bits == 4 and r.bytes == (r.params * 4 + 7) // 8 for r in weights)
+    assert report.ratio > 8  # 4-bit packed weights and pruned channels vs float32
