@@ -15,6 +15,7 @@ from __future__ import annotations
 from djpq_compiler.analysis import AnalysisReport, analyze, prune
 from djpq_compiler.bops import BopsReport, BopsRow, bops
 from djpq_compiler.config import DJPQConfig, GateSpec, Override, QuantSpec
+from djpq_compiler.convert import convert
 from djpq_compiler.errors import (
     ArtifactError,
     BackendError,
@@ -52,6 +53,8 @@ __all__ = [
     "GateSpec",
     "Override",
     "prepare",
+    "convert",
+    "backends",
     "djpq_loss",
     "param_groups",
     "layer_summary",
@@ -73,3 +76,12 @@ __all__ = [
     "BackendError",
     "MissingExtraError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``djpq.backends`` is imported on first use (TVM/ONNX load only when asked for)."""
+    if name == "backends":
+        import importlib
+
+        return importlib.import_module("djpq_compiler.backends")
+    raise AttributeError(f"module 'djpq_compiler' has no attribute {name!r}")
