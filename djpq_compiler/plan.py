@@ -121,7 +121,8 @@ def plan_from(prepared: nn.Module) -> CompressionPlan:
         gate = gate_of(gm, group.id)
         if gate is not None:
             groups[group.id] = group.size
-            keep[group.id] = tuple(int(i) for i in gate.deploy_mask().nonzero().flatten())
+            mask = gate.deploy_mask(int(getattr(meta.get("djpq.config"), "round_to", 1)))
+            keep[group.id] = tuple(int(i) for i in mask.nonzero().flatten())
     layers = {}
     for rec in prepared_layers(gm):
         wq, aq = quantizer_at(gm, rec.weight_quantizer), quantizer_at(gm, rec.input_quantizer)

@@ -37,8 +37,13 @@ def _hard_count(gm: nn.Module, group: int | None, counts: tuple[int, ...] | None
     gate = gate_of(gm, group)
     if gate is None or counts is None:
         return float(full)
-    keep = gate.deploy_mask().cpu()
+    keep = gate.deploy_mask(_round_to(gm)).cpu()
     return float((keep.to(torch.float64) * torch.tensor(counts, dtype=torch.float64)).sum())
+
+
+def _round_to(gm: nn.Module) -> int:
+    config = getattr(gm, "meta", {}).get("djpq.config")
+    return int(getattr(config, "round_to", 1))
 
 
 def prepared_row(gm: nn.Module, rec: PreparedLayer) -> BopsRow:

@@ -3,8 +3,9 @@
 Requires: a prepared graph (``gm.djpq_gates``, gate ``call_module`` nodes after gate points,
 ``gm.meta["djpq.groups"]``).
 Guarantees: gate nodes are removed (their users read the gate point directly);
-``gm.meta["djpq.keep"]`` maps each gated group id to its kept atoms (``log alpha > log tau``; a
-group that would keep nothing keeps its strongest atom and a warning is issued);
+``gm.meta["djpq.keep"]`` maps each gated group id to its kept atoms (``log alpha > log tau``,
+rounded up to a multiple of ``config.round_to``; a group that would keep nothing keeps its
+strongest atom and a warning is issued);
 ``gm.meta["djpq.gate_scales"]`` maps each gate-point node name to the per-channel factor ``mu``
 (float64, original channel order) that must be folded into that node — exactly what the gate
 multiplied in deterministic eval for kept channels (DESIGN invariant 3).
@@ -23,8 +24,8 @@ from djpq_compiler.modules.gates import VIBGate
 __all__ = ["fold_gates"]
 
 
-def _keep_atoms(name: str, gate: VIBGate) -> list[int]:
-    mask = gate.deploy_mask()
+def _keep_atoms(name: str, gate: VIBGate, round_to: int) -> list[int]:
+    mask = gate.deploy_mask(round_to)
     if not bool(gate.keep_mask().any()):
         best = int(torch.nonzero(mask).flatten()[0])
         warnings.warn(f"gate {name} would prune every channel of its group; keeping channel "
@@ -35,6 +36,7 @@ def _keep_atoms(name: str, gate: VIBGate) -> list[int]:
 def fold_gates(gm: fx.GraphModule) -> PassResult:
     """Remove gate nodes, recording kept atoms per group and ``mu`` per gate point."""
     keep: dict[int, list[int]] = {}
+    round_to = int(getattr(gm.meta.get("djpq.config"), "round_to", 1))
     scales: dict[str, torch.Tensor] = {}
     paths: dict[int, str] = gm.meta.get("djpq.gates", {})
     by_path = {path: gid for gid, path in paths.items()}
@@ -46,7 +48,7 @@ def fold_gates(gm: fx.GraphModule) -> PassResult:
         if not isinstance(gate, VIBGate):
             continue
         if gid not in keep:
-            keep[gid] = _keep_atoms(str(node.target), gate)
+            keep[gid] = _keep_atoms(str(node.target), gate, round_to)
         source, index = node.args[0], node.args[1] if len(node.args) > 1 else None
         mu = gate.mu.detach().to(torch.float64)
         if isinstance(index, fx.Node):

@@ -156,3 +156,12 @@ def test_model_size_counts_packed_bits() -> None:
     weights = [r for r in report.rows if r.name.endswith(".weight")]
     assert weights and all(r.bits == 4 and r.bytes == (r.params * 4 + 7) // 8 for r in weights)
     assert report.ratio > 8  # 4-bit packed weights and pruned channels vs float32
+
+
+def test_round_to_rounds_kept_channels_up_everywhere() -> None:
+    x = torch.randn(2, 1, 28, 28)
+    p = _prepare(zoo.get_model("vgg7"), x, config=DJPQConfig(round_to=8))
+    converted = convert(p, integer=False)
+    convs = [m for m in converted.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+    assert djpq.bops(p).rows[0].out_kept % 8 == 0

@@ -113,15 +113,21 @@ class VIBGate(nn.Module):
         with torch.no_grad():
             return self.log_alpha() > self.log_threshold
 
-    def deploy_mask(self) -> torch.Tensor:
+    def deploy_mask(self, round_to: int = 1) -> torch.Tensor:
         """The atoms ``convert`` keeps: :meth:`keep_mask`, but never empty — a group whose gate
         would close completely keeps its atom with the largest alpha (a layer cannot have zero
-        channels). BOPs of prepared models count this same mask."""
+        channels) — and with the kept count rounded up to a multiple of ``round_to`` (capped at
+        the group size) by re-admitting the pruned atoms of largest alpha (hardware-friendly
+        channel counts). BOPs of prepared models count this same mask."""
         with torch.no_grad():
-            mask = self.keep_mask()
-            if not bool(mask.any()):
-                mask = torch.zeros_like(mask)
-                mask[int(torch.argmax(self.log_alpha()))] = True
+            mask = self.keep_mask().clone()
+            n = len(mask)
+            target = min(n, max(1, -(-int(mask.sum()) // round_to) * round_to))
+            missing = target - int(mask.sum())
+            if missing > 0:
+                alpha = self.log_alpha().detach().clone()
+                alpha[mask] = -torch.inf
+                mask[torch.topk(alpha, missing).indices] = True
             return mask
 
     def n_kept(self) -> int:
