@@ -277,7 +277,7 @@ def _finetune_stage(args: argparse.Namespace, model: nn.Module, train: object) -
     _say(f"[fine-tune] gamma {args.gamma:g}, budget {args.minutes:g} min"
          + (f" / {args.steps} steps" if args.steps else ""))
     cfg = FinetuneConfig(gamma=args.gamma, steps=args.steps, minutes=args.minutes,
-                         log_every=50 if args.steps is None else max(1, min(50, args.steps)))
+                         log_every=10 if args.steps is None else max(1, min(10, args.steps)))
     steps = [0]  # training forwards = optimizer steps (finetune() logs every log_every only)
     hook = prepared.register_forward_pre_hook(
         lambda mod, inp: steps.__setitem__(0, steps[0] + mod.training))
