@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from djpq_compiler.analysis import analyze
+from djpq_compiler.artifacts import atomic_write
 from djpq_compiler.errors import PlanError
 from djpq_compiler.passes.capture import as_input_tuple, graph_signature, propagate_shapes
 from djpq_compiler.passes.prune import prune_graph
@@ -90,16 +90,7 @@ class CompressionPlan:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON atomically (temp file + rename): never a half-written plan."""
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=".plan-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_write(path, self.to_json().encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CompressionPlan:

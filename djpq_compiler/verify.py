@@ -62,9 +62,10 @@ def pruning_oracle(model: torch.nn.Module, example: Any, seed: int = 0
     return report, err, n0, n1
 
 
-def _node_values(gm: torch.fx.GraphModule, inputs: tuple[Any, ...],
-                 names: set[str]) -> dict[str, torch.Tensor]:
-    """Run ``gm`` and keep the outputs of the named nodes."""
+def _node_values(gm: torch.fx.GraphModule, inputs: tuple[Any, ...], names: set[str],
+                 forced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Run ``gm`` and keep the outputs of the named nodes; a node in ``forced`` is recorded,
+    then its output is replaced by the forced value (so later ops see the reference input)."""
     seen: dict[str, torch.Tensor] = {}
 
     class _Recorder(torch.fx.Interpreter):
@@ -72,6 +73,8 @@ def _node_values(gm: torch.fx.GraphModule, inputs: tuple[Any, ...],
             out = super().run_node(n)
             if n.name in names:  # clone: a later in-place op (ReLU(inplace=True)) may edit it
                 seen[n.name] = out.clone() if isinstance(out, torch.Tensor) else out
+            if forced is not None and n.name in forced:
+                return forced[n.name].clone()
             return out
 
     with torch.no_grad():
@@ -80,10 +83,16 @@ def _node_values(gm: torch.fx.GraphModule, inputs: tuple[Any, ...],
 
 
 def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphModule,
-                      example: Any) -> dict[str, int]:
+                      example: Any, *, per_op: bool = True) -> dict[str, int]:
     """Max code difference (in LSB) between the fake-quant prepared model (eval, hard gates,
     quantizers snapped to their read-out bits) and the integer converted model at every
-    activation quantizer, end to end."""
+    activation quantizer.
+
+    With ``per_op`` (default) each integer op is fed the fake-quant model's codes of its
+    inputs, so the number is that op's own error (DESIGN invariant 4: at most 1 LSB); with
+    ``per_op=False`` the integer model runs on its own, and 1-LSB differences may compound
+    through depth.
+    """
     from djpq_compiler.prepared import set_gates_deterministic, snap_quantizers
 
     inputs = as_input_tuple(example)
@@ -92,15 +101,16 @@ def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphM
     set_gates_deterministic(model, True)
     snap_quantizers(model)  # the deployed grid (read-out bits) is the reference
     fq = _node_values(model, inputs, set(mapping))
-    ints = _node_values(converted, inputs, set(mapping.values()))
     nodes = {n.name: n for n in model.graph.nodes}
-    out = {}
+    reference = {}
     for qname, cname in mapping.items():
         d = float(model.get_submodule(str(nodes[qname].target)).snapped().d)
         codes = torch.round(fq[qname].to(torch.float64) / d).to(torch.int64)
-        codes = _kept_part(model, converted.meta.get("djpq.keep", {}), nodes[qname], codes)
-        out[qname] = int((codes - ints[cname]).abs().max())
-    return out
+        reference[cname] = _kept_part(model, converted.meta.get("djpq.keep", {}), nodes[qname],
+                                      codes)
+    ints = _node_values(converted, inputs, set(mapping.values()),
+                        forced=reference if per_op else None)
+    return {q: int((reference[c] - ints[c]).abs().max()) for q, c in mapping.items()}
 
 
 def _kept_part(model: torch.fx.GraphModule, keep: dict[int, list[int]], qnode: torch.fx.Node,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from djpq_compiler.artifacts import atomic_write
 from djpq_compiler.errors import BackendError, MissingExtraError
 
 from . import float_ops, integer_ops  # noqa: F401  (registers the converters)
@@ -244,19 +244,7 @@ def export(converted: fx.GraphModule, path: str | os.PathLike[str],
     """
     inputs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
     model = build_model(converted, inputs, opset)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, model.SerializeToString())
 
 
 

@@ -51,6 +51,15 @@ def _params(module_path: str, mod: nn.Module, names: tuple[str, ...]) -> list[st
 
 
 # --------------------------------------------------------------------------- producers / consumers
+def _computed_weight(st: AnalysisState, node: fx.Node, out: Space, x_sp: Space | None) -> Space:
+    """A layer whose weight is computed in the graph: neither side can be sliced."""
+    for space in (out, x_sp):
+        if space is not None:
+            st.barrier(space, f"{node.name}: weight is computed in the graph, not a parameter")
+    st.zero_kind[node.name] = Zero.NEVER
+    return out
+
+
 def _conv_like(st: AnalysisState, node: fx.Node, *, in_ch: int, out_ch: int, groups: int,
                weight: str | None, bias: str | None, transposed: bool, key: str) -> Info:
     x = _input(st, node)
@@ -59,11 +68,7 @@ def _conv_like(st: AnalysisState, node: fx.Node, *, in_ch: int, out_ch: int, gro
     w_out, w_in = (1, 0) if transposed else (0, 1)
     st.module_calls.setdefault(key, []).append((x_sp, out))
     if weight is None:
-        st.barrier(out, f"{node.name}: weight is computed in the graph, not a parameter")
-        if x_sp is not None:
-            st.barrier(x_sp, f"{node.name}: weight is computed in the graph, not a parameter")
-        st.zero_kind[node.name] = Zero.NEVER
-        return out
+        return _computed_weight(st, node, out, x_sp)
     if groups == 1:
         st.add_role(out, Role("producer", node.name, weight, w_out))
         if bias is not None:
@@ -158,11 +163,7 @@ def _linear(st: AnalysisState, node: fx.Node, weight: str | None, bias: str | No
     x_sp = _space_at(st, x, len(in_shape) - 1, in_f, node)
     st.module_calls.setdefault(key, []).append((x_sp, out))
     if weight is None:
-        st.barrier(out, f"{node.name}: weight is computed in the graph, not a parameter")
-        if x_sp is not None:
-            st.barrier(x_sp, f"{node.name}: weight is computed in the graph, not a parameter")
-        st.zero_kind[node.name] = Zero.NEVER
-        return out
+        return _computed_weight(st, node, out, x_sp)
     st.add_role(out, Role("producer", node.name, weight, 0))
     if bias is not None:
         st.add_role(out, Role("producer", node.name, bias, 0))
