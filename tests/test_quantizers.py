@@ -314,3 +314,12 @@ def test_q_lies_on_grid_and_in_range(
     assert bool((out >= lo - d / 2 - 1e-9).all() and (out <= q_max + d / 2 + 1e-9).all())
     if extra == 0.0:  # snapped: q_max is a multiple of d, so Q stays inside [x_min, q_max]
         assert bool((out >= lo - 1e-9).all() and (out <= q_max + 1e-9).all())
+
+
+def test_backward_survives_inplace_op_on_the_output() -> None:
+    """A ReLU(inplace=True) after a quantizer (model zoos do this) must not break backward."""
+    q = DQQuantizer(signed=True, init_bits=4, calibrating=False)
+    x = torch.randn(16, requires_grad=True)
+    y = q(x)
+    torch.nn.functional.relu(y, inplace=True).sum().backward()
+    assert x.grad is not None and q.log_d.grad is not None

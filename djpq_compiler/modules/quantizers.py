@@ -39,6 +39,11 @@ def levels(bits: torch.Tensor | float, signed: bool) -> torch.Tensor | float:
     return 2.0 ** (bits - 1) - 1 if signed else 2.0**bits - 1
 
 
+def _dq_grid(x: torch.Tensor, d: torch.Tensor, q_max: torch.Tensor, signed: bool) -> torch.Tensor:
+    x_min = -q_max if signed else torch.zeros_like(q_max)
+    return torch.round(torch.maximum(torch.minimum(x, q_max), x_min) / d) * d
+
+
 class _DQRound(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -48,15 +53,17 @@ class _DQRound(torch.autograd.Function):
         q_max: torch.Tensor,
         signed: bool,
     ) -> torch.Tensor:
-        x_min = -q_max if signed else torch.zeros_like(q_max)
-        q = torch.round(torch.maximum(torch.minimum(x, q_max), x_min) / d) * d
-        ctx.save_for_backward(x, d, q_max, q)
+        q = _dq_grid(x, d, q_max, signed)
+        # q is recomputed in backward rather than saved: a following in-place op (a ReLU with
+        # inplace=True, common in model zoos) may overwrite the returned tensor.
+        ctx.save_for_backward(x, d, q_max)
         ctx.signed = signed
         return q
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, d, q_max, q = ctx.saved_tensors
+        x, d, q_max = ctx.saved_tensors
+        q = _dq_grid(x, d, q_max, ctx.signed)
         above = x > q_max
         below = x < -q_max if ctx.signed else x < 0
         inside = ~(above | below)
