@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import operator
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.data import DataLoader
 
 from djpq_compiler import bops, zoo
+from djpq_compiler.data import DEFAULT_ROOT, load_fashion_mnist, make_loader
 from djpq_compiler.errors import ArtifactError, ConfigError
+from djpq_compiler.train import evaluate
 
 
 def _targets(gm: fx.GraphModule) -> list[object]:
@@ -106,3 +110,20 @@ def test_load_pretrained_roundtrip(tmp_path: Path) -> None:
     assert not loaded.training
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+
+@pytest.fixture(scope="module")
+def test_subset() -> DataLoader:
+    """1,000 seeded random Fashion-MNIST test images (skips if the data set is not installed)."""
+    if not DEFAULT_ROOT.is_dir() and "DJPQ_DATA" not in os.environ:
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return make_loader(load_fashion_mnist("test"), batch_size=500, subset=1000, seed=0)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.MODELS))
+def test_committed_checkpoint_is_accurate(name: str, test_subset: DataLoader) -> None:
+    """The committed FP32 checkpoints exist, are plain float32 state_dicts and are accurate."""
+    state = torch.load(zoo.checkpoint_path(name), map_location="cpu", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    assert evaluate(zoo.load_pretrained(name), test_subset) > 0.90

@@ -22,9 +22,9 @@ full 10,000-image test set after reloading the saved checkpoint. MACs are counte
 
 Training: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, one-cycle LR (peak
 `--lr`), 1 CPU thread (`torch.set_num_threads(1)`), channels-last, seed 0, on a 2-core machine
-shared with other jobs (so the wall-clock times are only indicative). ResNet-20 uses random crop
-(zero padding 2) + horizontal flip; the other three were trained without augmentation
-(`--no-augment`) for a short budget.
+shared with other jobs (wall-clock times are only indicative: the load average was 4-10).
+ResNet-20 uses random crop (2 px of black padding) + horizontal flip; the other three were trained
+without augmentation (`--no-augment`) for a short budget.
 
 | model | params | MACs | FP32 GBOPs | epochs | test acc. | train time | date | command |
 |---|---:|---:|---:|---:|---:|---:|---|---|
