@@ -16,6 +16,7 @@ exits with status 1 and its message.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import shlex
@@ -301,7 +302,7 @@ def _torch_latencies(model: nn.Module, converted: nn.Module, xs: Sequence[torch.
     out = []
     for label, module in (("FP32 PyTorch", model), ("integer reference (PyTorch)", converted)):
         for x in xs:
-            out.append(Latency(label, x.shape[0], _median_ms(lambda m=module, x=x: m(x), runs),
+            out.append(Latency(label, x.shape[0], _median_ms(functools.partial(module, x), runs),
                                runs, threads))
     return out
 
@@ -323,7 +324,7 @@ def _tvm_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
         got = compiled_x(x)
         exact = exact and got.dtype == ref.dtype and torch.equal(got, ref)
         lat.append(Latency("TVM (x86, untuned)", x.shape[0],
-                           _median_ms(lambda c=compiled_x, x=x: c(x), runs), runs))
+                           _median_ms(functools.partial(compiled_x, x), runs), runs))
         built.append(compiled_x)
     key = f"TVM library (x86, batch {xs[0].shape[0]})"
     try:
@@ -351,7 +352,7 @@ def _onnx_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
     name = session.get_inputs()[0].name
     feeds = [{name: x.numpy()} for x in xs]
     lat = [Latency("onnxruntime (CPU)", x.shape[0],
-                   _median_ms(lambda f=feed: session.run(None, f), runs), runs)
+                   _median_ms(functools.partial(session.run, None, feed), runs), runs)
            for x, feed in zip(xs, feeds, strict=True)]
     note = f"batch {xs[-1].shape[0]}, max |output diff| {check['max_abs_diff']:.3g}"
     return int(check["max_lsb_any"]), note, lat, {"ONNX (QDQ, dynamic batch)": path.name}
@@ -399,7 +400,7 @@ def _demo_settings(args: argparse.Namespace, name: str, train: Any, test: Any) -
     return {"model": name, "checkpoint": str(checkpoint_path(name)), "seed": args.seed,
             "gamma": args.gamma, "fine-tune budget": f"{args.minutes:g} min"
             + (f", at most {args.steps} steps" if args.steps else ""),
-            "training images": len(train.dataset), "test images": len(test.dataset),
+            "training images": len(train.dataset), "test images": _n_images(test),
             "batch size": args.batch_size, "DJPQ config": "DJPQConfig() defaults",
             "host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                     f"{torch.get_num_threads()} torch threads"}
@@ -427,7 +428,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     fp32 = bops(model, xs[0])
     fp32_acc = accuracy(model, test, progress=progress)
-    _say(f"[fp32] {name}: test accuracy {100 * fp32_acc:.2f} % on {len(test.dataset)} images, "
+    _say(f"[fp32] {name}: test accuracy {100 * fp32_acc:.2f} % on {_n_images(test)} images, "
          f"{fp32.gbops:.4f} GBOPs")
     _say(fp32.table())
     prepared, steps, seconds = _finetune_stage(args, model, train)
@@ -448,7 +449,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = DemoResult(
         model=name, command="djpq " + shlex.join(args.argv), notes=notes,
         settings=_demo_settings(args, name, train, test), fp32_acc=fp32_acc,
-        fake_quant_acc=fq_acc, integer_acc=int_acc, test_images=len(test.dataset),
+        fake_quant_acc=fq_acc, integer_acc=int_acc, test_images=_n_images(test),
         fp32_gbops=fp32.gbops, fake_quant_gbops=fq_gbops, integer_gbops=int_report.gbops,
         layers=layer_rows(int_report.rows), train_steps=steps, train_seconds=seconds,
         float_islands=tuple(converted.meta.get("djpq.float_ops", ())),
@@ -478,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_demo(sub)
     return parser
+
+
+def _n_images(loader: torch.utils.data.DataLoader) -> int:
+    return len(loader.dataset)  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def _drop_activation_quantizers(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
                                                    DQQuantizer):
-            node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+            node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
 
 
@@ -67,9 +67,9 @@ def _fuse_bn(gm: fx.GraphModule) -> None:
             continue
         layer = gm.get_submodule(str(prev.target))
         if isinstance(layer, nn.Conv2d | nn.Conv1d | nn.Conv3d) and not layer.transposed:
-            fused: nn.Module = fuse_conv_bn_eval(layer, bn)  # type: ignore[arg-type]
+            fused: nn.Module = fuse_conv_bn_eval(layer, bn)
         elif isinstance(layer, nn.Linear):
-            fused = fuse_linear_bn_eval(layer, bn)  # type: ignore[arg-type]
+            fused = fuse_linear_bn_eval(layer, bn)
         else:
             continue
         gm.add_submodule(str(prev.target), fused)
@@ -95,11 +95,11 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     """
     model = unwrap(prepared)
     stage = model.meta.get("djpq.stage") if isinstance(model, fx.GraphModule) else None
-    if stage != "prepared":
+    if not isinstance(model, fx.GraphModule) or stage != "prepared":
         raise ConfigError(f"convert() expects a model returned by djpq_compiler.prepare(); got "
                           f"{type(model).__name__} with stage {stage!r} (convert it only once)")
     check_finite(model)
-    gm = copy.deepcopy(model)
+    gm: fx.GraphModule = copy.deepcopy(model)
     gm.eval()
     fold_gates(gm)
     strip_weight_quantizers(gm, fake_quantize=integer)

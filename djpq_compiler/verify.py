@@ -7,7 +7,7 @@ gate points (masking) must compute exactly what the physically pruned model comp
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphM
     nodes = {n.name: n for n in model.graph.nodes}
     reference = {}
     for qname, cname in mapping.items():
-        d = float(model.get_submodule(str(nodes[qname].target)).snapped().d)
+        d = float(cast(Any, model.get_submodule(str(nodes[qname].target))).snapped().d)
         codes = torch.round(fq[qname].to(torch.float64) / d).to(torch.int64)
         reference[cname] = _kept_part(model, converted.meta.get("djpq.keep", {}), nodes[qname],
                                       codes)

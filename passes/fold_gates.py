@@ -53,8 +53,8 @@ def fold_gates(gm: fx.GraphModule) -> PassResult:
         mu = gate.mu.detach().to(torch.float64)
         if isinstance(index, fx.Node):
             mu = mu[getattr(gm, str(index.target)).long()]
-        scales[source.name] = mu  # type: ignore[union-attr]
-        node.replace_all_uses_with(source)  # type: ignore[arg-type]
+        scales[source.name] = mu
+        node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     if hasattr(gm, "djpq_gates"):

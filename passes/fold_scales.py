@@ -11,6 +11,8 @@ requantization multiplier so the weight codes stay those the quantizer learned.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -36,15 +38,15 @@ def _fold_norm(mod: nn.modules.batchnorm._NormBase, mu: torch.Tensor) -> None:
             mod.bias = nn.Parameter(torch.zeros(n))
             mod.affine = True
         mod.weight.mul_(mu.to(mod.weight.dtype))
-        mod.bias.mul_(mu.to(mod.bias.dtype))  # type: ignore[union-attr]
+        mod.bias.mul_(mu.to(mod.bias.dtype))
 
 
-def fold_layer_scale(mod: nn.Module, mu: torch.Tensor) -> None:
+def fold_layer_scale(mod: Any, mu: torch.Tensor) -> None:
     transposed = isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed
     with torch.no_grad():
-        mod.weight.mul_(_view(mu, mod.weight, 1 if transposed else 0))  # type: ignore[operator]
+        mod.weight.mul_(_view(mu, mod.weight, 1 if transposed else 0))
         if getattr(mod, "bias", None) is not None:
-            mod.bias.mul_(mu.to(mod.bias.dtype))  # type: ignore[operator,union-attr]
+            mod.bias.mul_(mu.to(mod.bias.dtype))
 
 
 def _fold_functional(gm: fx.GraphModule, node: fx.Node, mu: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ codes), ``bias_int_c = round(b'_c / (s_x * w_scale_c))`` and a per-channel dyadi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -36,35 +37,35 @@ class LayerParams:
     d_w: float
     w_bits: int
 
-    def in_channels(self, mod: nn.Module) -> int:
-        w = mod.weight  # type: ignore[union-attr]
+    def in_channels(self, mod: Any) -> int:
+        w = mod.weight
         groups = getattr(mod, "groups", 1)
-        return int(w.shape[1]) * int(groups)  # type: ignore[arg-type]
+        return int(w.shape[1]) * int(groups)
 
     def _affine(self, gm: fx.GraphModule, bn: fx.Node | None) -> tuple[torch.Tensor, torch.Tensor]:
-        mod = gm.get_submodule(self.module)
-        w = mod.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+        mod: Any = gm.get_submodule(self.module)
+        w = mod.weight.detach().to(torch.float64)
         b = torch.zeros(w.shape[0], dtype=torch.float64)
         if mod.bias is not None:
-            b = mod.bias.detach().to(torch.float64)  # type: ignore[union-attr]
+            b = mod.bias.detach().to(torch.float64)
         g = gm.meta.get("djpq.layer_scales", {}).get(self.node)
         k = g.to(torch.float64) if g is not None else torch.ones_like(b)
         b = b * k
         if bn is not None:
-            n = gm.get_submodule(str(bn.target))
-            sigma = torch.sqrt(n.running_var.to(torch.float64) + n.eps)  # type: ignore[union-attr,operator]
+            n: Any = gm.get_submodule(str(bn.target))
+            sigma = torch.sqrt(n.running_var.to(torch.float64) + n.eps)
             gamma, beta = torch.ones_like(b), torch.zeros_like(b)
             if n.weight is not None:
-                gamma = n.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+                gamma = n.weight.detach().to(torch.float64)
             if n.bias is not None:
-                beta = n.bias.detach().to(torch.float64)  # type: ignore[union-attr]
+                beta = n.bias.detach().to(torch.float64)
             kb = gamma / sigma
-            b = (b - n.running_mean.to(torch.float64)) * kb + beta  # type: ignore[union-attr]
+            b = (b - n.running_mean.to(torch.float64)) * kb + beta
             k = k * kb
         return k, b
 
     def codes(self, gm: fx.GraphModule) -> torch.Tensor:
-        w = gm.get_submodule(self.module).weight.detach()  # type: ignore[union-attr]
+        w = cast(Any, gm.get_submodule(self.module)).weight.detach()
         limit = 2 ** (self.w_bits - 1) - 1
         return torch.clamp(torch.round(w / self.d_w), -limit, limit).to(torch.int64)
 
@@ -104,9 +105,9 @@ class LayerParams:
         kwargs = dict(weight=codes, bias=bias, w_scale=w_scale, in_scale=x_scale,
                       w_bits=self.w_bits, m=m, shift=shift, **common)
         if self.kind == "linear":
-            return im.IntLinear(**kwargs)  # type: ignore[arg-type]
-        return im.IntConv2d(stride=mod.stride, padding=mod.padding,  # type: ignore[arg-type]
-                            dilation=mod.dilation, groups=mod.groups, **kwargs)  # type: ignore[arg-type]
+            return im.IntLinear(**kwargs)
+        return im.IntConv2d(stride=mod.stride, padding=mod.padding,
+                            dilation=mod.dilation, groups=mod.groups, **kwargs)
 
 
 INT32_MAX = 2**31 - 1

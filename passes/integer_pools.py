@@ -26,7 +26,7 @@ def _from_module(mod: nn.Module) -> nn.Module | None:
                                _pair(mod.padding), mod.ceil_mode, mod.count_include_pad,
                                mod.divisor_override)
     if isinstance(mod, nn.AdaptiveAvgPool2d):
-        return im.IntAdaptiveAvgPool2d(mod.output_size)  # type: ignore[arg-type]
+        return im.IntAdaptiveAvgPool2d(mod.output_size)
     return None
 
 
@@ -43,9 +43,9 @@ def _from_function(node: fx.Node) -> nn.Module | None:
         return im.IntAvgPool2d(k, _pair(s) if s else k, _pair(_arg(node, 3, "padding", 0)),
                                bool(_arg(node, 4, "ceil_mode", False)),
                                bool(_arg(node, 5, "count_include_pad", True)),
-                               _arg(node, 6, "divisor_override", None))  # type: ignore[arg-type]
+                               _arg(node, 6, "divisor_override", None))
     if node.target is F.adaptive_avg_pool2d:
-        return im.IntAdaptiveAvgPool2d(_arg(node, 1, "output_size", None))  # type: ignore[arg-type]
+        return im.IntAdaptiveAvgPool2d(_arg(node, 1, "output_size", None))
     return None
 
 
@@ -71,7 +71,7 @@ def window_sum(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, int] | Non
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if isinstance(mod, nn.AdaptiveAvgPool2d):
-            return _adaptive_sum(mod.output_size, h, w)  # type: ignore[arg-type]
+            return _adaptive_sum(mod.output_size, h, w)
         if isinstance(mod, nn.AvgPool2d) and _pair(mod.padding) == (0, 0) \
                 and mod.divisor_override is None:
             k = _pair(mod.kernel_size)
@@ -83,7 +83,7 @@ def window_sum(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, int] | Non
 
 
 def _adaptive_sum(output_size: object, h: int, w: int) -> tuple[nn.Module, int] | None:
-    oh, ow = _pair(output_size)  # type: ignore[arg-type]
+    oh, ow = _pair(output_size)
     oh, ow = oh or h, ow or w
     if h % oh or w % ow:
         return None  # uneven bins: counts differ per bin

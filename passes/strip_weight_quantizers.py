@@ -10,6 +10,8 @@ quantizer nodes are removed. The integer codes of any slice of the weight are th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -40,14 +42,14 @@ def _unparametrize(gm: fx.GraphModule, path: str, grid: tuple[float, int] | None
     ``parametrize.remove_parametrizations`` edits the dynamically created class, which a deep
     copy shares with the original module: removing it there would break the prepared model.
     """
-    mod = gm.get_submodule(path)
+    mod: Any = gm.get_submodule(path)
     base = type(mod).__bases__[0]
-    plain = base.__new__(base)
+    plain: Any = object.__new__(base)
     plain.__dict__ = dict(mod.__dict__)
     plain._modules = {k: v for k, v in mod._modules.items() if k != "parametrizations"}
     plain._buffers = dict(mod._buffers)
     plain._parameters = dict(mod._parameters)
-    weight = mod.parametrizations.weight.original.detach().clone()  # type: ignore[union-attr]
+    weight = mod.parametrizations.weight.original.detach().clone()
     if grid is not None:
         d, bits = grid
         limit = 2 ** (bits - 1) - 1
@@ -92,7 +94,7 @@ def strip_weight_quantizers(gm: fx.GraphModule, *, fake_quantize: bool = False) 
             source = node.args[0]
             if fake_quantize and isinstance(source, fx.Node) and source.op == "get_attr":
                 _fake_quantize_attr(gm, str(source.target), gm.get_submodule(target))
-            node.replace_all_uses_with(source)  # type: ignore[arg-type]
+            node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
     gm.meta["djpq.weight_grid"] = grid
     gm.graph.lint()

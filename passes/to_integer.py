@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -85,7 +86,7 @@ class _Lowering:
         users = list(node.users)
         return users[0] if len(users) == 1 else None
 
-    def module(self, name: str, mod: nn.Module, args: tuple[object, ...]) -> fx.Node:
+    def module(self, name: str, mod: nn.Module, args: tuple[Any, ...]) -> fx.Node:
         self.bank[name] = mod
         return self.graph.call_module(f"djpq_int.{name}", args)
 
@@ -117,8 +118,8 @@ class _Lowering:
     def quantizer(self, node: fx.Node) -> None:
         out = self.quant_act(node)
         src = node.args[0]
-        src_act = self.act.get(src.name)  # type: ignore[union-attr]
-        x = self.env[src.name]  # type: ignore[union-attr]
+        src_act = self.act.get(_name(src))
+        x = self.env[_name(src)]
         if src_act is None:
             new = self.module(f"q_{node.name}", im.Quantize(out.scale, out.bits, out.signed), (x,))
         elif src_act == out:
@@ -137,7 +138,7 @@ class _Lowering:
         chain, bn, relu, quant = self._chain(node)
         out_act = self.quant_act(quant) if quant is not None else None
         mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, out_act, relu)
-        new = self.module(f"{params.kind}_{node.name}", mod, (self.env[x.name],))  # type: ignore[union-attr]
+        new = self.module(f"{params.kind}_{node.name}", mod, (self.env[_name(x)],))
         for n in chain:
             self.done.add(n.name)
             self.env[n.name], self.act[n.name] = new, out_act
@@ -177,7 +178,7 @@ class _Lowering:
         if any(a is None for a in acts) or (is_cat and dim != 1):
             return False
         out = self.quant_act(quant)
-        ins = tuple(self.env[a.name] for a in operands)  # type: ignore[union-attr]
+        ins = tuple(self.env[_name(a)] for a in operands)
         if is_cat:
             scales = [a.scale for a in acts]  # type: ignore[union-attr]
             mod: nn.Module = im.IntConcat(concat_rescales(scales, out.scale), scales, out.scale,
@@ -202,7 +203,7 @@ class _Lowering:
             return True
         mod = int_module_for(self.gm, node, act)
         if mod is not None:
-            self.env[node.name] = self.module(f"op_{node.name}", mod, (self.env[x.name],))  # type: ignore[union-attr]
+            self.env[node.name] = self.module(f"op_{node.name}", mod, (self.env[_name(x)],))
             self.act[node.name] = act
             return True
         if self.key(node) in _SHAPE:
@@ -218,7 +219,7 @@ class _Lowering:
             return False
         pool, count = summed
         out = self.quant_act(quant)
-        x = self.env[node.args[0].name]  # type: ignore[union-attr]
+        x = self.env[_name(node.args[0])]
         total = self.module(f"sum_{node.name}", pool, (x,))
         new = self.module(f"rq_{quant.name}", im.Requantize(act.scale / count, out.scale,
                                                             out.bits, out.signed), (total,))
@@ -257,6 +258,13 @@ class _Lowering:
             n.name: self.env[n.name].name for n in self.gm.graph.nodes
             if self.is_quant(n) and self.act.get(n.name) is not None}
         return out
+
+
+def _name(arg: object) -> str:
+    """The name of a node argument (every caller has checked it is a node)."""
+    if not isinstance(arg, fx.Node):
+        raise TypeError(f"expected an fx.Node, got {type(arg).__name__}")
+    return arg.name
 
 
 def int_module_for(gm: fx.GraphModule, node: fx.Node, act: Act) -> nn.Module | None:

@@ -71,6 +71,13 @@ class Dequantize(nn.Module):
 
 
 class _IntLayer(nn.Module):
+    weight: torch.Tensor
+    bias: torch.Tensor
+    w_scale: torch.Tensor
+    m: torch.Tensor
+    shift: torch.Tensor
+    out_bias: torch.Tensor
+
     """Shared state of integer conv/linear: int weights, int bias, per-channel requantization.
 
     ``out_scale is None`` means the layer ends a float island boundary: it returns the real value
@@ -103,7 +110,8 @@ class _IntLayer(nn.Module):
         if self.out_scale is None:
             shape = [1] * acc.ndim
             shape[1] = -1
-            real = acc.to(torch.float64) * (self.in_scale * self.w_scale).view(shape)
+            scale = self.w_scale * self.in_scale
+            real = acc.to(torch.float64) * scale.view(shape)
             return (real + self.out_bias.view(shape)).to(torch.float32)
         return requantize(acc, self.m, self.shift, 0, self.qmin, self.qmax)
 
@@ -115,8 +123,10 @@ class IntConv2d(_IntLayer):
     def __init__(self, *, stride: Sequence[int], padding: Sequence[int],
                  dilation: Sequence[int], groups: int, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.stride, self.padding = tuple(stride), tuple(padding)
-        self.dilation, self.groups = tuple(dilation), int(groups)
+        self.stride: tuple[int, int] = (int(stride[0]), int(stride[-1]))
+        self.padding: tuple[int, int] = (int(padding[0]), int(padding[-1]))
+        self.dilation: tuple[int, int] = (int(dilation[0]), int(dilation[-1]))
+        self.groups = int(groups)
 
     def forward(self, x_q: torch.Tensor) -> torch.Tensor:
         acc = int_conv2d(x_q, self.weight, self.bias, stride=self.stride, padding=self.padding,
