@@ -136,15 +136,18 @@ def test_d_never_exceeds_q_max() -> None:
     torch.testing.assert_close(q.bits(), torch.tensor(2.0))
 
 
-def test_snapped_q_max_is_multiple_of_d() -> None:
-    q = _set(DQQuantizer(signed=True), d=0.1, q_max=0.1 * (2**4.3 - 1))
+def test_snapped_keeps_the_clip_range_and_refines_the_step() -> None:
+    """Read-out keeps the learned q_max (the network was trained to be clipped there) and puts
+    levels(ceil b) steps below it: q_max is an exact multiple of the new d."""
+    q_max0 = 0.1 * (2**4.3 - 1)
+    q = _set(DQQuantizer(signed=True), d=0.1, q_max=q_max0)
     d, q_max, bits = q.snapped()
     assert bits == 6
-    torch.testing.assert_close(d, torch.tensor(0.1))
-    torch.testing.assert_close(q_max, torch.tensor(0.1 * 31))
-    u = _set(DQQuantizer(signed=False), d=0.1, q_max=0.1 * (2**4.3 - 1))
-    torch.testing.assert_close(u.snapped().q_max, torch.tensor(0.1 * 31))
+    torch.testing.assert_close(q_max, torch.tensor(q_max0))
+    torch.testing.assert_close(d, torch.tensor(q_max0 / 31))
+    u = _set(DQQuantizer(signed=False), d=0.1, q_max=q_max0)
     assert u.snapped().bits == 5
+    torch.testing.assert_close(u.snapped().d * 31, torch.tensor(q_max0))
 
 
 # --------------------------------------------------------------------------- restricted / fixed

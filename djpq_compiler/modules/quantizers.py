@@ -278,18 +278,20 @@ class DQQuantizer(nn.Module):
     def snapped(self) -> Snapped:
         """``(d, q_max, bits)`` with ``q_max`` (grid domain) exactly ``d * levels(bits)``.
 
-        Plain DQ keeps ``d`` and moves ``q_max``; fixed/restricted keep ``q_max`` (already a
-        multiple). With ``learn_t`` the returned ``q_max`` is in the input domain.
+        Every mode keeps the learned ``q_max`` and sets ``d = q_max / levels(bits)`` (a slightly
+        finer grid when ``bits = ceil(b)`` rounds up). With ``learn_t`` the returned ``q_max`` is
+        in the input domain.
         """
         bits = self.readout_bits()
         n = float(levels(float(bits), self.signed))
         with torch.no_grad():
-            if self.log_d is None or self.restricted:
-                q_grid = self.q_grid().clone()
-                d = q_grid / n
-            else:
-                d = self._free_d().clone()
-                q_grid = d * n
+            # [choice] Every mode keeps the learned clipping range q_max and refines the step to
+            # d = q_max / levels(ceil b). Keeping d and widening q_max instead (the other reading
+            # of "snap q_max to a multiple of d") lets through the values the trained network
+            # learned to clip: measured on resnet20 after a DJPQ fine-tune at ~3-4 bits, test
+            # accuracy fell from 91.2 % (continuous bits) to 80.4 % with that choice.
+            q_grid = self.q_grid().clone()
+            d = q_grid / n
             t = self.t()
             q_max = q_grid if t is None else q_grid ** (1.0 / t)
         return Snapped(d, q_max, bits)
