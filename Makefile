@@ -32,7 +32,7 @@ data:
 	fi
 
 demo: setup
-	$(PY) -m djpq_compiler.cli demo
+	$(PY) -m djpq_compiler.cli demo --model vgg7
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
