@@ -167,8 +167,9 @@ def _agreement_lines(result: DemoResult) -> list[str]:
     if result.onnx_max_lsb is None:
         lines.append(f"- onnxruntime vs integer reference: not run{_note(result.onnx_note)}")
     else:
-        lines.append(f"- onnxruntime vs integer reference: max {result.onnx_max_lsb} LSB over "
-                     f"all integer activations (invariant: <= 1 LSB){_note(result.onnx_note)}")
+        lines.append(f"- onnxruntime vs integer reference: max {result.onnx_max_lsb} LSB per op, "
+                     "each op run on the reference's input codes (invariant: <= 1 LSB)"
+                     f"{_note(result.onnx_note)}")
     return lines
 
 

@@ -2,8 +2,9 @@
 
 Tolerances (see ``backends/onnx/verify.py``):
 
-* integer activations are compared as codes: ``max_lsb <= 1`` at the last quantized activation
-  (and at every intermediate one for the tiny 8-bit nets; deep nets propagate single-code flips);
+* integer activations are compared as codes, per op (each op run on the reference's own input
+  codes): ``<= 1 LSB`` everywhere; end to end only for the tiny nets, since in deep random-init
+  nets a flipped code propagates and grows;
 * a float output of an integer layer is compared in units of
   ``u_c = in_scale * w_scale[c] * sum_k |w_q[c, k]|`` -- the largest change of output channel ``c``
   when every input code moves by one LSB -- so ``<= 1 LSB`` at its input bounds it by 1 unit.
@@ -63,8 +64,9 @@ def _prepared(name: str, config: DJPQConfig | None = None, prune: bool = True,
 
 
 def _check_integer(report: dict, exact_intermediates: bool = True) -> None:
-    assert report["max_lsb"] <= 1, report
+    assert report["max_lsb_per_op"] <= 1, report["per_op"]
     if exact_intermediates:
+        assert report["max_lsb"] <= 1, report
         assert report["max_lsb_any"] <= 1, report["nodes"]
     for out in report["outputs"]:
         if out["kind"] == "int":
@@ -84,12 +86,34 @@ def _export_and_verify(name: str, tmp_path, config: DJPQConfig | None = None) ->
 @pytest.mark.parametrize("name", [*TINY, *ZOO])
 def test_integer_export_matches_reference(name: str, tmp_path) -> None:
     report = _export_and_verify(name, tmp_path)
-    # Each op agrees to <= 1 LSB (rounding ties, float32 multipliers). In the deep zoo nets a
-    # flipped code propagates and a Requantize to a finer scale (in/out ratio ~2) amplifies it,
-    # so intermediate activations may differ by a few codes; the last one stays within 1.
-    _check_integer(report, exact_intermediates=name in TINY)
     assert report["last_quantized"] is not None
-    assert report["max_lsb_any"] <= 4, report["nodes"]
+    # Each op on the reference's own input codes: <= 1 LSB (rounding ties, float32 multipliers),
+    # and such flips are rare.
+    assert report["per_op"] and report["max_lsb_per_op"] <= 1, report["per_op"]
+    assert max(report["per_op_mismatch"].values()) <= 1e-3, report["per_op_mismatch"]
+    # End to end, a flipped code propagates; in these random-init deep nets a requantization to a
+    # finer scale amplifies it (mobilenetv2: up to 6 LSB, 7 % of the last codes on one machine),
+    # so only the tiny nets are held to 1 LSB at every activation. The float outputs stay within
+    # one unit of their input codes' LSB.
+    _check_integer(report, exact_intermediates=name in TINY)
+
+
+def test_per_op_check_catches_a_wrong_op(tmp_path) -> None:
+    """The teacher-forced check sees a corrupted weight in the file, whatever came before it."""
+    p, x = _prepared("vgg7")
+    converted = convert(p)
+    path = export(converted, tmp_path / "vgg7.onnx", (x,))
+    model = onnx.load(str(path))
+    int8, uint8 = onnx.TensorProto.INT8, onnx.TensorProto.UINT8
+    target = next(t for t in model.graph.initializer if t.name.endswith("/weight")
+                  and t.data_type in (int8, uint8))
+    codes = onnx.numpy_helper.to_array(target).copy()
+    codes.reshape(-1)[: codes.size // 2] = 128 if target.data_type == uint8 else 0  # zero point
+    target.CopyFrom(onnx.numpy_helper.from_array(codes, target.name))
+    onnx.save(model, str(path))
+    report = verify(converted, path, (x,))
+    layer = target.name.rsplit("/", 1)[0]
+    assert report["per_op"][layer] > 1, report["per_op"]
 
 
 @pytest.mark.parametrize("name", [*TINY, "vgg7"])
