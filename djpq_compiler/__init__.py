@@ -33,6 +33,7 @@ from djpq_compiler.loss import djpq_loss
 from djpq_compiler.prepare import prepare
 from djpq_compiler.prepared import (
     check_finite,
+    freeze_for_deployment,
     open_gates,
     param_groups,
     set_gates_deterministic,
@@ -62,6 +63,7 @@ __all__ = [
     "set_quantizers",
     "set_gates_deterministic",
     "open_gates",
+    "freeze_for_deployment",
     "BopsReport",
     "BopsRow",
     "DjpqError",

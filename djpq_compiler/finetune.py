@@ -8,6 +8,7 @@ learned) differ only in the :class:`~djpq_compiler.config.DJPQConfig` given to `
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from djpq_compiler.bops import bops
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.loss import djpq_loss
-from djpq_compiler.prepared import check_finite, param_groups
+from djpq_compiler.prepared import check_finite, freeze_for_deployment, param_groups
 
 __all__ = ["FinetuneConfig", "FinetuneLog", "finetune", "accuracy"]
 
@@ -38,6 +39,12 @@ class FinetuneConfig:
         djpq_lr: Adam learning rate of gate and quantizer parameters.
         log_every: Steps between :class:`FinetuneLog` records (hard-gate BOPs are counted then).
         loss_kind: ``"vib_bops"`` / ``"soft_bops"``; ``None`` uses the prepared config's.
+        finalize: Fraction of the budget (steps, or minutes when no step limit is set) spent at
+            the end with every gate and quantizer frozen at what ``convert`` deploys
+            (:func:`~djpq_compiler.prepared.freeze_for_deployment`: read-out bits, hard gates),
+            training only the weights, so they adapt to the rounded-up bit-widths; ``0`` skips
+            the phase. [choice] 0.1: on resnet20 without it the integer model was 2.7 points below
+            the continuous-bit fake-quant model.
     """
 
     gamma: float = 1.0
@@ -47,12 +54,15 @@ class FinetuneConfig:
     djpq_lr: float = 1e-2
     log_every: int = 100
     loss_kind: str | None = None
+    finalize: float = 0.1
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
             raise ConfigError("FinetuneConfig: set steps or minutes (or both)")
         if self.gamma < 0 or self.weight_lr <= 0 or self.djpq_lr <= 0:
             raise ConfigError("FinetuneConfig: gamma >= 0 and learning rates > 0 required")
+        if not 0.0 <= self.finalize < 1.0:
+            raise ConfigError(f"FinetuneConfig: finalize must be in [0, 1), got {self.finalize!r}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class FinetuneLog:
     task_loss: float
     regularizer: float
     gbops: float
+    finalizing: bool = False
 
 
 def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -74,6 +85,10 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
              on_log: Callable[[FinetuneLog], None] | None = None) -> list[FinetuneLog]:
     """Train ``prepared`` in place; returns the periodic logs (BOPs at hard gates, read-out bits).
 
+    The last ``config.finalize`` of the budget trains the weights only, with gates and quantizers
+    frozen at their deployed values; afterwards ``prepared`` in eval mode computes what
+    ``convert(prepared)`` runs (to <= 1 LSB per quantizer).
+
     Raises:
         QuantizationError: a gate or quantizer parameter became NaN/Inf (checked at every log).
     """
@@ -81,14 +96,24 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
                                         djpq_lr=config.djpq_lr))
     start, logs, step = time.perf_counter(), [], 0
     limit = config.steps if config.steps is not None else 10**12
+    seconds = 60 * config.minutes if config.minutes is not None else math.inf
+    final_step = math.ceil(limit * (1.0 - config.finalize)) if config.steps is not None else None
+    final_second = seconds * (1.0 - config.finalize)
+    finalizing = False
     bar = tqdm(total=config.steps, disable=not progress, desc="djpq fine-tune", leave=False)
     prepared.train()
     for x, y in _batches(train_loader):
         elapsed = time.perf_counter() - start
-        if step >= limit or (config.minutes is not None and elapsed > 60 * config.minutes):
+        if step >= limit or elapsed > seconds:
             break
+        if config.finalize and not finalizing and (
+                step >= final_step if final_step is not None else elapsed > final_second):
+            freeze_for_deployment(prepared)
+            finalizing = True
+            bar.set_description("djpq fine-tune (finalizing: deployed bits and gates)")
         task = F.cross_entropy(prepared(x), y)
-        reg = djpq_loss(prepared, config.loss_kind) if config.gamma else torch.zeros(())
+        reg = (djpq_loss(prepared, config.loss_kind) if config.gamma and not finalizing
+               else torch.zeros(()))
         opt.zero_grad(set_to_none=True)
         (task + config.gamma * reg).backward()
         opt.step()
@@ -96,7 +121,8 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
         bar.update(1)
         if step % config.log_every == 0:
             check_finite(prepared)
-            log = FinetuneLog(step, elapsed, task.item(), reg.item(), bops(prepared).gbops)
+            log = FinetuneLog(step, elapsed, task.item(), reg.item(), bops(prepared).gbops,
+                              finalizing)
             logs.append(log)
             bar.set_postfix(loss=f"{log.task_loss:.3f}", gbops=f"{log.gbops:.4f}")
             if on_log is not None:

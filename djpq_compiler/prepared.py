@@ -34,6 +34,7 @@ __all__ = [
     "snap_quantizers",
     "set_gates_deterministic",
     "open_gates",
+    "freeze_for_deployment",
     "param_groups",
     "check_finite",
 ]
@@ -187,6 +188,36 @@ def open_gates(model: nn.Module) -> None:
         g.mu.fill_(1.0)
         g.log_sigma2.clamp_(max=-g.log_threshold - 1.0)
         g.deterministic = True
+
+
+@torch.no_grad()
+def freeze_for_deployment(model: nn.Module) -> None:
+    """Fix every gate and quantizer at what ``convert`` deploys, and stop training them.
+
+    Quantizers are snapped to their read-out bits (:func:`snap_quantizers`); gates become
+    deterministic with their hard mask equal to ``deploy_mask(round_to)`` (the atoms ``convert``
+    re-admits, never-empty groups and rounded counts, get ``log sigma^2`` lowered so that they
+    pass the threshold); all gate and quantizer parameters get ``requires_grad=False``. The model
+    then computes exactly the deployed network while its weights (and BN) keep training: the
+    finalization phase of :func:`~djpq_compiler.finetune.finetune`, which lets the weights adapt
+    to the rounded-up bit-widths instead of meeting them only at conversion.
+    """
+    gm = unwrap(model)
+    config = gm.meta.get("djpq.config") if isinstance(gm, fx.GraphModule) else None
+    round_to = int(getattr(config, "round_to", 1))
+    snap_quantizers(gm)
+    for _, g in gates(gm):
+        mask = g.deploy_mask(round_to)
+        readmit = mask & ~g.keep_mask()
+        if bool(readmit.any()):
+            floor = torch.log(g.mu[readmit].square() + torch.finfo(g.mu.dtype).tiny)
+            g.log_sigma2[readmit] = torch.minimum(g.log_sigma2[readmit],
+                                                  floor - g.log_threshold - 1.0)
+        g.deterministic = True
+    for m in gm.modules():
+        if isinstance(m, (VIBGate, DQQuantizer)):
+            for p in m.parameters():
+                p.requires_grad_(False)
 
 
 def param_groups(model: nn.Module, weight_lr: float, djpq_lr: float = 1e-3,

@@ -11,6 +11,9 @@ import djpq_compiler as djpq
 from djpq_compiler import ConfigError
 from djpq_compiler.convert import convert
 from djpq_compiler.finetune import FinetuneConfig, accuracy, finetune
+from djpq_compiler.modules import DQQuantizer, VIBGate
+from djpq_compiler.prepared import gates, quantizers, snap_quantizers
+from djpq_compiler.verify import integer_agreement
 
 
 def _data(n: int = 64) -> DataLoader:
@@ -41,3 +44,39 @@ def test_budget_is_required_and_validated() -> None:
         FinetuneConfig(steps=None, minutes=None)
     with pytest.raises(ConfigError, match="gamma"):
         FinetuneConfig(gamma=-1.0)
+
+
+def test_finalize_phase_trains_the_deployed_network() -> None:
+    """After the finalization phase the prepared model in eval mode *is* the deployed network:
+    snapping again changes nothing, its outputs equal the converted float model's with quantizers
+    at read-out bits, and only the weights trained during the phase."""
+    torch.manual_seed(0)
+    loader = _data()
+    x = next(iter(loader))[0]
+    prepared = djpq.prepare(T.Residual().eval(), x)
+    for _, g in gates(prepared):  # close a few atoms so pruning really happens
+        g.mu.data[:1] = 1e-3
+    seen: list[tuple[int, bool]] = []
+    finetune(prepared, loader, FinetuneConfig(gamma=5.0, steps=20, minutes=None, djpq_lr=0.1,
+                                              log_every=5, finalize=0.5),
+             progress=False, on_log=lambda log: seen.append((log.step, log.finalizing)))
+    assert seen == [(5, False), (10, False), (15, True), (20, True)]
+    frozen = [p for m in prepared.modules()
+              if isinstance(m, (VIBGate, DQQuantizer))
+              for p in m.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    for _, q in quantizers(prepared):
+        bits = q.continuous_bits().detach()
+        assert torch.allclose(bits, bits.round(), atol=1e-4), bits  # exactly at read-out bits
+    with torch.no_grad():
+        before = prepared.eval()(x)
+        snap_quantizers(prepared)
+        assert torch.equal(prepared(x), before)
+    agreement = integer_agreement(prepared, convert(prepared), x)
+    assert max(agreement.values()) <= 1, agreement
+    assert djpq.bops(convert(prepared)).total == djpq.bops(prepared).total
+
+
+def test_finalize_is_validated() -> None:
+    with pytest.raises(ConfigError, match="finalize"):
+        FinetuneConfig(finalize=1.0)

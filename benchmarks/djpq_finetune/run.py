@@ -1,11 +1,14 @@
 """DJPQ fine-tune on Fashion-MNIST from a committed FP32 checkpoint, and its baselines.
 
-Each method gets the same wall-clock budget from the same checkpoint; accuracy is measured on the
+Each method gets the same budget (optimizer steps with ``--steps``, else wall-clock minutes) from
+the same checkpoint; accuracy is measured on the
 full 10k test set with the *integer* converted model (hard gates, read-out bits), BOPs with
 ``djpq.bops`` of that model. Results append to a JSON-lines file.
 
 Usage:
   python benchmarks/djpq_finetune/run.py --model resnet20 --method djpq --minutes 15 --gamma 1
+  python benchmarks/djpq_finetune/run.py --model resnet20 --method two_stage --minutes 0 \
+      --steps 700 --gamma 1
   methods: djpq, djpq_restricted, two_stage, two_stage_restricted, dq_only, vib_only, w8a8, w4a4
 """
 
@@ -39,17 +42,20 @@ METHODS = {
 
 
 def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argparse.Namespace,
-           minutes: float, gamma: float) -> torch.fx.GraphModule:
+           minutes: float | None, gamma: float, steps: int | None,
+           finalize: float) -> torch.fx.GraphModule:
     train, _ = loaders
     calib = [next(iter(train))[0] for _ in range(4)]
     prepared = djpq.prepare(model, calib[0], cfg, calibration_data=calib)
-    finetune(prepared, train, FinetuneConfig(gamma=gamma, minutes=minutes,
+    finetune(prepared, train, FinetuneConfig(gamma=gamma, minutes=minutes, steps=steps,
                                              weight_lr=args.weight_lr, djpq_lr=args.djpq_lr,
-                                             log_every=args.log_every),
+                                             log_every=args.log_every, finalize=finalize),
              progress=False, on_log=lambda log: print(f"  step {log.step} {log.seconds:.0f}s "
                                                       f"task {log.task_loss:.3f} "
                                                       f"R {log.regularizer:.4f} "
-                                                      f"GBOPs {log.gbops:.4f}", flush=True))
+                                                      f"GBOPs {log.gbops:.4f}"
+                                                      f"{' (final)' if log.finalizing else ''}",
+                                                      flush=True))
     return prepared
 
 
@@ -62,22 +68,26 @@ def run(args: argparse.Namespace) -> dict:
     fp32 = djpq.bops(model, x)
     fp32_acc = accuracy(model, loaders[1])
     start = time.perf_counter()
+    minutes, steps = args.minutes, args.steps
     if args.method.startswith("two_stage"):
-        stage1 = _stage(model, DJPQConfig(quantize=False), loaders, args, args.minutes / 2,
-                        args.gamma)
+        # half the budget each; stage 1 freezes its gates at the end, stage 2 its bits
+        half = (None if minutes is None else minutes / 2, None if steps is None else steps // 2)
+        stage1 = _stage(model, DJPQConfig(quantize=False), loaders, args, half[0], args.gamma,
+                        half[1], args.finalize)
         pruned = convert(stage1, integer=False)
         extra = {"restricted": True} if args.method.endswith("restricted") else {}
-        prepared = _stage(pruned, DJPQConfig(prune=False, **extra), loaders, args,
-                          args.minutes / 2, args.gamma)
+        prepared = _stage(pruned, DJPQConfig(prune=False, **extra), loaders, args, half[0],
+                          args.gamma, half[1], args.finalize)
     else:
         prepared = _stage(model, DJPQConfig(**METHODS[args.method]), loaders, args,
-                          args.minutes, args.gamma)
+                          minutes, args.gamma, steps, args.finalize)
     train_s = time.perf_counter() - start
     converted = convert(prepared)
     report = djpq.bops(converted)
     result = {
         "model": args.model, "method": args.method, "gamma": args.gamma,
-        "minutes": args.minutes, "train_seconds": round(train_s),
+        "minutes": args.minutes, "steps": args.steps, "finalize": args.finalize,
+        "djpq_lr": args.djpq_lr, "train_seconds": round(train_s),
         "fp32_acc": fp32_acc, "fake_quant_acc": accuracy(prepared, loaders[1]),
         "integer_acc": accuracy(converted, loaders[1]),
         "gbops": report.gbops, "fp32_gbops": fp32.gbops,
@@ -96,7 +106,11 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20", choices=sorted(zoo.MODELS))
     parser.add_argument("--method", default="djpq",
                         choices=sorted(METHODS) + ["two_stage", "two_stage_restricted"])
-    parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--minutes", type=float, default=15.0,
+                        help="wall-clock budget (0: none, use --steps)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer-step budget")
+    parser.add_argument("--finalize", type=float, default=0.1,
+                        help="fraction of the budget trained at deployed bits and gates")
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--weight-lr", type=float, default=2e-4)
     parser.add_argument("--djpq-lr", type=float, default=1e-2)
@@ -106,6 +120,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/djpq_finetune/results.jsonl")
     args = parser.parse_args()
+    if not args.minutes:
+        args.minutes = None
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "bits"}, indent=1))
     with Path(args.out).open("a") as f:
