@@ -211,3 +211,39 @@ def test_cuda_source_and_ptx(small: tuple) -> None:
         pytest.skip("nvcc not installed: PTX not checked")
     ptx = tvm_backend.compile_cuda_to_ptx(source, arch="sm_80")
     assert ".entry" in ptx and ".target sm_80" in ptx
+
+
+class WithPassThrough(nn.Module):
+    """Quantize -> Identity -> Dropout -> conv -> F.dropout(training=self.training) -> Dropout2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, signed=False)
+        self.identity = nn.Identity()
+        self.drop = nn.Dropout(0.5)
+        self.conv = make_layer("conv", 3, 4, 0.02, x_bits=8, w_bits=4, out_bits=8, seed=6)
+        self.drop2d = nn.Dropout2d(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.drop(self.identity(self.quant(x))))
+        y = torch.nn.functional.dropout(y, 0.2, self.training)
+        return self.drop2d(y.detach())
+
+
+def test_identity_and_eval_dropout_pass_through() -> None:
+    gm = im.trace_integer(WithPassThrough().eval())
+    x = example((2, 3, 8, 8))
+    model = tvm_backend.build(gm, "x86", example_inputs=x)
+    _assert_equal((model(x),), (gm(x),))
+    assert "dropout" not in model.script()
+
+
+def test_training_mode_dropout_is_refused() -> None:
+    gm = im.trace_integer(WithPassThrough().eval())
+    gm.get_submodule("drop").train()
+    with pytest.raises(BackendError, match=r"drop.*training mode.*eval\(\)"):
+        tvm_backend.build(gm, "x86", example_inputs=example((1, 3, 8, 8)))
+    traced_training = im.trace_integer(WithPassThrough().train())
+    traced_training.eval()  # the modules are fine now, but F.dropout was traced training=True
+    with pytest.raises(BackendError, match="traced with training=True and p=0.2"):
+        tvm_backend.build(traced_training, "x86", example_inputs=example((1, 3, 8, 8)))

@@ -1,0 +1,67 @@
+"""TVM backend on converted zoo models: pruned, integer, bit-exact with the reference executor.
+
+The models are prepared from their committed FP32 checkpoints (random init where none is
+committed), their gates are closed at random so that every group loses channels, and
+``convert()`` removes them; the x86 build must equal the converted GraphModule run in PyTorch
+(the integer reference semantics) bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+import djpq_compiler as djpq
+from djpq_compiler import zoo
+from djpq_compiler.convert import convert
+from djpq_compiler.prepared import gates
+
+pytest.importorskip("tvm")
+tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
+
+
+def pruned_converted(name: str, batch: int = 2, seed: int = 0) -> tuple[fx.GraphModule,
+                                                                           torch.Tensor]:
+    """``convert()`` of zoo model ``name`` with ~40 % of every gate group closed at random."""
+    torch.manual_seed(seed)
+    path = zoo.checkpoint_path(name)
+    model = zoo.load_pretrained(name) if path.exists() else zoo.get_model(name)
+    x = torch.randn(batch, 1, 28, 28)
+    prepared = djpq.prepare(model.eval(), x)
+    gen = torch.Generator().manual_seed(seed)
+    for _, gate in gates(prepared):
+        with torch.no_grad():
+            gate.mu[torch.rand(gate.mu.shape, generator=gen) < 0.4] = 1e-3
+            gate.mu[0] = 1.0  # never prune a whole group
+    return convert(prepared.eval()), x
+
+
+def _out_channels(gm: nn.Module) -> dict[str, int]:
+    return {n: int(m.weight.shape[0]) for n, m in gm.named_modules()
+            if getattr(m, "weight", None) is not None and m.weight.dim() == 4}
+
+
+def test_resnet20_pruned_builds_for_x86_and_is_bit_exact() -> None:
+    converted, x = pruned_converted("resnet20")
+    identities = [n for n in converted.graph.nodes if n.op == "call_module"
+                  and isinstance(converted.get_submodule(str(n.target)), nn.Identity)]
+    assert len(identities) == 7  # the identity shortcuts this test exists for
+    original = _out_channels(zoo.get_model("resnet20"))
+    assert sum(_out_channels(converted).values()) < sum(original.values())  # channels removed
+
+    model = tvm_backend.build(converted, "x86", example_inputs=x)
+    for seed in (1, 2):
+        inp = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 2
+        got, want = model(inp), converted(inp)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want), (got - want).abs().max()
+    assert "Identity" not in model.script()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vgg7", "inception"])
+def test_zoo_pruned_bit_exact(name: str) -> None:
+    converted, x = pruned_converted(name)
+    model = tvm_backend.build(converted, "x86", example_inputs=x)
+    assert torch.equal(model(x), converted(x))
