@@ -77,6 +77,8 @@ __all__ = [
     "ArtifactError",
     "BackendError",
     "MissingExtraError",
+    "save_converted",
+    "load_converted",
 ]
 
 
@@ -86,4 +88,8 @@ def __getattr__(name: str) -> object:
         import importlib
 
         return importlib.import_module("djpq_compiler.backends")
+    if name in ("save_converted", "load_converted"):  # safe converted-model files (serialize.py)
+        from djpq_compiler import serialize
+
+        return getattr(serialize, name)
     raise AttributeError(f"module 'djpq_compiler' has no attribute {name!r}")
