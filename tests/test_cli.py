@@ -356,3 +356,23 @@ def test_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="std values"):
         CompressOptions(model="m:f", data=".", mean=(0.5,), std=(0.0,))
     assert CompressOptions(model="m:f", data=".").batch_size == 32
+
+
+def test_run_demo_from_python(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from djpq_compiler.data import find_root
+    from djpq_compiler.demo import DemoOptions, run_demo
+
+    if not find_root().is_dir():
+        pytest.skip("Fashion-MNIST is not installed")
+    options = DemoOptions(model="vgg7", steps=1, train_subset=64, test_subset=50, batch_size=32,
+                          latency_runs=1, tvm=False, onnx=False, progress=False, out=tmp_path)
+    outcome = run_demo(options)
+    assert outcome.ok and outcome.report == tmp_path / "report.md"
+    result = outcome.result
+    assert result.model == "vgg7" and result.train_steps == 1 and result.test_images == 50
+    assert result.integer_gbops is not None and result.integer_gbops < result.fp32_gbops / 10
+    assert result.tvm_bit_exact is None and result.onnx_max_lsb is None
+    text = outcome.report.read_text()
+    assert "run_demo(DemoOptions(" in text and "model='vgg7'" in text
+    assert f"report: {outcome.report}" in capsys.readouterr().out
+    assert {"plan.json", "prepared.pt"} <= {p.name for p in tmp_path.iterdir()}
