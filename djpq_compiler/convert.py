@@ -96,8 +96,10 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     model = unwrap(prepared)
     stage = model.meta.get("djpq.stage") if isinstance(model, fx.GraphModule) else None
     if not isinstance(model, fx.GraphModule) or stage != "prepared":
+        hint = (" (it is already converted: convert it only once)"
+                if stage == "converted" else "")
         raise ConfigError(f"convert() expects a model returned by djpq_compiler.prepare(); got "
-                          f"{type(model).__name__} with stage {stage!r} (convert it only once)")
+                          f"{type(model).__name__} with stage {stage!r}{hint}")
     check_finite(model)
     gm: fx.GraphModule = copy.deepcopy(model)
     gm.eval()
@@ -113,6 +115,7 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    gm.delete_all_unused_submodules()  # dropped quantizers, fused BNs: not part of the model
     gm.meta["djpq.stage"] = "converted"
     gm.meta["djpq.integer"] = False
     return gm

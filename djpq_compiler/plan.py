@@ -80,13 +80,14 @@ class CompressionPlan:
     def _validate(self) -> None:
         if self.version != PLAN_VERSION:
             raise PlanError(f"plan version {self.version} is not supported (expected "
-                            f"{PLAN_VERSION})")
+                            f"{PLAN_VERSION}); re-create it with djpq_compiler.plan.plan_from(prepared)")
         for gid, atoms in self.keep.items():
             size = self.groups.get(gid)
             if size is None or not atoms or len(set(atoms)) != len(atoms) \
                     or min(atoms) < 0 or max(atoms) >= size:
                 raise PlanError(f"plan entry for group {gid} is invalid: kept {list(atoms)[:8]} "
-                                f"of a group of size {size}")
+                                f"of a group of size {size}; the file was edited or damaged: "
+                                "re-create it with djpq_compiler.plan.plan_from(prepared)")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON atomically (temp file + rename): never a half-written plan."""
@@ -139,7 +140,9 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: CompressionPlan) -> 
                         f"{signature[:12]}…); use the same model definition and input shape")
     for gid, size in plan.groups.items():
         if gid >= len(report.groups) or report.groups[gid].size != size:
-            raise PlanError(f"plan group {gid} (size {size}) does not match this model's groups")
+            raise PlanError(f"plan group {gid} (size {size}) does not match this model's groups; "
+                            "the plan was made for another version of this model: re-create it "
+                            "with djpq_compiler.plan.plan_from(prepared)")
     prune_graph(gm, {gid: list(atoms) for gid, atoms in plan.keep.items()})
     propagate_shapes(gm, as_input_tuple(example_inputs))
     gm.meta["djpq.plan_hash"] = plan.hash

@@ -2,8 +2,7 @@
 
 Every case asserts three things: a :class:`~djpq_compiler.errors.DjpqError` subclass is raised,
 its message names the node / argument / file at fault and says what to do, and nothing was
-half-done (the user's model, or prepared model, is unchanged; a target file is untouched). Where
-a message does not yet say what to do, the case is a strict xfail naming the change needed.
+half-done (the user's model, or prepared model, is unchanged; a target file is untouched).
 """
 
 from __future__ import annotations
@@ -440,13 +439,6 @@ def _tampered_plans() -> list[str]:
     return [json.dumps(d) for d in (wrong_version, wrong_size, duplicate)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plan.py's PlanErrors for a wrong version ('plan version 2 is not supported (expected 1)'), "
-    "an invalid keep entry ('plan entry for group 0 is invalid: ...') and a group-size mismatch "
-    "in apply_plan ('plan group 0 (size 11) does not match this model's groups') do not say what "
-    "to do; needed in djpq_compiler/plan.py (not owned here): append '; re-create it with "
-    "djpq_compiler.plan.plan_from(prepared)' to the first two and '; the plan was made for "
-    "another version of this model: re-create it with plan_from(prepared)' to the third"))
 def test_tampered_plan_says_what_to_do(residual: nn.Module) -> None:
     from djpq_compiler.plan import CompressionPlan, apply_plan
 
