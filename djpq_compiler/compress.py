@@ -339,18 +339,10 @@ def run_compress(options: CompressOptions, command: str | None = None) -> RunOut
                          + f", normalize mean {_fmt(mean)} std {_fmt(std)} ({how})"}
     outcome = run_pipeline(model, train_loader, test_loader, options, name=options.model,
                            out=out, command=command or f"run_compress({options!r})",
-                           settings=settings)
-    _name_the_data(outcome.report, eval_dir)
+                           settings=settings, dataset=f"{eval_dir.parent.name}/{eval_dir.name}",
+                           title="djpq compress")
     return outcome
 
 
 def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
-
-
-def _name_the_data(report: Path, eval_dir: Path) -> None:
-    """The report renderer names Fashion-MNIST (the demo's data); name this run's folder."""
-    text = report.read_text()
-    text = text.replace(" on Fashion-MNIST\n", f" on {eval_dir.parent.name}\n", 1)
-    text = text.replace(" Fashion-MNIST test images.", f" images of {eval_dir}.", 1)
-    report.write_text(text)

@@ -180,7 +180,8 @@ def run_demo(options: DemoOptions, command: str | None = None) -> RunOutcome:
 
 def run_pipeline(model: nn.Module, train: DataLoader, test: DataLoader, options: RunOptions, *,
                  name: str, out: Path, command: str, settings: Mapping[str, Any],
-                 notes: Sequence[str] = ()) -> RunOutcome:
+                 notes: Sequence[str] = (), dataset: str = "Fashion-MNIST",
+                 title: str = "DJPQ demo") -> RunOutcome:
     """FP32 -> DJPQ fine-tune -> integer model -> TVM / ONNX -> report, for any classifier.
 
     Args:
@@ -194,6 +195,8 @@ def run_pipeline(model: nn.Module, train: DataLoader, test: DataLoader, options:
         settings: Leading "what was run" entries (model, checkpoint/data, ...); the pipeline's
             own (seed, gamma, budget, image counts, host) follow.
         notes: Extra lines for the report.
+        dataset: Name of the evaluation data in the report.
+        title: The report's title.
 
     Returns:
         The measured :class:`DemoResult`, the written files and the failed checks.
@@ -208,7 +211,7 @@ def run_pipeline(model: nn.Module, train: DataLoader, test: DataLoader, options:
     fields["artifacts"].update(_save_training(prepared, out))
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     result = DemoResult(
-        model=name, command=command, notes=tuple(notes),
+        model=name, command=command, notes=tuple(notes), dataset=dataset, title=title,
         settings={**settings, **_settings(options, train, test)}, fp32_acc=fp32_acc,
         fake_quant_acc=measured.fq_acc, integer_acc=measured.int_acc,
         test_images=_n_images(test), fp32_gbops=fp32.gbops,

@@ -80,7 +80,8 @@ class CompressionPlan:
     def _validate(self) -> None:
         if self.version != PLAN_VERSION:
             raise PlanError(f"plan version {self.version} is not supported (expected "
-                            f"{PLAN_VERSION}); re-create it with djpq_compiler.plan.plan_from(prepared)")
+                            f"{PLAN_VERSION}); re-create it with "
+                            "djpq_compiler.plan.plan_from(prepared)")
         for gid, atoms in self.keep.items():
             size = self.groups.get(gid)
             if size is None or not atoms or len(set(atoms)) != len(atoms) \

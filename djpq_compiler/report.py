@@ -93,6 +93,8 @@ class DemoResult:
     latencies: Sequence[Latency] = ()
     artifacts: dict[str, str] = field(default_factory=dict)
     notes: Sequence[str] = ()
+    dataset: str = "Fashion-MNIST"
+    title: str = "DJPQ demo"
 
     @property
     def reduction(self) -> float | None:
@@ -184,13 +186,13 @@ def _note(text: str) -> str:
 def render_markdown(result: DemoResult) -> str:
     """The full ``report.md`` text."""
     red = result.reduction
-    lines = [f"# DJPQ demo: {result.model} on Fashion-MNIST", "",
+    lines = [f"# {result.title}: {result.model} on {result.dataset}", "",
              "## What was run", "", "```", result.command, "```", ""]
     lines += [f"- {k}: {v}" for k, v in result.settings.items()]
     lines += [f"- fine-tune: {result.train_steps} steps in {result.train_seconds:.0f} s", ""]
     lines += [f"- note: {n}" for n in result.notes]
     lines += ["", "## Accuracy and BOPs", "",
-              f"Top-1 accuracy on {result.test_images} Fashion-MNIST test images.", "",
+              f"Top-1 accuracy on {result.test_images} {result.dataset} test images.", "",
               "| model | accuracy | GBOPs |", "|---|---:|---:|",
               f"| FP32 checkpoint | {_pct(result.fp32_acc)} | {result.fp32_gbops:.4f} |",
               f"| DJPQ fake-quant (prepared) | {_pct(result.fake_quant_acc)} | "

@@ -226,9 +226,9 @@ def test_compress_user_model_end_to_end(user_project: Path,
     assert main(argv) == 0
     out = capsys.readouterr().out
     text = (out_dir / "report.md").read_text()
-    assert text.startswith("# DJPQ demo: user_cnn:rgb on images\n")
+    assert text.startswith("# djpq compress: user_cnn:rgb on images/val\n")
     assert "djpq " + " ".join(argv) in text
-    assert "Top-1 accuracy on 12 images of images/val." in text
+    assert "Top-1 accuracy on 12 images/val test images." in text
     assert "Fashion-MNIST" not in text
     assert "(36 images, 3 classes); evaluated on images/val (12 images)" in text
     assert "resize to 16x16, RGB, normalize mean (" in text and "computed on 36 training" in text
