@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from djpq_compiler.bops import bops
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.loss import djpq_loss
-from djpq_compiler.prepared import check_finite, freeze_for_deployment, param_groups
+from djpq_compiler.prepared import check_finite, freeze_for_deployment, param_groups, unwrap
 
 __all__ = ["FinetuneConfig", "FinetuneLog", "finetune", "accuracy"]
 
@@ -85,9 +85,11 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
              on_log: Callable[[FinetuneLog], None] | None = None) -> list[FinetuneLog]:
     """Train ``prepared`` in place; returns the periodic logs (BOPs at hard gates, read-out bits).
 
-    The last ``config.finalize`` of the budget trains the weights only, with gates and quantizers
-    frozen at their deployed values; afterwards ``prepared`` in eval mode computes what
-    ``convert(prepared)`` runs (to <= 1 LSB per quantizer).
+    The last ``config.finalize`` of the budget trains the weights only, with gates and
+    quantizers frozen at their deployed values; afterwards ``prepared`` in eval mode computes what
+    ``convert(prepared)`` runs (to <= 1 LSB per quantizer). Batches are moved to the device of
+    the model's parameters. Under DistributedDataParallel set ``finalize=0``: freezing
+    parameters mid-run needs the wrapper rebuilt (``examples/ddp_finetune.py`` does that).
 
     Raises:
         QuantizationError: a gate or quantizer parameter became NaN/Inf (checked at every log).
@@ -100,6 +102,7 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
     final_step = math.ceil(limit * (1.0 - config.finalize)) if config.steps is not None else None
     final_second = seconds * (1.0 - config.finalize)
     finalizing = False
+    device = next(prepared.parameters()).device
     bar = tqdm(total=config.steps, disable=not progress, desc="djpq fine-tune", leave=False)
     prepared.train()
     for x, y in _batches(train_loader):
@@ -111,6 +114,7 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
             freeze_for_deployment(prepared)
             finalizing = True
             bar.set_description("djpq fine-tune (finalizing: deployed bits and gates)")
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         task = F.cross_entropy(prepared(x), y)
         reg = (djpq_loss(prepared, config.loss_kind) if config.gamma and not finalizing
                else torch.zeros(()))
@@ -121,7 +125,7 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
         bar.update(1)
         if step % config.log_every == 0:
             check_finite(prepared)
-            log = FinetuneLog(step, elapsed, task.item(), reg.item(), bops(prepared).gbops,
+            log = FinetuneLog(step, elapsed, task.item(), reg.item(), bops(unwrap(prepared)).gbops,
                               finalizing)
             logs.append(log)
             bar.set_postfix(loss=f"{log.task_loss:.3f}", gbops=f"{log.gbops:.4f}")
