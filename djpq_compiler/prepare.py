@@ -95,9 +95,15 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
 
 
 def _check_not_prepared(model: nn.Module) -> None:
-    stage = getattr(model, "meta", {}).get("djpq.stage") if isinstance(model, fx.GraphModule) \
-        else None
-    if stage is not None:
+    meta = getattr(model, "meta", {}) if isinstance(model, fx.GraphModule) else {}
+    stage = meta.get("djpq.stage")
+    if stage == "converted" and meta.get("djpq.integer") is False:
+        pass  # a pruned float model (convert(p, integer=False)): e.g. two-stage VIB, then DQ
+    elif stage == "converted":
+        raise ConfigError("prepare(): the model is already converted to integers; pass the "
+                          "original float model, or the pruned float model "
+                          "convert(prepared, integer=False) for a second training stage")
+    elif stage is not None:
         raise ConfigError(f"prepare(): the model is already {stage}; pass the original float "
                           "model (prepare it once, then train, then convert)")
     for name, mod in model.named_modules():

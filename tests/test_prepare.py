@@ -243,3 +243,21 @@ def test_calibration_data_is_limited_to_calibration_batches() -> None:
                           calibration_data=iter([small, big, 100 * X]))
         q_max = float(gm.get_submodule("djpq_quant.a_x").q_max().detach())
         assert q_max == pytest.approx(float(expected.max()), rel=1e-5)
+
+
+def test_pruned_float_model_can_be_prepared_again_integer_model_cannot() -> None:
+    """Two-stage training: VIB-only, convert(integer=False), then a DQ-only stage on the pruned
+    float model. An integer converted model is refused with a message saying so."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    stage1 = djpq.prepare(Residual().eval(), x, DJPQConfig(quantize=False))
+    for _, g in gates(stage1):
+        g.mu.data[:1] = 1e-3
+    pruned = djpq.convert(stage1, integer=False)
+    stage2 = djpq.prepare(pruned, x, DJPQConfig(prune=False))
+    assert stage2.meta["djpq.stage"] == "prepared" and not list(gates(stage2))
+    assert list(quantizers(stage2))
+    converted = djpq.convert(stage2)
+    assert djpq.bops(converted).total == djpq.bops(stage2).total
+    with pytest.raises(ConfigError, match="already converted to integers.*integer=False"):
+        djpq.prepare(converted, x)

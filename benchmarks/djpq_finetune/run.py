@@ -62,7 +62,9 @@ def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argpar
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    loaders = fashion_mnist_loaders(batch_size=args.batch_size, seed=args.seed)
+    loaders = fashion_mnist_loaders(batch_size=args.batch_size, seed=args.seed,
+                                    train_subset=getattr(args, "train_subset", None),
+                                    test_subset=getattr(args, "test_subset", None))
     model = zoo.load_pretrained(args.model)
     x = next(iter(loaders[1]))[0][:1]
     fp32 = djpq.bops(model, x)
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model, "method": args.method, "gamma": args.gamma,
         "minutes": args.minutes, "steps": args.steps, "finalize": args.finalize,
         "djpq_lr": args.djpq_lr, "train_seconds": round(train_s),
+        "test_images": len(loaders[1].dataset),  # type: ignore[arg-type]
         "fp32_acc": fp32_acc, "fake_quant_acc": accuracy(prepared, loaders[1]),
         "integer_acc": accuracy(converted, loaders[1]),
         "gbops": report.gbops, "fp32_gbops": fp32.gbops,
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also used by ``benchmarks/paper_claims/run.py`` for its defaults)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20", choices=sorted(zoo.MODELS))
@@ -118,8 +122,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-subset", type=int, default=None, help="(smoke runs only)")
+    parser.add_argument("--test-subset", type=int, default=None,
+                        help="evaluate on this many test images (default: all 10k)")
     parser.add_argument("--out", default="benchmarks/djpq_finetune/results.jsonl")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if not args.minutes:
         args.minutes = None
     result = run(args)

@@ -1,0 +1,227 @@
+"""The paper-claims benchmark: DJPQ against its baselines at equal training budgets.
+
+For each model and each gamma, every method fine-tunes the same committed FP32 checkpoint for the
+same number of optimizer steps (``benchmarks/djpq_finetune/run.py`` does one run: DJPQ, DJPQ
+bit-restricted, two-stage VIB-then-DQ, two-stage restricted, DQ-only, VIB-only, fixed W8A8 and
+W4A4) and is scored on the *integer* converted model: top-1 on the Fashion-MNIST test set and
+GBOPs. Every run appends one JSON line to ``--results``; ``--summarize`` (also run at the end)
+turns that file into ``RESULTS.md`` (one table per model, the accuracy-vs-GBOPs comparison of
+DJPQ and two-stage at equal BOPs) and ``accuracy_vs_gbops.png``.
+
+Usage:
+  python benchmarks/paper_claims/run.py --models resnet20 mobilenetv2 --gammas 0.5 1 2 \\
+      --steps 700 --threads 2
+  python benchmarks/paper_claims/run.py --summarize            # tables and plot only
+Fixed-bit methods (w8a8, w4a4) and VIB-only have no bit-width term and run once per model at the
+first gamma; their BOPs do not depend on gamma (w8a8/w4a4) or only through pruning (vib_only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("djpq", "djpq_restricted", "two_stage", "two_stage_restricted", "dq_only",
+           "vib_only", "w8a8", "w4a4")
+ONCE = ("w8a8", "w4a4")  # no learned quantity depends on gamma
+
+
+def _single_run_module() -> Any:
+    """``benchmarks/djpq_finetune/run.py`` (a script folder, not a package)."""
+    path = HERE.parent / "djpq_finetune" / "run.py"
+    spec = importlib.util.spec_from_file_location("djpq_finetune_run", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _done(results: Path) -> set[tuple[str, str, float, int | None, int | None]]:
+    if not results.exists():
+        return set()
+    keys = set()
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        keys.add((r["model"], r["method"], float(r["gamma"]), r.get("steps"),
+                  r.get("test_images")))
+    return keys
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """Run every (model, method, gamma) not yet in ``args.results`` (so a run can resume)."""
+    single = _single_run_module()
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = _done(results)
+    for model in args.models:
+        for gamma in args.gammas:
+            for method in args.methods:
+                if method in ONCE and gamma != args.gammas[0]:
+                    continue
+                run_args = single.build_parser().parse_args([
+                    "--model", model, "--method", method, "--gamma", str(gamma),
+                    "--minutes", "0", "--steps", str(args.steps),
+                    "--djpq-lr", str(args.djpq_lr), "--threads", str(args.threads),
+                    "--log-every", str(max(1, args.steps // 5)), "--seed", str(args.seed),
+                    *(["--train-subset", str(args.train_subset)] if args.train_subset else []),
+                    *(["--test-subset", str(args.test_subset)] if args.test_subset else [])])
+                run_args.minutes = None
+                n_test = args.test_subset or 10_000
+                if (model, method, float(gamma), args.steps, n_test) in done:
+                    print(f"[claims] skip {model} {method} gamma={gamma}: already measured")
+                    continue
+                print(f"[claims] {model} {method} gamma={gamma} ({args.steps} steps)",
+                      flush=True)
+                start = time.perf_counter()
+                result = single.run(run_args)
+                result["wall_seconds"] = round(time.perf_counter() - start)
+                with results.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
+                print(f"[claims]   integer {100 * result['integer_acc']:.2f} % at "
+                      f"{result['gbops']:.4f} GBOPs ({result['bops_reduction']:.1f}x)",
+                      flush=True)
+
+
+def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Pareto front of (gbops, accuracy): ascending BOPs, strictly rising accuracy."""
+    front: list[tuple[float, float]] = []
+    for g, a in sorted(points):
+        if not front or a > front[-1][1]:
+            front.append((g, a))
+    return front
+
+
+def _accuracy_at(front: list[tuple[float, float]], gbops: float) -> float | None:
+    """Best accuracy a front reaches at or below ``gbops`` (None if none of its points does)."""
+    below = [a for g, a in front if g <= gbops * (1 + 1e-9)]
+    return max(below) if below else None
+
+
+def summarize(results: Path, out_dir: Path) -> str:
+    """RESULTS.md text (also written) and the accuracy-vs-GBOPs plot from ``results``."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()] \
+        if results.exists() else []
+    lines = ["# Paper claims on Fashion-MNIST: DJPQ vs baselines at equal budgets", "",
+             "Generated by `python benchmarks/paper_claims/run.py --summarize` from "
+             "`results.jsonl` (one line per run; the command of each run is in the file's "
+             "`steps`/`gamma`/`method` fields). Accuracy: the integer converted model on the "
+             "test set; GBOPs: `djpq.bops` of that model.", ""]
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_model[r["model"]].append(r)
+    for model, runs in sorted(by_model.items()):
+        fp32 = runs[0]
+        lines += [f"## {model}", "",
+                  f"FP32: {100 * fp32['fp32_acc']:.2f} % at {fp32['fp32_gbops']:.3f} GBOPs.", "",
+                  "| method | γ | steps | test images | integer top-1 | fake-quant top-1 | "
+                  "drop (pt) | GBOPs | reduction |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(runs, key=lambda r: (METHODS.index(r["method"])
+                                             if r["method"] in METHODS else 99, r["gamma"])):
+            lines.append(
+                f"| {r['method']} | {r['gamma']:g} | {r.get('steps')} | "
+                f"{r.get('test_images', 10000)} | {100 * r['integer_acc']:.2f} % | "
+                f"{100 * r['fake_quant_acc']:.2f} % | {r['drop_points']:.2f} | "
+                f"{r['gbops']:.4f} | {r['bops_reduction']:.1f}× |")
+        lines += [""] + _verdict(runs) + [""]
+    text = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "RESULTS.md").write_text(text)
+    _plot(by_model, out_dir / "accuracy_vs_gbops.png")
+    return text
+
+
+def _verdict(runs: list[dict[str, Any]]) -> list[str]:
+    """Plain statements: the best reduction at <= 1 pt drop, and DJPQ vs two-stage."""
+    out = []
+    ok = [r for r in runs if r["method"] == "djpq" and r["drop_points"] <= 1.0]
+    if ok:
+        best = max(ok, key=lambda r: r["bops_reduction"])
+        out.append(f"* DJPQ's largest reduction at ≤ 1 point drop: {best['bops_reduction']:.1f}× "
+                   f"(γ={best['gamma']:g}; target ≥ 200×: "
+                   f"{'met' if best['bops_reduction'] >= 200 else 'not met'}).")
+    else:
+        out.append("* No DJPQ run stays within 1 point of FP32 in this file.")
+    pts = {m: _frontier([(r["gbops"], r["integer_acc"]) for r in runs if r["method"] == m])
+           for m in ("djpq", "two_stage")}
+    if pts["djpq"] and pts["two_stage"]:
+        diffs = []
+        for g, a in pts["two_stage"]:
+            mine = _accuracy_at(pts["djpq"], g)
+            if mine is not None:
+                diffs.append(100 * (mine - a))
+        if diffs:
+            out.append(f"* At the BOPs of each two-stage point, DJPQ's best accuracy differs by "
+                       f"{', '.join(f'{d:+.2f}' for d in diffs)} points (positive: DJPQ better).")
+        else:
+            out.append("* DJPQ has no point at or below any two-stage point's BOPs: the curves "
+                       "do not overlap in BOPs, so no equal-BOPs comparison is possible here.")
+    else:
+        out.append("* DJPQ vs two-stage: not both measured yet.")
+    return out
+
+
+def _plot(by_model: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[claims] matplotlib missing (extra 'plots'): no plot written", file=sys.stderr)
+        return
+    if not by_model:
+        return
+    fig, axes = plt.subplots(1, len(by_model), figsize=(6 * len(by_model), 4.5), squeeze=False)
+    for ax, (model, runs) in zip(axes[0], sorted(by_model.items()), strict=True):
+        for method in METHODS:
+            pts = sorted((r["gbops"], 100 * r["integer_acc"]) for r in runs
+                         if r["method"] == method)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+        fp32 = runs[0]
+        ax.axhline(100 * fp32["fp32_acc"] - 1.0, color="grey", ls=":", label="FP32 − 1 pt")
+        ax.set_xscale("log")
+        ax.set_xlabel("GBOPs (integer model, log)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{model} (FP32 {fp32['fp32_gbops']:.2f} GBOPs)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--gammas", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--djpq-lr", type=float, default=0.02)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-subset", type=int, default=None, help="(smoke runs only)")
+    parser.add_argument("--test-subset", type=int, default=None, help="(smoke runs only)")
+    parser.add_argument("--results", default=str(HERE / "results.jsonl"))
+    parser.add_argument("--out-dir", default=str(HERE))
+    parser.add_argument("--summarize", action="store_true", help="only write RESULTS.md + plot")
+    args = parser.parse_args(argv)
+    if not math.isfinite(args.djpq_lr) or args.steps < 1:
+        parser.error("--steps must be >= 1 and --djpq-lr finite")
+    if not args.summarize:
+        run_all(args)
+    print(summarize(Path(args.results), Path(args.out_dir)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The claims benchmark's orchestration, on a tiny budget (the real numbers are in benchmarks/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _claims():
+    spec = importlib.util.spec_from_file_location("paper_claims_run",
+                                                  ROOT / "benchmarks/paper_claims/run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_frontier_and_equal_bops_comparison() -> None:
+    claims = _claims()
+    front = claims._frontier([(1.0, 0.80), (0.5, 0.85), (2.0, 0.84), (3.0, 0.90)])
+    assert front == [(0.5, 0.85), (3.0, 0.90)]
+    assert claims._accuracy_at(front, 2.5) == 0.85
+    assert claims._accuracy_at(front, 0.4) is None
+    runs = [{"method": "djpq", "gbops": 0.5, "integer_acc": 0.85, "drop_points": 0.5,
+             "bops_reduction": 300.0, "gamma": 1.0},
+            {"method": "two_stage", "gbops": 0.6, "integer_acc": 0.84, "drop_points": 1.5,
+             "bops_reduction": 250.0, "gamma": 1.0}]
+    text = "\n".join(claims._verdict(runs))
+    assert "300.0×" in text and "met" in text and "+1.00" in text
+
+
+@pytest.mark.slow
+def test_claims_smoke_run_writes_table_and_plot(tmp_path) -> None:
+    from djpq_compiler.data import fashion_mnist_loaders
+    from djpq_compiler.errors import DataError
+
+    try:
+        fashion_mnist_loaders(train_subset=8, test_subset=8)
+    except DataError:
+        pytest.skip("Fashion-MNIST is not installed")
+    results = tmp_path / "results.jsonl"
+    argv = ["--models", "vgg7", "--methods", "djpq", "two_stage", "w8a8", "--gammas", "1",
+            "--steps", "2", "--threads", "1", "--train-subset", "256", "--test-subset", "64",
+            "--results", str(results), "--out-dir", str(tmp_path)]
+    _claims().main(argv)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["djpq", "two_stage", "w8a8"]
+    assert all(r["test_images"] == 64 and r["steps"] == 2 for r in rows)
+    assert all(0.0 <= r["integer_acc"] <= 1.0 and r["gbops"] < r["fp32_gbops"] for r in rows)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## vgg7" in text and text.count("| vgg7") == 0 and "| w8a8 | 1 | 2 | 64 |" in text
+    assert "DJPQ vs two-stage" in text or "two-stage point" in text or "do not overlap" in text
+    assert (tmp_path / "accuracy_vs_gbops.png").stat().st_size > 1000
+    _claims().main(argv)  # resumes: everything measured already, nothing appended
+    assert len(results.read_text().splitlines()) == 3
