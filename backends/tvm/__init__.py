@@ -25,6 +25,7 @@ from .emit import (
     register,
     unsupported_nodes,
 )
+from .tune import TUNABLE_TARGETS, TuningReport, database_exists, tune
 
 __all__ = [
     "TARGETS",
@@ -41,5 +42,9 @@ __all__ = [
     "lower",
     "register",
     "target_spec",
+    "TUNABLE_TARGETS",
+    "TuningReport",
+    "database_exists",
+    "tune",
     "unsupported_nodes",
 ]

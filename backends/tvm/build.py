@@ -27,7 +27,7 @@ from torch import fx
 
 from djpq_compiler.errors import BackendError
 
-from . import adapter
+from . import adapter, ms_adapter
 from .emit import lower
 
 __all__ = ["TARGETS", "CompiledModel", "build", "compile_cuda_to_ptx", "find_nvcc",
@@ -64,11 +64,14 @@ class CompiledModel:
         target: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
         ir_module: The Relax IRModule that was compiled.
         compile_seconds: Wall time of ``tvm.compile``.
+        tuned_kernels: ``(with a tuned schedule, total)`` kernels when built from a tuning
+            database (``build(..., work_dir=...)``), else ``None``.
     """
 
     def __init__(self, target: str, executable: Any, ir_module: Any,
                  input_shapes: list[tuple[int, ...]], output_kinds: list[str],
-                 output_tuple: bool, compile_seconds: float) -> None:
+                 output_tuple: bool, compile_seconds: float,
+                 tuned_kernels: tuple[int, int] | None = None) -> None:
         self.target = target
         self.executable = executable
         self.ir_module = ir_module
@@ -76,6 +79,7 @@ class CompiledModel:
         self.output_kinds = output_kinds
         self.output_tuple = output_tuple
         self.compile_seconds = compile_seconds
+        self.tuned_kernels = tuned_kernels
 
     def _runnable_here(self) -> bool:
         if self.target == "x86":
@@ -147,31 +151,65 @@ def _as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[to
 
 
 def build(converted: fx.GraphModule, target: str = "x86",
-          example_inputs: torch.Tensor | Sequence[torch.Tensor] = ()) -> CompiledModel:
+          example_inputs: torch.Tensor | Sequence[torch.Tensor] = (),
+          work_dir: str | os.PathLike[str] | None = None) -> CompiledModel:
     """Lower a converted model to Relax and compile it for ``target``.
 
     Args:
         converted: The output of ``convert()`` (``gm.meta["djpq.stage"] == "converted"``).
         target: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
         example_inputs: One float32 tensor (or a sequence, one per input) fixing static shapes.
+        work_dir: A directory filled by :func:`~djpq_compiler.backends.tvm.tune`: every kernel
+            with a record in its JSON database is compiled with its best tuned schedule (the
+            others keep TVM's default); nothing is tuned here. ``x86`` only.
 
     Returns:
         The :class:`CompiledModel`.
 
     Raises:
-        BackendError: Unsupported nodes (all listed at once), bad inputs or an unknown target.
+        BackendError: Unsupported nodes (all listed at once), bad inputs, an unknown target, or a
+            ``work_dir`` without a tuning database.
         MissingExtraError: TVM is not installed.
     """
     spec, host = target_spec(target)
     if not isinstance(converted, fx.GraphModule):
         raise BackendError(f"build() needs the converted GraphModule, got {type(converted)}")
+    if work_dir is not None:
+        _check_database(target, work_dir)
     inputs = _as_inputs(example_inputs)
     ir_module, lowering = lower(converted, inputs)
     start = time.perf_counter()
-    executable = adapter.compile_module(ir_module, adapter.make_target(spec, host))
+    tuned = None
+    if work_dir is None:
+        executable = adapter.compile_module(ir_module, adapter.make_target(spec, host))
+    else:
+        from .tune import tuning_target
+
+        tvm_target = tuning_target(target)
+        database = ms_adapter.open_database(Path(work_dir), create=False)
+        fused = ms_adapter.fuse(ir_module, tvm_target)
+        applied, scheduled, ir_scheduled_total = ms_adapter.apply_database(
+            fused, tvm_target, database)
+        executable = ms_adapter.compile_fused(applied, tvm_target)
+        tuned = (scheduled, ir_scheduled_total)
     seconds = time.perf_counter() - start
     return CompiledModel(target, executable, ir_module, [tuple(t.shape) for t in inputs],
-                         lowering.output_kinds, lowering.output_tuple, seconds)
+                         lowering.output_kinds, lowering.output_tuple, seconds, tuned)
+
+
+def _check_database(target: str, work_dir: str | os.PathLike[str]) -> None:
+    """Refuse a tuned build that cannot apply: wrong target or no database in ``work_dir``."""
+    from .tune import TUNABLE_TARGETS, database_exists
+
+    if target not in TUNABLE_TARGETS:
+        raise BackendError(f"build(target={target!r}, work_dir=...): tuned schedules exist for "
+                           f"{', '.join(TUNABLE_TARGETS)} only; drop work_dir for this target")
+    if not database_exists(work_dir):
+        raise BackendError(
+            f"build(work_dir={str(work_dir)!r}): no meta_schedule database there (expected "
+            "database_workload.json and database_tuning_record.json); run "
+            "djpq_compiler.backends.tvm.tune(converted, ..., work_dir=...) first, or drop work_dir"
+        )
 
 
 def find_nvcc() -> str:

@@ -1,0 +1,111 @@
+"""TVM meta_schedule tuning: a persisted JSON database, reuse without retuning, bit-exact builds.
+
+One tiny tuning run (8 trials) is shared by the tests of this module. Most of its wall time is
+TVM's one-off import of its tensor intrinsics when the first search space is built, not trials.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_tvm_backend import example, make_layer
+from torch import nn
+
+from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.errors import BackendError, ConfigError
+
+pytest.importorskip("tvm")
+pytest.importorskip("xgboost")
+pytest.importorskip("psutil")
+tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
+
+RECORDS = "database_tuning_record.json"
+WORKLOADS = "database_workload.json"
+
+
+def tiny_net() -> torch.fx.GraphModule:
+    """Quantize -> 4-bit conv (8-bit out) -> Dequantize, as convert() would emit it."""
+    root = nn.Sequential(im.Quantize(0.02, 8, signed=False),
+                         make_layer("conv", 3, 8, 0.02, x_bits=8, w_bits=4, out_bits=8, seed=3),
+                         im.Dequantize(0.05))
+    return im.trace_integer(root)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tune twice into the same work_dir; keep both reports and the record file in between."""
+    work_dir = tmp_path_factory.mktemp("tuning")
+    gm, x = tiny_net(), example((1, 3, 8, 8))
+    lines: list[str] = []
+    first = tvm_backend.tune(gm, "x86", x, trials=8, work_dir=work_dir, on_log=lines.append)
+    records_after_first = (work_dir / RECORDS).read_bytes()
+    second_lines: list[str] = []
+    second = tvm_backend.tune(gm, "x86", x, trials=8, work_dir=work_dir,
+                              on_log=second_lines.append)
+    return dict(gm=gm, x=x, work_dir=work_dir, first=first, second=second, lines=lines,
+                second_lines=second_lines, records_after_first=records_after_first)
+
+
+def test_tune_persists_a_json_database_with_records(tuned: dict) -> None:
+    work_dir: Path = tuned["work_dir"]
+    first = tuned["first"]
+    assert first.tasks and set(first.tuned) == set(first.tasks) and not first.reused
+    records = [json.loads(line) for line in (work_dir / RECORDS).read_text().splitlines()]
+    workloads = (work_dir / WORKLOADS).read_text().splitlines()
+    assert len(records) == first.new_records == first.records > 0
+    assert workloads and tvm_backend.database_exists(work_dir)
+    assert any("measured" in line and "ok; best" in line for line in tuned["lines"])
+
+
+def test_second_tune_reuses_the_database(tuned: dict) -> None:
+    second = tuned["second"]
+    assert second.tuned == () and set(second.reused) == set(second.tasks)
+    assert second.new_records == 0
+    assert (tuned["work_dir"] / RECORDS).read_bytes() == tuned["records_after_first"]
+    assert not any("measured" in line for line in tuned["second_lines"])
+
+
+def test_tuned_build_applies_schedules_and_is_bit_exact(tuned: dict) -> None:
+    gm, x = tuned["gm"], tuned["x"]
+    model = tvm_backend.build(gm, "x86", example_inputs=x, work_dir=tuned["work_dir"])
+    scheduled, total = model.tuned_kernels
+    assert 1 <= scheduled <= total
+    assert tvm_backend.build(gm, "x86", example_inputs=x).tuned_kernels is None
+    for seed in (0, 1):
+        inp = example((1, 3, 8, 8), seed=seed)
+        assert torch.equal(model(inp), gm(inp))
+
+
+def test_tuned_build_without_database_is_refused(tmp_path: Path) -> None:
+    gm, x = tiny_net(), example((1, 3, 8, 8))
+    with pytest.raises(BackendError, match=r"no meta_schedule database.*tune\("):
+        tvm_backend.build(gm, "x86", example_inputs=x, work_dir=tmp_path)
+    with pytest.raises(BackendError, match="drop work_dir"):
+        tvm_backend.build(gm, "aarch64", example_inputs=x, work_dir=tmp_path)
+
+
+def test_bad_tune_arguments_are_refused(tmp_path: Path) -> None:
+    gm, x = tiny_net(), example((1, 3, 8, 8))
+    with pytest.raises(BackendError, match="measured on this host"):
+        tvm_backend.tune(gm, "cuda", x, trials=4, work_dir=tmp_path)
+    with pytest.raises(ConfigError, match="trials must be a positive int"):
+        tvm_backend.tune(gm, "x86", x, trials=0, work_dir=tmp_path)
+    with pytest.raises(BackendError, match="converted GraphModule"):
+        tvm_backend.tune(nn.Linear(2, 2), "x86", x, trials=4,  # type: ignore[arg-type]
+                         work_dir=tmp_path)
+    assert not tvm_backend.database_exists(tmp_path)
+
+
+@pytest.mark.slow
+def test_resnet20_tuned_build_is_bit_exact(tmp_path: Path) -> None:
+    from test_tvm_zoo import pruned_converted
+
+    converted, x = pruned_converted("resnet20", batch=1)
+    report = tvm_backend.tune(converted, "x86", x, trials=32, work_dir=tmp_path)
+    assert report.records > 0
+    model = tvm_backend.build(converted, "x86", example_inputs=x, work_dir=tmp_path)
+    assert model.tuned_kernels is not None and model.tuned_kernels[0] >= 1
+    assert torch.equal(model(x), converted(x))
