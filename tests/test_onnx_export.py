@@ -216,3 +216,65 @@ def test_metadata_and_errors(tmp_path) -> None:
         export(p, tmp_path / "n.onnx", (x,))
     with pytest.raises(BackendError, match="example input"):
         export(converted, tmp_path / "n.onnx", (x, x))
+
+
+class _ShapeOps(nn.Module):
+    """Channel shuffle (size/view/transpose), chunk/split, SiLU/Hardswish/GELU/Hardsigmoid, mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(8, 5)
+        self.acts = nn.ModuleList([nn.SiLU(), nn.Hardswish(), nn.GELU(), nn.Hardsigmoid()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        left, right = y.chunk(2, dim=1)
+        p, q = torch.split(self.b(right), [1, 3], dim=1)
+        y = torch.cat([left, self.acts[0](p), self.acts[1](q)], dim=1)
+        y = self.acts[3](self.acts[2](y)).permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        return self.fc(y.mean([2, 3]))
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_shape_and_activation_ops_export(integer: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    converted = convert(dj.prepare(_ShapeOps().eval(), (x,)), integer=integer)
+    path = export(converted, tmp_path / "ops.onnx", (x,))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Transpose", "Split", "ReduceMean", "HardSwish", "HardSigmoid", "Gelu"} <= ops, ops
+    for batch in (2, 3):  # dynamic batch through size()/view
+        xb = torch.randn(batch, 3, 6, 6)
+        report = verify(converted, path, (xb,))
+        if integer:
+            _check_integer(report)
+        else:
+            assert report["max_abs_diff"] <= 1e-5, report
+
+
+tv = pytest.importorskip("torchvision")
+TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_export_matches_reference(name: str, tmp_path) -> None:
+    """A torchvision subset (random init, gates pruning 30-70 % of each group) exports, passes
+    the checker and runs in onnxruntime within 1 LSB per op of the integer reference."""
+    from tests.test_convert import _prepare
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    converted = convert(_prepare(tv.models.get_model(name, weights=None), x))
+    path = export(converted, tmp_path / f"{name}.onnx", (x,))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    report = verify(converted, path, (x,))
+    assert report["per_op"], "no integer activation was compared"
+    assert report["max_lsb_per_op"] <= 1, report["per_op"]
+    assert max(report["per_op_mismatch"].values()) <= 1e-3, report["per_op_mismatch"]
+    _check_integer(report, exact_intermediates=False)

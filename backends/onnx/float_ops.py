@@ -142,6 +142,32 @@ def _sigmoid(ctx: Emitter, node: fx.Node) -> Value:
     return FValue(ctx.op("Sigmoid", [_float(ctx, node)], node.name))
 
 
+@register(nn.SiLU, F.silu)
+def _silu(ctx: Emitter, node: fx.Node) -> Value:
+    """``x * sigmoid(x)`` (opset 21 has no SiLU/Swish op)."""
+    x = _float(ctx, node)
+    return FValue(ctx.op("Mul", [x, ctx.op("Sigmoid", [x], f"{node.name}/sigmoid")], node.name))
+
+
+@register(nn.Hardswish, F.hardswish)
+def _hardswish(ctx: Emitter, node: fx.Node) -> Value:
+    return FValue(ctx.op("HardSwish", [_float(ctx, node)], node.name))
+
+
+@register(nn.Hardsigmoid, F.hardsigmoid)
+def _hardsigmoid(ctx: Emitter, node: fx.Node) -> Value:
+    """PyTorch's ``relu6(x + 3) / 6``: ONNX HardSigmoid with alpha 1/6, beta 0.5."""
+    return FValue(ctx.op("HardSigmoid", [_float(ctx, node)], node.name, alpha=1.0 / 6.0,
+                         beta=0.5))
+
+
+@register(nn.GELU, F.gelu)
+def _gelu(ctx: Emitter, node: fx.Node) -> Value:
+    m = ctx.module(node) if node.op == "call_module" else None
+    approximate = m.approximate if m is not None else str(node.kwargs.get("approximate", "none"))
+    return FValue(ctx.op("Gelu", [_float(ctx, node)], node.name, approximate=approximate))
+
+
 @register(nn.Tanh, torch.tanh, torch.Tensor.tanh)
 def _tanh(ctx: Emitter, node: fx.Node) -> Value:
     return FValue(ctx.op("Tanh", [_float(ctx, node)], node.name))
@@ -159,8 +185,52 @@ def _binary(ctx: Emitter, node: fx.Node) -> Value:
                    else getattr(torch.Tensor, str(node.target)))
     if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
         raise BackendError(f"{node.format_node()}: alpha/rounding_mode are not exported")
+    static = _static_arithmetic(ctx, node, target)
+    if static is not None:
+        return static
     a, b = ctx.real(node, node.args[0]), ctx.real(node, node.args[1])
     return FValue(ctx.op(_BINARY[target], [a, b], node.name))
+
+
+_INT_ARITHMETIC = {operator.add: operator.add, operator.sub: operator.sub,
+                   operator.mul: operator.mul, operator.floordiv: operator.floordiv,
+                   operator.truediv: operator.truediv}
+
+
+def _static_arithmetic(ctx: Emitter, node: fx.Node, target: Any) -> Any:
+    """Python arithmetic on static sizes (``channels // 2`` of a shuffle): computed here."""
+    if node.op != "call_function" or target not in _INT_ARITHMETIC or len(node.args) != 2:
+        return None
+    a, b = ctx.value(node.args[0]), ctx.value(node.args[1])
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return _INT_ARITHMETIC[target](a, b)
+    return None
+
+
+@register(operator.floordiv)
+def _floordiv(ctx: Emitter, node: fx.Node) -> Value:
+    static = _static_arithmetic(ctx, node, operator.floordiv)
+    if static is None:
+        raise BackendError(f"{node.format_node()}: floor division is exported on static sizes "
+                           "only")
+    return static  # type: ignore[no-any-return]
+
+
+@register(torch.mean, torch.Tensor.mean)
+def _mean(ctx: Emitter, node: fx.Node) -> Value:
+    """``x.mean(dims, keepdim)`` as ReduceMean (axes as an input, opset >= 18)."""
+    ndim = len(ctx.shape(node.args[0]))
+    dims = _arg(ctx, node, 1, "dim", None)
+    dims = list(range(ndim)) if dims is None else (
+        [dims] if isinstance(dims, int) else list(dims))
+    if not all(isinstance(d, int) for d in dims) or any(d % ndim == 0 for d in dims):
+        raise BackendError(f"{node.format_node()}: mean over static non-batch dims only")
+    keep = bool(_arg(ctx, node, 2, "keepdim", False))
+    axes = ctx.const(np.array([d % ndim for d in dims], np.int64), f"{node.name}/axes")
+    return FValue(ctx.op("ReduceMean", [_float(ctx, node), axes], node.name,
+                         keepdims=int(keep)))
 
 
 @register(torch.cat, torch.concat)
@@ -240,6 +310,26 @@ def _identity(ctx: Emitter, node: fx.Node) -> Value:
     return _tensor(ctx, node)
 
 
+def _register_stochastic_depth() -> None:
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:  # torchvision is optional
+        return
+
+    @register(StochasticDepth, stochastic_depth)
+    def _stochastic_depth(ctx: Emitter, node: fx.Node) -> Value:
+        """The identity at inference (``training=False``); training mode is refused."""
+        m = ctx.module(node) if node.op == "call_module" else None
+        training = m.training if m is not None else bool(_arg(ctx, node, 3, "training", True))
+        if training:
+            raise BackendError(f"{node.format_node()}: stochastic depth in training mode; "
+                               "export the model in eval mode")
+        return _tensor(ctx, node)
+
+
+_register_stochastic_depth()
+
+
 def _reshape(ctx: Emitter, node: fx.Node, x: QValue | FValue, dims: list[Any]) -> Value:
     """Reshape to ``dims`` (ints, -1, or dynamic :class:`DimValue`); static dim 0 of the output
     that equals the input's batch is kept symbolic (``0`` = copy) when the batch is preserved."""
@@ -290,13 +380,87 @@ def _size(ctx: Emitter, node: fx.Node) -> Value:
     dim = _arg(ctx, node, 1, "dim", None)
     if dim is not None and int(dim) % len(shape) != 0:
         return shape[int(dim)]
-    if dim is None:
-        raise BackendError(f"{node.format_node()}: x.size() of a dynamic-batch tensor; use "
-                           "x.size(d) with explicit dims")
+    if dim is None:  # (dynamic batch, static sizes...), unpacked by getitem or passed to view
+        batch = _batch_size(ctx, node)
+        return tuple([batch, *shape[1:]])  # type: ignore[return-value]
+    return _batch_size(ctx, node)
+
+
+def _batch_size(ctx: Emitter, node: fx.Node) -> DimValue:
+    """``x.size(0)`` as a dynamic ``int64[1]``."""
     full = ctx.op("Shape", [_tensor(ctx, node).name], f"{node.name}/shape")
     return DimValue(ctx.op("Slice", [full, ctx.const(np.array([0], np.int64), f"{node.name}/b"),
                                      ctx.const(np.array([1], np.int64), f"{node.name}/e")],
                            node.name))
+
+
+def _dims(ctx: Emitter, node: fx.Node, start: int) -> list[int]:
+    args = [ctx.value(a) for a in node.args[start:]]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    if not args and "dims" in node.kwargs:
+        args = list(ctx.value(node.kwargs["dims"]))
+    if not all(isinstance(d, int) for d in args):
+        raise BackendError(f"{node.format_node()}: dimensions must be static ints")
+    return [int(d) for d in args]
+
+
+@register(torch.transpose, torch.Tensor.transpose)
+def _transpose(ctx: Emitter, node: fx.Node) -> Value:
+    """A transpose of two dims (codes keep their scale: a channel shuffle stays integer)."""
+    x = _tensor(ctx, node)
+    ndim = len(ctx.shape(node.args[0]))
+    a, b = (d % ndim for d in _dims(ctx, node, 1))
+    perm = list(range(ndim))
+    perm[a], perm[b] = perm[b], perm[a]
+    return _rewrap(x, ctx.op("Transpose", [x.name], node.name, perm=perm))
+
+
+@register(torch.permute, torch.Tensor.permute)
+def _permute(ctx: Emitter, node: fx.Node) -> Value:
+    x = _tensor(ctx, node)
+    ndim = len(ctx.shape(node.args[0]))
+    perm = [d % ndim for d in _dims(ctx, node, 1)]
+    return _rewrap(x, ctx.op("Transpose", [x.name], node.name, perm=perm))
+
+
+def _split_sizes(node: fx.Node, length: int, request: Any, chunks: bool) -> list[int]:
+    if chunks:
+        step = -(-length // int(request))
+        return [min(step, length - i) for i in range(0, length, step)]
+    if isinstance(request, int):
+        return [min(request, length - i) for i in range(0, length, request)]
+    sizes = [int(v) for v in request]
+    if sum(sizes) != length:
+        raise BackendError(f"{node.format_node()}: split sizes {sizes} do not add up to {length}")
+    return sizes
+
+
+def _split(ctx: Emitter, node: fx.Node, chunks: bool) -> Value:
+    x = _tensor(ctx, node)
+    shape = ctx.shape(node.args[0])
+    request = _arg(ctx, node, 1, "chunks" if chunks else "split_size_or_sections", None)
+    dim = int(_arg(ctx, node, 2, "dim", 0)) % len(shape)
+    if dim == 0:
+        raise BackendError(f"{node.format_node()}: splitting the (dynamic) batch dimension is "
+                           "not exported")
+    sizes = _split_sizes(node, shape[dim], request, chunks)
+    from onnx import helper
+
+    outs = [ctx.fresh(f"{node.name}_{i}") for i in range(len(sizes))]
+    split = ctx.const(np.array(sizes, np.int64), f"{node.name}/split")
+    ctx.nodes.append(helper.make_node("Split", [x.name, split], outs, name=node.name, axis=dim))
+    return tuple(_rewrap(x, o) for o in outs)  # type: ignore[return-value]
+
+
+@register(torch.chunk, torch.Tensor.chunk)
+def _chunk(ctx: Emitter, node: fx.Node) -> Value:
+    return _split(ctx, node, chunks=True)
+
+
+@register(torch.split, torch.Tensor.split)
+def _split_op(ctx: Emitter, node: fx.Node) -> Value:
+    return _split(ctx, node, chunks=False)
 
 
 @register(operator.getitem)
