@@ -118,7 +118,8 @@ def _find_wheel(directory: Path, name: str) -> Path | None:
 def _download_wheels(directory: Path, timeout: float) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     pins = [f"{name}=={version}" for name, version in WHEELS.items()]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--retries", "1", "--timeout", "30",
+           "--no-deps", "--only-binary=:all:",
            "--platform", PLATFORM, "--python-version", PYTHON_VERSION, *pins,
            "-d", str(directory)]
     try:
@@ -135,7 +136,7 @@ def _download_wheels(directory: Path, timeout: float) -> None:
 
 
 def ensure_runtime(directory: Path | None = None, download: bool = True,
-                   timeout: float = 900.0) -> Path:
+                   timeout: float = 300.0) -> Path:
     """The aarch64 TVM runtime (``lib/`` and ``include/``), unpacked from the wheels once.
 
     Args:
