@@ -14,7 +14,9 @@ Backends (all with ``--threads`` threads):
   * ``onnxruntime``: the QDQ ONNX file of the same converted model
     (``backends.onnx.export``, dynamic batch), ``CPUExecutionProvider``,
     ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, default graph optimizations.
-  TVM is timed through a persistent Relax VM (input array -> VM -> numpy output, like an
+  Thread pools do not spin (``TVM_THREAD_POOL_SPIN_COUNT=0``, ``OMP_WAIT_POLICY=PASSIVE``,
+  onnxruntime ``session.intra_op.allow_spinning=0``), so interleaved backends do not steal each
+  other's cores. TVM is timed through a persistent Relax VM (input array -> VM -> numpy output, like an
   onnxruntime ``session.run`` on a numpy feed); ``TVM_NUM_THREADS`` is set before TVM loads.
   The integer reference executor (the converted GraphModule run by PyTorch) is a correctness
   oracle, not a deployment backend, and is not timed.
@@ -89,6 +91,11 @@ ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:  # thread pools read these when the libraries load
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(ARGS.threads)
+    # No busy-waiting thread pools: interleaved backends (and other tenants of a shared host)
+    # would otherwise burn each other's cores between calls.
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -231,6 +238,7 @@ def ort_session(path: Path, threads: int, profile_prefix: str | None = None) -> 
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
@@ -334,7 +342,10 @@ def bench_model(name: str, args: argparse.Namespace, work: Path,
         feed = {in_name: x.numpy()}
         fns["onnxruntime"] = lambda s=session, f=feed: s.run(None, f)
         if args.profile and b == batches[0]:
-            brec["ort_profile"] = ort_profile(onnx_path, x, args.threads, work)
+            try:
+                brec["ort_profile"] = ort_profile(onnx_path, x, args.threads, work)
+            except Exception as exc:  # profiling is a bonus
+                brec["ort_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
         load0 = os.getloadavg()
         say(f"   timing {name} batch {b}: {', '.join(fns)} (load {load0[0]:.2f})")
         times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds)
@@ -429,7 +440,11 @@ def main() -> int:
            "started": started.isoformat(timespec="seconds"),
            "wall_s": round((datetime.datetime.now().astimezone() - started).total_seconds()),
            "git_commit": commit, "machine": machine(),
-           "settings": {k: v for k, v in vars(args).items()}, "results": results}
+           "settings": {k: v for k, v in vars(args).items()},
+           "env": {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT",
+                                                  "TVM_BIND_THREADS", "OMP_NUM_THREADS",
+                                                  "OMP_WAIT_POLICY")},
+           "results": results}
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
     print(table(results))
     say(f"wrote {out / 'results.json'}")
