@@ -202,6 +202,33 @@ def _layer_input(layer: Layer, gm: fx.GraphModule) -> fx.Node | None:
     return x if isinstance(x, fx.Node) else None
 
 
+#: Average pools: quantizing their output alone leaves the producer before them in float.
+_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_AVG_POOL_FNS = (F.avg_pool2d, F.adaptive_avg_pool2d)
+
+
+def _avg_pool_source(gm: fx.GraphModule, x: fx.Node | None) -> fx.Node | None:
+    """The input of ``x`` when ``x`` is a 2-D average pool (looking back through commuting ops),
+    else ``None``.
+
+    [choice] A layer reading ``act -> avg pool`` (MobileNet/EfficientNet heads) gets a second
+    activation quantizer on the pool's input: the producer conv then emits integer codes and the
+    pool runs on integers (mean of codes, rounded, then requantized to the layer's input scale).
+    With the layer's quantizer alone, conv, activation and pool stayed a float island, which the
+    TVM backend does not lower.
+    """
+    if x is None:
+        return None
+    is_pool = (x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), _AVG_POOLS)
+               ) or (x.op == "call_function" and x.target in _AVG_POOL_FNS)
+    if not is_pool or not x.args or not isinstance(x.args[0], fx.Node):
+        return None
+    src = x.args[0]
+    while _commutes(gm, src) and src.args and isinstance(src.args[0], fx.Node):
+        src = src.args[0]
+    return src if tensor_shape(src) is not None else None
+
+
 def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[Layer],
                       layer_configs: Mapping[str, ResolvedLayerConfig]) -> PassResult:
     """Insert weight and activation DQ quantizers (see the module docstring for the rules).
@@ -226,6 +253,12 @@ def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[L
         if x is not None and spec is not None and x.name not in producers:
             producers[x.name] = (x, spec)
     merges = {n.name for n in gm.graph.nodes if config.quantize and _is_residual_or_concat(n)}
+    for layer in layers:
+        src = _avg_pool_source(gm, _layer_input(layer, gm))
+        if (src is not None and layer_configs[layer.node.name].activation is not None
+                and src.name not in producers and src.name not in merges
+                and src.op != "placeholder"):
+            producers[src.name] = (src, config.activation)
     for node in list(gm.graph.nodes):  # before any insertion: shapes are known
         if node.name in merges:  # integer add/concat needs integer operands
             for operand in _merge_operands(node):

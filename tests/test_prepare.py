@@ -84,10 +84,11 @@ def test_quantizers_one_per_producer_shared_by_users() -> None:
     gm = _prepare(Residual())
     acts = _act_nodes(gm)
     # layer inputs (the fc input is quantized before the flatten, on the pooled producer), the
-    # residual add's gated operand and the add's output (integer add needs integer operands)
+    # residual add's gated operand and the add's output (integer add needs integer operands),
+    # and the average pool's input relu_2 (so the pool runs on integer codes)
     assert set(acts) == {"djpq_quant.a_x", "djpq_quant.a_relu", "djpq_quant.a_relu_1",
                          "djpq_quant.a_djpq_gates_g0_1", "djpq_quant.a_add",
-                         "djpq_quant.a_adaptive_avg_pool2d"}
+                         "djpq_quant.a_relu_2", "djpq_quant.a_adaptive_avg_pool2d"}
     users = {u.name for u in acts["djpq_quant.a_relu"].users}
     assert users == {"conv1", "add"}  # conv1 and the residual read the same quantized tensor
     weights = dict(quantizers(gm))
@@ -261,3 +262,15 @@ def test_pruned_float_model_can_be_prepared_again_integer_model_cannot() -> None
     assert djpq.bops(converted).total == djpq.bops(stage2).total
     with pytest.raises(ConfigError, match="already converted to integers.*integer=False"):
         djpq.prepare(converted, x)
+
+
+def test_act_then_avg_pool_head_is_fully_integer() -> None:
+    """conv -> ReLU6 -> global average pool -> linear (the MobileNetV2 head): the pool's input is
+    quantized too, so the head lowers to integers instead of staying a float island."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    p = djpq.prepare(mobilenetv2_small().eval(), x)
+    pool = next(n for n in p.graph.nodes if n.target == "pool")
+    assert str(pool.args[0].target).startswith("djpq_quant.a_")  # quantizer before the pool
+    converted = djpq.convert(p)
+    assert converted.meta["djpq.float_ops"] == ()

@@ -60,7 +60,7 @@ def test_resnet20_pruned_builds_for_x86_and_is_bit_exact() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vgg7", "inception"])
+@pytest.mark.parametrize("name", ["vgg7", "inception", "mobilenetv2"])
 def test_zoo_pruned_bit_exact(name: str) -> None:
     converted, x = pruned_converted(name)
     model = tvm_backend.build(converted, "x86", example_inputs=x)
