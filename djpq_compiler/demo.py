@@ -439,30 +439,28 @@ def _backend_stages(options: RunOptions, converted: nn.Module, xs: Sequence[torc
 
     fields: dict[str, Any] = {"latencies": [], "artifacts": {}}
     failures = []
-    if not options.tvm:
-        fields["tvm_note"] = "skipped (--no-tvm)"
-    else:
+    stages = (  # (name, field prefix, enabled, run, result field, failure check)
+        ("TVM", "tvm", options.tvm, _tvm_stage, "tvm_bit_exact",
+         lambda exact: None if exact else "TVM output is not bit-exact with the integer "
+                                          "reference"),
+        ("ONNX", "onnx", options.onnx, _onnx_stage, "onnx_max_lsb",
+         lambda lsb: f"onnxruntime differs by {lsb} LSB (> 1) from the reference"
+         if lsb > 1 else None),
+    )
+    for name, prefix, enabled, run, field_name, check in stages:
+        if not enabled:
+            fields[f"{prefix}_note"] = f"skipped (--no-{prefix})"
+            continue
         try:
-            exact, note, lat, files = _tvm_stage(converted, xs, out, options.latency_runs)
-            fields.update(tvm_bit_exact=exact, tvm_note=note)
-            fields["latencies"] += lat
-            fields["artifacts"].update(files)
-            if not exact:
-                failures.append("TVM output is not bit-exact with the integer reference")
+            value, note, lat, files = run(converted, xs, out, options.latency_runs)
         except DjpqError as exc:
-            fields["tvm_note"] = f"failed: {exc}"
-            failures.append(f"TVM stage failed: {exc}")
-    if not options.onnx:
-        fields["onnx_note"] = "skipped (--no-onnx)"
-    else:
-        try:
-            lsb, note, lat, files = _onnx_stage(converted, xs, out, options.latency_runs)
-            fields.update(onnx_max_lsb=lsb, onnx_note=note)
-            fields["latencies"] += lat
-            fields["artifacts"].update(files)
-            if lsb > 1:
-                failures.append(f"onnxruntime differs by {lsb} LSB (> 1) from the reference")
-        except DjpqError as exc:
-            fields["onnx_note"] = f"failed: {exc}"
-            failures.append(f"ONNX stage failed: {exc}")
+            fields[f"{prefix}_note"] = f"failed: {exc}"
+            failures.append(f"{name} stage failed: {exc}")
+            continue
+        fields.update({field_name: value, f"{prefix}_note": note})
+        fields["latencies"] += lat
+        fields["artifacts"].update(files)
+        failure = check(value)
+        if failure:
+            failures.append(failure)
     return fields, failures

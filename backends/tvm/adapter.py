@@ -24,6 +24,7 @@ __all__ = [
     "export_library",
     "load_tvm",
     "make_target",
+    "make_vm",
     "run_vm",
 ]
 
@@ -174,11 +175,16 @@ def compile_module(mod: Any, target: Any) -> Any:
     return load_tvm().compile(mod, target=target)
 
 
-def run_vm(executable: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Run ``main`` of a host (CPU) executable on numpy arrays; returns numpy arrays."""
+def make_vm(executable: Any) -> Any:
+    """A Relax VM for a host (CPU) executable (create once, call :func:`run_vm` many times)."""
+    tvm = load_tvm()
+    return tvm.relax.VirtualMachine(executable, tvm.cpu())
+
+
+def run_vm(vm: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run ``main`` of a VM from :func:`make_vm` on numpy arrays; returns numpy arrays."""
     tvm = load_tvm()
     dev = tvm.cpu()
-    vm = tvm.relax.VirtualMachine(executable, dev)
     result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays])
     items = list(result) if not hasattr(result, "numpy") else [result]
     return [item.numpy() for item in items]

@@ -80,6 +80,7 @@ class CompiledModel:
         self.output_tuple = output_tuple
         self.compile_seconds = compile_seconds
         self.tuned_kernels = tuned_kernels
+        self._vm: Any = None
 
     def _runnable_here(self) -> bool:
         if self.target == "x86":
@@ -104,7 +105,9 @@ class CompiledModel:
             raise BackendError(f"compiled for input shapes {self.input_shapes}, got {shapes}; "
                                "rebuild with matching example_inputs")
         arrays = [t.detach().cpu().to(torch.float32).contiguous().numpy() for t in inputs]
-        results = adapter.run_vm(self.executable, arrays)
+        if self._vm is None:  # created on first call and reused (creating one costs ~ms)
+            self._vm = adapter.make_vm(self.executable)
+        results = adapter.run_vm(self._vm, arrays)
         outs = tuple(
             torch.from_numpy(r).to(torch.int64) if kind == "int" else torch.from_numpy(r)
             for r, kind in zip(results, self.output_kinds, strict=True)
