@@ -65,3 +65,29 @@ def test_zoo_pruned_bit_exact(name: str) -> None:
     converted, x = pruned_converted(name)
     model = tvm_backend.build(converted, "x86", example_inputs=x)
     assert torch.equal(model(x), converted(x))
+
+
+tv = pytest.importorskip("torchvision")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_pruned_mixed_bits_bit_exact(name: str) -> None:
+    """torchvision models (random init) at mixed bits (W4 A6, first/last layer W8 A8) with ~40 %
+    of every gate group closed: fully integer, and the x86 build is bit-exact."""
+    from djpq_compiler.config import DJPQConfig, QuantSpec
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    config = DJPQConfig(weight=QuantSpec(bits=4), activation=QuantSpec(bits=6),
+                        fix_first_last_8bit=True)
+    prepared = djpq.prepare(tv.models.get_model(name, weights=None).eval(), x, config)
+    gen = torch.Generator().manual_seed(0)
+    for _, gate in gates(prepared):
+        with torch.no_grad():
+            gate.mu[torch.rand(gate.mu.shape, generator=gen) < 0.4] = 1e-3
+            gate.mu[0] = 1.0
+    converted = convert(prepared.eval())
+    assert converted.meta["djpq.float_ops"] == ()
+    model = tvm_backend.build(converted, "x86", example_inputs=x)
+    assert torch.equal(model(x), converted(x))
