@@ -215,7 +215,7 @@ def _floordiv(ctx: Emitter, node: fx.Node) -> Value:
     if static is None:
         raise BackendError(f"{node.format_node()}: floor division is exported on static sizes "
                            "only")
-    return static  # type: ignore[no-any-return]
+    return static
 
 
 @register(torch.mean, torch.Tensor.mean)
@@ -382,7 +382,7 @@ def _size(ctx: Emitter, node: fx.Node) -> Value:
         return shape[int(dim)]
     if dim is None:  # (dynamic batch, static sizes...), unpacked by getitem or passed to view
         batch = _batch_size(ctx, node)
-        return tuple([batch, *shape[1:]])  # type: ignore[return-value]
+        return tuple([batch, *shape[1:]])
     return _batch_size(ctx, node)
 
 
@@ -450,7 +450,7 @@ def _split(ctx: Emitter, node: fx.Node, chunks: bool) -> Value:
     outs = [ctx.fresh(f"{node.name}_{i}") for i in range(len(sizes))]
     split = ctx.const(np.array(sizes, np.int64), f"{node.name}/split")
     ctx.nodes.append(helper.make_node("Split", [x.name, split], outs, name=node.name, axis=dim))
-    return tuple(_rewrap(x, o) for o in outs)  # type: ignore[return-value]
+    return tuple(_rewrap(x, o) for o in outs)
 
 
 @register(torch.chunk, torch.Tensor.chunk)

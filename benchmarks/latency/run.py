@@ -16,8 +16,8 @@ Backends (all with ``--threads`` threads):
     ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, default graph optimizations.
   Thread pools do not spin (``TVM_THREAD_POOL_SPIN_COUNT=0``, ``OMP_WAIT_POLICY=PASSIVE``,
   onnxruntime ``session.intra_op.allow_spinning=0``), so interleaved backends do not steal each
-  other's cores. TVM is timed through a persistent Relax VM (input array -> VM -> numpy output, like an
-  onnxruntime ``session.run`` on a numpy feed); ``TVM_NUM_THREADS`` is set before TVM loads.
+  other's cores. TVM is timed through a persistent Relax VM (input array -> VM -> numpy output,
+  like an onnxruntime ``session.run`` on a numpy feed); ``TVM_NUM_THREADS`` is set before TVM loads.
   The integer reference executor (the converted GraphModule run by PyTorch) is a correctness
   oracle, not a deployment backend, and is not timed.
 
@@ -131,7 +131,8 @@ def kept_summary(converted: nn.Module, original: nn.Module) -> dict[str, int]:
         return sum(int(mod.weight.shape[0]) for mod in m.modules()
                    if isinstance(getattr(mod, "weight", None), torch.Tensor)
                    and mod.weight.dim() == 4)
-    return {"conv_out_channels_kept": chans(converted), "conv_out_channels_original": chans(original)}
+    return {"conv_out_channels_kept": chans(converted),
+            "conv_out_channels_original": chans(original)}
 
 
 def zoo_model(name: str, close: float, seed: int) -> dict[str, Any]:
