@@ -63,6 +63,15 @@ def _prepared(name: str, config: DJPQConfig | None = None, prune: bool = True,
     return _CACHE[key]
 
 
+def _rare_flips(report: dict) -> None:
+    """Per op, a 1-LSB flip needs a value within float32 error of a rounding tie: rare. Average
+    pools are the exception: a window mean of integer codes is often exactly k + 1/2, which the
+    reference rounds half up and onnxruntime's QuantizeLinear half to even, so their (and their
+    requantizations') codes may flip often (still <= 1 LSB, checked separately)."""
+    flips = {k: v for k, v in report["per_op_mismatch"].items() if "pool" not in k}
+    assert max(flips.values(), default=0.0) <= 1e-3, flips
+
+
 def _check_integer(report: dict, exact_intermediates: bool = True) -> None:
     assert report["max_lsb_per_op"] <= 1, report["per_op"]
     if exact_intermediates:
@@ -90,7 +99,7 @@ def test_integer_export_matches_reference(name: str, tmp_path) -> None:
     # Each op on the reference's own input codes: <= 1 LSB (rounding ties, float32 multipliers),
     # and such flips are rare.
     assert report["per_op"] and report["max_lsb_per_op"] <= 1, report["per_op"]
-    assert max(report["per_op_mismatch"].values()) <= 1e-3, report["per_op_mismatch"]
+    _rare_flips(report)
     # End to end, a flipped code propagates; in these random-init deep nets a requantization to a
     # finer scale amplifies it (mobilenetv2: up to 6 LSB, 7 % of the last codes on one machine),
     # so only the tiny nets are held to 1 LSB at every activation. The float outputs stay within
@@ -276,5 +285,5 @@ def test_torchvision_export_matches_reference(name: str, tmp_path) -> None:
     report = verify(converted, path, (x,))
     assert report["per_op"], "no integer activation was compared"
     assert report["max_lsb_per_op"] <= 1, report["per_op"]
-    assert max(report["per_op_mismatch"].values()) <= 1e-3, report["per_op_mismatch"]
+    _rare_flips(report)
     _check_integer(report, exact_intermediates=False)

@@ -7,6 +7,7 @@ TVM's one-off import of its tensor intrinsics when the first search space is bui
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,18 @@ def test_resnet20_tuned_build_is_bit_exact(tmp_path: Path) -> None:
     model = tvm_backend.build(converted, "x86", example_inputs=x, work_dir=tmp_path)
     assert model.tuned_kernels is not None and model.tuned_kernels[0] >= 1
     assert torch.equal(model(x), converted(x))
+
+
+def test_tune_with_an_unnamed_handler_on_the_meta_schedule_logger(tmp_path: Path) -> None:
+    """meta_schedule rebuilds its logging from the names of the handlers on its logger; an
+    unnamed one (a host application's, a test harness's) used to crash tune()."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    handler = logging.NullHandler()
+    assert handler.get_name() is None
+    logger.addHandler(handler)
+    try:
+        gm, x = tiny_net(), example((1, 3, 8, 8))
+        report = tvm_backend.tune(gm, "x86", x, trials=2, work_dir=tmp_path, progress=False)
+        assert report.records >= 1
+    finally:
+        logger.removeHandler(handler)

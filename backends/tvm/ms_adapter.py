@@ -217,6 +217,19 @@ def _progress_callback(log: Callable[[str], None], names: list[str], budget: int
     return Progress()
 
 
+def _name_handlers(logger: logging.Logger) -> None:
+    """Give every unnamed handler of ``logger`` a name.
+
+    meta_schedule rebuilds its logging with ``dictConfig``, listing the names of the handlers
+    already on its logger; an unnamed one (attached by the host application or a test harness)
+    made it fail with ``'NoneType' object has no attribute 'format'`` (seen in the full test
+    suite, on the second tuning of a session).
+    """
+    for i, handler in enumerate(logger.handlers):
+        if handler.get_name() is None:
+            handler.set_name(f"djpq.host_handler_{i}")
+
+
 def tune_tasks(tasks: Sequence[Task], target: Any, work_dir: Path, database: Any, trials: int,
                trials_per_task: int, batch: int, in_process: bool, seed: int,
                log: Callable[[str], None]) -> None:
@@ -224,6 +237,7 @@ def tune_tasks(tasks: Sequence[Task], target: Any, work_dir: Path, database: Any
     ms = _ms()
     start = time.perf_counter()
     log(f"building the search spaces of {len(tasks)} task(s)")
+    _name_handlers(logging.getLogger("tvm.s_tir.meta_schedule"))
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         [t.extracted for t in tasks], str(work_dir), seed=seed, num_threads=1)
     log(f"search spaces ready in {time.perf_counter() - start:.0f} s; measuring candidates")
