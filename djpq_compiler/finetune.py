@@ -39,8 +39,8 @@ class FinetuneConfig:
         djpq_lr: Adam learning rate of gate and quantizer parameters.
         log_every: Steps between :class:`FinetuneLog` records (hard-gate BOPs are counted then).
         loss_kind: ``"vib_bops"`` / ``"soft_bops"``; ``None`` uses the prepared config's.
-        finalize: Fraction of the budget (steps, or minutes when no step limit is set) spent at
-            the end with every gate and quantizer frozen at what ``convert`` deploys
+        finalize: Fraction of the budget (of the steps or of the minutes, whichever is reached
+            first) spent at the end with every gate and quantizer frozen at what ``convert`` deploys
             (:func:`~djpq_compiler.prepared.freeze_for_deployment`: read-out bits, hard gates),
             training only the weights, so they adapt to the rounded-up bit-widths; ``0`` skips
             the phase. [choice] 0.1: on resnet20 without it the integer model was 2.7 points below
@@ -110,7 +110,7 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
         if step >= limit or elapsed > seconds:
             break
         if config.finalize and not finalizing and (
-                step >= final_step if final_step is not None else elapsed > final_second):
+                (final_step is not None and step >= final_step) or elapsed > final_second):
             freeze_for_deployment(prepared)
             finalizing = True
             bar.set_description("djpq fine-tune (finalizing: deployed bits and gates)")
