@@ -65,9 +65,10 @@ def _prepared(name: str, config: DJPQConfig | None = None, prune: bool = True,
 
 def _rare_flips(report: dict) -> None:
     """Per op, a 1-LSB flip needs a value within float32 error of a rounding tie: rare. Average
-    pools are the exception: a window mean of integer codes is often exactly k + 1/2, which the
-    reference rounds half up and onnxruntime's QuantizeLinear half to even, so their (and their
-    requantizations') codes may flip often (still <= 1 LSB, checked separately)."""
+    pools (with the requantization that follows them) are the exception: a window sum of integer
+    codes, divided and rescaled, often lands exactly on k + 1/2, which the reference rounds half
+    up and onnxruntime's QuantizeLinear half to even, so their codes may flip often (still <= 1
+    LSB, checked separately)."""
     flips = {k: v for k, v in report["per_op_mismatch"].items() if "pool" not in k}
     assert max(flips.values(), default=0.0) <= 1e-3, flips
 
