@@ -217,17 +217,22 @@ def _progress_callback(log: Callable[[str], None], names: list[str], budget: int
     return Progress()
 
 
-def _name_handlers(logger: logging.Logger) -> None:
-    """Give every unnamed handler of ``logger`` a name.
+_MS_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+def _detach_foreign_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    """Remove (and return) the handlers of ``logger`` that meta_schedule did not create.
 
     meta_schedule rebuilds its logging with ``dictConfig``, listing the names of the handlers
-    already on its logger; an unnamed one (attached by the host application or a test harness)
-    made it fail with ``'NoneType' object has no attribute 'format'`` (seen in the full test
-    suite, on the second tuning of a session).
+    already on its logger as handlers of the new configuration; a handler the host application
+    or a test harness attached (unnamed, or named outside that configuration) made it fail
+    (``'NoneType' object has no attribute 'format'`` / ``KeyError``). They are re-attached after
+    tuning.
     """
-    for i, handler in enumerate(logger.handlers):
-        if handler.get_name() is None:
-            handler.set_name(f"djpq.host_handler_{i}")
+    foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith(_MS_LOGGER)]
+    for handler in foreign:
+        logger.removeHandler(handler)
+    return foreign
 
 
 def tune_tasks(tasks: Sequence[Task], target: Any, work_dir: Path, database: Any, trials: int,
@@ -237,9 +242,14 @@ def tune_tasks(tasks: Sequence[Task], target: Any, work_dir: Path, database: Any
     ms = _ms()
     start = time.perf_counter()
     log(f"building the search spaces of {len(tasks)} task(s)")
-    _name_handlers(logging.getLogger("tvm.s_tir.meta_schedule"))
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [t.extracted for t in tasks], str(work_dir), seed=seed, num_threads=1)
+    logger = logging.getLogger(_MS_LOGGER)
+    foreign = _detach_foreign_handlers(logger)
+    try:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [t.extracted for t in tasks], str(work_dir), seed=seed, num_threads=1)
+    finally:
+        for handler in foreign:
+            logger.addHandler(handler)
     log(f"search spaces ready in {time.perf_counter() - start:.0f} s; measuring candidates")
     if in_process:
         builder, runner = in_process_measurer()
@@ -248,7 +258,7 @@ def tune_tasks(tasks: Sequence[Task], target: Any, work_dir: Path, database: Any
         runner = ms.runner.LocalRunner(timeout_sec=120)
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
     callbacks.append(_progress_callback(log, [t.name for t in tasks], trials))
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    logger.setLevel(logging.WARNING)
     ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                   max_trials_global=trials, max_trials_per_task=trials_per_task,
                   num_trials_per_iter=batch, builder=builder, runner=runner, database=database,
