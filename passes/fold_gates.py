@@ -4,8 +4,9 @@ Requires: a prepared graph (``gm.djpq_gates``, gate ``call_module`` nodes after 
 ``gm.meta["djpq.groups"]``).
 Guarantees: gate nodes are removed (their users read the gate point directly);
 ``gm.meta["djpq.keep"]`` maps each gated group id to its kept atoms (``log alpha > log tau``,
-rounded up to a multiple of ``config.round_to``; a group that would keep nothing keeps its
-strongest atom and a warning is issued);
+rounded up to a multiple of ``config.round_to``; a group, or a member covering part of it
+such as a concat branch, that would keep nothing keeps its strongest atom and a warning is
+issued);
 ``gm.meta["djpq.gate_scales"]`` maps each gate-point node name to the per-channel factor ``mu``
 (float64, original channel order) that must be folded into that node — exactly what the gate
 multiplied in deterministic eval for kept channels (DESIGN invariant 3).
@@ -26,9 +27,10 @@ __all__ = ["fold_gates"]
 
 def _keep_atoms(name: str, gate: VIBGate, round_to: int) -> list[int]:
     mask = gate.deploy_mask(round_to)
-    if not bool(gate.keep_mask().any()):
-        best = int(torch.nonzero(mask).flatten()[0])
-        warnings.warn(f"gate {name} would prune every channel of its group; keeping channel "
+    for atoms in gate.emptied():
+        what = "its group" if len(atoms) == gate.n_atoms else f"the member with atoms {list(atoms)}"
+        best = [a for a in atoms if bool(mask[a])][0]
+        warnings.warn(f"gate {name} would prune every channel of {what}; keeping channel "
                       f"{best} (the one with the largest alpha)", stacklevel=3)
     return torch.nonzero(mask).flatten().tolist()
 

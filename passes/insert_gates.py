@@ -4,12 +4,14 @@ Requires: ``gm.meta["djpq.groups"]`` (the dependency analysis, ``dependency/anal
 graph it was computed for (node names unchanged).
 Guarantees: ``gm.djpq_gates`` is an ``nn.ModuleDict`` holding one
 :class:`~djpq_compiler.modules.gates.VIBGate` per prunable group, keyed ``"g<group id>"`` with
-``group.size`` atoms. After every gate point of such a group a ``call_module`` node
-``djpq_gates.g<id>(x, index, dim=member.dim)`` multiplies the output, and every former user of the
-gate point reads the gated value (DESIGN invariant 3: after conv/linear *and* its BN, before any
-nonlinearity). ``index`` is a non-persistent long buffer ``_djpq_gate_index_<node>`` mapping each
-channel of the member to its atom, or ``None`` where that map is the identity. All producers of a
-group share the one gate instance. ``gm.meta["djpq.gates"]`` maps group id -> gate module path.
+``group.size`` atoms and ``required`` set to the atom sets of members covering only part of the
+group (each keeps at least one atom at conversion). After every gate point of such a group a
+``call_module`` node ``djpq_gates.g<id>(x, index, dim=member.dim)`` multiplies the output, and
+every former user of the gate point reads the gated value (DESIGN invariant 3: after conv/linear
+*and* its BN, before any nonlinearity). ``index`` is a non-persistent long buffer
+``_djpq_gate_index_<node>`` mapping each channel of the member to its atom, or ``None`` where that
+map is the identity. All producers of a group share the one gate instance.
+``gm.meta["djpq.gates"]`` maps group id -> gate module path.
 The graph is linted and recompiled.
 """
 
@@ -47,6 +49,13 @@ def _index_arg(gm: fx.GraphModule, group: ChannelGroup, member: Member,
         return gm.graph.get_attr(name)
 
 
+def _required_atoms(group: ChannelGroup) -> tuple[tuple[int, ...], ...]:
+    """The atom sets of members that cover only part of the group (concat branches, split
+    pieces): pruning all of one would leave a layer with zero channels."""
+    sets = {tuple(sorted(set(m.index))) for m in group.members if m.index}
+    return tuple(sorted(s for s in sets if len(s) < group.size))
+
+
 def _gate_after(gm: fx.GraphModule, group: ChannelGroup, node: fx.Node) -> fx.Node:
     member = group.member(node.name)
     index = _index_arg(gm, group, member, node)
@@ -80,7 +89,9 @@ def insert_gates(gm: fx.GraphModule, spec: GateSpec | None = None) -> PassResult
     for group in groups:
         if not group.prunable:
             continue
-        gates[f"g{group.id}"] = VIBGate.from_spec(group.size, spec)
+        gate = VIBGate.from_spec(group.size, spec)
+        gate.required = _required_atoms(group)
+        gates[f"g{group.id}"] = gate
         paths[group.id] = gate_path(group.id)
     gm.add_module(GATES_ATTR, gates)
     for group in groups:

@@ -26,7 +26,7 @@ from djpq_compiler.backends.reference.fixedpoint import qrange
 from djpq_compiler.backends.reference.ops import accumulator_bound, requant_params
 from djpq_compiler.errors import QuantizationError
 
-__all__ = ["LayerParams", "layer_params"]
+__all__ = ["LayerParams", "layer_params", "bias_agreement_lsb"]
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,18 @@ class LayerParams:
         fan_in = int(codes[0].numel())
         bound = accumulator_bound(fan_in, x_bits, self.w_bits, x_signed=x_signed,
                                   bias_bound=int(bias.abs().max()) if bias.numel() else 0)
+        lsb = 1
         if out is not None:
             lo, hi = qrange(out.bits, out.signed)  # type: ignore[attr-defined]
             if relu is not None:
                 lo = max(lo, 0)
             if relu == "relu6":
                 hi = min(hi, int(torch.round(torch.tensor(6.0 / out.scale))))  # type: ignore[attr-defined]
+            multiplier = x_scale * w_scale / out.scale  # type: ignore[attr-defined]
+            lsb = min(bias_agreement_lsb(post_bias / (x_scale * w_scale), bias, multiplier),
+                      max(hi - lo, 1))  # never more than the output's code range
             bias = _saturating_bias(self.node, bias, fan_in, x_bits, self.w_bits, x_signed,
-                                    x_scale * w_scale / out.scale, max(abs(lo), abs(hi)))  # type: ignore[attr-defined]
+                                    multiplier, max(abs(lo), abs(hi)))
             bound = accumulator_bound(fan_in, x_bits, self.w_bits, x_signed=x_signed,
                                       bias_bound=int(bias.abs().max()) if bias.numel() else 0)
             m, shift = requant_params(x_scale, w_scale, out.scale, bound)  # type: ignore[attr-defined]
@@ -105,9 +109,24 @@ class LayerParams:
         kwargs = dict(weight=codes, bias=bias, w_scale=w_scale, in_scale=x_scale,
                       w_bits=self.w_bits, m=m, shift=shift, **common)
         if self.kind == "linear":
-            return im.IntLinear(**kwargs)
-        return im.IntConv2d(stride=mod.stride, padding=mod.padding,
-                            dilation=mod.dilation, groups=mod.groups, **kwargs)
+            layer: nn.Module = im.IntLinear(**kwargs)
+        else:
+            layer = im.IntConv2d(stride=mod.stride, padding=mod.padding,
+                                 dilation=mod.dilation, groups=mod.groups, **kwargs)
+        layer.agreement_lsb = lsb  # type: ignore[assignment]
+        return layer
+
+
+def bias_agreement_lsb(exact: torch.Tensor, rounded: torch.Tensor,
+                       multiplier: torch.Tensor) -> int:
+    """The LSB bound of an integer layer's output against fake-quant: 1, unless rounding the
+    bias to the accumulator grid ``s_x * s_w`` moves it by ``e >= 1`` output LSB (possible only
+    where ``s_x * s_w / s_out > 1``: coarse inputs and weights, a fine output grid); then
+    ``floor(e) + 1``. Channels whose bias saturates int32 are skipped (their output clips)."""
+    fits = rounded.abs() <= INT32_MAX
+    err = ((exact - rounded.to(torch.float64)).abs() * multiplier.to(torch.float64))[fits]
+    worst = float(err.max()) if err.numel() else 0.0
+    return int(worst + 1e-6) + 1
 
 
 INT32_MAX = 2**31 - 1

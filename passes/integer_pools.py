@@ -72,14 +72,26 @@ def window_sum(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, int] | Non
         mod = gm.get_submodule(str(node.target))
         if isinstance(mod, nn.AdaptiveAvgPool2d):
             return _adaptive_sum(mod.output_size, h, w)
-        if isinstance(mod, nn.AvgPool2d) and _pair(mod.padding) == (0, 0) \
-                and mod.divisor_override is None:
-            k = _pair(mod.kernel_size)
-            return (im.IntAvgPool2d(k, _pair(mod.stride or k), (0, 0), mod.ceil_mode, True, 1),
-                    k[0] * k[1]) if not mod.ceil_mode else None
+        if isinstance(mod, nn.AvgPool2d):
+            return _fixed_sum(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
+                              mod.divisor_override)
     elif node.target is F.adaptive_avg_pool2d:
         return _adaptive_sum(_arg(node, 1, "output_size", None), h, w)
+    elif node.target is F.avg_pool2d:
+        return _fixed_sum(_arg(node, 1, "kernel_size", None), _arg(node, 2, "stride", None),
+                          _arg(node, 3, "padding", 0), _arg(node, 4, "ceil_mode", False),
+                          _arg(node, 6, "divisor_override", None))
     return None
+
+
+def _fixed_sum(kernel_size: object, stride: object, padding: object, ceil_mode: object,
+               divisor_override: object) -> tuple[nn.Module, int] | None:
+    """A 2-D average pool whose every window holds ``k_h * k_w`` inputs (no padding, no
+    ceil mode, no divisor override) as a window sum and its count."""
+    if _pair(padding) != (0, 0) or ceil_mode or divisor_override is not None:
+        return None
+    k = _pair(kernel_size)
+    return im.IntAvgPool2d(k, _pair(stride) if stride else k, (0, 0), False, True, 1), k[0] * k[1]
 
 
 def _adaptive_sum(output_size: object, h: int, w: int) -> tuple[nn.Module, int] | None:

@@ -10,13 +10,16 @@ per-channel dyadic multipliers, ReLU as the clip range); residual adds and conca
 operands become ``IntAdd``/``IntConcat``; pooling, ReLU and shape ops run on codes. Everything else
 runs in float between a ``Dequantize`` and the next ``Quantize`` and is listed in
 ``meta["djpq.float_ops"]``. Conversion never changes what a node computes beyond the ≤ 1 LSB of
-integer rounding (DESIGN invariant 4).
+integer rounding (DESIGN invariant 4), except where a layer's integer bias at ``s_x * s_w`` is
+coarser than its output step: that quantizer's bound is then recorded in
+``meta["djpq.agreement_bounds"]`` and a warning names the layer.
 """
 
 from __future__ import annotations
 
 import builtins
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +69,7 @@ class _Lowering:
         self.done: set[str] = set()
         self.float_ops: list[str] = []
         self.layers: dict[str, dict[str, object]] = {}
+        self.bounds: dict[str, int] = {}  # quantizer node -> LSB bound where it exceeds 1
 
     # --------------------------------------------------------------------------- helpers
     def key(self, node: fx.Node) -> object:
@@ -144,6 +148,15 @@ class _Lowering:
             self.env[n.name], self.act[n.name] = new, out_act
         self.layers[node.name] = {"w_bits": params.w_bits, "a_bits": x_act.bits,
                                   "out": mod.weight.shape[0], "in": params.in_channels(mod)}
+        lsb = int(getattr(mod, "agreement_lsb", 1))
+        if quant is not None and lsb > 1:
+            self.bounds[quant.name] = lsb
+            warnings.warn(
+                f"layer {node.name}: its accumulator step s_x*s_w is coarser than its output "
+                "step and rounding the bias to it costs at least one output LSB, so the integer "
+                f"model may differ from fake-quant by up to {lsb} LSB at {quant.name}; more "
+                "input/weight bits (or fewer output bits) restore the 1-LSB agreement",
+                stacklevel=5)
         return True
 
     def _chain(self, node: fx.Node
@@ -212,18 +225,27 @@ class _Lowering:
         return False
 
     def pool_requant(self, node: fx.Node, act: Act) -> bool:
-        """Average pool + the quantizer after it: window sum, then one requantization."""
-        quant = self.sole_user(node)
+        """Average pool (+ ReLU/ReLU6 that the output range already clips) + the quantizer after
+        it: window sum, then one requantization (rounding at the input's scale first would be
+        off by ``s_in / s_out / 2`` LSB when the output grid is finer)."""
+        chain, quant = [node], self.sole_user(node)
+        while quant is not None and self.key(quant) in _RELU + _RELU6:
+            chain.append(quant)
+            quant = self.sole_user(quant)
         summed = window_sum(self.gm, node) if quant is not None and self.is_quant(quant) else None
         if summed is None or quant is None:
             return False
         pool, count = summed
         out = self.quant_act(quant)
+        relus = [self.key(n) for n in chain[1:]]
+        if relus and (out.signed or (any(k in _RELU6 for k in relus)
+                                     and qrange(out.bits, out.signed)[1] * out.scale > 6.0)):
+            return False  # the ReLU would need a clip the requantization does not do
         x = self.env[_name(node.args[0])]
         total = self.module(f"sum_{node.name}", pool, (x,))
         new = self.module(f"rq_{quant.name}", im.Requantize(act.scale / count, out.scale,
                                                             out.bits, out.signed), (total,))
-        for n in (node, quant):
+        for n in (*chain, quant):
             self.done.add(n.name)
             self.env[n.name], self.act[n.name] = new, out
         return True
@@ -254,6 +276,7 @@ class _Lowering:
         out.meta["djpq.integer"] = True
         out.meta["djpq.float_ops"] = tuple(self.float_ops)
         out.meta["djpq.lowered_layers"] = self.layers
+        out.meta["djpq.agreement_bounds"] = self.bounds
         out.meta["djpq.quant_map"] = {  # prepared quantizer node -> converted node of its codes
             n.name: self.env[n.name].name for n in self.gm.graph.nodes
             if self.is_quant(n) and self.act.get(n.name) is not None}

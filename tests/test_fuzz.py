@@ -7,13 +7,23 @@ a regression test below with that recipe.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
 import djpq_compiler as djpq
-from djpq_compiler.errors import PruningError
-from djpq_compiler.testing import Recipe, build, check_analysis, check_prepare, example_input
+from djpq_compiler.errors import PruningError, QuantizationError
+from djpq_compiler.prepared import gates
+from djpq_compiler.testing import (
+    Recipe,
+    build,
+    check_analysis,
+    check_convert,
+    check_prepare,
+    example_input,
+)
 from djpq_compiler.testing.graphs import (
     NO_RULE_OPS,
     Act,
@@ -55,6 +65,12 @@ def test_random_graphs_prepare_is_the_model_and_bops_agree(recipe: Recipe) -> No
     check_prepare(recipe)
 
 
+@settings(CI, max_examples=20)
+@given(recipes())
+def test_random_graphs_convert_exactly_within_one_lsb_and_keep_bops(recipe: Recipe) -> None:
+    check_convert(recipe)
+
+
 EVERY_BLOCK = Recipe(blocks=(
     Conv(out=6, k=3, stride=2, groups=1, bn=True, act="hardswish"),
     Conv(out=6, k=3, groups="depthwise", act="relu6"),
@@ -77,6 +93,8 @@ def test_a_recipe_with_every_block_kind_holds_every_property() -> None:
     stats = check_analysis(EVERY_BLOCK)
     assert stats.prunable > 0 and stats.params_after < stats.params_before
     check_prepare(EVERY_BLOCK)
+    converted = check_convert(EVERY_BLOCK)
+    assert converted.quantizers > 5 and converted.bops_ratio < 1 / 16
 
 
 def test_recipes_print_as_readable_recipes() -> None:
@@ -136,3 +154,95 @@ SHUFFLE_OF_GROUP_SIZE_ONE = Recipe(blocks=(Conv(out=2, bn=False, act=None), Shuf
 
 def test_regression_channel_shuffle_with_one_channel_per_group() -> None:
     check_analysis(SHUFFLE_OF_GROUP_SIZE_ONE)
+
+
+#: Found by check_convert: a concat branch whose gate atoms all closed. The deployed mask kept
+#: the group non-empty but not the branch, so convert() raised PruningError on a legitimate
+#: trained state. Fixed in modules/gates.py (``VIBGate.required``, set by insert_gates): each
+#: concat branch / split piece keeps its strongest atom, with a warning, as an emptied group does.
+def test_regression_convert_keeps_a_channel_of_a_closed_concat_branch() -> None:
+    model, x = build(EMPTY_BRANCH), example_input(EMPTY_BRANCH)
+    p = djpq.prepare(model, x).eval()
+    (gate,) = (g for _, g in gates(p))
+    assert gate.required == ((0,), (1,))
+    with torch.no_grad():
+        gate.mu[1] = 1e-3  # the second branch's only channel
+    assert djpq.bops(p).rows[1].out_kept == 1  # prepared BOPs count the deployed mask
+    with pytest.warns(UserWarning, match=r"every channel of the member with atoms \[1\]"):
+        converted = djpq.convert(p, integer=False)
+    assert converted.get_submodule("blocks.0.branches.1.0").out_channels == 1
+    check_convert(Recipe(blocks=(Concat(branches=((1, 1), (1, 1)), act=None),),
+                         head="pool_linear", size=4, seed=145))
+
+
+#: Found by check_convert: a functional ``F.avg_pool2d`` followed by a finer quantizer was
+#: pooled at the input's scale (rounded) and then requantized (8 LSB off); only modules and
+#: adaptive pools took the window-sum path. Fixed in passes/integer_pools.py (``window_sum``).
+AVG_POOL_TO_FINER_GRID = Recipe(blocks=(Act("relu"), SqueezeExcite(squeeze=1), Pool("avg")),
+                                head="flatten_linear", size=4, seed=0)
+
+
+def test_regression_functional_avg_pool_sums_windows_before_requantizing() -> None:
+    model, x = build(AVG_POOL_TO_FINER_GRID), example_input(AVG_POOL_TO_FINER_GRID)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the SE's one-channel ReLU calibrates dead here
+        converted = djpq.convert(djpq.prepare(model, x))
+    assert hasattr(converted.djpq_int, "sum_avg_pool2d")
+    check_convert(AVG_POOL_TO_FINER_GRID)
+
+
+#: Found by check_convert right after: the same double rounding when a ReLU sits between the
+#: pool and its quantizer. Fixed in passes/to_integer.py (``pool_requant`` takes ReLU/ReLU6
+#: whose clip the unsigned output range already applies).
+AVG_POOL_RELU_TO_FINER_GRID = Recipe(blocks=(SplitCat(pieces=2, how="chunk", k=1), Pool("avg"),
+                                             Act("relu")), head="pool_linear", size=4, seed=1)
+
+
+def test_regression_avg_pool_then_relu_sums_windows_before_requantizing() -> None:
+    model, x = build(AVG_POOL_RELU_TO_FINER_GRID), example_input(AVG_POOL_RELU_TO_FINER_GRID)
+    converted = djpq.convert(djpq.prepare(model, x))
+    assert hasattr(converted.djpq_int, "sum_avg_pool2d")
+    assert not hasattr(converted.djpq_int, "op_relu_2")  # folded into the requantization
+    check_convert(AVG_POOL_RELU_TO_FINER_GRID)
+
+
+#: Found by check_convert: 3-bit inputs and weights feeding a 7-bit output: the bias rounded to
+#: the accumulator step s_x*s_w moved the output by ~1.5 LSB, silently beyond invariant 4. Not
+#: fixable without a finer bias in the reference, TVM and ONNX; convert now warns, naming the
+#: layer, and records the bound it guarantees in ``meta["djpq.agreement_bounds"]``, which
+#: check_convert holds it to.
+COARSE_BIAS = Recipe(blocks=(SqueezeExcite(squeeze=3),), head="pool_linear", size=4, seed=3006)
+
+
+def test_regression_coarse_integer_bias_is_warned_and_bounded() -> None:
+    from djpq_compiler.testing.properties import _randomize, random_state
+
+    model, x = build(COARSE_BIAS), example_input(COARSE_BIAS)
+    config, rng = random_state(COARSE_BIAS)
+    torch.manual_seed(COARSE_BIAS.seed)
+    p = djpq.prepare(model, x, config).eval()
+    _randomize(p, rng)
+    with pytest.warns(UserWarning, match="blocks_0_fc1: its accumulator step"):
+        converted = djpq.convert(p)
+    assert converted.meta["djpq.agreement_bounds"] == {"djpq_quant_a_relu": 2}
+    stats = check_convert(COARSE_BIAS)
+    assert stats.coarse_bias == 1 and stats.max_lsb == 2
+
+
+#: Found by check_convert (a limitation, not fixed): a per-tensor activation quantizer that saw
+#: only zeros in calibration (a dead ReLU on a one-channel tensor) keeps q_max = 1e-8, so the next
+#: layer's bias does not fit int32 at s_x*s_w. convert refuses it with a QuantizationError naming
+#: the layer; check_convert gives such quantizers a unit range instead.
+DEAD_ACTIVATION = Recipe(blocks=(Residual(mid=1, out=1, proj=False),), head="pool_linear",
+                         size=4, seed=145)
+
+
+def test_dead_activation_range_is_refused_with_a_clear_error() -> None:
+    model, x = build(DEAD_ACTIVATION), example_input(DEAD_ACTIVATION)
+    p = djpq.prepare(model, x)
+    assert float(p.djpq_quant.a_relu.q_max().detach()) < 1e-6
+    with warnings.catch_warnings(), pytest.raises(
+            QuantizationError, match="blocks_0_body2_0: its bias does not fit int32"):
+        warnings.simplefilter("ignore")
+        djpq.convert(p)
+    check_convert(DEAD_ACTIVATION)

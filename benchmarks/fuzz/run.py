@@ -1,4 +1,4 @@
-"""Long fuzzing run: random architectures through analyze / prune oracle / prepare / bops.
+"""Long fuzzing run: random architectures through analyze / prune oracle / prepare / convert.
 
 Runs the properties of ``djpq_compiler.testing.properties`` on ``--examples`` random recipes
 (hypothesis, one CPU thread) and writes a summary to ``--out``. On the first failure hypothesis
@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from djpq_compiler.testing import Recipe, check_analysis, check_prepare, recipes
+from djpq_compiler.testing import Recipe, check_analysis, check_convert, check_prepare, recipes
 
 
 class TimeUp(BaseException):
@@ -41,8 +41,13 @@ class Tally:
         self.max_err = 0.0
         self.blocks: collections.Counter[str] = collections.Counter()
         self.heads: collections.Counter[str] = collections.Counter()
+        self.quantizers = 0
+        self.float_ops = 0
+        self.coarse_bias = 0
+        self.max_float_err = 0.0
+        self.lsb: collections.Counter[int] = collections.Counter()
 
-    def add(self, recipe: Recipe, stats: object) -> None:
+    def add(self, recipe: Recipe, stats: object, conv: object) -> None:
         self.examples += 1
         self.groups += stats.groups  # type: ignore[attr-defined]
         self.prunable += stats.prunable  # type: ignore[attr-defined]
@@ -50,6 +55,11 @@ class Tally:
         self.max_err = max(self.max_err, stats.rel_err)  # type: ignore[attr-defined]
         self.blocks.update(type(b).__name__ for b in recipe.blocks)
         self.heads[recipe.head] += 1
+        self.quantizers += conv.quantizers  # type: ignore[attr-defined]
+        self.float_ops += conv.float_ops  # type: ignore[attr-defined]
+        self.coarse_bias += conv.coarse_bias  # type: ignore[attr-defined]
+        self.max_float_err = max(self.max_float_err, conv.float_err)  # type: ignore[attr-defined]
+        self.lsb[conv.max_lsb] += 1  # type: ignore[attr-defined]
 
 
 def run(examples: int, seed: int, max_blocks: int,
@@ -67,7 +77,7 @@ def run(examples: int, seed: int, max_blocks: int,
             raise TimeUp
         stats = check_analysis(recipe, seed=recipe.seed)  # a function of the recipe: replayable
         check_prepare(recipe)
-        tally.add(recipe, stats)
+        tally.add(recipe, stats, check_convert(recipe))
         if tally.examples % 100 == 0:
             print(f"{tally.examples} examples, {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -94,6 +104,10 @@ def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Nam
         f"* channel groups analysed: {tally.groups} ({tally.prunable} prunable); ops with no "
         f"rule reported: {tally.missing}; worst pruning-oracle relative error: "
         f"{tally.max_err:.2e}",
+        f"* convert: worst float relative error {tally.max_float_err:.2e}; activation "
+        f"quantizers compared {tally.quantizers}; examples by worst integer-vs-fake-quant LSB "
+        f"{dict(sorted(tally.lsb.items()))}; quantizers with a warned coarse-bias bound > 1 LSB: "
+        f"{tally.coarse_bias}; ops left in float: {tally.float_ops}",
         f"* blocks generated: {dict(sorted(tally.blocks.items()))}",
         f"* heads: {dict(sorted(tally.heads.items()))}",
     ]

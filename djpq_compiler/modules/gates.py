@@ -68,6 +68,9 @@ class VIBGate(nn.Module):
         self.mu = nn.Parameter(torch.full((n_atoms,), float(mu_init)) + jitter)
         self.log_sigma2 = nn.Parameter(torch.full((n_atoms,), float(log_sigma2_init)))
         self.deterministic = False
+        #: Atom sets each of which must keep an atom (a concat branch, a split piece: a member
+        #: that covers only part of the group); set by ``insert_gates``.
+        self.required: tuple[tuple[int, ...], ...] = ()
         self._step_active = False  # inside a root forward pass (see attach_step_hook)
         self._eps: torch.Tensor | None = None
 
@@ -113,14 +116,25 @@ class VIBGate(nn.Module):
         with torch.no_grad():
             return self.log_alpha() > self.log_threshold
 
+    def emptied(self) -> list[tuple[int, ...]]:
+        """The :attr:`required` atom sets (whole group if none) the hard gate closes entirely."""
+        mask = self.keep_mask()
+        sets = self.required or (tuple(range(self.n_atoms)),)
+        return [atoms for atoms in sets if not bool(mask[list(atoms)].any())]
+
     def deploy_mask(self, round_to: int = 1) -> torch.Tensor:
-        """The atoms ``convert`` keeps: :meth:`keep_mask`, but never empty — a group whose gate
-        would close completely keeps its atom with the largest alpha (a layer cannot have zero
-        channels) — and with the kept count rounded up to a multiple of ``round_to`` (capped at
-        the group size) by re-admitting the pruned atoms of largest alpha (hardware-friendly
-        channel counts). BOPs of prepared models count this same mask."""
+        """The atoms ``convert`` keeps: :meth:`keep_mask`, but never empty — a group (or a
+        :attr:`required` atom set: a concat branch, a split piece) whose gate would close
+        completely keeps its atom with the largest alpha (a layer cannot have zero channels) —
+        and with the kept count rounded up to a multiple of ``round_to`` (capped at the group
+        size) by re-admitting the pruned atoms of largest alpha (hardware-friendly channel
+        counts). BOPs of prepared models count this same mask."""
         with torch.no_grad():
             mask = self.keep_mask().clone()
+            log_alpha = self.log_alpha().detach()
+            for atoms in self.emptied():
+                index = torch.tensor(atoms, dtype=torch.long)
+                mask[index[torch.argmax(log_alpha[index])]] = True
             n = len(mask)
             target = min(n, max(1, -(-int(mask.sum()) // round_to) * round_to))
             missing = target - int(mask.sum())

@@ -7,7 +7,12 @@ Requires the ``test`` extra (``pip install 'djpq-compiler[test]'``) for hypothes
 from __future__ import annotations
 
 from djpq_compiler.testing.graphs import Recipe, build, example_input, recipes
-from djpq_compiler.testing.properties import PropertyViolation, check_analysis, check_prepare
+from djpq_compiler.testing.properties import (
+    PropertyViolation,
+    check_analysis,
+    check_convert,
+    check_prepare,
+)
 
 __all__ = ["Recipe", "build", "example_input", "recipes", "PropertyViolation", "check_analysis",
-           "check_prepare"]
+           "check_prepare", "check_convert"]

@@ -7,23 +7,44 @@ runs one part of the compiler on it and raises :class:`PropertyViolation` (an
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from djpq_compiler.analysis import analyze
 from djpq_compiler.bops import bops
+from djpq_compiler.config import DJPQConfig, QuantSpec
+from djpq_compiler.convert import convert
+from djpq_compiler.modules.quantizers import levels
 from djpq_compiler.prepare import prepare
-from djpq_compiler.prepared import open_gates, set_quantizers
+from djpq_compiler.prepared import (
+    freeze_for_deployment,
+    gates,
+    open_gates,
+    quantizers,
+    set_gates_deterministic,
+    set_quantizers,
+)
 from djpq_compiler.testing.graphs import Recipe, build, example_input
-from djpq_compiler.verify import pruning_oracle
+from djpq_compiler.verify import integer_agreement, pruning_oracle
 
-__all__ = ["PropertyViolation", "OracleStats", "check_analysis", "check_prepare", "NO_RULE_TARGETS",
-           "ORACLE_TOLERANCE"]
+__all__ = ["PropertyViolation", "OracleStats", "ConvertStats", "check_analysis", "check_prepare",
+           "check_convert", "NO_RULE_TARGETS", "ORACLE_TOLERANCE", "CONVERT_TOLERANCE",
+           "INTEGER_LSB_BOUND"]
 
 #: Targets of the generator's ops that have no channel rule (they must be barriers).
 NO_RULE_TARGETS: tuple[object, ...] = (torch.cumsum, torch.flip, "roll")
 ORACLE_TOLERANCE = 1e-4
+#: ``convert(p, integer=False)`` vs ``p`` (eval, quantizers off, hard gates): max abs error
+#: relative to the output's max, the bound ``tests/test_convert.py`` asserts on small models.
+CONVERT_TOLERANCE = 1e-5
+#: Integer reference vs fake-quant, per activation quantizer, each op fed the fake-quant codes
+#: (DESIGN invariant 4, ``verify.integer_agreement``).
+INTEGER_LSB_BOUND = 1
 
 
 class PropertyViolation(AssertionError):
@@ -100,3 +121,129 @@ def check_prepare(recipe: Recipe) -> None:
     if not torch.equal(got, want):
         err = (got - want).abs().max().item()
         raise _fail(recipe, f"prepared (quantizers off, gates open) differs by {err:.3g}")
+
+
+@dataclass(frozen=True)
+class ConvertStats:
+    """What one :func:`check_convert` run saw."""
+
+    float_err: float
+    max_lsb: int
+    quantizers: int
+    float_ops: int
+    bops_ratio: float
+    coarse_bias: int  # quantizers held to a bound above 1 LSB (coarse integer bias)
+
+
+def random_state(recipe: Recipe) -> tuple[DJPQConfig, np.random.Generator]:
+    """The seeded config of :func:`check_convert`: global weight/activation bits drawn from
+    ``recipe.seed`` (the generator it returns then draws gate and quantizer states)."""
+    rng = np.random.default_rng(recipe.seed)
+    w_bits, a_bits = (int(rng.choice((3, 4, 6, 8))) for _ in range(2))
+    return DJPQConfig(weight=QuantSpec(bits=w_bits), activation=QuantSpec(bits=a_bits)), rng
+
+
+#: Below this calibrated range an activation quantizer saw only zeros (``MIN_RANGE``); see
+#: :func:`_randomize`.
+DEGENERATE_RANGE = 1e-6
+
+
+@torch.no_grad()
+def _randomize(gm: torch.fx.GraphModule, rng: np.random.Generator) -> None:
+    """A trained-looking state: every gate prunes ~0-70 % of its atoms with ``mu`` jittered in
+    ±[0.5, 1.5] (one gate in ten closes entirely, then ``convert`` keeps the strongest atom of the
+    group and of every concat branch / split piece); each learnable quantizer gets a clip range
+    scaled by [0.6, 1.2] and continuous bits in [2, 8]. Then :func:`freeze_for_deployment`: the
+    hard gates are the deployed mask, the quantizers their read-out grid.
+
+    An activation quantizer that calibrated on all-zero input (a dead ReLU channel in a
+    one-channel tensor) gets a unit range: at ``q_max = 1e-8`` the next layer's bias does not fit
+    int32 and ``convert`` refuses it with a ``QuantizationError`` (a documented limitation,
+    ``tests/test_fuzz.py::test_dead_activation_range_is_refused_with_a_clear_error``).
+    """
+    for _, gate in gates(gm):
+        n = gate.n_atoms
+        mu = torch.from_numpy(rng.uniform(0.5, 1.5, n) * rng.choice((-1.0, 1.0), n, p=(0.2, 0.8)))
+        mu[torch.from_numpy(rng.random(n) < rng.uniform(0.0, 0.7))] = 1e-3  # pruned atoms
+        if rng.random() < 0.1:
+            mu[:] = 1e-3 * mu.sign()
+        gate.mu.copy_(mu.to(gate.mu.dtype))
+    for _, q in quantizers(gm):
+        if float(q.q_max().max()) < DEGENERATE_RANGE:
+            q.log_q_max.fill_(0.0)
+            if q.log_d is not None:
+                q.log_d.fill_(-math.log(float(levels(q.init_bits, q.signed))))
+        q.log_q_max.add_(math.log(rng.uniform(0.6, 1.2)))
+        if q.log_d is not None and rng.random() < 0.5:
+            bits = rng.uniform(2.0, 8.0)
+            q.log_d.copy_(torch.log(q.q_grid() / float(levels(bits, q.signed))))
+    freeze_for_deployment(gm)
+
+
+def _bops_mismatch(prepared: torch.fx.GraphModule, converted: torch.fx.GraphModule
+                   ) -> list[tuple[object, ...]]:
+    """Rows where ``bops(converted)`` disagrees with ``bops(prepared)``: channel counts must be
+    equal everywhere, bits where the layer was lowered to integers (float layers count 32x32)."""
+    lowered = {rec.name for rec in converted.meta.get("djpq.layers", ())
+               if rec.node in converted.meta.get("djpq.lowered_layers", {})}
+    bad: list[tuple[object, ...]] = []
+    for a, b in zip(bops(prepared).rows, bops(converted).rows, strict=True):
+        bits = (a.b_w, a.b_a) if a.name in lowered else (32, 32)
+        if (a.name, a.in_kept, a.out_kept, *bits) != (b.name, b.in_kept, b.out_kept, b.b_w,
+                                                       b.b_a):
+            bad.append((a, b))
+    return bad
+
+
+def check_convert(recipe: Recipe) -> ConvertStats:
+    """prepare -> seeded random gate states and bit-widths -> convert, float and integer.
+
+    * ``convert(p, integer=False)`` equals ``p`` in eval with quantizers off and hard gates to
+      :data:`CONVERT_TOLERANCE` (DESIGN invariant 1);
+    * ``convert(p)`` (integer) agrees with the fake-quant model at every activation quantizer
+      within :data:`INTEGER_LSB_BOUND` (invariant 4; ops with no integer lowering stay float),
+      except after a layer whose integer bias is coarser than its output step: there within
+      the larger bound ``convert`` warned about and recorded in ``meta["djpq.agreement_bounds"]``;
+    * ``bops(convert(p))`` equals ``bops(p)`` row by row (32x32 for layers left in float), and
+      their totals are equal when nothing stayed float (invariant 5);
+    * ``p`` itself is unchanged by both conversions.
+    """
+    model, x = build(recipe), example_input(recipe)
+    config, rng = random_state(recipe)
+    torch.manual_seed(recipe.seed)
+    p = prepare(model, x, config).eval()
+    _randomize(p, rng)
+    with torch.no_grad():
+        before = p(x)
+    ref = copy.deepcopy(p)
+    set_quantizers(ref, False)
+    set_gates_deterministic(ref, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. an observer seeing constant inputs
+        converted_float = convert(p, integer=False)
+        converted = convert(p)
+    with torch.no_grad():
+        want, got = ref(x), converted_float(x)
+        after = p(x)
+    err = float((want - got).abs().max() / (want.abs().max() + 1e-12))
+    if not err < CONVERT_TOLERANCE:
+        raise _fail(recipe, f"convert(integer=False) vs hard-gated float model: relative error "
+                            f"{err:.3g} ({config.weight.bits}/{config.activation.bits} bits)")
+    if not torch.equal(before, after):
+        raise _fail(recipe, "convert() modified the prepared model")
+    lsb = integer_agreement(p, converted, x)
+    coarse: dict[str, int] = converted.meta["djpq.agreement_bounds"]
+    over = {q: (v, coarse.get(q, INTEGER_LSB_BOUND)) for q, v in lsb.items()
+            if v > coarse.get(q, INTEGER_LSB_BOUND)}
+    if over:
+        raise _fail(recipe, f"integer model vs fake-quant beyond the bound (LSB, bound): {over}"
+                            f"\n  float ops: {converted.meta['djpq.float_ops']}")
+    bad = _bops_mismatch(p, converted)
+    if bad:
+        raise _fail(recipe, f"bops(converted) != bops(prepared): {bad[:2]}")
+    float_ops = converted.meta["djpq.float_ops"]
+    total_p, total_c = bops(p).total, bops(converted).total
+    if not float_ops and total_p != total_c:
+        raise _fail(recipe, f"all-integer model but bops total {total_c} != prepared {total_p}")
+    return ConvertStats(err, max(lsb.values(), default=0), len(lsb), len(float_ops),
+                        total_c / max(bops(model, x).total, 1), len(coarse))
