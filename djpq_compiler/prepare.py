@@ -31,6 +31,7 @@ from djpq_compiler.errors import ConfigError
 from djpq_compiler.layers import Layer, find_layers
 from djpq_compiler.modules.gates import VIBGate, attach_step_hook
 from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.modules.saved import attach_compact_saving
 from djpq_compiler.passes.capture import as_input_tuple, capture, propagate_shapes
 from djpq_compiler.passes.dependency import ChannelGroup, Member, dependency_analysis
 from djpq_compiler.passes.insert_gates import insert_gates
@@ -84,6 +85,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
         attach_step_hook(gm)
         propagate_shapes(gm, inputs)  # gate nodes get shapes: later passes see tensors
     insert_quantizers(gm, config, layers, resolved)
+    attach_compact_saving(gm)  # quantized activations / gate outputs saved compactly, exactly
     gm.meta["djpq.layers"] = _records(gm, layers, sources)
     gm.meta["djpq.config"] = config
     batches = [inputs] if calibration_data is None else itertools.islice(

@@ -24,13 +24,15 @@ reuses it until :meth:`VIBGate.new_step` is called:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from djpq_compiler.errors import ConfigError, PruningError, QuantizationError
+from djpq_compiler.modules.saved import mark_product
 
 if TYPE_CHECKING:
     from djpq_compiler.config import GateSpec
@@ -226,7 +228,10 @@ class VIBGate(nn.Module):
             z = z if index is None else z.index_select(0, index)
             shape = [1] * x.ndim
             shape[axis] = n_channels
-        return x * z.reshape(shape).to(x.dtype)
+        factor = z.reshape(shape).to(x.dtype)
+        out: torch.Tensor = _GateMul.apply(x, factor)
+        mark_product(out, x, factor)  # a quantizer saving the output may recompute it from x
+        return out
 
     def _channel_axis(self, x: torch.Tensor, dim: int) -> int:
         if x.ndim < 2:
@@ -272,6 +277,31 @@ class VIBGate(nn.Module):
             f"n_atoms={self.n_atoms}, threshold={self.threshold}, "
             f"deterministic={self.deterministic}"
         )
+
+
+class _GateMul(torch.autograd.Function):
+    """``x * factor`` (``factor`` broadcast, small) with the gradients of autograd's multiply,
+    computed with one full-size buffer instead of two: ``grad * x`` is reduced to the factor's
+    shape first, then the buffer is overwritten with the input gradient ``grad * factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, factor)
+        return x * factor
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, factor = ctx.saved_tensors
+        need_x, need_f = ctx.needs_input_grad
+        buf = gf = None
+        if need_f:
+            buf = torch.mul(grad, x)
+            gf = buf.sum_to_size(factor.shape)
+        if not need_x:
+            return None, gf
+        if buf is None or (gf is not None and gf.data_ptr() == buf.data_ptr()):
+            return torch.mul(grad, factor), gf  # (N, C) input: the reduction is the buffer
+        return torch.mul(grad, factor, out=buf), gf
 
 
 def _check_gate_args(
@@ -321,6 +351,12 @@ def attach_step_hook(root: nn.Module) -> StepHookHandle:
     Returns:
         A handle whose ``remove()`` detaches both hooks.
     """
+    if isinstance(root, fx.GraphModule):  # its deepcopy drops forward hooks: re-attach them
+        root._register_deepcopy_hook(_attach_step_hook)
+    return _attach_step_hook(root)
+
+
+def _attach_step_hook(root: nn.Module) -> StepHookHandle:
     return StepHookHandle(
         (root.register_forward_pre_hook(_begin_step), root.register_forward_hook(_end_step))
     )
