@@ -90,6 +90,11 @@ class _Lowering:
         users = list(node.users)
         return users[0] if len(users) == 1 else None
 
+    def data_user(self, node: fx.Node) -> fx.Node | None:
+        """The one user of ``node``'s values, not counting size/dim queries."""
+        users = [u for u in node.users if self.key(u) not in _METADATA]
+        return users[0] if len(users) == 1 else None
+
     def module(self, name: str, mod: nn.Module, args: tuple[Any, ...]) -> fx.Node:
         self.bank[name] = mod
         return self.graph.call_module(f"djpq_int.{name}", args)
@@ -225,29 +230,21 @@ class _Lowering:
         return False
 
     def pool_requant(self, node: fx.Node, act: Act) -> bool:
-        """Average pool (+ ReLU/ReLU6 that the output range already clips) + the quantizer after
-        it: window sum, then one requantization (rounding at the input's scale first would be
-        off by ``s_in / s_out / 2`` LSB when the output grid is finer)."""
-        chain, quant = [node], self.sole_user(node)
-        while quant is not None and self.key(quant) in _RELU + _RELU6:
-            chain.append(quant)
-            quant = self.sole_user(quant)
-        summed = window_sum(self.gm, node) if quant is not None and self.is_quant(quant) else None
-        if summed is None or quant is None:
+        """An average pool whose value reaches a quantizer (through shape ops and ReLUs only):
+        the integer window sum, i.e. the exact average at scale ``s_in / count``; the
+        quantizer then requantizes it once (rounding at the input's scale first would be off
+        by up to ``s_in / s_out / 2`` LSB when the output grid is finer)."""
+        nxt = self.data_user(node)
+        while nxt is not None and self.key(nxt) in _SHAPE + _RELU + _RELU6:
+            nxt = self.data_user(nxt)
+        summed = window_sum(self.gm, node) if nxt is not None and self.is_quant(nxt) else None
+        if summed is None:
             return False
         pool, count = summed
-        out = self.quant_act(quant)
-        relus = [self.key(n) for n in chain[1:]]
-        if relus and (out.signed or (any(k in _RELU6 for k in relus)
-                                     and qrange(out.bits, out.signed)[1] * out.scale > 6.0)):
-            return False  # the ReLU would need a clip the requantization does not do
         x = self.env[_name(node.args[0])]
-        total = self.module(f"sum_{node.name}", pool, (x,))
-        new = self.module(f"rq_{quant.name}", im.Requantize(act.scale / count, out.scale,
-                                                            out.bits, out.signed), (total,))
-        for n in (*chain, quant):
-            self.done.add(n.name)
-            self.env[n.name], self.act[n.name] = new, out
+        self.env[node.name] = self.module(f"sum_{node.name}", pool, (x,))
+        self.act[node.name] = Act(act.scale / count, act.bits + (count - 1).bit_length(),
+                                  act.signed)
         return True
 
     def run(self) -> fx.GraphModule:

@@ -191,18 +191,27 @@ def test_regression_functional_avg_pool_sums_windows_before_requantizing() -> No
     check_convert(AVG_POOL_TO_FINER_GRID)
 
 
-#: Found by check_convert right after: the same double rounding when a ReLU sits between the
-#: pool and its quantizer. Fixed in passes/to_integer.py (``pool_requant`` takes ReLU/ReLU6
-#: whose clip the unsigned output range already applies).
+#: Found by check_convert right after: the same double rounding when a ReLU (or, in the long
+#: run, a channel shuffle's view/transpose/reshape) sits between the pool and its quantizer.
+#: Fixed in passes/to_integer.py: ``pool_requant`` emits the window sum (the exact average at
+#: scale s_in/count) whenever the value reaches a quantizer through shape ops and ReLUs only.
 AVG_POOL_RELU_TO_FINER_GRID = Recipe(blocks=(SplitCat(pieces=2, how="chunk", k=1), Pool("avg"),
                                              Act("relu")), head="pool_linear", size=4, seed=1)
+
+
+POOL_SHUFFLE_TO_FINER_GRID = Recipe(blocks=(Residual(mid=1, out=1), Pool("avg"),
+                                            Shuffle(groups=2)), head="pool_linear", size=4)
+
+
+def test_regression_avg_pool_then_shuffle_sums_windows_before_requantizing() -> None:
+    check_convert(POOL_SHUFFLE_TO_FINER_GRID)
 
 
 def test_regression_avg_pool_then_relu_sums_windows_before_requantizing() -> None:
     model, x = build(AVG_POOL_RELU_TO_FINER_GRID), example_input(AVG_POOL_RELU_TO_FINER_GRID)
     converted = djpq.convert(djpq.prepare(model, x))
     assert hasattr(converted.djpq_int, "sum_avg_pool2d")
-    assert not hasattr(converted.djpq_int, "op_relu_2")  # folded into the requantization
+    assert not hasattr(converted.djpq_int, "op_avg_pool2d")  # no rounding at the input scale
     check_convert(AVG_POOL_RELU_TO_FINER_GRID)
 
 
