@@ -93,12 +93,13 @@ class _DQRound(torch.autograd.Function):
     dominate a prepared model's step on small convs, and on CPU a fresh full-size tensor costs
     more than a pass over it): forward is one clamp into the output, then in-place divide, round
     (the 1-byte grid codes are taken here when they fit) and multiply. Backward uses two
-    full-size buffers: ``clip(x)`` (later ``x/d`` and ``round(x/d) - x/d``) and
-    ``sign(x - clip(x))`` (+1 above, -1 below, 0 inside; later the input gradient), and reduces
-    the per-tensor ``d``/``q_max`` gradients with ``dot``. Saved: ``x`` -- usually the storage the
-    previous op (a ReLU) keeps anyway -- and the codes, which a conv reading the output keeps
-    anyway (:mod:`djpq_compiler.modules.saved`). The grid is recomputed, not saved: a following
-    in-place op (a ReLU with ``inplace=True``) may overwrite the returned tensor.
+    full-size temporaries: ``clip(x)`` (later ``x/d``) and ``round(x/d)`` (later
+    ``round(x/d) - x/d``), plus the input gradient, built in place from ``sign(x - clip(x))``
+    (+1 above, -1 below, 0 inside), and reduces the per-tensor ``d``/``q_max`` gradients with
+    ``dot``. Saved: ``x`` only -- usually the storage the previous op (a ReLU) keeps anyway; a conv
+    reading the output keeps its 1-byte codes (:mod:`djpq_compiler.modules.saved`). The grid is
+    recomputed, not saved: a following in-place op (a ReLU with ``inplace=True``) may overwrite
+    the returned tensor.
     """
 
     @staticmethod
@@ -120,13 +121,15 @@ class _DQRound(torch.autograd.Function):
         q.mul_(step)
         if codes is not None:
             mark_grid(q, codes, float(step))  # whoever saves q (a conv) keeps the codes instead
-        ctx.save_for_backward(x, d, q_max, codes)
+        # [choice] the codes are not saved for this backward: where no conv keeps them (an add
+        # reads q) they would cost a quarter of x; backward rounds again instead
+        ctx.save_for_backward(x, d, q_max)
         ctx.signed = signed
         return q
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, d, q_max, codes = ctx.saved_tensors
+        x, d, q_max = ctx.saved_tensors
         lo, hi, step = _bounds(x, d, q_max, ctx.signed)
         need_x, need_d, need_q = ctx.needs_input_grad[:3]
         xc = _clamp(x, lo, hi)
@@ -145,9 +148,8 @@ class _DQRound(torch.autograd.Function):
         gd = None
         if need_d:
             s = xc.div_(step)
-            # (Q(x) - x)/d = round(s) - s inside (masked by g_in outside); round(s) is the codes
-            err = torch.sub(codes, s, out=s) if codes is not None else torch.round(s).sub_(s)
-            gd = _dot(g_in, err, d)
+            # (Q(x) - x)/d = round(s) - s inside (masked by g_in outside)
+            gd = _dot(g_in, torch.round(s).sub_(s), d)
         return (g_in if need_x else None), gd, gq, None, None
 
 
