@@ -5,7 +5,10 @@ Adam, cross-entropy; the prepared model also adds ``gamma * djpq_loss``), so mac
 affects both alike; the medians and their ratio are reported. Memory: each model trains in a
 fresh subprocess; the peak RSS during the steps (``VmHWM``, reset before the first step) minus
 the RSS before the first step is the training peak (activations, gradients, optimizer state),
-also reported as a ratio.
+also reported as a ratio. That peak is set by the first step and varies from process to process
+with the allocator's state (measured: FP32 217-311 MiB), so ``--mem-repeats`` fresh processes
+per model are run and the median is reported (with all runs). For what autograd keeps (exact,
+deterministic) see ``step_breakdown.py``.
 
 Usage:
   python benchmarks/djpq_finetune/step_cost.py --model resnet20 --steps 30 --threads 2
@@ -100,6 +103,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mem-repeats", type=int, default=3,
+                        help="fresh subprocesses per model for memory; the median is reported")
     parser.add_argument("--out", default=None, help="append the JSON result to this file")
     parser.add_argument("--child", choices=("fp32", "djpq"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,12 +118,19 @@ def main() -> None:
     step = time_steps(args.model, args.steps, args.batch_size)
     result.update(step_ms_fp32=1e3 * step["fp32"], step_ms_djpq=1e3 * step["djpq"],
                   time_ratio=step["djpq"] / step["fp32"])
-    for kind in ("fp32", "djpq"):
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps",
-                              str(min(args.steps, 10)), "--batch-size", str(args.batch_size),
-                              "--threads", str(args.threads), "--child", kind],
-                             check=True, capture_output=True, text=True)
-        result[f"memory_{kind}"] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict[str, float]]] = {"fp32": [], "djpq": []}
+    for _ in range(args.mem_repeats):  # alternating: machine load affects both alike
+        for kind in ("fp32", "djpq"):
+            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps",
+                                  str(min(args.steps, 10)), "--batch-size", str(args.batch_size),
+                                  "--threads", str(args.threads), "--child", kind],
+                                 check=True, capture_output=True, text=True)
+            runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for kind, rows in runs.items():
+        # the run with the median training peak (the first step's allocator state varies)
+        rows.sort(key=lambda r: r["train_peak_mib"])
+        result[f"memory_{kind}"] = dict(rows[len(rows) // 2],
+                                        train_peak_runs_mib=[r["train_peak_mib"] for r in rows])
     mem_f, mem_d = result["memory_fp32"], result["memory_djpq"]
     assert isinstance(mem_f, dict) and isinstance(mem_d, dict)
     result["memory_ratio"] = mem_d["train_peak_mib"] / max(mem_f["train_peak_mib"], 1e-9)
