@@ -95,12 +95,30 @@ class Task:
     weight: float
     mod: Any
     extracted: Any
+    ops: float = 0.0
+
+    @property
+    def cost(self) -> float:
+        """Estimated arithmetic operations of the model spent in this kernel (ops x calls)."""
+        return self.ops * self.weight
+
+
+def _estimated_ops(mod: Any) -> float:
+    """TVM's operation count estimate of a PrimFunc module (0 when it cannot estimate it)."""
+    load_tvm()
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:  # noqa: BLE001 - an estimate only orders tasks; unknown counts as cheap
+        return 0.0
 
 
 def extract_tasks(fused: Any, target: Any) -> list[Task]:
     """The tuning tasks of a fused module (structurally equal PrimFuncs are one task)."""
     ms = _ms()
-    return [Task(str(t.task_name), float(t.weight), t.dispatched[0], t)
+    return [Task(str(t.task_name), float(t.weight), t.dispatched[0], t,
+                 _estimated_ops(t.dispatched[0]))
             for t in ms.relax_integration.extract_tasks(fused, target)]
 
 

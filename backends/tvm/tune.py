@@ -54,6 +54,8 @@ class TuningReport:
         tasks: Names of every tuning task of the model.
         tuned: Tasks measured by this call.
         reused: Tasks skipped because the database already had a record for them.
+        skipped: Tasks without a record left untuned because of ``max_tasks`` (the cheapest
+            ones by estimated operations x calls; a later ``tune()`` can take them on).
         new_records: Records (measured candidates) this call added to the database.
         records: Records in the database afterwards.
         seconds: Wall time of the call.
@@ -66,6 +68,7 @@ class TuningReport:
     new_records: int
     records: int
     seconds: float
+    skipped: tuple[str, ...] = ()
 
 
 def database_exists(work_dir: str | os.PathLike[str]) -> bool:
@@ -74,7 +77,7 @@ def database_exists(work_dir: str | os.PathLike[str]) -> bool:
 
 
 def _check_args(converted: object, target: str, trials: int, trials_per_task: int | None,
-                batch: int | None) -> None:
+                batch: int | None, max_tasks: int | None = None) -> None:
     if not isinstance(converted, fx.GraphModule):
         raise BackendError(f"tune() needs the converted GraphModule, got {type(converted)}")
     if target not in TUNABLE_TARGETS:
@@ -84,7 +87,7 @@ def _check_args(converted: object, target: str, trials: int, trials_per_task: in
             "cross target untuned"
         )
     for name, value in (("trials", trials), ("trials_per_task", trials_per_task),
-                        ("batch", batch)):
+                        ("batch", batch), ("max_tasks", max_tasks)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"tune(): {name} must be a positive int, got {value!r}")
 
@@ -109,7 +112,7 @@ def tune(converted: fx.GraphModule, target: str = "x86",
          example_inputs: torch.Tensor | Sequence[torch.Tensor] = (), *, trials: int = 64,
          work_dir: str | os.PathLike[str] = "djpq_tvm_tuning", trials_per_task: int | None = None,
          batch: int | None = None, retune: bool = False, in_process: bool = True,
-         seed: int = 0, progress: bool = True,
+         max_tasks: int | None = None, seed: int = 0, progress: bool = True,
          on_log: Callable[[str], None] | None = None) -> TuningReport:
     """Tune the kernels of a converted model and persist the schedules in ``work_dir``.
 
@@ -127,6 +130,11 @@ def tune(converted: fx.GraphModule, target: str = "x86",
         in_process: Compile and time candidates in this process (fast to start; no timeout, and a
             crashing candidate crashes the caller). ``False`` uses TVM's worker processes
             (``LocalBuilder(timeout_sec=600)``), isolated but slow to start on a loaded host.
+        max_tasks: Tune at most this many tasks, the most expensive first (TVM's estimate of
+            a kernel's operations times how often the model calls it); the others keep the
+            default schedule and are listed in ``TuningReport.skipped``. Building each task's
+            search space costs seconds to minutes, so on a model with many distinct kernels
+            this spends the budget where the time is.
         seed: Random seed of the search.
         progress: Print one line per task decision and per measured batch to stderr.
         on_log: Receives each progress line instead of stderr.
@@ -140,7 +148,7 @@ def tune(converted: fx.GraphModule, target: str = "x86",
         MissingExtraError: TVM is not installed.
     """
     start = time.perf_counter()
-    _check_args(converted, target, trials, trials_per_task, batch)
+    _check_args(converted, target, trials, trials_per_task, batch, max_tasks)
     from .build import _as_inputs
 
     def log(message: str) -> None:
@@ -164,10 +172,16 @@ def tune(converted: fx.GraphModule, target: str = "x86",
     for task in tasks:
         done = not retune and ms_adapter.has_record(database, task, tvm_target)
         (reused if done else todo).append(task)
+    skipped: list[ms_adapter.Task] = []
+    if max_tasks is not None and len(todo) > max_tasks:
+        todo = sorted(todo, key=lambda t: t.cost, reverse=True)
+        todo, skipped = todo[:max_tasks], todo[max_tasks:]
     log(f"{len(tasks)} task(s), {len(reused)} already in {out}, {len(todo)} to tune "
-        f"with {trials} trial(s)")
+        f"with {trials} trial(s)"
+        + (f", {len(skipped)} cheaper one(s) left untuned (max_tasks={max_tasks})"
+           if skipped else ""))
     for task in todo:
-        log(f"  to tune: {task.name} (called {task.weight:g}x)")
+        log(f"  to tune: {task.name} (called {task.weight:g}x, ~{task.ops:.3g} ops)")
     if todo:
         per_task = trials_per_task or max(1, math.ceil(trials / len(todo)))
         ms_adapter.tune_tasks(todo, tvm_target, out, database, trials, per_task,
@@ -176,4 +190,5 @@ def tune(converted: fx.GraphModule, target: str = "x86",
     seconds = time.perf_counter() - start
     log(f"done in {seconds:.0f} s: {records - before} new record(s), {records} in {out}")
     return TuningReport(out, tuple(t.name for t in tasks), tuple(t.name for t in todo),
-                        tuple(t.name for t in reused), records - before, records, seconds)
+                        tuple(t.name for t in reused), records - before, records, seconds,
+                        tuple(t.name for t in skipped))
