@@ -20,7 +20,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from djpq_compiler.bops import BopsReport, BopsRow, register_row_source
 from djpq_compiler.errors import ConfigError
+from djpq_compiler.modules.gates import detach_step_hook
 from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.modules.saved import detach_compact_saving
 from djpq_compiler.passes.dependency.groups import ChannelGroup
 from djpq_compiler.passes.fold_gates import fold_gates
 from djpq_compiler.passes.fold_scales import fold_scales
@@ -102,6 +104,8 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
                           f"{type(model).__name__} with stage {stage!r}{hint}")
     check_finite(model)
     gm: fx.GraphModule = copy.deepcopy(model)
+    detach_step_hook(gm)  # training machinery of the prepared model, not part of the result
+    detach_compact_saving(gm)
     gm.eval()
     fold_gates(gm)
     strip_weight_quantizers(gm, fake_quantize=integer)

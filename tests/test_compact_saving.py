@@ -173,6 +173,8 @@ def test_deepcopy_and_state_dict_keys_unchanged() -> None:
 def test_converted_copy_saves_plainly() -> None:
     model = _prepared()
     converted = djpq.convert(model, integer=False)
+    assert not converted._forward_pre_hooks and not converted._forward_hooks
+    assert not converted._deepcopy_hooks and model._forward_pre_hooks  # the original keeps its
     calls: list[torch.Tensor] = []
     original = saved._pack
     saved._pack = lambda t: calls.append(t) or original(t)  # type: ignore[assignment]

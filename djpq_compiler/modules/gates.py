@@ -32,12 +32,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from djpq_compiler.errors import ConfigError, PruningError, QuantizationError
-from djpq_compiler.modules.saved import mark_product
+from djpq_compiler.modules.saved import mark_product, remove_hooks
 
 if TYPE_CHECKING:
     from djpq_compiler.config import GateSpec
 
-__all__ = ["VIBGate", "StepHookHandle", "attach_step_hook"]
+__all__ = ["VIBGate", "StepHookHandle", "attach_step_hook", "detach_step_hook"]
 
 
 class VIBGate(nn.Module):
@@ -360,3 +360,8 @@ def _attach_step_hook(root: nn.Module) -> StepHookHandle:
     return StepHookHandle(
         (root.register_forward_pre_hook(_begin_step), root.register_forward_hook(_end_step))
     )
+
+
+def detach_step_hook(root: nn.Module) -> None:
+    """Undo :func:`attach_step_hook` on ``root`` (and on its future deep copies)."""
+    remove_hooks(root, (_begin_step, _end_step), _attach_step_hook)

@@ -41,7 +41,9 @@ __all__ = [
     "grid_codes_fit",
     "code_dtype",
     "attach_compact_saving",
+    "detach_compact_saving",
     "compact_saving",
+    "remove_hooks",
 ]
 
 _ATTR = "_djpq_saved_mark"
@@ -210,3 +212,19 @@ def _attach(root: nn.Module) -> CompactSavingHandle:
             root.register_forward_hook(_exit, always_call=True),
         )
     )
+
+
+def detach_compact_saving(root: nn.Module) -> None:
+    """Undo :func:`attach_compact_saving` on ``root`` (and on its future deep copies)."""
+    remove_hooks(root, (_enter, _exit), _attach)
+
+
+def remove_hooks(root: nn.Module, hooks: tuple[Any, ...], deepcopy_hook: Any) -> None:
+    """Remove the forward(-pre) hooks of ``root`` that are one of ``hooks``, and
+    ``deepcopy_hook`` from a ``GraphModule``'s deep-copy hooks."""
+    for table in (root._forward_pre_hooks, root._forward_hooks):
+        for key in [k for k, fn in table.items() if fn in hooks]:
+            del table[key]
+            root._forward_hooks_always_called.pop(key, None)
+    if isinstance(root, fx.GraphModule):
+        root._deepcopy_hooks[:] = [f for f in root._deepcopy_hooks if f is not deepcopy_hook]
