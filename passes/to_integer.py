@@ -230,12 +230,13 @@ class _Lowering:
         return False
 
     def pool_requant(self, node: fx.Node, act: Act) -> bool:
-        """An average pool whose value reaches a quantizer (through shape ops and ReLUs only):
+        """An average pool whose value reaches a quantizer (through shape ops, ReLUs and pools):
         the integer window sum, i.e. the exact average at scale ``s_in / count``; the
         quantizer then requantizes it once (rounding at the input's scale first would be off
         by up to ``s_in / s_out / 2`` LSB when the output grid is finer)."""
         nxt = self.data_user(node)
-        while nxt is not None and self.key(nxt) in _SHAPE + _RELU + _RELU6:
+        while nxt is not None and (self.key(nxt) in _SHAPE + _RELU + _RELU6
+                                   or pool_module(self.gm, nxt) is not None):
             nxt = self.data_user(nxt)
         summed = window_sum(self.gm, node) if nxt is not None and self.is_quant(nxt) else None
         if summed is None:

@@ -207,6 +207,15 @@ def test_regression_avg_pool_then_shuffle_sums_windows_before_requantizing() -> 
     check_convert(POOL_SHUFFLE_TO_FINER_GRID)
 
 
+#: The long run's next find: two average pools in a row (the first rounded at its input scale).
+TWO_AVG_POOLS = Recipe(blocks=(Residual(mid=1, out=1), Pool("avg"), Pool("avg")),
+                       head="pool_linear", size=4)
+
+
+def test_regression_two_avg_pools_sum_windows_before_requantizing() -> None:
+    check_convert(TWO_AVG_POOLS)
+
+
 def test_regression_avg_pool_then_relu_sums_windows_before_requantizing() -> None:
     model, x = build(AVG_POOL_RELU_TO_FINER_GRID), example_input(AVG_POOL_RELU_TO_FINER_GRID)
     converted = djpq.convert(djpq.prepare(model, x))
