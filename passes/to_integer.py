@@ -90,6 +90,14 @@ class _Lowering:
         users = list(node.users)
         return users[0] if len(users) == 1 else None
 
+    def exact_sink(self, node: fx.Node) -> bool:
+        """Whether ``node`` takes a window sum as it is: a quantizer (one requantization), or
+        an op that runs in float (it dequantizes the exact average); not an integer add/concat
+        or layer, whose input bits the sum would widen."""
+        if self.is_quant(node) or node.op == "output":
+            return True
+        return self.key(node) not in _ADD + _CAT and layer_params(self.gm, node) is None
+
     def data_user(self, node: fx.Node) -> fx.Node | None:
         """The one user of ``node``'s values, not counting size/dim queries."""
         users = [u for u in node.users if self.key(u) not in _METADATA]
@@ -230,7 +238,8 @@ class _Lowering:
         return False
 
     def pool_requant(self, node: fx.Node, act: Act) -> bool:
-        """An average pool whose value reaches a quantizer (through shape ops, ReLUs and pools):
+        """An average pool whose value reaches a quantizer or a float op (through shape ops,
+        ReLUs and pools):
         the integer window sum, i.e. the exact average at scale ``s_in / count``; the
         quantizer then requantizes it once (rounding at the input's scale first would be off
         by up to ``s_in / s_out / 2`` LSB when the output grid is finer)."""
@@ -238,7 +247,7 @@ class _Lowering:
         while nxt is not None and (self.key(nxt) in _SHAPE + _RELU + _RELU6
                                    or pool_module(self.gm, nxt) is not None):
             nxt = self.data_user(nxt)
-        summed = window_sum(self.gm, node) if nxt is not None and self.is_quant(nxt) else None
+        summed = window_sum(self.gm, node) if nxt is not None and self.exact_sink(nxt) else None
         if summed is None:
             return False
         pool, count = summed

@@ -216,6 +216,17 @@ def test_regression_two_avg_pools_sum_windows_before_requantizing() -> None:
     check_convert(TWO_AVG_POOLS)
 
 
+#: And then: an average pool feeding an op that runs in float (cumsum), which dequantized the
+#: pool rounded at its input scale (4 LSB off after the cumsum). The window sum now also feeds
+#: float ops (dequantized exactly).
+AVG_POOL_TO_FLOAT_OP = Recipe(blocks=(Residual(mid=1, out=1), Pool("avg"), NoRule("cumsum_w")),
+                              head="pool_linear", size=4)
+
+
+def test_regression_avg_pool_before_a_float_op_is_not_rounded() -> None:
+    check_convert(AVG_POOL_TO_FLOAT_OP)
+
+
 def test_regression_avg_pool_then_relu_sums_windows_before_requantizing() -> None:
     model, x = build(AVG_POOL_RELU_TO_FINER_GRID), example_input(AVG_POOL_RELU_TO_FINER_GRID)
     converted = djpq.convert(djpq.prepare(model, x))
