@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,19 +27,9 @@ from torch.profiler import ProfilerActivity, profile
 import djpq_compiler as djpq
 from djpq_compiler import zoo
 from djpq_compiler.modules import saved
-from djpq_compiler.prepared import param_groups
 
-
-def build(name: str, kind: str, batch: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = zoo.load_pretrained(name)
-    if kind == "fp32":
-        model.train()
-        return model, torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, 28, 28)
-    prepared = djpq.prepare(model.eval(), x[:8], calibration_data=[x[:32]])
-    prepared.train()
-    return prepared, torch.optim.Adam(param_groups(prepared, weight_lr=1e-4, djpq_lr=1e-2))
+sys.path.insert(0, str(Path(__file__).parent))
+from step_cost import _batch, _build, _step  # noqa: E402  (the same models and step)
 
 
 def _kind(module: nn.Module) -> str:
@@ -116,18 +108,10 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def op_times(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              kind: str, steps: int) -> list[tuple[str, float, int]]:
     """Self CPU ms per step of each aten op (top ones), over ``steps`` profiled steps."""
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        if kind == "djpq":
-            loss = loss + djpq.djpq_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()
+    _step(model, opt, kind, x, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            step()
+            _step(model, opt, kind, x, y)
     rows = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps)
             for e in prof.key_averages()]
     return sorted(rows, key=lambda r: -r[1])
@@ -143,11 +127,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch_size, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    x, y = _batch(args.batch_size)
     for kind in ("fp32", "djpq"):
-        model, opt = build(args.model, kind, args.batch_size)
+        model, opt = _build(args.model, kind, args.batch_size)
         mem = saved_bytes(model, x, y, kind)
         total = sum(b for b, _ in mem.values())
         print(f"== {kind}: saved for backward {total / 2**20:.1f} MiB (unique storages)")
