@@ -98,10 +98,19 @@ class _Lowering:
             return True
         return self.key(node) not in _ADD + _CAT and layer_params(self.gm, node) is None
 
-    def data_user(self, node: fx.Node) -> fx.Node | None:
-        """The one user of ``node``'s values, not counting size/dim queries."""
+    def sum_reaches_sinks(self, node: fx.Node) -> bool:
+        """Whether every path from ``node`` (an average pool) runs through shape ops, ReLUs and
+        pools only into an :meth:`exact_sink`, so that its window sum can be handed on as is."""
         users = [u for u in node.users if self.key(u) not in _METADATA]
-        return users[0] if len(users) == 1 else None
+        if not users:
+            return False
+        for user in users:
+            if self.key(user) in _SHAPE + _RELU + _RELU6 or pool_module(self.gm, user) is not None:
+                if not self.sum_reaches_sinks(user):
+                    return False
+            elif not self.exact_sink(user):
+                return False
+        return True
 
     def module(self, name: str, mod: nn.Module, args: tuple[Any, ...]) -> fx.Node:
         self.bank[name] = mod
@@ -243,11 +252,7 @@ class _Lowering:
         the integer window sum, i.e. the exact average at scale ``s_in / count``; the
         quantizer then requantizes it once (rounding at the input's scale first would be off
         by up to ``s_in / s_out / 2`` LSB when the output grid is finer)."""
-        nxt = self.data_user(node)
-        while nxt is not None and (self.key(nxt) in _SHAPE + _RELU + _RELU6
-                                   or pool_module(self.gm, nxt) is not None):
-            nxt = self.data_user(nxt)
-        summed = window_sum(self.gm, node) if nxt is not None and self.exact_sink(nxt) else None
+        summed = window_sum(self.gm, node) if self.sum_reaches_sinks(node) else None
         if summed is None:
             return False
         pool, count = summed

@@ -275,3 +275,18 @@ def test_dead_activation_range_is_refused_with_a_clear_error() -> None:
         warnings.simplefilter("ignore")
         djpq.convert(p)
     check_convert(DEAD_ACTIVATION)
+
+
+#: Found by the seed-3 long run: an average pool whose value goes to several users (a split into
+#: pieces that each run in float, index_select after pruning) was rounded at its input scale,
+#: because only a pool with a single data user took the window-sum path (3 LSB off at the
+#: quantizers after the pieces). Every path from the pool is now followed.
+AVG_POOL_TO_SPLIT = Recipe(
+    blocks=(Act(name="relu"), Concat(branches=((2, 1), (1, 1), (1, 1)), act=None),
+            Act(name="relu"), Pool(kind="avg"), SplitCat(pieces=2, how="split", k=3),
+            SqueezeExcite(squeeze=1)),
+    head="flatten_linear", size=8, seed=5265)
+
+
+def test_regression_avg_pool_with_several_users_sums_windows_before_requantizing() -> None:
+    check_convert(AVG_POOL_TO_SPLIT)
