@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from djpq_compiler.errors import ConfigError, PruningError, QuantizationError
-from djpq_compiler.modules.saved import mark_product, remove_hooks
+from djpq_compiler.modules.saved import ForwardHooksHandle, mark_product, remove_hooks
 
 if TYPE_CHECKING:
     from djpq_compiler.config import GateSpec
@@ -330,15 +329,8 @@ def _end_step(module: nn.Module, args: object, output: object) -> None:
             sub.new_step(active=False)
 
 
-class StepHookHandle:
-    """Handle of :func:`attach_step_hook`; :meth:`remove` detaches both hooks."""
-
-    def __init__(self, handles: tuple[RemovableHandle, ...]) -> None:
-        self._handles = handles
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+#: Handle returned by :func:`attach_step_hook`; ``remove()`` detaches both hooks.
+StepHookHandle = ForwardHooksHandle
 
 
 def attach_step_hook(root: nn.Module) -> StepHookHandle:

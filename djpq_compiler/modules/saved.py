@@ -181,8 +181,9 @@ def _exit(module: nn.Module, args: object, output: object) -> None:
         ctx.__exit__(None, None, None)
 
 
-class CompactSavingHandle:
-    """Handle of :func:`attach_compact_saving`; :meth:`remove` detaches both hooks."""
+class ForwardHooksHandle:
+    """Handle of a module's forward hooks registered together (:func:`attach_compact_saving`,
+    ``gates.attach_step_hook``); :meth:`remove` detaches all of them."""
 
     def __init__(self, handles: tuple[RemovableHandle, ...]) -> None:
         self._handles = handles
@@ -192,7 +193,7 @@ class CompactSavingHandle:
             handle.remove()
 
 
-def attach_compact_saving(root: nn.Module) -> CompactSavingHandle:
+def attach_compact_saving(root: nn.Module) -> ForwardHooksHandle:
     """Save marked tensors compactly during every training forward pass of ``root``.
 
     Registers a forward-pre-hook that enters :func:`compact_saving` (in training mode with grad
@@ -205,8 +206,8 @@ def attach_compact_saving(root: nn.Module) -> CompactSavingHandle:
     return _attach(root)
 
 
-def _attach(root: nn.Module) -> CompactSavingHandle:
-    return CompactSavingHandle(
+def _attach(root: nn.Module) -> ForwardHooksHandle:
+    return ForwardHooksHandle(
         (
             root.register_forward_pre_hook(_enter),
             root.register_forward_hook(_exit, always_call=True),
