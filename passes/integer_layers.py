@@ -8,8 +8,11 @@ For a layer reading codes ``x_q`` at scale ``s_x`` with weight codes ``w_q`` on 
     b'_c = ((b_c * g_c) - mean_c) * gamma_c / sigma_c + beta_c
 
 so the integer layer uses ``w_scale_c = d_w * |k_c|`` (the sign of ``k_c`` flips that channel's
-codes), ``bias_int_c = round(b'_c / (s_x * w_scale_c))`` and a per-channel dyadic multiplier
-``s_x * w_scale_c / s_out`` (``requant_params``).
+codes), ``bias_int_c = round(b'_c * 2^k / (s_x * w_scale_c))`` and a per-channel dyadic
+multiplier ``s_x * w_scale_c / (2^k * s_out)`` (``requant_params``) applied to
+``acc * 2^k + bias_int``. ``k`` (``acc_shift``) is 0 unless the bias rounded at ``s_x * w_scale``
+would cost an output LSB (coarse inputs and weights into a fine output grid, ``s_x * s_w / s_out
+> 1``); then the bias gets ``k`` more fractional bits, as many as int32 allows.
 """
 
 from __future__ import annotations
@@ -82,8 +85,6 @@ class LayerParams:
         w_scale = self.d_w * torch.where(k == 0, torch.ones_like(k), k.abs())
         bias = torch.round(post_bias / (x_scale * w_scale)).to(torch.int64)
         fan_in = int(codes[0].numel())
-        bound = accumulator_bound(fan_in, x_bits, self.w_bits, x_signed=x_signed,
-                                  bias_bound=int(bias.abs().max()) if bias.numel() else 0)
         lsb = 1
         if out is not None:
             lo, hi = qrange(out.bits, out.signed)  # type: ignore[attr-defined]
@@ -91,16 +92,21 @@ class LayerParams:
                 lo = max(lo, 0)
             if relu == "relu6":
                 hi = min(hi, int(torch.round(torch.tensor(6.0 / out.scale))))  # type: ignore[attr-defined]
+            exact = post_bias / (x_scale * w_scale)
             multiplier = x_scale * w_scale / out.scale  # type: ignore[attr-defined]
-            lsb = min(bias_agreement_lsb(post_bias / (x_scale * w_scale), bias, multiplier),
-                      max(hi - lo, 1))  # never more than the output's code range
+            live = _unclipped(codes, exact, multiplier, x_bits, x_signed, lo, hi)
+            acc_shift, bias, lsb = _fine_bias(exact, multiplier, fan_in, x_bits, self.w_bits,
+                                              x_signed, live)
+            lsb = min(lsb, max(hi - lo, 1))  # never more than the output's code range
             bias = _saturating_bias(self.node, bias, fan_in, x_bits, self.w_bits, x_signed,
-                                    multiplier, max(abs(lo), abs(hi)))
-            bound = accumulator_bound(fan_in, x_bits, self.w_bits, x_signed=x_signed,
-                                      bias_bound=int(bias.abs().max()) if bias.numel() else 0)
-            m, shift = requant_params(x_scale, w_scale, out.scale, bound)  # type: ignore[attr-defined]
+                                    multiplier / 2**acc_shift, max(abs(lo), abs(hi)), acc_shift)
+            bound = (accumulator_bound(fan_in, x_bits, self.w_bits, x_signed=x_signed)
+                     << acc_shift) + (int(bias.abs().max()) if bias.numel() else 0)
+            w_scale_acc = w_scale / 2**acc_shift
+            m, shift = requant_params(x_scale, w_scale_acc, out.scale, bound)  # type: ignore[attr-defined]
             common = dict(out_scale=out.scale, out_bits=out.bits,  # type: ignore[attr-defined]
-                          out_signed=out.signed, clip=(lo, hi))  # type: ignore[attr-defined]
+                          out_signed=out.signed, clip=(lo, hi),  # type: ignore[attr-defined]
+                          acc_shift=acc_shift)
         else:  # float output: the bias stays float (no int32 bound), added after scaling
             m = shift = torch.zeros(codes.shape[0], dtype=torch.int64)
             common = dict(out_scale=None, out_bits=32, out_signed=True, clip=None,
@@ -117,13 +123,61 @@ class LayerParams:
         return layer
 
 
+def _unclipped(codes: torch.Tensor, exact: torch.Tensor, multiplier: torch.Tensor, x_bits: int,
+               x_signed: bool, lo: int, hi: int) -> torch.Tensor:
+    """Channels whose output can land inside ``[lo, hi]`` (with a 1-LSB margin) for some input
+    codes; the others are clipped whatever the input (e.g. a large negative bias before a ReLU),
+    so their bias rounding cannot change an output."""
+    w = codes.reshape(codes.shape[0], -1).to(torch.float64)
+    x_lo, x_hi = qrange(x_bits, x_signed)
+    pos, neg = w.clamp(min=0).sum(1), w.clamp(max=0).sum(1)
+    acc_lo, acc_hi = pos * x_lo + neg * x_hi, pos * x_hi + neg * x_lo
+    m = multiplier.to(torch.float64)
+    return ((acc_hi + exact) * m >= lo - 1) & ((acc_lo + exact) * m <= hi + 1)
+
+
+def _fine_bias(exact: torch.Tensor, multiplier: torch.Tensor, fan_in: int, x_bits: int,
+               w_bits: int, x_signed: bool, live: torch.Tensor | None = None
+               ) -> tuple[int, torch.Tensor, int]:
+    """``(k, bias, lsb)``: the integer bias at ``s_x * s_w / 2^k`` and its LSB bound.
+
+    ``k = 0`` (the bias at the accumulator step) unless rounding there moves an output by a
+    whole LSB or more; then the smallest ``k`` that brings the bound back to 1 LSB while
+    ``max|acc| * 2^k + max|bias|`` still fits int32, else the largest ``k`` that fits (its
+    remaining bound is reported). ``exact`` is the real bias in units of ``s_x * s_w``; only
+    ``live`` channels (default: all) count for the bound.
+    """
+    def at(k: int) -> tuple[torch.Tensor, int]:
+        rounded = torch.round(exact * 2**k).to(torch.int64)
+        return rounded, bias_agreement_lsb(exact * 2**k, rounded, multiplier / 2**k, live)
+
+    bias, lsb = at(0)
+    if lsb == 1:
+        return 0, bias, 1
+    acc_max = accumulator_bound(fan_in, x_bits, w_bits, x_signed=x_signed)
+    best = (0, bias, lsb)
+    for k in range(1, 31):
+        rounded, lsb_k = at(k)
+        fits = rounded.abs() <= INT32_MAX  # saturating channels clamp as at k = 0
+        if (acc_max << k) + (int(rounded[fits].abs().max()) if bool(fits.any()) else 0) \
+                > INT32_MAX:
+            break
+        best = (k, rounded, lsb_k)
+        if lsb_k == 1:
+            break
+    return best
+
+
 def bias_agreement_lsb(exact: torch.Tensor, rounded: torch.Tensor,
-                       multiplier: torch.Tensor) -> int:
+                       multiplier: torch.Tensor, live: torch.Tensor | None = None) -> int:
     """The LSB bound of an integer layer's output against fake-quant: 1, unless rounding the
     bias to the accumulator grid ``s_x * s_w`` moves it by ``e >= 1`` output LSB (possible only
     where ``s_x * s_w / s_out > 1``: coarse inputs and weights, a fine output grid); then
-    ``floor(e) + 1``. Channels whose bias saturates int32 are skipped (their output clips)."""
+    ``floor(e) + 1``. Channels whose bias saturates int32, or not ``live`` ones, are skipped
+    (their output clips)."""
     fits = rounded.abs() <= INT32_MAX
+    if live is not None:
+        fits = fits & live
     err = ((exact - rounded.to(torch.float64)).abs() * multiplier.to(torch.float64))[fits]
     worst = float(err.max()) if err.numel() else 0.0
     return int(worst + 1e-6) + 1
@@ -133,17 +187,19 @@ INT32_MAX = 2**31 - 1
 
 
 def _saturating_bias(node: str, bias: torch.Tensor, fan_in: int, x_bits: int, w_bits: int,
-                     x_signed: bool, multiplier: torch.Tensor, q_abs: int) -> torch.Tensor:
+                     x_signed: bool, multiplier: torch.Tensor, q_abs: int,
+                     acc_shift: int = 0) -> torch.Tensor:
     """Clamp int32-overflowing biases where that provably changes no output, else raise.
 
-    A bias beyond int32 at scale ``s_x * s_w`` drives the output past the clip range whatever
-    the accumulator does, as long as ``(2^31 - 1 - max|acc|) * M > q_abs + 1``; then the clamped
-    bias gives the same (saturated) codes.
+    A bias beyond int32 at scale ``s_x * s_w / 2^acc_shift`` drives the output past the clip
+    range whatever the accumulator does, as long as ``(2^31 - 1 - max|acc|) * M > q_abs + 1``
+    (``acc`` shifted and ``M`` the multiplier at that scale); then the clamped bias gives the
+    same (saturated) codes.
     """
     over = bias.abs() > INT32_MAX
     if not bool(over.any()):
         return bias
-    acc_max = accumulator_bound(fan_in, x_bits, w_bits, x_signed=x_signed)
+    acc_max = accumulator_bound(fan_in, x_bits, w_bits, x_signed=x_signed) << acc_shift
     margin = (INT32_MAX - acc_max) * multiplier.to(torch.float64)
     if not bool((margin[over] > q_abs + 1).all()):
         raise QuantizationError(

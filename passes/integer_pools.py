@@ -59,7 +59,7 @@ def pool_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def window_sum(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, int] | None:
-    """An average pool with one window size everywhere, as ``(window-sum module, count)``.
+    """An average pool with one divisor everywhere, as ``(window-sum module, count)``.
 
     Summing on codes and rescaling ``s_in / count -> s_out`` in one requantization rounds once,
     where pooling at the input scale and then requantizing would round twice.
@@ -74,24 +74,50 @@ def window_sum(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, int] | Non
             return _adaptive_sum(mod.output_size, h, w)
         if isinstance(mod, nn.AvgPool2d):
             return _fixed_sum(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
-                              mod.divisor_override)
+                              mod.count_include_pad, mod.divisor_override, h, w)
     elif node.target is F.adaptive_avg_pool2d:
         return _adaptive_sum(_arg(node, 1, "output_size", None), h, w)
     elif node.target is F.avg_pool2d:
         return _fixed_sum(_arg(node, 1, "kernel_size", None), _arg(node, 2, "stride", None),
                           _arg(node, 3, "padding", 0), _arg(node, 4, "ceil_mode", False),
-                          _arg(node, 6, "divisor_override", None))
+                          _arg(node, 5, "count_include_pad", True),
+                          _arg(node, 6, "divisor_override", None), h, w)
     return None
 
 
 def _fixed_sum(kernel_size: object, stride: object, padding: object, ceil_mode: object,
-               divisor_override: object) -> tuple[nn.Module, int] | None:
-    """A 2-D average pool whose every window holds ``k_h * k_w`` inputs (no padding, no
-    ceil mode, no divisor override) as a window sum and its count."""
-    if _pair(padding) != (0, 0) or ceil_mode or divisor_override is not None:
-        return None
+               count_include_pad: object, divisor_override: object, h: int, w: int
+               ) -> tuple[nn.Module, int] | None:
+    """A 2-D average pool with one divisor for every window, as a window sum and that divisor:
+    ``divisor_override``, else ``k_h * k_w`` when every window holds that many inputs (zero
+    padding counted by ``count_include_pad``, padding codes are real zeros). Not: padding that
+    is not counted, or a ``ceil_mode`` that adds partial windows (their divisors differ)."""
     k = _pair(kernel_size)
-    return im.IntAvgPool2d(k, _pair(stride) if stride else k, (0, 0), False, True, 1), k[0] * k[1]
+    st = _pair(stride) if stride else k
+    pad = _pair(padding)
+    partial = bool(ceil_mode) and any(
+        _out(n, kk, ss, pp, True) != _out(n, kk, ss, pp, False)
+        for n, kk, ss, pp in zip((h, w), k, st, pad, strict=True))
+    if partial:
+        return None  # torch clips those windows' divisors (and ONNX's differ again)
+    if divisor_override is not None:
+        count = int(divisor_override)  # type: ignore[call-overload]
+        if count <= 0:
+            return None
+    elif pad != (0, 0) and not count_include_pad:
+        return None  # border windows count fewer inputs
+    else:
+        count = k[0] * k[1]
+    return im.IntAvgPool2d(k, st, pad, False, True, 1), count
+
+
+def _out(n: int, k: int, s: int, p: int, ceil: bool) -> int:
+    """torch's pooled size (a ceil-mode window must start inside the input or left padding)."""
+    span = n + 2 * p - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + p:
+        out -= 1
+    return out
 
 
 def _adaptive_sum(output_size: object, h: int, w: int) -> tuple[nn.Module, int] | None:

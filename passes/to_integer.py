@@ -10,9 +10,10 @@ per-channel dyadic multipliers, ReLU as the clip range); residual adds and conca
 operands become ``IntAdd``/``IntConcat``; pooling, ReLU and shape ops run on codes. Everything else
 runs in float between a ``Dequantize`` and the next ``Quantize`` and is listed in
 ``meta["djpq.float_ops"]``. Conversion never changes what a node computes beyond the ≤ 1 LSB of
-integer rounding (DESIGN invariant 4), except where a layer's integer bias at ``s_x * s_w`` is
-coarser than its output step: that quantizer's bound is then recorded in
-``meta["djpq.agreement_bounds"]`` and a warning names the layer.
+integer rounding (DESIGN invariant 4). Where the accumulator step ``s_x * s_w`` is coarser than
+the output step, the integer bias gets extra fractional bits (``acc_shift``) to keep that bound;
+only if int32 cannot hold them is the larger bound recorded in ``meta["djpq.agreement_bounds"]``
+and a warning names the layer.
 """
 
 from __future__ import annotations
@@ -175,9 +176,10 @@ class _Lowering:
             self.bounds[quant.name] = lsb
             warnings.warn(
                 f"layer {node.name}: its accumulator step s_x*s_w is coarser than its output "
-                "step and rounding the bias to it costs at least one output LSB, so the integer "
-                f"model may differ from fake-quant by up to {lsb} LSB at {quant.name}; more "
-                "input/weight bits (or fewer output bits) restore the 1-LSB agreement",
+                "step and even the finest integer bias int32 allows costs at least one output "
+                f"LSB, so the integer model may differ from fake-quant by up to {lsb} LSB at "
+                f"{quant.name}; more input/weight bits (or fewer output bits) restore the 1-LSB "
+                "agreement",
                 stacklevel=5)
         return True
 
@@ -252,14 +254,50 @@ class _Lowering:
         the integer window sum, i.e. the exact average at scale ``s_in / count``; the
         quantizer then requantizes it once (rounding at the input's scale first would be off
         by up to ``s_in / s_out / 2`` LSB when the output grid is finer)."""
-        summed = window_sum(self.gm, node) if self.sum_reaches_sinks(node) else None
+        reaches_sinks = self.sum_reaches_sinks(node)
+        summed = window_sum(self.gm, node) if reaches_sinks else None
         if summed is None:
+            if self.fused_pool_requant(node, act):
+                return True
+            if reaches_sinks and isinstance(pool_module(self.gm, node), (
+                    im.IntAvgPool2d, im.IntAdaptiveAvgPool2d)):
+                # uneven windows read by float ops (and quantizers): the exact mean in float,
+                # as fake-quant computes it; those readers are float already
+                self.copy_float(node)
+                return True
             return False
         pool, count = summed
         x = self.env[_name(node.args[0])]
         self.env[node.name] = self.module(f"sum_{node.name}", pool, (x,))
         self.act[node.name] = Act(act.scale / count, act.bits + (count - 1).bit_length(),
                                   act.signed)
+        return True
+
+    def fused_pool_requant(self, node: fx.Node, act: Act) -> bool:
+        """An average pool with uneven windows (partial ``ceil_mode`` windows, uncounted
+        padding, uneven adaptive bins) whose value runs through shape ops and ReLUs (one user
+        each) into a quantizer with another grid: pool and requantization in one
+        ``IntPoolRequantize`` (exact sums, one multiplier per window divisor), so the codes
+        reach that quantizer's grid with a single rounding."""
+        pool = pool_module(self.gm, node)
+        if not isinstance(pool, (im.IntAvgPool2d, im.IntAdaptiveAvgPool2d)) or (
+                isinstance(pool, im.IntAvgPool2d) and pool.divisor_override is not None):
+            return False
+        shape = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) \
+            else None
+        nxt = self.sole_user(node)
+        while nxt is not None and self.key(nxt) in _SHAPE + _RELU + _RELU6:
+            nxt = self.sole_user(nxt)
+        if nxt is None or not self.is_quant(nxt) or shape is None or len(shape.shape) != 4:
+            return False
+        out = self.quant_act(nxt)
+        if out == act:
+            return False  # same grid: pooling at the input's scale rounds once already
+        mod = im.IntPoolRequantize(pool, tuple(shape.shape[2:]), act.scale, act.bits,
+                                   act.signed, out.scale, out.bits, out.signed)
+        self.env[node.name] = self.module(f"pool_rq_{node.name}", mod,
+                                          (self.env[_name(node.args[0])],))
+        self.act[node.name] = out
         return True
 
     def run(self) -> fx.GraphModule:

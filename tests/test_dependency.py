@@ -116,3 +116,23 @@ def test_analysis_leaves_the_model_untouched() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     analyze(model, torch.randn(1, 3, 8, 8))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _SliceBySize(torch.nn.Module):
+    """Channels sliced with a bound computed from a size: ``x[:, : y.size(1) // 2]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 1)
+        self.b = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(y)[:, : y.size(1) // 2]
+
+
+def test_slice_bound_from_a_size_is_understood_not_a_crash() -> None:
+    # the slice's stop is an fx node; the analysis used to raise a TypeError on it
+    report = analyze(_SliceBySize().eval(), torch.randn(1, 3, 4, 4))
+    assert report.group_of("a").prunable
+    assert not report.missing

@@ -86,11 +86,12 @@ def _dq_weight(ctx: Emitter, node: fx.Node, module: Any, codes: np.ndarray, axis
 
 
 def _dq_bias(ctx: Emitter, node: fx.Node, module: Any) -> str:
-    """The int32 bias dequantized at ``in_scale * w_scale`` (per channel)."""
+    """The int32 bias dequantized at ``in_scale * w_scale / 2^acc_shift`` (per channel)."""
     bias = _np(module.bias, np.int64)
     if bias.size and (bias.min() < -(2**31) or bias.max() > 2**31 - 1):
         raise BackendError(f"{node.format_node()}: integer bias does not fit int32")
-    scale = (module.in_scale * module.w_scale.detach().double().reshape(-1)).numpy()
+    k = int(getattr(module, "acc_shift", 0))
+    scale = (module.in_scale * module.w_scale.detach().double().reshape(-1) / 2**k).numpy()
     scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
     b = ctx.const(bias.astype(np.int32), f"{node.name}/bias")
     s = ctx.const(scale, f"{node.name}/bias_scale")
@@ -275,3 +276,43 @@ def convert_adaptive_avg_pool(ctx: Emitter, node: fx.Node) -> Value:
         pooled = ctx.op("AveragePool", [real], f"{node.name}/avgpool", kernel_shape=list(kernel),
                         strides=list(kernel))
     return ctx.quantize(pooled, x.scale, x.lo, x.hi, node.name)
+
+
+@register(im.IntPoolRequantize)
+def convert_pool_requantize(ctx: Emitter, node: fx.Node) -> Value:
+    """Uneven average pool + requantization: DQ -> window sums (a depthwise Conv with a ones
+    kernel, or 0/1 bin matmuls for adaptive bins) -> Mul by ``1 / c_p`` per position -> Q at the
+    output scale (one rounding, as the reference)."""
+    module = ctx.module(node)
+    x = ctx.as_qvalue(ctx.int_arg(node), f"{node.name}/x_q")
+    real = ctx.dequantize(x, x.scale, f"{node.name}/x_dq")
+    _, channels, h, w = ctx.shape(node.args[0])
+    pool = module.pool
+    counts = module.counts.detach().cpu().numpy().astype(np.float64)
+    out_h, out_w = counts.shape
+    if isinstance(pool, im.IntAvgPool2d):
+        kernel, stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
+        ph, pw = pair(pool.padding)
+        extra = [max((o - 1) * s + k - (n + 2 * p), 0) for n, o, k, s, p in
+                 zip((h, w), (out_h, out_w), kernel, stride, (ph, pw), strict=True)]
+        ones = ctx.const(np.ones((channels, 1, *kernel), np.float32), f"{node.name}/ones")
+        sums = ctx.op("Conv", [real, ones], f"{node.name}/window_sum", kernel_shape=list(kernel),
+                      strides=list(stride), pads=[ph, pw, ph + extra[0], pw + extra[1]],
+                      group=int(channels))
+    else:
+        bins_h, bins_w = _bins(h, out_h), _bins(w, out_w)
+        rows = ctx.op("MatMul", [real, ctx.const(bins_w.T.copy(), f"{node.name}/bins_w")],
+                      f"{node.name}/bin_rows")
+        sums = ctx.op("MatMul", [ctx.const(bins_h, f"{node.name}/bins_h"), rows],
+                      f"{node.name}/bin_sums")
+    inv = ctx.const((1.0 / counts).astype(np.float32), f"{node.name}/inv_counts")
+    mean = ctx.op("Mul", [sums, inv], f"{node.name}/mean")
+    return ctx.quantize(mean, module.out_scale, module.qmin, module.qmax, node.name)
+
+
+def _bins(size: int, out: int) -> np.ndarray:
+    """0/1 float matrix ``(out, size)`` of torch's adaptive pooling bins."""
+    matrix = np.zeros((out, size), dtype=np.float32)
+    for i in range(out):
+        matrix[i, i * size // out: -(-(i + 1) * size // out)] = 1.0
+    return matrix

@@ -18,10 +18,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from djpq_compiler.errors import QuantizationError
+
 from .elementwise import AddRescale, int_add, int_concat
-from .fixedpoint import qrange, quantize_multiplier, requantize
-from .ops import dequantize, int_conv2d, int_linear, quantize
-from .pooling import int_adaptive_avg_pool2d, int_avg_pool2d, int_max_pool2d
+from .fixedpoint import (
+    multiplier_bits,
+    qrange,
+    quantize_multiplier,
+    quantize_multipliers,
+    requantize,
+)
+from .ops import add_bias, dequantize, int_conv2d, int_linear, quantize
+from .pooling import (
+    adaptive_pool_sums,
+    avg_pool_sums,
+    int_adaptive_avg_pool2d,
+    int_avg_pool2d,
+    int_max_pool2d,
+)
 
 __all__ = [
     "Quantize",
@@ -35,6 +49,7 @@ __all__ = [
     "IntMaxPool2d",
     "IntAvgPool2d",
     "IntAdaptiveAvgPool2d",
+    "IntPoolRequantize",
     "INTEGER_MODULES",
     "IntegerTracer",
     "trace_integer",
@@ -80,6 +95,12 @@ class _IntLayer(nn.Module):
 
     """Shared state of integer conv/linear: int weights, int bias, per-channel requantization.
 
+    The accumulator is ``acc * 2^acc_shift + bias``: with ``acc_shift = k > 0`` the bias is at the
+    finer scale ``in_scale * w_scale / 2^k`` and ``m / 2^shift`` realizes
+    ``in_scale * w_scale / (2^k * out_scale)``. ``convert`` picks ``k > 0`` only where rounding
+    the bias to ``in_scale * w_scale`` would cost an output LSB (coarse inputs and weights into a
+    fine output grid); every backend computes the same integers.
+
     ``out_scale is None`` means the layer ends a float island boundary: it returns the real value
     ``acc * in_scale * w_scale[c] + out_bias[c]`` as float32 instead of requantized codes (the
     bias then stays float: ``bias`` is zero and ``out_bias`` holds it, so no int32 bound applies).
@@ -88,8 +109,12 @@ class _IntLayer(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, w_scale: torch.Tensor,
                  in_scale: float, w_bits: int, out_scale: float | None, out_bits: int,
                  out_signed: bool, clip: tuple[int, int] | None, m: torch.Tensor,
-                 shift: torch.Tensor, out_bias: torch.Tensor | None = None) -> None:
+                 shift: torch.Tensor, out_bias: torch.Tensor | None = None,
+                 acc_shift: int = 0) -> None:
         super().__init__()
+        if not 0 <= int(acc_shift) <= 30:
+            raise QuantizationError(f"acc_shift must be in [0, 30], got {acc_shift}")
+        self.acc_shift = int(acc_shift)
         zeros = torch.zeros(weight.shape[0], dtype=torch.float64)
         self.register_buffer("out_bias", zeros if out_bias is None else out_bias.to(torch.float64))
         self.register_buffer("weight", weight.to(torch.int64))
@@ -105,6 +130,14 @@ class _IntLayer(nn.Module):
         else:
             self.qmin, self.qmax = clip if clip is not None else qrange(self.out_bits,
                                                                        self.out_signed)
+
+    def _add_bias(self, acc: torch.Tensor) -> torch.Tensor:
+        """``acc * 2^acc_shift + bias`` from the int64 accumulator without bias."""
+        k = getattr(self, "acc_shift", 0)  # artifacts saved before acc_shift existed: 0
+        acc = acc * (1 << k) if k else acc
+        if acc.ndim > 2 and isinstance(self, IntLinear):  # channels on the last dim
+            return add_bias(acc.movedim(-1, 1), self.bias, self.bias.numel()).movedim(1, -1)
+        return add_bias(acc, self.bias, self.bias.numel())
 
     def _finish(self, acc: torch.Tensor) -> torch.Tensor:
         if self.out_scale is None:
@@ -129,16 +162,16 @@ class IntConv2d(_IntLayer):
         self.groups = int(groups)
 
     def forward(self, x_q: torch.Tensor) -> torch.Tensor:
-        acc = int_conv2d(x_q, self.weight, self.bias, stride=self.stride, padding=self.padding,
+        acc = int_conv2d(x_q, self.weight, None, stride=self.stride, padding=self.padding,
                          dilation=self.dilation, groups=self.groups)
-        return self._finish(acc)
+        return self._finish(self._add_bias(acc))
 
 
 class IntLinear(_IntLayer):
     """Integer linear on ``(N, in_features)`` inputs."""
 
     def forward(self, x_q: torch.Tensor) -> torch.Tensor:
-        return self._finish(int_linear(x_q, self.weight, self.bias))
+        return self._finish(self._add_bias(int_linear(x_q, self.weight, None)))
 
 
 class IntAdd(nn.Module):
@@ -236,10 +269,65 @@ class IntAdaptiveAvgPool2d(nn.Module):
         return int_adaptive_avg_pool2d(q, self.output_size)
 
 
+class IntPoolRequantize(nn.Module):
+    """An average pool whose windows hold different numbers of inputs, fused with the
+    requantization after it, so that it rounds once.
+
+    ``out_p = clip(requantize(S_p, m_p, shift_p))`` for every output position ``p``: ``S_p`` the
+    exact window sum of the input codes, ``m_p / 2^shift_p ~ in_scale / (c_p * out_scale)`` with
+    ``c_p`` torch's divisor of that window (``avg_pool2d``'s ``ceil_mode``/``count_include_pad``
+    rules, or the size of an adaptive bin). Pooling at the input's scale and requantizing after
+    would round twice, up to ``in_scale / (2 out_scale)`` output LSB off.
+    """
+
+    m: torch.Tensor
+    shift: torch.Tensor
+    counts: torch.Tensor
+
+    def __init__(self, pool: IntAvgPool2d | IntAdaptiveAvgPool2d, in_hw: Sequence[int],
+                 in_scale: float, in_bits: int, in_signed: bool, out_scale: float, bits: int,
+                 signed: bool) -> None:
+        super().__init__()
+        if isinstance(pool, IntAvgPool2d) and pool.divisor_override is not None:
+            raise QuantizationError("IntPoolRequantize: a divisor_override pool has one divisor "
+                                    "everywhere; use its window sum and one Requantize")
+        self.pool = pool
+        probe = torch.zeros((1, 1, int(in_hw[0]), int(in_hw[1])), dtype=torch.int64)
+        _, counts = self._sums(probe)
+        self.register_buffer("counts", counts)
+        self.in_scale, self.out_scale = float(in_scale), float(out_scale)
+        self.out_bits, self.out_signed = int(bits), bool(signed)
+        self.qmin, self.qmax = qrange(self.out_bits, self.out_signed)
+        lo, hi = qrange(int(in_bits), bool(in_signed))
+        bound = int(counts.max()) * max(abs(lo), abs(hi))
+        reals = self.in_scale / (counts.to(torch.float64) * self.out_scale)
+        m, shift = quantize_multipliers(reals.flatten(), bits=multiplier_bits(bound))
+        self.register_buffer("m", m.view(counts.shape))
+        self.register_buffer("shift", shift.view(counts.shape))
+
+    def _sums(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.pool
+        if isinstance(p, IntAvgPool2d):
+            return avg_pool_sums(q, p.kernel_size, p.stride, p.padding, p.ceil_mode,
+                                 p.count_include_pad)
+        return adaptive_pool_sums(q, p.output_size)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        sums, _ = self._sums(q)
+        one = torch.ones((), dtype=torch.int64)
+        rounding = torch.where(self.shift > 0, one << (self.shift - 1).clamp(min=0), 0)
+        out = (sums * self.m + rounding) >> self.shift
+        return out.clamp(self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return (f"in_scale={self.in_scale:.6g}, out_scale={self.out_scale:.6g}, "
+                f"bits={self.out_bits}, signed={self.out_signed}")
+
+
 INTEGER_MODULES: tuple[type[nn.Module], ...] = (
     Quantize, Dequantize, IntConv2d, IntLinear, IntAdd, IntConcat, IntClip, Requantize,
     IntMaxPool2d,
-    IntAvgPool2d, IntAdaptiveAvgPool2d,
+    IntAvgPool2d, IntAdaptiveAvgPool2d, IntPoolRequantize,
 )
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "AddRescale",
     "accumulator_bound",
     "accumulator_dtype",
+    "add_bias",
     "add_rescale",
     "concat_rescales",
     "dequantize",
@@ -241,7 +242,7 @@ def _check_exact(x: torch.Tensor, w: torch.Tensor, fan_in: int, op: str) -> None
         )
 
 
-def _add_bias(acc: torch.Tensor, bias: torch.Tensor | None, channels: int) -> torch.Tensor:
+def add_bias(acc: torch.Tensor, bias: torch.Tensor | None, channels: int) -> torch.Tensor:
     """Add an int32-range bias along dim 1 (or the last dim of a 1-D/2-D linear output)."""
     if bias is None:
         return acc
@@ -292,7 +293,7 @@ def int_conv2d(
         )
     _check_exact(x, w, w.shape[1] * w.shape[2] * w.shape[3], "int_conv2d")
     acc = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
-    return _add_bias(torch.round(acc).to(torch.int64), bias_i32, w.shape[0])
+    return add_bias(torch.round(acc).to(torch.int64), bias_i32, w.shape[0])
 
 
 def int_linear(
@@ -326,6 +327,6 @@ def int_linear(
     if bias_i32 is None:
         return acc
     if acc.ndim > 2:
-        return _add_bias(acc.movedim(-1, 1), bias_i32, w.shape[0]).movedim(1, -1)
-    return _add_bias(acc, bias_i32, w.shape[0])
+        return add_bias(acc.movedim(-1, 1), bias_i32, w.shape[0]).movedim(1, -1)
+    return add_bias(acc, bias_i32, w.shape[0])
 

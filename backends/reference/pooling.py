@@ -17,6 +17,8 @@ from djpq_compiler.errors import QuantizationError
 from .fixedpoint import as_int_tensor
 
 __all__ = [
+    "adaptive_pool_sums",
+    "avg_pool_sums",
     "div_half_up",
     "int_adaptive_avg_pool2d",
     "int_avg_pool2d",
@@ -111,22 +113,53 @@ def int_avg_pool2d(
         An ``int64`` tensor at the input's scale and zero point.
     """
     x = _check_4d(x_q, "int_avg_pool2d") - zero_point
-    kernel = _pair(kernel_size)
-    strides = kernel if stride is None or stride in ([], ()) else _pair(stride)
-    pads = _pair(padding)
-    sums = F.avg_pool2d(x.double(), kernel, strides, pads, ceil_mode, True, divisor_override=1)
-    sums = torch.round(sums).to(torch.int64)
+    sums, window_counts = avg_pool_sums(x, kernel_size, stride, padding, ceil_mode,
+                                        count_include_pad)
     if divisor_override is not None:
         if int(divisor_override) <= 0:
             raise QuantizationError(f"divisor_override must be > 0, got {divisor_override}")
         counts: torch.Tensor | int = int(divisor_override)
     else:
-        counts = _avg_counts(
-            (x.shape[2], x.shape[3]), (sums.shape[2], sums.shape[3]),
-            kernel, strides, pads, count_include_pad,
-        )
+        counts = window_counts
     out = div_half_up(sums, counts) + zero_point
     return out.clamp(min=qmin, max=qmax) if qmin is not None or qmax is not None else out
+
+
+def avg_pool_sums(
+    x_q: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``avg_pool2d`` window sums of integer codes (padding adds zeros) and torch's divisor
+    of every output position ``(H_out, W_out)``, both ``int64``."""
+    x = _check_4d(x_q, "avg_pool_sums")
+    kernel = _pair(kernel_size)
+    strides = kernel if stride is None or stride in ([], ()) else _pair(stride)
+    pads = _pair(padding)
+    sums = F.avg_pool2d(x.double(), kernel, strides, pads, ceil_mode, True, divisor_override=1)
+    counts = _avg_counts((x.shape[2], x.shape[3]), (sums.shape[2], sums.shape[3]), kernel,
+                         strides, pads, count_include_pad)
+    return torch.round(sums).to(torch.int64), counts
+
+
+def adaptive_pool_sums(x_q: torch.Tensor, output_size: int | Sequence[int | None]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact sums of torch's adaptive pooling bins and each bin's size ``(H_out, W_out)``."""
+    x = _check_4d(x_q, "adaptive_pool_sums")
+    sizes = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    out_h, out_w = (x.shape[2 + i] if s is None else int(s) for i, s in enumerate(sizes))
+    h_bins = _adaptive_bins(x.shape[2], out_h)
+    w_bins = _adaptive_bins(x.shape[3], out_w)
+    sums = torch.empty(x.shape[:2] + (out_h, out_w), dtype=torch.int64)
+    counts = torch.empty((out_h, out_w), dtype=torch.int64)
+    for i, (h0, h1) in enumerate(h_bins):
+        for j, (w0, w1) in enumerate(w_bins):
+            sums[:, :, i, j] = x[:, :, h0:h1, w0:w1].sum(dim=(2, 3))
+            counts[i, j] = (h1 - h0) * (w1 - w0)
+    return sums, counts
 
 
 def int_adaptive_avg_pool2d(
@@ -143,16 +176,8 @@ def int_adaptive_avg_pool2d(
         An ``int64`` tensor at the input's scale and zero point.
     """
     x = _check_4d(x_q, "int_adaptive_avg_pool2d") - zero_point
-    sizes = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    out_h, out_w = (x.shape[2 + i] if s is None else int(s) for i, s in enumerate(sizes))
-    h_bins = _adaptive_bins(x.shape[2], out_h)
-    w_bins = _adaptive_bins(x.shape[3], out_w)
-    out = torch.empty(x.shape[:2] + (out_h, out_w), dtype=torch.int64)
-    for i, (h0, h1) in enumerate(h_bins):
-        for j, (w0, w1) in enumerate(w_bins):
-            window_sum = x[:, :, h0:h1, w0:w1].sum(dim=(2, 3))
-            out[:, :, i, j] = div_half_up(window_sum, (h1 - h0) * (w1 - w0))
-    return out + zero_point
+    sums, counts = adaptive_pool_sums(x, output_size)
+    return div_half_up(sums, counts) + zero_point
 
 
 def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:

@@ -65,12 +65,25 @@ def _operand_dtypes(x: IntValue, w_lo: int, w_hi: int) -> tuple[str, str]:
     return common, common
 
 
-def _accumulate_dtype(x: IntValue, weight: np.ndarray, bias: np.ndarray) -> str:
-    """int32 if ``max_o sum|w_o| * max|x| + max|bias|`` fits it, else int64 (from weights only)."""
+def _accumulate_dtype(x: IntValue, weight: np.ndarray, bias: np.ndarray,
+                      acc_shift: int = 0) -> str:
+    """int32 if ``max_o sum|w_o| * max|x| * 2^acc_shift + max|bias|`` fits it, else int64 (from
+    weights only)."""
     per_out = np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1)
-    bound = int(per_out.max(initial=0)) * max(abs(x.lo), abs(x.hi))
+    bound = (int(per_out.max(initial=0)) * max(abs(x.lo), abs(x.hi))) << acc_shift
     bound += int(np.abs(bias).max(initial=0))
     return "int32" if bound <= INT32_MAX else "int64"
+
+
+def _add_bias(ctx: Lowering, module: im._IntLayer, acc: Any, bias: np.ndarray, shape: tuple,
+              acc_dtype: str) -> Any:
+    """``acc * 2^acc_shift + bias`` (the reference's ``_IntLayer._add_bias``)."""
+    k = int(getattr(module, "acc_shift", 0))
+    if k:
+        acc = ctx.bb.binary("multiply", acc, ctx.bb.const(np.array(1 << k), acc_dtype))
+    if bias.size and np.any(bias):
+        acc = ctx.bb.binary("add", acc, ctx.bb.const(bias.reshape(shape), acc_dtype))
+    return acc
 
 
 def _finish_layer(ctx: Lowering, module: im._IntLayer, acc: Any) -> Lowered:
@@ -113,11 +126,10 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
         raise BackendError(f"{node.format_node()}: {exc}; convert() emits explicit int "
                            "paddings, rebuild the model with integer padding") from None
     x_dtype, w_dtype = _operand_dtypes(x, int(weight.min()), int(weight.max()))
-    acc_dtype = _accumulate_dtype(x, weight, bias)
+    acc_dtype = _accumulate_dtype(x, weight, bias, int(getattr(module, "acc_shift", 0)))
     acc = ctx.bb.conv2d(ctx.bb.astype(x.expr, x_dtype), ctx.bb.const(weight, w_dtype),
                         stride, padding, dilation, int(module.groups), acc_dtype)
-    if bias.size and np.any(bias):
-        acc = ctx.bb.binary("add", acc, ctx.bb.const(bias.reshape(1, -1, 1, 1), acc_dtype))
+    acc = _add_bias(ctx, module, acc, bias, (1, -1, 1, 1), acc_dtype)
     return _finish_layer(ctx, module, acc)
 
 
@@ -128,11 +140,10 @@ def convert_linear(ctx: Lowering, node: fx.Node) -> Lowered:
     x = ctx.int_arg(node)
     weight, bias = _np(module.weight), _np(module.bias)
     x_dtype, w_dtype = _operand_dtypes(x, int(weight.min()), int(weight.max()))
-    acc_dtype = _accumulate_dtype(x, weight, bias)
+    acc_dtype = _accumulate_dtype(x, weight, bias, int(getattr(module, "acc_shift", 0)))
     acc = ctx.bb.matmul(ctx.bb.astype(x.expr, x_dtype),
                         ctx.bb.const(np.ascontiguousarray(weight.T), w_dtype), acc_dtype)
-    if bias.size and np.any(bias):
-        acc = ctx.bb.binary("add", acc, ctx.bb.const(bias, acc_dtype))
+    acc = _add_bias(ctx, module, acc, bias, (-1,), acc_dtype)
     return _finish_layer(ctx, module, acc)
 
 

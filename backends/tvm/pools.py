@@ -71,11 +71,9 @@ def _window_sum(ctx: Lowering, x: IntValue, kernel: tuple[int, int], stride: tup
     return ctx.bb.conv2d(data, ones, stride, pads, (1, 1), channels, acc)
 
 
-@register(im.IntAvgPool2d)
-def convert_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
-    """``avg_pool2d`` on codes: window sum, torch's divisor, round half up."""
-    module = ctx.module(node)
-    x = ctx.int_arg(node)
+def _avg_sums(ctx: Lowering, x: IntValue, module: Any
+              ) -> tuple[Any, int, np.ndarray, tuple[int, int]]:
+    """Window sums of ``avg_pool2d`` on codes, their bound, torch's divisors and the kernel."""
     kernel = _pair(module.kernel_size)
     stride, (p_h, p_w) = _strides(kernel, module.stride), _pair(module.padding)
     shape = ctx.bb.shape(x.expr)
@@ -89,12 +87,22 @@ def convert_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     window = kernel[0] * kernel[1]
     bound = window * max(abs(x.lo), abs(x.hi))
     sums = _window_sum(ctx, x, kernel, stride, (p_h, p_w, p_h + extra[0], p_w + extra[1]), bound)
+    counts = _avg_counts(in_hw, out_hw, kernel, stride, (p_h, p_w),
+                         bool(module.count_include_pad))
+    return sums, bound, counts, kernel
+
+
+@register(im.IntAvgPool2d)
+def convert_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``avg_pool2d`` on codes: window sum, torch's divisor, round half up."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    sums, bound, counts, kernel = _avg_sums(ctx, x, module)
     if module.divisor_override is not None:
         counts = np.array([[int(module.divisor_override)]], dtype=np.int64)
-        lo, hi = _quotient_range(x.lo, x.hi, window, int(module.divisor_override))
+        lo, hi = _quotient_range(x.lo, x.hi, kernel[0] * kernel[1],
+                                 int(module.divisor_override))
     else:
-        counts = _avg_counts(in_hw, out_hw, kernel, stride, (p_h, p_w),
-                             bool(module.count_include_pad))
         lo, hi = min(x.lo, 0), max(x.hi, 0)
     return ctx.int_value(_div_half_up(ctx, sums, counts, bound), lo, hi)
 
@@ -107,14 +115,11 @@ def _bin_matrix(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     return matrix, matrix.sum(axis=1)
 
 
-@register(im.IntAdaptiveAvgPool2d)
-def convert_adaptive_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
-    """Adaptive average pool: bin sums as ``P_h @ X @ P_w^T`` (exact int matmuls)."""
-    module = ctx.module(node)
-    x = ctx.int_arg(node)
+def _adaptive_sums(ctx: Lowering, x: IntValue, output_size: Any
+                   ) -> tuple[Any, int, np.ndarray]:
+    """Adaptive-pool bin sums as ``P_h @ X @ P_w^T`` (exact int matmuls), bound, bin sizes."""
     shape = ctx.bb.shape(x.expr)
-    size = module.output_size
-    sizes = (size, size) if isinstance(size, int) else tuple(size)
+    sizes = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     out_h, out_w = (shape[2 + i] if s is None else int(s) for i, s in enumerate(sizes))
     p_h, len_h = _bin_matrix(shape[2], out_h)
     p_w, len_w = _bin_matrix(shape[3], out_w)
@@ -123,5 +128,33 @@ def convert_adaptive_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     data = ctx.bb.astype(x.expr, acc)
     rows = ctx.bb.matmul(data, ctx.bb.const(np.ascontiguousarray(p_w.T), acc), acc)
     sums = ctx.bb.matmul(ctx.bb.const(p_h, acc), rows, acc)
-    counts = len_h[:, None] * len_w[None, :]
+    return sums, bound, len_h[:, None] * len_w[None, :]
+
+
+@register(im.IntAdaptiveAvgPool2d)
+def convert_adaptive_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Adaptive average pool: bin sums, each bin's size as divisor, round half up."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    sums, bound, counts = _adaptive_sums(ctx, x, module.output_size)
     return ctx.int_value(_div_half_up(ctx, sums, counts, bound), x.lo, x.hi)
+
+
+@register(im.IntPoolRequantize)
+def convert_pool_requantize(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Uneven average pool fused with its requantization: exact sums, then
+    ``clip((S * m_p + 2^(shift_p - 1)) >> shift_p)`` with one ``(m, shift)`` per position."""
+    module = ctx.module(node)
+    x = ctx.int_arg(node)
+    pool = module.pool
+    if isinstance(pool, im.IntAvgPool2d):
+        sums = _avg_sums(ctx, x, pool)[0]
+    else:
+        sums = _adaptive_sums(ctx, x, pool.output_size)[0]
+    m = module.m.detach().cpu().numpy().astype(np.int64)
+    shift = module.shift.detach().cpu().numpy().astype(np.int64)
+    rounding = np.where(shift > 0, np.left_shift(1, np.maximum(shift - 1, 0)), 0)
+    prod = ctx.bb.binary("multiply", ctx.bb.astype(sums, "int64"), ctx.bb.const(m, "int64"))
+    prod = ctx.bb.binary("add", prod, ctx.bb.const(rounding, "int64"))
+    out = ctx.bb.binary("right_shift", prod, ctx.bb.const(shift, "int64"))
+    return ctx.int_value(ctx.bb.clip(out, module.qmin, module.qmax), module.qmin, module.qmax)

@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from djpq_compiler.errors import BackendError
 
@@ -39,10 +39,22 @@ def _arg(ctx: Lowering, node: fx.Node, index: int, name: str, default: Any) -> A
 @register(torch.flatten, torch.Tensor.flatten)
 def convert_flatten(ctx: Lowering, node: fx.Node) -> Lowered:
     """``flatten(x, start_dim=0, end_dim=-1)`` as a static reshape."""
+    return _flatten(ctx, node, int(_arg(ctx, node, 1, "start_dim", 0)),
+                    int(_arg(ctx, node, 2, "end_dim", -1)))
+
+
+@register(nn.Flatten)
+def convert_flatten_module(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``nn.Flatten(start_dim, end_dim)`` (default 1, -1) as a static reshape."""
+    module = ctx.module(node)
+    return _flatten(ctx, node, int(module.start_dim), int(module.end_dim))
+
+
+def _flatten(ctx: Lowering, node: fx.Node, start_dim: int, end_dim: int) -> Lowered:
     x = _tensor_arg(ctx, node)
     shape = ctx.bb.shape(x.expr)
-    start = int(_arg(ctx, node, 1, "start_dim", 0)) % max(len(shape), 1)
-    end = int(_arg(ctx, node, 2, "end_dim", -1)) % max(len(shape), 1)
+    start = start_dim % max(len(shape), 1)
+    end = end_dim % max(len(shape), 1)
     new = shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]
     return _rewrap(x, ctx.bb.reshape(x.expr, new))
 

@@ -112,9 +112,12 @@ class Shuffle:
 
 @dataclass(frozen=True)
 class Pool:
-    """2x2 max or average pooling (skipped below 2x2)."""
+    """Pooling: ``max``/``avg`` 2x2 (skipped below 2x2); and average pools whose windows differ
+    or hold padding: ``avg_pad`` 3x3/1 padding 1 not counted, ``avg_counted`` the same with the
+    padding counted, ``avg_ceil`` 3x3/2 in ``ceil_mode`` (partial last windows; skipped below
+    3x3), ``adaptive`` to ``size - 1`` (overlapping, uneven bins; skipped below 3x3)."""
 
-    kind: Literal["max", "avg"]
+    kind: Literal["max", "avg", "avg_pad", "avg_counted", "avg_ceil", "adaptive"]
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,28 @@ class _PoolBlock(nn.Module):
         self.kind = spec.kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x, 2) if self.kind == "max" else F.avg_pool2d(x, 2)
+        if self.kind == "max":
+            return F.max_pool2d(x, 2)
+        if self.kind == "avg_pad":
+            return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        if self.kind == "avg_counted":
+            return F.avg_pool2d(x, 3, 1, 1)
+        if self.kind == "avg_ceil":
+            return F.avg_pool2d(x, 3, 2, ceil_mode=True)
+        if self.kind == "adaptive":
+            return F.adaptive_avg_pool2d(x, x.shape[-1] - 1)
+        return F.avg_pool2d(x, 2)
+
+
+def _pooled_size(kind: str, size: int) -> int | None:
+    """The output size of a ``Pool`` block, or None where it is skipped."""
+    if kind in ("avg_pad", "avg_counted"):
+        return size
+    if kind == "avg_ceil":
+        return -(-(size - 3) // 2) + 1 if size >= 3 else None
+    if kind == "adaptive":
+        return size - 1 if size >= 3 else None
+    return size // 2 if size >= 2 else None
 
 
 class _NoRuleBlock(nn.Module):
@@ -316,7 +340,8 @@ def _build_block(spec: Block, c: int, size: int) -> tuple[nn.Module, int, int]:
                                       spec.proj, spec.act), c)
         return res, res.out_channels, (size - 1) // (spec.stride if size >= 2 else 1) + 1
     if isinstance(spec, Pool):
-        return (_PoolBlock(spec), c, size // 2) if size >= 2 else (nn.Identity(), c, size)
+        pooled = _pooled_size(spec.kind, size)
+        return (_PoolBlock(spec), c, pooled) if pooled is not None else (nn.Identity(), c, size)
     if isinstance(spec, NoRule):
         return _NoRuleBlock(spec), c, size
     builders: dict[type, Any] = {
@@ -370,7 +395,8 @@ def blocks(no_rule: bool = True) -> st.SearchStrategy[Block]:
                   k=st.sampled_from((1, 3))),
         st.builds(SqueezeExcite, squeeze=st.integers(1, 4)),
         st.builds(Shuffle, groups=st.sampled_from((2, 3, 4))),
-        st.builds(Pool, kind=st.sampled_from(("max", "avg"))),
+        st.builds(Pool, kind=st.sampled_from(("max", "avg", "avg_pad", "avg_counted", "avg_ceil",
+                                              "adaptive"))),
     ]
     if no_rule:
         options.append(st.builds(NoRule, op=st.sampled_from(NO_RULE_OPS)))

@@ -71,22 +71,28 @@ def _resolve(st: AnalysisState, obj: Any) -> Any:
         return [_resolve(st, o) for o in obj]
     if isinstance(obj, dict):
         return {k: _resolve(st, v) for k, v in obj.items()}
+    if isinstance(obj, slice):  # x[:, : y.size(1)]: the bound is a node
+        return slice(_resolve(st, obj.start), _resolve(st, obj.stop), _resolve(st, obj.step))
     return obj
 
 
 def evaluate_on_fields(st: AnalysisState, node: fx.Node, fn: Any = None) -> Any | None:
-    """Run ``node``'s op (or ``fn``) on fields; ``None`` when an argument has no known value."""
+    """Run ``node``'s op (or ``fn``) on fields; ``None`` when an argument has no known value or
+    the op does not run on them (the caller then treats the node as opaque, never crashes)."""
     try:
         args, kwargs = field_args(st, node)
     except _NoValue:
         return None
-    if fn is not None:
-        return fn(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-    if node.op == "call_module":
-        return st.gm.get_submodule(str(node.target))(*args, **kwargs)
-    return node.target(*args, **kwargs)  # type: ignore[operator]
+    try:
+        if fn is not None:
+            return fn(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return st.gm.get_submodule(str(node.target))(*args, **kwargs)
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        return None
 
 
 def clean_dim(ids: torch.Tensor) -> int | None:
