@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from djpq_compiler.bops import bops
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.loss import djpq_loss
+from djpq_compiler.modules.fused import fused_kernels
 from djpq_compiler.prepared import check_finite, freeze_for_deployment, param_groups, unwrap
 
 __all__ = ["FinetuneConfig", "FinetuneLog", "finetune", "accuracy"]
@@ -96,6 +97,7 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
     """
     opt = torch.optim.Adam(param_groups(prepared, weight_lr=config.weight_lr,
                                         djpq_lr=config.djpq_lr))
+    fused_kernels()  # built (once per machine) before the clock starts, not inside the budget
     start, logs, step = time.perf_counter(), [], 0
     limit = config.steps if config.steps is not None else 10**12
     seconds = 60 * config.minutes if config.minutes is not None else math.inf

@@ -238,6 +238,8 @@ class _Lowering:
             return False
         if self.pool_requant(node, act):
             return True
+        if self.key(node) in _RELU6 and not _on_grid(6.0, act.scale):
+            return self.relu6_off_grid(node, act)
         mod = int_module_for(self.gm, node, act)
         if mod is not None:
             self.env[node.name] = self.module(f"op_{node.name}", mod, (self.env[_name(x)],))
@@ -247,6 +249,29 @@ class _Lowering:
             self.copy_int(node, act)
             return True
         return False
+
+    def relu6_off_grid(self, node: fx.Node, act: Act) -> bool:
+        """ReLU6 on codes whose grid misses 6.0: fake-quant's value 6.0 is between two codes.
+        Read (through shape ops) by a quantizer: requantize to that quantizer's grid first and
+        clip at ``round(6 / s_out)`` there, which is what quantizing 6.0 gives (one rounding).
+        Otherwise it runs in float (its readers are float ops, which must see 6.0 itself)."""
+        nxt = self.sole_user(node)
+        while nxt is not None and self.key(nxt) in _SHAPE:
+            nxt = self.sole_user(nxt)
+        if nxt is None or not self.is_quant(nxt):
+            self.copy_float(node)
+            return True
+        out = self.quant_act(nxt)
+        x = self.env[_name(node.args[0])]
+        if out != act:
+            x = self.module(f"rq_{node.name}", im.Requantize(act.scale, out.scale, out.bits,
+                                                            out.signed), (x,))
+        lo, hi = qrange(out.bits, out.signed)
+        six = int(torch.round(torch.tensor(6.0 / out.scale, dtype=torch.float64)))
+        self.env[node.name] = self.module(f"op_{node.name}", im.IntClip(max(lo, 0), min(hi, six)),
+                                          (x,))
+        self.act[node.name] = out
+        return True
 
     def pool_requant(self, node: fx.Node, act: Act) -> bool:
         """An average pool whose value reaches a quantizer or a float op (through shape ops,
@@ -338,6 +363,12 @@ def _name(arg: object) -> str:
     if not isinstance(arg, fx.Node):
         raise TypeError(f"expected an fx.Node, got {type(arg).__name__}")
     return arg.name
+
+
+def _on_grid(value: float, scale: float) -> bool:
+    """Whether ``value`` is (to float precision) a multiple of ``scale``."""
+    k = round(value / scale)
+    return abs(k * scale - value) <= 1e-6 * abs(value)
 
 
 def int_module_for(gm: fx.GraphModule, node: fx.Node, act: Act) -> nn.Module | None:

@@ -291,3 +291,20 @@ AVG_POOL_TO_SPLIT = Recipe(
 
 def test_regression_avg_pool_with_several_users_sums_windows_before_requantizing() -> None:
     check_convert(AVG_POOL_TO_SPLIT)
+
+
+#: Found by the seed-5 long run: ReLU6 after a residual add ran on the add's codes, capping at
+#: round(6/s)*s instead of 6.0; a float op (cumsum over the width) summed those caps and the
+#: next quantizer was 2 LSB off. ReLU6 on a grid that misses 6.0 now requantizes to its
+#: reader's grid and clips there, or runs in float when float ops read it.
+RELU6_OFF_GRID = Recipe(blocks=(NoRule(op='cumsum_w'), Residual(mid=3, out=4, stride=1, proj=True,
+                                                                act='relu'),
+                                Act(name='relu'), NoRule(op='cumsum_w'),
+                                Residual(mid=4, out=4, stride=1, proj=False, act='relu6'),
+                                NoRule(op='cumsum_w')),
+                        head='flatten_linear', size=8, seed=2282)
+
+
+def test_regression_relu6_off_grid_before_a_float_op_runs_in_float() -> None:
+    stats = check_convert(RELU6_OFF_GRID)
+    assert stats.max_lsb <= 1

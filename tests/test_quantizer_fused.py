@@ -1,5 +1,8 @@
 """The fast DQ quantizer and gate autograd paths against straightforward reference formulations.
 
+Each test runs twice: with the compiled one-pass kernels (``djpq_compiler.modules.fused``) and
+with the plain torch ops.
+
 The production paths (``dq_quantize``, ``VIBGate``) are written for few elementwise passes and
 small saved state; here every output and every gradient (input, step, clip, exponent ``t``, gate
 ``mu``/``log_sigma2``) is compared with a formulation that follows REFERENCE.md literally, on
@@ -15,7 +18,19 @@ import pytest
 import torch
 
 from djpq_compiler.modules import DQQuantizer, VIBGate, dq_quantize, saved
+from djpq_compiler.modules.fused import fused_kernels, set_fused_kernels
 from djpq_compiler.modules.quantizers import _signed_pow
+
+
+@pytest.fixture(params=["fused", "unfused"], autouse=True)
+def kernel_path(request: pytest.FixtureRequest) -> Any:
+    """Every test runs on the compiled one-pass kernels and on the plain torch ops."""
+    set_fused_kernels(request.param == "fused")
+    if request.param == "fused" and fused_kernels() is None:
+        set_fused_kernels(None)
+        pytest.skip("the fused DQ kernels cannot be built here (no C++ compiler or ninja)")
+    yield request.param
+    set_fused_kernels(None)
 
 
 class _RefDQ(torch.autograd.Function):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from djpq_compiler.errors import ConfigError, QuantizationError
+from djpq_compiler.modules.fused import fused_kernels
 from djpq_compiler.modules.saved import code_dtype, grid_codes_fit, mark_grid
 
 if TYPE_CHECKING:
@@ -96,7 +97,9 @@ class _DQRound(torch.autograd.Function):
     full-size temporaries: ``clip(x)`` (later ``x/d``) and ``round(x/d)`` (later
     ``round(x/d) - x/d``), plus the input gradient, built in place from ``sign(x - clip(x))``
     (+1 above, -1 below, 0 inside), and reduces the per-tensor ``d``/``q_max`` gradients with
-    ``dot``. Saved: ``x`` only -- usually the storage the previous op (a ReLU) keeps anyway; a conv
+    ``dot``. Where the compiled kernels of :mod:`djpq_compiler.modules.fused` are available (a
+    per-tensor step and clip on CPU, while training), forward and backward are one pass each
+    instead. Saved: ``x`` only -- usually the storage the previous op (a ReLU) keeps anyway; a conv
     reading the output keeps its 1-byte codes (:mod:`djpq_compiler.modules.saved`). The grid is
     recomputed, not saved: a following in-place op (a ReLU with ``inplace=True``) may overwrite
     the returned tensor.
@@ -112,13 +115,18 @@ class _DQRound(torch.autograd.Function):
         recording: bool,
     ) -> torch.Tensor:
         lo, hi, step = _bounds(x, d, q_max, signed)
-        q = _clamp(x, lo, hi)
-        q.div_(step).round_()
-        codes = None
-        fast = recording and isinstance(step, float) and isinstance(hi, float)
-        if fast and grid_codes_fit(q.numel(), q.dtype, float(hi) / float(step), signed):
-            codes = q.to(code_dtype(signed))  # round(clip(x)/d), exact in one byte
-        q.mul_(step)
+        fast = isinstance(step, float) and isinstance(hi, float) and isinstance(lo, float)
+        want_codes = recording and fast and grid_codes_fit(
+            x.numel(), x.dtype, float(hi) / float(step), signed)
+        kernels = fused_kernels() if fast and recording else None
+        if kernels is not None:  # one pass, bitwise the unfused ops below
+            q, codes = kernels.dq_forward(x, lo, hi, step, want_codes, signed)
+            codes = codes if want_codes else None
+        else:
+            q = _clamp(x, lo, hi)
+            q.div_(step).round_()
+            codes = q.to(code_dtype(signed)) if want_codes else None  # round(clip(x)/d)
+            q.mul_(step)
         if codes is not None:
             mark_grid(q, codes, float(step))  # whoever saves q (a conv) keeps the codes instead
         # [choice] the codes are not saved for this backward: where no conv keeps them (an add
@@ -132,6 +140,13 @@ class _DQRound(torch.autograd.Function):
         x, d, q_max = ctx.saved_tensors
         lo, hi, step = _bounds(x, d, q_max, ctx.signed)
         need_x, need_d, need_q = ctx.needs_input_grad[:3]
+        fast = isinstance(step, float) and isinstance(hi, float) and isinstance(lo, float)
+        kernels = fused_kernels() if fast else None
+        if kernels is not None:  # one pass; the d/q_max sums accumulate in double
+            g_in, gd, gq = kernels.dq_backward(x, grad, lo, hi, step, need_x, ctx.signed)
+            return ((g_in if need_x else None),
+                    (gd.to(d.dtype).reshape(d.shape) if need_d else None),
+                    (gq.to(q_max.dtype).reshape(q_max.shape) if need_q else None), None, None)
         xc = _clamp(x, lo, hi)
         side = torch.sub(x, xc).sign_()  # +1 above q_max, -1 below x_min, 0 inside
         gq = None
