@@ -30,6 +30,7 @@ from djpq_compiler.errors import (
     UnsupportedOpError,
 )
 from djpq_compiler.loss import djpq_loss
+from djpq_compiler.modules.fused import set_fused_kernels
 from djpq_compiler.prepare import prepare
 from djpq_compiler.prepared import (
     check_finite,
@@ -64,6 +65,7 @@ __all__ = [
     "set_gates_deterministic",
     "open_gates",
     "freeze_for_deployment",
+    "set_fused_kernels",
     "BopsReport",
     "BopsRow",
     "DjpqError",

@@ -45,8 +45,21 @@ def _from_function(node: fx.Node) -> nn.Module | None:
                                bool(_arg(node, 5, "count_include_pad", True)),
                                _arg(node, 6, "divisor_override", None))
     if node.target is F.adaptive_avg_pool2d:
-        return im.IntAdaptiveAvgPool2d(_arg(node, 1, "output_size", None))
+        size = _adaptive_size(node)
+        return im.IntAdaptiveAvgPool2d(size) if size is not None else None
     return None
+
+
+def _adaptive_size(node: fx.Node) -> object:
+    """An adaptive pool's output size as ints: from the call, or, when the call computes it from
+    a shape (``x.shape[-1] - 1`` is an fx node), from the traced output shape."""
+    size = _arg(node, 1, "output_size", None)
+    if isinstance(size, fx.Node) or (isinstance(size, (tuple, list)) and
+                                     any(isinstance(v, fx.Node) for v in size)):
+        meta = node.meta.get("tensor_meta")
+        return tuple(int(v) for v in meta.shape[2:]) if meta is not None and \
+            len(meta.shape) == 4 else None
+    return size
 
 
 def pool_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -76,7 +89,8 @@ def window_sum(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, int] | Non
             return _fixed_sum(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
                               mod.count_include_pad, mod.divisor_override, h, w)
     elif node.target is F.adaptive_avg_pool2d:
-        return _adaptive_sum(_arg(node, 1, "output_size", None), h, w)
+        size = _adaptive_size(node)
+        return _adaptive_sum(size, h, w) if size is not None else None
     elif node.target is F.avg_pool2d:
         return _fixed_sum(_arg(node, 1, "kernel_size", None), _arg(node, 2, "stride", None),
                           _arg(node, 3, "padding", 0), _arg(node, 4, "ceil_mode", False),

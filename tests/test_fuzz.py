@@ -308,3 +308,16 @@ RELU6_OFF_GRID = Recipe(blocks=(NoRule(op='cumsum_w'), Residual(mid=3, out=4, st
 def test_regression_relu6_off_grid_before_a_float_op_runs_in_float() -> None:
     stats = check_convert(RELU6_OFF_GRID)
     assert stats.max_lsb <= 1
+
+
+#: Found by the seed-5 long run (after the generator gained uneven pools): an adaptive pool whose
+#: output size is computed from the input's shape (``x.shape[-1] - 1``, an fx node when traced)
+#: made convert raise a TypeError; the traced output shape now gives the size.
+ADAPTIVE_SIZE_FROM_SHAPE = Recipe(blocks=(Conv(out=1, k=1, stride=1, groups=1, bn=False, act=None),
+                                          Conv(out=1, k=1, stride=1, groups=1, bn=False, act=None),
+                                          Pool(kind='adaptive')),
+                                  head='flatten_linear', size=4, seed=0)
+
+
+def test_regression_adaptive_pool_size_from_a_shape_converts() -> None:
+    assert check_convert(ADAPTIVE_SIZE_FROM_SHAPE).max_lsb <= 1

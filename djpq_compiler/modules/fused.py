@@ -66,7 +66,13 @@ def _build() -> Any | None:
     if shutil.which("ninja") is None and shutil.which("ninja", path=here) is not None:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
     try:
-        from torch.utils import cpp_extension
+        quiet = logging.getLogger("torch.utils.cpp_extension")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant for a CPU build
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            quiet.setLevel(level)
 
         _LOG.info("building the fused DQ kernels (once per machine, about a minute)")
         return cpp_extension.load(
