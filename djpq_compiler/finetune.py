@@ -97,14 +97,15 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
     """
     opt = torch.optim.Adam(param_groups(prepared, weight_lr=config.weight_lr,
                                         djpq_lr=config.djpq_lr))
-    fused_kernels()  # built (once per machine) before the clock starts, not inside the budget
+    device = next(prepared.parameters()).device
+    if device.type == "cpu":  # the fused kernels are CPU-only; built before the clock starts
+        fused_kernels()
     start, logs, step = time.perf_counter(), [], 0
     limit = config.steps if config.steps is not None else 10**12
     seconds = 60 * config.minutes if config.minutes is not None else math.inf
     final_step = math.ceil(limit * (1.0 - config.finalize)) if config.steps is not None else None
     final_second = seconds * (1.0 - config.finalize)
     finalizing = False
-    device = next(prepared.parameters()).device
     bar = tqdm(total=config.steps, disable=not progress, desc="djpq fine-tune", leave=False)
     prepared.train()
     for x, y in _batches(train_loader):

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.backends.reference.pooling import pooled_size
 
 __all__ = ["pool_module", "window_sum"]
 
@@ -110,7 +111,7 @@ def _fixed_sum(kernel_size: object, stride: object, padding: object, ceil_mode: 
     st = _pair(stride) if stride else k
     pad = _pair(padding)
     partial = bool(ceil_mode) and any(
-        _out(n, kk, ss, pp, True) != _out(n, kk, ss, pp, False)
+        pooled_size(n, kk, ss, pp, True) != pooled_size(n, kk, ss, pp, False)
         for n, kk, ss, pp in zip((h, w), k, st, pad, strict=True))
     if partial:
         return None  # torch clips those windows' divisors (and ONNX's differ again)
@@ -123,15 +124,6 @@ def _fixed_sum(kernel_size: object, stride: object, padding: object, ceil_mode: 
     else:
         count = k[0] * k[1]
     return im.IntAvgPool2d(k, st, pad, False, True, 1), count
-
-
-def _out(n: int, k: int, s: int, p: int, ceil: bool) -> int:
-    """torch's pooled size (a ceil-mode window must start inside the input or left padding)."""
-    span = n + 2 * p - k
-    out = (-(-span // s) if ceil else span // s) + 1
-    if ceil and (out - 1) * s >= n + p:
-        out -= 1
-    return out
 
 
 def _adaptive_sum(output_size: object, h: int, w: int) -> tuple[nn.Module, int] | None:

@@ -91,6 +91,14 @@ class _Lowering:
         users = list(node.users)
         return users[0] if len(users) == 1 else None
 
+    def quantizer_reading(self, node: fx.Node, through: tuple[object, ...]) -> fx.Node | None:
+        """The quantizer that reads ``node``'s value through a chain of ``through`` ops, each
+        the only user of the one before; ``None`` if the chain branches or ends elsewhere."""
+        nxt = self.sole_user(node)
+        while nxt is not None and self.key(nxt) in through:
+            nxt = self.sole_user(nxt)
+        return nxt if nxt is not None and self.is_quant(nxt) else None
+
     def exact_sink(self, node: fx.Node) -> bool:
         """Whether ``node`` takes a window sum as it is: a quantizer (one requantization), or
         an op that runs in float (it dequantizes the exact average); not an integer add/concat
@@ -255,13 +263,11 @@ class _Lowering:
         Read (through shape ops) by a quantizer: requantize to that quantizer's grid first and
         clip at ``round(6 / s_out)`` there, which is what quantizing 6.0 gives (one rounding).
         Otherwise it runs in float (its readers are float ops, which must see 6.0 itself)."""
-        nxt = self.sole_user(node)
-        while nxt is not None and self.key(nxt) in _SHAPE:
-            nxt = self.sole_user(nxt)
-        if nxt is None or not self.is_quant(nxt):
+        quant = self.quantizer_reading(node, _SHAPE)
+        if quant is None:
             self.copy_float(node)
             return True
-        out = self.quant_act(nxt)
+        out = self.quant_act(quant)
         x = self.env[_name(node.args[0])]
         if out != act:
             x = self.module(f"rq_{node.name}", im.Requantize(act.scale, out.scale, out.bits,
@@ -310,12 +316,10 @@ class _Lowering:
             return False
         shape = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) \
             else None
-        nxt = self.sole_user(node)
-        while nxt is not None and self.key(nxt) in _SHAPE + _RELU + _RELU6:
-            nxt = self.sole_user(nxt)
-        if nxt is None or not self.is_quant(nxt) or shape is None or len(shape.shape) != 4:
+        quant = self.quantizer_reading(node, _SHAPE + _RELU + _RELU6)
+        if quant is None or shape is None or len(shape.shape) != 4:
             return False
-        out = self.quant_act(nxt)
+        out = self.quant_act(quant)
         if out == act:
             return False  # same grid: pooling at the input's scale rounds once already
         mod = im.IntPoolRequantize(pool, tuple(shape.shape[2:]), act.scale, act.bits,

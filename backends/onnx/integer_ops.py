@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.backends.reference.pooling import adaptive_bin_matrix, ceil_extra_padding
 from djpq_compiler.errors import BackendError
 
 from .graph import Emitter, FValue, QValue, SumValue, Value, register
@@ -293,14 +294,14 @@ def convert_pool_requantize(ctx: Emitter, node: fx.Node) -> Value:
     if isinstance(pool, im.IntAvgPool2d):
         kernel, stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
         ph, pw = pair(pool.padding)
-        extra = [max((o - 1) * s + k - (n + 2 * p), 0) for n, o, k, s, p in
-                 zip((h, w), (out_h, out_w), kernel, stride, (ph, pw), strict=True)]
+        extra = ceil_extra_padding((h, w), (out_h, out_w), kernel, stride, (ph, pw))
         ones = ctx.const(np.ones((channels, 1, *kernel), np.float32), f"{node.name}/ones")
         sums = ctx.op("Conv", [real, ones], f"{node.name}/window_sum", kernel_shape=list(kernel),
                       strides=list(stride), pads=[ph, pw, ph + extra[0], pw + extra[1]],
                       group=int(channels))
     else:
-        bins_h, bins_w = _bins(h, out_h), _bins(w, out_w)
+        bins_h = adaptive_bin_matrix(h, out_h).numpy().astype(np.float32)
+        bins_w = adaptive_bin_matrix(w, out_w).numpy().astype(np.float32)
         rows = ctx.op("MatMul", [real, ctx.const(bins_w.T.copy(), f"{node.name}/bins_w")],
                       f"{node.name}/bin_rows")
         sums = ctx.op("MatMul", [ctx.const(bins_h, f"{node.name}/bins_h"), rows],
@@ -309,10 +310,3 @@ def convert_pool_requantize(ctx: Emitter, node: fx.Node) -> Value:
     mean = ctx.op("Mul", [sums, inv], f"{node.name}/mean")
     return ctx.quantize(mean, module.out_scale, module.qmin, module.qmax, node.name)
 
-
-def _bins(size: int, out: int) -> np.ndarray:
-    """0/1 float matrix ``(out, size)`` of torch's adaptive pooling bins."""
-    matrix = np.zeros((out, size), dtype=np.float32)
-    for i in range(out):
-        matrix[i, i * size // out: -(-(i + 1) * size // out)] = 1.0
-    return matrix

@@ -21,6 +21,7 @@ __all__ = [
     "MultiplierLike",
     "as_int_tensor",
     "channel_view",
+    "dyadic_round",
     "multiplier_bits",
     "qrange",
     "quantize_multiplier",
@@ -254,16 +255,26 @@ def requantize(
         QuantizationError: Bad ``m``/``shift``, or ``|acc| * m + 2^(shift-1) >= 2^63``.
     """
     acc = as_int_tensor(acc, "acc")
-    m_t = channel_view(m, acc, "m")
-    shift_t = channel_view(shift, acc, "shift")
-    _check_multiplier(m_t, shift_t)
-    _check_no_overflow(acc, m_t, shift_t)
-    one = torch.ones((), dtype=torch.int64)
-    rounding = torch.where(shift_t > 0, one << (shift_t - 1).clamp(min=0), 0)
-    out = ((acc * m_t + rounding) >> shift_t) + channel_view(zero_point, acc, "zero_point")
+    out = dyadic_round(acc, channel_view(m, acc, "m"), channel_view(shift, acc, "shift"))
+    out = out + channel_view(zero_point, acc, "zero_point")
     if qmin is not None or qmax is not None:
         out = out.clamp(min=qmin, max=qmax)
     return out
+
+
+def dyadic_round(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``(acc * m + R) >> shift``, ``R = 2^(shift-1)`` (0 where ``shift == 0``), in int64: the
+    nearest integer to ``acc * m / 2^shift``, ties towards +inf. ``m`` and ``shift`` are int64
+    tensors broadcasting against ``acc`` (per tensor, per channel or per position).
+
+    Raises:
+        QuantizationError: Bad ``m``/``shift``, or the product could leave int64.
+    """
+    _check_multiplier(m, shift)
+    _check_no_overflow(acc, m, shift)
+    one = torch.ones((), dtype=torch.int64)
+    rounding = torch.where(shift > 0, one << (shift - 1).clamp(min=0), 0)
+    return (acc * m + rounding) >> shift
 
 
 def rescale(

@@ -22,6 +22,7 @@ from djpq_compiler.errors import QuantizationError
 
 from .elementwise import AddRescale, int_add, int_concat
 from .fixedpoint import (
+    dyadic_round,
     multiplier_bits,
     qrange,
     quantize_multiplier,
@@ -314,10 +315,7 @@ class IntPoolRequantize(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         sums, _ = self._sums(q)
-        one = torch.ones((), dtype=torch.int64)
-        rounding = torch.where(self.shift > 0, one << (self.shift - 1).clamp(min=0), 0)
-        out = (sums * self.m + rounding) >> self.shift
-        return out.clamp(self.qmin, self.qmax)
+        return dyadic_round(sums, self.m, self.shift).clamp(self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
         return (f"in_scale={self.in_scale:.6g}, out_scale={self.out_scale:.6g}, "

@@ -17,12 +17,16 @@ from djpq_compiler.errors import QuantizationError
 from .fixedpoint import as_int_tensor
 
 __all__ = [
+    "adaptive_bin_matrix",
     "adaptive_pool_sums",
+    "avg_counts",
     "avg_pool_sums",
+    "ceil_extra_padding",
     "div_half_up",
     "int_adaptive_avg_pool2d",
     "int_avg_pool2d",
     "int_max_pool2d",
+    "pooled_size",
 ]
 
 IntPair = int | Sequence[int]
@@ -71,7 +75,7 @@ def int_max_pool2d(
     return F.max_pool2d(x, kernel, strides, _pair(padding), _pair(dilation), ceil_mode)
 
 
-def _avg_counts(
+def avg_counts(
     in_hw: tuple[int, int],
     out_hw: tuple[int, int],
     kernel: tuple[int, int],
@@ -140,7 +144,7 @@ def avg_pool_sums(
     strides = kernel if stride is None or stride in ([], ()) else _pair(stride)
     pads = _pair(padding)
     sums = F.avg_pool2d(x.double(), kernel, strides, pads, ceil_mode, True, divisor_override=1)
-    counts = _avg_counts((x.shape[2], x.shape[3]), (sums.shape[2], sums.shape[3]), kernel,
+    counts = avg_counts((x.shape[2], x.shape[3]), (sums.shape[2], sums.shape[3]), kernel,
                          strides, pads, count_include_pad)
     return torch.round(sums).to(torch.int64), counts
 
@@ -160,6 +164,33 @@ def adaptive_pool_sums(x_q: torch.Tensor, output_size: int | Sequence[int | None
             sums[:, :, i, j] = x[:, :, h0:h1, w0:w1].sum(dim=(2, 3))
             counts[i, j] = (h1 - h0) * (w1 - w0)
     return sums, counts
+
+
+def pooled_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """torch's pooled length of one axis (a ceil-mode window must start inside the input or its
+    left padding)."""
+    out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def ceil_extra_padding(in_hw: Sequence[int], out_hw: Sequence[int], kernel: Sequence[int],
+                       stride: Sequence[int], padding: Sequence[int]) -> tuple[int, int]:
+    """Extra bottom/right zero padding that makes every ``ceil_mode`` window a full window of a
+    padded input (zeros never change a window sum)."""
+    h, w = (max((o - 1) * s + k - (n + 2 * p), 0)
+            for n, o, k, s, p in zip(in_hw, out_hw, kernel, stride, padding, strict=True))
+    return h, w
+
+
+def adaptive_bin_matrix(size: int, out: int) -> torch.Tensor:
+    """0/1 ``int64`` matrix ``(out, size)`` of torch's adaptive pooling bins (row ``i`` marks
+    bin ``i``, see :func:`int_adaptive_avg_pool2d`)."""
+    matrix = torch.zeros((out, size), dtype=torch.int64)
+    for i, (start, end) in enumerate(_adaptive_bins(size, out)):
+        matrix[i, start:end] = 1
+    return matrix
 
 
 def int_adaptive_avg_pool2d(

@@ -39,15 +39,25 @@ def _channel_const(ctx: Lowering, value: np.ndarray, ndim: int, dtype: str) -> A
 
 
 def requantize(ctx: Lowering, acc: Any, m: Any, shift: Any,
-               qmin: int | None = None, qmax: int | None = None) -> Any:
-    """``clip(((acc * m + R) >> shift), qmin, qmax)`` in int64, ``R = 2^(shift-1)`` (0 if 0)."""
+               qmin: int | None = None, qmax: int | None = None,
+               per_position: bool = False) -> Any:
+    """``clip(((acc * m + R) >> shift), qmin, qmax)`` in int64, ``R = 2^(shift-1)`` (0 if 0).
+
+    ``m``/``shift`` are per tensor or per channel (dim 1), or with ``per_position`` arrays shaped
+    like the trailing dims of ``acc`` (one multiplier per output position)."""
     ndim = len(ctx.bb.shape(acc))
     m_np, shift_np = _np(m), _np(shift)
     rounding = np.where(shift_np > 0, np.left_shift(1, np.maximum(shift_np - 1, 0)), 0)
+
+    def const(value: np.ndarray) -> Any:
+        if per_position:
+            return ctx.bb.const(value, "int64")
+        return _channel_const(ctx, value, ndim, "int64")
+
     acc64 = ctx.bb.astype(acc, "int64")
-    prod = ctx.bb.binary("multiply", acc64, _channel_const(ctx, m_np, ndim, "int64"))
-    prod = ctx.bb.binary("add", prod, _channel_const(ctx, rounding, ndim, "int64"))
-    out = ctx.bb.binary("right_shift", prod, _channel_const(ctx, shift_np, ndim, "int64"))
+    prod = ctx.bb.binary("multiply", acc64, const(m_np))
+    prod = ctx.bb.binary("add", prod, const(rounding))
+    out = ctx.bb.binary("right_shift", prod, const(shift_np))
     if qmin is None and qmax is None:
         return out
     lo = -(2**63) if qmin is None else qmin

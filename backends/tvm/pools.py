@@ -13,34 +13,17 @@ import numpy as np
 from torch import fx
 
 from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.backends.reference.pooling import (
+    adaptive_bin_matrix,
+    avg_counts,
+    ceil_extra_padding,
+    pooled_size,
+)
 
-from .converters import _pair, _strides
+from .converters import _pair, _strides, requantize
 from .emit import IntValue, Lowered, Lowering, container_dtype, register
 
 INT32_MAX = 2**31 - 1
-
-
-def _pool_out(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
-    """torch's pooled length (a ceil-mode window must start inside the image or left pad)."""
-    out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1
-    return out
-
-
-def _avg_counts(in_hw: tuple[int, int], out_hw: tuple[int, int], kernel: tuple[int, int],
-                stride: tuple[int, int], padding: tuple[int, int],
-                count_include_pad: bool) -> np.ndarray:
-    """Per-output divisors of ``avg_pool2d`` (torch's definition, incl. ceil-mode windows)."""
-    per_axis = []
-    for size, out, k, s, p in zip(in_hw, out_hw, kernel, stride, padding, strict=True):
-        start = np.arange(out, dtype=np.int64) * s - p
-        end = np.minimum(start + k, size + p)
-        if count_include_pad:
-            per_axis.append(end - start)
-        else:
-            per_axis.append(np.minimum(end, size) - np.maximum(start, 0))
-    return per_axis[0][:, None] * per_axis[1][None, :]
 
 
 def _div_half_up(ctx: Lowering, sums: Any, counts: np.ndarray, sum_bound: int) -> Any:
@@ -78,17 +61,14 @@ def _avg_sums(ctx: Lowering, x: IntValue, module: Any
     stride, (p_h, p_w) = _strides(kernel, module.stride), _pair(module.padding)
     shape = ctx.bb.shape(x.expr)
     in_hw = (shape[2], shape[3])
-    out_h, out_w = (_pool_out(n, k, s, p, bool(module.ceil_mode))
-                    for n, k, s, p in zip(in_hw, kernel, stride, (p_h, p_w), strict=True))
-    out_hw = (out_h, out_w)
-    # Extra bottom/right zero padding realizes ceil-mode windows; zeros never change a sum.
-    extra = [max((o - 1) * s + k - (n + 2 * p), 0)
-             for n, o, k, s, p in zip(in_hw, out_hw, kernel, stride, (p_h, p_w), strict=True)]
+    out_hw = tuple(pooled_size(n, k, s, p, bool(module.ceil_mode))
+                   for n, k, s, p in zip(in_hw, kernel, stride, (p_h, p_w), strict=True))
+    extra = ceil_extra_padding(in_hw, out_hw, kernel, stride, (p_h, p_w))
     window = kernel[0] * kernel[1]
     bound = window * max(abs(x.lo), abs(x.hi))
     sums = _window_sum(ctx, x, kernel, stride, (p_h, p_w, p_h + extra[0], p_w + extra[1]), bound)
-    counts = _avg_counts(in_hw, out_hw, kernel, stride, (p_h, p_w),
-                         bool(module.count_include_pad))
+    counts = avg_counts(in_hw, out_hw, kernel, stride, (p_h, p_w),
+                        bool(module.count_include_pad)).numpy()
     return sums, bound, counts, kernel
 
 
@@ -107,22 +87,15 @@ def convert_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     return ctx.int_value(_div_half_up(ctx, sums, counts, bound), lo, hi)
 
 
-def _bin_matrix(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
-    """0/1 matrix ``(out, size)`` of torch's adaptive bins and each bin's length."""
-    matrix = np.zeros((out, size), dtype=np.int64)
-    for i in range(out):
-        matrix[i, i * size // out: -(-(i + 1) * size // out)] = 1
-    return matrix, matrix.sum(axis=1)
-
-
 def _adaptive_sums(ctx: Lowering, x: IntValue, output_size: Any
                    ) -> tuple[Any, int, np.ndarray]:
     """Adaptive-pool bin sums as ``P_h @ X @ P_w^T`` (exact int matmuls), bound, bin sizes."""
     shape = ctx.bb.shape(x.expr)
     sizes = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     out_h, out_w = (shape[2 + i] if s is None else int(s) for i, s in enumerate(sizes))
-    p_h, len_h = _bin_matrix(shape[2], out_h)
-    p_w, len_w = _bin_matrix(shape[3], out_w)
+    p_h = adaptive_bin_matrix(shape[2], out_h).numpy()
+    p_w = adaptive_bin_matrix(shape[3], out_w).numpy()
+    len_h, len_w = p_h.sum(axis=1), p_w.sum(axis=1)
     bound = int(len_h.max()) * int(len_w.max()) * max(abs(x.lo), abs(x.hi))
     acc = "int32" if bound <= INT32_MAX else "int64"
     data = ctx.bb.astype(x.expr, acc)
@@ -151,10 +124,6 @@ def convert_pool_requantize(ctx: Lowering, node: fx.Node) -> Lowered:
         sums = _avg_sums(ctx, x, pool)[0]
     else:
         sums = _adaptive_sums(ctx, x, pool.output_size)[0]
-    m = module.m.detach().cpu().numpy().astype(np.int64)
-    shift = module.shift.detach().cpu().numpy().astype(np.int64)
-    rounding = np.where(shift > 0, np.left_shift(1, np.maximum(shift - 1, 0)), 0)
-    prod = ctx.bb.binary("multiply", ctx.bb.astype(sums, "int64"), ctx.bb.const(m, "int64"))
-    prod = ctx.bb.binary("add", prod, ctx.bb.const(rounding, "int64"))
-    out = ctx.bb.binary("right_shift", prod, ctx.bb.const(shift, "int64"))
-    return ctx.int_value(ctx.bb.clip(out, module.qmin, module.qmax), module.qmin, module.qmax)
+    out = requantize(ctx, sums, module.m, module.shift, module.qmin, module.qmax,
+                     per_position=True)
+    return ctx.int_value(out, module.qmin, module.qmax)
