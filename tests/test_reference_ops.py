@@ -302,6 +302,34 @@ def test_int_conv2d_wide_accumulator_is_exact_int64() -> None:
     assert int_conv2d(x, w).item() == bound == 64 * 9 * (2**16 - 1) * (2**15 - 1)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_accumulation_at_its_bound_is_exact(groups: int, seed: int) -> None:
+    """The float32 path (every partial sum <= 2^24) equals exact int64 arithmetic, also with
+    values as large as the bound allows; one more unit of range switches to float64, still exact.
+    """
+    fan_in = 32 // groups * 9
+    amax, wmax = 2**7 - 1, (2**24) // (fan_in * (2**7 - 1))
+    assert fan_in * amax * wmax <= 2**24
+    x = _randint(-amax, amax, (2, 32, 9, 9), seed)
+    w = _randint(-wmax, wmax, (8, 32 // groups, 3, 3), seed + 10)
+    x[0, :, :3, :3] = amax  # one window at the bound itself, same signs
+    w[0] = wmax
+    expected = F.conv2d(x.double(), w.double(), None, 1, 1, 1, groups).round().to(torch.int64)
+    brute = torch.zeros_like(expected[:1, :1, :1, :1])
+    xp = F.pad(x, (1, 1, 1, 1))
+    brute[0, 0, 0, 0] = (xp[0, : 32 // groups, 0:3, 0:3] * w[0]).sum()
+    assert torch.equal(int_conv2d(x, w, padding=1, groups=groups), expected)
+    assert int_conv2d(x, w, padding=1, groups=groups)[0, 0, 0, 0] == brute[0, 0, 0, 0]
+    w[0, 0, 0, 0] = wmax + 1  # bound now above 2^24: float64 path
+    expected = F.conv2d(x.double(), w.double(), None, 1, 1, 1, groups).round().to(torch.int64)
+    assert torch.equal(int_conv2d(x, w, padding=1, groups=groups), expected)
+    xl = _randint(-amax, amax, (16, fan_in), seed + 20)
+    wl = _randint(-wmax, wmax, (5, fan_in), seed + 30)
+    exact = xl @ wl.T  # int64 matmul: exact by construction
+    assert torch.equal(int_linear(xl, wl), exact)
+
+
 def test_accumulator_bound_formula_and_int32_rule() -> None:
     assert accumulator_bound(9 * 64, 8, 8) == 9 * 64 * 255 * 127
     assert accumulator_dtype(accumulator_bound(9 * 512, 8, 8)) == torch.int32

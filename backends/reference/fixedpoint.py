@@ -18,6 +18,7 @@ __all__ = [
     "INT32_MAX",
     "INT32_MIN",
     "MAX_SHIFT",
+    "abs_max",
     "MultiplierLike",
     "as_int_tensor",
     "channel_view",
@@ -213,14 +214,21 @@ def _check_multiplier(m: torch.Tensor, shift: torch.Tensor) -> None:
                                 f"[{int(shift.min())}, {int(shift.max())}]")
 
 
+def abs_max(t: torch.Tensor) -> int:
+    """``max|t|`` as a Python int without materialising ``|t|`` (one min/max pass)."""
+    lo, hi = torch.aminmax(t)
+    return max(-int(lo), int(hi))
+
+
 def _check_no_overflow(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor) -> None:
     """Raise if ``|acc| * m + 2^(shift-1)`` could leave int64 for any element."""
     if acc.numel() == 0:
         return
-    worst = int(acc.abs().max()) * int(m.max()) + (1 << max(int(shift.max()) - 1, 0))
+    acc_max = abs_max(acc)
+    worst = acc_max * int(m.max()) + (1 << max(int(shift.max()) - 1, 0))
     if worst > INT64_MAX:
         raise QuantizationError(
-            f"requantization overflows int64: max|acc| = {int(acc.abs().max())}, "
+            f"requantization overflows int64: max|acc| = {acc_max}, "
             f"max m = {int(m.max())}; choose the multiplier precision with "
             "multiplier_bits(accumulator_bound(...))"
         )
