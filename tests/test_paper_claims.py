@@ -57,3 +57,22 @@ def test_claims_smoke_run_writes_table_and_plot(tmp_path) -> None:
     assert (tmp_path / "accuracy_vs_gbops.png").stat().st_size > 1000
     _claims().main(argv)  # resumes: everything measured already, nothing appended
     assert len(results.read_text().splitlines()) == 3
+
+
+def test_seeds_are_averaged_and_restricted_variants_compared() -> None:
+    claims = _claims()
+    base = {"model": "m", "steps": 10, "test_images": 100, "fp32_acc": 0.90,
+            "fp32_gbops": 100.0}
+    runs = [dict(base, method="djpq", gamma=1.0, seed=0, integer_acc=0.88, gbops=0.4),
+            dict(base, method="djpq", gamma=1.0, seed=1, integer_acc=0.90, gbops=0.6),
+            dict(base, method="djpq_restricted", gamma=1.0, integer_acc=0.70, gbops=0.5),
+            dict(base, method="two_stage_restricted", gamma=1.0, integer_acc=0.80, gbops=0.5)]
+    points = {p["method"]: p for p in claims._points(runs)}
+    djpq = points["djpq"]
+    assert djpq["seeds"] == 2 and djpq["acc_range"] == (0.88, 0.90)
+    assert abs(djpq["integer_acc"] - 0.89) < 1e-12 and abs(djpq["gbops"] - 0.5) < 1e-12
+    assert abs(djpq["bops_reduction"] - 200.0) < 1e-9 and abs(djpq["drop_points"] - 1.0) < 1e-9
+    text = "\n".join(claims._verdict(list(points.values())))
+    assert "djpq vs two_stage: not both measured" in text
+    assert "-10.00 at 0.5 GBOPs" in text  # restricted DJPQ is worse here, and the text says so
+    assert claims._key(runs[0]) != claims._key(runs[1])  # the seed tells the runs apart

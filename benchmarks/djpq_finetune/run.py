@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "model": args.model, "method": args.method, "gamma": args.gamma,
         "minutes": args.minutes, "steps": args.steps, "finalize": args.finalize,
-        "djpq_lr": args.djpq_lr, "train_seconds": round(train_s),
+        "djpq_lr": args.djpq_lr, "seed": args.seed, "train_seconds": round(train_s),
         "test_images": len(loaders[1].dataset),  # type: ignore[arg-type]
         "fp32_acc": fp32_acc, "fake_quant_acc": accuracy(prepared, loaders[1]),
         "integer_acc": accuracy(converted, loaders[1]),
