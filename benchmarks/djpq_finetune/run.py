@@ -9,7 +9,8 @@ Usage:
   python benchmarks/djpq_finetune/run.py --model resnet20 --method djpq --minutes 15 --gamma 1
   python benchmarks/djpq_finetune/run.py --model resnet20 --method two_stage --minutes 0 \
       --steps 700 --gamma 1
-  methods: djpq, djpq_restricted, two_stage, two_stage_restricted, dq_only, vib_only, w8a8, w4a4
+  methods: djpq, djpq_restricted, djpq_soft_bops, two_stage, two_stage_restricted, dq_only,
+    vib_only, w8a8, w4a4
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from djpq_compiler.finetune import FinetuneConfig, accuracy, finetune
 METHODS = {
     "djpq": {},
     "djpq_restricted": {"restricted": True},
+    "djpq_soft_bops": {"loss_kind": "soft_bops"},  # REFERENCE's alternative regulariser
     "dq_only": {"prune": False},
     "dq_only_restricted": {"prune": False, "restricted": True},
     "vib_only": {"quantize": False},

@@ -3,17 +3,19 @@
 For each model and each gamma, every method fine-tunes the same committed FP32 checkpoint for the
 same number of optimizer steps (``benchmarks/djpq_finetune/run.py`` does one run: DJPQ, DJPQ
 bit-restricted, two-stage VIB-then-DQ, two-stage restricted, DQ-only, VIB-only, fixed W8A8 and
-W4A4) and is scored on the *integer* converted model: top-1 on the Fashion-MNIST test set and
-GBOPs. Every run appends one JSON line to ``--results``; ``--summarize`` (also run at the end)
-turns that file into ``RESULTS.md`` (one table per model, the accuracy-vs-GBOPs comparison of
-DJPQ and two-stage at equal BOPs) and ``accuracy_vs_gbops.png``.
+W4A4, and DJPQ with REFERENCE's alternative soft-BOPs regulariser) and is scored on the
+*integer* converted model: top-1 on the Fashion-MNIST test set and GBOPs. Every run appends
+one JSON line to ``--results``; ``--summarize`` (also run at the end) turns that file into
+``RESULTS.md`` (one table per model; the accuracy-vs-GBOPs comparison of DJPQ and two-stage at
+equal BOPs, plain and power-of-two restricted; several seeds of one point are averaged) and
+``accuracy_vs_gbops.png``.
 
 Usage:
   python benchmarks/paper_claims/run.py --models resnet20 mobilenetv2 --gammas 0.5 1 2 \\
       --steps 700 --threads 2
   python benchmarks/paper_claims/run.py --summarize            # tables and plot only
-Fixed-bit methods (w8a8, w4a4) and VIB-only have no bit-width term and run once per model at the
-first gamma; their BOPs do not depend on gamma (w8a8/w4a4) or only through pruning (vib_only).
+Fixed-bit methods (w8a8, w4a4) learn nothing that depends on gamma and run once per model, at the
+first gamma. ``--seed`` is part of a run's identity: another seed of a measured point runs again.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("djpq", "djpq_restricted", "two_stage", "two_stage_restricted", "dq_only",
-           "vib_only", "w8a8", "w4a4")
+           "vib_only", "w8a8", "w4a4", "djpq_soft_bops")
 ONCE = ("w8a8", "w4a4")  # no learned quantity depends on gamma
 
 
