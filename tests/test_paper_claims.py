@@ -53,7 +53,7 @@ def test_claims_smoke_run_writes_table_and_plot(tmp_path) -> None:
     assert all(0.0 <= r["integer_acc"] <= 1.0 and r["gbops"] < r["fp32_gbops"] for r in rows)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## vgg7" in text and text.count("| vgg7") == 0 and "| w8a8 | 1 | 2 | 64 |" in text
-    assert "DJPQ vs two-stage" in text or "two-stage point" in text or "do not overlap" in text
+    assert "djpq vs two_stage" in text or "two_stage point" in text or "do not overlap" in text
     assert (tmp_path / "accuracy_vs_gbops.png").stat().st_size > 1000
     _claims().main(argv)  # resumes: everything measured already, nothing appended
     assert len(results.read_text().splitlines()) == 3
