@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import tiny_models as T
 import torch
@@ -80,3 +82,31 @@ def test_finalize_phase_trains_the_deployed_network() -> None:
 def test_finalize_is_validated() -> None:
     with pytest.raises(ConfigError, match="finalize"):
         FinetuneConfig(finalize=1.0)
+
+
+def test_cosine_schedule_decays_every_group_to_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[float]] = []
+    adam_step = torch.optim.Adam.step
+
+    def spy(self: torch.optim.Adam, *args: object, **kwargs: object) -> object:
+        seen.append([group["lr"] for group in self.param_groups])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    loader = _data()
+    for schedule in ("constant", "cosine"):
+        seen.clear()
+        prepared = djpq.prepare(T.Residual().eval(), next(iter(loader))[0])
+        finetune(prepared, loader, FinetuneConfig(steps=8, minutes=None, weight_lr=1e-3,
+                                                  djpq_lr=0.1, schedule=schedule),
+                 progress=False)
+        assert len(seen) == 8 and sorted(seen[0]) == [1e-3, 0.1]
+        if schedule == "constant":
+            assert all(lrs == seen[0] for lrs in seen)
+        else:
+            for step, lrs in enumerate(seen):
+                factor = 0.5 * (1 + math.cos(math.pi * step / 8))
+                assert lrs == pytest.approx([lr * factor for lr in seen[0]])
+            assert max(seen[-1]) < 0.04 * 0.1
+    with pytest.raises(ConfigError, match="schedule"):
+        FinetuneConfig(schedule="linear")

@@ -61,7 +61,7 @@ def test_claims_smoke_run_writes_table_and_plot(tmp_path) -> None:
 
 def test_seeds_are_averaged_and_restricted_variants_compared() -> None:
     claims = _claims()
-    base = {"model": "m", "steps": 10, "test_images": 100, "fp32_acc": 0.90,
+    base = {"model": "m", "steps": 10, "djpq_lr": 0.03, "test_images": 100, "fp32_acc": 0.90,
             "fp32_gbops": 100.0}
     runs = [dict(base, method="djpq", gamma=1.0, seed=0, integer_acc=0.88, gbops=0.4),
             dict(base, method="djpq", gamma=1.0, seed=1, integer_acc=0.90, gbops=0.6),

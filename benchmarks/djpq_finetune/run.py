@@ -51,7 +51,8 @@ def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argpar
     prepared = djpq.prepare(model, calib[0], cfg, calibration_data=calib)
     finetune(prepared, train, FinetuneConfig(gamma=gamma, minutes=minutes, steps=steps,
                                              weight_lr=args.weight_lr, djpq_lr=args.djpq_lr,
-                                             log_every=args.log_every, finalize=finalize),
+                                             log_every=args.log_every, finalize=finalize,
+                                             schedule=args.schedule),
              progress=False, on_log=lambda log: print(f"  step {log.step} {log.seconds:.0f}s "
                                                       f"task {log.task_loss:.3f} "
                                                       f"R {log.regularizer:.4f} "
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "model": args.model, "method": args.method, "gamma": args.gamma,
         "minutes": args.minutes, "steps": args.steps, "finalize": args.finalize,
-        "djpq_lr": args.djpq_lr, "seed": args.seed, "train_seconds": round(train_s),
+        "djpq_lr": args.djpq_lr, "weight_lr": args.weight_lr, "schedule": args.schedule,
+        "seed": args.seed, "train_seconds": round(train_s),
         "test_images": len(loaders[1].dataset),  # type: ignore[arg-type]
         "fp32_acc": fp32_acc, "fake_quant_acc": accuracy(prepared, loaders[1]),
         "integer_acc": accuracy(converted, loaders[1]),
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--weight-lr", type=float, default=2e-4)
     parser.add_argument("--djpq-lr", type=float, default=1e-2)
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                        help="learning-rate schedule of every parameter group")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=100)
