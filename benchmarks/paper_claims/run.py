@@ -34,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("djpq", "djpq_restricted", "two_stage", "two_stage_restricted", "dq_only",
            "vib_only", "w8a8", "w4a4", "djpq_soft_bops")
 ONCE = ("w8a8", "w4a4")  # no learned quantity depends on gamma
+#: The plot's y axis stops this many points below FP32; runs below it are drawn on the floor (v).
+FLOOR_POINTS = 12.0
 
 
 def _single_run_module() -> Any:
@@ -222,6 +224,7 @@ def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], pat
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         print("[claims] matplotlib missing (extra 'plots'): no plot written", file=sys.stderr)
         return
@@ -235,18 +238,28 @@ def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], pat
     ordered = sorted(sections.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
     for ax, ((model, recipe), runs) in zip(axes.flat, ordered, strict=False):
         points = _points(runs)
-        for method in METHODS:
+        fp32 = runs[0]
+        floor = 100 * fp32["fp32_acc"] - FLOOR_POINTS  # collapsed runs would flatten the rest
+        colors = plt.get_cmap("tab10")
+        for i, method in enumerate(METHODS):
             pts = sorted((p["gbops"], 100 * p["integer_acc"]) for p in points
                          if p["method"] == method)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
-        fp32 = runs[0]
+            if not pts:
+                continue
+            ys = [max(a, floor) for _, a in pts]
+            ax.plot([g for g, _ in pts], ys, "o-", color=colors(i), label=method)
+            low = [(g, floor) for g, a in pts if a < floor]
+            if low:
+                ax.plot(*zip(*low, strict=True), "v", color=colors(i), markersize=10)
+        ax.axhline(100 * fp32["fp32_acc"], color="black", ls="--", lw=0.8, label="FP32")
         ax.axhline(100 * fp32["fp32_acc"] - 1.0, color="grey", ls=":", label="FP32 − 1 pt")
+        ax.set_ylim(bottom=floor - 0.5)
         ax.set_xscale("log")
         ax.set_xlabel("GBOPs (integer model, log)")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(f"{model} (FP32 {fp32['fp32_gbops']:.2f} GBOPs)\n{_recipe_text(recipe)}",
                      fontsize=9)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
