@@ -23,8 +23,8 @@ def test_frontier_and_equal_bops_comparison() -> None:
     claims = _claims()
     front = claims._frontier([(1.0, 0.80), (0.5, 0.85), (2.0, 0.84), (3.0, 0.90)])
     assert front == [(0.5, 0.85), (3.0, 0.90)]
-    assert claims._accuracy_at(front, 2.5) == 0.85
-    assert claims._accuracy_at(front, 0.4) is None
+    assert claims._best_at(front, 2.5) == (0.5, 0.85)
+    assert claims._best_at(front, 0.4) is None
     runs = [{"method": "djpq", "gbops": 0.5, "integer_acc": 0.85, "drop_points": 0.5,
              "bops_reduction": 300.0, "gamma": 1.0},
             {"method": "two_stage", "gbops": 0.6, "integer_acc": 0.84, "drop_points": 1.5,
@@ -74,5 +74,5 @@ def test_seeds_are_averaged_and_restricted_variants_compared() -> None:
     assert abs(djpq["bops_reduction"] - 200.0) < 1e-9 and abs(djpq["drop_points"] - 1.0) < 1e-9
     text = "\n".join(claims._verdict(list(points.values())))
     assert "djpq vs two_stage: not both measured" in text
-    assert "-10.00 at 0.5 GBOPs" in text  # restricted DJPQ is worse here, and the text says so
+    assert "-10.00 points at 0.5 GBOPs" in text  # restricted DJPQ is worse and the text says so
     assert claims._key(runs[0]) != claims._key(runs[1])  # the seed tells the runs apart

@@ -118,10 +118,10 @@ def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def _accuracy_at(front: list[tuple[float, float]], gbops: float) -> float | None:
-    """Best accuracy a front reaches at or below ``gbops`` (None if none of its points does)."""
-    below = [a for g, a in front if g <= gbops * (1 + 1e-9)]
-    return max(below) if below else None
+def _best_at(front: list[tuple[float, float]], gbops: float) -> tuple[float, float] | None:
+    """The most accurate (gbops, accuracy) point of a front at or below ``gbops`` (or None)."""
+    below = [p for p in front if p[0] <= gbops * (1 + 1e-9)]
+    return max(below, key=lambda p: p[1]) if below else None
 
 
 def _points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -208,14 +208,17 @@ def _compare(points: list[dict[str, Any]], mine: str, theirs: str) -> str:
         return f"* {mine} vs {theirs}: not both measured yet."
     diffs = []
     for g, a in fronts[theirs]:
-        acc = _accuracy_at(fronts[mine], g)
-        if acc is not None:
-            diffs.append(f"{100 * (acc - a):+.2f} at {g:.4g} GBOPs")
+        best = _best_at(fronts[mine], g)
+        if best is not None:
+            g_mine, acc = best
+            diffs.append(f"{100 * (acc - a):+.2f} points at {g:.4g} GBOPs ({mine} point at "
+                         f"{g_mine:.4g} GBOPs)")
     if not diffs:
         return (f"* {mine} has no point at or below any {theirs} point's BOPs: the curves do not "
                 "overlap in BOPs, so no equal-BOPs comparison is possible here.")
-    return (f"* At the BOPs of each {theirs} point on its front, {mine}'s best accuracy at or "
-            f"below those BOPs differs by {', '.join(diffs)} points (positive: {mine} better).")
+    return (f"* {mine} vs {theirs} at equal BOPs: at the BOPs of each point on {theirs}'s front, "
+            f"the best {mine} accuracy at or below those BOPs differs by {'; '.join(diffs)} "
+            f"(positive: {mine} better).")
 
 
 def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], path: Path) -> None:
