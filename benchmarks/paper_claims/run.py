@@ -184,7 +184,7 @@ def summarize(results: Path, out_dir: Path) -> str:
 
 def _verdict(points: list[dict[str, Any]]) -> list[str]:
     """Plain statements: the best reduction at <= 1 pt drop, and DJPQ vs two-stage at equal BOPs
-    (also for the power-of-two restricted variants)."""
+    (also for the power-of-two restricted variants) and vs DQ-only (does pruning add anything)."""
     out = []
     ok = [p for p in points if p["method"] == "djpq" and p["drop_points"] <= 1.0]
     if ok:
@@ -195,7 +195,8 @@ def _verdict(points: list[dict[str, Any]]) -> list[str]:
                    f"{'met' if best['bops_reduction'] >= 200 else 'not met'}).")
     else:
         out.append("* No DJPQ run stays within 1 point of FP32 in this file.")
-    for mine, theirs in (("djpq", "two_stage"), ("djpq_restricted", "two_stage_restricted")):
+    for mine, theirs in (("djpq", "two_stage"), ("djpq_restricted", "two_stage_restricted"),
+                         ("djpq", "dq_only")):
         out.append(_compare(points, mine, theirs))
     return out
 
