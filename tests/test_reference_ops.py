@@ -330,6 +330,20 @@ def test_float32_accumulation_at_its_bound_is_exact(groups: int, seed: int) -> N
     assert torch.equal(int_linear(xl, wl), exact)
 
 
+def test_reduced_float32_precision_falls_back_to_float64() -> None:
+    """With TF32/bf16 matmuls allowed, float32 is no longer exact: the float64 path is used."""
+    from djpq_compiler.backends.reference import ops
+
+    x = torch.ones(1, 4, 3, 3)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert ops._exact_dtype(x, x, 36, "t") == torch.float64
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert ops._exact_dtype(x, x, 36, "t") == torch.float32
+
+
 def test_accumulator_bound_formula_and_int32_rule() -> None:
     assert accumulator_bound(9 * 64, 8, 8) == 9 * 64 * 255 * 127
     assert accumulator_dtype(accumulator_bound(9 * 512, 8, 8)) == torch.int32

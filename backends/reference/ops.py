@@ -74,9 +74,9 @@ __all__ = [
 
 #: Integers of magnitude below this are exact in float64; the accumulating ops check against it.
 FLOAT64_EXACT = 2**53
-#: Integers of magnitude up to this are exact in float32: an accumulation whose every partial sum
-#: stays within it (``fan_in * max|x| * max|w| <= 2^24``) is computed in float32, which is exact
-#: whatever the summation order and several times faster than float64 on CPU.
+#: Integers of magnitude up to this are exact in float32: on CPU, an accumulation whose every
+#: partial sum stays within it (``fan_in * max|x| * max|w| <= 2^24``) is computed in float32,
+#: which is exact whatever the summation order and several times faster than float64.
 FLOAT32_EXACT = 2**24
 
 ScaleLike = float | torch.Tensor
@@ -246,7 +246,19 @@ def _exact_dtype(x: torch.Tensor, w: torch.Tensor, fan_in: int, op: str) -> torc
             f"{op}: accumulator bound {bound} >= 2^53 cannot be computed exactly; "
             "use fewer bits or a smaller fan-in"
         )
-    return torch.float32 if bound <= FLOAT32_EXACT else torch.float64
+    exact32 = bound <= FLOAT32_EXACT and _float32_is_ieee(x.device)
+    return torch.float32 if exact32 else torch.float64
+
+
+def _float32_is_ieee(device: torch.device) -> bool:
+    """Whether float32 conv/matmul on ``device`` use full float32 products and sums: on CPU unless
+    the user allowed reduced precision (TF32/bf16); never assumed on accelerators (cuDNN
+    convolutions default to TF32)."""
+    if device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = torch.backends.mkldnn
+    return all(getattr(getattr(mkldnn, part, None), "fp32_precision", "none") in ("none", "ieee")
+               for part in ("conv", "matmul"))
 
 
 def add_bias(acc: torch.Tensor, bias: torch.Tensor | None, channels: int) -> torch.Tensor:
