@@ -25,12 +25,24 @@ def test_frontier_and_equal_bops_comparison() -> None:
     assert front == [(0.5, 0.85), (3.0, 0.90)]
     assert claims._best_at(front, 2.5) == (0.5, 0.85)
     assert claims._best_at(front, 0.4) is None
+    # linear in log BOPs between neighbours, nothing outside the front's range
+    assert claims._interpolate([(1.0, 0.80), (4.0, 0.90)], 2.0) == pytest.approx(0.85)
+    assert claims._interpolate([(1.0, 0.80), (4.0, 0.90)], 4.0) == pytest.approx(0.90)
+    assert claims._interpolate([(1.0, 0.80), (4.0, 0.90)], 0.5) is None
+    assert claims._interpolate([(1.0, 0.80), (4.0, 0.90)], 8.0) is None
     runs = [{"method": "djpq", "gbops": 0.5, "integer_acc": 0.85, "drop_points": 0.5,
              "bops_reduction": 300.0, "gamma": 1.0},
             {"method": "two_stage", "gbops": 0.6, "integer_acc": 0.84, "drop_points": 1.5,
              "bops_reduction": 250.0, "gamma": 1.0}]
     text = "\n".join(claims._verdict(runs))
     assert "300.0×" in text and "met" in text and "+1.00" in text
+    # a DJPQ point between two two-stage points is compared with their log-BOPs interpolation
+    pts = [{"method": "two_stage", "gbops": 1.0, "integer_acc": 0.80},
+           {"method": "two_stage", "gbops": 4.0, "integer_acc": 0.90},
+           {"method": "djpq", "gbops": 2.0, "integer_acc": 0.86}]
+    line = claims._compare(pts, "djpq", "two_stage")
+    assert "-4.00 points at 1 GBOPs" not in line  # no djpq point at or below 1 GBOPs
+    assert "-4.00 points at 4 GBOPs" in line and "djpq minus two_stage is +1.00 points at 2" in line
 
 
 @pytest.mark.slow

@@ -131,6 +131,18 @@ def _best_at(front: list[tuple[float, float]], gbops: float) -> tuple[float, flo
     return max(below, key=lambda p: p[1]) if below else None
 
 
+def _interpolate(front: list[tuple[float, float]], gbops: float) -> float | None:
+    """Accuracy of a front at ``gbops``, linear in log BOPs between its neighbouring points;
+    None outside the front's BOPs range (no extrapolation)."""
+    for (g0, a0), (g1, a1) in zip(front, front[1:], strict=False):
+        if g0 <= gbops <= g1:
+            t = math.log(gbops / g0) / math.log(g1 / g0) if g1 > g0 else 0.0
+            return a0 + t * (a1 - a0)
+    if len(front) == 1 and math.isclose(front[0][0], gbops, rel_tol=1e-9):
+        return front[0][1]
+    return None
+
+
 def _points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One point per (method, gamma) of runs with one recipe: integer accuracy and GBOPs averaged
     over seeds."""
@@ -220,12 +232,20 @@ def _compare(points: list[dict[str, Any]], mine: str, theirs: str) -> str:
             g_mine, acc = best
             diffs.append(f"{100 * (acc - a):+.2f} points at {g:.4g} GBOPs ({mine} point at "
                          f"{g_mine:.4g} GBOPs)")
+    inside = []
+    for g, a in fronts[mine]:
+        theirs_acc = _interpolate(fronts[theirs], g)
+        if theirs_acc is not None:
+            inside.append(f"{100 * (a - theirs_acc):+.2f} points at {g:.4g} GBOPs")
+    between = (f" Interpolated: at each {mine} point within the BOPs range of {theirs}'s front, "
+               f"{theirs}'s accuracy there taken linear in log BOPs between its neighbouring "
+               f"points, {mine} minus {theirs} is {'; '.join(inside)}." if inside else "")
     if not diffs:
-        return (f"* {mine} has no point at or below any {theirs} point's BOPs: the curves do not "
-                "overlap in BOPs, so no equal-BOPs comparison is possible here.")
+        return (f"* {mine} has no point at or below any {theirs} point's BOPs: no conservative "
+                f"equal-BOPs comparison is possible here.{between}")
     return (f"* {mine} vs {theirs} at equal BOPs: at the BOPs of each point on {theirs}'s front, "
             f"the best {mine} accuracy at or below those BOPs differs by {'; '.join(diffs)} "
-            f"(positive: {mine} better).")
+            f"(positive: {mine} better).{between}")
 
 
 def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], path: Path) -> None:
