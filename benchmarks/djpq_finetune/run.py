@@ -27,7 +27,7 @@ from djpq_compiler import zoo
 from djpq_compiler.config import DJPQConfig, QuantSpec
 from djpq_compiler.convert import convert
 from djpq_compiler.data import fashion_mnist_loaders
-from djpq_compiler.finetune import FinetuneConfig, accuracy, finetune
+from djpq_compiler.finetune import SCHEDULES, FinetuneConfig, accuracy, finetune
 
 METHODS = {
     "djpq": {},
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--weight-lr", type=float, default=2e-4)
     parser.add_argument("--djpq-lr", type=float, default=1e-2)
-    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+    parser.add_argument("--schedule", default="constant", choices=SCHEDULES,
                         help="learning-rate schedule of every parameter group")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)

@@ -100,8 +100,11 @@ def run_all(args: argparse.Namespace) -> None:
                     *(["--test-subset", str(args.test_subset)] if args.test_subset else [])])
                 run_args.minutes = None
                 n_test = args.test_subset or 10_000
-                if (model, method, float(gamma), n_test, args.seed, args.steps,
-                        args.weight_lr, args.djpq_lr, args.schedule) in done:
+                planned = {"model": model, "method": method, "gamma": gamma,
+                           "test_images": n_test, "seed": args.seed, "steps": args.steps,
+                           "weight_lr": args.weight_lr, "djpq_lr": args.djpq_lr,
+                           "schedule": args.schedule}
+                if _key(planned) in done:  # the identity a recorded row of this run would have
                     print(f"[claims] skip {model} {method} gamma={gamma}: already measured")
                     continue
                 print(f"[claims] {model} {method} gamma={gamma} ({args.steps} steps)",
