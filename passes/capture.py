@@ -14,7 +14,9 @@ Guarantees: the returned ``GraphModule`` owns deep copies of the model's modules
 is never modified), every tensor-valued node carries ``node.meta["tensor_meta"]``
 (``torch.fx.passes.shape_prop.TensorMetadata``), small non-tensor results (``x.size(0)``, shapes)
 carry their value in ``node.meta["djpq.value"]``, and ``gm.meta["djpq.capture"]`` says how the
-graph was obtained.
+graph was obtained. Unused pieces of a tuple (``a, b = torch.split(x, ...)`` with ``b`` never
+read: a dead ``getitem``) are dropped, so that no later pass's dead-code elimination removes a node
+the channel analysis refers to.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import operator
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -116,6 +119,31 @@ def _trace(
         ) from exc
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+#: Pure ops whose whole result may go unused after their dead getitems are gone.
+_PURE_TUPLE_OPS = (operator.getitem, torch.split, torch.chunk, torch.unbind, torch.tensor_split,
+                   "split", "chunk", "unbind", "tensor_split")
+
+
+def drop_dead_getitems(gm: fx.GraphModule) -> int:
+    """Erase unread ``operator.getitem`` nodes, then unread splits/chunks (all pure).
+
+    Only these: other dead nodes may be in-place methods (``x.mul_(2)``) that FX's own dead-code
+    elimination would wrongly consider pure.
+
+    Returns:
+        How many nodes were erased.
+    """
+    erased = 0
+    for node in reversed(list(gm.graph.nodes)):  # users before producers
+        if (node.op in ("call_function", "call_method") and node.target in _PURE_TUPLE_OPS
+                and not node.users):
+            gm.graph.erase_node(node)
+            erased += 1
+    if erased:
+        gm.recompile()
+    return erased
 
 
 class _RecordingShapeProp(ShapeProp):
@@ -221,6 +249,7 @@ def capture(
     inputs = as_input_tuple(example_inputs)
     source = copy.deepcopy(model) if copy_model else model
     gm = _trace(source, tuple(leaf_modules), concrete_args, inputs)
+    drop_dead_getitems(gm)
     gm.train(model.training)
     propagate_shapes(gm, inputs)
     gm.meta["djpq.capture"] = "torch.fx.symbolic_trace"

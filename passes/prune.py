@@ -156,6 +156,16 @@ _TUPLE_PRODUCERS = (torch.split, "split", torch.chunk, "chunk", torch.unbind, "u
                     torch.tensor_split, "tensor_split")
 
 
+def _role_node(nodes: Mapping[str, fx.Node], role: Role) -> fx.Node:
+    if role.node not in nodes:
+        raise PruningError(
+            f"the channel analysis refers to node {role.node!r} ({role.kind} of {role.target!r}), "
+            f"which is no longer in the graph (a pass removed it after the analysis); this is a "
+            f"compiler bug: please report it with the model, or pass leaf_modules=(...) to keep "
+            f"the block around it opaque")
+    return nodes[role.node]
+
+
 def prune_graph(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassResult:
     """Remove every channel not in ``keep[group_id]`` (atoms) from its group's members."""
     groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
@@ -170,9 +180,9 @@ def prune_graph(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassRe
         _fix_module(mod)
     nodes = {n.name: n for n in gm.graph.nodes}
     for role, size in reshapes:
-        _rewrite_reshape(nodes[role.node], role.dim, size)
+        _rewrite_reshape(_role_node(nodes, role), role.dim, size)
     for role, positions in selects:
-        _rewrite_select(gm, nodes[role.node], role, positions)
+        _rewrite_select(gm, _role_node(nodes, role), role, positions)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import operator
 import warnings
 from collections.abc import Callable
 
@@ -15,6 +17,8 @@ from torch import nn
 import djpq_compiler as djpq
 from djpq_compiler.passes.capture import capture
 from djpq_compiler.passes.sign_analysis import nonnegative_nodes
+from djpq_compiler.prepared import set_gates_deterministic, set_quantizers
+from djpq_compiler.verify import pruning_oracle
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -135,3 +139,52 @@ def test_integer_model_stays_within_quantization_error_of_fp32(name: str) -> Non
     spread = float(ref.max() - ref.min())
     # 8-bit weights and activations: a few tenths of a percent; the unsigned bug gave 45-98 %
     assert float((out - ref).abs().max()) <= 0.03 * spread, name
+
+
+# --------------------------------------------------------------------------- dead split pieces
+class _SplitUnusedPiece(nn.Module):
+    """Res2Net-style multi-scale block whose ``torch.split`` leaves a piece unused (a dead
+    ``getitem`` in the traced graph): ``how`` picks split / chunk / a slice."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.stem(x)))
+        if self.how == "split":
+            a, _, c = torch.split(y, [4, 2, 2], dim=1)
+            del c
+        elif self.how == "chunk":
+            a, _ = y.chunk(2, dim=1)
+        else:
+            a, _ = y[:, :4], y[:, 4:]
+        return self.head(torch.relu(self.branch(a)) + a)
+
+
+@pytest.mark.parametrize("how", ["split", "chunk", "slice"])
+def test_unused_split_piece_converts(how: str) -> None:
+    torch.manual_seed(0)
+    model = _SplitUnusedPiece(how).eval()
+    report = djpq.analyze(model, X)
+    assert not [n for n in report.graph_module.graph.nodes
+                if n.target is operator.getitem and not n.users]
+    prepared = djpq.prepare(model, X).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        floating = djpq.convert(prepared, integer=False)
+        integer = djpq.convert(prepared)
+    hard = copy.deepcopy(prepared)
+    set_quantizers(hard, False)
+    set_gates_deterministic(hard, True)
+    with torch.no_grad():
+        assert torch.allclose(floating(X), hard(X), atol=1e-5, rtol=1e-4)  # invariant 1
+        ref = model(X)
+        assert float((integer(X) - ref).abs().max()) <= 0.05 * float(ref.max() - ref.min())
+    # the stem's unused channels are prunable; pruning them keeps the output exact
+    _, err, before, after = pruning_oracle(model, X, seed=1)
+    assert err < 1e-4 and after <= before
