@@ -6,10 +6,18 @@ maps layer node name -> ``(d, bits)`` (step and read-out bit-width, per-tensor);
 longer carry a parametrization (``weight`` is the float original) and functional weight
 quantizer nodes are removed. The integer codes of any slice of the weight are then
 ``clamp(round(w / d), -L, L)`` with ``L = 2^(bits-1) - 1`` — what the quantizer computed.
+
+One rounding [choice]: when the quantizer's forward already runs on its read-out grid (snapped
+by ``freeze_for_deployment``/``snap_quantizers``, fixed bits, or learned bits that read out as
+they are), its step and the read-out step ``q_max / levels(bits)`` agree only to a few float
+ulps (``exp(log d)`` is not ``d``). Then the recorded ``d`` is the forward's own step and the
+deployed weight is the quantizer's own output, so a weight within an ulp of a ``.5`` tie rounds
+the same way in the fake-quant model and in the integer model.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,10 +41,33 @@ def _grid(path: str, quant: DQQuantizer) -> tuple[float, int]:
                                 "no integer form: prepare with learn_t=False to convert")
     quant.check_finite(path)
     snapped = quant.snapped()
-    return float(snapped.d), int(snapped.bits)
+    d = float(snapped.d)
+    with torch.no_grad():
+        forward_d = float(quant.d().detach().reshape(()))
+    return (forward_d if _same_grid(forward_d, d) else d), int(snapped.bits)
 
 
-def _unparametrize(gm: fx.GraphModule, path: str, grid: tuple[float, int] | None) -> None:
+#: Steps closer than this (relative) are one grid computed two ways: float ulps, not bits.
+_SAME_GRID_RTOL = 1e-5
+
+
+def _same_grid(forward_d: float, readout_d: float) -> bool:
+    return math.isclose(forward_d, readout_d, rel_tol=_SAME_GRID_RTOL)
+
+
+def _deployed(weight: torch.Tensor, quant: DQQuantizer, grid: tuple[float, int]) -> torch.Tensor:
+    """``d * codes`` of ``weight``: the quantizer's own output when its forward runs on the
+    read-out grid (one rounding of the same floats), else the read-out grid's rounding."""
+    d, bits = grid
+    with torch.no_grad():
+        if _same_grid(float(quant.d().detach().reshape(())), d):
+            return quant.quantize(weight.detach()).detach().clone()
+        limit = 2 ** (bits - 1) - 1
+        return torch.clamp(torch.round(weight / d), -limit, limit) * d
+
+
+def _unparametrize(gm: fx.GraphModule, path: str, quant: DQQuantizer,
+                   grid: tuple[float, int] | None) -> None:
     """Replace a parametrized module by a plain one holding the float original weight.
 
     ``parametrize.remove_parametrizations`` edits the dynamically created class, which a deep
@@ -51,9 +82,7 @@ def _unparametrize(gm: fx.GraphModule, path: str, grid: tuple[float, int] | None
     plain._parameters = dict(mod._parameters)
     weight = mod.parametrizations.weight.original.detach().clone()
     if grid is not None:
-        d, bits = grid
-        limit = 2 ** (bits - 1) - 1
-        weight = torch.clamp(torch.round(weight / d), -limit, limit) * d
+        weight = _deployed(weight, quant, grid)
     plain._parameters["weight"] = nn.Parameter(weight)
     owner_path, _, attr = path.rpartition(".")
     setattr(gm.get_submodule(owner_path) if owner_path else gm, attr, plain)
@@ -61,13 +90,12 @@ def _unparametrize(gm: fx.GraphModule, path: str, grid: tuple[float, int] | None
 
 def _fake_quantize_attr(gm: fx.GraphModule, target: str, quant: nn.Module) -> None:
     """Replace a functional layer's ``get_attr`` weight by its deployed value ``d * codes``."""
-    d, bits = _grid(target, quant)  # type: ignore[arg-type]
+    grid = _grid(target, quant)  # type: ignore[arg-type]
     owner_path, _, attr = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     weight = getattr(owner, attr)
-    limit = 2 ** (bits - 1) - 1
     with torch.no_grad():
-        weight.copy_(torch.clamp(torch.round(weight / d), -limit, limit) * d)
+        weight.copy_(_deployed(weight, quant, grid))  # type: ignore[arg-type]
 
 
 def strip_weight_quantizers(gm: fx.GraphModule, *, fake_quantize: bool = False) -> PassResult:
@@ -86,7 +114,7 @@ def strip_weight_quantizers(gm: fx.GraphModule, *, fake_quantize: bool = False) 
         grid[layer] = _grid(path, quant)
         owner = path.split(".parametrizations.")[0] if ".parametrizations." in path else None
         if owner is not None and parametrize.is_parametrized(gm.get_submodule(owner), "weight"):
-            _unparametrize(gm, owner, grid[layer] if fake_quantize else None)
+            _unparametrize(gm, owner, quant, grid[layer] if fake_quantize else None)
     for node in list(nodes.values()):
         target = str(node.target)
         if node.op == "call_module" and target.split(".")[-1].startswith("w_") \

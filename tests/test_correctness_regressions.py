@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -15,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import djpq_compiler as djpq
+from djpq_compiler import verify
+from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.capture import capture
 from djpq_compiler.passes.sign_analysis import nonnegative_nodes
-from djpq_compiler.prepared import set_gates_deterministic, set_quantizers
+from djpq_compiler.prepared import freeze_for_deployment, set_gates_deterministic, set_quantizers
 from djpq_compiler.verify import pruning_oracle
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -188,3 +191,48 @@ def test_unused_split_piece_converts(how: str) -> None:
     # the stem's unused channels are prunable; pruning them keeps the output exact
     _, err, before, after = pruning_oracle(model, X, seed=1)
     assert err < 1e-4 and after <= before
+
+
+# --------------------------------------------------------------------------- weight rounding ties
+def _tie_model() -> tuple[nn.Module, torch.fx.GraphModule, DQQuantizer, float, float]:
+    """A prepared conv whose snapped weight quantizer runs on ``exp(log d)`` while the read-out
+    step is ``q_max / levels``: the two differ by float ulps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    prepared = djpq.prepare(model, X).eval()
+    quant = prepared.get_submodule(prepared.meta["djpq.weight_quantizers"]["_0"])
+    assert isinstance(quant, DQQuantizer)
+    for i in range(1000):  # a clip range whose two step computations differ
+        with torch.no_grad():
+            quant.log_q_max.fill_(math.log(0.3 + 1e-4 * i))
+            quant.log_d.fill_(math.log((0.3 + 1e-4 * i) / 127))
+        freeze_for_deployment(prepared)
+        d_forward, d_readout = float(quant.d()), float(quant.snapped().d)
+        if d_forward != d_readout:
+            return model, prepared, quant, d_forward, d_readout
+    raise AssertionError("no clip range with differing steps found")
+
+
+def _tie_weight(d_forward: float, d_readout: float) -> float:
+    """A float32 weight near ``30.5 * d`` that rounds to different codes on the two steps."""
+    w = torch.tensor(30.5 * min(d_forward, d_readout), dtype=torch.float32)
+    for _ in range(64):  # walk up through 30.5 * [d_low, d_high] one float32 ulp at a time
+        if torch.round(w / d_forward) != torch.round(w / d_readout):
+            return float(w)
+        w = torch.nextafter(w, torch.tensor(math.inf))
+    raise AssertionError("no tie found")
+
+
+def test_weights_at_a_rounding_tie_round_like_the_fake_quant_quantizer() -> None:
+    _, prepared, quant, d_forward, d_readout = _tie_model()
+    w_tie = _tie_weight(d_forward, d_readout)
+    conv = prepared.get_submodule("0")
+    with torch.no_grad():
+        conv.parametrizations.weight.original[0, 0, 0, 0] = w_tie
+        fake = conv.weight.detach().clone()  # the fake-quant weight (quantizer's forward)
+    converted = djpq.convert(prepared)
+    codes = converted.get_submodule("djpq_int.conv__0").weight
+    want = torch.round(fake.to(torch.float64) / d_forward).to(torch.int64)
+    # the one tie (and every other weight): the integer codes are the fake-quant codes
+    assert torch.equal(codes.abs(), want.abs())  # signs may flip with a negative BN scale
+    assert max(verify.integer_agreement(prepared, converted, X).values()) <= 1
