@@ -18,6 +18,10 @@ __all__ = [
     "ArtifactError",
     "BackendError",
     "MissingExtraError",
+    "DjpqWarning",
+    "FloatOpsWarning",
+    "BiasSaturationWarning",
+    "CaptureWarning",
 ]
 
 
@@ -63,6 +67,22 @@ class BackendError(DjpqError):
 
 class MissingExtraError(DjpqError, ImportError):
     """An optional dependency is not installed; the message names the pip extra to install."""
+
+
+class DjpqWarning(UserWarning):
+    """Base class of djpq-compiler's warnings (filter them with ``warnings.filterwarnings``)."""
+
+
+class FloatOpsWarning(DjpqWarning):
+    """``convert(integer=True)`` left some ops in float (named in the message)."""
+
+
+class CaptureWarning(DjpqWarning):
+    """The model was captured by a fallback (e.g. specialized on the example inputs' shapes)."""
+
+
+class BiasSaturationWarning(DjpqWarning):
+    """A layer's integer bias was clamped where that provably changes no output."""
 
 
 def require(module: str, extra: str) -> object:

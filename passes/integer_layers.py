@@ -17,6 +17,7 @@ would cost an output LSB (coarse inputs and weights into a fine output grid, ``s
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,7 +28,7 @@ from torch import nn
 from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.fixedpoint import qrange
 from djpq_compiler.backends.reference.ops import accumulator_bound, requant_params
-from djpq_compiler.errors import QuantizationError
+from djpq_compiler.errors import BiasSaturationWarning, QuantizationError
 
 __all__ = ["LayerParams", "layer_params", "bias_agreement_lsb"]
 
@@ -189,23 +190,38 @@ INT32_MAX = 2**31 - 1
 def _saturating_bias(node: str, bias: torch.Tensor, fan_in: int, x_bits: int, w_bits: int,
                      x_signed: bool, multiplier: torch.Tensor, q_abs: int,
                      acc_shift: int = 0) -> torch.Tensor:
-    """Clamp int32-overflowing biases where that provably changes no output, else raise.
+    """Keep ``|acc| + |bias|`` within int32 in every channel, or raise.
 
-    A bias beyond int32 at scale ``s_x * s_w / 2^acc_shift`` drives the output past the clip
-    range whatever the accumulator does, as long as ``(2^31 - 1 - max|acc|) * M > q_abs + 1``
-    (``acc`` shifted and ``M`` the multiplier at that scale); then the clamped bias gives the
-    same (saturated) codes.
+    Runtimes add the bias to an int32 accumulator (onnxruntime's fused QLinearConv does), so a
+    bias within int32 but above ``2^31 - 1 - max|acc|`` wraps there while the reference (int64)
+    and TVM saturate: the backends would disagree. A channel whose bias exceeds that room
+    (``|bias| > room``) drives its output past the clip range whatever the accumulator does as long
+    as ``(room - max|acc|) * M > q_abs + 1`` (``acc`` shifted by ``acc_shift``, ``M`` the
+    multiplier at that scale); its bias is then clamped to ``±room``, which gives the same
+    saturated codes in every backend, and a :class:`BiasSaturationWarning` names the channels.
+    Otherwise the layer is refused. (When the accumulator alone may exceed int32, ``room`` is
+    int32 itself: backends take an int64 accumulator there.)
     """
-    over = bias.abs() > INT32_MAX
+    acc_max = accumulator_bound(fan_in, x_bits, w_bits, x_signed=x_signed) << acc_shift
+    room = INT32_MAX - acc_max if acc_max < INT32_MAX else INT32_MAX
+    over = bias.abs() > room
     if not bool(over.any()):
         return bias
-    acc_max = accumulator_bound(fan_in, x_bits, w_bits, x_signed=x_signed) << acc_shift
-    margin = (INT32_MAX - acc_max) * multiplier.to(torch.float64)
+    margin = (room - min(acc_max, room)) * multiplier.to(torch.float64)
+    channels = torch.nonzero(over).flatten().tolist()
+    shown = f"{channels[:8]}{'...' if len(channels) > 8 else ''}"
     if not bool((margin[over] > q_abs + 1).all()):
         raise QuantizationError(
-            f"layer {node}: its bias does not fit int32 at scale s_x*s_w and does not saturate "
-            "the output either; retrain with a larger activation range (q_max) or more bits")
-    return bias.clamp(-INT32_MAX, INT32_MAX)
+            f"layer {node}: its bias does not fit int32 next to the accumulator in channel(s) "
+            f"{shown} (|bias| > 2^31 - 1 - max|acc| = {room} at scale s_x*s_w) and does not "
+            "saturate the output either; retrain with a larger activation range (q_max) or more "
+            "bits")
+    warnings.warn(BiasSaturationWarning(
+        f"layer {node}: channel(s) {shown} have an integer bias beyond int32 next to the "
+        f"accumulator (|bias| > {room}); they output their clip value for every input, so the "
+        f"bias is clamped to +-{room}, which changes no output in any backend. Such channels are "
+        "constant (an untrained or degenerate layer): consider pruning them"), stacklevel=2)
+    return bias.clamp(-room, room)
 
 
 def layer_params(gm: fx.GraphModule, node: fx.Node) -> LayerParams | None:

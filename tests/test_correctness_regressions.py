@@ -236,3 +236,47 @@ def test_weights_at_a_rounding_tie_round_like_the_fake_quant_quantizer() -> None
     # the one tie (and every other weight): the integer codes are the fake-quant codes
     assert torch.equal(codes.abs(), want.abs())  # signs may flip with a negative BN scale
     assert max(verify.integer_agreement(prepared, converted, X).values()) <= 1
+
+
+# --------------------------------------------------------------------------- bias beyond int32
+def _big_bias_model(units: float) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    """conv -> relu -> conv whose channel 0 bias is ``units`` accumulator steps (s_x * s_w)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    prepared = djpq.prepare(model, X).eval()
+    freeze_for_deployment(prepared)
+    s_x = float(prepared.get_submodule(prepared.meta["djpq.input_quantizers"]["_2"]).snapped().d)
+    quant_w = prepared.get_submodule(prepared.meta["djpq.weight_quantizers"]["_2"])
+    with torch.no_grad():
+        prepared.get_submodule("2").bias[0] = units * s_x * float(quant_w.d())
+    return prepared, X
+
+
+@pytest.mark.parametrize("units", [3e9, 2**31 - 1000.0])  # beyond int32; within but next to it
+def test_bias_beyond_int32_room_is_clamped_loudly_and_saturates_alike(units: float) -> None:
+    from djpq_compiler.backends.reference.ops import accumulator_bound
+    from djpq_compiler.errors import BiasSaturationWarning
+
+    prepared, x = _big_bias_model(units)
+    with pytest.warns(BiasSaturationWarning, match=r"layer _2: channel\(s\) \[0\]"):
+        converted = djpq.convert(prepared)
+    layer = converted.get_submodule("djpq_int.conv__2")
+    acc_max = accumulator_bound(8 * 9, 8, int(layer.w_bits)) << int(layer.acc_shift)  # u8 input
+    # |acc| + |bias| fits int32: an int32 accumulator (onnxruntime) cannot wrap
+    assert int(layer.bias.abs().max()) + acc_max <= 2**31 - 1
+    assert max(verify.integer_agreement(prepared, converted, x).values()) <= 1
+
+
+def test_bias_beyond_int32_agrees_in_onnxruntime(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("onnxruntime")
+    from djpq_compiler.backends import onnx as onnx_backend
+
+    prepared, x = _big_bias_model(2**31 - 1000.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = djpq.convert(prepared)
+    path = tmp_path / "m.onnx"
+    onnx_backend.export(converted, path, x)
+    report = onnx_backend.verify(converted, path, x)
+    assert report["max_lsb_any"] <= 1
