@@ -289,6 +289,8 @@ class _Lowering:
         by up to ``s_in / s_out / 2`` LSB when the output grid is finer)."""
         reaches_sinks = self.sum_reaches_sinks(node)
         summed = window_sum(self.gm, node) if reaches_sinks else None
+        if summed is not None and act.bits + (summed[1] - 1).bit_length() > 16:
+            summed = None  # codes wider than 16 bits (pools of pools): the mean, not the sum
         if summed is None:
             if self.fused_pool_requant(node, act):
                 return True

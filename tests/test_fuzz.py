@@ -355,3 +355,17 @@ def test_check_signs_catches_a_rule_that_ignores_scalars(monkeypatch: pytest.Mon
     monkeypatch.setitem(NONNEG_RULES._rules, operator.mul, old_rule)
     with pytest.raises(PropertyViolation, match="proven non-negative but negative"):
         check_signs(RELU_TIMES_NEGATIVE)
+
+
+#: Found by the first fuzz run with scalar operands (seed 7): four counted-padding average pools
+#: whose window sums all reach a float op (here ``x - (-0.5)``) grew the codes by 4 bits per pool
+#: (8 + 3 * 4 = 20 bits) and the reference refused them ("bit-width must be an int in 2..16").
+#: A window sum that would pass 16 bits is now not taken: that pool computes the mean instead.
+POOLS_OF_POOLS_TO_FLOAT = Recipe(
+    blocks=(Residual(mid=7, out=3, stride=1, proj=True, act='relu'), Pool(kind='avg_counted'),
+            Pool(kind='avg_counted'), Pool(kind='avg_counted'), Pool(kind='avg_counted'),
+            Scalar(op='sub', value=-0.5)), head='pool_linear', size=4, seed=2)
+
+
+def test_regression_window_sums_stay_within_16_bits() -> None:
+    assert check_convert(POOLS_OF_POOLS_TO_FLOAT).max_lsb <= 1
