@@ -23,6 +23,8 @@ from djpq_compiler.errors import (
     ConfigError,
     DataError,
     DjpqError,
+    DjpqWarning,
+    FloatOpsWarning,
     MissingExtraError,
     PlanError,
     PruningError,
@@ -79,6 +81,8 @@ __all__ = [
     "ArtifactError",
     "BackendError",
     "MissingExtraError",
+    "DjpqWarning",
+    "FloatOpsWarning",
     "save_converted",
     "load_converted",
 ]

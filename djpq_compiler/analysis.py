@@ -70,7 +70,8 @@ class AnalysisReport:
 
 
 def analyze(model: nn.Module, example_inputs: Any, *, strict: bool = False,
-            ignore: Iterable[str] = ()) -> AnalysisReport:
+            ignore: Iterable[str] = (), leaf_modules: Sequence[type[nn.Module]] = (),
+            concrete_args: dict[str, Any] | None = None) -> AnalysisReport:
     """Find the channel groups of ``model``.
 
     Args:
@@ -79,15 +80,21 @@ def analyze(model: nn.Module, example_inputs: Any, *, strict: bool = False,
         strict: Raise :class:`~djpq_compiler.errors.UnsupportedOpError` on the first op with no
             channel rule instead of treating it as a barrier.
         ignore: Module names (or node names) whose channels must never be pruned.
+        leaf_modules: Module classes kept opaque by the tracer (their forward is not traced:
+            e.g. a block with data-dependent control flow); their channels are barriers.
+        concrete_args: Forward arguments fixed at trace time (``torch.fx`` ``concrete_args``),
+            e.g. ``{"return_features": False}`` to decide a Python branch.
     """
-    gm = capture(model, example_inputs).graph_module
+    gm = capture(model, example_inputs, leaf_modules=tuple(leaf_modules),
+                 concrete_args=concrete_args).graph_module
     dependency_analysis(gm, strict=strict, ignore=ignore)
     return AnalysisReport(gm, gm.meta["djpq.groups"], gm.meta["djpq.barriers"],
                           gm.meta["djpq.missing_rules"])
 
 
 def prune(model: nn.Module, example_inputs: Any,
-          keep: Mapping[int, Sequence[int]]) -> fx.GraphModule:
+          keep: Mapping[int, Sequence[int]], *, leaf_modules: Sequence[type[nn.Module]] = (),
+          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """A physically smaller copy of ``model`` keeping ``keep[group_id]`` channels of each group.
 
     Group ids and channel indices are those of ``analyze(model, example_inputs)``; groups not in
@@ -97,7 +104,8 @@ def prune(model: nn.Module, example_inputs: Any,
         PruningError: a group id is unknown or not prunable, indices are invalid or empty, or
             the pruned graph fails to run on ``example_inputs``.
     """
-    report = analyze(model, example_inputs)
+    report = analyze(model, example_inputs, leaf_modules=leaf_modules,
+                     concrete_args=concrete_args)
     validate_keep(report.groups, keep)
     gm = report.graph_module
     prune_graph(gm, keep)

@@ -2,15 +2,17 @@
 
 Pipeline (one flat list of passes, each linted and recompiled):
 ``fold_gates`` (kept atoms per group, ``mu`` per gate point) -> ``strip_weight_quantizers``
-(snapped weight grids, float weights back) -> ``prune_graph`` (channels removed from every member
-of each group) -> ``fold_scales`` (``mu`` into norms; into layers only for float output) ->
-``to_integer`` (integer modules) or, with ``integer=False``, activation quantizers dropped and
-BN fused into its conv/linear.
+(snapped weight grids, float weights back) -> ``prune_graph`` (channels removed from every
+member of each group) -> ``drop_inference_noops`` (stochastic depth) -> ``fold_scales`` (``mu``
+into norms; into layers only for float output) -> ``to_integer`` (integer modules) or, with
+``integer=False``, activation quantizers dropped and BN fused into its conv/linear. The result
+is a :class:`~djpq_compiler.serialize.ConvertedGraphModule` (its pickle keeps ``meta``).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -19,11 +21,12 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from djpq_compiler.bops import BopsReport, BopsRow, register_row_source
-from djpq_compiler.errors import ConfigError
+from djpq_compiler.errors import ConfigError, FloatOpsWarning
 from djpq_compiler.modules.gates import detach_step_hook
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.modules.saved import detach_compact_saving
 from djpq_compiler.passes.dependency.groups import ChannelGroup
+from djpq_compiler.passes.drop_inference_noops import drop_inference_noops
 from djpq_compiler.passes.fold_gates import fold_gates
 from djpq_compiler.passes.fold_scales import fold_scales
 from djpq_compiler.passes.mask import atom_mask
@@ -31,6 +34,7 @@ from djpq_compiler.passes.prune import prune_graph
 from djpq_compiler.passes.strip_weight_quantizers import strip_weight_quantizers
 from djpq_compiler.passes.to_integer import to_integer
 from djpq_compiler.prepared import check_finite, unwrap
+from djpq_compiler.serialize import as_converted
 
 __all__ = ["convert"]
 
@@ -79,6 +83,21 @@ def _fuse_bn(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
+def _warn_float_ops(converted: fx.GraphModule) -> None:
+    """A :class:`FloatOpsWarning` naming the ops an integer convert left in float."""
+    names = list(converted.meta.get("djpq.float_ops", ()))
+    if not names:
+        return
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    warnings.warn(FloatOpsWarning(
+        f"convert(integer=True) left {len(names)} op(s) in float: {shown}. The reference "
+        "executor runs them in float32 between integer layers (dequantize, op, quantize); a "
+        "backend lowers them as float islands or refuses them. The list is "
+        "meta['djpq.float_ops']; to make them integer, quantize their inputs and outputs (an "
+        "activation quantizer around them) or replace them with ops that have integer "
+        "lowerings."), stacklevel=3)
+
+
 def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     """Turn a trained prepared model into the deployable model.
 
@@ -111,9 +130,12 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     strip_weight_quantizers(gm, fake_quantize=integer)
     _slice_scales(gm)
     prune_graph(gm, gm.meta["djpq.keep"])
+    drop_inference_noops(gm)
     fold_scales(gm, scale_layers=not integer)
     if integer:
-        return to_integer(gm)
+        converted = as_converted(to_integer(gm))
+        _warn_float_ops(converted)
+        return converted
     _drop_activation_quantizers(gm)
     _fuse_bn(gm)
     gm.graph.eliminate_dead_code()
@@ -122,7 +144,7 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     gm.delete_all_unused_submodules()  # dropped quantizers, fused BNs: not part of the model
     gm.meta["djpq.stage"] = "converted"
     gm.meta["djpq.integer"] = False
-    return gm
+    return as_converted(gm)
 
 
 @register_row_source("converted")

@@ -17,7 +17,7 @@ representative; an explicit ``QuantSpec.signed`` avoids the guess).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,12 @@ from djpq_compiler.layers import Layer, find_layers
 from djpq_compiler.modules.gates import VIBGate, attach_step_hook
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.modules.saved import attach_compact_saving
-from djpq_compiler.passes.capture import as_input_tuple, capture, propagate_shapes
+from djpq_compiler.passes.capture import (
+    as_input_tuple,
+    capture,
+    check_finite_inputs,
+    propagate_shapes,
+)
 from djpq_compiler.passes.dependency import ChannelGroup, Member, dependency_analysis
 from djpq_compiler.passes.insert_gates import insert_gates
 from djpq_compiler.passes.insert_quantizers import insert_quantizers
@@ -49,7 +54,9 @@ _FUNCTION_TYPES: dict[object, type[nn.Module]] = {
 
 
 def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = None, *,
-            calibration_data: Iterable[Any] | None = None) -> fx.GraphModule:
+            calibration_data: Iterable[Any] | None = None,
+            leaf_modules: Sequence[type[nn.Module]] = (),
+            concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``model`` and insert VIB gates and DQ quantizers (see the module docstring).
 
     Args:
@@ -58,6 +65,9 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
         config: :class:`~djpq_compiler.config.DJPQConfig` (default: prune and quantize, 8 bit).
         calibration_data: Batches of forward arguments (each like ``example_inputs``) for the
             observers; default: ``example_inputs``.
+        leaf_modules: Module classes kept opaque by the tracer (not traced into: e.g. a block
+            with data-dependent control flow); they stay float and their channels are barriers.
+        concrete_args: Forward arguments fixed at trace time (``torch.fx`` ``concrete_args``).
 
     Returns:
         A ``GraphModule`` with ``meta["djpq.stage"] == "prepared"``, in the train/eval mode of
@@ -73,7 +83,9 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
         raise ConfigError(f"prepare(): config must be a DJPQConfig, got {type(config).__name__}")
     _check_not_prepared(model)
     inputs = as_input_tuple(example_inputs)
-    gm = capture(model, inputs).graph_module
+    check_finite_inputs(example_inputs)  # named as the caller passed them
+    gm = capture(model, inputs, leaf_modules=tuple(leaf_modules),
+                 concrete_args=concrete_args).graph_module
     layers = find_layers(gm)
     config.check_names([n for n, _ in model.named_modules() if n] +
                        [la.node.name for la in layers if la.weight_source == "functional"])
@@ -88,12 +100,18 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
     attach_compact_saving(gm)  # quantized activations / gate outputs saved compactly, exactly
     gm.meta["djpq.layers"] = _records(gm, layers, sources)
     gm.meta["djpq.config"] = config
-    batches = [inputs] if calibration_data is None else itertools.islice(
-        calibration_data, config.calibration_batches)
+    batches = [inputs] if calibration_data is None else _finite_batches(itertools.islice(
+        calibration_data, config.calibration_batches))
     calibrate(gm, batches)
     propagate_shapes(gm, inputs)
     gm.meta["djpq.stage"] = "prepared"
     return gm
+
+
+def _finite_batches(batches: Iterable[Any]) -> Iterator[Any]:
+    for i, batch in enumerate(batches):
+        check_finite_inputs(batch, f"calibration_data batch {i}")
+        yield batch
 
 
 def _check_not_prepared(model: nn.Module) -> None:

@@ -4,8 +4,9 @@ Nothing here imports or calls an object by a name read from a file unless that n
 the allow-lists below, which are built from fixed namespaces when this module is first used:
 
 * **call targets** (:func:`target_table`): public tensor ops of ``torch`` (the ATen functions and
-  ``torch.functional``), ``torch.nn.functional``, ``operator``, ``math``, ``builtins.getattr``
-  and the functions of the integer reference executor (``djpq_compiler.backends.reference``);
+  ``torch.functional``), ``torch.nn.functional``, ``operator``, ``math``, ``builtins.getattr``,
+  ``torch._assert`` and the functions of the integer reference executor
+  (``djpq_compiler.backends.reference``);
   calls that take a callable or touch files (``torch.from_file``, ``operator.call``,
   ``operator.methodcaller``, ...) are left out;
 * **method names** (:func:`allowed_method`): public ``torch.Tensor`` methods, minus the ones that
@@ -111,6 +112,7 @@ def target_table() -> Mapping[str, Callable[..., Any]]:
     add("operator", operator, set(dir(operator)) - _DENY_OPERATOR)
     add("math", math, dir(math))
     table["builtins.getattr"] = builtins.getattr
+    table["torch._assert"] = torch._assert  # shape checks (x.ndim == 4) left in a traced graph
     from djpq_compiler.backends import reference
 
     add("djpq_compiler.backends.reference", reference,

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.graph_module import reduce_graph_module
 
 from djpq_compiler.artifacts import atomic_write
 from djpq_compiler.errors import ArtifactError, ConfigError, UnsupportedOpError
@@ -50,7 +51,8 @@ from djpq_compiler.safe_codec import (
     target_table,
 )
 
-__all__ = ["save_converted", "load_converted", "FORMAT", "FORMAT_VERSION", "MAGIC"]
+__all__ = ["save_converted", "load_converted", "ConvertedGraphModule", "as_converted", "FORMAT",
+           "FORMAT_VERSION", "MAGIC"]
 
 FORMAT = "djpq-converted-model"
 FORMAT_VERSION = 1
@@ -62,6 +64,37 @@ _TYPES: dict[str, type] = {"torch.Tensor": torch.Tensor, "int": int, "float": fl
                           "str": str}
 _WHAT_TO_DO = ("replace it with an allow-listed op or layer (see djpq_compiler.safe_codec), or "
                "reload through prepare() + load_state_dict(weights_only=True) + convert()")
+
+
+class ConvertedGraphModule(fx.GraphModule):
+    """The class of ``convert()``'s output: a ``GraphModule`` whose pickle (``torch.save`` of the
+    whole model, loaded with ``torch.load(weights_only=False)``) keeps ``meta`` (plain
+    ``GraphModule`` pickles drop it) and this class. The safe format of :func:`save_converted`
+    does not pickle; prefer it for files from others."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        _, args = super().__reduce__()  # (reduce_graph_module, (body, import_block))
+        return (_unpickle_converted, args)
+
+
+def _unpickle_converted(body: dict[str, Any], import_block: str) -> ConvertedGraphModule:
+    gm = reduce_graph_module(body, import_block)
+    if not isinstance(gm, fx.GraphModule):  # pragma: no cover - torch always rebuilds one
+        raise ArtifactError(f"unpickling a converted model gave a {type(gm).__name__}")
+    meta = body.get("meta")
+    gm.meta = dict(meta) if isinstance(meta, dict) else {}
+    return as_converted(gm)
+
+
+def as_converted(gm: fx.GraphModule) -> ConvertedGraphModule:
+    """``gm`` as a :class:`ConvertedGraphModule`: the same module tree, graph, ``meta`` and mode
+    (its state moves over; do not use ``gm`` afterwards); ``gm`` itself when it already is one."""
+    if isinstance(gm, ConvertedGraphModule):
+        return gm
+    out = ConvertedGraphModule.__new__(ConvertedGraphModule)
+    out.__dict__.update(gm.__dict__)
+    out.graph = gm.graph  # the graph's owner becomes ``out``; recompiles its forward
+    return out
 
 
 def save_converted(converted: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
@@ -305,7 +338,7 @@ def _decode_model(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
         raise ValueError(f"class name {class_name!r} is not an identifier")
     root = _decode_modules(doc["modules"], Decoder(tensors))
     graph = _decode_graph(doc["graph"], tensors)
-    gm = fx.GraphModule(root, graph, class_name)
+    gm = ConvertedGraphModule(root, graph, class_name)
     # GraphModule copies only referenced attributes: restore the saved tree exactly.
     for slot in ("_modules", "_parameters", "_buffers"):
         getattr(gm, slot).clear()
@@ -329,7 +362,8 @@ def _decode_modules(entries: list[Json], dec: Decoder) -> nn.Module:
             _decode_module(entry, dec, params)
         if path:
             parent, _, name = path.rpartition(".")
-            if not name.isidentifier() and not name.isdigit():
+            if not name or "." in name or hasattr(type(modules[parent]), name):
+                # nn.Module.add_module accepts any other name (block1-0, 0, ...)
                 raise ValueError(f"module name {name!r} is invalid")
             modules[parent]._modules[name] = module
         elif "alias" in entry or entry["class"] != "root":

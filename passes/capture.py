@@ -2,14 +2,18 @@
 
 Requires: a model whose forward can be symbolically traced and example inputs it accepts.
 
-Why there is no ``torch.export`` fallback: when ``torch.fx.symbolic_trace`` fails, the pass tries
-``torch.export.export`` only to tell the user what it found. An exported program is an
-*aten-level* graph (``torch.ops.aten.conv2d.default``, ``aten.batch_norm``, parameters as
-``get_attr`` nodes, a pytree output, an ``eval()`` that raises): no channel rule covers those ops,
-so every channel would be a barrier and nothing could be pruned, and ``prepare`` could not attach
-module quantizers. Rather than fall back silently to a graph the passes do not understand, the
-``CaptureError`` says that torch.export could capture the model, that aten-level graphs are not
-supported yet, and how to make the forward symbolically traceable.
+Fallback for shape-dependent Python control flow [choice]: when ``torch.fx.symbolic_trace``
+fails because Python needs the value of a traced expression (``if x.shape[-1] != 8:``,
+``if new_h != H:``, iterating over a size), the model is traced again with every node's value
+computed on the example inputs alongside (:class:`_ConcreteTracer`). A condition computed from
+shapes only is then decided by its example value -- the specialization ``torch.export`` performs
+for static shapes -- and kept in the graph as a ``torch._assert`` guard, so a later input that
+would take the other branch fails loudly instead of silently running the wrong one. A condition
+on tensor *values* (``if x.sum() > 0``) is refused, as ``torch.export`` refuses it. The graph
+stays module-level (``nn.Conv2d`` call_module nodes), unlike ``torch.export``'s aten-level graph,
+on which no channel rule or quantizer placement works (every channel would be a barrier); the
+``CaptureError`` still says whether ``torch.export`` could capture a model both tracers refuse.
+``gm.meta["djpq.specialized"]`` lists the decided conditions.
 Guarantees: the returned ``GraphModule`` owns deep copies of the model's modules (the user's model
 is never modified), every tensor-valued node carries ``node.meta["tensor_meta"]``
 (``torch.fx.passes.shape_prop.TensorMetadata``), small non-tensor results (``x.size(0)``, shapes)
@@ -28,19 +32,22 @@ import io
 import operator
 import traceback
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx._symbolic_trace import _assert_is_none, _orig_module_call, _orig_module_getattr
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
-from djpq_compiler.errors import CaptureError
+from djpq_compiler.errors import CaptureError, CaptureWarning
 from djpq_compiler.layers import tensor_shape
+from djpq_compiler.passes.functional_norms import functional_norms_to_modules
 
-__all__ = ["capture", "as_input_tuple", "propagate_shapes", "export_probe", "graph_signature"]
+__all__ = ["capture", "as_input_tuple", "propagate_shapes", "export_probe", "graph_signature",
+           "check_finite_inputs"]
 
 _HOW_TO_FIX = (
     "Make the forward traceable: move data-dependent Python control flow into a submodule and "
@@ -61,8 +68,28 @@ def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
+def check_finite_inputs(value: Any, where: str = "example_inputs") -> None:
+    """Raise :class:`CaptureError` naming the argument when a floating-point tensor in ``value``
+    (a tensor or nested tuples/lists/dicts of them) holds NaN or infinity."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                kind = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+                raise CaptureError(
+                    f"{where} holds {int(bad.sum())} {kind} value(s) (shape "
+                    f"{tuple(value.shape)}); pass finite inputs (e.g. real data or "
+                    f"torch.randn): shapes, calibration ranges and BOPs are computed from them")
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            check_finite_inputs(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_finite_inputs(item, f"{where}[{key!r}]")
+
+
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaf_modules: tuple[type[nn.Module], ...]) -> None:
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = ()) -> None:
         super().__init__()
         self._leaves = leaf_modules
 
@@ -99,8 +126,8 @@ def export_probe(model: nn.Module, inputs: Sequence[Any]) -> str:
     return (f"torch.export could capture it, but only as an aten-level graph ({', '.join(ops[:4])}"
             f"{', ...' if len(ops) > 4 else ''}), and aten-level graphs are not supported yet: no "
             "channel rule covers aten ops, so every channel would be a barrier. djpq-compiler "
-            "does not fall back to it. Since torch.export could specialize the forward, the "
-            "failing branch most likely depends only on shapes: decide it in __init__ instead.")
+            "does not fall back to it, and its own fallback (deciding branches on shapes from "
+            "the example inputs) did not apply: decide the failing branch in __init__ instead.")
 
 
 def _trace(
@@ -113,6 +140,9 @@ def _trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # FX raises TraceError, TypeError, RuntimeError, ...
+        specialized = _trace_concretely(model, leaf_modules, concrete_args, inputs, exc)
+        if specialized is not None:
+            return specialized
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
             f"  at {_user_frame(exc)}\n  {export_probe(model, inputs)}\n  {_HOW_TO_FIX}"
@@ -124,6 +154,31 @@ def _trace(
 #: Pure ops whose whole result may go unused after their dead getitems are gone.
 _PURE_TUPLE_OPS = (operator.getitem, torch.split, torch.chunk, torch.unbind, torch.tensor_split,
                    "split", "chunk", "unbind", "tensor_split")
+
+
+_GUARDS = (torch._assert, _assert_is_none)
+
+
+def _drop_concrete_placeholders(gm: fx.GraphModule) -> None:
+    """Remove the placeholders FX keeps for ``concrete_args`` when they only feed FX's own guards
+    (``mode == value`` -> ``torch._assert``, ``_assert_is_none``): the captured model then takes
+    the example inputs alone, as ``prepare``/``analyze`` call it (the values are fixed)."""
+    for ph in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        users = list(ph.users)
+        doomed = []
+        for user in users:
+            if user.target in _GUARDS:
+                doomed.append(user)
+            elif user.op == "call_function" and user.target is operator.eq and user.users \
+                    and all(u.target is torch._assert for u in user.users):
+                doomed += [*user.users, user]
+            else:
+                break
+        else:
+            if users:
+                for node in [*doomed, ph]:
+                    gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def drop_dead_getitems(gm: fx.GraphModule) -> int:
@@ -144,6 +199,129 @@ def drop_dead_getitems(gm: fx.GraphModule) -> int:
     if erased:
         gm.recompile()
     return erased
+
+
+def _trace_concretely(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...],
+                      concrete_args: dict[str, Any] | None, inputs: Sequence[Any],
+                      exc: BaseException) -> fx.GraphModule | None:
+    """The fallback of the module docstring, or ``None`` when it does not apply or fails."""
+    if concrete_args is not None or not isinstance(exc, (fx.proxy.TraceError, TypeError)):
+        return None
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    tracer = _ConcreteTracer(leaf_modules, inputs)
+    try:
+        graph = tracer.trace(model)
+    except Exception:  # a value-dependent branch or an op that fails on the examples
+        return None
+    finally:
+        with torch.no_grad():  # running the ops may have updated BN statistics
+            for key, value in model.state_dict(keep_vars=True).items():
+                value.copy_(state[key])
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["djpq.specialized"] = tuple(tracer.specialized)
+    warnings.warn(CaptureWarning(
+        f"{type(model).__name__}: torch.fx could not trace it ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}); captured it instead for the example "
+        f"inputs' shapes, deciding {len(tracer.specialized)} shape condition(s) by their example "
+        f"values ({'; '.join(tracer.specialized[:3])}). The graph asserts them at run time."),
+        stacklevel=4)
+    return gm
+
+
+#: Ops that read only a tensor's metadata (its shape), never its values.
+_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
+
+
+@contextlib.contextmanager
+def _modules_unpatched() -> Iterator[None]:
+    """Plain ``nn.Module.__call__``/``__getattr__`` while a trace has them patched: modules run
+    on concrete values without recording nodes."""
+    call, get = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__ = _orig_module_call  # type: ignore[method-assign]
+    nn.Module.__getattr__ = _orig_module_getattr  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = get  # type: ignore[method-assign]
+
+
+class _ConcreteTracer(_LeafTracer):
+    """A tracer that also computes every node's value on the example inputs, so that Python
+    control flow on shapes can be decided (and guarded) instead of failing."""
+
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (),
+                 inputs: Sequence[Any] = ()) -> None:
+        super().__init__(leaf_modules)
+        self._inputs = list(inputs)
+        self._values: dict[fx.Node, Any] = {}
+        self.specialized: list[str] = []
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any,
+                    name: str | None = None, type_expr: Any | None = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind != "output":
+            self._values[node] = self._evaluate(node)
+        return node
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            if self._inputs:
+                return self._inputs.pop(0)
+            if node.args:  # a forward parameter with a default, not given
+                return node.args[0]
+            raise CaptureError("more forward arguments than example inputs")
+        args = fx.node.map_arg(node.args, self._values.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, self._values.__getitem__)
+        with torch.no_grad(), _modules_unpatched():
+            if node.op == "get_attr":
+                value: Any = self.root
+                for part in str(node.target).split("."):
+                    value = getattr(value, part)
+                return value
+            if node.op == "call_module":
+                return self.root.get_submodule(str(node.target))(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            fn = cast(Callable[..., Any], node.target)
+            return fn(*args, **kwargs)
+
+    def _shape_only(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value depends on tensors only through their shapes."""
+        if isinstance(self._values.get(node), torch.Tensor):
+            return False
+        for arg in node.all_input_nodes:
+            if isinstance(self._values.get(arg), torch.Tensor):
+                reads_metadata = (
+                    (node.target is getattr and node.args[1] in _METADATA_ATTRS)
+                    or (node.op == "call_method" and node.target in _METADATA_METHODS)
+                    or node.target is torch.numel)
+                if not reads_metadata:
+                    return False
+            elif not self._shape_only(arg):
+                return False
+        return True
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        node = obj.node
+        if not self._shape_only(node):
+            raise fx.proxy.TraceError(f"control flow on tensor values at {node.format_node()}")
+        value = bool(self._values[node])
+        cond = obj if value else self.create_proxy("call_function", operator.not_, (obj,), {})
+        text = f"{node.format_node()} is {value}"
+        self.create_proxy("call_function", torch._assert, (
+            cond, f"djpq: the model was captured for inputs where {node.name} is {value} (a "
+                  "shape condition); prepare it again with example inputs of this shape"), {})
+        self.specialized.append(text)
+        return value
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        value = self._values.get(obj.node)
+        if not isinstance(value, (tuple, list, torch.Size, torch.Tensor)):
+            return super().iter(obj)
+        items = cast(Any, obj)
+        return iter([items[i] for i in range(len(value))])
 
 
 class _RecordingShapeProp(ShapeProp):
@@ -241,18 +419,23 @@ def capture(
 
     Raises:
         CaptureError: tracing failed (with FX's reason, the user code location and whether
-            ``torch.export`` could capture it instead) or the example inputs do not fit the model
-            (naming the failing node).
+            ``torch.export`` could capture it instead), the example inputs hold NaN/inf (naming
+            the argument) or do not fit the model (naming the failing node).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
+    check_finite_inputs(example_inputs)
     source = copy.deepcopy(model) if copy_model else model
     gm = _trace(source, tuple(leaf_modules), concrete_args, inputs)
+    if concrete_args:
+        _drop_concrete_placeholders(gm)
     drop_dead_getitems(gm)
     gm.train(model.training)
     propagate_shapes(gm, inputs)
-    gm.meta["djpq.capture"] = "torch.fx.symbolic_trace"
+    functional_norms_to_modules(gm)  # F.batch_norm of BN-act layers -> nn.BatchNorm modules
+    gm.meta["djpq.capture"] = ("torch.fx.symbolic_trace" if "djpq.specialized" not in gm.meta
+                               else "torch.fx.symbolic_trace, shapes specialized")
     gm.meta["djpq.signature"] = graph_signature(gm)
     gm.meta["djpq.source_params"] = sum(p.numel() for p in gm.parameters())
     gm.meta["djpq.source_class"] = f"{type(model).__module__}.{type(model).__qualname__}"

@@ -54,7 +54,7 @@ class DataDependent(nn.Module):
 
 
 class ShapeDependent(nn.Module):
-    """A branch on a *shape*: torch.fx fails, torch.export specializes it (aten graph)."""
+    """A branch on a *shape*: torch.fx fails; capture specializes it on the example input."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,16 +129,20 @@ def test_data_dependent_control_flow(entry: str) -> None:
     _assert_unchanged(model, snap)
 
 
-def test_capture_does_not_fall_back_to_an_aten_graph() -> None:
-    """torch.export can capture this model, but its aten graph has no channel rules: say so."""
+def test_shape_branch_is_captured_specialized_and_guarded() -> None:
+    """torch.fx cannot decide ``if x.shape[1] == 3``; capture decides it from the example input
+    (as torch.export specializes static shapes), keeps a module-level graph and asserts the
+    condition at run time (formerly: refused, torch.export's aten graph has no channel rules)."""
     model = ShapeDependent()
     snap = _snapshot(model)
-    with pytest.raises(CaptureError) as info:
-        djpq.analyze(model, X)
-    msg = str(info.value)
-    assert "torch.export could capture it" in msg and "aten.conv2d" in msg
-    assert "aten-level graphs are not supported yet" in msg
-    assert "decide it in __init__" in msg and "if x.shape[1] == 3:" in msg
+    with pytest.warns(djpq.errors.CaptureWarning, match="1 shape condition"):
+        report = djpq.analyze(model, X)
+    gm = report.graph_module
+    assert any(n.op == "call_module" and n.target == "conv" for n in gm.graph.nodes)
+    assert any(n.target is torch._assert for n in gm.graph.nodes)
+    assert gm.meta["djpq.capture"] == "torch.fx.symbolic_trace, shapes specialized"
+    with pytest.raises(AssertionError, match="captured for inputs where"):
+        gm(torch.randn(2, 4, 8, 8))  # the other branch: loud, not silently wrong
     _assert_unchanged(model, snap)
 
 

@@ -280,3 +280,316 @@ def test_bias_beyond_int32_agrees_in_onnxruntime(tmp_path) -> None:  # type: ign
     onnx_backend.export(converted, path, x)
     report = onnx_backend.verify(converted, path, x)
     assert report["max_lsb_any"] <= 1
+
+
+# --------------------------------------------------------------------------- saving and loading
+class _OddNames(nn.Module):
+    """regnet-style submodule names that are not identifiers, a ``torch._assert`` on the rank
+    (timm-style norm layers) and torchvision's stochastic depth on a residual branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.add_module("block1-0", nn.Sequential(nn.Conv2d(8, 8, 3, padding=1),
+                                                  nn.BatchNorm2d(8)))
+        self.drop = StochasticDepth(0.2, "row")
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected a 4-D input")
+        y = self.stem(x)
+        y = torch.relu(y + self.drop(getattr(self, "block1-0")(y)))
+        return self.head(y)
+
+
+@pytest.fixture(scope="module")
+def odd_converted() -> dict[bool, torch.fx.GraphModule]:
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    prepared = djpq.prepare(_OddNames().eval(), X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {integer: djpq.convert(prepared, integer=integer) for integer in (True, False)}
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_any_legal_module_name_and_assert_round_trip_in_the_safe_format(
+        odd_converted, integer: bool, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    converted = odd_converted[integer]
+    assert any(n.target is torch._assert for n in converted.graph.nodes)
+    assert not any("stochastic_depth" in str(n.target) for n in converted.graph.nodes)
+    path = djpq.save_converted(converted, tmp_path / "m.djpq")
+    loaded = djpq.load_converted(path)
+    assert torch.equal(loaded(X), converted(X))
+    assert loaded.meta["djpq.stage"] == "converted"
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_torch_save_and_load_of_a_converted_model_keeps_it_whole(
+        odd_converted, integer: bool, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    converted = odd_converted[integer]
+    torch.save(converted, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(loaded(X), converted(X))
+    assert loaded.meta["djpq.stage"] == "converted" and loaded.meta["djpq.integer"] is integer
+    assert djpq.bops(loaded).total == djpq.bops(converted).total
+    djpq.save_converted(loaded, tmp_path / "again.djpq")  # still a converted model
+
+
+def test_stochastic_depth_traced_in_train_mode_is_dropped_at_convert() -> None:
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = _OddNames().train()  # the trace bakes training=True into stochastic_depth
+    prepared = djpq.prepare(model, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = djpq.convert(prepared, integer=False)
+    assert torch.equal(converted(X), converted(X))  # deterministic: no random row drop
+
+
+# --------------------------------------------------------------------------- capture options
+class _ShapeBranches(nn.Module):
+    """ViT-style shape checks in the forward: symbolic_trace cannot decide them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 8:  # resize other inputs (never taken for the example)
+            x = F.interpolate(x, size=(8, 8))
+        _, _, h, _ = x.shape
+        y = torch.relu(self.bn(self.proj(x)))
+        new_h = y.shape[2]
+        if new_h != h:
+            raise ValueError("unexpected height")
+        return self.head(y)
+
+
+class _ValueBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        y = self.conv(x)
+        if flip:
+            y = -y
+        return y if y.sum() > 0 else 2 * y  # on tensor values: never specialized
+
+
+def test_shape_dependent_control_flow_is_captured_specialized_and_guarded() -> None:
+    from djpq_compiler.errors import CaptureWarning
+
+    torch.manual_seed(0)
+    model = _ShapeBranches().eval()
+    with pytest.warns(CaptureWarning, match="2 shape condition"):
+        report = djpq.analyze(model, X)
+    assert len(report.graph_module.meta["djpq.specialized"]) == 2
+    assert len(report.prunable_groups) == 1  # the conv inside stays a prunable module
+    with pytest.warns(CaptureWarning):
+        prepared = djpq.prepare(model, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = djpq.convert(prepared)
+    with torch.no_grad():
+        ref = model(X)
+        assert float((converted(X) - ref).abs().max()) <= 0.05 * float(ref.max() - ref.min())
+        with pytest.raises(AssertionError, match="captured for inputs where"):
+            converted(torch.randn(1, 3, 10, 10))  # would take the other branch: loud
+
+
+def test_value_dependent_control_flow_is_refused() -> None:
+    from djpq_compiler.errors import CaptureError
+
+    with pytest.raises(CaptureError, match="x.sum|y.sum|control flow"):
+        djpq.analyze(_ValueBranch(), X)
+
+
+def test_leaf_modules_and_concrete_args_are_accepted_where_the_error_recommends_them() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 3, 3, padding=1)
+            self.block = _ValueBranch()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(torch.relu(self.stem(x)))
+
+    torch.manual_seed(0)
+    model = Wrapper().eval()
+    report = djpq.analyze(model, X, leaf_modules=(_ValueBranch,))
+    assert any(n.target == "block" for n in report.graph_module.graph.nodes)
+    prepared = djpq.prepare(model, X, leaf_modules=[_ValueBranch])
+    assert torch.allclose(prepared(X), model(X), atol=0.1)
+    pruned = djpq.prune(model, X, {}, leaf_modules=(_ValueBranch,))
+    assert torch.allclose(pruned(X), model(X))
+
+
+class _ModeSwitch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, mode: str = "train") -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return y.mean((2, 3)) if mode == "pool" else y
+
+
+def test_concrete_args_fix_a_python_argument() -> None:
+    torch.manual_seed(0)
+    model = _ModeSwitch().eval()
+    report = djpq.analyze(model, X, concrete_args={"mode": "pool"})
+    assert any(n.target == "mean" for n in report.graph_module.graph.nodes)
+    prepared = djpq.prepare(model, X, concrete_args={"mode": "pool"})
+    assert prepared(X).shape == (4, 4)
+
+
+# --------------------------------------------------------------------------- float ops, bad inputs
+class _FloatIsland(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.cumsum(torch.relu(self.a(x)), dim=3))  # no integer lowering
+
+
+def test_integer_convert_warns_naming_the_ops_it_left_in_float() -> None:
+    torch.manual_seed(0)
+    prepared = djpq.prepare(_FloatIsland().eval(), X)
+    with pytest.warns(djpq.FloatOpsWarning, match=r"left \d+ op\(s\) in float: .*cumsum"):
+        converted = djpq.convert(prepared)
+    assert "cumsum" in converted.meta["djpq.float_ops"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", djpq.FloatOpsWarning)
+        djpq.convert(prepared, integer=False)  # a float convert: nothing to warn about
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(4, 4, 1)).eval()
+        djpq.convert(djpq.prepare(plain, X))  # all-integer: no warning
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("entry", ["analyze", "prepare", "bops", "tuple", "calibration"])
+def test_non_finite_example_inputs_are_a_clear_error(entry: str, bad: float) -> None:
+    from djpq_compiler.errors import CaptureError
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+    x = X.clone()
+    x[0, 1, 2, 3] = bad
+    kind = "NaN" if math.isnan(bad) else "infinite"
+    if entry == "analyze":
+        call, where = (lambda: djpq.analyze(model, x)), "example_inputs"
+    elif entry == "prepare":
+        call, where = (lambda: djpq.prepare(model, x)), "example_inputs"
+    elif entry == "bops":
+        call, where = (lambda: djpq.bops(model, x)), "example_inputs"
+    elif entry == "tuple":
+        call, where = (lambda: djpq.analyze(model, (x,))), r"example_inputs\[0\]"
+    else:
+        call, where = (lambda: djpq.prepare(model, X, calibration_data=[(X,), (x,)])), \
+            r"calibration_data batch 1\[0\]"
+    with pytest.raises(CaptureError, match=rf"{where} holds 1 {kind} value"):
+        call()
+
+
+# --------------------------------------------------------------------------- functional batch norm
+class _BatchNormAct2d(nn.BatchNorm2d):
+    """A timm-style fused BN + activation: rank assert, ``F.batch_norm``, dropout, activation."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        momentum = 0.0 if self.momentum is None else self.momentum
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class _BnActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = _BatchNormAct2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = _BatchNormAct2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv1(x))
+        return self.head(self.bn2(self.conv2(y)) + y)
+
+
+def _bn_act_net() -> _BnActNet:
+    torch.manual_seed(0)
+    model = _BnActNet().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_functional_batch_norm_gets_channels_and_folds_like_a_module() -> None:
+    model = _bn_act_net()
+    report = djpq.analyze(model, X)
+    assert [g.prunable for g in report.groups] == [True, False]  # was: zero prunable groups
+    graph = report.graph_module.graph
+    assert not any(n.target is F.batch_norm for n in graph.nodes)
+    assert isinstance(report.graph_module.get_submodule("bn1"), nn.BatchNorm2d)
+    _, err, before, after = pruning_oracle(model, X, seed=1)
+    assert err < 1e-4 and after < before
+    prepared = djpq.prepare(model, X).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", djpq.FloatOpsWarning)  # everything runs in integers
+        floating = djpq.convert(prepared, integer=False)
+        integer = djpq.convert(prepared)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in floating.modules())
+    hard = copy.deepcopy(prepared)
+    set_quantizers(hard, False)
+    set_gates_deterministic(hard, True)
+    with torch.no_grad():
+        assert torch.allclose(floating(X), hard(X), atol=1e-5, rtol=1e-4)
+    assert max(verify.integer_agreement(prepared, integer, X).values()) <= 1
+
+
+def test_functional_batch_norm_in_train_mode_keeps_its_statistics_update() -> None:
+    model = _bn_act_net().train()
+    prepared = djpq.prepare(model, X)
+    bn = prepared.get_submodule("bn1")
+    assert isinstance(bn, nn.BatchNorm2d) and bn.training
+    before = bn.running_mean.clone()
+    set_quantizers(prepared, False)
+    prepared(X)
+    assert not torch.equal(bn.running_mean, before)  # batch statistics, running average updated
+
+
+def test_functional_batch_norm_that_cannot_be_a_module_is_a_per_channel_op() -> None:
+    class Shared(nn.Module):  # one weight read by two calls: stays functional
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.w = nn.Parameter(torch.ones(4))
+            self.register_buffer("m", torch.zeros(4))
+            self.register_buffer("v", torch.ones(4))
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.batch_norm(self.conv(x), self.m, self.v, self.w, None, False)
+            return self.head(torch.relu(y * self.w.view(1, -1, 1, 1)))
+
+    report = djpq.analyze(Shared().eval(), X)
+    assert any(n.target is F.batch_norm for n in report.graph_module.graph.nodes)
+    assert "batch_norm" not in report.missing

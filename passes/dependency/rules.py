@@ -228,6 +228,33 @@ def per_channel_norm(st: AnalysisState, node: fx.Node) -> Info:
     return out
 
 
+@RULES.register(F.batch_norm, F.instance_norm)
+def functional_norm(st: AnalysisState, node: fx.Node) -> Info:
+    """``F.batch_norm`` / ``F.instance_norm`` left functional (``passes/functional_norms.py``
+    turns the common case into a module first): channels on dim 1 pass through, the per-channel
+    tensors are sliced with them when each is a ``get_attr`` read by this call only (else the
+    space is a barrier), and zero is not preserved (the shift), so no gate moves here."""
+    x = _input(st, node)
+    shape = tensor_shape(node)
+    if not isinstance(x, Space) or shape is None or len(shape) < 2 or x.dim != 1:
+        if x is not None and not isinstance(x, Opaque):
+            st.barrier_info(x, f"{node.name}: channels not tracked on dim 1")
+        return Opaque(f"output of {node.name}")
+    out = st.new_space(node, 1, x.size)
+    st.union(out, x)
+    for i, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+        arg = _fn_arg(node, i, name)
+        if arg is None:
+            continue
+        target = _exclusive_get_attr(arg)
+        if target is None:
+            st.barrier(out, f"{node.name}: its {name} is not a parameter it alone reads")
+        else:
+            st.add_role(out, Role("param", node.name, target, 0))
+    st.zero_kind[node.name] = Zero.NEVER
+    return out
+
+
 # --------------------------------------------------------------------------- elementwise unary
 def _pass_through(st: AnalysisState, node: fx.Node, zero: Zero) -> Info:
     x = _input(st, node)
