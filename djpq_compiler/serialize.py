@@ -91,7 +91,8 @@ def as_converted(gm: fx.GraphModule) -> ConvertedGraphModule:
     (its state moves over; do not use ``gm`` afterwards); ``gm`` itself when it already is one."""
     if isinstance(gm, ConvertedGraphModule):
         return gm
-    out = ConvertedGraphModule.__new__(ConvertedGraphModule)
+    out = ConvertedGraphModule.__new__(ConvertedGraphModule)  # its own per-instance class
+    type(out).__name__ = type(gm).__name__  # e.g. "ConvertedModel", as GraphModule names it
     out.__dict__.update(gm.__dict__)
     out.graph = gm.graph  # the graph's owner becomes ``out``; recompiles its forward
     return out
