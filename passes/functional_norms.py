@@ -6,7 +6,8 @@ are traced through, leaving ``F.batch_norm(x, running_mean, running_var, weight,
 momentum, eps)`` on ``get_attr`` nodes. Every later pass knows batch norm as a module: its
 channel rule moves the gate after it, ``convert`` folds it into the conv (float) or the integer
 layer's scale and bias, BOPs treat it as free. So the call becomes a ``call_module`` of an
-``nn.BatchNorm{1,2,3}d`` holding *the same* tensors, at the path that owned them.
+``nn.BatchNorm{1,2,3}d`` holding *the same* tensors, at the path that owned them (or, when that
+module also holds the layer's activation, at ``<path>.bn``).
 
 Requires: a captured graph with shapes (``tensor_meta``).
 Guarantees: a call is rewritten only when its running statistics (and weight/bias, when given)
@@ -99,10 +100,26 @@ def _module_for(gm: fx.GraphModule, owner: str, args: dict[str, Any],
         bn.bias = holder.bias
     elif bn.affine:
         bn.bias = nn.Parameter(torch.zeros_like(bn.weight), requires_grad=False)
-    for child, module in holder._modules.items():  # e.g. the activation of a BN-act layer
-        bn.add_module(child, module)
     bn.train(gm.training)
     return bn
+
+
+def _place(gm: fx.GraphModule, owner: str, bn: nn.Module) -> str:
+    """Put ``bn`` where the tensors lived: at ``owner`` itself, or, when the owner also holds
+    child modules (the activation of a BN-act layer), as its child ``bn`` (``djpq_bn`` if that
+    name is taken) with the tensors moved out of the owner. Returns the module path."""
+    holder = gm.get_submodule(owner)
+    if not holder._modules:
+        parent, _, name = owner.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, bn)
+        return owner
+    for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        holder._parameters.pop(key, None)
+        holder._buffers.pop(key, None)
+        holder.__dict__.pop(key, None)
+    child = "bn" if not hasattr(holder, "bn") else "djpq_bn"
+    holder.add_module(child, bn)
+    return f"{owner}.{child}"
 
 
 def _drop_rank_asserts(gm: fx.GraphModule, x: fx.Node, ranks: tuple[int, ...]) -> None:
@@ -139,11 +156,9 @@ def functional_norms_to_modules(gm: fx.GraphModule) -> PassResult:
         owner = _owner(gm, node, args)
         if owner is None:
             continue
-        bn = _module_for(gm, owner, args, len(shape))
-        parent, _, name = owner.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, name, bn)
+        path = _place(gm, owner, _module_for(gm, owner, args, len(shape)))
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(owner, (args["input"],))
+            new = gm.graph.call_module(path, (args["input"],))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         stale = [a for a in node.all_input_nodes if a.op == "get_attr"]

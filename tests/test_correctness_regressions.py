@@ -548,7 +548,7 @@ def test_functional_batch_norm_gets_channels_and_folds_like_a_module() -> None:
     assert [g.prunable for g in report.groups] == [True, False]  # was: zero prunable groups
     graph = report.graph_module.graph
     assert not any(n.target is F.batch_norm for n in graph.nodes)
-    assert isinstance(report.graph_module.get_submodule("bn1"), nn.BatchNorm2d)
+    assert isinstance(report.graph_module.get_submodule("bn1.bn"), nn.BatchNorm2d)  # beside act
     _, err, before, after = pruning_oracle(model, X, seed=1)
     assert err < 1e-4 and after < before
     prepared = djpq.prepare(model, X).eval()
@@ -568,7 +568,7 @@ def test_functional_batch_norm_gets_channels_and_folds_like_a_module() -> None:
 def test_functional_batch_norm_in_train_mode_keeps_its_statistics_update() -> None:
     model = _bn_act_net().train()
     prepared = djpq.prepare(model, X)
-    bn = prepared.get_submodule("bn1")
+    bn = prepared.get_submodule("bn1.bn")
     assert isinstance(bn, nn.BatchNorm2d) and bn.training
     before = bn.running_mean.clone()
     set_quantizers(prepared, False)
