@@ -32,6 +32,7 @@ from torch import nn
 from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.elementwise import add_rescale, concat_rescales
 from djpq_compiler.backends.reference.fixedpoint import qrange
+from djpq_compiler.backends.reference.lookup import LUT_MAX_BITS, IntLUT, build_table, unary_op_name
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.fold_scales import fold_layer_scale
 from djpq_compiler.passes.integer_layers import layer_params
@@ -69,6 +70,7 @@ class _Lowering:
         self.bank = nn.ModuleDict()
         self.done: set[str] = set()
         self.float_ops: list[str] = []
+        self.lut_ops: list[str] = []
         self.layers: dict[str, dict[str, object]] = {}
         self.bounds: dict[str, int] = {}  # quantizer node -> LSB bound where it exceeds 1
 
@@ -253,10 +255,35 @@ class _Lowering:
             self.env[node.name] = self.module(f"op_{node.name}", mod, (self.env[_name(x)],))
             self.act[node.name] = act
             return True
+        if self.lookup_table(node, act):
+            return True
         if self.key(node) in _SHAPE:
             self.copy_int(node, act)
             return True
         return False
+
+    def lookup_table(self, node: fx.Node, act: Act) -> bool:
+        """An elementwise unary function (``UNARY_OPS``) of codes with <= ``LUT_MAX_BITS`` bits
+        read (through shape ops) by a quantizer: one :class:`IntLUT` whose entries are the
+        reference's ``Quantize_out(f(Dequantize_in(q)))`` for every code ``q``, i.e. exactly
+        what the float island would compute, in integers."""
+        name = unary_op_name(_target(self.gm, node))
+        if name is None or act.bits > LUT_MAX_BITS or node.all_input_nodes != [node.args[0]]:
+            return False
+        quant = self.quantizer_reading(node, _SHAPE)
+        if quant is None:
+            return False
+        out = self.quant_act(quant)
+        lo, hi = qrange(act.bits, act.signed)
+        table = build_table(_unary_callable(self.gm, node), im.Dequantize(act.scale),
+                            im.Quantize(out.scale, out.bits, out.signed), lo, hi)
+        lut = IntLUT(table, name, act.scale, act.bits, act.signed, out.scale, out.bits,
+                     out.signed)
+        self.env[node.name] = self.module(f"lut_{node.name}", lut,
+                                          (self.env[_name(node.args[0])],))
+        self.act[node.name] = out
+        self.lut_ops.append(node.name)
+        return True
 
     def relu6_off_grid(self, node: fx.Node, act: Act) -> bool:
         """ReLU6 on codes whose grid misses 6.0: fake-quant's value 6.0 is between two codes.
@@ -354,6 +381,7 @@ class _Lowering:
         out.meta["djpq.stage"] = "converted"
         out.meta["djpq.integer"] = True
         out.meta["djpq.float_ops"] = tuple(self.float_ops)
+        out.meta["djpq.lut_ops"] = tuple(self.lut_ops)
         out.meta["djpq.lowered_layers"] = self.layers
         out.meta["djpq.agreement_bounds"] = self.bounds
         out.meta["djpq.quant_map"] = {  # prepared quantizer node -> converted node of its codes
@@ -367,6 +395,27 @@ def _name(arg: object) -> str:
     if not isinstance(arg, fx.Node):
         raise TypeError(f"expected an fx.Node, got {type(arg).__name__}")
     return arg.name
+
+
+def _target(gm: fx.GraphModule, node: fx.Node) -> object:
+    """The registry key of ``node``: module class, function, or ``torch.Tensor`` method."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target)))
+    if node.op == "call_method":
+        return getattr(torch.Tensor, str(node.target), None)
+    return node.target
+
+
+def _unary_callable(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """``node``'s computation as a function of its tensor input (other arguments fixed)."""
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return lambda x: module(x, *rest, **kwargs)
+    if node.op == "call_method":
+        return lambda x: getattr(x, str(node.target))(*rest, **kwargs)
+    target: Any = node.target
+    return lambda x: target(x, *rest, **kwargs)
 
 
 def _on_grid(value: float, scale: float) -> bool:
