@@ -188,7 +188,7 @@ def convert_binary(ctx: Lowering, node: fx.Node) -> Lowered:
     b = ctx.value(node.args[1] if len(node.args) > 1 else node.kwargs["other"])
     numbers = (int, float)
     if isinstance(a, numbers) and isinstance(b, numbers):
-        return _PY[name](a, b)  # type: ignore[no-any-return]
+        return _PY[name](a, b)
     return FloatValue(ctx.bb.binary(name, _operand(ctx, node, a, 0), _operand(ctx, node, b, 1)))
 
 
