@@ -21,7 +21,7 @@ from torch import fx, nn
 
 import djpq_compiler as djpq
 from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.backends.reference.lookup import UNARY_OPS, IntLUT, build_table
+from djpq_compiler.backends.reference.lookup import BINARY_OPS, UNARY_OPS, IntLUT, build_table
 from djpq_compiler.convert import convert
 from djpq_compiler.verify import integer_agreement
 
@@ -136,10 +136,28 @@ def test_build_table_covers_every_code() -> None:
     assert torch.equal(table, want.to(torch.int64))
 
 
-def test_unary_registry_is_consistent_with_tvm() -> None:
+def test_elementwise_facts_have_converters_in_both_backends() -> None:
+    """Every op of the shared facts (UNARY_OPS, BINARY_OPS) lowers as a float op in TVM and ONNX
+    (it is a float island wherever it does not become a table)."""
+    from djpq_compiler.backends.onnx import graph as onnx_graph
+    from djpq_compiler.backends.tvm import emit as tvm_emit
     from djpq_compiler.backends.tvm.float_ops import FLOAT_UNARY
 
     assert set(UNARY_OPS.values()) <= set(FLOAT_UNARY)
+    for target in (*UNARY_OPS, *BINARY_OPS):
+        assert target in tvm_emit._REGISTRY, target
+        assert target in onnx_graph._REGISTRY, target
+
+
+def test_lut_model_saves_and_loads(lut_model: tuple, tmp_path) -> None:
+    from djpq_compiler.serialize import load_converted, save_converted
+
+    _, converted, x = lut_model
+    path = save_converted(converted, tmp_path / "lut.djpq")
+    loaded = load_converted(path)
+    assert loaded.meta["djpq.lut_ops"] == converted.meta["djpq.lut_ops"]
+    for got, want in zip(loaded(x), converted(x), strict=True):
+        assert torch.equal(got, want)
 
 
 # ------------------------------------------------------------------------------ float islands
