@@ -174,6 +174,15 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
 
 
+def _stochastic_depth() -> nn.Module:
+    """torchvision's StochasticDepth (EfficientNet's drop path; the identity in eval)."""
+    try:
+        from torchvision.ops import StochasticDepth
+    except ImportError:
+        return nn.Identity()
+    return StochasticDepth(0.2, "row")
+
+
 class MBConv(nn.Module):
     """MobileNetV3 / EfficientNet-like block: expand, depthwise, squeeze-excite, project."""
 
@@ -184,12 +193,13 @@ class MBConv(nn.Module):
                                 act())
         self.se = SqueezeExcite(8, gate)
         self.project = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.drop_path = _stochastic_depth()
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16),
                                   act(), nn.Dropout(0.2), nn.Linear(16, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stem(x)
-        y = y + self.project(self.se(self.dw(y)))
+        y = y + self.drop_path(self.project(self.se(self.dw(y))))
         return self.head(y)
 
 

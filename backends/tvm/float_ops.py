@@ -366,3 +366,31 @@ def convert_lut(ctx: Lowering, node: fx.Node) -> Lowered:
     dtype = container_dtype(module.qmin, module.qmax)
     out = ctx.bb.call("take", ctx.bb.const(table, dtype), index, 0)
     return IntValue(out, module.qmin, module.qmax)
+
+
+# ------------------------------------------------------------------------------ identities
+
+
+def _register_stochastic_depth() -> None:
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:  # torchvision is optional
+        return
+
+    @register(StochasticDepth, stochastic_depth)
+    def convert_stochastic_depth(ctx: Lowering, node: fx.Node) -> Lowered:
+        """torchvision's stochastic depth: the identity at inference; training mode refused."""
+        module = ctx.module(node) if node.op == "call_module" else None
+        training = module.training if module is not None else _arg(ctx, node, 3, "training",
+                                                                      True)
+        p = float(module.p if module is not None else _arg(ctx, node, 1, "p", 0.0))
+        if training is not False and p > 0:
+            raise BackendError(f"{node.format_node()}: stochastic depth in training mode drops "
+                               "random rows; build the model in eval mode")
+        value = ctx.value(node.args[0])
+        if not isinstance(value, (IntValue, FloatValue)):
+            raise BackendError(f"{node.format_node()}: expects a tensor input, got {value!r}")
+        return value
+
+
+_register_stochastic_depth()
