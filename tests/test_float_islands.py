@@ -37,19 +37,21 @@ ACTIVATIONS = {
 
 class AfterAdd(nn.Module):
     """Each activation reads the (quantized) sum of a residual add and feeds a conv, so each
-    becomes a table; the last four use the functional / method forms."""
+    becomes a table; then the functional / method forms and a table of unsigned codes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
         self.acts = nn.ModuleList(make() for make in ACTIVATIONS.values())
-        self.heads = nn.ModuleList(nn.Conv2d(8, 4, 1) for _ in range(len(ACTIVATIONS) + 4))
+        self.heads = nn.ModuleList(nn.Conv2d(8, 4, 1) for _ in range(len(ACTIVATIONS) + 6))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         a = self.c1(x)
         y = a + self.c2(a)
         ys = [act(y) for act in self.acts]
         ys += [torch.sigmoid(y), F.gelu(y, approximate="tanh"), y.tanh(), F.silu(y)]
+        r = torch.relu(y)  # read by a head: unsigned codes, a table indexed from 0
+        ys += [r, F.hardswish(r)]
         return tuple(head(v) for head, v in zip(self.heads, ys, strict=True))
 
 
@@ -70,7 +72,8 @@ def lut_model() -> tuple[fx.GraphModule, fx.GraphModule, torch.Tensor]:
 def test_unary_functions_of_codes_become_tables(lut_model: tuple) -> None:
     prepared, converted, x = lut_model
     luts = [m for m in converted.modules() if isinstance(m, IntLUT)]
-    assert len(luts) == len(ACTIVATIONS) + 4
+    assert len(luts) == len(ACTIVATIONS) + 5
+    assert any(lut.in_qmin == 0 for lut in luts) and any(lut.in_qmin < 0 for lut in luts)
     assert sorted({m.op for m in luts}) == sorted(
         {"sigmoid", "hardsigmoid", "hardswish", "silu", "gelu", "tanh", "hardtanh"})
     assert len(converted.meta["djpq.lut_ops"]) == len(luts)
