@@ -226,6 +226,8 @@ class _Lowering:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         if any(a is None for a in acts) or (is_cat and dim != 1):
             return False
+        if not is_cat and node.kwargs.get("alpha", 1) != 1:  # a + alpha*b: IntAdd has no alpha
+            return False
         out = self.quant_act(quant)
         ins = tuple(self.env[_name(a)] for a in operands)
         if is_cat:
