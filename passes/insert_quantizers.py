@@ -263,7 +263,7 @@ def _pre_activation_producers(gm: fx.GraphModule, layers: Sequence[Layer],
     for node in gm.graph.nodes:
         if not _lut_activation(gm, node) or tensor_shape(node) is None:
             continue
-        x: fx.Node = node.args[0]  # type: ignore[assignment]
+        x: fx.Node = node.args[0]
         layer = _producer_layer(gm, x, by_name)
         spec = layer_configs[layer.node.name].activation if layer is not None else None
         if spec is None:
