@@ -7,9 +7,10 @@ codes wherever the prepared model had an activation quantizer, computed by the m
 ``backends/reference/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
 one ``IntConv2d``/``IntLinear`` (weight codes of the learned grid, BN and gate factors folded into
 per-channel dyadic multipliers, ReLU as the clip range); residual adds and concats of quantized
-operands become ``IntAdd``/``IntConcat``; pooling, ReLU and shape ops run on codes; an elementwise
-unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``: sigmoid, hardswish, SiLU, GELU,
-...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
+operands become ``IntAdd``/``IntConcat``; a product of two quantized tensors read by a
+quantizer (the squeeze-excite ``x * gate``) an ``IntMul``; pooling, ReLU and shape ops run on
+codes; an elementwise unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``:
+sigmoid, hardswish, SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
 ``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
 ``Quantize`` and is listed in ``meta["djpq.float_ops"]``. Conversion never changes what a node
 computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator
@@ -60,6 +61,7 @@ _SHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape
 _METADATA = ("size", builtins.getattr, "dim")
 _ADD = (operator.add, torch.add, "add")
 _CAT = (torch.cat, torch.concat)
+_MUL = (operator.mul, torch.mul, "mul")
 
 
 class _Lowering:
@@ -244,6 +246,24 @@ class _Lowering:
             self.env[n.name], self.act[n.name] = new, out
         return True
 
+    def product(self, node: fx.Node) -> bool:
+        """Integer multiply (``IntMul``) of two quantized tensors whose product a quantizer
+        reads next (the squeeze-excite ``x * gate``)."""
+        quant = self.sole_user(node)
+        operands = list(node.args)
+        if quant is None or not self.is_quant(quant) or node.kwargs or len(operands) != 2:
+            return False
+        acts = [self.act.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+        if acts[0] is None or acts[1] is None:
+            return False
+        out = self.quant_act(quant)
+        mod = im.IntMul((acts[0].scale, acts[1].scale, out.scale), out.bits, out.signed)
+        new = self.module(f"mul_{node.name}", mod, tuple(self.env[_name(a)] for a in operands))
+        for n in (node, quant):
+            self.done.add(n.name)
+            self.env[n.name], self.act[n.name] = new, out
+        return True
+
     def on_codes(self, node: fx.Node) -> bool:
         """Ops that run on codes at the input's scale: pooling, ReLU, shape ops."""
         x = node.args[0] if node.args else None
@@ -374,6 +394,8 @@ class _Lowering:
                 self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
                 self.act[node.name] = None
             elif self.key(node) in _ADD + _CAT and self.merge(node):
+                continue
+            elif self.key(node) in _MUL and self.product(node):
                 continue
             elif self.layer_chain(node) or self.on_codes(node):
                 continue

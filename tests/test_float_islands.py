@@ -326,8 +326,8 @@ class MBConvSE(MBConv):
 #: name -> (model, the float ops left after convert)
 PRE_ACT_NETS = {
     "conv_bn_hardswish": (ConvBnHardswish, ()),
-    "mbconv_se_hardswish": (lambda: MBConvSE(nn.Hardswish, nn.Hardsigmoid), ("mul",)),
-    "mbconv_se_silu": (lambda: MBConvSE(nn.SiLU, nn.Sigmoid), ("mul",)),
+    "mbconv_se_hardswish": (lambda: MBConvSE(nn.Hardswish, nn.Hardsigmoid), ()),
+    "mbconv_se_silu": (lambda: MBConvSE(nn.SiLU, nn.Sigmoid), ()),
 }
 
 
@@ -386,6 +386,21 @@ def test_pre_activation_net_onnx(pre_act_net: tuple, tmp_path) -> None:
     assert report["max_lsb_per_op"] <= 1, report["per_op"]
     assert all(report["per_op"][n] == 0 for n in converted.meta["djpq.lut_ops"]
                if n in report["per_op"]), report["per_op"]
+
+
+def test_pre_activation_net_saves_and_loads(pre_act_net: tuple, tmp_path) -> None:
+    from djpq_compiler.serialize import load_converted, save_converted
+
+    name, _, _, converted, x = pre_act_net
+    loaded = load_converted(save_converted(converted, tmp_path / f"{name}.djpq"))
+    assert torch.equal(loaded(x), converted(x))
+
+
+def test_se_multiply_is_integer(pre_act_net: tuple) -> None:
+    """The squeeze-excite ``x * gate`` of two code tensors is one ``IntMul``."""
+    name, _, _, converted, _ = pre_act_net
+    muls = [m for m in converted.modules() if isinstance(m, im.IntMul)]
+    assert len(muls) == (1 if name.startswith("mbconv") else 0)
 
 
 def _act_quantizers(prepared: fx.GraphModule) -> dict[str, DQQuantizer]:
