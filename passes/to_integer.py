@@ -10,8 +10,8 @@ per-channel dyadic multipliers, ReLU as the clip range); residual adds and conca
 operands become ``IntAdd``/``IntConcat``; a product of two quantized tensors read by a
 quantizer (the squeeze-excite ``x * gate``) an ``IntMul``; pooling, ReLU and shape ops run on
 codes; an elementwise unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``:
-sigmoid, hardswish, SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
-``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
+sigmoid, hardswish, SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact
+``IntLUT`` table (listed in ``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
 ``Quantize`` and is listed in ``meta["djpq.float_ops"]``. Conversion never changes what a node
 computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator
 step ``s_x * s_w`` is coarser than the output step, the integer bias gets extra fractional bits
