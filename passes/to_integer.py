@@ -7,16 +7,16 @@ codes wherever the prepared model had an activation quantizer, computed by the m
 ``backends/reference/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
 one ``IntConv2d``/``IntLinear`` (weight codes of the learned grid, BN and gate factors folded into
 per-channel dyadic multipliers, ReLU as the clip range); residual adds and concats of quantized
-operands become ``IntAdd``/``IntConcat``; a product of two quantized tensors read by a
-quantizer (the squeeze-excite ``x * gate``) an ``IntMul``; pooling, ReLU and shape ops run on
-codes; an elementwise unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``:
-sigmoid, hardswish, SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact
-``IntLUT`` table (listed in ``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
+operands become ``IntAdd``/``IntConcat``; a product of two quantized tensors read by a quantizer
+(the squeeze-excite ``x * gate``) an ``IntMul``; pooling, ReLU and shape ops run on codes; an
+elementwise unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``: sigmoid, hardswish,
+SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
+``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
 ``Quantize`` and is listed in ``meta["djpq.float_ops"]``. Conversion never changes what a node
-computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator
-step ``s_x * s_w`` is coarser than the output step, the integer bias gets extra fractional bits
-(``acc_shift``) to keep that bound; only if int32 cannot hold them is the larger bound recorded
-in ``meta["djpq.agreement_bounds"]`` and a warning names the layer.
+computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator step
+``s_x * s_w`` is coarser than the output step, the integer bias gets extra fractional bits
+(``acc_shift``) to keep that bound; only if int32 cannot hold them is the larger bound recorded in
+``meta["djpq.agreement_bounds"]`` and a warning names the layer.
 """
 
 from __future__ import annotations
