@@ -212,6 +212,9 @@ class _Lowering:
             relu = "relu" if self.key(nxt) in _RELU else "relu6"
             chain.append(nxt)
             nxt = self.sole_user(nxt)
+        while nxt is not None and _eval_identity(self.gm, nxt):  # e.g. drop path before an add
+            chain.append(nxt)
+            nxt = self.sole_user(nxt)
         if nxt is not None and self.is_quant(nxt):
             chain.append(nxt)
             return chain, bn, relu, nxt
@@ -281,7 +284,7 @@ class _Lowering:
             return True
         if self.lookup_table(node, act):
             return True
-        if self.key(node) in _SHAPE:
+        if self.key(node) in _SHAPE or _eval_identity(self.gm, node):
             self.copy_int(node, act)
             return True
         return False
@@ -442,6 +445,22 @@ def _unary_callable(gm: fx.GraphModule, node: fx.Node) -> Any:
         return lambda x: getattr(x, str(node.target))(*rest, **kwargs)
     target: Any = node.target
     return lambda x: target(x, *rest, **kwargs)
+
+
+def _eval_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is torchvision's stochastic depth (drop path) fixed to inference mode
+    (``training=False`` or ``p == 0``): the identity, on codes as on values."""
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:  # torchvision is optional
+        return False
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return isinstance(module, StochasticDepth) and (not module.training or module.p == 0)
+    if node.op != "call_function" or node.target is not stochastic_depth:
+        return False
+    args = dict(zip(("input", "p", "mode", "training"), node.args, strict=False)) | node.kwargs
+    return args.get("training", True) is False or bool(args.get("p") == 0)
 
 
 def _on_grid(value: float, scale: float) -> bool:
