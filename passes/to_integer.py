@@ -36,6 +36,7 @@ from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.elementwise import add_rescale, concat_rescales
 from djpq_compiler.backends.reference.fixedpoint import qrange
 from djpq_compiler.backends.reference.lookup import LUT_MAX_BITS, IntLUT, build_table, unary_op_name
+from djpq_compiler.errors import QuantizationError
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.fold_scales import fold_layer_scale
 from djpq_compiler.passes.integer_layers import layer_params
@@ -178,7 +179,18 @@ class _Lowering:
             return False
         chain, bn, relu, quant = self._chain(node)
         out_act = self.quant_act(quant) if quant is not None else None
-        mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, out_act, relu)
+        try:
+            mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, out_act, relu)
+        except QuantizationError as err:
+            if quant is None or relu is not None or not self.read_by_tables(quant):
+                raise
+            # a pre-activation quantizer (prepare's choice, not the user's): the layer keeps a
+            # float output, quantized by that quantizer as in fake-quant; the table still runs
+            warnings.warn(f"{err}. Its output stays float here and is quantized at {quant.name}"
+                          " before the lookup table", stacklevel=5)
+            chain = chain[:2] if bn is not None else chain[:1]
+            quant = out_act = None
+            mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, None, None)
         new = self.module(f"{params.kind}_{node.name}", mod, (self.env[_name(x)],))
         for n in chain:
             self.done.add(n.name)
@@ -196,6 +208,11 @@ class _Lowering:
                 "agreement",
                 stacklevel=5)
         return True
+
+    def read_by_tables(self, quant: fx.Node) -> bool:
+        """Whether every user of ``quant`` is an elementwise unary function (a table)."""
+        return bool(quant.users) and all(
+            unary_op_name(_target(self.gm, u)) is not None for u in quant.users)
 
     def _chain(self, node: fx.Node
                ) -> tuple[list[fx.Node], fx.Node | None, str | None, fx.Node | None]:

@@ -404,6 +404,23 @@ def test_se_multiply_is_integer(pre_act_net: tuple) -> None:
     assert len(muls) == (1 if name.startswith("mbconv") else 0)
 
 
+def test_pre_activation_layer_with_unrepresentable_bias_keeps_float_output() -> None:
+    """A layer whose bias does not fit int32 at ``s_x * s_w`` (here: its input calibrated on
+    zeros) cannot emit the pre-activation codes; it keeps a float output quantized before the
+    table (with a warning naming it) instead of refusing the model."""
+    from tiny_models import SqueezeExcite as TinySE
+
+    model = TinySE()
+    with torch.no_grad():
+        model.fc1.bias.fill_(-100.0)  # relu(fc1(...)) == 0 on every input
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    prepared = _prepared(model, x)
+    with pytest.warns(UserWarning, match="layer fc2: its bias does not fit int32.*lookup table"):
+        converted = convert(prepared)
+    assert "sigmoid" in converted.meta["djpq.lut_ops"]
+    assert max(integer_agreement(prepared, converted, x).values()) <= 1
+
+
 def _act_quantizers(prepared: fx.GraphModule) -> dict[str, DQQuantizer]:
     return {k: prepared.get_submodule(v) for k, v in prepared.meta["djpq.act_quantizers"].items()}
 
