@@ -7,13 +7,16 @@ codes wherever the prepared model had an activation quantizer, computed by the m
 ``backends/reference/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
 one ``IntConv2d``/``IntLinear`` (weight codes of the learned grid, BN and gate factors folded into
 per-channel dyadic multipliers, ReLU as the clip range); residual adds and concats of quantized
-operands become ``IntAdd``/``IntConcat``; pooling, ReLU and shape ops run on codes. Everything else
-runs in float between a ``Dequantize`` and the next ``Quantize`` and is listed in
-``meta["djpq.float_ops"]``. Conversion never changes what a node computes beyond the ≤ 1 LSB of
-integer rounding (DESIGN invariant 4). Where the accumulator step ``s_x * s_w`` is coarser than
-the output step, the integer bias gets extra fractional bits (``acc_shift``) to keep that bound;
-only if int32 cannot hold them is the larger bound recorded in ``meta["djpq.agreement_bounds"]``
-and a warning names the layer.
+operands become ``IntAdd``/``IntConcat``; a product of two quantized tensors read by a quantizer
+(the squeeze-excite ``x * gate``) an ``IntMul``; pooling, ReLU and shape ops run on codes; an
+elementwise unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``: sigmoid, hardswish,
+SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
+``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
+``Quantize`` and is listed in ``meta["djpq.float_ops"]``. Conversion never changes what a node
+computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator step
+``s_x * s_w`` is coarser than the output step, the integer bias gets extra fractional bits
+(``acc_shift``) to keep that bound; only if int32 cannot hold them is the larger bound recorded in
+``meta["djpq.agreement_bounds"]`` and a warning names the layer.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from torch import nn
 from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.elementwise import add_rescale, concat_rescales
 from djpq_compiler.backends.reference.fixedpoint import qrange
+from djpq_compiler.backends.reference.lookup import LUT_MAX_BITS, IntLUT, build_table, unary_op_name
+from djpq_compiler.errors import QuantizationError
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.fold_scales import fold_layer_scale
 from djpq_compiler.passes.integer_layers import layer_params
@@ -57,6 +62,7 @@ _SHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape
 _METADATA = ("size", builtins.getattr, "dim")
 _ADD = (operator.add, torch.add, "add")
 _CAT = (torch.cat, torch.concat)
+_MUL = (operator.mul, torch.mul, "mul")
 
 
 class _Lowering:
@@ -69,6 +75,7 @@ class _Lowering:
         self.bank = nn.ModuleDict()
         self.done: set[str] = set()
         self.float_ops: list[str] = []
+        self.lut_ops: list[str] = []
         self.layers: dict[str, dict[str, object]] = {}
         self.bounds: dict[str, int] = {}  # quantizer node -> LSB bound where it exceeds 1
 
@@ -172,7 +179,18 @@ class _Lowering:
             return False
         chain, bn, relu, quant = self._chain(node)
         out_act = self.quant_act(quant) if quant is not None else None
-        mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, out_act, relu)
+        try:
+            mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, out_act, relu)
+        except QuantizationError as err:
+            if quant is None or relu is not None or not self.read_by_tables(quant):
+                raise
+            # a pre-activation quantizer (prepare's choice, not the user's): the layer keeps a
+            # float output, quantized by that quantizer as in fake-quant; the table still runs
+            warnings.warn(f"{err}. Its output stays float here and is quantized at {quant.name}"
+                          " before the lookup table", stacklevel=5)
+            chain = chain[:2] if bn is not None else chain[:1]
+            quant = out_act = None
+            mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, None, None)
         new = self.module(f"{params.kind}_{node.name}", mod, (self.env[_name(x)],))
         for n in chain:
             self.done.add(n.name)
@@ -191,6 +209,11 @@ class _Lowering:
                 stacklevel=5)
         return True
 
+    def read_by_tables(self, quant: fx.Node) -> bool:
+        """Whether every user of ``quant`` is an elementwise unary function (a table)."""
+        return bool(quant.users) and all(
+            unary_op_name(_target(self.gm, u)) is not None for u in quant.users)
+
     def _chain(self, node: fx.Node
                ) -> tuple[list[fx.Node], fx.Node | None, str | None, fx.Node | None]:
         chain, bn, relu = [node], None, None
@@ -204,6 +227,9 @@ class _Lowering:
         base = list(chain)
         if nxt is not None and self.key(nxt) in _RELU + _RELU6:
             relu = "relu" if self.key(nxt) in _RELU else "relu6"
+            chain.append(nxt)
+            nxt = self.sole_user(nxt)
+        while nxt is not None and _eval_identity(self.gm, nxt):  # e.g. drop path before an add
             chain.append(nxt)
             nxt = self.sole_user(nxt)
         if nxt is not None and self.is_quant(nxt):
@@ -240,6 +266,24 @@ class _Lowering:
             self.env[n.name], self.act[n.name] = new, out
         return True
 
+    def product(self, node: fx.Node) -> bool:
+        """Integer multiply (``IntMul``) of two quantized tensors whose product a quantizer
+        reads next (the squeeze-excite ``x * gate``)."""
+        quant = self.sole_user(node)
+        operands = list(node.args)
+        if quant is None or not self.is_quant(quant) or node.kwargs or len(operands) != 2:
+            return False
+        acts = [self.act.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+        if acts[0] is None or acts[1] is None:
+            return False
+        out = self.quant_act(quant)
+        mod = im.IntMul((acts[0].scale, acts[1].scale, out.scale), out.bits, out.signed)
+        new = self.module(f"mul_{node.name}", mod, tuple(self.env[_name(a)] for a in operands))
+        for n in (node, quant):
+            self.done.add(n.name)
+            self.env[n.name], self.act[n.name] = new, out
+        return True
+
     def on_codes(self, node: fx.Node) -> bool:
         """Ops that run on codes at the input's scale: pooling, ReLU, shape ops."""
         x = node.args[0] if node.args else None
@@ -255,10 +299,35 @@ class _Lowering:
             self.env[node.name] = self.module(f"op_{node.name}", mod, (self.env[_name(x)],))
             self.act[node.name] = act
             return True
-        if self.key(node) in _SHAPE:
+        if self.lookup_table(node, act):
+            return True
+        if self.key(node) in _SHAPE or _eval_identity(self.gm, node):
             self.copy_int(node, act)
             return True
         return False
+
+    def lookup_table(self, node: fx.Node, act: Act) -> bool:
+        """An elementwise unary function (``UNARY_OPS``) of codes with <= ``LUT_MAX_BITS`` bits
+        read (through shape ops) by a quantizer: one :class:`IntLUT` whose entries are the
+        reference's ``Quantize_out(f(Dequantize_in(q)))`` for every code ``q``, i.e. exactly
+        what the float island would compute, in integers."""
+        name = unary_op_name(_target(self.gm, node))
+        if name is None or act.bits > LUT_MAX_BITS or node.all_input_nodes != [node.args[0]]:
+            return False
+        quant = self.quantizer_reading(node, _SHAPE)
+        if quant is None:
+            return False
+        out = self.quant_act(quant)
+        lo, hi = qrange(act.bits, act.signed)
+        table = build_table(_unary_callable(self.gm, node), im.Dequantize(act.scale),
+                            im.Quantize(out.scale, out.bits, out.signed), lo, hi)
+        lut = IntLUT(table, name, act.scale, act.bits, act.signed, out.scale, out.bits,
+                     out.signed)
+        self.env[node.name] = self.module(f"lut_{node.name}", lut,
+                                          (self.env[_name(node.args[0])],))
+        self.act[node.name] = out
+        self.lut_ops.append(node.name)
+        return True
 
     def relu6_off_grid(self, node: fx.Node, act: Act) -> bool:
         """ReLU6 on codes whose grid misses 6.0: fake-quant's value 6.0 is between two codes.
@@ -348,6 +417,8 @@ class _Lowering:
                 self.act[node.name] = None
             elif self.key(node) in _ADD + _CAT and self.merge(node):
                 continue
+            elif self.key(node) in _MUL and self.product(node):
+                continue
             elif self.layer_chain(node) or self.on_codes(node):
                 continue
             else:
@@ -358,6 +429,7 @@ class _Lowering:
         out.meta["djpq.stage"] = "converted"
         out.meta["djpq.integer"] = True
         out.meta["djpq.float_ops"] = tuple(self.float_ops)
+        out.meta["djpq.lut_ops"] = tuple(self.lut_ops)
         out.meta["djpq.lowered_layers"] = self.layers
         out.meta["djpq.agreement_bounds"] = self.bounds
         out.meta["djpq.quant_map"] = {  # prepared quantizer node -> converted node of its codes
@@ -371,6 +443,43 @@ def _name(arg: object) -> str:
     if not isinstance(arg, fx.Node):
         raise TypeError(f"expected an fx.Node, got {type(arg).__name__}")
     return arg.name
+
+
+def _target(gm: fx.GraphModule, node: fx.Node) -> object:
+    """The registry key of ``node``: module class, function, or ``torch.Tensor`` method."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target)))
+    if node.op == "call_method":
+        return getattr(torch.Tensor, str(node.target), None)
+    return node.target
+
+
+def _unary_callable(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """``node``'s computation as a function of its tensor input (other arguments fixed)."""
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return lambda x: module(x, *rest, **kwargs)
+    if node.op == "call_method":
+        return lambda x: getattr(x, str(node.target))(*rest, **kwargs)
+    target: Any = node.target
+    return lambda x: target(x, *rest, **kwargs)
+
+
+def _eval_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is torchvision's stochastic depth (drop path) fixed to inference mode
+    (``training=False`` or ``p == 0``): the identity, on codes as on values."""
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:  # torchvision is optional
+        return False
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return isinstance(module, StochasticDepth) and (not module.training or module.p == 0)
+    if node.op != "call_function" or node.target is not stochastic_depth:
+        return False
+    args = dict(zip(("input", "p", "mode", "training"), node.args, strict=False)) | node.kwargs
+    return args.get("training", True) is False or bool(args.get("p") == 0)
 
 
 def _on_grid(value: float, scale: float) -> bool:

@@ -138,6 +138,14 @@ class Builder:
         """Elementwise ``round`` (half to even), ``floor``, ..."""
         return self._emit(getattr(self._op, name)(x))
 
+    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        """Emit any op of ``relax.op`` by its dotted name (``"take"``, ``"mean"``,
+        ``"nn.avg_pool2d"``), for converters of less common ops (``float_ops.py``)."""
+        fn = self._op
+        for part in op.split("."):
+            fn = getattr(fn, part)
+        return self._emit(fn(*args, **kwargs))
+
     def clip(self, x: Any, lo: int | float, hi: int | float) -> Any:
         return self._emit(self._op.clip(x, lo, hi))
 
