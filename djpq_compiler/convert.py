@@ -26,6 +26,7 @@ from djpq_compiler.modules.saved import detach_compact_saving
 from djpq_compiler.passes.dependency.groups import ChannelGroup
 from djpq_compiler.passes.fold_gates import fold_gates
 from djpq_compiler.passes.fold_scales import fold_scales
+from djpq_compiler.passes.fold_shape_code import fold_shape_code
 from djpq_compiler.passes.mask import atom_mask
 from djpq_compiler.passes.prune import prune_graph
 from djpq_compiler.passes.strip_weight_quantizers import strip_weight_quantizers
@@ -112,6 +113,7 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     _slice_scales(gm)
     prune_graph(gm, gm.meta["djpq.keep"])
     fold_scales(gm, scale_layers=not integer)
+    fold_shape_code(gm)  # static shape reads, arithmetic and shape asserts -> constants
     if integer:
         return to_integer(gm)
     _drop_activation_quantizers(gm)

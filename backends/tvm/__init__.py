@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from . import converters, passthrough, pools, shapes  # noqa: F401  (registers the converters)
+from . import converters, passthrough, pools, shapes, transformer_ops  # noqa: F401  (registers)
 from .adapter import TVM_VERSION
 from .build import TARGETS, CompiledModel, build, compile_cuda_to_ptx, find_nvcc, target_spec
 from .emit import (

@@ -122,6 +122,14 @@ class Builder:
     def _emit(self, call: Any) -> Any:
         return self._bb.emit(call)
 
+    def op(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Emit ``tvm.relax.op.<name>(*args, **kwargs)``; ``name`` may be dotted
+        (``"nn.layer_norm"``). Used by the shape and transformer converters."""
+        fn: Any = self._op
+        for part in name.split("."):
+            fn = getattr(fn, part)
+        return self._emit(fn(*args, **kwargs))
+
     def const(self, value: Any, dtype: str) -> Any:
         """A constant with an explicit dtype (without it ints default to int32)."""
         return self._relax.const(np.asarray(value).astype(dtype), dtype)
