@@ -78,6 +78,15 @@ class _IntInput(nn.Module):
         return x.view(x.size(0), x.size(1) * k, -1)
 
 
+class _ParamShape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w.view(1, self.w.shape[0], 1, 1)
+
+
 def _targets(gm: fx.GraphModule) -> list[str]:
     """``op:target`` of every node but placeholders and the output."""
     out = []
@@ -98,6 +107,7 @@ GOLDEN: dict[str, tuple[Callable[[], nn.Module], tuple[Any, ...], list[str], int
                              ["numel", "eq", "_assert", "size", "view"], 1),
     "default_placeholders": (_Defaults, (torch.randn(2, 4, 8),),
                              ["scaled_dot_product_attention"], 1),
+    "parameter_shape": (_ParamShape, (torch.randn(2, 4, 3, 3),), ["view", "mul"], 1),
     "non_tensor_input_kept": (_IntInput, (torch.randn(2, 3, 4), 2),
                               ["size", "mul", "view"], 2),
 }

@@ -239,3 +239,28 @@ def test_torchvision_vit_small(tmp_path: Path) -> None:
     _skip_pending_islands(tvm_backend, converted)
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
     _check_close(compiled(x), converted(x), _unit(converted))
+
+
+def _small_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10)
+
+
+def test_torchvision_convnext_small(tmp_path: Path) -> None:
+    """torchvision's ConvNeXt at a small config: LayerNorm2d (permute + F.layer_norm with
+    get_attr weights), channels-last nn.LayerNorm, layer scale, stochastic depth; ONNX within
+    1 LSB per op; TVM once GELU and the layer-scale mul have float converters."""
+    pytest.importorskip("onnxruntime")
+    from djpq_compiler.backends.onnx import export, verify
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    converted = _converted(_small_convnext(), x)
+    assert {"layer_norm"} <= set(converted.meta["djpq.float_ops"])
+    report = verify(converted, export(converted, tmp_path / "cnx.onnx", (x,)), (x,))
+    assert report["max_lsb_per_op"] <= 1
+    tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
+    _skip_pending_islands(tvm_backend, converted)
+    compiled = tvm_backend.build(converted, "x86", example_inputs=x)
+    _check_close(compiled(x), converted(x), _unit(converted))
