@@ -13,8 +13,9 @@ Guarantees:
 
 * A node computing a Python value from tensor *shapes* only (a shape read, or a registered
   arithmetic/comparison op on such values; :data:`FOLDABLE`) is replaced by that value in every
-  user, provided the value is the same at two batch sizes. Values that depend on the batch
-  (``x.size(0)``, ``x.numel()``) stay nodes, so the converted model keeps a free batch
+  user, unless it depends on the batch size: a read of a batch axis (a dim that differs between
+  runs at two batch sizes: ``x.size(0)``, ``x.shape[0]``, ``x.numel()``) and everything computed
+  from it (``n // 2``, ``n * heads``) stay nodes, so the converted model keeps a free batch
   dimension (ONNX exports it symbolically). Values fed by non-tensor inputs are never folded.
 * ``torch._assert(cond, msg)`` with a folded (or literal) ``cond`` is removed when it holds; when
   it does not (pruning changed a size the model checks) a :class:`PruningError` names the node.
@@ -79,13 +80,16 @@ def _is_static(value: Any) -> bool:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the graph once, keeping the values of foldable nodes; asserts and quantizers are
-    skipped (quantizers do not change shapes, and a calibrating one must not observe this run)."""
+    """Runs the graph once, keeping the values of foldable nodes and the shapes of the tensors
+    whose shape they read; asserts and quantizers are skipped (quantizers do not change shapes,
+    and a calibrating one must not observe this run)."""
 
     def __init__(self, gm: fx.GraphModule, foldable: set[fx.Node]) -> None:
         super().__init__(gm)
         self.foldable = foldable
+        self.read = {n.args[0] for n in foldable if _key(n) in SHAPE_READS}
         self.values: dict[fx.Node, Any] = {}
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         if _key(n) in _ASSERTS:
@@ -93,6 +97,8 @@ class _Recorder(fx.Interpreter):
         result = super().run_node(n)
         if n in self.foldable:
             self.values[n] = result
+        if n in self.read and torch.is_tensor(result):
+            self.shapes[n] = tuple(result.shape)
         return result
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -148,9 +154,9 @@ def _captured_batch(gm: fx.GraphModule) -> int | None:
     return None
 
 
-def _record(gm: fx.GraphModule, foldable: set[fx.Node], batch: int) -> dict[fx.Node, Any] | None:
-    """Values of ``foldable`` nodes (and assert conditions) at ``batch``; ``None`` if the graph
-    cannot run there."""
+def _record(gm: fx.GraphModule, foldable: set[fx.Node], batch: int) -> _Recorder | None:
+    """One run at ``batch`` (values of ``foldable`` nodes, shapes they read); ``None`` if the
+    graph cannot run there."""
     inputs = _inputs(gm, batch)
     recorder = _Recorder(gm, foldable)
     was_training = gm.training
@@ -158,27 +164,86 @@ def _record(gm: fx.GraphModule, foldable: set[fx.Node], batch: int) -> dict[fx.N
     try:
         with torch.no_grad():
             recorder.run(*inputs)  # type: ignore[misc]
-    except Exception:  # the graph may be specialized to one batch: then nothing is provable
+    except Exception:  # the graph may be specialized to some batch sizes
         return None
     finally:
         gm.train(was_training)
-    return recorder.values
+    return recorder
+
+
+#: Per-element batch dependence of a value: a bool, or a tuple of bools for a shape tuple.
+Taint = bool | tuple[bool, ...]
+
+
+def _any(taint: Taint) -> bool:
+    return any(taint) if isinstance(taint, tuple) else bool(taint)
+
+
+def _read_taint(node: fx.Node, batch_axes: set[int], ndim: int, first: _Recorder) -> Taint:
+    """Which parts of a shape read follow the batch: ``x.shape``/``x.size()`` per element,
+    ``x.size(d)`` by ``d``, ``x.numel()`` if any batch axis, ``x.ndim``/``x.dim()`` never."""
+    key, attr = _key(node), node.args[1] if len(node.args) > 1 else None
+    if key in (torch.Tensor.dim, torch.Tensor.ndimension) or (
+            key is builtins.getattr and attr == "ndim"):
+        return False
+    if key in (torch.Tensor.numel, torch.numel):
+        return bool(batch_axes)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if key is torch.Tensor.size and dim is not None:
+        dim = first.values.get(dim, dim) if isinstance(dim, fx.Node) else dim
+        return not isinstance(dim, int) or dim % max(ndim, 1) in batch_axes
+    return tuple(i in batch_axes for i in range(ndim))
+
+
+def _taint(node: fx.Node, taints: dict[fx.Node, Taint], first: _Recorder,
+           second: _Recorder) -> Taint:
+    """Batch dependence of a foldable node, from the batch axes of the tensors whose shape is
+    read (the dims that differ between the two runs) through every op that uses the value."""
+    if _key(node) in SHAPE_READS:
+        src = node.args[0]
+        a, b = first.shapes.get(src), second.shapes.get(src)  # type: ignore[arg-type]
+        if a is None or b is None or len(a) != len(b):
+            return True
+        axes = {i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y}
+        return _read_taint(node, axes, len(a), first)
+    source = node.args[0] if node.args else None
+    mask = taints.get(source) if isinstance(source, fx.Node) else None
+    if _key(node) is operator.getitem and isinstance(mask, tuple) and \
+            not isinstance(node.args[1], fx.Node):
+        try:
+            return mask[node.args[1]]  # type: ignore[index]
+        except (IndexError, TypeError):
+            return True
+    return any(_any(taints.get(a, True)) for a in node.all_input_nodes)
 
 
 def _static_values(gm: fx.GraphModule, foldable: set[fx.Node]) -> dict[fx.Node, Any]:
-    """The values of ``foldable`` nodes that are static and equal at two batch sizes."""
+    """The values of ``foldable`` nodes that do not depend on the batch size: every size they
+    are computed from is a non-batch dim (found by a second run at another batch size: ``+ 7``,
+    far enough that ``n // k`` changes for small ``k``, else ``4x`` for models that need even
+    batches), and the value itself is the same in both runs."""
     batch = _captured_batch(gm)
     if batch is None or not foldable:
         return {}
     first = _record(gm, foldable, batch)
-    if first is None:
-        return {}
-    for other in (batch + 1, 2 * batch):
-        second = _record(gm, foldable, other)
+    second = None
+    for other in (batch + 7, 4 * batch):
+        second = _record(gm, foldable, other) if first is not None else None
         if second is not None:
-            return {n: v for n, v in first.items() if n in second and _is_static(v)
-                    and type(second[n]) is type(v) and second[n] == v}
-    return {}
+            break
+    if first is None or second is None:
+        return {}
+    taints: dict[fx.Node, Taint] = {}
+    static: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node not in foldable:
+            continue
+        taints[node] = _taint(node, taints, first, second)
+        value, again = first.values.get(node), second.values.get(node, None)
+        if not _any(taints[node]) and node in first.values and _is_static(value) and \
+                type(again) is type(value) and again == value:
+            static[node] = value
+    return static
 
 
 def _substitute(node: fx.Node, value: Any) -> None:

@@ -87,6 +87,14 @@ class _ParamShape(nn.Module):
         return x * self.w.view(1, self.w.shape[0], 1, 1)
 
 
+class _PairsOfSamples(nn.Module):
+    """Runs at even batch sizes only: the pass falls back from batch + 1 to 2 * batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[1] == 3, "expected 3 channels")
+        return x.view(x.size(0) // 2, 2, -1).sum(1)
+
+
 def _targets(gm: fx.GraphModule) -> list[str]:
     """``op:target`` of every node but placeholders and the output."""
     out = []
@@ -108,6 +116,8 @@ GOLDEN: dict[str, tuple[Callable[[], nn.Module], tuple[Any, ...], list[str], int
     "default_placeholders": (_Defaults, (torch.randn(2, 4, 8),),
                              ["scaled_dot_product_attention"], 1),
     "parameter_shape": (_ParamShape, (torch.randn(2, 4, 3, 3),), ["view", "mul"], 1),
+    "even_batch_only": (_PairsOfSamples, (torch.randn(2, 3, 4),),
+                        ["size", "floordiv", "view", "sum"], 1),
     "non_tensor_input_kept": (_IntInput, (torch.randn(2, 3, 4), 2),
                               ["size", "mul", "view"], 2),
 }
