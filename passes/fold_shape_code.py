@@ -219,16 +219,16 @@ def _taint(node: fx.Node, taints: dict[fx.Node, Taint], first: _Recorder,
 
 def _static_values(gm: fx.GraphModule, foldable: set[fx.Node]) -> dict[fx.Node, Any]:
     """The values of ``foldable`` nodes that do not depend on the batch size: every size they
-    are computed from is a non-batch dim (found by a second run at another batch size: ``+ 7``,
-    far enough that ``n // k`` changes for small ``k``, else ``4x`` for models that need even
-    batches), and the value itself is the same in both runs."""
+    are computed from is a non-batch dim (the dims that differ between runs at batch 1 and 8,
+    far enough apart that ``n // k`` changes for small ``k``; for models that cannot run there,
+    the captured batch and 4x it), and the value itself is the same in both runs."""
     batch = _captured_batch(gm)
     if batch is None or not foldable:
         return {}
-    first = _record(gm, foldable, batch)
-    second = None
-    for other in (batch + 7, 4 * batch):
-        second = _record(gm, foldable, other) if first is not None else None
+    first = second = None
+    for small, large in ((1, 8), (batch, 4 * batch)):
+        first = _record(gm, foldable, small)
+        second = _record(gm, foldable, large) if first is not None else None
         if second is not None:
             break
     if first is None or second is None:
