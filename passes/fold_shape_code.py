@@ -247,7 +247,9 @@ def _static_values(gm: fx.GraphModule, foldable: set[fx.Node]) -> dict[fx.Node, 
 
 
 def _substitute(node: fx.Node, value: Any) -> None:
-    """Replace every use of ``node`` by the constant ``value``."""
+    """Replace every use of ``node`` by the constant ``value`` (a ``torch.Size`` as a tuple)."""
+    if isinstance(value, torch.Size):
+        value = tuple(int(v) for v in value)
     for user in list(node.users):
         user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
         user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)

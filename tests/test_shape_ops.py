@@ -286,3 +286,14 @@ def test_shufflenet_v2_shape_code_folded_and_integer(tmp_path: Path) -> None:
     if tvm_backend.unsupported_nodes(converted):
         pytest.skip("float islands (ReLU, mean) are lowered by backends/tvm/float_ops.py")
     _tvm_exact(converted, x)
+
+
+@pytest.mark.parametrize("factory", [ShuffleBlock, LayoutOps])
+def test_folded_model_saves_and_loads(factory: Callable[[], nn.Module], tmp_path: Path) -> None:
+    """Folded constants (ints, tuples) go through the safe save format."""
+    from djpq_compiler.serialize import load_converted, save_converted
+
+    x = torch.randn(2, 3, 8, 8)
+    converted = _converted(factory(), x)
+    loaded = load_converted(save_converted(converted, tmp_path / "m.djpq"))
+    assert torch.equal(loaded(x), converted(x))
