@@ -90,9 +90,11 @@ class ViTLike(nn.Module):
     converted model must still have one input."""
 
     def __init__(self, dim: int = 16, heads: int = 2, fused: bool = True,
-                 act: type[nn.Module] = nn.Identity, causal: bool = False) -> None:
+                 act: type[nn.Module] = nn.Identity, causal: bool = False,
+                 masked: bool = False) -> None:
         super().__init__()
         self.causal = causal
+        self.mask = nn.Buffer(torch.randn(1, 1, 5, 5)) if masked else None  # additive bias
         self.patch = nn.Conv2d(3, dim, 4, stride=4)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
         self.pos = nn.Parameter(torch.randn(1, 5, dim) * 0.1)
@@ -105,7 +107,8 @@ class ViTLike(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         x = self.patch(x).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls.expand(x.shape[0], -1, -1), x), dim=1) + self.pos
-        x = x + self.attn(self.ln1(x), attn_mask, True if self.causal else is_causal)
+        mask = self.mask if self.mask is not None else attn_mask
+        x = x + self.attn(self.ln1(x), mask, True if self.causal else is_causal)
         x = x + self.mlp(self.ln2(x))
         return self.head(self.ln3(x)[:, 0])
 
@@ -163,6 +166,7 @@ MODELS: dict[str, Any] = {
     "vit_sdpa": lambda: ViTLike(fused=True),
     "vit_matmul_softmax": lambda: ViTLike(fused=False),
     "vit_causal": lambda: ViTLike(causal=True),
+    "vit_additive_mask": lambda: ViTLike(masked=True),
     "mha": MHABlock,
 }
 
