@@ -213,7 +213,9 @@ def run_pipeline(model: nn.Module, train: DataLoader, test: DataLoader, options:
         test_images=_n_images(test), fp32_gbops=fp32.gbops,
         fake_quant_gbops=measured.fq_gbops, integer_gbops=measured.int_report.gbops,
         layers=measured.layers, train_steps=steps, train_seconds=seconds,
-        float_islands=measured.float_islands, integer_agreement=measured.agreement, **fields)
+        float_islands=measured.float_islands, integer_agreement=measured.agreement,
+        lookup_tables=tuple(getattr(measured.converted, "meta", {}).get("djpq.lut_ops", ())),
+        **fields)
     result.settings["load average (1/5/15 min) after the latency runs"] = load
     from djpq_compiler.report import summary, write_report
 

@@ -85,6 +85,7 @@ class DemoResult:
     train_steps: int = 0
     train_seconds: float = 0.0
     float_islands: Sequence[str] = ()
+    lookup_tables: Sequence[str] = ()
     integer_agreement: dict[str, int] = field(default_factory=dict)
     tvm_bit_exact: bool | None = None
     tvm_note: str = ""
@@ -204,7 +205,9 @@ def render_markdown(result: DemoResult) -> str:
               "## Per-layer bits and kept channels", ""]
     lines += _layer_table(result.layers)
     islands = ", ".join(result.float_islands) if result.float_islands else "none"
+    tables = ", ".join(result.lookup_tables) if result.lookup_tables else "none"
     lines += ["", f"Float islands (layers left in float in the integer model): {islands}", "",
+              f"Integer lookup tables (elementwise functions of codes, exact): {tables}", "",
               "## Integer agreement", ""]
     lines += _agreement_lines(result)
     lines += ["", "## Latency", "",

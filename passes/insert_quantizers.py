@@ -18,8 +18,9 @@ Guarantees:
   get one on their output *and on each operand* (integer add/concat takes integer operands).
   The network input (a placeholder) is quantized at ``config.input_bits``, fixed.
 * **Signedness** [choice]: unsigned when the graph proves the value non-negative (ReLU, ReLU6,
-  sigmoid, softmax, abs; then pooling, reshapes, slicing, concat, add, mul of non-negative
-  values — see :data:`NONNEG_RULES`); otherwise the quantizer is built signed and listed in
+  sigmoid, softmax, abs; then pooling, reshapes, slicing, concat of non-negative values, and
+  arithmetic whose operands, scalars included, keep the sign — see
+  :mod:`djpq_compiler.passes.sign_analysis`); otherwise the quantizer is built signed and listed in
   ``gm.meta["djpq.auto_signed"]`` so that calibration makes it unsigned when every observed
   value is ``>= 0``. An explicit ``QuantSpec.signed`` always wins.
 * ``gm.meta`` gets ``"djpq.weight_quantizers"`` and ``"djpq.input_quantizers"`` (layer node name
@@ -30,7 +31,7 @@ Guarantees:
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -42,54 +43,12 @@ from torch.nn.utils import parametrize
 from djpq_compiler.config import DJPQConfig, QuantSpec, ResolvedLayerConfig
 from djpq_compiler.layers import Layer, tensor_shape
 from djpq_compiler.modules.quantizers import DQQuantizer
-from djpq_compiler.registry import Registry
+from djpq_compiler.passes.sign_analysis import NONNEG_RULES, nonnegative_nodes
 
 __all__ = ["insert_quantizers", "nonnegative_nodes", "NONNEG_RULES", "QUANT_ATTR"]
 
 #: Attribute of the prepared ``GraphModule`` holding the node quantizers.
 QUANT_ATTR = "djpq_quant"
-
-NonnegRule = Callable[[list[bool]], bool]
-#: Whether an op's output is provably ``>= 0``, given which of its tensor inputs are.
-NONNEG_RULES: Registry[NonnegRule] = Registry("nonneg")
-
-
-@NONNEG_RULES.register(
-    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, F.relu, F.relu6, F.sigmoid,
-    F.softmax, F.hardsigmoid, torch.relu, torch.relu_, torch.sigmoid, torch.softmax, torch.abs,
-    "relu", "relu_", "sigmoid", "softmax", "abs",
-)
-def _always_nonneg(inputs: list[bool]) -> bool:
-    return True
-
-
-@NONNEG_RULES.register(
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Identity, nn.Dropout,
-    nn.Upsample, DQQuantizer, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout, F.interpolate, torch.flatten,
-    torch.reshape, torch.cat, torch.concat, torch.add, torch.mul, torch.permute,
-    torch.transpose, operator.getitem, operator.add, operator.mul, "flatten", "view",
-    "reshape", "contiguous", "permute", "transpose", "add", "mul", "mean", "max",
-)
-def _all_inputs_nonneg(inputs: list[bool]) -> bool:
-    return bool(inputs) and all(inputs)
-
-
-def nonnegative_nodes(gm: fx.GraphModule) -> set[str]:
-    """Names of the nodes whose output is provably non-negative (see :data:`NONNEG_RULES`)."""
-    nonneg: set[str] = set()
-    for node in gm.graph.nodes:
-        rule = NONNEG_RULES.lookup(gm, node)
-        if rule is None:
-            continue
-        ins = [a.name in nonneg for a in node.all_input_nodes if tensor_shape(a) is not None]
-        if rule(ins):
-            nonneg.add(node.name)
-    return nonneg
-
 
 _RESIDUAL_OPS = (operator.add, torch.add, "add")
 _CONCAT_OPS = (torch.cat, torch.concat)

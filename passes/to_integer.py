@@ -7,13 +7,15 @@ codes wherever the prepared model had an activation quantizer, computed by the m
 ``backends/reference/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
 one ``IntConv2d``/``IntLinear`` (weight codes of the learned grid, BN and gate factors folded into
 per-channel dyadic multipliers, ReLU as the clip range); residual adds and concats of quantized
-operands become ``IntAdd``/``IntConcat``; pooling, ReLU and shape ops run on codes. Everything else
-runs in float between a ``Dequantize`` and the next ``Quantize`` and is listed in
-``meta["djpq.float_ops"]``. Conversion never changes what a node computes beyond the ≤ 1 LSB of
-integer rounding (DESIGN invariant 4). Where the accumulator step ``s_x * s_w`` is coarser than
-the output step, the integer bias gets extra fractional bits (``acc_shift``) to keep that bound;
-only if int32 cannot hold them is the larger bound recorded in ``meta["djpq.agreement_bounds"]``
-and a warning names the layer.
+operands become ``IntAdd``/``IntConcat``; pooling, ReLU and shape ops run on codes; an elementwise
+unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``: sigmoid, hardswish, SiLU, GELU,
+...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
+``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
+``Quantize`` and is listed in ``meta["djpq.float_ops"]``. Conversion never changes what a node
+computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator
+step ``s_x * s_w`` is coarser than the output step, the integer bias gets extra fractional bits
+(``acc_shift``) to keep that bound; only if int32 cannot hold them is the larger bound recorded
+in ``meta["djpq.agreement_bounds"]`` and a warning names the layer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.elementwise import add_rescale, concat_rescales
 from djpq_compiler.backends.reference.fixedpoint import qrange
+from djpq_compiler.backends.reference.lookup import LUT_MAX_BITS, IntLUT, build_table, unary_op_name
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.fold_scales import fold_layer_scale
 from djpq_compiler.passes.integer_layers import layer_params
@@ -74,6 +77,7 @@ class _Lowering:
         self.bank = nn.ModuleDict()
         self.done: set[str] = set()
         self.float_ops: list[str] = []
+        self.lut_ops: list[str] = []
         self.layers: dict[str, dict[str, object]] = {}
         self.bounds: dict[str, int] = {}  # quantizer node -> LSB bound where it exceeds 1
 
@@ -227,6 +231,8 @@ class _Lowering:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         if any(a is None for a in acts) or (is_cat and dim != 1):
             return False
+        if not is_cat and node.kwargs.get("alpha", 1) != 1:  # a + alpha*b: IntAdd has no alpha
+            return False
         out = self.quant_act(quant)
         ins = tuple(self.env[_name(a)] for a in operands)
         if is_cat:
@@ -258,11 +264,36 @@ class _Lowering:
             self.env[node.name] = self.module(f"op_{node.name}", mod, (self.env[_name(x)],))
             self.act[node.name] = act
             return True
+        if self.lookup_table(node, act):
+            return True
         if self.key(node) in _SHAPE and (self.key(node) not in _PIECES or all(
                 self.key(u) is operator.getitem for u in node.users)):
             self.copy_int(node, act)
             return True
         return False
+
+    def lookup_table(self, node: fx.Node, act: Act) -> bool:
+        """An elementwise unary function (``UNARY_OPS``) of codes with <= ``LUT_MAX_BITS`` bits
+        read (through shape ops) by a quantizer: one :class:`IntLUT` whose entries are the
+        reference's ``Quantize_out(f(Dequantize_in(q)))`` for every code ``q``, i.e. exactly
+        what the float island would compute, in integers."""
+        name = unary_op_name(_target(self.gm, node))
+        if name is None or act.bits > LUT_MAX_BITS or node.all_input_nodes != [node.args[0]]:
+            return False
+        quant = self.quantizer_reading(node, _SHAPE)
+        if quant is None:
+            return False
+        out = self.quant_act(quant)
+        lo, hi = qrange(act.bits, act.signed)
+        table = build_table(_unary_callable(self.gm, node), im.Dequantize(act.scale),
+                            im.Quantize(out.scale, out.bits, out.signed), lo, hi)
+        lut = IntLUT(table, name, act.scale, act.bits, act.signed, out.scale, out.bits,
+                     out.signed)
+        self.env[node.name] = self.module(f"lut_{node.name}", lut,
+                                          (self.env[_name(node.args[0])],))
+        self.act[node.name] = out
+        self.lut_ops.append(node.name)
+        return True
 
     def relu6_off_grid(self, node: fx.Node, act: Act) -> bool:
         """ReLU6 on codes whose grid misses 6.0: fake-quant's value 6.0 is between two codes.
@@ -360,6 +391,7 @@ class _Lowering:
         out.meta["djpq.stage"] = "converted"
         out.meta["djpq.integer"] = True
         out.meta["djpq.float_ops"] = tuple(self.float_ops)
+        out.meta["djpq.lut_ops"] = tuple(self.lut_ops)
         out.meta["djpq.lowered_layers"] = self.layers
         out.meta["djpq.agreement_bounds"] = self.bounds
         out.meta["djpq.quant_map"] = {  # prepared quantizer node -> converted node of its codes
@@ -373,6 +405,27 @@ def _name(arg: object) -> str:
     if not isinstance(arg, fx.Node):
         raise TypeError(f"expected an fx.Node, got {type(arg).__name__}")
     return arg.name
+
+
+def _target(gm: fx.GraphModule, node: fx.Node) -> object:
+    """The registry key of ``node``: module class, function, or ``torch.Tensor`` method."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target)))
+    if node.op == "call_method":
+        return getattr(torch.Tensor, str(node.target), None)
+    return node.target
+
+
+def _unary_callable(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """``node``'s computation as a function of its tensor input (other arguments fixed)."""
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return lambda x: module(x, *rest, **kwargs)
+    if node.op == "call_method":
+        return lambda x: getattr(x, str(node.target))(*rest, **kwargs)
+    target: Any = node.target
+    return lambda x: target(x, *rest, **kwargs)
 
 
 def _on_grid(value: float, scale: float) -> bool:

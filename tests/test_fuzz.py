@@ -7,6 +7,7 @@ a regression test below with that recipe.
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import pytest
@@ -17,11 +18,13 @@ import djpq_compiler as djpq
 from djpq_compiler.errors import PruningError, QuantizationError
 from djpq_compiler.prepared import gates
 from djpq_compiler.testing import (
+    PropertyViolation,
     Recipe,
     build,
     check_analysis,
     check_convert,
     check_prepare,
+    check_signs,
     example_input,
 )
 from djpq_compiler.testing.graphs import (
@@ -32,6 +35,7 @@ from djpq_compiler.testing.graphs import (
     NoRule,
     Pool,
     Residual,
+    Scalar,
     Shuffle,
     SplitCat,
     SqueezeExcite,
@@ -57,6 +61,12 @@ CI = settings(max_examples=40, derandomize=True, deadline=None, database=None,
 @given(recipes())
 def test_random_graphs_analyze_and_prune_exactly(recipe: Recipe) -> None:
     check_analysis(recipe)
+
+
+@CI
+@given(recipes())
+def test_random_graphs_sign_analysis_holds_on_data(recipe: Recipe) -> None:
+    check_signs(recipe)
 
 
 @settings(CI, max_examples=20)
@@ -86,6 +96,8 @@ EVERY_BLOCK = Recipe(blocks=(
     Pool("max"),
     Conv(out=4, k=1),
     Pool("avg"),
+    Scalar("mul", -0.5),
+    Scalar("radd", 1.0),
 ), head="flatten_linear", size=8, seed=3)
 
 
@@ -321,3 +333,25 @@ ADAPTIVE_SIZE_FROM_SHAPE = Recipe(blocks=(Conv(out=1, k=1, stride=1, groups=1, b
 
 def test_regression_adaptive_pool_size_from_a_shape_converts() -> None:
     assert check_convert(ADAPTIVE_SIZE_FROM_SHAPE).max_lsb <= 1
+
+
+#: The fuzzer had no scalar operands, so it never saw the sign bug of issue #16: ``relu(x) * -1.0``
+#: was "proven" non-negative and got an unsigned quantizer. check_signs now catches such a claim.
+RELU_TIMES_NEGATIVE = Recipe(blocks=(Conv(out=4, act="relu"), Scalar("mul", -1.0),
+                                     Conv(out=4, act=None)), head="conv", size=4)
+
+
+def test_regression_scalar_operands_keep_their_sign() -> None:
+    assert check_signs(RELU_TIMES_NEGATIVE) >= 1  # the ReLU itself
+    assert check_convert(RELU_TIMES_NEGATIVE).max_lsb <= 1
+
+
+def test_check_signs_catches_a_rule_that_ignores_scalars(monkeypatch: pytest.MonkeyPatch) -> None:
+    from djpq_compiler.passes.sign_analysis import NONNEG_RULES, SignFacts
+
+    def old_rule(facts: SignFacts) -> bool:  # the rule before the fix: tensor inputs only
+        return facts.tensor_inputs_nonneg()
+
+    monkeypatch.setitem(NONNEG_RULES._rules, operator.mul, old_rule)
+    with pytest.raises(PropertyViolation, match="proven non-negative but negative"):
+        check_signs(RELU_TIMES_NEGATIVE)

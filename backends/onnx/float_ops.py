@@ -149,16 +149,27 @@ def _silu(ctx: Emitter, node: fx.Node) -> Value:
     return FValue(ctx.op("Mul", [x, ctx.op("Sigmoid", [x], f"{node.name}/sigmoid")], node.name))
 
 
+def _clamp3(ctx: Emitter, node: fx.Node, x: str) -> str:
+    """``min(max(x + 3, 0), 6)`` in float32, as PyTorch's hardsigmoid/hardswish kernels."""
+    shifted = ctx.op("Add", [x, ctx.scalar(3.0, f"{node.name}/three")], f"{node.name}/plus3")
+    bounds = [ctx.scalar(0.0, f"{node.name}/zero"), ctx.scalar(6.0, f"{node.name}/six")]
+    return ctx.op("Clip", [shifted, *bounds], f"{node.name}/clamp")
+
+
 @register(nn.Hardswish, F.hardswish)
 def _hardswish(ctx: Emitter, node: fx.Node) -> Value:
-    return FValue(ctx.op("HardSwish", [_float(ctx, node)], node.name))
+    """PyTorch's ``x * clamp(x + 3, 0, 6) / 6`` in its order of operations (bit-exact in
+    float32; ONNX ``HardSwish`` computes ``x * clamp(x / 6 + 0.5, 0, 1)``, another rounding)."""
+    x = _float(ctx, node)
+    prod = ctx.op("Mul", [x, _clamp3(ctx, node, x)], f"{node.name}/mul")
+    return FValue(ctx.op("Div", [prod, ctx.scalar(6.0, f"{node.name}/div6")], node.name))
 
 
 @register(nn.Hardsigmoid, F.hardsigmoid)
 def _hardsigmoid(ctx: Emitter, node: fx.Node) -> Value:
-    """PyTorch's ``relu6(x + 3) / 6``: ONNX HardSigmoid with alpha 1/6, beta 0.5."""
-    return FValue(ctx.op("HardSigmoid", [_float(ctx, node)], node.name, alpha=1.0 / 6.0,
-                         beta=0.5))
+    """PyTorch's ``clamp(x + 3, 0, 6) / 6`` in its order of operations (bit-exact in float32)."""
+    clamped = _clamp3(ctx, node, _float(ctx, node))
+    return FValue(ctx.op("Div", [clamped, ctx.scalar(6.0, f"{node.name}/div6")], node.name))
 
 
 @register(nn.GELU, F.gelu)

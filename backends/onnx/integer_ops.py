@@ -20,7 +20,7 @@ from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.pooling import adaptive_bin_matrix, ceil_extra_padding
 from djpq_compiler.errors import BackendError
 
-from .graph import Emitter, FValue, QValue, SumValue, Value, register
+from .graph import Emitter, FValue, QValue, SumValue, Value, container, register
 
 __all__ = ["pair", "weight_container"]
 
@@ -310,3 +310,29 @@ def convert_pool_requantize(ctx: Emitter, node: fx.Node) -> Value:
     mean = ctx.op("Mul", [sums, inv], f"{node.name}/mean")
     return ctx.quantize(mean, module.out_scale, module.qmin, module.qmax, node.name)
 
+
+
+# ------------------------------------------------------------------------------ lookup tables
+
+
+@register(im.IntLUT)
+def convert_lut(ctx: Emitter, node: fx.Node) -> Value:
+    """``table[q - in_qmin]``: Cast(int32) -> [Sub in_qmin] -> ``Gather`` on an integer table
+    stored in the output's container type (exact in onnxruntime)."""
+    from onnx import TensorProto, helper
+
+    module = ctx.module(node)
+    x = ctx.as_qvalue(ctx.int_arg(node), f"{node.name}/x_q")
+    if x.lo < module.in_qmin or x.hi > module.in_qmax:
+        raise BackendError(f"{node.format_node()}: input codes [{x.lo}, {x.hi}] exceed the "
+                           f"table's [{module.in_qmin}, {module.in_qmax}]")
+    index = ctx.op("Cast", [x.name], f"{node.name}/index", to=TensorProto.INT32)
+    if module.in_qmin:
+        offset = ctx.const(np.array(module.in_qmin, np.int32), f"{node.name}/in_qmin")
+        index = ctx.op("Sub", [index, offset], f"{node.name}/offset")
+    elem, _, _ = container(module.qmin, module.qmax)
+    np_type = helper.tensor_dtype_to_np_dtype(elem)
+    table = ctx.const(module.table.detach().cpu().numpy().astype(np_type), f"{node.name}/table",
+                      elem)
+    out = ctx.op("Gather", [table, index], node.name, axis=0)
+    return QValue(out, module.out_scale, module.qmin, module.qmax)

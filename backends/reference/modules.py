@@ -29,6 +29,7 @@ from .fixedpoint import (
     quantize_multipliers,
     requantize,
 )
+from .lookup import IntLUT
 from .ops import add_bias, dequantize, int_conv2d, int_linear, quantize
 from .pooling import (
     adaptive_pool_sums,
@@ -51,6 +52,7 @@ __all__ = [
     "IntAvgPool2d",
     "IntAdaptiveAvgPool2d",
     "IntPoolRequantize",
+    "IntLUT",
     "INTEGER_MODULES",
     "IntegerTracer",
     "trace_integer",
@@ -325,7 +327,7 @@ class IntPoolRequantize(nn.Module):
 INTEGER_MODULES: tuple[type[nn.Module], ...] = (
     Quantize, Dequantize, IntConv2d, IntLinear, IntAdd, IntConcat, IntClip, Requantize,
     IntMaxPool2d,
-    IntAvgPool2d, IntAdaptiveAvgPool2d, IntPoolRequantize,
+    IntAvgPool2d, IntAdaptiveAvgPool2d, IntPoolRequantize, IntLUT,
 )
 
 

@@ -12,7 +12,14 @@ Example:
 
 from __future__ import annotations
 
-from . import converters, passthrough, pools, shapes, transformer_ops  # noqa: F401  (registers)
+from . import (  # noqa: F401  (registers the converters)
+    converters,
+    float_ops,
+    passthrough,
+    pools,
+    shapes,
+    transformer_ops,
+)
 from .adapter import TVM_VERSION
 from .build import TARGETS, CompiledModel, build, compile_cuda_to_ptx, find_nvcc, target_spec
 from .emit import (

@@ -122,14 +122,6 @@ class Builder:
     def _emit(self, call: Any) -> Any:
         return self._bb.emit(call)
 
-    def op(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Emit ``tvm.relax.op.<name>(*args, **kwargs)``; ``name`` may be dotted
-        (``"nn.layer_norm"``). Used by the shape and transformer converters."""
-        fn: Any = self._op
-        for part in name.split("."):
-            fn = getattr(fn, part)
-        return self._emit(fn(*args, **kwargs))
-
     def const(self, value: Any, dtype: str) -> Any:
         """A constant with an explicit dtype (without it ints default to int32)."""
         return self._relax.const(np.asarray(value).astype(dtype), dtype)
@@ -145,6 +137,14 @@ class Builder:
     def unary(self, name: str, x: Any) -> Any:
         """Elementwise ``round`` (half to even), ``floor``, ..."""
         return self._emit(getattr(self._op, name)(x))
+
+    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        """Emit any op of ``relax.op`` by its dotted name (``"take"``, ``"mean"``,
+        ``"nn.avg_pool2d"``), for converters of less common ops (``float_ops.py``)."""
+        fn = self._op
+        for part in op.split("."):
+            fn = getattr(fn, part)
+        return self._emit(fn(*args, **kwargs))
 
     def clip(self, x: Any, lo: int | float, hi: int | float) -> Any:
         return self._emit(self._op.clip(x, lo, hi))

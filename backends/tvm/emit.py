@@ -121,6 +121,16 @@ def _is_float_producer(gm: fx.GraphModule, node: fx.Node, floaty: set[fx.Node]) 
     return any(arg in floaty for arg in node.all_input_nodes)
 
 
+def _describe(gm: fx.GraphModule, node: fx.Node, in_island: bool) -> str:
+    """Why ``node`` cannot be lowered: the op it calls, and whether it sits in a float island."""
+    if node.op == "call_module":
+        what = f"module {type(gm.get_submodule(str(node.target))).__name__}"
+    else:
+        what = f"{node.op} {node.target!r}"
+    where = " (a float op between Dequantize and Quantize)" if in_island else ""
+    return f"no TVM converter for {what}{where}"
+
+
 def unsupported_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
     """Every node the backend cannot lower, with the reason, in graph order."""
     floaty: set[fx.Node] = set()
@@ -130,16 +140,8 @@ def unsupported_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
             floaty.add(node)
         if converter_for(gm, node) is not None:
             continue
-        if node.op == "call_module" and any(a in floaty for a in node.all_input_nodes):
-            why = "float op between Dequantize and Quantize (float islands are not lowered yet)"
-        elif node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            why = f"no TVM converter for module {type(module).__name__}"
-        elif any(a in floaty for a in node.all_input_nodes):
-            why = "float op between Dequantize and Quantize (float islands are not lowered yet)"
-        else:
-            why = f"no TVM converter for {node.op} {node.target!r}"
-        missing.append((node, why))
+        in_island = any(a in floaty for a in node.all_input_nodes)
+        missing.append((node, _describe(gm, node, in_island)))
     return missing
 
 

@@ -282,7 +282,7 @@ def _broadcast(ctx: Lowering, node: fx.Node, x: Tensorish, sizes: list[int]) -> 
         raise BackendError(f"{node.format_node()}: -1 in a new leading dim of expand")
     if tuple(target) == shape:
         return x
-    return _rewrap(x, ctx.bb.op("broadcast_to", x.expr, tuple(target)))
+    return _rewrap(x, ctx.bb.call("broadcast_to", x.expr, tuple(target)))
 
 
 @register(torch.Tensor.expand)

@@ -1,5 +1,6 @@
 """Transformer ops as float islands in Relax: layer norm, softmax, matmul of two activations,
-scaled dot-product attention, ``nn.MultiheadAttention`` and a float ``nn.Linear``.
+scaled dot-product attention and ``nn.MultiheadAttention`` (a float ``nn.Linear`` on tokens is
+lowered by ``float_ops.py``).
 
 ``convert(integer=True)`` leaves these ops in float between a ``Dequantize`` and the next
 ``Quantize`` (no integer form of them is defined in ``backends/reference`` yet), so they take and
@@ -67,7 +68,7 @@ def _layer_norm(ctx: Lowering, x: Any, shape: tuple[int, ...], weight: torch.Ten
                            f"{ctx.bb.shape(x)}")
     axes = list(range(ndim - len(shape), ndim))
     gamma, beta = _const(ctx, weight, 1.0, shape), _const(ctx, bias, 0.0, shape)
-    return FloatValue(ctx.bb.op("nn.layer_norm", x, gamma, beta, axes, float(eps)))
+    return FloatValue(ctx.bb.call("nn.layer_norm", x, gamma, beta, axes, float(eps)))
 
 
 @register(nn.LayerNorm)
@@ -109,7 +110,7 @@ def convert_layer_norm(ctx: Lowering, node: fx.Node) -> Lowered:
 def _softmax(ctx: Lowering, node: fx.Node, x: Any, dim: Any) -> Lowered:
     if not isinstance(dim, int):
         raise BackendError(f"{node.format_node()}: softmax needs a static int dim, got {dim!r}")
-    return FloatValue(ctx.bb.op("nn.softmax", x, dim % len(ctx.bb.shape(x))))
+    return FloatValue(ctx.bb.call("nn.softmax", x, dim % len(ctx.bb.shape(x))))
 
 
 @register(F.softmax, torch.softmax, torch.Tensor.softmax)
@@ -159,7 +160,7 @@ def attention(ctx: Lowering, q: Any, k: Any, v: Any, mask: Any | None, causal: b
         scores = ctx.bb.binary("add", scores, ctx.bb.const(mask_np, "float32"))
     if mask is not None:
         scores = ctx.bb.binary("add", scores, mask)
-    probs = ctx.bb.op("nn.softmax", scores, len(ctx.bb.shape(scores)) - 1)
+    probs = ctx.bb.call("nn.softmax", scores, len(ctx.bb.shape(scores)) - 1)
     return _matmul(ctx, probs, v), probs
 
 
@@ -187,13 +188,6 @@ def _linear(ctx: Lowering, x: Any, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         out = ctx.bb.binary("add", out, _const(ctx, bias, 0.0, ()))
     return out
-
-
-@register(nn.Linear)
-def convert_float_linear(ctx: Lowering, node: fx.Node) -> Lowered:
-    """A float ``nn.Linear`` (e.g. a transformer MLP on ``(N, T, C)`` tokens)."""
-    m = ctx.module(node)
-    return FloatValue(_linear(ctx, _float(ctx, node, node.args[0]), m.weight, m.bias))
 
 
 def _heads(ctx: Lowering, x: Any, heads: int) -> Any:
@@ -246,5 +240,5 @@ def convert_multihead_attention(ctx: Lowering, node: fx.Node) -> Lowered:
     if not need:
         return (FloatValue(out), None)
     if node.kwargs.get("average_attn_weights", True):
-        probs = ctx.bb.op("mean", probs, [1])
+        probs = ctx.bb.call("mean", probs, [1])
     return (FloatValue(out), FloatValue(probs))

@@ -22,7 +22,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from djpq_compiler.testing import Recipe, check_analysis, check_convert, check_prepare, recipes
+from djpq_compiler.testing import (
+    Recipe,
+    check_analysis,
+    check_convert,
+    check_prepare,
+    check_signs,
+    recipes,
+)
 
 
 class TimeUp(BaseException):
@@ -46,6 +53,7 @@ class Tally:
         self.coarse_bias = 0
         self.max_float_err = 0.0
         self.lsb: collections.Counter[int] = collections.Counter()
+        self.nonneg = 0
 
     def add(self, recipe: Recipe, stats: object, conv: object) -> None:
         self.examples += 1
@@ -77,6 +85,7 @@ def run(examples: int, seed: int, max_blocks: int,
             raise TimeUp
         stats = check_analysis(recipe, seed=recipe.seed)  # a function of the recipe: replayable
         check_prepare(recipe)
+        tally.nonneg += check_signs(recipe)
         tally.add(recipe, stats, check_convert(recipe))
         if tally.examples % 100 == 0:
             print(f"{tally.examples} examples, {time.perf_counter() - start:.0f} s", flush=True)
@@ -108,6 +117,8 @@ def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Nam
         f"quantizers compared {tally.quantizers}; examples by worst integer-vs-fake-quant LSB "
         f"{dict(sorted(tally.lsb.items()))}; quantizers with a warned coarse-bias bound > 1 LSB: "
         f"{tally.coarse_bias}; ops left in float: {tally.float_ops}",
+        f"* sign analysis: {tally.nonneg} nodes proven non-negative, each checked >= 0 on three "
+        f"inputs",
         f"* blocks generated: {dict(sorted(tally.blocks.items()))}",
         f"* heads: {dict(sorted(tally.heads.items()))}",
     ]

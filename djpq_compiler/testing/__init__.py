@@ -12,7 +12,8 @@ from djpq_compiler.testing.properties import (
     check_analysis,
     check_convert,
     check_prepare,
+    check_signs,
 )
 
 __all__ = ["Recipe", "build", "example_input", "recipes", "PropertyViolation", "check_analysis",
-           "check_prepare", "check_convert"]
+           "check_prepare", "check_convert", "check_signs"]

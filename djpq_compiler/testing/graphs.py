@@ -10,9 +10,10 @@ an invalid recipe.
 Coverage: plain / grouped / depthwise convs (1x1, 3x3, stride 1/2) with optional BatchNorm and an
 activation (relu, relu6, hardswish, gelu, sigmoid, tanh), residual blocks (identity shortcut or
 1x1 projection), concatenated branches, split/chunk + per-branch convs + cat, squeeze-excite
-multiply, channel shuffle, max/avg pooling, flatten -> linear heads, and ops with no channel
-rule (``torch.cumsum`` along width, ``torch.flip`` / ``Tensor.roll`` on channels) that must
-become barriers.
+multiply, channel shuffle, max/avg pooling, flatten -> linear heads, arithmetic with a scalar
+operand of either sign (``x * -0.5``, ``-1.0 + x``, ``torch.rsub(x, 2.0)``, ``x.clamp(max=-1.0)``,
+...), and ops with no channel rule (``torch.cumsum`` along width, ``torch.flip`` /
+``Tensor.roll`` on channels) that must become barriers.
 """
 
 from __future__ import annotations
@@ -34,12 +35,32 @@ from hypothesis import strategies as st  # noqa: E402
 
 __all__ = [
     "Conv", "Act", "Residual", "Concat", "SplitCat", "SqueezeExcite", "Shuffle", "Pool", "NoRule",
-    "Block", "Recipe", "RecipeNet", "build", "example_input", "recipes", "blocks",
-    "ACTIVATIONS", "NO_RULE_OPS",
+    "Scalar", "Block", "Recipe", "RecipeNet", "build", "example_input", "recipes", "blocks",
+    "ACTIVATIONS", "NO_RULE_OPS", "SCALAR_OPS", "SCALAR_VALUES",
 ]
 
 ACTIVATIONS = ("relu", "relu6", "hardswish", "gelu", "sigmoid", "tanh")
 NO_RULE_OPS = ("cumsum_w", "flip_c", "roll_c")
+#: Arithmetic with one scalar operand ``v`` (see :class:`Scalar`).
+SCALAR_OPS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "mul": lambda x, v: x * v,
+    "rmul": lambda x, v: v * x,
+    "torch_mul": lambda x, v: torch.mul(x, v),
+    "add": lambda x, v: x + v,
+    "radd": lambda x, v: v + x,
+    "add_alpha": lambda x, v: torch.add(x, 1.0, alpha=v),
+    "add_tensor_alpha": lambda x, v: x.add(F.relu(x), alpha=v),
+    "sub": lambda x, v: x - v,
+    "rsub": lambda x, v: v - x,
+    "torch_rsub": lambda x, v: torch.rsub(x, v),
+    "div": lambda x, v: x / v,
+    "div_method": lambda x, v: x.div(v),
+    "clamp": lambda x, v: x.clamp(v, v + 1.0),
+    "clamp_min": lambda x, v: torch.clamp(x, min=v),
+    "clamp_max": lambda x, v: x.clamp(max=v),
+}
+#: Scalars of both signs (no zero: ``x / 0`` is not a network).
+SCALAR_VALUES = (-2.0, -1.0, -0.5, 0.25, 1.0, 3.0)
 IN_CHANNELS = 3
 BATCH = 2
 
@@ -121,13 +142,24 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class Scalar:
+    """``op(x, value)`` from :data:`SCALAR_OPS`: mul/add/sub/div/rsub/clamp with a scalar operand
+    of either sign, as an operator, a ``torch`` function or a method (``add_alpha``: ``x + value``
+    through ``alpha``; ``add_tensor_alpha``: ``x + value * relu(x)``)."""
+
+    op: str
+    value: float
+
+
+@dataclass(frozen=True)
 class NoRule:
     """An op with no channel rule: ``cumsum_w``, ``flip_c`` or ``roll_c``."""
 
     op: str
 
 
-Block = Conv | Act | Residual | Concat | SplitCat | SqueezeExcite | Shuffle | Pool | NoRule
+Block = (Conv | Act | Residual | Concat | SplitCat | SqueezeExcite | Shuffle | Pool | Scalar
+         | NoRule)
 
 
 @dataclass(frozen=True)
@@ -283,6 +315,15 @@ def _pooled_size(kind: str, size: int) -> int | None:
     return size // 2 if size >= 2 else None
 
 
+class _ScalarBlock(nn.Module):
+    def __init__(self, spec: Scalar) -> None:
+        super().__init__()
+        self.op, self.value = spec.op, spec.value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return SCALAR_OPS[self.op](x, self.value)
+
+
 class _NoRuleBlock(nn.Module):
     def __init__(self, spec: NoRule) -> None:
         super().__init__()
@@ -344,6 +385,8 @@ def _build_block(spec: Block, c: int, size: int) -> tuple[nn.Module, int, int]:
         return (_PoolBlock(spec), c, pooled) if pooled is not None else (nn.Identity(), c, size)
     if isinstance(spec, NoRule):
         return _NoRuleBlock(spec), c, size
+    if isinstance(spec, Scalar):
+        return _ScalarBlock(spec), c, size
     builders: dict[type, Any] = {
         Concat: _ConcatBlock, SplitCat: _SplitCatBlock, SqueezeExcite: _SEBlock,
         Shuffle: _ShuffleBlock}
@@ -397,6 +440,8 @@ def blocks(no_rule: bool = True) -> st.SearchStrategy[Block]:
         st.builds(Shuffle, groups=st.sampled_from((2, 3, 4))),
         st.builds(Pool, kind=st.sampled_from(("max", "avg", "avg_pad", "avg_counted", "avg_ceil",
                                               "adaptive"))),
+        st.builds(Scalar, op=st.sampled_from(tuple(SCALAR_OPS)),
+                  value=st.sampled_from(SCALAR_VALUES)),
     ]
     if no_rule:
         options.append(st.builds(NoRule, op=st.sampled_from(NO_RULE_OPS)))

@@ -20,6 +20,8 @@ from djpq_compiler.bops import bops
 from djpq_compiler.config import DJPQConfig, QuantSpec
 from djpq_compiler.convert import convert
 from djpq_compiler.modules.quantizers import levels
+from djpq_compiler.passes.capture import capture
+from djpq_compiler.passes.sign_analysis import nonnegative_nodes
 from djpq_compiler.prepare import prepare
 from djpq_compiler.prepared import (
     freeze_for_deployment,
@@ -33,8 +35,8 @@ from djpq_compiler.testing.graphs import Recipe, build, example_input
 from djpq_compiler.verify import integer_agreement, pruning_oracle
 
 __all__ = ["PropertyViolation", "OracleStats", "ConvertStats", "check_analysis", "check_prepare",
-           "check_convert", "NO_RULE_TARGETS", "ORACLE_TOLERANCE", "CONVERT_TOLERANCE",
-           "INTEGER_LSB_BOUND"]
+           "check_convert", "check_signs", "NO_RULE_TARGETS", "ORACLE_TOLERANCE",
+           "CONVERT_TOLERANCE", "INTEGER_LSB_BOUND"]
 
 #: Targets of the generator's ops that have no channel rule (they must be barriers).
 NO_RULE_TARGETS: tuple[object, ...] = (torch.cumsum, torch.flip, "roll")
@@ -96,6 +98,44 @@ def check_analysis(recipe: Recipe, seed: int | None = None) -> OracleStats:
         raise _fail(recipe, f"pruning grew the parameter count {n0} -> {n1}")
     return OracleStats(len(report.groups), len(report.prunable_groups), len(report.missing),
                        err, n0, n1)
+
+
+def _sign_inputs(x: torch.Tensor) -> list[torch.Tensor]:
+    """The example input, its negation scaled up and a fresh draw: values of both signs."""
+    gen = torch.Generator().manual_seed(12345)
+    return [x, -3.0 * x, torch.randn(x.shape, generator=gen)]
+
+
+def check_signs(recipe: Recipe) -> int:
+    """Every node the sign analysis proves non-negative (an unsigned activation quantizer there)
+    is ``>= 0`` on the example input, on ``-3x`` and on a fresh random input.
+
+    Returns:
+        How many nodes the analysis proved non-negative.
+    """
+    model, x = build(recipe), example_input(recipe)
+    gm = capture(model, x).graph_module
+    claimed = nonnegative_nodes(gm)
+    values: dict[str, float] = {}
+
+    class _Min(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            out = super().run_node(n)
+            if n.name in claimed:
+                flat = out if isinstance(out, (tuple, list)) else (out,)
+                mins = [float(t.min()) for t in flat if isinstance(t, torch.Tensor) and t.numel()]
+                values[n.name] = min([values.get(n.name, math.inf), *mins])
+            return out
+
+    with torch.no_grad():
+        for inp in _sign_inputs(x):
+            _Min(gm).run(inp)
+    negative = {k: v for k, v in values.items() if v < 0}
+    if negative:
+        nodes = {n.name: n.format_node() for n in gm.graph.nodes if n.name in negative}
+        raise _fail(recipe, f"proven non-negative but negative on data (min): {negative}\n  "
+                            + "\n  ".join(nodes.values()))
+    return len(claimed)
 
 
 def _rows(report: object) -> list[tuple[object, ...]]:
