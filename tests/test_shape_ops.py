@@ -273,8 +273,9 @@ tv = pytest.importorskip("torchvision")
 
 def test_shufflenet_v2_shape_code_folded_and_integer(tmp_path: Path) -> None:
     """torchvision shufflenet_v2_x0_5: the channel shuffles run on codes; only the classifier's
-    trailing ReLU + mean stay float; ONNX within 1 LSB per op; TVM bit-exact once the float
-    islands (ReLU, mean) have converters."""
+    trailing ReLU + mean stay float; ONNX within 1 LSB per op. TVM: the integer part is
+    bit-exact; the float tail (a mean summed in another order, ``float_ops.py``) may move the
+    classifier's input by one code, so the logits are checked within one input-LSB unit."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     converted = _converted(tv.models.shufflenet_v2_x0_5(weights=None), x)
@@ -283,9 +284,13 @@ def test_shufflenet_v2_shape_code_folded_and_integer(tmp_path: Path) -> None:
         n.target, "__name__", "") == "floordiv") for n in converted.graph.nodes)
     _onnx_ok(converted, x, tmp_path)
     tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
-    if tvm_backend.unsupported_nodes(converted):
-        pytest.skip("float islands (ReLU, mean) are lowered by backends/tvm/float_ops.py")
-    _tvm_exact(converted, x)
+    compiled = tvm_backend.build(converted, "x86", example_inputs=x)
+    fc = converted.get_submodule("djpq_int.linear_fc")
+    w = fc.weight.detach().double().abs().sum(1)
+    unit = float((fc.in_scale * fc.w_scale.detach().double().reshape(-1) * w).max())
+    for seed in (1, 2):
+        inp = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        assert float((compiled(inp) - converted(inp)).abs().max()) <= unit * 1.01
 
 
 @pytest.mark.parametrize("factory", [ShuffleBlock, LayoutOps])

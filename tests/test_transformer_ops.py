@@ -12,7 +12,6 @@ ops themselves are bit-exact (``tests/test_shape_ops.py``).
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import Any
 
@@ -147,20 +146,6 @@ def _check_close(got: torch.Tensor, want: torch.Tensor, unit: float) -> None:
     assert float((diff > 1e-5 * unit).double().mean()) <= 0.1  # flips are rare
 
 
-#: Elementwise float ops whose TVM converters live in backends/tvm/float_ops.py (float islands).
-_ELEMENTWISE = {operator.mul, operator.add, torch.mul, "mul", nn.GELU, F.gelu, nn.ReLU, "mean"}
-
-
-def _skip_pending_islands(tvm_backend: Any, gm: fx.GraphModule) -> None:
-    """Skip (naming them) when the only nodes TVM cannot lower yet are elementwise float ops."""
-    missing = tvm_backend.unsupported_nodes(gm)
-    keys = {type(gm.get_submodule(str(n.target))) if n.op == "call_module" else n.target
-            for n, _ in missing}
-    if missing and keys <= _ELEMENTWISE:
-        pytest.skip(f"elementwise float islands {sorted(n.name for n, _ in missing)} are "
-                    "lowered by backends/tvm/float_ops.py")
-
-
 MODELS: dict[str, Any] = {
     "convnext_like": ConvNeXtLike,
     "vit_sdpa": lambda: ViTLike(fused=True),
@@ -188,7 +173,6 @@ def test_transformer_tvm(name: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     converted = _converted(MODELS[name](), x)
-    _skip_pending_islands(tvm_backend, converted)
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
     unit = _unit(converted)
     for seed in (1, 2):
@@ -230,7 +214,7 @@ def _small_vit() -> nn.Module:
 
 def test_torchvision_vit_small(tmp_path: Path) -> None:
     """torchvision's VisionTransformer at a small config: its shape asserts fold, it exports to
-    ONNX within 1 LSB per op, and builds in TVM once GELU has a float converter."""
+    ONNX within 1 LSB per op, and builds in TVM (GELU is a float island of float_ops.py)."""
     pytest.importorskip("onnxruntime")
     from djpq_compiler.backends.onnx import export, verify
 
@@ -242,7 +226,6 @@ def test_torchvision_vit_small(tmp_path: Path) -> None:
     report = verify(converted, export(converted, tmp_path / "vit.onnx", (x,)), (x,))
     assert report["max_lsb_per_op"] <= 1
     tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
-    _skip_pending_islands(tvm_backend, converted)
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
     _check_close(compiled(x), converted(x), _unit(converted))
 
@@ -256,7 +239,7 @@ def _small_convnext() -> nn.Module:
 def test_torchvision_convnext_small(tmp_path: Path) -> None:
     """torchvision's ConvNeXt at a small config: LayerNorm2d (permute + F.layer_norm with
     get_attr weights), channels-last nn.LayerNorm, layer scale, stochastic depth; ONNX within
-    1 LSB per op; TVM once GELU and the layer-scale mul have float converters."""
+    1 LSB per op; TVM (GELU and the layer-scale mul are float islands of float_ops.py)."""
     pytest.importorskip("onnxruntime")
     from djpq_compiler.backends.onnx import export, verify
 
@@ -267,6 +250,5 @@ def test_torchvision_convnext_small(tmp_path: Path) -> None:
     report = verify(converted, export(converted, tmp_path / "cnx.onnx", (x,)), (x,))
     assert report["max_lsb_per_op"] <= 1
     tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
-    _skip_pending_islands(tvm_backend, converted)
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
     _check_close(compiled(x), converted(x), _unit(converted))
