@@ -208,8 +208,10 @@ tv = pytest.importorskip("torchvision")
 
 
 def _small_vit() -> nn.Module:
-    return tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
-                                       hidden_dim=32, mlp_dim=64, num_classes=10)
+    model = tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                                        hidden_dim=32, mlp_dim=64, num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.2)  # torchvision zero-initializes the head
+    return model
 
 
 def test_torchvision_vit_small(tmp_path: Path) -> None:
