@@ -391,24 +391,3 @@ def convert_get_attr(ctx: Lowering, node: fx.Node) -> Lowered:
     lo, hi = int(data.min()), int(data.max())
     return IntValue(ctx.bb.const(data.numpy(), container_dtype(lo, hi)), lo, hi)
 
-
-def _register_stochastic_depth() -> None:
-    try:
-        from torchvision.ops import StochasticDepth, stochastic_depth
-    except ImportError:  # torchvision is optional
-        return
-
-    @register(StochasticDepth, stochastic_depth)
-    def convert_stochastic_depth(ctx: Lowering, node: fx.Node) -> Lowered:
-        """torchvision's stochastic depth: the identity at inference; training mode refused."""
-        if node.op == "call_module":
-            training = bool(ctx.module(node).training)
-        else:
-            training = bool(_arg(ctx, node, 3, "training", True))
-        if training:
-            raise BackendError(f"{node.format_node()}: stochastic depth in training mode; build "
-                               "the model in eval mode")
-        return _tensor_arg(ctx, node)
-
-
-_register_stochastic_depth()
