@@ -241,6 +241,11 @@ class DJPQConfig:
         loss_kind: One of :data:`LOSS_KINDS`.
         strict: Raise on ops without a registered rule instead of treating them as barriers.
         calibration_batches: At most this many batches calibrate the quantizers (observers).
+        quantize_pre_activation: [choice] Quantize the input of every non-ReLU elementwise
+            activation (sigmoid, hardsigmoid, hardswish, SiLU, GELU, tanh, hardtanh) that reads a
+            conv/linear (+BN, +gate) output, so that ``convert`` lowers the layer to integers and
+            the activation to an exact lookup table (``IntLUT``); ``False`` keeps such layers and
+            activations in float (float islands). No effect on ReLU/ReLU6 networks.
     """
 
     weight: QuantSpec = field(default_factory=QuantSpec)
@@ -258,6 +263,7 @@ class DJPQConfig:
     loss_kind: str = "vib_bops"
     strict: bool = False
     calibration_batches: int = 4
+    quantize_pre_activation: bool = True
 
     def __post_init__(self) -> None:
         for name in ("allowed_bits", "ignore", "overrides"):
@@ -283,7 +289,8 @@ class DJPQConfig:
                 raise ConfigError(
                     f"DJPQConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}"
                 )
-        for name in ("prune", "quantize", "restricted", "fix_first_last_8bit", "strict"):
+        for name in ("prune", "quantize", "restricted", "fix_first_last_8bit", "strict",
+                     "quantize_pre_activation"):
             _check_bool("DJPQConfig", name, getattr(self, name))
         for item in self.ignore:
             ok_type = isinstance(item, type) and issubclass(item, nn.Module)

@@ -17,6 +17,17 @@ Guarantees:
   one of the first such layer in graph order. Residual adds (two tensor operands) and concats
   get one on their output *and on each operand* (integer add/concat takes integer operands).
   The network input (a placeholder) is quantized at ``config.input_bits``, fixed.
+* **Pre-activations** (``config.quantize_pre_activation``, default on) [choice]: the input of a
+  non-ReLU elementwise activation (the ``UNARY_OPS`` of ``backends/reference/lookup.py`` other
+  than ReLU/ReLU6: sigmoid, hardsigmoid, hardswish, SiLU, GELU, tanh, hardtanh) that reads a
+  conv/linear output (through its BN and gate) gets a quantizer ``a_<BN or gate or layer>``, so
+  that ``convert`` lowers the layer with integer output codes and the activation to an exact
+  lookup table. Its spec is the *producer* layer's resolved ``activation`` spec (overrides and
+  ``fix_first_last_8bit`` of that layer apply; an ignored producer gets none), with
+  ``max_bits`` capped at ``LUT_MAX_BITS`` (8) when its initial bits allow, since a wider input
+  code cannot become a table. Such an activation whose every user is a tensor-tensor multiply
+  (the squeeze-excite gate ``x * sigmoid(...)``) also gets a quantizer on its output, so that the
+  gate itself is a table. These quantizers feed no conv/linear: they add no BOPs.
 * **Signedness** [choice]: unsigned when the graph proves the value non-negative (ReLU, ReLU6,
   sigmoid, softmax, abs; then pooling, reshapes, slicing, concat of non-negative values, and
   arithmetic whose operands, scalars included, keep the sign — see
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -40,6 +52,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.utils import parametrize
 
+from djpq_compiler.backends.reference.lookup import BINARY_OPS, LUT_MAX_BITS, UNARY_OPS
 from djpq_compiler.config import DJPQConfig, QuantSpec, ResolvedLayerConfig
 from djpq_compiler.layers import Layer, tensor_shape
 from djpq_compiler.modules.quantizers import DQQuantizer
@@ -188,6 +201,79 @@ def _avg_pool_source(gm: fx.GraphModule, x: fx.Node | None) -> fx.Node | None:
     return src if tensor_shape(src) is not None else None
 
 
+#: Unary ops handled by the layer chain itself (clip range), never given a pre-activation quantizer.
+_CLIP_ACTIVATIONS = ("relu", "relu6")
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _call_key(gm: fx.GraphModule, node: fx.Node) -> object:
+    """The registry key of ``node``: module class, function, or ``torch.Tensor`` method."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target)))
+    if node.op == "call_method":
+        return getattr(torch.Tensor, str(node.target), None)
+    return node.target if node.op == "call_function" else None
+
+
+def _op_name(table: Mapping[object, str], gm: fx.GraphModule, node: fx.Node) -> str | None:
+    try:
+        return table.get(_call_key(gm, node))
+    except TypeError:  # unhashable target
+        return None
+
+
+def _lut_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a non-ReLU elementwise unary op of one tensor (a table candidate)."""
+    name = _op_name(UNARY_OPS, gm, node)
+    return (name is not None and name not in _CLIP_ACTIVATIONS and bool(node.args)
+            and isinstance(node.args[0], fx.Node) and node.all_input_nodes == [node.args[0]])
+
+
+def _producer_layer(gm: fx.GraphModule, x: fx.Node, by_name: Mapping[str, Layer]
+                    ) -> Layer | None:
+    """The conv/linear layer whose output ``x`` is, looking back through a VIB gate and one
+    BatchNorm module (the chain ``convert`` fuses into one integer layer); else ``None``."""
+    if x.op == "call_module" and str(x.target).startswith("djpq_gates."):
+        x = x.args[0]  # type: ignore[assignment]
+    if x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), _NORMS):
+        x = x.args[0]  # type: ignore[assignment]
+    return by_name.get(x.name) if isinstance(x, fx.Node) else None
+
+
+def _lut_spec(spec: QuantSpec) -> QuantSpec:
+    """``spec`` with ``max_bits`` capped at :data:`LUT_MAX_BITS` where its bits allow."""
+    if spec.max_bits <= LUT_MAX_BITS or spec.bits > LUT_MAX_BITS:
+        return spec
+    return replace(spec, max_bits=LUT_MAX_BITS, min_bits=min(spec.min_bits, LUT_MAX_BITS))
+
+
+def _only_multiplied(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether every user of ``node`` multiplies it with another tensor (an SE gate)."""
+    return bool(node.users) and all(
+        _op_name(BINARY_OPS, gm, u) == "multiply"
+        and sum(tensor_shape(a) is not None for a in u.args[:2]) == 2 for u in node.users)
+
+
+def _pre_activation_producers(gm: fx.GraphModule, layers: Sequence[Layer],
+                              layer_configs: Mapping[str, ResolvedLayerConfig]
+                              ) -> dict[str, tuple[fx.Node, QuantSpec]]:
+    """Inputs (and SE-gate outputs) of the table candidates fed by a layer (module docstring)."""
+    by_name = {la.node.name: la for la in layers}
+    out: dict[str, tuple[fx.Node, QuantSpec]] = {}
+    for node in gm.graph.nodes:
+        if not _lut_activation(gm, node) or tensor_shape(node) is None:
+            continue
+        x: fx.Node = node.args[0]
+        layer = _producer_layer(gm, x, by_name)
+        spec = layer_configs[layer.node.name].activation if layer is not None else None
+        if spec is None:
+            continue
+        out.setdefault(x.name, (x, _lut_spec(spec)))
+        if _only_multiplied(gm, node):
+            out.setdefault(node.name, (node, _lut_spec(spec)))
+    return out
+
+
 def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[Layer],
                       layer_configs: Mapping[str, ResolvedLayerConfig]) -> PassResult:
     """Insert weight and activation DQ quantizers (see the module docstring for the rules).
@@ -218,6 +304,10 @@ def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[L
                 and src.name not in producers and src.name not in merges
                 and src.op != "placeholder"):
             producers[src.name] = (src, config.activation)
+    if config.quantize and config.quantize_pre_activation:
+        for name, entry in _pre_activation_producers(gm, layers, layer_configs).items():
+            if name not in merges:
+                producers.setdefault(name, entry)
     for node in list(gm.graph.nodes):  # before any insertion: shapes are known
         if node.name in merges:  # integer add/concat needs integer operands
             for operand in _merge_operands(node):

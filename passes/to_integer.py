@@ -7,15 +7,16 @@ codes wherever the prepared model had an activation quantizer, computed by the m
 ``backends/reference/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
 one ``IntConv2d``/``IntLinear`` (weight codes of the learned grid, BN and gate factors folded into
 per-channel dyadic multipliers, ReLU as the clip range); residual adds and concats of quantized
-operands become ``IntAdd``/``IntConcat``; pooling, ReLU and shape ops run on codes; an elementwise
-unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``: sigmoid, hardswish, SiLU, GELU,
-...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
+operands become ``IntAdd``/``IntConcat``; a product of two quantized tensors read by a quantizer
+(the squeeze-excite ``x * gate``) an ``IntMul``; pooling, ReLU and shape ops run on codes; an
+elementwise unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``: sigmoid, hardswish,
+SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
 ``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
 ``Quantize`` and is listed in ``meta["djpq.float_ops"]``. Conversion never changes what a node
-computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator
-step ``s_x * s_w`` is coarser than the output step, the integer bias gets extra fractional bits
-(``acc_shift``) to keep that bound; only if int32 cannot hold them is the larger bound recorded
-in ``meta["djpq.agreement_bounds"]`` and a warning names the layer.
+computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator step
+``s_x * s_w`` is coarser than the output step, the integer bias gets extra fractional bits
+(``acc_shift``) to keep that bound; only if int32 cannot hold them is the larger bound recorded in
+``meta["djpq.agreement_bounds"]`` and a warning names the layer.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ _PIECES = ("chunk", torch.chunk, "split", torch.split, "unbind", torch.unbind)
 _METADATA = ("size", builtins.getattr, "dim")
 _ADD = (operator.add, torch.add, "add")
 _CAT = (torch.cat, torch.concat)
+_MUL = (operator.mul, torch.mul, "mul")
 
 
 class _Lowering:
@@ -215,6 +217,9 @@ class _Lowering:
             relu = "relu" if self.key(nxt) in _RELU else "relu6"
             chain.append(nxt)
             nxt = self.sole_user(nxt)
+        while nxt is not None and _eval_identity(self.gm, nxt):  # e.g. drop path before an add
+            chain.append(nxt)
+            nxt = self.sole_user(nxt)
         if nxt is not None and self.is_quant(nxt):
             chain.append(nxt)
             return chain, bn, relu, nxt
@@ -249,6 +254,24 @@ class _Lowering:
             self.env[n.name], self.act[n.name] = new, out
         return True
 
+    def product(self, node: fx.Node) -> bool:
+        """Integer multiply (``IntMul``) of two quantized tensors whose product a quantizer
+        reads next (the squeeze-excite ``x * gate``)."""
+        quant = self.sole_user(node)
+        operands = list(node.args)
+        if quant is None or not self.is_quant(quant) or node.kwargs or len(operands) != 2:
+            return False
+        acts = [self.act.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+        if acts[0] is None or acts[1] is None:
+            return False
+        out = self.quant_act(quant)
+        mod = im.IntMul((acts[0].scale, acts[1].scale, out.scale), out.bits, out.signed)
+        new = self.module(f"mul_{node.name}", mod, tuple(self.env[_name(a)] for a in operands))
+        for n in (node, quant):
+            self.done.add(n.name)
+            self.env[n.name], self.act[n.name] = new, out
+        return True
+
     def on_codes(self, node: fx.Node) -> bool:
         """Ops that run on codes at the input's scale: pooling, ReLU, shape ops."""
         x = node.args[0] if node.args else None
@@ -266,8 +289,9 @@ class _Lowering:
             return True
         if self.lookup_table(node, act):
             return True
-        if self.key(node) in _SHAPE and (self.key(node) not in _PIECES or all(
-                self.key(u) is operator.getitem for u in node.users)):
+        if (self.key(node) in _SHAPE and (self.key(node) not in _PIECES or all(
+                self.key(u) is operator.getitem for u in node.users))) or \
+                _eval_identity(self.gm, node):
             self.copy_int(node, act)
             return True
         return False
@@ -381,6 +405,8 @@ class _Lowering:
                 self.act[node.name] = None
             elif self.key(node) in _ADD + _CAT and self.merge(node):
                 continue
+            elif self.key(node) in _MUL and self.product(node):
+                continue
             elif self.layer_chain(node) or self.on_codes(node):
                 continue
             else:
@@ -426,6 +452,22 @@ def _unary_callable(gm: fx.GraphModule, node: fx.Node) -> Any:
         return lambda x: getattr(x, str(node.target))(*rest, **kwargs)
     target: Any = node.target
     return lambda x: target(x, *rest, **kwargs)
+
+
+def _eval_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is torchvision's stochastic depth (drop path) fixed to inference mode
+    (``training=False`` or ``p == 0``): the identity, on codes as on values."""
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:  # torchvision is optional
+        return False
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return isinstance(module, StochasticDepth) and (not module.training or module.p == 0)
+    if node.op != "call_function" or node.target is not stochastic_depth:
+        return False
+    args = dict(zip(("input", "p", "mode", "training"), node.args, strict=False)) | node.kwargs
+    return args.get("training", True) is False or bool(args.get("p") == 0)
 
 
 def _on_grid(value: float, scale: float) -> bool:

@@ -23,6 +23,7 @@ import djpq_compiler as djpq
 from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.backends.reference.lookup import BINARY_OPS, UNARY_OPS, IntLUT, build_table
 from djpq_compiler.convert import convert
+from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.verify import integer_agreement
 
 pytest.importorskip("tvm")
@@ -260,7 +261,8 @@ def island_net(request: pytest.FixtureRequest) -> tuple:
     make, exact = NETS[request.param]
     torch.manual_seed(1)
     x = torch.randn(2, 3, 12, 12)
-    prepared = _prepared(make(), x)
+    # pre-activations left in float on purpose: these nets exist to exercise float islands
+    prepared = _prepared(make(), x, quantize_pre_activation=False)
     return request.param, exact, prepared, convert(prepared), x
 
 
@@ -294,6 +296,165 @@ def test_island_net_onnx(island_net: tuple, tmp_path) -> None:
     path = tmp_path / f"{name}.onnx"
     onnx_backend.export(converted, path, x)
     assert onnx_backend.verify(converted, path, x)["max_lsb_per_op"] <= 1
+
+
+# ------------------------------------------------------------------------------ pre-activations
+
+
+class ConvBnHardswish(nn.Module):
+    """conv -> BN -> hardswish -> conv -> BN -> hardswish -> pool -> linear: with the
+    pre-activation quantized, every conv is an integer layer and every activation a table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class MBConvSE(MBConv):
+    """MBConv + squeeze-excite without the drop path (its float identity is not the point)."""
+
+    def __init__(self, act: type[nn.Module], gate: type[nn.Module]) -> None:
+        super().__init__(act, gate)
+        self.drop_path = nn.Identity()
+
+
+#: name -> (model, the float ops left after convert)
+PRE_ACT_NETS = {
+    "conv_bn_hardswish": (ConvBnHardswish, ()),
+    "mbconv_se_hardswish": (lambda: MBConvSE(nn.Hardswish, nn.Hardsigmoid), ()),
+    "mbconv_se_silu_drop_path": (lambda: MBConv(nn.SiLU, nn.Sigmoid), ()),
+}
+
+
+def _layer_nodes(gm: fx.GraphModule) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.op == "call_module"
+            and isinstance(gm.get_submodule(str(n.target)), (nn.Conv2d, nn.Linear))]
+
+
+@pytest.fixture(scope="module", params=sorted(PRE_ACT_NETS))
+def pre_act_net(request: pytest.FixtureRequest) -> tuple:
+    make, float_ops = PRE_ACT_NETS[request.param]
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 12, 12)
+    prepared = _prepared(make(), x)
+    return request.param, float_ops, prepared, convert(prepared), x
+
+
+def test_pre_activation_makes_layers_integer_and_activations_tables(pre_act_net: tuple) -> None:
+    name, float_ops, prepared, converted, x = pre_act_net
+    assert converted.meta["djpq.float_ops"] == float_ops, name
+    luts = {n.name for n in converted.graph.nodes if n.op == "call_module"
+            and isinstance(converted.get_submodule(str(n.target)), IntLUT)}
+    assert len(luts) == len(converted.meta["djpq.lut_ops"]) >= 2
+    acts = {n.name for n in prepared.graph.nodes if n.op == "call_module"
+            and isinstance(prepared.get_submodule(str(n.target)),
+                           (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid))}
+    assert set(converted.meta["djpq.lut_ops"]) == acts  # every activation (SE gate too)
+    assert set(converted.meta["djpq.lowered_layers"]) == set(_layer_nodes(prepared))
+    assert not [m for m in converted.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def test_pre_activation_net_within_one_lsb(pre_act_net: tuple) -> None:
+    _, _, prepared, converted, x = pre_act_net
+    lsb = integer_agreement(prepared, converted, x)
+    assert max(lsb.values()) <= 1, lsb
+
+
+def test_pre_activation_net_tvm_bit_exact(pre_act_net: tuple) -> None:
+    """Tables, integer layers and the SE multiply (correctly rounded) are all bit-exact."""
+    name, _, _, converted, x = pre_act_net
+    probe = _island_codes(converted)
+    model = tvm_backend.build(probe, "x86", example_inputs=x)
+    for seed in (0, 1):
+        inp = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 2
+        got, want = model(inp), probe(inp)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), name
+
+
+def test_pre_activation_net_onnx(pre_act_net: tuple, tmp_path) -> None:
+    onnx_backend = pytest.importorskip("djpq_compiler.backends.onnx")
+    pytest.importorskip("onnxruntime")
+    name, _, _, converted, x = pre_act_net
+    path = tmp_path / f"{name}.onnx"
+    onnx_backend.export(converted, path, x)
+    report = onnx_backend.verify(converted, path, x)
+    assert report["max_lsb_per_op"] <= 1, report["per_op"]
+    assert all(report["per_op"][n] == 0 for n in converted.meta["djpq.lut_ops"]
+               if n in report["per_op"]), report["per_op"]
+
+
+def test_pre_activation_net_saves_and_loads(pre_act_net: tuple, tmp_path) -> None:
+    from djpq_compiler.serialize import load_converted, save_converted
+
+    name, _, _, converted, x = pre_act_net
+    loaded = load_converted(save_converted(converted, tmp_path / f"{name}.djpq"))
+    assert torch.equal(loaded(x), converted(x))
+
+
+def test_se_multiply_is_integer(pre_act_net: tuple) -> None:
+    """The squeeze-excite ``x * gate`` of two code tensors is one ``IntMul``."""
+    name, _, _, converted, _ = pre_act_net
+    muls = [m for m in converted.modules() if isinstance(m, im.IntMul)]
+    assert len(muls) == (1 if name.startswith("mbconv") else 0)
+
+
+def _act_quantizers(prepared: fx.GraphModule) -> dict[str, DQQuantizer]:
+    return {k: prepared.get_submodule(v) for k, v in prepared.meta["djpq.act_quantizers"].items()}
+
+
+def test_pre_activation_quantizers_placement_and_spec() -> None:
+    """Signed, learned, capped at 8 bits; the SE gate's output gets one too (unsigned); off
+    with ``quantize_pre_activation=False``, which leaves conv + activation in float."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    on = _act_quantizers(_prepared(MBConvSE(nn.Hardswish, nn.Hardsigmoid), x))
+    off_prepared = _prepared(MBConvSE(nn.Hardswish, nn.Hardsigmoid), x,
+                             quantize_pre_activation=False)
+    off = _act_quantizers(off_prepared)
+    added = set(on) - set(off)
+    assert set(off) <= set(on)
+    assert added == {"djpq_gates_g0", "djpq_gates_g0_1", "djpq_gates_g0_2", "se_gate",
+                     "djpq_gates_g2"}, added
+    for name in added - {"se_gate"}:
+        assert on[name].signed and not on[name].fixed_bits and on[name].max_bits == 8, name
+    assert not on["se_gate"].signed
+    assert "stem_2" in convert(off_prepared).meta["djpq.float_ops"]
+
+
+def test_pre_activation_respects_first_layer_rule_and_ignore() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    fixed = _act_quantizers(_prepared(ConvBnHardswish(), x, fix_first_last_8bit=True))
+    first = fixed["djpq_gates_g0"]
+    assert first.fixed_bits and first.max_bits >= 8
+    assert not fixed["djpq_gates_g1"].fixed_bits
+    ignored = _act_quantizers(_prepared(ConvBnHardswish(), x, ignore=("body.3",)))
+    assert "body_4" not in ignored and "djpq_gates_g1" not in ignored
+
+
+def test_pre_activation_adds_no_bops_and_relu_nets_unchanged() -> None:
+    """The new quantizers feed no layer: BOPs are the same either way; a ReLU-only net gets
+    exactly the quantizers it had."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    for make in (lambda: MBConvSE(nn.Hardswish, nn.Hardsigmoid), ConvBnHardswish):
+        on, off = (_prepared(make(), x, quantize_pre_activation=flag) for flag in (True, False))
+        assert djpq.bops(on).total == djpq.bops(off).total
+        assert on.meta["djpq.input_quantizers"] == off.meta["djpq.input_quantizers"]
+    relu = lambda: MBConvSE(nn.ReLU, nn.ReLU)  # noqa: E731
+    on, off = (_prepared(relu(), x, quantize_pre_activation=flag) for flag in (True, False))
+    assert on.meta["djpq.act_quantizers"] == off.meta["djpq.act_quantizers"]
+
+
+def test_quantize_pre_activation_is_validated() -> None:
+    with pytest.raises(djpq.ConfigError, match="quantize_pre_activation"):
+        djpq.DJPQConfig(quantize_pre_activation=1)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ per-op tolerance
@@ -369,16 +530,18 @@ tv = pytest.importorskip("torchvision")
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_y_400mf", "efficientnet_b1",
                                   "squeezenet1_1"])
 def test_torchvision_island_nets_build_with_tvm(name: str) -> None:
-    """Squeeze-excite nets (hardswish/hardsigmoid, sigmoid gates, SiLU, stochastic depth) and a
-    float ReLU + pool tail now build for x86; the output stays close to the reference (islands
-    are within 1 LSB, see above; measured bit-exact except squeezenet's float tail, 1 ulp)."""
+    """Squeeze-excite nets (hardswish/hardsigmoid, sigmoid gates, SiLU, stochastic depth) run
+    entirely in integers (tables, IntMul) and build for x86 bit-exact; squeezenet's float ReLU +
+    pool tail builds, close to the reference (1 ulp measured)."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
     prepared = _prepared(tv.models.get_model(name, weights=None), x)
     converted = convert(prepared)
-    assert converted.meta["djpq.float_ops"]
     model = tvm_backend.build(converted, "x86", example_inputs=x)
     got, want = model(x), converted(x)
     assert got.shape == want.shape
+    if name != "squeezenet1_1":
+        assert converted.meta["djpq.float_ops"] == () and converted.meta["djpq.lut_ops"]
+        assert torch.equal(got, want)
     assert math.isfinite(float(got.abs().max()))
     assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()) + 1e-6

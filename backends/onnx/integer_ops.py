@@ -189,6 +189,16 @@ def convert_add(ctx: Emitter, node: fx.Node) -> Value:
     return ctx.quantize(total, module.out_scale, module.qmin, module.qmax, node.name)
 
 
+@register(im.IntMul)
+def convert_mul(ctx: Emitter, node: fx.Node) -> Value:
+    """DQ(a) * DQ(b) -> [Clip] -> Q(out_scale) (the float product: within 1 LSB)."""
+    module = ctx.module(node)
+    a = ctx.dequantize(ctx.int_arg(node, 0), module.a_scale, f"{node.name}/a_dq")
+    b = ctx.dequantize(ctx.int_arg(node, 1), module.b_scale, f"{node.name}/b_dq")
+    product = ctx.op("Mul", [a, b], f"{node.name}/mul")
+    return ctx.quantize(product, module.out_scale, module.qmin, module.qmax, node.name)
+
+
 @register(im.IntConcat)
 def convert_concat(ctx: Emitter, node: fx.Node) -> Value:
     """DQ(x_k, s_k) for each input -> Concat -> [Clip] -> Q(out_scale)."""

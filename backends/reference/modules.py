@@ -45,6 +45,7 @@ __all__ = [
     "IntConv2d",
     "IntLinear",
     "IntAdd",
+    "IntMul",
     "IntConcat",
     "IntClip",
     "Requantize",
@@ -192,6 +193,23 @@ class IntAdd(nn.Module):
         return int_add(a_q, b_q, self.params, 0, 0, 0, self.qmin, self.qmax)
 
 
+class IntMul(nn.Module):
+    """``a * b`` of two integer tensors (broadcasting): the exact int64 product of the codes,
+    requantized from scale ``s_a * s_b`` to ``s_out`` by one dyadic multiplier, then clipped
+    (e.g. the squeeze-excite ``x * gate``)."""
+
+    def __init__(self, scales: tuple[float, float, float], bits: int, signed: bool) -> None:
+        super().__init__()
+        self.a_scale, self.b_scale, self.out_scale = (float(s) for s in scales)
+        self.bits, self.signed = int(bits), bool(signed)
+        self.m, self.shift = quantize_multiplier(self.a_scale * self.b_scale / self.out_scale)
+        self.qmin, self.qmax = qrange(self.bits, self.signed)
+
+    def forward(self, a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+        product = a_q.to(torch.int64) * b_q.to(torch.int64)
+        return requantize(product, self.m, self.shift, 0, self.qmin, self.qmax)
+
+
 class IntConcat(nn.Module):
     """Concatenation with each input rescaled to the output scale (identity when equal)."""
 
@@ -325,7 +343,7 @@ class IntPoolRequantize(nn.Module):
 
 
 INTEGER_MODULES: tuple[type[nn.Module], ...] = (
-    Quantize, Dequantize, IntConv2d, IntLinear, IntAdd, IntConcat, IntClip, Requantize,
+    Quantize, Dequantize, IntConv2d, IntLinear, IntAdd, IntMul, IntConcat, IntClip, Requantize,
     IntMaxPool2d,
     IntAvgPool2d, IntAdaptiveAvgPool2d, IntPoolRequantize, IntLUT,
 )

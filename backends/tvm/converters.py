@@ -192,6 +192,17 @@ def convert_add(ctx: Lowering, node: fx.Node) -> Lowered:
     return ctx.int_value(out, module.qmin, module.qmax)
 
 
+@register(im.IntMul)
+def convert_mul(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Broadcasting int64 product of the codes, requantized by one dyadic multiplier + clip."""
+    module = ctx.module(node)
+    a, b = ctx.int_arg(node, 0), ctx.int_arg(node, 1)
+    product = ctx.bb.binary("multiply", ctx.bb.astype(a.expr, "int64"),
+                            ctx.bb.astype(b.expr, "int64"))
+    out = requantize(ctx, product, module.m, module.shift, module.qmin, module.qmax)
+    return ctx.int_value(out, module.qmin, module.qmax)
+
+
 def _rescale_part(ctx: Lowering, x: IntValue, rescale: tuple[int, int] | None,
                   qmin: int, qmax: int) -> Any:
     """One concat input moved to the output scale: requantize (or not) and clip."""
