@@ -29,6 +29,7 @@ from djpq_compiler.passes.dependency.groups import ChannelGroup
 from djpq_compiler.passes.drop_inference_noops import drop_inference_noops
 from djpq_compiler.passes.fold_gates import fold_gates
 from djpq_compiler.passes.fold_scales import fold_scales
+from djpq_compiler.passes.fold_shape_code import fold_shape_code
 from djpq_compiler.passes.mask import atom_mask
 from djpq_compiler.passes.prune import prune_graph
 from djpq_compiler.passes.strip_weight_quantizers import strip_weight_quantizers
@@ -132,6 +133,7 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     prune_graph(gm, gm.meta["djpq.keep"])
     drop_inference_noops(gm)
     fold_scales(gm, scale_layers=not integer)
+    fold_shape_code(gm)  # static shape reads, arithmetic and shape asserts -> constants
     if integer:
         converted = as_converted(to_integer(gm))
         _warn_float_ops(converted)

@@ -78,10 +78,11 @@ def window_sum(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, int] | Non
     Summing on codes and rescaling ``s_in / count -> s_out`` in one requantization rounds once,
     where pooling at the input scale and then requantizing would round twice.
     """
-    shape = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-    if shape is None or len(shape.shape) != 4:
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    shape = getattr(meta, "shape", None)  # None for a tuple-valued input (chunk, split)
+    if shape is None or len(shape) != 4:
         return None
-    h, w = int(shape.shape[2]), int(shape.shape[3])
+    h, w = int(shape[2]), int(shape[3])
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if isinstance(mod, nn.AdaptiveAvgPool2d):

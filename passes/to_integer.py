@@ -58,7 +58,12 @@ _RELU = (nn.ReLU, F.relu, torch.relu, "relu")
 _RELU6 = (nn.ReLU6, F.relu6)
 _SHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape, "permute",
           "transpose", "contiguous", operator.getitem, "squeeze", "unsqueeze", torch.squeeze,
-          torch.unsqueeze, nn.Identity, nn.Dropout, F.dropout)
+          torch.unsqueeze, nn.Identity, nn.Dropout, F.dropout,
+          torch.permute, torch.transpose, "swapaxes", torch.swapaxes, "expand", "expand_as",
+          "reshape_as", "view_as",
+          "chunk", torch.chunk, "split", torch.split, "unbind", torch.unbind)
+#: Shape ops returning a tuple of tensors: on codes only when every user takes one piece.
+_PIECES = ("chunk", torch.chunk, "split", torch.split, "unbind", torch.unbind)
 _METADATA = ("size", builtins.getattr, "dim")
 _ADD = (operator.add, torch.add, "add")
 _CAT = (torch.cat, torch.concat)
@@ -301,7 +306,9 @@ class _Lowering:
             return True
         if self.lookup_table(node, act):
             return True
-        if self.key(node) in _SHAPE or _eval_identity(self.gm, node):
+        if (self.key(node) in _SHAPE and (self.key(node) not in _PIECES or all(
+                self.key(u) is operator.getitem for u in node.users))) or \
+                _eval_identity(self.gm, node):
             self.copy_int(node, act)
             return True
         return False

@@ -21,7 +21,7 @@ from torch import fx
 from djpq_compiler.artifacts import atomic_write
 from djpq_compiler.errors import BackendError, MissingExtraError
 
-from . import float_ops, integer_ops  # noqa: F401  (registers the converters)
+from . import float_ops, integer_ops, shape_ops, transformer_ops  # noqa: F401  (registers)
 from .graph import (
     OPSET,
     Emitter,

@@ -479,4 +479,6 @@ def _getitem(ctx: Emitter, node: fx.Node) -> Value:
     container, index = ctx.value(node.args[0]), ctx.value(node.args[1])
     if isinstance(container, (tuple, list)):
         return container[index]
-    raise BackendError(f"{node.format_node()}: tensor indexing is not exported")
+    from .shape_ops import slice_tensor
+
+    return slice_tensor(ctx, node, container, index)

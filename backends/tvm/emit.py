@@ -100,7 +100,7 @@ def _key(gm: fx.GraphModule, node: fx.Node) -> object | None:
 
 def converter_for(gm: fx.GraphModule, node: fx.Node) -> Converter | None:
     """The converter of ``node``, or ``None`` if the backend cannot lower it."""
-    if node.op in ("placeholder", "output"):
+    if node.op in ("placeholder", "output", "get_attr"):
         return _REGISTRY.get(node.op)
     key = _key(gm, node)
     return _REGISTRY.get(key) if key is not None else None

@@ -1,0 +1,207 @@
+"""Transformer ops for the ONNX exporter, as float islands (DQ -> op -> Q).
+
+``LayerNormalization`` (``nn.LayerNorm``, ``F.layer_norm``), ``Softmax``, ``MatMul`` of two float
+activations, ``F.scaled_dot_product_attention`` decomposed (``MatMul``, scale, causal/additive
+mask, ``Softmax``, ``MatMul``) and ``nn.MultiheadAttention`` decomposed (in-projections,
+heads, attention, output projection). The batch dimension stays dynamic (``Reshape`` copies it
+with a 0). Same float definitions as ``backends/tvm/transformer_ops.py``; onnxruntime's float
+math may differ from PyTorch by a few ulps, so codes after these islands agree to <= 1 LSB.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from djpq_compiler.errors import BackendError
+
+from .graph import Emitter, FValue, Value, register
+
+__all__: list[str] = []
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _weights(ctx: Emitter, node: fx.Node, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, shape: tuple[int, ...]) -> list[str]:
+    w = (weight.detach().cpu().float().numpy() if weight is not None
+         else np.ones(shape, np.float32))
+    names = [ctx.const(w, f"{node.name}/gamma")]
+    if bias is not None:
+        names.append(ctx.const(bias.detach().cpu().float().numpy(), f"{node.name}/beta"))
+    return names
+
+
+def _layer_norm(ctx: Emitter, node: fx.Node, shape: tuple[int, ...],
+                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> Value:
+    x = ctx.real(node, node.args[0])
+    in_shape = ctx.shape(node.args[0])
+    if tuple(in_shape[len(in_shape) - len(shape):]) != shape:
+        raise BackendError(f"{node.format_node()}: normalized_shape {shape} does not end the "
+                           f"input shape {in_shape}")
+    return FValue(ctx.op("LayerNormalization", [x, *_weights(ctx, node, weight, bias, shape)],
+                         node.name, axis=-len(shape), epsilon=float(eps)))
+
+
+@register(nn.LayerNorm)
+def _layer_norm_module(ctx: Emitter, node: fx.Node) -> Value:
+    m = ctx.module(node)
+    return _layer_norm(ctx, node, tuple(m.normalized_shape), m.weight,
+                       getattr(m, "bias", None), m.eps)
+
+
+def _attr_tensor(ctx: Emitter, node: fx.Node, arg: Any) -> torch.Tensor | None:
+    if arg is None:
+        return None
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value: Any = ctx.gm
+        for part in str(arg.target).split("."):
+            value = getattr(value, part)
+        if torch.is_tensor(value):
+            return value
+    raise BackendError(f"{node.format_node()}: layer_norm weight/bias must be parameters")
+
+
+@register(F.layer_norm, torch.layer_norm)
+def _layer_norm_function(ctx: Emitter, node: fx.Node) -> Value:
+    shape = ctx.value(_arg(node, 1, "normalized_shape", None))
+    shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    return _layer_norm(ctx, node, shape, _attr_tensor(ctx, node, _arg(node, 2, "weight", None)),
+                       _attr_tensor(ctx, node, _arg(node, 3, "bias", None)),
+                       float(_arg(node, 4, "eps", 1e-5)))
+
+
+def _softmax(ctx: Emitter, node: fx.Node, dim: Any) -> Value:
+    if not isinstance(dim, int):
+        raise BackendError(f"{node.format_node()}: softmax needs a static int dim")
+    ndim = len(ctx.shape(node.args[0]))
+    return FValue(ctx.op("Softmax", [ctx.real(node, node.args[0])], node.name, axis=dim % ndim))
+
+
+@register(F.softmax, torch.softmax, torch.Tensor.softmax)
+def _softmax_function(ctx: Emitter, node: fx.Node) -> Value:
+    dtype = node.kwargs.get("dtype", node.args[3] if len(node.args) > 3 else None)
+    if dtype not in (None, torch.float32):
+        raise BackendError(f"{node.format_node()}: softmax with dtype={dtype} is not exported")
+    return _softmax(ctx, node, ctx.value(_arg(node, 1, "dim", None)))
+
+
+@register(nn.Softmax)
+def _softmax_module(ctx: Emitter, node: fx.Node) -> Value:
+    return _softmax(ctx, node, ctx.module(node).dim)
+
+
+@register(torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm, operator.matmul,
+          torch.Tensor.__matmul__)
+def _matmul(ctx: Emitter, node: fx.Node) -> Value:
+    a, b = ctx.real(node, node.args[0]), ctx.real(node, node.args[1])
+    return FValue(ctx.op("MatMul", [a, b], node.name))
+
+
+def _attention(ctx: Emitter, hint: str, q: str, k: str, v: str, rank: int,
+               lengths: tuple[int, int], head_dim: int, mask: str | None, causal: bool,
+               scale: float | None) -> tuple[str, str]:
+    """``(softmax(q @ k^T * scale + mask) @ v, probabilities)``; ``lengths = (L, S)``."""
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    k_t = ctx.op("Transpose", [k], f"{hint}/k_t", perm=perm)
+    scores = ctx.op("MatMul", [q, k_t], f"{hint}/scores")
+    factor = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    scores = ctx.op("Mul", [scores, ctx.scalar(factor, f"{hint}/scale")], f"{hint}/scaled")
+    if causal:
+        keep = np.tril(np.ones(lengths, dtype=bool))
+        causal_mask = np.where(keep, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+        scores = ctx.op("Add", [scores, ctx.const(causal_mask, f"{hint}/causal")],
+                        f"{hint}/causal_scores")
+    if mask is not None:
+        scores = ctx.op("Add", [scores, mask], f"{hint}/masked")
+    probs = ctx.op("Softmax", [scores], f"{hint}/probs", axis=rank - 1)
+    return ctx.op("MatMul", [probs, v], hint), probs
+
+
+@register(F.scaled_dot_product_attention)
+def _sdpa(ctx: Emitter, node: fx.Node) -> Value:
+    q, k, v = (ctx.real(node, node.args[i]) for i in range(3))
+    mask_arg = _arg(node, 3, "attn_mask", None)
+    dropout = ctx.value(_arg(node, 4, "dropout_p", 0.0))
+    causal = ctx.value(_arg(node, 5, "is_causal", False))
+    scale = ctx.value(_arg(node, 6, "scale", None))
+    if node.kwargs.get("enable_gqa", False) or dropout != 0 or not isinstance(causal, bool):
+        raise BackendError(f"{node.format_node()}: attention is exported with dropout_p=0, a "
+                           "static is_causal and without enable_gqa only")
+    mask = None if mask_arg is None else ctx.real(node, mask_arg)
+    q_shape, k_shape = ctx.shape(node.args[0]), ctx.shape(node.args[1])
+    out, _ = _attention(ctx, node.name, q, k, v, len(q_shape), (q_shape[-2], k_shape[-2]),
+                        q_shape[-1], mask, causal, scale)
+    return FValue(out)
+
+
+def _linear(ctx: Emitter, hint: str, x: str, weight: torch.Tensor,
+            bias: torch.Tensor | None) -> str:
+    w = np.ascontiguousarray(weight.detach().cpu().float().numpy().T)
+    out = ctx.op("MatMul", [x, ctx.const(w, f"{hint}/wt")], f"{hint}/matmul")
+    if bias is None:
+        return out
+    b = ctx.const(bias.detach().cpu().float().numpy(), f"{hint}/b")
+    return ctx.op("Add", [out, b], hint)
+
+
+def _mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor, Any]]:
+    e = m.embed_dim
+    if m._qkv_same_embed_dim:
+        w = m.in_proj_weight
+        weights = [w[:e], w[e:2 * e], w[2 * e:]]
+    else:
+        weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+    bias = m.in_proj_bias
+    biases = [None] * 3 if bias is None else [bias[:e], bias[e:2 * e], bias[2 * e:]]
+    return list(zip(weights, biases, strict=True))
+
+
+@register(nn.MultiheadAttention)
+def _multihead_attention(ctx: Emitter, node: fx.Node) -> Value:
+    """``nn.MultiheadAttention(q, k, v)`` -> ``(output, weights or None)``, no masks."""
+    m = ctx.module(node)
+    if any(node.kwargs.get(n) is not None for n in ("key_padding_mask", "attn_mask")) or \
+            len(node.args) > 3 or m.bias_k is not None or m.add_zero_attn or \
+            node.kwargs.get("is_causal", False):
+        raise BackendError(f"{node.format_node()}: MultiheadAttention is exported without "
+                           "masks, bias_k/bias_v and add_zero_attn only")
+    args = [node.args[i] if len(node.args) > i else node.kwargs[n]
+            for i, n in enumerate(("query", "key", "value"))]
+    heads, embed = m.num_heads, m.embed_dim
+    names, lengths = [], []
+    for i, (arg, (w, b)) in enumerate(zip(args, _mha_projections(m), strict=True)):
+        x = ctx.real(node, arg)
+        shape = ctx.shape(arg)
+        if not m.batch_first:
+            x = ctx.op("Transpose", [x], f"{node.name}/in_{i}_bf", perm=[1, 0, 2])
+        length = shape[1] if m.batch_first else shape[0]
+        proj = _linear(ctx, f"{node.name}/proj_{i}", x, w, b)
+        dims = ctx.const(np.array([0, length, heads, embed // heads], np.int64),
+                         f"{node.name}/heads_{i}")
+        split = ctx.op("Reshape", [proj, dims], f"{node.name}/split_{i}")
+        names.append(ctx.op("Transpose", [split], f"{node.name}/heads_{i}_t", perm=[0, 2, 1, 3]))
+        lengths.append(length)
+    q, k, v = names
+    out, probs = _attention(ctx, f"{node.name}/attention", q, k, v, 4, (lengths[0], lengths[1]),
+                            embed // heads, None, False, None)
+    merged = ctx.op("Transpose", [out], f"{node.name}/merge_t", perm=[0, 2, 1, 3])
+    dims = ctx.const(np.array([0, lengths[0], embed], np.int64), f"{node.name}/merge_dims")
+    out = ctx.op("Reshape", [merged, dims], f"{node.name}/merged")
+    out = _linear(ctx, f"{node.name}/out_proj", out, m.out_proj.weight, m.out_proj.bias)
+    if not m.batch_first:
+        out = ctx.op("Transpose", [out], f"{node.name}/out_bf", perm=[1, 0, 2])
+    if not node.kwargs.get("need_weights", True):
+        return (FValue(out), None)
+    if node.kwargs.get("average_attn_weights", True):
+        axes = ctx.const(np.array([1], np.int64), f"{node.name}/head_axis")
+        probs = ctx.op("ReduceMean", [probs, axes], f"{node.name}/weights", keepdims=0)
+    return (FValue(out), FValue(probs))
