@@ -1,0 +1,85 @@
+"""TVM-facing: put a selected written kernel into the Relax module being built.
+
+:func:`emit_conv` builds the layer's scheduled PrimFunc (:mod:`.conv2d`), adds it to the module
+and calls it with ``call_tir`` on NCHW tensors, so the layer's edges keep the layout every other
+converter uses (the pack/unpack stages live inside the kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..adapter import Builder, load_tvm
+from .conv2d import ConvKernelSpec, build_conv_kernel, pack_weight
+from .select import KernelChoice, LayerFacts
+
+__all__ = ["ConvGeometry", "emit_conv", "target_has_avx2", "target_text"]
+
+ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
+
+
+def target_has_avx2(spec: dict[str, Any] | None) -> bool | None:
+    """Whether the TVM target dict ``spec`` has AVX2 (from its mcpu/mattr); ``None`` if no spec."""
+    if spec is None:
+        return None
+    if spec.get("kind") != "llvm":
+        return False
+    tvm = load_tvm()
+    return bool(tvm.target.codegen.target_has_features("avx2", tvm.target.Target(spec)))
+
+
+def target_text(spec: dict[str, Any] | None) -> str:
+    """A short description of a target dict for the kernel records."""
+    if spec is None:
+        return "none"
+    parts = [str(spec.get("kind"))] + [f"{k}={spec[k]}" for k in ("mcpu", "mtriple", "arch")
+                                       if k in spec]
+    return " ".join(parts)
+
+
+def _padded(values: np.ndarray, size: int, dtype: str) -> np.ndarray:
+    out = np.zeros(size, dtype=dtype)
+    out[: values.size] = values
+    return out
+
+
+def _per_channel(value: Any, channels: int) -> np.ndarray:
+    flat = np.asarray(value, dtype=np.int64).reshape(-1)
+    return np.broadcast_to(flat, (channels,)) if flat.size == 1 else flat
+
+
+def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: KernelChoice,
+              geometry: ConvGeometry, requant: tuple[Any, Any, int, int, str] | None) -> Any:
+    """Emit the written kernel of ``choice`` for an NCHW conv; returns the NCHW result.
+
+    Args:
+        bb: The builder.
+        x: The NCHW integer activations (container ``in_dtype``).
+        in_dtype: Container dtype of ``x``.
+        facts: The layer's selection facts (weights OIHW, bias, ``acc_shift``, offset).
+        choice: A non-default :class:`KernelChoice`.
+        geometry: ``(stride, padding, dilation)``.
+        requant: ``(m, shift, qmin, qmax, out_dtype)`` to fuse the requantization, or ``None`` to
+            return the int32 accumulator ``acc * 2^k + bias``.
+    """
+    n, ic, h, w = bb.shape(x)
+    oc, _, kh, kw = facts.weight.shape
+    stride, padding, dilation = geometry
+    m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
+    spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), stride, padding, dilation,
+                          str(choice.kind), choice.groups, in_dtype, facts.act_offset,
+                          facts.acc_shift, out_dtype, int(qmin), int(qmax))
+    func, (_, tile_oc) = build_conv_kernel(spec)
+    size = spec.out_blocks(tile_oc) * 8
+    args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), "int8" if spec.kind == "ubsw"
+                        else "int16"),
+            bb.const(_padded(facts.kernel_bias(), size, "int32"), "int32")]
+    if requant is not None:
+        m_c, shift_c = _per_channel(m, oc), _per_channel(shift, oc)
+        rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
+        args += [bb.const(_padded(v, size, "int64"), "int64") for v in (m_c, rnd, shift_c)]
+    out_shape = (n, oc) + spec.out_size
+    name = f"djpq_{choice.variant}_{facts.layer}"
+    return bb.call_tir(func.with_attr("global_symbol", name), name, args, out_shape, out_dtype)
