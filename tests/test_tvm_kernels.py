@@ -14,10 +14,19 @@ from djpq_compiler.backends.reference import qrange, requant_params
 pytest.importorskip("tvm")
 tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
 kernels = pytest.importorskip("djpq_compiler.backends.tvm.kernels")
+from djpq_compiler.backends.tvm import adapter  # noqa: E402
+from djpq_compiler.backends.tvm.build import target_spec  # noqa: E402
 from djpq_compiler.backends.tvm.emit import lower  # noqa: E402
+from djpq_compiler.backends.tvm.kernels.emit import target_features  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.select import LayerFacts, select_kernel  # noqa: E402
 
 IN_SCALE = 0.02
+AVX2 = {"kind": "llvm", "mcpu": "haswell"}  # AVX2, no AVX-512 (the developers' znver3 class)
+VNNI = {"kind": "llvm", "mcpu": "cascadelake"}  # AVX512-VNNI
+HOST = target_spec("x86")[0]
+HOST_VNNI = "avx512vnni" in (target_features(HOST) or ())
+needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="this CPU has no AVX512-VNNI")
+TARGETS = [pytest.param(AVX2, id="avx2"), pytest.param(VNNI, id="vnni", marks=needs_vnni)]
 
 
 def int_layer(kind: str, c_in: int, c_out: int, *, x_bits: int, w_bits: int, x_signed: bool = False,
@@ -68,18 +77,29 @@ def inputs(shape: tuple[int, ...], x_bits: int, signed: bool, seed: int = 0) -> 
     return [rand, worst] + ([torch.full(shape, lo * IN_SCALE * 2)] if signed else [])
 
 
+def compile_for(gm: torch.fx.GraphModule, x: torch.Tensor, spec: dict) -> tuple:
+    """Lower for the target dict ``spec`` (not necessarily this CPU's), compile, wrap the VM."""
+    mod, ctx = lower(gm, [x], spec)
+    vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(spec)))
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        out = torch.from_numpy(adapter.run_vm(vm, [t.numpy()])[0])
+        return out.to(torch.int64) if ctx.output_kinds[0] == "int" else out
+    return run, ctx.kernels
+
+
 def check(layer: nn.Module, shape: tuple[int, ...], x_bits: int, x_signed: bool = False,
-          target: str = "x86") -> tuple:
+          spec: dict | None = None) -> tuple:
     """Build ``layer`` behind a Quantize, assert bit-exactness on random and worst-case codes."""
     gm = im.trace_integer(One(layer, x_bits, x_signed).eval())
     xs = inputs(shape, x_bits, x_signed)
-    model = tvm_backend.build(gm, target, example_inputs=xs[0])
+    run, records = compile_for(gm, xs[0], AVX2 if spec is None else spec)
     for x in xs:
-        want, got = gm(x), model(x)
+        want, got = gm(x), run(x)
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(got, want), (got - want).abs().max()
     assert len(torch.unique(gm(xs[0]))) > 3  # the requantization does not clip everything
-    return model, model.kernels
+    return run, records
 
 
 #: (activation bits, signed, weight bits) -> variant; each line next to one bit past its bound.
@@ -105,6 +125,24 @@ def test_conv_variant_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_b
     assert records[0].bound != "-" and records[0].op == "conv2d"
 
 
+VNNI_LADDER = [
+    (8, False, 4, "avx512_vnni"),
+    (8, False, 8, "avx512_vnni"),  # W8A8: vpdpbusd does not saturate
+    (8, True, 8, "avx512_vnni"),  # signed 8-bit shifted by +128
+    (9, False, 8, "avx2_s16"),  # one bit past u8: the int16 path
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize(("x_bits", "signed", "w_bits", "variant"), VNNI_LADDER)
+def test_vnni_variant_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_bits: int,
+                                                  variant: str) -> None:
+    layer = int_layer("conv", 21, 37, x_bits=x_bits, w_bits=w_bits, x_signed=signed, seed=w_bits)
+    _, records = check(layer, (1, 21, 9, 10), x_bits, signed, VNNI)
+    assert [r.variant for r in records] == [variant]
+
+
+@pytest.mark.parametrize("spec", TARGETS)
 @pytest.mark.parametrize(("c_in", "c_out", "k", "stride", "padding", "batch", "hw"), [
     (1, 1, 3, 1, 1, 1, (5, 5)),
     (3, 37, 3, 2, 1, 32, (9, 8)),
@@ -113,11 +151,12 @@ def test_conv_variant_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_b
     (8, 16, 5, 1, 2, 1, (6, 17)),
 ])
 def test_conv_odd_channels_batch_stride_padding(c_in: int, c_out: int, k: int, stride: int,
-                                               padding: int, batch: int, hw: tuple) -> None:
+                                               padding: int, batch: int, hw: tuple,
+                                               spec: dict) -> None:
     layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=4, k=k, stride=stride,
                       padding=padding, seed=c_in)
-    _, records = check(layer, (batch, c_in) + hw, 8)
-    assert records[0].variant == "avx2_u8s8_p4"
+    _, records = check(layer, (batch, c_in) + hw, 8, spec=spec)
+    assert records[0].variant == ("avx2_u8s8_p4" if spec is AVX2 else "avx512_vnni")
 
 
 def test_conv_float_output_and_acc_shift() -> None:
@@ -130,11 +169,23 @@ def test_conv_float_output_and_acc_shift() -> None:
 
 @pytest.mark.parametrize(("batch", "w_bits", "variant"), [
     (1, 4, "avx2_u8s8_p4"), (32, 4, "avx2_u8s8_p4"), (32, 8, "avx2_s16"), (3, 7, "avx2_u8s8_p1"),
+    pytest.param(32, 8, "avx512_vnni", marks=needs_vnni),
 ])
 def test_linear_exact(batch: int, w_bits: int, variant: str) -> None:
     layer = int_layer("linear", 45, 17, x_bits=8, w_bits=w_bits, seed=batch)
-    _, records = check(layer, (batch, 45), 8)
+    _, records = check(layer, (batch, 45), 8, spec=VNNI if variant == "avx512_vnni" else AVX2)
     assert [(r.op, r.variant) for r in records] == [("linear", variant)]
+
+
+def test_build_for_this_cpu_uses_its_best_kernel() -> None:
+    """``build(..., "x86")`` picks from this CPU's features and records it."""
+    gm = im.trace_integer(One(int_layer("conv", 6, 9, x_bits=8, w_bits=8), 8, False).eval())
+    x = inputs((2, 6, 7, 7), 8, False)
+    model = tvm_backend.build(gm, "x86", example_inputs=x[0])
+    for t in x:
+        assert torch.equal(model(t), gm(t))
+    assert model.kernels[0].variant == ("avx512_vnni" if HOST_VNNI else "avx2_s16")
+    assert model.kernels[0].variant in model.kernel_report()
 
 
 def test_fallbacks_are_recorded() -> None:
@@ -158,12 +209,15 @@ def test_selection_bound_is_tight() -> None:
     """Pure selection: P = 4 exactly up to 2*4*span*max|w| <= 32767, then P = 2."""
     def facts(span: int, w_max: int) -> LayerFacts:
         weight = np.full((2, 3, 1, 1), w_max)
-        return LayerFacts("l", "conv2d", 0, span, weight, np.zeros(2, np.int64), 0, 1, 0, True,
-                          "llvm")
+        return LayerFacts("l", "conv2d", 0, span, weight, np.zeros(2, np.int64), 0, 1, 0,
+                          frozenset({"avx2"}), "llvm")
     assert select_kernel(facts(255, 16)).variant == "avx2_u8s8_p4"  # 32640
     assert select_kernel(facts(255, 17)).variant == "avx2_u8s8_p2"  # 34680
     assert select_kernel(facts(129, 127)).variant == "avx2_u8s8_p1"  # 2*1*129*127 = 32766
     assert select_kernel(facts(130, 127)).variant == "avx2_s16"  # 33020
+    vnni = LayerFacts("l", "conv2d", 0, 255, np.full((2, 3, 1, 1), 127), np.zeros(2, np.int64),
+                      0, 1, 0, frozenset({"avx2", "avx512vnni"}), "llvm")
+    assert select_kernel(vnni).variant == "avx512_vnni"
 
 
 def test_unsafe_group_count_is_wrong_on_worst_case() -> None:

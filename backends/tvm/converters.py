@@ -127,12 +127,12 @@ def _pair(value: Any) -> tuple[int, int]:
 def _select(ctx: Lowering, node: fx.Node, op: str, x: IntValue, weight: np.ndarray,
             bias: np.ndarray, groups: int, macs: int) -> tuple[LayerFacts, KernelChoice]:
     """Pick (and record on ``ctx.kernels``) the kernel of one integer conv/linear layer."""
-    from .kernels.emit import target_has_avx2, target_text
+    from .kernels.emit import target_features, target_text
 
     module = ctx.module(node)
     facts = LayerFacts(node.name, op, x.lo, x.hi, weight, bias,
                        int(getattr(module, "acc_shift", 0)), groups, macs,
-                       target_has_avx2(ctx.target), target_text(ctx.target))
+                       target_features(ctx.target), target_text(ctx.target))
     choice = select_kernel(facts)
     ctx.kernels.append(choice)
     return facts, choice
@@ -199,7 +199,7 @@ def _linear_as_conv(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts
     as_image = ctx.bb.reshape(ctx.bb.permute(x.expr, (1, 0)), (1, features, 1, n))
     conv_facts = LayerFacts(facts.layer, facts.op, facts.act_lo, facts.act_hi,
                             facts.weight.reshape(facts.weight.shape + (1, 1)), facts.bias,
-                            facts.acc_shift, 1, facts.macs, facts.avx2, facts.target)
+                            facts.acc_shift, 1, facts.macs, facts.features, facts.target)
     out = _written_layer(ctx, node, as_image, ctx.bb.dtype(x.expr), conv_facts, choice,
                          ((1, 1), (0, 0), (1, 1)))
     out = ctx.bb.permute(ctx.bb.reshape(out, (facts.weight.shape[0], n)), (1, 0))

@@ -59,8 +59,13 @@ class ConvKernelSpec:
 
     @property
     def lanes(self) -> int:
-        """Input channels per intrinsic group: 4 bytes (ubsw) or 2 int16 (wd)."""
-        return 4 if self.kind == "ubsw" else 2
+        """Input channels per intrinsic group: 4 bytes (ubsw, vnni) or 2 int16 (wd)."""
+        return 2 if self.kind == "wd" else 4
+
+    @property
+    def oc_lanes(self) -> int:
+        """Output channels per vector: 16 int32 (AVX-512) or 8 (AVX2)."""
+        return 16 if self.kind == "vnni" else 8
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -74,7 +79,7 @@ class ConvKernelSpec:
         return -(-self.in_channels // (self.lanes * self.groups))
 
     def out_blocks(self, tile_oc: int) -> int:
-        return -(-self.out_channels // (8 * tile_oc)) * tile_oc
+        return -(-self.out_channels // (self.oc_lanes * tile_oc)) * tile_oc
 
 
 def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
@@ -85,8 +90,12 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
     two. The width tile minimizes padded columns, preferring the larger tile on ties.
     """
     out_w = spec.out_size[1]
-    tile_oc = 2 if (spec.kind == "wd" or spec.groups <= 2) and spec.out_channels > 8 else 1
-    widest = 7 if tile_oc == 1 else 5
+    if spec.kind == "vnni":  # 32 zmm registers
+        tile_oc = 2 if spec.out_channels > 16 else 1
+        widest = 12 if tile_oc == 1 else 8
+    else:
+        tile_oc = 2 if (spec.kind == "wd" or spec.groups <= 2) and spec.out_channels > 8 else 1
+        widest = 7 if tile_oc == 1 else 5
     if out_w <= widest:
         return out_w, tile_oc
     candidates = range(widest, 3, -1)
@@ -95,15 +104,15 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
 
 
 def pack_weight(weight: np.ndarray, spec: ConvKernelSpec, tile_oc: int) -> np.ndarray:
-    """OIHW integer weights to the ``[OCB, ICB, KH, KW, (G,) 8, L]`` layout (zero padded)."""
+    """OIHW integer weights to the ``[OCB, ICB, KH, KW, (G,) O, L]`` layout (zero padded)."""
     oc, ic, kh, kw = weight.shape
-    lanes, groups = spec.lanes, spec.groups
+    lanes, groups, ol = spec.lanes, spec.groups, spec.oc_lanes
     ocb, icb = spec.out_blocks(tile_oc), spec.in_blocks
-    dtype = "int8" if spec.kind == "ubsw" else "int16"
-    full = np.zeros((ocb * 8, icb * groups * lanes, kh, kw), dtype=dtype)
+    dtype = "int16" if spec.kind == "wd" else "int8"
+    full = np.zeros((ocb * ol, icb * groups * lanes, kh, kw), dtype=dtype)
     full[:oc, :ic] = weight
-    packed = full.reshape(ocb, 8, icb, groups, lanes, kh, kw).transpose(0, 2, 5, 6, 3, 1, 4)
-    shape = (ocb, icb, kh, kw) + ((groups,) if groups > 1 else ()) + (8, lanes)
+    packed = full.reshape(ocb, ol, icb, groups, lanes, kh, kw).transpose(0, 2, 5, 6, 3, 1, 4)
+    shape = (ocb, icb, kh, kw) + ((groups,) if groups > 1 else ()) + (ol, lanes)
     return np.ascontiguousarray(packed.reshape(shape))
 
 
@@ -119,13 +128,14 @@ def _compute(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
     lanes, groups = spec.lanes, spec.groups
     icb, ocb = spec.in_blocks, spec.out_blocks(tile_oc)
     hp, wp = (oh - 1) * sh + dh * (kh - 1) + 1, (owp - 1) * sw + dw * (kw - 1) + 1
-    act = "uint8" if spec.kind == "ubsw" else "int16"
+    act = "int16" if spec.kind == "wd" else "uint8"
     gdim = (groups,) if groups > 1 else ()
+    ol = spec.oc_lanes
 
     x = te.placeholder((n_, ic, h, w), spec.in_dtype, name="x")
-    wt = te.placeholder((ocb, icb, kh, kw) + gdim + (8, lanes), act.replace("uint", "int"),
+    wt = te.placeholder((ocb, icb, kh, kw) + gdim + (ol, lanes), act.replace("uint", "int"),
                         name="w")
-    bias = te.placeholder((ocb * 8,), "int32", name="bias")
+    bias = te.placeholder((ocb * ol,), "int32", name="bias")
 
     def pack(n: Any, b: Any, y: Any, xx: Any, *gl: Any) -> Any:
         g, lane = gl if groups > 1 else (0, gl[0])
@@ -147,25 +157,25 @@ def _compute(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
         b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
         return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
 
-    acc = te.compute((n_, ocb, oh, owp, 8), conv, name="conv")
+    acc = te.compute((n_, ocb, oh, owp, ol), conv, name="conv")
     params = [x, wt, bias]
     if spec.out_dtype == "int32":
         epi = te.compute(acc.shape, lambda n, ob, y, xx, o: acc[n, ob, y, xx, o]
-                         * (1 << spec.acc_shift) + bias[ob * 8 + o], name="epilogue")
+                         * (1 << spec.acc_shift) + bias[ob * ol + o], name="epilogue")
     else:
-        m = te.placeholder((ocb * 8,), "int64", name="m")
-        rnd = te.placeholder((ocb * 8,), "int64", name="rnd")
-        shift = te.placeholder((ocb * 8,), "int64", name="shift")
+        m = te.placeholder((ocb * ol,), "int64", name="m")
+        rnd = te.placeholder((ocb * ol,), "int64", name="rnd")
+        shift = te.placeholder((ocb * ol,), "int64", name="shift")
         params += [m, rnd, shift]
 
         def requant(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
-            c = ob * 8 + o
+            c = ob * ol + o
             full = (acc[n, ob, y, xx, o] * (1 << spec.acc_shift) + bias[c]).astype("int64")
             q = (full * m[c] + rnd[c]) >> shift[c]
             return tirx.max(tirx.min(q, spec.qmax), spec.qmin).astype(spec.out_dtype)
 
         epi = te.compute(acc.shape, requant, name="epilogue")
-    out = te.compute((n_, oc, oh, ow), lambda n, c, y, xx: epi[n, c // 8, y, xx, c % 8],
+    out = te.compute((n_, oc, oh, ow), lambda n, c, y, xx: epi[n, c // ol, y, xx, c % ol],
                      name="unpack")
     return te.create_prim_func(params + [out])
 

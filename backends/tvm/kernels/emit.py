@@ -15,19 +15,25 @@ from ..adapter import Builder, load_tvm
 from .conv2d import ConvKernelSpec, build_conv_kernel, pack_weight
 from .select import KernelChoice, LayerFacts
 
-__all__ = ["ConvGeometry", "emit_conv", "target_has_avx2", "target_text"]
+__all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "target_text"]
+
+#: CPU features the written kernels use (LLVM names).
+KNOWN_FEATURES = ("avx2", "avx512vnni")
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
 
 
-def target_has_avx2(spec: dict[str, Any] | None) -> bool | None:
-    """Whether the TVM target dict ``spec`` has AVX2 (from its mcpu/mattr); ``None`` if no spec."""
+def target_features(spec: dict[str, Any] | None) -> frozenset[str] | None:
+    """Which of :data:`KNOWN_FEATURES` the TVM target dict ``spec`` has (from its mcpu/mattr, as
+    LLVM sees them); ``None`` if no spec."""
     if spec is None:
         return None
-    if spec.get("kind") != "llvm":
-        return False
+    if spec.get("kind") != "llvm" or "aarch64" in str(spec.get("mtriple", "")):
+        return frozenset()
     tvm = load_tvm()
-    return bool(tvm.target.codegen.target_has_features("avx2", tvm.target.Target(spec)))
+    target = tvm.target.Target(spec)
+    return frozenset(f for f in KNOWN_FEATURES
+                     if tvm.target.codegen.target_has_features(f, target))
 
 
 def target_text(spec: dict[str, Any] | None) -> str:
@@ -72,9 +78,9 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
                           str(choice.kind), choice.groups, in_dtype, facts.act_offset,
                           facts.acc_shift, out_dtype, int(qmin), int(qmax))
     func, (_, tile_oc) = build_conv_kernel(spec)
-    size = spec.out_blocks(tile_oc) * 8
-    args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), "int8" if spec.kind == "ubsw"
-                        else "int16"),
+    size = spec.out_blocks(tile_oc) * spec.oc_lanes
+    args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), "int16" if spec.kind == "wd"
+                        else "int8"),
             bb.const(_padded(facts.kernel_bias(), size, "int32"), "int32")]
     if requant is not None:
         m_c, shift_c = _per_channel(m, oc), _per_channel(shift, oc)

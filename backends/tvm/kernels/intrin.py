@@ -11,6 +11,9 @@ slow):
   ``2 * P * max|a| * max|w| <= 32767`` (checked by :mod:`.select` before this is chosen).
 * ``djpq_avx2_wd``: ``C[8] += sum_{k<2} A[k] * B[:, k]`` with int16 ``A``/``B`` through one
   ``vpmaddwd``. Exact when ``2 * max|a| * max|w| <= 2^31 - 1`` (any <= 15-bit operands).
+* ``djpq_avx512_vnni``: ``C[16] += sum_{k<4} A[k] * B[:, k]``, u8 x s8 through one
+  ``vpdpbusd`` (AVX512-VNNI): the four products are summed without intermediate saturation, so
+  it is exact whenever the int32 accumulator is (any u8 x s8, W8A8 included).
 
 The description uses a ``local`` output buffer (the kernels accumulate in a ``cache_write``
 buffer). With P = 1 the ``g`` axis is dropped entirely: extent-1 loops break the match.
@@ -29,8 +32,11 @@ UBSW_GROUPS = (4, 2, 1)
 
 
 def intrin_name(kind: str, groups: int = 1) -> str:
-    """Registered name of an intrinsic: ``kind`` ``"ubsw"`` (with ``groups`` = P) or ``"wd"``."""
-    return f"djpq_avx2_ubsw_p{groups}" if kind == "ubsw" else "djpq_avx2_wd"
+    """Registered name of an intrinsic: ``kind`` ``"ubsw"`` (with ``groups`` = P), ``"wd"`` or
+    ``"vnni"``."""
+    if kind == "ubsw":
+        return f"djpq_avx2_ubsw_p{groups}"
+    return "djpq_avx512_vnni" if kind == "vnni" else "djpq_avx2_wd"
 
 
 def _ubsw_sum(A: Any, B: Any, groups: int) -> Any:  # noqa: N803 - buffer names as in TIR
@@ -136,6 +142,38 @@ def _wd() -> tuple[Any, Any]:
     return desc, impl
 
 
+def _vnni() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((16, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((16, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C[T.ramp(T.int32(0), 1, 16)],
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
+                                          16), dtype="uint8x64"),
+                B.vload([0, 0], "int8x64"), dtype="int32x16")
+
+    return desc, impl
+
+
 @functools.cache
 def register_intrinsics() -> None:
     """Register every intrinsic of this module with TVM (once per process)."""
@@ -146,3 +184,4 @@ def register_intrinsics() -> None:
         if groups > 1:
             register(intrin_name("ubsw", groups), *_ubsw_grouped(groups), override=True)
     register(intrin_name("wd"), *_wd(), override=True)
+    register(intrin_name("vnni"), *_vnni(), override=True)

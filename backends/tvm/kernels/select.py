@@ -4,6 +4,9 @@ Pure Python (no TVM): the choice depends on the layer's integer ranges, its weig
 target's features, and is recorded as a frozen :class:`KernelChoice` per layer. Bounds
 (``docs/tvm_backend.md``, "Integer kernels"):
 
+* ``avx512_vnni``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
+  ``vpdpbusd`` sums four u8 x s8 products into int32 without intermediate saturation, so only the
+  accumulator bound below applies (W8A8 included). Chosen first where the target has it.
 * ``avx2_u8s8_p{P}``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
   ``vpmaddubsw`` pair sums and ``P`` of them summed in int16 are exact iff
   ``2 * P * span * max|w| <= 32767``; P = 4, 2, 1 tried in that order.
@@ -35,8 +38,8 @@ class KernelChoice:
     Attributes:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
-        variant: ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``, ``"avx2_u8s8_p1"``, ``"avx2_s16"`` or
-            ``"default"`` (TVM's generic lowering).
+        variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"`` or ``"default"`` (TVM's generic lowering).
         bound: The inequality the variant relies on, with this layer's numbers.
         note: Why this variant (for ``default``: why no written kernel applies).
         macs: Multiply-accumulates of one call.
@@ -51,10 +54,10 @@ class KernelChoice:
 
     @property
     def kind(self) -> str | None:
-        """Intrinsic family of the variant: ``"ubsw"``, ``"wd"`` or ``None`` (default)."""
+        """Intrinsic family: ``"ubsw"``, ``"wd"``, ``"vnni"`` or ``None`` (default)."""
         if self.variant.startswith("avx2_u8s8"):
             return "ubsw"
-        return "wd" if self.variant == "avx2_s16" else None
+        return {"avx2_s16": "wd", "avx512_vnni": "vnni"}.get(self.variant)
 
     @property
     def groups(self) -> int:
@@ -68,7 +71,8 @@ class LayerFacts:
 
     ``act_lo``/``act_hi`` is the input's integer range, ``weight`` the integer weights (any
     shape with the output channels first), ``bias`` the int bias, ``acc_shift`` the layer's ``k``.
-    ``avx2`` is whether the target has AVX2 (``None``: no target given).
+    ``features`` are the target's CPU features this module knows (``"avx2"``, ``"avx512vnni"``;
+    ``None``: no target given).
     """
 
     layer: str
@@ -80,7 +84,7 @@ class LayerFacts:
     acc_shift: int
     groups: int
     macs: int
-    avx2: bool | None
+    features: frozenset[str] | None
     target: str
 
     @property
@@ -117,9 +121,9 @@ def _default(facts: LayerFacts, note: str) -> KernelChoice:
 
 def select_kernel(facts: LayerFacts) -> KernelChoice:
     """The fastest variant provably exact for ``facts`` (``default`` when none is)."""
-    if facts.avx2 is None:
+    if facts.features is None:
         return _default(facts, "no target given (lowered for tuning or inspection)")
-    if not facts.avx2:
+    if not facts.features & {"avx2", "avx512vnni"}:
         return _default(facts, f"target {facts.target} has no AVX2; no written kernel for it yet")
     if facts.groups != 1:
         return _default(facts, f"groups={facts.groups}: grouped/depthwise conv has no written "
@@ -129,6 +133,13 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
         return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
     span, w_max = facts.span, facts.w_max
     acc_text = f"acc bound {bound} <= 2^31-1"
+    if "avx512vnni" in facts.features and span <= 255 and w_max <= 127:
+        return KernelChoice(facts.layer, facts.op, "avx512_vnni",
+                            f"span {span} <= 255, max|w| {w_max} <= 127 (vpdpbusd sums exactly "
+                            f"in int32); {acc_text}", f"{facts.target}: u8 x s8 vpdpbusd",
+                            facts.macs)
+    if "avx2" not in facts.features:
+        return _default(facts, f"target {facts.target}: operands past u8 x s8 and no AVX2")
     if span <= 255 and w_max <= 127:
         for p in UBSW_GROUPS:
             if 2 * p * span * w_max <= INT16_MAX:
