@@ -156,7 +156,22 @@ def test_conv_odd_channels_batch_stride_padding(c_in: int, c_out: int, k: int, s
     layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=4, k=k, stride=stride,
                       padding=padding, seed=c_in)
     _, records = check(layer, (batch, c_in) + hw, 8, spec=spec)
-    assert records[0].variant == ("avx2_u8s8_p4" if spec is AVX2 else "avx512_vnni")
+    if c_in == c_out == 1:  # a 1 -> 1 conv is depthwise: the channels-in-lanes kernel
+        assert records[0].variant == ("avx2_dw8" if spec is AVX2 else "avx512_dw16")
+    else:
+        assert records[0].variant == ("avx2_u8s8_p4" if spec is AVX2 else "avx512_vnni")
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("channels", "x_bits", "signed", "w_bits", "k", "stride", "batch"), [
+    (37, 8, False, 8, 3, 1, 1), (21, 8, True, 4, 3, 2, 32), (3, 12, False, 9, 5, 1, 2),
+])
+def test_depthwise_exact(channels: int, x_bits: int, signed: bool, w_bits: int, k: int,
+                         stride: int, batch: int, spec: dict) -> None:
+    layer = int_layer("conv", channels, channels, x_bits=x_bits, w_bits=w_bits, x_signed=signed,
+                      k=k, stride=stride, padding=k // 2, groups=channels, seed=channels)
+    _, records = check(layer, (batch, channels, 9, 8), x_bits, signed, spec)
+    assert records[0].variant == ("avx2_dw8" if spec is AVX2 else "avx512_dw16")
 
 
 def test_conv_float_output_and_acc_shift() -> None:
@@ -192,7 +207,7 @@ def test_fallbacks_are_recorded() -> None:
     """Grouped conv, int64 accumulators, non-AVX2 and cross targets: default, with the reason."""
     grouped = int_layer("conv", 8, 8, x_bits=8, w_bits=4, groups=4)
     _, records = check(grouped, (1, 8, 6, 6), 8)
-    assert records[0].variant == "default" and "groups=4" in records[0].note
+    assert records[0].variant == "default" and "grouped" in records[0].note
     wide = int_layer("conv", 4, 3, x_bits=16, w_bits=16, k=1, padding=0)
     _, records = check(wide, (1, 4, 3, 3), 16)
     assert records[0].variant == "default" and "int64" in records[0].note

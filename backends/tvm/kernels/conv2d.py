@@ -58,14 +58,22 @@ class ConvKernelSpec:
     qmax: int
 
     @property
+    def depthwise(self) -> bool:
+        """Depthwise kinds ``"dw8"``/``"dw16"``: channels in vector lanes, int32 products."""
+        return self.kind.startswith("dw")
+
+    @property
     def lanes(self) -> int:
-        """Input channels per intrinsic group: 4 bytes (ubsw, vnni) or 2 int16 (wd)."""
+        """Input channels per intrinsic group: 4 bytes (ubsw, vnni), 2 int16 (wd); depthwise:
+        the channel lanes."""
+        if self.depthwise:
+            return self.oc_lanes
         return 2 if self.kind == "wd" else 4
 
     @property
     def oc_lanes(self) -> int:
         """Output channels per vector: 16 int32 (AVX-512) or 8 (AVX2)."""
-        return 16 if self.kind == "vnni" else 8
+        return 16 if self.kind in ("vnni", "dw16") else 8
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -90,7 +98,9 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
     two. The width tile minimizes padded columns, preferring the larger tile on ties.
     """
     out_w = spec.out_size[1]
-    if spec.kind == "vnni":  # 32 zmm registers
+    if spec.depthwise:
+        tile_oc, widest = 1, 8
+    elif spec.kind == "vnni":  # 32 zmm registers
         tile_oc = 2 if spec.out_channels > 16 else 1
         widest = 12 if tile_oc == 1 else 8
     else:
@@ -106,6 +116,11 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
 def pack_weight(weight: np.ndarray, spec: ConvKernelSpec, tile_oc: int) -> np.ndarray:
     """OIHW integer weights to the ``[OCB, ICB, KH, KW, (G,) O, L]`` layout (zero padded)."""
     oc, ic, kh, kw = weight.shape
+    if spec.depthwise:  # (C, 1, KH, KW) -> [CB, KH, KW, L] int16
+        full = np.zeros((spec.out_blocks(1) * spec.oc_lanes, kh, kw), dtype="int16")
+        full[:oc] = weight[:, 0]
+        packed = full.reshape(-1, spec.oc_lanes, kh, kw).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(packed)
     lanes, groups, ol = spec.lanes, spec.groups, spec.oc_lanes
     ocb, icb = spec.out_blocks(tile_oc), spec.in_blocks
     dtype = "int16" if spec.kind == "wd" else "int8"
@@ -116,12 +131,48 @@ def pack_weight(weight: np.ndarray, spec: ConvKernelSpec, tile_oc: int) -> np.nd
     return np.ascontiguousarray(packed.reshape(shape))
 
 
-def _compute(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
-    """The TE definition (pack, conv, epilogue, unpack) as a PrimFunc."""
+def _depthwise(spec: ConvKernelSpec, tile_w: int) -> tuple[Any, Any, Any]:
+    """Depthwise pack + conv: ``[N, CB, Hp, Wp, L]`` int16 codes, int32 products and sums."""
     tvm = load_tvm()
     te, tirx = tvm.te, tvm.tirx
-    n_, ic, h, w, oc = (spec.batch, spec.in_channels, spec.height, spec.width,
-                        spec.out_channels)
+    n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    oh, ow = spec.out_size
+    owp = -(-ow // tile_w) * tile_w
+    ol, cb = spec.oc_lanes, spec.out_blocks(1)
+    hp, wp = (oh - 1) * sh + dh * (kh - 1) + 1, (owp - 1) * sw + dw * (kw - 1) + 1
+    x = te.placeholder((n_, c_, h, w), spec.in_dtype, name="x")
+    wt = te.placeholder((cb, kh, kw, ol), "int16", name="w")
+
+    def pack(n: Any, b: Any, y: Any, xx: Any, lane: Any) -> Any:
+        c, yy, xw = b * ol + lane, y - ph, xx - pw
+        inside = tirx.all(c < c_, yy >= 0, yy < h, xw >= 0, xw < w)
+        value = x[n, tirx.min(c, c_ - 1), tirx.max(tirx.min(yy, h - 1), 0),
+                  tirx.max(tirx.min(xw, w - 1), 0)].astype("int32")
+        return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype("int16")
+
+    xp = te.compute((n_, cb, hp, wp, ol), pack, name="pack")
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc = te.compute((n_, cb, oh, owp, ol), lambda n, b, y, xx, o: te.sum(
+        xp[n, b, y * sh + ry * dh, xx * sw + rx * dw, o].astype("int32")
+        * wt[b, ry, rx, o].astype("int32"), axis=[ry, rx]), name="conv")
+    return x, wt, acc
+
+
+def _compute(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
+    """The TE definition (pack, conv, epilogue, unpack) as a PrimFunc."""
+    if spec.depthwise:
+        x, wt, acc = _depthwise(spec, tile_w)
+    else:
+        x, wt, acc = _dense(spec, tile_w, tile_oc)
+    return _finish(spec, x, wt, acc)
+
+
+def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, Any]:
+    """Dense pack + conv: ``[N, ICB, Hp, Wp, (G,) L]`` operands, the intrinsic's inner product."""
+    tvm = load_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n_, ic, h, w = spec.batch, spec.in_channels, spec.height, spec.width
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel, spec.stride, spec.padding, spec.dilation
     oh, ow = spec.out_size
     owp = -(-ow // tile_w) * tile_w
@@ -135,7 +186,6 @@ def _compute(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
     x = te.placeholder((n_, ic, h, w), spec.in_dtype, name="x")
     wt = te.placeholder((ocb, icb, kh, kw) + gdim + (ol, lanes), act.replace("uint", "int"),
                         name="w")
-    bias = te.placeholder((ocb * ol,), "int32", name="bias")
 
     def pack(n: Any, b: Any, y: Any, xx: Any, *gl: Any) -> Any:
         g, lane = gl if groups > 1 else (0, gl[0])
@@ -157,7 +207,17 @@ def _compute(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
         b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
         return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
 
-    acc = te.compute((n_, ocb, oh, owp, ol), conv, name="conv")
+    return x, wt, te.compute((n_, ocb, oh, owp, ol), conv, name="conv")
+
+
+def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
+    """Epilogue (bias, requantization) and unpack to NCHW; the whole PrimFunc."""
+    tvm = load_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n_, oc, ol = spec.batch, spec.out_channels, spec.oc_lanes
+    oh, ow = spec.out_size
+    ocb = int(acc.shape[1])
+    bias = te.placeholder((ocb * ol,), "int32", name="bias")
     params = [x, wt, bias]
     if spec.out_dtype == "int32":
         epi = te.compute(acc.shape, lambda n, ob, y, xx, o: acc[n, ob, y, xx, o]
@@ -186,6 +246,8 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     sch = tvm.s_tir.Schedule(func)
     conv = sch.get_sblock("conv")
     writeback = sch.cache_write(conv, 0, "local")
+    if spec.depthwise:
+        return _schedule_depthwise(sch, conv, writeback, tile_w)
     loops = sch.get_loops(conv)
     n, ob, y, xx, o = loops[:5]
     rb, ry, rx, *inner = loops[5:]
@@ -200,6 +262,24 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     sch.tensorize(o, intrin_name(spec.kind, spec.groups))
     sch.unroll(xi)
     sch.unroll(obi)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(writeback)[-1])
+    return sch.mod["main"]
+
+
+def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int) -> Any:
+    """Depthwise: channels vectorized, ``tile_w`` columns x all taps unrolled in registers."""
+    n, b, y, xx, o, ry, rx = sch.get_loops(conv)
+    xo, xi = sch.split(xx, [None, tile_w])
+    sch.reorder(n, b, y, xo, ry, rx, xi, o)
+    outer = sch.fuse(n, b, y)
+    sch.reverse_compute_at(writeback, xo)
+    sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    sch.parallel(outer)
+    sch.vectorize(o)
+    init = sch.decompose_reduction(conv, ry)
+    sch.unroll(xi)
+    sch.unroll(rx)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(writeback)[-1])
     return sch.mod["main"]

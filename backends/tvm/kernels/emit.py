@@ -18,7 +18,7 @@ from .select import KernelChoice, LayerFacts
 __all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "target_text"]
 
 #: CPU features the written kernels use (LLVM names).
-KNOWN_FEATURES = ("avx2", "avx512vnni")
+KNOWN_FEATURES = ("avx2", "avx512bw", "avx512vnni")
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
 
@@ -79,8 +79,8 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
                           facts.acc_shift, out_dtype, int(qmin), int(qmax))
     func, (_, tile_oc) = build_conv_kernel(spec)
     size = spec.out_blocks(tile_oc) * spec.oc_lanes
-    args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), "int16" if spec.kind == "wd"
-                        else "int8"),
+    w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
+    args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), w_dtype),
             bb.const(_padded(facts.kernel_bias(), size, "int32"), "int32")]
     if requant is not None:
         m_c, shift_c = _per_channel(m, oc), _per_channel(shift, oc)

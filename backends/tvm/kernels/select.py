@@ -14,6 +14,9 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   ``max|w| <= 32767`` and ``2 * span * max|w| <= 2^31 - 1``.
 * both need the whole accumulator (offset correction and ``acc_shift`` included) to fit int32,
   checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
+* ``avx512_dw16`` / ``avx2_dw8``: depthwise convs (``groups == channels``), channels in the
+  vector lanes, int16 operands multiplied and summed in int32: exact iff ``span <= 32767``,
+  ``max|w| <= 32767`` and the accumulator bound below.
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
@@ -39,7 +42,8 @@ class KernelChoice:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
-            ``"avx2_u8s8_p1"``, ``"avx2_s16"`` or ``"default"`` (TVM's generic lowering).
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"`` or
+            ``"default"`` (TVM's generic lowering).
         bound: The inequality the variant relies on, with this layer's numbers.
         note: Why this variant (for ``default``: why no written kernel applies).
         macs: Multiply-accumulates of one call.
@@ -57,7 +61,8 @@ class KernelChoice:
         """Intrinsic family: ``"ubsw"``, ``"wd"``, ``"vnni"`` or ``None`` (default)."""
         if self.variant.startswith("avx2_u8s8"):
             return "ubsw"
-        return {"avx2_s16": "wd", "avx512_vnni": "vnni"}.get(self.variant)
+        return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
+                "avx2_dw8": "dw8"}.get(self.variant)
 
     @property
     def groups(self) -> int:
@@ -119,20 +124,38 @@ def _default(facts: LayerFacts, note: str) -> KernelChoice:
     return KernelChoice(facts.layer, facts.op, "default", "-", note, facts.macs)
 
 
+def _select_depthwise(facts: LayerFacts, acc_text: str) -> KernelChoice:
+    """Depthwise: int16 operands, int32 products; 16 lanes with AVX-512, else 8 with AVX2."""
+    span, w_max = facts.span, facts.w_max
+    if span > INT16_MAX or w_max > INT16_MAX:
+        return _default(facts, f"depthwise operands too wide for int16 (span {span}, "
+                               f"max|w| {w_max})")
+    assert facts.features is not None  # checked by the caller
+    variant = "avx512_dw16" if "avx512bw" in facts.features else "avx2_dw8"
+    if variant == "avx2_dw8" and "avx2" not in facts.features:
+        return _default(facts, f"target {facts.target} has no AVX2")
+    return KernelChoice(facts.layer, facts.op, variant,
+                        f"span {span}, max|w| {w_max} <= 32767 (int16 x int16 products in "
+                        f"int32); {acc_text}", f"{facts.target}: depthwise, channels in lanes",
+                        facts.macs)
+
+
 def select_kernel(facts: LayerFacts) -> KernelChoice:
     """The fastest variant provably exact for ``facts`` (``default`` when none is)."""
     if facts.features is None:
         return _default(facts, "no target given (lowered for tuning or inspection)")
     if not facts.features & {"avx2", "avx512vnni"}:
         return _default(facts, f"target {facts.target} has no AVX2; no written kernel for it yet")
-    if facts.groups != 1:
-        return _default(facts, f"groups={facts.groups}: grouped/depthwise conv has no written "
-                               "kernel yet")
+    depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
+    if facts.groups != 1 and not depthwise:
+        return _default(facts, f"groups={facts.groups}: grouped conv has no written kernel yet")
     bound = facts.kernel_acc_bound()
     if bound > INT32_MAX:
         return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
     span, w_max = facts.span, facts.w_max
     acc_text = f"acc bound {bound} <= 2^31-1"
+    if depthwise:
+        return _select_depthwise(facts, acc_text)
     if "avx512vnni" in facts.features and span <= 255 and w_max <= 127:
         return KernelChoice(facts.layer, facts.op, "avx512_vnni",
                             f"span {span} <= 255, max|w| {w_max} <= 127 (vpdpbusd sums exactly "
