@@ -13,12 +13,18 @@ convs) and bit configuration, five backends run the same layer on one thread:
 
 Both TVM builds lower the converter's real code path (``convert_conv2d``) from a u8 NCHW input, so
 neither pays a float quantize; the written kernel's output is checked bit-exact against the default
-build's. Timing is interleaved: after a warmup, each of ``--rounds`` rounds times ``--reps`` calls
-of every backend (order rotating per round); the median per-call time over rounds is reported, with
-GMAC/s and ratios to PyTorch FP32 and onnxruntime QLinearConv taken from the same run.
+build's. Timing is interleaved: after a warmup, each of ``--rounds`` rounds times ``--budget``
+seconds' worth of calls of every backend (order rotating per round); the median per-call time over
+rounds is reported, with GMAC/s and ratios to PyTorch FP32 and onnxruntime QLinearConv taken from
+the same run. Times are the calling thread's CPU time (every backend runs on it with one
+thread), so preemption by other processes on a shared machine does not count; wall-clock medians
+are stored beside them.
 
-Usage (the committed results):
-  TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --rounds 7 --out benchmarks/latency
+Usage (the committed results; ``--mcpu haswell`` times the AVX2 kernels on an AVX-512 host):
+  TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --rounds 9 --out benchmarks/latency
+  TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --rounds 9 --mcpu haswell --tag avx2 \
+      --out benchmarks/latency
+  (depthwise shapes alone: ``--only dw --tag dw_host``, ``--only dw --mcpu haswell --tag dw_avx2``)
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class Shape:
     pad: int
     w_bits: int
     a_bits: int = 8
+    groups: int = 1
 
     @property
     def out_hw(self) -> int:
@@ -67,7 +74,8 @@ class Shape:
 
     @property
     def macs(self) -> int:
-        return self.batch * self.c_out * self.out_hw ** 2 * self.c_in * self.k ** 2
+        return (self.batch * self.c_out * self.out_hw ** 2 * self.c_in // self.groups
+                * self.k ** 2)
 
 
 SHAPES = (
@@ -88,6 +96,9 @@ SHAPES = (
     Shape("ref 28x28 64 W7", 1, 64, 28, 64, 3, 1, 1, 7),
     Shape("r18 layer1 W8A8", 1, 64, 56, 64, 3, 1, 1, 8),
     Shape("r18 layer2 W8A8", 1, 128, 28, 128, 3, 1, 1, 8),
+    Shape("mobilenetv2 dw 3x3", 1, 96, 14, 96, 3, 1, 1, 4, groups=96),
+    Shape("mobilenetv2 dw 3x3 s2", 1, 144, 28, 144, 3, 2, 1, 8, groups=144),
+    Shape("mbv2-224 dw 3x3", 1, 192, 28, 192, 3, 1, 1, 8, groups=192),
 )
 
 
@@ -107,12 +118,12 @@ def make_layer(s: Shape, seed: int = 0) -> Layer:
     rng = np.random.default_rng(seed)
     wmax = 2 ** (s.w_bits - 1) - 1
     x = rng.integers(0, 2 ** s.a_bits, (s.batch, s.c_in, s.hw, s.hw)).astype(np.uint8)
-    w = rng.integers(-wmax, wmax + 1, (s.c_out, s.c_in, s.k, s.k))
+    w = rng.integers(-wmax, wmax + 1, (s.c_out, s.c_in // s.groups, s.k, s.k))
     w[:, 0, 0, 0] = wmax
     bias = rng.integers(-1000, 1001, s.c_out)
     w_scale = 0.01 + 0.02 * rng.random(s.c_out)
     in_scale = 0.02
-    out_scale = in_scale * 0.02 * 128 * wmax * (s.c_in * s.k * s.k) ** 0.5 / 40
+    out_scale = in_scale * 0.02 * 128 * wmax * (s.c_in // s.groups * s.k * s.k) ** 0.5 / 40
     return Layer(x, w, bias, w_scale, in_scale, out_scale)
 
 
@@ -120,7 +131,7 @@ def int_module(s: Shape, layer: Layer) -> Any:
     from djpq_compiler.backends.reference import modules as im
     from djpq_compiler.backends.reference import requant_params
 
-    fan_in = s.c_in * s.k * s.k
+    fan_in = s.c_in // s.groups * s.k * s.k
     bound = fan_in * (2 ** s.a_bits - 1) * (2 ** (s.w_bits - 1) - 1) + 1000
     m, shift = requant_params(layer.in_scale, torch.from_numpy(layer.w_scale), layer.out_scale,
                               bound)
@@ -128,10 +139,11 @@ def int_module(s: Shape, layer: Layer) -> Any:
                         w_scale=torch.from_numpy(layer.w_scale), in_scale=layer.in_scale,
                         w_bits=s.w_bits, out_scale=layer.out_scale, out_bits=8, out_signed=False,
                         clip=None, m=m, shift=shift, stride=(s.stride, s.stride),
-                        padding=(s.pad, s.pad), dilation=(1, 1), groups=1)
+                        padding=(s.pad, s.pad), dilation=(1, 1), groups=s.groups)
 
 
-def tvm_callable(s: Shape, layer: Layer, written: bool) -> tuple[Callable[[], Any], str, float]:
+def tvm_callable(s: Shape, layer: Layer, written: bool,
+                 mcpu: str = "") -> tuple[Callable[[], Any], str, float]:
     """Lower the layer through ``convert_conv2d`` from a u8 input; (call, variant, compile s)."""
     import tvm
     from torch import fx
@@ -149,6 +161,8 @@ def tvm_callable(s: Shape, layer: Layer, written: bool) -> tuple[Callable[[], An
     gm = fx.GraphModule(root, graph)
     bb = adapter.Builder()
     target = target_spec("x86")[0]
+    if mcpu:
+        target = {"kind": "llvm", "mcpu": mcpu}
     ctx = Lowering(gm, bb, target if written else None)
     param = bb.var("x", layer.x.shape, "uint8")
     with bb.function("main", [param]):
@@ -174,7 +188,7 @@ def torch_callable(s: Shape, layer: Layer) -> Callable[[], Any]:
 
     def run() -> Any:
         with torch.inference_mode():
-            return F.conv2d(x, w, b, stride=s.stride, padding=s.pad)
+            return F.conv2d(x, w, b, stride=s.stride, padding=s.pad, groups=s.groups)
     return run
 
 
@@ -193,7 +207,8 @@ def ort_callables(s: Shape, layer: Layer) -> tuple[Callable[[], Any], Callable[[
     """(float32 Conv, QLinearConv u8 x s8) sessions of the layer, as zero-argument calls."""
     from onnx import TensorProto, helper, numpy_helper
 
-    attrs = dict(kernel_shape=[s.k, s.k], strides=[s.stride, s.stride], pads=[s.pad] * 4)
+    attrs = dict(kernel_shape=[s.k, s.k], strides=[s.stride, s.stride], pads=[s.pad] * 4,
+                 group=s.groups)
     out_shape = [s.batch, s.c_out, s.out_hw, s.out_hw]
     in_shape = list(layer.x.shape)
     wf = (layer.w * layer.w_scale[:, None, None, None]).astype(np.float32)
@@ -226,40 +241,50 @@ def ort_callables(s: Shape, layer: Layer) -> tuple[Callable[[], Any], Callable[[
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int,
-                     budget: float) -> dict[str, float]:
-    """Median seconds per call of each backend over interleaved rounds."""
+                     budget: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call of each backend over interleaved rounds: (thread CPU, wall).
+
+    Every backend runs on the calling thread (1 thread each), so the thread's CPU time is the
+    work done, unaffected by other processes preempting it on a shared machine; wall time is
+    reported beside it."""
     reps = {}
     for name, fn in calls.items():  # warmup, and calls per round so a round takes ~budget s
         fn()
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        one = max(time.perf_counter() - start, 1e-6)
-        reps[name] = max(1, min(200, int(budget / one)))
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+        one = max(time.thread_time() - start, 1e-6)
+        reps[name] = max(3, min(300, int(budget / one)))
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    wall: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             fn = calls[name]
-            start = time.perf_counter()
+            start, start_wall = time.thread_time(), time.perf_counter()
             for _ in range(reps[name]):
                 fn()
-            samples[name].append((time.perf_counter() - start) / reps[name])
-    return {name: statistics.median(v) for name, v in samples.items()}
+            cpu[name].append((time.thread_time() - start) / reps[name])
+            wall[name].append((time.perf_counter() - start_wall) / reps[name])
+    return ({name: statistics.median(v) for name, v in cpu.items()},
+            {name: statistics.median(v) for name, v in wall.items()})
 
 
-def bench_shape(s: Shape, rounds: int, budget: float) -> dict[str, Any]:
+def bench_shape(s: Shape, rounds: int, budget: float, mcpu: str = "") -> dict[str, Any]:
     layer = make_layer(s)
-    kernel, variant, kernel_compile = tvm_callable(s, layer, written=True)
-    default, _, default_compile = tvm_callable(s, layer, written=False)
+    kernel, variant, kernel_compile = tvm_callable(s, layer, True, mcpu)
+    default, _, default_compile = tvm_callable(s, layer, False, mcpu)
     exact = bool(np.array_equal(kernel().numpy(), default().numpy()))
     ort_f, ort_q = ort_callables(s, layer)
     calls = {"djpq_kernel": kernel, "tvm_default": default, "torch_fp32": torch_callable(s, layer),
              "ort_fp32": ort_f, "ort_qlinear": ort_q}
-    seconds = time_interleaved(calls, rounds, budget)
+    seconds, wall = time_interleaved(calls, rounds, budget)
     gmacs = {name: s.macs / t / 1e9 for name, t in seconds.items()}
     return {"shape": asdict(s), "macs": s.macs, "variant": variant, "exact_vs_default": exact,
             "compile_s": {"djpq_kernel": kernel_compile, "tvm_default": default_compile},
-            "ms": {k: v * 1e3 for k, v in seconds.items()}, "gmacs": gmacs,
+            "ms": {k: v * 1e3 for k, v in seconds.items()},
+            "wall_ms": {k: v * 1e3 for k, v in wall.items()}, "gmacs": gmacs,
+            "wall_x_torch_fp32": wall["torch_fp32"] / wall["djpq_kernel"],
+            "wall_x_ort_qlinear": wall["ort_qlinear"] / wall["djpq_kernel"],
             "x_torch_fp32": seconds["torch_fp32"] / seconds["djpq_kernel"],
             "x_ort_qlinear": seconds["ort_qlinear"] / seconds["djpq_kernel"],
             "x_tvm_default": seconds["tvm_default"] / seconds["djpq_kernel"]}
@@ -270,7 +295,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "# Written integer kernels: per-conv speed, one thread", "",
         f"Machine: {meta['machine']}; TVM target mcpu={meta['mcpu']}; {meta['date']}.",
         f"Command: `{meta['command']}`", "",
-        "GMAC/s per backend (median per-call time over interleaved rounds; higher is better). "
+        "GMAC/s per backend (median per-call thread CPU time over interleaved rounds; higher is "
+        "better). "
         "`kernel` = the written kernel the selector picked for the layer's bits (u8 in, "
         "requantized u8 out, pack/unpack included); `default` = the same layer through TVM 0.27's "
         "generic lowering; `QLinear` = onnxruntime QLinearConv u8 x s8. Ratios are per-call time "
@@ -295,10 +321,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--budget", type=float, default=0.05,
+    parser.add_argument("--budget", type=float, default=0.03,
                         help="seconds of calls per backend per round")
     parser.add_argument("--only", default="", help="comma-separated substrings of shape names")
-    parser.add_argument("--out", default="", help="directory for KERNELS.md + kernels.json")
+    parser.add_argument("--mcpu", default="",
+                        help="LLVM CPU of both TVM builds (default: this CPU), e.g. haswell for "
+                             "the AVX2-only kernels on an AVX-512 machine")
+    parser.add_argument("--out", default="",
+                        help="directory for kernels_<tag>.json + KERNELS_<tag>.md")
+    parser.add_argument("--tag", default="host", help="suffix of the output files")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from djpq_compiler.backends.tvm import adapter
@@ -308,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in SHAPES:
         if wanted and not any(w in s.name for w in wanted):
             continue
-        row = bench_shape(s, args.rounds, args.budget)
+        row = bench_shape(s, args.rounds, args.budget, args.mcpu)
         rows.append(row)
         g = row["gmacs"]
         print(f"{s.name:26s} {row['variant']:13s} exact={row['exact_vs_default']} "
@@ -316,15 +347,17 @@ def main(argv: list[str] | None = None) -> int:
               + f" x_torch={row['x_torch_fp32']:.2f} x_qlinear={row['x_ort_qlinear']:.2f}",
               flush=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "mcpu": adapter.system_cpu(), "date": datetime.datetime.now(datetime.UTC).isoformat(
+            "mcpu": args.mcpu or adapter.system_cpu(), "host_cpu": adapter.system_cpu(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="minutes"),
             "command": "TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py "
                        + " ".join(sys.argv[1:] if argv is None else argv),
             "threads": 1}
     if args.out:
         out = Path(args.out)
-        (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (out / "KERNELS.md").write_text(markdown(rows, meta))
+        (out / f"kernels_{args.tag}.json").write_text(
+            json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / f"KERNELS_{args.tag}.md").write_text(markdown(rows, meta))
     return 0
 
 
