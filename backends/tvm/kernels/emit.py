@@ -88,4 +88,7 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         args += [bb.const(_padded(v, size, "int64"), "int64") for v in (m_c, rnd, shift_c)]
     out_shape = (n, oc) + spec.out_size
     name = f"djpq_{choice.variant}_{facts.layer}"
-    return bb.call_tir(func.with_attr("global_symbol", name), name, args, out_shape, out_dtype)
+    # opaque (op_pattern 8 = kOpaque): Relax's FuseOps/FuseTIR must not merge the scheduled kernel
+    # with neighbouring elementwise ops (they would discard its schedule)
+    func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+    return bb.call_tir(func, name, args, out_shape, out_dtype)
