@@ -31,7 +31,8 @@ TARGETS = [pytest.param(AVX2, id="avx2"), pytest.param(VNNI, id="vnni", marks=ne
 
 def int_layer(kind: str, c_in: int, c_out: int, *, x_bits: int, w_bits: int, x_signed: bool = False,
               k: int = 3, stride: int = 1, padding: int = 1, groups: int = 1,
-              out_scale: float | None = 1.0, acc_shift: int = 0, seed: int = 0) -> nn.Module:
+              out_scale: float | None = 1.0, acc_shift: int = 0, dilation: int = 1,
+              seed: int = 0) -> nn.Module:
     """A conv/linear whose weights reach ``+-max`` of ``w_bits`` (the selection's worst case)."""
     gen = torch.Generator().manual_seed(seed)
     wmin, wmax = qrange(w_bits, True)
@@ -52,8 +53,8 @@ def int_layer(kind: str, c_in: int, c_out: int, *, x_bits: int, w_bits: int, x_s
                   acc_shift=acc_shift)
     if kind == "linear":
         return im.IntLinear(**common)
-    return im.IntConv2d(stride=(stride, stride), padding=(padding, padding), dilation=(1, 1),
-                        groups=groups, **common)
+    return im.IntConv2d(stride=(stride, stride), padding=(padding, padding),
+                        dilation=(dilation, dilation), groups=groups, **common)
 
 
 class One(nn.Module):
@@ -172,6 +173,14 @@ def test_depthwise_exact(channels: int, x_bits: int, signed: bool, w_bits: int, 
                       k=k, stride=stride, padding=k // 2, groups=channels, seed=channels)
     _, records = check(layer, (batch, channels, 9, 8), x_bits, signed, spec)
     assert records[0].variant == ("avx2_dw8" if spec is AVX2 else "avx512_dw16")
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_dilated_conv_exact(groups: int) -> None:
+    layer = int_layer("conv", 6, 6 if groups > 1 else 11, x_bits=8, w_bits=4, padding=2,
+                      dilation=2, groups=groups, seed=groups)
+    _, records = check(layer, (2, 6, 10, 9), 8)
+    assert records[0].variant == ("avx2_u8s8_p4" if groups == 1 else "avx2_dw8")
 
 
 def test_conv_float_output_and_acc_shift() -> None:
