@@ -89,6 +89,8 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     out_shape = (n, oc) + spec.out_size
     name = f"djpq_{choice.variant}_{facts.layer}"
     # opaque (op_pattern 8 = kOpaque): Relax's FuseOps/FuseTIR must not merge the scheduled kernel
-    # with neighbouring elementwise ops (they would discard its schedule)
-    func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+    # with neighbouring elementwise ops (they would discard its schedule); "tirx.is_scheduled"
+    # tells dlight / meta_schedule passes to leave it alone
+    func = (func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+            .with_attr("tirx.is_scheduled", True))
     return bb.call_tir(func, name, args, out_shape, out_dtype)
