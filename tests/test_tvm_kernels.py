@@ -175,6 +175,19 @@ def test_depthwise_exact(channels: int, x_bits: int, signed: bool, w_bits: int, 
     assert records[0].variant == ("avx2_dw8" if spec is AVX2 else "avx512_dw16")
 
 
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("c_in", "c_out", "groups", "x_bits", "w_bits", "out_scale"), [
+    (16, 32, 2, 8, 4, 1.0), (12, 24, 3, 8, 7, None), (20, 40, 5, 6, 8, 1.0),
+])
+def test_grouped_conv_one_kernel_per_group(c_in: int, c_out: int, groups: int, x_bits: int,
+                                           w_bits: int, out_scale: float | None,
+                                           spec: dict) -> None:
+    layer = int_layer("conv", c_in, c_out, x_bits=x_bits, w_bits=w_bits, groups=groups,
+                      out_scale=out_scale, stride=2, seed=groups)
+    _, records = check(layer, (2, c_in, 9, 8), x_bits, spec=spec)
+    assert records[0].variant != "default" and f"{groups} groups" in records[0].note
+
+
 @pytest.mark.parametrize("groups", [1, 6])
 def test_dilated_conv_exact(groups: int) -> None:
     layer = int_layer("conv", 6, 6 if groups > 1 else 11, x_bits=8, w_bits=4, padding=2,
@@ -216,7 +229,7 @@ def test_fallbacks_are_recorded() -> None:
     """Grouped conv, int64 accumulators, non-AVX2 and cross targets: default, with the reason."""
     grouped = int_layer("conv", 8, 8, x_bits=8, w_bits=4, groups=4)
     _, records = check(grouped, (1, 8, 6, 6), 8)
-    assert records[0].variant == "default" and "grouped" in records[0].note
+    assert records[0].variant == "default" and "per group" in records[0].note
     wide = int_layer("conv", 4, 3, x_bits=16, w_bits=16, k=1, padding=0)
     _, records = check(wide, (1, 4, 3, 3), 16)
     assert records[0].variant == "default" and "int64" in records[0].note

@@ -140,15 +140,35 @@ def _select(ctx: Lowering, node: fx.Node, op: str, x: IntValue, weight: np.ndarr
 
 def _written_layer(ctx: Lowering, node: fx.Node, x: Any, in_dtype: str, facts: LayerFacts,
                    choice: KernelChoice, geometry: Any) -> Any:
-    """Emit a written kernel: fused requantization (integer out) or the int32 accumulator."""
+    """Emit a written kernel: fused requantization (integer out) or the int32 accumulator.
+
+    A grouped (non-depthwise) conv runs one dense kernel per group on its channel slice, and the
+    results are concatenated along the channels."""
     from .kernels.emit import emit_conv
 
     module = ctx.module(node)
-    requant = None
-    if module.out_scale is not None:
-        requant = (_np(module.m), _np(module.shift), module.qmin, module.qmax,
-                   container_dtype(module.qmin, module.qmax))
-    return emit_conv(ctx.bb, x, in_dtype, facts, choice, geometry, requant)
+    out_channels = facts.weight.shape[0]
+    m, shift = _np(module.m).reshape(-1), _np(module.shift).reshape(-1)
+    dtype = container_dtype(module.qmin, module.qmax)
+    if facts.groups == 1 or facts.weight.shape[1] == 1:  # dense or depthwise: one kernel
+        requant = None if module.out_scale is None else (m, shift, module.qmin, module.qmax,
+                                                         dtype)
+        return emit_conv(ctx.bb, x, in_dtype, facts, choice, geometry, requant)
+    in_g, out_g = facts.weight.shape[1], out_channels // facts.groups
+    bias = np.broadcast_to(facts.bias.reshape(-1), (out_channels,)) if facts.bias.size \
+        else np.zeros(out_channels, np.int64)
+    parts = []
+    for g in range(facts.groups):
+        rows = slice(g * out_g, (g + 1) * out_g)
+        part = LayerFacts(f"{facts.layer}_g{g}", facts.op, facts.act_lo, facts.act_hi,
+                          facts.weight[rows], bias[rows], facts.acc_shift, 1, facts.macs,
+                          facts.features, facts.target)
+        x_g = ctx.bb.strided_slice(x, [1], [g * in_g], [(g + 1) * in_g], [1])
+        requant = None if module.out_scale is None else (
+            m if m.size == 1 else m[rows], shift if shift.size == 1 else shift[rows],
+            module.qmin, module.qmax, dtype)
+        parts.append(emit_conv(ctx.bb, x_g, in_dtype, part, choice, geometry, requant))
+    return ctx.bb.concat(parts, 1)
 
 
 def _written_result(ctx: Lowering, module: im._IntLayer, out: Any) -> Lowered:

@@ -12,16 +12,19 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   ``2 * P * span * max|w| <= 32767``; P = 4, 2, 1 tried in that order.
 * ``avx2_s16``: int16 operands through ``vpmaddwd``: exact iff ``span <= 32767``,
   ``max|w| <= 32767`` and ``2 * span * max|w| <= 2^31 - 1``.
-* both need the whole accumulator (offset correction and ``acc_shift`` included) to fit int32,
-  checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
 * ``avx512_dw16`` / ``avx2_dw8``: depthwise convs (``groups == channels``), channels in the
-  vector lanes, int16 operands multiplied and summed in int32: exact iff ``span <= 32767``,
-  ``max|w| <= 32767`` and the accumulator bound below.
+  vector lanes, int16 operands multiplied and summed in int32: exact iff ``span <= 32767`` and
+  ``max|w| <= 32767``.
+* all of them need the whole accumulator (offset correction and ``acc_shift`` included) to fit
+  int32, checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
+* grouped (non-depthwise) convs with groups at least ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels
+  wide (and at most ``MAX_GROUPS`` of them) take the dense variants, one kernel per group.
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +35,8 @@ __all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "select_kerne
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
+#: Grouped (non-depthwise) convs run one dense kernel per group when the groups are this wide.
+MIN_GROUP_IN, MIN_GROUP_OUT, MAX_GROUPS = 4, 8, 16
 
 
 @dataclass(frozen=True)
@@ -147,15 +152,29 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
     if not facts.features & {"avx2", "avx512vnni"}:
         return _default(facts, f"target {facts.target} has no AVX2; no written kernel for it yet")
     depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
-    if facts.groups != 1 and not depthwise:
-        return _default(facts, f"groups={facts.groups}: grouped conv has no written kernel yet")
+    in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // facts.groups
+    if facts.groups != 1 and not depthwise and (in_g < MIN_GROUP_IN or out_g < MIN_GROUP_OUT
+                                                or facts.groups > MAX_GROUPS):
+        return _default(facts, f"groups={facts.groups} with {in_g} -> {out_g} channels per "
+                               f"group: per-group kernels need >= {MIN_GROUP_IN} -> "
+                               f"{MIN_GROUP_OUT} channels and <= {MAX_GROUPS} groups")
     bound = facts.kernel_acc_bound()
     if bound > INT32_MAX:
         return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
-    span, w_max = facts.span, facts.w_max
     acc_text = f"acc bound {bound} <= 2^31-1"
     if depthwise:
         return _select_depthwise(facts, acc_text)
+    choice = _select_dense(facts, acc_text)
+    if facts.groups != 1 and choice.kind is not None:
+        note = f"{choice.note}; {facts.groups} groups, one kernel each"
+        return dataclasses.replace(choice, note=note)
+    return choice
+
+
+def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
+    """Dense (or per-group) conv/linear: VNNI, then vpmaddubsw with P = 4, 2, 1, then int16."""
+    assert facts.features is not None  # checked by the caller
+    span, w_max = facts.span, facts.w_max
     if "avx512vnni" in facts.features and span <= 255 and w_max <= 127:
         return KernelChoice(facts.layer, facts.op, "avx512_vnni",
                             f"span {span} <= 255, max|w| {w_max} <= 127 (vpdpbusd sums exactly "
