@@ -1,0 +1,186 @@
+"""The backend gate over a model zoo: every model that converts must build and agree everywhere.
+
+:func:`check_backends` takes one float model through the whole user path — ``prepare`` (default
+config), ~40 % of every gate group closed at random, ``convert(integer=True)`` — and then checks
+each executor against the integer reference (the converted GraphModule run in PyTorch):
+
+* fake-quant vs integer reference: at most 1 LSB per op
+  (:func:`djpq_compiler.verify.integer_agreement`);
+* the TVM build for this CPU (``target="x86"``): equal to the reference bit for bit (integer
+  outputs; a float output, where a float island ends the net, within float32 rounding);
+* the ONNX export run in onnxruntime: at most 1 LSB per integer op (``backends.onnx.verify``).
+
+Each stage's outcome is recorded in a :class:`BackendZooResult` instead of raised, so a zoo run
+reports every model; an exception that is not a :class:`DjpqError` is recorded as a *crash* (the
+worst outcome besides a silent disagreement). Used by ``tests/test_backend_zoo.py`` and
+``benchmarks/torchvision_zoo/backends.py``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from djpq_compiler.errors import DjpqError
+
+#: A float output (the net ends in a float island, e.g. a float ReLU + pool after the last layer)
+#: may differ by float32 rounding (TVM's summation order); integer outputs must be bit-exact.
+FLOAT_OUTPUT_RTOL = 1e-5
+
+__all__ = ["BackendZooResult", "StageOutcome", "check_backends", "pruned_converted", "zoo_input"]
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What one stage did: ``ok``, ``refused`` (a DjpqError), ``crash`` (any other exception) or
+    ``mismatch`` (ran, but disagrees with the reference beyond its invariant)."""
+
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class BackendZooResult:
+    """Every stage's outcome for one model (stages that could not run are absent)."""
+
+    name: str
+    stages: dict[str, StageOutcome] = field(default_factory=dict)
+    float_ops: tuple[str, ...] = ()
+
+    @property
+    def crashes(self) -> list[str]:
+        return [s for s, o in self.stages.items() if o.status == "crash"]
+
+    def passed(self, *stages: str) -> bool:
+        """Whether each of ``stages`` ran and is ``ok``."""
+        return all(s in self.stages and self.stages[s].ok for s in stages)
+
+
+def zoo_input(name: str, batch: int = 2) -> torch.Tensor:
+    """A small input for torchvision classification model ``name`` (the smallest its
+    architecture accepts without degenerate feature maps)."""
+    if name.startswith(("vit", "swin", "maxvit")):
+        size = 224
+    elif name.startswith("inception"):
+        size = 96
+    elif name in {"googlenet", "squeezenet1_0", "squeezenet1_1", "alexnet"}:
+        size = 64
+    else:
+        size = 32
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def pruned_converted(model: nn.Module, x: torch.Tensor, seed: int = 0,
+                     close: float = 0.4) -> tuple[Any, Any]:
+    """``(prepared, converted)`` for ``model`` with ~``close`` of every gate group closed at
+    random (one channel per group always kept)."""
+    import djpq_compiler as djpq
+    from djpq_compiler.prepared import gates
+
+    torch.manual_seed(seed)
+    prepared = djpq.prepare(model.eval(), x)
+    gen = torch.Generator().manual_seed(seed)
+    for _, gate in gates(prepared):
+        with torch.no_grad():
+            gate.mu[torch.rand(gate.mu.shape, generator=gen) < close] = 1e-3
+            gate.mu[0] = 1.0
+    prepared.eval()
+    return prepared, djpq.convert(prepared)
+
+
+def _run(fn: Any) -> tuple[StageOutcome, Any]:
+    start = time.perf_counter()
+    try:
+        value = fn()
+    except DjpqError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return StageOutcome("refused", f"{type(exc).__name__}: {first[:200]}",
+                            time.perf_counter() - start), None
+    except Exception as exc:  # recorded, never hidden: a non-DjpqError is a defect
+        return StageOutcome("crash", f"{type(exc).__name__}: {str(exc)[:200]}",
+                            time.perf_counter() - start), None
+    return StageOutcome("ok", "", time.perf_counter() - start), value
+
+
+def _agreement(prepared: Any, converted: Any, x: torch.Tensor) -> StageOutcome:
+    from djpq_compiler.verify import integer_agreement
+
+    outcome, lsb = _run(lambda: integer_agreement(prepared, converted, x))
+    if not outcome.ok:
+        return outcome
+    worst = max(lsb.values(), default=0)
+    status = "ok" if worst <= 1 else "mismatch"
+    return StageOutcome(status, f"max {worst} LSB per op", outcome.seconds)
+
+
+def _tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
+    from djpq_compiler.backends import tvm as tvm_backend
+
+    outcome, compiled = _run(lambda: tvm_backend.build(converted, "x86", example_inputs=x))
+    if not outcome.ok:
+        return outcome
+    inputs = [x, torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 2]
+    worst, worst_float = 0.0, 0.0
+    for inp in inputs:
+        run, pair = _run(lambda inp=inp: (compiled(inp), converted(inp)))
+        if not run.ok:
+            return StageOutcome(run.status, "call: " + run.detail, outcome.seconds)
+        got, want = (t if isinstance(t, torch.Tensor) else t[0] for t in pair)
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return StageOutcome("mismatch", f"output {got.dtype}{tuple(got.shape)} vs "
+                                f"{want.dtype}{tuple(want.shape)}", outcome.seconds)
+        diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+        if want.is_floating_point():  # a float island ends the net: float32 rounding only
+            scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+            worst_float = max(worst_float, diff / scale)
+        else:
+            worst = max(worst, diff)
+    if worst > 0 or worst_float > FLOAT_OUTPUT_RTOL:
+        return StageOutcome("mismatch", f"max |diff| {max(worst, worst_float):.3g}",
+                            outcome.seconds)
+    detail = "bit-exact" if worst_float == 0 else f"float output within {worst_float:.1e} rel."
+    return StageOutcome("ok", detail, outcome.seconds)
+
+
+def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
+    from djpq_compiler.backends.onnx import export
+    from djpq_compiler.backends.onnx.verify import verify
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        outcome, _ = _run(lambda: export(converted, path, example_inputs=(x,)))
+        if not outcome.ok:
+            return outcome
+        checked, report = _run(lambda: verify(converted, path, x))
+    if not checked.ok:
+        return StageOutcome(checked.status, "verify: " + checked.detail, outcome.seconds)
+    worst = int(report["max_lsb_per_op"])
+    status = "ok" if worst <= 1 else "mismatch"
+    return StageOutcome(status, f"max {worst} LSB per op", outcome.seconds)
+
+
+def check_backends(name: str, model: nn.Module, x: torch.Tensor,
+                   stages: tuple[str, ...] = ("agreement", "tvm", "onnx")) -> BackendZooResult:
+    """Convert ``model`` (pruned at random) and check it in each of ``stages``."""
+    outcome, pair = _run(lambda: pruned_converted(model, x))
+    result: dict[str, StageOutcome] = {"convert": outcome}
+    if not outcome.ok:
+        return BackendZooResult(name, result)
+    prepared, converted = pair
+    float_ops = tuple(converted.meta.get("djpq.float_ops", ()))
+    checks = {"agreement": lambda: _agreement(prepared, converted, x),
+              "tvm": lambda: _tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
+    for stage in stages:
+        result[stage] = checks[stage]()
+    return BackendZooResult(name, result, float_ops)
