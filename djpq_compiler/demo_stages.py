@@ -63,7 +63,7 @@ def _tvm_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
     for x in xs:
         say(f"[tvm] building for x86 (this host), batch {x.shape[0]}")
         compiled_x = tvm_backend.build(converted, target="x86", example_inputs=(x,))
-        seconds += compiled_x.compile_seconds
+        seconds += compiled_x.compile_seconds + compiled_x.load_seconds
         with torch.no_grad():
             ref = converted(x)
         got = compiled_x(x)
@@ -77,7 +77,7 @@ def _tvm_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
     except Exception as exc:  # no linker: fall back to the object archive
         say(f"[tvm] .so export failed ({exc}); writing a .tar")
         artifacts = {key: built[0].export(out / "model_tvm.tar").name}
-    note = f"checked at batch {', '.join(str(x.shape[0]) for x in xs)}; compile {seconds:.1f} s"
+    note = f"checked at batch {', '.join(str(x.shape[0]) for x in xs)}; build {seconds:.1f} s"
     return exact, note, lat, artifacts
 
 

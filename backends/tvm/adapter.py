@@ -8,8 +8,13 @@ only. ``import tvm`` is slow (~3 s) and imports torch, so it happens lazily, on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +22,7 @@ import numpy as np
 from djpq_compiler.errors import BackendError, MissingExtraError
 
 __all__ = [
+    "TVM_LOG_NOISE",
     "TVM_VERSION",
     "Builder",
     "compile_module",
@@ -25,11 +31,19 @@ __all__ = [
     "load_tvm",
     "make_target",
     "make_vm",
+    "quiet_tvm_log",
     "run_vm",
 ]
 
 #: The TVM release this backend is written and tested against (pyproject's ``tvm`` extra).
 TVM_VERSION = "0.27.0"
+
+#: Lines of TVM's C++ runtime log that say nothing to a user of this backend and are dropped by
+#: :func:`quiet_tvm_log`. ``Scope Saving``: TVM 0.27's ``VMExecutable`` logs one warning per
+#: memory scope each time an executable is serialized (every ``export_library``).
+TVM_LOG_NOISE: tuple[str, ...] = ("Warning: Scope Saving:",)
+
+_STDERR_LOCK = threading.RLock()
 
 
 @functools.cache
@@ -170,15 +184,54 @@ class Builder:
         return self._emit(self._op.strided_slice(x, axes, begin, end, strides))
 
 
+@contextlib.contextmanager
+def quiet_tvm_log(noise: Sequence[str] = TVM_LOG_NOISE) -> Iterator[None]:
+    """Drop TVM's known-noise log lines, keep everything else it writes to stderr.
+
+    TVM's C++ ``LOG(...)`` writes straight to file descriptor 2, below Python's ``sys.stderr``,
+    so the descriptor is pointed at a temporary file while the block runs; afterwards every
+    captured line that contains none of ``noise`` is written back to the real stderr (warnings
+    and errors stay visible, in order, just after the block). Without a usable descriptor 2 the
+    block runs unfiltered.
+    """
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):
+            yield
+            return
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                lines = tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+                kept = "".join(line for line in lines if not any(n in line for n in noise))
+                if kept:
+                    os.write(2, kept.encode())
+
+
 def compile_module(mod: Any, target: Any) -> Any:
     """``tvm.compile`` a Relax IRModule to a VM executable."""
-    return load_tvm().compile(mod, target=target)
+    with quiet_tvm_log():
+        return load_tvm().compile(mod, target=target)
 
 
 def make_vm(executable: Any) -> Any:
-    """A Relax VM for a host (CPU) executable (create once, call :func:`run_vm` many times)."""
+    """A Relax VM for a host (CPU) executable (create once, call :func:`run_vm` many times).
+
+    Creating it JIT-compiles the executable's LLVM module to machine code (the VM looks up every
+    kernel): for a large net this costs as much as ``tvm.compile`` itself, once per executable.
+    """
     tvm = load_tvm()
-    return tvm.relax.VirtualMachine(executable, tvm.cpu())
+    with quiet_tvm_log():
+        return tvm.relax.VirtualMachine(executable, tvm.cpu())
 
 
 def run_vm(vm: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -193,11 +246,12 @@ def run_vm(vm: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 def export_library(executable: Any, path: str, cross_compiler: str | None = None) -> None:
     """Write ``path``: a ``.so`` linked by ``cross_compiler`` (or the host cc), or a ``.tar``."""
     tvm = load_tvm()
-    if cross_compiler is None:
-        executable.export_library(path)
-        return
-    fcompile = tvm.support.cc.cross_compiler(cross_compiler)
-    executable.export_library(path, fcompile=fcompile)
+    with quiet_tvm_log():
+        if cross_compiler is None:
+            executable.export_library(path)
+            return
+        fcompile = tvm.support.cc.cross_compiler(cross_compiler)
+        executable.export_library(path, fcompile=fcompile)
 
 
 def cuda_source(executable: Any) -> str:
