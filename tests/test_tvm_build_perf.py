@@ -89,3 +89,28 @@ def test_x86_build_loads_the_library_at_build_time() -> None:
     assert all(torch.equal(a, b) for a, b in zip(got, gm(*x), strict=True))
     cross = tvm_backend.build(gm, "aarch64", example_inputs=x)
     assert cross.load_seconds == 0.0 and cross._vm is None
+
+
+def test_demo_tvm_stage_reports_the_kernel_per_layer(tmp_path: Path) -> None:
+    """The demo's TVM stage is bit-exact, states the whole build time, and hands the report one
+    kernel row per integer conv/linear layer when the build records kernels (none otherwise)."""
+    from types import SimpleNamespace
+
+    import djpq_compiler as djpq
+    from djpq_compiler.demo_stages import backend_stages
+    from djpq_compiler.report import KernelRow
+    from tiny_models import Residual
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    converted = djpq.convert(djpq.prepare(Residual().eval(), x).eval())
+    options = SimpleNamespace(tvm=True, onnx=False, latency_runs=1)
+    fields, failures = backend_stages(options, converted, [x[:1], x], tmp_path)
+    assert failures == [] and fields["tvm_bit_exact"] is True
+    assert "build " in fields["tvm_note"]
+    kernels = fields["tvm_kernels"]
+    assert all(isinstance(k, KernelRow) for k in kernels)
+    if hasattr(tvm_backend.CompiledModel, "kernels"):  # the build records kernels
+        assert [k.layer for k in kernels] and len(kernels) == len(djpq.bops(converted).rows)
+    else:
+        assert kernels == []
