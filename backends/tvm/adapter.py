@@ -179,6 +179,13 @@ class Builder:
     def permute(self, x: Any, axes: Sequence[int]) -> Any:
         return self._emit(self._op.permute_dims(x, list(axes)))
 
+    def call_tir(self, func: Any, name: str, args: list[Any], shape: Sequence[int],
+                 dtype: str) -> Any:
+        """Add the TIR PrimFunc ``func`` as ``name`` and call it (``relax.call_tir``)."""
+        gvar = self._bb.add_func(func, name)
+        out_ty = self._relax.TensorType(tuple(int(s) for s in shape), dtype)
+        return self._emit(self._relax.call_tir(gvar, args, out_ty))
+
     def strided_slice(self, x: Any, axes: list[int], begin: list[int], end: list[int],
                       strides: list[int]) -> Any:
         return self._emit(self._op.strided_slice(x, axes, begin, end, strides))

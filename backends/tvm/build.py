@@ -151,6 +151,15 @@ class CompiledModel:
             raise BackendError(f"cuda_source() needs target='cuda', this is {self.target!r}")
         return adapter.cuda_source(self.executable)
 
+    #: One ``KernelChoice`` per integer conv/linear layer: the kernel it got and the bound used.
+    kernels: tuple[Any, ...] = ()
+
+    def kernel_report(self) -> str:
+        """A table of :attr:`kernels`: layer, op, variant, MACs, bound / reason."""
+        from .kernels.report import kernel_table
+
+        return kernel_table(self.kernels)
+
     def script(self) -> str:
         """The Relax IRModule as TVMScript text."""
         return str(self.ir_module.script())
@@ -189,7 +198,7 @@ def build(converted: fx.GraphModule, target: str = "x86",
     if work_dir is not None:
         _check_database(target, work_dir)
     inputs = _as_inputs(example_inputs)
-    ir_module, lowering = lower(converted, inputs)
+    ir_module, lowering = lower(converted, inputs, spec if work_dir is None else None)
     start = time.perf_counter()
     tuned = None
     if work_dir is None:
@@ -205,8 +214,10 @@ def build(converted: fx.GraphModule, target: str = "x86",
         executable = ms_adapter.compile_fused(applied, tvm_target)
         tuned = (scheduled, ir_scheduled_total)
     seconds = time.perf_counter() - start
-    return CompiledModel(target, executable, ir_module, [tuple(t.shape) for t in inputs],
-                         lowering.output_kinds, lowering.output_tuple, seconds, tuned)
+    compiled = CompiledModel(target, executable, ir_module, [tuple(t.shape) for t in inputs],
+                             lowering.output_kinds, lowering.output_tuple, seconds, tuned)
+    compiled.kernels = tuple(lowering.kernels)
+    return compiled
 
 
 def _check_database(target: str, work_dir: str | os.PathLike[str]) -> None:

@@ -19,6 +19,7 @@ from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.errors import BackendError
 
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
+from .kernels.select import KernelChoice, LayerFacts, select_kernel
 
 INT32_MAX = 2**31 - 1
 
@@ -123,9 +124,66 @@ def _pair(value: Any) -> tuple[int, int]:
     return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
 
 
+def _select(ctx: Lowering, node: fx.Node, op: str, x: IntValue, weight: np.ndarray,
+            bias: np.ndarray, groups: int, macs: int) -> tuple[LayerFacts, KernelChoice]:
+    """Pick (and record on ``ctx.kernels``) the kernel of one integer conv/linear layer."""
+    from .kernels.emit import target_features, target_text
+
+    module = ctx.module(node)
+    facts = LayerFacts(node.name, op, x.lo, x.hi, weight, bias,
+                       int(getattr(module, "acc_shift", 0)), groups, macs,
+                       target_features(ctx.target), target_text(ctx.target))
+    choice = select_kernel(facts)
+    ctx.kernels.append(choice)
+    return facts, choice
+
+
+def _written_layer(ctx: Lowering, node: fx.Node, x: Any, in_dtype: str, facts: LayerFacts,
+                   choice: KernelChoice, geometry: Any) -> Any:
+    """Emit a written kernel: fused requantization (integer out) or the int32 accumulator.
+
+    A grouped (non-depthwise) conv runs one dense kernel per group on its channel slice, and the
+    results are concatenated along the channels."""
+    from .kernels.emit import emit_conv
+
+    module = ctx.module(node)
+    out_channels = facts.weight.shape[0]
+    m, shift = _np(module.m).reshape(-1), _np(module.shift).reshape(-1)
+    dtype = container_dtype(module.qmin, module.qmax)
+    if facts.groups == 1 or facts.weight.shape[1] == 1:  # dense or depthwise: one kernel
+        requant = None if module.out_scale is None else (m, shift, module.qmin, module.qmax,
+                                                         dtype)
+        return emit_conv(ctx.bb, x, in_dtype, facts, choice, geometry, requant)
+    in_g, out_g = facts.weight.shape[1], out_channels // facts.groups
+    bias = np.broadcast_to(facts.bias.reshape(-1), (out_channels,)) if facts.bias.size \
+        else np.zeros(out_channels, np.int64)
+    parts = []
+    for g in range(facts.groups):
+        rows = slice(g * out_g, (g + 1) * out_g)
+        part = LayerFacts(f"{facts.layer}_g{g}", facts.op, facts.act_lo, facts.act_hi,
+                          facts.weight[rows], bias[rows], facts.acc_shift, 1, facts.macs,
+                          facts.features, facts.target)
+        x_g = ctx.bb.strided_slice(x, [1], [g * in_g], [(g + 1) * in_g], [1])
+        requant = None if module.out_scale is None else (
+            m if m.size == 1 else m[rows], shift if shift.size == 1 else shift[rows],
+            module.qmin, module.qmax, dtype)
+        parts.append(emit_conv(ctx.bb, x_g, in_dtype, part, choice, geometry, requant))
+    return ctx.bb.concat(parts, 1)
+
+
+def _written_result(ctx: Lowering, module: im._IntLayer, out: Any) -> Lowered:
+    """Wrap a written kernel's result: integer codes, or the float finish of the accumulator."""
+    if module.out_scale is None:
+        return _finish_layer(ctx, module, out)
+    return IntValue(out, module.qmin, module.qmax)
+
+
 @register(im.IntConv2d)
 def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
-    """Integer conv2d (plain, depthwise, grouped) + int bias + per-channel requantization."""
+    """Integer conv2d (plain, depthwise, grouped) + int bias + per-channel requantization.
+
+    A written kernel (``backends/tvm/kernels``) is used where the selection proves one exact for
+    this layer's bits on the target; otherwise TVM's generic ``nn.conv2d``."""
     module = ctx.module(node)
     x = ctx.int_arg(node)
     weight, bias = _np(module.weight), _np(module.bias)
@@ -135,6 +193,16 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
     except BackendError as exc:
         raise BackendError(f"{node.format_node()}: {exc}; convert() emits explicit int "
                            "paddings, rebuild the model with integer padding") from None
+    n, _, h, w = ctx.bb.shape(x.expr)
+    kh, kw = weight.shape[2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    facts, choice = _select(ctx, node, "conv2d", x, weight, bias, int(module.groups),
+                            n * oh * ow * int(weight[0].size) * weight.shape[0])
+    if choice.kind is not None:
+        out = _written_layer(ctx, node, x.expr, ctx.bb.dtype(x.expr), facts, choice,
+                             (stride, padding, dilation))
+        return _written_result(ctx, module, out)
     x_dtype, w_dtype = _operand_dtypes(x, int(weight.min()), int(weight.max()))
     acc_dtype = _accumulate_dtype(x, weight, bias, int(getattr(module, "acc_shift", 0)))
     acc = ctx.bb.conv2d(ctx.bb.astype(x.expr, x_dtype), ctx.bb.const(weight, w_dtype),
@@ -143,12 +211,39 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
     return _finish_layer(ctx, module, acc)
 
 
+def _linear_as_conv(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
+                    choice: KernelChoice) -> Lowered:
+    """``(N, in)`` linear as a 1x1 conv over ``(1, in, 1, N)``: the batch is the width tiled."""
+    module = ctx.module(node)
+    n, features = ctx.bb.shape(x.expr)
+    as_image = ctx.bb.reshape(ctx.bb.permute(x.expr, (1, 0)), (1, features, 1, n))
+    conv_facts = LayerFacts(facts.layer, facts.op, facts.act_lo, facts.act_hi,
+                            facts.weight.reshape(facts.weight.shape + (1, 1)), facts.bias,
+                            facts.acc_shift, 1, facts.macs, facts.features, facts.target)
+    out = _written_layer(ctx, node, as_image, ctx.bb.dtype(x.expr), conv_facts, choice,
+                         ((1, 1), (0, 0), (1, 1)))
+    out = ctx.bb.permute(ctx.bb.reshape(out, (facts.weight.shape[0], n)), (1, 0))
+    return _written_result(ctx, module, out)
+
+
 @register(im.IntLinear)
 def convert_linear(ctx: Lowering, node: fx.Node) -> Lowered:
-    """Integer linear: ``x @ w.T`` accumulating in int32/int64, bias on the last dim."""
+    """Integer linear: ``x @ w.T`` accumulating in int32/int64, bias on the last dim.
+
+    2-D inputs take a written kernel (a 1x1 conv over the batch) where one is provably exact."""
     module = ctx.module(node)
     x = ctx.int_arg(node)
     weight, bias = _np(module.weight), _np(module.bias)
+    shape = ctx.bb.shape(x.expr)
+    rows = int(np.prod(shape[:-1]))
+    facts, choice = _select(ctx, node, "linear", x, weight, bias, 1, rows * weight.size)
+    if choice.kind is not None and len(shape) != 2:
+        choice = KernelChoice(choice.layer, "linear", "default", "-",
+                              f"{len(shape)}-D input: written linear kernels take (N, in) only",
+                              choice.macs)
+        ctx.kernels[-1] = choice
+    if choice.kind is not None:
+        return _linear_as_conv(ctx, node, x, facts, choice)
     x_dtype, w_dtype = _operand_dtypes(x, int(weight.min()), int(weight.max()))
     acc_dtype = _accumulate_dtype(x, weight, bias, int(getattr(module, "acc_shift", 0)))
     acc = ctx.bb.matmul(ctx.bb.astype(x.expr, x_dtype),

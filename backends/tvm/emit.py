@@ -164,9 +164,14 @@ def check_supported(gm: fx.GraphModule) -> None:
 class Lowering:
     """State of one lowering: the builder, the graph and the value of every lowered node."""
 
-    def __init__(self, gm: fx.GraphModule, builder: Builder) -> None:
+    def __init__(self, gm: fx.GraphModule, builder: Builder,
+                 target: dict[str, Any] | None = None) -> None:
         self.gm = gm
         self.bb = builder
+        #: The TVM target dict the module is built for (``None``: written kernels are off).
+        self.target = target
+        #: One ``kernels.KernelChoice`` per integer conv/linear, in graph order.
+        self.kernels: list[Any] = []
         self.env: dict[fx.Node, Lowered] = {}
         self.params: list[Any] = []
         self.outputs: list[Any] = []
@@ -196,12 +201,15 @@ class Lowering:
         return IntValue(self.bb.astype(expr, container_dtype(lo, hi)), lo, hi)
 
 
-def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> tuple[Any, Lowering]:
+def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+          target: dict[str, Any] | None = None) -> tuple[Any, Lowering]:
     """Lower a converted GraphModule to a Relax IRModule with one function ``main``.
 
     Args:
         gm: The converted model.
         example_inputs: One tensor per placeholder; fixes the static shapes and dtypes.
+        target: The TVM target dict; integer conv/linear layers then get the written kernels
+            the target supports (``backends/tvm/kernels``). ``None``: TVM's generic lowering.
 
     Returns:
         ``(IRModule, lowering)``; ``lowering.output_kinds`` says which outputs are integer codes.
@@ -217,7 +225,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> tuple[A
             "input(s) were given; pass one example tensor per input"
         )
     bb = Builder()
-    ctx = Lowering(gm, bb)
+    ctx = Lowering(gm, bb, target)
     for node, example in zip(placeholders, example_inputs, strict=True):
         ctx.params.append(_input_var(bb, node, example))
     with bb.function("main", ctx.params):

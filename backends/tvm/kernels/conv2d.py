@@ -1,0 +1,298 @@
+"""TVM-facing: the written AVX2 integer conv2d kernel (TE compute + a fixed TIR schedule).
+
+One PrimFunc per layer, in four stages:
+
+1. ``pack``: NCHW activations (any int container) to ``[N, ICB, Hp, Wp, (G,) L]`` with the input
+   channels padded to the intrinsic's width and the spatial zero padding applied, plus an offset
+   (``-lo`` for signed inputs, padding included) that makes every operand unsigned.
+2. ``conv``: ``[N, OCB, OH, OWp, 8]`` int32, tensorized with an intrinsic of :mod:`.intrin`;
+   register tile of ``tile_w`` output columns x ``tile_oc`` blocks of 8 output channels.
+3. ``epilogue`` (fused into the accumulator write-back): ``acc * 2^k + bias`` in int32, then the
+   dyadic requantization ``clip(((acc * m + R) >> shift))`` in int64 and the cast to the output
+   container -- or the int32 accumulator itself for float-output layers.
+4. ``unpack``: back to NCHW, dropping padded channels and columns.
+
+Tile sizes come from the shape (no tuning). The weights arrive pre-packed (:func:`pack_weight`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..adapter import load_tvm
+from .intrin import intrin_name, register_intrinsics
+
+__all__ = ["ConvKernelSpec", "build_conv_kernel", "choose_tiles", "pack_weight"]
+
+
+@dataclass(frozen=True)
+class ConvKernelSpec:
+    """Everything one written conv kernel is specialized on.
+
+    ``kind`` is ``"ubsw"`` (u8 x s8, ``groups`` = P input-channel groups of 4 summed in int16) or
+    ``"wd"`` (int16 x int16 pairs). ``act_offset`` is added to every activation (and to the zero
+    padding) before the product: ``-lo`` for signed inputs, so that the operand is unsigned; the
+    bias passed in carries the correction ``-act_offset * sum(w) * 2^acc_shift``.
+    ``out_dtype`` ``"int32"`` means: no requantization, return the accumulator.
+    """
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    kind: str
+    groups: int
+    in_dtype: str
+    act_offset: int
+    acc_shift: int
+    out_dtype: str
+    qmin: int
+    qmax: int
+
+    @property
+    def depthwise(self) -> bool:
+        """Depthwise kinds ``"dw8"``/``"dw16"``: channels in vector lanes, int32 products."""
+        return self.kind.startswith("dw")
+
+    @property
+    def lanes(self) -> int:
+        """Input channels per intrinsic group: 4 bytes (ubsw, vnni), 2 int16 (wd); depthwise:
+        the channel lanes."""
+        if self.depthwise:
+            return self.oc_lanes
+        return 2 if self.kind == "wd" else 4
+
+    @property
+    def oc_lanes(self) -> int:
+        """Output channels per vector: 16 int32 (AVX-512) or 8 (AVX2)."""
+        return 16 if self.kind in ("vnni", "dw16") else 8
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel, self.stride, self.padding,
+                                                  self.dilation)
+        return ((self.height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (self.width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    @property
+    def in_blocks(self) -> int:
+        return -(-self.in_channels // (self.lanes * self.groups))
+
+    def out_blocks(self, tile_oc: int) -> int:
+        return -(-self.out_channels // (self.oc_lanes * tile_oc)) * tile_oc
+
+
+def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
+    """``(tile_w, tile_oc)``: output columns x 8-channel blocks held in registers.
+
+    16 ymm registers hold ``tile_w * tile_oc`` accumulators plus the weight vectors; P = 4 keeps one
+    channel block (its 4 weight vectors are reused over the columns), P <= 2 and the int16 path take
+    two. The width tile minimizes padded columns, preferring the larger tile on ties.
+    """
+    out_w = spec.out_size[1]
+    if spec.depthwise:
+        tile_oc, widest = 1, 8
+    elif spec.kind == "vnni":  # 32 zmm registers
+        tile_oc = 2 if spec.out_channels > 16 else 1
+        widest = 12 if tile_oc == 1 else 8
+    else:
+        tile_oc = 2 if (spec.kind == "wd" or spec.groups <= 2) and spec.out_channels > 8 else 1
+        widest = 7 if tile_oc == 1 else 5
+    if out_w <= widest:
+        return out_w, tile_oc
+    candidates = range(widest, 3, -1)
+    waste = {t: -(-out_w // t) * t - out_w for t in candidates}
+    return min(candidates, key=lambda t: (waste[t], -t)), tile_oc
+
+
+def pack_weight(weight: np.ndarray, spec: ConvKernelSpec, tile_oc: int) -> np.ndarray:
+    """OIHW integer weights to the ``[OCB, ICB, KH, KW, (G,) O, L]`` layout (zero padded)."""
+    oc, ic, kh, kw = weight.shape
+    if spec.depthwise:  # (C, 1, KH, KW) -> [CB, KH, KW, L] int16
+        full = np.zeros((spec.out_blocks(1) * spec.oc_lanes, kh, kw), dtype="int16")
+        full[:oc] = weight[:, 0]
+        packed = full.reshape(-1, spec.oc_lanes, kh, kw).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(packed)
+    lanes, groups, ol = spec.lanes, spec.groups, spec.oc_lanes
+    ocb, icb = spec.out_blocks(tile_oc), spec.in_blocks
+    dtype = "int16" if spec.kind == "wd" else "int8"
+    full = np.zeros((ocb * ol, icb * groups * lanes, kh, kw), dtype=dtype)
+    full[:oc, :ic] = weight
+    packed = full.reshape(ocb, ol, icb, groups, lanes, kh, kw).transpose(0, 2, 5, 6, 3, 1, 4)
+    shape = (ocb, icb, kh, kw) + ((groups,) if groups > 1 else ()) + (ol, lanes)
+    return np.ascontiguousarray(packed.reshape(shape))
+
+
+def _depthwise(spec: ConvKernelSpec, tile_w: int) -> tuple[Any, Any, Any]:
+    """Depthwise pack + conv: ``[N, CB, Hp, Wp, L]`` int16 codes, int32 products and sums."""
+    tvm = load_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    oh, ow = spec.out_size
+    owp = -(-ow // tile_w) * tile_w
+    ol, cb = spec.oc_lanes, spec.out_blocks(1)
+    hp, wp = (oh - 1) * sh + dh * (kh - 1) + 1, (owp - 1) * sw + dw * (kw - 1) + 1
+    x = te.placeholder((n_, c_, h, w), spec.in_dtype, name="x")
+    wt = te.placeholder((cb, kh, kw, ol), "int16", name="w")
+
+    def pack(n: Any, b: Any, y: Any, xx: Any, lane: Any) -> Any:
+        c, yy, xw = b * ol + lane, y - ph, xx - pw
+        inside = tirx.all(c < c_, yy >= 0, yy < h, xw >= 0, xw < w)
+        value = x[n, tirx.min(c, c_ - 1), tirx.max(tirx.min(yy, h - 1), 0),
+                  tirx.max(tirx.min(xw, w - 1), 0)].astype("int32")
+        return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype("int16")
+
+    xp = te.compute((n_, cb, hp, wp, ol), pack, name="pack")
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc = te.compute((n_, cb, oh, owp, ol), lambda n, b, y, xx, o: te.sum(
+        xp[n, b, y * sh + ry * dh, xx * sw + rx * dw, o].astype("int32")
+        * wt[b, ry, rx, o].astype("int32"), axis=[ry, rx]), name="conv")
+    return x, wt, acc
+
+
+def _compute(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
+    """The TE definition (pack, conv, epilogue, unpack) as a PrimFunc."""
+    if spec.depthwise:
+        x, wt, acc = _depthwise(spec, tile_w)
+    else:
+        x, wt, acc = _dense(spec, tile_w, tile_oc)
+    return _finish(spec, x, wt, acc)
+
+
+def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, Any]:
+    """Dense pack + conv: ``[N, ICB, Hp, Wp, (G,) L]`` operands, the intrinsic's inner product."""
+    tvm = load_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n_, ic, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    oh, ow = spec.out_size
+    owp = -(-ow // tile_w) * tile_w
+    lanes, groups = spec.lanes, spec.groups
+    icb, ocb = spec.in_blocks, spec.out_blocks(tile_oc)
+    hp, wp = (oh - 1) * sh + dh * (kh - 1) + 1, (owp - 1) * sw + dw * (kw - 1) + 1
+    act = "int16" if spec.kind == "wd" else "uint8"
+    gdim = (groups,) if groups > 1 else ()
+    ol = spec.oc_lanes
+
+    x = te.placeholder((n_, ic, h, w), spec.in_dtype, name="x")
+    wt = te.placeholder((ocb, icb, kh, kw) + gdim + (ol, lanes), act.replace("uint", "int"),
+                        name="w")
+
+    def pack(n: Any, b: Any, y: Any, xx: Any, *gl: Any) -> Any:
+        g, lane = gl if groups > 1 else (0, gl[0])
+        c, yy, xw = (b * groups + g) * lanes + lane, y - ph, xx - pw
+        inside = tirx.all(c < ic, yy >= 0, yy < h, xw >= 0, xw < w)
+        value = x[n, tirx.min(c, ic - 1), tirx.max(tirx.min(yy, h - 1), 0),
+                  tirx.max(tirx.min(xw, w - 1), 0)].astype("int32")
+        return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype(act)
+
+    xp = te.compute((n_, icb, hp, wp) + gdim + (lanes,), pack, name="pack")
+    rb, ry, rx = (te.reduce_axis((0, icb), "rb"), te.reduce_axis((0, kh), "ry"),
+                  te.reduce_axis((0, kw), "rx"))
+    rg, rl = te.reduce_axis((0, groups), "rg"), te.reduce_axis((0, lanes), "rl")
+    red = [rb, ry, rx] + ([rg] if groups > 1 else []) + [rl]
+
+    def conv(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
+        gi = (rg,) if groups > 1 else ()
+        a = xp[(n, rb, y * sh + ry * dh, xx * sw + rx * dw) + gi + (rl,)]
+        b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
+        return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
+
+    return x, wt, te.compute((n_, ocb, oh, owp, ol), conv, name="conv")
+
+
+def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
+    """Epilogue (bias, requantization) and unpack to NCHW; the whole PrimFunc."""
+    tvm = load_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    n_, oc, ol = spec.batch, spec.out_channels, spec.oc_lanes
+    oh, ow = spec.out_size
+    ocb = int(acc.shape[1])
+    bias = te.placeholder((ocb * ol,), "int32", name="bias")
+    params = [x, wt, bias]
+    if spec.out_dtype == "int32":
+        epi = te.compute(acc.shape, lambda n, ob, y, xx, o: acc[n, ob, y, xx, o]
+                         * (1 << spec.acc_shift) + bias[ob * ol + o], name="epilogue")
+    else:
+        m = te.placeholder((ocb * ol,), "int64", name="m")
+        rnd = te.placeholder((ocb * ol,), "int64", name="rnd")
+        shift = te.placeholder((ocb * ol,), "int64", name="shift")
+        params += [m, rnd, shift]
+
+        def requant(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
+            c = ob * ol + o
+            full = (acc[n, ob, y, xx, o] * (1 << spec.acc_shift) + bias[c]).astype("int64")
+            q = (full * m[c] + rnd[c]) >> shift[c]
+            return tirx.max(tirx.min(q, spec.qmax), spec.qmin).astype(spec.out_dtype)
+
+        epi = te.compute(acc.shape, requant, name="epilogue")
+    out = te.compute((n_, oc, oh, ow), lambda n, c, y, xx: epi[n, c // ol, y, xx, c % ol],
+                     name="unpack")
+    return te.create_prim_func(params + [out])
+
+
+def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
+    """The fixed schedule: register tile, tensorized inner product, fused epilogue."""
+    tvm = load_tvm()
+    sch = tvm.s_tir.Schedule(func)
+    conv = sch.get_sblock("conv")
+    writeback = sch.cache_write(conv, 0, "local")
+    if spec.depthwise:
+        return _schedule_depthwise(sch, conv, writeback, tile_w)
+    loops = sch.get_loops(conv)
+    n, ob, y, xx, o = loops[:5]
+    rb, ry, rx, *inner = loops[5:]
+    obo, obi = sch.split(ob, [None, tile_oc])
+    xo, xi = sch.split(xx, [None, tile_w])
+    sch.reorder(n, obo, y, xo, rb, ry, rx, xi, obi, o, *inner)
+    outer = sch.fuse(n, obo, y)
+    sch.reverse_compute_at(writeback, xo)
+    sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    sch.parallel(outer)
+    init = sch.decompose_reduction(conv, rb)
+    sch.tensorize(o, intrin_name(spec.kind, spec.groups))
+    sch.unroll(xi)
+    sch.unroll(obi)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(writeback)[-1])
+    return sch.mod["main"]
+
+
+def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int) -> Any:
+    """Depthwise: channels vectorized, ``tile_w`` columns x all taps unrolled in registers."""
+    n, b, y, xx, o, ry, rx = sch.get_loops(conv)
+    xo, xi = sch.split(xx, [None, tile_w])
+    sch.reorder(n, b, y, xo, ry, rx, xi, o)
+    outer = sch.fuse(n, b, y)
+    sch.reverse_compute_at(writeback, xo)
+    sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    sch.parallel(outer)
+    sch.vectorize(o)
+    init = sch.decompose_reduction(conv, ry)
+    sch.unroll(xi)
+    sch.unroll(rx)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(writeback)[-1])
+    return sch.mod["main"]
+
+
+def build_conv_kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
+    """The scheduled PrimFunc of ``spec`` and its ``(tile_w, tile_oc)``.
+
+    Parameters of the PrimFunc, in order: activations (NCHW, ``spec.in_dtype``), packed weights
+    (:func:`pack_weight`), int32 bias (padded to the channel blocks), then for a requantizing
+    kernel int64 ``m``, rounding term and ``shift`` (same padding), and the NCHW output.
+    """
+    register_intrinsics()
+    tile_w, tile_oc = choose_tiles(spec)
+    func = _schedule(_compute(spec, tile_w, tile_oc), spec, tile_w, tile_oc)
+    return func, (tile_w, tile_oc)

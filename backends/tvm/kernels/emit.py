@@ -1,0 +1,96 @@
+"""TVM-facing: put a selected written kernel into the Relax module being built.
+
+:func:`emit_conv` builds the layer's scheduled PrimFunc (:mod:`.conv2d`), adds it to the module
+and calls it with ``call_tir`` on NCHW tensors, so the layer's edges keep the layout every other
+converter uses (the pack/unpack stages live inside the kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..adapter import Builder, load_tvm
+from .conv2d import ConvKernelSpec, build_conv_kernel, pack_weight
+from .select import KernelChoice, LayerFacts
+
+__all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "target_text"]
+
+#: CPU features the written kernels use (LLVM names).
+KNOWN_FEATURES = ("avx2", "avx512bw", "avx512vnni")
+
+ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
+
+
+def target_features(spec: dict[str, Any] | None) -> frozenset[str] | None:
+    """Which of :data:`KNOWN_FEATURES` the TVM target dict ``spec`` has (from its mcpu/mattr, as
+    LLVM sees them); ``None`` if no spec."""
+    if spec is None:
+        return None
+    if spec.get("kind") != "llvm" or "aarch64" in str(spec.get("mtriple", "")):
+        return frozenset()
+    tvm = load_tvm()
+    target = tvm.target.Target(spec)
+    return frozenset(f for f in KNOWN_FEATURES
+                     if tvm.target.codegen.target_has_features(f, target))
+
+
+def target_text(spec: dict[str, Any] | None) -> str:
+    """A short description of a target dict for the kernel records."""
+    if spec is None:
+        return "none"
+    parts = [str(spec.get("kind"))] + [f"{k}={spec[k]}" for k in ("mcpu", "mtriple", "arch")
+                                       if k in spec]
+    return " ".join(parts)
+
+
+def _padded(values: np.ndarray, size: int, dtype: str) -> np.ndarray:
+    out = np.zeros(size, dtype=dtype)
+    out[: values.size] = values
+    return out
+
+
+def _per_channel(value: Any, channels: int) -> np.ndarray:
+    flat = np.asarray(value, dtype=np.int64).reshape(-1)
+    return np.broadcast_to(flat, (channels,)) if flat.size == 1 else flat
+
+
+def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: KernelChoice,
+              geometry: ConvGeometry, requant: tuple[Any, Any, int, int, str] | None) -> Any:
+    """Emit the written kernel of ``choice`` for an NCHW conv; returns the NCHW result.
+
+    Args:
+        bb: The builder.
+        x: The NCHW integer activations (container ``in_dtype``).
+        in_dtype: Container dtype of ``x``.
+        facts: The layer's selection facts (weights OIHW, bias, ``acc_shift``, offset).
+        choice: A non-default :class:`KernelChoice`.
+        geometry: ``(stride, padding, dilation)``.
+        requant: ``(m, shift, qmin, qmax, out_dtype)`` to fuse the requantization, or ``None`` to
+            return the int32 accumulator ``acc * 2^k + bias``.
+    """
+    n, ic, h, w = bb.shape(x)
+    oc, _, kh, kw = facts.weight.shape
+    stride, padding, dilation = geometry
+    m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
+    spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), stride, padding, dilation,
+                          str(choice.kind), choice.groups, in_dtype, facts.act_offset,
+                          facts.acc_shift, out_dtype, int(qmin), int(qmax))
+    func, (_, tile_oc) = build_conv_kernel(spec)
+    size = spec.out_blocks(tile_oc) * spec.oc_lanes
+    w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
+    args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), w_dtype),
+            bb.const(_padded(facts.kernel_bias(), size, "int32"), "int32")]
+    if requant is not None:
+        m_c, shift_c = _per_channel(m, oc), _per_channel(shift, oc)
+        rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
+        args += [bb.const(_padded(v, size, "int64"), "int64") for v in (m_c, rnd, shift_c)]
+    out_shape = (n, oc) + spec.out_size
+    name = f"djpq_{choice.variant}_{facts.layer}"
+    # opaque (op_pattern 8 = kOpaque): Relax's FuseOps/FuseTIR must not merge the scheduled kernel
+    # with neighbouring elementwise ops (they would discard its schedule); "tirx.is_scheduled"
+    # tells dlight / meta_schedule passes to leave it alone
+    func = (func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+            .with_attr("tirx.is_scheduled", True))
+    return bb.call_tir(func, name, args, out_shape, out_dtype)

@@ -1,0 +1,187 @@
+# mypy: disable-error-code="valid-type"
+"""TVM-facing: the AVX2 tensor intrinsics the integer kernels are tensorized with.
+
+Two families, registered once with ``tvm.s_tir.TensorIntrin.register`` (lazily: importing TVM is
+slow):
+
+* ``djpq_avx2_ubsw_p{P}`` (P = 1, 2, 4): ``C[8] += sum_{g<P, k<4} A[g, k] * B[g, :, k]`` with
+  ``A`` u8 (4 input channels of one pixel, broadcast to the 8 output-channel lanes) and ``B`` s8.
+  One ``vpmaddubsw`` per ``g`` gives pairwise int16 sums; the P results are added in int16 and
+  widened once by ``vpmaddwd`` with ones. Exact only when no int16 sum saturates:
+  ``2 * P * max|a| * max|w| <= 32767`` (checked by :mod:`.select` before this is chosen).
+* ``djpq_avx2_wd``: ``C[8] += sum_{k<2} A[k] * B[:, k]`` with int16 ``A``/``B`` through one
+  ``vpmaddwd``. Exact when ``2 * max|a| * max|w| <= 2^31 - 1`` (any <= 15-bit operands).
+* ``djpq_avx512_vnni``: ``C[16] += sum_{k<4} A[k] * B[:, k]``, u8 x s8 through one
+  ``vpdpbusd`` (AVX512-VNNI): the four products are summed without intermediate saturation, so
+  it is exact whenever the int32 accumulator is (any u8 x s8, W8A8 included).
+
+The description uses a ``local`` output buffer (the kernels accumulate in a ``cache_write``
+buffer). With P = 1 the ``g`` axis is dropped entirely: extent-1 loops break the match.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ..adapter import load_tvm
+
+__all__ = ["UBSW_GROUPS", "intrin_name", "register_intrinsics"]
+
+UBSW_GROUPS = (4, 2, 1)
+
+
+def intrin_name(kind: str, groups: int = 1) -> str:
+    """Registered name of an intrinsic: ``kind`` ``"ubsw"`` (with ``groups`` = P), ``"wd"`` or
+    ``"vnni"``."""
+    if kind == "ubsw":
+        return f"djpq_avx2_ubsw_p{groups}"
+    return "djpq_avx512_vnni" if kind == "vnni" else "djpq_avx2_wd"
+
+
+def _ubsw_sum(A: Any, B: Any, groups: int) -> Any:  # noqa: N803 - buffer names as in TIR
+    """Sum of ``groups`` vpmaddubsw results (int16x16) of A's 4-byte groups and B's 32 bytes."""
+    tirx = load_tvm().tirx
+    total = None
+    for g in range(groups):
+        a_idx, b_idx = ([g, 0], [g, 0, 0]) if groups > 1 else ([0], [0, 0])
+        a32 = tirx.reinterpret("int32", A.vload(a_idx, "uint8x4"))
+        a = tirx.reinterpret("uint8x32", tirx.Broadcast(a32, 8))
+        term = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a,
+                                          B.vload(b_idx, "int8x32"))
+        total = term if total is None else total + term
+    return total
+
+
+def _ubsw_p1() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((8, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            for i, k in T.grid(8, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((8, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), _ubsw_sum(A, B, 1),
+                T.int16x16(1), dtype="int32x8")
+
+    return desc, impl
+
+
+def _ubsw_grouped(P: int) -> tuple[Any, Any]:  # noqa: N803
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((P, 4), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((P, 8, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:P, 0:4], B[0:P, 0:8, 0:4])
+            T.writes(C[0:8])
+            for i, g, k in T.grid(8, P, 4):
+                with T.sblock("update"):
+                    vi, vg, vk = T.axis.remap("SRR", [i, g, k])
+                    C[vi] = C[vi] + T.cast(A[vg, vk], "int32") * T.cast(B[vg, vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((P, 4), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((P, 8, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:P, 0:4], B[0:P, 0:8, 0:4])
+            T.writes(C[0:8])
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), _ubsw_sum(A, B, P),
+                T.int16x16(1), dtype="int32x8")
+
+    return desc, impl
+
+
+def _wd() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((2,), "int16", offset_factor=1),  # noqa: N803
+             B: T.Buffer((8, 2), "int16", offset_factor=1),  # noqa: N803
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            for i, k in T.grid(8, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), "int16", offset_factor=1),  # noqa: N803
+             B: T.Buffer((8, 2), "int16", offset_factor=1),  # noqa: N803
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"),
+                                          8), dtype="int16x16"),
+                B.vload([0, 0], "int16x16"), dtype="int32x8")
+
+    return desc, impl
+
+
+def _vnni() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((16, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((16, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C[T.ramp(T.int32(0), 1, 16)],
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
+                                          16), dtype="uint8x64"),
+                B.vload([0, 0], "int8x64"), dtype="int32x16")
+
+    return desc, impl
+
+
+@functools.cache
+def register_intrinsics() -> None:
+    """Register every intrinsic of this module with TVM (once per process)."""
+    tvm = load_tvm()
+    register = tvm.s_tir.TensorIntrin.register
+    register(intrin_name("ubsw", 1), *_ubsw_p1(), override=True)
+    for groups in UBSW_GROUPS:
+        if groups > 1:
+            register(intrin_name("ubsw", groups), *_ubsw_grouped(groups), override=True)
+    register(intrin_name("wd"), *_wd(), override=True)
+    register(intrin_name("vnni"), *_vnni(), override=True)

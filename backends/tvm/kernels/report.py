@@ -1,0 +1,24 @@
+"""Plain-text table of the kernel each layer got (``CompiledModel.kernel_report()``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .select import KernelChoice
+
+__all__ = ["kernel_table"]
+
+
+def kernel_table(choices: Sequence[KernelChoice]) -> str:
+    """One line per layer: name, op, variant, MACs, and the bound (or why it fell back)."""
+    if not choices:
+        return "no integer conv/linear layers"
+    rows = [("layer", "op", "kernel", "MACs", "exact because / why default")]
+    rows += [(c.layer, c.op, c.variant, f"{c.macs:,}",
+              c.bound if c.variant != "default" else c.note) for c in choices]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    fast = sum(c.macs for c in choices if c.variant != "default")
+    total = sum(c.macs for c in choices) or 1
+    lines.append(f"{100 * fast / total:.1f} % of MACs in written kernels")
+    return "\n".join(lines)

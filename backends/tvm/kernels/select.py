@@ -1,0 +1,198 @@
+"""Kernel selection for integer conv/linear layers: the fastest variant that is provably exact.
+
+Pure Python (no TVM): the choice depends on the layer's integer ranges, its weights and the
+target's features, and is recorded as a frozen :class:`KernelChoice` per layer. Bounds
+(``docs/tvm_backend.md``, "Integer kernels"):
+
+* ``avx512_vnni``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
+  ``vpdpbusd`` sums four u8 x s8 products into int32 without intermediate saturation, so only the
+  accumulator bound below applies (W8A8 included). Chosen first where the target has it.
+* ``avx2_u8s8_p{P}``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
+  ``vpmaddubsw`` pair sums and ``P`` of them summed in int16 are exact iff
+  ``2 * P * span * max|w| <= 32767``; P = 4, 2, 1 tried in that order.
+* ``avx2_s16``: int16 operands through ``vpmaddwd``: exact iff ``span <= 32767``,
+  ``max|w| <= 32767`` and ``2 * span * max|w| <= 2^31 - 1``.
+* ``avx512_dw16`` / ``avx2_dw8``: depthwise convs (``groups == channels``), channels in the
+  vector lanes, int16 operands multiplied and summed in int32: exact iff ``span <= 32767`` and
+  ``max|w| <= 32767``.
+* all of them need the whole accumulator (offset correction and ``acc_shift`` included) to fit
+  int32, checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
+* grouped (non-depthwise) convs with groups at least ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels
+  wide (and at most ``MAX_GROUPS`` of them) take the dense variants, one kernel per group.
+* ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .intrin import UBSW_GROUPS
+
+__all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "select_kernel"]
+
+INT16_MAX = 2**15 - 1
+INT32_MAX = 2**31 - 1
+#: Grouped (non-depthwise) convs run one dense kernel per group when the groups are this wide.
+MIN_GROUP_IN, MIN_GROUP_OUT, MAX_GROUPS = 4, 8, 16
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel a layer got, and why it is exact (one record per conv/linear layer).
+
+    Attributes:
+        layer: The fx node name.
+        op: ``"conv2d"`` or ``"linear"``.
+        variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"`` or
+            ``"default"`` (TVM's generic lowering).
+        bound: The inequality the variant relies on, with this layer's numbers.
+        note: Why this variant (for ``default``: why no written kernel applies).
+        macs: Multiply-accumulates of one call.
+    """
+
+    layer: str
+    op: str
+    variant: str
+    bound: str
+    note: str
+    macs: int
+
+    @property
+    def kind(self) -> str | None:
+        """Intrinsic family: ``"ubsw"``, ``"wd"``, ``"vnni"`` or ``None`` (default)."""
+        if self.variant.startswith("avx2_u8s8"):
+            return "ubsw"
+        return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
+                "avx2_dw8": "dw8"}.get(self.variant)
+
+    @property
+    def groups(self) -> int:
+        """P, the number of vpmaddubsw results summed in int16 (1 for the other variants)."""
+        return int(self.variant.rsplit("_p", 1)[1]) if self.kind == "ubsw" else 1
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What selection reads about one layer (all derived from ranges and weights, never data).
+
+    ``act_lo``/``act_hi`` is the input's integer range, ``weight`` the integer weights (any
+    shape with the output channels first), ``bias`` the int bias, ``acc_shift`` the layer's ``k``.
+    ``features`` are the target's CPU features this module knows (``"avx2"``, ``"avx512vnni"``;
+    ``None``: no target given).
+    """
+
+    layer: str
+    op: str
+    act_lo: int
+    act_hi: int
+    weight: np.ndarray
+    bias: np.ndarray
+    acc_shift: int
+    groups: int
+    macs: int
+    features: frozenset[str] | None
+    target: str
+
+    @property
+    def act_offset(self) -> int:
+        """Added to every activation so that the operand is unsigned (``-lo`` if ``lo < 0``)."""
+        return -self.act_lo if self.act_lo < 0 else 0
+
+    @property
+    def span(self) -> int:
+        """Largest operand after the offset."""
+        return self.act_hi + self.act_offset
+
+    @property
+    def w_max(self) -> int:
+        return int(np.abs(self.weight).max(initial=0))
+
+    def kernel_bias(self) -> np.ndarray:
+        """The bias the kernel adds: ``bias - act_offset * sum_o(w) * 2^k`` (int64)."""
+        rows = self.weight.reshape(self.weight.shape[0], -1).astype(np.int64).sum(axis=1)
+        bias = np.broadcast_to(self.bias.astype(np.int64), rows.shape) if self.bias.size \
+            else np.zeros_like(rows)
+        return bias - self.act_offset * rows * (1 << self.acc_shift)
+
+    def kernel_acc_bound(self) -> int:
+        """Bound on every int32 value the kernel forms (products, ``acc * 2^k``, ``+ bias'``)."""
+        per_out = np.abs(self.weight.reshape(self.weight.shape[0], -1)).astype(np.int64).sum(1)
+        conv = int(per_out.max(initial=0)) * self.span << self.acc_shift
+        return conv + int(np.abs(self.kernel_bias()).max(initial=0))
+
+
+def _default(facts: LayerFacts, note: str) -> KernelChoice:
+    return KernelChoice(facts.layer, facts.op, "default", "-", note, facts.macs)
+
+
+def _select_depthwise(facts: LayerFacts, acc_text: str) -> KernelChoice:
+    """Depthwise: int16 operands, int32 products; 16 lanes with AVX-512, else 8 with AVX2."""
+    span, w_max = facts.span, facts.w_max
+    if span > INT16_MAX or w_max > INT16_MAX:
+        return _default(facts, f"depthwise operands too wide for int16 (span {span}, "
+                               f"max|w| {w_max})")
+    assert facts.features is not None  # checked by the caller
+    variant = "avx512_dw16" if "avx512bw" in facts.features else "avx2_dw8"
+    if variant == "avx2_dw8" and "avx2" not in facts.features:
+        return _default(facts, f"target {facts.target} has no AVX2")
+    return KernelChoice(facts.layer, facts.op, variant,
+                        f"span {span}, max|w| {w_max} <= 32767 (int16 x int16 products in "
+                        f"int32); {acc_text}", f"{facts.target}: depthwise, channels in lanes",
+                        facts.macs)
+
+
+def select_kernel(facts: LayerFacts) -> KernelChoice:
+    """The fastest variant provably exact for ``facts`` (``default`` when none is)."""
+    if facts.features is None:
+        return _default(facts, "no target given (lowered for tuning or inspection)")
+    if not facts.features & {"avx2", "avx512vnni"}:
+        return _default(facts, f"target {facts.target} has no AVX2; no written kernel for it yet")
+    depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
+    in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // facts.groups
+    if facts.groups != 1 and not depthwise and (in_g < MIN_GROUP_IN or out_g < MIN_GROUP_OUT
+                                                or facts.groups > MAX_GROUPS):
+        return _default(facts, f"groups={facts.groups} with {in_g} -> {out_g} channels per "
+                               f"group: per-group kernels need >= {MIN_GROUP_IN} -> "
+                               f"{MIN_GROUP_OUT} channels and <= {MAX_GROUPS} groups")
+    bound = facts.kernel_acc_bound()
+    if bound > INT32_MAX:
+        return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
+    acc_text = f"acc bound {bound} <= 2^31-1"
+    if depthwise:
+        return _select_depthwise(facts, acc_text)
+    choice = _select_dense(facts, acc_text)
+    if facts.groups != 1 and choice.kind is not None:
+        note = f"{choice.note}; {facts.groups} groups, one kernel each"
+        return dataclasses.replace(choice, note=note)
+    return choice
+
+
+def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
+    """Dense (or per-group) conv/linear: VNNI, then vpmaddubsw with P = 4, 2, 1, then int16."""
+    assert facts.features is not None  # checked by the caller
+    span, w_max = facts.span, facts.w_max
+    if "avx512vnni" in facts.features and span <= 255 and w_max <= 127:
+        return KernelChoice(facts.layer, facts.op, "avx512_vnni",
+                            f"span {span} <= 255, max|w| {w_max} <= 127 (vpdpbusd sums exactly "
+                            f"in int32); {acc_text}", f"{facts.target}: u8 x s8 vpdpbusd",
+                            facts.macs)
+    if "avx2" not in facts.features:
+        return _default(facts, f"target {facts.target}: operands past u8 x s8 and no AVX2")
+    if span <= 255 and w_max <= 127:
+        for p in UBSW_GROUPS:
+            if 2 * p * span * w_max <= INT16_MAX:
+                text = f"2*{p}*{span}*{w_max} = {2 * p * span * w_max} <= 32767; {acc_text}"
+                return KernelChoice(facts.layer, facts.op, f"avx2_u8s8_p{p}", text,
+                                    f"{facts.target}: u8 x s8 vpmaddubsw, {p} summed in int16",
+                                    facts.macs)
+    if span <= INT16_MAX and w_max <= INT16_MAX and 2 * span * w_max <= INT32_MAX:
+        text = (f"2*{span}*{w_max} = {2 * span * w_max} <= 2^31-1 (vpmaddubsw bound "
+                f"2*1*{span}*{w_max} = {2 * span * w_max} > 32767 or operands past 8 bits); "
+                f"{acc_text}")
+        return KernelChoice(facts.layer, facts.op, "avx2_s16", text,
+                            f"{facts.target}: int16 x int16 vpmaddwd", facts.macs)
+    return _default(facts, f"operands too wide for int16 (span {span}, max|w| {w_max})")

@@ -1,0 +1,281 @@
+"""Written integer kernels of the TVM backend: bit-exact at every variant's bound and one bit past
+it, odd pruned channel counts, batch 1 and 32, strides and padding, and the per-layer records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.backends.reference import qrange, requant_params
+
+pytest.importorskip("tvm")
+tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
+kernels = pytest.importorskip("djpq_compiler.backends.tvm.kernels")
+from djpq_compiler.backends.tvm import adapter  # noqa: E402
+from djpq_compiler.backends.tvm.build import target_spec  # noqa: E402
+from djpq_compiler.backends.tvm.emit import lower  # noqa: E402
+from djpq_compiler.backends.tvm.kernels.emit import target_features  # noqa: E402
+from djpq_compiler.backends.tvm.kernels.select import LayerFacts, select_kernel  # noqa: E402
+
+IN_SCALE = 0.02
+AVX2 = {"kind": "llvm", "mcpu": "haswell"}  # AVX2, no AVX-512 (the developers' znver3 class)
+VNNI = {"kind": "llvm", "mcpu": "cascadelake"}  # AVX512-VNNI
+HOST = target_spec("x86")[0]
+HOST_VNNI = "avx512vnni" in (target_features(HOST) or ())
+needs_vnni = pytest.mark.skipif(not HOST_VNNI, reason="this CPU has no AVX512-VNNI")
+TARGETS = [pytest.param(AVX2, id="avx2"), pytest.param(VNNI, id="vnni", marks=needs_vnni)]
+
+
+def int_layer(kind: str, c_in: int, c_out: int, *, x_bits: int, w_bits: int, x_signed: bool = False,
+              k: int = 3, stride: int = 1, padding: int = 1, groups: int = 1,
+              out_scale: float | None = 1.0, acc_shift: int = 0, dilation: int = 1,
+              seed: int = 0) -> nn.Module:
+    """A conv/linear whose weights reach ``+-max`` of ``w_bits`` (the selection's worst case)."""
+    gen = torch.Generator().manual_seed(seed)
+    wmin, wmax = qrange(w_bits, True)
+    shape = (c_out, c_in // groups, k, k) if kind == "conv" else (c_out, c_in)
+    weight = torch.randint(wmin, wmax + 1, shape, generator=gen)
+    weight.view(c_out, -1)[:, 0] = wmax
+    weight.view(c_out, -1)[0, -1] = wmin
+    w_scale = 0.01 + 0.02 * torch.rand(c_out, generator=gen, dtype=torch.float64)
+    bias = torch.randint(-300, 301, (c_out,), generator=gen)
+    x_max = qrange(x_bits, x_signed)[1]
+    fan_in = weight[0].numel()
+    real_out = None if out_scale is None else \
+        IN_SCALE * 0.02 * x_max * max(abs(wmin), wmax) * fan_in ** 0.5 / 20
+    bound = fan_in * (2 * x_max + 1) * wmax * 2 ** acc_shift + 300
+    m, shift = requant_params(IN_SCALE, w_scale / 2 ** acc_shift, real_out or 1.0, bound)
+    common = dict(weight=weight, bias=bias, w_scale=w_scale, in_scale=IN_SCALE, w_bits=w_bits,
+                  out_scale=real_out, out_bits=8, out_signed=True, clip=None, m=m, shift=shift,
+                  acc_shift=acc_shift)
+    if kind == "linear":
+        return im.IntLinear(**common)
+    return im.IntConv2d(stride=(stride, stride), padding=(padding, padding),
+                        dilation=(dilation, dilation), groups=groups, **common)
+
+
+class One(nn.Module):
+    """Quantize -> one integer layer (-> Dequantize when the layer has a float output)."""
+
+    def __init__(self, layer: nn.Module, x_bits: int, x_signed: bool) -> None:
+        super().__init__()
+        self.quant = im.Quantize(IN_SCALE, x_bits, x_signed)
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.quant(x))
+
+
+def inputs(shape: tuple[int, ...], x_bits: int, signed: bool, seed: int = 0) -> list[torch.Tensor]:
+    """Random codes over the whole range, plus the worst case (every code at its extreme)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = qrange(x_bits, signed)
+    rand = (torch.rand(shape, generator=gen) * (hi - lo + 1) + lo) * IN_SCALE
+    worst = torch.full(shape, hi * IN_SCALE * 2)
+    return [rand, worst] + ([torch.full(shape, lo * IN_SCALE * 2)] if signed else [])
+
+
+def compile_for(gm: torch.fx.GraphModule, x: torch.Tensor, spec: dict) -> tuple:
+    """Lower for the target dict ``spec`` (not necessarily this CPU's), compile, wrap the VM."""
+    mod, ctx = lower(gm, [x], spec)
+    vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(spec)))
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        out = torch.from_numpy(adapter.run_vm(vm, [t.numpy()])[0])
+        return out.to(torch.int64) if ctx.output_kinds[0] == "int" else out
+    return run, ctx.kernels
+
+
+def check(layer: nn.Module, shape: tuple[int, ...], x_bits: int, x_signed: bool = False,
+          spec: dict | None = None) -> tuple:
+    """Build ``layer`` behind a Quantize, assert bit-exactness on random and worst-case codes."""
+    gm = im.trace_integer(One(layer, x_bits, x_signed).eval())
+    xs = inputs(shape, x_bits, x_signed)
+    run, records = compile_for(gm, xs[0], AVX2 if spec is None else spec)
+    for x in xs:
+        want, got = gm(x), run(x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want), (got - want).abs().max()
+    assert len(torch.unique(gm(xs[0]))) > 3  # the requantization does not clip everything
+    return run, records
+
+
+#: (activation bits, signed, weight bits) -> variant; each line next to one bit past its bound.
+LADDER = [
+    (8, False, 4, "avx2_u8s8_p4"),  # 2*4*255*7 = 14280
+    (8, False, 5, "avx2_u8s8_p4"),  # 2*4*255*15 = 30600 (the P = 4 bound's last bit)
+    (8, False, 6, "avx2_u8s8_p2"),  # 2*4*255*31 > 32767; 2*2*255*31 = 31620
+    (8, False, 7, "avx2_u8s8_p1"),  # 2*2*255*63 > 32767; 2*1*255*63 = 32130
+    (8, False, 8, "avx2_s16"),  # 2*1*255*127 > 32767: W8A8 widens to int16
+    (7, True, 4, "avx2_u8s8_p4"),  # signed 7-bit shifted by +64: span 127
+    (8, True, 5, "avx2_u8s8_p4"),  # signed 8-bit shifted by +128: span 255
+    (8, True, 8, "avx2_s16"),
+    (10, False, 4, "avx2_s16"),  # activations past 8 bits
+]
+
+
+@pytest.mark.parametrize(("x_bits", "signed", "w_bits", "variant"), LADDER)
+def test_conv_variant_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_bits: int,
+                                                  variant: str) -> None:
+    layer = int_layer("conv", 21, 19, x_bits=x_bits, w_bits=w_bits, x_signed=signed, seed=w_bits)
+    _, records = check(layer, (1, 21, 9, 10), x_bits, signed)
+    assert [r.variant for r in records] == [variant]
+    assert records[0].bound != "-" and records[0].op == "conv2d"
+
+
+VNNI_LADDER = [
+    (8, False, 4, "avx512_vnni"),
+    (8, False, 8, "avx512_vnni"),  # W8A8: vpdpbusd does not saturate
+    (8, True, 8, "avx512_vnni"),  # signed 8-bit shifted by +128
+    (9, False, 8, "avx2_s16"),  # one bit past u8: the int16 path
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize(("x_bits", "signed", "w_bits", "variant"), VNNI_LADDER)
+def test_vnni_variant_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_bits: int,
+                                                  variant: str) -> None:
+    layer = int_layer("conv", 21, 37, x_bits=x_bits, w_bits=w_bits, x_signed=signed, seed=w_bits)
+    _, records = check(layer, (1, 21, 9, 10), x_bits, signed, VNNI)
+    assert [r.variant for r in records] == [variant]
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("c_in", "c_out", "k", "stride", "padding", "batch", "hw"), [
+    (1, 1, 3, 1, 1, 1, (5, 5)),
+    (3, 37, 3, 2, 1, 32, (9, 8)),
+    (37, 3, 1, 1, 0, 1, (7, 13)),
+    (13, 9, 3, 2, 0, 2, (11, 11)),
+    (8, 16, 5, 1, 2, 1, (6, 17)),
+])
+def test_conv_odd_channels_batch_stride_padding(c_in: int, c_out: int, k: int, stride: int,
+                                               padding: int, batch: int, hw: tuple,
+                                               spec: dict) -> None:
+    layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=4, k=k, stride=stride,
+                      padding=padding, seed=c_in)
+    _, records = check(layer, (batch, c_in) + hw, 8, spec=spec)
+    if c_in == c_out == 1:  # a 1 -> 1 conv is depthwise: the channels-in-lanes kernel
+        assert records[0].variant == ("avx2_dw8" if spec is AVX2 else "avx512_dw16")
+    else:
+        assert records[0].variant == ("avx2_u8s8_p4" if spec is AVX2 else "avx512_vnni")
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("channels", "x_bits", "signed", "w_bits", "k", "stride", "batch"), [
+    (37, 8, False, 8, 3, 1, 1), (21, 8, True, 4, 3, 2, 32), (3, 12, False, 9, 5, 1, 2),
+])
+def test_depthwise_exact(channels: int, x_bits: int, signed: bool, w_bits: int, k: int,
+                         stride: int, batch: int, spec: dict) -> None:
+    layer = int_layer("conv", channels, channels, x_bits=x_bits, w_bits=w_bits, x_signed=signed,
+                      k=k, stride=stride, padding=k // 2, groups=channels, seed=channels)
+    _, records = check(layer, (batch, channels, 9, 8), x_bits, signed, spec)
+    assert records[0].variant == ("avx2_dw8" if spec is AVX2 else "avx512_dw16")
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("c_in", "c_out", "groups", "x_bits", "w_bits", "out_scale"), [
+    (16, 32, 2, 8, 4, 1.0), (12, 24, 3, 8, 7, None), (20, 40, 5, 6, 8, 1.0),
+])
+def test_grouped_conv_one_kernel_per_group(c_in: int, c_out: int, groups: int, x_bits: int,
+                                           w_bits: int, out_scale: float | None,
+                                           spec: dict) -> None:
+    layer = int_layer("conv", c_in, c_out, x_bits=x_bits, w_bits=w_bits, groups=groups,
+                      out_scale=out_scale, stride=2, seed=groups)
+    _, records = check(layer, (2, c_in, 9, 8), x_bits, spec=spec)
+    assert records[0].variant != "default" and f"{groups} groups" in records[0].note
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_dilated_conv_exact(groups: int) -> None:
+    layer = int_layer("conv", 6, 6 if groups > 1 else 11, x_bits=8, w_bits=4, padding=2,
+                      dilation=2, groups=groups, seed=groups)
+    _, records = check(layer, (2, 6, 10, 9), 8)
+    assert records[0].variant == ("avx2_u8s8_p4" if groups == 1 else "avx2_dw8")
+
+
+def test_conv_float_output_and_acc_shift() -> None:
+    """A float-output layer (end of the integer region) and a layer with ``acc_shift``."""
+    for layer in (int_layer("conv", 11, 10, x_bits=8, w_bits=4, out_scale=None),
+                  int_layer("conv", 11, 10, x_bits=6, w_bits=3, acc_shift=3)):
+        _, records = check(layer, (2, 11, 6, 7), 8 if layer.out_scale is None else 6)
+        assert records[0].variant == "avx2_u8s8_p4"
+
+
+@pytest.mark.parametrize(("batch", "w_bits", "variant"), [
+    (1, 4, "avx2_u8s8_p4"), (32, 4, "avx2_u8s8_p4"), (32, 8, "avx2_s16"), (3, 7, "avx2_u8s8_p1"),
+    pytest.param(32, 8, "avx512_vnni", marks=needs_vnni),
+])
+def test_linear_exact(batch: int, w_bits: int, variant: str) -> None:
+    layer = int_layer("linear", 45, 17, x_bits=8, w_bits=w_bits, seed=batch)
+    _, records = check(layer, (batch, 45), 8, spec=VNNI if variant == "avx512_vnni" else AVX2)
+    assert [(r.op, r.variant) for r in records] == [("linear", variant)]
+
+
+def test_build_for_this_cpu_uses_its_best_kernel() -> None:
+    """``build(..., "x86")`` picks from this CPU's features and records it."""
+    gm = im.trace_integer(One(int_layer("conv", 6, 9, x_bits=8, w_bits=8), 8, False).eval())
+    x = inputs((2, 6, 7, 7), 8, False)
+    model = tvm_backend.build(gm, "x86", example_inputs=x[0])
+    for t in x:
+        assert torch.equal(model(t), gm(t))
+    assert model.kernels[0].variant == ("avx512_vnni" if HOST_VNNI else "avx2_s16")
+    assert model.kernels[0].variant in model.kernel_report()
+
+
+def test_fallbacks_are_recorded() -> None:
+    """Grouped conv, int64 accumulators, non-AVX2 and cross targets: default, with the reason."""
+    grouped = int_layer("conv", 8, 8, x_bits=8, w_bits=4, groups=4)
+    _, records = check(grouped, (1, 8, 6, 6), 8)
+    assert records[0].variant == "default" and "per group" in records[0].note
+    wide = int_layer("conv", 4, 3, x_bits=16, w_bits=16, k=1, padding=0)
+    _, records = check(wide, (1, 4, 3, 3), 16)
+    assert records[0].variant == "default" and "int64" in records[0].note
+    gm = im.trace_integer(One(int_layer("conv", 5, 6, x_bits=8, w_bits=4), 8, False).eval())
+    x = torch.rand(1, 5, 6, 6)
+    _, ctx = lower(gm, [x], {"kind": "llvm", "mcpu": "x86-64"})
+    assert ctx.kernels[0].variant == "default" and "no AVX2" in ctx.kernels[0].note
+    model = tvm_backend.build(gm, "aarch64", example_inputs=x)
+    assert model.kernels[0].variant == "default" and "no AVX2" in model.kernels[0].note
+    assert "default" in model.kernel_report() and "0.0 % of MACs" in model.kernel_report()
+
+
+def test_selection_bound_is_tight() -> None:
+    """Pure selection: P = 4 exactly up to 2*4*span*max|w| <= 32767, then P = 2."""
+    def facts(span: int, w_max: int) -> LayerFacts:
+        weight = np.full((2, 3, 1, 1), w_max)
+        return LayerFacts("l", "conv2d", 0, span, weight, np.zeros(2, np.int64), 0, 1, 0,
+                          frozenset({"avx2"}), "llvm")
+    assert select_kernel(facts(255, 16)).variant == "avx2_u8s8_p4"  # 32640
+    assert select_kernel(facts(255, 17)).variant == "avx2_u8s8_p2"  # 34680
+    assert select_kernel(facts(129, 127)).variant == "avx2_u8s8_p1"  # 2*1*129*127 = 32766
+    assert select_kernel(facts(130, 127)).variant == "avx2_s16"  # 33020
+    vnni = LayerFacts("l", "conv2d", 0, 255, np.full((2, 3, 1, 1), 127), np.zeros(2, np.int64),
+                      0, 1, 0, frozenset({"avx2", "avx512vnni"}), "llvm")
+    assert select_kernel(vnni).variant == "avx512_vnni"
+
+
+def test_unsafe_group_count_is_wrong_on_worst_case() -> None:
+    """The bound is real: forcing P = 4 past it saturates (so the selection's check matters)."""
+    tvm = pytest.importorskip("tvm")
+    from djpq_compiler.backends.tvm.kernels.conv2d import (
+        ConvKernelSpec,
+        build_conv_kernel,
+        pack_weight,
+    )
+
+    spec = ConvKernelSpec(1, 16, 3, 3, 8, (1, 1), (1, 1), (0, 0), (1, 1), "ubsw", 4, "uint8", 0,
+                          0, "int32", 0, 0)
+    func, (_, tile_oc) = build_conv_kernel(spec)
+    lib = tvm.compile(tvm.IRModule({"main": func}),
+                      target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    x = np.full((1, 16, 3, 3), 255, np.uint8)
+    w = np.full((8, 16, 1, 1), 31, np.int64)  # 2*4*255*31 = 63240 > 32767
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in
+            (x, pack_weight(w, spec, tile_oc), np.zeros(8 * tile_oc, np.int32),
+             np.zeros((1, 8, 3, 3), np.int32))]
+    lib.mod["main"](*args)
+    assert not np.array_equal(args[-1].numpy(), np.full((1, 8, 3, 3), 16 * 255 * 31))
