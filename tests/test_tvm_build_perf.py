@@ -96,10 +96,11 @@ def test_demo_tvm_stage_reports_the_kernel_per_layer(tmp_path: Path) -> None:
     kernel row per integer conv/linear layer when the build records kernels (none otherwise)."""
     from types import SimpleNamespace
 
+    from tiny_models import Residual
+
     import djpq_compiler as djpq
     from djpq_compiler.demo_stages import backend_stages
     from djpq_compiler.report import KernelRow
-    from tiny_models import Residual
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
