@@ -26,8 +26,10 @@ __all__ = [
     "TVM_VERSION",
     "Builder",
     "compile_module",
+    "call_tir_count",
     "cuda_source",
     "export_library",
+    "fuse_module",
     "load_tvm",
     "make_target",
     "make_vm",
@@ -224,10 +226,49 @@ def quiet_tvm_log(noise: Sequence[str] = TVM_LOG_NOISE) -> Iterator[None]:
                     os.write(2, kept.encode())
 
 
-def compile_module(mod: Any, target: Any) -> Any:
-    """``tvm.compile`` a Relax IRModule to a VM executable."""
+#: Relax passes run by :func:`fuse_module`, in order (the legalize stage of TVM's CPU pipeline).
+FUSION_PASSES: tuple[str, ...] = (
+    "LegalizeOps", "AnnotateTIROpPattern", "FoldConstant", "FuseOps", "FuseTIR")
+
+
+def fuse_module(mod: Any, target: Any, passes: Sequence[str] = FUSION_PASSES) -> Any:
+    """Legalize a Relax IRModule and fuse its elementwise chains into single PrimFuncs.
+
+    ``tvm.compile``'s default pipeline for CPU targets legalizes every Relax op to its own
+    PrimFunc and runs them one loop nest each (an int64 requantization is ~6 of them); this runs
+    ``passes`` (:data:`FUSION_PASSES`, names in ``relax.transform``) first, so each chain of injective/elementwise ops becomes one loop nest.
+    The written kernels are ``op_pattern`` 8 (opaque), so ``FuseOps`` leaves their ``call_tir``
+    and their scheduled PrimFuncs as they are. Integer ops only change order of evaluation per
+    element, never the arithmetic, so the result stays bit-exact.
+    """
+    tvm = load_tvm()
+    seq = tvm.transform.Sequential([getattr(tvm.relax.transform, name)()
+                                    for name in passes])
+    with target:
+        return seq(mod)
+
+
+def compile_module(mod: Any, target: Any, fuse: bool = True) -> Any:
+    """``tvm.compile`` a Relax IRModule to a VM executable (after :func:`fuse_module` if
+    ``fuse``)."""
     with quiet_tvm_log():
+        if fuse:
+            mod = fuse_module(mod, target)
         return load_tvm().compile(mod, target=target)
+
+
+def call_tir_count(mod: Any, func: str = "main") -> int:
+    """How many ``call_tir`` bindings Relax function ``func`` of ``mod`` has."""
+    tvm = load_tvm()
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found: list[int] = []
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, tvm.relax.Call) and expr.op.same_as(call_tir):
+            found.append(1)
+
+    tvm.relax.analysis.post_order_visit(mod[func], visit)
+    return len(found)
 
 
 def make_vm(executable: Any) -> Any:
