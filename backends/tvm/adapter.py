@@ -35,6 +35,7 @@ __all__ = [
     "make_vm",
     "quiet_tvm_log",
     "run_vm",
+    "schedule_elementwise",
 ]
 
 #: The TVM release this backend is written and tested against (pyproject's ``tvm`` extra).
@@ -236,7 +237,8 @@ def fuse_module(mod: Any, target: Any, passes: Sequence[str] = FUSION_PASSES) ->
 
     ``tvm.compile``'s default pipeline for CPU targets legalizes every Relax op to its own
     PrimFunc and runs them one loop nest each (an int64 requantization is ~6 of them); this runs
-    ``passes`` (:data:`FUSION_PASSES`, names in ``relax.transform``) first, so each chain of injective/elementwise ops becomes one loop nest.
+    ``passes`` (:data:`FUSION_PASSES`, names in ``relax.transform``) first, so each chain of
+    injective ops becomes one PrimFunc.
     The written kernels are ``op_pattern`` 8 (opaque), so ``FuseOps`` leaves their ``call_tir``
     and their scheduled PrimFuncs as they are. Integer ops only change order of evaluation per
     element, never the arithmetic, so the result stays bit-exact.
@@ -248,12 +250,90 @@ def fuse_module(mod: Any, target: Any, passes: Sequence[str] = FUSION_PASSES) ->
         return seq(mod)
 
 
-def compile_module(mod: Any, target: Any, fuse: bool = True) -> Any:
-    """``tvm.compile`` a Relax IRModule to a VM executable (after :func:`fuse_module` if
-    ``fuse``)."""
+#: Elements of a fused loop nest below which :func:`schedule_elementwise` does not parallelize
+#: it (a thread-pool launch costs more than such a loop).
+PARALLEL_MIN_ELEMENTS = 1 << 14
+
+
+def _integer_only(sch: Any, blocks: list[Any]) -> bool:
+    for info in blocks:
+        block = sch.get(info.block_rv)
+        regions = list(block.reads) + list(block.writes)
+        if any(not str(r.source.dtype).startswith(("int", "uint", "bool")) for r in regions):
+            return False
+    return True
+
+
+def _schedule_loops(sch: Any, block: Any) -> None:
+    """Fuse a spatial block's loops, vectorize the innermost 16/8/4 and parallelize the rest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = int(sch.get(fused).extent)
+    lanes = next((v for v in (16, 8, 4) if extent % v == 0 and extent > v), 0)
+    if lanes:
+        outer, inner = sch.split(fused, factors=[None, lanes])
+        sch.vectorize(inner)
+    else:
+        outer = fused
+    if extent >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
+
+
+def _cpu_elementwise_rule() -> Any:
+    """A dlight rule for the fused integer elementwise PrimFuncs of a CPU build.
+
+    Inlines every block that can be inlined (one loop nest per fused chain instead of one per
+    op, no intermediate buffers), then vectorizes and parallelizes each remaining spatial block.
+    Only PrimFuncs whose every buffer is an integer one: integer arithmetic is the same however
+    the expressions are nested, while inlining float ops lets LLVM contract ``a * b + c`` into an
+    FMA (a different rounding). Reductions and anything it cannot normalize are left alone.
+    """
+    load_tvm()
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+
+    class CpuElementwise(ScheduleRule):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            sch = s_tir.Schedule(func)
+            blocks = normalize_prim_func(sch)
+            if not blocks or not _integer_only(sch, blocks):
+                return None
+            if not all(b.is_injective() for b in blocks):
+                return None
+            for info in try_inline(sch, blocks):
+                _schedule_loops(sch, info.block_rv)
+            return sch
+
+    return CpuElementwise()
+
+
+def schedule_elementwise(mod: Any, target: Any) -> Any:
+    """Apply :func:`_cpu_elementwise_rule` to the unscheduled PrimFuncs of ``mod`` (CPU targets;
+    the written kernels carry ``tirx.is_scheduled`` and are skipped)."""
+    load_tvm()
+    from tvm.s_tir import dlight
+
+    with target:
+        return dlight.ApplyDefaultSchedule(_cpu_elementwise_rule())(mod)
+
+
+def compile_module(mod: Any, target: Any, fuse: bool = True, schedule: bool = True) -> Any:
+    """``tvm.compile`` a Relax IRModule to a VM executable.
+
+    With ``fuse``, :func:`fuse_module` runs first; with ``schedule`` too and a CPU (``llvm``)
+    target, :func:`schedule_elementwise` then schedules the fused elementwise PrimFuncs (GPU
+    targets get dlight's GPU rules from ``tvm.compile``'s own pipeline).
+    """
     with quiet_tvm_log():
         if fuse:
             mod = fuse_module(mod, target)
+            if schedule and str(target.kind.name) == "llvm":
+                mod = schedule_elementwise(mod, target)
         return load_tvm().compile(mod, target=target)
 
 
