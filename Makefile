@@ -8,9 +8,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.djpq-installed
 DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# aarch64 cross toolchain + qemu-user: tests/test_tvm_aarch64.py runs an aarch64 build under
+# emulation (it skips, naming what is missing, without them).
+AARCH64_PKGS := qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-arm64-cross
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test lint clean
+.PHONY: setup data arm-tools demo test lint clean
 
 setup: $(STAMP) data
 
@@ -31,10 +34,23 @@ data:
 	  fi; \
 	fi
 
+# Best effort: without root or apt the aarch64 tests skip; the test run does not fail for it.
+arm-tools:
+	@if ! { command -v qemu-aarch64 && command -v aarch64-linux-gnu-g++; } >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(AARCH64_PKGS) (aarch64 tests under qemu)"; \
+	    (apt-get install -y -q $(AARCH64_PKGS) >/dev/null 2>&1 \
+	     || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(AARCH64_PKGS) >/dev/null 2>&1)) \
+	    || echo "note: could not apt-get install $(AARCH64_PKGS); the aarch64 qemu tests will skip"; \
+	  else \
+	    echo "aarch64 tests will skip: run 'sudo apt-get install $(AARCH64_PKGS)' to check ARM"; \
+	  fi; \
+	fi
+
 demo: setup
 	$(PY) -m djpq_compiler.cli demo --model vgg7
 
-test: setup
+test: setup arm-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -51,19 +51,20 @@ def torch_latencies(model: nn.Module, converted: nn.Module, xs: Sequence[torch.T
 
 
 def _tvm_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
-               runs: int) -> tuple[bool, str, list[Any], dict[str, str]]:
+               runs: int) -> tuple[bool, str, list[Any], dict[str, str], dict[str, Any]]:
     """Build for the host at each batch size, bit-exact check against the reference, latency,
-    export the batch-1 library (``.so``, or ``.tar`` without a linker)."""
+    export the batch-1 library (``.so``, or ``.tar`` without a linker); the kernel each layer
+    got, when the build records it."""
     import functools
 
     from djpq_compiler.backends import tvm as tvm_backend
-    from djpq_compiler.report import Latency
+    from djpq_compiler.report import Latency, kernel_rows
 
     exact, lat, seconds, built = True, [], 0.0, []
     for x in xs:
         say(f"[tvm] building for x86 (this host), batch {x.shape[0]}")
         compiled_x = tvm_backend.build(converted, target="x86", example_inputs=(x,))
-        seconds += compiled_x.compile_seconds
+        seconds += compiled_x.compile_seconds + compiled_x.load_seconds
         with torch.no_grad():
             ref = converted(x)
         got = compiled_x(x)
@@ -77,12 +78,13 @@ def _tvm_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
     except Exception as exc:  # no linker: fall back to the object archive
         say(f"[tvm] .so export failed ({exc}); writing a .tar")
         artifacts = {key: built[0].export(out / "model_tvm.tar").name}
-    note = f"checked at batch {', '.join(str(x.shape[0]) for x in xs)}; compile {seconds:.1f} s"
-    return exact, note, lat, artifacts
+    note = f"checked at batch {', '.join(str(x.shape[0]) for x in xs)}; build {seconds:.1f} s"
+    kernels = kernel_rows(getattr(built[0], "kernels", None) or ())
+    return exact, note, lat, artifacts, {"tvm_kernels": kernels}
 
 
 def _onnx_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
-                runs: int) -> tuple[int, str, list[Any], dict[str, str]]:
+                runs: int) -> tuple[int, str, list[Any], dict[str, str], dict[str, Any]]:
     """Export ``model.onnx`` (dynamic batch), verify against the reference (per op, on the
     reference's own input codes), time onnxruntime."""
     import functools
@@ -105,7 +107,8 @@ def _onnx_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
     note = (f"batch {xs[-1].shape[0]}; end to end max {check['max_lsb_any']} LSB at some "
             f"activation, {check['mismatch_last']:.2%} of the last activation's codes differ, "
             f"max |output diff| {check['max_abs_diff']:.3g}")
-    return int(check["max_lsb_per_op"]), note, lat, {"ONNX (QDQ, dynamic batch)": path.name}
+    return (int(check["max_lsb_per_op"]), note, lat, {"ONNX (QDQ, dynamic batch)": path.name},
+            {})
 
 
 def backend_stages(options: Any, converted: nn.Module, xs: Sequence[torch.Tensor],
@@ -128,12 +131,12 @@ def backend_stages(options: Any, converted: nn.Module, xs: Sequence[torch.Tensor
             fields[f"{prefix}_note"] = f"skipped (--no-{prefix})"
             continue
         try:
-            value, note, lat, files = run(converted, xs, out, options.latency_runs)
+            value, note, lat, files, extra = run(converted, xs, out, options.latency_runs)
         except DjpqError as exc:
             fields[f"{prefix}_note"] = f"failed: {exc}"
             failures.append(f"{name} stage failed: {exc}")
             continue
-        fields.update({field_name: value, f"{prefix}_note": note})
+        fields.update({field_name: value, f"{prefix}_note": note, **extra})
         fields["latencies"] += lat
         fields["artifacts"].update(files)
         failure = check(value)

@@ -21,8 +21,9 @@ from typing import Any
 
 from djpq_compiler.errors import MissingExtraError
 
-__all__ = ["LayerRow", "Latency", "DemoResult", "layer_rows", "render_markdown", "summary",
-           "plot_bits", "plot_bops", "plot_accuracy", "write_report", "PLOTS"]
+__all__ = ["LayerRow", "Latency", "KernelRow", "DemoResult", "layer_rows", "kernel_rows",
+           "render_markdown", "summary", "plot_bits", "plot_bops", "plot_accuracy",
+           "write_report", "PLOTS"]
 
 #: Plot file names written by :func:`write_report`.
 PLOTS = {"bits": "layer_bits.png", "bops": "layer_bops.png", "accuracy": "accuracy_vs_gbops.png"}
@@ -64,6 +65,25 @@ class Latency:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class KernelRow:
+    """The TVM kernel one integer conv/linear layer got (from the build's per-layer records).
+
+    Attributes:
+        layer: Layer (fx node) name.
+        op: ``"conv2d"``, ``"linear"``, ...
+        kernel: The kernel variant (``"default"``: TVM's generic lowering).
+        macs: Multiply-accumulates of one call.
+        reason: Why it is exact (the bound it relies on), or why no written kernel applies.
+    """
+
+    layer: str
+    op: str
+    kernel: str
+    macs: int
+    reason: str
+
+
 @dataclass
 class DemoResult:
     """Every number the demo measured (the input of the report).
@@ -89,6 +109,7 @@ class DemoResult:
     integer_agreement: dict[str, int] = field(default_factory=dict)
     tvm_bit_exact: bool | None = None
     tvm_note: str = ""
+    tvm_kernels: Sequence[KernelRow] = ()
     onnx_max_lsb: int | None = None
     onnx_note: str = ""
     latencies: Sequence[Latency] = ()
@@ -114,6 +135,20 @@ def layer_rows(rows: Iterable[Any]) -> list[LayerRow]:
                      in_total=int(r.in_total), out_kept=float(r.out_kept),
                      out_total=int(r.out_total), bops_fp32=float(r.macs_fp) * 32 * 32,
                      bops=float(r.bops)) for r in rows]
+
+
+def kernel_rows(records: Iterable[Any]) -> list[KernelRow]:
+    """:class:`KernelRow` s from a TVM build's per-layer kernel records (``compiled.kernels``:
+    objects with ``layer``, ``op``, ``variant``, ``macs`` and ``bound``/``note``); attributes a
+    record lacks are left empty."""
+    rows = []
+    for rec in records:
+        variant = str(getattr(rec, "variant", "?"))
+        why = getattr(rec, "note" if variant == "default" else "bound", "") or ""
+        rows.append(KernelRow(layer=str(getattr(rec, "layer", "?")),
+                              op=str(getattr(rec, "op", "")), kernel=variant,
+                              macs=int(getattr(rec, "macs", 0) or 0), reason=str(why)))
+    return rows
 
 
 # ----------------------------------------------------------------------------------- markdown
@@ -150,6 +185,22 @@ def _latency_table(latencies: Sequence[Latency]) -> list[str]:
         ms = "—" if lat.median_ms is None else f"{lat.median_ms:.3f}"
         lines.append(f"| {lat.executor} | {lat.batch} | {ms} | {lat.runs} | {lat.note} |")
     return lines
+
+
+def _kernel_table(kernels: Sequence[KernelRow]) -> list[str]:
+    lines = ["| layer | op | TVM kernel | MMACs | exact because / why the default |",
+             "|---|---|---|---:|---|"]
+    lines += [f"| {k.layer} | {k.op} | {k.kernel} | {k.macs / 1e6:.2f} | {k.reason} |"
+              for k in kernels]
+    return lines + ["", _kernel_share(kernels)]
+
+
+def _kernel_share(kernels: Sequence[KernelRow]) -> str:
+    total = sum(k.macs for k in kernels) or 1
+    written = [k for k in kernels if k.kernel != "default"]
+    return (f"{len(written)} of {len(kernels)} layers, "
+            f"{100 * sum(k.macs for k in written) / total:.1f} % of the MACs, run in written "
+            "kernels; the rest in TVM's default lowering")
 
 
 def _agreement_lines(result: DemoResult) -> list[str]:
@@ -214,6 +265,12 @@ def render_markdown(result: DemoResult) -> str:
               "Median wall-clock time per call after warm-up. **Caveat:** measured on a shared "
               "machine under other load; treat these as rough, relative numbers.", ""]
     lines += _latency_table(result.latencies)
+    if result.tvm_kernels:
+        lines += ["", "## TVM kernel per layer", "",
+                  "The kernel the TVM build selected for each integer conv/linear layer (the "
+                  "fastest variant that is provably exact for the layer's bit-widths on this "
+                  "target).", ""]
+        lines += _kernel_table(result.tvm_kernels)
     lines += ["", "## Files", ""]
     lines += [f"- {k}: `{v}`" for k, v in result.artifacts.items()]
     lines += [f"- plot: `{name}`" for name in PLOTS.values()]
@@ -228,6 +285,8 @@ def summary(result: DemoResult) -> str:
              f"{_num(result.integer_gbops)} GBOPs"
              + ("" if red is None else f" ({red:.1f}x fewer BOPs)")]
     lines += [line[2:] for line in _agreement_lines(result)]
+    if result.tvm_kernels:
+        lines.append("TVM kernels: " + _kernel_share(result.tvm_kernels))
     for lat in result.latencies:
         if lat.median_ms is not None:
             lines.append(f"latency {lat.executor} batch {lat.batch}: {lat.median_ms:.3f} ms")

@@ -10,8 +10,10 @@ import pytest
 from djpq_compiler.report import (
     PLOTS,
     DemoResult,
+    KernelRow,
     Latency,
     LayerRow,
+    kernel_rows,
     layer_rows,
     render_markdown,
     summary,
@@ -111,3 +113,30 @@ def test_layer_rows_from_bops_rows() -> None:
 @pytest.mark.parametrize("changes", [{"integer_gbops": 0.0}])
 def test_zero_bops_reduction_is_not_measured(changes: dict[str, object]) -> None:
     assert _result(**changes).reduction is None
+
+
+def test_kernel_rows_from_build_records() -> None:
+    """The TVM build's per-layer records (``compiled.kernels``) become report rows: the bound
+    for a written kernel, the reason for the default one; missing attributes stay empty."""
+    records = [SimpleNamespace(layer="conv1", op="conv2d", variant="avx2_u8s8_p4",
+                               bound="2*4*255*8 <= 32767", note="", macs=3_000_000),
+               SimpleNamespace(layer="fc", op="linear", variant="default", bound="",
+                               note="signed activations", macs=1_000_000),
+               SimpleNamespace(layer="odd", variant="avx2_s16")]
+    assert kernel_rows(records) == [
+        KernelRow("conv1", "conv2d", "avx2_u8s8_p4", 3_000_000, "2*4*255*8 <= 32767"),
+        KernelRow("fc", "linear", "default", 1_000_000, "signed activations"),
+        KernelRow("odd", "", "avx2_s16", 0, "")]
+
+
+def test_kernel_table_only_when_the_build_recorded_kernels() -> None:
+    assert "TVM kernel per layer" not in render_markdown(_result())
+    assert "TVM kernels" not in summary(_result())
+    kernels = (KernelRow("features.0", "conv2d", "avx2_u8s8_p4", 3_000_000, "P=4 bound"),
+               KernelRow("fc2", "linear", "default", 1_000_000, "float island"))
+    text = render_markdown(_result(tvm_kernels=kernels))
+    assert "## TVM kernel per layer" in text
+    assert "| features.0 | conv2d | avx2_u8s8_p4 | 3.00 | P=4 bound |" in text
+    assert "| fc2 | linear | default | 1.00 | float island |" in text
+    assert "1 of 2 layers, 75.0 % of the MACs, run in written kernels" in text
+    assert "TVM kernels: 1 of 2 layers, 75.0 %" in summary(_result(tvm_kernels=kernels))

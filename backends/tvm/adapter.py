@@ -8,8 +8,13 @@ only. ``import tvm`` is slow (~3 s) and imports torch, so it happens lazily, on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,19 +22,31 @@ import numpy as np
 from djpq_compiler.errors import BackendError, MissingExtraError
 
 __all__ = [
+    "TVM_LOG_NOISE",
     "TVM_VERSION",
     "Builder",
     "compile_module",
+    "call_tir_count",
     "cuda_source",
     "export_library",
+    "fuse_module",
     "load_tvm",
     "make_target",
     "make_vm",
+    "quiet_tvm_log",
     "run_vm",
+    "schedule_elementwise",
 ]
 
 #: The TVM release this backend is written and tested against (pyproject's ``tvm`` extra).
 TVM_VERSION = "0.27.0"
+
+#: Lines of TVM's C++ runtime log that say nothing to a user of this backend and are dropped by
+#: :func:`quiet_tvm_log`. ``Scope Saving``: TVM 0.27's ``VMExecutable`` logs one warning per
+#: memory scope each time an executable is serialized (every ``export_library``).
+TVM_LOG_NOISE: tuple[str, ...] = ("Warning: Scope Saving:",)
+
+_STDERR_LOCK = threading.RLock()
 
 
 @functools.cache
@@ -185,15 +202,172 @@ class Builder:
         return self._emit(self._op.strided_slice(x, axes, begin, end, strides))
 
 
-def compile_module(mod: Any, target: Any) -> Any:
-    """``tvm.compile`` a Relax IRModule to a VM executable."""
-    return load_tvm().compile(mod, target=target)
+@contextlib.contextmanager
+def quiet_tvm_log(noise: Sequence[str] = TVM_LOG_NOISE) -> Iterator[None]:
+    """Drop TVM's known-noise log lines, keep everything else it writes to stderr.
+
+    TVM's C++ ``LOG(...)`` writes straight to file descriptor 2, below Python's ``sys.stderr``,
+    so the descriptor is pointed at a temporary file while the block runs; afterwards every
+    captured line that contains none of ``noise`` is written back to the real stderr (warnings
+    and errors stay visible, in order, just after the block). Without a usable descriptor 2 the
+    block runs unfiltered.
+    """
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):
+            yield
+            return
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                lines = tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+                kept = "".join(line for line in lines if not any(n in line for n in noise))
+                if kept:
+                    os.write(2, kept.encode())
+
+
+#: Relax passes run by :func:`fuse_module`, in order (the legalize stage of TVM's CPU pipeline).
+FUSION_PASSES: tuple[str, ...] = (
+    "LegalizeOps", "AnnotateTIROpPattern", "FoldConstant", "FuseOps", "FuseTIR")
+
+
+def fuse_module(mod: Any, target: Any, passes: Sequence[str] = FUSION_PASSES) -> Any:
+    """Legalize a Relax IRModule and fuse its elementwise chains into single PrimFuncs.
+
+    ``tvm.compile``'s default pipeline for CPU targets legalizes every Relax op to its own
+    PrimFunc and runs them one loop nest each (an int64 requantization is ~6 of them); this runs
+    ``passes`` (:data:`FUSION_PASSES`, names in ``relax.transform``) first, so each chain of
+    injective ops becomes one PrimFunc.
+    The written kernels are ``op_pattern`` 8 (opaque), so ``FuseOps`` leaves their ``call_tir``
+    and their scheduled PrimFuncs as they are. Integer ops only change order of evaluation per
+    element, never the arithmetic, so the result stays bit-exact.
+    """
+    tvm = load_tvm()
+    seq = tvm.transform.Sequential([getattr(tvm.relax.transform, name)()
+                                    for name in passes])
+    with target:
+        return seq(mod)
+
+
+#: Elements of a fused loop nest below which :func:`schedule_elementwise` does not parallelize
+#: it (a thread-pool launch costs more than such a loop).
+PARALLEL_MIN_ELEMENTS = 1 << 14
+
+
+def _integer_only(sch: Any, blocks: list[Any]) -> bool:
+    for info in blocks:
+        block = sch.get(info.block_rv)
+        regions = list(block.reads) + list(block.writes)
+        if any(not str(r.source.dtype).startswith(("int", "uint", "bool")) for r in regions):
+            return False
+    return True
+
+
+def _schedule_loops(sch: Any, block: Any) -> None:
+    """Fuse a spatial block's loops, vectorize the innermost 16/8/4 and parallelize the rest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = int(sch.get(fused).extent)
+    lanes = next((v for v in (16, 8, 4) if extent % v == 0 and extent > v), 0)
+    if lanes:
+        outer, inner = sch.split(fused, factors=[None, lanes])
+        sch.vectorize(inner)
+    else:
+        outer = fused
+    if extent >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
+
+
+def _cpu_elementwise_rule() -> Any:
+    """A dlight rule for the fused integer elementwise PrimFuncs of a CPU build.
+
+    Inlines every block that can be inlined (one loop nest per fused chain instead of one per
+    op, no intermediate buffers), then vectorizes and parallelizes each remaining spatial block.
+    Only PrimFuncs whose every buffer is an integer one: integer arithmetic is the same however
+    the expressions are nested, while inlining float ops lets LLVM contract ``a * b + c`` into an
+    FMA (a different rounding). Reductions and anything it cannot normalize are left alone.
+    """
+    load_tvm()
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+
+    class CpuElementwise(ScheduleRule):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            sch = s_tir.Schedule(func)
+            blocks = normalize_prim_func(sch)
+            if not blocks or not _integer_only(sch, blocks):
+                return None
+            if not all(b.is_injective() for b in blocks):
+                return None
+            for info in try_inline(sch, blocks):
+                _schedule_loops(sch, info.block_rv)
+            return sch
+
+    return CpuElementwise()
+
+
+def schedule_elementwise(mod: Any, target: Any) -> Any:
+    """Apply :func:`_cpu_elementwise_rule` to the unscheduled PrimFuncs of ``mod`` (CPU targets;
+    the written kernels carry ``tirx.is_scheduled`` and are skipped)."""
+    load_tvm()
+    from tvm.s_tir import dlight
+
+    with target:
+        return dlight.ApplyDefaultSchedule(_cpu_elementwise_rule())(mod)
+
+
+def compile_module(mod: Any, target: Any, fuse: bool = True, schedule: bool = True) -> Any:
+    """``tvm.compile`` a Relax IRModule to a VM executable.
+
+    With ``fuse``, :func:`fuse_module` runs first; with ``schedule`` too and a CPU (``llvm``)
+    target, :func:`schedule_elementwise` then schedules the fused elementwise PrimFuncs (GPU
+    targets get dlight's GPU rules from ``tvm.compile``'s own pipeline).
+    """
+    with quiet_tvm_log():
+        if fuse:
+            mod = fuse_module(mod, target)
+            if schedule and str(target.kind.name) == "llvm":
+                mod = schedule_elementwise(mod, target)
+        return load_tvm().compile(mod, target=target)
+
+
+def call_tir_count(mod: Any, func: str = "main") -> int:
+    """How many ``call_tir`` bindings Relax function ``func`` of ``mod`` has."""
+    tvm = load_tvm()
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found: list[int] = []
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, tvm.relax.Call) and expr.op.same_as(call_tir):
+            found.append(1)
+
+    tvm.relax.analysis.post_order_visit(mod[func], visit)
+    return len(found)
 
 
 def make_vm(executable: Any) -> Any:
-    """A Relax VM for a host (CPU) executable (create once, call :func:`run_vm` many times)."""
+    """A Relax VM for a host (CPU) executable (create once, call :func:`run_vm` many times).
+
+    Creating it JIT-compiles the executable's LLVM module to machine code (the VM looks up every
+    kernel): for a large net this costs as much as ``tvm.compile`` itself, once per executable.
+    """
     tvm = load_tvm()
-    return tvm.relax.VirtualMachine(executable, tvm.cpu())
+    with quiet_tvm_log():
+        return tvm.relax.VirtualMachine(executable, tvm.cpu())
 
 
 def run_vm(vm: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -208,11 +382,12 @@ def run_vm(vm: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 def export_library(executable: Any, path: str, cross_compiler: str | None = None) -> None:
     """Write ``path``: a ``.so`` linked by ``cross_compiler`` (or the host cc), or a ``.tar``."""
     tvm = load_tvm()
-    if cross_compiler is None:
-        executable.export_library(path)
-        return
-    fcompile = tvm.support.cc.cross_compiler(cross_compiler)
-    executable.export_library(path, fcompile=fcompile)
+    with quiet_tvm_log():
+        if cross_compiler is None:
+            executable.export_library(path)
+            return
+        fcompile = tvm.support.cc.cross_compiler(cross_compiler)
+        executable.export_library(path, fcompile=fcompile)
 
 
 def cuda_source(executable: Any) -> str:

@@ -1,47 +1,46 @@
-"""Inference latency of DJPQ-compressed models: PyTorch FP32 vs TVM (untuned, tuned) vs onnxruntime.
+"""End-to-end latency of DJPQ-trained models: PyTorch FP32 (original) vs TVM vs onnxruntime.
 
-For every model and batch size all backends are built first, then timed *interleaved*: after
+For every model, the TVM library is built for each batch size and the ONNX file exported once;
+then for every thread count and batch size the three backends are timed *interleaved*: after
 ``--warmup`` calls each, round ``r`` of ``--runs`` calls every backend once (the order rotates
 from round to round), so a change in machine load hits all backends alike. Medians are
 reported, with the ratio ``PyTorch FP32 ms / backend ms`` (> 1: faster than FP32 eager).
 
-Backends (all with ``--threads`` threads):
+Backends (all at the same thread count):
   * ``torch_fp32``: PyTorch eager of the ORIGINAL (unpruned, float) model,
-    ``torch.set_num_threads(threads)``, ``torch.inference_mode``.
-  * ``tvm_untuned``: ``backends.tvm.build(converted, "x86")`` with TVM's default schedules.
-  * ``tvm_tuned``: ``backends.tvm.tune(converted, "x86", trials=--trials)`` into a fresh
-    meta_schedule database, then ``build(..., work_dir=...)`` (only models in ``--tune-models``).
-  * ``onnxruntime``: the QDQ ONNX file of the same converted model
-    (``backends.onnx.export``, dynamic batch), ``CPUExecutionProvider``,
-    ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, default graph optimizations.
+    ``torch.set_num_threads``, ``torch.inference_mode``.
+  * ``tvm``: ``backends.tvm.build(converted, "x86")`` (the written integer kernels where the
+    build selects them, TVM's default schedules elsewhere; the kernel each layer got is printed
+    and recorded when the build exposes ``CompiledModel.kernels``), timed through its persistent
+    Relax VM on a numpy input; TVM's thread pool is reconfigured per thread count
+    (``runtime.config_threadpool``).
+  * ``onnxruntime``: the QDQ ONNX file of the same converted model (``backends.onnx.export``,
+    dynamic batch), ``CPUExecutionProvider``, one session per thread count,
+    ``inter_op_num_threads=1``, default graph optimizations.
   Thread pools do not spin (``TVM_THREAD_POOL_SPIN_COUNT=0``, ``OMP_WAIT_POLICY=PASSIVE``,
   onnxruntime ``session.intra_op.allow_spinning=0``), so interleaved backends do not steal each
-  other's cores. TVM is timed through a persistent Relax VM (input array -> VM -> numpy output,
-  like an onnxruntime ``session.run`` on a numpy feed); ``TVM_NUM_THREADS`` is set before TVM loads.
-  The integer reference executor (the converted GraphModule run by PyTorch) is a correctness
-  oracle, not a deployment backend, and is not timed.
+  other's cores. TVM output is checked bit-exact against the integer reference executor (the
+  converted GraphModule in PyTorch), onnxruntime's max |difference| from it is recorded.
 
-Models (the compressed model is a deterministic stand-in, not a trained DJPQ result):
-  * Fashion-MNIST zoo nets (committed FP32 checkpoints, ``zoo.load_pretrained``), 1x28x28:
-    ``prepare`` with W4A8 (first and last layer W8A8, ``fix_first_last_8bit``), calibrated on
-    random inputs, and ``--close`` (default 45 %) of the channels of every gate group closed
-    (seeded ``randperm``; at least one channel kept), then ``convert``.
-  * ``resnet18``: torchvision resnet18 (random init: no ImageNet weights offline), 3x224x224;
-    a prepared copy with half of every prunable group closed gives a ``CompressionPlan`` that is
-    saved, loaded and replayed with ``apply_plan`` on the original model; ``apply_plan`` only
-    carries the structure, so the pruned float model is prepared again with ``prune=False`` and
-    one fixed-bit ``Override`` per layer taken from the plan's ``layers`` (W4A8, first/last
-    W8A8), then converted.
+Models:
+  * ``vgg7``, ``resnet20``, ``mobilenetv2`` (Fashion-MNIST, 1x28x28): DJPQ-trained prepared
+    states committed in ``benchmarks/latency/models/`` (``train_models.py`` made them; their
+    JSON says how), ``convert``-ed here; FP32 is the committed zoo checkpoint they started from.
+  * ``resnet18`` (3x224x224): torchvision resnet18, random init (no ImageNet weights offline;
+    latency does not depend on weight values), ``prepare`` at W4A8 (first conv and fc W8A8), half
+    of every gate group closed (seeded), ``convert``.
 
 Usage:
-  python benchmarks/latency/run.py --models resnet20,vgg7,mobilenetv2,resnet18 --batches 1,32 \
-      --runs 20 --threads 2 --trials 64 --out benchmarks/latency
+  python benchmarks/latency/run.py --models vgg7,resnet20,mobilenetv2,resnet18 --batches 1,32 \
+      --threads 1,2 --runs 10 --out benchmarks/latency
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -51,48 +50,38 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FMNIST = ("resnet20", "vgg7", "mobilenetv2", "inception")
-BACKENDS = ("torch_fp32", "tvm_untuned", "tvm_tuned", "onnxruntime")
-LABELS = {"torch_fp32": "PyTorch FP32 eager (original)", "tvm_untuned": "TVM untuned",
-          "tvm_tuned": "TVM tuned", "onnxruntime": "onnxruntime QDQ"}
+HERE = Path(__file__).resolve().parent
+TRAINED = ("vgg7", "resnet20", "mobilenetv2")
+BACKENDS = ("torch_fp32", "tvm", "onnxruntime")
+LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="resnet20,vgg7,mobilenetv2,resnet18")
+    ap.add_argument("--models", default="vgg7,resnet20,mobilenetv2,resnet18")
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--runs", type=int, default=20, help="timed runs per backend (median)")
+    ap.add_argument("--threads", default="1,2", help="thread counts, each timed separately")
+    ap.add_argument("--runs", type=int, default=10, help="timed rounds per cell (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per backend first")
-    ap.add_argument("--max-seconds", type=float, default=90.0,
-                    help="stop the timed rounds of one (model, batch) after this long "
-                         "(at least 3 rounds); the runs actually done are recorded")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--trials", type=int, default=64,
-                    help="meta_schedule trials per (model, batch); 0 = no tuned TVM")
-    ap.add_argument("--tune-models", default="vgg7",
-                    help="models to tune (each pruned kernel shape is its own task: ~1 min per "
-                         "task on a loaded 2-core host, so resnet20/resnet18 take too long)")
-    ap.add_argument("--tune-batches", default="1", help="batch sizes to tune")
-    ap.add_argument("--close", type=float, default=0.45,
-                    help="fraction of every gate group closed in the zoo stand-ins")
-    ap.add_argument("--profile", action="store_true", default=True,
-                    help="per-kernel TVM profile and onnxruntime per-op profile at batch 1")
-    ap.add_argument("--no-profile", dest="profile", action="store_false")
-    ap.add_argument("--out", default="benchmarks/latency")
+    ap.add_argument("--max-seconds", type=float, default=40.0,
+                    help="stop the timed rounds of one cell after this long (at least 3 rounds)")
+    ap.add_argument("--models-dir", default=str(HERE / "models"),
+                    help="where the trained states (NAME.pt + NAME.json) are")
+    ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:  # thread pools read these when the libraries load
+    _most = str(max(int(t) for t in ARGS.threads.split(",")))
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(ARGS.threads)
-    # No busy-waiting thread pools: interleaved backends (and other tenants of a shared host)
-    # would otherwise burn each other's cores between calls.
+        os.environ[var] = _most
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -103,9 +92,8 @@ from torch import nn  # noqa: E402
 
 import djpq_compiler as djpq  # noqa: E402
 from djpq_compiler import zoo  # noqa: E402
-from djpq_compiler.config import DJPQConfig, Override, QuantSpec  # noqa: E402
+from djpq_compiler.config import DJPQConfig, QuantSpec  # noqa: E402
 from djpq_compiler.convert import convert  # noqa: E402
-from djpq_compiler.plan import CompressionPlan, apply_plan, plan_from  # noqa: E402
 from djpq_compiler.prepared import gates  # noqa: E402
 
 
@@ -113,18 +101,17 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-W4A8 = dict(weight=QuantSpec(bits=4), activation=QuantSpec(bits=8), fix_first_last_8bit=True)
+def _train_models_module() -> Any:
+    """``train_models.py`` of this folder (a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location("latency_train_models",
+                                                  HERE / "train_models.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def close_gates(prepared: nn.Module, fraction: float, seed: int) -> None:
-    """Close ``floor(fraction * size)`` seeded-random channels of every gate group."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, gate in gates(prepared):
-            n = gate.mu.numel()
-            k = min(int(fraction * n), n - 1)
-            gate.mu[torch.randperm(n, generator=gen)[:k]] = 1e-3
-
+# -------------------------------------------------------------------------------------- models
 
 def kept_summary(converted: nn.Module, original: nn.Module) -> dict[str, int]:
     def chans(m: nn.Module) -> int:
@@ -135,51 +122,57 @@ def kept_summary(converted: nn.Module, original: nn.Module) -> dict[str, int]:
             "conv_out_channels_original": chans(original)}
 
 
-def zoo_model(name: str, close: float, seed: int) -> dict[str, Any]:
-    torch.manual_seed(seed)
+def bits_summary(converted: nn.Module) -> dict[str, int]:
+    """How many conv/linear layers have each ``W{b_w}A{b_a}``."""
+    rows = djpq.bops(converted).rows
+    return dict(sorted(Counter(f"W{r.b_w}A{r.b_a}" for r in rows).items()))
+
+
+def trained_model(name: str, models_dir: Path) -> dict[str, Any]:
+    meta = json.loads((models_dir / f"{name}.json").read_text())
+    prepared = _train_models_module().load_prepared(name, models_dir)
+    converted = convert(prepared)
     model = zoo.load_pretrained(name).eval()
-    calib = [torch.randn(32, 1, 28, 28) for _ in range(2)]
-    prepared = djpq.prepare(model, calib[0], DJPQConfig(**W4A8), calibration_data=calib)
-    close_gates(prepared, close, seed)
-    converted = convert(prepared.eval())
+    x = torch.zeros(1, 1, 28, 28)
     return {"model": model, "converted": converted, "shape": (1, 28, 28),
-            "gbops_fp32": djpq.bops(model, calib[0][:1]).gbops,
-            "gbops_compressed": djpq.bops(converted).gbops,
-            "how": f"zoo FP32 checkpoint; prepare W4A8 (first/last W8A8); {close:.0%} of every "
-                   "gate group closed (seeded); convert",
-            **kept_summary(converted, model)}
+            "gbops_fp32": djpq.bops(model, x).gbops, "gbops_compressed": djpq.bops(converted).gbops,
+            "integer_acc": meta.get("integer_acc"), "fp32_acc": meta.get("fp32_acc"),
+            "how": f"committed DJPQ-trained state models/{name}.pt ({meta['recipe']})",
+            "bits": bits_summary(converted), **kept_summary(converted, model)}
 
 
-def resnet18_from_plan(work: Path, seed: int) -> dict[str, Any]:
+def resnet18_pruned(seed: int) -> dict[str, Any]:
     import torchvision
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(2, 3, 224, 224)
-    prepared = djpq.prepare(model, x, DJPQConfig(**W4A8))
-    close_gates(prepared, 0.5, seed)
-    plan_path = plan_from(prepared.eval()).save(work / "resnet18_plan.json")
-    plan = CompressionPlan.load(plan_path)
-    pruned = apply_plan(model, x, plan)
-    overrides = tuple(
-        Override(name, weight=QuantSpec(bits=int(b["w_bits"]), learn_bits=False),
-                 activation=QuantSpec(bits=int(b["a_bits"]), learn_bits=False))
-        for name, b in plan.layers.items())
-    cfg = DJPQConfig(**W4A8, prune=False, overrides=overrides)
-    converted = convert(djpq.prepare(pruned, x, cfg).eval())
-    bits = sorted({(int(b["w_bits"]), int(b["a_bits"])) for b in plan.layers.values()})
-    kept = sum(len(v) for v in plan.keep.values()) / sum(plan.groups.values())
+    config = DJPQConfig(weight=QuantSpec(bits=4), activation=QuantSpec(bits=8),
+                        fix_first_last_8bit=True)
+    prepared = djpq.prepare(model, x, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, gate in gates(prepared):
+            n = gate.mu.numel()
+            gate.mu[torch.randperm(n, generator=gen)[:min(n // 2, n - 1)]] = 1e-3
+    converted = convert(prepared.eval())
     return {"model": model, "converted": converted, "shape": (3, 224, 224),
             "gbops_fp32": djpq.bops(model, x[:1]).gbops,
             "gbops_compressed": djpq.bops(converted).gbops,
-            "plan_hash": plan.hash, "plan_bits_wa": bits, "plan_kept_fraction": kept,
-            "how": "torchvision resnet18 (random init); CompressionPlan with 50 % of every group "
-                   "closed -> save/load -> apply_plan -> prepare(prune=False, per-layer fixed "
-                   "bits from plan.layers: W4A8, first/last W8A8) -> convert",
-            **kept_summary(converted, model)}
+            "how": "torchvision resnet18 (random init), prepare W4A8 (first conv/fc W8A8), 50 % "
+                   "of every gate group closed (seeded), convert",
+            "bits": bits_summary(converted), **kept_summary(converted, model)}
 
 
 # ------------------------------------------------------------------------------------ backends
+
+def set_tvm_threads(n: int) -> int:
+    """Reconfigure TVM's CPU thread pool to ``n`` threads; returns what TVM reports."""
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
 
 def tvm_runner(compiled: Any, x: torch.Tensor) -> Callable[[], Any]:
     import tvm
@@ -195,44 +188,29 @@ def tvm_runner(compiled: Any, x: torch.Tensor) -> Callable[[], Any]:
     return run
 
 
-def tvm_profile(compiled: Any, x: torch.Tensor, top: int = 8) -> dict[str, Any]:
-    """Per-kernel times of one VM run (``profile=True``): conv/matmul kernels vs the rest."""
-    import csv
-    import io
-
-    import tvm
-
-    dev = tvm.cpu()
-    vm = tvm.relax.VirtualMachine(compiled.executable, dev, profile=True)
-    inp = tvm.runtime.tensor(x.numpy(), dev)
-    vm["main"](inp)
-    report = vm.profile("main", inp)
-    rows = list(csv.DictReader(io.StringIO(report.csv())))
-    kernels: dict[str, float] = {}
-    for row in rows:
-        name = row.get("Name", "")
-        dur = row.get("Duration (us)", "0").replace(",", "")
-        try:
-            kernels[name] = kernels.get(name, 0.0) + float(dur)
-        except ValueError:
-            continue
-    total = sum(kernels.values())
-
-    def kind(name: str) -> str:
-        n = name.lower()
-        if "conv" in n or "matmul" in n or "dense" in n:
-            return "conv/matmul (incl. fused requantize)"
-        if "vm." in n or "builtin" in n or "alloc" in n:
-            return "VM/alloc"
-        return "other (requantize/add/pool/cast islands)"
-    shares: dict[str, float] = {}
-    for name, us in kernels.items():
-        shares[kind(name)] = shares.get(kind(name), 0.0) + us
-    return {"total_us": total, "share": {k: v / total for k, v in shares.items()} if total else {},
-            "top": sorted(([k, v] for k, v in kernels.items()), key=lambda r: -r[1])[:top]}
+def kernel_records(compiled: Any) -> list[Any]:
+    """The per-layer kernel records of a build, when it exposes them (``compiled.kernels``)."""
+    out = []
+    for k in getattr(compiled, "kernels", None) or ():
+        out.append(dataclasses.asdict(k) if dataclasses.is_dataclass(k)
+                   and not isinstance(k, type) else str(k))
+    return out
 
 
-def ort_session(path: Path, threads: int, profile_prefix: str | None = None) -> Any:
+def print_kernels(name: str, compiled: Any, records: list[Any]) -> None:
+    if not records:
+        say(f"   {name}: the build exposes no per-layer kernel records (TVM default lowering)")
+        return
+    report = getattr(compiled, "kernel_report", None)
+    say(f"   {name}: kernel per layer")
+    if callable(report):
+        print(report(), flush=True)
+    else:
+        for r in records:
+            print(f"     {r}", flush=True)
+
+
+def ort_session(path: Path, threads: int) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -240,29 +218,7 @@ def ort_session(path: Path, threads: int, profile_prefix: str | None = None) -> 
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_profile(path: Path, x: torch.Tensor, threads: int, work: Path,
-                runs: int = 5) -> dict[str, Any]:
-    """onnxruntime per-op-type time share over a few runs, and which kernels ran."""
-    sess = ort_session(path, threads, str(work / "ort_profile"))
-    feed = {sess.get_inputs()[0].name: x.numpy()}
-    for _ in range(runs + 1):
-        sess.run(None, feed)
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    by_type: dict[str, float] = {}
-    for ev in events:
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            op = ev.get("args", {}).get("op_name", "?")
-            by_type[op] = by_type.get(op, 0.0) + float(ev.get("dur", 0))
-    total = sum(by_type.values())
-    return {"total_us": total / max(1, runs + 1),
-            "share": {k: v / total for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])}
-            if total else {}}
 
 
 def timed_rounds(fns: dict[str, Callable[[], Any]], runs: int, warmup: int,
@@ -285,82 +241,81 @@ def timed_rounds(fns: dict[str, Callable[[], Any]], runs: int, warmup: int,
     return times
 
 
-def bench_model(name: str, args: argparse.Namespace, work: Path,
-                batches: list[int]) -> dict[str, Any]:
-    from djpq_compiler.backends import onnx as onnx_backend
+def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tensor,
+              rec: dict[str, Any]) -> Callable[[], Any] | None:
+    """Build, check bit-exactness, record build times and kernels; None when TVM fails."""
     from djpq_compiler.backends import tvm as tvm_backend
 
-    say(f"== {name}: building the compressed model")
-    t0 = time.perf_counter()
-    info = (resnet18_from_plan(work, args.seed) if name == "resnet18"
-            else zoo_model(name, args.close, args.seed))
+    b = str(x.shape[0])
+    try:
+        t0 = time.perf_counter()
+        compiled = tvm_backend.build(converted, "x86", example_inputs=(x,))
+        rec["build_s"][b] = round(time.perf_counter() - t0, 1)
+        rec["load_s"][b] = round(getattr(compiled, "load_seconds", 0.0), 1)
+        rec["tvm_bit_exact"][b] = bool(torch.equal(compiled(x), ref))
+        records = kernel_records(compiled)
+        if b == "1":
+            rec["kernels"] = records
+            print_kernels(name, compiled, records)
+        rec["kernel_variants"][b] = dict(Counter(
+            r.get("variant", "?") if isinstance(r, dict) else "?" for r in records))
+        return tvm_runner(compiled, x)
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        rec["errors"][f"tvm_b{b}"] = msg
+        say(f"   TVM failed for {name} batch {b}: {msg}")
+        if not isinstance(exc, djpq.DjpqError):
+            traceback.print_exc()
+        return None
+
+
+def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from djpq_compiler.backends import onnx as onnx_backend
+
+    say(f"== {name}: loading / converting")
+    info = (resnet18_pruned(args.seed) if name == "resnet18"
+            else trained_model(name, Path(args.models_dir)))
     model, converted, shape = info.pop("model"), info.pop("converted"), info.pop("shape")
     rec: dict[str, Any] = {"model": name, "input": list(shape), **info,
                            "float_islands": list(converted.meta.get("djpq.float_ops", ())),
-                           "prepare_convert_s": round(time.perf_counter() - t0, 1),
-                           "batches": {}, "notes": []}
-    onnx_path = onnx_backend.export(converted, work / f"{name}.onnx",
-                                    (torch.randn(1, *shape),))
+                           "build_s": {}, "load_s": {}, "tvm_bit_exact": {},
+                           "kernel_variants": {}, "ort_max_abs_diff": {}, "errors": {},
+                           "cells": []}
+    batches = [int(b) for b in args.batches.split(",")]
+    xs = {b: torch.randn(b, *shape, generator=torch.Generator().manual_seed(args.seed + b))
+          for b in batches}
+    with torch.no_grad():
+        refs = {b: converted(x) for b, x in xs.items()}
+    tvm_fns = {b: build_tvm(name, converted, x, refs[b], rec) for b, x in xs.items()}
+    onnx_path = onnx_backend.export(converted, work / f"{name}.onnx", (xs[batches[0]],))
     rec["onnx_bytes"] = onnx_path.stat().st_size
-    session = ort_session(onnx_path, args.threads)
-    in_name = session.get_inputs()[0].name
-    tune_model = args.trials > 0 and name in args.tune_models.split(",")
-    for b in batches:
-        gen = torch.Generator().manual_seed(args.seed + b)
-        x = torch.randn(b, *shape, generator=gen)
-        fns: dict[str, Callable[[], Any]] = {"torch_fp32": lambda m=model, x=x: m(x)}
-        brec: dict[str, Any] = {"build_s": {}, "errors": {}}
-        try:
-            compiled = tvm_backend.build(converted, "x86", example_inputs=(x,))
-            brec["build_s"]["tvm_untuned"] = round(compiled.compile_seconds, 1)
-            with torch.no_grad():
-                ref = converted(x)
-            brec["tvm_bit_exact"] = bool(torch.equal(compiled(x), ref))
-            fns["tvm_untuned"] = tvm_runner(compiled, x)
-            if tune_model and str(b) in args.tune_batches.split(","):
-                tdir = work / f"tuning_{name}_b{b}"
-                say(f"   tuning {name} batch {b}: {args.trials} trials")
-                rep = tvm_backend.tune(converted, "x86", (x,), trials=args.trials,
-                                       work_dir=tdir, seed=args.seed,
-                                       on_log=lambda line: say("     " + line))
-                tuned = tvm_backend.build(converted, "x86", example_inputs=(x,), work_dir=tdir)
-                brec["tune"] = {"trials": args.trials, "tasks": len(rep.tasks),
-                                "records": rep.records, "seconds": round(rep.seconds, 1),
-                                "tuned_kernels": list(tuned.tuned_kernels or ())}
-                brec["tvm_tuned_bit_exact"] = bool(torch.equal(tuned(x), ref))
-                fns["tvm_tuned"] = tvm_runner(tuned, x)
-            if args.profile and b == batches[0]:
-                try:
-                    brec["tvm_profile_untuned"] = tvm_profile(compiled, x)
-                except Exception as exc:  # profiling is a bonus
-                    brec["tvm_profile_untuned"] = {"error": f"{type(exc).__name__}: {exc}"}
-        except Exception as exc:
-            msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
-            brec["errors"]["tvm"] = msg
-            say(f"   TVM failed for {name}: {msg}")
-            if not isinstance(exc, djpq.DjpqError):
-                traceback.print_exc()
-        feed = {in_name: x.numpy()}
-        fns["onnxruntime"] = lambda s=session, f=feed: s.run(None, f)
-        if args.profile and b == batches[0]:
-            try:
-                brec["ort_profile"] = ort_profile(onnx_path, x, args.threads, work)
-            except Exception as exc:  # profiling is a bonus
-                brec["ort_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
-        load0 = os.getloadavg()
-        say(f"   timing {name} batch {b}: {', '.join(fns)} (load {load0[0]:.2f})")
-        times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds)
-        med = {k: statistics.median(v) for k, v in times.items() if v}
-        brec.update({
-            "runs": {k: len(v) for k, v in times.items()},
-            "median_ms": med,
-            "min_ms": {k: min(v) for k, v in times.items() if v},
-            "iqr_ms": {k: (float(np.percentile(v, 75)) - float(np.percentile(v, 25)))
-                       for k, v in times.items() if v},
-            "speedup_vs_torch_fp32": {k: med["torch_fp32"] / v for k, v in med.items()},
-            "loadavg_before": load0[0], "loadavg_after": os.getloadavg()[0]})
-        rec["batches"][str(b)] = brec
-        say("   " + "  ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        tvm_threads = set_tvm_threads(threads)
+        session = ort_session(onnx_path, threads)
+        in_name = session.get_inputs()[0].name
+        for b, x in xs.items():
+            feed = {in_name: x.numpy()}
+            diff = np.abs(session.run(None, feed)[0] - refs[b].numpy()).max()
+            rec["ort_max_abs_diff"][str(b)] = float(diff)
+            fns: dict[str, Callable[[], Any]] = {"torch_fp32": lambda m=model, x=x: m(x)}
+            if tvm_fns[b] is not None:
+                fns["tvm"] = tvm_fns[b]  # type: ignore[assignment]
+            fns["onnxruntime"] = lambda s=session, f=feed: s.run(None, f)
+            load0 = os.getloadavg()[0]
+            times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds)
+            med = {k: statistics.median(v) for k, v in times.items() if v}
+            cell = {"threads": threads, "tvm_threads": tvm_threads, "batch": b,
+                    "runs": {k: len(v) for k, v in times.items()}, "median_ms": med,
+                    "min_ms": {k: min(v) for k, v in times.items() if v},
+                    "iqr_ms": {k: float(np.percentile(v, 75) - np.percentile(v, 25))
+                               for k, v in times.items() if v},
+                    "speedup_vs_torch_fp32": {k: med["torch_fp32"] / v for k, v in med.items()},
+                    "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
+            rec["cells"].append(cell)
+            say(f"   {name} b{b} t{threads}: "
+                + "  ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+                + f"  (load {load0:.1f})")
     return rec
 
 
@@ -379,12 +334,8 @@ def machine() -> dict[str, Any]:
         pass
     import onnxruntime
     import tvm
-    try:
-        from tvm.target import codegen
-        mcpu = str(codegen.llvm_get_system_cpu())
-    except Exception:
-        mcpu = "?"
-    return {"cpu": cpu, "llvm_mcpu": mcpu, "cores": os.cpu_count(),
+    from tvm.target import codegen
+    return {"cpu": cpu, "llvm_mcpu": str(codegen.llvm_get_system_cpu()), "cores": os.cpu_count(),
             "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
             "python": platform.python_version(), "torch": torch.__version__,
@@ -398,50 +349,45 @@ def fmt(v: float | None) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("| model | batch | " + " | ".join(f"{LABELS[b]} ms" for b in BACKENDS)
-            + " | TVM untuned ×FP32 | TVM tuned ×FP32 | onnxruntime ×FP32 | runs |")
+    head = ("| model | batch | threads | " + " | ".join(f"{LABELS[b]} ms" for b in BACKENDS)
+            + " | TVM ×FP32 | onnxruntime ×FP32 | TVM ×onnxruntime | runs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rec in results:
-        for b, br in rec["batches"].items():
-            med, sp = br.get("median_ms", {}), br.get("speedup_vs_torch_fp32", {})
-            cells = [fmt(med.get(k)) for k in BACKENDS]
-            ratios = [f"{sp[k]:.2f}×" if k in sp else "—"
-                      for k in ("tvm_untuned", "tvm_tuned", "onnxruntime")]
-            runs = min(br.get("runs", {}).values() or [0])
-            lines.append(f"| {rec['model']} | {b} | " + " | ".join(cells + ratios)
-                         + f" | {runs} |")
+        for cell in sorted(rec["cells"], key=lambda c: (c["batch"], c["threads"])):
+            med, sp = cell["median_ms"], cell["speedup_vs_torch_fp32"]
+            ratios = [f"{sp[k]:.2f}×" if k in sp else "—" for k in ("tvm", "onnxruntime")]
+            vs_ort = (f"{med['onnxruntime'] / med['tvm']:.2f}×"
+                      if "tvm" in med and "onnxruntime" in med else "—")
+            lines.append(f"| {rec['model']} | {cell['batch']} | {cell['threads']} | "
+                         + " | ".join([fmt(med.get(k)) for k in BACKENDS] + ratios + [vs_ort])
+                         + f" | {min(cell['runs'].values())} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     args = ARGS or parse_args()
-    torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = [m for m in args.models.split(",") if m]
-    batches = [int(b) for b in args.batches.split(",")]
+    for name in models:
+        if name not in TRAINED and name != "resnet18":
+            raise SystemExit(f"unknown model {name!r}: one of {TRAINED + ('resnet18',)}")
     started = datetime.datetime.now().astimezone()
-    say(f"models {models}, batches {batches}, runs {args.runs}, threads {args.threads}, "
-        f"trials {args.trials} ({args.tune_models}); load {os.getloadavg()}")
+    say(f"models {models}, batches {args.batches}, threads {args.threads}, runs {args.runs}; "
+        f"load {os.getloadavg()}")
     results = []
     with tempfile.TemporaryDirectory(prefix="djpq_latency_") as tmp:
         for name in models:
-            if name not in FMNIST and name != "resnet18":
-                raise SystemExit(f"unknown model {name!r}: one of {FMNIST + ('resnet18',)}")
-            results.append(bench_model(name, args, Path(tmp), batches))
+            results.append(bench_model(name, args, Path(tmp)))
             (out / "results.json").write_text(json.dumps(
                 {"partial": True, "results": results}, indent=1, default=str))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False, cwd=HERE).stdout.strip()
     doc = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
            "started": started.isoformat(timespec="seconds"),
            "wall_s": round((datetime.datetime.now().astimezone() - started).total_seconds()),
-           "git_commit": commit, "machine": machine(),
-           "settings": {k: v for k, v in vars(args).items()},
+           "git_commit": commit, "machine": machine(), "settings": vars(args),
            "env": {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT",
                                                   "TVM_BIND_THREADS", "OMP_NUM_THREADS",
                                                   "OMP_WAIT_POLICY")},

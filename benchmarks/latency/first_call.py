@@ -1,0 +1,124 @@
+"""Build time, first call and steady-state call of the TVM x86 build of large converted nets.
+
+For each torchvision model (``weights=None``, eval mode) at a small input: ``prepare`` with
+``DJPQConfig()`` (calibrated on the example input), ~40 % of every gate group closed at random
+(as ``tests/test_tvm_zoo.py`` does), ``convert``; then, in a fresh ``CompiledModel``:
+``build`` (wall time of the whole call; ``load_seconds`` is the part that JIT-compiles the
+library, done at build time since the fix), the first ``model(x)`` and the median of ``--runs``
+further calls. ``--modes lazy,eager`` measures the path before the fix and the current one
+alternately in one run (see :func:`measure`). Each (model, mode) runs in its own subprocess, so
+one build's TVM state (JIT, caches) does not warm the next.
+
+Usage:
+  python benchmarks/latency/first_call.py --models resnext50_32x4d:64,inception_v3:96 \
+      --out benchmarks/latency/first_call.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str, Any]:
+    """Build ``name`` at ``size`` and time its build, first call and steady-state calls.
+
+    ``mode="lazy"`` replays the path before the fix: the build does not load the library
+    (``CompiledModel`` is told the target cannot run here while it is constructed), so the first
+    call makes the VM and pays the LLVM JIT, as ``CompiledModel.__call__`` still does for a model
+    that was not loaded. ``mode="eager"``: ``build`` as it is.
+    """
+    import torch
+    import torchvision
+
+    import djpq_compiler as djpq
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.convert import convert
+    from djpq_compiler.prepared import gates
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    prepared = djpq.prepare(torchvision.models.get_model(name, weights=None).eval(), x)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, gate in gates(prepared):
+            gate.mu[torch.rand(gate.mu.shape, generator=gen) < 0.4] = 1e-3
+            gate.mu[0] = 1.0
+    converted = convert(prepared.eval())
+    cls = tvm_backend.CompiledModel
+    runnable = cls._runnable_here
+    if mode == "lazy":
+        cls._runnable_here = lambda self: False  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    compiled = tvm_backend.build(converted, "x86", example_inputs=x)
+    build_s = time.perf_counter() - t0
+    cls._runnable_here = runnable  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    first = compiled(x)
+    first_s = time.perf_counter() - t0
+    steady = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        compiled(x)
+        steady.append(time.perf_counter() - t0)
+    with torch.no_grad():
+        exact = bool(torch.equal(first, converted(x)))
+    med = statistics.median(steady)
+    return {"model": name, "mode": mode, "input": [batch, 3, size, size],
+            "build_s": round(build_s, 2),
+            "compile_seconds": round(compiled.compile_seconds, 2),
+            "load_seconds": round(getattr(compiled, "load_seconds", 0.0), 2),
+            "build_plus_first_call_s": round(build_s + first_s, 2),
+            "loadavg_1min": round(os.getloadavg()[0], 1),
+            "first_call_s": round(first_s, 3), "steady_call_s": round(med, 4),
+            "first_over_steady": round(first_s / med, 2), "bit_exact": exact}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="resnext50_32x4d:64,inception_v3:96",
+                    help="NAME:SIZE,... (torchvision names)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--modes", default="lazy,eager",
+                    help="lazy: the first call loads the library (before the fix); eager: build "
+                         "loads it (now); each model runs once per mode, alternating")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process mode
+    args = ap.parse_args(argv)
+    if args.one:
+        name, _, size = args.one.partition(":")
+        print(json.dumps(measure(name, int(size), args.batch, args.runs, args.modes)))
+        return 0
+    env = {**os.environ, "TVM_NUM_THREADS": str(args.threads),
+           "OMP_NUM_THREADS": str(args.threads)}
+    results = []
+    jobs = [(item, mode) for item in args.models.split(",") for mode in args.modes.split(",")]
+    for item, mode in jobs:
+        cmd = [sys.executable, __file__, "--one", item, "--modes", mode, "--batch",
+               str(args.batch), "--runs", str(args.runs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            results.append({"model": item, "mode": mode,
+                            "error": proc.stderr.strip().splitlines()[-1:]})
+        else:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    if args.out:
+        doc = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "loadavg": os.getloadavg()[0], "results": results}
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
