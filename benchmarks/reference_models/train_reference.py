@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(load_pretrained(args.model, args.init).state_dict())
     params = sum(p.numel() for p in model.parameters())
     macs = int(bops(model, torch.randn(1, 1, 28, 28)).macs)
-    print(f"{args.model}: {params} params, {macs} MACs, {len(train_loader.dataset)} train images",
+    print(f"{args.model}: {params} params, {macs} MACs, {len(train_loader.dataset)} train images",  # type: ignore[arg-type]
           flush=True)
     log_json = args.log_json or (args.state.with_suffix(".json") if args.state else None)
     logs: list[dict[str, Any]] = []
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     save_state(model, args.out)
     reloaded = load_pretrained(args.model, args.out)
     acc = evaluate(reloaded, test_loader)
-    print(f"reloaded {args.out}: test accuracy {acc:.4f} on {len(test_loader.dataset)} images",
+    print(f"reloaded {args.out}: test accuracy {acc:.4f} on {len(test_loader.dataset)} images",  # type: ignore[arg-type]
           flush=True)
     _write_log(log_json, args, logs, finished=True, extra={"reloaded_test_acc": acc})
     summary = {
