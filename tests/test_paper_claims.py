@@ -128,3 +128,6 @@ def test_drop_is_against_the_stronger_fp32_of_a_section() -> None:
     assert "91.00 %" in header and "the fine-tune" in header
     assert "Not run in this section: w8a8, w4a4" in header
     assert "not run in this section" in claims._reference_text([djpq], 0.90, "checkpoint only")
+    w8a8 = dict(base, method="w8a8", gamma=1.0, integer_acc=0.91, gbops=6.25)
+    assert "W8A8 with this recipe reaches 91.00 %, above the checkpoint" in \
+        claims._reference_text([djpq, w8a8], 0.90, "checkpoint only")
