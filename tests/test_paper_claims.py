@@ -131,3 +131,21 @@ def test_drop_is_against_the_stronger_fp32_of_a_section() -> None:
     w8a8 = dict(base, method="w8a8", gamma=1.0, integer_acc=0.91, gbops=6.25)
     assert "W8A8 with this recipe reaches 91.00 %, above the checkpoint" in \
         claims._reference_text([djpq, w8a8], 0.90, "checkpoint only")
+
+
+def test_a_new_checkpoint_is_a_new_run_and_a_new_section(tmp_path: Path) -> None:
+    claims = _claims()
+    base = {"model": "vgg7", "method": "djpq", "gamma": 1.0, "steps": 10, "djpq_lr": 0.03,
+            "test_images": 100, "fp32_acc": 0.90, "fp32_gbops": 100.0, "integer_acc": 0.89,
+            "fake_quant_acc": 0.89, "gbops": 0.5, "bops_reduction": 200.0, "drop_points": 1.0}
+    legacy = dict(base)  # written before the checkpoint was recorded: the 2026-11-30 file
+    same = dict(base, checkpoint=claims.LEGACY_CHECKPOINTS["vgg7"])
+    new = dict(base, checkpoint="0123456789ab", fp32_acc=0.93, integer_acc=0.925)
+    assert claims._key(legacy) == claims._key(same) != claims._key(new)
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (legacy, new)))
+    text = claims.summarize(results, tmp_path)
+    assert text.count("## vgg7: 10 steps") == 2
+    assert f"(checkpoint {claims.LEGACY_CHECKPOINTS['vgg7']})" in text
+    assert "(checkpoint 0123456789ab)" in text and "FP32 checkpoint: 93.00 %" in text
+    assert len(claims.checkpoint_id("vgg7")) == 12

@@ -28,6 +28,7 @@ measured point runs again.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -45,6 +46,10 @@ ONCE = ("w8a8", "w4a4", "fp32_finetune")  # no learned quantity depends on gamma
 FP32_FINETUNE = "fp32_finetune"
 #: Same-budget baselines every section should have (the verdict names the missing ones).
 BASELINES = ("fp32_finetune", "w8a8", "w4a4")
+#: The FP32 checkpoint of rows from before the checkpoint was recorded: every such row used the
+#: files committed on 2026-11-30 (unchanged until issue 18), whose SHA-256 starts like this.
+LEGACY_CHECKPOINTS = {"resnet20": "1d9f49e27708", "mobilenetv2": "f5c9629120e5",
+                      "vgg7": "3612f05c3b3b", "inception": "e90a5bb8558a"}
 #: The plot's y axis stops this many points below FP32; runs below it are drawn on the floor (v).
 FLOOR_POINTS = 12.0
 
@@ -71,16 +76,35 @@ def _recipe_text(recipe: tuple[int | None, float, float, str]) -> str:
     return f"{steps} steps, weight lr {weight_lr:g}, DJPQ lr {djpq_lr:g}, {schedule} rates"
 
 
-def _section_order(kv: tuple[tuple[str, tuple[Any, ...]], Any]) -> tuple[Any, ...]:
-    """Sections by model, then by recipe with the step budget compared as a number."""
-    (model, (steps, weight_lr, djpq_lr, schedule)), _ = kv
-    return (model, steps if steps is not None else -1, weight_lr, djpq_lr, schedule)
+#: A section of the tables: model, checkpoint id, recipe.
+Section = tuple[str, str | None, tuple[Any, ...]]
+
+
+def _section_order(kv: tuple[Section, Any]) -> tuple[Any, ...]:
+    """Sections by model, then by recipe with the step budget compared as a number, then by
+    checkpoint."""
+    (model, checkpoint, (steps, weight_lr, djpq_lr, schedule)), _ = kv
+    return (model, steps if steps is not None else -1, weight_lr, djpq_lr, schedule,
+            checkpoint or "")
+
+
+def checkpoint_id(model: str) -> str:
+    """The first 12 hex digits of the SHA-256 of ``model``'s committed FP32 checkpoint file."""
+    from djpq_compiler import zoo
+
+    return hashlib.sha256(zoo.checkpoint_path(model).read_bytes()).hexdigest()[:12]
+
+
+def _checkpoint(r: dict[str, Any]) -> str | None:
+    """The checkpoint a row fine-tuned (rows from before it was recorded: the legacy files)."""
+    return r.get("checkpoint") or LEGACY_CHECKPOINTS.get(r["model"])
 
 
 def _key(r: dict[str, Any]) -> tuple[Any, ...]:
-    """What identifies a run (results from before seeds were recorded used seed 0)."""
+    """What identifies a run (results from before seeds were recorded used seed 0): a new FP32
+    checkpoint makes every run new."""
     return (r["model"], r["method"], float(r["gamma"]), r.get("test_images"),
-            int(r.get("seed", 0))) + _recipe(r)
+            int(r.get("seed", 0))) + _recipe(r) + (_checkpoint(r),)
 
 
 def _done(results: Path) -> set[tuple[Any, ...]]:
@@ -96,6 +120,7 @@ def run_all(args: argparse.Namespace) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     done = _done(results)
     for model in args.models:
+        checkpoint = checkpoint_id(model)
         for gamma in args.gammas:
             for method in args.methods:
                 if method in ONCE and gamma != args.gammas[0]:
@@ -117,7 +142,7 @@ def run_all(args: argparse.Namespace) -> None:
                 planned = {"model": model, "method": method, "gamma": gamma,
                            "test_images": n_test, "seed": args.seed, "steps": args.steps,
                            "weight_lr": args.weight_lr, "djpq_lr": args.djpq_lr,
-                           "schedule": args.schedule}
+                           "schedule": args.schedule, "checkpoint": checkpoint}
                 if _key(planned) in done:  # the identity a recorded row of this run would have
                     print(f"[claims] skip {model} {method} gamma={gamma}: already measured")
                     continue
@@ -127,6 +152,7 @@ def run_all(args: argparse.Namespace) -> None:
                 result = (fp32_finetune_run(run_args) if method == FP32_FINETUNE
                           else single.run(run_args))
                 result["wall_seconds"] = round(time.perf_counter() - start)
+                result["checkpoint"] = checkpoint
                 with results.open("a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(f"[claims]   integer {100 * result['integer_acc']:.2f} % at "
@@ -248,15 +274,16 @@ def summarize(results: Path, out_dir: Path) -> str:
              "`results.jsonl` (one line per run; the command of each run is in the file's "
              "`method`/`gamma`/`seed` and recipe fields). Accuracy: the integer converted model "
              "on the test set; GBOPs: `djpq.bops` of that model. One section per model and "
-             "training recipe; methods are compared only within a section. Where a point was run "
+             "training recipe (and FP32 checkpoint, named by the first 12 hex digits of its "
+             "SHA-256); methods are compared only within a section. Where a point was run "
              "with several seeds, the statements below use the mean over seeds.", ""]
-    sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]] = defaultdict(list)
+    sections: dict[Section, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        sections[(r["model"], _recipe(r))].append(r)
-    for (model, recipe), runs in sorted(sections.items(), key=_section_order):
+        sections[(r["model"], _checkpoint(r), _recipe(r))].append(r)
+    for (model, checkpoint, recipe), runs in sorted(sections.items(), key=_section_order):
         fp32 = runs[0]
         reference, source = reference_fp32(runs)
-        lines += [f"## {model}: {_recipe_text(recipe)}", "",
+        lines += [f"## {model}: {_recipe_text(recipe)} (checkpoint {checkpoint})", "",
                   f"FP32 checkpoint: {100 * fp32['fp32_acc']:.2f} % at "
                   f"{fp32['fp32_gbops']:.3f} GBOPs. {_reference_text(runs, reference, source)}",
                   "",
@@ -357,7 +384,7 @@ def _compare(points: list[dict[str, Any]], mine: str, theirs: str) -> str:
             f"(positive: {mine} better).{between}")
 
 
-def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], path: Path) -> None:
+def _plot(sections: dict[Section, list[dict[str, Any]]], path: Path) -> None:
     try:
         import matplotlib
 
@@ -375,7 +402,7 @@ def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], pat
     for ax in axes.flat[len(sections):]:
         ax.set_visible(False)
     ordered = sorted(sections.items(), key=_section_order)
-    for ax, ((model, recipe), runs) in zip(axes.flat, ordered, strict=False):
+    for ax, ((model, checkpoint, recipe), runs) in zip(axes.flat, ordered, strict=False):
         reference, source = reference_fp32(runs)
         # the FP32 fine-tune is drawn as a line (its point would sit at FP32 BOPs, far right)
         points = [p for p in _points(runs, reference) if p["method"] != FP32_FINETUNE]
@@ -405,7 +432,8 @@ def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], pat
         ax.set_xscale("log")
         ax.set_xlabel("GBOPs (integer model, log)")
         ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"{model} (FP32 {fp32['fp32_gbops']:.2f} GBOPs)\n{_recipe_text(recipe)}",
+        ax.set_title(f"{model} (FP32 {fp32['fp32_gbops']:.2f} GBOPs, checkpoint {checkpoint})\n"
+                     f"{_recipe_text(recipe)}",
                      fontsize=9)
         xs = [p["gbops"] for p in points if p["gbops"] > 0]
         # within one decade the log axis has no major tick: label the minor ones instead
