@@ -155,7 +155,8 @@ def run_all(args: argparse.Namespace) -> None:
                 result["checkpoint"] = checkpoint
                 with results.open("a") as f:
                     f.write(json.dumps(result) + "\n")
-                print(f"[claims]   integer {100 * result['integer_acc']:.2f} % at "
+                kind = "float" if result.get("float_model") else "integer"
+                print(f"[claims]   {kind} {100 * result['integer_acc']:.2f} % at "
                       f"{result['gbops']:.4f} GBOPs ({result['bops_reduction']:.1f}x)",
                       flush=True)
 
