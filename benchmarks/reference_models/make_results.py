@@ -33,8 +33,8 @@ Training: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, LR sched
 `--lr` as in each command (`train_reference.py` defaults: one-cycle, random crop with 2 px of black
 padding + horizontal flip unless `--no-augment`), 1 CPU thread (`torch.set_num_threads(1)`),
 channels-last, seed 0, on a 2-core machine shared with other jobs (wall-clock times are only
-indicative). `--init` marks a warm start from an earlier checkpoint (its epochs are not counted
-in the table).
+indicative). A warm start (`--init`, from an earlier checkpoint) shows its epochs as
+"earlier + this run"; its summary's `note` says from which file.
 
 | model | params | MACs | FP32 GBOPs | epochs | test acc. | train time | date | command |
 |---|---:|---:|---:|---:|---:|---:|---|---|
@@ -44,7 +44,8 @@ in the table).
 def row(s: dict) -> str:
     gbops = s["macs"] * 32 * 32 / 1e9
     minutes = s["train_seconds"] / 60
-    return (f"| {s['model']} | {s['params']:,} | {s['macs']:,} | {gbops:.2f} | {s['epochs']} | "
+    epochs = (f"{s['init_epochs']} + {s['epochs']}" if s.get("init_epochs") else str(s["epochs"]))
+    return (f"| {s['model']} | {s['params']:,} | {s['macs']:,} | {gbops:.2f} | {epochs} | "
             f"{100 * s['test_acc']:.2f} % | {minutes:.0f} min | {s['date']} | "
             f"`{s['command']}` |")
 
@@ -97,7 +98,8 @@ def main() -> None:
     epochs = ["", "Per-epoch test accuracy of the committed checkpoints' runs:", ""]
     for n in names:
         accs = ", ".join(f"{100 * e['test_acc']:.2f}" for e in summaries[n]["epoch_log"])
-        epochs.append(f"* {n}: {accs}")
+        note = f" ({summaries[n]['note']})" if summaries[n].get("note") else ""
+        epochs.append(f"* {n}: {accs}{note}")
     notes = HERE / "NOTES.md"
     tail = ["", notes.read_text().rstrip()] if notes.exists() else []
     text = HEADER + "\n".join(lines + epochs + long_runs(long) + tail) + "\n"
