@@ -349,7 +349,7 @@ def _verdict(points: list[dict[str, Any]], source: str = "checkpoint only") -> l
                    f"(γ={best['gamma']:g}{seeds}; target ≥ 200×: "
                    f"{'met' if best['bops_reduction'] >= 200 else 'not met'}).")
     else:
-        out.append(f"* No DJPQ run stays within 1 point of {against} in this file.")
+        out.append(f"* No DJPQ run stays within 1 point of {against} in this section.")
     for mine, theirs in (("djpq", "two_stage"), ("djpq_restricted", "two_stage_restricted"),
                          ("djpq", "dq_only")):
         out.append(_compare(points, mine, theirs))
