@@ -2,16 +2,22 @@
 
 Used to train the FP32 reference models and reusable for DJPQ fine-tuning: :func:`evaluate` works
 on any classifier, and :func:`train_epoch` accepts an extra ``regularizer`` (e.g. ``γ·djpq_loss``)
-added to the task loss.
+added to the task loss. :func:`fit` can keep a resume state (model, optimizer, scheduler, RNGs,
+per-epoch log) written after every epoch, so a long run survives being stopped: calling it again
+with the same settings and state file continues where it stopped and ends in the same weights as
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +28,7 @@ from tqdm.auto import tqdm
 from djpq_compiler.errors import ConfigError
 
 __all__ = ["EpochLog", "FitResult", "Regularizer", "seed_everything", "make_optimizer",
-           "make_scheduler", "train_epoch", "evaluate", "fit"]
+           "make_scheduler", "train_epoch", "evaluate", "fit", "load_resume_state"]
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
 
@@ -135,17 +141,84 @@ class EpochLog:
     train_acc: float
     test_acc: float
     seconds: float
+    lr: float = float("nan")  # learning rate of the first parameter group at the epoch's end
 
 
 @dataclass(frozen=True)
 class FitResult:
-    """All epochs of a :func:`fit` run; ``test_acc`` is the last epoch's."""
+    """All epochs of a :func:`fit` run (with a resume state: also those of earlier calls);
+    ``test_acc`` is the last epoch's. ``finished`` is False when ``until`` stopped the run
+    before its last planned epoch."""
 
     epochs: tuple[EpochLog, ...] = field(default_factory=tuple)
+    finished: bool = True
 
     @property
     def test_acc(self) -> float:
         return self.epochs[-1].test_acc if self.epochs else float("nan")
+
+
+#: Format version of the resume state written by :func:`fit`.
+RESUME_FORMAT = 1
+#: The settings a resume state must share with the call that resumes it.
+_RESUME_KEYS = ("epochs", "lr", "optimizer", "schedule", "weight_decay", "steps_per_epoch")
+
+
+def _rng_state(loader: DataLoader) -> dict[str, Any]:
+    """Every RNG an epoch draws from: Python's, numpy's, torch's and the loader's generator."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    generator = getattr(loader, "generator", None)
+    return {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+                  int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "loader": generator.get_state() if isinstance(generator, torch.Generator) else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], loader: DataLoader) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    generator = getattr(loader, "generator", None)
+    if (state["loader"] is None) != (not isinstance(generator, torch.Generator)):
+        raise ConfigError("resume state and training loader disagree on whether the loader has "
+                          "its own seeded generator; resume with the loader the run started with")
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state["loader"])
+
+
+def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically (a kill during the write leaves the previous state intact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a resume state written by :func:`fit` (``weights_only``: no code is unpickled).
+
+    Returns:
+        A dict with ``format``, ``settings``, ``epoch`` (epochs done), ``log`` (one dict per
+        epoch, as :class:`EpochLog`), ``model``, ``optimizer``, ``scheduler`` and ``rng``.
+
+    Raises:
+        ConfigError: the file is not a resume state of this format.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable, truncated, or not a torch file
+        raise ConfigError(f"cannot read resume state {path}: {exc}; delete it to start over"
+                          ) from exc
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ConfigError(f"{path} is not a resume state of format {RESUME_FORMAT}; "
+                          "delete it to start over, or point `resume` elsewhere")
+    return state
 
 
 def fit(
@@ -160,6 +233,8 @@ def fit(
     channels_last: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    resume: str | os.PathLike[str] | None = None,
+    until: Callable[[EpochLog], bool] | None = None,
 ) -> FitResult:
     """Train for ``epochs`` epochs with a per-step LR schedule; evaluate after each epoch.
 
@@ -168,6 +243,17 @@ def fit(
         optimizer: ``"sgd"`` (Nesterov momentum 0.9) or ``"adam"``.
         schedule: ``"onecycle"``, ``"cosine"`` or ``"none"``.
         log: called with one line per epoch (None: silent).
+        resume: a resume-state file. If it exists, the model, optimizer, scheduler, RNG states
+            and the per-epoch log are restored from it and training continues after its last
+            epoch (the settings must match the ones it was written with); after every epoch
+            the state is rewritten (atomically), after the evaluation. Resuming after epoch k
+            ends in the same weights as an uninterrupted run (same data order, augmentation and
+            schedule), given the same loaders, threads and library versions.
+        until: called after every epoch (once its state is saved) with its log; returning True
+            stops the run there (``FitResult.finished`` is then False unless it was the last).
+
+    Raises:
+        ConfigError: bad settings, or a resume state written with other settings.
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
@@ -175,16 +261,52 @@ def fit(
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     sched = make_scheduler(opt, schedule, epochs * len(train_loader))
+    settings = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "schedule": schedule,
+                "weight_decay": weight_decay, "steps_per_epoch": len(train_loader)}
     logs: list[EpochLog] = []
-    for epoch in range(1, epochs + 1):
+    path = Path(resume) if resume is not None else None
+    if path is not None and path.exists():
+        logs = _restore(path, settings, model, opt, sched, train_loader)
+        if log is not None:
+            log(f"resumed from {path} after epoch {len(logs)}/{epochs}")
+    for epoch in range(len(logs) + 1, epochs + 1):
         start = time.perf_counter()
         loss, acc = train_epoch(model, train_loader, opt, sched, channels_last=channels_last,
                                 progress=progress, desc=f"epoch {epoch}/{epochs}")
         test_acc = (evaluate(model, test_loader, progress=progress, channels_last=channels_last)
                     if test_loader is not None else float("nan"))
-        entry = EpochLog(epoch, loss, acc, test_acc, time.perf_counter() - start)
+        entry = EpochLog(epoch, loss, acc, test_acc, time.perf_counter() - start,
+                         float(opt.param_groups[0]["lr"]))
         logs.append(entry)
+        if path is not None:
+            _save_resume_state(path, {
+                "format": RESUME_FORMAT, "settings": settings, "epoch": epoch,
+                "log": [asdict(e) for e in logs], "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "rng": _rng_state(train_loader)})
         if log is not None:
             log(f"epoch {epoch}/{epochs}: train loss {loss:.4f} acc {acc:.4f} | "
-                f"test acc {test_acc:.4f} | {entry.seconds:.0f}s")
+                f"test acc {test_acc:.4f} | lr {entry.lr:.3g} | {entry.seconds:.0f}s")
+        if until is not None and epoch < epochs and until(entry):
+            return FitResult(tuple(logs), finished=False)
     return FitResult(tuple(logs))
+
+
+def _restore(path: Path, settings: dict[str, Any], model: nn.Module,
+             opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None,
+             train_loader: DataLoader) -> list[EpochLog]:
+    """Load a resume state into the training objects; returns its per-epoch log."""
+    state = load_resume_state(path)
+    differ = {k: (state["settings"].get(k), settings[k]) for k in _RESUME_KEYS
+              if state["settings"].get(k) != settings[k]}
+    if differ:
+        text = ", ".join(f"{k}: state {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+        raise ConfigError(f"resume state {path} was written with other settings ({text}); "
+                          "resume with the original settings or use another state file")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"], train_loader)
+    return [EpochLog(**e) for e in state["log"]]

@@ -55,20 +55,29 @@ def test_claims_smoke_run_writes_table_and_plot(tmp_path) -> None:
     except DataError:
         pytest.skip("Fashion-MNIST is not installed")
     results = tmp_path / "results.jsonl"
-    argv = ["--models", "vgg7", "--methods", "djpq", "two_stage", "w8a8", "--gammas", "1",
+    argv = ["--models", "vgg7", "--methods", "djpq", "two_stage", "w8a8", "fp32_finetune",
+            "--gammas", "1",
             "--steps", "2", "--threads", "1", "--train-subset", "256", "--test-subset", "64",
             "--results", str(results), "--out-dir", str(tmp_path)]
     _claims().main(argv)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [r["method"] for r in rows] == ["djpq", "two_stage", "w8a8"]
+    assert [r["method"] for r in rows] == ["djpq", "two_stage", "w8a8", "fp32_finetune"]
     assert all(r["test_images"] == 64 and r["steps"] == 2 for r in rows)
-    assert all(0.0 <= r["integer_acc"] <= 1.0 and r["gbops"] < r["fp32_gbops"] for r in rows)
+    assert all(0.0 <= r["integer_acc"] <= 1.0 for r in rows)
+    assert all(r["gbops"] < r["fp32_gbops"] for r in rows[:3])
+    tuned = rows[3]  # a float model at FP32 BOPs, same recipe fields as the others
+    assert tuned["float_model"] and tuned["bops_reduction"] == 1.0
+    assert tuned["gbops"] == tuned["fp32_gbops"] and tuned["bits"] == {}
+    assert {k: tuned[k] for k in ("weight_lr", "djpq_lr", "schedule", "seed")} == \
+        {k: rows[0][k] for k in ("weight_lr", "djpq_lr", "schedule", "seed")}
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## vgg7" in text and text.count("| vgg7") == 0 and "| w8a8 | 1 | 2 | 64 |" in text
+    assert "| fp32_finetune | 1 | 2 | 64 |" in text and "(float) | — |" in text
+    assert "FP32 fine-tuned with this recipe" in text and "Not run in this section: w4a4" in text
     assert "djpq vs two_stage" in text or "two_stage point" in text or "do not overlap" in text
     assert (tmp_path / "accuracy_vs_gbops.png").stat().st_size > 1000
     _claims().main(argv)  # resumes: everything measured already, nothing appended
-    assert len(results.read_text().splitlines()) == 3
+    assert len(results.read_text().splitlines()) == 4
 
 
 def test_seeds_are_averaged_and_restricted_variants_compared() -> None:
@@ -88,3 +97,55 @@ def test_seeds_are_averaged_and_restricted_variants_compared() -> None:
     assert "djpq vs two_stage: not both measured" in text
     assert "-10.00 points at 0.5 GBOPs" in text  # restricted DJPQ is worse and the text says so
     assert claims._key(runs[0]) != claims._key(runs[1])  # the seed tells the runs apart
+
+
+def test_drop_is_against_the_stronger_fp32_of_a_section() -> None:
+    claims = _claims()
+    base = {"model": "m", "steps": 10, "djpq_lr": 0.03, "test_images": 100, "fp32_acc": 0.90,
+            "fp32_gbops": 100.0}
+    djpq = dict(base, method="djpq", gamma=1.0, integer_acc=0.895, gbops=0.4)  # 250x
+    # no fine-tune measured: against the checkpoint, flagged provisional
+    assert claims.reference_fp32([djpq]) == (0.90, "checkpoint only")
+    text = "\n".join(claims._verdict(claims._points([djpq]), "checkpoint only"))
+    assert "250.0× at 0.50 points" in text and "provisional" in text and "met" in text
+    # a fine-tune above the checkpoint becomes the reference: 1.5 points down, target not met
+    tuned = [dict(base, method="fp32_finetune", gamma=1.0, integer_acc=a, gbops=100.0, seed=s)
+             for s, a in ((0, 0.905), (1, 0.915))]
+    reference, source = claims.reference_fp32([djpq, *tuned])
+    assert abs(reference - 0.91) < 1e-12 and source == "fp32_finetune"
+    points = claims._points([djpq, *tuned], reference)
+    assert abs(next(p for p in points if p["method"] == "djpq")["drop_points"] - 1.5) < 1e-9
+    text = "\n".join(claims._verdict(points, source))
+    assert "No DJPQ run stays within 1 point of the stronger FP32 (its same-recipe fine-tune)" \
+        in text
+    # a fine-tune below the checkpoint leaves the checkpoint as the reference
+    low = dict(tuned[0], integer_acc=0.85)
+    assert claims.reference_fp32([djpq, low]) == (0.90, "checkpoint")
+    assert "the stronger FP32 (the checkpoint)" in "\n".join(
+        claims._verdict(claims._points([djpq, low], 0.90), "checkpoint"))
+    # the section header says what the drops are against and which baselines are missing
+    header = claims._reference_text([djpq, *tuned], reference, source)
+    assert "91.00 %" in header and "the fine-tune" in header
+    assert "Not run in this section: w8a8, w4a4" in header
+    assert "not run in this section" in claims._reference_text([djpq], 0.90, "checkpoint only")
+    w8a8 = dict(base, method="w8a8", gamma=1.0, integer_acc=0.91, gbops=6.25)
+    assert "W8A8 with this recipe reaches 91.00 %, above the checkpoint" in \
+        claims._reference_text([djpq, w8a8], 0.90, "checkpoint only")
+
+
+def test_a_new_checkpoint_is_a_new_run_and_a_new_section(tmp_path: Path) -> None:
+    claims = _claims()
+    base = {"model": "vgg7", "method": "djpq", "gamma": 1.0, "steps": 10, "djpq_lr": 0.03,
+            "test_images": 100, "fp32_acc": 0.90, "fp32_gbops": 100.0, "integer_acc": 0.89,
+            "fake_quant_acc": 0.89, "gbops": 0.5, "bops_reduction": 200.0, "drop_points": 1.0}
+    legacy = dict(base)  # written before the checkpoint was recorded: the 2026-11-30 file
+    same = dict(base, checkpoint=claims.LEGACY_CHECKPOINTS["vgg7"])
+    new = dict(base, checkpoint="0123456789ab", fp32_acc=0.93, integer_acc=0.925)
+    assert claims._key(legacy) == claims._key(same) != claims._key(new)
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (legacy, new)))
+    text = claims.summarize(results, tmp_path)
+    assert text.count("## vgg7: 10 steps") == 2
+    assert f"(checkpoint {claims.LEGACY_CHECKPOINTS['vgg7']})" in text
+    assert "(checkpoint 0123456789ab)" in text and "FP32 checkpoint: 93.00 %" in text
+    assert len(claims.checkpoint_id("vgg7")) == 12

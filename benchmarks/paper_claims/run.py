@@ -4,7 +4,12 @@ For each model and each gamma, every method fine-tunes the same committed FP32 c
 same number of optimizer steps (``benchmarks/djpq_finetune/run.py`` does one run: DJPQ, DJPQ
 bit-restricted, two-stage VIB-then-DQ, two-stage restricted, DQ-only, VIB-only, fixed W8A8 and
 W4A4, and DJPQ with REFERENCE's alternative soft-BOPs regulariser) and is scored on the
-*integer* converted model: top-1 on the Fashion-MNIST test set and GBOPs. Every run appends
+*integer* converted model: top-1 on the Fashion-MNIST test set and GBOPs. ``fp32_finetune``
+(run here) trains the float checkpoint with the same recipe (same optimizer, weight lr, schedule,
+steps, batches; no regulariser, nothing quantized) and is scored as a float model: the drop of
+every method is measured against the *stronger* FP32 of a section, the checkpoint or its
+same-recipe fine-tune, so that extra training of the weights is not counted as compression
+quality. Every run appends
 one JSON line to ``--results``; ``--summarize`` (also run at the end) turns that file into
 ``RESULTS.md`` (one table per model; the accuracy-vs-GBOPs comparison of DJPQ and two-stage at
 equal BOPs, plain and power-of-two restricted; several seeds of one point are averaged) and
@@ -15,13 +20,15 @@ commands behind every committed row):
   python benchmarks/paper_claims/run.py --models resnet20 mobilenetv2 --gammas 6 10 \\
       --methods djpq two_stage dq_only --threads 1
   python benchmarks/paper_claims/run.py --summarize            # tables and plot only
-Fixed-bit methods (w8a8, w4a4) learn nothing that depends on gamma and run once per model, at the
-first gamma. ``--seed`` is part of a run's identity: another seed of a measured point runs again.
+Fixed-bit methods (w8a8, w4a4) and fp32_finetune learn nothing that depends on gamma and run once
+per model, at the first gamma. ``--seed`` is part of a run's identity: another seed of a
+measured point runs again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -33,8 +40,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("djpq", "djpq_restricted", "two_stage", "two_stage_restricted", "dq_only",
-           "vib_only", "w8a8", "w4a4", "djpq_soft_bops")
-ONCE = ("w8a8", "w4a4")  # no learned quantity depends on gamma
+           "vib_only", "w8a8", "w4a4", "djpq_soft_bops", "fp32_finetune")
+ONCE = ("w8a8", "w4a4", "fp32_finetune")  # no learned quantity depends on gamma
+#: The same-recipe FP32 baseline: a float model, scored with float accuracy at FP32 BOPs.
+FP32_FINETUNE = "fp32_finetune"
+#: Same-budget baselines every section should have (the verdict names the missing ones).
+BASELINES = ("fp32_finetune", "w8a8", "w4a4")
+#: The FP32 checkpoint of rows from before the checkpoint was recorded: every such row used the
+#: files committed on 2026-11-30 (unchanged until issue 18), whose SHA-256 starts like this.
+LEGACY_CHECKPOINTS = {"resnet20": "1d9f49e27708", "mobilenetv2": "f5c9629120e5",
+                      "vgg7": "3612f05c3b3b", "inception": "e90a5bb8558a"}
 #: The plot's y axis stops this many points below FP32; runs below it are drawn on the floor (v).
 FLOOR_POINTS = 12.0
 
@@ -61,16 +76,35 @@ def _recipe_text(recipe: tuple[int | None, float, float, str]) -> str:
     return f"{steps} steps, weight lr {weight_lr:g}, DJPQ lr {djpq_lr:g}, {schedule} rates"
 
 
-def _section_order(kv: tuple[tuple[str, tuple[Any, ...]], Any]) -> tuple[Any, ...]:
-    """Sections by model, then by recipe with the step budget compared as a number."""
-    (model, (steps, weight_lr, djpq_lr, schedule)), _ = kv
-    return (model, steps if steps is not None else -1, weight_lr, djpq_lr, schedule)
+#: A section of the tables: model, checkpoint id, recipe.
+Section = tuple[str, str | None, tuple[Any, ...]]
+
+
+def _section_order(kv: tuple[Section, Any]) -> tuple[Any, ...]:
+    """Sections by model, then by recipe with the step budget compared as a number, then by
+    checkpoint."""
+    (model, checkpoint, (steps, weight_lr, djpq_lr, schedule)), _ = kv
+    return (model, steps if steps is not None else -1, weight_lr, djpq_lr, schedule,
+            checkpoint or "")
+
+
+def checkpoint_id(model: str) -> str:
+    """The first 12 hex digits of the SHA-256 of ``model``'s committed FP32 checkpoint file."""
+    from djpq_compiler import zoo
+
+    return hashlib.sha256(zoo.checkpoint_path(model).read_bytes()).hexdigest()[:12]
+
+
+def _checkpoint(r: dict[str, Any]) -> str | None:
+    """The checkpoint a row fine-tuned (rows from before it was recorded: the legacy files)."""
+    return r.get("checkpoint") or LEGACY_CHECKPOINTS.get(r["model"])
 
 
 def _key(r: dict[str, Any]) -> tuple[Any, ...]:
-    """What identifies a run (results from before seeds were recorded used seed 0)."""
+    """What identifies a run (results from before seeds were recorded used seed 0): a new FP32
+    checkpoint makes every run new."""
     return (r["model"], r["method"], float(r["gamma"]), r.get("test_images"),
-            int(r.get("seed", 0))) + _recipe(r)
+            int(r.get("seed", 0))) + _recipe(r) + (_checkpoint(r),)
 
 
 def _done(results: Path) -> set[tuple[Any, ...]]:
@@ -86,12 +120,16 @@ def run_all(args: argparse.Namespace) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     done = _done(results)
     for model in args.models:
+        checkpoint = checkpoint_id(model)
         for gamma in args.gammas:
             for method in args.methods:
                 if method in ONCE and gamma != args.gammas[0]:
                     continue
+                # the single-run parser does not know fp32_finetune (run here): parse a
+                # placeholder method, then set the real one
                 run_args = single.build_parser().parse_args([
-                    "--model", model, "--method", method, "--gamma", str(gamma),
+                    "--model", model, "--method", "w8a8" if method == FP32_FINETUNE else method,
+                    "--gamma", str(gamma),
                     "--minutes", "0", "--steps", str(args.steps),
                     "--djpq-lr", str(args.djpq_lr), "--weight-lr", str(args.weight_lr),
                     "--schedule", args.schedule, "--threads", str(args.threads),
@@ -99,24 +137,86 @@ def run_all(args: argparse.Namespace) -> None:
                     *(["--train-subset", str(args.train_subset)] if args.train_subset else []),
                     *(["--test-subset", str(args.test_subset)] if args.test_subset else [])])
                 run_args.minutes = None
+                run_args.method = method
                 n_test = args.test_subset or 10_000
                 planned = {"model": model, "method": method, "gamma": gamma,
                            "test_images": n_test, "seed": args.seed, "steps": args.steps,
                            "weight_lr": args.weight_lr, "djpq_lr": args.djpq_lr,
-                           "schedule": args.schedule}
+                           "schedule": args.schedule, "checkpoint": checkpoint}
                 if _key(planned) in done:  # the identity a recorded row of this run would have
                     print(f"[claims] skip {model} {method} gamma={gamma}: already measured")
                     continue
                 print(f"[claims] {model} {method} gamma={gamma} ({args.steps} steps)",
                       flush=True)
                 start = time.perf_counter()
-                result = single.run(run_args)
+                result = (fp32_finetune_run(run_args) if method == FP32_FINETUNE
+                          else single.run(run_args))
                 result["wall_seconds"] = round(time.perf_counter() - start)
+                result["checkpoint"] = checkpoint
                 with results.open("a") as f:
                     f.write(json.dumps(result) + "\n")
-                print(f"[claims]   integer {100 * result['integer_acc']:.2f} % at "
+                kind = "float" if result.get("float_model") else "integer"
+                print(f"[claims]   {kind} {100 * result['integer_acc']:.2f} % at "
                       f"{result['gbops']:.4f} GBOPs ({result['bops_reduction']:.1f}x)",
                       flush=True)
+
+
+def fp32_finetune_run(args: argparse.Namespace) -> dict[str, Any]:
+    """The FP32 checkpoint fine-tuned with the recipe of the other methods (``finetune`` with
+    gamma 0 on the float model: Adam at ``--weight-lr``, the same schedule, steps, batch size,
+    seed and data), scored as a float model; a row of the same shape as the other methods'
+    (``integer_acc`` and ``fake_quant_acc`` hold the float accuracy, ``gbops`` the FP32 BOPs,
+    ``float_model`` says so)."""
+    import torch
+
+    import djpq_compiler as djpq
+    from djpq_compiler import zoo
+    from djpq_compiler.data import fashion_mnist_loaders
+    from djpq_compiler.finetune import FinetuneConfig, accuracy, finetune
+
+    if args.steps is None:
+        raise SystemExit("fp32_finetune needs a step budget (--steps)")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    train, test = fashion_mnist_loaders(batch_size=args.batch_size, seed=args.seed,
+                                        train_subset=args.train_subset,
+                                        test_subset=args.test_subset)
+    model = zoo.load_pretrained(args.model)
+    fp32 = djpq.bops(model, next(iter(test))[0][:1])
+    fp32_acc = accuracy(model, test)
+    start = time.perf_counter()
+    # finalize 0: a float model has no bits or gates to freeze (its weights train every step,
+    # as the weights of the other methods do); log_every past the end: no BOPs records
+    finetune(model, train, FinetuneConfig(gamma=0.0, steps=args.steps, minutes=None,
+                                          weight_lr=args.weight_lr, djpq_lr=args.djpq_lr,
+                                          log_every=args.steps + 1, finalize=0.0,
+                                          schedule=args.schedule), progress=False)
+    train_s = time.perf_counter() - start
+    acc = accuracy(model, test)
+    return {
+        "model": args.model, "method": FP32_FINETUNE, "gamma": args.gamma,
+        "minutes": None, "steps": args.steps, "finalize": 0.0, "djpq_lr": args.djpq_lr,
+        "weight_lr": args.weight_lr, "schedule": args.schedule, "seed": args.seed,
+        "train_seconds": round(train_s), "test_images": len(test.dataset),  # type: ignore[arg-type]
+        "fp32_acc": fp32_acc, "fake_quant_acc": acc, "integer_acc": acc, "float_model": True,
+        "gbops": fp32.gbops, "fp32_gbops": fp32.gbops, "bops_reduction": 1.0, "float_ops": [],
+        "bits": {}, "date": time.strftime("%Y-%m-%d"),
+        "drop_points": 100 * (fp32_acc - acc),
+    }
+
+
+def reference_fp32(runs: list[dict[str, Any]]) -> tuple[float, str]:
+    """The stronger FP32 of a section: the checkpoint's accuracy or its same-recipe fine-tune's
+    (mean over seeds), whichever is higher, and which one it is: ``"fp32_finetune"``,
+    ``"checkpoint"`` (the fine-tune was measured and is not higher) or ``"checkpoint only"``
+    (no fine-tune measured in the section)."""
+    checkpoint = runs[0]["fp32_acc"]
+    tuned = [r["integer_acc"] for r in runs if r["method"] == FP32_FINETUNE]
+    if not tuned:
+        return checkpoint, "checkpoint only"
+    if sum(tuned) / len(tuned) > checkpoint:
+        return sum(tuned) / len(tuned), FP32_FINETUNE
+    return checkpoint, "checkpoint"
 
 
 def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -146,9 +246,9 @@ def _interpolate(front: list[tuple[float, float]], gbops: float) -> float | None
     return None
 
 
-def _points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _points(runs: list[dict[str, Any]], reference: float | None = None) -> list[dict[str, Any]]:
     """One point per (method, gamma) of runs with one recipe: integer accuracy and GBOPs averaged
-    over seeds."""
+    over seeds; ``drop_points`` against ``reference`` (default: the checkpoint's accuracy)."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         groups[(r["method"], float(r["gamma"]))].append(r)
@@ -160,7 +260,8 @@ def _points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                        "integer_acc": acc, "gbops": gbops,
                        "acc_range": (min(r["integer_acc"] for r in rs),
                                      max(r["integer_acc"] for r in rs)),
-                       "drop_points": 100 * (rs[0]["fp32_acc"] - acc),
+                       "drop_points": 100 * ((rs[0]["fp32_acc"] if reference is None
+                                              else reference) - acc),
                        "bops_reduction": rs[0]["fp32_gbops"] / gbops})
     return points
 
@@ -174,28 +275,35 @@ def summarize(results: Path, out_dir: Path) -> str:
              "`results.jsonl` (one line per run; the command of each run is in the file's "
              "`method`/`gamma`/`seed` and recipe fields). Accuracy: the integer converted model "
              "on the test set; GBOPs: `djpq.bops` of that model. One section per model and "
-             "training recipe; methods are compared only within a section. Where a point was run "
+             "training recipe (and FP32 checkpoint, named by the first 12 hex digits of its "
+             "SHA-256); methods are compared only within a section. Where a point was run "
              "with several seeds, the statements below use the mean over seeds.", ""]
-    sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]] = defaultdict(list)
+    sections: dict[Section, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        sections[(r["model"], _recipe(r))].append(r)
-    for (model, recipe), runs in sorted(sections.items(), key=_section_order):
+        sections[(r["model"], _checkpoint(r), _recipe(r))].append(r)
+    for (model, checkpoint, recipe), runs in sorted(sections.items(), key=_section_order):
         fp32 = runs[0]
-        lines += [f"## {model}: {_recipe_text(recipe)}", "",
-                  f"FP32: {100 * fp32['fp32_acc']:.2f} % at {fp32['fp32_gbops']:.3f} GBOPs.", "",
+        reference, source = reference_fp32(runs)
+        lines += [f"## {model}: {_recipe_text(recipe)} (checkpoint {checkpoint})", "",
+                  f"FP32 checkpoint: {100 * fp32['fp32_acc']:.2f} % at "
+                  f"{fp32['fp32_gbops']:.3f} GBOPs. {_reference_text(runs, reference, source)}",
+                  "",
                   "| method | γ | steps | test images | seed | integer top-1 | fake-quant top-1 | "
-                  "drop (pt) | GBOPs | reduction |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "drop vs ckpt (pt) | drop vs best FP32 (pt) | GBOPs | reduction |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(runs, key=lambda r: (METHODS.index(r["method"])
                                              if r["method"] in METHODS else 99, r["gamma"],
                                              r.get("seed", 0))):
+            float_model = r.get("float_model", False)
+            fake_quant = "—" if float_model else f"{100 * r['fake_quant_acc']:.2f} %"
             lines.append(
                 f"| {r['method']} | {r['gamma']:g} | {r.get('steps')} | "
                 f"{r.get('test_images', 10000)} | {r.get('seed', 0)} | "
-                f"{100 * r['integer_acc']:.2f} % | "
-                f"{100 * r['fake_quant_acc']:.2f} % | {r['drop_points']:.2f} | "
+                f"{100 * r['integer_acc']:.2f} %{' (float)' if float_model else ''} | "
+                f"{fake_quant} | "
+                f"{r['drop_points']:.2f} | {100 * (reference - r['integer_acc']):.2f} | "
                 f"{r['gbops']:.4f} | {r['bops_reduction']:.1f}× |")
-        lines += [""] + _verdict(_points(runs)) + [""]
+        lines += [""] + _verdict(_points(runs, reference), source) + [""]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "RESULTS.md").write_text(text)
@@ -203,19 +311,45 @@ def summarize(results: Path, out_dir: Path) -> str:
     return text
 
 
-def _verdict(points: list[dict[str, Any]]) -> list[str]:
-    """Plain statements: the best reduction at <= 1 pt drop, and DJPQ vs two-stage at equal BOPs
+def _reference_text(runs: list[dict[str, Any]], reference: float, source: str) -> str:
+    """Which FP32 the drops of a section are measured against, and what is missing."""
+    tuned = [r for r in runs if r["method"] == FP32_FINETUNE]
+    if tuned:
+        acc = sum(r["integer_acc"] for r in tuned) / len(tuned)
+        which = "the fine-tune" if source == FP32_FINETUNE else "the checkpoint"
+        text = (f"FP32 fine-tuned with this recipe: {100 * acc:.2f} %. Drops are against the "
+                f"stronger of the two ({which}, {100 * reference:.2f} %).")
+    else:
+        text = ("The FP32 fine-tune with this recipe was not run in this section: drops are "
+                "against the checkpoint only, and the target line below is provisional.")
+        w8a8 = [r["integer_acc"] for r in runs if r["method"] == "w8a8"]
+        if w8a8 and sum(w8a8) / len(w8a8) > reference:
+            text += (f" (W8A8 with this recipe reaches {100 * sum(w8a8) / len(w8a8):.2f} %, above "
+                     "the checkpoint: the recipe's extra training alone adds accuracy.)")
+    missing = [b for b in BASELINES[1:] if not any(r["method"] == b for r in runs)]
+    if missing:
+        text += f" Not run in this section: {', '.join(missing)}."
+    return text
+
+
+def _verdict(points: list[dict[str, Any]], source: str = "checkpoint only") -> list[str]:
+    """Plain statements: the best reduction at <= 1 pt drop (the points' ``drop_points`` are
+    against the section's stronger FP32, named by ``source``), and DJPQ vs two-stage at equal BOPs
     (also for the power-of-two restricted variants) and vs DQ-only (does pruning add anything)."""
     out = []
+    against = ("the stronger FP32 (its same-recipe fine-tune)" if source == FP32_FINETUNE
+               else "the stronger FP32 (the checkpoint)" if source == "checkpoint"
+               else "the FP32 checkpoint (no same-recipe FP32 fine-tune measured: provisional)")
     ok = [p for p in points if p["method"] == "djpq" and p["drop_points"] <= 1.0]
     if ok:
         best = max(ok, key=lambda p: p["bops_reduction"])
         seeds = f", mean of {best['seeds']} seeds" if best.get("seeds", 1) > 1 else ""
-        out.append(f"* DJPQ's largest reduction at ≤ 1 point drop: {best['bops_reduction']:.1f}× "
+        out.append(f"* DJPQ's largest reduction at ≤ 1 point below {against}: "
+                   f"{best['bops_reduction']:.1f}× at {best['drop_points']:.2f} points "
                    f"(γ={best['gamma']:g}{seeds}; target ≥ 200×: "
                    f"{'met' if best['bops_reduction'] >= 200 else 'not met'}).")
     else:
-        out.append("* No DJPQ run stays within 1 point of FP32 in this file.")
+        out.append(f"* No DJPQ run stays within 1 point of {against} in this section.")
     for mine, theirs in (("djpq", "two_stage"), ("djpq_restricted", "two_stage_restricted"),
                          ("djpq", "dq_only")):
         out.append(_compare(points, mine, theirs))
@@ -251,7 +385,7 @@ def _compare(points: list[dict[str, Any]], mine: str, theirs: str) -> str:
             f"(positive: {mine} better).{between}")
 
 
-def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], path: Path) -> None:
+def _plot(sections: dict[Section, list[dict[str, Any]]], path: Path) -> None:
     try:
         import matplotlib
 
@@ -269,11 +403,13 @@ def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], pat
     for ax in axes.flat[len(sections):]:
         ax.set_visible(False)
     ordered = sorted(sections.items(), key=_section_order)
-    for ax, ((model, recipe), runs) in zip(axes.flat, ordered, strict=False):
-        points = _points(runs)
+    for ax, ((model, checkpoint, recipe), runs) in zip(axes.flat, ordered, strict=False):
+        reference, source = reference_fp32(runs)
+        # the FP32 fine-tune is drawn as a line (its point would sit at FP32 BOPs, far right)
+        points = [p for p in _points(runs, reference) if p["method"] != FP32_FINETUNE]
         fp32 = runs[0]
-        floor = 100 * fp32["fp32_acc"] - FLOOR_POINTS  # collapsed runs would flatten the rest
-        colors = plt.get_cmap("tab10")
+        floor = 100 * reference - FLOOR_POINTS  # collapsed runs would flatten the rest
+        colors = plt.get_cmap("tab20")
         for i, method in enumerate(METHODS):
             pts = sorted((p["gbops"], 100 * p["integer_acc"]) for p in points
                          if p["method"] == method)
@@ -284,15 +420,21 @@ def _plot(sections: dict[tuple[str, tuple[Any, ...]], list[dict[str, Any]]], pat
             low = [(g, floor) for g, a in pts if a < floor]
             if low:
                 ax.plot(*zip(*low, strict=True), "v", color=colors(i), markersize=10)
-        ax.axhline(100 * fp32["fp32_acc"], color="black", ls="--", lw=0.8, label="FP32")
-        ax.axhline(100 * fp32["fp32_acc"] - 1.0, color="grey", ls=":", label="FP32 − 1 pt")
+        ax.axhline(100 * fp32["fp32_acc"], color="black", ls="--", lw=0.8,
+                   label="FP32 checkpoint")
+        if source != "checkpoint only":
+            tuned = [r["integer_acc"] for r in runs if r["method"] == FP32_FINETUNE]
+            ax.axhline(100 * sum(tuned) / len(tuned), color="black", ls="-.", lw=0.8,
+                       label="FP32 same-recipe fine-tune")
+        ax.axhline(100 * reference - 1.0, color="grey", ls=":", label="best FP32 − 1 pt")
         # zoom in on the points when none is near the floor
-        lowest = min([100 * p["integer_acc"] for p in points] + [100 * fp32["fp32_acc"] - 1.0])
+        lowest = min([100 * p["integer_acc"] for p in points] + [100 * reference - 1.0])
         ax.set_ylim(bottom=max(floor, lowest) - 0.5)
         ax.set_xscale("log")
         ax.set_xlabel("GBOPs (integer model, log)")
         ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"{model} (FP32 {fp32['fp32_gbops']:.2f} GBOPs)\n{_recipe_text(recipe)}",
+        ax.set_title(f"{model} (FP32 {fp32['fp32_gbops']:.2f} GBOPs, checkpoint {checkpoint})\n"
+                     f"{_recipe_text(recipe)}",
                      fontsize=9)
         xs = [p["gbops"] for p in points if p["gbops"] > 0]
         # within one decade the log axis has no major tick: label the minor ones instead
