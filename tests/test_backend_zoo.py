@@ -3,13 +3,17 @@
 onnxruntime), and fake-quant agrees with the integer model to <= 1 LSB per op.
 
 Models are random-init (``weights=None``) at a small input with ~40 % of every gate group
-closed (``djpq_compiler.testing.backend_zoo``). A sample runs by default; the rest is marked
-``slow``. No stage may raise anything but a ``DjpqError``, known failure or not. Known failures
-are listed with the stage that fails and why; a listed model that passes fails the test, so the
-table stays true. The full table: ``benchmarks/torchvision_zoo/BACKENDS.md``.
+closed (``djpq_compiler.testing.backend_zoo``). A sample runs by default (CI included); the
+whole zoo takes hours on 2 cores, so it runs only with ``DJPQ_FULL_ZOO=1`` (and ``slow``), or as
+``benchmarks/torchvision_zoo/backends.py``. No stage may raise anything but a ``DjpqError``,
+known failure or not. Known failures are listed with the stage that fails and why; a listed
+model that passes fails the test, so the table stays true. Full-zoo results:
+``benchmarks/torchvision_zoo/BACKENDS.md``.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -22,7 +26,10 @@ pytest.importorskip("onnxruntime")
 STAGES = ("convert", "agreement", "tvm", "onnx")
 
 #: model -> why it does not pass every stage yet.
-KNOWN_FAILURES: dict[str, str] = {}
+KNOWN_FAILURES: dict[str, str] = {
+    "alexnet": "onnx: at a 64x64 input the float adaptive avg pool maps 1x1 -> 6x6 (unequal "
+               "bins), which the ONNX exporter refuses (BackendError)",
+}
 
 SAMPLE = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
           "regnet_y_400mf", "efficientnet_b0"]
@@ -30,13 +37,15 @@ SAMPLE = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1
 HEAVY = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf",
          "regnet_x_32gf", "vit_b_16", "vit_b_32"}
 ALL = tv.models.list_models(module=tv.models)
+FULL = os.environ.get("DJPQ_FULL_ZOO") == "1"
 
 
 def _param(name: str) -> object:
     return pytest.param(name, marks=[] if name in SAMPLE else [pytest.mark.slow], id=name)
 
 
-@pytest.mark.parametrize("name", [_param(n) for n in ALL if n not in HEAVY])
+@pytest.mark.parametrize(
+    "name", [_param(n) for n in (ALL if FULL else SAMPLE) if n not in HEAVY])
 def test_backends(name: str) -> None:
     model = tv.models.get_model(name, weights=None).eval()
     result = check_backends(name, model, zoo_input(name))
