@@ -49,6 +49,10 @@ from djpq_compiler.passes.functional_norms import functional_norms_to_modules
 __all__ = ["capture", "as_input_tuple", "propagate_shapes", "export_probe", "graph_signature",
            "check_finite_inputs"]
 
+#: Start of the message of every ``torch._assert`` guard that capture inserts for a shape
+#: condition it decided; later passes keep these guards (``passes/fold_shape_code.py``).
+GUARD_PREFIX = "djpq: the model was captured for inputs where"
+
 _HOW_TO_FIX = (
     "Make the forward traceable: move data-dependent Python control flow into a submodule and "
     "pass its class in leaf_modules=(...) so it is kept opaque, or fix the branch with "
@@ -311,7 +315,7 @@ class _ConcreteTracer(_LeafTracer):
         cond = obj if value else self.create_proxy("call_function", operator.not_, (obj,), {})
         text = f"{node.format_node()} is {value}"
         self.create_proxy("call_function", torch._assert, (
-            cond, f"djpq: the model was captured for inputs where {node.name} is {value} (a "
+            cond, f"{GUARD_PREFIX} {node.name} is {value} (a "
                   "shape condition); prepare it again with example inputs of this shape"), {})
         self.specialized.append(text)
         return value

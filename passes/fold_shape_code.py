@@ -19,6 +19,9 @@ Guarantees:
   dimension (ONNX exports it symbolically). Values fed by non-tensor inputs are never folded.
 * ``torch._assert(cond, msg)`` with a folded (or literal) ``cond`` is removed when it holds; when
   it does not (pruning changed a size the model checks) a :class:`PruningError` names the node.
+  The guards capture inserted for shape conditions it decided (``capture.GUARD_PREFIX``) and the
+  shape code feeding them are kept: they make a call with other input shapes fail loudly
+  instead of running the branch taken at capture.
 * A placeholder that carries a default value (``attn_mask=None``, ``is_causal=False``) and
   received no tensor at capture is replaced by its default, so the converted model takes only
   the inputs it was captured with.
@@ -37,6 +40,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.errors import PruningError
+from djpq_compiler.passes.capture import GUARD_PREFIX
 from djpq_compiler.modules.quantizers import DQQuantizer
 
 __all__ = ["fold_shape_code", "FOLDABLE", "SHAPE_READS"]
@@ -271,6 +275,26 @@ def _fold_defaults(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _is_capture_guard(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``torch._assert`` guard that capture inserted."""
+    if _key(node) not in _ASSERTS:
+        return False
+    message = node.args[1] if len(node.args) > 1 else node.kwargs.get("msg", "")
+    return isinstance(message, str) and message.startswith(GUARD_PREFIX)
+
+
+def _guard_inputs(gm: fx.GraphModule, foldable: set[fx.Node]) -> set[fx.Node]:
+    """The foldable nodes that feed capture guards (kept, so the guards still check)."""
+    cone: set[fx.Node] = set()
+    stack = [a for n in gm.graph.nodes if _is_capture_guard(n) for a in n.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node in foldable and node not in cone:
+            cone.add(node)
+            stack.extend(node.all_input_nodes)
+    return cone
+
+
 def _fold_asserts(gm: fx.GraphModule) -> bool:
     """Remove ``torch._assert`` nodes with a constant condition; raise when it is false."""
     changed = False
@@ -278,7 +302,7 @@ def _fold_asserts(gm: fx.GraphModule) -> bool:
         if _key(node) not in _ASSERTS or not node.args:
             continue
         cond = node.args[0]
-        if isinstance(cond, fx.Node):
+        if isinstance(cond, fx.Node) or _is_capture_guard(node):
             continue  # depends on the batch or on tensor values: kept
         if not bool(cond):
             message = node.args[1] if len(node.args) > 1 else node.kwargs.get("msg", "")
@@ -305,6 +329,7 @@ def fold_shape_code(gm: fx.GraphModule) -> PassResult:
     """
     changed = _fold_defaults(gm)
     foldable = _shape_derived(gm)
+    foldable -= _guard_inputs(gm, foldable)
     values = _static_values(gm, foldable)
     for node in gm.graph.nodes:
         if node in values:
