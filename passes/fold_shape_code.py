@@ -40,8 +40,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.errors import PruningError
-from djpq_compiler.passes.capture import GUARD_PREFIX
 from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.passes.capture import GUARD_PREFIX
 
 __all__ = ["fold_shape_code", "FOLDABLE", "SHAPE_READS"]
 

@@ -58,7 +58,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 TRAINED = ("vgg7", "resnet20", "mobilenetv2")
 BACKENDS = ("torch_fp32", "tvm", "onnxruntime")
-LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ"}
+LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ",
+          "tvm_unfused": "TVM unfused"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="where the trained states (NAME.pt + NAME.json) are")
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-unfused", action="store_true",
+                    help="also time a TVM build without the elementwise fusion and CPU schedule "
+                         "before tvm.compile (backend tvm_unfused: the build before issue #15's "
+                         "fusion change), interleaved with the others")
     return ap.parse_args(argv)
 
 
@@ -241,12 +246,29 @@ def timed_rounds(fns: dict[str, Callable[[], Any]], runs: int, warmup: int,
     return times
 
 
+def build_unfused(converted: nn.Module, x: torch.Tensor) -> Any:
+    """``build(converted, "x86")`` with ``tvm.compile`` on the module as lowered (no fusion)."""
+    import functools
+    from unittest import mock
+
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.backends.tvm import adapter
+
+    unfused = functools.partial(adapter.compile_module, fuse=False)
+    with mock.patch.object(adapter, "compile_module", unfused):
+        return tvm_backend.build(converted, "x86", example_inputs=(x,))
+
+
 def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tensor,
-              rec: dict[str, Any]) -> Callable[[], Any] | None:
+              rec: dict[str, Any], unfused: bool = False) -> Callable[[], Any] | None:
     """Build, check bit-exactness, record build times and kernels; None when TVM fails."""
     from djpq_compiler.backends import tvm as tvm_backend
 
     b = str(x.shape[0])
+    if unfused:
+        compiled = build_unfused(converted, x)
+        rec.setdefault("tvm_unfused_bit_exact", {})[b] = bool(torch.equal(compiled(x), ref))
+        return tvm_runner(compiled, x)
     try:
         t0 = time.perf_counter()
         compiled = tvm_backend.build(converted, "x86", example_inputs=(x,))
@@ -287,6 +309,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     with torch.no_grad():
         refs = {b: converted(x) for b, x in xs.items()}
     tvm_fns = {b: build_tvm(name, converted, x, refs[b], rec) for b, x in xs.items()}
+    unfused_fns = ({b: build_tvm(name, converted, x, refs[b], rec, unfused=True)
+                    for b, x in xs.items()} if args.compare_unfused else {})
     onnx_path = onnx_backend.export(converted, work / f"{name}.onnx", (xs[batches[0]],))
     rec["onnx_bytes"] = onnx_path.stat().st_size
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -302,6 +326,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
             if tvm_fns[b] is not None:
                 fns["tvm"] = tvm_fns[b]  # type: ignore[assignment]
             fns["onnxruntime"] = lambda s=session, f=feed: s.run(None, f)
+            if b in unfused_fns:
+                fns["tvm_unfused"] = unfused_fns[b]  # type: ignore[assignment]
             load0 = os.getloadavg()[0]
             times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds)
             med = {k: statistics.median(v) for k, v in times.items() if v}
@@ -349,7 +375,9 @@ def fmt(v: float | None) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("| model | batch | threads | " + " | ".join(f"{LABELS[b]} ms" for b in BACKENDS)
+    backends = BACKENDS + (("tvm_unfused",) if any(
+        "tvm_unfused" in c["median_ms"] for r in results for c in r["cells"]) else ())
+    head = ("| model | batch | threads | " + " | ".join(f"{LABELS[b]} ms" for b in backends)
             + " | TVM ×FP32 | onnxruntime ×FP32 | TVM ×onnxruntime | runs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rec in results:
@@ -359,7 +387,7 @@ def table(results: list[dict[str, Any]]) -> str:
             vs_ort = (f"{med['onnxruntime'] / med['tvm']:.2f}×"
                       if "tvm" in med and "onnxruntime" in med else "—")
             lines.append(f"| {rec['model']} | {cell['batch']} | {cell['threads']} | "
-                         + " | ".join([fmt(med.get(k)) for k in BACKENDS] + ratios + [vs_ort])
+                         + " | ".join([fmt(med.get(k)) for k in backends] + ratios + [vs_ort])
                          + f" | {min(cell['runs'].values())} |")
     return "\n".join(lines)
 
