@@ -280,10 +280,7 @@ class _ConcreteTracer(_LeafTracer):
         kwargs = fx.node.map_arg(node.kwargs, self._values.__getitem__)
         with torch.no_grad(), _modules_unpatched():
             if node.op == "get_attr":
-                value: Any = self.root
-                for part in str(node.target).split("."):
-                    value = getattr(value, part)
-                return value
+                return operator.attrgetter(str(node.target))(self.root)
             if node.op == "call_module":
                 return self.root.get_submodule(str(node.target))(*args, **kwargs)
             if node.op == "call_method":

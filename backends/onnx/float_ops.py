@@ -55,9 +55,7 @@ def _tensor(ctx: Emitter, node: fx.Node) -> QValue | FValue:
 
 @register("get_attr")
 def _get_attr(ctx: Emitter, node: fx.Node) -> Value:
-    value = ctx.gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
+    value = operator.attrgetter(str(node.target))(ctx.gm)
     if not torch.is_tensor(value):
         raise BackendError(f"{node.format_node()}: only tensor attributes are exported")
     return FValue(ctx.const(value.detach().cpu().float().numpy(), node.name))

@@ -62,9 +62,7 @@ def _attr_tensor(ctx: Emitter, node: fx.Node, arg: Any) -> torch.Tensor | None:
     if arg is None:
         return None
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value: Any = ctx.gm
-        for part in str(arg.target).split("."):
-            value = getattr(value, part)
+        value: Any = operator.attrgetter(str(arg.target))(ctx.gm)
         if torch.is_tensor(value):
             return value
     raise BackendError(f"{node.format_node()}: layer_norm weight/bias must be parameters")

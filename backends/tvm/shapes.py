@@ -378,9 +378,7 @@ def convert_assert(ctx: Lowering, node: fx.Node) -> Lowered:
 def convert_get_attr(ctx: Lowering, node: fx.Node) -> Lowered:
     """A tensor attribute (class token, positional embedding, norm weight) as a constant:
     float tensors as float32, integer tensors as codes in their own range."""
-    value: Any = ctx.gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
+    value: Any = operator.attrgetter(str(node.target))(ctx.gm)
     if not torch.is_tensor(value):
         raise BackendError(f"{node.format_node()}: only tensor attributes are lowered")
     data = value.detach().cpu()
