@@ -1,6 +1,9 @@
 """Backends lowering converted models (installed as ``djpq_compiler.backends``).
 
-``reference`` (integer semantics, always available), ``tvm`` (needs the ``tvm`` extra) and
+They consume the integer IR that ``convert`` produces (:mod:`djpq_compiler.ir`, which also
+executes it: the reference semantics every backend is checked against).
+
+``tvm`` (needs the ``tvm`` extra) and
 ``onnx`` (needs ``onnx``/``onnxruntime``) are imported on first attribute access, so
 ``djpq.backends.tvm.build(...)`` works without importing TVM at package import time.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["reference", "tvm", "onnx"]
+__all__ = ["tvm", "onnx"]
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -8,9 +8,9 @@ Subcommands (one function each, registered in :data:`COMMANDS`):
   prepare + calibrate, DJPQ fine-tune (time budget), ``convert`` to an integer model, integer
   accuracy, TVM build for the host (bit-exact check, latency), ONNX export (verify, onnxruntime
   latency), and ``runs/demo-<model>/report.md`` with plots; the pipeline itself is
-  :func:`djpq_compiler.demo.run_demo` (callable from Python with a ``DemoOptions``).
+  :func:`djpq_compiler.workflows.demo.run_demo` (callable from Python with a ``DemoOptions``).
 * ``djpq compress --model module:function --data DIR`` — the same pipeline for a user model and
-  an ``ImageFolder`` dataset (:func:`djpq_compiler.compress.run_compress`).
+  an ``ImageFolder`` dataset (:func:`djpq_compiler.workflows.compress.run_compress`).
 
 Bad arguments exit with status 2 and one line on stderr; a :class:`~djpq_compiler.errors.DjpqError`
 exits with status 1 and its message.
@@ -73,7 +73,7 @@ def _positive_bits(text: str) -> float:
 
 def _model_spec(text: str) -> str:
     """argparse type: a zoo model name or ``module:function`` (else exit code 2)."""
-    from djpq_compiler.zoo import MODELS
+    from djpq_compiler.workflows.zoo import MODELS
 
     if ":" in text or text in MODELS:
         return text
@@ -92,10 +92,10 @@ def _cwd_on_path() -> None:
 def _build_model(spec: str) -> nn.Module:
     """A zoo name, or ``module:function`` / ``file.py:function`` returning an ``nn.Module``."""
     if ":" not in spec:
-        from djpq_compiler.zoo import get_model
+        from djpq_compiler.workflows.zoo import get_model
 
         return get_model(spec)
-    from djpq_compiler.compress import load_factory
+    from djpq_compiler.workflows.compress import load_factory
 
     _cwd_on_path()
     return load_factory(spec)
@@ -105,7 +105,7 @@ def _build_model(spec: str) -> nn.Module:
 
 
 def _add_bops(sub: argparse._SubParsersAction) -> None:
-    from djpq_compiler.zoo import MODELS
+    from djpq_compiler.workflows.zoo import MODELS
 
     p = sub.add_parser("bops", help="print the BOPs table of a model",
                        description="Print per-layer BOPs of a zoo model or a user model factory.")
@@ -132,7 +132,7 @@ def cmd_bops(args: argparse.Namespace) -> int:
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
-    from djpq_compiler.zoo import MODELS
+    from djpq_compiler.workflows.zoo import MODELS
 
     p = sub.add_parser("analyze", help="print the channel groups of a model",
                        description="Print the channel groups (what must be pruned together), "
@@ -191,7 +191,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _zoo_name(text: str) -> str:
-    from djpq_compiler.zoo import MODELS
+    from djpq_compiler.workflows.zoo import MODELS
 
     if text in MODELS:
         return text
@@ -245,7 +245,7 @@ def _finish(command: str, outcome: Any) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from djpq_compiler.demo import DEMO_FALLBACKS
+    from djpq_compiler.workflows.demo import DEMO_FALLBACKS
 
     p = sub.add_parser(
         "demo", help="the main job: DJPQ fine-tune, convert to integer, TVM + ONNX, report",
@@ -267,7 +267,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 @_command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: FP32 -> DJPQ fine-tune -> integer model -> TVM / ONNX -> report."""
-    from djpq_compiler.demo import DemoOptions, run_demo
+    from djpq_compiler.workflows.demo import DemoOptions, run_demo
 
     options = DemoOptions(model=args.model, data=args.data, **_run_options(args))
     return _finish("demo", run_demo(options, command="djpq " + shlex.join(args.argv)))
@@ -310,7 +310,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
 @_command("compress")
 def cmd_compress(args: argparse.Namespace) -> int:
     """The demo pipeline for a user model factory and an ImageFolder dataset."""
-    from djpq_compiler.compress import CompressOptions, run_compress
+    from djpq_compiler.workflows.compress import CompressOptions, run_compress
 
     _cwd_on_path()
     options = CompressOptions(model=args.model, data=args.data, input_shape=args.input_shape,

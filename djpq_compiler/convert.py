@@ -104,7 +104,7 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
 
     Args:
         prepared: The output of :func:`djpq_compiler.prepare` (possibly DDP-wrapped), trained.
-        integer: ``True``: integer modules (``backends/reference``) wherever the prepared model
+        integer: ``True``: integer modules (``djpq_compiler/ir``) wherever the prepared model
             quantized activations; ``False``: the pruned float model with BN and gates folded.
 
     Returns:

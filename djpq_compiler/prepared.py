@@ -199,7 +199,8 @@ def freeze_for_deployment(model: nn.Module) -> None:
     re-admits, never-empty groups and rounded counts, get ``log sigma^2`` lowered so that they
     pass the threshold); all gate and quantizer parameters get ``requires_grad=False``. The model
     then computes exactly the deployed network while its weights (and BN) keep training: the
-    finalization phase of :func:`~djpq_compiler.finetune.finetune`, which lets the weights adapt
+    finalization phase of :func:`~djpq_compiler.workflows.finetune.finetune`, which lets the
+    weights adapt
     to the rounded-up bit-widths instead of meeting them only at conversion.
     """
     gm = unwrap(model)

@@ -6,12 +6,12 @@ the allow-lists below, which are built from fixed namespaces when this module is
 * **call targets** (:func:`target_table`): public tensor ops of ``torch`` (the ATen functions and
   ``torch.functional``), ``torch.nn.functional``, ``operator``, ``math``, ``builtins.getattr``,
   ``torch._assert`` and the functions of the integer reference executor
-  (``djpq_compiler.backends.reference``);
+  (``djpq_compiler.ir``);
   calls that take a callable or touch files (``torch.from_file``, ``operator.call``,
   ``operator.methodcaller``, ...) are left out;
 * **method names** (:func:`allowed_method`): public ``torch.Tensor`` methods, minus the ones that
   take a Python callable (``apply_``, ``register_hook``, ...);
-* **module classes** (:func:`module_table`): the integer modules of ``backends/reference`` and the
+* **module classes** (:func:`module_table`): the integer modules of ``djpq_compiler/ir`` and the
   float ``torch.nn`` layers that can remain in float islands;
 * **value classes** (:func:`dataclass_table`): the frozen records a converted model carries in its
   ``meta`` and attributes (``AddRescale``, ``PreparedLayer``, ``DJPQConfig``, ``ChannelGroup``...).
@@ -113,10 +113,11 @@ def target_table() -> Mapping[str, Callable[..., Any]]:
     add("math", math, dir(math))
     table["builtins.getattr"] = builtins.getattr
     table["torch._assert"] = torch._assert  # shape checks (x.ndim == 4) left in a traced graph
-    from djpq_compiler.backends import reference
+    from djpq_compiler import ir
 
-    add("djpq_compiler.backends.reference", reference,
-        [n for n in reference.__all__ if inspect.isfunction(getattr(reference, n))])
+    names = [n for n in ir.__all__ if inspect.isfunction(getattr(ir, n))]
+    add("djpq_compiler.ir", ir, names)
+    add(_LEGACY_IR, ir, names)  # artifacts written before the IR moved out of backends/
     return table
 
 
@@ -143,10 +144,11 @@ def allowed_method(name: object) -> bool:
 @functools.cache
 def module_table() -> Mapping[str, type[nn.Module]]:
     """Allow-listed module classes by qualified name (``torch.nn.Conv2d``, integer modules)."""
-    from djpq_compiler.backends.reference.modules import INTEGER_MODULES
+    from djpq_compiler.ir.modules import INTEGER_MODULES
 
     table = {f"torch.nn.{cls.__name__}": cls for cls in _FLOAT_MODULES}
     table.update({_qualname(cls): cls for cls in INTEGER_MODULES})
+    table.update({_legacy(cls): cls for cls in INTEGER_MODULES})  # read-only aliases
     return table
 
 
@@ -161,15 +163,26 @@ def module_class_name(cls: type) -> str | None:
 @functools.cache
 def dataclass_table() -> Mapping[str, type]:
     """Allow-listed record classes (frozen dataclasses and enums) by qualified name."""
-    from djpq_compiler.backends.reference.elementwise import AddRescale
     from djpq_compiler.config import DJPQConfig, GateSpec, Override, QuantSpec, ResolvedLayerConfig
+    from djpq_compiler.ir.elementwise import AddRescale
     from djpq_compiler.passes.dependency.groups import ChannelGroup, Member
     from djpq_compiler.passes.dependency.state import Role, Zero
     from djpq_compiler.prepared import PreparedLayer
 
     classes = (AddRescale, DJPQConfig, GateSpec, Override, QuantSpec, ResolvedLayerConfig,
                ChannelGroup, Member, Role, Zero, PreparedLayer)
-    return {_qualname(cls): cls for cls in classes}
+    table = {_qualname(cls): cls for cls in classes}
+    table[_legacy(AddRescale)] = AddRescale
+    return table
+
+
+_LEGACY_IR = "djpq_compiler.backends.reference"
+
+
+def _legacy(cls: type) -> str:
+    """The name an IR class had before the IR moved from ``backends/reference`` to
+    ``djpq_compiler.ir``: accepted when loading, never written (new names come first)."""
+    return _qualname(cls).replace("djpq_compiler.ir", _LEGACY_IR, 1)
 
 
 def _dtype_names() -> Mapping[str, object]:

@@ -11,7 +11,7 @@ File layout (``FORMAT_VERSION`` 1)::
     <M bytes: tensor file>                        torch.save of {key: tensor}, read weights_only
 
 The model JSON holds the fx graph (each node's op, name, target and args/kwargs with node
-references), every submodule as an allow-listed class (integer modules of ``backends/reference``,
+references), every submodule as an allow-listed class (integer modules of ``djpq_compiler/ir``,
 float ``torch.nn`` layers) with its configuration (its plain attributes) and the keys of its
 parameters and buffers, and ``gm.meta`` (records such as ``PreparedLayer`` are allow-listed).
 ``call_function`` / ``call_method`` targets must be in the allow-lists of

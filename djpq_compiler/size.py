@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from djpq_compiler.backends.reference.modules import _IntLayer
 from djpq_compiler.errors import ConfigError
+from djpq_compiler.ir.modules import _IntLayer
 
 __all__ = ["SizeRow", "SizeReport", "model_size"]
 

@@ -22,7 +22,7 @@ What every process (rank) does:
    gradient all-reduce waits forever for the rank that stopped.
 4. For the last ``--finalize`` fraction of the steps, freezes gates and quantizers at what
    ``convert`` deploys (:func:`djpq_compiler.freeze_for_deployment`, as
-   :func:`djpq_compiler.finetune.finetune` does) and re-wraps the model in DDP, which only
+   :func:`djpq_compiler.workflows.finetune.finetune` does) and re-wraps the model in DDP, which only
    synchronizes parameters that still get gradients.
 5. Prints a fingerprint (SHA-256) of its parameters: equal fingerprints show the ranks agree.
    Rank 0 then saves the checkpoint (the prepared ``state_dict``), converts to the integer
@@ -47,10 +47,10 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import djpq_compiler as djpq
 from djpq_compiler.backends import onnx as onnx_backend
-from djpq_compiler.data import load_fashion_mnist
-from djpq_compiler.finetune import FinetuneConfig, accuracy
-from djpq_compiler.train import seed_everything
-from djpq_compiler.zoo import load_pretrained
+from djpq_compiler.workflows.data import load_fashion_mnist
+from djpq_compiler.workflows.finetune import FinetuneConfig, accuracy
+from djpq_compiler.workflows.train import seed_everything
+from djpq_compiler.workflows.zoo import load_pretrained
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

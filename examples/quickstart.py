@@ -3,7 +3,7 @@
 The FP32 VGG-7 reference checkpoint is prepared (VIB gates + DQ quantizers, calibrated),
 fine-tuned for a few steps on ``task loss + gamma * djpq_loss``, converted to an integer model,
 measured in BOPs and exported to ONNX (QDQ). Data: a 2,048-image Fashion-MNIST training subset
-(``djpq_compiler.data``), or random images when Fashion-MNIST is not installed (then the
+(``djpq_compiler.workflows.data``), or random images when Fashion-MNIST is not installed (then the
 accuracies mean nothing, but every API call runs the same). Well under a minute on 2 CPU cores::
 
     python examples/quickstart.py [--steps 20] [--gamma 1] [--out runs/quickstart]
@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import djpq_compiler as djpq
 from djpq_compiler.backends import onnx as onnx_backend
-from djpq_compiler.data import fashion_mnist_loaders
-from djpq_compiler.finetune import accuracy
-from djpq_compiler.zoo import load_pretrained
+from djpq_compiler.workflows.data import fashion_mnist_loaders
+from djpq_compiler.workflows.finetune import accuracy
+from djpq_compiler.workflows.zoo import load_pretrained
 
 
 def loaders() -> tuple[DataLoader, DataLoader, str]:

@@ -18,7 +18,7 @@ Guarantees:
   get one on their output *and on each operand* (integer add/concat takes integer operands).
   The network input (a placeholder) is quantized at ``config.input_bits``, fixed.
 * **Pre-activations** (``config.quantize_pre_activation``, default on) [choice]: the input of a
-  non-ReLU elementwise activation (the ``UNARY_OPS`` of ``backends/reference/lookup.py`` other
+  non-ReLU elementwise activation (the ``UNARY_OPS`` of ``djpq_compiler/ir/lookup.py`` other
   than ReLU/ReLU6: sigmoid, hardsigmoid, hardswish, SiLU, GELU, tanh, hardtanh) that reads a
   conv/linear output (through its BN and gate) gets a quantizer ``a_<BN or gate or layer>``, so
   that ``convert`` lowers the layer with integer output codes and the activation to an exact
@@ -52,8 +52,8 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.utils import parametrize
 
-from djpq_compiler.backends.reference.lookup import BINARY_OPS, LUT_MAX_BITS, UNARY_OPS
 from djpq_compiler.config import DJPQConfig, QuantSpec, ResolvedLayerConfig
+from djpq_compiler.ir.lookup import BINARY_OPS, LUT_MAX_BITS, UNARY_OPS
 from djpq_compiler.layers import Layer, tensor_shape
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.sign_analysis import NONNEG_RULES, nonnegative_nodes

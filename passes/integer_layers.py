@@ -25,10 +25,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.backends.reference.fixedpoint import qrange
-from djpq_compiler.backends.reference.ops import accumulator_bound, requant_params
 from djpq_compiler.errors import BiasSaturationWarning, QuantizationError
+from djpq_compiler.ir import modules as im
+from djpq_compiler.ir.fixedpoint import qrange
+from djpq_compiler.ir.ops import accumulator_bound, requant_params
 
 __all__ = ["LayerParams", "layer_params", "bias_agreement_lsb"]
 
@@ -118,8 +118,9 @@ class LayerParams:
         if self.kind == "linear":
             layer: nn.Module = im.IntLinear(**kwargs)
         else:
-            layer = im.IntConv2d(stride=mod.stride, padding=mod.padding,
-                                 dilation=mod.dilation, groups=mod.groups, **kwargs)
+            conv = cast(nn.Conv2d, mod)
+            layer = im.IntConv2d(stride=conv.stride, padding=cast(tuple[int, int], conv.padding),
+                                 dilation=conv.dilation, groups=conv.groups, **kwargs)
         layer.agreement_lsb = lsb  # type: ignore[assignment]
         return layer
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.backends.reference.pooling import pooled_size
+from djpq_compiler.errors import QuantizationError
+from djpq_compiler.ir import modules as im
+from djpq_compiler.ir.pooling import pooled_size
 
 __all__ = ["pool_module", "window_sum"]
 
@@ -27,7 +28,8 @@ def _from_module(mod: nn.Module) -> nn.Module | None:
                                _pair(mod.padding), mod.ceil_mode, mod.count_include_pad,
                                mod.divisor_override)
     if isinstance(mod, nn.AdaptiveAvgPool2d):
-        return im.IntAdaptiveAvgPool2d(mod.output_size)
+        size = _static_size(mod.output_size)
+        return im.IntAdaptiveAvgPool2d(size) if size is not None else None
     return None
 
 
@@ -44,11 +46,28 @@ def _from_function(node: fx.Node) -> nn.Module | None:
         return im.IntAvgPool2d(k, _pair(s) if s else k, _pair(_arg(node, 3, "padding", 0)),
                                bool(_arg(node, 4, "ceil_mode", False)),
                                bool(_arg(node, 5, "count_include_pad", True)),
-                               _arg(node, 6, "divisor_override", None))
+                               _divisor(node, _arg(node, 6, "divisor_override", None)))
     if node.target is F.adaptive_avg_pool2d:
-        size = _adaptive_size(node)
+        size = _static_size(_adaptive_size(node))
         return im.IntAdaptiveAvgPool2d(size) if size is not None else None
     return None
+
+
+def _static_size(size: object) -> int | tuple[int, int] | None:
+    """An adaptive pool's output size when it is all ints; ``None`` (e.g. ``(None, 7)``, "keep
+    the input's size") leaves the pool to the float path instead of guessing."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return (int(size[0]), int(size[1]))
+    return None
+
+
+def _divisor(node: fx.Node, value: object) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    raise QuantizationError(f"{node.format_node()}: divisor_override={value!r} is not a constant "
+                            "int; pass a Python int (or None)")
 
 
 def _adaptive_size(node: fx.Node) -> object:

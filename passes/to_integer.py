@@ -4,12 +4,12 @@ Requires: a prepared graph after ``fold_gates``, ``strip_weight_quantizers`` (``
 ``prune_graph`` and ``fold_scales(scale_layers=False)`` (``djpq.layer_scales``); eval mode.
 Guarantees: a new ``GraphModule`` (``meta["djpq.stage"] == "converted"``) whose values are integer
 codes wherever the prepared model had an activation quantizer, computed by the modules of
-``backends/reference/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
+``djpq_compiler/ir/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
 one ``IntConv2d``/``IntLinear`` (weight codes of the learned grid, BN and gate factors folded into
 per-channel dyadic multipliers, ReLU as the clip range); residual adds and concats of quantized
 operands become ``IntAdd``/``IntConcat``; a product of two quantized tensors read by a quantizer
 (the squeeze-excite ``x * gate``) an ``IntMul``; pooling, ReLU and shape ops run on codes; an
-elementwise unary function (``UNARY_OPS`` of ``backends/reference/lookup.py``: sigmoid, hardswish,
+elementwise unary function (``UNARY_OPS`` of ``djpq_compiler/ir/lookup.py``: sigmoid, hardswish,
 SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
 ``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
 ``Quantize`` and is listed in ``meta["djpq.float_ops"]``. Conversion never changes what a node
@@ -32,11 +32,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.backends.reference.elementwise import add_rescale, concat_rescales
-from djpq_compiler.backends.reference.fixedpoint import qrange
-from djpq_compiler.backends.reference.lookup import LUT_MAX_BITS, IntLUT, build_table, unary_op_name
 from djpq_compiler.errors import QuantizationError
+from djpq_compiler.ir import modules as im
+from djpq_compiler.ir.elementwise import add_rescale, concat_rescales
+from djpq_compiler.ir.fixedpoint import qrange
+from djpq_compiler.ir.lookup import LUT_MAX_BITS, IntLUT, build_table, unary_op_name
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.fold_scales import fold_layer_scale
 from djpq_compiler.passes.integer_layers import layer_params

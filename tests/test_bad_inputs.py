@@ -21,7 +21,6 @@ from tiny_models import InvertedResidual, Residual
 from torch import nn
 
 import djpq_compiler as djpq
-from djpq_compiler import data, zoo
 from djpq_compiler.config import DJPQConfig, GateSpec, Override, QuantSpec
 from djpq_compiler.errors import (
     ArtifactError,
@@ -36,6 +35,7 @@ from djpq_compiler.errors import (
     QuantizationError,
     UnsupportedOpError,
 )
+from djpq_compiler.workflows import data, zoo
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from djpq_compiler import ConfigError, analyze, bops, prepare, zoo
+from djpq_compiler import ConfigError, analyze, bops, prepare
 from djpq_compiler.cli import main
-from djpq_compiler.demo import demo_model
+from djpq_compiler.workflows import zoo
+from djpq_compiler.workflows.demo import demo_model
 
 
 def test_bops_zoo_model_prints_table_and_total(capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,7 +26,7 @@ def test_bops_zoo_model_prints_table_and_total(capsys: pytest.CaptureFixture[str
 
 
 def test_bops_bits_and_user_factory(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["bops", "--model", "djpq_compiler.zoo:resnet20", "--input-shape", "1,1,32,32",
+    args = ["bops", "--model", "djpq_compiler.workflows.zoo:resnet20", "--input-shape", "1,1,32,32",
             "--weight-bits", "8", "--act-bits", "8"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -43,7 +44,7 @@ def test_bops_bits_and_user_factory(capsys: pytest.CaptureFixture[str]) -> None:
     ["demo", "--minutes", "-1"],
     ["demo", "--minutes", "soon"],
     ["demo", "--train-subset", "0"],
-    ["demo", "--model", "djpq_compiler.zoo:vgg7"],
+    ["demo", "--model", "djpq_compiler.workflows.zoo:vgg7"],
     ["demo", "--frobnicate"],
     ["frobnicate"],
     [],
@@ -56,7 +57,7 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
 
 
 def test_unloadable_factory_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bops", "--model", "djpq_compiler.zoo:no_such_model"]) == 1
+    assert main(["bops", "--model", "djpq_compiler.workflows.zoo:no_such_model"]) == 1
     err = capsys.readouterr().err
     assert "no_such_model" in err and "module:function" in err
 
@@ -266,7 +267,12 @@ def test_compress_grayscale_file_factory_inferred_shape(
 
 
 def test_compress_transforms_and_class_remap(tmp_path: Path) -> None:
-    from djpq_compiler.compress import channel_stats, find_splits, image_folders, image_transform
+    from djpq_compiler.workflows.compress import (
+        channel_stats,
+        find_splits,
+        image_folders,
+        image_transform,
+    )
 
     root = _write_image_folder(tmp_path, {"train": 3, "val": 2})
     for path in (root / "val" / "blue").iterdir():  # val lacks a class: indices must not shift
@@ -346,8 +352,8 @@ def test_compress_help_lists_every_option(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_options_are_validated() -> None:
-    from djpq_compiler.compress import CompressOptions
-    from djpq_compiler.demo import DemoOptions
+    from djpq_compiler.workflows.compress import CompressOptions
+    from djpq_compiler.workflows.demo import DemoOptions
 
     with pytest.raises(ConfigError, match="minutes"):
         DemoOptions(minutes=float("nan"))
@@ -359,8 +365,8 @@ def test_options_are_validated() -> None:
 
 
 def test_run_demo_from_python(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from djpq_compiler.data import find_root
-    from djpq_compiler.demo import DemoOptions, run_demo
+    from djpq_compiler.workflows.data import find_root
+    from djpq_compiler.workflows.demo import DemoOptions, run_demo
 
     if not find_root().is_dir():
         pytest.skip("Fashion-MNIST is not installed")

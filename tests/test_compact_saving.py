@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import djpq_compiler as djpq
-from djpq_compiler import zoo
 from djpq_compiler.modules import DQQuantizer, VIBGate, saved
+from djpq_compiler.workflows import zoo
 
 
 def _quantizer(signed: bool, bits: int = 4) -> DQQuantizer:

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import djpq_compiler as djpq
-from djpq_compiler import ConfigError, QuantizationError, zoo
+from djpq_compiler import ConfigError, QuantizationError
 from djpq_compiler.config import DJPQConfig, QuantSpec
 from djpq_compiler.convert import convert
 from djpq_compiler.prepared import gates, set_gates_deterministic, set_quantizers
 from djpq_compiler.verify import integer_agreement
+from djpq_compiler.workflows import zoo
 
 
 def _prepare(model: nn.Module, x: torch.Tensor, seed: int = 0,

@@ -255,8 +255,8 @@ def _big_bias_model(units: float) -> tuple[torch.fx.GraphModule, torch.Tensor]:
 
 @pytest.mark.parametrize("units", [3e9, 2**31 - 1000.0])  # beyond int32; within but next to it
 def test_bias_beyond_int32_room_is_clamped_loudly_and_saturates_alike(units: float) -> None:
-    from djpq_compiler.backends.reference.ops import accumulator_bound
     from djpq_compiler.errors import BiasSaturationWarning
+    from djpq_compiler.ir.ops import accumulator_bound
 
     prepared, x = _big_bias_model(units)
     with pytest.warns(BiasSaturationWarning, match=r"layer _2: channel\(s\) \[0\]"):

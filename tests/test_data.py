@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from djpq_compiler import data
 from djpq_compiler.errors import ConfigError, DataError
+from djpq_compiler.workflows import data
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import djpq_compiler as djpq
-from djpq_compiler.data import find_root
-from djpq_compiler.zoo import load_pretrained
+from djpq_compiler.workflows.data import find_root
+from djpq_compiler.workflows.zoo import load_pretrained
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import djpq_compiler as djpq
-from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.ir import modules as im
 from djpq_compiler.modules.quantizers import levels
 from djpq_compiler.passes.integer_layers import bias_agreement_lsb
 from djpq_compiler.prepared import freeze_for_deployment, quantizers

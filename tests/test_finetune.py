@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import djpq_compiler as djpq
 from djpq_compiler import ConfigError
 from djpq_compiler.convert import convert
-from djpq_compiler.finetune import FinetuneConfig, accuracy, finetune
 from djpq_compiler.modules import DQQuantizer, VIBGate
 from djpq_compiler.prepared import gates, quantizers, snap_quantizers
 from djpq_compiler.verify import integer_agreement
+from djpq_compiler.workflows.finetune import FinetuneConfig, accuracy, finetune
 
 
 def _data(n: int = 64) -> DataLoader:

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import djpq_compiler as djpq
-from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.backends.reference.lookup import BINARY_OPS, UNARY_OPS, IntLUT, build_table
 from djpq_compiler.convert import convert
+from djpq_compiler.ir import modules as im
+from djpq_compiler.ir.lookup import BINARY_OPS, UNARY_OPS, IntLUT, build_table
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.verify import integer_agreement
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import djpq_compiler as djpq
-from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.ir import modules as im
 from djpq_compiler.modules.quantizers import levels
 from djpq_compiler.prepared import freeze_for_deployment, quantizers
 from djpq_compiler.verify import integer_agreement

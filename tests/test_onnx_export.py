@@ -24,14 +24,14 @@ from djpq_compiler.config import DJPQConfig, QuantSpec
 from djpq_compiler.convert import convert
 from djpq_compiler.errors import BackendError
 from djpq_compiler.prepared import gates
-from djpq_compiler.zoo import get_model
+from djpq_compiler.workflows.zoo import get_model
 from tests import tiny_models as tm
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from djpq_compiler.backends.onnx import export, verify  # noqa: E402
-from djpq_compiler.backends.reference import modules as im  # noqa: E402
+from djpq_compiler.ir import modules as im  # noqa: E402
 
 TINY = {
     "Residual": (tm.Residual, (2, 3, 8, 8)),

@@ -47,8 +47,8 @@ def test_frontier_and_equal_bops_comparison() -> None:
 
 @pytest.mark.slow
 def test_claims_smoke_run_writes_table_and_plot(tmp_path) -> None:
-    from djpq_compiler.data import fashion_mnist_loaders
     from djpq_compiler.errors import DataError
+    from djpq_compiler.workflows.data import fashion_mnist_loaders
 
     try:
         fashion_mnist_loaders(train_subset=8, test_subset=8)

@@ -17,7 +17,7 @@ from djpq_compiler.errors import ConfigError, QuantizationError
 from djpq_compiler.modules.gates import VIBGate
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.prepared import gates, quantizers
-from djpq_compiler.zoo import mobilenetv2_small, resnet20
+from djpq_compiler.workflows.zoo import mobilenetv2_small, resnet20
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from djpq_compiler.backends.reference import (
+from djpq_compiler.errors import ConfigError, DjpqError, QuantizationError
+from djpq_compiler.ir import (
     accumulator_bound,
     accumulator_dtype,
     add_rescale,
@@ -42,7 +43,6 @@ from djpq_compiler.backends.reference import (
     simulate_conv2d,
     simulate_linear,
 )
-from djpq_compiler.errors import ConfigError, DjpqError, QuantizationError
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True)
 
@@ -332,7 +332,7 @@ def test_float32_accumulation_at_its_bound_is_exact(groups: int, seed: int) -> N
 
 def test_reduced_float32_precision_falls_back_to_float64() -> None:
     """With TF32/bf16 matmuls allowed, float32 is no longer exact: the float64 path is used."""
-    from djpq_compiler.backends.reference import ops
+    from djpq_compiler.ir import ops
 
     x = torch.ones(1, 4, 3, 3)
     previous = torch.get_float32_matmul_precision()

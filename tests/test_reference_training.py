@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from djpq_compiler import train
-from djpq_compiler.data import RandomCropFlip
 from djpq_compiler.errors import ConfigError
+from djpq_compiler.workflows import train
+from djpq_compiler.workflows.data import RandomCropFlip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,8 +141,8 @@ def test_converged_rule() -> None:
 
 @pytest.mark.slow
 def test_train_reference_cli_resumes_to_the_same_checkpoint(tmp_path: Path) -> None:
-    from djpq_compiler.data import fashion_mnist_loaders
     from djpq_compiler.errors import DataError
+    from djpq_compiler.workflows.data import fashion_mnist_loaders
 
     try:
         fashion_mnist_loaders(train_subset=8, test_subset=8)

@@ -1,4 +1,4 @@
-"""``djpq_compiler.report``: markdown and plots rendered from fake measured numbers."""
+"""``djpq_compiler.workflows.report``: markdown and plots rendered from fake measured numbers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from djpq_compiler.report import (
+from djpq_compiler.workflows.report import (
     PLOTS,
     DemoResult,
     KernelRow,

@@ -20,12 +20,12 @@ import torch.fx as fx
 from torch import nn
 
 import djpq_compiler as djpq
-from djpq_compiler import zoo
 from djpq_compiler.convert import convert
 from djpq_compiler.errors import ArtifactError, ConfigError, UnsupportedOpError
 from djpq_compiler.prepared import gates
 from djpq_compiler.serialize import FORMAT_VERSION, MAGIC, load_converted, save_converted
 from djpq_compiler.size import model_size
+from djpq_compiler.workflows import zoo
 
 TINY = {
     "Residual": (T.Residual, (2, 3, 8, 8)),
@@ -334,3 +334,20 @@ def test_operator_allow_list_is_by_identity() -> None:
     assert target_name(_custom_op) is None
     assert "operator.methodcaller" not in target_table()
     assert "torch.from_file" not in target_table()
+
+
+def test_artifacts_written_before_the_ir_moved_still_load(tmp_path: Path) -> None:
+    """The integer IR moved from ``backends/reference`` to ``djpq_compiler.ir``: class and function
+    names written under the old path are accepted on load (and never written any more)."""
+    from djpq_compiler.serialize import _pack, _unpack
+
+    factory, shape = TINY["Residual"]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    converted = convert(_prepared(factory(), x), integer=True)
+    path = save_converted(converted, tmp_path / "new.djpq")
+    model_bytes, tensor_bytes = _unpack(path.read_bytes(), path)
+    assert b"djpq_compiler.ir." in model_bytes and b"backends.reference" not in model_bytes
+    old = model_bytes.replace(b"djpq_compiler.ir.", b"djpq_compiler.backends.reference.")
+    (tmp_path / "old.djpq").write_bytes(_pack(old, tensor_bytes))
+    loaded = load_converted(tmp_path / "old.djpq")
+    assert torch.equal(loaded(x), converted(x))

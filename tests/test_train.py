@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from djpq_compiler import train
 from djpq_compiler.errors import ConfigError
+from djpq_compiler.workflows import train
 
 
 def blobs(n: int = 256, seed: int = 0) -> TensorDataset:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import djpq_compiler as djpq
-from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.convert import convert
+from djpq_compiler.ir import modules as im
 
 
 class LayerNorm2d(nn.Module):

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from djpq_compiler.backends.reference import (
+from djpq_compiler.errors import BackendError
+from djpq_compiler.ir import (
     accumulator_bound,
     add_rescale,
     concat_rescales,
     qrange,
     requant_params,
 )
-from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.errors import BackendError
+from djpq_compiler.ir import modules as im
 
 pytest.importorskip("tvm")
 tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")

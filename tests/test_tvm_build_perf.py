@@ -99,8 +99,8 @@ def test_demo_tvm_stage_reports_the_kernel_per_layer(tmp_path: Path) -> None:
     from tiny_models import Residual
 
     import djpq_compiler as djpq
-    from djpq_compiler.demo_stages import backend_stages
-    from djpq_compiler.report import KernelRow
+    from djpq_compiler.workflows.demo_stages import backend_stages
+    from djpq_compiler.workflows.report import KernelRow
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)

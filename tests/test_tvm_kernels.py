@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.backends.reference import qrange, requant_params
+from djpq_compiler.ir import modules as im
+from djpq_compiler.ir import qrange, requant_params
 
 pytest.importorskip("tvm")
 tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")

@@ -17,8 +17,8 @@ import torch
 from test_tvm_backend import example, make_layer
 from torch import nn
 
-from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.errors import BackendError, ConfigError
+from djpq_compiler.ir import modules as im
 
 pytest.importorskip("tvm")
 pytest.importorskip("xgboost")

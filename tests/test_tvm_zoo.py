@@ -13,9 +13,9 @@ import torch
 from torch import fx, nn
 
 import djpq_compiler as djpq
-from djpq_compiler import zoo
 from djpq_compiler.convert import convert
 from djpq_compiler.prepared import gates
+from djpq_compiler.workflows import zoo
 
 pytest.importorskip("tvm")
 tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")

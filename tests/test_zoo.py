@@ -12,10 +12,11 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.data import DataLoader
 
-from djpq_compiler import bops, zoo
-from djpq_compiler.data import DEFAULT_ROOT, load_fashion_mnist, make_loader
+from djpq_compiler import bops
 from djpq_compiler.errors import ArtifactError, ConfigError
-from djpq_compiler.train import evaluate
+from djpq_compiler.workflows import zoo
+from djpq_compiler.workflows.data import DEFAULT_ROOT, load_fashion_mnist, make_loader
+from djpq_compiler.workflows.train import evaluate
 
 
 def _targets(gm: fx.GraphModule) -> list[object]:

@@ -1,4 +1,4 @@
-"""QDQ converters of the integer modules (``backends/reference/modules.py``).
+"""QDQ converters of the integer modules (``djpq_compiler/ir/modules.py``).
 
 Every integer op becomes the standard QDQ pattern onnxruntime fuses into integer kernels:
 ``DequantizeLinear`` on each integer input, the float op, ``QuantizeLinear`` at the output scale
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import fx
 
-from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.backends.reference.pooling import adaptive_bin_matrix, ceil_extra_padding
 from djpq_compiler.errors import BackendError
+from djpq_compiler.ir import modules as im
+from djpq_compiler.ir.pooling import adaptive_bin_matrix, ceil_extra_padding
 
 from .graph import Emitter, FValue, QValue, SumValue, Value, container, register
 

@@ -1,7 +1,7 @@
 """``verify(converted, onnx_path, example_inputs)``: onnxruntime against the PyTorch reference.
 
 The reference is the converted GraphModule itself, run in PyTorch (integer semantics of
-``backends/reference``). Integer results are compared as codes, so a difference is directly in
+``djpq_compiler/ir``). Integer results are compared as codes, so a difference is directly in
 LSB. A float output of an integer layer (``IntConv2d``/``IntLinear`` with ``out_scale=None``) is
 compared in units of ``u_c = in_scale * w_scale[c] * sum_k |w_q[c, k]|``: the largest change of
 output channel ``c`` when every input code moves by one LSB. Since onnxruntime agrees with the
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from djpq_compiler.backends.reference import modules as im
+from djpq_compiler.ir import modules as im
 
 from .export import require_onnx
 

@@ -1,4 +1,4 @@
-"""Converters of the integer modules (``backends/reference/modules.py``) to Relax.
+"""Converters of the integer modules (``djpq_compiler/ir/modules.py``) to Relax.
 
 Each converter reproduces the reference executor bit for bit (``docs/integer_semantics.md``):
 integer conv/matmul accumulating in int32 (int64 where the weight-derived bound needs it), dyadic
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from djpq_compiler.backends.reference import modules as im
 from djpq_compiler.errors import BackendError
+from djpq_compiler.ir import modules as im
 
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 from .kernels.select import KernelChoice, LayerFacts, select_kernel

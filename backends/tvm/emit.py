@@ -1,7 +1,7 @@
 """Lower a converted GraphModule to a Relax IRModule: converter registry and lowering driver.
 
 A converted graph (``gm.meta["djpq.stage"] == "converted"``) holds the integer modules of
-``djpq_compiler.backends.reference.modules`` plus shape ops. Each node is lowered by one
+``djpq_compiler.ir.modules`` plus shape ops. Each node is lowered by one
 converter, looked up by the *target object*: the module class for ``call_module`` nodes, the
 function for ``call_function`` nodes and the ``torch.Tensor`` method for ``call_method`` nodes.
 Every converter has the signature ``(ctx: Lowering, node: Node) -> Lowered``.
@@ -108,7 +108,7 @@ def converter_for(gm: fx.GraphModule, node: fx.Node) -> Converter | None:
 
 def _is_float_producer(gm: fx.GraphModule, node: fx.Node, floaty: set[fx.Node]) -> bool:
     """Whether ``node`` yields a float tensor (graph input, Dequantize, float-out layer, island)."""
-    from djpq_compiler.backends.reference.modules import Dequantize, Quantize
+    from djpq_compiler.ir.modules import Dequantize, Quantize
 
     if node.op == "placeholder":
         return True

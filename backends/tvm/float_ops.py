@@ -18,9 +18,9 @@ operations where that decides the rounding:
   and bit for bit everywhere else.
 
 Elementwise unary functions of <= 8-bit codes do not stay float: ``convert`` turns them into an
-:class:`~djpq_compiler.backends.reference.lookup.IntLUT`, lowered here as ``take`` on an integer
+:class:`~djpq_compiler.ir.lookup.IntLUT`, lowered here as ``take`` on an integer
 table, bit-exact. Which ops are elementwise (and so table candidates) is data in
-``backends/reference/lookup.py`` (``UNARY_OPS``, ``BINARY_OPS``), shared by ``convert`` and the
+``djpq_compiler/ir/lookup.py`` (``UNARY_OPS``, ``BINARY_OPS``), shared by ``convert`` and the
 backends. This module is TVM-facing only through :class:`~.adapter.Builder`.
 """
 
@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from djpq_compiler.backends.reference.lookup import BINARY_OPS, UNARY_OPS, IntLUT
-from djpq_compiler.backends.reference.pooling import (
+from djpq_compiler.errors import BackendError
+from djpq_compiler.ir.lookup import BINARY_OPS, UNARY_OPS, IntLUT
+from djpq_compiler.ir.pooling import (
     adaptive_bin_matrix,
     avg_counts,
     ceil_extra_padding,
     pooled_size,
 )
-from djpq_compiler.errors import BackendError
 
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 

@@ -1,4 +1,4 @@
-"""Average pools on integer codes, exactly as ``backends/reference/pooling.py``.
+"""Average pools on integer codes, exactly as ``djpq_compiler/ir/pooling.py``.
 
 ``out = div_half_up(S, c) = floor((2S + c) / (2c))`` with ``S`` the exact window sum (a depthwise
 conv with a ones kernel for ``avg_pool2d``, two 0/1 matmuls for adaptive bins) and ``c`` torch's
@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from torch import fx
 
-from djpq_compiler.backends.reference import modules as im
-from djpq_compiler.backends.reference.pooling import (
+from djpq_compiler.ir import modules as im
+from djpq_compiler.ir.pooling import (
     adaptive_bin_matrix,
     avg_counts,
     ceil_extra_padding,
@@ -61,8 +61,9 @@ def _avg_sums(ctx: Lowering, x: IntValue, module: Any
     stride, (p_h, p_w) = _strides(kernel, module.stride), _pair(module.padding)
     shape = ctx.bb.shape(x.expr)
     in_hw = (shape[2], shape[3])
-    out_hw = tuple(pooled_size(n, k, s, p, bool(module.ceil_mode))
-                   for n, k, s, p in zip(in_hw, kernel, stride, (p_h, p_w), strict=True))
+    out_h, out_w = (pooled_size(n, k, s, p, bool(module.ceil_mode))
+                    for n, k, s, p in zip(in_hw, kernel, stride, (p_h, p_w), strict=True))
+    out_hw = (out_h, out_w)
     extra = ceil_extra_padding(in_hw, out_hw, kernel, stride, (p_h, p_w))
     window = kernel[0] * kernel[1]
     bound = window * max(abs(x.lo), abs(x.hi))

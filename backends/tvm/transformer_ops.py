@@ -3,7 +3,7 @@ scaled dot-product attention and ``nn.MultiheadAttention`` (a float ``nn.Linear`
 lowered by ``float_ops.py``).
 
 ``convert(integer=True)`` leaves these ops in float between a ``Dequantize`` and the next
-``Quantize`` (no integer form of them is defined in ``backends/reference`` yet), so they take and
+``Quantize`` (no integer form of them is defined in ``djpq_compiler/ir`` yet), so they take and
 return :class:`~.emit.FloatValue` in float32, computed the way PyTorch defines them:
 
 * ``layer_norm``: ``(x - mean) / sqrt(var + eps) * weight + bias`` over the trailing

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 import djpq_compiler as djpq
-from djpq_compiler import zoo
 from djpq_compiler.config import DJPQConfig, QuantSpec
 from djpq_compiler.convert import convert
-from djpq_compiler.data import fashion_mnist_loaders
-from djpq_compiler.finetune import SCHEDULES, FinetuneConfig, accuracy, finetune
+from djpq_compiler.workflows import zoo
+from djpq_compiler.workflows.data import fashion_mnist_loaders
+from djpq_compiler.workflows.finetune import SCHEDULES, FinetuneConfig, accuracy, finetune
 
 METHODS = {
     "djpq": {},

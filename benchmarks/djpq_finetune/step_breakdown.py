@@ -25,8 +25,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import djpq_compiler as djpq
-from djpq_compiler import zoo
 from djpq_compiler.modules import saved
+from djpq_compiler.workflows import zoo
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_cost import _batch, _build, _step  # noqa: E402  (the same models and step)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import djpq_compiler as djpq
-from djpq_compiler import zoo
 from djpq_compiler.prepared import param_groups
+from djpq_compiler.workflows import zoo
 
 
 def _build(name: str, kind: str, batch: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -128,8 +128,8 @@ def make_layer(s: Shape, seed: int = 0) -> Layer:
 
 
 def int_module(s: Shape, layer: Layer) -> Any:
-    from djpq_compiler.backends.reference import modules as im
-    from djpq_compiler.backends.reference import requant_params
+    from djpq_compiler.ir import modules as im
+    from djpq_compiler.ir import requant_params
 
     fan_in = s.c_in // s.groups * s.k * s.k
     bound = fan_in * (2 ** s.a_bits - 1) * (2 ** (s.w_bits - 1) - 1) + 1000

@@ -96,10 +96,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import djpq_compiler as djpq  # noqa: E402
-from djpq_compiler import zoo  # noqa: E402
 from djpq_compiler.config import DJPQConfig, QuantSpec  # noqa: E402
 from djpq_compiler.convert import convert  # noqa: E402
 from djpq_compiler.prepared import gates  # noqa: E402
+from djpq_compiler.workflows import zoo  # noqa: E402
 
 
 def say(msg: str) -> None:

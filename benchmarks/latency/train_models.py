@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 import djpq_compiler as djpq
-from djpq_compiler import zoo
 from djpq_compiler.config import DJPQConfig
 from djpq_compiler.convert import convert
-from djpq_compiler.data import fashion_mnist_loaders
-from djpq_compiler.finetune import FinetuneConfig, accuracy, finetune
+from djpq_compiler.workflows import zoo
+from djpq_compiler.workflows.data import fashion_mnist_loaders
+from djpq_compiler.workflows.finetune import FinetuneConfig, accuracy, finetune
 
 HERE = Path(__file__).resolve().parent
 INPUT_SHAPE = (1, 28, 28)

@@ -90,7 +90,7 @@ def _section_order(kv: tuple[Section, Any]) -> tuple[Any, ...]:
 
 def checkpoint_id(model: str) -> str:
     """The first 12 hex digits of the SHA-256 of ``model``'s committed FP32 checkpoint file."""
-    from djpq_compiler import zoo
+    from djpq_compiler.workflows import zoo
 
     return hashlib.sha256(zoo.checkpoint_path(model).read_bytes()).hexdigest()[:12]
 
@@ -170,9 +170,9 @@ def fp32_finetune_run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import djpq_compiler as djpq
-    from djpq_compiler import zoo
-    from djpq_compiler.data import fashion_mnist_loaders
-    from djpq_compiler.finetune import FinetuneConfig, accuracy, finetune
+    from djpq_compiler.workflows import zoo
+    from djpq_compiler.workflows.data import fashion_mnist_loaders
+    from djpq_compiler.workflows.finetune import FinetuneConfig, accuracy, finetune
 
     if args.steps is None:
         raise SystemExit("fp32_finetune needs a step budget (--steps)")

@@ -20,7 +20,8 @@ ORDER = ("resnet20", "mobilenetv2", "vgg7", "inception")
 HEADER = """# FP32 reference models on Fashion-MNIST
 
 Checkpoints: `djpq_compiler/checkpoints/<model>.pt` (float32 `state_dict`, loaded with
-`torch.load(..., weights_only=True)` by `djpq_compiler.zoo.load_pretrained`). Every number below is
+`torch.load(..., weights_only=True)` by `djpq_compiler.workflows.zoo.load_pretrained`).
+Every number below is
 copied by `make_results.py` from the JSON files the training runs wrote (`results/<model>.json`
 for the committed checkpoints, `results/long/<model>.json` for the long runs; both hold the
 per-epoch log); the test accuracy is measured on the full 10,000-image test set (for the committed

@@ -13,7 +13,8 @@ checkpoint (the schedule then starts afresh from ``--lr``). After every epoch th
 (test accuracy, loss, lr, seconds) is written to ``--log-json`` (small, meant to be committed).
 
 The checkpoint is a float32 ``state_dict`` (contiguous tensors), reloaded with
-``torch.load(..., weights_only=True)`` through :func:`djpq_compiler.zoo.load_pretrained` and
+``torch.load(..., weights_only=True)`` through
+:func:`djpq_compiler.workflows.zoo.load_pretrained` and
 re-evaluated on the full test set before the summary is written. A JSON summary (params, MACs,
 epochs, accuracy, command, date) goes next to ``--out`` unless ``--summary`` says otherwise.
 """
@@ -31,10 +32,16 @@ from typing import Any
 import torch
 
 from djpq_compiler import bops
-from djpq_compiler.data import fashion_mnist_loaders
 from djpq_compiler.errors import ConfigError
-from djpq_compiler.train import EpochLog, evaluate, fit, load_resume_state, seed_everything
-from djpq_compiler.zoo import MODELS, get_model, load_pretrained
+from djpq_compiler.workflows.data import fashion_mnist_loaders
+from djpq_compiler.workflows.train import (
+    EpochLog,
+    evaluate,
+    fit,
+    load_resume_state,
+    seed_everything,
+)
+from djpq_compiler.workflows.zoo import MODELS, get_model, load_pretrained
 
 #: A run counts as converged when the best test accuracy of its last CONVERGED_EPOCHS epochs is
 #: at most CONVERGED_GAIN above the best before them (the issue's "last epochs gain < 0.1 pt").

@@ -33,7 +33,7 @@ __all__ = [
     "load_pretrained",
 ]
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,

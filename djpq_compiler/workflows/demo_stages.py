@@ -1,5 +1,6 @@
 """The demo's measuring stages: latency timing, the TVM build and the ONNX export of a converted
-model, each checked against the integer reference executor (used by :mod:`djpq_compiler.demo`).
+model, each checked against the integer reference executor (used by
+:mod:`djpq_compiler.workflows.demo`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def torch_latencies(model: nn.Module, converted: nn.Module, xs: Sequence[torch.T
     """Latency of the FP32 PyTorch model and the integer reference executor at each batch."""
     import functools
 
-    from djpq_compiler.report import Latency
+    from djpq_compiler.workflows.report import Latency
 
     threads = f"{torch.get_num_threads()} threads"
     out = []
@@ -58,7 +59,7 @@ def _tvm_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
     import functools
 
     from djpq_compiler.backends import tvm as tvm_backend
-    from djpq_compiler.report import Latency, kernel_rows
+    from djpq_compiler.workflows.report import Latency, kernel_rows
 
     exact, lat, seconds, built = True, [], 0.0, []
     for x in xs:
@@ -90,7 +91,7 @@ def _onnx_stage(converted: nn.Module, xs: Sequence[torch.Tensor], out: Path,
     import functools
 
     from djpq_compiler.backends import onnx as onnx_backend
-    from djpq_compiler.report import Latency
+    from djpq_compiler.workflows.report import Latency
 
     path = onnx_backend.export(converted, out / "model.onnx", (xs[0],))
     say(f"[onnx] exported {path}; verifying in onnxruntime")

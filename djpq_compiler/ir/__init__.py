@@ -1,6 +1,10 @@
-"""Integer reference executor: the single definition of integer semantics.
+"""The integer IR: what ``convert`` produces and every backend consumes.
 
-The public functions live in :mod:`djpq_compiler.backends.reference.ops` (re-exported here);
+Its modules (:mod:`djpq_compiler.ir.modules`: ``IntConv2d``, ``IntAdd``, ``IntLUT``, ...) are
+both the IR and its reference executor: running a converted model in PyTorch *is* the single
+definition of integer semantics that TVM and ONNX are checked against.
+
+The public functions live in :mod:`djpq_compiler.ir.ops` (re-exported here);
 ``docs/integer_semantics.md`` states the same definitions for the TVM and ONNX backends.
 """
 

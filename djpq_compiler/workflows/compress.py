@@ -14,7 +14,7 @@ grayscale when the model takes one channel (RGB otherwise), and normalized with 
 (default: per-channel statistics of up to 512 training images). ``input_shape`` defaults to the
 first training image's size and mode (1 channel for grayscale images, else 3)::
 
-    from djpq_compiler.compress import CompressOptions, run_compress
+    from djpq_compiler.workflows.compress import CompressOptions, run_compress
 
     outcome = run_compress(CompressOptions(model="my_models:small_cnn", data="data/parts",
                                            input_shape=(1, 3, 32, 32), minutes=5, tvm=False))
@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from djpq_compiler.demo import RunOptions, RunOutcome, run_pipeline
 from djpq_compiler.errors import ArtifactError, ConfigError, DataError, DjpqError, require
+from djpq_compiler.workflows.demo import RunOptions, RunOutcome, run_pipeline
 
 __all__ = ["CompressOptions", "run_compress", "load_factory", "load_model", "find_splits",
            "image_folders", "image_transform", "channel_stats", "infer_input_shape",
@@ -55,7 +55,8 @@ _LAYOUT = ("expected DIR/train/<class>/<image> and DIR/val/<class>/<image> (or D
 
 @dataclass(frozen=True, kw_only=True)
 class CompressOptions(RunOptions):
-    """Options of :func:`run_compress` (see :class:`~djpq_compiler.demo.RunOptions` for the
+    """Options of :func:`run_compress` (see
+    :class:`~djpq_compiler.workflows.demo.RunOptions` for the
     budget, subsets and stages).
 
     Attributes:

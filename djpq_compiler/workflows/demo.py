@@ -2,15 +2,16 @@
 
 :func:`run_demo` is what ``djpq demo`` runs (a zoo model with its committed FP32 checkpoint on
 Fashion-MNIST); :func:`run_pipeline` is the same pipeline for any classifier and pair of loaders
-(``djpq compress`` uses it, see :mod:`djpq_compiler.compress`)::
+(``djpq compress`` uses it, see :mod:`djpq_compiler.workflows.compress`)::
 
-    from djpq_compiler.demo import DemoOptions, run_demo
+    from djpq_compiler.workflows.demo import DemoOptions, run_demo
 
     outcome = run_demo(DemoOptions(model="vgg7", steps=20, train_subset=2000, tvm=False))
     print(outcome.result.integer_acc, outcome.report)   # runs/demo-vgg7/report.md
 
 The stages, in order: FP32 accuracy and BOPs; ``prepare`` + calibration on 4 training batches;
-DJPQ fine-tune (:func:`~djpq_compiler.finetune.finetune`, step and/or time budget); fake-quant
+DJPQ fine-tune (:func:`~djpq_compiler.workflows.finetune.finetune`, step and/or time budget);
+fake-quant
 accuracy and BOPs; ``convert`` to the integer model, its accuracy (PyTorch reference executor) and
 agreement with the fake-quant model; PyTorch latencies; the TVM build for this host (bit-exact
 check, latency, exported library) and the ONNX export (onnxruntime per-op check, latency), each
@@ -34,9 +35,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from djpq_compiler.demo_stages import backend_stages, say, torch_latencies
 from djpq_compiler.errors import ConfigError
-from djpq_compiler.report import DemoResult
+from djpq_compiler.workflows.demo_stages import backend_stages, say, torch_latencies
+from djpq_compiler.workflows.report import DemoResult
 
 __all__ = ["RunOptions", "DemoOptions", "RunOutcome", "run_demo", "run_pipeline", "demo_model",
            "DEMO_FALLBACKS"]
@@ -132,7 +133,7 @@ class RunOutcome:
 
 def demo_model(requested: str | None) -> tuple[str, list[str]]:
     """The zoo model to run and notes; falls back when the default has no checkpoint yet."""
-    from djpq_compiler.zoo import checkpoint_path
+    from djpq_compiler.workflows.zoo import checkpoint_path
 
     if requested is not None:
         return requested, []
@@ -159,8 +160,8 @@ def run_demo(options: DemoOptions, command: str | None = None) -> RunOutcome:
         DataError: Fashion-MNIST is missing (the message says how to get it).
         ArtifactError: the model's checkpoint is missing or broken.
     """
-    from djpq_compiler.data import fashion_mnist_loaders
-    from djpq_compiler.zoo import checkpoint_path, load_pretrained
+    from djpq_compiler.workflows.data import fashion_mnist_loaders
+    from djpq_compiler.workflows.zoo import checkpoint_path, load_pretrained
 
     name, notes = demo_model(options.model)
     torch.manual_seed(options.seed)
@@ -217,7 +218,7 @@ def run_pipeline(model: nn.Module, train: DataLoader, test: DataLoader, options:
         lookup_tables=tuple(getattr(measured.converted, "meta", {}).get("djpq.lut_ops", ())),
         **fields)
     result.settings["load average (1/5/15 min) after the latency runs"] = load
-    from djpq_compiler.report import summary, write_report
+    from djpq_compiler.workflows.report import summary, write_report
 
     paths = write_report(result, out)
     say("")
@@ -230,7 +231,7 @@ def _fp32_stage(name: str, model: nn.Module, test: DataLoader, x: torch.Tensor,
                 progress: bool) -> tuple[float, Any]:
     """FP32 accuracy and BOPs report of the input model (printed)."""
     from djpq_compiler.bops import bops
-    from djpq_compiler.finetune import accuracy
+    from djpq_compiler.workflows.finetune import accuracy
 
     fp32 = bops(model, x)
     fp32_acc = accuracy(model, test, progress=progress)
@@ -265,7 +266,7 @@ def _finetune_stage(options: RunOptions, model: nn.Module,
     from tqdm import tqdm
 
     import djpq_compiler as djpq
-    from djpq_compiler.finetune import FinetuneConfig, finetune
+    from djpq_compiler.workflows.finetune import FinetuneConfig, finetune
 
     calib = [x for x, _ in itertools.islice(train, 4)]
     say(f"[prepare] gates + quantizers, calibrating on {len(calib)} training batches")
@@ -310,9 +311,9 @@ def _integer_stage(model: nn.Module, prepared: nn.Module, test: DataLoader,
     import djpq_compiler as djpq
     from djpq_compiler.bops import bops
     from djpq_compiler.convert import convert
-    from djpq_compiler.finetune import accuracy
-    from djpq_compiler.report import layer_rows
     from djpq_compiler.verify import integer_agreement
+    from djpq_compiler.workflows.finetune import accuracy
+    from djpq_compiler.workflows.report import layer_rows
 
     fq_acc = accuracy(prepared, test, progress=options.progress)
     fq_gbops = bops(prepared).gbops
