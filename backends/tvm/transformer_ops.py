@@ -25,7 +25,6 @@ the codes differ by one LSB. Integer codes elsewhere stay bit-exact.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import numpy as np
@@ -33,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 
+from ..common_ops import layer_norm_params
+from ..lowering import call_arg
 from .emit import FloatValue, IntValue, Lowered, Lowering, register
 
 __all__ = ["attention"]
@@ -50,59 +52,24 @@ def _float(ctx: Lowering, node: fx.Node, arg: Any) -> Any:
     raise BackendError(f"{node.format_node()}: expects a float tensor, got {what}")
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _const(ctx: Lowering, tensor: torch.Tensor | None, fill: float, size: tuple[int, ...]) -> Any:
     data = (tensor.detach().cpu().float().numpy() if tensor is not None
             else np.full(size, fill, np.float32))
     return ctx.bb.const(data, "float32")
 
 
-def _layer_norm(ctx: Lowering, x: Any, shape: tuple[int, ...], weight: torch.Tensor | None,
-                bias: torch.Tensor | None, eps: float) -> Lowered:
-    ndim = len(ctx.bb.shape(x))
-    if tuple(ctx.bb.shape(x)[ndim - len(shape):]) != tuple(shape):
-        raise BackendError(f"layer_norm: normalized_shape {shape} does not end the input shape "
-                           f"{ctx.bb.shape(x)}")
-    axes = list(range(ndim - len(shape), ndim))
-    gamma, beta = _const(ctx, weight, 1.0, shape), _const(ctx, bias, 0.0, shape)
-    return FloatValue(ctx.bb.call("nn.layer_norm", x, gamma, beta, axes, float(eps)))
-
-
-@register(nn.LayerNorm)
-def convert_layer_norm_module(ctx: Lowering, node: fx.Node) -> Lowered:
-    """``nn.LayerNorm`` over its ``normalized_shape`` (affine or not)."""
-    m = ctx.module(node)
-    x = _float(ctx, node, node.args[0])
-    if m.weight is not None and m.weight.dtype != torch.float32:
-        raise BackendError(f"{node.format_node()}: float32 LayerNorm only")
-    return _layer_norm(ctx, x, tuple(m.normalized_shape), m.weight,
-                       getattr(m, "bias", None), m.eps)
-
-
-def _tensor_const(ctx: Lowering, node: fx.Node, arg: Any) -> torch.Tensor | None:
-    """A ``get_attr`` weight of a functional norm, as a tensor (``None`` stays ``None``)."""
-    if arg is None:
-        return None
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value: Any = operator.attrgetter(str(arg.target))(ctx.gm)
-        if torch.is_tensor(value):
-            return value
-    raise BackendError(f"{node.format_node()}: layer_norm weight/bias must be parameters "
-                       f"(get_attr), got {arg!r}")
-
-
-@register(F.layer_norm, torch.layer_norm)
+@register(*facts.LAYER_NORM)
 def convert_layer_norm(ctx: Lowering, node: fx.Node) -> Lowered:
-    """``F.layer_norm(x, normalized_shape, weight, bias, eps)``."""
+    """``nn.LayerNorm`` / ``F.layer_norm(x, normalized_shape, weight, bias, eps)`` over the
+    trailing ``normalized_shape`` dims (affine or not); parameters from ``layer_norm_params``."""
     x = _float(ctx, node, node.args[0])
-    shape = ctx.value(_arg(node, 1, "normalized_shape", None))
-    shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
-    weight = _tensor_const(ctx, node, _arg(node, 2, "weight", None))
-    bias = _tensor_const(ctx, node, _arg(node, 3, "bias", None))
-    return _layer_norm(ctx, x, shape, weight, bias, float(_arg(node, 4, "eps", 1e-5)))
+    in_shape = tuple(ctx.bb.shape(x))
+    p = layer_norm_params(ctx, node, in_shape)
+    if p.weight is not None and p.weight.dtype != torch.float32:
+        raise BackendError(f"{node.format_node()}: float32 LayerNorm only")
+    axes = list(range(len(in_shape) - len(p.shape), len(in_shape)))
+    gamma, beta = _const(ctx, p.weight, 1.0, p.shape), _const(ctx, p.bias, 0.0, p.shape)
+    return FloatValue(ctx.bb.call("nn.layer_norm", x, gamma, beta, axes, p.eps))
 
 
 def _softmax(ctx: Lowering, node: fx.Node, x: Any, dim: Any) -> Lowered:
@@ -117,7 +84,7 @@ def convert_softmax(ctx: Lowering, node: fx.Node) -> Lowered:
     dtype = node.kwargs.get("dtype", node.args[3] if len(node.args) > 3 else None)
     if dtype not in (None, torch.float32):
         raise BackendError(f"{node.format_node()}: softmax with dtype={dtype} is not lowered")
-    dim = ctx.value(_arg(node, 1, "dim", None))
+    dim = ctx.value(call_arg(node, 1, "dim", None))
     return _softmax(ctx, node, _float(ctx, node, node.args[0]), dim)
 
 
@@ -131,8 +98,7 @@ def _matmul(ctx: Lowering, a: Any, b: Any) -> Any:
     return ctx.bb.matmul(a, b, "float32")
 
 
-@register(torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm, operator.matmul,
-          torch.Tensor.__matmul__)
+@register(*facts.MATMUL)
 def convert_matmul(ctx: Lowering, node: fx.Node) -> Lowered:
     """``a @ b`` of two float activations (batched, broadcasting like ``torch.matmul``)."""
     a, b = _float(ctx, node, node.args[0]), _float(ctx, node, node.args[1])
@@ -166,10 +132,10 @@ def attention(ctx: Lowering, q: Any, k: Any, v: Any, mask: Any | None, causal: b
 def convert_sdpa(ctx: Lowering, node: fx.Node) -> Lowered:
     """``F.scaled_dot_product_attention`` decomposed (float additive mask or none)."""
     q, k, v = (_float(ctx, node, node.args[i]) for i in range(3))
-    mask_arg = _arg(node, 3, "attn_mask", None)
-    dropout = ctx.value(_arg(node, 4, "dropout_p", 0.0))
-    causal = ctx.value(_arg(node, 5, "is_causal", False))
-    scale = ctx.value(_arg(node, 6, "scale", None))
+    mask_arg = call_arg(node, 3, "attn_mask", None)
+    dropout = ctx.value(call_arg(node, 4, "dropout_p", 0.0))
+    causal = ctx.value(call_arg(node, 5, "is_causal", False))
+    scale = ctx.value(call_arg(node, 6, "scale", None))
     if node.kwargs.get("enable_gqa", False):
         raise BackendError(f"{node.format_node()}: enable_gqa is not lowered")
     if not isinstance(dropout, (int, float)) or dropout != 0 or not isinstance(causal, bool):
