@@ -148,28 +148,30 @@ def raise_unsupported(backend: str, package: str, report: list[tuple[fx.Node, st
 
 def lower_nodes(ctx: LoweringContext, registry: Registry[Any], backend: str, package: str,
                 note: str = "") -> None:
-    """Lower every node of ``ctx.gm`` into ``ctx.env`` with its converter.
+    """Lower every node of ``ctx.gm`` into ``ctx.env`` with its converter, in graph order.
 
-    Nodes without a converter are reported up front (nothing is lowered then); a converter that
-    refuses its node (a :class:`~djpq_compiler.errors.BackendError`) poisons it, its consumers
-    are skipped, and the walk goes on, so one error lists every refusal.
+    A node without a converter, or whose converter refuses it (a
+    :class:`~djpq_compiler.errors.BackendError`), is poisoned: its consumers are skipped (their
+    problem is their input) and the walk goes on, so one error lists every problem.
 
     Raises:
         UnsupportedNodesError: Listing every node that could not be lowered, and why.
     """
     gm = ctx.gm
-    raise_unsupported(backend, package, unsupported_nodes(gm, registry, backend), note)
-    failed: list[tuple[fx.Node, str]] = []
+    missing = dict(unsupported_nodes(gm, registry, backend))
+    report: list[tuple[fx.Node, str]] = []
     for node in gm.graph.nodes:
+        converter = registry.lookup(gm, node)
+        if converter is None:
+            report.append((node, missing.get(node, f"no {backend} converter")))
+            ctx.env[node] = Poison()
+            continue
         if any(isinstance(ctx.env.get(a), Poison) for a in node.all_input_nodes):
             ctx.env[node] = Poison()  # its input already failed and is reported
             continue
-        converter = registry.lookup(gm, node)
         try:
-            if converter is None:  # pragma: no cover - reported up front
-                raise BackendError(f"no {backend} converter for {describe_op(gm, node)}")
             ctx.env[node] = converter(ctx, node)
         except BackendError as exc:
-            failed.append((node, str(exc)))
+            report.append((node, str(exc)))
             ctx.env[node] = Poison()
-    raise_unsupported(backend, package, failed, note)
+    raise_unsupported(backend, package, report, note)

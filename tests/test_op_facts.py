@@ -185,3 +185,30 @@ def test_layer_norm_params_module_and_function() -> None:
     assert q.shape == (4,) and q.eps == 1e-6 and q.weight is gm.norm.weight and q.bias is None
     with pytest.raises(BackendError, match=r"normalized_shape \(4,\) does not end"):
         layer_norm_params(ctx, module_node, (2, 4, 3))
+
+
+class _MissingAndRefused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.1, 8, signed=False)
+        self.dequant = im.Dequantize(0.1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.dequant(self.quant(x))
+        dropped = F.dropout(y, 0.2, True)  # traced in training mode: refused by its converter
+        return self.quant(torch.special.erfc(y)), self.quant(dropped * 2.0)
+
+
+def test_onnx_lists_missing_and_refused_nodes_in_one_error() -> None:
+    pytest.importorskip("onnx")
+    from djpq_compiler.backends.onnx import lower
+
+    gm = im.trace_integer(_MissingAndRefused())
+    with pytest.raises(UnsupportedNodesError) as info:
+        lower(gm, (torch.rand(1, 4),))
+    message = str(info.value)
+    assert "2 node(s)" in message and "Nothing was written." in message
+    assert "no ONNX converter for call_function <built-in function special_erfc>" in message
+    assert "traced with training=True and p=0.2" in message
+    listed = [line.split()[0] for line in message.splitlines() if line.startswith("  %")]
+    assert listed == ["%dropout", "%special_erfc"]  # the consumer of the refused node is skipped

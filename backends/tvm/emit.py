@@ -154,7 +154,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
             once; a :class:`BackendError`).
         BackendError: Bad inputs.
     """
-    check_supported(gm)
+    check_supported(gm)  # fails fast, before TVM is started, on nodes without a converter
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise BackendError(
