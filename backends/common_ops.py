@@ -8,6 +8,8 @@ Each backend only emits the result in its own IR:
   to take and the axes to pick (and drop).
 * :func:`layer_norm_params` -- ``nn.LayerNorm`` / ``F.layer_norm``: normalized shape, weight,
   bias, eps, checked against the input shape.
+* :func:`check_multihead_attention`, :func:`mha_projections` -- what of
+  ``nn.MultiheadAttention`` is lowered, and its q/k/v in-projections.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from djpq_compiler import op_facts
 from djpq_compiler.errors import BackendError
@@ -32,7 +34,9 @@ __all__ = [
     "LayerNormParams",
     "SlicePlan",
     "check_inference_identity",
+    "check_multihead_attention",
     "layer_norm_params",
+    "mha_projections",
     "plan_slice",
     "stochastic_depth_targets",
 ]
@@ -206,3 +210,36 @@ def layer_norm_params(ctx: LoweringContext, node: fx.Node,
         raise BackendError(f"{node.format_node()}: normalized_shape {params.shape} does not end "
                            f"the input shape {tuple(in_shape)}")
     return params
+
+
+# ------------------------------------------------------------------------------ attention
+
+
+def check_multihead_attention(node: fx.Node, m: nn.MultiheadAttention) -> None:
+    """Refuse what the backends do not lower: masks, ``bias_k``/``bias_v``, ``add_zero_attn``,
+    ``is_causal`` and attention dropout in training mode.
+
+    Raises:
+        BackendError: Naming the node and the unsupported feature.
+    """
+    for name in ("key_padding_mask", "attn_mask"):
+        if node.kwargs.get(name) is not None:
+            raise BackendError(f"{node.format_node()}: MultiheadAttention with {name} is not "
+                               "lowered")
+    if len(node.args) > 3 or m.bias_k is not None or m.add_zero_attn or (
+            m.training and m.dropout > 0) or node.kwargs.get("is_causal", False):
+        raise BackendError(f"{node.format_node()}: MultiheadAttention is lowered without masks, "
+                           "bias_k/bias_v, add_zero_attn and dropout (eval mode) only")
+
+
+def mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``[(weight, bias)]`` of the query, key and value in-projections (packed or separate)."""
+    e = m.embed_dim
+    if m._qkv_same_embed_dim:
+        w = m.in_proj_weight
+        weights = [w[:e], w[e:2 * e], w[2 * e:]]
+    else:
+        weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+    bias = m.in_proj_bias
+    biases = [None] * 3 if bias is None else [bias[:e], bias[e:2 * e], bias[2 * e:]]
+    return list(zip(weights, biases, strict=True))

@@ -13,6 +13,7 @@ whose converter refused it, before anything is built or written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import fx
@@ -25,6 +26,7 @@ __all__ = [
     "Poison",
     "call_arg",
     "describe_op",
+    "index_or_slice",
     "lower_nodes",
     "raise_unsupported",
     "unsupported_nodes",
@@ -78,6 +80,16 @@ class LoweringContext:
                 f"{type(value).__name__}; a Quantize must precede integer ops"
             )
         return value
+
+
+def index_or_slice(ctx: LoweringContext, node: fx.Node,
+                   slice_tensor: Callable[[Any, fx.Node, Any, Any], Any]) -> Any:
+    """``operator.getitem``: an item of a lowered tuple or list (a piece of a split, a size), or
+    a tensor indexed by the backend's ``slice_tensor(ctx, node, value, index)``."""
+    container, index = ctx.value(node.args[0]), ctx.value(node.args[1])
+    if isinstance(container, (tuple, list)):
+        return container[index]
+    return slice_tensor(ctx, node, container, index)
 
 
 # ------------------------------------------------------------------------------ the report

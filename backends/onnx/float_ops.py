@@ -18,8 +18,10 @@ from torch import fx, nn
 
 from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
+from djpq_compiler.registry import node_key
 
 from ..common_ops import INFERENCE_IDENTITIES, check_inference_identity
+from ..lowering import index_or_slice
 from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, register
 from .integer_ops import adaptive_windows, pair
 
@@ -185,8 +187,7 @@ _BINARY = {key: _ONNX_BINARY[name]
 
 @register(*_BINARY)
 def _binary(ctx: Emitter, node: fx.Node) -> Value:
-    target: Any = (node.target if node.op == "call_function"
-                   else getattr(torch.Tensor, str(node.target)))
+    target: Any = node_key(ctx.gm, node)
     if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
         raise BackendError(f"{node.format_node()}: alpha/rounding_mode are not exported")
     static = _static_arithmetic(ctx, node, target)
@@ -457,9 +458,6 @@ def _split_op(ctx: Emitter, node: fx.Node) -> Value:
 
 @register(operator.getitem)
 def _getitem(ctx: Emitter, node: fx.Node) -> Value:
-    container, index = ctx.value(node.args[0]), ctx.value(node.args[1])
-    if isinstance(container, (tuple, list)):
-        return container[index]
     from .shape_ops import slice_tensor
 
-    return slice_tensor(ctx, node, container, index)
+    return index_or_slice(ctx, node, slice_tensor)

@@ -21,7 +21,7 @@ from torch import fx, nn
 from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 
-from ..common_ops import layer_norm_params
+from ..common_ops import check_multihead_attention, layer_norm_params, mha_projections
 from ..lowering import call_arg
 from .graph import Emitter, FValue, Value, register
 
@@ -121,32 +121,17 @@ def _linear(ctx: Emitter, hint: str, x: str, weight: torch.Tensor,
     return ctx.op("Add", [out, b], hint)
 
 
-def _mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor, Any]]:
-    e = m.embed_dim
-    if m._qkv_same_embed_dim:
-        w = m.in_proj_weight
-        weights = [w[:e], w[e:2 * e], w[2 * e:]]
-    else:
-        weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
-    bias = m.in_proj_bias
-    biases = [None] * 3 if bias is None else [bias[:e], bias[e:2 * e], bias[2 * e:]]
-    return list(zip(weights, biases, strict=True))
-
 
 @register(nn.MultiheadAttention)
 def _multihead_attention(ctx: Emitter, node: fx.Node) -> Value:
     """``nn.MultiheadAttention(q, k, v)`` -> ``(output, weights or None)``, no masks."""
     m = ctx.module(node)
-    if any(node.kwargs.get(n) is not None for n in ("key_padding_mask", "attn_mask")) or \
-            len(node.args) > 3 or m.bias_k is not None or m.add_zero_attn or \
-            node.kwargs.get("is_causal", False):
-        raise BackendError(f"{node.format_node()}: MultiheadAttention is exported without "
-                           "masks, bias_k/bias_v and add_zero_attn only")
+    check_multihead_attention(node, m)
     args = [node.args[i] if len(node.args) > i else node.kwargs[n]
             for i, n in enumerate(("query", "key", "value"))]
     heads, embed = m.num_heads, m.embed_dim
     names, lengths = [], []
-    for i, (arg, (w, b)) in enumerate(zip(args, _mha_projections(m), strict=True)):
+    for i, (arg, (w, b)) in enumerate(zip(args, mha_projections(m), strict=True)):
         x = ctx.real(node, arg)
         shape = ctx.shape(arg)
         if not m.batch_first:

@@ -207,9 +207,6 @@ def _output(ctx: Lowering, node: fx.Node) -> Lowered:
 
 @register(operator.getitem)
 def _getitem(ctx: Lowering, node: fx.Node) -> Lowered:
-    container, index = ctx.value(node.args[0]), ctx.value(node.args[1])
-    if isinstance(container, (tuple, list)):
-        return container[index]
     from .shapes import slice_tensor
 
-    return slice_tensor(ctx, node, container, index)
+    return lowering.index_or_slice(ctx, node, slice_tensor)

@@ -43,6 +43,7 @@ from djpq_compiler.ir.pooling import (
     ceil_extra_padding,
     pooled_size,
 )
+from djpq_compiler.registry import node_key
 
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 
@@ -143,13 +144,8 @@ FLOAT_UNARY: dict[str, Emit] = {
 
 def _convert_unary(ctx: Lowering, node: fx.Node) -> Lowered:
     """An elementwise unary float op of a float island (name from ``UNARY_OPS``)."""
-    key: Any = node.target
-    if node.op == "call_module":
-        key = type(ctx.module(node))
-    elif node.op == "call_method":
-        key = getattr(torch.Tensor, str(node.target), None)
     x = _float_arg(ctx, node)
-    return FloatValue(FLOAT_UNARY[UNARY_OPS[key]](ctx, node, x))
+    return FloatValue(FLOAT_UNARY[UNARY_OPS[node_key(ctx.gm, node)]](ctx, node, x))
 
 
 register(*[t for t, name in UNARY_OPS.items() if name in FLOAT_UNARY])(_convert_unary)

@@ -35,7 +35,7 @@ from torch import fx, nn
 from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 
-from ..common_ops import layer_norm_params
+from ..common_ops import check_multihead_attention, layer_norm_params, mha_projections
 from ..lowering import call_arg
 from .emit import FloatValue, IntValue, Lowered, Lowering, register
 
@@ -160,40 +160,19 @@ def _heads(ctx: Lowering, x: Any, heads: int) -> Any:
     return ctx.bb.permute(ctx.bb.reshape(x, (n, length, heads, embed // heads)), [0, 2, 1, 3])
 
 
-def _mha_checks(node: fx.Node, m: nn.MultiheadAttention) -> None:
-    for name in ("key_padding_mask", "attn_mask"):
-        if node.kwargs.get(name) is not None:
-            raise BackendError(f"{node.format_node()}: MultiheadAttention with {name} is not "
-                               "lowered")
-    if len(node.args) > 3 or m.bias_k is not None or m.add_zero_attn or (
-            m.training and m.dropout > 0) or node.kwargs.get("is_causal", False):
-        raise BackendError(f"{node.format_node()}: MultiheadAttention is lowered without masks, "
-                           "bias_k/bias_v, add_zero_attn and dropout (eval mode) only")
-
-
-def _mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor, Any]]:
-    e = m.embed_dim
-    bias = m.in_proj_bias
-    if m._qkv_same_embed_dim:
-        w = m.in_proj_weight
-        weights = [w[:e], w[e:2 * e], w[2 * e:]]
-    else:
-        weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
-    biases = [None] * 3 if bias is None else [bias[:e], bias[e:2 * e], bias[2 * e:]]
-    return list(zip(weights, biases, strict=True))
 
 
 @register(nn.MultiheadAttention)
 def convert_multihead_attention(ctx: Lowering, node: fx.Node) -> Lowered:
     """``nn.MultiheadAttention(q, k, v)`` -> ``(output, weights or None)``."""
     m = ctx.module(node)
-    _mha_checks(node, m)
+    check_multihead_attention(node, m)
     inputs = [_float(ctx, node, node.args[i] if len(node.args) > i else node.kwargs[name])
               for i, name in enumerate(("query", "key", "value"))]
     if not m.batch_first:
         inputs = [ctx.bb.permute(x, [1, 0, 2]) for x in inputs]
     q, k, v = (_heads(ctx, _linear(ctx, x, w, b), m.num_heads)
-               for x, (w, b) in zip(inputs, _mha_projections(m), strict=True))
+               for x, (w, b) in zip(inputs, mha_projections(m), strict=True))
     out, probs = attention(ctx, q, k, v, None, False, None)
     n, _, length, _ = ctx.bb.shape(out)
     out = ctx.bb.reshape(ctx.bb.permute(out, [0, 2, 1, 3]), (n, length, m.embed_dim))
