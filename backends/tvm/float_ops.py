@@ -20,7 +20,8 @@ operations where that decides the rounding:
 Elementwise unary functions of <= 8-bit codes do not stay float: ``convert`` turns them into an
 :class:`~djpq_compiler.ir.lookup.IntLUT`, lowered here as ``take`` on an integer
 table, bit-exact. Which ops are elementwise (and so table candidates) is data in
-``djpq_compiler/ir/lookup.py`` (``UNARY_OPS``, ``BINARY_OPS``), shared by ``convert`` and the
+``djpq_compiler/op_facts.py`` (``ELEMENTWISE_UNARY``, ``ELEMENTWISE_BINARY``; named by
+``UNARY_OPS``/``BINARY_OPS`` of ``djpq_compiler/ir/lookup.py``), shared by ``convert`` and the
 backends. This module is TVM-facing only through :class:`~.adapter.Builder`.
 """
 

@@ -1,4 +1,6 @@
-"""Converters of ops that are the identity at inference: ``nn.Identity``, dropout (eval), copies.
+"""Converters of ops that are the identity at inference: ``nn.Identity``, dropout and
+torchvision's stochastic depth (eval), copies. Whether a dropout is inactive is decided once for
+every backend in ``backends/common_ops.py``.
 
 A converted graph keeps such nodes where the original model had them, e.g. ResNet's
 ``nn.Identity`` shortcut or a classifier's ``nn.Dropout``. They lower to their input value

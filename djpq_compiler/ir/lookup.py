@@ -9,8 +9,9 @@ the reference :class:`~.modules.Dequantize` and :class:`~.modules.Quantize`), so
 the reference semantics of that island, and every backend reproduces it bit for bit with a
 gather (TVM ``take``, ONNX ``Gather``).
 
-The facts about elementwise float ops live here, once, as data keyed by the target object
-(module class, function or ``torch.Tensor`` method): :data:`UNARY_OPS` (unary, elementwise; a
+The facts about elementwise float ops are derived from ``djpq_compiler/op_facts.py`` (the one
+table of op facts), keyed by the target object (module class, function or ``torch.Tensor``
+method): :data:`UNARY_OPS` (unary, elementwise; a
 table whenever input and output are quantized; the backends lower the float form by the op's
 name) and :data:`BINARY_OPS` (elementwise binary arithmetic, broadcasting; float islands).
 """
