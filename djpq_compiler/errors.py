@@ -17,6 +17,7 @@ __all__ = [
     "PlanError",
     "ArtifactError",
     "BackendError",
+    "UnsupportedNodesError",
     "MissingExtraError",
     "DjpqWarning",
     "FloatOpsWarning",
@@ -63,6 +64,11 @@ class ArtifactError(DjpqError):
 
 class BackendError(DjpqError):
     """A backend cannot lower or build the model."""
+
+
+class UnsupportedNodesError(UnsupportedOpError, BackendError):
+    """A backend cannot lower some nodes; the message lists every one of them (``format_node()``)
+    with the reason, and says what to do. Catchable as either parent."""
 
 
 class MissingExtraError(DjpqError, ImportError):

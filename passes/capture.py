@@ -42,6 +42,7 @@ from torch.fx._symbolic_trace import _assert_is_none, _orig_module_call, _orig_m
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import CaptureError, CaptureWarning
 from djpq_compiler.layers import tensor_shape
 from djpq_compiler.passes.functional_norms import functional_norms_to_modules
@@ -156,8 +157,7 @@ def _trace(
 
 
 #: Pure ops whose whole result may go unused after their dead getitems are gone.
-_PURE_TUPLE_OPS = (operator.getitem, torch.split, torch.chunk, torch.unbind, torch.tensor_split,
-                   "split", "chunk", "unbind", "tensor_split")
+_PURE_TUPLE_OPS = facts.TUPLE_PRODUCERS + facts.GETITEM_OP.keys()
 
 
 _GUARDS = (torch._assert, _assert_is_none)

@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import PruningError
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.capture import GUARD_PREFIX
@@ -46,10 +47,7 @@ from djpq_compiler.passes.capture import GUARD_PREFIX
 __all__ = ["fold_shape_code", "FOLDABLE", "SHAPE_READS"]
 
 #: Reads of a tensor's shape (registry keys: the function, or the ``torch.Tensor`` method).
-SHAPE_READS: frozenset[object] = frozenset({
-    builtins.getattr, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndimension,
-    torch.Tensor.numel, torch.numel,
-})
+SHAPE_READS: frozenset[object] = facts.SHAPE_READS
 #: Attributes a ``getattr`` shape read may fetch.
 _SHAPE_ATTRS = frozenset({"shape", "ndim"})
 

@@ -41,17 +41,16 @@ Guarantees:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.utils import parametrize
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.config import DJPQConfig, QuantSpec, ResolvedLayerConfig
 from djpq_compiler.ir.lookup import BINARY_OPS, LUT_MAX_BITS, UNARY_OPS
 from djpq_compiler.layers import Layer, tensor_shape
@@ -63,8 +62,8 @@ __all__ = ["insert_quantizers", "nonnegative_nodes", "NONNEG_RULES", "QUANT_ATTR
 #: Attribute of the prepared ``GraphModule`` holding the node quantizers.
 QUANT_ATTR = "djpq_quant"
 
-_RESIDUAL_OPS = (operator.add, torch.add, "add")
-_CONCAT_OPS = (torch.cat, torch.concat)
+_RESIDUAL_OPS = facts.RESIDUAL_ADD
+_CONCAT_OPS = facts.CONCAT
 
 
 def _is_residual_or_concat(node: fx.Node) -> bool:
@@ -152,8 +151,7 @@ def _is_activation_quantizer(node: fx.Node) -> bool:
 
 
 #: Ops that commute with quantization (same values either way): the quantizer may sit before.
-_COMMUTING = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape,
-              nn.MaxPool2d, F.max_pool2d, nn.Dropout, F.dropout, nn.Identity)
+_COMMUTING = facts.COMMUTES_WITH_QUANTIZATION
 
 
 def _commutes(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -175,8 +173,8 @@ def _layer_input(layer: Layer, gm: fx.GraphModule) -> fx.Node | None:
 
 
 #: Average pools: quantizing their output alone leaves the producer before them in float.
-_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_AVG_POOL_FNS = (F.avg_pool2d, F.adaptive_avg_pool2d)
+_AVG_POOLS = facts.AVG_POOLS.modules()
+_AVG_POOL_FNS = facts.AVG_POOLS
 
 
 def _avg_pool_source(gm: fx.GraphModule, x: fx.Node | None) -> fx.Node | None:
@@ -202,8 +200,8 @@ def _avg_pool_source(gm: fx.GraphModule, x: fx.Node | None) -> fx.Node | None:
 
 
 #: Unary ops handled by the layer chain itself (clip range), never given a pre-activation quantizer.
-_CLIP_ACTIVATIONS = ("relu", "relu6")
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CLIP_ACTIVATIONS = (facts.RELU_OP.name, facts.RELU6_OP.name)
+_NORMS = facts.BATCH_NORMS.modules()
 
 
 def _call_key(gm: fx.GraphModule, node: fx.Node) -> object:

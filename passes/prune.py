@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import PruningError
 from djpq_compiler.passes.dependency.groups import ChannelGroup
 from djpq_compiler.passes.dependency.state import Role
@@ -152,8 +153,7 @@ def _rewrite_select(gm: fx.GraphModule, node: fx.Node, role: Role, positions: np
     gm.graph.erase_node(node)
 
 
-_TUPLE_PRODUCERS = (torch.split, "split", torch.chunk, "chunk", torch.unbind, "unbind",
-                    torch.tensor_split, "tensor_split")
+_TUPLE_PRODUCERS = facts.TUPLE_PRODUCERS
 
 
 def _role_node(nodes: Mapping[str, fx.Node], role: Role) -> fx.Node:

@@ -34,6 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.layers import tensor_shape
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.registry import Registry
@@ -112,26 +113,12 @@ def _product_sign_known(facts: SignFacts, value: object, alpha: object, nonpos: 
     return a <= 0 if nonpos else a >= 0
 
 
-@NONNEG_RULES.register(
-    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, F.relu, F.relu6, F.sigmoid,
-    F.softmax, F.hardsigmoid, torch.relu, torch.relu_, torch.sigmoid, torch.softmax, torch.abs,
-    torch.exp, torch.square, "relu", "relu_", "sigmoid", "softmax", "abs", "exp", "square",
-)
+@NONNEG_RULES.register(*facts.ALWAYS_NONNEG)
 def _always_nonneg(facts: SignFacts) -> bool:
     return True
 
 
-@NONNEG_RULES.register(
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Identity, nn.Dropout,
-    nn.Upsample, DQQuantizer, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout, F.interpolate, torch.flatten,
-    torch.reshape, torch.cat, torch.concat, torch.permute, torch.transpose, torch.mean,
-    torch.sum, operator.getitem, "flatten", "view", "reshape", "contiguous", "permute",
-    "transpose", "mean", "sum", "max",
-)
+@NONNEG_RULES.register(*facts.SIGN_PRESERVING, DQQuantizer)
 def _operand_blind(facts: SignFacts) -> bool:
     """Rearranging/selecting/averaging ops: scalar arguments are dims or sizes, not operands."""
     return facts.tensor_inputs_nonneg()

@@ -21,17 +21,17 @@ computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where th
 
 from __future__ import annotations
 
-import builtins
 import operator
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import QuantizationError
 from djpq_compiler.ir import modules as im
 from djpq_compiler.ir.elementwise import add_rescale, concat_rescales
@@ -54,20 +54,15 @@ class Act:
     signed: bool
 
 
-_RELU = (nn.ReLU, F.relu, torch.relu, "relu")
-_RELU6 = (nn.ReLU6, F.relu6)
-_SHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", torch.reshape, "permute",
-          "transpose", "contiguous", operator.getitem, "squeeze", "unsqueeze", torch.squeeze,
-          torch.unsqueeze, nn.Identity, nn.Dropout, F.dropout,
-          torch.permute, torch.transpose, "swapaxes", torch.swapaxes, "expand", "expand_as",
-          "reshape_as", "view_as",
-          "chunk", torch.chunk, "split", torch.split, "unbind", torch.unbind)
+_RELU = facts.RELU
+_RELU6 = facts.RELU6
+_SHAPE = facts.SHAPE_ONLY
 #: Shape ops returning a tuple of tensors: on codes only when every user takes one piece.
-_PIECES = ("chunk", torch.chunk, "split", torch.split, "unbind", torch.unbind)
-_METADATA = ("size", builtins.getattr, "dim")
-_ADD = (operator.add, torch.add, "add")
-_CAT = (torch.cat, torch.concat)
-_MUL = (operator.mul, torch.mul, "mul")
+_PIECES = facts.PIECES
+_METADATA = facts.METADATA
+_ADD = facts.RESIDUAL_ADD
+_CAT = facts.CONCAT
+_MUL = facts.MULTIPLY
 
 
 class _Lowering:
@@ -103,7 +98,7 @@ class _Lowering:
         users = list(node.users)
         return users[0] if len(users) == 1 else None
 
-    def quantizer_reading(self, node: fx.Node, through: tuple[object, ...]) -> fx.Node | None:
+    def quantizer_reading(self, node: fx.Node, through: Collection[object]) -> fx.Node | None:
         """The quantizer that reads ``node``'s value through a chain of ``through`` ops, each
         the only user of the one before; ``None`` if the chain branches or ends elsewhere."""
         nxt = self.sole_user(node)

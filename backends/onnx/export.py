@@ -21,17 +21,18 @@ from torch import fx
 from djpq_compiler.artifacts import atomic_write
 from djpq_compiler.errors import BackendError, MissingExtraError
 
+from ..lowering import lower_nodes
 from . import float_ops, integer_ops, shape_ops, transformer_ops  # noqa: F401  (registers)
 from .graph import (
+    CONVERTERS,
     OPSET,
+    PACKAGE,
     Emitter,
     FValue,
-    Poison,
     QValue,
     SumValue,
     Value,
     container,
-    converter_for,
     register,
 )
 
@@ -134,31 +135,12 @@ def _output(ctx: Emitter, node: fx.Node) -> Value:
 
 
 def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Emitter:
-    """Lower every node; raise one BackendError listing every node that cannot be exported."""
+    """Lower every node; raise one UnsupportedNodesError (a BackendError) listing every node that
+    cannot be exported."""
     _check_converted(gm, example_inputs)
     shapes = record_shapes(gm, example_inputs)
     ctx = Emitter(gm, shapes)
-    errors: list[str] = []
-    for node in gm.graph.nodes:
-        converter = converter_for(gm, node)
-        if converter is not None and any(isinstance(ctx.env.get(a), Poison)
-                                         for a in node.all_input_nodes):
-            ctx.env[node] = Poison()  # its input already failed and is reported
-            continue
-        try:
-            if converter is None:
-                what = (type(ctx.module(node)).__name__ if node.op == "call_module"
-                        else f"{node.op} {node.target!r}")
-                raise BackendError(f"no ONNX converter for {what}")
-            ctx.env[node] = converter(ctx, node)
-        except BackendError as exc:
-            errors.append(f"  {node.format_node()}  # {exc}")
-            ctx.env[node] = Poison()
-    if errors:
-        raise BackendError(
-            f"ONNX export cannot lower {len(errors)} node(s):\n" + "\n".join(errors) +
-            "\nReplace these ops before convert(), keep them in PyTorch, or add a converter "
-            "with djpq_compiler.backends.onnx.register(<target>). Nothing was written.")
+    lower_nodes(ctx, CONVERTERS, "ONNX", PACKAGE, note="Nothing was written.")
     return ctx
 
 

@@ -14,21 +14,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
+from djpq_compiler.registry import node_key
 
+from ..common_ops import INFERENCE_IDENTITIES, check_inference_identity
+from ..lowering import index_or_slice
 from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, register
 from .integer_ops import adaptive_windows, pair
 
 __all__: list[str] = []
 
-
-def _arg(ctx: Emitter, node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return ctx.value(node.args[index])
-    return ctx.value(node.kwargs.get(name, default))
 
 
 def _float(ctx: Emitter, node: fx.Node) -> str:
@@ -117,30 +115,30 @@ def _clip(ctx: Emitter, node: fx.Node, lo: float, hi: float) -> Value:
     return FValue(ctx.op("Clip", [_float(ctx, node), *bounds], node.name))
 
 
-@register(nn.ReLU, F.relu, torch.relu, torch.Tensor.relu)
+@register(*facts.RELU)
 def _relu(ctx: Emitter, node: fx.Node) -> Value:
     return FValue(ctx.op("Relu", [_float(ctx, node)], node.name))
 
 
-@register(nn.ReLU6, F.relu6)
+@register(*facts.RELU6)
 def _relu6(ctx: Emitter, node: fx.Node) -> Value:
     return _clip(ctx, node, 0.0, 6.0)
 
 
-@register(nn.Hardtanh, F.hardtanh)
+@register(*facts.HARDTANH_OP.keys())
 def _hardtanh(ctx: Emitter, node: fx.Node) -> Value:
     m = ctx.module(node) if node.op == "call_module" else None
-    lo = m.min_val if m is not None else float(_arg(ctx, node, 1, "min_val", -1.0))
-    hi = m.max_val if m is not None else float(_arg(ctx, node, 2, "max_val", 1.0))
+    lo = m.min_val if m is not None else float(ctx.arg(node, 1, "min_val", -1.0))
+    hi = m.max_val if m is not None else float(ctx.arg(node, 2, "max_val", 1.0))
     return _clip(ctx, node, lo, hi)
 
 
-@register(nn.Sigmoid, torch.sigmoid, F.sigmoid, torch.Tensor.sigmoid)
+@register(*facts.SIGMOID_OP.keys())
 def _sigmoid(ctx: Emitter, node: fx.Node) -> Value:
     return FValue(ctx.op("Sigmoid", [_float(ctx, node)], node.name))
 
 
-@register(nn.SiLU, F.silu)
+@register(*facts.SILU_OP.keys())
 def _silu(ctx: Emitter, node: fx.Node) -> Value:
     """``x * sigmoid(x)`` (opset 21 has no SiLU/Swish op)."""
     x = _float(ctx, node)
@@ -154,7 +152,7 @@ def _clamp3(ctx: Emitter, node: fx.Node, x: str) -> str:
     return ctx.op("Clip", [shifted, *bounds], f"{node.name}/clamp")
 
 
-@register(nn.Hardswish, F.hardswish)
+@register(*facts.HARDSWISH_OP.keys())
 def _hardswish(ctx: Emitter, node: fx.Node) -> Value:
     """PyTorch's ``x * clamp(x + 3, 0, 6) / 6`` in its order of operations (bit-exact in
     float32; ONNX ``HardSwish`` computes ``x * clamp(x / 6 + 0.5, 0, 1)``, another rounding)."""
@@ -163,35 +161,33 @@ def _hardswish(ctx: Emitter, node: fx.Node) -> Value:
     return FValue(ctx.op("Div", [prod, ctx.scalar(6.0, f"{node.name}/div6")], node.name))
 
 
-@register(nn.Hardsigmoid, F.hardsigmoid)
+@register(*facts.HARDSIGMOID_OP.keys())
 def _hardsigmoid(ctx: Emitter, node: fx.Node) -> Value:
     """PyTorch's ``clamp(x + 3, 0, 6) / 6`` in its order of operations (bit-exact in float32)."""
     clamped = _clamp3(ctx, node, _float(ctx, node))
     return FValue(ctx.op("Div", [clamped, ctx.scalar(6.0, f"{node.name}/div6")], node.name))
 
 
-@register(nn.GELU, F.gelu)
+@register(*facts.GELU_OP.keys())
 def _gelu(ctx: Emitter, node: fx.Node) -> Value:
     m = ctx.module(node) if node.op == "call_module" else None
     approximate = m.approximate if m is not None else str(node.kwargs.get("approximate", "none"))
     return FValue(ctx.op("Gelu", [_float(ctx, node)], node.name, approximate=approximate))
 
 
-@register(nn.Tanh, torch.tanh, torch.Tensor.tanh)
+@register(*facts.TANH_OP.keys())
 def _tanh(ctx: Emitter, node: fx.Node) -> Value:
     return FValue(ctx.op("Tanh", [_float(ctx, node)], node.name))
 
 
-_BINARY = {operator.add: "Add", torch.add: "Add", torch.Tensor.add: "Add",
-           operator.mul: "Mul", torch.mul: "Mul", torch.Tensor.mul: "Mul",
-           operator.sub: "Sub", torch.sub: "Sub", torch.Tensor.sub: "Sub",
-           operator.truediv: "Div", torch.div: "Div", torch.Tensor.div: "Div"}
+_ONNX_BINARY = {"add": "Add", "subtract": "Sub", "multiply": "Mul", "divide": "Div"}
+_BINARY = {key: _ONNX_BINARY[name]
+           for key, name in facts.name_table(facts.ELEMENTWISE_BINARY).items()}
 
 
 @register(*_BINARY)
 def _binary(ctx: Emitter, node: fx.Node) -> Value:
-    target: Any = (node.target if node.op == "call_function"
-                   else getattr(torch.Tensor, str(node.target)))
+    target: Any = node_key(ctx.gm, node)
     if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
         raise BackendError(f"{node.format_node()}: alpha/rounding_mode are not exported")
     static = _static_arithmetic(ctx, node, target)
@@ -231,22 +227,22 @@ def _floordiv(ctx: Emitter, node: fx.Node) -> Value:
 def _mean(ctx: Emitter, node: fx.Node) -> Value:
     """``x.mean(dims, keepdim)`` as ReduceMean (axes as an input, opset >= 18)."""
     ndim = len(ctx.shape(node.args[0]))
-    dims = _arg(ctx, node, 1, "dim", None)
+    dims = ctx.arg(node, 1, "dim", None)
     dims = list(range(ndim)) if dims is None else (
         [dims] if isinstance(dims, int) else list(dims))
     if not all(isinstance(d, int) for d in dims) or any(d % ndim == 0 for d in dims):
         raise BackendError(f"{node.format_node()}: mean over static non-batch dims only")
-    keep = bool(_arg(ctx, node, 2, "keepdim", False))
+    keep = bool(ctx.arg(node, 2, "keepdim", False))
     axes = ctx.const(np.array([d % ndim for d in dims], np.int64), f"{node.name}/axes")
     return FValue(ctx.op("ReduceMean", [_float(ctx, node), axes], node.name,
                          keepdims=int(keep)))
 
 
-@register(torch.cat, torch.concat)
+@register(*facts.CONCAT)
 def _cat(ctx: Emitter, node: fx.Node) -> Value:
     tensors: Any = node.args[0] if node.args else node.kwargs["tensors"]
     parts = [ctx.real(node, a) for a in tensors]
-    dim = int(_arg(ctx, node, 1, "dim", 0))
+    dim = int(ctx.arg(node, 1, "dim", 0))
     return FValue(ctx.op("Concat", parts, node.name, axis=dim % len(ctx.shape(node))))
 
 
@@ -262,7 +258,7 @@ def _pool_module_or_args(ctx: Emitter, node: fx.Node) -> dict[str, Any]:
                                                   ("count_include_pad", True))}
     names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
     defaults = (None, None, 0, 1, False)
-    out = {n: _arg(ctx, node, i + 1, n, d) for i, (n, d) in enumerate(zip(names, defaults,
+    out = {n: ctx.arg(node, i + 1, n, d) for i, (n, d) in enumerate(zip(names, defaults,
                                                                           strict=True))}
     out["count_include_pad"] = True
     return out
@@ -276,7 +272,7 @@ def _window(p: dict[str, Any]) -> dict[str, Any]:
             "pads": [ph, pw, ph, pw], "ceil_mode": int(bool(p["ceil_mode"]))}
 
 
-@register(nn.MaxPool2d, F.max_pool2d)
+@register(*facts.MAX_POOL2D_OP.keys())
 def _max_pool(ctx: Emitter, node: fx.Node) -> Value:
     p = _pool_module_or_args(ctx, node)
     if p.get("return_indices"):
@@ -285,7 +281,7 @@ def _max_pool(ctx: Emitter, node: fx.Node) -> Value:
                          dilations=list(pair(p["dilation"]))))
 
 
-@register(nn.AvgPool2d, F.avg_pool2d)
+@register(*facts.AVG_POOL2D_OP.keys())
 def _avg_pool(ctx: Emitter, node: fx.Node) -> Value:
     if node.op == "call_module":
         p = _pool_module_or_args(ctx, node)
@@ -293,16 +289,16 @@ def _avg_pool(ctx: Emitter, node: fx.Node) -> Value:
             raise BackendError(f"{node.format_node()}: divisor_override is not exported")
     else:
         names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
-        p = {n: _arg(ctx, node, i + 1, n, d) for i, (n, d) in
+        p = {n: ctx.arg(node, i + 1, n, d) for i, (n, d) in
              enumerate(zip(names, (None, None, 0, False, True), strict=True))}
     return FValue(ctx.op("AveragePool", [_float(ctx, node)], node.name, **_window(p),
                          count_include_pad=int(bool(p["count_include_pad"]))))
 
 
-@register(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
+@register(*facts.ADAPTIVE_AVG_POOL2D_OP.keys())
 def _adaptive_avg_pool(ctx: Emitter, node: fx.Node) -> Value:
     size = (ctx.module(node).output_size if node.op == "call_module"
-            else _arg(ctx, node, 1, "output_size", None))
+            else ctx.arg(node, 1, "output_size", None))
     in_hw = ctx.shape(node.args[0])[2:]
     kernel = adaptive_windows(node, in_hw, size)
     if tuple(kernel) == tuple(in_hw):
@@ -314,29 +310,17 @@ def _adaptive_avg_pool(ctx: Emitter, node: fx.Node) -> Value:
 # ------------------------------------------------------------------------------ shape ops
 
 
-@register(nn.Identity, nn.Dropout, torch.Tensor.contiguous, F.dropout)
+@register(nn.Identity, torch.Tensor.contiguous)
 def _identity(ctx: Emitter, node: fx.Node) -> Value:
     return _tensor(ctx, node)
 
 
-def _register_stochastic_depth() -> None:
-    try:
-        from torchvision.ops import StochasticDepth, stochastic_depth
-    except ImportError:  # torchvision is optional
-        return
-
-    @register(StochasticDepth, stochastic_depth)
-    def _stochastic_depth(ctx: Emitter, node: fx.Node) -> Value:
-        """The identity at inference (``training=False``); training mode is refused."""
-        m = ctx.module(node) if node.op == "call_module" else None
-        training = m.training if m is not None else bool(_arg(ctx, node, 3, "training", True))
-        if training:
-            raise BackendError(f"{node.format_node()}: stochastic depth in training mode; "
-                               "export the model in eval mode")
-        return _tensor(ctx, node)
-
-
-_register_stochastic_depth()
+@register(*INFERENCE_IDENTITIES)
+def _inference_identity(ctx: Emitter, node: fx.Node) -> Value:
+    """Dropout (every form) and stochastic depth: the identity in eval mode (or with
+    ``p == 0``); training mode is refused (``backends/common_ops.py``)."""
+    check_inference_identity(ctx, node)
+    return _tensor(ctx, node)
 
 
 def _reshape(ctx: Emitter, node: fx.Node, x: QValue | FValue, dims: list[Any]) -> Value:
@@ -358,7 +342,7 @@ def _reshape(ctx: Emitter, node: fx.Node, x: QValue | FValue, dims: list[Any]) -
     return _rewrap(x, ctx.op("Reshape", [x.name, shape], node.name))
 
 
-@register(torch.flatten, torch.Tensor.flatten, nn.Flatten)
+@register(*facts.FLATTEN_OP.keys())
 def _flatten(ctx: Emitter, node: fx.Node) -> Value:
     x = _tensor(ctx, node)
     shape = ctx.shape(node.args[0])
@@ -366,13 +350,13 @@ def _flatten(ctx: Emitter, node: fx.Node) -> Value:
         m = ctx.module(node)
         start, end = m.start_dim, m.end_dim
     else:
-        start, end = int(_arg(ctx, node, 1, "start_dim", 0)), int(_arg(ctx, node, 2, "end_dim", -1))
+        start, end = int(ctx.arg(node, 1, "start_dim", 0)), int(ctx.arg(node, 2, "end_dim", -1))
     start, end = start % len(shape), end % len(shape)
     dims = [0] * start + [-1] + list(shape[end + 1:])  # 0 copies the (dynamic) leading dims
     return _reshape(ctx, node, x, dims)
 
 
-@register(torch.Tensor.view, torch.Tensor.reshape, torch.reshape)
+@register(*facts.RESHAPE)
 def _view(ctx: Emitter, node: fx.Node) -> Value:
     x = _tensor(ctx, node)
     args = [ctx.value(a) for a in node.args[1:]] or [ctx.value(node.kwargs.get("shape", ()))]
@@ -386,7 +370,7 @@ def _view(ctx: Emitter, node: fx.Node) -> Value:
 def _size(ctx: Emitter, node: fx.Node) -> Value:
     """``x.size(0)`` is dynamic (batch); other dims are static ints."""
     shape = ctx.shape(node.args[0])
-    dim = _arg(ctx, node, 1, "dim", None)
+    dim = ctx.arg(node, 1, "dim", None)
     if dim is not None and int(dim) % len(shape) != 0:
         return shape[int(dim)]
     if dim is None:  # (dynamic batch, static sizes...), unpacked by getitem or passed to view
@@ -414,7 +398,7 @@ def _dims(ctx: Emitter, node: fx.Node, start: int) -> list[int]:
     return [int(d) for d in args]
 
 
-@register(torch.transpose, torch.Tensor.transpose)
+@register(*facts.TRANSPOSE_OP.keys())
 def _transpose(ctx: Emitter, node: fx.Node) -> Value:
     """A transpose of two dims (codes keep their scale: a channel shuffle stays integer)."""
     x = _tensor(ctx, node)
@@ -425,7 +409,7 @@ def _transpose(ctx: Emitter, node: fx.Node) -> Value:
     return _rewrap(x, ctx.op("Transpose", [x.name], node.name, perm=perm))
 
 
-@register(torch.permute, torch.Tensor.permute)
+@register(*facts.PERMUTE_OP.keys())
 def _permute(ctx: Emitter, node: fx.Node) -> Value:
     x = _tensor(ctx, node)
     ndim = len(ctx.shape(node.args[0]))
@@ -448,8 +432,8 @@ def _split_sizes(node: fx.Node, length: int, request: Any, chunks: bool) -> list
 def _split(ctx: Emitter, node: fx.Node, chunks: bool) -> Value:
     x = _tensor(ctx, node)
     shape = ctx.shape(node.args[0])
-    request = _arg(ctx, node, 1, "chunks" if chunks else "split_size_or_sections", None)
-    dim = int(_arg(ctx, node, 2, "dim", 0)) % len(shape)
+    request = ctx.arg(node, 1, "chunks" if chunks else "split_size_or_sections", None)
+    dim = int(ctx.arg(node, 2, "dim", 0)) % len(shape)
     if dim == 0:
         raise BackendError(f"{node.format_node()}: splitting the (dynamic) batch dimension is "
                            "not exported")
@@ -462,21 +446,18 @@ def _split(ctx: Emitter, node: fx.Node, chunks: bool) -> Value:
     return tuple(_rewrap(x, o) for o in outs)
 
 
-@register(torch.chunk, torch.Tensor.chunk)
+@register(*facts.CHUNK_OP.keys())
 def _chunk(ctx: Emitter, node: fx.Node) -> Value:
     return _split(ctx, node, chunks=True)
 
 
-@register(torch.split, torch.Tensor.split)
+@register(*facts.SPLIT_OP.keys())
 def _split_op(ctx: Emitter, node: fx.Node) -> Value:
     return _split(ctx, node, chunks=False)
 
 
 @register(operator.getitem)
 def _getitem(ctx: Emitter, node: fx.Node) -> Value:
-    container, index = ctx.value(node.args[0]), ctx.value(node.args[1])
-    if isinstance(container, (tuple, list)):
-        return container[index]
     from .shape_ops import slice_tensor
 
-    return slice_tensor(ctx, node, container, index)
+    return index_or_slice(ctx, node, slice_tensor)

@@ -3,7 +3,8 @@
 A converted GraphModule is lowered node by node. Each converter is looked up by the *target
 object* (the module class of a ``call_module`` node, the function of a ``call_function`` node, the
 ``torch.Tensor`` method of a ``call_method`` node) and has the signature
-``(ctx: Emitter, node: fx.Node) -> Value``.
+``(ctx: Emitter, node: fx.Node) -> Value``; the registry (:data:`CONVERTERS`), the context base and
+the unsupported-node report are shared with every backend (``backends/lowering.py``).
 
 Values flowing between converters:
 
@@ -23,15 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-import torch
 from torch import fx
 
 from djpq_compiler.errors import BackendError
+from djpq_compiler.registry import Registry
+
+from .. import lowering
+from ..lowering import Poison
 
 __all__ = [
+    "CONVERTERS",
     "DimValue",
     "Emitter",
     "FValue",
@@ -80,59 +85,31 @@ class DimValue:
     name: str
 
 
-class Poison:
-    """Marks a node whose conversion failed; its consumers are skipped, not reported again."""
-
-
 Value = QValue | SumValue | FValue | DimValue | Poison | int | float | tuple | list | None
 Converter = Callable[["Emitter", fx.Node], Value]
-_F = TypeVar("_F", bound=Converter)
-_REGISTRY: dict[object, Converter] = {}
+
+#: Every ONNX converter, keyed like every registry (module class, function, Tensor method).
+CONVERTERS = Registry[Converter]("ONNX converter")
+PACKAGE = "djpq_compiler.backends.onnx"
 
 #: (ONNX element type name, lo, hi) of the activation containers, narrowest first.
 CONTAINERS = (("UINT8", 0, 255), ("INT8", -128, 127), ("UINT16", 0, 65535),
               ("INT16", -32768, 32767))
 
 
-def register(*targets: object) -> Callable[[_F], _F]:
+def register(*targets: object) -> Callable[[Converter], Converter]:
     """Register a converter for module classes, functions or ``torch.Tensor`` methods."""
-
-    def decorate(fn: _F) -> _F:
-        for target in targets:
-            _REGISTRY[target] = fn
-        return fn
-
-    return decorate
-
-
-def _key(gm: fx.GraphModule, node: fx.Node) -> object | None:
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target)))
-    if node.op == "call_function":
-        return node.target
-    if node.op == "call_method":
-        return getattr(torch.Tensor, str(node.target), None)
-    return node.op if node.op in ("placeholder", "output", "get_attr") else None
+    return CONVERTERS.register(*targets)
 
 
 def converter_for(gm: fx.GraphModule, node: fx.Node) -> Converter | None:
     """The converter of ``node``, or ``None`` if the exporter cannot lower it."""
-    key = _key(gm, node)
-    try:
-        return _REGISTRY.get(key) if key is not None else None
-    except TypeError:  # unhashable target
-        return None
-
-
-def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"no ONNX converter for module {type(gm.get_submodule(str(node.target))).__name__}"
-    return f"no ONNX converter for {node.op} {node.target!r}"
+    return CONVERTERS.lookup(gm, node)
 
 
 def unsupported_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
     """Every node without a converter, with the reason, in graph order."""
-    return [(n, _describe(gm, n)) for n in gm.graph.nodes if converter_for(gm, n) is None]
+    return lowering.unsupported_nodes(gm, CONVERTERS, "ONNX")
 
 
 def container(lo: int, hi: int) -> tuple[int, int, int]:
@@ -147,7 +124,7 @@ def container(lo: int, hi: int) -> tuple[int, int, int]:
                        "(QuantizeLinear supports at most int16/uint16)")
 
 
-class Emitter:
+class Emitter(lowering.LoweringContext):
     """State of one export: ONNX nodes and initializers, node values and static shapes.
 
     Args:
@@ -155,12 +132,13 @@ class Emitter:
         shapes: Static shape of every tensor-valued fx node (from a run on the example inputs).
     """
 
+    INT_TYPES = (QValue, SumValue)
+
     def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]]) -> None:
-        self.gm = gm
+        super().__init__(gm)
         self.shapes = shapes
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
-        self.env: dict[fx.Node, Value] = {}
         self.inputs: list[Any] = []
         self.outputs: list[Any] = []
         self.layers: dict[str, dict[str, Any]] = {}
@@ -198,14 +176,6 @@ class Emitter:
         out = self.fresh(hint)
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
-
-    def module(self, node: fx.Node) -> Any:
-        """The submodule a ``call_module`` node calls."""
-        return self.gm.get_submodule(str(node.target))
-
-    def value(self, arg: Any) -> Any:
-        """Map fx nodes inside ``arg`` (possibly nested) to their values."""
-        return fx.node.map_arg(arg, lambda n: self.env[n])  # type: ignore[arg-type,return-value]
 
     def shape(self, node: fx.Node | Any) -> tuple[int, ...]:
         """Static shape of a tensor-valued fx node (batch included, as in the example run)."""
@@ -250,10 +220,7 @@ class Emitter:
 
     def int_arg(self, node: fx.Node, index: int = 0) -> QValue | SumValue:
         """The ``index``-th positional argument of ``node`` as integer codes."""
-        value = self.value(node.args[index])
-        if not isinstance(value, (QValue, SumValue)):
-            raise BackendError(f"{node.format_node()}: expects integer codes as input {index}, "
-                               f"got {type(value).__name__}; a Quantize must precede integer ops")
+        value: QValue | SumValue = super().int_arg(node, index)
         return value
 
     def as_qvalue(self, value: QValue | SumValue, hint: str) -> QValue:

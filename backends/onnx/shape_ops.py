@@ -18,18 +18,15 @@ import numpy as np
 import torch
 from torch import fx
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 
+from ..common_ops import plan_slice
 from .float_ops import _batch_size, _rewrap, _tensor
 from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, register
 
 __all__ = ["slice_tensor"]
 
-
-def _arg(ctx: Emitter, node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return ctx.value(node.args[index])
-    return ctx.value(node.kwargs.get(name, default))
 
 
 def _axes(ctx: Emitter, node: fx.Node, axes: list[int]) -> str:
@@ -66,14 +63,14 @@ def _no_batch(ctx: Emitter, node: fx.Node, axes: list[int], what: str) -> None:
                            "dynamic in the exported file, is not exported")
 
 
-@register(torch.unbind, torch.Tensor.unbind)
+@register(*facts.UNBIND_OP.keys())
 def _unbind(ctx: Emitter, node: fx.Node) -> Value:
     """``x.unbind(dim)``: Split into size-1 pieces, each squeezed."""
     from onnx import helper
 
     x = _tensor(ctx, node)
     shape = ctx.shape(node.args[0])
-    dim = int(_arg(ctx, node, 1, "dim", 0)) % len(shape)
+    dim = int(ctx.arg(node, 1, "dim", 0)) % len(shape)
     _no_batch(ctx, node, [dim], "unbinding")
     outs = [ctx.fresh(f"{node.name}/piece_{i}") for i in range(shape[dim])]
     split = ctx.const(np.ones(shape[dim], np.int64), f"{node.name}/split")
@@ -84,12 +81,12 @@ def _unbind(ctx: Emitter, node: fx.Node) -> Value:
                  for i, o in enumerate(outs))
 
 
-@register(torch.squeeze, torch.Tensor.squeeze)
+@register(*facts.SQUEEZE_OP.keys())
 def _squeeze(ctx: Emitter, node: fx.Node) -> Value:
     """``x.squeeze(dim)``; without ``dim`` every size-1 dim but the batch."""
     x = _tensor(ctx, node)
     shape = ctx.shape(node.args[0])
-    dim = _arg(ctx, node, 1, "dim", None)
+    dim = ctx.arg(node, 1, "dim", None)
     if dim is None:
         batch = batch_axes(ctx, node.args[0])  # type: ignore[arg-type]
         axes = [i for i, s in enumerate(shape) if s == 1 and i not in batch]
@@ -102,25 +99,25 @@ def _squeeze(ctx: Emitter, node: fx.Node) -> Value:
     return _rewrap(x, ctx.op("Squeeze", [x.name, _axes(ctx, node, axes)], node.name))
 
 
-@register(torch.unsqueeze, torch.Tensor.unsqueeze)
+@register(*facts.UNSQUEEZE_OP.keys())
 def _unsqueeze(ctx: Emitter, node: fx.Node) -> Value:
     x = _tensor(ctx, node)
-    dim = int(_arg(ctx, node, 1, "dim", None)) % (len(ctx.shape(node.args[0])) + 1)
+    dim = int(ctx.arg(node, 1, "dim", None)) % (len(ctx.shape(node.args[0])) + 1)
     return _rewrap(x, ctx.op("Unsqueeze", [x.name, _axes(ctx, node, [dim])], node.name))
 
 
-@register(torch.swapaxes, torch.Tensor.swapaxes)
+@register(*facts.SWAPAXES_OP.keys())
 def _swapaxes(ctx: Emitter, node: fx.Node) -> Value:
     x = _tensor(ctx, node)
     ndim = len(ctx.shape(node.args[0]))
-    a, b = (int(_arg(ctx, node, i, n, None)) % ndim for i, n in ((1, "axis0"), (2, "axis1")))
+    a, b = (int(ctx.arg(node, i, n, None)) % ndim for i, n in ((1, "axis0"), (2, "axis1")))
     perm = list(range(ndim))
     perm[a], perm[b] = perm[b], perm[a]
     return _rewrap(x, ctx.op("Transpose", [x.name], node.name, perm=perm))
 
 
 def _other(ctx: Emitter, node: fx.Node) -> QValue | FValue:
-    other = _arg(ctx, node, 1, "other", None)
+    other = ctx.arg(node, 1, "other", None)
     if isinstance(other, SumValue):
         other = ctx.as_qvalue(other, f"{node.name}/other_q")
     if not isinstance(other, (QValue, FValue)):
@@ -169,45 +166,26 @@ def _expand(ctx: Emitter, node: fx.Node) -> Value:
 
 
 def slice_tensor(ctx: Emitter, node: fx.Node, value: Any, index: Any) -> Value:
-    """``x[index]`` for ints, positive-step slices and ``...`` (batch dim: ``:`` only)."""
+    """``x[index]`` for ints, positive-step slices and ``...`` (what: ``plan_slice``; the
+    batch dims, dynamic in the file, are taken whole only)."""
     if isinstance(value, SumValue):
         value = ctx.as_qvalue(value, f"{node.name}/x_q")
     if not isinstance(value, (QValue, FValue)):
         raise BackendError(f"{node.format_node()}: cannot index {value!r}")
-    shape = ctx.shape(node.args[0])
-    items = list(index) if isinstance(index, tuple) else [index]
-    if items.count(Ellipsis) > 1:
-        raise BackendError(f"{node.format_node()}: more than one ... in an index")
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
-    starts, ends, axes, steps, gathers = [], [], [], [], []
     batch = batch_axes(ctx, node.args[0]) if isinstance(node.args[0], fx.Node) else {0}
-    for axis, item in enumerate(items):
-        if isinstance(item, slice) and item == slice(None):
-            continue
-        if axis in batch:
-            raise BackendError(f"{node.format_node()}: indexing the batch dimension, "
-                               "which is dynamic in the exported file, is not exported")
-        if isinstance(item, int) and not isinstance(item, bool):
-            gathers.append((axis, item % shape[axis]))
-        elif isinstance(item, slice) and (item.step or 1) > 0:
-            start, stop, step = item.indices(shape[axis])
-            starts.append(start)
-            ends.append(stop)
-            axes.append(axis)
-            steps.append(step)
-        else:
-            raise BackendError(f"{node.format_node()}: only int, positive-step slice and ... "
-                               f"indexing is exported, got {item!r}")
+    plan = plan_slice(node, ctx.shape(node.args[0]), index, batch,
+                      "which follows the batch size (dynamic in the exported file), is not "
+                      "exported")
     name = value.name
-    if axes:
+    if plan.slices:
+        axes, starts, ends, steps = zip(*plan.slices, strict=True)
         consts = [ctx.const(np.array(v, np.int64), f"{node.name}/{k}")
                   for k, v in (("starts", starts), ("ends", ends), ("axes", axes),
                                ("steps", steps))]
-        name = ctx.op("Slice", [name, *consts], f"{node.name}/slice" if gathers else node.name)
-    for i, (axis, at) in enumerate(reversed(gathers)):  # last axis first: indices stay valid
-        last = i == len(gathers) - 1
+        name = ctx.op("Slice", [name, *consts],
+                      f"{node.name}/slice" if plan.picks else node.name)
+    for i, (axis, at) in enumerate(reversed(plan.picks)):  # last axis first: indices stay valid
+        last = i == len(plan.picks) - 1
         name = ctx.op("Gather", [name, ctx.const(np.array(at, np.int64), f"{node.name}/at")],
                       node.name if last else f"{node.name}/gather", axis=axis)
     return _rewrap(value, name)

@@ -11,7 +11,6 @@ math may differ from PyTorch by a few ulps, so codes after these islands agree t
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import numpy as np
@@ -19,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 
+from ..common_ops import check_multihead_attention, layer_norm_params, mha_projections
+from ..lowering import call_arg
 from .graph import Emitter, FValue, Value, register
 
 __all__: list[str] = []
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _weights(ctx: Emitter, node: fx.Node, weight: torch.Tensor | None,
@@ -40,41 +38,14 @@ def _weights(ctx: Emitter, node: fx.Node, weight: torch.Tensor | None,
     return names
 
 
-def _layer_norm(ctx: Emitter, node: fx.Node, shape: tuple[int, ...],
-                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> Value:
+@register(*facts.LAYER_NORM)
+def _layer_norm(ctx: Emitter, node: fx.Node) -> Value:
+    """``nn.LayerNorm`` / ``F.layer_norm`` as ``LayerNormalization`` (parameters from
+    ``layer_norm_params``)."""
     x = ctx.real(node, node.args[0])
-    in_shape = ctx.shape(node.args[0])
-    if tuple(in_shape[len(in_shape) - len(shape):]) != shape:
-        raise BackendError(f"{node.format_node()}: normalized_shape {shape} does not end the "
-                           f"input shape {in_shape}")
-    return FValue(ctx.op("LayerNormalization", [x, *_weights(ctx, node, weight, bias, shape)],
-                         node.name, axis=-len(shape), epsilon=float(eps)))
-
-
-@register(nn.LayerNorm)
-def _layer_norm_module(ctx: Emitter, node: fx.Node) -> Value:
-    m = ctx.module(node)
-    return _layer_norm(ctx, node, tuple(m.normalized_shape), m.weight,
-                       getattr(m, "bias", None), m.eps)
-
-
-def _attr_tensor(ctx: Emitter, node: fx.Node, arg: Any) -> torch.Tensor | None:
-    if arg is None:
-        return None
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value: Any = operator.attrgetter(str(arg.target))(ctx.gm)
-        if torch.is_tensor(value):
-            return value
-    raise BackendError(f"{node.format_node()}: layer_norm weight/bias must be parameters")
-
-
-@register(F.layer_norm, torch.layer_norm)
-def _layer_norm_function(ctx: Emitter, node: fx.Node) -> Value:
-    shape = ctx.value(_arg(node, 1, "normalized_shape", None))
-    shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
-    return _layer_norm(ctx, node, shape, _attr_tensor(ctx, node, _arg(node, 2, "weight", None)),
-                       _attr_tensor(ctx, node, _arg(node, 3, "bias", None)),
-                       float(_arg(node, 4, "eps", 1e-5)))
+    p = layer_norm_params(ctx, node, ctx.shape(node.args[0]))
+    return FValue(ctx.op("LayerNormalization", [x, *_weights(ctx, node, p.weight, p.bias, p.shape)],
+                         node.name, axis=-len(p.shape), epsilon=p.eps))
 
 
 def _softmax(ctx: Emitter, node: fx.Node, dim: Any) -> Value:
@@ -89,7 +60,7 @@ def _softmax_function(ctx: Emitter, node: fx.Node) -> Value:
     dtype = node.kwargs.get("dtype", node.args[3] if len(node.args) > 3 else None)
     if dtype not in (None, torch.float32):
         raise BackendError(f"{node.format_node()}: softmax with dtype={dtype} is not exported")
-    return _softmax(ctx, node, ctx.value(_arg(node, 1, "dim", None)))
+    return _softmax(ctx, node, ctx.value(call_arg(node, 1, "dim", None)))
 
 
 @register(nn.Softmax)
@@ -97,8 +68,7 @@ def _softmax_module(ctx: Emitter, node: fx.Node) -> Value:
     return _softmax(ctx, node, ctx.module(node).dim)
 
 
-@register(torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm, operator.matmul,
-          torch.Tensor.__matmul__)
+@register(*facts.MATMUL)
 def _matmul(ctx: Emitter, node: fx.Node) -> Value:
     a, b = ctx.real(node, node.args[0]), ctx.real(node, node.args[1])
     return FValue(ctx.op("MatMul", [a, b], node.name))
@@ -127,10 +97,10 @@ def _attention(ctx: Emitter, hint: str, q: str, k: str, v: str, rank: int,
 @register(F.scaled_dot_product_attention)
 def _sdpa(ctx: Emitter, node: fx.Node) -> Value:
     q, k, v = (ctx.real(node, node.args[i]) for i in range(3))
-    mask_arg = _arg(node, 3, "attn_mask", None)
-    dropout = ctx.value(_arg(node, 4, "dropout_p", 0.0))
-    causal = ctx.value(_arg(node, 5, "is_causal", False))
-    scale = ctx.value(_arg(node, 6, "scale", None))
+    mask_arg = call_arg(node, 3, "attn_mask", None)
+    dropout = ctx.value(call_arg(node, 4, "dropout_p", 0.0))
+    causal = ctx.value(call_arg(node, 5, "is_causal", False))
+    scale = ctx.value(call_arg(node, 6, "scale", None))
     if node.kwargs.get("enable_gqa", False) or dropout != 0 or not isinstance(causal, bool):
         raise BackendError(f"{node.format_node()}: attention is exported with dropout_p=0, a "
                            "static is_causal and without enable_gqa only")
@@ -151,32 +121,17 @@ def _linear(ctx: Emitter, hint: str, x: str, weight: torch.Tensor,
     return ctx.op("Add", [out, b], hint)
 
 
-def _mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor, Any]]:
-    e = m.embed_dim
-    if m._qkv_same_embed_dim:
-        w = m.in_proj_weight
-        weights = [w[:e], w[e:2 * e], w[2 * e:]]
-    else:
-        weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
-    bias = m.in_proj_bias
-    biases = [None] * 3 if bias is None else [bias[:e], bias[e:2 * e], bias[2 * e:]]
-    return list(zip(weights, biases, strict=True))
-
 
 @register(nn.MultiheadAttention)
 def _multihead_attention(ctx: Emitter, node: fx.Node) -> Value:
     """``nn.MultiheadAttention(q, k, v)`` -> ``(output, weights or None)``, no masks."""
     m = ctx.module(node)
-    if any(node.kwargs.get(n) is not None for n in ("key_padding_mask", "attn_mask")) or \
-            len(node.args) > 3 or m.bias_k is not None or m.add_zero_attn or \
-            node.kwargs.get("is_causal", False):
-        raise BackendError(f"{node.format_node()}: MultiheadAttention is exported without "
-                           "masks, bias_k/bias_v and add_zero_attn only")
+    check_multihead_attention(node, m)
     args = [node.args[i] if len(node.args) > i else node.kwargs[n]
             for i, n in enumerate(("query", "key", "value"))]
     heads, embed = m.num_heads, m.embed_dim
     names, lengths = [], []
-    for i, (arg, (w, b)) in enumerate(zip(args, _mha_projections(m), strict=True)):
+    for i, (arg, (w, b)) in enumerate(zip(args, mha_projections(m), strict=True)):
         x = ctx.real(node, arg)
         shape = ctx.shape(arg)
         if not m.batch_first:

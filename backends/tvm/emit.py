@@ -4,7 +4,9 @@ A converted graph (``gm.meta["djpq.stage"] == "converted"``) holds the integer m
 ``djpq_compiler.ir.modules`` plus shape ops. Each node is lowered by one
 converter, looked up by the *target object*: the module class for ``call_module`` nodes, the
 function for ``call_function`` nodes and the ``torch.Tensor`` method for ``call_method`` nodes.
-Every converter has the signature ``(ctx: Lowering, node: Node) -> Lowered``.
+Every converter has the signature ``(ctx: Lowering, node: Node) -> Lowered``; the registry
+(:data:`CONVERTERS`), the context base and the unsupported-node report are shared with every
+backend (``backends/lowering.py``).
 
 Values flowing between converters carry their integer range, from which the container dtype is
 chosen (uint8/int8 for 8 bits and below, uint16/int16, int32, int64): a sub-8-bit code lives in an
@@ -16,16 +18,19 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import fx
 
 from djpq_compiler.errors import BackendError
+from djpq_compiler.registry import Registry
 
+from .. import lowering
 from .adapter import Builder
 
 __all__ = [
+    "CONVERTERS",
     "FloatValue",
     "IntValue",
     "Lowered",
@@ -57,9 +62,10 @@ class FloatValue:
 #: What a converter returns: a tensor value, or a plain Python value (shape ints, tuples).
 Lowered = IntValue | FloatValue | int | float | tuple | list | None
 Converter = Callable[["Lowering", fx.Node], Lowered]
-_F = TypeVar("_F", bound=Converter)
 
-_REGISTRY: dict[object, Converter] = {}
+#: Every TVM converter, keyed like every registry (module class, function, Tensor method).
+CONVERTERS = Registry[Converter]("TVM converter")
+_PACKAGE = "djpq_compiler.backends.tvm"
 
 _CONTAINERS = (
     ("uint8", 0, 2**8 - 1), ("int8", -(2**7), 2**7 - 1),
@@ -76,126 +82,53 @@ def container_dtype(lo: int, hi: int) -> str:
     raise BackendError(f"integer range [{lo}, {hi}] does not fit int64")
 
 
-def register(*targets: object) -> Callable[[_F], _F]:
+def register(*targets: object) -> Callable[[Converter], Converter]:
     """Register a converter for module classes, functions or ``torch.Tensor`` methods."""
-
-    def decorate(fn: _F) -> _F:
-        for target in targets:
-            _REGISTRY[target] = fn
-        return fn
-
-    return decorate
-
-
-def _key(gm: fx.GraphModule, node: fx.Node) -> object | None:
-    """The registry key of a node: module class, function, or ``torch.Tensor`` method."""
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target)))
-    if node.op == "call_function":
-        return node.target
-    if node.op == "call_method":
-        return getattr(torch.Tensor, str(node.target), None)
-    return None
+    return CONVERTERS.register(*targets)
 
 
 def converter_for(gm: fx.GraphModule, node: fx.Node) -> Converter | None:
     """The converter of ``node``, or ``None`` if the backend cannot lower it."""
-    if node.op in ("placeholder", "output", "get_attr"):
-        return _REGISTRY.get(node.op)
-    key = _key(gm, node)
-    return _REGISTRY.get(key) if key is not None else None
-
-
-def _is_float_producer(gm: fx.GraphModule, node: fx.Node, floaty: set[fx.Node]) -> bool:
-    """Whether ``node`` yields a float tensor (graph input, Dequantize, float-out layer, island)."""
-    from djpq_compiler.ir.modules import Dequantize, Quantize
-
-    if node.op == "placeholder":
-        return True
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, Dequantize) or getattr(module, "out_scale", 0) is None:
-            return True
-        if isinstance(module, Quantize):
-            return False
-    return any(arg in floaty for arg in node.all_input_nodes)
-
-
-def _describe(gm: fx.GraphModule, node: fx.Node, in_island: bool) -> str:
-    """Why ``node`` cannot be lowered: the op it calls, and whether it sits in a float island."""
-    if node.op == "call_module":
-        what = f"module {type(gm.get_submodule(str(node.target))).__name__}"
-    else:
-        what = f"{node.op} {node.target!r}"
-    where = " (a float op between Dequantize and Quantize)" if in_island else ""
-    return f"no TVM converter for {what}{where}"
+    return CONVERTERS.lookup(gm, node)
 
 
 def unsupported_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
     """Every node the backend cannot lower, with the reason, in graph order."""
-    floaty: set[fx.Node] = set()
-    missing: list[tuple[fx.Node, str]] = []
-    for node in gm.graph.nodes:
-        if _is_float_producer(gm, node, floaty):
-            floaty.add(node)
-        if converter_for(gm, node) is not None:
-            continue
-        in_island = any(a in floaty for a in node.all_input_nodes)
-        missing.append((node, _describe(gm, node, in_island)))
-    return missing
+    return lowering.unsupported_nodes(gm, CONVERTERS, "TVM")
 
 
 def check_supported(gm: fx.GraphModule) -> None:
-    """Raise one :class:`BackendError` listing every unsupported node of ``gm``."""
+    """Raise one :class:`~djpq_compiler.errors.UnsupportedNodesError` listing every unsupported
+    node of ``gm`` (a :class:`BackendError` for a model that is not converted)."""
     if gm.meta.get("djpq.stage") != "converted":
         raise BackendError(
             "the TVM backend lowers converted models only (gm.meta['djpq.stage'] == "
             f"'converted', got {gm.meta.get('djpq.stage')!r}); run djpq_compiler.convert() first"
         )
-    missing = unsupported_nodes(gm)
-    if missing:
-        lines = "\n".join(f"  {n.format_node()}  # {why}" for n, why in missing)
-        raise BackendError(
-            f"the TVM backend cannot lower {len(missing)} node(s):\n{lines}\n"
-            "Keep these ops in PyTorch (run the converted model there), replace them with "
-            "supported integer ops before convert(), or add a converter with "
-            "djpq_compiler.backends.tvm.register(<target>)."
-        )
+    lowering.raise_unsupported("TVM", _PACKAGE, unsupported_nodes(gm))
 
 
-class Lowering:
+class Lowering(lowering.LoweringContext):
     """State of one lowering: the builder, the graph and the value of every lowered node."""
+
+    INT_TYPES = (IntValue,)
 
     def __init__(self, gm: fx.GraphModule, builder: Builder,
                  target: dict[str, Any] | None = None) -> None:
-        self.gm = gm
+        super().__init__(gm)
         self.bb = builder
         #: The TVM target dict the module is built for (``None``: written kernels are off).
         self.target = target
         #: One ``kernels.KernelChoice`` per integer conv/linear, in graph order.
         self.kernels: list[Any] = []
-        self.env: dict[fx.Node, Lowered] = {}
         self.params: list[Any] = []
         self.outputs: list[Any] = []
         self.output_kinds: list[str] = []
         self.output_tuple = False
 
-    def module(self, node: fx.Node) -> Any:
-        """The submodule a ``call_module`` node calls (typed loosely: converters know its class)."""
-        return self.gm.get_submodule(str(node.target))
-
-    def value(self, arg: Any) -> Any:
-        """Map fx nodes inside ``arg`` (possibly nested) to their lowered values."""
-        return fx.node.map_arg(arg, lambda n: self.env[n])  # type: ignore[arg-type,return-value]
-
     def int_arg(self, node: fx.Node, index: int = 0) -> IntValue:
         """The ``index``-th positional argument of ``node`` as integer codes."""
-        value = self.value(node.args[index])
-        if not isinstance(value, IntValue):
-            raise BackendError(
-                f"{node.format_node()}: expects integer codes as input {index}, got "
-                f"{type(value).__name__}; a Quantize must precede integer ops"
-            )
+        value: IntValue = super().int_arg(node, index)
         return value
 
     def int_value(self, expr: Any, lo: int, hi: int) -> IntValue:
@@ -217,9 +150,11 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         ``(IRModule, lowering)``; ``lowering.output_kinds`` says which outputs are integer codes.
 
     Raises:
-        BackendError: Unsupported nodes (all listed at once) or bad inputs.
+        UnsupportedNodesError: Nodes without a converter or refused by theirs (all listed at
+            once; a :class:`BackendError`).
+        BackendError: Bad inputs.
     """
-    check_supported(gm)
+    check_supported(gm)  # fails fast, before TVM is started, on nodes without a converter
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise BackendError(
@@ -232,11 +167,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         ctx.params.append(_input_var(bb, node, example))
     with bb.function("main", ctx.params):
         with bb.dataflow():
-            for node in gm.graph.nodes:
-                converter = converter_for(gm, node)
-                if converter is None:  # pragma: no cover - check_supported ran first
-                    raise BackendError(f"{node.format_node()}: no converter")
-                ctx.env[node] = converter(ctx, node)
+            lowering.lower_nodes(ctx, CONVERTERS, "TVM", _PACKAGE)
             out = bb.emit_output(ctx.outputs)
         mod = bb.finish(out)
     return mod, ctx
@@ -276,9 +207,6 @@ def _output(ctx: Lowering, node: fx.Node) -> Lowered:
 
 @register(operator.getitem)
 def _getitem(ctx: Lowering, node: fx.Node) -> Lowered:
-    container, index = ctx.value(node.args[0]), ctx.value(node.args[1])
-    if isinstance(container, (tuple, list)):
-        return container[index]
     from .shapes import slice_tensor
 
-    return slice_tensor(ctx, node, container, index)
+    return lowering.index_or_slice(ctx, node, slice_tensor)

@@ -20,7 +20,8 @@ operations where that decides the rounding:
 Elementwise unary functions of <= 8-bit codes do not stay float: ``convert`` turns them into an
 :class:`~djpq_compiler.ir.lookup.IntLUT`, lowered here as ``take`` on an integer
 table, bit-exact. Which ops are elementwise (and so table candidates) is data in
-``djpq_compiler/ir/lookup.py`` (``UNARY_OPS``, ``BINARY_OPS``), shared by ``convert`` and the
+``djpq_compiler/op_facts.py`` (``ELEMENTWISE_UNARY``, ``ELEMENTWISE_BINARY``; named by
+``UNARY_OPS``/``BINARY_OPS`` of ``djpq_compiler/ir/lookup.py``), shared by ``convert`` and the
 backends. This module is TVM-facing only through :class:`~.adapter.Builder`.
 """
 
@@ -32,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 from djpq_compiler.ir.lookup import BINARY_OPS, UNARY_OPS, IntLUT
 from djpq_compiler.ir.pooling import (
@@ -43,6 +44,7 @@ from djpq_compiler.ir.pooling import (
     ceil_extra_padding,
     pooled_size,
 )
+from djpq_compiler.registry import node_key
 
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 
@@ -50,11 +52,6 @@ __all__ = ["FLOAT_UNARY"]
 
 Emit = Callable[[Lowering, fx.Node, Any], Any]
 
-
-def _arg(ctx: Lowering, node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return ctx.value(node.args[index])
-    return ctx.value(node.kwargs.get(name, default))
 
 
 def _float_arg(ctx: Lowering, node: fx.Node, index: int = 0) -> Any:
@@ -85,8 +82,8 @@ def _hardtanh(ctx: Lowering, node: fx.Node, x: Any) -> Any:
         module = ctx.module(node)
         lo, hi = float(module.min_val), float(module.max_val)
     else:
-        lo = float(_arg(ctx, node, 1, "min_val", -1.0))
-        hi = float(_arg(ctx, node, 2, "max_val", 1.0))
+        lo = float(ctx.arg(node, 1, "min_val", -1.0))
+        hi = float(ctx.arg(node, 2, "max_val", 1.0))
     return ctx.bb.clip(x, lo, hi)
 
 
@@ -148,13 +145,8 @@ FLOAT_UNARY: dict[str, Emit] = {
 
 def _convert_unary(ctx: Lowering, node: fx.Node) -> Lowered:
     """An elementwise unary float op of a float island (name from ``UNARY_OPS``)."""
-    key: Any = node.target
-    if node.op == "call_module":
-        key = type(ctx.module(node))
-    elif node.op == "call_method":
-        key = getattr(torch.Tensor, str(node.target), None)
     x = _float_arg(ctx, node)
-    return FloatValue(FLOAT_UNARY[UNARY_OPS[key]](ctx, node, x))
+    return FloatValue(FLOAT_UNARY[UNARY_OPS[node_key(ctx.gm, node)]](ctx, node, x))
 
 
 register(*[t for t, name in UNARY_OPS.items() if name in FLOAT_UNARY])(_convert_unary)
@@ -206,11 +198,11 @@ def convert_mean(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.mean(dim, keepdim)`` over static dims (all dims when ``dim`` is None)."""
     x = _float_arg(ctx, node)
     ndim = len(ctx.bb.shape(x))
-    dims = _arg(ctx, node, 1, "dim", None)
+    dims = ctx.arg(node, 1, "dim", None)
     dims = list(range(ndim)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
     if node.kwargs.get("dtype") is not None:
         raise BackendError(f"{node.format_node()}: mean with a dtype is not lowered")
-    keep = bool(_arg(ctx, node, 2, "keepdim", False))
+    keep = bool(ctx.arg(node, 2, "keepdim", False))
     return FloatValue(_mean_f32(ctx, x, [int(d) % ndim for d in dims], keep))
 
 
@@ -219,7 +211,7 @@ def _pool_params(ctx: Lowering, node: fx.Node, names: tuple[str, ...],
     if node.op == "call_module":
         module = ctx.module(node)
         return {n: getattr(module, n, d) for n, d in zip(names, defaults, strict=True)}
-    return {n: _arg(ctx, node, i + 1, n, d)
+    return {n: ctx.arg(node, i + 1, n, d)
             for i, (n, d) in enumerate(zip(names, defaults, strict=True))}
 
 
@@ -230,7 +222,7 @@ def _pair(value: Any) -> tuple[int, int]:
     return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
 
 
-@register(nn.MaxPool2d, F.max_pool2d)
+@register(*facts.MAX_POOL2D_OP.keys())
 def convert_max_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     """Float max pooling (exact: a max of float32 values)."""
     p = _pool_params(ctx, node, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
@@ -244,7 +236,7 @@ def convert_max_pool(ctx: Lowering, node: fx.Node) -> Lowered:
                                         _pair(p["dilation"]), bool(p["ceil_mode"])))
 
 
-@register(nn.AvgPool2d, F.avg_pool2d)
+@register(*facts.AVG_POOL2D_OP.keys())
 def convert_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     """Float average pooling: window sums in float64 (a depthwise conv with a ones kernel),
     torch's divisor per window, one rounding to float32."""
@@ -272,12 +264,12 @@ def convert_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     return FloatValue(ctx.bb.astype(mean, "float32"))
 
 
-@register(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
+@register(*facts.ADAPTIVE_AVG_POOL2D_OP.keys())
 def convert_adaptive_avg_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     """Float adaptive average pooling: torch's (overlapping) bins as 0/1 matrices, sums in
     float64, divided by each bin's size, one rounding to float32."""
     size = (ctx.module(node).output_size if node.op == "call_module"
-            else _arg(ctx, node, 1, "output_size", None))
+            else ctx.arg(node, 1, "output_size", None))
     x = _float_arg(ctx, node)
     shape = ctx.bb.shape(x)
     sizes = (size, size) if isinstance(size, int) else tuple(size)
@@ -366,31 +358,3 @@ def convert_lut(ctx: Lowering, node: fx.Node) -> Lowered:
     dtype = container_dtype(module.qmin, module.qmax)
     out = ctx.bb.call("take", ctx.bb.const(table, dtype), index, 0)
     return IntValue(out, module.qmin, module.qmax)
-
-
-# ------------------------------------------------------------------------------ identities
-
-
-def _register_stochastic_depth() -> None:
-    try:
-        from torchvision.ops import StochasticDepth, stochastic_depth
-    except ImportError:  # torchvision is optional
-        return
-
-    @register(StochasticDepth, stochastic_depth)
-    def convert_stochastic_depth(ctx: Lowering, node: fx.Node) -> Lowered:
-        """torchvision's stochastic depth: the identity at inference; training mode refused."""
-        module = ctx.module(node) if node.op == "call_module" else None
-        training = module.training if module is not None else _arg(ctx, node, 3, "training",
-                                                                      True)
-        p = float(module.p if module is not None else _arg(ctx, node, 1, "p", 0.0))
-        if training is not False and p > 0:
-            raise BackendError(f"{node.format_node()}: stochastic depth in training mode drops "
-                               "random rows; build the model in eval mode")
-        value = ctx.value(node.args[0])
-        if not isinstance(value, (IntValue, FloatValue)):
-            raise BackendError(f"{node.format_node()}: expects a tensor input, got {value!r}")
-        return value
-
-
-_register_stochastic_depth()

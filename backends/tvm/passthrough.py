@@ -1,4 +1,6 @@
-"""Converters of ops that are the identity at inference: ``nn.Identity``, dropout (eval), copies.
+"""Converters of ops that are the identity at inference: ``nn.Identity``, dropout and
+torchvision's stochastic depth (eval), copies. Whether a dropout is inactive is decided once for
+every backend in ``backends/common_ops.py``.
 
 A converted graph keeps such nodes where the original model had them, e.g. ResNet's
 ``nn.Identity`` shortcut or a classifier's ``nn.Dropout``. They lower to their input value
@@ -12,34 +14,15 @@ silently dropped.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from djpq_compiler.errors import BackendError
 
+from ..common_ops import INFERENCE_IDENTITIES, check_inference_identity
 from .emit import FloatValue, IntValue, Lowered, Lowering, register
 
-__all__ = ["DROPOUT_FUNCTIONS", "DROPOUT_MODULES"]
-
-#: Dropout module classes: identities in ``eval()`` mode (or with ``p == 0``).
-DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-
-#: Functional dropouts with the position and default of their ``training`` argument.
-DROPOUT_FUNCTIONS: dict[Any, tuple[int, str, bool]] = {
-    F.dropout: (2, "training", True),
-    F.dropout1d: (2, "training", True),
-    F.dropout2d: (2, "training", True),
-    F.dropout3d: (2, "training", True),
-    F.alpha_dropout: (2, "training", False),
-    F.feature_alpha_dropout: (2, "training", False),
-    torch.dropout: (2, "train", True),
-}
+__all__: list[str] = []
 
 
 def _input(ctx: Lowering, node: fx.Node) -> IntValue | FloatValue:
@@ -57,42 +40,14 @@ def convert_identity(ctx: Lowering, node: fx.Node) -> Lowered:
     return _input(ctx, node)
 
 
-@register(*DROPOUT_MODULES)
-def convert_dropout_module(ctx: Lowering, node: fx.Node) -> Lowered:
-    """A dropout module in eval mode (or with ``p == 0``) is the identity.
+@register(*INFERENCE_IDENTITIES)
+def convert_inference_identity(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Dropout (every form) and stochastic depth in eval mode (or with ``p == 0``): the identity.
 
     Raises:
-        BackendError: The module is in training mode with ``p > 0``.
+        BackendError: Training mode with ``p > 0`` (see ``backends/common_ops.py``).
     """
-    module = ctx.module(node)
-    if module.training and float(module.p) > 0.0:
-        raise BackendError(
-            f"{node.format_node()}: {type(module).__name__}(p={module.p}) is in training mode, "
-            "where it zeroes random values; call converted.eval() before building"
-        )
-    return _input(ctx, node)
-
-
-@register(*DROPOUT_FUNCTIONS)
-def convert_dropout_function(ctx: Lowering, node: fx.Node) -> Lowered:
-    """A functional dropout traced with ``training=False`` (or ``p == 0``) is the identity.
-
-    Raises:
-        BackendError: The call was traced with ``training=True`` and ``p > 0``.
-    """
-    index, name, default = DROPOUT_FUNCTIONS[node.target]
-    training = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-    if not isinstance(training, bool) or not isinstance(p, (int, float)):
-        raise BackendError(
-            f"{node.format_node()}: dropout's {name!r} and 'p' must be constants at trace time, "
-            f"got {training!r} and {p!r}; trace the model in eval mode"
-        )
-    if training and p > 0:
-        raise BackendError(
-            f"{node.format_node()}: dropout was traced with {name}=True and p={p}, so it zeroes "
-            "random values; pass training=self.training and trace/convert the model in eval mode"
-        )
+    check_inference_identity(ctx, node)
     return _input(ctx, node)
 
 

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 
+from ..common_ops import plan_slice
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 
 Tensorish = IntValue | FloatValue
@@ -34,17 +36,12 @@ def _rewrap(value: Tensorish, expr: Any) -> Tensorish:
     return IntValue(expr, value.lo, value.hi) if isinstance(value, IntValue) else FloatValue(expr)
 
 
-def _arg(ctx: Lowering, node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return ctx.value(node.args[index])
-    return ctx.value(node.kwargs.get(name, default))
-
 
 @register(torch.flatten, torch.Tensor.flatten)
 def convert_flatten(ctx: Lowering, node: fx.Node) -> Lowered:
     """``flatten(x, start_dim=0, end_dim=-1)`` as a static reshape."""
-    return _flatten(ctx, node, int(_arg(ctx, node, 1, "start_dim", 0)),
-                    int(_arg(ctx, node, 2, "end_dim", -1)))
+    return _flatten(ctx, node, int(ctx.arg(node, 1, "start_dim", 0)),
+                    int(ctx.arg(node, 2, "end_dim", -1)))
 
 
 @register(nn.Flatten)
@@ -73,7 +70,7 @@ def _resolve_shape(node: fx.Node, shape: tuple[int, ...], requested: list[int]) 
     return out
 
 
-@register(torch.Tensor.view, torch.Tensor.reshape, torch.reshape)
+@register(*facts.RESHAPE)
 def convert_reshape(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.view(*shape)``, ``x.reshape(*shape)``, ``torch.reshape(x, shape)``."""
     x = _tensor_arg(ctx, node)
@@ -90,7 +87,7 @@ def convert_reshape(ctx: Lowering, node: fx.Node) -> Lowered:
 def convert_size(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.size()`` / ``x.size(d)`` as static Python ints."""
     shape = ctx.bb.shape(_tensor_arg(ctx, node).expr)
-    dim = _arg(ctx, node, 1, "dim", None)
+    dim = ctx.arg(node, 1, "dim", None)
     return tuple(shape) if dim is None else shape[int(dim)]
 
 
@@ -100,40 +97,20 @@ def convert_contiguous(ctx: Lowering, node: fx.Node) -> Lowered:
     return _tensor_arg(ctx, node)
 
 
-def _append(lists: tuple[list[int], ...], values: tuple[int, ...]) -> None:
-    for target, value in zip(lists, values, strict=True):
-        target.append(value)
-
-
 def slice_tensor(ctx: Lowering, node: fx.Node, value: Any, index: Any) -> Lowered:
-    """``x[index]`` for ints, positive-step slices and one ``...`` (no None or tensors)."""
+    """``x[index]`` for ints, positive-step slices and one ``...`` (what: ``plan_slice``)."""
     if not isinstance(value, (IntValue, FloatValue)):
         raise BackendError(f"{node.format_node()}: cannot index {value!r}")
-    items = list(index) if isinstance(index, tuple) else [index]
-    shape = ctx.bb.shape(value.expr)
-    if items.count(Ellipsis) == 1:
-        at = items.index(Ellipsis)
-        items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
-    axes: list[int] = []
-    begins: list[int] = []
-    ends: list[int] = []
-    steps: list[int] = []
-    dropped: list[int] = []
-    for axis, item in enumerate(items):
-        if isinstance(item, int):
-            start = item % shape[axis]
-            _append((axes, begins, ends, steps), (axis, start, start + 1, 1))
-            dropped.append(axis)
-        elif isinstance(item, slice) and (item.step or 1) > 0:
-            start, stop, step = item.indices(shape[axis])
-            _append((axes, begins, ends, steps), (axis, start, stop, step))
-        else:
-            raise BackendError(f"{node.format_node()}: only int and positive-step slice "
-                               f"indexing is supported, got {item!r}")
+    plan = plan_slice(node, ctx.bb.shape(value.expr), index)
+    cuts = sorted([*plan.slices, *((axis, at, at + 1, 1) for axis, at in plan.picks)])
+    if not cuts:
+        return value
+    axes, begins, ends, steps = (list(column) for column in zip(*cuts, strict=True))
     expr = ctx.bb.strided_slice(value.expr, axes, begins, ends, steps)
-    if dropped:
-        new = [s for a, s in enumerate(ctx.bb.shape(expr)) if a not in dropped]
-        expr = ctx.bb.reshape(expr, new)
+    if plan.picks:
+        dropped = {axis for axis, _ in plan.picks}
+        expr = ctx.bb.reshape(expr, [s for a, s in enumerate(ctx.bb.shape(expr))
+                                     if a not in dropped])
     return _rewrap(value, expr)
 
 
@@ -155,7 +132,7 @@ def _ints(ctx: Lowering, node: fx.Node, start: int, name: str) -> list[int]:
     return [int(a) for a in args]
 
 
-@register(torch.permute, torch.Tensor.permute)
+@register(*facts.PERMUTE_OP.keys())
 def convert_permute(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.permute(*dims)`` / ``torch.permute(x, dims)``."""
     x = _tensor_arg(ctx, node)
@@ -166,13 +143,13 @@ def convert_permute(ctx: Lowering, node: fx.Node) -> Lowered:
     return _rewrap(x, ctx.bb.permute(x.expr, dims))
 
 
-@register(torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.Tensor.swapaxes)
+@register(*facts.TRANSPOSE_OP.keys(), *facts.SWAPAXES_OP.keys())
 def convert_transpose(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.transpose(d0, d1)``: swap two dims."""
     x = _tensor_arg(ctx, node)
     ndim = len(ctx.bb.shape(x.expr))
-    d0 = int(_arg(ctx, node, 1, "dim0", None)) % ndim
-    d1 = int(_arg(ctx, node, 2, "dim1", None)) % ndim
+    d0 = int(ctx.arg(node, 1, "dim0", None)) % ndim
+    d1 = int(ctx.arg(node, 2, "dim1", None)) % ndim
     perm = list(range(ndim))
     perm[d0], perm[d1] = perm[d1], perm[d0]
     return x if d0 == d1 else _rewrap(x, ctx.bb.permute(x.expr, perm))
@@ -202,10 +179,10 @@ def split_sizes(node: fx.Node, length: int, request: Any, chunks: bool) -> list[
 def _split(ctx: Lowering, node: fx.Node, chunks: bool) -> Lowered:
     x = _tensor_arg(ctx, node)
     shape = ctx.bb.shape(x.expr)
-    request = _arg(ctx, node, 1, "chunks" if chunks else "split_size_or_sections", None)
+    request = ctx.arg(node, 1, "chunks" if chunks else "split_size_or_sections", None)
     if request is None and not chunks:
         request = ctx.value(node.kwargs.get("split_size"))
-    axis = int(_arg(ctx, node, 2, "dim", 0)) % len(shape)
+    axis = int(ctx.arg(node, 2, "dim", 0)) % len(shape)
     pieces, begin = [], 0
     for size in split_sizes(node, shape[axis], request, chunks):
         pieces.append(_slice_axis(ctx, x, axis, begin, begin + size))
@@ -213,33 +190,33 @@ def _split(ctx: Lowering, node: fx.Node, chunks: bool) -> Lowered:
     return tuple(pieces)
 
 
-@register(torch.chunk, torch.Tensor.chunk)
+@register(*facts.CHUNK_OP.keys())
 def convert_chunk(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.chunk(n, dim)``: a tuple of strided slices."""
     return _split(ctx, node, chunks=True)
 
 
-@register(torch.split, torch.Tensor.split)
+@register(*facts.SPLIT_OP.keys())
 def convert_split(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.split(size_or_sizes, dim)``: a tuple of strided slices."""
     return _split(ctx, node, chunks=False)
 
 
-@register(torch.unbind, torch.Tensor.unbind)
+@register(*facts.UNBIND_OP.keys())
 def convert_unbind(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.unbind(dim)``: one slice per index, that dim removed."""
     x = _tensor_arg(ctx, node)
     shape = ctx.bb.shape(x.expr)
-    axis = int(_arg(ctx, node, 1, "dim", 0)) % len(shape)
+    axis = int(ctx.arg(node, 1, "dim", 0)) % len(shape)
     return tuple(_slice_axis(ctx, x, axis, i, i + 1, drop=True) for i in range(shape[axis]))
 
 
-@register(torch.squeeze, torch.Tensor.squeeze)
+@register(*facts.SQUEEZE_OP.keys())
 def convert_squeeze(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.squeeze()`` / ``x.squeeze(dim)`` (dims that are not 1 stay, as in torch)."""
     x = _tensor_arg(ctx, node)
     shape = ctx.bb.shape(x.expr)
-    dim = _arg(ctx, node, 1, "dim", None)
+    dim = ctx.arg(node, 1, "dim", None)
     dims = range(len(shape)) if dim is None else (
         [dim] if isinstance(dim, int) else list(dim))
     drop = {int(d) % max(len(shape), 1) for d in dims if shape[int(d)] == 1}
@@ -247,17 +224,17 @@ def convert_squeeze(ctx: Lowering, node: fx.Node) -> Lowered:
     return _rewrap(x, ctx.bb.reshape(x.expr, new))
 
 
-@register(torch.unsqueeze, torch.Tensor.unsqueeze)
+@register(*facts.UNSQUEEZE_OP.keys())
 def convert_unsqueeze(ctx: Lowering, node: fx.Node) -> Lowered:
     """``x.unsqueeze(dim)``."""
     x = _tensor_arg(ctx, node)
     shape = list(ctx.bb.shape(x.expr))
-    dim = int(_arg(ctx, node, 1, "dim", None)) % (len(shape) + 1)
+    dim = int(ctx.arg(node, 1, "dim", None)) % (len(shape) + 1)
     return _rewrap(x, ctx.bb.reshape(x.expr, shape[:dim] + [1] + shape[dim:]))
 
 
 def _other_shape(ctx: Lowering, node: fx.Node) -> tuple[int, ...]:
-    other = _arg(ctx, node, 1, "other", None)
+    other = ctx.arg(node, 1, "other", None)
     if not isinstance(other, (IntValue, FloatValue)):
         raise BackendError(f"{node.format_node()}: expects a tensor to take the shape of")
     return ctx.bb.shape(other.expr)

@@ -25,7 +25,6 @@ the codes differ by one LSB. Integer codes elsewhere stay bit-exact.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import numpy as np
@@ -33,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 
+from ..common_ops import check_multihead_attention, layer_norm_params, mha_projections
+from ..lowering import call_arg
 from .emit import FloatValue, IntValue, Lowered, Lowering, register
 
 __all__ = ["attention"]
@@ -50,59 +52,24 @@ def _float(ctx: Lowering, node: fx.Node, arg: Any) -> Any:
     raise BackendError(f"{node.format_node()}: expects a float tensor, got {what}")
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _const(ctx: Lowering, tensor: torch.Tensor | None, fill: float, size: tuple[int, ...]) -> Any:
     data = (tensor.detach().cpu().float().numpy() if tensor is not None
             else np.full(size, fill, np.float32))
     return ctx.bb.const(data, "float32")
 
 
-def _layer_norm(ctx: Lowering, x: Any, shape: tuple[int, ...], weight: torch.Tensor | None,
-                bias: torch.Tensor | None, eps: float) -> Lowered:
-    ndim = len(ctx.bb.shape(x))
-    if tuple(ctx.bb.shape(x)[ndim - len(shape):]) != tuple(shape):
-        raise BackendError(f"layer_norm: normalized_shape {shape} does not end the input shape "
-                           f"{ctx.bb.shape(x)}")
-    axes = list(range(ndim - len(shape), ndim))
-    gamma, beta = _const(ctx, weight, 1.0, shape), _const(ctx, bias, 0.0, shape)
-    return FloatValue(ctx.bb.call("nn.layer_norm", x, gamma, beta, axes, float(eps)))
-
-
-@register(nn.LayerNorm)
-def convert_layer_norm_module(ctx: Lowering, node: fx.Node) -> Lowered:
-    """``nn.LayerNorm`` over its ``normalized_shape`` (affine or not)."""
-    m = ctx.module(node)
-    x = _float(ctx, node, node.args[0])
-    if m.weight is not None and m.weight.dtype != torch.float32:
-        raise BackendError(f"{node.format_node()}: float32 LayerNorm only")
-    return _layer_norm(ctx, x, tuple(m.normalized_shape), m.weight,
-                       getattr(m, "bias", None), m.eps)
-
-
-def _tensor_const(ctx: Lowering, node: fx.Node, arg: Any) -> torch.Tensor | None:
-    """A ``get_attr`` weight of a functional norm, as a tensor (``None`` stays ``None``)."""
-    if arg is None:
-        return None
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value: Any = operator.attrgetter(str(arg.target))(ctx.gm)
-        if torch.is_tensor(value):
-            return value
-    raise BackendError(f"{node.format_node()}: layer_norm weight/bias must be parameters "
-                       f"(get_attr), got {arg!r}")
-
-
-@register(F.layer_norm, torch.layer_norm)
+@register(*facts.LAYER_NORM)
 def convert_layer_norm(ctx: Lowering, node: fx.Node) -> Lowered:
-    """``F.layer_norm(x, normalized_shape, weight, bias, eps)``."""
+    """``nn.LayerNorm`` / ``F.layer_norm(x, normalized_shape, weight, bias, eps)`` over the
+    trailing ``normalized_shape`` dims (affine or not); parameters from ``layer_norm_params``."""
     x = _float(ctx, node, node.args[0])
-    shape = ctx.value(_arg(node, 1, "normalized_shape", None))
-    shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
-    weight = _tensor_const(ctx, node, _arg(node, 2, "weight", None))
-    bias = _tensor_const(ctx, node, _arg(node, 3, "bias", None))
-    return _layer_norm(ctx, x, shape, weight, bias, float(_arg(node, 4, "eps", 1e-5)))
+    in_shape = tuple(ctx.bb.shape(x))
+    p = layer_norm_params(ctx, node, in_shape)
+    if p.weight is not None and p.weight.dtype != torch.float32:
+        raise BackendError(f"{node.format_node()}: float32 LayerNorm only")
+    axes = list(range(len(in_shape) - len(p.shape), len(in_shape)))
+    gamma, beta = _const(ctx, p.weight, 1.0, p.shape), _const(ctx, p.bias, 0.0, p.shape)
+    return FloatValue(ctx.bb.call("nn.layer_norm", x, gamma, beta, axes, p.eps))
 
 
 def _softmax(ctx: Lowering, node: fx.Node, x: Any, dim: Any) -> Lowered:
@@ -117,7 +84,7 @@ def convert_softmax(ctx: Lowering, node: fx.Node) -> Lowered:
     dtype = node.kwargs.get("dtype", node.args[3] if len(node.args) > 3 else None)
     if dtype not in (None, torch.float32):
         raise BackendError(f"{node.format_node()}: softmax with dtype={dtype} is not lowered")
-    dim = ctx.value(_arg(node, 1, "dim", None))
+    dim = ctx.value(call_arg(node, 1, "dim", None))
     return _softmax(ctx, node, _float(ctx, node, node.args[0]), dim)
 
 
@@ -131,8 +98,7 @@ def _matmul(ctx: Lowering, a: Any, b: Any) -> Any:
     return ctx.bb.matmul(a, b, "float32")
 
 
-@register(torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm, operator.matmul,
-          torch.Tensor.__matmul__)
+@register(*facts.MATMUL)
 def convert_matmul(ctx: Lowering, node: fx.Node) -> Lowered:
     """``a @ b`` of two float activations (batched, broadcasting like ``torch.matmul``)."""
     a, b = _float(ctx, node, node.args[0]), _float(ctx, node, node.args[1])
@@ -166,10 +132,10 @@ def attention(ctx: Lowering, q: Any, k: Any, v: Any, mask: Any | None, causal: b
 def convert_sdpa(ctx: Lowering, node: fx.Node) -> Lowered:
     """``F.scaled_dot_product_attention`` decomposed (float additive mask or none)."""
     q, k, v = (_float(ctx, node, node.args[i]) for i in range(3))
-    mask_arg = _arg(node, 3, "attn_mask", None)
-    dropout = ctx.value(_arg(node, 4, "dropout_p", 0.0))
-    causal = ctx.value(_arg(node, 5, "is_causal", False))
-    scale = ctx.value(_arg(node, 6, "scale", None))
+    mask_arg = call_arg(node, 3, "attn_mask", None)
+    dropout = ctx.value(call_arg(node, 4, "dropout_p", 0.0))
+    causal = ctx.value(call_arg(node, 5, "is_causal", False))
+    scale = ctx.value(call_arg(node, 6, "scale", None))
     if node.kwargs.get("enable_gqa", False):
         raise BackendError(f"{node.format_node()}: enable_gqa is not lowered")
     if not isinstance(dropout, (int, float)) or dropout != 0 or not isinstance(causal, bool):
@@ -194,40 +160,19 @@ def _heads(ctx: Lowering, x: Any, heads: int) -> Any:
     return ctx.bb.permute(ctx.bb.reshape(x, (n, length, heads, embed // heads)), [0, 2, 1, 3])
 
 
-def _mha_checks(node: fx.Node, m: nn.MultiheadAttention) -> None:
-    for name in ("key_padding_mask", "attn_mask"):
-        if node.kwargs.get(name) is not None:
-            raise BackendError(f"{node.format_node()}: MultiheadAttention with {name} is not "
-                               "lowered")
-    if len(node.args) > 3 or m.bias_k is not None or m.add_zero_attn or (
-            m.training and m.dropout > 0) or node.kwargs.get("is_causal", False):
-        raise BackendError(f"{node.format_node()}: MultiheadAttention is lowered without masks, "
-                           "bias_k/bias_v, add_zero_attn and dropout (eval mode) only")
-
-
-def _mha_projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor, Any]]:
-    e = m.embed_dim
-    bias = m.in_proj_bias
-    if m._qkv_same_embed_dim:
-        w = m.in_proj_weight
-        weights = [w[:e], w[e:2 * e], w[2 * e:]]
-    else:
-        weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
-    biases = [None] * 3 if bias is None else [bias[:e], bias[e:2 * e], bias[2 * e:]]
-    return list(zip(weights, biases, strict=True))
 
 
 @register(nn.MultiheadAttention)
 def convert_multihead_attention(ctx: Lowering, node: fx.Node) -> Lowered:
     """``nn.MultiheadAttention(q, k, v)`` -> ``(output, weights or None)``."""
     m = ctx.module(node)
-    _mha_checks(node, m)
+    check_multihead_attention(node, m)
     inputs = [_float(ctx, node, node.args[i] if len(node.args) > i else node.kwargs[name])
               for i, name in enumerate(("query", "key", "value"))]
     if not m.batch_first:
         inputs = [ctx.bb.permute(x, [1, 0, 2]) for x in inputs]
     q, k, v = (_heads(ctx, _linear(ctx, x, w, b), m.num_heads)
-               for x, (w, b) in zip(inputs, _mha_projections(m), strict=True))
+               for x, (w, b) in zip(inputs, mha_projections(m), strict=True))
     out, probs = attention(ctx, q, k, v, None, False, None)
     n, _, length, _ = ctx.bb.shape(out)
     out = ctx.bb.reshape(ctx.bb.permute(out, [0, 2, 1, 3]), (n, length, m.embed_dim))

@@ -9,22 +9,22 @@ the reference :class:`~.modules.Dequantize` and :class:`~.modules.Quantize`), so
 the reference semantics of that island, and every backend reproduces it bit for bit with a
 gather (TVM ``take``, ONNX ``Gather``).
 
-The facts about elementwise float ops live here, once, as data keyed by the target object
-(module class, function or ``torch.Tensor`` method): :data:`UNARY_OPS` (unary, elementwise; a
+The facts about elementwise float ops are derived from ``djpq_compiler/op_facts.py`` (the one
+table of op facts), keyed by the target object (module class, function or ``torch.Tensor``
+method): :data:`UNARY_OPS` (unary, elementwise; a
 table whenever input and output are quantized; the backends lower the float form by the op's
 name) and :data:`BINARY_OPS` (elementwise binary arithmetic, broadcasting; float islands).
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import QuantizationError
 
 from .fixedpoint import qrange
@@ -37,27 +37,11 @@ LUT_MAX_BITS = 8
 #: Elementwise unary float ops by target -> canonical name. Each becomes an :class:`IntLUT`
 #: when its input codes have <= :data:`LUT_MAX_BITS` bits and a quantizer reads its output;
 #: otherwise it stays a float island, lowered by the backends per name.
-UNARY_OPS: dict[object, str] = {
-    nn.ReLU: "relu", F.relu: "relu", torch.relu: "relu", torch.Tensor.relu: "relu",
-    nn.ReLU6: "relu6", F.relu6: "relu6",
-    nn.Hardtanh: "hardtanh", F.hardtanh: "hardtanh",
-    nn.Sigmoid: "sigmoid", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-    torch.Tensor.sigmoid: "sigmoid",
-    nn.Hardsigmoid: "hardsigmoid", F.hardsigmoid: "hardsigmoid",
-    nn.Hardswish: "hardswish", F.hardswish: "hardswish",
-    nn.SiLU: "silu", F.silu: "silu",
-    nn.GELU: "gelu", F.gelu: "gelu",
-    nn.Tanh: "tanh", torch.tanh: "tanh", torch.Tensor.tanh: "tanh",
-}
+UNARY_OPS: dict[object, str] = facts.name_table(facts.ELEMENTWISE_UNARY)
 
 #: Elementwise binary float arithmetic (tensor-tensor with broadcasting, tensor-scalar) by target
 #: -> name: float islands in every backend (e.g. the squeeze-excite ``x * gate``).
-BINARY_OPS: dict[object, str] = {
-    operator.add: "add", torch.add: "add", torch.Tensor.add: "add",
-    operator.sub: "subtract", torch.sub: "subtract", torch.Tensor.sub: "subtract",
-    operator.mul: "multiply", torch.mul: "multiply", torch.Tensor.mul: "multiply",
-    operator.truediv: "divide", torch.div: "divide", torch.Tensor.div: "divide",
-}
+BINARY_OPS: dict[object, str] = facts.name_table(facts.ELEMENTWISE_BINARY)
 
 
 def unary_op_name(target: object) -> str | None:

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.layers import tensor_shape
 from djpq_compiler.passes.dependency.state import AnalysisState, Info, Opaque, Role, Space, Zero
 from djpq_compiler.registry import Registry
@@ -274,26 +275,8 @@ def _pass_through(st: AnalysisState, node: fx.Node, zero: Zero) -> Info:
     return out
 
 
-ZERO_PRESERVING = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.Tanh,
-    nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink,
-    nn.Softshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.silu, F.gelu, F.elu,
-    F.selu, F.mish, F.dropout, F.dropout2d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
-    torch.relu, torch.relu_, torch.tanh, torch.nn.functional.tanh, torch.max_pool2d,
-    torch.avg_pool1d, torch.adaptive_avg_pool1d, torch.dropout,
-    "relu", "relu_", "tanh", "to", "float", "type_as",
-)
-NOT_ZERO_PRESERVING = (
-    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, torch.sigmoid, F.sigmoid,
-    F.hardsigmoid, F.softplus, torch.exp, torch.cos, "sigmoid", "exp",
-)
+ZERO_PRESERVING = facts.ZERO_PRESERVING
+NOT_ZERO_PRESERVING = facts.NOT_ZERO_PRESERVING
 
 
 @RULES.register(*ZERO_PRESERVING)

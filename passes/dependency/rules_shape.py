@@ -20,8 +20,8 @@ import operator
 import numpy as np
 import torch
 import torch.fx as fx
-from torch import nn
 
+from djpq_compiler import op_facts as facts
 from djpq_compiler.layers import tensor_shape
 from djpq_compiler.passes.dependency.fields import clean_dim, evaluate_on_fields, line_along
 from djpq_compiler.passes.dependency.rules import RULES
@@ -182,14 +182,9 @@ def _direct_select(st: AnalysisState, node: fx.Node, space: Space, v: np.ndarray
     return True
 
 
-AUTO_OPS = (torch.flatten, nn.Flatten, "flatten", torch.permute, "permute", torch.transpose,
-            "transpose", torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", torch.cat,
-            torch.concat, torch.concatenate, torch.stack, "expand", "expand_as", "repeat",
-            nn.Unflatten, "unflatten", torch.movedim, "movedim", torch.swapaxes, "swapaxes",
-            "contiguous", "clone", "detach", torch.clone)
-RESHAPE_OPS = ("view", "reshape", torch.reshape)
-SELECT_OPS = (operator.getitem, torch.narrow, "narrow", torch.split, "split", torch.chunk,
-              "chunk", torch.unbind, "unbind", torch.tensor_split, "tensor_split")
+AUTO_OPS = facts.LAYOUT
+RESHAPE_OPS = facts.RESHAPE
+SELECT_OPS = facts.SELECT
 
 
 @RULES.register(*AUTO_OPS)
