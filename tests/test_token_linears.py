@@ -182,6 +182,9 @@ def test_token_linears_tvm_bit_exact(token_net: tuple) -> None:
     tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
     name, _, converted, x = token_net
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
+    linears = [k for k in compiled.kernels if k.op == "linear"]
+    assert len(linears) == len(_token_layers(converted)), name  # one choice per layer, any rank
+    assert not any("-D input" in k.note for k in linears), linears  # tokens are rows: no refusal
     for seed in (0, 1):
         inp = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 2
         assert torch.equal(compiled(inp), converted(inp)), name
