@@ -131,8 +131,9 @@ class _Lowering:
         if self.key(node) in _CAT:
             operands = node.args[0] if isinstance(node.args[0], (list, tuple)) else ()
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            return dim == 1 and bool(operands) and all(isinstance(a, fx.Node) for a in operands)
-        return node.kwargs.get("alpha", 1) == 1 and len(node.args) >= 2 and all(
+            return bool(dim == 1) and bool(operands) and all(
+                isinstance(a, fx.Node) for a in operands)
+        return bool(node.kwargs.get("alpha", 1) == 1) and len(node.args) >= 2 and all(
             isinstance(a, fx.Node) for a in node.args[:2])
 
     def sum_reaches_sinks(self, node: fx.Node) -> bool:
