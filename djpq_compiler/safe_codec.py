@@ -72,6 +72,8 @@ _FLOAT_MODULES: tuple[type[nn.Module], ...] = (
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle,
     nn.PixelUnshuffle, nn.ChannelShuffle, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
     nn.ReplicationPad2d, nn.Embedding,
+    # attention left as a float island (its out_proj is a Linear subclass, listed exactly)
+    nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear,
 )
 
 

@@ -235,6 +235,20 @@ def layer_params(gm: fx.GraphModule, node: fx.Node) -> LayerParams | None:
     if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and \
             not isinstance(mod.padding, str):
         return LayerParams("conv", node.name, str(node.target), grid[0], grid[1])
-    if isinstance(mod, nn.Linear) and shape is not None and len(shape.shape) == 2:
+    if isinstance(mod, nn.Linear) and shape is not None and _linear_input_ok(node, gm,
+                                                                          len(shape.shape)):
         return LayerParams("linear", node.name, str(node.target), grid[0], grid[1])
     return None
+
+
+def _linear_input_ok(node: fx.Node, gm: fx.GraphModule, ndim: int) -> bool:
+    """Whether a linear on an ``ndim``-D input lowers to an ``IntLinear``: ``(N, C)``, or
+    ``(N, ..., C)`` tokens (channels on the last dim) unless a BatchNorm reads it: BN
+    normalizes dim 1, which is not a tokens layer's channel dim, so it cannot be folded per
+    output channel (that layer stays float)."""
+    if ndim == 2:
+        return True
+    if ndim < 2:
+        return False
+    return not any(u.op == "call_module" and isinstance(
+        gm.get_submodule(str(u.target)), nn.modules.batchnorm._BatchNorm) for u in node.users)

@@ -112,7 +112,24 @@ class _Lowering:
         or layer, whose input bits the sum would widen."""
         if self.is_quant(node) or node.op == "output":
             return True
-        return self.key(node) not in _ADD + _CAT and layer_params(self.gm, node) is None
+        if self.key(node) in _ADD + _CAT:
+            return not self.may_merge(node)
+        return layer_params(self.gm, node) is None
+
+    def may_merge(self, node: fx.Node) -> bool:
+        """Whether the add/concat ``node`` can become an integer ``IntAdd``/``IntConcat``
+        (:meth:`merge`'s static conditions: tensor operands only, ``alpha == 1``, concat on
+        dim 1, read by a quantizer); otherwise it runs in float, e.g. ``x + (-2.0)``."""
+        quant = self.sole_user(node)
+        if quant is None or not self.is_quant(quant):
+            return False
+        if self.key(node) in _CAT:
+            operands = node.args[0] if isinstance(node.args[0], (list, tuple)) else ()
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            return bool(dim == 1) and bool(operands) and all(
+                isinstance(a, fx.Node) for a in operands)
+        return bool(node.kwargs.get("alpha", 1) == 1) and len(node.args) >= 2 and all(
+            isinstance(a, fx.Node) for a in node.args[:2])
 
     def sum_reaches_sinks(self, node: fx.Node) -> bool:
         """Whether every path from ``node`` (an average pool) runs through shape ops, ReLUs and

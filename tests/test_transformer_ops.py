@@ -1,10 +1,11 @@
 """Transformer ops (layer norm, softmax, matmul, attention) as float islands in TVM and ONNX.
 
-Tiny models are prepared, calibrated and converted with ``integer=True``; their convs and 2-D
-linears run on integer codes, the transformer ops in float between a ``Dequantize`` and the next
-``Quantize``. Tolerance, stated honestly: TVM and onnxruntime compute those float ops with their
-own ``exp`` and reduction order, a few float32 ulps away from PyTorch, so where a value lands on
-a rounding tie of the next quantizer its code moves by one LSB. The tests therefore require the
+Tiny models are prepared, calibrated and converted with ``integer=True``; their convs and
+linears (2-D and on tokens) run on integer codes, the transformer ops (layer norm, softmax,
+attention) in float between a ``Dequantize`` and the next ``Quantize``. Tolerance, stated
+honestly: TVM and onnxruntime compute those float ops with their own ``exp`` and reduction
+order, a few float32 ulps away from PyTorch, so where a value lands on a rounding tie of the
+next quantizer its code moves by one LSB. The tests therefore require the
 output of the final integer layer to be within one input-LSB unit of it (``in_scale * w_scale *
 sum|w|``, the change one flipped input code can cause) and nearly all elements equal; the shape
 ops themselves are bit-exact (``tests/test_shape_ops.py``).
@@ -196,12 +197,15 @@ def test_transformer_onnx(name: str, tmp_path: Path) -> None:
 
 
 def test_float_islands_listed() -> None:
-    """What stays float is reported: layer norms, attention, the float MLP on tokens."""
+    """What stays float is reported: layer norms and attention; the linears on tokens (q/k/v and
+    output projections, the MLP) are integer layers (tests/test_token_linears.py)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     converted = _converted(ViTLike(), x)
     floats = set(converted.meta["djpq.float_ops"])
     assert {"ln1", "scaled_dot_product_attention"} <= floats
+    assert not {"attn_qkv", "attn_proj", "mlp_0", "mlp_2"} & floats
+    assert sum(isinstance(m, im.IntLinear) for m in converted.modules()) == 5  # + the head
 
 
 tv = pytest.importorskip("torchvision")

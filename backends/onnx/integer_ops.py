@@ -191,12 +191,49 @@ def convert_add(ctx: Emitter, node: fx.Node) -> Value:
 
 @register(im.IntMul)
 def convert_mul(ctx: Emitter, node: fx.Node) -> Value:
-    """DQ(a) * DQ(b) -> [Clip] -> Q(out_scale) (the float product: within 1 LSB)."""
+    """The reference's integer arithmetic, bit-exact: the int64 product of the codes,
+    ``(p * m + 2^(shift-1)) >> shift`` (round half up; a float ``DQ * DQ -> Q`` rounds the many
+    exact ``k + 1/2`` products half to even), clip, cast to the output's container."""
+    from onnx import TensorProto
+
     module = ctx.module(node)
-    a = ctx.dequantize(ctx.int_arg(node, 0), module.a_scale, f"{node.name}/a_dq")
-    b = ctx.dequantize(ctx.int_arg(node, 1), module.b_scale, f"{node.name}/b_dq")
-    product = ctx.op("Mul", [a, b], f"{node.name}/mul")
-    return ctx.quantize(product, module.out_scale, module.qmin, module.qmax, node.name)
+    a = ctx.as_qvalue(ctx.int_arg(node, 0), f"{node.name}/a_q")
+    b = ctx.as_qvalue(ctx.int_arg(node, 1), f"{node.name}/b_q")
+    a64 = ctx.op("Cast", [a.name], f"{node.name}/a_i64", to=TensorProto.INT64)
+    b64 = ctx.op("Cast", [b.name], f"{node.name}/b_i64", to=TensorProto.INT64)
+    product = ctx.op("Mul", [a64, b64], f"{node.name}/product")
+    bound = max(abs(a.lo), abs(a.hi)) * max(abs(b.lo), abs(b.hi))
+    codes = _round_shift(ctx, node, product, bound, int(module.m), int(module.shift))
+    lo = ctx.const(np.array(module.qmin, np.int64), f"{node.name}/qmin")
+    hi = ctx.const(np.array(module.qmax, np.int64), f"{node.name}/qmax")
+    codes = ctx.op("Min", [ctx.op("Max", [codes, lo], f"{node.name}/max"), hi],
+                   f"{node.name}/min")
+    elem, _, _ = container(module.qmin, module.qmax)
+    return QValue(ctx.op("Cast", [codes], node.name, to=elem), module.out_scale, module.qmin,
+                  module.qmax)
+
+
+def _round_shift(ctx: Emitter, node: fx.Node, acc: str, bound: int, m: int, shift: int) -> str:
+    """``floor((acc * m + R) / 2^shift)`` in int64 for ``|acc| <= bound`` (``R = 2^(shift-1)``).
+
+    ONNX's ``BitShift`` takes unsigned types only and integer ``Div`` truncates, so the value is
+    offset by ``K * 2^shift`` to be non-negative (where truncation is the floor), divided, and
+    ``K`` subtracted again."""
+    scaled = ctx.op("Mul", [acc, ctx.const(np.array(m, np.int64), f"{node.name}/m")],
+                    f"{node.name}/scaled")
+    if shift == 0:
+        return scaled
+    rounding, step = 1 << (shift - 1), 1 << shift
+    k = (bound * m + rounding) // step + 1
+    if 2 * (bound * m + rounding) + step >= 2**63:
+        raise BackendError(f"{node.format_node()}: |product| * m up to {bound * m} leaves no "
+                           "int64 room for the exact requantization")
+    offset = ctx.const(np.array(rounding + k * step, np.int64), f"{node.name}/offset")
+    total = ctx.op("Add", [scaled, offset], f"{node.name}/offset_add")
+    quotient = ctx.op("Div", [total, ctx.const(np.array(step, np.int64), f"{node.name}/step")],
+                      f"{node.name}/shift")
+    return ctx.op("Sub", [quotient, ctx.const(np.array(k, np.int64), f"{node.name}/k")],
+                  f"{node.name}/unoffset")
 
 
 @register(im.IntConcat)

@@ -123,7 +123,7 @@ def _output_report(gm: fx.GraphModule, ref: torch.Tensor, got: np.ndarray,
         unit = _layer_unit(module)
         diff = np.abs(ref.double().numpy() - got.astype(np.float64))
         shape = [1] * diff.ndim
-        shape[1] = -1
+        shape[-1 if isinstance(module, im.IntLinear) else 1] = -1  # linear: channels last
         ratio = diff / np.maximum(unit, 1e-30).reshape(shape)
         report["max_unit_ratio"] = float(ratio.max(initial=0.0))
     return report

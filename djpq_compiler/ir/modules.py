@@ -139,8 +139,6 @@ class _IntLayer(nn.Module):
         """``acc * 2^acc_shift + bias`` from the int64 accumulator without bias."""
         k = getattr(self, "acc_shift", 0)  # artifacts saved before acc_shift existed: 0
         acc = acc * (1 << k) if k else acc
-        if acc.ndim > 2 and isinstance(self, IntLinear):  # channels on the last dim
-            return add_bias(acc.movedim(-1, 1), self.bias, self.bias.numel()).movedim(1, -1)
         return add_bias(acc, self.bias, self.bias.numel())
 
     def _finish(self, acc: torch.Tensor) -> torch.Tensor:
@@ -172,10 +170,22 @@ class IntConv2d(_IntLayer):
 
 
 class IntLinear(_IntLayer):
-    """Integer linear on ``(N, in_features)`` inputs."""
+    """Integer linear on ``(..., in_features)`` inputs, e.g. ``(N, C)`` or tokens ``(N, T, C)``.
+
+    The output channels are the last dim; every leading position (batch, token, ...) is one
+    row of a 2-D ``(rows, in_features)`` layer, so the bias, the per-channel requantization and
+    the float finish apply along the last dim whatever the rank (``channel_view`` and
+    ``add_bias`` broadcast along dim 1, which is the last dim only for 2-D)."""
 
     def forward(self, x_q: torch.Tensor) -> torch.Tensor:
-        return self._finish(self._add_bias(int_linear(x_q, self.weight, None)))
+        if x_q.ndim == 0 or x_q.shape[-1] != self.weight.shape[1]:
+            raise QuantizationError(
+                f"IntLinear: input of shape {tuple(x_q.shape)} does not end in "
+                f"in_features={self.weight.shape[1]}; feed it (..., in_features) codes")
+        lead = tuple(x_q.shape[:-1])
+        rows = x_q.reshape(-1, x_q.shape[-1])
+        out = self._finish(self._add_bias(int_linear(rows, self.weight, None)))
+        return out.reshape(lead + (self.weight.shape[0],))
 
 
 class IntAdd(nn.Module):
