@@ -321,7 +321,7 @@ def _cpu_elementwise_rule() -> Any:
 
 
 def _flatten_passes() -> Any:
-    """TIR lowering up to ``FlattenBuffer``, then a simplification (see :func:`flatten_scheduled`)."""
+    """TIR lowering up to ``FlattenBuffer``, then ``StmtSimplify`` (:func:`flatten_scheduled`)."""
     tvm = load_tvm()
     s_tir, tirx = tvm.s_tir, tvm.tirx
     return tvm.transform.Sequential([

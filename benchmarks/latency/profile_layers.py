@@ -85,10 +85,9 @@ def main() -> int:
     sys.argv = sys.argv[:1]
     sys.path.insert(0, str(HERE))
     import run as latency  # noqa: PLC0415
+    import tvm  # noqa: PLC0415
 
     from djpq_compiler.backends import tvm as tvm_backend
-
-    import tvm  # noqa: PLC0415
 
     converted = latency.trained_model(args.model, HERE / "models")["converted"]
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.batch))
