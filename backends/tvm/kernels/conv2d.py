@@ -37,6 +37,9 @@ class ConvKernelSpec:
     padding) before the product: ``-lo`` for signed inputs, so that the operand is unsigned; the
     bias passed in carries the correction ``-act_offset * sum(w) * 2^acc_shift``.
     ``out_dtype`` ``"int32"`` means: no requantization, return the accumulator.
+    ``mult_dtype`` is the dtype of the requantization multipliers: ``"int32"`` when they all fit,
+    so that the int64 product ``acc * m`` of two sign-extended 32-bit values is one ``vpmuldq``
+    instead of a full 64-bit multiply (same result).
     """
 
     batch: int
@@ -56,6 +59,7 @@ class ConvKernelSpec:
     out_dtype: str
     qmin: int
     qmax: int
+    mult_dtype: str = "int64"
 
     @property
     def depthwise(self) -> bool:
@@ -223,7 +227,7 @@ def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
         epi = te.compute(acc.shape, lambda n, ob, y, xx, o: acc[n, ob, y, xx, o]
                          * (1 << spec.acc_shift) + bias[ob * ol + o], name="epilogue")
     else:
-        m = te.placeholder((ocb * ol,), "int64", name="m")
+        m = te.placeholder((ocb * ol,), spec.mult_dtype, name="m")
         rnd = te.placeholder((ocb * ol,), "int64", name="rnd")
         shift = te.placeholder((ocb * ol,), "int64", name="shift")
         params += [m, rnd, shift]
@@ -231,7 +235,7 @@ def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
         def requant(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
             c = ob * ol + o
             full = (acc[n, ob, y, xx, o] * (1 << spec.acc_shift) + bias[c]).astype("int64")
-            q = (full * m[c] + rnd[c]) >> shift[c]
+            q = (full * m[c].astype("int64") + rnd[c]) >> shift[c]
             return tirx.max(tirx.min(q, spec.qmax), spec.qmin).astype(spec.out_dtype)
 
         epi = te.compute(acc.shape, requant, name="epilogue")
@@ -257,7 +261,9 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     outer = sch.fuse(n, obo, y)
     sch.reverse_compute_at(writeback, xo)
     sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    _schedule_unpack(sch, xo)
     sch.parallel(outer)
+    _schedule_pack(sch)
     init = sch.decompose_reduction(conv, rb)
     sch.tensorize(o, intrin_name(spec.kind, spec.groups))
     sch.unroll(xi)
@@ -275,7 +281,9 @@ def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int) -> Any
     outer = sch.fuse(n, b, y)
     sch.reverse_compute_at(writeback, xo)
     sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    _schedule_unpack(sch, xo)
     sch.parallel(outer)
+    _schedule_pack(sch)
     sch.vectorize(o)
     init = sch.decompose_reduction(conv, ry)
     sch.unroll(xi)
@@ -283,6 +291,31 @@ def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int) -> Any
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(writeback)[-1])
     return sch.mod["main"]
+
+
+#: The pack's column loop is unrolled when the padded row is at most this wide.
+PACK_UNROLL_WIDTH = 32
+
+
+def _schedule_pack(sch: Any) -> None:
+    """The pack stage as its own parallel loop nest over (image, channel block, row).
+
+    The channel-lane loops (and narrow rows) are unrolled: each lane's channel index, bounds test
+    and clamp then fold to constants per unrolled copy, which made the pack of a 9-channel 28x28
+    batch-32 input 5-10x faster than the rolled scalar loop (it cost 70 % of that conv kernel).
+    """
+    loops = sch.get_loops(sch.get_sblock("pack"))
+    sch.parallel(sch.fuse(*loops[:3]))
+    for lane in loops[4:]:
+        sch.unroll(lane)
+    if int(sch.get(loops[3]).extent) <= PACK_UNROLL_WIDTH:
+        sch.unroll(loops[3])
+
+
+def _schedule_unpack(sch: Any, xo: Any) -> None:
+    """Unpack each register tile right after its write-back (while it is in cache), inside the
+    parallel loop, instead of in a serial pass over the whole output afterwards."""
+    sch.reverse_compute_at(sch.get_sblock("unpack"), xo)
 
 
 def build_conv_kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
