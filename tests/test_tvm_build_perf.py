@@ -145,7 +145,8 @@ def test_build_fuses_elementwise_chains_and_keeps_the_written_kernels() -> None:
                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
                and int(f.attrs.get("op_pattern", -1)) == 8}
     written = [k for k in lowering.kernels if k.variant != "default"]
-    assert len(kernels) == len(written)  # one PrimFunc per written layer (none without AVX2)
+    # one PrimFunc per distinct kernel spec (same-shaped layers share one); none without AVX2
+    assert bool(kernels) == bool(written) and len(kernels) <= len(written)
     for name, func in kernels.items():
         tvm.ir.assert_structural_equal(scheduled[name], func)
 

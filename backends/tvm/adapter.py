@@ -100,6 +100,8 @@ class Builder:
         self._relax = tvm.relax
         self._op = tvm.relax.op
         self._bb = tvm.relax.BlockBuilder()
+        #: Written kernels already in this module, by kernel spec: ``(name, PrimFunc)``.
+        self.kernel_cache: dict[Any, tuple[str, Any]] = {}
 
     # -- function structure -------------------------------------------------------------------
     def var(self, name: str, shape: Sequence[int], dtype: str) -> Any:
