@@ -279,3 +279,16 @@ def test_unsafe_group_count_is_wrong_on_worst_case() -> None:
              np.zeros((1, 8, 3, 3), np.int32))]
     lib.mod["main"](*args)
     assert not np.array_equal(args[-1].numpy(), np.full((1, 8, 3, 3), 16 * 255 * 31))
+
+
+def test_grouped_conv_groups_share_one_kernel() -> None:
+    """The groups of a grouped conv have one kernel spec: the module holds one written PrimFunc,
+    called once per group (scheduled and compiled once), and the build stays exact."""
+    layer = int_layer("conv", 16, 32, x_bits=8, w_bits=4, groups=4, seed=4)
+    gm = im.trace_integer(One(layer, 8, False).eval())
+    x = inputs((2, 16, 9, 8), 8, False)[0]
+    mod, ctx = lower(gm, [x], AVX2)
+    written = [gv.name_hint for gv, _ in mod.functions.items() if gv.name_hint.startswith("djpq_")]
+    assert len(written) == 1 and "4 groups" in ctx.kernels[0].note
+    assert adapter.call_tir_count(mod) >= 4
+    check(layer, (2, 16, 9, 8), 8)

@@ -100,6 +100,8 @@ class Builder:
         self._relax = tvm.relax
         self._op = tvm.relax.op
         self._bb = tvm.relax.BlockBuilder()
+        #: Written kernels already in this module, by kernel spec: ``(name, PrimFunc)``.
+        self.kernel_cache: dict[Any, tuple[str, Any]] = {}
 
     # -- function structure -------------------------------------------------------------------
     def var(self, name: str, shape: Sequence[int], dtype: str) -> Any:
@@ -320,14 +322,59 @@ def _cpu_elementwise_rule() -> Any:
     return CpuElementwise()
 
 
+def _flatten_passes() -> Any:
+    """TIR lowering up to ``FlattenBuffer``, then ``StmtSimplify`` (:func:`flatten_scheduled`)."""
+    tvm = load_tvm()
+    s_tir, tirx = tvm.s_tir, tvm.tirx
+    return tvm.transform.Sequential([
+        s_tir.transform.CanonicalizeLoop(), s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerMatchBuffer(), s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(), tirx.transform.StmtSimplify()])
+
+
+def flatten_scheduled(func: Any, target: Any) -> Any:
+    """Lower a scheduled elementwise PrimFunc to flat buffers and simplify its indices.
+
+    TVM 0.27's TIR pipeline vectorizes right after ``FlattenBuffer`` without simplifying in
+    between, so a loop nest fused into one vectorized loop keeps its ``i // 784 * 784 + ...``
+    index arithmetic per lane and LLVM emits byte-by-byte gathers and scatters (``vpinsrb`` /
+    ``vpextrb``: ~5x slower). Flattening and simplifying first turns every index back into
+    ``outer * lanes + lane``, a contiguous vector access. The rest of ``tvm.compile``'s pipeline
+    leaves the already-lowered function as it is; it is marked opaque (``op_pattern`` 8) so that
+    Relax's own ``FuseOps`` never tries to fuse it again.
+    """
+    tvm = load_tvm()
+    mod = tvm.IRModule({"main": func})
+    with target:
+        lowered = _flatten_passes()(mod)["main"]
+    # Relax passes of tvm.compile (RewriteDataflowReshape) expect a root block: wrap the body
+    root = tvm.s_tir.SBlock([], [], [], "root", lowered.body)
+    lowered = lowered.with_body(tvm.s_tir.SBlockRealize([], True, root))
+    return lowered.with_attr("op_pattern", 8)
+
+
 def schedule_elementwise(mod: Any, target: Any) -> Any:
     """Apply :func:`_cpu_elementwise_rule` to the unscheduled PrimFuncs of ``mod`` (CPU targets;
-    the written kernels carry ``tirx.is_scheduled`` and are skipped)."""
-    load_tvm()
+    the written kernels carry ``tirx.is_scheduled`` and are skipped), then flatten each function
+    it scheduled (:func:`flatten_scheduled`)."""
+    tvm = load_tvm()
     from tvm.s_tir import dlight
 
+    def scheduled(func: Any) -> bool:
+        return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+    # ApplyDefaultSchedule may update the module it is given in place: note first which
+    # functions were not scheduled yet
+    todo = {gvar.name_hint for gvar, func in mod.functions.items()
+            if isinstance(func, tvm.tirx.PrimFunc) and not scheduled(func)}
     with target:
-        return dlight.ApplyDefaultSchedule(_cpu_elementwise_rule())(mod)
+        out = dlight.ApplyDefaultSchedule(_cpu_elementwise_rule())(mod)
+    for gvar, func in list(out.functions.items()):
+        if gvar.name_hint in todo and isinstance(func, tvm.tirx.PrimFunc) and scheduled(func):
+            out.update_func(gvar, flatten_scheduled(func, target))
+    return out
 
 
 def compile_module(mod: Any, target: Any, fuse: bool = True, schedule: bool = True) -> Any:

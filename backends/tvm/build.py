@@ -198,7 +198,7 @@ def build(converted: fx.GraphModule, target: str = "x86",
     if work_dir is not None:
         _check_database(target, work_dir)
     inputs = _as_inputs(example_inputs)
-    ir_module, lowering = lower(converted, inputs, spec if work_dir is None else None)
+    ir_module, lowering = lower(converted, inputs, spec)
     start = time.perf_counter()
     tuned = None
     if work_dir is None:
@@ -211,6 +211,8 @@ def build(converted: fx.GraphModule, target: str = "x86",
         fused = ms_adapter.fuse(ir_module, tvm_target)
         applied, scheduled, ir_scheduled_total = ms_adapter.apply_database(
             fused, tvm_target, database)
+        if spec.get("kind") == "llvm":  # what has no record gets the untuned CPU schedule
+            applied = adapter.schedule_elementwise(applied, tvm_target)
         executable = ms_adapter.compile_fused(applied, tvm_target)
         tuned = (scheduled, ir_scheduled_total)
     seconds = time.perf_counter() - start

@@ -70,14 +70,20 @@ def apply_database(fused: Any, target: Any, database: Any) -> tuple[Any, int, in
     """Replace every PrimFunc that has a record by its best schedule.
 
     Returns:
-        ``(module, scheduled, total)``: the module and how many of its PrimFuncs got a schedule.
+        ``(module, scheduled, total)``: the module, how many of its PrimFuncs got a tuned
+        schedule and how many could have (the written kernels, scheduled already, not counted).
     """
     tvm = load_tvm()
+
+    def count(module: Any) -> tuple[int, int]:
+        funcs = [f for _, f in module.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+        done = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled", False)) for f in funcs)
+        return done, len(funcs)
+
+    written, total = count(fused)  # the written kernels come scheduled already
     with target, database:
         mod = tvm.relax.transform.MetaScheduleApplyDatabase()(fused)
-    funcs = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    scheduled = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled", False)) for f in funcs)
-    return mod, scheduled, len(funcs)
+    return mod, count(mod)[0] - written, total - written
 
 
 def compile_fused(mod: Any, target: Any) -> Any:
@@ -96,6 +102,12 @@ class Task:
     mod: Any
     extracted: Any
     ops: float = 0.0
+
+    @property
+    def prescheduled(self) -> bool:
+        """A written kernel (``tirx.is_scheduled``): kept as it is, never tuned."""
+        attrs = self.mod["main"].attrs
+        return attrs is not None and bool(attrs.get("tirx.is_scheduled", False))
 
     @property
     def cost(self) -> float:

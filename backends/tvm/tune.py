@@ -1,7 +1,9 @@
 """Tune a converted model's kernels with TVM ``meta_schedule`` into a JSON database.
 
-``tune()`` lowers the model exactly as :func:`~djpq_compiler.backends.tvm.build` does, splits it
-into tuning tasks (one per distinct fused kernel), measures candidate schedules on this machine and
+``tune()`` lowers the model exactly as :func:`~djpq_compiler.backends.tvm.build` does (written
+integer kernels included: they are not tuning tasks, so a tuned build keeps them and can never
+end up with a slower conv than the untuned one), splits the rest into tuning tasks (one per
+distinct fused kernel), measures candidate schedules on this machine and
 commits them to a meta_schedule JSON database in ``work_dir`` (``database_workload.json``,
 ``database_tuning_record.json``; TVM's own logs go to ``work_dir/logs``).
 ``build(converted, ..., work_dir=work_dir)`` then compiles with the best schedule of every kernel
@@ -158,10 +160,14 @@ def tune(converted: fx.GraphModule, target: str = "x86",
         elif progress:
             _stderr_log(message)
 
+    from .build import target_spec
+
     tvm_target = tuning_target(target)
-    ir_module, _ = lower(converted, _as_inputs(example_inputs))
+    # the same lowering as build(): conv/linear layers keep their written kernels, which are
+    # never tuning tasks (a tuned build can only replace the default-lowered rest)
+    ir_module, _ = lower(converted, _as_inputs(example_inputs), target_spec(target)[0])
     fused = ms_adapter.fuse(ir_module, tvm_target)
-    tasks = ms_adapter.extract_tasks(fused, tvm_target)
+    tasks = [t for t in ms_adapter.extract_tasks(fused, tvm_target) if not t.prescheduled]
     log(f"lowered and split into tasks in {time.perf_counter() - start:.0f} s")
     out = Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ converter uses (the pack/unpack stages live inside the kernel).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,10 @@ def _per_channel(value: Any, channels: int) -> np.ndarray:
     return np.broadcast_to(flat, (channels,)) if flat.size == 1 else flat
 
 
+def _fits_int32(values: np.ndarray) -> bool:
+    return bool(values.size == 0 or (values.min() >= -(2**31) and values.max() <= 2**31 - 1))
+
+
 def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: KernelChoice,
               geometry: ConvGeometry, requant: tuple[Any, Any, int, int, str] | None) -> Any:
     """Emit the written kernel of ``choice`` for an NCHW conv; returns the NCHW result.
@@ -74,23 +79,38 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     oc, _, kh, kw = facts.weight.shape
     stride, padding, dilation = geometry
     m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
+    m_c = _per_channel(m, oc)
+    m_dtype = "int32" if _fits_int32(m_c) else "int64"
     spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), stride, padding, dilation,
                           str(choice.kind), choice.groups, in_dtype, facts.act_offset,
-                          facts.acc_shift, out_dtype, int(qmin), int(qmax))
-    func, (_, tile_oc) = build_conv_kernel(spec)
+                          facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype)
+    func, (_, tile_oc) = _kernel(spec)
     size = spec.out_blocks(tile_oc) * spec.oc_lanes
     w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
     args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), w_dtype),
             bb.const(_padded(facts.kernel_bias(), size, "int32"), "int32")]
     if requant is not None:
-        m_c, shift_c = _per_channel(m, oc), _per_channel(shift, oc)
+        shift_c = _per_channel(shift, oc)
         rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
-        args += [bb.const(_padded(v, size, "int64"), "int64") for v in (m_c, rnd, shift_c)]
+        args += [bb.const(_padded(m_c, size, m_dtype), m_dtype)]
+        args += [bb.const(_padded(v, size, "int64"), "int64") for v in (rnd, shift_c)]
     out_shape = (n, oc) + spec.out_size
-    name = f"djpq_{choice.variant}_{facts.layer}"
-    # opaque (op_pattern 8 = kOpaque): Relax's FuseOps/FuseTIR must not merge the scheduled kernel
-    # with neighbouring elementwise ops (they would discard its schedule); "tirx.is_scheduled"
-    # tells dlight / meta_schedule passes to leave it alone
-    func = (func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
-            .with_attr("tirx.is_scheduled", True))
-    return bb.call_tir(func, name, args, out_shape, out_dtype)
+    # one PrimFunc per distinct spec in a module: the groups of a grouped conv (and same-shaped
+    # layers) share it, named after the first layer that used it (BlockBuilder deduplicates
+    # equal functions), so it is scheduled and compiled by LLVM once
+    named = bb.kernel_cache.get(spec)
+    if named is None:
+        name = f"djpq_{choice.variant}_{facts.layer}"
+        # opaque (op_pattern 8 = kOpaque): Relax's FuseOps/FuseTIR must not merge the scheduled
+        # kernel with neighbouring elementwise ops (they would discard its schedule);
+        # "tirx.is_scheduled" tells dlight / meta_schedule passes to leave it alone
+        named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+                 .with_attr("tirx.is_scheduled", True))
+        bb.kernel_cache[spec] = named
+    return bb.call_tir(named[1], named[0], args, out_shape, out_dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
+    """:func:`build_conv_kernel`, memoized: scheduling is a pure function of the spec."""
+    return build_conv_kernel(spec)

@@ -53,20 +53,29 @@ def _ubsw_sum(A: Any, B: Any, groups: int) -> Any:  # noqa: N803 - buffer names 
     return total
 
 
-def _ubsw_p1() -> tuple[Any, Any]:
+def _broadcast_desc(lanes: int, k: int, a_dtype: str, b_dtype: str) -> Any:
+    """``C[lanes] += sum_{j<k} A[j] * B[:, j]`` in int32: one pixel's ``k`` input channels
+    (broadcast to every output lane) times ``lanes`` output channels' weights. The description
+    of the P = 1 ``vpmaddubsw``, the ``vpmaddwd`` and the ``vpdpbusd`` intrinsics."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
-             B: T.Buffer((8, 4), "int8", offset_factor=1),  # noqa: N803
-             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+    def desc(A: T.Buffer((k,), a_dtype, offset_factor=1),  # noqa: N803
+             B: T.Buffer((lanes, k), b_dtype, offset_factor=1),  # noqa: N803
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
         with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            for i, k in T.grid(8, 4):
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
+            T.writes(C[0:lanes])
+            for i, j in T.grid(lanes, k):
                 with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    C[vi] = C[vi] + T.cast(A[vj], "int32") * T.cast(B[vi, vj], "int32")
+
+    return desc
+
+
+def _ubsw_p1() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
@@ -79,7 +88,7 @@ def _ubsw_p1() -> tuple[Any, Any]:
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), _ubsw_sum(A, B, 1),
                 T.int16x16(1), dtype="int32x8")
 
-    return desc, impl
+    return _broadcast_desc(8, 4, "uint8", "int8"), impl
 
 
 def _ubsw_grouped(P: int) -> tuple[Any, Any]:  # noqa: N803
@@ -115,18 +124,6 @@ def _wd() -> tuple[Any, Any]:
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((2,), "int16", offset_factor=1),  # noqa: N803
-             B: T.Buffer((8, 2), "int16", offset_factor=1),  # noqa: N803
-             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-            T.writes(C[0:8])
-            for i, k in T.grid(8, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((2,), "int16", offset_factor=1),  # noqa: N803
              B: T.Buffer((8, 2), "int16", offset_factor=1),  # noqa: N803
              C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
@@ -139,23 +136,11 @@ def _wd() -> tuple[Any, Any]:
                                           8), dtype="int16x16"),
                 B.vload([0, 0], "int16x16"), dtype="int32x8")
 
-    return desc, impl
+    return _broadcast_desc(8, 2, "int16", "int16"), impl
 
 
 def _vnni() -> tuple[Any, Any]:
     from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
-             B: T.Buffer((16, 4), "int8", offset_factor=1),  # noqa: N803
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i, k in T.grid(16, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
@@ -171,7 +156,7 @@ def _vnni() -> tuple[Any, Any]:
                                           16), dtype="uint8x64"),
                 B.vload([0, 0], "int8x64"), dtype="int32x16")
 
-    return desc, impl
+    return _broadcast_desc(16, 4, "uint8", "int8"), impl
 
 
 @functools.cache

@@ -1,0 +1,123 @@
+"""Where the time of a TVM-built DJPQ model goes, per VM call (issue #15).
+
+Builds one committed DJPQ-trained model (``models/*.pt``) with ``build()``, then times every
+``call_tir`` / packed call the Relax VM makes (``VirtualMachine.set_instrument``: a timestamp
+before and after each call) over ``--runs`` calls of ``main``, and sums them per category:
+
+* ``conv:<variant>``: a written conv/linear kernel (``djpq_<variant>_<layer>``; these include
+  their own pack of the NCHW input and unpack of the output);
+* ``fused``: the fused elementwise chains (requantize, add, ReLU, clip, casts ...);
+* ``pool``, ``layout``, ``other``: pooling, reshape/transpose-like calls, everything else
+  (TVM's default-lowered remainder).
+
+The instrument adds a Python call per VM call, so the shares are what matter; ``total`` is also
+timed without it. Prints a table and optionally writes JSON.
+
+Usage:
+  TVM_NUM_THREADS=1 python benchmarks/latency/profile_layers.py --model resnet20 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def category(symbol: str) -> str:
+    """The profile category of a VM call symbol."""
+    if symbol.startswith("djpq_"):
+        return "conv:" + symbol[5:].split("_", 2)[0] + "_" + symbol[5:].split("_", 2)[1]
+    low = symbol.lower()
+    if "pool" in low:
+        return "pool"
+    if any(k in low for k in ("reshape", "transpose", "permute", "layout", "flatten")):
+        return "layout"
+    if low.startswith("fused") or any(k in low for k in ("add", "clip", "cast", "shift",
+                                                         "multiply", "maximum", "minimum")):
+        return "fused"
+    return "other:" + symbol
+
+
+def profile(vm: Any, arr: Any, runs: int) -> tuple[dict[str, float], dict[str, float], float]:
+    """Per-symbol and per-category seconds per call of ``main``, and the instrumented total."""
+    starts: dict[str, float] = {}
+    per_symbol: dict[str, float] = defaultdict(float)
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        now = time.perf_counter()
+        if before:
+            starts[symbol] = now
+        else:
+            per_symbol[symbol] += now - starts.pop(symbol)
+        return 0
+
+    vm.set_instrument(instrument)
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        vm["main"](arr)
+    total = (time.perf_counter() - t0) / runs
+    vm.set_instrument(None)
+    symbols = {k: v / runs for k, v in per_symbol.items()}
+    cats: dict[str, float] = defaultdict(float)
+    for k, v in symbols.items():
+        cats[category(k)] += v
+    return symbols, dict(cats), total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="resnet20", choices=("vgg7", "resnet20", "mobilenetv2"))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    sys.argv = sys.argv[:1]
+    sys.path.insert(0, str(HERE))
+    import run as latency  # noqa: PLC0415
+    import tvm  # noqa: PLC0415
+
+    from djpq_compiler.backends import tvm as tvm_backend
+
+    converted = latency.trained_model(args.model, HERE / "models")["converted"]
+    x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.batch))
+    compiled = tvm_backend.build(converted, "x86", example_inputs=(x,))
+    vm = tvm.relax.VirtualMachine(compiled.executable, tvm.cpu())
+    arr = tvm.runtime.tensor(x.numpy(), tvm.cpu())
+    for _ in range(3):
+        vm["main"](arr)
+    plain = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        vm["main"](arr)
+        plain.append(time.perf_counter() - t0)
+    symbols, cats, total = profile(vm, arr, args.runs)
+    steady = statistics.median(plain)
+    print(f"{args.model} batch {args.batch}: main {steady * 1e3:.2f} ms (median of {args.runs}), "
+          f"instrumented {total * 1e3:.2f} ms, in calls {sum(cats.values()) * 1e3:.2f} ms")
+    for k, v in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:28s} {v * 1e3:8.3f} ms  {100 * v / total:5.1f} %")
+    print("  top calls:")
+    for k, v in sorted(symbols.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"    {k:44s} {v * 1e3:8.3f} ms")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "batch": args.batch,
+                                         "steady_ms": steady * 1e3, "instrumented_ms": total * 1e3,
+                                         "categories_ms": {k: v * 1e3 for k, v in cats.items()},
+                                         "calls_ms": {k: v * 1e3 for k, v in symbols.items()}},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
