@@ -42,6 +42,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from djpq_compiler.errors import PruningError
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.capture import GUARD_PREFIX
+from djpq_compiler.records import NODE_VALUE
 
 __all__ = ["fold_shape_code", "FOLDABLE", "SHAPE_READS"]
 
@@ -139,7 +140,7 @@ def _inputs(gm: fx.GraphModule, batch: int) -> list[Any] | None:
             continue
         meta = node.meta.get("tensor_meta")
         if meta is None:
-            out.append(node.meta.get("djpq.value", node.args[0] if node.args else None))
+            out.append(node.meta.get(NODE_VALUE, node.args[0] if node.args else None))
             continue
         shape = [int(s) for s in meta.shape]
         if shape:
@@ -266,7 +267,7 @@ def _fold_defaults(gm: fx.GraphModule) -> bool:
         if node.op != "placeholder" or not node.args or "tensor_meta" in node.meta:
             continue
         default = node.args[0]
-        recorded = node.meta.get("djpq.value", default)
+        recorded = node.meta.get(NODE_VALUE, default)
         if recorded is not default and recorded != default:
             continue  # a non-tensor input given explicitly with another value: keep it
         _substitute(node, default)

@@ -1,6 +1,6 @@
 """Mask pass: zero removed channels at every gate point (the reference for exact pruning).
 
-Requires: ``gm.meta["djpq.groups"]`` (see ``dependency/analyze.py``).
+Requires: the channel groups of this graph (see ``dependency/analyze.py``).
 Guarantees: after each gate point of every group in ``keep``, the output is multiplied by a 0/1
 mask buffer broadcast along the group's channel dimension, so the model computes what the
 physically pruned model computes (DESIGN invariant 1). Used by the oracle tests.
@@ -31,9 +31,9 @@ def _not(new: fx.Node) -> Callable[[fx.Node], bool]:
     return lambda user: user is not new
 
 
-def insert_channel_masks(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassResult:
+def insert_channel_masks(gm: fx.GraphModule, groups: Sequence[ChannelGroup],
+                         keep: Mapping[int, Sequence[int]]) -> PassResult:
     """Multiply each gate point's output by the kept-channel mask of its group."""
-    groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
     nodes = {n.name: n for n in gm.graph.nodes}
     for gid, atoms in keep.items():
         group = groups[gid]

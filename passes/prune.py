@@ -1,6 +1,7 @@
 """Prune pass: physically remove channels from every member of their group.
 
-Requires: ``gm.meta["djpq.groups"]`` and shapes from the capture pass.
+Requires: the channel groups of this graph (``dependency_analysis``) and shapes from the capture
+pass. The groups describe the graph before pruning: do not reuse them afterwards.
 Guarantees: parameters of producers (output rows), consumers (input columns) and per-channel
 ops (norms, depthwise convs, PReLU, get_attr scales) are sliced to the kept channels; module
 attributes (``out_channels``, ``in_features``, ``groups``, ``num_features`` ...) follow; literal
@@ -166,9 +167,14 @@ def _role_node(nodes: Mapping[str, fx.Node], role: Role) -> fx.Node:
     return nodes[role.node]
 
 
-def prune_graph(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassResult:
-    """Remove every channel not in ``keep[group_id]`` (atoms) from its group's members."""
-    groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
+def prune_graph(gm: fx.GraphModule, groups: Sequence[ChannelGroup],
+                keep: Mapping[int, Sequence[int]]) -> PassResult:
+    """Remove every channel not in ``keep[group_id]`` (atoms) from its group's members.
+
+    Raises:
+        PruningError: ``keep`` names an unknown group or atom, or empties a member; the graph
+            is then unchanged.
+    """
     validate_keep(groups, keep)
     slices, reshapes, selects = _collect(groups, keep)
     touched: set[str] = set()
@@ -186,5 +192,4 @@ def prune_graph(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassRe
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    gm.meta.pop("djpq.groups", None)  # stale: channel counts changed
     return PassResult(gm, True)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 import djpq_compiler as djpq
 from djpq_compiler.errors import PruningError, QuantizationError
 from djpq_compiler.prepared import gates
+from djpq_compiler.records import converted_record
 from djpq_compiler.testing import (
     PropertyViolation,
     Recipe,
@@ -265,7 +266,7 @@ def test_regression_coarse_integer_bias_gets_extra_fraction_bits() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*accumulator step")
         converted = djpq.convert(p)
-    assert converted.meta["djpq.agreement_bounds"] == {}
+    assert converted_record(converted).agreement_bounds == {}
     assert converted.get_submodule("djpq_int.conv_blocks_0_fc1").acc_shift >= 1
     stats = check_convert(COARSE_BIAS)
     assert stats.coarse_bias == 0 and stats.max_lsb <= 1

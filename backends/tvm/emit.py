@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 from torch import fx
 
+from djpq_compiler import records
 from djpq_compiler.errors import BackendError
 
 from .adapter import Builder
@@ -147,10 +148,10 @@ def unsupported_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
 
 def check_supported(gm: fx.GraphModule) -> None:
     """Raise one :class:`BackendError` listing every unsupported node of ``gm``."""
-    if gm.meta.get("djpq.stage") != "converted":
+    if records.stage(gm) != "converted":
         raise BackendError(
-            "the TVM backend lowers converted models only (gm.meta['djpq.stage'] == "
-            f"'converted', got {gm.meta.get('djpq.stage')!r}); run djpq_compiler.convert() first"
+            "the TVM backend lowers converted models only (stage 'converted', got "
+            f"{records.stage(gm)!r}); run djpq_compiler.convert() first"
         )
     missing = unsupported_nodes(gm)
     if missing:
