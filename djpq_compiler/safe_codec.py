@@ -33,7 +33,7 @@ import inspect
 import math
 import numbers
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -102,8 +102,8 @@ def target_table() -> Mapping[str, Callable[..., Any]]:
     """Allow-listed ``call_function`` targets by qualified name (first name of an object wins)."""
     table: dict[str, Callable[..., Any]] = {}
 
-    def add(prefix: str, namespace: object, names: object) -> None:
-        for name in sorted(names):  # type: ignore[call-overload]
+    def add(prefix: str, namespace: object, names: Iterable[str]) -> None:
+        for name in sorted(names):
             obj = getattr(namespace, name, None)
             if not name.startswith("_") and callable(obj) and not inspect.isclass(obj):
                 table.setdefault(f"{prefix}.{name}", obj)
@@ -325,7 +325,7 @@ class Decoder:
         return cls(**{k: self.decode(v) for k, v in fields.items()})
 
 
-def _choice(name: object, allowed: object) -> str:
-    if not isinstance(name, str) or name not in allowed:  # type: ignore[operator]
+def _choice(name: object, allowed: Container[str]) -> str:
+    if not isinstance(name, str) or name not in allowed:
         raise ValueError(f"{_short(name)} is not in the allow-list")
     return name

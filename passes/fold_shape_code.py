@@ -206,7 +206,9 @@ def _taint(node: fx.Node, taints: dict[fx.Node, Taint], first: _Recorder,
     read (the dims that differ between the two runs) through every op that uses the value."""
     if _key(node) in SHAPE_READS:
         src = node.args[0]
-        a, b = first.shapes.get(src), second.shapes.get(src)  # type: ignore[arg-type]
+        if not isinstance(src, fx.Node):
+            return True
+        a, b = first.shapes.get(src), second.shapes.get(src)
         if a is None or b is None or len(a) != len(b):
             return True
         axes = {i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y}

@@ -127,8 +127,8 @@ def _rewrite_reshape(node: fx.Node, dim: int, size: int) -> None:
         if isinstance(shape[dim], int) and shape[dim] != -1:
             shape[dim] = size
         args[1] = type(args[1])(shape)
-    elif "shape" in node.kwargs:
-        shape = list(node.kwargs["shape"])  # type: ignore[arg-type]
+    elif isinstance(kw_shape := node.kwargs.get("shape"), (tuple, list)):
+        shape = list(kw_shape)
         if isinstance(shape[dim], int) and shape[dim] != -1:
             shape[dim] = size
         node.kwargs = {**node.kwargs, "shape": tuple(shape)}
