@@ -31,13 +31,12 @@ from djpq_compiler.errors import ConfigError, FloatOpsWarning
 from djpq_compiler.modules.gates import detach_step_hook
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.modules.saved import detach_compact_saving
-from djpq_compiler.passes.dependency.groups import ChannelGroup
+from djpq_compiler.passes.dependency.groups import ChannelGroup, atom_mask
 from djpq_compiler.passes.drop_inference_noops import drop_inference_noops
 from djpq_compiler.passes.fold_gates import fold_gates
 from djpq_compiler.passes.fold_scales import fold_scales
 from djpq_compiler.passes.fold_shape_code import fold_shape_code
-from djpq_compiler.passes.mask import atom_mask
-from djpq_compiler.passes.pipeline import PassRunner
+from djpq_compiler.passes.pipeline import PassRunner, check_no_training_modules
 from djpq_compiler.passes.prune import prune_graph
 from djpq_compiler.passes.strip_weight_quantizers import strip_weight_quantizers
 from djpq_compiler.passes.to_integer import IntegerLowering, to_integer
@@ -162,12 +161,14 @@ def convert(prepared: nn.Module, integer: bool = True) -> fx.GraphModule:
     run(fold_shape_code, gm)  # static shape reads, arithmetic and shape asserts -> constants
     if integer:
         lowered = run(to_integer, gm, grid, layer_scales)
+        run.check(check_no_training_modules, lowered.graph_module)
         converted = as_converted(lowered.graph_module)
         store(converted, _converted_record(record, folded.keep, lowered.record))
         _warn_float_ops(converted)
         return converted
     run(drop_activation_quantizers, gm)
     run(fuse_bn, gm)
+    run.check(check_no_training_modules, gm)
     gm.meta.clear()  # the prepared model's records: the converted one replaces them
     store(gm, _converted_record(record, folded.keep, None))
     return as_converted(gm)

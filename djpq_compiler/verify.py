@@ -14,7 +14,8 @@ import torch
 
 from djpq_compiler.analysis import AnalysisReport, analyze
 from djpq_compiler.passes.capture import as_input_tuple, propagate_shapes
-from djpq_compiler.passes.mask import atom_mask, insert_channel_masks
+from djpq_compiler.passes.dependency.groups import atom_mask
+from djpq_compiler.passes.insert_channel_masks import insert_channel_masks
 from djpq_compiler.passes.prune import prune_graph
 from djpq_compiler.records import converted_record, prepared_record
 

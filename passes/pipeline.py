@@ -16,6 +16,8 @@ failing pass and the passes run before it::
 
 Invariants checked after every pass (``check_graph``): the graph lints (every node defined
 before use, one output); every ``call_module`` / ``get_attr`` target exists in the module.
+A pipeline checks its result with :meth:`PassRunner.check`, e.g. ``convert`` with
+:func:`check_no_training_modules` (DESIGN invariant 6: never a half-converted model).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.errors import DjpqError
 
-__all__ = ["Recorded", "PassRunner", "PassError", "check_graph"]
+__all__ = ["Recorded", "PassRunner", "PassError", "check_graph", "check_no_training_modules"]
 
 R = TypeVar("R")
 P = ParamSpec("P")
@@ -71,6 +73,18 @@ def check_graph(gm: fx.GraphModule) -> None:
                             " not have") from exc
 
 
+def check_no_training_modules(gm: fx.GraphModule) -> None:
+    """Raise ``PassError`` if the graph still calls a VIB gate or a DQ quantizer."""
+    from djpq_compiler.modules.gates import VIBGate
+    from djpq_compiler.modules.quantizers import DQQuantizer
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
+                                                   (VIBGate, DQQuantizer)):
+            raise PassError(f"{node.format_node()} still calls a training module "
+                            f"({type(gm.get_submodule(str(node.target))).__name__})")
+
+
 @dataclass
 class PassRunner:
     """Runs the passes of one pipeline, checking the graph after each (see module docstring).
@@ -109,6 +123,22 @@ class PassRunner:
             raise failure from exc
         self.history.append(name)
         return out
+
+    def check(self, fn: Callable[[fx.GraphModule], None], gm: fx.GraphModule) -> None:
+        """Run the invariant check ``fn`` on the pipeline's result (named like a pass).
+
+        Raises:
+            DjpqError: as :meth:`__call__` does, naming the check and the history.
+        """
+        try:
+            fn(gm)
+        except Warning:
+            raise
+        except Exception as exc:
+            failure = self._failure(getattr(fn, "__name__", repr(fn)), exc)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     def _failure(self, name: str, exc: Exception) -> DjpqError:
         where = (f"(in pass '{name}' of {self.pipeline}; passes run before it: "

@@ -21,9 +21,8 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.errors import PruningError
-from djpq_compiler.passes.dependency.groups import ChannelGroup
+from djpq_compiler.passes.dependency.groups import ChannelGroup, atom_mask
 from djpq_compiler.passes.dependency.state import Role
-from djpq_compiler.passes.mask import atom_mask
 
 __all__ = ["prune_graph", "validate_keep"]
 

@@ -42,8 +42,8 @@ from djpq_compiler.ir.fixedpoint import qrange
 from djpq_compiler.ir.lookup import LUT_MAX_BITS, IntLUT, build_table, unary_op_name
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.fold_scales import fold_layer_scale
-from djpq_compiler.passes.integer_layers import LayerParams, layer_params
-from djpq_compiler.passes.integer_pools import pool_module, window_sum
+from djpq_compiler.passes.lowering.layers import LayerParams, layer_params
+from djpq_compiler.passes.lowering.pools import pool_module, window_sum
 from djpq_compiler.passes.pipeline import Recorded
 
 __all__ = ["to_integer", "Act", "IntegerLowering"]
@@ -125,7 +125,9 @@ class _Lowering:
 
     def quant_act(self, node: fx.Node) -> Act:
         q = self.gm.get_submodule(str(node.target))
-        snapped = q.snapped()  # type: ignore[operator]
+        if not isinstance(q, DQQuantizer):
+            raise TypeError(f"{node.format_node()} is not a quantizer")
+        snapped = q.snapped()
         return Act(float(snapped.d), int(snapped.bits), bool(q.signed))
 
     def sole_user(self, node: fx.Node) -> fx.Node | None:
@@ -277,23 +279,25 @@ class _Lowering:
         if quant is None or not self.is_quant(quant):
             return False
         is_cat = self.key(node) in _CAT
-        operands = list(node.args[0]) if is_cat else list(node.args[:2])  # type: ignore[arg-type]
-        acts = [self.act.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+        raw = node.args[0] if is_cat else node.args[:2]
+        operands = list(raw) if isinstance(raw, (list, tuple)) else []
+        found = [self.act.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+        acts = [a for a in found if a is not None]
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        if any(a is None for a in acts) or (is_cat and dim != 1):
+        if not operands or len(acts) != len(operands) or (is_cat and dim != 1):
             return False
         if not is_cat and node.kwargs.get("alpha", 1) != 1:  # a + alpha*b: IntAdd has no alpha
             return False
         out = self.quant_act(quant)
         ins = tuple(self.env[_name(a)] for a in operands)
         if is_cat:
-            scales = [a.scale for a in acts]  # type: ignore[union-attr]
+            scales = [a.scale for a in acts]
             mod: nn.Module = im.IntConcat(concat_rescales(scales, out.scale), scales, out.scale,
                                           out.bits, out.signed, 1)
         else:
             a, b = acts
-            mod = im.IntAdd(add_rescale(a.scale, b.scale, out.scale),  # type: ignore[union-attr]
-                            (a.scale, b.scale, out.scale), out.bits, out.signed)  # type: ignore[union-attr]
+            mod = im.IntAdd(add_rescale(a.scale, b.scale, out.scale),
+                            (a.scale, b.scale, out.scale), out.bits, out.signed)
         new = self.module(f"{'cat' if is_cat else 'add'}_{node.name}", mod, ins)
         for n in (node, quant):
             self.done.add(n.name)

@@ -17,7 +17,7 @@ from torch import nn
 import djpq_compiler as djpq
 from djpq_compiler.ir import modules as im
 from djpq_compiler.modules.quantizers import levels
-from djpq_compiler.passes.integer_layers import bias_agreement_lsb
+from djpq_compiler.passes.lowering.layers import bias_agreement_lsb
 from djpq_compiler.prepared import freeze_for_deployment, quantizers
 from djpq_compiler.records import converted_record
 from djpq_compiler.verify import integer_agreement

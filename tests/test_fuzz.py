@@ -190,7 +190,7 @@ def test_regression_convert_keeps_a_channel_of_a_closed_concat_branch() -> None:
 
 #: Found by check_convert: a functional ``F.avg_pool2d`` followed by a finer quantizer was
 #: pooled at the input's scale (rounded) and then requantized (8 LSB off); only modules and
-#: adaptive pools took the window-sum path. Fixed in passes/integer_pools.py (``window_sum``).
+#: adaptive pools took the window-sum path. Fixed in passes/lowering/pools.py (``window_sum``).
 AVG_POOL_TO_FINER_GRID = Recipe(blocks=(Act("relu"), SqueezeExcite(squeeze=1), Pool("avg")),
                                 head="flatten_linear", size=4, seed=0)
 

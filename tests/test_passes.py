@@ -23,7 +23,7 @@ from djpq_compiler.errors import PruningError, QuantizationError
 from djpq_compiler.modules.gates import VIBGate
 from djpq_compiler.passes.fold_gates import fold_gates
 from djpq_compiler.passes.fold_scales import fold_scales
-from djpq_compiler.passes.mask import insert_channel_masks
+from djpq_compiler.passes.insert_channel_masks import insert_channel_masks
 from djpq_compiler.passes.prune import prune_graph
 from djpq_compiler.passes.strip_weight_quantizers import strip_weight_quantizers
 from djpq_compiler.prepared import gates, open_gates, quantizers, set_gates_deterministic

@@ -11,7 +11,12 @@ from torch.fx.passes.infra.pass_base import PassResult
 import djpq_compiler as djpq
 from djpq_compiler.config import DJPQConfig, QuantSpec
 from djpq_compiler.errors import DjpqError, PruningError, QuantizationError
-from djpq_compiler.passes.pipeline import PassError, PassRunner, Recorded
+from djpq_compiler.passes.pipeline import (
+    PassError,
+    PassRunner,
+    Recorded,
+    check_no_training_modules,
+)
 from djpq_compiler.records import prepared_record
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -108,6 +113,19 @@ def test_graph_is_recompiled_after_each_pass() -> None:
 def test_a_pass_must_return_a_graph_module() -> None:
     with pytest.raises(PassError, match="returned int, not a PassResult"):
         PassRunner("test")(lambda gm: 3, _graph())  # type: ignore[arg-type,return-value]
+
+
+def test_a_final_check_names_itself_and_the_history() -> None:
+    p = djpq.prepare(T.Residual().eval(), X)  # still has its gates and quantizers
+    run = PassRunner("convert")
+    run(first, p)
+    with pytest.raises(PassError, match=r"(?s)still calls a training module "
+                                        r"\((VIBGate|DQQuantizer)\)\n"
+                                        r"\(in pass 'check_no_training_modules' of convert; "
+                                        r"passes run before it: first\)"):
+        run.check(check_no_training_modules, p)
+    for integer in (True, False):  # what convert returns passes it
+        check_no_training_modules(djpq.convert(p, integer=integer))
 
 
 def test_convert_names_the_failing_pass_and_what_ran_before() -> None:

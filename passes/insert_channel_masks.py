@@ -1,4 +1,5 @@
-"""Mask pass: zero removed channels at every gate point (the reference for exact pruning).
+"""Insert-channel-masks pass: zero removed channels at every gate point (the reference for exact
+pruning: ``verify.pruning_oracle`` compares it with ``prune_graph``).
 
 Requires: the channel groups of this graph (see ``dependency/analyze.py``).
 Guarantees: after each gate point of every group in ``keep``, the output is multiplied by a 0/1
@@ -16,15 +17,9 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.layers import tensor_shape
-from djpq_compiler.passes.dependency.groups import ChannelGroup
+from djpq_compiler.passes.dependency.groups import ChannelGroup, atom_mask
 
-__all__ = ["insert_channel_masks", "atom_mask"]
-
-
-def atom_mask(group: ChannelGroup, keep: Sequence[int]) -> np.ndarray:
-    mask = np.zeros(group.size, dtype=bool)
-    mask[np.asarray(list(keep), dtype=np.int64)] = True
-    return mask
+__all__ = ["insert_channel_masks"]
 
 
 def _not(new: fx.Node) -> Callable[[fx.Node], bool]:
