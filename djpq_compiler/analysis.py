@@ -87,9 +87,8 @@ def analyze(model: nn.Module, example_inputs: Any, *, strict: bool = False,
     """
     gm = capture(model, example_inputs, leaf_modules=tuple(leaf_modules),
                  concrete_args=concrete_args).graph_module
-    dependency_analysis(gm, strict=strict, ignore=ignore)
-    return AnalysisReport(gm, gm.meta["djpq.groups"], gm.meta["djpq.barriers"],
-                          gm.meta["djpq.missing_rules"])
+    record = dependency_analysis(gm, strict=strict, ignore=ignore).record
+    return AnalysisReport(gm, record.groups, record.barriers, record.missing)
 
 
 def prune(model: nn.Module, example_inputs: Any,
@@ -108,7 +107,7 @@ def prune(model: nn.Module, example_inputs: Any,
                      concrete_args=concrete_args)
     validate_keep(report.groups, keep)
     gm = report.graph_module
-    prune_graph(gm, keep)
+    prune_graph(gm, report.groups, keep)
     try:
         propagate_shapes(gm, as_input_tuple(example_inputs))
     except Exception as exc:  # a bug in a rule, not the user's fault: say so plainly

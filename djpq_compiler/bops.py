@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from djpq_compiler import records
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.layers import Layer, find_layers
 
@@ -156,7 +157,7 @@ _ROW_SOURCES: dict[str, RowSource] = {}
 
 
 def register_row_source(stage: str) -> Callable[[RowSource], RowSource]:
-    """Register how :func:`bops` reads a model of a given ``gm.meta["djpq.stage"]``.
+    """Register how :func:`bops` reads a model of a given stage (``records.stage(gm)``).
 
     Prepared and converted models know their own bit-widths and kept channels; they register a
     function that builds their report (with :class:`BopsRow`, so the arithmetic stays here).
@@ -208,7 +209,7 @@ def bops(
     Returns:
         A :class:`BopsReport`.
     """
-    stage = model.meta.get("djpq.stage") if isinstance(model, fx.GraphModule) else None
+    stage = records.stage(model) if isinstance(model, fx.GraphModule) else None
     if isinstance(model, fx.GraphModule) and stage in _ROW_SOURCES:
         if overrides or weight_bits != FP32_BITS or act_bits != FP32_BITS:
             raise ConfigError(f"bops(): a {stage} model carries its own bit-widths; do not pass "

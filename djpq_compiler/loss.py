@@ -20,8 +20,6 @@ mean of its channels' bits. Depthwise convs see ``C_in / groups`` inputs per out
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -30,6 +28,7 @@ from djpq_compiler.config import LOSS_KINDS
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.modules.gates import VIBGate
 from djpq_compiler.prepared import PreparedLayer, gate_of, prepared_layers, quantizer_at, unwrap
+from djpq_compiler.records import prepared_record
 
 __all__ = ["djpq_loss", "fp32_bops"]
 
@@ -91,8 +90,7 @@ def djpq_loss(prepared: nn.Module, kind: str | None = None, *,
     """
     gm = unwrap(prepared)
     records = prepared_layers(gm)
-    meta: dict[str, Any] = getattr(gm, "meta", {})
-    kind = meta["djpq.config"].loss_kind if kind is None else kind
+    kind = prepared_record(gm).config.loss_kind if kind is None else kind
     if kind not in LOSS_KINDS:
         raise ConfigError(f"djpq_loss: kind must be one of {LOSS_KINDS}, got {kind!r}")
     if not temperature > 0:

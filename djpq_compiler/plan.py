@@ -26,6 +26,7 @@ from djpq_compiler.errors import PlanError
 from djpq_compiler.passes.capture import as_input_tuple, graph_signature, propagate_shapes
 from djpq_compiler.passes.prune import prune_graph
 from djpq_compiler.prepared import gate_of, prepared_layers, quantizer_at, unwrap
+from djpq_compiler.records import PlanRecord, prepared_record, stage, store
 
 __all__ = ["CompressionPlan", "plan_from", "apply_plan", "graph_signature", "PLAN_VERSION"]
 
@@ -106,15 +107,15 @@ class CompressionPlan:
 def plan_from(prepared: nn.Module) -> CompressionPlan:
     """The plan a trained prepared model encodes (hard gates, read-out bits)."""
     gm = unwrap(prepared)
-    meta: dict[str, Any] = getattr(gm, "meta", {})
-    if meta.get("djpq.stage") != "prepared":
+    if stage(gm) != "prepared":
         raise PlanError("plan_from() needs a model returned by djpq_compiler.prepare()")
+    record = prepared_record(gm)
     groups, keep = {}, {}
-    for group in meta["djpq.groups"]:
+    for group in record.groups:
         gate = gate_of(gm, group.id)
         if gate is not None:
             groups[group.id] = group.size
-            mask = gate.deploy_mask(int(getattr(meta.get("djpq.config"), "round_to", 1)))
+            mask = gate.deploy_mask(record.config.round_to)
             keep[group.id] = tuple(int(i) for i in mask.nonzero().flatten())
     layers = {}
     for rec in prepared_layers(gm):
@@ -122,8 +123,8 @@ def plan_from(prepared: nn.Module) -> CompressionPlan:
         layers[rec.name] = {"w_bits": wq.readout_bits() if wq else 32,
                             "a_bits": aq.readout_bits() if aq else 32,
                             "w_step": float(wq.snapped().d) if wq else 0.0}
-    return CompressionPlan(meta["djpq.signature"], meta.get("djpq.source_class", ""), groups,
-                           keep, layers)
+    return CompressionPlan(record.capture.signature, record.capture.source_class, groups, keep,
+                           layers)
 
 
 def apply_plan(model: nn.Module, example_inputs: Any, plan: CompressionPlan) -> fx.GraphModule:
@@ -144,7 +145,7 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: CompressionPlan) -> 
             raise PlanError(f"plan group {gid} (size {size}) does not match this model's groups; "
                             "the plan was made for another version of this model: re-create it "
                             "with djpq_compiler.plan.plan_from(prepared)")
-    prune_graph(gm, {gid: list(atoms) for gid, atoms in plan.keep.items()})
+    prune_graph(gm, report.groups, {gid: list(atoms) for gid, atoms in plan.keep.items()})
     propagate_shapes(gm, as_input_tuple(example_inputs))
-    gm.meta["djpq.plan_hash"] = plan.hash
+    store(gm, PlanRecord(plan.hash))
     return gm

@@ -1,10 +1,16 @@
 """``prepare()``: a model -> a trainable DJPQ ``GraphModule`` with VIB gates and DQ quantizers.
 
-Pipeline (each step a pass, see ``passes/``)::
+Pipeline (one flat list of passes run by :class:`~djpq_compiler.passes.pipeline.PassRunner`,
+which lints, recompiles and checks the graph after each)::
 
     capture -> dependency_analysis (config.ignore / prune=False layers are barriers)
-            -> insert_gates (config.prune) -> insert_quantizers (config.quantize)
-            -> record layers (gm.meta["djpq.layers"]) -> calibrate -> propagate_shapes
+            -> insert_gates (config.prune) -> record_shapes -> insert_quantizers
+            -> calibrate_pass -> record_shapes
+
+The passes hand each other their records as return values; the result carries one
+:class:`~djpq_compiler.records.PreparedRecord` (read it with
+:func:`~djpq_compiler.records.prepared_record`) with the config, capture facts, groups, gate and
+quantizer paths and one :class:`~djpq_compiler.prepared.PreparedLayer` per layer.
 
 Calibration [choice]: the quantizers observe ``calibration_data`` (at most
 ``config.calibration_batches`` batches; default: the example inputs once) with the model in eval
@@ -24,6 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler import prepared_bops as _prepared_bops  # noqa: F401  (bops row source)
 from djpq_compiler.config import DJPQConfig, ResolvedLayerConfig
@@ -41,7 +48,16 @@ from djpq_compiler.passes.capture import (
 from djpq_compiler.passes.dependency import ChannelGroup, Member, dependency_analysis
 from djpq_compiler.passes.insert_gates import insert_gates
 from djpq_compiler.passes.insert_quantizers import insert_quantizers
+from djpq_compiler.passes.pipeline import PassRunner
 from djpq_compiler.prepared import PreparedLayer, quantizers
+from djpq_compiler.records import (
+    PreparedRecord,
+    QuantizerPaths,
+    converted_record,
+    prepared_record,
+    stage,
+    store,
+)
 
 __all__ = ["prepare", "calibrate"]
 
@@ -70,8 +86,8 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
         concrete_args: Forward arguments fixed at trace time (``torch.fx`` ``concrete_args``).
 
     Returns:
-        A ``GraphModule`` with ``meta["djpq.stage"] == "prepared"``, in the train/eval mode of
-        ``model``; gates open, quantizers calibrated.
+        A ``GraphModule`` carrying a ``PreparedRecord`` (``stage(gm) == "prepared"``), in the
+        train/eval mode of ``model``; gates open, quantizers calibrated.
 
     Raises:
         ConfigError: ``model`` is already prepared, ``config`` is not a ``DJPQConfig``, or an
@@ -84,28 +100,45 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
     _check_not_prepared(model)
     inputs = as_input_tuple(example_inputs)
     check_finite_inputs(example_inputs)  # named as the caller passed them
-    gm = capture(model, inputs, leaf_modules=tuple(leaf_modules),
-                 concrete_args=concrete_args).graph_module
+    run = PassRunner("prepare")
+    captured = run(capture, model, inputs, leaf_modules=tuple(leaf_modules),
+                   concrete_args=concrete_args)
+    gm = captured.graph_module
     layers = find_layers(gm)
     config.check_names([n for n, _ in model.named_modules() if n] +
                        [la.node.name for la in layers if la.weight_source == "functional"])
     resolved = _resolve(gm, config, layers)
-    dependency_analysis(gm, strict=config.strict, ignore=_frozen_names(gm, config, resolved))
+    analysis = run(dependency_analysis, gm, strict=config.strict,
+                   ignore=_frozen_names(gm, config, resolved)).record
     sources = {la.node.name: _input_name(la) for la in layers}
+    gates: dict[int, str] = {}
     if config.prune:
-        insert_gates(gm, config.gate)
+        gates = run(insert_gates, gm, analysis.groups, config.gate).record
         attach_step_hook(gm)
-        propagate_shapes(gm, inputs)  # gate nodes get shapes: later passes see tensors
-    insert_quantizers(gm, config, layers, resolved)
+        run(record_shapes, gm, inputs)  # gate nodes get shapes: later passes see tensors
+    paths = run(insert_quantizers, gm, config, layers, resolved).record
     attach_compact_saving(gm)  # quantized activations / gate outputs saved compactly, exactly
-    gm.meta["djpq.layers"] = _records(gm, layers, sources)
-    gm.meta["djpq.config"] = config
     batches = [inputs] if calibration_data is None else _finite_batches(itertools.islice(
         calibration_data, config.calibration_batches))
-    calibrate(gm, batches)
-    propagate_shapes(gm, inputs)
-    gm.meta["djpq.stage"] = "prepared"
+    run(calibrate_pass, gm, batches, paths.auto_signed)
+    run(record_shapes, gm, inputs)
+    store(gm, PreparedRecord(config=config, capture=captured.record, analysis=analysis,
+                             gates=gates, quantizers=paths,
+                             layers=_records(gm, layers, sources, analysis.groups, paths)))
     return gm
+
+
+def record_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> PassResult:
+    """Pass form of :func:`~djpq_compiler.passes.capture.propagate_shapes`."""
+    propagate_shapes(gm, inputs)
+    return PassResult(gm, False)
+
+
+def calibrate_pass(gm: fx.GraphModule, batches: Iterable[Any],
+                   auto_signed: Sequence[str]) -> PassResult:
+    """Pass form of :func:`calibrate` (the graph is unchanged, the quantizers observe)."""
+    calibrate(gm, batches, auto_signed=auto_signed)
+    return PassResult(gm, False)
 
 
 def _finite_batches(batches: Iterable[Any]) -> Iterator[Any]:
@@ -115,16 +148,15 @@ def _finite_batches(batches: Iterable[Any]) -> Iterator[Any]:
 
 
 def _check_not_prepared(model: nn.Module) -> None:
-    meta = getattr(model, "meta", {}) if isinstance(model, fx.GraphModule) else {}
-    stage = meta.get("djpq.stage")
-    if stage == "converted" and meta.get("djpq.integer") is False:
+    now = stage(model) if isinstance(model, fx.GraphModule) else None
+    if now == "converted" and converted_record(model).integer is False:
         pass  # a pruned float model (convert(p, integer=False)): e.g. two-stage VIB, then DQ
-    elif stage == "converted":
+    elif now == "converted":
         raise ConfigError("prepare(): the model is already converted to integers; pass the "
                           "original float model, or the pruned float model "
                           "convert(prepared, integer=False) for a second training stage")
-    elif stage is not None:
-        raise ConfigError(f"prepare(): the model is already {stage}; pass the original float "
+    elif now is not None:
+        raise ConfigError(f"prepare(): the model is already {now}; pass the original float "
                           "model (prepare it once, then train, then convert)")
     for name, mod in model.named_modules():
         if isinstance(mod, (VIBGate, DQQuantizer)):
@@ -174,13 +206,12 @@ def _find_member(by_node: Mapping[str, tuple[ChannelGroup, Member]], node: str |
     return group.id, member.index, group.size
 
 
-def _records(gm: fx.GraphModule, layers: list[Layer],
-             sources: Mapping[str, str | None]) -> tuple[PreparedLayer, ...]:
-    groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
+def _records(gm: fx.GraphModule, layers: list[Layer], sources: Mapping[str, str | None],
+             groups: tuple[ChannelGroup, ...], paths: QuantizerPaths
+             ) -> tuple[PreparedLayer, ...]:
     by_node = {m.node: (g, m) for g in groups for m in g.members}
     nodes = {n.name: n for n in gm.graph.nodes}
-    weight_q: dict[str, str] = gm.meta.get("djpq.weight_quantizers", {})
-    input_q: dict[str, str] = gm.meta.get("djpq.input_quantizers", {})
+    weight_q, input_q = paths.weight, paths.input
     records = []
     for la in layers:
         name = la.node.name
@@ -197,11 +228,13 @@ def _records(gm: fx.GraphModule, layers: list[Layer],
     return tuple(records)
 
 
-def calibrate(gm: fx.GraphModule, batches: Iterable[Any]) -> None:
+def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *,
+              auto_signed: Sequence[str] | None = None) -> None:
     """Observe ``batches`` (forward arguments) in eval mode and set every quantizer's range.
 
-    Quantizers listed in ``gm.meta["djpq.auto_signed"]`` become unsigned when all observed values
-    are ``>= 0``. The module's train/eval mode is restored.
+    Quantizers in ``auto_signed`` (default: ``QuantizerPaths.auto_signed`` of a prepared model)
+    become unsigned when all observed values are ``>= 0``. The module's train/eval mode is
+    restored.
 
     Raises:
         QuantizationError: a quantizer observed nothing (no batches) or a non-finite range.
@@ -209,6 +242,8 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[Any]) -> None:
     qs = [q for _, q in quantizers(gm)]
     if not qs:
         return
+    if auto_signed is None:
+        auto_signed = prepared_record(gm).quantizers.auto_signed
     was_training = gm.training
     gm.eval()
     try:
@@ -217,7 +252,7 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[Any]) -> None:
         with torch.no_grad():
             for batch in batches:
                 gm(*as_input_tuple(batch))
-        for path in gm.meta.get("djpq.auto_signed", ()):
+        for path in auto_signed:
             auto = gm.get_submodule(path)
             if isinstance(auto, DQQuantizer) and auto.obs_count and bool((auto.obs_min >= 0).all()):
                 auto.signed = False

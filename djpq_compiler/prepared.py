@@ -1,9 +1,10 @@
 """The data model of a prepared model, and the helpers that train and inspect one.
 
-``prepare()`` records one :class:`PreparedLayer` per conv/linear layer in
-``gm.meta["djpq.layers"]``: where its weight and input-activation quantizers live and which channel
-group (and which atom of it) each of its output and input channels belongs to. The loss, the BOPs
-report and ``convert`` read the model only through these records.
+``prepare()`` records one :class:`PreparedLayer` per conv/linear layer in its
+:class:`~djpq_compiler.records.PreparedRecord` (``prepared_record(gm).layers``): where its weight
+and input-activation quantizers live and which channel group (and which atom of it) each of its
+output and input channels belongs to. The loss, the BOPs report and ``convert`` read the model
+only through these records.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.modules.gates import VIBGate
 from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.records import prepared_record, stage
 
 __all__ = [
     "PreparedLayer",
@@ -115,12 +117,10 @@ def prepared_layers(model: nn.Module) -> tuple[PreparedLayer, ...]:
         ConfigError: ``model`` is not the output of ``prepare()``.
     """
     gm = unwrap(model)
-    if not isinstance(gm, fx.GraphModule) or gm.meta.get("djpq.stage") != "prepared":
-        stage = getattr(gm, "meta", {}).get("djpq.stage")
+    if not isinstance(gm, fx.GraphModule) or stage(gm) != "prepared":
         raise ConfigError(f"expected a model returned by djpq_compiler.prepare(), got "
-                          f"{type(gm).__name__} (stage {stage})")
-    layers: tuple[PreparedLayer, ...] = gm.meta["djpq.layers"]
-    return layers
+                          f"{type(gm).__name__} (stage {stage(gm)})")
+    return prepared_record(gm).layers
 
 
 def gate_of(model: nn.Module, group: int | None) -> VIBGate | None:
@@ -128,8 +128,7 @@ def gate_of(model: nn.Module, group: int | None) -> VIBGate | None:
     if group is None:
         return None
     gm = unwrap(model)
-    meta: dict[str, Any] = getattr(gm, "meta", {})
-    paths: dict[int, str] = meta.get("djpq.gates", {})
+    paths = prepared_record(gm).gates
     if group not in paths:
         return None
     gate = gm.get_submodule(paths[group])
@@ -204,8 +203,7 @@ def freeze_for_deployment(model: nn.Module) -> None:
     to the rounded-up bit-widths instead of meeting them only at conversion.
     """
     gm = unwrap(model)
-    config = gm.meta.get("djpq.config") if isinstance(gm, fx.GraphModule) else None
-    round_to = int(getattr(config, "round_to", 1))
+    round_to = prepared_record(gm).config.round_to if stage(gm) == "prepared" else 1
     snap_quantizers(gm)
     for _, g in gates(gm):
         mask = g.deploy_mask(round_to)

@@ -19,6 +19,7 @@ from torch import nn
 
 from djpq_compiler.bops import FP32_BITS, BopsReport, BopsRow, register_row_source
 from djpq_compiler.prepared import PreparedLayer, gate_of, prepared_layers, quantizer_at, unwrap
+from djpq_compiler.records import prepared_record
 
 __all__ = ["prepared_bops", "prepared_row", "LayerSummary", "SummaryRow", "layer_summary"]
 
@@ -42,8 +43,7 @@ def _hard_count(gm: nn.Module, group: int | None, counts: tuple[int, ...] | None
 
 
 def _round_to(gm: nn.Module) -> int:
-    config = getattr(gm, "meta", {}).get("djpq.config")
-    return int(getattr(config, "round_to", 1))
+    return prepared_record(unwrap(gm)).config.round_to
 
 
 def prepared_row(gm: nn.Module, rec: PreparedLayer) -> BopsRow:

@@ -14,7 +14,9 @@ the allow-lists below, which are built from fixed namespaces when this module is
 * **module classes** (:func:`module_table`): the integer modules of ``djpq_compiler/ir`` and the
   float ``torch.nn`` layers that can remain in float islands;
 * **value classes** (:func:`dataclass_table`): the frozen records a converted model carries in its
-  ``meta`` and attributes (``AddRescale``, ``PreparedLayer``, ``DJPQConfig``, ``ChannelGroup``...).
+  ``meta`` and attributes (``ConvertedRecord``, its ``PreparedLayer`` rows, ``AddRescale``);
+  :func:`legacy_dataclass_table` adds the records format-1 files held in their 31 meta keys
+  (``DJPQConfig``, ``ChannelGroup``, ...), accepted when reading such a file only.
 
 Values are JSON with tagged objects ``{"$": kind, ...}`` for everything JSON lacks (tuples,
 non-string dict keys, non-finite floats, slices, dtypes, node references, tensors, records).
@@ -31,7 +33,7 @@ import inspect
 import math
 import numbers
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -49,6 +51,7 @@ __all__ = [
     "module_table",
     "module_class_name",
     "dataclass_table",
+    "legacy_dataclass_table",
 ]
 
 Json = Any  # a JSON-compatible value (dict / list / str / int / float / bool / None)
@@ -101,8 +104,8 @@ def target_table() -> Mapping[str, Callable[..., Any]]:
     """Allow-listed ``call_function`` targets by qualified name (first name of an object wins)."""
     table: dict[str, Callable[..., Any]] = {}
 
-    def add(prefix: str, namespace: object, names: object) -> None:
-        for name in sorted(names):  # type: ignore[call-overload]
+    def add(prefix: str, namespace: object, names: Iterable[str]) -> None:
+        for name in sorted(names):
             obj = getattr(namespace, name, None)
             if not name.startswith("_") and callable(obj) and not inspect.isclass(obj):
                 table.setdefault(f"{prefix}.{name}", obj)
@@ -164,18 +167,29 @@ def module_class_name(cls: type) -> str | None:
 
 @functools.cache
 def dataclass_table() -> Mapping[str, type]:
-    """Allow-listed record classes (frozen dataclasses and enums) by qualified name."""
-    from djpq_compiler.config import DJPQConfig, GateSpec, Override, QuantSpec, ResolvedLayerConfig
+    """Allow-listed record classes (frozen dataclasses and enums) by qualified name: what a
+    converted model carries (its ``ConvertedRecord`` and the IR's attribute records)."""
     from djpq_compiler.ir.elementwise import AddRescale
-    from djpq_compiler.passes.dependency.groups import ChannelGroup, Member
-    from djpq_compiler.passes.dependency.state import Role, Zero
     from djpq_compiler.prepared import PreparedLayer
+    from djpq_compiler.records import ConvertedRecord, PlanRecord
 
-    classes = (AddRescale, DJPQConfig, GateSpec, Override, QuantSpec, ResolvedLayerConfig,
-               ChannelGroup, Member, Role, Zero, PreparedLayer)
+    classes = (AddRescale, ConvertedRecord, PlanRecord, PreparedLayer)
     table = {_qualname(cls): cls for cls in classes}
     table[_legacy(AddRescale)] = AddRescale
     return table
+
+
+@functools.cache
+def legacy_dataclass_table() -> Mapping[str, type]:
+    """:func:`dataclass_table` plus the records a format-1 file kept in its meta keys (read
+    only, then dropped: ``serialize`` rebuilds a ``ConvertedRecord`` from them)."""
+    from djpq_compiler.config import DJPQConfig, GateSpec, Override, QuantSpec, ResolvedLayerConfig
+    from djpq_compiler.passes.dependency.groups import ChannelGroup, Member
+    from djpq_compiler.passes.dependency.state import Role, Zero
+
+    classes = (DJPQConfig, GateSpec, Override, QuantSpec, ResolvedLayerConfig, ChannelGroup,
+               Member, Role, Zero)
+    return {**dataclass_table(), **{_qualname(cls): cls for cls in classes}}
 
 
 _LEGACY_IR = "djpq_compiler.backends.reference"
@@ -262,8 +276,10 @@ class Decoder:
     is not a value the encoder writes (unknown tag, class not allow-listed, missing node)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor],
-                 nodes: Mapping[str, torch.fx.Node] | None = None) -> None:
+                 nodes: Mapping[str, torch.fx.Node] | None = None,
+                 records: Mapping[str, type] | None = None) -> None:
         self.tensors, self.nodes = tensors, nodes
+        self.records = dataclass_table() if records is None else records
 
     def decode(self, data: Json) -> Any:  # noqa: C901 - one flat tag switch
         if data is None or isinstance(data, bool | str | int | float):
@@ -301,7 +317,7 @@ class Decoder:
     def _record(self, data: dict[str, Json], tag: object) -> Any:
         if tag not in ("enum", "record"):
             raise ValueError(f"unknown value tag {tag!r}")
-        cls = dataclass_table()[_choice(data["class"], dataclass_table())]
+        cls = self.records[_choice(data["class"], self.records)]
         if tag == "enum":
             return cls[str(data["name"])]  # type: ignore[index]
         names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -311,7 +327,7 @@ class Decoder:
         return cls(**{k: self.decode(v) for k, v in fields.items()})
 
 
-def _choice(name: object, allowed: object) -> str:
-    if not isinstance(name, str) or name not in allowed:  # type: ignore[operator]
+def _choice(name: object, allowed: Container[str]) -> str:
+    if not isinstance(name, str) or name not in allowed:
         raise ValueError(f"{_short(name)} is not in the allow-list")
     return name

@@ -3,17 +3,21 @@
 :func:`save_converted` stores the output of :func:`djpq_compiler.convert` as one self-contained
 file; :func:`load_converted` rebuilds the ``GraphModule`` from it without the original model code.
 
-File layout (``FORMAT_VERSION`` 1)::
+File layout (``FORMAT_VERSION`` 2)::
 
     DJPQ-CONVERTED-MODEL\\n                      magic line
-    {"format": ..., "version": 1, "sha256": ..., "model_bytes": N, "tensor_bytes": M, ...}\\n
+    {"format": ..., "version": 2, "sha256": ..., "model_bytes": N, "tensor_bytes": M, ...}\\n
     <N bytes: model JSON>                         graph, modules, meta (tagged JSON, safe_codec)
     <M bytes: tensor file>                        torch.save of {key: tensor}, read weights_only
 
 The model JSON holds the fx graph (each node's op, name, target and args/kwargs with node
 references), every submodule as an allow-listed class (integer modules of ``djpq_compiler/ir``,
 float ``torch.nn`` layers) with its configuration (its plain attributes) and the keys of its
-parameters and buffers, and ``gm.meta`` (records such as ``PreparedLayer`` are allow-listed).
+parameters and buffers, and ``gm.meta``: the model's one
+:class:`~djpq_compiler.records.ConvertedRecord` (allow-listed with its ``PreparedLayer`` rows)
+and any user entries that encode safely. Version 1 files kept the record as ~20 ``"djpq.*"``
+keys; they still load: their keys are read with the records of that time allow-listed and turned
+into a ``ConvertedRecord`` (:func:`_record_from_v1`).
 ``call_function`` / ``call_method`` targets must be in the allow-lists of
 :mod:`djpq_compiler.safe_codec`: saving refuses anything else, naming the node, and loading checks
 again, so a crafted file cannot make the loader import or call anything else. The SHA-256 covers
@@ -39,12 +43,14 @@ from torch.fx.graph_module import reduce_graph_module
 
 from djpq_compiler.artifacts import atomic_write
 from djpq_compiler.errors import ArtifactError, ConfigError, UnsupportedOpError
+from djpq_compiler.records import ConvertedRecord, stage, store
 from djpq_compiler.safe_codec import (
     Decoder,
     Encoder,
     Json,
     Unencodable,
     allowed_method,
+    legacy_dataclass_table,
     module_class_name,
     module_table,
     target_name,
@@ -55,7 +61,11 @@ __all__ = ["save_converted", "load_converted", "ConvertedGraphModule", "as_conve
            "FORMAT_VERSION", "MAGIC"]
 
 FORMAT = "djpq-converted-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`load_converted` reads (1: the record as separate ``"djpq.*"`` meta keys).
+READABLE_VERSIONS = (1, 2)
+#: ``meta`` key listing the entries ``save_converted`` could not store.
+META_NOT_SAVED = "djpq.meta_not_saved"
 MAGIC = b"DJPQ-CONVERTED-MODEL\n"
 _HEADER_LIMIT = 4096
 _BASE_ATTRS = frozenset(nn.Module().__dict__)
@@ -106,12 +116,9 @@ def save_converted(converted: fx.GraphModule, path: str | os.PathLike[str]) -> P
         UnsupportedOpError: a node's target, a module class or a value is not in the allow-lists
             (the message names the node or module); nothing is written then.
     """
-    if not isinstance(converted, fx.GraphModule) or \
-            converted.meta.get("djpq.stage") != "converted":
-        stage = converted.meta.get("djpq.stage") if isinstance(converted, fx.GraphModule) \
-            else None
+    if not isinstance(converted, fx.GraphModule) or stage(converted) != "converted":
         raise ConfigError(f"save_converted() stores the output of djpq.convert(); got "
-                          f"{type(converted).__name__} with stage {stage!r}")
+                          f"{type(converted).__name__} with stage {stage(converted)!r}")
     if type(converted.graph._codegen) is not fx.graph.CodeGen:
         raise UnsupportedOpError(f"the graph uses {type(converted.graph._codegen).__name__}, a "
                                  "custom code generator the safe format cannot store")
@@ -142,14 +149,14 @@ def load_converted(path: str | os.PathLike[str],
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ArtifactError(f"cannot read converted model {path}: {exc}") from exc
-    model_bytes, tensor_bytes = _unpack(data, path)
+    model_bytes, tensor_bytes, version = _unpack(data, path)
     try:
         tensors = torch.load(io.BytesIO(tensor_bytes), map_location=map_location,
                              weights_only=True)
         if not isinstance(tensors, dict) or \
                 not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise ValueError("the tensor file does not hold a {key: tensor} dict")
-        return _decode_model(json.loads(model_bytes), tensors)
+        return _decode_model(json.loads(model_bytes), tensors, version)
     except ArtifactError as exc:
         raise ArtifactError(f"converted model {path}: {exc}") from exc
     except Exception as exc:  # malformed content of a file whose hash matched: crafted
@@ -169,8 +176,9 @@ def _pack(model_bytes: bytes, tensor_bytes: bytes) -> bytes:
         + tensor_bytes
 
 
-def _unpack(data: bytes, path: object) -> tuple[bytes, bytes]:
-    """Split and verify a file: magic, header, format version, length, SHA-256."""
+def _unpack(data: bytes, path: object) -> tuple[bytes, bytes, int]:
+    """Split and verify a file: magic, header, format version, length, SHA-256; returns the
+    model bytes, the tensor bytes and the format version."""
     if not data.startswith(MAGIC):
         raise ArtifactError(f"{path} is not a djpq converted-model file (it does not start with "
                             f"{MAGIC!r}); write one with djpq.save_converted(converted, path)")
@@ -182,11 +190,13 @@ def _unpack(data: bytes, path: object) -> tuple[bytes, bytes]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ArtifactError(f"converted model {path} has a corrupt header (truncated or "
                             "tampered); re-save it with djpq.save_converted()")
-    if header.get("version") != FORMAT_VERSION:
+    version = header.get("version")
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"converted model {path} has format version {header.get('version')!r}, but this "
-            f"djpq-compiler reads version {FORMAT_VERSION}; load it with the djpq-compiler that "
-            f"wrote it ({header.get('djpq_compiler')!r}) or re-save it from the model")
+            f"converted model {path} has format version {version!r}, but this "
+            f"djpq-compiler reads version {FORMAT_VERSION} (and older: {READABLE_VERSIONS}); load"
+            f" it with the djpq-compiler that wrote it ({header.get('djpq_compiler')!r}) or "
+            "re-save it from the model")
     body = data[end + 1:]
     try:
         n_model, n_tensor, digest = (int(header["model_bytes"]), int(header["tensor_bytes"]),
@@ -201,7 +211,7 @@ def _unpack(data: bytes, path: object) -> tuple[bytes, bytes]:
     if hashlib.sha256(body).hexdigest() != digest:
         raise ArtifactError(f"converted model {path} does not match its SHA-256 (the file was "
                             "modified or corrupted after saving); re-save it from the model")
-    return body[:n_model], body[n_model:]
+    return body[:n_model], body[n_model:], int(version)
 
 
 # --------------------------------------------------------------------------- encode
@@ -328,12 +338,13 @@ def _encode_meta(gm: fx.GraphModule, enc: Encoder) -> Json:
             dropped.append(str(key))
             warnings.warn(f"save_converted: {exc}; it is left out", stacklevel=3)
     if dropped:
-        out["djpq.meta_not_saved"] = enc.encode(tuple(dropped), "meta")
+        out[META_NOT_SAVED] = enc.encode(tuple(dropped), "meta")
     return out
 
 
 # --------------------------------------------------------------------------- decode
-def _decode_model(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+def _decode_model(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                  version: int = FORMAT_VERSION) -> fx.GraphModule:
     class_name = str(doc["class_name"])
     if not class_name.isidentifier():
         raise ValueError(f"class name {class_name!r} is not an identifier")
@@ -349,9 +360,43 @@ def _decode_model(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
         if isinstance(value, torch.Tensor):
             setattr(gm, key, value)
     gm.training = root.training
-    gm.meta = Decoder(tensors).decode({"$": "dict", "v": [[k, v] for k, v in
-                                                          doc["meta"].items()]})
+    records = legacy_dataclass_table() if version == 1 else None
+    meta = Decoder(tensors, records=records).decode(
+        {"$": "dict", "v": [[k, v] for k, v in doc["meta"].items()]})
+    if version == 1:
+        meta, record = _meta_from_v1(meta)
+        gm.meta = meta
+        store(gm, record)
+    else:
+        gm.meta = meta
+    if stage(gm) != "converted":
+        raise ArtifactError("the file carries no ConvertedRecord in its meta; re-save it with "
+                            "djpq.save_converted() from the converted model")
     return gm
+
+
+#: Version-1 meta keys that became :class:`ConvertedRecord` fields (key -> field).
+_V1_FIELDS = {"djpq.integer": "integer", "djpq.layers": "layers", "djpq.keep": "keep",
+              "djpq.float_ops": "float_ops", "djpq.lut_ops": "lut_ops",
+              "djpq.lowered_layers": "lowered_layers",
+              "djpq.agreement_bounds": "agreement_bounds", "djpq.quant_map": "quant_map",
+              "djpq.source_class": "source_class", "djpq.source_params": "source_params"}
+
+
+def _meta_from_v1(meta: dict[str, Any]) -> tuple[dict[str, Any], ConvertedRecord]:
+    """A version-1 meta (one ``"djpq.*"`` key per fact) as today's: the user entries and one
+    ``ConvertedRecord``; facts no consumer reads any more (groups, config, quantizer paths,
+    ...) are dropped."""
+    if meta.get("djpq.stage") != "converted":
+        raise ArtifactError("this version-1 file does not record a converted model "
+                            "(meta['djpq.stage']); re-save it with djpq.save_converted()")
+    fields = {f: meta[k] for k, f in _V1_FIELDS.items() if k in meta}
+    fields["integer"] = bool(fields.get("integer", True))
+    for name in ("layers", "float_ops", "lut_ops"):
+        if name in fields:
+            fields[name] = tuple(fields[name])
+    rest = {k: v for k, v in meta.items() if not k.startswith("djpq.") or k == META_NOT_SAVED}
+    return rest, ConvertedRecord(**fields)
 
 
 def _decode_modules(entries: list[Json], dec: Decoder) -> nn.Module:

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.ir.modules import _IntLayer
+from djpq_compiler.records import converted_record, stage
 
 __all__ = ["SizeRow", "SizeReport", "model_size"]
 
@@ -55,7 +56,7 @@ def _packed(n: int, bits: int) -> int:
 
 def model_size(converted: fx.GraphModule) -> SizeReport:
     """Weight storage of a converted model (integer or float) against its FP32 original."""
-    if converted.meta.get("djpq.stage") != "converted":
+    if stage(converted) != "converted":
         raise ConfigError("model_size() takes the output of djpq_compiler.convert.convert()")
     rows: list[SizeRow] = []
     for name, mod in converted.named_modules():
@@ -70,4 +71,4 @@ def model_size(converted: fx.GraphModule) -> SizeReport:
         elif not isinstance(mod, fx.GraphModule):
             for pname, p in mod.named_parameters(recurse=False):
                 rows.append(SizeRow(f"{name}.{pname}", p.numel(), 32, 4 * p.numel()))
-    return SizeReport(tuple(rows), 4 * int(converted.meta.get("djpq.source_params", 0)))
+    return SizeReport(tuple(rows), 4 * converted_record(converted).source_params)

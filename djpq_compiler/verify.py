@@ -14,8 +14,10 @@ import torch
 
 from djpq_compiler.analysis import AnalysisReport, analyze
 from djpq_compiler.passes.capture import as_input_tuple, propagate_shapes
-from djpq_compiler.passes.mask import atom_mask, insert_channel_masks
+from djpq_compiler.passes.dependency.groups import atom_mask
+from djpq_compiler.passes.insert_channel_masks import insert_channel_masks
 from djpq_compiler.passes.prune import prune_graph
+from djpq_compiler.records import converted_record, prepared_record
 
 __all__ = ["random_keep", "pruning_oracle", "integer_agreement"]
 
@@ -46,11 +48,9 @@ def pruning_oracle(model: torch.nn.Module, example: Any, seed: int = 0
     report = analyze(model, example)
     keep = random_keep(report, seed)
     masked = copy.deepcopy(report.graph_module)
-    masked.meta["djpq.groups"] = report.groups
-    insert_channel_masks(masked, keep)
+    insert_channel_masks(masked, report.groups, keep)
     pruned = copy.deepcopy(report.graph_module)
-    pruned.meta["djpq.groups"] = report.groups
-    prune_graph(pruned, keep)
+    prune_graph(pruned, report.groups, keep)
     inputs = as_input_tuple(example)
     propagate_shapes(pruned, inputs)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphM
     from djpq_compiler.prepared import set_gates_deterministic, snap_quantizers
 
     inputs = as_input_tuple(example)
-    mapping: dict[str, str] = converted.meta["djpq.quant_map"]
+    mapping = converted_record(converted).quant_map
     model = copy.deepcopy(prepared).eval()
     set_gates_deterministic(model, True)
     snap_quantizers(model)  # the deployed grid (read-out bits) is the reference
@@ -106,7 +106,7 @@ def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphM
     for qname, cname in mapping.items():
         d = float(cast(Any, model.get_submodule(str(nodes[qname].target))).snapped().d)
         codes = torch.round(fq[qname].to(torch.float64) / d).to(torch.int64)
-        reference[cname] = _kept_part(model, converted.meta.get("djpq.keep", {}), nodes[qname],
+        reference[cname] = _kept_part(model, converted_record(converted).keep, nodes[qname],
                                       codes)
     ints = _node_values(converted, inputs, set(mapping.values()),
                         forced=reference if per_op else None)
@@ -116,7 +116,7 @@ def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphM
 def _kept_part(model: torch.fx.GraphModule, keep: dict[int, list[int]], qnode: torch.fx.Node,
                codes: torch.Tensor) -> torch.Tensor:
     """The channels of a prepared-model value that survive pruning (others are zero there)."""
-    by_node = {m.node: (g, m) for g in model.meta["djpq.groups"] for m in g.members}
+    by_node = {m.node: (g, m) for g in prepared_record(model).groups for m in g.members}
     src = qnode.args[0]
     while isinstance(src, torch.fx.Node) and src.name not in by_node and src.op == "call_module":
         src = src.args[0]  # through gates and quantizers inserted after the analysis

@@ -13,12 +13,13 @@ on tensor *values* (``if x.sum() > 0``) is refused, as ``torch.export`` refuses 
 stays module-level (``nn.Conv2d`` call_module nodes), unlike ``torch.export``'s aten-level graph,
 on which no channel rule or quantizer placement works (every channel would be a barrier); the
 ``CaptureError`` still says whether ``torch.export`` could capture a model both tracers refuse.
-``gm.meta["djpq.specialized"]`` lists the decided conditions.
+The capture record (``CaptureRecord.specialized``) lists the decided conditions.
 Guarantees: the returned ``GraphModule`` owns deep copies of the model's modules (the user's model
 is never modified), every tensor-valued node carries ``node.meta["tensor_meta"]``
 (``torch.fx.passes.shape_prop.TensorMetadata``), small non-tensor results (``x.size(0)``, shapes)
-carry their value in ``node.meta["djpq.value"]``, and ``gm.meta["djpq.capture"]`` says how the
-graph was obtained. Unused pieces of a tuple (``a, b = torch.split(x, ...)`` with ``b`` never
+carry their value in ``node.meta[NODE_VALUE]``, and the returned :class:`CaptureRecord` (also
+stored on the graph, read by :func:`~djpq_compiler.records.capture_record`) says how the graph was
+obtained. Unused pieces of a tuple (``a, b = torch.split(x, ...)`` with ``b`` never
 read: a dead ``getitem``) are dropped, so that no later pass's dead-code elimination removes a node
 the channel analysis refers to.
 """
@@ -39,13 +40,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx._symbolic_trace import _assert_is_none, _orig_module_call, _orig_module_getattr
-from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
 from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import CaptureError, CaptureWarning
 from djpq_compiler.layers import tensor_shape
 from djpq_compiler.passes.functional_norms import functional_norms_to_modules
+from djpq_compiler.passes.pipeline import Recorded
+from djpq_compiler.records import NODE_VALUE, CaptureRecord, store
 
 __all__ = ["capture", "as_input_tuple", "propagate_shapes", "export_probe", "graph_signature",
            "check_finite_inputs"]
@@ -140,7 +142,8 @@ def _trace(
     leaf_modules: tuple[type[nn.Module], ...],
     concrete_args: dict[str, Any] | None,
     inputs: Sequence[Any],
-) -> fx.GraphModule:
+) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """The traced module and the shape conditions decided by the example inputs."""
     tracer = _LeafTracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -153,7 +156,7 @@ def _trace(
             f"  at {_user_frame(exc)}\n  {export_probe(model, inputs)}\n  {_HOW_TO_FIX}"
         ) from exc
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    return fx.GraphModule(tracer.root, graph, name), ()
 
 
 #: Pure ops whose whole result may go unused after their dead getitems are gone.
@@ -207,7 +210,7 @@ def drop_dead_getitems(gm: fx.GraphModule) -> int:
 
 def _trace_concretely(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...],
                       concrete_args: dict[str, Any] | None, inputs: Sequence[Any],
-                      exc: BaseException) -> fx.GraphModule | None:
+                      exc: BaseException) -> tuple[fx.GraphModule, tuple[str, ...]] | None:
     """The fallback of the module docstring, or ``None`` when it does not apply or fails."""
     if concrete_args is not None or not isinstance(exc, (fx.proxy.TraceError, TypeError)):
         return None
@@ -222,14 +225,13 @@ def _trace_concretely(model: nn.Module, leaf_modules: tuple[type[nn.Module], ...
             for key, value in model.state_dict(keep_vars=True).items():
                 value.copy_(state[key])
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    gm.meta["djpq.specialized"] = tuple(tracer.specialized)
     warnings.warn(CaptureWarning(
         f"{type(model).__name__}: torch.fx could not trace it ({type(exc).__name__}: "
         f"{str(exc).splitlines()[0] if str(exc) else ''}); captured it instead for the example "
         f"inputs' shapes, deciding {len(tracer.specialized)} shape condition(s) by their example "
         f"values ({'; '.join(tracer.specialized[:3])}). The graph asserts them at run time."),
         stacklevel=4)
-    return gm
+    return gm, tuple(tracer.specialized)
 
 
 #: Ops that read only a tensor's metadata (its shape), never its values.
@@ -326,12 +328,12 @@ class _ConcreteTracer(_LeafTracer):
 
 
 class _RecordingShapeProp(ShapeProp):
-    """ShapeProp that also records small non-tensor results (sizes, ints) as ``djpq.value``."""
+    """ShapeProp that also records small non-tensor results (sizes, ints) as ``NODE_VALUE``."""
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if _is_static_value(result):
-            n.meta["djpq.value"] = result
+            n.meta[NODE_VALUE] = result
         return result
 
 
@@ -405,7 +407,7 @@ def capture(
     leaf_modules: tuple[type[nn.Module], ...] = (),
     concrete_args: dict[str, Any] | None = None,
     copy_model: bool = True,
-) -> PassResult:
+) -> Recorded[CaptureRecord]:
     """Trace ``model`` with ``torch.fx`` and record tensor shapes in ``node.meta``.
 
     Args:
@@ -416,7 +418,8 @@ def capture(
         copy_model: Trace a deep copy (default) so the caller's model is never modified.
 
     Returns:
-        ``PassResult`` whose ``graph_module`` is the captured ``GraphModule``.
+        ``Recorded(graph_module, record)``: the captured ``GraphModule`` and its
+        :class:`~djpq_compiler.records.CaptureRecord` (also stored on the graph).
 
     Raises:
         CaptureError: tracing failed (with FX's reason, the user code location and whether
@@ -428,16 +431,17 @@ def capture(
     inputs = as_input_tuple(example_inputs)
     check_finite_inputs(example_inputs)
     source = copy.deepcopy(model) if copy_model else model
-    gm = _trace(source, tuple(leaf_modules), concrete_args, inputs)
+    gm, specialized = _trace(source, tuple(leaf_modules), concrete_args, inputs)
     if concrete_args:
         _drop_concrete_placeholders(gm)
     drop_dead_getitems(gm)
     gm.train(model.training)
     propagate_shapes(gm, inputs)
     functional_norms_to_modules(gm)  # F.batch_norm of BN-act layers -> nn.BatchNorm modules
-    gm.meta["djpq.capture"] = ("torch.fx.symbolic_trace" if "djpq.specialized" not in gm.meta
-                               else "torch.fx.symbolic_trace, shapes specialized")
-    gm.meta["djpq.signature"] = graph_signature(gm)
-    gm.meta["djpq.source_params"] = sum(p.numel() for p in gm.parameters())
-    gm.meta["djpq.source_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
-    return PassResult(gm, True)
+    record = CaptureRecord(
+        how="torch.fx.symbolic_trace" + (", shapes specialized" if specialized else ""),
+        specialized=specialized, signature=graph_signature(gm),
+        source_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        source_params=sum(p.numel() for p in gm.parameters()))
+    store(gm, record)
+    return Recorded(gm, record)

@@ -1,13 +1,13 @@
 """Fold-gates pass: replace every VIB gate by its deterministic value and decide what to prune.
 
-Requires: a prepared graph (``gm.djpq_gates``, gate ``call_module`` nodes after gate points,
-``gm.meta["djpq.groups"]``).
-Guarantees: gate nodes are removed (their users read the gate point directly);
-``gm.meta["djpq.keep"]`` maps each gated group id to its kept atoms (``log alpha > log tau``,
+Requires: a prepared graph (``gm.djpq_gates``, gate ``call_module`` nodes after gate points) and
+its gate paths (``PreparedRecord.gates``: group id -> gate module path).
+Guarantees: gate nodes are removed (their users read the gate point directly); the returned
+:class:`GateFold` holds ``keep``, each gated group id's kept atoms (``log alpha > log tau``,
 rounded up to a multiple of ``config.round_to``; a group, or a member covering part of it
 such as a concat branch, that would keep nothing keeps its strongest atom and a warning is
 issued);
-``gm.meta["djpq.gate_scales"]`` maps each gate-point node name to the per-channel factor ``mu``
+and ``scales``, each gate-point node name to the per-channel factor ``mu``
 (float64, original channel order) that must be folded into that node — exactly what the gate
 multiplied in deterministic eval for kept channels (DESIGN invariant 3).
 """
@@ -15,14 +15,29 @@ multiplied in deterministic eval for kept channels (DESIGN invariant 3).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.modules.gates import VIBGate
+from djpq_compiler.passes.pipeline import Recorded
 
-__all__ = ["fold_gates"]
+__all__ = ["fold_gates", "GateFold"]
+
+
+@dataclass(frozen=True)
+class GateFold:
+    """What ``fold_gates`` decided.
+
+    Attributes:
+        keep: ``{group id: kept atoms}`` (sorted) of every gated group.
+        scales: ``{gate-point node name: mu}`` per channel (float64, original channel order).
+    """
+
+    keep: dict[int, list[int]]
+    scales: dict[str, torch.Tensor]
 
 
 def _keep_atoms(name: str, gate: VIBGate, round_to: int) -> list[int]:
@@ -35,12 +50,19 @@ def _keep_atoms(name: str, gate: VIBGate, round_to: int) -> list[int]:
     return torch.nonzero(mask).flatten().tolist()
 
 
-def fold_gates(gm: fx.GraphModule) -> PassResult:
-    """Remove gate nodes, recording kept atoms per group and ``mu`` per gate point."""
+def fold_gates(gm: fx.GraphModule, gates: Mapping[int, str], *,
+               round_to: int = 1) -> Recorded[GateFold]:
+    """Remove gate nodes; return kept atoms per group and ``mu`` per gate point.
+
+    Args:
+        gm: A prepared graph (a copy: it is changed in place).
+        gates: ``{group id: gate module path}`` (``PreparedRecord.gates``).
+        round_to: Kept channels per group are rounded up to a multiple of this
+            (``DJPQConfig.round_to``).
+    """
     keep: dict[int, list[int]] = {}
-    round_to = int(getattr(gm.meta.get("djpq.config"), "round_to", 1))
     scales: dict[str, torch.Tensor] = {}
-    paths: dict[int, str] = gm.meta.get("djpq.gates", {})
+    paths = gates
     by_path = {path: gid for gid, path in paths.items()}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or str(node.target) not in by_path:
@@ -61,8 +83,6 @@ def fold_gates(gm: fx.GraphModule) -> PassResult:
     gm.graph.eliminate_dead_code()
     if hasattr(gm, "djpq_gates"):
         delattr(gm, "djpq_gates")
-    gm.meta["djpq.keep"] = keep
-    gm.meta["djpq.gate_scales"] = scales
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(keep))
+    return Recorded(gm, GateFold(keep, scales), bool(keep))

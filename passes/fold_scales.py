@@ -1,25 +1,26 @@
 """Fold-scales pass: multiply the recorded gate factors ``mu`` into the gate points' parameters.
 
-Requires: ``gm.meta["djpq.gate_scales"]`` (node name -> per-channel factor, already sliced to the
-kept channels, see ``fold_gates``/``prune``).
+Requires: the gate factors (node name -> per-channel factor, ``GateFold.scales`` of
+``fold_gates`` sliced to the kept channels after ``prune_graph``).
 Guarantees: a norm gate point (BN/InstanceNorm) gets ``weight *= mu, bias *= mu`` (affine is
 created if absent) — exact for any sign. A conv/linear gate point gets its output rows scaled
-when ``scale_layers`` is True (float conversion); otherwise the factor is kept in
-``gm.meta["djpq.layer_scales"]`` for integer lowering, which folds it into the per-channel
-requantization multiplier so the weight codes stay those the quantizer learned.
+when ``scale_layers`` is True (float conversion); otherwise the factor is returned (the record:
+layer node name -> factor) for integer lowering (``to_integer``), which folds it into the
+per-channel requantization multiplier so the weight codes stay those the quantizer learned.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.errors import QuantizationError
 from djpq_compiler.layers import LAYER_FUNCTIONS
+from djpq_compiler.passes.pipeline import Recorded
 
 __all__ = ["fold_scales", "fold_layer_scale"]
 
@@ -61,9 +62,14 @@ def _fold_functional(gm: fx.GraphModule, node: fx.Node, mu: torch.Tensor) -> Non
                 tensor.mul_(_view(mu, tensor, dim))
 
 
-def fold_scales(gm: fx.GraphModule, *, scale_layers: bool) -> PassResult:
-    """Fold every gate factor into its gate point (see module docstring)."""
-    scales: dict[str, torch.Tensor] = gm.meta.get("djpq.gate_scales", {})
+def fold_scales(gm: fx.GraphModule, scales: Mapping[str, torch.Tensor], *,
+                scale_layers: bool) -> Recorded[dict[str, torch.Tensor]]:
+    """Fold every gate factor into its gate point (see module docstring).
+
+    Returns:
+        ``Recorded(gm, layer_scales)``: the factors of conv/linear module gate points left for
+        integer lowering (empty with ``scale_layers``).
+    """
     nodes = {n.name: n for n in gm.graph.nodes}
     kept: dict[str, torch.Tensor] = {}
     for name, mu in scales.items():
@@ -81,6 +87,4 @@ def fold_scales(gm: fx.GraphModule, *, scale_layers: bool) -> PassResult:
         else:
             raise QuantizationError(f"cannot fold the gate after {node.format_node()}: only "
                                     "conv/linear modules and norms are gate points for convert()")
-    gm.meta["djpq.layer_scales"] = kept
-    gm.meta["djpq.gate_scales"] = {}
-    return PassResult(gm, bool(scales))
+    return Recorded(gm, kept, bool(scales))

@@ -43,6 +43,7 @@ from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import PruningError
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.capture import GUARD_PREFIX
+from djpq_compiler.records import NODE_VALUE
 
 __all__ = ["fold_shape_code", "FOLDABLE", "SHAPE_READS"]
 
@@ -137,7 +138,7 @@ def _inputs(gm: fx.GraphModule, batch: int) -> list[Any] | None:
             continue
         meta = node.meta.get("tensor_meta")
         if meta is None:
-            out.append(node.meta.get("djpq.value", node.args[0] if node.args else None))
+            out.append(node.meta.get(NODE_VALUE, node.args[0] if node.args else None))
             continue
         shape = [int(s) for s in meta.shape]
         if shape:
@@ -203,7 +204,9 @@ def _taint(node: fx.Node, taints: dict[fx.Node, Taint], first: _Recorder,
     read (the dims that differ between the two runs) through every op that uses the value."""
     if _key(node) in SHAPE_READS:
         src = node.args[0]
-        a, b = first.shapes.get(src), second.shapes.get(src)  # type: ignore[arg-type]
+        if not isinstance(src, fx.Node):
+            return True
+        a, b = first.shapes.get(src), second.shapes.get(src)
         if a is None or b is None or len(a) != len(b):
             return True
         axes = {i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y}
@@ -264,7 +267,7 @@ def _fold_defaults(gm: fx.GraphModule) -> bool:
         if node.op != "placeholder" or not node.args or "tensor_meta" in node.meta:
             continue
         default = node.args[0]
-        recorded = node.meta.get("djpq.value", default)
+        recorded = node.meta.get(NODE_VALUE, default)
         if recorded is not default and recorded != default:
             continue  # a non-tensor input given explicitly with another value: keep it
         _substitute(node, default)

@@ -1,7 +1,7 @@
 """Insert-gates pass: one VIB gate per prunable channel group, multiplied in at every gate point.
 
-Requires: ``gm.meta["djpq.groups"]`` (the dependency analysis, ``dependency/analyze.py``) on the
-graph it was computed for (node names unchanged).
+Requires: the channel groups of the dependency analysis (``dependency/analyze.py``) of this
+graph (node names unchanged).
 Guarantees: ``gm.djpq_gates`` is an ``nn.ModuleDict`` holding one
 :class:`~djpq_compiler.modules.gates.VIBGate` per prunable group, keyed ``"g<group id>"`` with
 ``group.size`` atoms and ``required`` set to the atom sets of members covering only part of the
@@ -11,7 +11,7 @@ every former user of the gate point reads the gated value (DESIGN invariant 3: a
 *and* its BN, before any nonlinearity). ``index`` is a non-persistent long buffer
 ``_djpq_gate_index_<node>`` mapping each channel of the member to its atom, or ``None`` where that
 map is the identity. All producers of a group share the one gate instance.
-``gm.meta["djpq.gates"]`` maps group id -> gate module path.
+The returned record maps group id -> gate module path.
 The graph is linted and recompiled.
 """
 
@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.config import GateSpec
 from djpq_compiler.errors import PruningError
 from djpq_compiler.modules.gates import VIBGate
 from djpq_compiler.passes.dependency.groups import ChannelGroup, Member
+from djpq_compiler.passes.pipeline import Recorded
 
 __all__ = ["insert_gates", "GATES_ATTR", "gate_path"]
 
@@ -65,24 +65,22 @@ def _gate_after(gm: fx.GraphModule, group: ChannelGroup, node: fx.Node) -> fx.No
     return gated
 
 
-def insert_gates(gm: fx.GraphModule, spec: GateSpec | None = None) -> PassResult:
+def insert_gates(gm: fx.GraphModule, groups: tuple[ChannelGroup, ...],
+                 spec: GateSpec | None = None) -> Recorded[dict[int, str]]:
     """Insert one shared VIB gate per prunable group after each of its gate points.
 
     Args:
-        gm: A captured graph with ``gm.meta["djpq.groups"]``.
+        gm: A captured graph.
+        groups: Its channel groups (``dependency_analysis(gm).record.groups``).
         spec: Gate initialisation (default :class:`~djpq_compiler.config.GateSpec`).
 
     Returns:
-        ``PassResult(gm, modified)``; ``modified`` is False when no group is prunable.
+        ``Recorded(gm, {group id: gate module path})`` (empty when no group is prunable).
 
     Raises:
-        PruningError: the graph has no dependency analysis, or a gate point is not in the graph.
+        PruningError: a gate point is not in the graph (groups of another graph).
     """
-    if "djpq.groups" not in gm.meta:
-        raise PruningError("insert_gates needs gm.meta['djpq.groups']: run dependency_analysis "
-                           "on the captured graph first")
     spec = spec or GateSpec()
-    groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
     nodes = {n.name: n for n in gm.graph.nodes}
     gates = nn.ModuleDict()
     paths: dict[int, str] = {}
@@ -102,7 +100,6 @@ def insert_gates(gm: fx.GraphModule, spec: GateSpec | None = None) -> PassResult
                 raise PruningError(f"gate point {point!r} of group {group.id} is not in the graph;"
                                    " was the graph changed after dependency_analysis?")
             _gate_after(gm, group, nodes[point])
-    gm.meta["djpq.gates"] = paths
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(paths))
+    return Recorded(gm, paths, bool(paths))

@@ -32,10 +32,10 @@ Guarantees:
   sigmoid, softmax, abs; then pooling, reshapes, slicing, concat of non-negative values, and
   arithmetic whose operands, scalars included, keep the sign — see
   :mod:`djpq_compiler.passes.sign_analysis`); otherwise the quantizer is built signed and listed in
-  ``gm.meta["djpq.auto_signed"]`` so that calibration makes it unsigned when every observed
+  ``QuantizerPaths.auto_signed`` so that calibration makes it unsigned when every observed
   value is ``>= 0``. An explicit ``QuantSpec.signed`` always wins.
-* ``gm.meta`` gets ``"djpq.weight_quantizers"`` and ``"djpq.input_quantizers"`` (layer node name
-  -> quantizer path) and ``"djpq.act_quantizers"`` (producer node name -> quantizer path). All
+* The returned :class:`~djpq_compiler.records.QuantizerPaths` maps layer node names to their
+  weight and input quantizer paths and producer node names to activation quantizer paths. All
   quantizers start calibrating (observers). The graph is linted and recompiled.
 """
 
@@ -47,7 +47,6 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.utils import parametrize
 
 from djpq_compiler import op_facts as facts
@@ -55,7 +54,9 @@ from djpq_compiler.config import DJPQConfig, QuantSpec, ResolvedLayerConfig
 from djpq_compiler.ir.lookup import BINARY_OPS, LUT_MAX_BITS, UNARY_OPS
 from djpq_compiler.layers import Layer, tensor_shape
 from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.passes.pipeline import Recorded
 from djpq_compiler.passes.sign_analysis import NONNEG_RULES, nonnegative_nodes
+from djpq_compiler.records import QuantizerPaths
 
 __all__ = ["insert_quantizers", "nonnegative_nodes", "NONNEG_RULES", "QUANT_ATTR"]
 
@@ -143,7 +144,9 @@ class _Inserter:
 def _merge_operands(node: fx.Node) -> list[fx.Node]:
     """Tensor operands of a residual add (args 0, 1) or a concat (the list in arg 0)."""
     args = node.args[0] if node.target in _CONCAT_OPS else node.args[:2]
-    return [a for a in args if isinstance(a, fx.Node) and tensor_shape(a) is not None]  # type: ignore[union-attr]
+    if not isinstance(args, (list, tuple)):
+        return []
+    return [a for a in args if isinstance(a, fx.Node) and tensor_shape(a) is not None]
 
 
 def _is_activation_quantizer(node: fx.Node) -> bool:
@@ -231,11 +234,14 @@ def _producer_layer(gm: fx.GraphModule, x: fx.Node, by_name: Mapping[str, Layer]
                     ) -> Layer | None:
     """The conv/linear layer whose output ``x`` is, looking back through a VIB gate and one
     BatchNorm module (the chain ``convert`` fuses into one integer layer); else ``None``."""
-    if x.op == "call_module" and str(x.target).startswith("djpq_gates."):
-        x = x.args[0]  # type: ignore[assignment]
-    if x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), _NORMS):
-        x = x.args[0]  # type: ignore[assignment]
-    return by_name.get(x.name) if isinstance(x, fx.Node) else None
+    node: object = x
+    if isinstance(node, fx.Node) and node.op == "call_module" and \
+            str(node.target).startswith("djpq_gates."):
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "call_module" and \
+            isinstance(gm.get_submodule(str(node.target)), _NORMS):
+        node = node.args[0]
+    return by_name.get(node.name) if isinstance(node, fx.Node) else None
 
 
 def _lut_spec(spec: QuantSpec) -> QuantSpec:
@@ -273,7 +279,8 @@ def _pre_activation_producers(gm: fx.GraphModule, layers: Sequence[Layer],
 
 
 def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[Layer],
-                      layer_configs: Mapping[str, ResolvedLayerConfig]) -> PassResult:
+                      layer_configs: Mapping[str, ResolvedLayerConfig]
+                      ) -> Recorded[QuantizerPaths]:
     """Insert weight and activation DQ quantizers (see the module docstring for the rules).
 
     Args:
@@ -283,7 +290,7 @@ def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[L
         layer_configs: ``{layer node name: resolved config}`` for every layer.
 
     Returns:
-        ``PassResult(gm, modified)``.
+        ``Recorded(gm, QuantizerPaths)``.
     """
     ins = _Inserter(gm, config)
     for layer in layers:
@@ -319,10 +326,7 @@ def insert_quantizers(gm: fx.GraphModule, config: DJPQConfig, layers: Sequence[L
         x = _layer_input(layer, gm)  # now the quantizer node, when there is one
         if x is not None and _is_activation_quantizer(x):
             ins.input_q[layer.node.name] = str(x.target)
-    gm.meta["djpq.weight_quantizers"] = ins.weight_q
-    gm.meta["djpq.input_quantizers"] = ins.input_q
-    gm.meta["djpq.act_quantizers"] = ins.act_q
-    gm.meta["djpq.auto_signed"] = tuple(ins.auto)
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(ins.weight_q or ins.act_q))
+    paths = QuantizerPaths(ins.weight_q, ins.input_q, ins.act_q, tuple(ins.auto))
+    return Recorded(gm, paths, bool(ins.weight_q or ins.act_q))

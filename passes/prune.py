@@ -1,6 +1,7 @@
 """Prune pass: physically remove channels from every member of their group.
 
-Requires: ``gm.meta["djpq.groups"]`` and shapes from the capture pass.
+Requires: the channel groups of this graph (``dependency_analysis``) and shapes from the capture
+pass. The groups describe the graph before pruning: do not reuse them afterwards.
 Guarantees: parameters of producers (output rows), consumers (input columns) and per-channel
 ops (norms, depthwise convs, PReLU, get_attr scales) are sliced to the kept channels; module
 attributes (``out_channels``, ``in_features``, ``groups``, ``num_features`` ...) follow; literal
@@ -21,9 +22,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import PruningError
-from djpq_compiler.passes.dependency.groups import ChannelGroup
+from djpq_compiler.passes.dependency.groups import ChannelGroup, atom_mask
 from djpq_compiler.passes.dependency.state import Role
-from djpq_compiler.passes.mask import atom_mask
 
 __all__ = ["prune_graph", "validate_keep"]
 
@@ -127,8 +127,8 @@ def _rewrite_reshape(node: fx.Node, dim: int, size: int) -> None:
         if isinstance(shape[dim], int) and shape[dim] != -1:
             shape[dim] = size
         args[1] = type(args[1])(shape)
-    elif "shape" in node.kwargs:
-        shape = list(node.kwargs["shape"])  # type: ignore[arg-type]
+    elif isinstance(kw_shape := node.kwargs.get("shape"), (tuple, list)):
+        shape = list(kw_shape)
         if isinstance(shape[dim], int) and shape[dim] != -1:
             shape[dim] = size
         node.kwargs = {**node.kwargs, "shape": tuple(shape)}
@@ -166,9 +166,14 @@ def _role_node(nodes: Mapping[str, fx.Node], role: Role) -> fx.Node:
     return nodes[role.node]
 
 
-def prune_graph(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassResult:
-    """Remove every channel not in ``keep[group_id]`` (atoms) from its group's members."""
-    groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
+def prune_graph(gm: fx.GraphModule, groups: Sequence[ChannelGroup],
+                keep: Mapping[int, Sequence[int]]) -> PassResult:
+    """Remove every channel not in ``keep[group_id]`` (atoms) from its group's members.
+
+    Raises:
+        PruningError: ``keep`` names an unknown group or atom, or empties a member; the graph
+            is then unchanged.
+    """
     validate_keep(groups, keep)
     slices, reshapes, selects = _collect(groups, keep)
     touched: set[str] = set()
@@ -186,5 +191,4 @@ def prune_graph(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassRe
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    gm.meta.pop("djpq.groups", None)  # stale: channel counts changed
     return PassResult(gm, True)

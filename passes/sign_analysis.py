@@ -72,7 +72,8 @@ class SignFacts:
         """Whether ``value`` (a node or a plain number) is provably ``>= 0``."""
         if isinstance(value, fx.Node):
             return value.name in self.known
-        return _number(value) is not None and _number(value) >= 0  # type: ignore[operator]
+        number = _number(value)
+        return number is not None and number >= 0
 
     def tensor_inputs_nonneg(self) -> bool:
         """Whether the node has tensor inputs and every one of them is non-negative."""

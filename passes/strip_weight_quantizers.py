@@ -1,8 +1,9 @@
 """Strip-weight-quantizers pass: read out each layer's weight grid, leave float weights behind.
 
-Requires: a prepared graph (``gm.meta["djpq.weight_quantizers"]``: layer node -> quantizer path).
-Guarantees: every weight quantizer is snapped to its read-out bits; ``gm.meta["djpq.weight_grid"]``
-maps layer node name -> ``(d, bits)`` (step and read-out bit-width, per-tensor); module layers no
+Requires: a prepared graph and its weight quantizer paths (``QuantizerPaths.weight``: layer node
+-> quantizer path).
+Guarantees: every weight quantizer is snapped to its read-out bits; the returned grid maps layer
+node name -> ``(d, bits)`` (step and read-out bit-width, per-tensor); module layers no
 longer carry a parametrization (``weight`` is the float original) and functional weight
 quantizer nodes are removed. The integer codes of any slice of the weight are then
 ``clamp(round(w / d), -L, L)`` with ``L = 2^(bits-1) - 1`` — what the quantizer computed.
@@ -18,16 +19,17 @@ the same way in the fake-quant model and in the integer model.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.utils import parametrize
 
 from djpq_compiler.errors import QuantizationError
 from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.passes.pipeline import Recorded
 
 __all__ = ["strip_weight_quantizers"]
 
@@ -88,18 +90,22 @@ def _unparametrize(gm: fx.GraphModule, path: str, quant: DQQuantizer,
     setattr(gm.get_submodule(owner_path) if owner_path else gm, attr, plain)
 
 
-def _fake_quantize_attr(gm: fx.GraphModule, target: str, quant: nn.Module) -> None:
+def _fake_quantize_attr(gm: fx.GraphModule, target: str, quant: DQQuantizer) -> None:
     """Replace a functional layer's ``get_attr`` weight by its deployed value ``d * codes``."""
-    grid = _grid(target, quant)  # type: ignore[arg-type]
+    grid = _grid(target, quant)
     owner_path, _, attr = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     weight = getattr(owner, attr)
     with torch.no_grad():
-        weight.copy_(_deployed(weight, quant, grid))  # type: ignore[arg-type]
+        weight.copy_(_deployed(weight, quant, grid))
 
 
-def strip_weight_quantizers(gm: fx.GraphModule, *, fake_quantize: bool = False) -> PassResult:
-    """Record ``(d, bits)`` per layer and remove the weight quantizers.
+def strip_weight_quantizers(gm: fx.GraphModule, weight_quantizers: Mapping[str, str], *,
+                            fake_quantize: bool = False
+                            ) -> Recorded[dict[str, tuple[float, int]]]:
+    """Remove the weight quantizers; return ``{layer node: (d, bits)}``.
+
+    ``weight_quantizers`` maps layer node names to quantizer paths (``QuantizerPaths.weight``).
 
     With ``fake_quantize`` the float weight left behind is the deployed one, ``d * codes`` (so a
     layer that ends up in a float island computes what the prepared model computed); otherwise it
@@ -107,7 +113,7 @@ def strip_weight_quantizers(gm: fx.GraphModule, *, fake_quantize: bool = False) 
     """
     grid: dict[str, tuple[float, int]] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
-    for layer, path in gm.meta.get("djpq.weight_quantizers", {}).items():
+    for layer, path in weight_quantizers.items():
         quant = gm.get_submodule(path)
         if not isinstance(quant, DQQuantizer):
             continue
@@ -117,14 +123,15 @@ def strip_weight_quantizers(gm: fx.GraphModule, *, fake_quantize: bool = False) 
             _unparametrize(gm, owner, quant, grid[layer] if fake_quantize else None)
     for node in list(nodes.values()):
         target = str(node.target)
-        if node.op == "call_module" and target.split(".")[-1].startswith("w_") \
-                and isinstance(gm.get_submodule(target), DQQuantizer):
+        if node.op != "call_module" or not target.split(".")[-1].startswith("w_"):
+            continue
+        quant = gm.get_submodule(target)
+        if isinstance(quant, DQQuantizer):
             source = node.args[0]
             if fake_quantize and isinstance(source, fx.Node) and source.op == "get_attr":
-                _fake_quantize_attr(gm, str(source.target), gm.get_submodule(target))
+                _fake_quantize_attr(gm, str(source.target), quant)
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
-    gm.meta["djpq.weight_grid"] = grid
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(grid))
+    return Recorded(gm, grid, bool(grid))

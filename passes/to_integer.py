@@ -1,8 +1,10 @@
 """To-integer pass: lower a folded, pruned prepared graph to integer modules.
 
-Requires: a prepared graph after ``fold_gates``, ``strip_weight_quantizers`` (``djpq.weight_grid``),
-``prune_graph`` and ``fold_scales(scale_layers=False)`` (``djpq.layer_scales``); eval mode.
-Guarantees: a new ``GraphModule`` (``meta["djpq.stage"] == "converted"``) whose values are integer
+Requires: a prepared graph after ``fold_gates``, ``strip_weight_quantizers`` (its record: the
+weight grids), ``prune_graph`` and ``fold_scales(scale_layers=False)`` (its record: the layer
+gate factors); eval mode.
+Guarantees: a new ``GraphModule`` (its ``meta`` is empty: ``convert`` stores the record) whose
+values are integer
 codes wherever the prepared model had an activation quantizer, computed by the modules of
 ``djpq_compiler/ir/modules.py``: conv/linear + BN + gate + ReLU/ReLU6 + quantizer chains become
 one ``IntConv2d``/``IntLinear`` (weight codes of the learned grid, BN and gate factors folded into
@@ -11,21 +13,21 @@ operands become ``IntAdd``/``IntConcat``; a product of two quantized tensors rea
 (the squeeze-excite ``x * gate``) an ``IntMul``; pooling, ReLU and shape ops run on codes; an
 elementwise unary function (``UNARY_OPS`` of ``djpq_compiler/ir/lookup.py``: sigmoid, hardswish,
 SiLU, GELU, ...) of <= 8-bit codes read by a quantizer becomes an exact ``IntLUT`` table (listed in
-``meta["djpq.lut_ops"]``). Everything else runs in float between a ``Dequantize`` and the next
-``Quantize`` and is listed in ``meta["djpq.float_ops"]``. Conversion never changes what a node
-computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the accumulator step
-``s_x * s_w`` is coarser than the output step, the integer bias gets extra fractional bits
-(``acc_shift``) to keep that bound; only if int32 cannot hold them is the larger bound recorded in
-``meta["djpq.agreement_bounds"]`` and a warning names the layer.
+:attr:`IntegerLowering.lut_ops`). Everything else runs in float between a ``Dequantize`` and the
+next ``Quantize`` and is listed in :attr:`IntegerLowering.float_ops`. Conversion never changes
+what a node computes beyond the ≤ 1 LSB of integer rounding (DESIGN invariant 4). Where the
+accumulator step ``s_x * s_w`` is coarser than the output step, the integer bias gets extra
+fractional bits (``acc_shift``) to keep that bound; only if int32 cannot hold them is the larger
+bound recorded in :attr:`IntegerLowering.agreement_bounds` and a warning names the layer.
 """
 
 from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -39,10 +41,11 @@ from djpq_compiler.ir.fixedpoint import qrange
 from djpq_compiler.ir.lookup import LUT_MAX_BITS, IntLUT, build_table, unary_op_name
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.fold_scales import fold_layer_scale
-from djpq_compiler.passes.integer_layers import layer_params
-from djpq_compiler.passes.integer_pools import pool_module, window_sum
+from djpq_compiler.passes.lowering.layers import LayerParams, layer_params
+from djpq_compiler.passes.lowering.pools import pool_module, window_sum
+from djpq_compiler.passes.pipeline import Recorded
 
-__all__ = ["to_integer", "Act"]
+__all__ = ["to_integer", "Act", "IntegerLowering"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,31 @@ _CAT = facts.CONCAT
 _MUL = facts.MULTIPLY
 
 
+@dataclass(frozen=True)
+class IntegerLowering:
+    """What ``to_integer`` lowered (``convert`` puts it in the ``ConvertedRecord``).
+
+    Attributes:
+        float_ops: Nodes left in float between integer layers.
+        lut_ops: Nodes lowered to exact lookup tables.
+        lowered_layers: ``{layer node: {"w_bits", "a_bits", "in", "out"}}``.
+        agreement_bounds: ``{node: LSB}`` where the bound exceeds 1.
+        quant_map: ``{prepared quantizer node: converted node of its codes}``.
+    """
+
+    float_ops: tuple[str, ...]
+    lut_ops: tuple[str, ...]
+    lowered_layers: dict[str, dict[str, int]]
+    agreement_bounds: dict[str, int]
+    quant_map: dict[str, str]
+
+
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, weight_grid: Mapping[str, tuple[float, int]],
+                 layer_scales: Mapping[str, torch.Tensor]) -> None:
         self.gm = gm
+        self.weight_grid = weight_grid
+        self.layer_scales = dict(layer_scales)  # a gate factor is used once (popped)
         self.graph = fx.Graph()
         self.env: dict[str, fx.Node] = {}
         self.act: dict[str, Act | None] = {}
@@ -85,13 +110,18 @@ class _Lowering:
             return type(self.gm.get_submodule(str(node.target)))
         return node.target
 
+    def params(self, node: fx.Node) -> LayerParams | None:
+        return layer_params(self.gm, node, self.weight_grid, self.layer_scales)
+
     def is_quant(self, node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(
             self.gm.get_submodule(str(node.target)), DQQuantizer)
 
     def quant_act(self, node: fx.Node) -> Act:
         q = self.gm.get_submodule(str(node.target))
-        snapped = q.snapped()  # type: ignore[operator]
+        if not isinstance(q, DQQuantizer):
+            raise TypeError(f"{node.format_node()} is not a quantizer")
+        snapped = q.snapped()
         return Act(float(snapped.d), int(snapped.bits), bool(q.signed))
 
     def sole_user(self, node: fx.Node) -> fx.Node | None:
@@ -114,7 +144,7 @@ class _Lowering:
             return True
         if self.key(node) in _ADD + _CAT:
             return not self.may_merge(node)
-        return layer_params(self.gm, node) is None
+        return self.params(node) is None
 
     def may_merge(self, node: fx.Node) -> bool:
         """Whether the add/concat ``node`` can become an integer ``IntAdd``/``IntConcat``
@@ -160,7 +190,7 @@ class _Lowering:
         return self.deq[node.name]
 
     def copy_float(self, node: fx.Node) -> None:
-        scale = self.gm.meta.get("djpq.layer_scales", {}).pop(node.name, None)
+        scale = self.layer_scales.pop(node.name, None)
         if scale is not None:  # a gated layer left in float: its gate factor goes in its weights
             fold_layer_scale(self.gm.get_submodule(str(node.target)), scale)
         new = self.graph.node_copy(node, lambda n: self.as_float(n))
@@ -191,7 +221,7 @@ class _Lowering:
     def layer_chain(self, node: fx.Node) -> bool:
         x = node.args[0]
         x_act = self.act.get(x.name) if isinstance(x, fx.Node) else None
-        params = layer_params(self.gm, node) if x_act is not None else None
+        params = self.params(node) if x_act is not None else None
         if params is None or x_act is None:
             return False
         chain, bn, relu, quant = self._chain(node)
@@ -260,23 +290,25 @@ class _Lowering:
         if quant is None or not self.is_quant(quant):
             return False
         is_cat = self.key(node) in _CAT
-        operands = list(node.args[0]) if is_cat else list(node.args[:2])  # type: ignore[arg-type]
-        acts = [self.act.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+        raw = node.args[0] if is_cat else node.args[:2]
+        operands = list(raw) if isinstance(raw, (list, tuple)) else []
+        found = [self.act.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+        acts = [a for a in found if a is not None]
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        if any(a is None for a in acts) or (is_cat and dim != 1):
+        if not operands or len(acts) != len(operands) or (is_cat and dim != 1):
             return False
         if not is_cat and node.kwargs.get("alpha", 1) != 1:  # a + alpha*b: IntAdd has no alpha
             return False
         out = self.quant_act(quant)
         ins = tuple(self.env[_name(a)] for a in operands)
         if is_cat:
-            scales = [a.scale for a in acts]  # type: ignore[union-attr]
+            scales = [a.scale for a in acts]
             mod: nn.Module = im.IntConcat(concat_rescales(scales, out.scale), scales, out.scale,
                                           out.bits, out.signed, 1)
         else:
             a, b = acts
-            mod = im.IntAdd(add_rescale(a.scale, b.scale, out.scale),  # type: ignore[union-attr]
-                            (a.scale, b.scale, out.scale), out.bits, out.signed)  # type: ignore[union-attr]
+            mod = im.IntAdd(add_rescale(a.scale, b.scale, out.scale),
+                            (a.scale, b.scale, out.scale), out.bits, out.signed)
         new = self.module(f"{'cat' if is_cat else 'add'}_{node.name}", mod, ins)
         for n in (node, quant):
             self.done.add(n.name)
@@ -421,7 +453,7 @@ class _Lowering:
         self.act[node.name] = out
         return True
 
-    def run(self) -> fx.GraphModule:
+    def run(self) -> Recorded[IntegerLowering]:
         for node in self.gm.graph.nodes:
             if node.name in self.done:
                 continue
@@ -444,17 +476,12 @@ class _Lowering:
                 self.copy_float(node)
         self.gm.add_module("djpq_int", self.bank)
         out = fx.GraphModule(self.gm, self.graph, "ConvertedModel")
-        out.meta.update({k: v for k, v in self.gm.meta.items() if k.startswith("djpq.")})
-        out.meta["djpq.stage"] = "converted"
-        out.meta["djpq.integer"] = True
-        out.meta["djpq.float_ops"] = tuple(self.float_ops)
-        out.meta["djpq.lut_ops"] = tuple(self.lut_ops)
-        out.meta["djpq.lowered_layers"] = self.layers
-        out.meta["djpq.agreement_bounds"] = self.bounds
-        out.meta["djpq.quant_map"] = {  # prepared quantizer node -> converted node of its codes
+        quant_map = {  # prepared quantizer node -> converted node of its codes
             n.name: self.env[n.name].name for n in self.gm.graph.nodes
             if self.is_quant(n) and self.act.get(n.name) is not None}
-        return out
+        lowered = cast(dict[str, dict[str, int]], self.layers)
+        return Recorded(out, IntegerLowering(tuple(self.float_ops), tuple(self.lut_ops), lowered,
+                                             self.bounds, quant_map))
 
 
 def _name(arg: object) -> str:
@@ -518,9 +545,19 @@ def int_module_for(gm: fx.GraphModule, node: fx.Node, act: Act) -> nn.Module | N
     return pool_module(gm, node)
 
 
-def to_integer(gm: fx.GraphModule) -> fx.GraphModule:
-    """Lower ``gm`` (see module docstring); returns the converted ``GraphModule``."""
+def to_integer(gm: fx.GraphModule, weight_grid: Mapping[str, tuple[float, int]],
+               layer_scales: Mapping[str, torch.Tensor]) -> Recorded[IntegerLowering]:
+    """Lower ``gm`` (see module docstring).
+
+    Args:
+        gm: The folded, pruned graph.
+        weight_grid: ``{layer node: (d, bits)}`` (``strip_weight_quantizers``' record).
+        layer_scales: ``{layer node: gate factor}`` (``fold_scales``' record); not modified.
+
+    Returns:
+        ``Recorded(converted, IntegerLowering)``: a new ``GraphModule`` and what was lowered.
+    """
     gm.eval()
     with torch.no_grad():
-        return _Lowering(gm).run()
+        return _Lowering(gm, weight_grid, layer_scales).run()
 

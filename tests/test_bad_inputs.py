@@ -35,6 +35,7 @@ from djpq_compiler.errors import (
     QuantizationError,
     UnsupportedOpError,
 )
+from djpq_compiler.records import capture_record, stage
 from djpq_compiler.workflows import data, zoo
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -140,7 +141,7 @@ def test_shape_branch_is_captured_specialized_and_guarded() -> None:
     gm = report.graph_module
     assert any(n.op == "call_module" and n.target == "conv" for n in gm.graph.nodes)
     assert any(n.target is torch._assert for n in gm.graph.nodes)
-    assert gm.meta["djpq.capture"] == "torch.fx.symbolic_trace, shapes specialized"
+    assert capture_record(gm).how == "torch.fx.symbolic_trace, shapes specialized"
     with pytest.raises(AssertionError, match="captured for inputs where"):
         gm(torch.randn(2, 4, 8, 8))  # the other branch: loud, not silently wrong
     _assert_unchanged(model, snap)
@@ -383,7 +384,7 @@ def test_convert_twice() -> None:
     assert "got ConvertedModel with stage 'converted'" in msg
     assert "convert it only once" in msg and "djpq_compiler.prepare()" in msg
     _assert_unchanged(converted, snap)
-    assert converted.meta["djpq.stage"] == "converted"
+    assert stage(converted) == "converted"
 
 
 def test_convert_rejects_non_finite_parameters_without_half_converting() -> None:
@@ -399,7 +400,7 @@ def test_convert_rejects_non_finite_parameters_without_half_converting() -> None
     msg = str(info.value)
     assert f"gate '{path}'" in msg and "mu is not finite" in msg and "learning rate" in msg
     _assert_unchanged(gm, snap)
-    assert gm.meta["djpq.stage"] == "prepared"  # not half-converted
+    assert stage(gm) == "prepared"  # not half-converted
 
 
 # --------------------------------------------------------------------------- compression plans

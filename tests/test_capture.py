@@ -8,6 +8,7 @@ from torch import nn
 
 from djpq_compiler import CaptureError
 from djpq_compiler.passes.capture import capture
+from djpq_compiler.records import capture_record
 
 
 class DataDependent(nn.Module):
@@ -36,7 +37,7 @@ def test_shapes_and_static_values_recorded() -> None:
     shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
               if "tensor_meta" in n.meta}
     assert shapes["conv"] == (2, 4, 5, 5) and shapes["flatten"] == (2, 100)
-    assert gm.meta["djpq.capture"] == "torch.fx.symbolic_trace"
+    assert capture_record(gm).how == "torch.fx.symbolic_trace"
 
 
 def test_model_is_copied_not_modified() -> None:

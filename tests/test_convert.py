@@ -14,6 +14,7 @@ from djpq_compiler import ConfigError, QuantizationError
 from djpq_compiler.config import DJPQConfig, QuantSpec
 from djpq_compiler.convert import convert
 from djpq_compiler.prepared import gates, set_gates_deterministic, set_quantizers
+from djpq_compiler.records import converted_record
 from djpq_compiler.verify import integer_agreement
 from djpq_compiler.workflows import zoo
 
@@ -71,7 +72,7 @@ def test_integer_model_within_one_lsb_of_fake_quant(name: str, factory: object,
     converted = convert(p)
     lsb = integer_agreement(p, converted, x)
     assert lsb and max(lsb.values()) <= 1, lsb
-    if not converted.meta["djpq.float_ops"]:
+    if not converted_record(converted).float_ops:
         assert djpq.bops(converted).total == djpq.bops(p).total
 
 

@@ -21,6 +21,7 @@ from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.passes.capture import capture
 from djpq_compiler.passes.sign_analysis import nonnegative_nodes
 from djpq_compiler.prepared import freeze_for_deployment, set_gates_deterministic, set_quantizers
+from djpq_compiler.records import capture_record, converted_record, prepared_record, stage
 from djpq_compiler.verify import pruning_oracle
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -131,7 +132,7 @@ def test_sign_analysis_counts_scalar_operands(name: str) -> None:
 def test_integer_model_stays_within_quantization_error_of_fp32(name: str) -> None:
     model = _model(name)
     prepared = djpq.prepare(model, X)
-    quant = prepared.get_submodule(prepared.meta["djpq.input_quantizers"]["conv2"])
+    quant = prepared.get_submodule(prepared_record(prepared).quantizers.input["conv2"])
     if not _expected(name):
         assert quant.signed  # provably possibly-negative values keep a signed quantizer
     with warnings.catch_warnings():
@@ -200,7 +201,7 @@ def _tie_model() -> tuple[nn.Module, torch.fx.GraphModule, DQQuantizer, float, f
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
     prepared = djpq.prepare(model, X).eval()
-    quant = prepared.get_submodule(prepared.meta["djpq.weight_quantizers"]["_0"])
+    quant = prepared.get_submodule(prepared_record(prepared).quantizers.weight["_0"])
     assert isinstance(quant, DQQuantizer)
     for i in range(1000):  # a clip range whose two step computations differ
         with torch.no_grad():
@@ -246,8 +247,9 @@ def _big_bias_model(units: float) -> tuple[torch.fx.GraphModule, torch.Tensor]:
                           nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
     prepared = djpq.prepare(model, X).eval()
     freeze_for_deployment(prepared)
-    s_x = float(prepared.get_submodule(prepared.meta["djpq.input_quantizers"]["_2"]).snapped().d)
-    quant_w = prepared.get_submodule(prepared.meta["djpq.weight_quantizers"]["_2"])
+    paths = prepared_record(prepared).quantizers
+    s_x = float(prepared.get_submodule(paths.input["_2"]).snapped().d)
+    quant_w = prepared.get_submodule(paths.weight["_2"])
     with torch.no_grad():
         prepared.get_submodule("2").bias[0] = units * s_x * float(quant_w.d())
     return prepared, X
@@ -325,7 +327,7 @@ def test_any_legal_module_name_and_assert_round_trip_in_the_safe_format(
     path = djpq.save_converted(converted, tmp_path / "m.djpq")
     loaded = djpq.load_converted(path)
     assert torch.equal(loaded(X), converted(X))
-    assert loaded.meta["djpq.stage"] == "converted"
+    assert stage(loaded) == "converted"
 
 
 @pytest.mark.parametrize("integer", [True, False])
@@ -335,7 +337,7 @@ def test_torch_save_and_load_of_a_converted_model_keeps_it_whole(
     torch.save(converted, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert torch.equal(loaded(X), converted(X))
-    assert loaded.meta["djpq.stage"] == "converted" and loaded.meta["djpq.integer"] is integer
+    assert stage(loaded) == "converted" and converted_record(loaded).integer is integer
     assert djpq.bops(loaded).total == djpq.bops(converted).total
     djpq.save_converted(loaded, tmp_path / "again.djpq")  # still a converted model
 
@@ -391,7 +393,7 @@ def test_shape_dependent_control_flow_is_captured_specialized_and_guarded() -> N
     model = _ShapeBranches().eval()
     with pytest.warns(CaptureWarning, match="2 shape condition"):
         report = djpq.analyze(model, X)
-    assert len(report.graph_module.meta["djpq.specialized"]) == 2
+    assert len(capture_record(report.graph_module).specialized) == 2
     assert len(report.prunable_groups) == 1  # the conv inside stays a prunable module
     with pytest.warns(CaptureWarning):
         prepared = djpq.prepare(model, X)
@@ -467,7 +469,7 @@ def test_integer_convert_warns_naming_the_ops_it_left_in_float() -> None:
     prepared = djpq.prepare(_FloatIsland().eval(), X)
     with pytest.warns(djpq.FloatOpsWarning, match=r"left \d+ op\(s\) in float: .*cumsum"):
         converted = djpq.convert(prepared)
-    assert "cumsum" in converted.meta["djpq.float_ops"]
+    assert "cumsum" in converted_record(converted).float_ops
     with warnings.catch_warnings():
         warnings.simplefilter("error", djpq.FloatOpsWarning)
         djpq.convert(prepared, integer=False)  # a float convert: nothing to warn about

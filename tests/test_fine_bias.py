@@ -17,8 +17,9 @@ from torch import nn
 import djpq_compiler as djpq
 from djpq_compiler.ir import modules as im
 from djpq_compiler.modules.quantizers import levels
-from djpq_compiler.passes.integer_layers import bias_agreement_lsb
+from djpq_compiler.passes.lowering.layers import bias_agreement_lsb
 from djpq_compiler.prepared import freeze_for_deployment, quantizers
+from djpq_compiler.records import converted_record
 from djpq_compiler.verify import integer_agreement
 
 
@@ -63,7 +64,7 @@ def test_coarse_layer_gets_a_finer_bias_and_keeps_one_lsb(coarse) -> None:  # ty
     assert bias_agreement_lsb(exact_fine / 2**k, coarse_bias, multiplier) > 1
     # layers that do not need it keep the plain bias
     assert converted.get_submodule("djpq_int.conv__0").acc_shift == 0
-    assert converted.meta["djpq.agreement_bounds"] == {}
+    assert converted_record(converted).agreement_bounds == {}
     lsb = integer_agreement(prepared, converted, x)
     assert lsb["djpq_quant_a__4"] <= 1 and max(lsb.values()) <= 1
 

@@ -1,9 +1,10 @@
 """Float islands and integer lookup tables in the reference, TVM and ONNX.
 
 * An elementwise unary function of <= 8-bit codes read by a quantizer becomes an ``IntLUT``
-  (``meta["djpq.lut_ops"]``): the reference agrees with fake-quant within 1 LSB, TVM and
+  (``converted_record(c).lut_ops``): the reference agrees with fake-quant within 1 LSB, TVM and
   onnxruntime reproduce it bit for bit.
-* Everything else stays a float island (``meta["djpq.float_ops"]``) and lowers in both backends:
+* Everything else stays a float island (``converted_record(c).float_ops``) and lowers in both
+  backends:
   TVM bit-exact where the float ops are correctly rounded basic arithmetic (hardswish,
   hardsigmoid, ReLU, the squeeze-excite multiply, max pooling), within 1 LSB at the island's
   output codes where they use exp/erf/tanh or sums (documented in docs/tvm_backend.md).
@@ -24,6 +25,7 @@ from djpq_compiler.convert import convert
 from djpq_compiler.ir import modules as im
 from djpq_compiler.ir.lookup import BINARY_OPS, UNARY_OPS, IntLUT, build_table
 from djpq_compiler.modules.quantizers import DQQuantizer
+from djpq_compiler.records import converted_record, prepared_record
 from djpq_compiler.verify import integer_agreement
 
 pytest.importorskip("tvm")
@@ -77,8 +79,8 @@ def test_unary_functions_of_codes_become_tables(lut_model: tuple) -> None:
     assert any(lut.in_qmin == 0 for lut in luts) and any(lut.in_qmin < 0 for lut in luts)
     assert sorted({m.op for m in luts}) == sorted(
         {"sigmoid", "hardsigmoid", "hardswish", "silu", "gelu", "tanh", "hardtanh"})
-    assert len(converted.meta["djpq.lut_ops"]) == len(luts)
-    assert converted.meta["djpq.float_ops"] == ()  # everything runs in integers
+    assert len(converted_record(converted).lut_ops) == len(luts)
+    assert converted_record(converted).float_ops == ()  # everything runs in integers
     for lut in luts:
         assert lut.table.numel() == lut.in_qmax - lut.in_qmin + 1 <= 256
         assert lut.qmin <= int(lut.table.min()) and int(lut.table.max()) <= lut.qmax
@@ -128,8 +130,8 @@ def test_wide_input_codes_stay_float() -> None:
     x = torch.randn(1, 3, 8, 8)
     prepared = _prepared(AfterAdd(), x, activation=djpq.QuantSpec(bits=10))
     converted = convert(prepared)
-    assert converted.meta["djpq.lut_ops"] == ()
-    assert "sigmoid" in converted.meta["djpq.float_ops"]
+    assert converted_record(converted).lut_ops == ()
+    assert "sigmoid" in converted_record(converted).float_ops
 
 
 def test_build_table_covers_every_code() -> None:
@@ -159,7 +161,7 @@ def test_lut_model_saves_and_loads(lut_model: tuple, tmp_path) -> None:
     _, converted, x = lut_model
     path = save_converted(converted, tmp_path / "lut.djpq")
     loaded = load_converted(path)
-    assert loaded.meta["djpq.lut_ops"] == converted.meta["djpq.lut_ops"]
+    assert converted_record(loaded).lut_ops == converted_record(converted).lut_ops
     for got, want in zip(loaded(x), converted(x), strict=True):
         assert torch.equal(got, want)
 
@@ -268,7 +270,7 @@ def island_net(request: pytest.FixtureRequest) -> tuple:
 
 def test_island_net_reference_within_one_lsb(island_net: tuple) -> None:
     name, _, prepared, converted, x = island_net
-    assert converted.meta["djpq.float_ops"], name  # the nets exist to have islands
+    assert converted_record(converted).float_ops, name  # the nets exist to have islands
     lsb = integer_agreement(prepared, converted, x)
     assert max(lsb.values()) <= 1, lsb
 
@@ -348,15 +350,15 @@ def pre_act_net(request: pytest.FixtureRequest) -> tuple:
 
 def test_pre_activation_makes_layers_integer_and_activations_tables(pre_act_net: tuple) -> None:
     name, float_ops, prepared, converted, x = pre_act_net
-    assert converted.meta["djpq.float_ops"] == float_ops, name
+    assert converted_record(converted).float_ops == float_ops, name
     luts = {n.name for n in converted.graph.nodes if n.op == "call_module"
             and isinstance(converted.get_submodule(str(n.target)), IntLUT)}
-    assert len(luts) == len(converted.meta["djpq.lut_ops"]) >= 2
+    assert len(luts) == len(converted_record(converted).lut_ops) >= 2
     acts = {n.name for n in prepared.graph.nodes if n.op == "call_module"
             and isinstance(prepared.get_submodule(str(n.target)),
                            (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid))}
-    assert set(converted.meta["djpq.lut_ops"]) == acts  # every activation (SE gate too)
-    assert set(converted.meta["djpq.lowered_layers"]) == set(_layer_nodes(prepared))
+    assert set(converted_record(converted).lut_ops) == acts  # every activation (SE gate too)
+    assert set(converted_record(converted).lowered_layers) == set(_layer_nodes(prepared))
     assert not [m for m in converted.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
@@ -385,7 +387,7 @@ def test_pre_activation_net_onnx(pre_act_net: tuple, tmp_path) -> None:
     onnx_backend.export(converted, path, x)
     report = onnx_backend.verify(converted, path, x)
     assert report["max_lsb_per_op"] <= 1, report["per_op"]
-    assert all(report["per_op"][n] == 0 for n in converted.meta["djpq.lut_ops"]
+    assert all(report["per_op"][n] == 0 for n in converted_record(converted).lut_ops
                if n in report["per_op"]), report["per_op"]
 
 
@@ -417,12 +419,13 @@ def test_pre_activation_layer_with_unrepresentable_bias_keeps_float_output() -> 
     prepared = _prepared(model, x)
     with pytest.warns(UserWarning, match="layer fc2: its bias does not fit int32.*lookup table"):
         converted = convert(prepared)
-    assert "sigmoid" in converted.meta["djpq.lut_ops"]
+    assert "sigmoid" in converted_record(converted).lut_ops
     assert max(integer_agreement(prepared, converted, x).values()) <= 1
 
 
 def _act_quantizers(prepared: fx.GraphModule) -> dict[str, DQQuantizer]:
-    return {k: prepared.get_submodule(v) for k, v in prepared.meta["djpq.act_quantizers"].items()}
+    paths = prepared_record(prepared).quantizers.act
+    return {k: prepared.get_submodule(v) for k, v in paths.items()}
 
 
 def test_pre_activation_quantizers_placement_and_spec() -> None:
@@ -441,7 +444,7 @@ def test_pre_activation_quantizers_placement_and_spec() -> None:
     for name in added - {"se_gate"}:
         assert on[name].signed and not on[name].fixed_bits and on[name].max_bits == 8, name
     assert not on["se_gate"].signed
-    assert "stem_2" in convert(off_prepared).meta["djpq.float_ops"]
+    assert "stem_2" in converted_record(convert(off_prepared)).float_ops
 
 
 def test_pre_activation_respects_first_layer_rule_and_ignore() -> None:
@@ -463,10 +466,10 @@ def test_pre_activation_adds_no_bops_and_relu_nets_unchanged() -> None:
     for make in (lambda: MBConvSE(nn.Hardswish, nn.Hardsigmoid), ConvBnHardswish):
         on, off = (_prepared(make(), x, quantize_pre_activation=flag) for flag in (True, False))
         assert djpq.bops(on).total == djpq.bops(off).total
-        assert on.meta["djpq.input_quantizers"] == off.meta["djpq.input_quantizers"]
+        assert prepared_record(on).quantizers.input == prepared_record(off).quantizers.input
     relu = lambda: MBConvSE(nn.ReLU, nn.ReLU)  # noqa: E731
     on, off = (_prepared(relu(), x, quantize_pre_activation=flag) for flag in (True, False))
-    assert on.meta["djpq.act_quantizers"] == off.meta["djpq.act_quantizers"]
+    assert prepared_record(on).quantizers.act == prepared_record(off).quantizers.act
 
 
 def test_quantize_pre_activation_is_validated() -> None:
@@ -558,7 +561,7 @@ def test_torchvision_island_nets_build_with_tvm(name: str) -> None:
     got, want = model(x), converted(x)
     assert got.shape == want.shape
     if name != "squeezenet1_1":
-        assert converted.meta["djpq.float_ops"] == () and converted.meta["djpq.lut_ops"]
+        assert converted_record(converted).float_ops == () and converted_record(converted).lut_ops
         assert torch.equal(got, want)
     assert math.isfinite(float(got.abs().max()))
     assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()) + 1e-6

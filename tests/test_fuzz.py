@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 import djpq_compiler as djpq
 from djpq_compiler.errors import PruningError, QuantizationError
 from djpq_compiler.prepared import gates
+from djpq_compiler.records import converted_record
 from djpq_compiler.testing import (
     PropertyViolation,
     Recipe,
@@ -189,7 +190,7 @@ def test_regression_convert_keeps_a_channel_of_a_closed_concat_branch() -> None:
 
 #: Found by check_convert: a functional ``F.avg_pool2d`` followed by a finer quantizer was
 #: pooled at the input's scale (rounded) and then requantized (8 LSB off); only modules and
-#: adaptive pools took the window-sum path. Fixed in passes/integer_pools.py (``window_sum``).
+#: adaptive pools took the window-sum path. Fixed in passes/lowering/pools.py (``window_sum``).
 AVG_POOL_TO_FINER_GRID = Recipe(blocks=(Act("relu"), SqueezeExcite(squeeze=1), Pool("avg")),
                                 head="flatten_linear", size=4, seed=0)
 
@@ -265,7 +266,7 @@ def test_regression_coarse_integer_bias_gets_extra_fraction_bits() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*accumulator step")
         converted = djpq.convert(p)
-    assert converted.meta["djpq.agreement_bounds"] == {}
+    assert converted_record(converted).agreement_bounds == {}
     assert converted.get_submodule("djpq_int.conv_blocks_0_fc1").acc_shift >= 1
     stats = check_convert(COARSE_BIAS)
     assert stats.coarse_bias == 0 and stats.max_lsb <= 1

@@ -21,6 +21,7 @@ import djpq_compiler as djpq
 from djpq_compiler.ir import modules as im
 from djpq_compiler.modules.quantizers import levels
 from djpq_compiler.prepared import freeze_for_deployment, quantizers
+from djpq_compiler.records import converted_record
 from djpq_compiler.verify import integer_agreement
 
 
@@ -75,7 +76,7 @@ def test_pool_into_a_finer_quantizer_rounds_once(pool: nn.Module, expected: type
         converted = djpq.convert(prepared)
     kinds = [type(m) for m in converted.djpq_int.children()]
     assert expected in kinds
-    assert converted.meta["djpq.agreement_bounds"] == {}
+    assert converted_record(converted).agreement_bounds == {}
     x = torch.randn(16, 3, 8, 8)
     lsb = integer_agreement(prepared, converted, x)
     assert max(lsb.values()) <= 1, lsb
@@ -115,8 +116,8 @@ def test_uneven_pool_read_by_a_float_op_runs_in_float() -> None:
             q.log_d.copy_(torch.log(q.q_grid() / float(levels(bits, q.signed))))
     freeze_for_deployment(p)
     converted = djpq.convert(p)
-    assert "pool" in converted.meta["djpq.float_ops"]
-    assert converted.meta["djpq.agreement_bounds"] == {}
+    assert "pool" in converted_record(converted).float_ops
+    assert converted_record(converted).agreement_bounds == {}
     lsb = integer_agreement(p, converted, torch.randn(8, 3, 8, 8))
     assert max(lsb.values()) <= 1, lsb
 

@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE_DIRS = ("djpq_compiler", "djpq_compiler/ir", "djpq_compiler/modules", "djpq_compiler/testing",
-             "passes", "passes/dependency", "backends", "backends/tvm", "backends/tvm/kernels",
-             "backends/onnx")
+             "passes", "passes/dependency", "passes/lowering", "backends", "backends/tvm",
+             "backends/tvm/kernels", "backends/onnx")
 APPLICATIONS = ("djpq_compiler.workflows", "djpq_compiler.cli", "djpq_compiler.__main__")
 NOT_CORE = {"djpq_compiler/cli.py", "djpq_compiler/__main__.py"}
 

@@ -12,6 +12,7 @@ from djpq_compiler.config import DJPQConfig
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.loss import fp32_bops
 from djpq_compiler.prepared import gates, quantizers
+from djpq_compiler.records import prepared_record
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -33,8 +34,8 @@ def test_gradients_reach_gates_and_quantizers(factory: type[nn.Module], kind: st
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     # every quantizer a layer's BOPs depend on (its weights, its input); add/concat quantizers
     # cost no BOPs and learn from the task loss alone
-    costed = set(gm.meta["djpq.weight_quantizers"].values()) | set(
-        gm.meta["djpq.input_quantizers"].values())
+    costed = set(prepared_record(gm).quantizers.weight.values()) | set(
+        prepared_record(gm).quantizers.input.values())
     for name, q in quantizers(gm):
         if q.fixed_bits:  # the network input: fixed input_bits, nothing to learn
             assert name == "djpq_quant.a_x"

@@ -14,6 +14,7 @@ from djpq_compiler import PlanError
 from djpq_compiler.convert import convert
 from djpq_compiler.plan import CompressionPlan, apply_plan, plan_from
 from djpq_compiler.prepared import gates
+from djpq_compiler.records import applied_plan
 
 
 def _trained_like(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.fx.GraphModule]:
@@ -36,7 +37,7 @@ def test_plan_round_trips_and_replays_the_structure(tmp_path: Path) -> None:
     float_converted = convert(prepared, integer=False)
     assert pruned.expand.out_channels == float_converted.expand.out_channels == 8
     assert pruned.stem.out_channels == float_converted.stem.out_channels == 4
-    assert pruned.meta["djpq.plan_hash"] == plan.hash
+    assert applied_plan(pruned).hash == plan.hash
     assert set(plan.layers) == {"stem", "expand", "dw", "project", "head"}
 
 

@@ -17,6 +17,7 @@ from djpq_compiler.errors import ConfigError, QuantizationError
 from djpq_compiler.modules.gates import VIBGate
 from djpq_compiler.modules.quantizers import DQQuantizer
 from djpq_compiler.prepared import gates, quantizers
+from djpq_compiler.records import converted_record, prepared_record, stage
 from djpq_compiler.workflows.zoo import mobilenetv2_small, resnet20
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -123,7 +124,7 @@ def test_functional_layer_weight_gets_a_quantizer_node() -> None:
     conv = next(n for n in gm.graph.nodes if n.target is F.conv2d)
     assert conv.args[1].op == "call_module" and conv.args[1].target == "djpq_quant.w_w"
     assert conv.args[1].args[0].op == "get_attr"
-    rec = gm.meta["djpq.layers"][0]
+    rec = prepared_record(gm).layers[0]
     assert rec.weight_quantizer == "djpq_quant.w_w" and rec.input_quantizer == "djpq_quant.a_x"
 
 
@@ -168,7 +169,7 @@ def test_config_switches_and_overrides() -> None:
     gm = _prepare(Residual(), overrides=(Override("conv1", prune=False),))
     assert {n.args[0].name for n in _gate_nodes(gm)} == {"bn0", "bn2"}
     gm = _prepare(Residual(), ignore=("fc",))
-    assert gm.meta["djpq.layers"][-1].weight_quantizer is None
+    assert prepared_record(gm).layers[-1].weight_quantizer is None
     gm = _prepare(Residual(), fix_first_last_8bit=True, weight=QuantSpec(bits=4))
     q = dict(quantizers(gm))
     assert q["stem.parametrizations.weight.0"].fixed_bits
@@ -191,7 +192,7 @@ def test_state_dict_round_trip_and_deepcopy() -> None:
     with torch.no_grad():
         next(g for _, g in gates(c)).mu.zero_()
     assert not torch.equal(c(X), a(X))  # the copy owns its parameters
-    assert c.meta["djpq.stage"] == "prepared" and djpq.bops(c).total < djpq.bops(a).total
+    assert stage(c) == "prepared" and djpq.bops(c).total < djpq.bops(a).total
 
 
 def test_train_samples_eval_is_deterministic() -> None:
@@ -256,7 +257,7 @@ def test_pruned_float_model_can_be_prepared_again_integer_model_cannot() -> None
         g.mu.data[:1] = 1e-3
     pruned = djpq.convert(stage1, integer=False)
     stage2 = djpq.prepare(pruned, x, DJPQConfig(prune=False))
-    assert stage2.meta["djpq.stage"] == "prepared" and not list(gates(stage2))
+    assert stage(stage2) == "prepared" and not list(gates(stage2))
     assert list(quantizers(stage2))
     converted = djpq.convert(stage2)
     assert djpq.bops(converted).total == djpq.bops(stage2).total
@@ -273,4 +274,4 @@ def test_act_then_avg_pool_head_is_fully_integer() -> None:
     pool = next(n for n in p.graph.nodes if n.target == "pool")
     assert str(pool.args[0].target).startswith("djpq_quant.a_")  # quantizer before the pool
     converted = djpq.convert(p)
-    assert converted.meta["djpq.float_ops"] == ()
+    assert converted_record(converted).float_ops == ()

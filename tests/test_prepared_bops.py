@@ -11,6 +11,7 @@ from torch import nn
 
 import djpq_compiler as djpq
 from djpq_compiler.config import DJPQConfig
+from djpq_compiler.records import prepared_record
 
 X3 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 X1 = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -40,7 +41,7 @@ def test_network_input_counts_at_input_bits(factory: type[nn.Module], x: torch.T
     model = factory()
     prepared = _prepare(model, x, input_bits=4)
     ref = djpq.bops(model, x, weight_bits=8, act_bits=8)
-    for rec, row, ref_row in zip(prepared.meta["djpq.layers"], djpq.bops(prepared).rows,
+    for rec, row, ref_row in zip(prepared_record(prepared).layers, djpq.bops(prepared).rows,
                                  ref.rows, strict=True):
         assert row.b_a == (4 if rec.network_input else 8)
         assert row.bops == ref_row.bops * (0.5 if rec.network_input else 1.0)
@@ -48,7 +49,7 @@ def test_network_input_counts_at_input_bits(factory: type[nn.Module], x: torch.T
 
 def test_closing_half_a_group_halves_out_channels_and_consumer_inputs() -> None:
     gm = _prepare(Residual(), X3)
-    group = gm.meta["djpq.layers"][1].out_group  # conv1's own group (6 channels)
+    group = prepared_record(gm).layers[1].out_group  # conv1's own group (6 channels)
     with torch.no_grad():
         gm.djpq_gates[f"g{group}"].mu[:3] = 0.0
     rows = {r.name: r for r in djpq.bops(gm).rows}
@@ -60,7 +61,7 @@ def test_closing_half_a_group_halves_out_channels_and_consumer_inputs() -> None:
 
 def test_depthwise_keeps_one_input_per_output_channel() -> None:
     gm = _prepare(InvertedResidual(), X3)
-    dw = next(r for r in gm.meta["djpq.layers"] if r.name == "dw")
+    dw = next(r for r in prepared_record(gm).layers if r.name == "dw")
     before = {r.name: r for r in djpq.bops(gm).rows}
     with torch.no_grad():
         gm.djpq_gates[f"g{dw.out_group}"].mu[::2] = 0.0
@@ -72,7 +73,7 @@ def test_depthwise_keeps_one_input_per_output_channel() -> None:
 
 def test_concat_members_count_their_own_atoms() -> None:
     gm = _prepare(Concat(), X3)
-    a = gm.meta["djpq.layers"][0]
+    a = prepared_record(gm).layers[0]
     with torch.no_grad():
         gm.djpq_gates[f"g{a.out_group}"].mu[[0, 5, 6]] = 0.0  # one atom of a, two of b
     rows = {r.name: r for r in djpq.bops(gm).rows}

@@ -23,6 +23,7 @@ import djpq_compiler as djpq
 from djpq_compiler.convert import convert
 from djpq_compiler.errors import ArtifactError, ConfigError, UnsupportedOpError
 from djpq_compiler.prepared import gates
+from djpq_compiler.records import converted_record
 from djpq_compiler.serialize import FORMAT_VERSION, MAGIC, load_converted, save_converted
 from djpq_compiler.size import model_size
 from djpq_compiler.workflows import zoo
@@ -96,8 +97,8 @@ def test_zoo_round_trip_is_bit_identical(name: str, integer: bool, tmp_path: Pat
     slow = name == "mobilenetv2" and integer  # ~8 s per run of its integer reference
     loaded = _round_trip(converted, x, tmp_path / f"{name}.djpq", replay=not slow)
     if integer:
-        assert loaded.meta["djpq.float_ops"] == converted.meta["djpq.float_ops"]
-        assert loaded.meta["djpq.lowered_layers"] == converted.meta["djpq.lowered_layers"]
+        assert converted_record(loaded).float_ops == converted_record(converted).float_ops
+        assert converted_record(loaded).lowered_layers == converted_record(converted).lowered_layers
         assert model_size(loaded) == model_size(converted)
 
 
@@ -268,6 +269,46 @@ def test_flipped_byte(tmp_path: Path) -> None:
             load_converted(path)
 
 
+def test_version_1_files_with_one_meta_key_per_fact_still_load(tmp_path: Path) -> None:
+    """Format 1 kept the converted record as ~20 ``"djpq.*"`` meta keys (and records such as
+    ``DJPQConfig`` the format no longer allows): such a file loads, its facts become one
+    ``ConvertedRecord``, the keys no consumer reads are dropped."""
+    x = torch.randn(2, 3, 8, 8)
+    converted = convert(_prepared(T.Residual(), x))
+    path = save_converted(converted, tmp_path / "m.djpq")
+    header, model, tensors = _split(path)
+    assert header["version"] == FORMAT_VERSION == 2 and set(model["meta"]) == {"djpq.converted"}
+    fields = model["meta"]["djpq.converted"]["fields"]
+    model["meta"] = {f"djpq.{k}": v for k, v in fields.items()} | {
+        "djpq.stage": "converted", "user.note": "kept",
+        "djpq.config": {"$": "record", "class": "djpq_compiler.config.DJPQConfig", "fields": {}},
+        "djpq.gates": {"$": "dict", "v": [[0, "djpq_gates.g0"]]}}
+    _rewrite(path, {**header, "version": 1}, model, tensors)
+    loaded = load_converted(path)
+    assert converted_record(loaded) == converted_record(converted)
+    assert set(loaded.meta) == {"djpq.converted", "user.note"}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted(x))
+
+
+def test_version_1_file_without_a_stage_is_refused(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    header, model, tensors = _split(path)
+    model["meta"] = {"djpq.float_ops": {"$": "tuple", "v": []}}
+    _rewrite(path, {**header, "version": 1}, model, tensors)
+    with pytest.raises(ArtifactError, match="does not record a converted model.*re-save"):
+        load_converted(path)
+
+
+def test_a_file_without_a_converted_record_is_refused(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    header, model, tensors = _split(path)
+    model["meta"] = {}
+    _rewrite(path, header, model, tensors)
+    with pytest.raises(ArtifactError, match="no ConvertedRecord.*re-save"):
+        load_converted(path)
+
+
 def test_wrong_format_version(tmp_path: Path) -> None:
     path = _saved(tmp_path)
     header, model, tensors = _split(path)
@@ -345,7 +386,7 @@ def test_artifacts_written_before_the_ir_moved_still_load(tmp_path: Path) -> Non
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     converted = convert(_prepared(factory(), x), integer=True)
     path = save_converted(converted, tmp_path / "new.djpq")
-    model_bytes, tensor_bytes = _unpack(path.read_bytes(), path)
+    model_bytes, tensor_bytes, _ = _unpack(path.read_bytes(), path)
     assert b"djpq_compiler.ir." in model_bytes and b"backends.reference" not in model_bytes
     old = model_bytes.replace(b"djpq_compiler.ir.", b"djpq_compiler.backends.reference.")
     (tmp_path / "old.djpq").write_bytes(_pack(old, tensor_bytes))

@@ -23,6 +23,7 @@ from djpq_compiler.errors import PruningError
 from djpq_compiler.passes.capture import capture
 from djpq_compiler.passes.fold_shape_code import fold_shape_code
 from djpq_compiler.prepared import gates
+from djpq_compiler.records import converted_record
 
 
 # ------------------------------------------------------------------------------ golden tests
@@ -219,7 +220,7 @@ def test_shape_ops_stay_integer(factory: Callable[[], nn.Module]) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     converted = _converted(factory(), x)
-    assert converted.meta["djpq.float_ops"] == ()
+    assert converted_record(converted).float_ops == ()
     left = {getattr(n.target, "__name__", n.target) for n in converted.graph.nodes}
     assert not left & {"floordiv", "_assert", "eq"}  # folded: only the batch size is read
 
@@ -279,7 +280,7 @@ def test_shufflenet_v2_shape_code_folded_and_integer(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     converted = _converted(tv.models.shufflenet_v2_x0_5(weights=None), x)
-    assert set(converted.meta["djpq.float_ops"]) <= {"conv5_2", "mean"}
+    assert set(converted_record(converted).float_ops) <= {"conv5_2", "mean"}
     assert not any(n.target in (torch._assert,) or (n.target is not None and getattr(
         n.target, "__name__", "") == "floordiv") for n in converted.graph.nodes)
     _onnx_ok(converted, x, tmp_path)

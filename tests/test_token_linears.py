@@ -19,6 +19,7 @@ import djpq_compiler as djpq
 from djpq_compiler.convert import convert
 from djpq_compiler.errors import QuantizationError
 from djpq_compiler.ir import modules as im
+from djpq_compiler.records import converted_record
 from djpq_compiler.verify import integer_agreement
 
 
@@ -164,7 +165,7 @@ def _token_layers(converted: fx.GraphModule) -> list[im.IntLinear]:
 
 def test_token_linears_become_integer(token_net: tuple) -> None:
     name, _, converted, _ = token_net
-    assert converted.meta["djpq.float_ops"] == (), name
+    assert converted_record(converted).float_ops == (), name
     layers = _token_layers(converted)
     assert len(layers) >= 2, name
     # gates/pre-activation scales give per-channel multipliers: the rank bug would show here
@@ -207,7 +208,7 @@ def test_batchnorm_after_a_token_linear_keeps_it_float() -> None:
     prepared, x = _prepared(TokensThenBatchNorm, (2, 4, 6))
     with pytest.warns(UserWarning, match="fc"):
         converted = convert(prepared)
-    assert "fc" in converted.meta["djpq.float_ops"]
+    assert "fc" in converted_record(converted).float_ops
     assert max(integer_agreement(prepared, converted, x).values()) <= 1
     with torch.no_grad():
         want, got = prepared(x), converted(x)

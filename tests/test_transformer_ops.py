@@ -24,6 +24,7 @@ from torch import fx, nn
 import djpq_compiler as djpq
 from djpq_compiler.convert import convert
 from djpq_compiler.ir import modules as im
+from djpq_compiler.records import converted_record
 
 
 class LayerNorm2d(nn.Module):
@@ -202,7 +203,7 @@ def test_float_islands_listed() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     converted = _converted(ViTLike(), x)
-    floats = set(converted.meta["djpq.float_ops"])
+    floats = set(converted_record(converted).float_ops)
     assert {"ln1", "scaled_dot_product_attention"} <= floats
     assert not {"attn_qkv", "attn_proj", "mlp_0", "mlp_2"} & floats
     assert sum(isinstance(m, im.IntLinear) for m in converted.modules()) == 5  # + the head
@@ -252,7 +253,7 @@ def test_torchvision_convnext_small(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     converted = _converted(_small_convnext(), x)
-    assert {"layer_norm"} <= set(converted.meta["djpq.float_ops"])
+    assert {"layer_norm"} <= set(converted_record(converted).float_ops)
     report = verify(converted, export(converted, tmp_path / "cnx.onnx", (x,)), (x,))
     assert report["max_lsb_per_op"] <= 1
     tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")

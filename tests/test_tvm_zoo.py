@@ -15,6 +15,7 @@ from torch import fx, nn
 import djpq_compiler as djpq
 from djpq_compiler.convert import convert
 from djpq_compiler.prepared import gates
+from djpq_compiler.records import converted_record
 from djpq_compiler.workflows import zoo
 
 pytest.importorskip("tvm")
@@ -88,6 +89,6 @@ def test_torchvision_pruned_mixed_bits_bit_exact(name: str) -> None:
             gate.mu[torch.rand(gate.mu.shape, generator=gen) < 0.4] = 1e-3
             gate.mu[0] = 1.0
     converted = convert(prepared.eval())
-    assert converted.meta["djpq.float_ops"] == ()
+    assert converted_record(converted).float_ops == ()
     model = tvm_backend.build(converted, "x86", example_inputs=x)
     assert torch.equal(model(x), converted(x))

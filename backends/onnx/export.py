@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from djpq_compiler import records
 from djpq_compiler.artifacts import atomic_write
 from djpq_compiler.errors import BackendError, MissingExtraError
 
@@ -61,11 +62,10 @@ def require_onnx(runtime: bool = False) -> Any:
 
 
 def _check_converted(gm: Any, example_inputs: Sequence[torch.Tensor]) -> list[fx.Node]:
-    if not isinstance(gm, fx.GraphModule) or gm.meta.get("djpq.stage") != "converted":
-        stage = gm.meta.get("djpq.stage") if isinstance(gm, fx.GraphModule) else None
+    if not isinstance(gm, fx.GraphModule) or records.stage(gm) != "converted":
         raise BackendError(
-            "ONNX export takes a converted model (GraphModule with meta['djpq.stage'] == "
-            f"'converted'), got {type(gm).__name__} with stage {stage!r}; run "
+            "ONNX export takes a converted model (a GraphModule carrying a ConvertedRecord), got "
+            f"{type(gm).__name__} with stage {records.stage(gm)!r}; run "
             "djpq_compiler.convert.convert(prepared) first")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
@@ -146,10 +146,10 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Emitter
 
 def _plan_hash(gm: fx.GraphModule) -> tuple[str, str]:
     """``(key, hash)``: the plan hash from ``gm.meta`` if present, else a hash of the keep sets."""
-    for key in ("djpq.plan_hash", "djpq.plan.hash"):
-        if key in gm.meta:
-            return "djpq.plan_hash", str(gm.meta[key])
-    keep = gm.meta.get("djpq.keep", {})
+    plan = records.applied_plan(gm)
+    if plan is not None:
+        return "djpq.plan_hash", plan.hash
+    keep = records.converted_record(gm).keep
     text = json.dumps({str(k): sorted(int(i) for i in v) for k, v in keep.items()},
                       sort_keys=True)
     return "djpq.keep_hash", hashlib.sha256(text.encode()).hexdigest()
@@ -160,11 +160,12 @@ def _metadata(gm: fx.GraphModule, ctx: Emitter, opset: int) -> dict[str, str]:
 
     key, digest = _plan_hash(gm)
     meta = {"djpq.version": __version__, "djpq.opset": str(opset),
-            "djpq.integer": json.dumps(bool(gm.meta.get("djpq.integer", False))),
+            "djpq.integer": json.dumps(records.converted_record(gm).integer),
             "djpq.layer_bits": json.dumps(ctx.layers, sort_keys=True), key: digest}
-    lowered = gm.meta.get("djpq.lowered_layers")
-    if lowered is not None:
-        meta["djpq.lowered_layers"] = json.dumps(lowered, sort_keys=True, default=str)
+    record = records.converted_record(gm)
+    if record.integer:
+        meta["djpq.lowered_layers"] = json.dumps(record.lowered_layers, sort_keys=True,
+                                                 default=str)
     return meta
 
 

@@ -177,7 +177,7 @@ def build(converted: fx.GraphModule, target: str = "x86",
     """Lower a converted model to Relax and compile it for ``target``.
 
     Args:
-        converted: The output of ``convert()`` (``gm.meta["djpq.stage"] == "converted"``).
+        converted: The output of ``convert()`` (``records.stage(gm) == "converted"``).
         target: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
         example_inputs: One float32 tensor (or a sequence, one per input) fixing static shapes.
         work_dir: A directory filled by :func:`~djpq_compiler.backends.tvm.tune`: every kernel

@@ -1,6 +1,6 @@
 """Lower a converted GraphModule to a Relax IRModule: converter registry and lowering driver.
 
-A converted graph (``gm.meta["djpq.stage"] == "converted"``) holds the integer modules of
+A converted graph (``records.stage(gm) == "converted"``) holds the integer modules of
 ``djpq_compiler.ir.modules`` plus shape ops. Each node is lowered by one
 converter, looked up by the *target object*: the module class for ``call_module`` nodes, the
 function for ``call_function`` nodes and the ``torch.Tensor`` method for ``call_method`` nodes.
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from djpq_compiler import records
 from djpq_compiler.errors import BackendError
 from djpq_compiler.registry import Registry
 
@@ -100,10 +101,10 @@ def unsupported_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
 def check_supported(gm: fx.GraphModule) -> None:
     """Raise one :class:`~djpq_compiler.errors.UnsupportedNodesError` listing every unsupported
     node of ``gm`` (a :class:`BackendError` for a model that is not converted)."""
-    if gm.meta.get("djpq.stage") != "converted":
+    if records.stage(gm) != "converted":
         raise BackendError(
-            "the TVM backend lowers converted models only (gm.meta['djpq.stage'] == "
-            f"'converted', got {gm.meta.get('djpq.stage')!r}); run djpq_compiler.convert() first"
+            "the TVM backend lowers converted models only (stage 'converted', got "
+            f"{records.stage(gm)!r}); run djpq_compiler.convert() first"
         )
     lowering.raise_unsupported("TVM", _PACKAGE, unsupported_nodes(gm))
 

@@ -25,6 +25,7 @@ import torch
 import djpq_compiler as djpq
 from djpq_compiler.config import DJPQConfig, QuantSpec
 from djpq_compiler.convert import convert
+from djpq_compiler.records import converted_record
 from djpq_compiler.workflows import zoo
 from djpq_compiler.workflows.data import fashion_mnist_loaders
 from djpq_compiler.workflows.finetune import SCHEDULES, FinetuneConfig, accuracy, finetune
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
         "integer_acc": accuracy(converted, loaders[1]),
         "gbops": report.gbops, "fp32_gbops": fp32.gbops,
         "bops_reduction": fp32.total / report.total,
-        "float_ops": list(converted.meta["djpq.float_ops"]),
+        "float_ops": list(converted_record(converted).float_ops),
         "bits": {r.name: [r.b_w, r.b_a, r.out_kept, r.out_total] for r in report.rows},
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -20,6 +20,7 @@ import djpq_compiler as djpq
 from djpq_compiler.backends import onnx as onnx_backend
 from djpq_compiler.backends import tvm as tvm_backend
 from djpq_compiler.convert import convert
+from djpq_compiler.records import converted_record, prepared_record
 from djpq_compiler.verify import integer_agreement
 
 
@@ -30,9 +31,9 @@ def measure(name: str, flag: bool, x: torch.Tensor) -> dict[str, object]:
     converted = convert(prepared)
     row: dict[str, object] = {
         "bops": djpq.bops(prepared).total,
-        "input_quantizers": dict(prepared.meta["djpq.input_quantizers"]),
-        "float_ops": len(converted.meta["djpq.float_ops"]),
-        "luts": len(converted.meta["djpq.lut_ops"]),
+        "input_quantizers": dict(prepared_record(prepared).quantizers.input),
+        "float_ops": len(converted_record(converted).float_ops),
+        "luts": len(converted_record(converted).lut_ops),
     }
     if flag:
         row["max_lsb_vs_fake_quant"] = max(integer_agreement(prepared, converted, x).values())

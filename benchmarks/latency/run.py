@@ -99,6 +99,7 @@ import djpq_compiler as djpq  # noqa: E402
 from djpq_compiler.config import DJPQConfig, QuantSpec  # noqa: E402
 from djpq_compiler.convert import convert  # noqa: E402
 from djpq_compiler.prepared import gates  # noqa: E402
+from djpq_compiler.records import converted_record  # noqa: E402
 from djpq_compiler.workflows import zoo  # noqa: E402
 
 
@@ -299,7 +300,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
             else trained_model(name, Path(args.models_dir)))
     model, converted, shape = info.pop("model"), info.pop("converted"), info.pop("shape")
     rec: dict[str, Any] = {"model": name, "input": list(shape), **info,
-                           "float_islands": list(converted.meta.get("djpq.float_ops", ())),
+                           "float_islands": list(converted_record(converted).float_ops),
                            "build_s": {}, "load_s": {}, "tvm_bit_exact": {},
                            "kernel_variants": {}, "ort_max_abs_diff": {}, "errors": {},
                            "cells": []}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from djpq_compiler.errors import QuantizationError
+from djpq_compiler.records import ConvertedRecord, store
 
 from .elementwise import AddRescale, int_add, int_concat
 from .fixedpoint import (
@@ -370,5 +371,5 @@ def trace_integer(root: nn.Module) -> torch.fx.GraphModule:
     """Trace a hand-built integer model into the graph form ``convert`` produces."""
     graph = IntegerTracer().trace(root)
     gm = torch.fx.GraphModule(root, graph, type(root).__name__)
-    gm.meta["djpq.stage"] = "converted"
+    store(gm, ConvertedRecord(integer=True))
     return gm

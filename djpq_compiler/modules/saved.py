@@ -35,6 +35,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from djpq_compiler.records import stage
+
 __all__ = [
     "mark_grid",
     "mark_product",
@@ -164,7 +166,7 @@ def _enter(module: nn.Module, args: object) -> None:
     _ACTIVE.stack = stack
     ctx = None
     # [choice] a converted model (a deep copy of the prepared one) keeps the hooks but is plain
-    prepared = getattr(module, "meta", {}).get("djpq.stage", "prepared") == "prepared"
+    prepared = stage(module) in (None, "prepared")  # during prepare(): no record yet
     if prepared and torch.is_grad_enabled() and module.training:
         ctx = compact_saving()
         try:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from djpq_compiler.errors import DjpqError
+from djpq_compiler.records import converted_record
 
 #: A float output (the net ends in a float island, e.g. a float ReLU + pool after the last layer)
 #: may differ by float32 rounding (TVM's summation order); integer outputs must be bit-exact.
@@ -178,7 +179,7 @@ def check_backends(name: str, model: nn.Module, x: torch.Tensor,
     if not outcome.ok:
         return BackendZooResult(name, result)
     prepared, converted = pair
-    float_ops = tuple(converted.meta.get("djpq.float_ops", ()))
+    float_ops = converted_record(converted).float_ops
     checks = {"agreement": lambda: _agreement(prepared, converted, x),
               "tvm": lambda: _tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
     for stage in stages:

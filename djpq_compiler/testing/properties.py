@@ -31,6 +31,7 @@ from djpq_compiler.prepared import (
     set_gates_deterministic,
     set_quantizers,
 )
+from djpq_compiler.records import converted_record
 from djpq_compiler.testing.graphs import Recipe, build, example_input
 from djpq_compiler.verify import integer_agreement, pruning_oracle
 
@@ -224,8 +225,8 @@ def _bops_mismatch(prepared: torch.fx.GraphModule, converted: torch.fx.GraphModu
                    ) -> list[tuple[object, ...]]:
     """Rows where ``bops(converted)`` disagrees with ``bops(prepared)``: channel counts must be
     equal everywhere, bits where the layer was lowered to integers (float layers count 32x32)."""
-    lowered = {rec.name for rec in converted.meta.get("djpq.layers", ())
-               if rec.node in converted.meta.get("djpq.lowered_layers", {})}
+    record = converted_record(converted)
+    lowered = {rec.name for rec in record.layers if rec.node in record.lowered_layers}
     bad: list[tuple[object, ...]] = []
     for a, b in zip(bops(prepared).rows, bops(converted).rows, strict=True):
         bits = (a.b_w, a.b_a) if a.name in lowered else (32, 32)
@@ -243,7 +244,8 @@ def check_convert(recipe: Recipe) -> ConvertStats:
     * ``convert(p)`` (integer) agrees with the fake-quant model at every activation quantizer
       within :data:`INTEGER_LSB_BOUND` (invariant 4; ops with no integer lowering stay float),
       except after a layer whose integer bias is coarser than its output step: there within
-      the larger bound ``convert`` warned about and recorded in ``meta["djpq.agreement_bounds"]``;
+      the larger bound ``convert`` warned about and recorded in
+      ``converted_record(c).agreement_bounds``;
     * ``bops(convert(p))`` equals ``bops(p)`` row by row (32x32 for layers left in float), and
       their totals are equal when nothing stayed float (invariant 5);
     * ``p`` itself is unchanged by both conversions.
@@ -272,16 +274,16 @@ def check_convert(recipe: Recipe) -> ConvertStats:
     if not torch.equal(before, after):
         raise _fail(recipe, "convert() modified the prepared model")
     lsb = integer_agreement(p, converted, x)
-    coarse: dict[str, int] = converted.meta["djpq.agreement_bounds"]
+    coarse = converted_record(converted).agreement_bounds
     over = {q: (v, coarse.get(q, INTEGER_LSB_BOUND)) for q, v in lsb.items()
             if v > coarse.get(q, INTEGER_LSB_BOUND)}
     if over:
         raise _fail(recipe, f"integer model vs fake-quant beyond the bound (LSB, bound): {over}"
-                            f"\n  float ops: {converted.meta['djpq.float_ops']}")
+                            f"\n  float ops: {converted_record(converted).float_ops}")
     bad = _bops_mismatch(p, converted)
     if bad:
         raise _fail(recipe, f"bops(converted) != bops(prepared): {bad[:2]}")
-    float_ops = converted.meta["djpq.float_ops"]
+    float_ops = converted_record(converted).float_ops
     total_p, total_c = bops(p).total, bops(converted).total
     if not float_ops and total_p != total_c:
         raise _fail(recipe, f"all-integer model but bops total {total_c} != prepared {total_p}")

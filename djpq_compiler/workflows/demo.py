@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from djpq_compiler.errors import ConfigError
+from djpq_compiler.records import converted_record
 from djpq_compiler.workflows.demo_stages import backend_stages, say, torch_latencies
 from djpq_compiler.workflows.report import DemoResult
 
@@ -215,7 +216,7 @@ def run_pipeline(model: nn.Module, train: DataLoader, test: DataLoader, options:
         fake_quant_gbops=measured.fq_gbops, integer_gbops=measured.int_report.gbops,
         layers=measured.layers, train_steps=steps, train_seconds=seconds,
         float_islands=measured.float_islands, integer_agreement=measured.agreement,
-        lookup_tables=tuple(getattr(measured.converted, "meta", {}).get("djpq.lut_ops", ())),
+        lookup_tables=converted_record(measured.converted).lut_ops,
         **fields)
     result.settings["load average (1/5/15 min) after the latency runs"] = load
     from djpq_compiler.workflows.report import summary, write_report
@@ -327,7 +328,7 @@ def _integer_stage(model: nn.Module, prepared: nn.Module, test: DataLoader,
     agreement = integer_agreement(prepared, converted, xs[-1])  # type: ignore[arg-type]
     return _IntegerStage(
         converted, fq_acc, fq_gbops, int_acc, int_report, layer_rows(int_report.rows),
-        tuple(converted.meta.get("djpq.float_ops", ())), agreement,
+        converted_record(converted).float_ops, agreement,
         torch_latencies(model, converted, xs, options.latency_runs))
 
 

@@ -1,34 +1,31 @@
 """The dependency-analysis pass: run every node's channel rule, then freeze the groups.
 
 Requires: a captured ``GraphModule`` (``tensor_meta`` on tensor nodes, see ``capture.py``).
-Guarantees: ``gm.meta["djpq.groups"]`` holds the frozen ``ChannelGroup`` tuple and
-``gm.meta["djpq.barriers"]`` maps node names to the reasons they stop pruning; the graph itself is
+Guarantees: the returned :class:`~djpq_compiler.records.AnalysisRecord` holds the frozen
+``ChannelGroup`` tuple and maps node names to the reasons they stop pruning; the graph itself is
 not modified. Unknown ops are barriers (or raise ``UnsupportedOpError`` when ``strict``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.errors import UnsupportedOpError
 from djpq_compiler.layers import tensor_shape
-from djpq_compiler.passes.dependency.groups import ChannelGroup, build_groups
+from djpq_compiler.passes.dependency.groups import build_groups
 from djpq_compiler.passes.dependency.rules import RULES
 from djpq_compiler.passes.dependency.state import AnalysisState, Info, Opaque, Space
+from djpq_compiler.passes.pipeline import Recorded
+from djpq_compiler.records import AnalysisRecord
 from djpq_compiler.registry import node_key
 
 __all__ = ["DependencyResult", "dependency_analysis", "analyze_graph"]
 
 
-@dataclass(frozen=True)
-class DependencyResult:
-    groups: tuple[ChannelGroup, ...]
-    barriers: dict[str, tuple[str, ...]]
-    missing: tuple[str, ...]  # nodes with no rule
+#: The analysis result is the record ``prepare`` hands on (old name kept for callers).
+DependencyResult = AnalysisRecord
 
 
 def _is_tensor_op(node: fx.Node) -> bool:
@@ -105,10 +102,6 @@ def analyze_graph(gm: fx.GraphModule, *, strict: bool = False,
 
 
 def dependency_analysis(gm: fx.GraphModule, *, strict: bool = False,
-                        ignore: Iterable[str] = ()) -> PassResult:
-    """Pass form of :func:`analyze_graph`: stores the result in ``gm.meta``."""
-    result = analyze_graph(gm, strict=strict, ignore=ignore)
-    gm.meta["djpq.groups"] = result.groups
-    gm.meta["djpq.barriers"] = result.barriers
-    gm.meta["djpq.missing_rules"] = result.missing
-    return PassResult(gm, False)
+                        ignore: Iterable[str] = ()) -> Recorded[AnalysisRecord]:
+    """Pass form of :func:`analyze_graph`: the graph, unchanged, and its analysis record."""
+    return Recorded(gm, analyze_graph(gm, strict=strict, ignore=ignore), modified=False)

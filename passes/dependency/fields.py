@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from djpq_compiler.layers import tensor_shape
 from djpq_compiler.passes.dependency.state import AnalysisState, Field, Info, Opaque, Space
+from djpq_compiler.records import NODE_VALUE
 
 __all__ = ["to_field", "evaluate_on_fields", "clean_dim", "field_args"]
 
@@ -31,8 +32,8 @@ def to_field(st: AnalysisState, node: fx.Node) -> Any:
         return tuple(_one_field(st, item, None) for item in info)
     shape = tensor_shape(node)
     if shape is None:
-        if "djpq.value" in node.meta:
-            return node.meta["djpq.value"]
+        if NODE_VALUE in node.meta:
+            return node.meta[NODE_VALUE]
         raise _NoValue(node.name)
     return _one_field(st, info, shape)
 

@@ -8,6 +8,7 @@ every consumer (DESIGN invariant 1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -16,7 +17,7 @@ import torch.fx as fx
 
 from djpq_compiler.passes.dependency.state import AnalysisState, Role, Space, Zero
 
-__all__ = ["Member", "ChannelGroup", "build_groups", "atom_labels", "zero_flags"]
+__all__ = ["Member", "ChannelGroup", "build_groups", "atom_labels", "zero_flags", "atom_mask"]
 
 
 @dataclass(frozen=True)
@@ -171,3 +172,10 @@ def build_groups(st: AnalysisState) -> tuple[ChannelGroup, ...]:
 
 def node_order(gm: fx.GraphModule) -> dict[str, int]:
     return {n.name: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def atom_mask(group: ChannelGroup, keep: Sequence[int]) -> np.ndarray:
+    """Boolean mask over ``group``'s atoms, true for the atoms in ``keep``."""
+    mask = np.zeros(group.size, dtype=bool)
+    mask[np.asarray(list(keep), dtype=np.int64)] = True
+    return mask

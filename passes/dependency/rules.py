@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import operator
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +45,18 @@ def _space_at(st: AnalysisState, info: Info, dim: int, size: int, reader: fx.Nod
 
 def _module(st: AnalysisState, node: fx.Node) -> nn.Module:
     return st.gm.get_submodule(str(node.target))
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _module_as(st: AnalysisState, node: fx.Node, cls: type[_M]) -> _M:
+    """The module of ``node`` as the class its rule is registered for (a subclass of it)."""
+    mod = _module(st, node)
+    if not isinstance(mod, cls):  # the registry dispatches on the class: cannot happen
+        raise TypeError(f"{node.format_node()}: expected a {cls.__name__}, got "
+                        f"{type(mod).__name__}")
+    return mod
 
 
 def _params(module_path: str, mod: nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -100,22 +113,22 @@ def _conv_like(st: AnalysisState, node: fx.Node, *, in_ch: int, out_ch: int, gro
 
 @RULES.register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_module(st: AnalysisState, node: fx.Node) -> Info:
-    mod = _module(st, node)
+    mod = _module_as(st, node, nn.modules.conv._ConvNd)
     path = str(node.target)
     (w,) = _params(path, mod, ("weight",))
     b = _params(path, mod, ("bias",))
-    return _conv_like(st, node, in_ch=mod.in_channels, out_ch=mod.out_channels,  # type: ignore[arg-type]
-                      groups=mod.groups, weight=w, bias=b[0] if b else None,  # type: ignore[arg-type]
+    return _conv_like(st, node, in_ch=mod.in_channels, out_ch=mod.out_channels,
+                      groups=mod.groups, weight=w, bias=b[0] if b else None,
                       transposed=False, key=path)
 
 
 @RULES.register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_transpose_module(st: AnalysisState, node: fx.Node) -> Info:
-    mod = _module(st, node)
+    mod = _module_as(st, node, nn.modules.conv._ConvNd)
     path = str(node.target)
     b = _params(path, mod, ("bias",))
-    return _conv_like(st, node, in_ch=mod.in_channels, out_ch=mod.out_channels,  # type: ignore[arg-type]
-                      groups=mod.groups, weight=f"{path}.weight",  # type: ignore[arg-type]
+    return _conv_like(st, node, in_ch=mod.in_channels, out_ch=mod.out_channels,
+                      groups=mod.groups, weight=f"{path}.weight",
                       bias=b[0] if b else None, transposed=True, key=path)
 
 
@@ -177,11 +190,11 @@ def _linear(st: AnalysisState, node: fx.Node, weight: str | None, bias: str | No
 
 @RULES.register(nn.Linear)
 def linear_module(st: AnalysisState, node: fx.Node) -> Info:
-    mod = _module(st, node)
+    mod = _module_as(st, node, nn.Linear)
     path = str(node.target)
     b = _params(path, mod, ("bias",))
-    return _linear(st, node, f"{path}.weight", b[0] if b else None, mod.in_features,  # type: ignore[arg-type]
-                   mod.out_features, path)  # type: ignore[arg-type]
+    return _linear(st, node, f"{path}.weight", b[0] if b else None, mod.in_features,
+                   mod.out_features, path)
 
 
 @RULES.register(F.linear)
@@ -205,10 +218,10 @@ def per_channel_norm(st: AnalysisState, node: fx.Node) -> Info:
     A conv/linear whose only user is this norm moves its gate point here (DESIGN invariant 3:
     the gate multiplies after conv and BN, before the nonlinearity).
     """
-    mod = _module(st, node)
+    mod = _module_as(st, node, nn.modules.batchnorm._NormBase)
     path = str(node.target)
     x = _input(st, node)
-    size = int(mod.num_features)  # type: ignore[arg-type]
+    size = int(mod.num_features)
     x_sp = _space_at(st, x, 1, size, node)
     out = st.new_space(node, 1, size)
     st.module_calls.setdefault(path, []).append((x_sp, out))
@@ -292,8 +305,8 @@ def unary_not_zero_preserving(st: AnalysisState, node: fx.Node) -> Info:
 @RULES.register(nn.PReLU)
 def prelu(st: AnalysisState, node: fx.Node) -> Info:
     out = _pass_through(st, node, Zero.SAME)
-    mod = _module(st, node)
-    if isinstance(out, Space) and mod.num_parameters > 1:  # type: ignore[operator]
+    mod = _module_as(st, node, nn.PReLU)
+    if isinstance(out, Space) and mod.num_parameters > 1:
         st.add_role(out, Role("param", node.name, f"{node.target}.weight", 0))
         st.module_calls.setdefault(str(node.target), []).append((None, out))
     return out

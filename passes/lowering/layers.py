@@ -18,7 +18,8 @@ would cost an output LSB (coarse inputs and weights into a fine output grid, ``s
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -40,6 +41,8 @@ class LayerParams:
     module: str
     d_w: float
     w_bits: int
+    #: The gate factor ``g`` of a gated layer (``fold_scales``' record), else ``None``.
+    gate_scale: torch.Tensor | None = field(default=None, compare=False)
 
     def in_channels(self, mod: Any) -> int:
         w = mod.weight
@@ -52,7 +55,7 @@ class LayerParams:
         b = torch.zeros(w.shape[0], dtype=torch.float64)
         if mod.bias is not None:
             b = mod.bias.detach().to(torch.float64)
-        g = gm.meta.get("djpq.layer_scales", {}).get(self.node)
+        g = self.gate_scale
         k = g.to(torch.float64) if g is not None else torch.ones_like(b)
         b = b * k
         if bn is not None:
@@ -225,19 +228,24 @@ def _saturating_bias(node: str, bias: torch.Tensor, fan_in: int, x_bits: int, w_
     return bias.clamp(-room, room)
 
 
-def layer_params(gm: fx.GraphModule, node: fx.Node) -> LayerParams | None:
-    """The integer-lowerable description of a conv2d/linear module node, else ``None``."""
-    grid = gm.meta.get("djpq.weight_grid", {}).get(node.name)
+def layer_params(gm: fx.GraphModule, node: fx.Node, weight_grid: Mapping[str, tuple[float, int]],
+                 layer_scales: Mapping[str, torch.Tensor]) -> LayerParams | None:
+    """The integer-lowerable description of a conv2d/linear module node, else ``None``.
+
+    ``weight_grid`` is ``strip_weight_quantizers``' record, ``layer_scales`` ``fold_scales``'.
+    """
+    grid = weight_grid.get(node.name)
+    scale = layer_scales.get(node.name)
     if node.op != "call_module" or grid is None:
         return None
     mod = gm.get_submodule(str(node.target))
     shape = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
     if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and \
             not isinstance(mod.padding, str):
-        return LayerParams("conv", node.name, str(node.target), grid[0], grid[1])
+        return LayerParams("conv", node.name, str(node.target), grid[0], grid[1], scale)
     if isinstance(mod, nn.Linear) and shape is not None and _linear_input_ok(node, gm,
                                                                           len(shape.shape)):
-        return LayerParams("linear", node.name, str(node.target), grid[0], grid[1])
+        return LayerParams("linear", node.name, str(node.target), grid[0], grid[1], scale)
     return None
 
 

@@ -1,6 +1,7 @@
-"""Mask pass: zero removed channels at every gate point (the reference for exact pruning).
+"""Insert-channel-masks pass: zero removed channels at every gate point (the reference for exact
+pruning: ``verify.pruning_oracle`` compares it with ``prune_graph``).
 
-Requires: ``gm.meta["djpq.groups"]`` (see ``dependency/analyze.py``).
+Requires: the channel groups of this graph (see ``dependency/analyze.py``).
 Guarantees: after each gate point of every group in ``keep``, the output is multiplied by a 0/1
 mask buffer broadcast along the group's channel dimension, so the model computes what the
 physically pruned model computes (DESIGN invariant 1). Used by the oracle tests.
@@ -16,24 +17,18 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler.layers import tensor_shape
-from djpq_compiler.passes.dependency.groups import ChannelGroup
+from djpq_compiler.passes.dependency.groups import ChannelGroup, atom_mask
 
-__all__ = ["insert_channel_masks", "atom_mask"]
-
-
-def atom_mask(group: ChannelGroup, keep: Sequence[int]) -> np.ndarray:
-    mask = np.zeros(group.size, dtype=bool)
-    mask[np.asarray(list(keep), dtype=np.int64)] = True
-    return mask
+__all__ = ["insert_channel_masks"]
 
 
 def _not(new: fx.Node) -> Callable[[fx.Node], bool]:
     return lambda user: user is not new
 
 
-def insert_channel_masks(gm: fx.GraphModule, keep: Mapping[int, Sequence[int]]) -> PassResult:
+def insert_channel_masks(gm: fx.GraphModule, groups: Sequence[ChannelGroup],
+                         keep: Mapping[int, Sequence[int]]) -> PassResult:
     """Multiply each gate point's output by the kept-channel mask of its group."""
-    groups: tuple[ChannelGroup, ...] = gm.meta["djpq.groups"]
     nodes = {n.name: n for n in gm.graph.nodes}
     for gid, atoms in keep.items():
         group = groups[gid]
