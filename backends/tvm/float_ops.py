@@ -1,7 +1,8 @@
 """Float islands and integer lookup tables in Relax.
 
 A converted graph keeps an op in float where it has no integer lowering: it then sits between a
-``Dequantize`` and the next ``Quantize`` (``converted_record(gm).float_ops``). Each such op is emitted
+``Dequantize`` and the next ``Quantize`` (``converted_record(gm).float_ops``). Each such op is
+emitted
 here as the same float32 computation the reference executor (PyTorch) runs, in the same order of
 operations where that decides the rounding:
 
