@@ -2,9 +2,8 @@
 
 A converted graph keeps an op in float where it has no integer lowering: it then sits between a
 ``Dequantize`` and the next ``Quantize`` (``converted_record(gm).float_ops``). Each such op is
-emitted
-here as the same float32 computation the reference executor (PyTorch) runs, in the same order of
-operations where that decides the rounding:
+emitted here as the same float32 computation the reference executor (PyTorch) runs, in the same
+order of operations where that decides the rounding:
 
 * **exact** (IEEE-754 float32 ``+ - * /``, min/max are correctly rounded, so same order = same
   bits): relu, relu6, hardtanh, hardsigmoid ``clip(x + 3, 0, 6) / 6``, hardswish
