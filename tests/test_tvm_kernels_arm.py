@@ -48,7 +48,7 @@ def test_default_aarch64_target_has_dotprod() -> None:
     plain = {k: v for k, v in ARM.items() if k != "mattr"}
     assert target_features(plain) == frozenset()
     choice = select_kernel(_facts(0, 255, -8, 7, features=target_features(plain)))
-    assert choice.variant == "default" and "neither AVX2 nor dotprod" in choice.note
+    assert choice.variant == "default" and "no AVX2 (nor aarch64 dotprod)" in choice.note
 
 
 #: (activation codes lo..hi, weight lo..hi) -> variant, each bound next to one bit past it.

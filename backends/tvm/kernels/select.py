@@ -171,8 +171,8 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
         return _default(facts, "no target given (lowered for tuning or inspection)")
     arm = "dotprod" in facts.features
     if not arm and not facts.features & {"avx2", "avx512vnni"}:
-        return _default(facts, f"target {facts.target} has neither AVX2 nor dotprod; no written "
-                               "kernel for it yet")
+        return _default(facts, f"target {facts.target} has no AVX2 (nor aarch64 dotprod); no "
+                               "written kernel for it yet")
     depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
     if arm and depthwise:
         return _default(facts, f"target {facts.target}: no aarch64 depthwise kernel yet")
