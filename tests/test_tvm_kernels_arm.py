@@ -182,3 +182,17 @@ def test_disassembly_shows_sdot_in_conv_kernels(runner: None, tmp_path: Path) ->
         assert re.search(r"\bsdot\s+v\d+\.4s", body), name
     report = kernel_table(kernels)
     assert "neon_sdot" in report and "100.0 % of MACs in written kernels" in report
+
+
+def test_sdot_grouped_conv_bit_exact_under_qemu(runner: None, tmp_path: Path) -> None:
+    """A grouped conv (groups of 8 -> 12 channels) runs one sdot kernel per group."""
+    layer = int_layer("conv", 16, 24, x_bits=8, w_bits=8, groups=2, stride=2, seed=5)
+    kernels, _ = check_arm(layer, (2, 16, 9, 8), 8, False, tmp_path)
+    assert [c.variant for c in kernels] == ["neon_sdot"] and "2 groups" in kernels[0].note
+
+
+def test_depthwise_stays_default_bit_exact_under_qemu(runner: None, tmp_path: Path) -> None:
+    layer = int_layer("conv", 7, 7, x_bits=8, w_bits=8, groups=7, seed=6)
+    kernels, _ = check_arm(layer, (1, 7, 8, 9), 8, False, tmp_path)
+    assert [c.variant for c in kernels] == ["default"]
+    assert "no aarch64 depthwise kernel" in kernels[0].note
