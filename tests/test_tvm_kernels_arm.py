@@ -196,3 +196,19 @@ def test_depthwise_stays_default_bit_exact_under_qemu(runner: None, tmp_path: Pa
     kernels, _ = check_arm(layer, (1, 7, 8, 9), 8, False, tmp_path)
     assert [c.variant for c in kernels] == ["default"]
     assert "no aarch64 depthwise kernel" in kernels[0].note
+
+
+def test_forcing_sdot_past_its_bound_is_wrong(runner: None, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound is needed: 9-bit codes forced through sdot wrap in int8 and give wrong codes."""
+    import dataclasses
+
+    from djpq_compiler.backends.tvm import converters
+
+    def forced(facts: LayerFacts) -> object:
+        return dataclasses.replace(select_kernel(facts), variant="neon_sdot")
+
+    monkeypatch.setattr(converters, "select_kernel", forced)
+    layer = int_layer("conv", 9, 7, x_bits=9, w_bits=8, seed=8)
+    with pytest.raises(AssertionError, match=r"^tensor\(\d+\)"):  # the max code difference
+        check_arm(layer, (1, 9, 6, 7), 9, False, tmp_path)
