@@ -226,7 +226,8 @@ def test_build_for_this_cpu_uses_its_best_kernel() -> None:
 
 
 def test_fallbacks_are_recorded() -> None:
-    """Grouped conv, int64 accumulators, non-AVX2 and cross targets: default, with the reason."""
+    """Grouped conv, int64 accumulators, non-AVX2 targets, aarch64 without dotprod or depthwise:
+    default, with the reason."""
     grouped = int_layer("conv", 8, 8, x_bits=8, w_bits=4, groups=4)
     _, records = check(grouped, (1, 8, 6, 6), 8)
     assert records[0].variant == "default" and "per group" in records[0].note
@@ -237,8 +238,15 @@ def test_fallbacks_are_recorded() -> None:
     x = torch.rand(1, 5, 6, 6)
     _, ctx = lower(gm, [x], {"kind": "llvm", "mcpu": "x86-64"})
     assert ctx.kernels[0].variant == "default" and "no AVX2" in ctx.kernels[0].note
-    model = tvm_backend.build(gm, "aarch64", example_inputs=x)
-    assert model.kernels[0].variant == "default" and "no AVX2" in model.kernels[0].note
+    arm_plain = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}  # no dotprod
+    _, ctx = lower(gm, [x], arm_plain)
+    assert ctx.kernels[0].variant == "default" and "no AVX2" in ctx.kernels[0].note
+    model = tvm_backend.build(gm, "aarch64", example_inputs=x)  # +dotprod: see test_tvm_kernels_arm
+    assert model.kernels[0].variant == "neon_sdot"
+    depthwise = int_layer("conv", 6, 6, x_bits=8, w_bits=4, groups=6)
+    gm = im.trace_integer(One(depthwise, 8, False).eval())
+    model = tvm_backend.build(gm, "aarch64", example_inputs=torch.rand(1, 6, 6, 6))
+    assert model.kernels[0].variant == "default" and "depthwise" in model.kernels[0].note
     assert "default" in model.kernel_report() and "0.0 % of MACs" in model.kernel_report()
 
 

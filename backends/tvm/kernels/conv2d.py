@@ -32,10 +32,12 @@ __all__ = ["ConvKernelSpec", "build_conv_kernel", "choose_tiles", "pack_weight"]
 class ConvKernelSpec:
     """Everything one written conv kernel is specialized on.
 
-    ``kind`` is ``"ubsw"`` (u8 x s8, ``groups`` = P input-channel groups of 4 summed in int16) or
-    ``"wd"`` (int16 x int16 pairs). ``act_offset`` is added to every activation (and to the zero
-    padding) before the product: ``-lo`` for signed inputs, so that the operand is unsigned; the
-    bias passed in carries the correction ``-act_offset * sum(w) * 2^acc_shift``.
+    ``kind`` is ``"ubsw"`` (u8 x s8, ``groups`` = P input-channel groups of 4 summed in int16),
+    ``"wd"`` (int16 x int16 pairs), ``"vnni"`` or ``"sdot"`` (aarch64, s8 x s8: the offset then
+    moves the codes into ``[-128, 127]``). ``act_offset`` is added to every activation (and to
+    the zero padding) before the product: ``-lo`` for signed inputs, so that the operand is
+    unsigned (``sdot``: ``-128 - lo`` or 0, see ``LayerFacts.offset_for``); the bias passed in
+    carries the correction ``-act_offset * sum(w) * 2^acc_shift``.
     ``out_dtype`` ``"int32"`` means: no requantization, return the accumulator.
     ``mult_dtype`` is the dtype of the requantization multipliers: ``"int32"`` when they all fit,
     so that the int64 product ``acc * m`` of two sign-extended 32-bit values is one ``vpmuldq``
@@ -76,7 +78,9 @@ class ConvKernelSpec:
 
     @property
     def oc_lanes(self) -> int:
-        """Output channels per vector: 16 int32 (AVX-512) or 8 (AVX2)."""
+        """Output channels per vector: 16 int32 (AVX-512), 8 (AVX2) or 4 (NEON)."""
+        if self.kind == "sdot":
+            return 4
         return 16 if self.kind in ("vnni", "dw16") else 8
 
     @property
@@ -104,6 +108,9 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
     out_w = spec.out_size[1]
     if spec.depthwise:
         tile_oc, widest = 1, 8
+    elif spec.kind == "sdot":  # 32 NEON registers, 4 int32 lanes
+        tile_oc = min(4, -(-spec.out_channels // 4))
+        widest = 6 if tile_oc > 2 else 8
     elif spec.kind == "vnni":  # 32 zmm registers
         tile_oc = 2 if spec.out_channels > 16 else 1
         widest = 12 if tile_oc == 1 else 8
@@ -191,7 +198,7 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
     lanes, groups = spec.lanes, spec.groups
     icb, ocb = spec.in_blocks, spec.out_blocks(tile_oc)
     hp, wp = (oh - 1) * sh + dh * (kh - 1) + 1, (owp - 1) * sw + dw * (kw - 1) + 1
-    act = "int16" if spec.kind == "wd" else "uint8"
+    act = {"wd": "int16", "sdot": "int8"}.get(spec.kind, "uint8")
     gdim = (groups,) if groups > 1 else ()
     ol = spec.oc_lanes
 

@@ -20,6 +20,8 @@ __all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "ta
 
 #: CPU features the written kernels use (LLVM names).
 KNOWN_FEATURES = ("avx2", "avx512bw", "avx512vnni")
+#: aarch64 features the written kernels use (LLVM names).
+KNOWN_ARM_FEATURES = ("dotprod",)
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
 
@@ -29,11 +31,12 @@ def target_features(spec: dict[str, Any] | None) -> frozenset[str] | None:
     LLVM sees them); ``None`` if no spec."""
     if spec is None:
         return None
-    if spec.get("kind") != "llvm" or "aarch64" in str(spec.get("mtriple", "")):
+    if spec.get("kind") != "llvm":
         return frozenset()
+    arm = "aarch64" in str(spec.get("mtriple", ""))
     tvm = load_tvm()
     target = tvm.target.Target(spec)
-    return frozenset(f for f in KNOWN_FEATURES
+    return frozenset(f for f in (KNOWN_ARM_FEATURES if arm else KNOWN_FEATURES)
                      if tvm.target.codegen.target_has_features(f, target))
 
 
@@ -81,14 +84,15 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
     m_c = _per_channel(m, oc)
     m_dtype = "int32" if _fits_int32(m_c) else "int64"
+    offset = facts.offset_for(choice.kind)
     spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), stride, padding, dilation,
-                          str(choice.kind), choice.groups, in_dtype, facts.act_offset,
+                          str(choice.kind), choice.groups, in_dtype, offset,
                           facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype)
     func, (_, tile_oc) = _kernel(spec)
     size = spec.out_blocks(tile_oc) * spec.oc_lanes
     w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
     args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), w_dtype),
-            bb.const(_padded(facts.kernel_bias(), size, "int32"), "int32")]
+            bb.const(_padded(facts.kernel_bias(offset), size, "int32"), "int32")]
     if requant is not None:
         shift_c = _per_channel(shift, oc)
         rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)

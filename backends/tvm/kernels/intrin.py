@@ -15,6 +15,10 @@ slow):
   ``vpdpbusd`` (AVX512-VNNI): the four products are summed without intermediate saturation, so
   it is exact whenever the int32 accumulator is (any u8 x s8, W8A8 included).
 
+* ``djpq_neon_sdot`` (aarch64 ``dotprod``): ``C[4] += sum_{k<4} A[k] * B[:, k]``, s8 x s8
+  through one ``sdot`` (``llvm.aarch64.neon.sdot``): four full-width products summed into each
+  int32 lane, exact whenever the int32 accumulator is.
+
 The description uses a ``local`` output buffer (the kernels accumulate in a ``cache_write``
 buffer). With P = 1 the ``g`` axis is dropped entirely: extent-1 loops break the match.
 """
@@ -36,6 +40,8 @@ def intrin_name(kind: str, groups: int = 1) -> str:
     ``"vnni"``."""
     if kind == "ubsw":
         return f"djpq_avx2_ubsw_p{groups}"
+    if kind == "sdot":
+        return "djpq_neon_sdot"
     return "djpq_avx512_vnni" if kind == "vnni" else "djpq_avx2_wd"
 
 
@@ -159,6 +165,26 @@ def _vnni() -> tuple[Any, Any]:
     return _broadcast_desc(16, 4, "uint8", "int8"), impl
 
 
+def _sdot() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "int8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((4, 4), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((4,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                C[T.ramp(T.int32(0), 1, 4)],
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
+                                          4), dtype="int8x16"),
+                B.vload([0, 0], "int8x16"), dtype="int32x4")
+
+    return _broadcast_desc(4, 4, "int8", "int8"), impl
+
+
 @functools.cache
 def register_intrinsics() -> None:
     """Register every intrinsic of this module with TVM (once per process)."""
@@ -170,3 +196,4 @@ def register_intrinsics() -> None:
             register(intrin_name("ubsw", groups), *_ubsw_grouped(groups), override=True)
     register(intrin_name("wd"), *_wd(), override=True)
     register(intrin_name("vnni"), *_vnni(), override=True)
+    register(intrin_name("sdot"), *_sdot(), override=True)

@@ -19,6 +19,13 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   int32, checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
 * grouped (non-depthwise) convs with groups at least ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels
   wide (and at most ``MAX_GROUPS`` of them) take the dense variants, one kernel per group.
+* ``neon_sdot`` (aarch64 with ``dotprod``): operands shifted into int8 (offset 0 when the codes
+  already lie in ``[-128, 127]``, else ``-128 - lo``: needs ``hi - lo <= 255``), weights in
+  ``[-128, 127]``; ``sdot`` adds four full-width s8 x s8 products (each ``|p| <= 2^14``, their sum
+  ``<= 2^16``) to an int32 lane with no intermediate rounding or saturation, so it is exact
+  whenever the accumulator bound below holds (W8A8 included). ``udot`` (u8 x u8) would need
+  non-negative weights and ``usdot`` (u8 x s8) needs ``i8mm`` (Armv8.6), hence the offset.
+  Dense and per-group convs and 2-D linears; depthwise stays ``default`` on aarch64.
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
@@ -47,8 +54,8 @@ class KernelChoice:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
-            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"`` or
-            ``"default"`` (TVM's generic lowering).
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"``,
+            ``"neon_sdot"`` (aarch64) or ``"default"`` (TVM's generic lowering).
         bound: The inequality the variant relies on, with this layer's numbers.
         note: Why this variant (for ``default``: why no written kernel applies).
         macs: Multiply-accumulates of one call.
@@ -63,11 +70,11 @@ class KernelChoice:
 
     @property
     def kind(self) -> str | None:
-        """Intrinsic family: ``"ubsw"``, ``"wd"``, ``"vnni"`` or ``None`` (default)."""
+        """Intrinsic family: ``"ubsw"``, ``"wd"``, ``"vnni"``, ``"sdot"`` or ``None`` (default)."""
         if self.variant.startswith("avx2_u8s8"):
             return "ubsw"
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
-                "avx2_dw8": "dw8"}.get(self.variant)
+                "avx2_dw8": "dw8", "neon_sdot": "sdot"}.get(self.variant)
 
     @property
     def groups(self) -> int:
@@ -81,8 +88,8 @@ class LayerFacts:
 
     ``act_lo``/``act_hi`` is the input's integer range, ``weight`` the integer weights (any
     shape with the output channels first), ``bias`` the int bias, ``acc_shift`` the layer's ``k``.
-    ``features`` are the target's CPU features this module knows (``"avx2"``, ``"avx512vnni"``;
-    ``None``: no target given).
+    ``features`` are the target's CPU features this module knows (``"avx2"``, ``"avx512vnni"``,
+    ``"dotprod"``; ``None``: no target given).
     """
 
     layer: str
@@ -111,18 +118,31 @@ class LayerFacts:
     def w_max(self) -> int:
         return int(np.abs(self.weight).max(initial=0))
 
-    def kernel_bias(self) -> np.ndarray:
-        """The bias the kernel adds: ``bias - act_offset * sum_o(w) * 2^k`` (int64)."""
+    def offset_for(self, kind: str | None) -> int:
+        """The offset a kernel of intrinsic family ``kind`` adds to every activation:
+        :attr:`act_offset` (unsigned operands) except for ``"sdot"`` (signed int8 operands: 0
+        if the codes lie in ``[-128, 127]``, else ``-128 - lo``)."""
+        if kind == "sdot":
+            return 0 if self.act_lo >= -128 and self.act_hi <= 127 else -128 - self.act_lo
+        return self.act_offset
+
+    def kernel_bias(self, offset: int | None = None) -> np.ndarray:
+        """The bias the kernel adds: ``bias - offset * sum_o(w) * 2^k`` (int64); ``offset``
+        defaults to :attr:`act_offset`."""
+        offset = self.act_offset if offset is None else offset
         rows = self.weight.reshape(self.weight.shape[0], -1).astype(np.int64).sum(axis=1)
         bias = np.broadcast_to(self.bias.astype(np.int64), rows.shape) if self.bias.size \
             else np.zeros_like(rows)
-        return bias - self.act_offset * rows * (1 << self.acc_shift)
+        return bias - offset * rows * (1 << self.acc_shift)
 
-    def kernel_acc_bound(self) -> int:
-        """Bound on every int32 value the kernel forms (products, ``acc * 2^k``, ``+ bias'``)."""
+    def kernel_acc_bound(self, offset: int | None = None) -> int:
+        """Bound on every int32 value the kernel forms (products, ``acc * 2^k``, ``+ bias'``)
+        with activations shifted by ``offset`` (default :attr:`act_offset`)."""
+        offset = self.act_offset if offset is None else offset
+        a_max = max(abs(self.act_lo + offset), abs(self.act_hi + offset))
         per_out = np.abs(self.weight.reshape(self.weight.shape[0], -1)).astype(np.int64).sum(1)
-        conv = int(per_out.max(initial=0)) * self.span << self.acc_shift
-        return conv + int(np.abs(self.kernel_bias()).max(initial=0))
+        conv = int(per_out.max(initial=0)) * a_max << self.acc_shift
+        return conv + int(np.abs(self.kernel_bias(offset)).max(initial=0))
 
 
 def _default(facts: LayerFacts, note: str) -> KernelChoice:
@@ -149,22 +169,29 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
     """The fastest variant provably exact for ``facts`` (``default`` when none is)."""
     if facts.features is None:
         return _default(facts, "no target given (lowered for tuning or inspection)")
-    if not facts.features & {"avx2", "avx512vnni"}:
-        return _default(facts, f"target {facts.target} has no AVX2; no written kernel for it yet")
+    arm = "dotprod" in facts.features
+    if not arm and not facts.features & {"avx2", "avx512vnni"}:
+        return _default(facts, f"target {facts.target} has no AVX2 (nor aarch64 dotprod); no "
+                               "written kernel for it yet")
     depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
+    if arm and depthwise:
+        return _default(facts, f"target {facts.target}: no aarch64 depthwise kernel yet")
     in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // facts.groups
     if facts.groups != 1 and not depthwise and (in_g < MIN_GROUP_IN or out_g < MIN_GROUP_OUT
                                                 or facts.groups > MAX_GROUPS):
         return _default(facts, f"groups={facts.groups} with {in_g} -> {out_g} channels per "
                                f"group: per-group kernels need >= {MIN_GROUP_IN} -> "
                                f"{MIN_GROUP_OUT} channels and <= {MAX_GROUPS} groups")
-    bound = facts.kernel_acc_bound()
-    if bound > INT32_MAX:
-        return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
-    acc_text = f"acc bound {bound} <= 2^31-1"
-    if depthwise:
-        return _select_depthwise(facts, acc_text)
-    choice = _select_dense(facts, acc_text)
+    if arm:
+        choice = _select_sdot(facts)
+    else:
+        bound = facts.kernel_acc_bound()
+        if bound > INT32_MAX:
+            return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
+        acc_text = f"acc bound {bound} <= 2^31-1"
+        if depthwise:
+            return _select_depthwise(facts, acc_text)
+        choice = _select_dense(facts, acc_text)
     if facts.groups != 1 and choice.kind is not None:
         note = f"{choice.note}; {facts.groups} groups, one kernel each"
         return dataclasses.replace(choice, note=note)
@@ -196,3 +223,25 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
         return KernelChoice(facts.layer, facts.op, "avx2_s16", text,
                             f"{facts.target}: int16 x int16 vpmaddwd", facts.macs)
     return _default(facts, f"operands too wide for int16 (span {span}, max|w| {w_max})")
+
+
+def _select_sdot(facts: LayerFacts) -> KernelChoice:
+    """aarch64 dense (or per-group) conv/linear: s8 x s8 ``sdot`` with the activations shifted
+    into int8, or ``default`` when the codes or weights do not fit int8 or the accumulator does
+    not fit int32."""
+    lo, hi = facts.act_lo, facts.act_hi
+    w_lo = int(facts.weight.min(initial=0))
+    w_hi = int(facts.weight.max(initial=0))
+    if hi - lo > 255 or w_lo < -128 or w_hi > 127:
+        return _default(facts, f"{facts.target}: sdot needs activation codes spanning <= 256 "
+                               f"values and weights in [-128, 127] (codes [{lo}, {hi}], weights "
+                               f"[{w_lo}, {w_hi}]); no wider aarch64 kernel yet")
+    offset = facts.offset_for("sdot")
+    bound = facts.kernel_acc_bound(offset)
+    if bound > INT32_MAX:
+        return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
+    text = (f"codes [{lo}, {hi}] {offset:+d} and weights [{w_lo}, {w_hi}] in int8 (sdot sums "
+            f"4 s8 x s8 products exactly into int32); acc bound {bound} <= 2^31-1")
+    return KernelChoice(facts.layer, facts.op, "neon_sdot", text,
+                        f"{facts.target}: s8 x s8 sdot (dotprod), activation offset {offset}",
+                        facts.macs)
