@@ -227,7 +227,8 @@ class _Lowering:
         chain, bn, relu, quant = self._chain(node)
         out_act = self.quant_act(quant) if quant is not None else None
         try:
-            mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, out_act, relu)
+            mod, lsb = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, out_act,
+                                    relu)
         except QuantizationError as err:
             if quant is None or relu is not None or not self.read_by_tables(quant):
                 raise
@@ -237,14 +238,13 @@ class _Lowering:
                           " before the lookup table", stacklevel=5)
             chain = chain[:2] if bn is not None else chain[:1]
             quant = out_act = None
-            mod = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, None, None)
+            mod, lsb = params.build(self.gm, bn, x_act.scale, x_act.bits, x_act.signed, None, None)
         new = self.module(f"{params.kind}_{node.name}", mod, (self.env[_name(x)],))
         for n in chain:
             self.done.add(n.name)
             self.env[n.name], self.act[n.name] = new, out_act
         self.layers[node.name] = {"w_bits": params.w_bits, "a_bits": x_act.bits,
                                   "out": mod.weight.shape[0], "in": params.in_channels(mod)}
-        lsb = int(getattr(mod, "agreement_lsb", 1))
         if quant is not None and lsb > 1:
             self.bounds[quant.name] = lsb
             warnings.warn(

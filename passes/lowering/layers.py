@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.fx as fx
@@ -32,6 +32,15 @@ from djpq_compiler.ir.fixedpoint import qrange
 from djpq_compiler.ir.ops import accumulator_bound, requant_params
 
 __all__ = ["LayerParams", "layer_params", "bias_agreement_lsb"]
+
+
+class OutputCodes(Protocol):
+    """What a layer's integer output is (``to_integer.Act``): codes in ``qrange(bits, signed)``
+    at ``scale``."""
+
+    scale: float
+    bits: int
+    signed: bool
 
 
 @dataclass(frozen=True)
@@ -77,8 +86,9 @@ class LayerParams:
         return torch.clamp(torch.round(w / self.d_w), -limit, limit).to(torch.int64)
 
     def build(self, gm: fx.GraphModule, bn: fx.Node | None, x_scale: float, x_bits: int,
-              x_signed: bool, out: object | None, relu: str | None) -> nn.Module:
-        """The integer module (``out`` is the output ``Act`` or None for a float output)."""
+              x_signed: bool, out: OutputCodes | None, relu: str | None) -> tuple[nn.Module, int]:
+        """The integer module and its agreement bound in output LSB (``out`` is the output
+        ``Act`` or None for a float output)."""
         mod = gm.get_submodule(self.module)
         k, post_bias = self._affine(gm, bn)
         codes = self.codes(gm)
@@ -91,13 +101,13 @@ class LayerParams:
         fan_in = int(codes[0].numel())
         lsb = 1
         if out is not None:
-            lo, hi = qrange(out.bits, out.signed)  # type: ignore[attr-defined]
+            lo, hi = qrange(out.bits, out.signed)
             if relu is not None:
                 lo = max(lo, 0)
             if relu == "relu6":
-                hi = min(hi, int(torch.round(torch.tensor(6.0 / out.scale))))  # type: ignore[attr-defined]
+                hi = min(hi, int(torch.round(torch.tensor(6.0 / out.scale))))
             exact = post_bias / (x_scale * w_scale)
-            multiplier = x_scale * w_scale / out.scale  # type: ignore[attr-defined]
+            multiplier = x_scale * w_scale / out.scale
             live = _unclipped(codes, exact, multiplier, x_bits, x_signed, lo, hi)
             acc_shift, bias, lsb = _fine_bias(exact, multiplier, fan_in, x_bits, self.w_bits,
                                               x_signed, live)
@@ -107,16 +117,16 @@ class LayerParams:
             bound = (accumulator_bound(fan_in, x_bits, self.w_bits, x_signed=x_signed)
                      << acc_shift) + (int(bias.abs().max()) if bias.numel() else 0)
             w_scale_acc = w_scale / 2**acc_shift
-            m, shift = requant_params(x_scale, w_scale_acc, out.scale, bound)  # type: ignore[attr-defined]
-            common = dict(out_scale=out.scale, out_bits=out.bits,  # type: ignore[attr-defined]
-                          out_signed=out.signed, clip=(lo, hi),  # type: ignore[attr-defined]
-                          acc_shift=acc_shift)
+            m, shift = requant_params(x_scale, w_scale_acc, out.scale, bound)
+            common: dict[str, Any] = dict(out_scale=out.scale, out_bits=out.bits,
+                                          out_signed=out.signed, clip=(lo, hi),
+                                          acc_shift=acc_shift)
         else:  # float output: the bias stays float (no int32 bound), added after scaling
             m = shift = torch.zeros(codes.shape[0], dtype=torch.int64)
             common = dict(out_scale=None, out_bits=32, out_signed=True, clip=None,
                           out_bias=post_bias)
             bias = torch.zeros_like(bias)
-        kwargs = dict(weight=codes, bias=bias, w_scale=w_scale, in_scale=x_scale,
+        kwargs: dict[str, Any] = dict(weight=codes, bias=bias, w_scale=w_scale, in_scale=x_scale,
                       w_bits=self.w_bits, m=m, shift=shift, **common)
         if self.kind == "linear":
             layer: nn.Module = im.IntLinear(**kwargs)
@@ -124,8 +134,7 @@ class LayerParams:
             conv = cast(nn.Conv2d, mod)
             layer = im.IntConv2d(stride=conv.stride, padding=cast(tuple[int, int], conv.padding),
                                  dilation=conv.dilation, groups=conv.groups, **kwargs)
-        layer.agreement_lsb = lsb  # type: ignore[assignment]
-        return layer
+        return layer, lsb
 
 
 def _unclipped(codes: torch.Tensor, exact: torch.Tensor, multiplier: torch.Tensor, x_bits: int,
