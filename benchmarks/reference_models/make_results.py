@@ -61,10 +61,11 @@ def long_runs(records: dict[str, dict]) -> list[str]:
         return []
     lines = ["", "## Long runs (resumable; issue 18)", "",
              "Cosine LR to 0 over the planned epochs, random crop (2 px) + horizontal flip, "
-             "SGD-Nesterov 0.9, weight decay 5e-4, batch 128, 1 thread, `nice -n 19` on the shared "
-             "2-core machine. *Converged* means the last 3 epochs raised the best test accuracy by "
-             "at most 0.1 point (`train_reference.converged`). s/epoch is the median wall time of "
-             "an epoch including the test-set evaluation, under whatever load the machine had.",
+             "SGD-Nesterov 0.9, weight decay 5e-4, batch 128, 1 thread, `nice -n 19` "
+             "(mobilenetv2's run: `nice -n 10`) on the shared 2-core machine. *Converged* means "
+             "the last 3 epochs raised the best test accuracy by at most 0.1 point "
+             "(`train_reference.converged`). s/epoch is the median wall time of an epoch "
+             "including the test-set evaluation, under whatever load the machine had.",
              "",
              "| model | init | epochs done / planned | finished | converged | last-epoch acc. | "
              "best acc. | s/epoch |",
