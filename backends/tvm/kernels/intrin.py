@@ -1,8 +1,10 @@
 # mypy: disable-error-code="valid-type"
-"""TVM-facing: the AVX2 tensor intrinsics the integer kernels are tensorized with.
+"""TVM-facing: the tensor intrinsics the integer kernels are tensorized with (x86, aarch64).
 
-Two families, registered once with ``tvm.s_tir.TensorIntrin.register`` (lazily: importing TVM is
-slow):
+Registered once with ``tvm.s_tir.TensorIntrin.register`` (lazily: importing TVM is slow). All
+but the grouped ``vpmaddubsw`` share one shape, built by :func:`_broadcast_intrin`: one pixel's
+``k`` input channels broadcast to every output lane, times ``lanes`` output channels' weights;
+``vpdpbusd`` and ``sdot`` are the same 4 x 8-bit dot product into int32 lanes (:func:`_dot4`).
 
 * ``djpq_avx2_ubsw_p{P}`` (P = 1, 2, 4): ``C[8] += sum_{g<P, k<4} A[g, k] * B[g, :, k]`` with
   ``A`` u8 (4 input channels of one pixel, broadcast to the 8 output-channel lanes) and ``B`` s8.
@@ -14,7 +16,6 @@ slow):
 * ``djpq_avx512_vnni``: ``C[16] += sum_{k<4} A[k] * B[:, k]``, u8 x s8 through one
   ``vpdpbusd`` (AVX512-VNNI): the four products are summed without intermediate saturation, so
   it is exact whenever the int32 accumulator is (any u8 x s8, W8A8 included).
-
 * ``djpq_neon_sdot`` (aarch64 ``dotprod``): ``C[4] += sum_{k<4} A[k] * B[:, k]``, s8 x s8
   through one ``sdot`` (``llvm.aarch64.neon.sdot``): four full-width products summed into each
   int32 lane, exact whenever the int32 accumulator is.
@@ -26,6 +27,7 @@ buffer). With P = 1 the ``g`` axis is dropped entirely: extent-1 loops break the
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from ..adapter import load_tvm
@@ -45,24 +47,45 @@ def intrin_name(kind: str, groups: int = 1) -> str:
     return "djpq_avx512_vnni" if kind == "vnni" else "djpq_avx2_wd"
 
 
+def _splat(A: Any, index: list[int], dtype: str, k: int, lanes: int) -> Any:  # noqa: N803
+    """The ``k`` elements of ``A`` at ``index`` (one pixel's input channels, 32 bits together)
+    repeated ``lanes`` times, as a ``dtype x (k * lanes)`` vector."""
+    tirx = load_tvm().tirx
+    word = tirx.reinterpret("int32", A.vload(index, f"{dtype}x{k}"))
+    return tirx.reinterpret(f"{dtype}x{k * lanes}", tirx.Broadcast(word, lanes))
+
+
 def _ubsw_sum(A: Any, B: Any, groups: int) -> Any:  # noqa: N803 - buffer names as in TIR
     """Sum of ``groups`` vpmaddubsw results (int16x16) of A's 4-byte groups and B's 32 bytes."""
     tirx = load_tvm().tirx
     total = None
     for g in range(groups):
         a_idx, b_idx = ([g, 0], [g, 0, 0]) if groups > 1 else ([0], [0, 0])
-        a32 = tirx.reinterpret("int32", A.vload(a_idx, "uint8x4"))
-        a = tirx.reinterpret("uint8x32", tirx.Broadcast(a32, 8))
-        term = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a,
+        term = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
+                                          _splat(A, a_idx, "uint8", 4, 8),
                                           B.vload(b_idx, "int8x32"))
         total = term if total is None else total + term
     return total
 
 
-def _broadcast_desc(lanes: int, k: int, a_dtype: str, b_dtype: str) -> Any:
+def _widen_add(C: Any, pairs: Any) -> Any:  # noqa: N803
+    """``C + vpmaddwd(pairs, ones)``: int16x16 pair sums widened into C's 8 int32 lanes."""
+    tirx = load_tvm().tirx
+    ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
+    return C.vload([0], "int32x8") + tirx.call_llvm_pure_intrin(
+        "int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
+
+
+#: ``(A, B, C) -> the new value of C[0:lanes]``: the body of a broadcast intrinsic.
+Update = Callable[[Any, Any, Any], Any]
+
+
+def _broadcast_intrin(lanes: int, k: int, a_dtype: str, b_dtype: str,
+                      update: Update) -> tuple[Any, Any]:
     """``C[lanes] += sum_{j<k} A[j] * B[:, j]`` in int32: one pixel's ``k`` input channels
-    (broadcast to every output lane) times ``lanes`` output channels' weights. The description
-    of the P = 1 ``vpmaddubsw``, the ``vpmaddwd`` and the ``vpdpbusd`` intrinsics."""
+    (broadcast to every output lane) times ``lanes`` output channels' weights; ``(desc, impl)``
+    with ``impl`` storing ``update(A, B, C)`` to ``C``. The P = 1 ``vpmaddubsw``, the
+    ``vpmaddwd``, the ``vpdpbusd`` and the ``sdot`` intrinsics."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
@@ -77,24 +100,56 @@ def _broadcast_desc(lanes: int, k: int, a_dtype: str, b_dtype: str) -> Any:
                     vi, vj = T.axis.remap("SR", [i, j])
                     C[vi] = C[vi] + T.cast(A[vj], "int32") * T.cast(B[vi, vj], "int32")
 
-    return desc
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((k,), a_dtype, offset_factor=1),  # noqa: N803
+             B: T.Buffer((lanes, k), b_dtype, offset_factor=1),  # noqa: N803
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = update(A, B, C)
+
+    return desc, impl
+
+
+def _dot4(llvm_intrinsic: str, lanes: int, dtype: str) -> Update:
+    """``C = intrinsic(C, A splat, B)``: an instruction that sums four full-width 8-bit products
+    into each int32 lane of ``C`` (``vpdpbusd``, ``sdot``); ``dtype``: A's."""
+
+    def update(A: Any, B: Any, C: Any) -> Any:  # noqa: N803
+        tirx = load_tvm().tirx
+        return tirx.call_llvm_pure_intrin(
+            f"int32x{lanes}", llvm_intrinsic, C.vload([0], f"int32x{lanes}"),
+            _splat(A, [0], dtype, 4, lanes), B.vload([0, 0], f"int8x{4 * lanes}"))
+
+    return update
 
 
 def _ubsw_p1() -> tuple[Any, Any]:
-    from tvm.script import tirx as T
+    return _broadcast_intrin(8, 4, "uint8", "int8",
+                             lambda A, B, C: _widen_add(C, _ubsw_sum(A, B, 1)))
 
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
-             B: T.Buffer((8, 4), "int8", offset_factor=1),  # noqa: N803
-             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), _ubsw_sum(A, B, 1),
-                T.int16x16(1), dtype="int32x8")
 
-    return _broadcast_desc(8, 4, "uint8", "int8"), impl
+def _wd() -> tuple[Any, Any]:
+    """``vpmaddwd`` of the broadcast int16 pair and B's 16 int16, accumulated as they are."""
+
+    def update(A: Any, B: Any, C: Any) -> Any:  # noqa: N803
+        tirx = load_tvm().tirx
+        return C.vload([0], "int32x8") + tirx.call_llvm_pure_intrin(
+            "int32x8", "llvm.x86.avx2.pmadd.wd", _splat(A, [0], "int16", 2, 8),
+            B.vload([0, 0], "int16x16"))
+
+    return _broadcast_intrin(8, 2, "int16", "int16", update)
+
+
+def _vnni() -> tuple[Any, Any]:
+    return _broadcast_intrin(16, 4, "uint8", "int8", _dot4("llvm.x86.avx512.vpdpbusd.512", 16,
+                                                          "uint8"))
+
+
+def _sdot() -> tuple[Any, Any]:
+    return _broadcast_intrin(4, 4, "int8", "int8", _dot4("llvm.aarch64.neon.sdot.v4i32.v16i8", 4,
+                                                        "int8"))
 
 
 def _ubsw_grouped(P: int) -> tuple[Any, Any]:  # noqa: N803
@@ -119,70 +174,9 @@ def _ubsw_grouped(P: int) -> tuple[Any, Any]:  # noqa: N803
         with T.sblock("root"):
             T.reads(C[0:8], A[0:P, 0:4], B[0:P, 0:8, 0:4])
             T.writes(C[0:8])
-            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), _ubsw_sum(A, B, P),
-                T.int16x16(1), dtype="int32x8")
+            C[T.ramp(T.int32(0), 1, 8)] = _widen_add(C, _ubsw_sum(A, B, P))
 
     return desc, impl
-
-
-def _wd() -> tuple[Any, Any]:
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((2,), "int16", offset_factor=1),  # noqa: N803
-             B: T.Buffer((8, 2), "int16", offset_factor=1),  # noqa: N803
-             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-            T.writes(C[0:8])
-            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"),
-                                          8), dtype="int16x16"),
-                B.vload([0, 0], "int16x16"), dtype="int32x8")
-
-    return _broadcast_desc(8, 2, "int16", "int16"), impl
-
-
-def _vnni() -> tuple[Any, Any]:
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
-             B: T.Buffer((16, 4), "int8", offset_factor=1),  # noqa: N803
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C[T.ramp(T.int32(0), 1, 16)],
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
-                                          16), dtype="uint8x64"),
-                B.vload([0, 0], "int8x64"), dtype="int32x16")
-
-    return _broadcast_desc(16, 4, "uint8", "int8"), impl
-
-
-def _sdot() -> tuple[Any, Any]:
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "int8", offset_factor=1),  # noqa: N803
-             B: T.Buffer((4, 4), "int8", offset_factor=1),  # noqa: N803
-             C: T.Buffer((4,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
-        with T.sblock("root"):
-            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-            T.writes(C[0:4])
-            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                C[T.ramp(T.int32(0), 1, 4)],
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
-                                          4), dtype="int8x16"),
-                B.vload([0, 0], "int8x16"), dtype="int32x4")
-
-    return _broadcast_desc(4, 4, "int8", "int8"), impl
 
 
 @functools.cache
