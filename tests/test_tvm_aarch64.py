@@ -9,26 +9,16 @@ this x86 host bit for bit. Skips, naming what is missing, without the Debian pac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from djpq_compiler.errors import BackendError, MissingExtraError
+from djpq_compiler.errors import BackendError
 
 pytest.importorskip("tvm")
 tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
 from djpq_compiler.backends.tvm import aarch64_runner  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def runner() -> None:
-    """Skip unless the tools are installed and the aarch64 runtime and runner can be made."""
-    missing = aarch64_runner.missing_tools()
-    if missing:
-        pytest.skip("aarch64 under qemu not checked, missing: " + ", ".join(missing))
-    try:
-        aarch64_runner.build_runner(aarch64_runner.ensure_runtime())
-    except MissingExtraError as exc:
-        pytest.skip(f"aarch64 TVM runtime wheels unavailable: {exc}")
 
 
 def _assert_equal(got: tuple, want: tuple) -> None:
@@ -38,7 +28,7 @@ def _assert_equal(got: tuple, want: tuple) -> None:
         assert torch.equal(g, w), (g - w).abs().max()
 
 
-def test_tiny_net_bit_exact_under_qemu(runner: None) -> None:
+def test_tiny_net_bit_exact_under_qemu(aarch64_qemu: None) -> None:
     """Two inputs, seven outputs (int8 containers and float), 2..8-bit layers, pools, concat."""
     from test_tvm_backend import BITS, Net, example, im
 
@@ -52,7 +42,7 @@ def test_tiny_net_bit_exact_under_qemu(runner: None) -> None:
     _assert_equal(tuple(aarch64_runner.run_compiled(model, *other).outputs), gm(*other))
 
 
-def test_resnet20_pruned_bit_exact_under_qemu(runner: None, tmp_path) -> None:
+def test_resnet20_pruned_bit_exact_under_qemu(aarch64_qemu: None, tmp_path) -> None:
     """resnet20 with ~40 % of every channel group pruned: one exported .so, two inputs."""
     from test_tvm_zoo import pruned_converted
 
@@ -70,10 +60,38 @@ def test_resnet20_pruned_bit_exact_under_qemu(runner: None, tmp_path) -> None:
         assert run.seconds_per_run > 0
 
 
-def test_clear_errors(runner: None, tmp_path) -> None:
+def test_clear_errors(aarch64_qemu: None, tmp_path) -> None:
     x86_lib = tmp_path / "not_aarch64.so"
     x86_lib.write_bytes(b"\x7fELF" + bytes(14) + b"\x3e\x00" + bytes(40))  # EM_X86_64
     with pytest.raises(BackendError, match="not an aarch64"):
         aarch64_runner.run_library(x86_lib, [])
     with pytest.raises(BackendError, match="does not exist"):
         aarch64_runner.run_library(tmp_path / "missing.so", [])
+
+
+def test_qemu_fixture_skips_only_for_missing_extras(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared fixture skips, with the reason, for absent tools or wheels; any other failure
+    to make the runner is an error of the tests."""
+    from conftest import prepare_aarch64_qemu
+
+    from djpq_compiler.errors import MissingExtraError
+
+    monkeypatch.setattr(aarch64_runner, "missing_tools", lambda: ["qemu-aarch64 (qemu-user)"])
+    with pytest.raises(pytest.skip.Exception, match="missing: qemu-aarch64"):
+        prepare_aarch64_qemu()
+    monkeypatch.setattr(aarch64_runner, "missing_tools", lambda: [])
+
+    def no_wheels() -> None:
+        raise MissingExtraError("no aarch64 wheels here")
+
+    monkeypatch.setattr(aarch64_runner, "ensure_runtime", no_wheels)
+    with pytest.raises(pytest.skip.Exception, match="no aarch64 wheels here"):
+        prepare_aarch64_qemu()
+    monkeypatch.setattr(aarch64_runner, "ensure_runtime", lambda: Path("/nonexistent"))
+
+    def broken(runtime: Path) -> Path:
+        raise BackendError("building the aarch64 runner failed")
+
+    monkeypatch.setattr(aarch64_runner, "build_runner", broken)
+    with pytest.raises(BackendError, match="runner failed"):
+        prepare_aarch64_qemu()

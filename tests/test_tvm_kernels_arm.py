@@ -90,18 +90,6 @@ def test_sdot_selection_accumulator_and_depthwise_fall_back() -> None:
     assert choice.variant == "neon_sdot" and "2 groups" in choice.note
 
 
-@pytest.fixture(scope="module")
-def runner() -> None:
-    """Skip unless qemu, the cross toolchain and the aarch64 runtime/runner are available."""
-    missing = aarch64_runner.missing_tools()
-    if missing:
-        pytest.skip("aarch64 under qemu not checked, missing: " + ", ".join(missing))
-    try:
-        aarch64_runner.build_runner(aarch64_runner.ensure_runtime())
-    except Exception as exc:  # noqa: BLE001 - any failure to make the runtime is a skip
-        pytest.skip(f"aarch64 TVM runtime unavailable: {exc}")
-
-
 def check_arm(layer: nn.Module, shape: tuple[int, ...], x_bits: int, signed: bool,
               tmp_path: Path) -> tuple:
     """Build for aarch64, export a .so, run random and worst-case codes under qemu, compare
@@ -127,7 +115,7 @@ def check_arm(layer: nn.Module, shape: tuple[int, ...], x_bits: int, signed: boo
     (37, 5, 1, 1, 0, 1, (7, 13)),  # 1x1
     (3, 37, 1, 2, 0, 2, (8, 9)),  # 1x1 strided, 3 input channels
 ])
-def test_sdot_conv_bit_exact_under_qemu(runner: None, tmp_path: Path, c_in: int, c_out: int,
+def test_sdot_conv_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Path, c_in: int, c_out: int,
                                         k: int, stride: int, padding: int, batch: int,
                                         hw: tuple) -> None:
     layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=8, k=k, stride=stride,
@@ -147,7 +135,7 @@ QEMU_LADDER = [
 
 
 @pytest.mark.parametrize(("x_bits", "signed", "w_bits", "variant"), QEMU_LADDER)
-def test_sdot_bound_bit_exact_under_qemu(runner: None, tmp_path: Path, x_bits: int,
+def test_sdot_bound_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Path, x_bits: int,
                                          signed: bool, w_bits: int, variant: str) -> None:
     layer = int_layer("conv", 9, 7, x_bits=x_bits, w_bits=w_bits, x_signed=signed, seed=w_bits)
     kernels, _ = check_arm(layer, (2, 9, 6, 7), x_bits, signed, tmp_path)
@@ -156,7 +144,8 @@ def test_sdot_bound_bit_exact_under_qemu(runner: None, tmp_path: Path, x_bits: i
         assert "sdot needs" in kernels[0].note
 
 
-def test_sdot_linear_and_float_output_bit_exact_under_qemu(runner: None, tmp_path: Path) -> None:
+def test_sdot_linear_and_float_output_bit_exact_under_qemu(aarch64_qemu: None,
+                                                           tmp_path: Path) -> None:
     layer = int_layer("linear", 23, 9, x_bits=8, w_bits=8, out_scale=None, acc_shift=1)
     kernels, _ = check_arm(layer, (2, 23), 8, False, tmp_path)
     assert [c.variant for c in kernels] == ["neon_sdot"]
@@ -168,7 +157,7 @@ def _function_bodies(disassembly: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
-def test_disassembly_shows_sdot_in_conv_kernels(runner: None, tmp_path: Path) -> None:
+def test_disassembly_shows_sdot_in_conv_kernels(aarch64_qemu: None, tmp_path: Path) -> None:
     if shutil.which(OBJDUMP) is None:
         pytest.skip(f"{OBJDUMP} not installed (binutils-aarch64-linux-gnu)")
     layer = int_layer("conv", 13, 11, x_bits=8, w_bits=8, seed=3)
@@ -184,21 +173,21 @@ def test_disassembly_shows_sdot_in_conv_kernels(runner: None, tmp_path: Path) ->
     assert "neon_sdot" in report and "100.0 % of MACs in written kernels" in report
 
 
-def test_sdot_grouped_conv_bit_exact_under_qemu(runner: None, tmp_path: Path) -> None:
+def test_sdot_grouped_conv_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Path) -> None:
     """A grouped conv (groups of 8 -> 12 channels) runs one sdot kernel per group."""
     layer = int_layer("conv", 16, 24, x_bits=8, w_bits=8, groups=2, stride=2, seed=5)
     kernels, _ = check_arm(layer, (2, 16, 9, 8), 8, False, tmp_path)
     assert [c.variant for c in kernels] == ["neon_sdot"] and "2 groups" in kernels[0].note
 
 
-def test_depthwise_stays_default_bit_exact_under_qemu(runner: None, tmp_path: Path) -> None:
+def test_depthwise_stays_default_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Path) -> None:
     layer = int_layer("conv", 7, 7, x_bits=8, w_bits=8, groups=7, seed=6)
     kernels, _ = check_arm(layer, (1, 7, 8, 9), 8, False, tmp_path)
     assert [c.variant for c in kernels] == ["default"]
     assert "no aarch64 depthwise kernel" in kernels[0].note
 
 
-def test_forcing_sdot_past_its_bound_is_wrong(runner: None, tmp_path: Path,
+def test_forcing_sdot_past_its_bound_is_wrong(aarch64_qemu: None, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The bound is needed: 9-bit codes forced through sdot wrap in int8 and give wrong codes."""
     import dataclasses

@@ -382,14 +382,18 @@ def compile_module(mod: Any, target: Any, fuse: bool = True, schedule: bool = Tr
 
     With ``fuse``, :func:`fuse_module` runs first; with ``schedule`` too and a CPU (``llvm``)
     target, :func:`schedule_elementwise` then schedules the fused elementwise PrimFuncs (GPU
-    targets get dlight's GPU rules from ``tvm.compile``'s own pipeline).
+    targets get dlight's GPU rules from ``tvm.compile``'s own pipeline). LLVM targets are
+    compiled by :func:`.codegen.compile_llvm` (``tvm.compile``'s steps, in parallel parts).
     """
+    from .codegen import compile_llvm
+
+    llvm = str(target.kind.name) == "llvm"
     with quiet_tvm_log():
         if fuse:
             mod = fuse_module(mod, target)
-            if schedule and str(target.kind.name) == "llvm":
+            if schedule and llvm:
                 mod = schedule_elementwise(mod, target)
-        return load_tvm().compile(mod, target=target)
+        return compile_llvm(mod, target) if llvm else load_tvm().compile(mod, target=target)
 
 
 def call_tir_count(mod: Any, func: str = "main") -> int:
@@ -409,11 +413,14 @@ def call_tir_count(mod: Any, func: str = "main") -> int:
 def make_vm(executable: Any) -> Any:
     """A Relax VM for a host (CPU) executable (create once, call :func:`run_vm` many times).
 
-    Creating it JIT-compiles the executable's LLVM module to machine code (the VM looks up every
-    kernel): for a large net this costs as much as ``tvm.compile`` itself, once per executable.
+    Creating it JIT-compiles the executable's LLVM modules to machine code (the VM looks up every
+    kernel), once per executable: :func:`.codegen.jit` does it first, one thread per module.
     """
+    from .codegen import jit
+
     tvm = load_tvm()
     with quiet_tvm_log():
+        jit(executable)
         return tvm.relax.VirtualMachine(executable, tvm.cpu())
 
 

@@ -5,8 +5,10 @@ For each torchvision model (``weights=None``, eval mode) at a small input: ``pre
 (as ``tests/test_tvm_zoo.py`` does), ``convert``; then, in a fresh ``CompiledModel``:
 ``build`` (wall time of the whole call; ``load_seconds`` is the part that JIT-compiles the
 library, done at build time since the fix), the first ``model(x)`` and the median of ``--runs``
-further calls. ``--modes lazy,eager`` measures the path before the fix and the current one
-alternately in one run (see :func:`measure`). Each (model, mode) runs in its own subprocess, so
+further calls. ``--modes one_module,eager`` measures the path before ``codegen.compile_llvm``
+and the current one alternately in one run (``lazy``: before the first-call fix; see
+:func:`measure`). ``build_cpu_s`` is the CPU time of the build (all threads): on a shared host
+it varies less than the wall time. Each (model, mode) runs in its own subprocess, so
 one build's TVM state (JIT, caches) does not warm the next.
 
 Usage:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,13 +30,31 @@ from pathlib import Path
 from typing import Any
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _compile_as_one_module() -> None:
+    """Replay ``tvm.compile`` as the build used it before ``codegen.compile_llvm``: one LLVM
+    module with every argument check, made into machine code by the VM on one thread."""
+    from djpq_compiler.backends.tvm import adapter, codegen
+
+    tvm = adapter.load_tvm()
+    codegen.compile_llvm = (  # type: ignore[assignment]
+        lambda mod, target, **_: tvm.compile(mod, target=target))
+    codegen.jit = lambda executable, threads=None: None  # type: ignore[assignment]
+
+
 def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str, Any]:
     """Build ``name`` at ``size`` and time its build, first call and steady-state calls.
 
-    ``mode="lazy"`` replays the path before the fix: the build does not load the library
+    ``mode="lazy"`` replays the path before the first fix: the build does not load the library
     (``CompiledModel`` is told the target cannot run here while it is constructed), so the first
     call makes the VM and pays the LLVM JIT, as ``CompiledModel.__call__`` still does for a model
-    that was not loaded. ``mode="eager"``: ``build`` as it is.
+    that was not loaded; the library is compiled as one LLVM module (``tvm.compile``).
+    ``mode="one_module"``: the build loads the library, compiled by ``tvm.compile`` as one LLVM
+    module (the path before ``codegen.compile_llvm``). ``mode="eager"``: ``build`` as it is.
     """
     import torch
     import torchvision
@@ -56,9 +77,11 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
     runnable = cls._runnable_here
     if mode == "lazy":
         cls._runnable_here = lambda self: False  # type: ignore[method-assign]
-    t0 = time.perf_counter()
+    if mode in ("lazy", "one_module"):
+        _compile_as_one_module()
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
-    build_s = time.perf_counter() - t0
+    build_s, build_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     cls._runnable_here = runnable  # type: ignore[method-assign]
     t0 = time.perf_counter()
     first = compiled(x)
@@ -72,7 +95,7 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
         exact = bool(torch.equal(first, converted(x)))
     med = statistics.median(steady)
     return {"model": name, "mode": mode, "input": [batch, 3, size, size],
-            "build_s": round(build_s, 2),
+            "build_s": round(build_s, 2), "build_cpu_s": round(build_cpu, 2),
             "compile_seconds": round(compiled.compile_seconds, 2),
             "load_seconds": round(getattr(compiled, "load_seconds", 0.0), 2),
             "build_plus_first_call_s": round(build_s + first_s, 2),
@@ -88,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--modes", default="lazy,eager",
-                    help="lazy: the first call loads the library (before the fix); eager: build "
-                         "loads it (now); each model runs once per mode, alternating")
+    ap.add_argument("--modes", default="one_module,eager",
+                    help="lazy: the first call loads the library (before the first fix); "
+                         "one_module: build loads it, compiled by tvm.compile as one LLVM module; "
+                         "eager: build as it is now; each model runs once per mode, alternating")
+    ap.add_argument("--build-threads", default=None,
+                    help="DJPQ_TVM_BUILD_THREADS for the builds (default: the usable cores)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args(argv)
@@ -100,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads),
            "OMP_NUM_THREADS": str(args.threads)}
+    if args.build_threads is not None:
+        env["DJPQ_TVM_BUILD_THREADS"] = str(args.build_threads)
     results = []
     jobs = [(item, mode) for item in args.models.split(",") for mode in args.modes.split(",")]
     for item, mode in jobs:
