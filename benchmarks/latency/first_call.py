@@ -41,9 +41,8 @@ def _compile_as_one_module() -> None:
     from djpq_compiler.backends.tvm import adapter, codegen
 
     tvm = adapter.load_tvm()
-    codegen.compile_llvm = (  # type: ignore[assignment]
-        lambda mod, target, **_: tvm.compile(mod, target=target))
-    codegen.jit = lambda executable, threads=None: None  # type: ignore[assignment]
+    codegen.compile_llvm = lambda mod, target, **_: tvm.compile(mod, target=target)
+    codegen.jit = lambda executable, threads=None: None
 
 
 def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str, Any]:
