@@ -56,7 +56,9 @@ def build_threads() -> int:
             raise BackendError(f"{BUILD_THREADS_ENV}={value!r}: expected a positive integer "
                                "(the threads that compile and load a TVM build)")
         return int(value)
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_BUILD_THREADS))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_BUILD_THREADS))
 
 
 @dataclass(frozen=True)
