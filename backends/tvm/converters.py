@@ -254,6 +254,25 @@ def _linear_as_conv(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts
     return _written_result(ctx, module, out)
 
 
+@register(im.IntLinear)
+def convert_linear(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Integer linear on ``(..., in)`` codes: the leading dims (batch, tokens) are flattened
+    into the rows of one 2-D layer and restored after, as the reference's ``IntLinear``, so
+    requantization and bias stay on the output channels (the last dim) at any rank."""
+    x = ctx.int_arg(node)
+    shape = ctx.bb.shape(x.expr)
+    if len(shape) == 2:
+        return _linear_2d(ctx, node, x)
+    rows = IntValue(ctx.bb.reshape(x.expr, (int(np.prod(shape[:-1])), shape[-1])), x.lo, x.hi)
+    out = _linear_2d(ctx, node, rows)
+    out_shape = tuple(shape[:-1]) + (int(ctx.module(node).weight.shape[0]),)
+    if isinstance(out, IntValue):
+        return IntValue(ctx.bb.reshape(out.expr, out_shape), out.lo, out.hi)
+    if isinstance(out, FloatValue):
+        return FloatValue(ctx.bb.reshape(out.expr, out_shape))
+    raise BackendError(f"{node.format_node()}: integer linear lowered to {type(out).__name__}")
+
+
 def _linear_2d(ctx: Lowering, node: fx.Node, x: IntValue) -> Lowered:
     """Integer linear: ``x @ w.T`` accumulating in int32/int64, bias on the last dim.
 
