@@ -162,6 +162,26 @@ class Island(nn.Module):
         return self.c5(self.c4(self.wide(c)))
 
 
+class VggLike(nn.Module):
+    """vgg7-like: conv pairs with max pools between them (packed pools), flatten, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.c1, self.c2 = conv(1, 9, 0.02, 0.05, seed=40), conv(9, 11, 0.05, 0.05, seed=41)
+        self.pool1 = im.IntMaxPool2d((2, 2), (2, 2), (0, 0), (1, 1), False)
+        self.c3 = conv(11, 21, 0.05, 0.05, seed=42)
+        self.pool2 = im.IntMaxPool2d((3, 3), (2, 2), (1, 1), (1, 1), True)
+        self.fc = im.IntLinear(weight=torch.randint(-7, 8, (4, 21 * 9)), bias=torch.zeros(4),
+                               w_scale=torch.full((4,), 0.02, dtype=torch.float64),
+                               in_scale=0.05, w_bits=4, out_scale=None, out_bits=8,
+                               out_signed=True, clip=None, m=torch.ones(4), shift=torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.pool1(self.c2(self.c1(self.quant(x))))
+        return self.fc(torch.flatten(self.pool2(self.c3(a)), 1))
+
+
 def run_both(gm: torch.fx.GraphModule, x: torch.Tensor, spec: dict) -> tuple[list, object]:
     """Lower for ``spec``, compile, run on ``x``; the outputs (as int64 where integer) and ctx."""
     mod, ctx = lower(gm, [x], spec)
@@ -237,6 +257,16 @@ def test_mobilenet_like_bit_exact(spec: dict, batch: int) -> None:
     ctx = assert_exact(MobileNetLike(), (batch, 1, 10, 10), spec)
     outs = [k.out_layout for k in ctx.kernels]
     assert outs[-1] == "NCHW" and all(o != "NCHW" for o in outs[:-1])
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize("batch", [1, 32])
+def test_vgg_like_packed_max_pools_bit_exact(spec: dict, batch: int) -> None:
+    ctx = assert_exact(VggLike(), (batch, 1, 10, 10), spec)
+    layouts = {k.layer: (k.in_layout, k.out_layout) for k in ctx.kernels}
+    # pool1 stayed packed between c2 and c3; pool2 only feeds the flatten: c3 writes NCHW
+    assert layouts["c2"][1] != "NCHW" and layouts["c3"] == (layouts["c2"][1], "NCHW")
+    assert layouts["fc"] == ("NCHW", "NCHW")
 
 
 @pytest.mark.parametrize("spec", TARGETS)

@@ -400,13 +400,18 @@ def _strides(kernel: tuple[int, int], stride: Sequence[int] | None) -> tuple[int
 
 @register(im.IntMaxPool2d)
 def convert_max_pool(ctx: Lowering, node: fx.Node) -> Lowered:
-    """Max pooling on the codes (exact; padded positions never win)."""
+    """Max pooling on the codes (exact; padded positions never win); lane-wise over the
+    spatial dims, so a packed input stays packed (Relax's ``NCHW{L}c`` pool layout)."""
     module = ctx.module(node)
-    x = ctx.int_arg(node)
+    (x,) = _lanewise_args(ctx, node, 1)
     kernel = _pair(module.kernel_size)
-    out = ctx.bb.max_pool2d(x.expr, kernel, _strides(kernel, module.stride),
-                            _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))
-    return IntValue(out, x.lo, x.hi)
+    window = (kernel, _strides(kernel, module.stride), _pair(module.padding),
+              _pair(module.dilation), bool(module.ceil_mode))
+    if x.layout.packed:
+        out = ctx.bb.call("nn.max_pool2d", x.expr, *window, layout=str(x.layout))
+    else:
+        out = ctx.bb.max_pool2d(x.expr, *window)
+    return IntValue(out, x.lo, x.hi, x.layout)
 
 
 if hasattr(im, "Requantize"):  # added to the reference modules alongside convert()

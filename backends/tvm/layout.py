@@ -26,11 +26,11 @@ op                                      packed form
 ``IntConv2d`` dense / depthwise         reads any layout, writes ``NCHW{L}c`` if planned
 ``IntConv2d`` grouped, float output     NCHW in and out (per-group channel slices; float)
 ``IntAdd`` (equal shapes), ``IntClip``,  lane-wise on packed values when every operand has
-``Requantize``                          the same :class:`Layout`; else NCHW
+``Requantize``, ``IntMaxPool2d``        the same :class:`Layout`; else NCHW
 ``IntLinear``, flatten, reshape, ...    unpack (they index channels)
 ``IntConcat``                           unpack (channel offsets are not block aligned)
-pools, ``IntMul``, lookup tables,       unpack (no packed form written yet)
-float islands, graph outputs
+average pools, ``IntMul``, ``IntLUT``  unpack (no packed form written yet)
+float islands, graph outputs            unpack
 =====================================  ===================================================
 
 **Why padding lanes never change a real output** (tested in ``tests/test_tvm_layout.py``):
@@ -124,6 +124,7 @@ PACKED_OPS: dict[type, PackedRule] = {
     im.IntAdd: _lanewise,
     im.IntClip: _lanewise,
     im.Requantize: _lanewise,
+    im.IntMaxPool2d: _lanewise,  # per channel over H, W: lane-wise on the blocks
 }
 
 
