@@ -158,12 +158,13 @@ def _packed_value(x: Any, spec: ConvKernelSpec, n: Any, c: Any, y: Any, xx: Any,
     # c >= C (channel padding of the kernel's blocks and of a packed input's last block) is
     # never read: it becomes the zero code, whose weights are zero too (layout.py, point 2)
     inside = tirx.all(c < c_, yy >= 0, yy < h, xw >= 0, xw < w)
-    cc = tirx.min(c, c_ - 1)
     row, col = tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xw, w - 1), 0)
-    if spec.in_lanes:
-        value = x[n, cc // spec.in_lanes, row, col, cc % spec.in_lanes].astype("int32")
+    if spec.in_lanes:  # clamped to the layout's last lane (in bounds; folds when aligned)
+        lanes = spec.in_lanes
+        cc = tirx.min(c, -(-c_ // lanes) * lanes - 1)
+        value = x[n, cc // lanes, row, col, cc % lanes].astype("int32")
     else:
-        value = x[n, cc, row, col].astype("int32")
+        value = x[n, tirx.min(c, c_ - 1), row, col].astype("int32")
     return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype(dtype)
 
 
