@@ -21,6 +21,7 @@ from djpq_compiler.ir import (
     requant_params,
 )
 from djpq_compiler.ir import modules as im
+from djpq_compiler.workflows.report import kernel_rows
 
 pytest.importorskip("tvm")
 from djpq_compiler.backends.tvm import adapter  # noqa: E402
@@ -240,6 +241,8 @@ def test_chain_bit_exact_with_middle_output(spec: dict, batch: int) -> None:
     assert layouts == {"c1": ("NCHW", packed), "c2": (packed, packed), "dw": (packed, packed),
                        "c3": (packed, packed), "c4": (packed, "NCHW")}
     assert f"NCHW -> {packed}" in kernel_table(ctx.kernels)
+    rows = kernel_rows(ctx.kernels)  # the demo report's rows carry the layouts too
+    assert [r.layout for r in rows][:2] == [f"NCHW -> {packed}", f"{packed} -> {packed}"]
 
 
 @pytest.mark.parametrize("spec", TARGETS)

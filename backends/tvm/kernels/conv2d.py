@@ -2,7 +2,8 @@
 
 One PrimFunc per layer, in four stages:
 
-1. ``pack``: NCHW activations (any int container) to ``[N, ICB, Hp, Wp, (G,) L]`` with the input
+1. ``pack``: NCHW activations, or packed ``[N, ceil(C/L), H, W, L]`` ones (``spec.in_lanes``,
+   ``backends/tvm/layout.py``), in any int container, to ``[N, ICB, Hp, Wp, (G,) L]`` with the input
    channels padded to the intrinsic's width and the spatial zero padding applied, plus an offset
    (``-lo`` for signed inputs, padding included) that makes every operand unsigned.
 2. ``conv``: ``[N, OCB, OH, OWp, 8]`` int32, tensorized with an intrinsic of :mod:`.intrin`;
@@ -10,7 +11,9 @@ One PrimFunc per layer, in four stages:
 3. ``epilogue`` (fused into the accumulator write-back): ``acc * 2^k + bias`` in int32, then the
    dyadic requantization ``clip(((acc * m + R) >> shift))`` in int64 and the cast to the output
    container -- or the int32 accumulator itself for float-output layers.
-4. ``unpack``: back to NCHW, dropping padded channels and columns.
+4. ``unpack``: back to NCHW, dropping padded channels and columns -- or, for a packed output
+   (``spec.out_lanes``), the epilogue's channel blocks as they are (padded columns dropped,
+   padding lanes kept: zero weights, bias and multipliers make them ``clip(0)``).
 
 Tile sizes come from the shape (no tuning). The weights arrive pre-packed (:func:`pack_weight`).
 """

@@ -1,8 +1,8 @@
 """TVM-facing: put a selected written kernel into the Relax module being built.
 
 :func:`emit_conv` builds the layer's scheduled PrimFunc (:mod:`.conv2d`), adds it to the module
-and calls it with ``call_tir`` on NCHW tensors, so the layer's edges keep the layout every other
-converter uses (the pack/unpack stages live inside the kernel).
+and calls it with ``call_tir`` on NCHW or packed ``NCHW{L}c`` tensors (``backends/tvm/layout.py``
+decides which; the pack/unpack stages live inside the kernel).
 """
 
 from __future__ import annotations
