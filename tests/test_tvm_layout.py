@@ -183,6 +183,25 @@ class VggLike(nn.Module):
         return self.fc(torch.flatten(self.pool2(self.c3(a)), 1))
 
 
+class Mixed(nn.Module):
+    """An add of a packed value (c1, also read by the conv c2) and an NCHW one (a grouped conv
+    with 1 input channel per group: the default lowering): the add must unpack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.c1 = conv(3, 6, 0.02, 0.05, seed=50)
+        self.grouped = conv(3, 6, 0.02, 0.05, groups=3, seed=51)
+        self.c2 = conv(6, 5, 0.05, 0.05, seed=52)
+        self.add = add(0.05, 0.05, 0.05)
+        self.c3 = conv(6, 4, 0.05, 0.05, seed=53)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.quant(x)
+        a = self.c1(q)
+        return self.c2(a), self.c3(self.add(a, self.grouped(q)))
+
+
 def run_both(gm: torch.fx.GraphModule, x: torch.Tensor, spec: dict) -> tuple[list, object]:
     """Lower for ``spec``, compile, run on ``x``; the outputs (as int64 where integer) and ctx."""
     mod, ctx = lower(gm, [x], spec)
@@ -283,6 +302,14 @@ def test_float_island_concat_pool_and_fallback_bit_exact(spec: dict, batch: int)
     # it unpacked and writes NCHW
     assert layouts["wide"][1] != "NCHW" and layouts["c4"] == ("NCHW", "NCHW")
     assert layouts["c2"] == ("NCHW", "NCHW") and layouts["c3"][1] == "NCHW"
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+def test_mixed_layouts_unpack_before_a_lanewise_op(spec: dict) -> None:
+    ctx = assert_exact(Mixed(), (2, 3, 7, 9), spec)
+    layouts = {k.layer: (k.in_layout, k.out_layout) for k in ctx.kernels}
+    assert layouts["c1"][1] != "NCHW" and layouts["c2"][0] == layouts["c1"][1]
+    assert layouts["grouped"] == ("NCHW", "NCHW") and layouts["c3"][0] == "NCHW"
 
 
 # -------------------------------------------------------------------------- padding lanes
