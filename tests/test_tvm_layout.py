@@ -33,6 +33,7 @@ from djpq_compiler.backends.tvm.layout import (  # noqa: E402
     NCHW,
     Layout,
     layout_lanes,
+    packed_channel_const,
     plan_layouts,
 )
 
@@ -233,6 +234,15 @@ def test_layout_facts() -> None:
     assert layout_lanes(None) == 0 and layout_lanes(frozenset({"dotprod"})) == 0
     assert layout_lanes(frozenset({"avx2"})) == 8
     assert layout_lanes(frozenset({"avx2", "avx512bw", "avx512vnni"})) == 16
+
+
+def test_packed_channel_constants() -> None:
+    """Per-channel constants of lane-wise ops on packed values: channel c at block c // L, lane
+    c % L; padding lanes 0."""
+    const = packed_channel_const(np.arange(1, 11), Layout(8, 10))
+    assert const.shape == (1, 2, 1, 1, 8)
+    assert const[0, 1, 0, 0].tolist() == [9, 10, 0, 0, 0, 0, 0, 0]
+    assert const[0, 0, 0, 0].tolist() == list(range(1, 9))
 
 
 def test_plan_is_pure_and_golden() -> None:

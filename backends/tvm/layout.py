@@ -36,8 +36,8 @@ float islands, graph outputs            unpack
 **Why padding lanes never change a real output** (tested in ``tests/test_tvm_layout.py``):
 
 1. Every producer of a packed value writes *defined* codes into the padding lanes: the conv
-   kernels compute them with zero weights, zero bias and a zero multiplier (``clip(0)``), and
-   :func:`to_packed` pads with zeros. Lane-wise ops map padding lanes only to padding lanes.
+   kernels (the only producers from unpacked values) compute them with zero weights, zero bias
+   and a zero multiplier (``clip(0)``). Lane-wise ops map padding lanes only to padding lanes.
 2. No kernel reads a padding lane: the pack stage of every written conv kernel masks channels
    ``c >= C`` to the zero code (``conv2d._packed_value``), exactly as it pads an NCHW input, and
    the packed weights of those channels are zero as well (``conv2d.pack_weight``).
@@ -57,7 +57,7 @@ from torch import fx
 from djpq_compiler.ir import modules as im
 
 __all__ = ["NCHW", "PACKED_OPS", "Layout", "LayoutPlan", "layout_lanes", "packed_channel_const",
-           "plan_layouts", "to_nchw", "to_packed"]
+           "plan_layouts", "to_nchw"]
 
 
 @dataclass(frozen=True)
@@ -194,23 +194,9 @@ def to_nchw(bb: Any, expr: Any, layout: Layout) -> Any:
     return bb.strided_slice(flat, [1], [0], [layout.channels], [1])
 
 
-def to_packed(bb: Any, expr: Any, lanes: int) -> tuple[Any, Layout]:
-    """``[N, C, H, W]`` -> ``[N, ceil(C/L), H, W, L]`` with zero padding lanes."""
-    n, c, h, w = bb.shape(expr)
-    layout = Layout(lanes, c)
-    pad = layout.blocks * lanes - c
-    if pad:
-        zeros = bb.const(np.zeros((n, pad, h, w), dtype=np.int64), bb.dtype(expr))
-        expr = bb.concat([expr, zeros], 1)
-    blocked = bb.reshape(expr, (n, layout.blocks, lanes, h, w))
-    return bb.permute(blocked, (0, 1, 3, 4, 2)), layout
-
-
 def packed_channel_const(values: Any, layout: Layout) -> np.ndarray:
     """A per-channel vector ``(C,)`` as a ``(1, CB, 1, 1, L)`` numpy array broadcasting over a
     packed value; padding lanes get 0."""
-    import numpy as np
-
     flat = np.asarray(values).reshape(-1)
     full = np.zeros(layout.blocks * layout.lanes, dtype=flat.dtype)
     full[: flat.size] = flat
