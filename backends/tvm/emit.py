@@ -51,7 +51,7 @@ class IntValue:
 
     ``layout`` is the memory layout of ``expr`` (``layout.py``): NCHW unless a layout-aware
     converter produced a packed ``NCHW{L}c`` value; padding lanes then also hold codes in
-    ``[lo, hi]`` (zero or a code of a lane-wise op applied to one)."""
+    ``[lo, hi]`` (a kernel's ``clip(0)``, or a lane-wise op's result on such lanes)."""
 
     expr: Any
     lo: int
@@ -183,7 +183,9 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         gm: The converted model.
         example_inputs: One tensor per placeholder; fixes the static shapes and dtypes.
         target: The TVM target dict; integer conv/linear layers then get the written kernels
-            the target supports (``backends/tvm/kernels``). ``None``: TVM's generic lowering.
+            the target supports (``backends/tvm/kernels``), and values between them the packed
+            layout of ``layout.layout_lanes`` (``layout.plan_layouts``). ``None``: TVM's generic
+            lowering, NCHW everywhere.
 
     Returns:
         ``(IRModule, lowering)``; ``lowering.output_kinds`` says which outputs are integer codes.
