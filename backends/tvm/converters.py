@@ -8,6 +8,7 @@ window sums followed by ``floor((2S + c) / (2c))``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from djpq_compiler.ir import modules as im
 
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 from .kernels.select import KernelChoice, LayerFacts, select_kernel
+from .layout import NCHW, Layout, packed_channel_const
 
 INT32_MAX = 2**31 - 1
 
@@ -31,21 +33,26 @@ def _np(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.int64)
 
 
-def _channel_const(ctx: Lowering, value: np.ndarray, ndim: int, dtype: str) -> Any:
-    """A per-channel (dim 1) or per-tensor constant, as the reference's ``channel_view``."""
+def _channel_const(ctx: Lowering, value: np.ndarray, ndim: int, dtype: str,
+                   layout: Layout = NCHW) -> Any:
+    """A per-channel (dim 1) or per-tensor constant, as the reference's ``channel_view``; for a
+    packed ``layout``, shaped ``(1, CB, 1, 1, L)`` (padding lanes 0)."""
     flat = value.reshape(-1)
     if flat.size == 1 or bool(np.all(flat == flat[0])):
         return ctx.bb.const(flat[0], dtype)
+    if layout.packed:
+        return ctx.bb.const(packed_channel_const(flat, layout), dtype)
     return ctx.bb.const(flat.reshape((1, -1) + (1,) * (ndim - 2)), dtype)
 
 
 def requantize(ctx: Lowering, acc: Any, m: Any, shift: Any,
                qmin: int | None = None, qmax: int | None = None,
-               per_position: bool = False) -> Any:
+               per_position: bool = False, layout: Layout = NCHW) -> Any:
     """``clip(((acc * m + R) >> shift), qmin, qmax)`` in int64, ``R = 2^(shift-1)`` (0 if 0).
 
-    ``m``/``shift`` are per tensor or per channel (dim 1), or with ``per_position`` arrays shaped
-    like the trailing dims of ``acc`` (one multiplier per output position)."""
+    ``m``/``shift`` are per tensor or per channel (dim 1; the channel blocks and lanes of a
+    packed ``layout``), or with ``per_position`` arrays shaped like the trailing dims of ``acc``
+    (one multiplier per output position)."""
     ndim = len(ctx.bb.shape(acc))
     m_np, shift_np = _np(m), _np(shift)
     rounding = np.where(shift_np > 0, np.left_shift(1, np.maximum(shift_np - 1, 0)), 0)
@@ -53,7 +60,7 @@ def requantize(ctx: Lowering, acc: Any, m: Any, shift: Any,
     def const(value: np.ndarray) -> Any:
         if per_position:
             return ctx.bb.const(value, "int64")
-        return _channel_const(ctx, value, ndim, "int64")
+        return _channel_const(ctx, value, ndim, "int64", layout)
 
     acc64 = ctx.bb.astype(acc, "int64")
     prod = ctx.bb.binary("multiply", acc64, const(m_np))
@@ -138,22 +145,27 @@ def _select(ctx: Lowering, node: fx.Node, op: str, x: IntValue, weight: np.ndarr
     return facts, choice
 
 
-def _written_layer(ctx: Lowering, node: fx.Node, x: Any, in_dtype: str, facts: LayerFacts,
-                   choice: KernelChoice, geometry: Any) -> Any:
+def _written_layer(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
+                   choice: KernelChoice, geometry: Any, out_lanes: int = 0) -> tuple[Any, Layout]:
     """Emit a written kernel: fused requantization (integer out) or the int32 accumulator.
 
-    A grouped (non-depthwise) conv runs one dense kernel per group on its channel slice, and the
-    results are concatenated along the channels."""
+    Dense and depthwise kernels read ``x`` in its layout and write ``NCHW{out_lanes}c`` where
+    they can (``out_lanes`` > 0). A grouped (non-depthwise) conv runs one dense kernel per group
+    on its NCHW channel slice, and the results are concatenated along the channels (NCHW)."""
     from .kernels.emit import emit_conv
 
     module = ctx.module(node)
     out_channels = facts.weight.shape[0]
     m, shift = _np(module.m).reshape(-1), _np(module.shift).reshape(-1)
     dtype = container_dtype(module.qmin, module.qmax)
+    in_dtype = ctx.bb.dtype(x.expr)
     if facts.groups == 1 or facts.weight.shape[1] == 1:  # dense or depthwise: one kernel
         requant = None if module.out_scale is None else (m, shift, module.qmin, module.qmax,
                                                          dtype)
-        return emit_conv(ctx.bb, x, in_dtype, facts, choice, geometry, requant)
+        return emit_conv(ctx.bb, x.expr, in_dtype, facts, choice, geometry, requant, x.layout,
+                         out_lanes)
+    if x.layout.packed:
+        raise BackendError(f"{node.format_node()}: per-group kernels read NCHW input only")
     in_g, out_g = facts.weight.shape[1], out_channels // facts.groups
     bias = np.broadcast_to(facts.bias.reshape(-1), (out_channels,)) if facts.bias.size \
         else np.zeros(out_channels, np.int64)
@@ -163,19 +175,26 @@ def _written_layer(ctx: Lowering, node: fx.Node, x: Any, in_dtype: str, facts: L
         part = LayerFacts(f"{facts.layer}_g{g}", facts.op, facts.act_lo, facts.act_hi,
                           facts.weight[rows], bias[rows], facts.acc_shift, 1, facts.macs,
                           facts.features, facts.target)
-        x_g = ctx.bb.strided_slice(x, [1], [g * in_g], [(g + 1) * in_g], [1])
+        x_g = ctx.bb.strided_slice(x.expr, [1], [g * in_g], [(g + 1) * in_g], [1])
         requant = None if module.out_scale is None else (
             m if m.size == 1 else m[rows], shift if shift.size == 1 else shift[rows],
             module.qmin, module.qmax, dtype)
-        parts.append(emit_conv(ctx.bb, x_g, in_dtype, part, choice, geometry, requant))
-    return ctx.bb.concat(parts, 1)
+        parts.append(emit_conv(ctx.bb, x_g, in_dtype, part, choice, geometry, requant)[0])
+    return ctx.bb.concat(parts, 1), NCHW
 
 
-def _written_result(ctx: Lowering, module: im._IntLayer, out: Any) -> Lowered:
+def _written_result(ctx: Lowering, module: im._IntLayer, out: Any,
+                    layout: Layout = NCHW) -> Lowered:
     """Wrap a written kernel's result: integer codes, or the float finish of the accumulator."""
     if module.out_scale is None:
         return _finish_layer(ctx, module, out)
-    return IntValue(out, module.qmin, module.qmax)
+    return IntValue(out, module.qmin, module.qmax, layout)
+
+
+def _record_layouts(ctx: Lowering, index: int, in_layout: Layout, out_layout: Layout) -> None:
+    """Note the layouts a written kernel read and wrote on its ``ctx.kernels`` record."""
+    ctx.kernels[index] = dataclasses.replace(ctx.kernels[index], in_layout=str(in_layout),
+                                             out_layout=str(out_layout))
 
 
 @register(im.IntConv2d)
@@ -183,9 +202,11 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
     """Integer conv2d (plain, depthwise, grouped) + int bias + per-channel requantization.
 
     A written kernel (``backends/tvm/kernels``) is used where the selection proves one exact for
-    this layer's bits on the target; otherwise TVM's generic ``nn.conv2d``."""
+    this layer's bits on the target; otherwise TVM's generic ``nn.conv2d``. Written dense and
+    depthwise kernels read their input in any layout and write the packed layout where the
+    layout plan asks for it (``layout.py``); everything else is NCHW."""
     module = ctx.module(node)
-    x = ctx.int_arg(node)
+    x = ctx.packed_int_arg(node)
     weight, bias = _np(module.weight), _np(module.bias)
     try:
         stride, padding = _pair(module.stride), _pair(module.padding)
@@ -193,16 +214,23 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
     except BackendError as exc:
         raise BackendError(f"{node.format_node()}: {exc}; convert() emits explicit int "
                            "paddings, rebuild the model with integer padding") from None
-    n, _, h, w = ctx.bb.shape(x.expr)
+    n, _, h, w = ctx.bb.shape(x.expr)[:4]
     kh, kw = weight.shape[2:]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     facts, choice = _select(ctx, node, "conv2d", x, weight, bias, int(module.groups),
                             n * oh * ow * int(weight[0].size) * weight.shape[0])
+    index = len(ctx.kernels) - 1
+    depthwise = weight.shape[1] == 1 and int(module.groups) == weight.shape[0]
     if choice.kind is not None:
-        out = _written_layer(ctx, node, x.expr, ctx.bb.dtype(x.expr), facts, choice,
-                             (stride, padding, dilation))
-        return _written_result(ctx, module, out)
+        if int(module.groups) != 1 and not depthwise:
+            x = ctx.int_arg(node)
+        out_lanes = ctx.plan.lanes if ctx.plan.wants_packed(node) else 0
+        out, layout = _written_layer(ctx, node, x, facts, choice, (stride, padding, dilation),
+                                     out_lanes)
+        _record_layouts(ctx, index, x.layout, layout)
+        return _written_result(ctx, module, out, layout)
+    x = ctx.int_arg(node)
     x_dtype, w_dtype = _operand_dtypes(x, int(weight.min()), int(weight.max()))
     acc_dtype = _accumulate_dtype(x, weight, bias, int(getattr(module, "acc_shift", 0)))
     acc = ctx.bb.conv2d(ctx.bb.astype(x.expr, x_dtype), ctx.bb.const(weight, w_dtype),
@@ -220,8 +248,8 @@ def _linear_as_conv(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts
     conv_facts = LayerFacts(facts.layer, facts.op, facts.act_lo, facts.act_hi,
                             facts.weight.reshape(facts.weight.shape + (1, 1)), facts.bias,
                             facts.acc_shift, 1, facts.macs, facts.features, facts.target)
-    out = _written_layer(ctx, node, as_image, ctx.bb.dtype(x.expr), conv_facts, choice,
-                         ((1, 1), (0, 0), (1, 1)))
+    out, _ = _written_layer(ctx, node, IntValue(as_image, x.lo, x.hi), conv_facts, choice,
+                            ((1, 1), (0, 0), (1, 1)))
     out = ctx.bb.permute(ctx.bb.reshape(out, (facts.weight.shape[0], n)), (1, 0))
     return _written_result(ctx, module, out)
 
@@ -291,17 +319,31 @@ def convert_dequantize(ctx: Lowering, node: fx.Node) -> Lowered:
                                     ctx.bb.const(np.float32(module.scale), "float32")))
 
 
+def _lanewise_args(ctx: Lowering, node: fx.Node, count: int) -> list[IntValue]:
+    """The ``count`` integer inputs of a lane-wise op: as they are when all share one packed
+    layout and one shape (the op then runs on the packed values, padding lanes included, which
+    stay padding), else all in NCHW."""
+    raw = [ctx.packed_int_arg(node, i) for i in range(count)]
+    first = raw[0]
+    if first.layout.packed and all(
+            v.layout == first.layout and ctx.bb.shape(v.expr) == ctx.bb.shape(first.expr)
+            for v in raw):
+        return raw
+    return [ctx.int_arg(node, i) for i in range(count)]
+
+
 @register(im.IntAdd)
 def convert_add(ctx: Lowering, node: fx.Node) -> Lowered:
-    """TFLite-style add: both inputs to the intermediate scale, sum, requantize + clip."""
+    """TFLite-style add: both inputs to the intermediate scale, sum, requantize + clip.
+    Lane-wise: runs on packed operands of one layout."""
     module = ctx.module(node)
-    a, b = ctx.int_arg(node, 0), ctx.int_arg(node, 1)
-    p = module.params
-    a_i = requantize(ctx, a.expr, p.a_m, p.a_shift)
-    b_i = requantize(ctx, b.expr, p.b_m, p.b_shift)
+    a, b = _lanewise_args(ctx, node, 2)
+    p, layout = module.params, a.layout
+    a_i = requantize(ctx, a.expr, p.a_m, p.a_shift, layout=layout)
+    b_i = requantize(ctx, b.expr, p.b_m, p.b_shift, layout=layout)
     out = requantize(ctx, ctx.bb.binary("add", a_i, b_i), p.out_m, p.out_shift,
-                     module.qmin, module.qmax)
-    return ctx.int_value(out, module.qmin, module.qmax)
+                     module.qmin, module.qmax, layout=layout)
+    return ctx.int_value(out, module.qmin, module.qmax, layout)
 
 
 @register(im.IntMul)
@@ -342,14 +384,14 @@ def convert_concat(ctx: Lowering, node: fx.Node) -> Lowered:
 
 @register(im.IntClip)
 def convert_clip(ctx: Lowering, node: fx.Node) -> Lowered:
-    """``clamp(q, lo, hi)`` (torch semantics, also for ``lo > hi``)."""
+    """``clamp(q, lo, hi)`` (torch semantics, also for ``lo > hi``); lane-wise (any layout)."""
     module = ctx.module(node)
-    x = ctx.int_arg(node)
+    (x,) = _lanewise_args(ctx, node, 1)
     lo, hi = module.lo, module.hi
     new_lo, new_hi = min(max(x.lo, lo), hi), min(max(x.hi, lo), hi)
     wide = container_dtype(min(x.lo, new_lo), max(x.hi, new_hi))
     out = ctx.bb.clip(ctx.bb.astype(x.expr, wide), new_lo, new_hi)
-    return ctx.int_value(out, new_lo, new_hi)
+    return ctx.int_value(out, new_lo, new_hi, x.layout)
 
 
 def _strides(kernel: tuple[int, int], stride: Sequence[int] | None) -> tuple[int, int]:
@@ -358,21 +400,28 @@ def _strides(kernel: tuple[int, int], stride: Sequence[int] | None) -> tuple[int
 
 @register(im.IntMaxPool2d)
 def convert_max_pool(ctx: Lowering, node: fx.Node) -> Lowered:
-    """Max pooling on the codes (exact; padded positions never win)."""
+    """Max pooling on the codes (exact; padded positions never win); lane-wise over the
+    spatial dims, so a packed input stays packed (Relax's ``NCHW{L}c`` pool layout)."""
     module = ctx.module(node)
-    x = ctx.int_arg(node)
+    (x,) = _lanewise_args(ctx, node, 1)
     kernel = _pair(module.kernel_size)
-    out = ctx.bb.max_pool2d(x.expr, kernel, _strides(kernel, module.stride),
-                            _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))
-    return IntValue(out, x.lo, x.hi)
+    window = (kernel, _strides(kernel, module.stride), _pair(module.padding),
+              _pair(module.dilation), bool(module.ceil_mode))
+    if x.layout.packed:
+        out = ctx.bb.call("nn.max_pool2d", x.expr, *window, layout=str(x.layout))
+    else:
+        out = ctx.bb.max_pool2d(x.expr, *window)
+    return IntValue(out, x.lo, x.hi, x.layout)
 
 
 if hasattr(im, "Requantize"):  # added to the reference modules alongside convert()
 
     @register(im.Requantize)
     def convert_requantize(ctx: Lowering, node: fx.Node) -> Lowered:
-        """Codes moved to another scale: ``clip((q * m + R) >> shift)`` in int64."""
+        """Codes moved to another scale: ``clip((q * m + R) >> shift)`` in int64; lane-wise
+        (any layout)."""
         module = ctx.module(node)
-        x = ctx.int_arg(node)
-        out = requantize(ctx, x.expr, module.m, module.shift, module.qmin, module.qmax)
-        return ctx.int_value(out, module.qmin, module.qmax)
+        (x,) = _lanewise_args(ctx, node, 1)
+        out = requantize(ctx, x.expr, module.m, module.shift, module.qmin, module.qmax,
+                         layout=x.layout)
+        return ctx.int_value(out, module.qmin, module.qmax, x.layout)

@@ -29,6 +29,7 @@ from djpq_compiler.registry import Registry
 
 from .. import lowering
 from .adapter import Builder
+from .layout import NCHW, Layout, LayoutPlan, layout_lanes, plan_layouts, to_nchw
 
 __all__ = [
     "CONVERTERS",
@@ -46,11 +47,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class IntValue:
-    """Integer codes in a narrow container; every element lies in ``[lo, hi]``."""
+    """Integer codes in a narrow container; every element lies in ``[lo, hi]``.
+
+    ``layout`` is the memory layout of ``expr`` (``layout.py``): NCHW unless a layout-aware
+    converter produced a packed ``NCHW{L}c`` value; padding lanes then also hold codes in
+    ``[lo, hi]`` (a kernel's ``clip(0)``, or a lane-wise op's result on such lanes)."""
 
     expr: Any
     lo: int
     hi: int
+    layout: Layout = NCHW
 
 
 @dataclass(frozen=True)
@@ -126,15 +132,47 @@ class Lowering(lowering.LoweringContext):
         self.outputs: list[Any] = []
         self.output_kinds: list[str] = []
         self.output_tuple = False
+        #: Which values are planned packed (``layout.plan_layouts``; all NCHW without a target).
+        self.plan: LayoutPlan = plan_layouts(gm, layout_lanes(_features(target)))
+        self._unpacked: dict[fx.Node, IntValue] = {}
+
+    def value(self, arg: Any) -> Any:
+        """Lowered values of the fx nodes in ``arg``, packed integer values unpacked to NCHW
+        (once per value): what every converter that does not know packed layouts reads."""
+        return fx.node.map_arg(arg, self._plain)
+
+    def _plain(self, node: fx.Node) -> Any:
+        value = self.env[node]
+        if not (isinstance(value, IntValue) and value.layout.packed):
+            return value
+        if node not in self._unpacked:
+            self._unpacked[node] = IntValue(to_nchw(self.bb, value.expr, value.layout),
+                                            value.lo, value.hi)
+        return self._unpacked[node]
+
+    def packed_int_arg(self, node: fx.Node, index: int = 0) -> IntValue:
+        """The ``index``-th argument as integer codes *in whatever layout it has* (for the
+        layout-aware converters only)."""
+        arg = node.args[index]
+        value = self.env[arg] if isinstance(arg, fx.Node) else None
+        if isinstance(value, IntValue):
+            return value
+        return self.int_arg(node, index)  # raises the usual error for non-integer inputs
 
     def int_arg(self, node: fx.Node, index: int = 0) -> IntValue:
         """The ``index``-th positional argument of ``node`` as integer codes."""
         value: IntValue = super().int_arg(node, index)
         return value
 
-    def int_value(self, expr: Any, lo: int, hi: int) -> IntValue:
-        """Cast ``expr`` to the container of ``[lo, hi]`` and wrap it."""
-        return IntValue(self.bb.astype(expr, container_dtype(lo, hi)), lo, hi)
+    def int_value(self, expr: Any, lo: int, hi: int, layout: Layout = NCHW) -> IntValue:
+        """Cast ``expr`` to the container of ``[lo, hi]`` and wrap it (in ``layout``)."""
+        return IntValue(self.bb.astype(expr, container_dtype(lo, hi)), lo, hi, layout)
+
+
+def _features(target: dict[str, Any] | None) -> frozenset[str] | None:
+    from .kernels.emit import target_features
+
+    return target_features(target)
 
 
 def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
@@ -145,7 +183,9 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         gm: The converted model.
         example_inputs: One tensor per placeholder; fixes the static shapes and dtypes.
         target: The TVM target dict; integer conv/linear layers then get the written kernels
-            the target supports (``backends/tvm/kernels``). ``None``: TVM's generic lowering.
+            the target supports (``backends/tvm/kernels``), and values between them the packed
+            layout of ``layout.layout_lanes`` (``layout.plan_layouts``). ``None``: TVM's generic
+            lowering, NCHW everywhere.
 
     Returns:
         ``(IRModule, lowering)``; ``lowering.output_kinds`` says which outputs are integer codes.

@@ -80,6 +80,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--nchw", action="store_true",
+                    help="layout planning off (NCHW between all layers; run.py's tvm_nchw)")
     args = ap.parse_args()
 
     sys.argv = sys.argv[:1]
@@ -91,7 +93,10 @@ def main() -> int:
 
     converted = latency.trained_model(args.model, HERE / "models")["converted"]
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.batch))
-    compiled = tvm_backend.build(converted, "x86", example_inputs=(x,))
+    if args.nchw:
+        compiled = latency.build_nchw(converted, x)
+    else:
+        compiled = tvm_backend.build(converted, "x86", example_inputs=(x,))
     vm = tvm.relax.VirtualMachine(compiled.executable, tvm.cpu())
     arr = tvm.runtime.tensor(x.numpy(), tvm.cpu())
     for _ in range(3):
@@ -103,7 +108,9 @@ def main() -> int:
         plain.append(time.perf_counter() - t0)
     symbols, cats, total = profile(vm, arr, args.runs)
     steady = statistics.median(plain)
-    print(f"{args.model} batch {args.batch}: main {steady * 1e3:.2f} ms (median of {args.runs}), "
+    what = " (NCHW between layers)" if args.nchw else ""
+    print(f"{args.model} batch {args.batch}{what}: main {steady * 1e3:.2f} ms "
+          f"(median of {args.runs}), "
           f"instrumented {total * 1e3:.2f} ms, in calls {sum(cats.values()) * 1e3:.2f} ms")
     for k, v in sorted(cats.items(), key=lambda kv: -kv[1]):
         print(f"  {k:28s} {v * 1e3:8.3f} ms  {100 * v / total:5.1f} %")

@@ -59,7 +59,9 @@ HERE = Path(__file__).resolve().parent
 TRAINED = ("vgg7", "resnet20", "mobilenetv2")
 BACKENDS = ("torch_fp32", "tvm", "onnxruntime")
 LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ",
-          "tvm_unfused": "TVM unfused"}
+          "tvm_unfused": "TVM unfused", "tvm_nchw": "TVM NCHW between layers"}
+#: Optional A/B builds of the same model, timed interleaved with the others.
+VARIANTS = ("tvm_unfused", "tvm_nchw")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also time a TVM build without the elementwise fusion and CPU schedule "
                          "before tvm.compile (backend tvm_unfused: the build before issue #15's "
                          "fusion change), interleaved with the others")
+    ap.add_argument("--compare-nchw", action="store_true",
+                    help="also time a TVM build with layout planning off (backend tvm_nchw: "
+                         "every written kernel reads and writes NCHW, the build before issue "
+                         "#15 item 3's packed layouts), interleaved with the others")
     return ap.parse_args(argv)
 
 
@@ -260,15 +266,27 @@ def build_unfused(converted: nn.Module, x: torch.Tensor) -> Any:
         return tvm_backend.build(converted, "x86", example_inputs=(x,))
 
 
+def build_nchw(converted: nn.Module, x: torch.Tensor) -> Any:
+    """``build(converted, "x86")`` with layout planning off: NCHW between all layers."""
+    from unittest import mock
+
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.backends.tvm import emit
+
+    with mock.patch.object(emit, "layout_lanes", lambda features: 0):
+        return tvm_backend.build(converted, "x86", example_inputs=(x,))
+
+
 def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tensor,
-              rec: dict[str, Any], unfused: bool = False) -> Callable[[], Any] | None:
-    """Build, check bit-exactness, record build times and kernels; None when TVM fails."""
+              rec: dict[str, Any], variant: str | None = None) -> Callable[[], Any] | None:
+    """Build, check bit-exactness, record build times and kernels; None when TVM fails.
+    ``variant``: one of :data:`VARIANTS` (an A/B build) instead of the default build."""
     from djpq_compiler.backends import tvm as tvm_backend
 
     b = str(x.shape[0])
-    if unfused:
-        compiled = build_unfused(converted, x)
-        rec.setdefault("tvm_unfused_bit_exact", {})[b] = bool(torch.equal(compiled(x), ref))
+    if variant is not None:
+        compiled = {"tvm_unfused": build_unfused, "tvm_nchw": build_nchw}[variant](converted, x)
+        rec.setdefault(f"{variant}_bit_exact", {})[b] = bool(torch.equal(compiled(x), ref))
         return tvm_runner(compiled, x)
     try:
         t0 = time.perf_counter()
@@ -310,8 +328,10 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     with torch.no_grad():
         refs = {b: converted(x) for b, x in xs.items()}
     tvm_fns = {b: build_tvm(name, converted, x, refs[b], rec) for b, x in xs.items()}
-    unfused_fns = ({b: build_tvm(name, converted, x, refs[b], rec, unfused=True)
-                    for b, x in xs.items()} if args.compare_unfused else {})
+    wanted = [v for v, on in zip(VARIANTS, (args.compare_unfused, args.compare_nchw),
+                                 strict=True) if on]
+    variant_fns = {v: {b: build_tvm(name, converted, x, refs[b], rec, variant=v)
+                       for b, x in xs.items()} for v in wanted}
     onnx_path = onnx_backend.export(converted, work / f"{name}.onnx", (xs[batches[0]],))
     rec["onnx_bytes"] = onnx_path.stat().st_size
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -327,8 +347,9 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
             if tvm_fns[b] is not None:
                 fns["tvm"] = tvm_fns[b]  # type: ignore[assignment]
             fns["onnxruntime"] = lambda s=session, f=feed: s.run(None, f)
-            if b in unfused_fns:
-                fns["tvm_unfused"] = unfused_fns[b]  # type: ignore[assignment]
+            for v, by_batch in variant_fns.items():
+                if by_batch.get(b) is not None:
+                    fns[v] = by_batch[b]  # type: ignore[assignment]
             load0 = os.getloadavg()[0]
             times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds)
             med = {k: statistics.median(v) for k, v in times.items() if v}
@@ -376,15 +397,18 @@ def fmt(v: float | None) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    backends = BACKENDS + (("tvm_unfused",) if any(
-        "tvm_unfused" in c["median_ms"] for r in results for c in r["cells"]) else ())
+    backends = BACKENDS + tuple(v for v in VARIANTS if any(
+        v in c["median_ms"] for r in results for c in r["cells"]))
+    extra = [b for b in backends if b in VARIANTS]
     head = ("| model | batch | threads | " + " | ".join(f"{LABELS[b]} ms" for b in backends)
-            + " | TVM ×FP32 | onnxruntime ×FP32 | TVM ×onnxruntime | runs |")
+            + " | TVM ×FP32 | onnxruntime ×FP32 | "
+            + "".join(f"{LABELS[b]} ×FP32 | " for b in extra) + "TVM ×onnxruntime | runs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rec in results:
         for cell in sorted(rec["cells"], key=lambda c: (c["batch"], c["threads"])):
             med, sp = cell["median_ms"], cell["speedup_vs_torch_fp32"]
-            ratios = [f"{sp[k]:.2f}×" if k in sp else "—" for k in ("tvm", "onnxruntime")]
+            ratios = [f"{sp[k]:.2f}×" if k in sp else "—"
+                      for k in ["tvm", "onnxruntime", *extra]]
             vs_ort = (f"{med['onnxruntime'] / med['tvm']:.2f}×"
                       if "tvm" in med and "onnxruntime" in med else "—")
             lines.append(f"| {rec['model']} | {cell['batch']} | {cell['threads']} | "

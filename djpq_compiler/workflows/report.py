@@ -75,6 +75,8 @@ class KernelRow:
         kernel: The kernel variant (``"default"``: TVM's generic lowering).
         macs: Multiply-accumulates of one call.
         reason: Why it is exact (the bound it relies on), or why no written kernel applies.
+        layout: ``"NCHW -> NCHW16c"``: the layouts the kernel read and wrote (empty when the
+            build did not record them).
     """
 
     layer: str
@@ -82,6 +84,7 @@ class KernelRow:
     kernel: str
     macs: int
     reason: str
+    layout: str = ""
 
 
 @dataclass
@@ -145,9 +148,12 @@ def kernel_rows(records: Iterable[Any]) -> list[KernelRow]:
     for rec in records:
         variant = str(getattr(rec, "variant", "?"))
         why = getattr(rec, "note" if variant == "default" else "bound", "") or ""
+        layout = (f"{rec.in_layout} -> {rec.out_layout}"
+                  if hasattr(rec, "in_layout") and hasattr(rec, "out_layout") else "")
         rows.append(KernelRow(layer=str(getattr(rec, "layer", "?")),
                               op=str(getattr(rec, "op", "")), kernel=variant,
-                              macs=int(getattr(rec, "macs", 0) or 0), reason=str(why)))
+                              macs=int(getattr(rec, "macs", 0) or 0), reason=str(why),
+                              layout=layout))
     return rows
 
 
@@ -188,6 +194,12 @@ def _latency_table(latencies: Sequence[Latency]) -> list[str]:
 
 
 def _kernel_table(kernels: Sequence[KernelRow]) -> list[str]:
+    if any(k.layout for k in kernels):  # the build recorded the layouts (layout planning)
+        lines = ["| layer | op | TVM kernel | MMACs | layout in -> out | exact because / why "
+                 "the default |", "|---|---|---|---:|---|---|"]
+        lines += [f"| {k.layer} | {k.op} | {k.kernel} | {k.macs / 1e6:.2f} | {k.layout} | "
+                  f"{k.reason} |" for k in kernels]
+        return lines + ["", _kernel_share(kernels)]
     lines = ["| layer | op | TVM kernel | MMACs | exact because / why the default |",
              "|---|---|---|---:|---|"]
     lines += [f"| {k.layer} | {k.op} | {k.kernel} | {k.macs / 1e6:.2f} | {k.reason} |"

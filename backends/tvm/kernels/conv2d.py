@@ -2,7 +2,8 @@
 
 One PrimFunc per layer, in four stages:
 
-1. ``pack``: NCHW activations (any int container) to ``[N, ICB, Hp, Wp, (G,) L]`` with the input
+1. ``pack``: NCHW activations, or packed ``[N, ceil(C/L), H, W, L]`` ones (``spec.in_lanes``,
+   ``backends/tvm/layout.py``), in any int container, to ``[N, ICB, Hp, Wp, (G,) L]`` with the input
    channels padded to the intrinsic's width and the spatial zero padding applied, plus an offset
    (``-lo`` for signed inputs, padding included) that makes every operand unsigned.
 2. ``conv``: ``[N, OCB, OH, OWp, 8]`` int32, tensorized with an intrinsic of :mod:`.intrin`;
@@ -10,7 +11,9 @@ One PrimFunc per layer, in four stages:
 3. ``epilogue`` (fused into the accumulator write-back): ``acc * 2^k + bias`` in int32, then the
    dyadic requantization ``clip(((acc * m + R) >> shift))`` in int64 and the cast to the output
    container -- or the int32 accumulator itself for float-output layers.
-4. ``unpack``: back to NCHW, dropping padded channels and columns.
+4. ``unpack``: back to NCHW, dropping padded channels and columns -- or, for a packed output
+   (``spec.out_lanes``), the epilogue's channel blocks as they are (padded columns dropped,
+   padding lanes kept: zero weights, bias and multipliers make them ``clip(0)``).
 
 Tile sizes come from the shape (no tuning). The weights arrive pre-packed (:func:`pack_weight`).
 """
@@ -62,6 +65,11 @@ class ConvKernelSpec:
     qmin: int
     qmax: int
     mult_dtype: str = "int64"
+    #: Layout of the input: 0 = NCHW, ``L`` = packed ``[N, ceil(C/L), H, W, L]`` (``layout.py``).
+    in_lanes: int = 0
+    #: Layout of the output: 0 = NCHW, else packed with ``oc_lanes`` lanes (the only packed
+    #: output written: the epilogue's channel blocks themselves).
+    out_lanes: int = 0
 
     @property
     def depthwise(self) -> bool:
@@ -150,22 +158,40 @@ def _packed_value(x: Any, spec: ConvKernelSpec, n: Any, c: Any, y: Any, xx: Any,
     tirx = load_tvm().tirx
     (ph, pw), c_, h, w = spec.padding, spec.in_channels, spec.height, spec.width
     yy, xw = y - ph, xx - pw
+    # c >= C (channel padding of the kernel's blocks and of a packed input's last block) is
+    # never read: it becomes the zero code, whose weights are zero too (layout.py, point 2)
     inside = tirx.all(c < c_, yy >= 0, yy < h, xw >= 0, xw < w)
-    value = x[n, tirx.min(c, c_ - 1), tirx.max(tirx.min(yy, h - 1), 0),
-              tirx.max(tirx.min(xw, w - 1), 0)].astype("int32")
+    row, col = tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xw, w - 1), 0)
+    if spec.in_lanes:  # clamped to the layout's last lane (in bounds; folds when aligned)
+        lanes = spec.in_lanes
+        cc = tirx.min(c, -(-c_ // lanes) * lanes - 1)
+        value = x[n, cc // lanes, row, col, cc % lanes].astype("int32")
+    else:
+        value = x[n, tirx.min(c, c_ - 1), row, col].astype("int32")
     return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype(dtype)
+
+
+def _input(spec: ConvKernelSpec) -> Any:
+    """The activation placeholder: NCHW, or packed ``[N, ceil(C/L), H, W, L]``."""
+    te = load_tvm().te
+    n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    if spec.in_lanes:
+        shape: tuple[int, ...] = (n_, -(-c_ // spec.in_lanes), h, w, spec.in_lanes)
+    else:
+        shape = (n_, c_, h, w)
+    return te.placeholder(shape, spec.in_dtype, name="x")
 
 
 def _depthwise(spec: ConvKernelSpec, tile_w: int) -> tuple[Any, Any, Any]:
     """Depthwise pack + conv: ``[N, CB, Hp, Wp, L]`` int16 codes, int32 products and sums."""
     te = load_tvm().te
-    n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    n_ = spec.batch
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
     oh, ow = spec.out_size
     owp = -(-ow // tile_w) * tile_w
     ol, cb = spec.oc_lanes, spec.out_blocks(1)
     hp, wp = (oh - 1) * sh + dh * (kh - 1) + 1, (owp - 1) * sw + dw * (kw - 1) + 1
-    x = te.placeholder((n_, c_, h, w), spec.in_dtype, name="x")
+    x = _input(spec)
     wt = te.placeholder((cb, kh, kw, ol), "int16", name="w")
 
     def pack(n: Any, b: Any, y: Any, xx: Any, lane: Any) -> Any:
@@ -191,7 +217,7 @@ def _compute(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any:
 def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, Any]:
     """Dense pack + conv: ``[N, ICB, Hp, Wp, (G,) L]`` operands, the intrinsic's inner product."""
     te = load_tvm().te
-    n_, ic, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    n_ = spec.batch
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
     oh, ow = spec.out_size
     owp = -(-ow // tile_w) * tile_w
@@ -202,7 +228,7 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
     gdim = (groups,) if groups > 1 else ()
     ol = spec.oc_lanes
 
-    x = te.placeholder((n_, ic, h, w), spec.in_dtype, name="x")
+    x = _input(spec)
     wt = te.placeholder((ocb, icb, kh, kw) + gdim + (ol, lanes), act.replace("uint", "int"),
                         name="w")
 
@@ -250,8 +276,14 @@ def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
             return tirx.max(tirx.min(q, spec.qmax), spec.qmin).astype(spec.out_dtype)
 
         epi = te.compute(acc.shape, requant, name="epilogue")
-    out = te.compute((n_, oc, oh, ow), lambda n, c, y, xx: epi[n, c // ol, y, xx, c % ol],
-                     name="unpack")
+    if spec.out_lanes:  # packed output: the epilogue's blocks, padded channels included
+        if spec.out_lanes != ol:
+            raise ValueError(f"packed output needs {ol} lanes, got {spec.out_lanes}")
+        out = te.compute((n_, -(-oc // ol), oh, ow, ol),
+                         lambda n, b, y, xx, o: epi[n, b, y, xx, o], name="unpack")
+    else:
+        out = te.compute((n_, oc, oh, ow), lambda n, c, y, xx: epi[n, c // ol, y, xx, c % ol],
+                         name="unpack")
     return te.create_prim_func(params + [out])
 
 

@@ -1,18 +1,20 @@
 """TVM-facing: put a selected written kernel into the Relax module being built.
 
 :func:`emit_conv` builds the layer's scheduled PrimFunc (:mod:`.conv2d`), adds it to the module
-and calls it with ``call_tir`` on NCHW tensors, so the layer's edges keep the layout every other
-converter uses (the pack/unpack stages live inside the kernel).
+and calls it with ``call_tir`` on NCHW or packed ``NCHW{L}c`` tensors (``backends/tvm/layout.py``
+decides which; the pack/unpack stages live inside the kernel).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import numpy as np
 
 from ..adapter import Builder, load_tvm
+from ..layout import NCHW, Layout
 from .conv2d import ConvKernelSpec, build_conv_kernel, pack_weight
 from .select import KernelChoice, LayerFacts
 
@@ -65,20 +67,25 @@ def _fits_int32(values: np.ndarray) -> bool:
 
 
 def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: KernelChoice,
-              geometry: ConvGeometry, requant: tuple[Any, Any, int, int, str] | None) -> Any:
-    """Emit the written kernel of ``choice`` for an NCHW conv; returns the NCHW result.
+              geometry: ConvGeometry, requant: tuple[Any, Any, int, int, str] | None,
+              in_layout: Layout = NCHW, out_lanes: int = 0) -> tuple[Any, Layout]:
+    """Emit the written kernel of ``choice`` for a conv; returns the result and its layout.
 
     Args:
         bb: The builder.
-        x: The NCHW integer activations (container ``in_dtype``).
+        x: The integer activations (container ``in_dtype``) in ``in_layout``.
         in_dtype: Container dtype of ``x``.
         facts: The layer's selection facts (weights OIHW, bias, ``acc_shift``, offset).
         choice: A non-default :class:`KernelChoice`.
         geometry: ``(stride, padding, dilation)``.
         requant: ``(m, shift, qmin, qmax, out_dtype)`` to fuse the requantization, or ``None`` to
             return the int32 accumulator ``acc * 2^k + bias``.
+        in_layout: The layout of ``x`` (NCHW or packed ``NCHW{L}c``, any ``L``).
+        out_lanes: ``L`` to write the packed layout ``NCHW{L}c``; honoured only for a
+            requantizing kernel whose output vector has ``L`` lanes, else the result is NCHW.
     """
-    n, ic, h, w = bb.shape(x)
+    n, _, h, w = bb.shape(x)[:4]
+    ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
     oc, _, kh, kw = facts.weight.shape
     stride, padding, dilation = geometry
     m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
@@ -87,7 +94,10 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     offset = facts.offset_for(choice.kind)
     spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), stride, padding, dilation,
                           str(choice.kind), choice.groups, in_dtype, offset,
-                          facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype)
+                          facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype,
+                          in_layout.lanes)
+    if out_lanes and requant is not None and out_lanes == spec.oc_lanes:
+        spec = dataclasses.replace(spec, out_lanes=out_lanes)
     func, (_, tile_oc) = _kernel(spec)
     size = spec.out_blocks(tile_oc) * spec.oc_lanes
     w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
@@ -98,7 +108,11 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
         args += [bb.const(_padded(m_c, size, m_dtype), m_dtype)]
         args += [bb.const(_padded(v, size, "int64"), "int64") for v in (rnd, shift_c)]
-    out_shape = (n, oc) + spec.out_size
+    out_layout = Layout(spec.out_lanes, oc) if spec.out_lanes else NCHW
+    if spec.out_lanes:
+        out_shape: tuple[int, ...] = (n, out_layout.blocks) + spec.out_size + (spec.out_lanes,)
+    else:
+        out_shape = (n, oc) + spec.out_size
     # one PrimFunc per distinct spec in a module: the groups of a grouped conv (and same-shaped
     # layers) share it, named after the first layer that used it (BlockBuilder deduplicates
     # equal functions), so it is scheduled and compiled by LLVM once
@@ -111,7 +125,7 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
                  .with_attr("tirx.is_scheduled", True))
         bb.kernel_cache[spec] = named
-    return bb.call_tir(named[1], named[0], args, out_shape, out_dtype)
+    return bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout
 
 
 @functools.lru_cache(maxsize=512)

@@ -59,6 +59,9 @@ class KernelChoice:
         bound: The inequality the variant relies on, with this layer's numbers.
         note: Why this variant (for ``default``: why no written kernel applies).
         macs: Multiply-accumulates of one call.
+        in_layout: The layout the kernel read its input in (``"NCHW"`` or ``"NCHW16c"``,
+            ``backends/tvm/layout.py``); set when the layer is emitted.
+        out_layout: The layout it wrote its output in.
     """
 
     layer: str
@@ -67,6 +70,8 @@ class KernelChoice:
     bound: str
     note: str
     macs: int
+    in_layout: str = "NCHW"
+    out_layout: str = "NCHW"
 
     @property
     def kind(self) -> str | None:

@@ -1,0 +1,203 @@
+"""Layout planning: which integer values stay in the packed channel layout ``NCHW{L}c``.
+
+A written conv kernel (``backends/tvm/kernels``) packs its input into channel blocks and computes
+on blocks of ``L`` output channels. Between two such kernels, going back to NCHW and packing again
+is pure data movement (in mobilenetv2 at batch 32 it was most of the time, PROFILE.md). So a
+value may live in the packed layout ``[N, ceil(C/L), H, W, L]``: channel ``c`` at block ``c // L``,
+lane ``c % L``; the lanes ``c >= C`` of the last block are **padding**.
+
+The layout of every emitted integer value is a typed fact, :class:`Layout`, carried on the value
+(``emit.IntValue.layout``). Two pure steps decide it:
+
+* :func:`plan_layouts` (before emission, over the fx graph only): which conv layers write packed
+  output. A node is a *packed candidate* if its op is in :data:`PACKED_OPS` (a conv that may get
+  a written kernel, or a lane-wise integer op whose tensor inputs are all candidates); a candidate
+  stays packed only if some user consumes packed values (backwards, users first).
+* At emission each converter states its value's layout; a plan that emission cannot honour (the
+  conv fell back to TVM's default lowering, operands of different layouts) costs a conversion,
+  never a wrong value: every converter that does not know packed layouts reads its inputs through
+  ``Lowering.value`` / ``int_arg``, which unpack to NCHW (once per value).
+
+Ops and their packed form (the record asked for by issue 15, item 3):
+
+=====================================  ===================================================
+op                                      packed form
+=====================================  ===================================================
+``IntConv2d`` dense / depthwise         reads any layout, writes ``NCHW{L}c`` if planned
+``IntConv2d`` grouped, float output     NCHW in and out (per-group channel slices; float)
+``IntAdd`` (equal shapes), ``IntClip``,  lane-wise on packed values when every operand has
+``Requantize``, ``IntMaxPool2d``        the same :class:`Layout`; else NCHW
+``IntLinear``, flatten, reshape, ...    unpack (they index channels)
+``IntConcat``                           unpack (channel offsets are not block aligned)
+average pools, ``IntMul``, ``IntLUT``  unpack (no packed form written yet)
+float islands, graph outputs            unpack
+=====================================  ===================================================
+
+**Why padding lanes never change a real output** (tested in ``tests/test_tvm_layout.py``):
+
+1. Every producer of a packed value writes *defined* codes into the padding lanes: the conv
+   kernels (the only producers from unpacked values) compute them with zero weights, zero bias
+   and a zero multiplier (``clip(0)``). Lane-wise ops map padding lanes only to padding lanes.
+2. No kernel reads a padding lane: the pack stage of every written conv kernel masks channels
+   ``c >= C`` to the zero code (``conv2d._packed_value``), exactly as it pads an NCHW input, and
+   the packed weights of those channels are zero as well (``conv2d.pack_weight``).
+3. :func:`to_nchw` slices channels ``[0, C)`` away from the padding before any op that mixes
+   channels (linear, concat, flatten, reductions) or leaves the integer graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from djpq_compiler.ir import modules as im
+
+__all__ = ["NCHW", "PACKED_OPS", "Layout", "LayoutPlan", "layout_lanes", "packed_channel_const",
+           "plan_layouts", "to_nchw"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The memory layout of an integer tensor value.
+
+    Attributes:
+        lanes: ``0`` for the plain layout every converter reads (NCHW for 4-D values), or ``L``
+            for ``NCHW{L}c``: shape ``[N, ceil(C/L), H, W, L]``.
+        channels: The real channel count ``C`` of a packed value (``0`` for plain layouts).
+    """
+
+    lanes: int = 0
+    channels: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.lanes > 0
+
+    @property
+    def blocks(self) -> int:
+        """``ceil(C / L)`` channel blocks (0 for plain layouts)."""
+        return -(-self.channels // self.lanes) if self.packed else 0
+
+    def __str__(self) -> str:
+        return f"NCHW{self.lanes}c" if self.packed else "NCHW"
+
+
+NCHW = Layout()
+
+
+def layout_lanes(features: frozenset[str] | None) -> int:
+    """Lanes of the packed layout for a target with CPU ``features`` (the written kernels' output
+    vector: 16 int32 with AVX-512, 8 with AVX2); ``0`` (no packing) elsewhere (aarch64, CUDA, no
+    target): those targets keep NCHW between layers."""
+    if not features:
+        return 0
+    if "avx512bw" in features or "avx512vnni" in features:
+        return 16
+    return 8 if "avx2" in features else 0
+
+
+# ------------------------------------------------------------------------------ the plan
+
+#: How an op relates to the packed layout: ``"kernel"`` (reads any layout, may write packed:
+#: the written conv kernels) or ``"lanewise"`` (packed output iff all its tensor inputs are).
+PackedRule = Callable[[Any], str | None]
+
+
+def _conv_rule(module: Any) -> str | None:
+    depthwise = module.groups == module.weight.shape[0] and module.weight.shape[1] == 1
+    if module.out_scale is None or (module.groups != 1 and not depthwise):
+        return None  # float output / per-group channel slices: NCHW
+    return "kernel"
+
+
+def _lanewise(module: Any) -> str | None:
+    return "lanewise"
+
+
+#: Ops with a packed form, keyed by the integer module class (the house registry style).
+PACKED_OPS: dict[type, PackedRule] = {
+    im.IntConv2d: _conv_rule,
+    im.IntAdd: _lanewise,
+    im.IntClip: _lanewise,
+    im.Requantize: _lanewise,
+    im.IntMaxPool2d: _lanewise,  # per channel over H, W: lane-wise on the blocks
+}
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """Which nodes are planned to yield packed values, with the lane count."""
+
+    lanes: int
+    packed: frozenset[str]
+
+    def wants_packed(self, node: fx.Node) -> bool:
+        return self.lanes > 0 and node.name in self.packed
+
+
+def _rule(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(str(node.target))
+    rule = PACKED_OPS.get(type(module))
+    return None if rule is None else rule(module)
+
+
+def _consumes_packed(gm: fx.GraphModule, user: fx.Node, packed: set[fx.Node]) -> bool:
+    rule = _rule(gm, user)
+    return rule == "kernel" or (rule == "lanewise" and user in packed)
+
+
+def plan_layouts(gm: fx.GraphModule, lanes: int) -> LayoutPlan:
+    """Plan the packed values of a converted graph (pure; reads only ops and the graph).
+
+    Forward: conv candidates (:data:`PACKED_OPS`) and lane-wise ops whose tensor inputs are all
+    candidates. Backward: a candidate stays packed only if a user consumes packed values (a conv,
+    or a lane-wise op that stays packed), so no value is packed just to be unpacked.
+
+    Args:
+        gm: The converted model.
+        lanes: :func:`layout_lanes` of the target; ``0`` plans everything NCHW.
+    """
+    if lanes <= 0:
+        return LayoutPlan(0, frozenset())
+    candidates: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        rule = _rule(gm, node)
+        inputs = node.all_input_nodes
+        if rule == "kernel" or (rule == "lanewise" and inputs
+                                and all(a in candidates for a in inputs)):
+            candidates.add(node)
+    packed: set[fx.Node] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if node in candidates and any(_consumes_packed(gm, u, packed) for u in node.users):
+            packed.add(node)
+    return LayoutPlan(lanes, frozenset(n.name for n in packed))
+
+
+# --------------------------------------------------------------- conversions (Relax, via bb)
+
+
+def to_nchw(bb: Any, expr: Any, layout: Layout) -> Any:
+    """``[N, CB, H, W, L]`` -> ``[N, C, H, W]``: blocks and lanes back to channels, padding
+    lanes sliced away."""
+    if not layout.packed:
+        return expr
+    n, cb, h, w, lanes = bb.shape(expr)
+    flat = bb.reshape(bb.permute(expr, (0, 1, 4, 2, 3)), (n, cb * lanes, h, w))
+    if cb * lanes == layout.channels:
+        return flat
+    return bb.strided_slice(flat, [1], [0], [layout.channels], [1])
+
+
+def packed_channel_const(values: Any, layout: Layout) -> np.ndarray:
+    """A per-channel vector ``(C,)`` as a ``(1, CB, 1, 1, L)`` numpy array broadcasting over a
+    packed value; padding lanes get 0."""
+    flat = np.asarray(values).reshape(-1)
+    full = np.zeros(layout.blocks * layout.lanes, dtype=flat.dtype)
+    full[: flat.size] = flat
+    return full.reshape(1, layout.blocks, 1, 1, layout.lanes)
