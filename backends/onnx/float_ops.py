@@ -22,7 +22,7 @@ from djpq_compiler.registry import node_key
 
 from ..common_ops import INFERENCE_IDENTITIES, check_inference_identity
 from ..lowering import index_or_slice
-from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, register
+from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, container, register
 from .integer_ops import adaptive_windows, pair
 
 __all__: list[str] = []
@@ -57,6 +57,27 @@ def _get_attr(ctx: Emitter, node: fx.Node) -> Value:
     if not torch.is_tensor(value):
         raise BackendError(f"{node.format_node()}: only tensor attributes are exported")
     return FValue(ctx.const(value.detach().cpu().float().numpy(), node.name))
+
+
+_NP_CONTAINER = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16}
+
+
+@register("constant")
+def _folded_constant(ctx: Emitter, node: fx.Node) -> Value:
+    """A tensor computed from model attributes only, evaluated once by the reference executor
+    (``lowering.lower_nodes``): a float32 initializer, or a ``Quantize``'s codes in their
+    container (scale and range from the module), behind an ``Identity`` named ``node.name``."""
+    from onnx import TensorProto
+
+    value = ctx.folded[node].detach().cpu()
+    if value.is_floating_point():
+        const = ctx.const(value.float().numpy(), f"{node.name}/value")
+        return FValue(ctx.op("Identity", [const], node.name))
+    module = ctx.module(node)
+    lo, hi = int(module.qmin), int(module.qmax)
+    dtype = _NP_CONTAINER[TensorProto.DataType.Name(container(lo, hi)[0])]
+    const = ctx.const(value.numpy().astype(dtype), f"{node.name}/value")
+    return QValue(ctx.op("Identity", [const], node.name), float(module.scale), lo, hi)
 
 
 # ------------------------------------------------------------------------------ layers
