@@ -26,6 +26,7 @@ from ..lowering import lower_nodes
 from . import (  # noqa: F401  (registers)
     float_ops,
     integer_ops,
+    pool_ops,
     shape_ops,
     transformer_ops,
     window_ops,
