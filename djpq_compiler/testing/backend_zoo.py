@@ -71,8 +71,10 @@ class BackendZooResult:
 def zoo_input(name: str, batch: int = 2) -> torch.Tensor:
     """A small input for torchvision classification model ``name`` (the smallest its
     architecture accepts without degenerate feature maps)."""
-    if name.startswith(("vit", "swin", "maxvit")):
-        size = 224
+    if name.startswith("swin"):
+        size = 56  # 14x14 tokens: shifted 7x7 windows in stage 1, padded windows after it
+    elif name.startswith(("vit", "maxvit")):
+        size = 224  # fixed image size (ViT) / every stage divisible by the partition (MaxViT)
     elif name.startswith("inception"):
         size = 96
     elif name in {"googlenet", "squeezenet1_0", "squeezenet1_1", "alexnet"}:
