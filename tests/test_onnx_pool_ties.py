@@ -104,3 +104,30 @@ def test_pool_requantize_ties_exact(pool: str, signed: bool, tmp_path: Path) -> 
     want, _ = gm(x)
     got = _onnx_codes(gm, x, tmp_path / "fused.onnx")
     assert np.array_equal(got, want.numpy())
+
+
+class _UpsamplingAdaptivePool(nn.Module):
+    """AlexNet at a small input: a 1x1 map pooled adaptively to 3x3 (overlapping, unequal bins
+    from a 2x2 map too), which ``convert`` leaves as a float op."""
+
+    def __init__(self, side: int) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 4, 3, stride=2), nn.AdaptiveAvgPool2d((3, 3))
+        self.side = side
+        self.head = nn.Linear(4 * 9, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+@pytest.mark.parametrize("size", [8, 12])
+def test_float_adaptive_pool_with_unequal_bins_exports(size: int, tmp_path: Path) -> None:
+    import djpq_compiler as djpq
+    from djpq_compiler.backends.onnx import verify
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    converted = djpq.convert(djpq.prepare(_UpsamplingAdaptivePool(size).eval(), x).eval())
+    report = verify(converted, export(converted, tmp_path / "m.onnx", (x,)), (x,))
+    assert report["max_lsb_per_op"] <= 1
