@@ -131,3 +131,30 @@ def test_float_adaptive_pool_with_unequal_bins_exports(size: int, tmp_path: Path
     converted = djpq.convert(djpq.prepare(_UpsamplingAdaptivePool(size).eval(), x).eval())
     report = verify(converted, export(converted, tmp_path / "m.onnx", (x,)), (x,))
     assert report["max_lsb_per_op"] <= 1
+
+
+class _SumPoolRequantize(nn.Module):
+    """convert's window-sum pool (``divisor_override``) and the ``Requantize`` after it."""
+
+    def __init__(self, divisor: int, out_scale: float) -> None:
+        super().__init__()
+        self.q = im.Quantize(1.0, 4, True)
+        self.pool = im.IntAvgPool2d((4, 4), (4, 4), (0, 0), False, True, divisor)
+        self.rq = im.Requantize(1.0, out_scale, 8, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rq(self.pool(self.q(x)))
+
+
+@pytest.mark.parametrize(("divisor", "out_scale"), [(1, 8.0), (3, 2.0), (16, 0.25)])
+def test_sum_pool_requantize_ties_exact(divisor: int, out_scale: float, tmp_path: Path) -> None:
+    """Window sums rescaled by a power of two land on ties often (the case
+    ``efficientnet_b0``'s squeeze-excite pools flipped in ~17 % of codes)."""
+    import onnxruntime as ort
+
+    gm = im.trace_integer(_SumPoolRequantize(divisor, out_scale))
+    x = _codes_input(4, True)
+    export(gm, tmp_path / "sum.onnx", (x,))
+    session = ort.InferenceSession(str(tmp_path / "sum.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert np.array_equal(got.astype(np.int64), gm(x).numpy())

@@ -172,7 +172,13 @@ def convert_dequantize(ctx: Emitter, node: fx.Node) -> Value:
 
 @register(im.Requantize)
 def convert_requantize(ctx: Emitter, node: fx.Node) -> Value:
-    """DQ(x, in_scale) -> [Clip] -> Q(out_scale)."""
+    """DQ(x, in_scale) -> [Clip] -> Q(out_scale); after a window-sum pool (ties are common
+    there) the reference's integer rounding instead (``pool_ops.requantize_pool_sum``)."""
+    from .pool_ops import requantize_pool_sum
+
+    exact = requantize_pool_sum(ctx, node)
+    if exact is not None:
+        return exact
     module = ctx.module(node)
     real = ctx.dequantize(ctx.int_arg(node), module.in_scale, f"{node.name}/x_dq")
     return ctx.quantize(real, module.out_scale, module.qmin, module.qmax, node.name)

@@ -42,7 +42,8 @@ def _i64(ctx: Emitter, value: Any, hint: str) -> str:
 def _window_sums(ctx: Emitter, node: fx.Node, x: QValue, pool: Any,
                  out_hw: tuple[int, int]) -> tuple[str, np.ndarray]:
     """Exact int64 window sums of ``x``'s codes for ``pool`` (``IntAvgPool2d`` or
-    ``IntAdaptiveAvgPool2d``) and torch's divisor of every output position."""
+    ``IntAdaptiveAvgPool2d``; ``node`` is the pool's node, ``x`` its input) and torch's divisor
+    of every output position."""
     from onnx import TensorProto
 
     _, channels, h, w = ctx.shape(node.args[0])
@@ -109,6 +110,36 @@ def _div_half_up(ctx: Emitter, node: fx.Node, x: QValue, pool: Any) -> QValue:
     bound = 2 * int(counts.max()) * max(abs(x.lo), abs(x.hi)) + counts
     codes = _floor_div(ctx, f"{node.name}/round", num, bound, 2 * counts)
     return _codes(ctx, node, codes, min(x.lo, 0), max(x.hi, 0), x.scale, clip=False)
+
+
+def requantize_pool_sum(ctx: Emitter, node: fx.Node) -> QValue | None:
+    """A ``Requantize`` of a ``divisor_override`` pool (convert's window-sum pool), exactly as
+    the reference: ``P = div_half_up(S, d)``, then ``(P m + 2^(s-1)) >> s``, clip, container.
+    ``None`` when the input is not such a pool (the caller's float path applies)."""
+    source = node.args[0]
+    if not (isinstance(source, fx.Node) and source.op == "call_module"):
+        return None
+    pool = ctx.module(source)
+    if not isinstance(pool, im.IntAvgPool2d) or pool.divisor_override is None:
+        return None
+    module = ctx.module(node)
+    x = ctx.as_qvalue(ctx.int_arg(source), f"{node.name}/x_q")
+    out_hw = tuple(ctx.shape(source)[2:])
+    sums, _ = _window_sums(ctx, source, x, pool, out_hw)  # type: ignore[arg-type]
+    divisor = int(pool.divisor_override)
+    kernel = pair(pool.kernel_size)
+    sum_bound = kernel[0] * kernel[1] * max(abs(x.lo), abs(x.hi))
+    twice = ctx.op("Mul", [sums, _i64(ctx, 2, f"{node.name}/two")], f"{node.name}/twice")
+    num = ctx.op("Add", [twice, _i64(ctx, divisor, f"{node.name}/d")], f"{node.name}/num")
+    pooled = _floor_div(ctx, f"{node.name}/pool_round", num,
+                        np.array(2 * sum_bound + divisor), np.array(2 * divisor))
+    m, shift = int(module.m), int(module.shift)
+    scaled = ctx.op("Mul", [pooled, _i64(ctx, m, f"{node.name}/m")], f"{node.name}/scaled")
+    rounding = (1 << (shift - 1)) if shift > 0 else 0
+    num = ctx.op("Add", [scaled, _i64(ctx, rounding, f"{node.name}/r")], f"{node.name}/rq_num")
+    bound = (sum_bound // divisor + 1) * m + rounding
+    codes = _floor_div(ctx, f"{node.name}/shift", num, np.array(bound), np.array(1 << shift))
+    return _codes(ctx, node, codes, module.qmin, module.qmax, module.out_scale, clip=True)
 
 
 @register(im.IntAvgPool2d)
