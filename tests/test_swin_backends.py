@@ -7,8 +7,8 @@ uses ``torch.einsum``. Both backends lower them (``backends/{tvm,onnx}/window_op
 shift mask are exact; the attention is a float island. Tolerance, as in
 ``tests/test_transformer_ops.py``: a float island may move the next ``Quantize`` by one LSB
 (TVM's/onnxruntime's own ``exp`` and summation order), so TVM's float output must be within one
-input-LSB unit of the last integer layer (and is bit-exact on these seeds, asserted where
-observed), and ONNX within 1 LSB per op.
+input-LSB unit of the last integer layer (it was bit-exact on these seeds where developed), and
+ONNX within 1 LSB per op.
 
 Models are tiny (embed 16, two stages, window 4) at 32x32 (shifted windows in stage 1, the
 shift dropped where the window covers the map) and 44x44 (padding to the window, odd patch
@@ -99,7 +99,7 @@ def test_swin_tvm(version: str, size: int) -> None:
     converted, x = _converted(_swin(version == "v2"), size)
     floats = set(converted_record(converted).float_ops)
     assert {"shifted_window_attention", "_get_relative_position_bias"} <= floats
-    assert _check_tvm(converted, x) == 0.0  # bit-exact on these seeds
+    _check_tvm(converted, x)  # bit-exact on the developers' machine; the bound is one unit
 
 
 @pytest.mark.parametrize(("version", "size"), SWIN_CASES, ids=[f"{v}-{s}" for v, s in SWIN_CASES])
