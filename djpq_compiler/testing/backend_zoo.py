@@ -168,6 +168,18 @@ def _tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
     return StageOutcome("ok", detail, outcome.seconds)
 
 
+def _island_source(gm: Any, node: Any) -> Any:
+    """The op a quantizer's value comes from, looking through shape-only ops
+    (``op_facts.SHAPE_ONLY``: permute, reshape, flatten, ...): they move values unchanged."""
+    from djpq_compiler import op_facts as facts
+    from djpq_compiler.registry import node_key
+
+    while getattr(node, "op", None) in ("call_function", "call_method", "call_module") and \
+            node_key(gm, node) in facts.SHAPE_ONLY and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
+
+
 def _island_flips(converted: Any, x: torch.Tensor, final: str, seconds: float) -> StageOutcome:
     """Where a net with float islands disagrees: a second build that also outputs every
     ``Quantize``'s codes. ``ok`` when every quantizer that differs reads a float-island op
@@ -196,7 +208,7 @@ def _island_flips(converted: Any, x: torch.Tensor, final: str, seconds: float) -
             diff = int((g - w).abs().max()) if g.numel() else 0
             if diff:
                 flips[node.name] = max(flips.get(node.name, 0), diff)
-    sources = {n.name: n.args[0] for n in quantizers}
+    sources = {n.name: _island_source(probe, n.args[0]) for n in quantizers}
     bad = {k: v for k, v in flips.items()
            if v > 1 or getattr(sources[k], "name", None) not in islands}
     detail = (f"{final} at the output; {len(flips)} quantizer(s) after float islands differ by "
