@@ -27,8 +27,9 @@ STAGES = ("convert", "agreement", "tvm", "onnx")
 
 #: model -> why it does not pass every stage yet.
 KNOWN_FAILURES: dict[str, str] = {
-    "alexnet": "onnx: at a 64x64 input the float adaptive avg pool maps 1x1 -> 6x6 (unequal "
-               "bins), which the ONNX exporter refuses (BackendError)",
+    "maxvit_t": "tvm: builds and runs, but after a first 1-LSB flip at a float island's output "
+                "the codes drift further through the random-init net (up to 15 LSB in the last "
+                "stage, benchmarks/torchvision_zoo/island_flips.py); not yet separated per op",
 }
 
 SAMPLE = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
