@@ -56,6 +56,7 @@ def _row(name: str, size: int, float_ops: int, cells: list[str], seconds: float)
 def _run_one(name: str) -> dict:
     """Check one model in this process; the record written to ``--jsonl``."""
     start = time.perf_counter()
+    torch.manual_seed(0)  # the random init (the pruning is seeded in check_backends)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = zoo_input(name)
     result = check_backends(name, model, x)
