@@ -9,6 +9,13 @@ every registry of this project (the IR module class of ``djpq_compiler.ir.module
 state. :func:`lower_nodes` then runs the converters in graph order and raises one
 :class:`~djpq_compiler.errors.UnsupportedNodesError` naming every node that has no converter or
 whose converter refused it, before anything is built or written.
+
+Constant subgraphs (calls whose every input is a ``get_attr`` tensor or another such call, e.g.
+Swin V2's continuous position-bias MLP on its coordinate table) are evaluated once by the
+reference executor itself (:func:`constant_subgraphs`) when the backend registers a converter
+under ``"constant"``: each float tensor (or ``Quantize`` output) where such a subgraph meets the
+rest of the graph is handed to that converter (``ctx.folded[node]``) and the subgraph is not
+lowered, so the backend gets exactly the reference's values and nothing is recomputed per call.
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import fx
 
 from djpq_compiler.errors import BackendError, UnsupportedNodesError
-from djpq_compiler.registry import GRAPH_OPS, Registry
+from djpq_compiler.registry import CALL_OPS, GRAPH_OPS, Registry
 
 __all__ = [
     "LoweringContext",
     "Poison",
     "call_arg",
+    "constant_subgraphs",
     "describe_op",
     "index_or_slice",
     "lower_nodes",
@@ -57,6 +66,8 @@ class LoweringContext:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.env: dict[fx.Node, Any] = {}
+        #: Float tensors of folded constant subgraphs, by boundary node (see lower_nodes).
+        self.folded: dict[fx.Node, torch.Tensor] = {}
 
     def module(self, node: fx.Node) -> Any:
         """The submodule a ``call_module`` node calls (typed loosely: converters know its class)."""
@@ -158,6 +169,59 @@ def raise_unsupported(backend: str, package: str, report: list[tuple[fx.Node, st
     )
 
 
+def _constant_values(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+    """Every call whose inputs are all ``get_attr`` tensors or such calls, run by the reference
+    executor (``torch.fx.Interpreter`` on the converted model), with its value."""
+    interpreter = fx.Interpreter(gm)
+    values: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "get_attr":
+            values[node] = interpreter.run_node(node)
+        elif node.op in CALL_OPS and inputs and all(n in values for n in inputs):
+            interpreter.env = dict(values)
+            values[node] = interpreter.run_node(node)
+    return {n: v for n, v in values.items() if n.op != "get_attr"}
+
+
+def _foldable(gm: fx.GraphModule, node: fx.Node, value: Any) -> bool:
+    """A float tensor, or the integer codes of a ``Quantize`` (whose scale and range the backend
+    reads from the module)."""
+    from djpq_compiler.ir.modules import Quantize
+
+    if not torch.is_tensor(value):
+        return False
+    if value.is_floating_point():
+        return True
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), Quantize)
+
+
+def constant_subgraphs(gm: fx.GraphModule) -> tuple[dict[fx.Node, torch.Tensor], set[fx.Node]]:
+    """``(folded, skipped)``: the boundaries of constant subgraphs with their reference values,
+    and the constant calls that then need no lowering.
+
+    A constant call is *folded* when a non-constant node (or the output) uses it and its value
+    is a float tensor or a ``Quantize``'s codes; constant calls only folded nodes depend on are
+    *skipped*. Anything else (other integer or non-tensor boundaries) is lowered as usual.
+    Evaluation errors fold nothing.
+    """
+    try:
+        with torch.no_grad():
+            values = _constant_values(gm)
+    except Exception:  # the converters then lower (or refuse) these nodes as usual
+        return {}, set()
+    folded = {n: v for n, v in values.items()
+              if _foldable(gm, n, v) and any(u not in values for u in n.users)}
+    needed: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if node in values and node not in needed:
+            continue
+        for source in node.all_input_nodes:
+            if source in values and source not in folded:
+                needed.add(source)
+    return folded, {n for n in values if n not in folded and n not in needed}
+
+
 def lower_nodes(ctx: LoweringContext, registry: Registry[Any], backend: str, package: str,
                 note: str = "") -> None:
     """Lower every node of ``ctx.gm`` into ``ctx.env`` with its converter, in graph order.
@@ -172,8 +236,14 @@ def lower_nodes(ctx: LoweringContext, registry: Registry[Any], backend: str, pac
     gm = ctx.gm
     missing = dict(unsupported_nodes(gm, registry, backend))
     report: list[tuple[fx.Node, str]] = []
+    constant = registry.get("constant")
+    skipped: set[fx.Node] = set()
+    if constant is not None:
+        ctx.folded, skipped = constant_subgraphs(gm)
     for node in gm.graph.nodes:
-        converter = registry.lookup(gm, node)
+        if node in skipped:
+            continue  # only folded constants use it
+        converter = constant if node in ctx.folded else registry.lookup(gm, node)
         if converter is None:
             report.append((node, missing.get(node, f"no {backend} converter")))
             ctx.env[node] = Poison()

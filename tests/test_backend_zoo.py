@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from djpq_compiler.testing.backend_zoo import check_backends, zoo_input
 
@@ -26,10 +27,12 @@ pytest.importorskip("onnxruntime")
 STAGES = ("convert", "agreement", "tvm", "onnx")
 
 #: model -> why it does not pass every stage yet.
-KNOWN_FAILURES: dict[str, str] = {
-    "alexnet": "onnx: at a 64x64 input the float adaptive avg pool maps 1x1 -> 6x6 (unequal "
-               "bins), which the ONNX exporter refuses (BackendError)",
-}
+_DRIFT = ("tvm: builds and runs; its float islands (attention, layer norms) flip codes by 1 LSB "
+          "at their outputs (TVM's float math), and in this random-init net the flips grow "
+          "downstream (swin_t up to 6 LSB, maxvit_t up to 15; "
+          "benchmarks/torchvision_zoo/island_flips.py); TVM has no per-op (teacher-forced) check "
+          "to separate them yet")
+KNOWN_FAILURES: dict[str, str] = {"swin_t": _DRIFT, "swin_v2_t": _DRIFT, "maxvit_t": _DRIFT}
 
 SAMPLE = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
           "regnet_y_400mf", "efficientnet_b0"]
@@ -47,6 +50,7 @@ def _param(name: str) -> object:
 @pytest.mark.parametrize(
     "name", [_param(n) for n in (ALL if FULL else SAMPLE) if n not in HEAVY])
 def test_backends(name: str) -> None:
+    torch.manual_seed(0)  # the random init (the pruning is seeded in check_backends)
     model = tv.models.get_model(name, weights=None).eval()
     result = check_backends(name, model, zoo_input(name))
     assert not result.crashes, {s: result.stages[s].detail for s in result.crashes}

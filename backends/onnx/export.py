@@ -23,7 +23,14 @@ from djpq_compiler.artifacts import atomic_write
 from djpq_compiler.errors import BackendError, MissingExtraError
 
 from ..lowering import lower_nodes
-from . import float_ops, integer_ops, shape_ops, transformer_ops  # noqa: F401  (registers)
+from . import (  # noqa: F401  (registers)
+    float_ops,
+    integer_ops,
+    pool_ops,
+    shape_ops,
+    transformer_ops,
+    window_ops,
+)
 from .graph import (
     CONVERTERS,
     OPSET,

@@ -18,11 +18,12 @@ from torch import fx, nn
 
 from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
+from djpq_compiler.ir.pooling import adaptive_bin_matrix
 from djpq_compiler.registry import node_key
 
 from ..common_ops import INFERENCE_IDENTITIES, check_inference_identity
 from ..lowering import index_or_slice
-from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, register
+from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, container, register
 from .integer_ops import adaptive_windows, pair
 
 __all__: list[str] = []
@@ -57,6 +58,27 @@ def _get_attr(ctx: Emitter, node: fx.Node) -> Value:
     if not torch.is_tensor(value):
         raise BackendError(f"{node.format_node()}: only tensor attributes are exported")
     return FValue(ctx.const(value.detach().cpu().float().numpy(), node.name))
+
+
+_NP_CONTAINER = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16}
+
+
+@register("constant")
+def _folded_constant(ctx: Emitter, node: fx.Node) -> Value:
+    """A tensor computed from model attributes only, evaluated once by the reference executor
+    (``lowering.lower_nodes``): a float32 initializer, or a ``Quantize``'s codes in their
+    container (scale and range from the module), behind an ``Identity`` named ``node.name``."""
+    from onnx import TensorProto
+
+    value = ctx.folded[node].detach().cpu()
+    if value.is_floating_point():
+        const = ctx.const(value.float().numpy(), f"{node.name}/value")
+        return FValue(ctx.op("Identity", [const], node.name))
+    module = ctx.module(node)
+    lo, hi = int(module.qmin), int(module.qmax)
+    dtype = _NP_CONTAINER[TensorProto.DataType.Name(container(lo, hi)[0])]
+    const = ctx.const(value.numpy().astype(dtype), f"{node.name}/value")
+    return QValue(ctx.op("Identity", [const], node.name), float(module.scale), lo, hi)
 
 
 # ------------------------------------------------------------------------------ layers
@@ -297,14 +319,31 @@ def _avg_pool(ctx: Emitter, node: fx.Node) -> Value:
 
 @register(*facts.ADAPTIVE_AVG_POOL2D_OP.keys())
 def _adaptive_avg_pool(ctx: Emitter, node: fx.Node) -> Value:
+    """Float adaptive average pool: ``GlobalAveragePool``/``AveragePool`` for equal bins, else
+    torch's (overlapping) bins as 0/1 matrices, ``B_h @ x @ B_w^T`` divided by each bin's size."""
     size = (ctx.module(node).output_size if node.op == "call_module"
             else ctx.arg(node, 1, "output_size", None))
     in_hw = ctx.shape(node.args[0])[2:]
-    kernel = adaptive_windows(node, in_hw, size)
+    try:
+        kernel = adaptive_windows(node, in_hw, size)
+    except BackendError:  # unequal bins
+        return _adaptive_bins(ctx, node, in_hw, size)
     if tuple(kernel) == tuple(in_hw):
         return FValue(ctx.op("GlobalAveragePool", [_float(ctx, node)], node.name))
     return FValue(ctx.op("AveragePool", [_float(ctx, node)], node.name,
                          kernel_shape=list(kernel), strides=list(kernel)))
+
+
+def _adaptive_bins(ctx: Emitter, node: fx.Node, in_hw: tuple[int, ...], size: Any) -> Value:
+    sizes = (size, size) if isinstance(size, int) else tuple(size)
+    out_h, out_w = (in_hw[i] if s is None else int(s) for i, s in enumerate(sizes))
+    bins_h = adaptive_bin_matrix(in_hw[0], out_h).numpy().astype(np.float32)
+    bins_w = adaptive_bin_matrix(in_hw[1], out_w).numpy().astype(np.float32)
+    rows = ctx.op("MatMul", [_float(ctx, node), ctx.const(bins_w.T.copy(), f"{node.name}/bins_w")],
+                  f"{node.name}/rows")
+    sums = ctx.op("MatMul", [ctx.const(bins_h, f"{node.name}/bins_h"), rows], f"{node.name}/sums")
+    counts = (bins_h.sum(axis=1)[:, None] * bins_w.sum(axis=1)[None, :]).astype(np.float32)
+    return FValue(ctx.op("Div", [sums, ctx.const(counts, f"{node.name}/counts")], node.name))
 
 
 # ------------------------------------------------------------------------------ shape ops

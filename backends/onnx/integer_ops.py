@@ -18,7 +18,6 @@ from torch import fx
 
 from djpq_compiler.errors import BackendError
 from djpq_compiler.ir import modules as im
-from djpq_compiler.ir.pooling import adaptive_bin_matrix, ceil_extra_padding
 
 from .graph import Emitter, FValue, QValue, SumValue, Value, container, register
 
@@ -173,7 +172,13 @@ def convert_dequantize(ctx: Emitter, node: fx.Node) -> Value:
 
 @register(im.Requantize)
 def convert_requantize(ctx: Emitter, node: fx.Node) -> Value:
-    """DQ(x, in_scale) -> [Clip] -> Q(out_scale)."""
+    """DQ(x, in_scale) -> [Clip] -> Q(out_scale); after a window-sum pool (ties are common
+    there) the reference's integer rounding instead (``pool_ops.requantize_pool_sum``)."""
+    from .pool_ops import requantize_pool_sum
+
+    exact = requantize_pool_sum(ctx, node)
+    if exact is not None:
+        return exact
     module = ctx.module(node)
     real = ctx.dequantize(ctx.int_arg(node), module.in_scale, f"{node.name}/x_dq")
     return ctx.quantize(real, module.out_scale, module.qmin, module.qmax, node.name)
@@ -277,29 +282,6 @@ def convert_max_pool(ctx: Emitter, node: fx.Node) -> Value:
     return ctx.quantize(pooled, x.scale, x.lo, x.hi, node.name)
 
 
-@register(im.IntAvgPool2d)
-def convert_avg_pool(ctx: Emitter, node: fx.Node) -> Value:
-    """DQ -> AveragePool -> Q at the same scale; with ``divisor_override`` a :class:`SumValue`."""
-    module = ctx.module(node)
-    x = ctx.as_qvalue(ctx.int_arg(node), f"{node.name}/x_q")
-    kernel = pair(module.kernel_size)
-    real = ctx.dequantize(x, x.scale, f"{node.name}/x_dq")
-    divisor = module.divisor_override
-    include_pad = bool(module.count_include_pad) or divisor is not None
-    pooled = ctx.op("AveragePool", [real], f"{node.name}/avgpool",
-                    **_window_attrs(module, kernel), count_include_pad=int(include_pad))
-    if divisor is None:
-        return ctx.quantize(pooled, x.scale, x.lo, x.hi, node.name)
-    area = kernel[0] * kernel[1]
-    return _sum_value(pooled, x, area, int(divisor))
-
-
-def _sum_value(pooled: str, x: QValue, area: int, divisor: int) -> SumValue:
-    """Window mean ``pooled`` (real) as codes ``sum / divisor`` at scale ``s * divisor / area``."""
-    lo, hi = (x.lo * area) // divisor, -((-x.hi * area) // divisor)
-    return SumValue(pooled, x.scale * divisor / area, min(lo, 0), max(hi, 0))
-
-
 def adaptive_windows(node: fx.Node, in_hw: Sequence[int], output_size: Any) -> tuple[int, int]:
     """Kernel (= stride) of an adaptive pool whose bins are equal, else a BackendError."""
     out = pair(tuple(o if o is not None else i for o, i in
@@ -308,55 +290,6 @@ def adaptive_windows(node: fx.Node, in_hw: Sequence[int], output_size: Any) -> t
         raise BackendError(f"{node.format_node()}: adaptive pooling {tuple(in_hw)} -> {out} has "
                            "unequal bins; only output sizes dividing the input are exported")
     return in_hw[0] // out[0], in_hw[1] // out[1]
-
-
-@register(im.IntAdaptiveAvgPool2d)
-def convert_adaptive_avg_pool(ctx: Emitter, node: fx.Node) -> Value:
-    """DQ -> GlobalAveragePool / AveragePool (equal bins) -> Q at the same scale."""
-    module = ctx.module(node)
-    x = ctx.as_qvalue(ctx.int_arg(node), f"{node.name}/x_q")
-    in_hw = ctx.shape(node.args[0])[2:]
-    kernel = adaptive_windows(node, in_hw, module.output_size)
-    real = ctx.dequantize(x, x.scale, f"{node.name}/x_dq")
-    if tuple(kernel) == tuple(in_hw):
-        pooled = ctx.op("GlobalAveragePool", [real], f"{node.name}/avgpool")
-    else:
-        pooled = ctx.op("AveragePool", [real], f"{node.name}/avgpool", kernel_shape=list(kernel),
-                        strides=list(kernel))
-    return ctx.quantize(pooled, x.scale, x.lo, x.hi, node.name)
-
-
-@register(im.IntPoolRequantize)
-def convert_pool_requantize(ctx: Emitter, node: fx.Node) -> Value:
-    """Uneven average pool + requantization: DQ -> window sums (a depthwise Conv with a ones
-    kernel, or 0/1 bin matmuls for adaptive bins) -> Mul by ``1 / c_p`` per position -> Q at the
-    output scale (one rounding, as the reference)."""
-    module = ctx.module(node)
-    x = ctx.as_qvalue(ctx.int_arg(node), f"{node.name}/x_q")
-    real = ctx.dequantize(x, x.scale, f"{node.name}/x_dq")
-    _, channels, h, w = ctx.shape(node.args[0])
-    pool = module.pool
-    counts = module.counts.detach().cpu().numpy().astype(np.float64)
-    out_h, out_w = counts.shape
-    if isinstance(pool, im.IntAvgPool2d):
-        kernel, stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
-        ph, pw = pair(pool.padding)
-        extra = ceil_extra_padding((h, w), (out_h, out_w), kernel, stride, (ph, pw))
-        ones = ctx.const(np.ones((channels, 1, *kernel), np.float32), f"{node.name}/ones")
-        sums = ctx.op("Conv", [real, ones], f"{node.name}/window_sum", kernel_shape=list(kernel),
-                      strides=list(stride), pads=[ph, pw, ph + extra[0], pw + extra[1]],
-                      group=int(channels))
-    else:
-        bins_h = adaptive_bin_matrix(h, out_h).numpy().astype(np.float32)
-        bins_w = adaptive_bin_matrix(w, out_w).numpy().astype(np.float32)
-        rows = ctx.op("MatMul", [real, ctx.const(bins_w.T.copy(), f"{node.name}/bins_w")],
-                      f"{node.name}/bin_rows")
-        sums = ctx.op("MatMul", [ctx.const(bins_h, f"{node.name}/bins_h"), rows],
-                      f"{node.name}/bin_sums")
-    inv = ctx.const((1.0 / counts).astype(np.float32), f"{node.name}/inv_counts")
-    mean = ctx.op("Mul", [sums, inv], f"{node.name}/mean")
-    return ctx.quantize(mean, module.out_scale, module.qmin, module.qmax, node.name)
-
 
 
 # ------------------------------------------------------------------------------ lookup tables

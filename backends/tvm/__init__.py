@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (registers the converters)
     pools,
     shapes,
     transformer_ops,
+    window_ops,
 )
 from .adapter import TVM_VERSION
 from .build import TARGETS, CompiledModel, build, compile_cuda_to_ptx, find_nvcc, target_spec

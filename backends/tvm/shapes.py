@@ -366,3 +366,17 @@ def convert_get_attr(ctx: Lowering, node: fx.Node) -> Lowered:
     lo, hi = int(data.min()), int(data.max())
     return IntValue(ctx.bb.const(data.numpy(), container_dtype(lo, hi)), lo, hi)
 
+
+
+@register("constant")
+def convert_folded_constant(ctx: Lowering, node: fx.Node) -> Lowered:
+    """A tensor computed from model attributes only (e.g. Swin V2's position-bias MLP on its
+    coordinate table, MaxViT's bias-table gather), evaluated once by the reference executor
+    (``lowering.lower_nodes``): a float32 constant, or a ``Quantize``'s codes in their
+    container with the module's range; exactly the reference's values."""
+    value = ctx.folded[node].detach().cpu()
+    if value.is_floating_point():
+        return FloatValue(ctx.bb.const(value.float().numpy(), "float32"))
+    module = ctx.module(node)
+    lo, hi = int(module.qmin), int(module.qmax)
+    return IntValue(ctx.bb.const(value.numpy(), container_dtype(lo, hi)), lo, hi)

@@ -7,8 +7,14 @@ the TVM x86 build bit-exact with the integer reference, the ONNX export within 1
 onnxruntime. Each stage is ``ok``, ``refused`` (a DjpqError), ``crash`` (any other exception) or
 ``mismatch``.
 
-Usage: python benchmarks/torchvision_zoo/backends.py [--out benchmarks/torchvision_zoo/BACKENDS.md]
-       [models...]   (default: every model but the HEAVY ones of tests/test_zoo_torchvision.py)
+Usage: python benchmarks/torchvision_zoo/backends.py [--out TABLE.md] [--jsonl RESULTS.jsonl]
+       [--isolate] [models...]   (default: every model but the HEAVY ones of
+       tests/test_zoo_torchvision.py)
+
+``--jsonl`` appends one JSON line per model as soon as it finishes and ``--out`` is rewritten
+after every model, so a partial run keeps its results. ``--isolate`` runs each model in its own
+child process: a process that dies (e.g. an LLVM abort inside TVM) is recorded as a *crash* of
+that model and the run goes on.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,43 +49,83 @@ def _cell(result, stage: str) -> str:
     return text
 
 
+def _row(name: str, size: int, float_ops: int, cells: list[str], seconds: float) -> str:
+    return f"| {name} | {size} | {float_ops} | " + " | ".join(cells) + f" | {seconds:.0f} |"
+
+
+def _run_one(name: str) -> dict:
+    """Check one model in this process; the record written to ``--jsonl``."""
+    start = time.perf_counter()
+    torch.manual_seed(0)  # the random init (the pruning is seeded in check_backends)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = zoo_input(name)
+    result = check_backends(name, model, x)
+    return {"model": name, "input": x.shape[-1], "seconds": time.perf_counter() - start,
+            "float_ops": list(result.float_ops), "cells": [_cell(result, s) for s in STAGES],
+            "passed": {s: result.passed(s) for s in STAGES},
+            "stages": {s: vars(o) for s, o in result.stages.items()}}
+
+
+def _run_isolated(name: str, timeout: float) -> dict:
+    """:func:`_run_one` in a child process; a dead or timed-out child is a crash."""
+    start = time.perf_counter()
+    cmd = [sys.executable, __file__, "--child", name]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode == 0 and lines:
+            return json.loads(lines[-1])
+        why = f"process died (exit {done.returncode}): {done.stderr.strip()[-160:]}"
+    except subprocess.TimeoutExpired:
+        why = f"timed out after {timeout:.0f} s"
+    why = why.replace("|", "/").replace("\n", " ")
+    return {"model": name, "input": zoo_input(name).shape[-1],
+            "seconds": time.perf_counter() - start, "float_ops": [],
+            "cells": [f"crash: {why}"] + ["-"] * (len(STAGES) - 1),
+            "passed": {s: False for s in STAGES}, "stages": {}}
+
+
+def _write_table(path: str, records: list[dict], names: list[str]) -> None:
+    lines = ["| model | input | float ops | " + " | ".join(STAGES) + " | s |",
+             "|---|---|---|" + "---|" * len(STAGES) + "---|"]
+    lines += [_row(r["model"], r["input"], len(r["float_ops"]), r["cells"], r["seconds"])
+              for r in records]
+    totals = {s: sum(r["passed"][s] for r in records) for s in STAGES}
+    summary = ", ".join(f"{s} ok {totals[s]}/{len(records)}" for s in STAGES)
+    pending = [n for n in names if n not in {r["model"] for r in records}]
+    lines += ["", f"Summary: {summary}.", ""]
+    if pending:
+        lines += [f"Not finished (run still going or stopped): {', '.join(pending)}.", ""]
+    Path(path).write_text(f"Command: `python {' '.join(sys.argv)}`\n\n" + "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per model")
+    parser.add_argument("--isolate", action="store_true", help="one child process per model")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="per model, --isolate")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("models", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.child:
+        print(json.dumps(_run_one(args.child)), flush=True)
+        return
     names = args.models or [n for n in torchvision.models.list_models(module=torchvision.models)
                             if n not in HEAVY]
-    lines = ["| model | input | float ops | " + " | ".join(STAGES) + " | s |",
-             "|---|---|---|" + "---|" * len(STAGES) + "---|"]
-    totals = {s: 0 for s in STAGES}
+    records: list[dict] = []
     for name in names:
-        start = time.perf_counter()
-        model = torchvision.models.get_model(name, weights=None).eval()
-        x = zoo_input(name)
-        result = check_backends(name, model, x)
-        seconds = time.perf_counter() - start
-        for s in STAGES:
-            totals[s] += result.passed(s)
-        line = (f"| {name} | {x.shape[-1]} | {len(result.float_ops)} | "
-                + " | ".join(_cell(result, s) for s in STAGES) + f" | {seconds:.0f} |")
-        print(line, flush=True)
-        lines.append(line)
+        record = _run_isolated(name, args.timeout) if args.isolate else _run_one(name)
+        records.append(record)
+        print(_row(name, record["input"], len(record["float_ops"]), record["cells"],
+                   record["seconds"]), flush=True)
         if args.jsonl:
             with open(args.jsonl, "a") as f:
-                f.write(json.dumps({"model": name, "input": x.shape[-1], "seconds": seconds,
-                                    "float_ops": list(result.float_ops),
-                                    "stages": {s: vars(o) for s, o in result.stages.items()}})
-                        + "\n")
-        del model, result
+                f.write(json.dumps(record) + "\n")
+        if args.out:
+            _write_table(args.out, records, names)
         gc.collect()
-    summary = ", ".join(f"{s} ok {totals[s]}/{len(names)}" for s in STAGES)
-    lines += ["", f"Summary: {summary}.", ""]
-    print(summary)
-    if args.out:
-        Path(args.out).write_text(f"Command: `python {' '.join(sys.argv)}`\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
