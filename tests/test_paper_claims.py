@@ -149,3 +149,32 @@ def test_a_new_checkpoint_is_a_new_run_and_a_new_section(tmp_path: Path) -> None
     assert f"(checkpoint {claims.LEGACY_CHECKPOINTS['vgg7']})" in text
     assert "(checkpoint 0123456789ab)" in text and "FP32 checkpoint: 93.00 %" in text
     assert len(claims.checkpoint_id("vgg7")) == 12
+
+
+def test_depthwise_weight_floor_method_sets_min_bits_on_depthwise_convs_only() -> None:
+    import torch
+
+    import djpq_compiler as djpq
+    from djpq_compiler.modules.quantizers import DQQuantizer
+    from djpq_compiler.workflows import zoo
+
+    single = _claims()._single_run_module()
+    model = zoo.get_model("mobilenetv2")
+    depthwise = single.depthwise_convs(model)
+    # one 3x3 depthwise conv per inverted-residual block, nothing else
+    assert depthwise and all(name.startswith("blocks.") for name in depthwise)
+    assert len(depthwise) == len(model.blocks)
+    cfg = single.method_config("djpq_dw_w4", model)
+    assert cfg.prune and cfg.quantize and not cfg.restricted
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            weight = cfg.resolve(name, type(module)).weight
+            assert weight is not None
+            assert weight.min_bits == (single.DEPTHWISE_WEIGHT_FLOOR if name in depthwise else 2)
+    prepared = djpq.prepare(model, torch.randn(2, 1, 28, 28), cfg)
+    floors = [m for m in prepared.modules()
+              if isinstance(m, DQQuantizer) and m.min_bits == single.DEPTHWISE_WEIGHT_FLOOR]
+    assert len(floors) == len(depthwise)
+    assert single.method_config("djpq", model) == djpq.DJPQConfig()
+    with pytest.raises(SystemExit, match="no depthwise conv"):
+        single.method_config("djpq_dw_w4", zoo.get_model("vgg7"))

@@ -9,8 +9,8 @@ Usage:
   python benchmarks/djpq_finetune/run.py --model resnet20 --method djpq --minutes 15 --gamma 1
   python benchmarks/djpq_finetune/run.py --model resnet20 --method two_stage --minutes 0 \
       --steps 700 --gamma 1
-  methods: djpq, djpq_restricted, djpq_soft_bops, two_stage, two_stage_restricted, dq_only,
-    vib_only, w8a8, w4a4
+  methods: djpq, djpq_restricted, djpq_soft_bops, djpq_dw_w4, two_stage, two_stage_restricted,
+    dq_only, vib_only, w8a8, w4a4
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import djpq_compiler as djpq
-from djpq_compiler.config import DJPQConfig, QuantSpec
+from djpq_compiler.config import DJPQConfig, Override, QuantSpec
 from djpq_compiler.convert import convert
 from djpq_compiler.records import converted_record
 from djpq_compiler.workflows import zoo
 from djpq_compiler.workflows.data import fashion_mnist_loaders
 from djpq_compiler.workflows.finetune import SCHEDULES, FinetuneConfig, accuracy, finetune
 
-METHODS = {
+METHODS: dict[str, dict[str, Any]] = {
     "djpq": {},
     "djpq_restricted": {"restricted": True},
     "djpq_soft_bops": {"loss_kind": "soft_bops"},  # REFERENCE's alternative regulariser
@@ -42,6 +43,28 @@ METHODS = {
     "w4a4": {"prune": False, "weight": QuantSpec(bits=4, learn_bits=False),
              "activation": QuantSpec(bits=4, learn_bits=False)},
 }
+#: Methods whose config depends on the model's layers: DJPQ with a read-out floor of
+#: ``DEPTHWISE_WEIGHT_FLOOR`` weight bits on every depthwise conv (issue 18, item 4: a lever for
+#: mobilenetv2, whose 3x3 depthwise filters hold few weights each and little of the BOPs).
+MODEL_METHODS = ("djpq_dw_w4",)
+DEPTHWISE_WEIGHT_FLOOR = 4
+
+
+def depthwise_convs(model: torch.nn.Module) -> list[str]:
+    """Qualified names of ``model``'s depthwise convs (``groups == in_channels > 1``)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+
+
+def method_config(method: str, model: torch.nn.Module) -> DJPQConfig:
+    """The DJPQConfig of a single-stage ``method`` for ``model``."""
+    if method == "djpq_dw_w4":
+        names = depthwise_convs(model)
+        if not names:
+            raise SystemExit(f"{method}: the model has no depthwise conv")
+        floor = QuantSpec(min_bits=DEPTHWISE_WEIGHT_FLOOR)
+        return DJPQConfig(overrides=tuple(Override(match=n, weight=floor) for n in names))
+    return DJPQConfig(**METHODS[method])
 
 
 def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argparse.Namespace,
@@ -81,11 +104,11 @@ def run(args: argparse.Namespace) -> dict:
         stage1 = _stage(model, DJPQConfig(quantize=False), loaders, args, half[0], args.gamma,
                         half[1], args.finalize)
         pruned = convert(stage1, integer=False)
-        extra = {"restricted": True} if args.method.endswith("restricted") else {}
-        prepared = _stage(pruned, DJPQConfig(prune=False, **extra), loaders, args, half[0],
-                          args.gamma, half[1], args.finalize)
+        restricted = args.method.endswith("restricted")
+        prepared = _stage(pruned, DJPQConfig(prune=False, restricted=restricted), loaders, args,
+                          half[0], args.gamma, half[1], args.finalize)
     else:
-        prepared = _stage(model, DJPQConfig(**METHODS[args.method]), loaders, args,
+        prepared = _stage(model, method_config(args.method, model), loaders, args,
                           minutes, args.gamma, steps, args.finalize)
     train_s = time.perf_counter() - start
     converted = convert(prepared)
@@ -114,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20", choices=sorted(zoo.MODELS))
     parser.add_argument("--method", default="djpq",
-                        choices=sorted(METHODS) + ["two_stage", "two_stage_restricted"])
+                        choices=sorted(METHODS) + list(MODEL_METHODS)
+                        + ["two_stage", "two_stage_restricted"])
     parser.add_argument("--minutes", type=float, default=15.0,
                         help="wall-clock budget (0: none, use --steps)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer-step budget")

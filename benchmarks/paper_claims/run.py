@@ -20,6 +20,7 @@ commands behind every committed row):
   python benchmarks/paper_claims/run.py --models resnet20 mobilenetv2 --gammas 6 10 \\
       --methods djpq two_stage dq_only --threads 1
   python benchmarks/paper_claims/run.py --summarize            # tables and plot only
+``djpq_dw_w4`` is DJPQ with a read-out floor of 4 weight bits on depthwise convs (issue 18, item 4).
 Fixed-bit methods (w8a8, w4a4) and fp32_finetune learn nothing that depends on gamma and run once
 per model, at the first gamma. ``--seed`` is part of a run's identity: another seed of a
 measured point runs again.
@@ -40,7 +41,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("djpq", "djpq_restricted", "two_stage", "two_stage_restricted", "dq_only",
-           "vib_only", "w8a8", "w4a4", "djpq_soft_bops", "fp32_finetune")
+           "vib_only", "w8a8", "w4a4", "djpq_soft_bops", "djpq_dw_w4", "fp32_finetune")
 ONCE = ("w8a8", "w4a4", "fp32_finetune")  # no learned quantity depends on gamma
 #: The same-recipe FP32 baseline: a float model, scored with float accuracy at FP32 BOPs.
 FP32_FINETUNE = "fp32_finetune"
