@@ -6,6 +6,9 @@ One PrimFunc per layer, in four stages:
    ``backends/tvm/layout.py``), in any int container, to ``[N, ICB, Hp, Wp, (G,) L]`` with the input
    channels padded to the intrinsic's width and the spatial zero padding applied, plus an offset
    (``-lo`` for signed inputs, padding included) that makes every operand unsigned.
+   A 1x1 dense kernel on packed unsigned 8-bit codes with nothing to pad (:func:`reads_directly`)
+   has no pack stage: it reads the packed input as it is, viewed as ``[N, CB, H, W, L/(4P), (P,)
+   4]`` (a free reshape of the same memory), so its intrinsic's 4 (x P) bytes are contiguous.
 2. ``conv``: ``[N, OCB, OH, OWp, 8]`` int32, tensorized with an intrinsic of :mod:`.intrin`;
    register tile of ``tile_w`` output columns x ``tile_oc`` blocks of 8 output channels.
 3. ``epilogue`` (fused into the accumulator write-back): ``acc * 2^k + bias`` in int32, then the
@@ -28,7 +31,8 @@ import numpy as np
 from ..adapter import load_tvm
 from .intrin import intrin_name, register_intrinsics
 
-__all__ = ["ConvKernelSpec", "build_conv_kernel", "choose_tiles", "pack_weight"]
+__all__ = ["ConvKernelSpec", "build_conv_kernel", "choose_tiles", "direct_input_shape",
+           "pack_weight", "reads_directly"]
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,33 @@ def pack_weight(weight: np.ndarray, spec: ConvKernelSpec, tile_oc: int) -> np.nd
     return np.ascontiguousarray(packed.reshape(shape))
 
 
+def reads_directly(spec: ConvKernelSpec, tile_w: int) -> bool:
+    """Whether the dense kernel of ``spec`` reads its packed input without a pack stage.
+
+    True for a 1x1 conv without padding on a packed ``uint8`` input (``act_offset`` 0) whose
+    lanes hold whole intrinsic groups (``in_lanes`` a multiple of ``4 * P``) and whose output
+    width is a multiple of ``tile_w`` (no padded columns to read past the row). The kernel then
+    also reads the input's padding lanes (channels ``>= C`` of the last block, and a partly
+    used last group): their packed weights are zero (:func:`pack_weight`), and a u8 code times
+    a zero weight adds exactly 0 to the int32 (``vpdpbusd``) or int16 (``vpmaddubsw``, whose
+    bound counts only real products) sums, so their contents never change a result.
+    """
+    group = spec.lanes * spec.groups
+    return (spec.in_lanes > 0 and not spec.depthwise and spec.kind in ("vnni", "ubsw")
+            and spec.kernel == (1, 1) and spec.padding == (0, 0) and spec.act_offset == 0
+            and spec.in_dtype == "uint8" and spec.in_lanes % group == 0
+            and spec.out_size[1] % tile_w == 0)
+
+
+def direct_input_shape(spec: ConvKernelSpec) -> tuple[int, ...]:
+    """The view of a packed ``[N, CB, H, W, L]`` input a direct-reading kernel takes:
+    ``[N, CB, H, W, L / (4P), (P,) 4]``."""
+    group = spec.lanes * spec.groups
+    gdim = (spec.groups,) if spec.groups > 1 else ()
+    return ((spec.batch, -(-spec.in_channels // spec.in_lanes), spec.height, spec.width,
+             spec.in_lanes // group) + gdim + (spec.lanes,))
+
+
 def _packed_value(x: Any, spec: ConvKernelSpec, n: Any, c: Any, y: Any, xx: Any,
                   dtype: str) -> Any:
     """Operand of input channel ``c`` at padded position ``(y, xx)``: the code plus
@@ -228,22 +259,32 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
     gdim = (groups,) if groups > 1 else ()
     ol = spec.oc_lanes
 
-    x = _input(spec)
     wt = te.placeholder((ocb, icb, kh, kw) + gdim + (ol, lanes), act.replace("uint", "int"),
                         name="w")
+    rb, ry, rx = (te.reduce_axis((0, icb), "rb"), te.reduce_axis((0, kh), "ry"),
+                  te.reduce_axis((0, kw), "rx"))
+    rg, rl = te.reduce_axis((0, groups), "rg"), te.reduce_axis((0, lanes), "rl")
+    red = [rb, ry, rx] + ([rg] if groups > 1 else []) + [rl]
+    gi = (rg,) if groups > 1 else ()
+    if reads_directly(spec, tile_w):  # no pack stage: the packed input viewed in groups
+        x = te.placeholder(direct_input_shape(spec), "uint8", name="x")
+        per = spec.in_lanes // (lanes * groups)
+
+        def direct(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
+            a = x[(n, rb // per, y * sh, xx * sw, rb % per) + gi + (rl,)]
+            b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
+            return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
+
+        return x, wt, te.compute((n_, ocb, oh, owp, ol), direct, name="conv")
+    x = _input(spec)
 
     def pack(n: Any, b: Any, y: Any, xx: Any, *gl: Any) -> Any:
         g, lane = gl if groups > 1 else (0, gl[0])
         return _packed_value(x, spec, n, (b * groups + g) * lanes + lane, y, xx, act)
 
     xp = te.compute((n_, icb, hp, wp) + gdim + (lanes,), pack, name="pack")
-    rb, ry, rx = (te.reduce_axis((0, icb), "rb"), te.reduce_axis((0, kh), "ry"),
-                  te.reduce_axis((0, kw), "rx"))
-    rg, rl = te.reduce_axis((0, groups), "rg"), te.reduce_axis((0, lanes), "rl")
-    red = [rb, ry, rx] + ([rg] if groups > 1 else []) + [rl]
 
     def conv(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
-        gi = (rg,) if groups > 1 else ()
         a = xp[(n, rb, y * sh + ry * dh, xx * sw + rx * dw) + gi + (rl,)]
         b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
         return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
@@ -301,7 +342,8 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     obo, obi = sch.split(ob, [None, tile_oc])
     xo, xi = sch.split(xx, [None, tile_w])
     sch.reorder(n, obo, y, xo, rb, ry, rx, xi, obi, o, *inner)
-    _schedule_stages(sch, sch.fuse(n, obo, y), xo, writeback)
+    _schedule_stages(sch, sch.fuse(n, obo, y), xo, writeback,
+                     pack=not reads_directly(spec, tile_w))
     init = sch.decompose_reduction(conv, rb)
     sch.tensorize(o, intrin_name(spec.kind, spec.groups))
     sch.unroll(xi)
@@ -345,16 +387,17 @@ def _schedule_pack(sch: Any) -> None:
         sch.unroll(loops[3])
 
 
-def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any) -> None:
+def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any, pack: bool = True) -> None:
     """Around the conv's register tile loop ``xo`` (under the fused ``outer`` loop): the
     write-back with the epilogue inlined, then the unpack of that tile right after it (while it
     is in cache, inside the parallel loop rather than in a serial pass over the whole output
-    afterwards); ``outer`` parallel; the pack (:func:`_schedule_pack`)."""
+    afterwards); ``outer`` parallel; the pack (:func:`_schedule_pack`), if there is one."""
     sch.reverse_compute_at(writeback, xo)
     sch.reverse_compute_inline(sch.get_sblock("epilogue"))
     sch.reverse_compute_at(sch.get_sblock("unpack"), xo)
     sch.parallel(outer)
-    _schedule_pack(sch)
+    if pack:
+        _schedule_pack(sch)
 
 
 def build_conv_kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:

@@ -15,7 +15,13 @@ import numpy as np
 
 from ..adapter import Builder, load_tvm
 from ..layout import NCHW, Layout
-from .conv2d import ConvKernelSpec, build_conv_kernel, pack_weight
+from .conv2d import (
+    ConvKernelSpec,
+    build_conv_kernel,
+    direct_input_shape,
+    pack_weight,
+    reads_directly,
+)
 from .select import KernelChoice, LayerFacts
 
 __all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "target_text"]
@@ -98,7 +104,9 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
                           in_layout.lanes)
     if out_lanes and requant is not None and out_lanes == spec.oc_lanes:
         spec = dataclasses.replace(spec, out_lanes=out_lanes)
-    func, (_, tile_oc) = _kernel(spec)
+    func, (tile_w, tile_oc) = _kernel(spec)
+    if reads_directly(spec, tile_w):  # a free view of the packed input (no pack stage)
+        x = bb.reshape(x, direct_input_shape(spec))
     size = spec.out_blocks(tile_oc) * spec.oc_lanes
     w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
     args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), w_dtype),
