@@ -27,9 +27,15 @@ op                                      packed form
 ``IntConv2d`` grouped, float output     NCHW in and out (per-group channel slices; float)
 ``IntAdd`` (equal shapes), ``IntClip``,  lane-wise on packed values when every operand has
 ``Requantize``, ``IntMaxPool2d``        the same :class:`Layout`; else NCHW
+``IntAvgPool2d``, ``IntPoolRequantize``  lane-wise window sums (``pools.py``), and read
+(avg), ``IntAdaptiveAvgPool2d`` and     packed even when their users unpack ("reducing": the
+``IntPoolRequantize`` to ``1x1``        pooled value is the smaller one to unpack)
+other adaptive pools                    unpack
 ``IntLinear``, flatten, reshape, ...    unpack (they index channels)
 ``IntConcat``                           unpack (channel offsets are not block aligned)
-average pools, ``IntMul``, ``IntLUT``  unpack (no packed form written yet)
+``IntMul``, ``IntLUT``                  unpack (no packed form written: ``IntMul`` broadcasts
+                                        over any dims; neither occurs between the convs of
+                                        the benchmarked models)
 float islands, graph outputs            unpack
 =====================================  ===================================================
 
@@ -38,9 +44,13 @@ float islands, graph outputs            unpack
 1. Every producer of a packed value writes *defined* codes into the padding lanes: the conv
    kernels (the only producers from unpacked values) compute them with zero weights, zero bias
    and a zero multiplier (``clip(0)``). Lane-wise ops map padding lanes only to padding lanes.
-2. No kernel reads a padding lane: the pack stage of every written conv kernel masks channels
-   ``c >= C`` to the zero code (``conv2d._packed_value``), exactly as it pads an NCHW input, and
-   the packed weights of those channels are zero as well (``conv2d.pack_weight``).
+2. No padding lane reaches a real channel: the pack stage of every written conv kernel masks
+   channels ``c >= C`` to the zero code (``conv2d._packed_value``), exactly as it pads an NCHW
+   input, and the packed weights of those channels are zero as well (``conv2d.pack_weight``).
+   A 1x1 kernel that reads packed ``uint8`` codes without a pack stage
+   (``conv2d.reads_directly``) multiplies the padding lanes by those zero weights: ``u8 * 0``
+   adds exactly 0 (no saturation: ``vpmaddubsw``'s bound counts real products only). Pools
+   and the other lane-wise ops never mix lanes.
 3. :func:`to_nchw` slices channels ``[0, C)`` away from the padding before any op that mixes
    channels (linear, concat, flatten, reductions) or leaves the integer graph.
 """
@@ -103,7 +113,9 @@ def layout_lanes(features: frozenset[str] | None) -> int:
 # ------------------------------------------------------------------------------ the plan
 
 #: How an op relates to the packed layout: ``"kernel"`` (reads any layout, may write packed:
-#: the written conv kernels) or ``"lanewise"`` (packed output iff all its tensor inputs are).
+#: the written conv kernels), ``"lanewise"`` (packed output iff all its tensor inputs are) or
+#: ``"reducing"`` (lane-wise, and worth reading packed values even when its own users unpack:
+#: its output is smaller than its input, e.g. the global average pool before a classifier).
 PackedRule = Callable[[Any], str | None]
 
 
@@ -118,6 +130,22 @@ def _lanewise(module: Any) -> str | None:
     return "lanewise"
 
 
+def _reducing(module: Any) -> str | None:
+    return "reducing"
+
+
+def _adaptive_rule(module: Any) -> str | None:
+    """Adaptive pools have a packed form for a ``1x1`` output only (a sum over ``H, W``)."""
+    size = module.output_size
+    sizes = (size, size) if isinstance(size, int) else tuple(size)
+    return "reducing" if sizes == (1, 1) else None
+
+
+def _pool_requantize_rule(module: Any) -> str | None:
+    pool = module.pool
+    return _adaptive_rule(pool) if isinstance(pool, im.IntAdaptiveAvgPool2d) else "reducing"
+
+
 #: Ops with a packed form, keyed by the integer module class (the house registry style).
 PACKED_OPS: dict[type, PackedRule] = {
     im.IntConv2d: _conv_rule,
@@ -125,6 +153,9 @@ PACKED_OPS: dict[type, PackedRule] = {
     im.IntClip: _lanewise,
     im.Requantize: _lanewise,
     im.IntMaxPool2d: _lanewise,  # per channel over H, W: lane-wise on the blocks
+    im.IntAvgPool2d: _reducing,  # window sums lane by lane (pools.py)
+    im.IntAdaptiveAvgPool2d: _adaptive_rule,
+    im.IntPoolRequantize: _pool_requantize_rule,
 }
 
 
@@ -149,15 +180,16 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 def _consumes_packed(gm: fx.GraphModule, user: fx.Node, packed: set[fx.Node]) -> bool:
     rule = _rule(gm, user)
-    return rule == "kernel" or (rule == "lanewise" and user in packed)
+    return rule in ("kernel", "reducing") or (rule == "lanewise" and user in packed)
 
 
 def plan_layouts(gm: fx.GraphModule, lanes: int) -> LayoutPlan:
     """Plan the packed values of a converted graph (pure; reads only ops and the graph).
 
-    Forward: conv candidates (:data:`PACKED_OPS`) and lane-wise ops whose tensor inputs are all
-    candidates. Backward: a candidate stays packed only if a user consumes packed values (a conv,
-    or a lane-wise op that stays packed), so no value is packed just to be unpacked.
+    Forward: conv candidates (:data:`PACKED_OPS`) and lane-wise (or reducing) ops whose tensor
+    inputs are all candidates. Backward: a candidate stays packed only if a user consumes packed
+    values (a conv, a reducing op, or a lane-wise op that stays packed), so no value is packed
+    just to be unpacked at its full size.
 
     Args:
         gm: The converted model.
@@ -169,7 +201,7 @@ def plan_layouts(gm: fx.GraphModule, lanes: int) -> LayoutPlan:
     for node in gm.graph.nodes:
         rule = _rule(gm, node)
         inputs = node.all_input_nodes
-        if rule == "kernel" or (rule == "lanewise" and inputs
+        if rule == "kernel" or (rule in ("lanewise", "reducing") and inputs
                                 and all(a in candidates for a in inputs)):
             candidates.add(node)
     packed: set[fx.Node] = set()
