@@ -69,6 +69,15 @@ class One(nn.Module):
         return self.layer(self.quant(x))
 
 
+def depthwise_variant(spec: dict, layer: nn.Module, x_bits: int, signed: bool) -> str:
+    """The depthwise variant the selection must pick: ``_acc16`` exactly when every int16 tap
+    sum is bounded, ``span * max_c sum|w_c| <= 32767``."""
+    lo, hi = qrange(x_bits, signed)
+    taps = layer.weight.reshape(layer.weight.shape[0], -1).abs().sum(1).max().item()
+    base = "avx2_dw8" if spec is AVX2 else "avx512_dw16"
+    return base + ("_acc16" if (hi - min(lo, 0)) * taps <= 32767 else "")
+
+
 def inputs(shape: tuple[int, ...], x_bits: int, signed: bool, seed: int = 0) -> list[torch.Tensor]:
     """Random codes over the whole range, plus the worst case (every code at its extreme)."""
     gen = torch.Generator().manual_seed(seed)
@@ -158,7 +167,7 @@ def test_conv_odd_channels_batch_stride_padding(c_in: int, c_out: int, k: int, s
                       padding=padding, seed=c_in)
     _, records = check(layer, (batch, c_in) + hw, 8, spec=spec)
     if c_in == c_out == 1:  # a 1 -> 1 conv is depthwise: the channels-in-lanes kernel
-        assert records[0].variant == ("avx2_dw8" if spec is AVX2 else "avx512_dw16")
+        assert records[0].variant == depthwise_variant(spec, layer, 8, False)
     else:
         assert records[0].variant == ("avx2_u8s8_p4" if spec is AVX2 else "avx512_vnni")
 
@@ -172,7 +181,23 @@ def test_depthwise_exact(channels: int, x_bits: int, signed: bool, w_bits: int, 
     layer = int_layer("conv", channels, channels, x_bits=x_bits, w_bits=w_bits, x_signed=signed,
                       k=k, stride=stride, padding=k // 2, groups=channels, seed=channels)
     _, records = check(layer, (batch, channels, 9, 8), x_bits, signed, spec)
-    assert records[0].variant == ("avx2_dw8" if spec is AVX2 else "avx512_dw16")
+    assert records[0].variant == depthwise_variant(spec, layer, x_bits, signed)
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("last_tap", "acc16"), [(8, True), (9, False)])
+def test_depthwise_int16_sums_at_the_bound_and_one_past(spec: dict, last_tap: int,
+                                                        acc16: bool) -> None:
+    """3x3 taps of one sign summing to 128 (255 * 128 = 32640 <= 32767: int16 sums) and to 129
+    (32895: one past, the selection must keep int32 sums); bit-exact on the worst-case input
+    (every code 255, where the 129 case's tap sum would overflow int16)."""
+    layer = int_layer("conv", 5, 5, x_bits=8, w_bits=5, groups=5, seed=7)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([15] * 8 + [last_tap]).view(1, 1, 3, 3).repeat(5, 1, 1, 1))
+        layer.weight[3] *= -1
+    _, records = check(layer, (2, 5, 6, 7), 8, False, spec)
+    assert records[0].variant.endswith("_acc16") == acc16
+    assert records[0].variant == depthwise_variant(spec, layer, 8, False)
 
 
 @pytest.mark.parametrize("spec", TARGETS)
@@ -193,7 +218,8 @@ def test_dilated_conv_exact(groups: int) -> None:
     layer = int_layer("conv", 6, 6 if groups > 1 else 11, x_bits=8, w_bits=4, padding=2,
                       dilation=2, groups=groups, seed=groups)
     _, records = check(layer, (2, 6, 10, 9), 8)
-    assert records[0].variant == ("avx2_u8s8_p4" if groups == 1 else "avx2_dw8")
+    assert records[0].variant == ("avx2_u8s8_p4" if groups == 1
+                                  else depthwise_variant(AVX2, layer, 8, False))
 
 
 def test_conv_float_output_and_acc_shift() -> None:

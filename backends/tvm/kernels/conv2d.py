@@ -32,7 +32,7 @@ from ..adapter import load_tvm
 from .intrin import intrin_name, register_intrinsics
 
 __all__ = ["ConvKernelSpec", "build_conv_kernel", "choose_tiles", "direct_input_shape",
-           "pack_weight", "reads_directly"]
+           "lanes_aligned", "pack_weight", "reads_directly"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ class ConvKernelSpec:
     #: Layout of the output: 0 = NCHW, else packed with ``oc_lanes`` lanes (the only packed
     #: output written: the epilogue's channel blocks themselves).
     out_lanes: int = 0
+    #: Depthwise only: the products' and sums' dtype, ``"int16"`` where the selection proved
+    #: every partial sum fits (``select.py``, ``*_acc16`` variants), else ``"int32"``.
+    acc_dtype: str = "int32"
 
     @property
     def depthwise(self) -> bool:
@@ -202,6 +205,27 @@ def _packed_value(x: Any, spec: ConvKernelSpec, n: Any, c: Any, y: Any, xx: Any,
     return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype(dtype)
 
 
+def lanes_aligned(spec: ConvKernelSpec) -> bool:
+    """A depthwise kernel on a packed input with its own lane count: its pack copies whole
+    channel blocks (vectorized over the lanes, no per-lane channel test). It reads the input's
+    padding lanes, whose packed weights are zero (:func:`pack_weight`), so they add exactly 0."""
+    return spec.depthwise and spec.in_lanes == spec.oc_lanes
+
+
+def _aligned_value(x: Any, spec: ConvKernelSpec, n: Any, b: Any, y: Any, xx: Any,
+                   lane: Any) -> Any:
+    """:func:`_packed_value` for :func:`lanes_aligned` kernels: block ``b``, lane ``lane`` of
+    the packed input as int16 codes plus ``act_offset``, zero (plus the offset) in the spatial
+    padding only (the same test for every lane of a pixel)."""
+    tirx = load_tvm().tirx
+    (ph, pw), h, w = spec.padding, spec.height, spec.width
+    yy, xw = y - ph, xx - pw
+    inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w)
+    row, col = tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xw, w - 1), 0)
+    value = x[n, b, row, col, lane].astype("int32")
+    return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype("int16")
+
+
 def _input(spec: ConvKernelSpec) -> Any:
     """The activation placeholder: NCHW, or packed ``[N, ceil(C/L), H, W, L]``."""
     te = load_tvm().te
@@ -226,13 +250,16 @@ def _depthwise(spec: ConvKernelSpec, tile_w: int) -> tuple[Any, Any, Any]:
     wt = te.placeholder((cb, kh, kw, ol), "int16", name="w")
 
     def pack(n: Any, b: Any, y: Any, xx: Any, lane: Any) -> Any:
+        if lanes_aligned(spec):
+            return _aligned_value(x, spec, n, b, y, xx, lane)
         return _packed_value(x, spec, n, b * ol + lane, y, xx, "int16")
 
     xp = te.compute((n_, cb, hp, wp, ol), pack, name="pack")
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc_dtype = spec.acc_dtype
     acc = te.compute((n_, cb, oh, owp, ol), lambda n, b, y, xx, o: te.sum(
-        xp[n, b, y * sh + ry * dh, xx * sw + rx * dw, o].astype("int32")
-        * wt[b, ry, rx, o].astype("int32"), axis=[ry, rx]), name="conv")
+        xp[n, b, y * sh + ry * dh, xx * sw + rx * dw, o].astype(acc_dtype)
+        * wt[b, ry, rx, o].astype(acc_dtype), axis=[ry, rx]), name="conv")
     return x, wt, acc
 
 
@@ -302,7 +329,7 @@ def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
     bias = te.placeholder((ocb * ol,), "int32", name="bias")
     params = [x, wt, bias]
     if spec.out_dtype == "int32":
-        epi = te.compute(acc.shape, lambda n, ob, y, xx, o: acc[n, ob, y, xx, o]
+        epi = te.compute(acc.shape, lambda n, ob, y, xx, o: acc[n, ob, y, xx, o].astype("int32")
                          * (1 << spec.acc_shift) + bias[ob * ol + o], name="epilogue")
     else:
         m = te.placeholder((ocb * ol,), spec.mult_dtype, name="m")
@@ -312,7 +339,8 @@ def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
 
         def requant(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
             c = ob * ol + o
-            full = (acc[n, ob, y, xx, o] * (1 << spec.acc_shift) + bias[c]).astype("int64")
+            full = (acc[n, ob, y, xx, o].astype("int32") * (1 << spec.acc_shift)
+                    + bias[c]).astype("int64")
             q = (full * m[c].astype("int64") + rnd[c]) >> shift[c]
             return tirx.max(tirx.min(q, spec.qmax), spec.qmin).astype(spec.out_dtype)
 
@@ -335,7 +363,7 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     conv = sch.get_sblock("conv")
     writeback = sch.cache_write(conv, 0, "local")
     if spec.depthwise:
-        return _schedule_depthwise(sch, conv, writeback, tile_w)
+        return _schedule_depthwise(sch, conv, writeback, tile_w, lanes_aligned(spec))
     loops = sch.get_loops(conv)
     n, ob, y, xx, o = loops[:5]
     rb, ry, rx, *inner = loops[5:]
@@ -353,12 +381,13 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     return sch.mod["main"]
 
 
-def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int) -> Any:
+def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int,
+                        vector_pack: bool = False) -> Any:
     """Depthwise: channels vectorized, ``tile_w`` columns x all taps unrolled in registers."""
     n, b, y, xx, o, ry, rx = sch.get_loops(conv)
     xo, xi = sch.split(xx, [None, tile_w])
     sch.reorder(n, b, y, xo, ry, rx, xi, o)
-    _schedule_stages(sch, sch.fuse(n, b, y), xo, writeback)
+    _schedule_stages(sch, sch.fuse(n, b, y), xo, writeback, vector_lanes=vector_pack)
     sch.vectorize(o)
     init = sch.decompose_reduction(conv, ry)
     sch.unroll(xi)
@@ -372,7 +401,7 @@ def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int) -> Any
 PACK_UNROLL_WIDTH = 32
 
 
-def _schedule_pack(sch: Any) -> None:
+def _schedule_pack(sch: Any, vector_lanes: bool = False) -> None:
     """The pack stage as its own parallel loop nest over (image, channel block, row).
 
     The channel-lane loops (and narrow rows) are unrolled: each lane's channel index, bounds test
@@ -381,13 +410,17 @@ def _schedule_pack(sch: Any) -> None:
     """
     loops = sch.get_loops(sch.get_sblock("pack"))
     sch.parallel(sch.fuse(*loops[:3]))
-    for lane in loops[4:]:
-        sch.unroll(lane)
+    if vector_lanes:  # lanes_aligned: one vector per pixel
+        sch.vectorize(loops[4])
+    else:
+        for lane in loops[4:]:
+            sch.unroll(lane)
     if int(sch.get(loops[3]).extent) <= PACK_UNROLL_WIDTH:
         sch.unroll(loops[3])
 
 
-def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any, pack: bool = True) -> None:
+def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any, pack: bool = True,
+                     vector_lanes: bool = False) -> None:
     """Around the conv's register tile loop ``xo`` (under the fused ``outer`` loop): the
     write-back with the epilogue inlined, then the unpack of that tile right after it (while it
     is in cache, inside the parallel loop rather than in a serial pass over the whole output
@@ -397,7 +430,7 @@ def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any, pack: bool =
     sch.reverse_compute_at(sch.get_sblock("unpack"), xo)
     sch.parallel(outer)
     if pack:
-        _schedule_pack(sch)
+        _schedule_pack(sch, vector_lanes)
 
 
 def build_conv_kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:

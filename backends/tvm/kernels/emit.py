@@ -101,7 +101,7 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), stride, padding, dilation,
                           str(choice.kind), choice.groups, in_dtype, offset,
                           facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype,
-                          in_layout.lanes)
+                          in_layout.lanes, acc_dtype=choice.acc_dtype)
     if out_lanes and requant is not None and out_lanes == spec.oc_lanes:
         spec = dataclasses.replace(spec, out_lanes=out_lanes)
     func, (tile_w, tile_oc) = _kernel(spec)

@@ -14,7 +14,10 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   ``max|w| <= 32767`` and ``2 * span * max|w| <= 2^31 - 1``.
 * ``avx512_dw16`` / ``avx2_dw8``: depthwise convs (``groups == channels``), channels in the
   vector lanes, int16 operands multiplied and summed in int32: exact iff ``span <= 32767`` and
-  ``max|w| <= 32767``.
+  ``max|w| <= 32767``. ``..._acc16``: the same with products and tap sums in int16 (twice the
+  lanes per instruction, no widening before the epilogue): exact iff every partial sum fits,
+  i.e. ``span * max_c sum_taps |w_c| <= 32767`` (operands are in ``[0, span]`` after the
+  offset), e.g. 3x3 taps of 5-bit weights on 8-bit activations.
 * all of them need the whole accumulator (offset correction and ``acc_shift`` included) to fit
   int32, checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
 * grouped (non-depthwise) convs with groups at least ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels
@@ -54,8 +57,9 @@ class KernelChoice:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
-            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"``,
-            ``"neon_sdot"`` (aarch64) or ``"default"`` (TVM's generic lowering).
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"`` (with
+            ``"_acc16"``: int16 tap sums), ``"neon_sdot"`` (aarch64) or ``"default"`` (TVM's
+            generic lowering).
         bound: The inequality the variant relies on, with this layer's numbers.
         note: Why this variant (for ``default``: why no written kernel applies).
         macs: Multiply-accumulates of one call.
@@ -79,7 +83,13 @@ class KernelChoice:
         if self.variant.startswith("avx2_u8s8"):
             return "ubsw"
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
-                "avx2_dw8": "dw8", "neon_sdot": "sdot"}.get(self.variant)
+                "avx2_dw8": "dw8", "neon_sdot": "sdot"}.get(self.variant.removesuffix("_acc16"))
+
+    @property
+    def acc_dtype(self) -> str:
+        """Dtype of the products and sums inside a depthwise kernel: ``"int16"`` for the
+        ``_acc16`` variants, else ``"int32"``."""
+        return "int16" if self.variant.endswith("_acc16") else "int32"
 
     @property
     def groups(self) -> int:
@@ -164,10 +174,18 @@ def _select_depthwise(facts: LayerFacts, acc_text: str) -> KernelChoice:
     variant = "avx512_dw16" if "avx512bw" in facts.features else "avx2_dw8"
     if variant == "avx2_dw8" and "avx2" not in facts.features:
         return _default(facts, f"target {facts.target} has no AVX2")
+    taps = np.abs(facts.weight.reshape(facts.weight.shape[0], -1)).astype(np.int64).sum(1)
+    tap_bound = span * int(taps.max(initial=0))
+    if tap_bound <= INT16_MAX:
+        return KernelChoice(facts.layer, facts.op, f"{variant}_acc16",
+                            f"span {span} * max sum|w| {int(taps.max(initial=0))} = {tap_bound} "
+                            f"<= 32767 (int16 products and tap sums); {acc_text}",
+                            f"{facts.target}: depthwise, channels in lanes, int16 sums",
+                            facts.macs)
     return KernelChoice(facts.layer, facts.op, variant,
                         f"span {span}, max|w| {w_max} <= 32767 (int16 x int16 products in "
-                        f"int32); {acc_text}", f"{facts.target}: depthwise, channels in lanes",
-                        facts.macs)
+                        f"int32; int16 sums need {tap_bound} <= 32767); {acc_text}",
+                        f"{facts.target}: depthwise, channels in lanes", facts.macs)
 
 
 def select_kernel(facts: LayerFacts) -> KernelChoice:
