@@ -11,39 +11,14 @@ from torch import nn
 
 from djpq_compiler.errors import BackendError
 from djpq_compiler.ir import (
-    accumulator_bound,
     add_rescale,
     concat_rescales,
-    qrange,
-    requant_params,
 )
 from djpq_compiler.ir import modules as im
+from djpq_compiler.testing.int_layers import int_layer as make_layer  # test_tvm_tune imports it
 
 pytest.importorskip("tvm")
 tvm_backend = pytest.importorskip("djpq_compiler.backends.tvm")
-
-
-def make_layer(kind: str, c_in: int, c_out: int, in_scale: float, *, x_bits: int, w_bits: int,
-               out_bits: int, out_signed: bool = False, out_scale: float | None = 0.05,
-               groups: int = 1, k: int = 3, stride: int = 1, padding: int = 1,
-               seed: int = 0) -> nn.Module:
-    """An IntConv2d/IntLinear with random negative and positive weights, per-channel scales."""
-    gen = torch.Generator().manual_seed(seed)
-    wmin, wmax = qrange(w_bits, True)
-    shape = (c_out, c_in // groups, k, k) if kind == "conv" else (c_out, c_in)
-    weight = torch.randint(wmin, wmax + 1, shape, generator=gen)
-    w_scale = 0.01 + 0.04 * torch.rand(c_out, generator=gen, dtype=torch.float64)
-    bias = torch.randint(-500, 501, (c_out,), generator=gen)
-    fan_in = weight[0].numel()
-    bound = accumulator_bound(fan_in, x_bits, w_bits, bias_bound=500)
-    m, shift = requant_params(in_scale, w_scale, out_scale or 1.0, bound)
-    common = dict(weight=weight, bias=bias, w_scale=w_scale, in_scale=in_scale, w_bits=w_bits,
-                  out_scale=out_scale, out_bits=out_bits, out_signed=out_signed, clip=None,
-                  m=m, shift=shift)
-    if kind == "linear":
-        return im.IntLinear(**common)
-    return im.IntConv2d(stride=(stride, stride), padding=(padding, padding), dilation=(1, 1),
-                        groups=groups, **common)
 
 
 class PoolNet(nn.Module):

@@ -7,6 +7,7 @@ outputs taken from the middle of a packed chain; padding lanes proven never to r
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -14,13 +15,11 @@ import torch
 from torch import nn
 
 from djpq_compiler.ir import (
-    accumulator_bound,
     add_rescale,
     concat_rescales,
-    qrange,
-    requant_params,
 )
 from djpq_compiler.ir import modules as im
+from djpq_compiler.testing.int_layers import int_layer
 from djpq_compiler.workflows.report import kernel_rows
 
 pytest.importorskip("tvm")
@@ -45,23 +44,8 @@ needs_avx512 = pytest.mark.skipif("avx512vnni" not in HOST_FEATURES,
 TARGETS = [pytest.param(AVX2, id="avx2"), pytest.param(VNNI, id="vnni", marks=needs_avx512)]
 
 
-def conv(c_in: int, c_out: int, in_scale: float, out_scale: float, *, groups: int = 1,
-         k: int = 3, stride: int = 1, x_bits: int = 8, w_bits: int = 4, out_bits: int = 8,
-         signed: bool = False, seed: int = 0) -> im.IntConv2d:
-    """An integer conv with random +- weights, per-channel scales and bias (a pruned layer)."""
-    gen = torch.Generator().manual_seed(seed)
-    wmin, wmax = qrange(w_bits, True)
-    weight = torch.randint(wmin, wmax + 1, (c_out, c_in // groups, k, k), generator=gen)
-    w_scale = 0.01 + 0.04 * torch.rand(c_out, generator=gen, dtype=torch.float64)
-    bias = torch.randint(-300, 301, (c_out,), generator=gen)
-    bound = accumulator_bound(weight[0].numel(), x_bits, w_bits, bias_bound=300)
-    # the scale ratio keeps output codes spread like the input codes (random +-4 weights)
-    out_scale *= 0.03 * 4 * weight[0].numel() ** 0.5 / 3
-    m, shift = requant_params(in_scale, w_scale, out_scale, bound)
-    return im.IntConv2d(weight=weight, bias=bias, w_scale=w_scale, in_scale=in_scale,
-                        w_bits=w_bits, out_scale=out_scale, out_bits=out_bits,
-                        out_signed=signed, clip=None, m=m, shift=shift, stride=(stride, stride),
-                        padding=(k // 2, k // 2), dilation=(1, 1), groups=groups)
+#: The integer conv of these tests: a pruned layer whose output codes spread like its input's.
+conv = functools.partial(int_layer, "conv", bias_bound=300, spread_codes=True)
 
 
 def add(s_a: float, s_b: float, s_out: float) -> im.IntAdd:
@@ -203,6 +187,32 @@ class Mixed(nn.Module):
         return self.c2(a), self.c3(self.add(a, self.grouped(q)))
 
 
+class Pools(nn.Module):
+    """Average pools on packed values (odd pruned widths 13, 11, 7): a strided padded
+    ``ceil_mode`` pool without padding counts, an uneven pool fused with its requantization, a
+    global pool + requantize before a flatten, and an adaptive pool to 1x1 fused with its
+    requantization as a second output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.c1 = conv(3, 13, 0.02, 0.05, seed=60)
+        self.avg = im.IntAvgPool2d((3, 3), (2, 2), (1, 1), True, False, None)
+        self.c2 = conv(13, 11, 0.05, 0.05, seed=61)
+        self.uneven = im.IntPoolRequantize(im.IntAvgPool2d((2, 2), (2, 2), (0, 0), True, True,
+                                                           None),
+                                           (6, 5), 0.05, 8, False, 0.04, 8, False)
+        self.c3 = conv(11, 7, 0.04, 0.05, seed=62)
+        self.gap = im.IntAvgPool2d((3, 3), (3, 3), (0, 0), False, True, None)
+        self.rq = im.Requantize(0.05, 0.03, 8, False)
+        self.adaptive = im.IntPoolRequantize(im.IntAdaptiveAvgPool2d(1), (3, 3), 0.05, 8, False,
+                                             0.02, 8, False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.c3(self.uneven(self.c2(self.avg(self.c1(self.quant(x))))))
+        return torch.flatten(self.rq(self.gap(a)), 1), torch.flatten(self.adaptive(a), 1)
+
+
 def run_both(gm: torch.fx.GraphModule, x: torch.Tensor, spec: dict) -> tuple[list, object]:
     """Lower for ``spec``, compile, run on ``x``; the outputs (as int64 where integer) and ctx."""
     mod, ctx = lower(gm, [x], spec)
@@ -278,9 +288,10 @@ def test_chain_bit_exact_with_middle_output(spec: dict, batch: int) -> None:
 @pytest.mark.parametrize("batch", [1, 32])
 def test_resnet_like_bit_exact(spec: dict, batch: int) -> None:
     ctx = assert_exact(ResNetLike(), (batch, 1, 12, 12), spec)
-    # the last block's sum only feeds the average pool (no packed form): its convs write NCHW
+    # the last block's sum feeds the global average pool, which reads it packed: only the
+    # pooled value is unpacked (for the flatten), so every conv writes packed
     unpacked = {k.layer for k in ctx.kernels if k.out_layout == "NCHW"}
-    assert unpacked == {"b2b", "short", "fc"}
+    assert unpacked == {"fc"}
 
 
 @pytest.mark.parametrize("spec", TARGETS)
@@ -315,6 +326,38 @@ def test_float_island_concat_pool_and_fallback_bit_exact(spec: dict, batch: int)
 
 
 @pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize("batch", [1, 32])
+def test_average_pools_read_packed_values_bit_exact(spec: dict, batch: int) -> None:
+    """Every average pool reads its producer's packed output (the convs before them all write
+    packed) and stays bit-exact: padded, ceil_mode and uneven windows, global and adaptive."""
+    ctx = assert_exact(Pools(), (batch, 3, 11, 9), spec)
+    packed = f"NCHW{layout_lanes(target_features(spec))}c"
+    layouts = {k.layer: (k.in_layout, k.out_layout) for k in ctx.kernels}
+    assert layouts == {"c1": ("NCHW", packed), "c2": (packed, packed), "c3": (packed, packed)}
+
+
+def test_pool_layout_rules() -> None:
+    """Average pools (and adaptive ones to 1x1) are "reducing": a conv before one writes packed
+    even though the pool's users unpack; other adaptive pools have no packed form."""
+
+    class Net(nn.Module):
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.quant = im.Quantize(0.02, 8, False)
+            self.c1 = conv(3, 5, 0.02, 0.05, seed=70)
+            self.pool = im.IntAdaptiveAvgPool2d(size)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pool(self.c1(self.quant(x)))
+
+    assert plan_layouts(im.trace_integer(Net(1).eval()), 8).packed == {"c1"}
+    assert plan_layouts(im.trace_integer(Net(2).eval()), 8).packed == frozenset()
+    # pools feeding convs are packed values themselves; gap/adaptive only feed flattens
+    plan = plan_layouts(im.trace_integer(Pools().eval()), 16)
+    assert plan.packed == {"c1", "avg", "c2", "uneven", "c3"}
+
+
+@pytest.mark.parametrize("spec", TARGETS)
 def test_mixed_layouts_unpack_before_a_lanewise_op(spec: dict) -> None:
     ctx = assert_exact(Mixed(), (2, 3, 7, 9), spec)
     layouts = {k.layer: (k.in_layout, k.out_layout) for k in ctx.kernels}
@@ -325,35 +368,43 @@ def test_mixed_layouts_unpack_before_a_lanewise_op(spec: dict) -> None:
 # -------------------------------------------------------------------------- padding lanes
 
 
-@pytest.mark.parametrize(("kind", "groups", "lanes"), [("vnni", 1, 16), ("ubsw", 4, 8),
-                                                       ("dw16", 1, 16), ("dw8", 1, 8)])
-def test_padding_lanes_are_never_read(kind: str, groups: int, lanes: int) -> None:
+@pytest.mark.parametrize(("kind", "groups", "lanes", "k"), [
+    ("vnni", 1, 16, 3), ("ubsw", 4, 8, 3), ("dw16", 1, 16, 3), ("dw8", 1, 8, 3),
+    ("vnni", 1, 16, 1), ("ubsw", 2, 8, 1), ("ubsw", 1, 8, 1)])
+def test_padding_lanes_are_never_read(kind: str, groups: int, lanes: int, k: int) -> None:
     """A kernel reading a packed input gives the same result whatever the padding lanes hold
     (here the largest code, everywhere), equal to the NCHW kernel on the real channels; its
     packed output's padding lanes hold defined codes (``clip(0)``), and its real lanes equal the
-    NCHW output."""
+    NCHW output. The 1x1 cases read the packed input directly (no pack stage masks the
+    padding lanes there: they meet zero weights)."""
     if kind in ("vnni", "dw16") and "avx512vnni" not in HOST_FEATURES:
         pytest.skip("this CPU has no AVX512-VNNI")
     tvm = pytest.importorskip("tvm")
     from djpq_compiler.backends.tvm.kernels.conv2d import (
         ConvKernelSpec,
         build_conv_kernel,
+        direct_input_shape,
         pack_weight,
+        reads_directly,
     )
 
     c, oc = 5, (5 if kind.startswith("dw") else 3)
-    nchw = ConvKernelSpec(2, c, 6, 7, oc, (3, 3), (1, 1), (1, 1), (1, 1), kind, groups, "uint8",
-                          0, 0, "int8", -128, 127, "int32")
+    nchw = ConvKernelSpec(2, c, 6, 7, oc, (k, k), (1, 1), (k // 2, k // 2), (1, 1), kind, groups,
+                          "uint8", 0, 0, "int8", -128, 127, "int32")
     packed = dataclasses.replace(nchw, in_lanes=lanes, out_lanes=lanes)
     gen = np.random.default_rng(0)
     x = gen.integers(0, 256, (2, c, 6, 7)).astype(np.uint8)
-    weight = gen.integers(-7, 8, (oc, 1 if kind.startswith("dw") else c, 3, 3))
+    weight = gen.integers(-7, 8, (oc, 1 if kind.startswith("dw") else c, k, k))
     x_packed = np.full((2, 1, 6, 7, lanes), 255, np.uint8)  # padding lanes: the largest code
     x_packed[:, 0, :, :, :c] = x.transpose(0, 2, 3, 1)
     results = []
     cases = ((nchw, x, (2, oc, 6, 7)), (packed, x_packed, (2, 1, 6, 7, lanes)))
     for spec, data, out_shape in cases:
-        func, (_, tile_oc) = build_conv_kernel(spec)
+        func, (tile_w, tile_oc) = build_conv_kernel(spec)
+        if spec.in_lanes:
+            assert reads_directly(spec, tile_w) == (k == 1)
+            if k == 1:
+                data = data.reshape(direct_input_shape(spec))
         size = spec.out_blocks(tile_oc) * spec.oc_lanes
         lib = tvm.compile(tvm.IRModule({"main": func}),
                           target=tvm.target.Target(VNNI if "16" in kind or kind == "vnni"
