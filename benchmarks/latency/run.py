@@ -30,6 +30,12 @@ Models:
     latency does not depend on weight values), ``prepare`` at W4A8 (first conv and fc W8A8), half
     of every gate group closed (seeded), ``convert``.
 
+``--isa avx2`` builds every TVM variant for an AVX2-only CPU (the target dict of ``"x86"`` is
+replaced by ``{"kind": "llvm", "mcpu": "znver3"}``, the issue's AMD EPYC: AVX2, no AVX-512, no
+VNNI), so the written kernels are the AVX2 ones (``avx2_u8s8_p{P}``, ``avx2_s16``, ``avx2_dw8``,
+8-lane ``NCHW8c`` layouts); the code still runs on this CPU. PyTorch and onnxruntime are not
+affected (they use what this CPU has).
+
 Usage:
   python benchmarks/latency/run.py --models vgg7,resnet20,mobilenetv2,resnet18 --batches 1,32 \
       --threads 1,2 --runs 10 --out benchmarks/latency
@@ -85,7 +91,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also time a TVM build with layout planning off (backend tvm_nchw: "
                          "every written kernel reads and writes NCHW, the build before issue "
                          "#15 item 3's packed layouts), interleaved with the others")
+    ap.add_argument("--isa", choices=tuple(ISA_TARGETS), default="native",
+                    help="the ISA the TVM builds target: native (this CPU) or avx2 (an "
+                         "AVX2-only znver3 target, run on this CPU)")
     return ap.parse_args(argv)
+
+
+#: ``--isa`` -> the TVM target dict that replaces ``"x86"``'s (``None``: this CPU's).
+ISA_TARGETS: dict[str, dict[str, Any] | None] = {
+    "native": None, "avx2": {"kind": "llvm", "mcpu": "znver3"}}
+
+
+def force_isa(isa: str) -> None:
+    """Make every ``build(..., "x86")`` of this process target ``ISA_TARGETS[isa]``."""
+    spec = ISA_TARGETS[isa]
+    if spec is None:
+        return
+    from unittest import mock
+
+    from djpq_compiler.backends.tvm import build as build_module
+
+    real = build_module.target_spec
+    mock.patch.object(build_module, "target_spec", lambda target: (
+        (dict(spec), None) if target == "x86" else real(target))).start()
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
@@ -426,9 +454,10 @@ def main() -> int:
     for name in models:
         if name not in TRAINED and name != "resnet18":
             raise SystemExit(f"unknown model {name!r}: one of {TRAINED + ('resnet18',)}")
+    force_isa(args.isa)
     started = datetime.datetime.now().astimezone()
     say(f"models {models}, batches {args.batches}, threads {args.threads}, runs {args.runs}; "
-        f"load {os.getloadavg()}")
+        f"TVM target {ISA_TARGETS[args.isa] or 'this CPU'}; load {os.getloadavg()}")
     results = []
     with tempfile.TemporaryDirectory(prefix="djpq_latency_") as tmp:
         for name in models:
@@ -441,6 +470,7 @@ def main() -> int:
            "started": started.isoformat(timespec="seconds"),
            "wall_s": round((datetime.datetime.now().astimezone() - started).total_seconds()),
            "git_commit": commit, "machine": machine(), "settings": vars(args),
+           "tvm_target_forced": ISA_TARGETS[args.isa],
            "env": {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT",
                                                   "TVM_BIND_THREADS", "OMP_NUM_THREADS",
                                                   "OMP_WAIT_POLICY")},
