@@ -109,8 +109,8 @@ def force_isa(isa: str) -> None:
         return
     from unittest import mock
 
-    from djpq_compiler.backends.tvm import build as build_module
-
+    # the submodule (the package's ``build`` attribute is the function of the same name)
+    build_module = importlib.import_module("djpq_compiler.backends.tvm.build")
     real = build_module.target_spec
     mock.patch.object(build_module, "target_spec", lambda target: (
         (dict(spec), None) if target == "x86" else real(target))).start()
