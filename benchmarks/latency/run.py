@@ -31,10 +31,11 @@ Models:
     of every gate group closed (seeded), ``convert``.
 
 ``--isa avx2`` builds every TVM variant for an AVX2-only CPU (the target dict of ``"x86"`` is
-replaced by ``{"kind": "llvm", "mcpu": "znver3"}``, the issue's AMD EPYC: AVX2, no AVX-512, no
-VNNI), so the written kernels are the AVX2 ones (``avx2_u8s8_p{P}``, ``avx2_s16``, ``avx2_dw8``,
-8-lane ``NCHW8c`` layouts); the code still runs on this CPU. PyTorch and onnxruntime are not
-affected (they use what this CPU has).
+replaced by ``{"kind": "llvm", "mcpu": "haswell"}``: AVX2, no AVX-512, no VNNI), so the written
+kernels are the AVX2 ones (``avx2_u8s8_p{P}``, ``avx2_s16``, ``avx2_dw8``, 8-lane ``NCHW8c``
+layouts) and run on this CPU. (``mcpu=znver3``, the issue's AMD EPYC, emits instructions an
+Intel CPU lacks: the process died with SIGILL here.) PyTorch and onnxruntime are not affected
+(they use what this CPU has, AVX-512 included).
 
 Usage:
   python benchmarks/latency/run.py --models vgg7,resnet20,mobilenetv2,resnet18 --batches 1,32 \
@@ -93,13 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "#15 item 3's packed layouts), interleaved with the others")
     ap.add_argument("--isa", choices=tuple(ISA_TARGETS), default="native",
                     help="the ISA the TVM builds target: native (this CPU) or avx2 (an "
-                         "AVX2-only znver3 target, run on this CPU)")
+                         "AVX2-only haswell target, run on this CPU)")
     return ap.parse_args(argv)
 
 
 #: ``--isa`` -> the TVM target dict that replaces ``"x86"``'s (``None``: this CPU's).
 ISA_TARGETS: dict[str, dict[str, Any] | None] = {
-    "native": None, "avx2": {"kind": "llvm", "mcpu": "znver3"}}
+    "native": None, "avx2": {"kind": "llvm", "mcpu": "haswell"}}
 
 
 def force_isa(isa: str) -> None:
