@@ -369,14 +369,15 @@ def test_mixed_layouts_unpack_before_a_lanewise_op(spec: dict) -> None:
 
 
 @pytest.mark.parametrize(("kind", "groups", "lanes", "k"), [
-    ("vnni", 1, 16, 3), ("ubsw", 4, 8, 3), ("dw16", 1, 16, 3), ("dw8", 1, 8, 3),
-    ("vnni", 1, 16, 1), ("ubsw", 2, 8, 1), ("ubsw", 1, 8, 1)])
+    ("vnni", 1, 16, 3), ("ubsw", 4, 8, 3), ("ubsw", 2, 8, 3), ("dw16", 1, 16, 3),
+    ("dw8", 1, 8, 3), ("vnni", 1, 16, 1), ("ubsw", 2, 8, 1), ("ubsw", 1, 8, 1)])
 def test_padding_lanes_are_never_read(kind: str, groups: int, lanes: int, k: int) -> None:
     """A kernel reading a packed input gives the same result whatever the padding lanes hold
     (here the largest code, everywhere), equal to the NCHW kernel on the real channels; its
     packed output's padding lanes hold defined codes (``clip(0)``), and its real lanes equal the
-    NCHW output. The 1x1 cases read the packed input directly (no pack stage masks the
-    padding lanes there: they meet zero weights)."""
+    NCHW output. The 1x1 cases read the packed input directly, and the 3x3 ones whose lane
+    blocks hold whole intrinsic groups (vnni, ubsw P = 2) pack whole blocks: no per-lane mask
+    there, the padding lanes meet zero weights."""
     if kind in ("vnni", "dw16") and "avx512vnni" not in HOST_FEATURES:
         pytest.skip("this CPU has no AVX512-VNNI")
     tvm = pytest.importorskip("tvm")
@@ -385,6 +386,7 @@ def test_padding_lanes_are_never_read(kind: str, groups: int, lanes: int, k: int
         build_conv_kernel,
         direct_input_shape,
         pack_weight,
+        packs_blocks,
         reads_directly,
     )
 
@@ -403,6 +405,8 @@ def test_padding_lanes_are_never_read(kind: str, groups: int, lanes: int, k: int
         func, (tile_w, tile_oc) = build_conv_kernel(spec)
         if spec.in_lanes:
             assert reads_directly(spec, tile_w) == (k == 1)
+            dense = not kind.startswith("dw")
+            assert packs_blocks(spec) == (dense and lanes % (4 * groups) == 0)
             if k == 1:
                 data = data.reshape(direct_input_shape(spec))
         size = spec.out_blocks(tile_oc) * spec.oc_lanes

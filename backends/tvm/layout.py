@@ -47,10 +47,13 @@ float islands, graph outputs            unpack
 2. No padding lane reaches a real channel: the pack stage of every written conv kernel masks
    channels ``c >= C`` to the zero code (``conv2d._packed_value``), exactly as it pads an NCHW
    input, and the packed weights of those channels are zero as well (``conv2d.pack_weight``).
-   A 1x1 kernel that reads packed ``uint8`` codes without a pack stage
-   (``conv2d.reads_directly``) multiplies the padding lanes by those zero weights: ``u8 * 0``
-   adds exactly 0 (no saturation: ``vpmaddubsw``'s bound counts real products only). Pools
-   and the other lane-wise ops never mix lanes.
+   Kernels that take whole lane blocks -- a 1x1 kernel reading packed ``uint8`` codes without
+   a pack stage (``conv2d.reads_directly``), a dense kernel packing whole blocks
+   (``conv2d.packs_blocks``), a depthwise kernel of the input's lane count
+   (``conv2d.lanes_aligned``) -- multiply the padding lanes (codes in the value's range, plus
+   the kernel's offset) by those zero weights: ``a * 0`` adds exactly 0 (no saturation:
+   ``vpmaddubsw``'s bound counts real products only). Pools and the other lane-wise ops never
+   mix lanes.
 3. :func:`to_nchw` slices channels ``[0, C)`` away from the padding before any op that mixes
    channels (linear, concat, flatten, reductions) or leaves the integer graph.
 """

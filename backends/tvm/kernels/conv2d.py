@@ -212,18 +212,37 @@ def lanes_aligned(spec: ConvKernelSpec) -> bool:
     return spec.depthwise and spec.in_lanes == spec.oc_lanes
 
 
-def _aligned_value(x: Any, spec: ConvKernelSpec, n: Any, b: Any, y: Any, xx: Any,
-                   lane: Any) -> Any:
-    """:func:`_packed_value` for :func:`lanes_aligned` kernels: block ``b``, lane ``lane`` of
-    the packed input as int16 codes plus ``act_offset``, zero (plus the offset) in the spatial
-    padding only (the same test for every lane of a pixel)."""
+def packs_blocks(spec: ConvKernelSpec) -> bool:
+    """A dense kernel on packed input whose lanes hold whole intrinsic groups (``in_lanes`` a
+    multiple of ``4 * P``), that is not :func:`reads_directly`: its pack copies whole lane
+    blocks (spatial padding and offset applied, one vector per pixel, no per-lane channel
+    test) and the conv reads them viewed as ``[.., L/(4P), (P,) 4]``. The padding lanes are
+    read, as codes in the value's range (plus the offset: in ``[0, span]``), and meet zero
+    weights (:func:`pack_weight`): they add exactly 0."""
+    return (spec.in_lanes > 0 and not spec.depthwise and spec.kind in ("vnni", "ubsw")
+            and spec.in_lanes % (spec.lanes * spec.groups) == 0)
+
+
+def _block_value(x: Any, spec: ConvKernelSpec, n: Any, b: Any, y: Any, xx: Any, lane: Any,
+                 dtype: str) -> Any:
+    """Block ``b``, lane ``lane`` of a packed input at padded position ``(y, xx)`` plus
+    ``act_offset`` as ``dtype``, zero (plus the offset) in the spatial padding only (the same
+    test for every lane of a pixel)."""
     tirx = load_tvm().tirx
     (ph, pw), h, w = spec.padding, spec.height, spec.width
     yy, xw = y - ph, xx - pw
     inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w)
     row, col = tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xw, w - 1), 0)
     value = x[n, b, row, col, lane].astype("int32")
-    return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype("int16")
+    return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype(dtype)
+
+
+def _aligned_value(x: Any, spec: ConvKernelSpec, n: Any, b: Any, y: Any, xx: Any,
+                   lane: Any) -> Any:
+    """:func:`_packed_value` for :func:`lanes_aligned` kernels: block ``b``, lane ``lane`` of
+    the packed input as int16 codes plus ``act_offset``, zero (plus the offset) in the spatial
+    padding only (the same test for every lane of a pixel)."""
+    return _block_value(x, spec, n, b, y, xx, lane, "int16")
 
 
 def _input(spec: ConvKernelSpec) -> Any:
@@ -304,6 +323,22 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
 
         return x, wt, te.compute((n_, ocb, oh, owp, ol), direct, name="conv")
     x = _input(spec)
+    if packs_blocks(spec):  # pack whole lane blocks (spatial padding + offset), viewed in groups
+        per = spec.in_lanes // (lanes * groups)
+        cb_in = -(-spec.in_channels // spec.in_lanes)
+
+        def block_pack(n: Any, b: Any, y: Any, xx: Any, j: Any, *gl: Any) -> Any:
+            g, lane = gl if groups > 1 else (0, gl[0])
+            return _block_value(x, spec, n, b, y, xx, (j * groups + g) * lanes + lane, act)
+
+        xb = te.compute((n_, cb_in, hp, wp, per) + gdim + (lanes,), block_pack, name="pack")
+
+        def conv_blocks(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
+            a = xb[(n, rb // per, y * sh + ry * dh, xx * sw + rx * dw, rb % per) + gi + (rl,)]
+            b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
+            return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
+
+        return x, wt, te.compute((n_, ocb, oh, owp, ol), conv_blocks, name="conv")
 
     def pack(n: Any, b: Any, y: Any, xx: Any, *gl: Any) -> Any:
         g, lane = gl if groups > 1 else (0, gl[0])
@@ -371,7 +406,7 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     xo, xi = sch.split(xx, [None, tile_w])
     sch.reorder(n, obo, y, xo, rb, ry, rx, xi, obi, o, *inner)
     _schedule_stages(sch, sch.fuse(n, obo, y), xo, writeback,
-                     pack=not reads_directly(spec, tile_w))
+                     pack=not reads_directly(spec, tile_w), vector_lanes=packs_blocks(spec))
     init = sch.decompose_reduction(conv, rb)
     sch.tensorize(o, intrin_name(spec.kind, spec.groups))
     sch.unroll(xi)
@@ -410,8 +445,8 @@ def _schedule_pack(sch: Any, vector_lanes: bool = False) -> None:
     """
     loops = sch.get_loops(sch.get_sblock("pack"))
     sch.parallel(sch.fuse(*loops[:3]))
-    if vector_lanes:  # lanes_aligned: one vector per pixel
-        sch.vectorize(loops[4])
+    if vector_lanes:  # lanes_aligned / packs_blocks: one vector per pixel
+        sch.vectorize(sch.fuse(*loops[4:]) if len(loops) > 5 else loops[4])
     else:
         for lane in loops[4:]:
             sch.unroll(lane)
