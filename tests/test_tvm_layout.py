@@ -28,6 +28,7 @@ from djpq_compiler.backends.tvm.build import target_spec  # noqa: E402
 from djpq_compiler.backends.tvm.emit import lower  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.emit import target_features  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.report import kernel_table  # noqa: E402
+from djpq_compiler.backends.tvm.kernels.select import LayerFacts, select_kernel  # noqa: E402
 from djpq_compiler.backends.tvm.layout import (  # noqa: E402
     NCHW,
     Layout,
@@ -255,6 +256,20 @@ def test_packed_channel_constants() -> None:
     assert const[0, 0, 0, 0].tolist() == list(range(1, 9))
 
 
+def test_fit_groups_to_lanes() -> None:
+    """P is lowered only as far as a packed block needs, and the record says so."""
+    from djpq_compiler.backends.tvm.kernels.select import fit_groups_to_lanes
+
+    facts = LayerFacts("l", "conv2d", 0, 255, np.full((3, 5, 1, 1), 7), np.zeros(3), 0, 1, 15,
+                       frozenset({"avx2"}), "llvm mcpu=haswell")
+    p4 = select_kernel(facts)
+    assert p4.variant == "avx2_u8s8_p4"
+    p2 = fit_groups_to_lanes(p4, facts, 8)
+    assert p2.variant == "avx2_u8s8_p2" and "2*2*255*7 = 7140 <= 32767" in p2.bound
+    assert "lowered from 4" in p2.note
+    assert fit_groups_to_lanes(p4, facts, 16) is p4
+
+
 def test_plan_is_pure_and_golden() -> None:
     """Convs and lane-wise ops between them are packed; a value whose only users cannot read
     packed values (c4 -> output) is not; lane-wise ops after a non-candidate input are not."""
@@ -300,6 +315,12 @@ def test_mobilenet_like_bit_exact(spec: dict, batch: int) -> None:
     ctx = assert_exact(MobileNetLike(), (batch, 1, 10, 10), spec)
     outs = [k.out_layout for k in ctx.kernels]
     assert outs[-1] == "NCHW" and all(o != "NCHW" for o in outs[:-1])
+    variants = {k.layer: k.variant for k in ctx.kernels}
+    # 1x1 convs on packed u8 input: with 8 lanes, P = 4 (16 channels) is lowered to P = 2 so
+    # that the kernel reads the NCHW8c blocks directly; exact (the bound shrinks with P)
+    one_by_one = {"exp1", "proj1", "exp2", "proj2"}
+    want = "avx2_u8s8_p2" if spec is AVX2 else "avx512_vnni"
+    assert {variants[name] for name in one_by_one} == {want}
 
 
 @pytest.mark.parametrize("spec", TARGETS)

@@ -20,7 +20,7 @@ from djpq_compiler.errors import BackendError
 from djpq_compiler.ir import modules as im
 
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
-from .kernels.select import KernelChoice, LayerFacts, select_kernel
+from .kernels.select import KernelChoice, LayerFacts, fit_groups_to_lanes, select_kernel
 from .layout import NCHW, Layout, packed_channel_const
 
 INT32_MAX = 2**31 - 1
@@ -225,6 +225,10 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
     if choice.kind is not None:
         if int(module.groups) != 1 and not depthwise:
             x = ctx.int_arg(node)
+        if (x.layout.packed and (kh, kw) == (1, 1) and padding == (0, 0) and x.lo >= 0
+                and container_dtype(x.lo, x.hi) == "uint8"):  # may read x directly
+            choice = fit_groups_to_lanes(choice, facts, x.layout.lanes)
+            ctx.kernels[index] = choice
         out_lanes = ctx.plan.lanes if ctx.plan.wants_packed(node) else 0
         out, layout = _written_layer(ctx, node, x, facts, choice, (stride, padding, dilation),
                                      out_lanes)

@@ -9,7 +9,8 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   accumulator bound below applies (W8A8 included). Chosen first where the target has it.
 * ``avx2_u8s8_p{P}``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
   ``vpmaddubsw`` pair sums and ``P`` of them summed in int16 are exact iff
-  ``2 * P * span * max|w| <= 32767``; P = 4, 2, 1 tried in that order.
+  ``2 * P * span * max|w| <= 32767``; P = 4, 2, 1 tried in that order. A 1x1 conv on packed
+  ``NCHW8c`` input then lowers P to 2 (:func:`fit_groups_to_lanes`) to read it without a pack.
 * ``avx2_s16``: int16 operands through ``vpmaddwd``: exact iff ``span <= 32767``,
   ``max|w| <= 32767`` and ``2 * span * max|w| <= 2^31 - 1``.
 * ``avx512_dw16`` / ``avx2_dw8``: depthwise convs (``groups == channels``), channels in the
@@ -41,7 +42,8 @@ import numpy as np
 
 from .intrin import UBSW_GROUPS
 
-__all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "select_kernel"]
+__all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "fit_groups_to_lanes",
+           "select_kernel"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
@@ -268,3 +270,19 @@ def _select_sdot(facts: LayerFacts) -> KernelChoice:
     return KernelChoice(facts.layer, facts.op, "neon_sdot", text,
                         f"{facts.target}: s8 x s8 sdot (dotprod), activation offset {offset}",
                         facts.macs)
+
+
+def fit_groups_to_lanes(choice: KernelChoice, facts: LayerFacts, lanes: int) -> KernelChoice:
+    """``choice`` with P lowered so that ``4 * P`` input channels fit a packed block of
+    ``lanes`` (``avx2_u8s8_p4`` on ``NCHW8c`` becomes ``p2``), letting a 1x1 kernel read the
+    packed input without a pack stage (``conv2d.reads_directly``). Exact: the bound
+    ``2 * P * span * max|w|`` only shrinks with P. Other choices are returned unchanged."""
+    if choice.kind != "ubsw" or 4 * choice.groups <= lanes or lanes % 4:
+        return choice
+    p = max(g for g in UBSW_GROUPS if 4 * g <= lanes and lanes % (4 * g) == 0)
+    span, w_max = facts.span, facts.w_max
+    acc_text = choice.bound.split("; ", 1)[1] if "; " in choice.bound else ""
+    text = f"2*{p}*{span}*{w_max} = {2 * p * span * w_max} <= 32767; {acc_text}"
+    note = (f"{facts.target}: u8 x s8 vpmaddubsw, {p} summed in int16 (P lowered from "
+            f"{choice.groups} to read NCHW{lanes}c input directly)")
+    return dataclasses.replace(choice, variant=f"avx2_u8s8_p{p}", bound=text, note=note)
