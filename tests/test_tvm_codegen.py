@@ -123,3 +123,30 @@ def test_thread_setting_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert codegen.build_threads() == 3
     monkeypatch.delenv(codegen.BUILD_THREADS_ENV)
     assert 1 <= codegen.build_threads() <= codegen.MAX_BUILD_THREADS
+
+
+def test_intrinsics_register_one_at_a_time_with_the_same_description() -> None:
+    """A kernel registers only the intrinsic it tensorizes with; what is registered is the
+    description built by the module (structurally equal), and registering all names them all."""
+    import subprocess
+    import sys
+
+    code = (
+        "from djpq_compiler.backends.tvm import adapter\n"
+        "from djpq_compiler.backends.tvm.kernels import intrin\n"
+        "tvm = adapter.load_tvm()\n"
+        "get = lambda n: tvm.s_tir.TensorIntrin.get(n, allow_missing=True)\n"
+        "names = lambda: {n for n in intrin._builders() if get(n) is not None}\n"
+        "assert names() == set(), names()\n"
+        "intrin.register_intrinsics('vnni')\n"
+        "assert names() == {'djpq_avx512_vnni'}, names()\n"
+        "got = tvm.s_tir.TensorIntrin.get('djpq_avx512_vnni')\n"
+        "desc, impl = intrin._vnni()\n"
+        "tvm.ir.assert_structural_equal(got.desc, desc)\n"
+        "tvm.ir.assert_structural_equal(got.impl, impl)\n"
+        "intrin.register_intrinsics()\n"
+        "assert len(names()) == 6, names()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
