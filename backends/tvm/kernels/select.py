@@ -55,7 +55,8 @@ class KernelChoice:
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
             ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"``,
-            ``"neon_sdot"`` (aarch64) or ``"default"`` (TVM's generic lowering).
+            ``"neon_sdot"`` (aarch64), ``"cuda_dp4a"`` (CUDA, ``kernels/cuda_select.py``) or
+            ``"default"`` (TVM's generic lowering).
         bound: The inequality the variant relies on, with this layer's numbers.
         note: Why this variant (for ``default``: why no written kernel applies).
         macs: Multiply-accumulates of one call.
@@ -79,7 +80,7 @@ class KernelChoice:
         if self.variant.startswith("avx2_u8s8"):
             return "ubsw"
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
-                "avx2_dw8": "dw8", "neon_sdot": "sdot"}.get(self.variant)
+                "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a"}.get(self.variant)
 
     @property
     def groups(self) -> int:
@@ -175,12 +176,14 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
     if facts.features is None:
         return _default(facts, "no target given (lowered for tuning or inspection)")
     arm = "dotprod" in facts.features
-    if not arm and not facts.features & {"avx2", "avx512vnni"}:
+    gpu = "dp4a" in facts.features  # CUDA: kernels/cuda_select.py
+    if not arm and not gpu and not facts.features & {"avx2", "avx512vnni"}:
         return _default(facts, f"target {facts.target} has no AVX2 (nor aarch64 dotprod); no "
                                "written kernel for it yet")
     depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
-    if arm and depthwise:
-        return _default(facts, f"target {facts.target}: no aarch64 depthwise kernel yet")
+    if (arm or gpu) and depthwise:
+        where = "aarch64" if arm else "CUDA"
+        return _default(facts, f"target {facts.target}: no {where} depthwise kernel yet")
     in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // facts.groups
     if facts.groups != 1 and not depthwise and (in_g < MIN_GROUP_IN or out_g < MIN_GROUP_OUT
                                                 or facts.groups > MAX_GROUPS):
@@ -189,6 +192,10 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
                                f"{MIN_GROUP_OUT} channels and <= {MAX_GROUPS} groups")
     if arm:
         choice = _select_sdot(facts)
+    elif gpu:
+        from .cuda_select import select_dp4a
+
+        choice = select_dp4a(facts)
     else:
         bound = facts.kernel_acc_bound()
         if bound > INT32_MAX:
