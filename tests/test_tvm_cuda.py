@@ -167,3 +167,24 @@ def test_cuda_build_reports_dp4a_and_the_ptx_uses_it() -> None:
             if name.startswith("djpq_cuda_dp4a") and re.search(r"\bld\.global\.\w+", body)}
     assert conv, sorted(_kernel_bodies(ptx))
     assert any(re.search(r"\bdp4a\.u32\.s32\b", body) for body in conv.values()), sorted(conv)
+
+
+def test_cuda_lowering_of_a_mixed_net_bit_exact_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A net with a conv, depthwise and grouped convs, pools, add, concat and a linear, lowered
+    for CUDA (dp4a kernels unscheduled) and run on the CPU: equal to the reference."""
+    from test_tvm_backend import BITS, Net, example
+
+    gm = im.trace_integer(Net(BITS["mid"]).eval())
+    x = (example((2, 3, 9, 9), seed=4), example((1, 2, 7, 7), signed=True))
+    emit._kernel.cache_clear()
+    monkeypatch.setattr(cuda, "schedule_dp4a", lambda func, spec: func)
+    try:
+        mod, ctx = lower(gm, list(x), CUDA)
+    finally:
+        emit._kernel.cache_clear()
+    assert "cuda_dp4a" in {c.variant for c in ctx.kernels}
+    vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(target_spec("x86")[0])))
+    got = adapter.run_vm(vm, [t.numpy() for t in x])
+    want = gm(*x)
+    for a, r in zip(got, want, strict=True):
+        assert torch.equal(torch.from_numpy(a).to(r.dtype), r)
