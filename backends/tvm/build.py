@@ -90,10 +90,13 @@ class CompiledModel:
         if self._runnable_here():
             start = time.perf_counter()
             self._vm = adapter.make_vm(executable)
-            # one call on zeros: the VM allocates its memory pool and the kernels' pages are
-            # touched here rather than in the caller's first call (first call ~= steady calls)
-            adapter.run_vm(self._vm, [np.zeros(s, dtype=np.float32) for s in input_shapes])
+            self._warm_up()
             self.load_seconds = time.perf_counter() - start
+
+    def _warm_up(self) -> None:
+        """One call on zeros: the VM allocates its memory pool and the kernels' pages are
+        touched here rather than in the caller's first call (first call ~= steady calls)."""
+        adapter.run_vm(self._vm, [np.zeros(s, dtype=np.float32) for s in self.input_shapes])
 
     def _runnable_here(self) -> bool:
         if self.target == "x86":

@@ -53,6 +53,17 @@ def _register_all_intrinsics() -> None:
     conv2d.register_intrinsics = lambda *_: intrin.register_intrinsics()  # type: ignore[assignment]
 
 
+def _before_session() -> None:
+    """Replay the build before the 2026-12-03 22:11 session: every intrinsic registered at once,
+    TVM's TIR pipeline with ``RemoveNoOp``, no warm-up call at load."""
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.backends.tvm import codegen
+
+    _register_all_intrinsics()
+    codegen.SKIPPED_TIR_PASSES = ()
+    tvm_backend.CompiledModel._warm_up = lambda self: None  # type: ignore[method-assign]
+
+
 def _pack_rolled() -> None:
     """Experiment (not the default): the conv kernels' pack loop over columns rolled, only its
     channel lanes unrolled (``conv2d.PACK_UNROLL_WIDTH = 0``)."""
@@ -71,8 +82,10 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
     ``mode="one_module"``: the build loads the library, compiled by ``tvm.compile`` as one LLVM
     module (the path before ``codegen.compile_llvm``). ``mode="eager"``: ``build`` as it is.
     ``mode="all_intrinsics"``: every tensor intrinsic registered at the first kernel (before they
-    were registered one by one, as needed). ``mode="pack_rolled"``: an experiment, the conv
-    kernels' pack with its column loop rolled (``conv2d.PACK_UNROLL_WIDTH = 0``).
+    were registered one by one, as needed). ``mode="before_session"``: that, plus TVM's TIR
+    ``RemoveNoOp`` and no warm-up call at load (the build before 2026-12-03 22:11 UTC).
+    ``mode="pack_rolled"``: an experiment, the conv kernels' pack with its column loop rolled
+    (``conv2d.PACK_UNROLL_WIDTH = 0``).
     """
     import torch
     import torchvision
@@ -99,6 +112,8 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
         _compile_as_one_module()
     if mode == "all_intrinsics":
         _register_all_intrinsics()
+    if mode == "before_session":
+        _before_session()
     if mode == "pack_rolled":
         _pack_rolled()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
@@ -138,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                          "one_module: build loads it, compiled by tvm.compile as one LLVM module; "
                          "eager: build as it is now; all_intrinsics: every tensor intrinsic "
                          "registered at the first kernel (before lazy registration); "
+                         "before_session: that + RemoveNoOp + no warm-up call; "
                          "pack_rolled: experiment, the kernels' pack column loop rolled; "
                          "each model runs once per mode, alternating")
     ap.add_argument("--build-threads", default=None,
