@@ -145,7 +145,7 @@ def test_intrinsics_register_one_at_a_time_with_the_same_description() -> None:
         "tvm.ir.assert_structural_equal(got.desc, desc)\n"
         "tvm.ir.assert_structural_equal(got.impl, impl)\n"
         "intrin.register_intrinsics()\n"
-        "assert len(names()) == 7, names()\n"
+        "assert len(names()) == 8, names()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, check=False)

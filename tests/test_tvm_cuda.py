@@ -1,12 +1,13 @@
 """The CUDA ``cuda_dp4a`` conv/linear kernel: selection at its bound and one bit past it, the
 arithmetic bit-exact on the CPU, ``dp4a`` in the PTX of the conv kernels.
 
-No GPU is needed (nor used): the kernel's definition is :mod:`.conv2d`'s, and the CPU check
-lowers the model for the CUDA target (so every layer gets the kernel, weights and arguments the
-CUDA build gets), leaves the kernels unscheduled and builds the module for ``llvm`` -- the same
-TIR arithmetic, run here and compared bit for bit with the integer reference. What runs on the
-GPU (the CUDA schedule, ``__dp4a``) is checked only by compiling it (nvcc, PTX); the PTX tests
-skip without nvcc.
+No GPU is needed (nor used): the CPU check lowers the model for the CUDA target (so every layer
+gets the kernel, weights and arguments the CUDA build gets) with each dp4a kernel scheduled as
+for CUDA but emulated (``schedule_dp4a(emulate=True)``: block/thread loops serial, ``dp4a``
+replaced by its definition) -- or not scheduled at all -- builds the module for ``llvm`` and
+compares it bit for bit with the integer reference. What only a GPU would check (the thread
+binding, ``__dp4a`` itself, CUDA code generation) is checked only by compiling it (nvcc, PTX);
+the PTX test skips without nvcc.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from djpq_compiler.errors import BackendError  # noqa: E402
 
 CUDA = target_spec("cuda")[0]
 FEATURES = target_features(CUDA)
+SCHEDULE_DP4A = cuda.schedule_dp4a
 
 
 def _facts(lo: int, hi: int, w_lo: int, w_hi: int, *, groups: int = 1,
@@ -83,14 +85,22 @@ def test_dp4a_selection_accumulator_depthwise_and_groups() -> None:
     assert grouped.variant == "cuda_dp4a" and "2 groups" in grouped.note
 
 
+def _emulated(monkeypatch: pytest.MonkeyPatch, scheduled: bool = True) -> None:
+    """Make the dp4a kernels CPU-runnable: the CUDA schedule with serial loops and ``dp4a``'s
+    definition (``emulate=True``), or no schedule at all (``scheduled=False``)."""
+    monkeypatch.setattr(cuda, "schedule_dp4a", (lambda func, spec: SCHEDULE_DP4A(func, spec, True))
+                        if scheduled else (lambda func, spec: func))
+
+
 def cpu_check(layer: nn.Module, shape: tuple[int, ...], x_bits: int, signed: bool,
-              monkeypatch: pytest.MonkeyPatch) -> tuple:
-    """Lower for CUDA with the dp4a kernels unscheduled, build for this CPU, compare every input
-    of :func:`inputs` with the reference bit for bit. Returns the kernel records."""
+              monkeypatch: pytest.MonkeyPatch, scheduled: bool = True) -> tuple:
+    """Lower for CUDA with the dp4a kernels emulated (:func:`_emulated`), build for this CPU,
+    compare every input of :func:`inputs` with the reference bit for bit. Returns the kernel
+    records."""
     gm = im.trace_integer(One(layer, x_bits, signed).eval())
     xs = inputs(shape, x_bits, signed)
     emit._kernel.cache_clear()
-    monkeypatch.setattr(cuda, "schedule_dp4a", lambda func, spec: func)
+    _emulated(monkeypatch, scheduled)
     try:
         mod, ctx = lower(gm, [xs[0]], CUDA)
     finally:
@@ -119,6 +129,7 @@ def test_dp4a_conv_arithmetic_bit_exact_on_cpu(monkeypatch: pytest.MonkeyPatch, 
                       padding=padding, seed=c_in + batch)
     kernels = cpu_check(layer, (batch, c_in) + hw, 8, False, monkeypatch)
     assert [c.variant for c in kernels] == ["cuda_dp4a"]
+    cpu_check(layer, (batch, c_in) + hw, 8, False, monkeypatch, scheduled=False)
 
 
 @pytest.mark.parametrize(("x_bits", "signed", "w_bits", "variant"), [
@@ -171,13 +182,13 @@ def test_cuda_build_reports_dp4a_and_the_ptx_uses_it() -> None:
 
 def test_cuda_lowering_of_a_mixed_net_bit_exact_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """A net with a conv, depthwise and grouped convs, pools, add, concat and a linear, lowered
-    for CUDA (dp4a kernels unscheduled) and run on the CPU: equal to the reference."""
+    for CUDA (dp4a kernels emulated) and run on the CPU: equal to the reference."""
     from test_tvm_backend import BITS, Net, example
 
     gm = im.trace_integer(Net(BITS["mid"]).eval())
     x = (example((2, 3, 9, 9), seed=4), example((1, 2, 7, 7), signed=True))
     emit._kernel.cache_clear()
-    monkeypatch.setattr(cuda, "schedule_dp4a", lambda func, spec: func)
+    _emulated(monkeypatch)
     try:
         mod, ctx = lower(gm, list(x), CUDA)
     finally:
@@ -188,3 +199,19 @@ def test_cuda_lowering_of_a_mixed_net_bit_exact_on_cpu(monkeypatch: pytest.Monke
     want = gm(*x)
     for a, r in zip(got, want, strict=True):
         assert torch.equal(torch.from_numpy(a).to(r.dtype), r)
+
+
+def test_forcing_dp4a_past_its_bound_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU check can fail, and the bound is needed: 9-bit codes forced through the dp4a
+    kernel wrap in u8 and give wrong codes."""
+    import dataclasses
+
+    from djpq_compiler.backends.tvm import converters
+
+    def forced(facts: LayerFacts) -> object:
+        return dataclasses.replace(select_kernel(facts), variant="cuda_dp4a")
+
+    monkeypatch.setattr(converters, "select_kernel", forced)
+    layer = int_layer("conv", 9, 7, x_bits=9, w_bits=8, seed=8)
+    with pytest.raises(AssertionError, match=r"^tensor\(\d+\)"):  # the max |got - want|
+        cpu_check(layer, (2, 9, 6, 7), 9, False, monkeypatch)

@@ -16,9 +16,12 @@ CUDA's (:func:`schedule_dp4a`):
    requantization) and stores the code.
 3. ``unpack`` to NCHW: one thread per output element.
 
-:func:`build_dp4a_kernel` returns the scheduled PrimFunc; ``schedule=False`` returns the same
-definition unscheduled, which builds for ``llvm`` and runs here (the tests compare it bit-exact
-with the reference executor: the arithmetic is checked on the CPU, the GPU run is not).
+:func:`build_dp4a_kernel` returns the scheduled PrimFunc. ``schedule_dp4a(..., emulate=True)``
+gives the same schedule with serial loops in place of the block/thread bindings and the ``dp4a``
+call replaced by its definition (four int32 products): it builds for ``llvm`` and runs here, and
+the tests compare it bit-exact with the reference executor. Checked on the CPU: the definition,
+the schedule's loop structure and indexing, the tensorized inner product's operands. Not
+checked without a GPU: the thread binding itself, ``__dp4a`` and the CUDA code generation.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ DP4A_TILES = (1, 1)
 THREADS = 128
 
 
-def _bind_loops(sch: Any, loops: list[Any], exact: bool = False) -> Any:
-    """Fuse ``loops`` and spread them over ``blockIdx.x`` x ``threadIdx.x``; the thread loop.
+def _bind_loops(sch: Any, loops: list[Any], bind: bool, exact: bool = False) -> Any:
+    """Fuse ``loops`` and split them into blocks of threads, bound to ``blockIdx.x`` x
+    ``threadIdx.x`` (``bind``; else left serial); returns the thread loop.
 
     ``exact``: threads per block divide the loops' extent (the largest power of two up to
     :data:`THREADS` that does), so that no thread is masked off: ``tensorize`` does not match a
@@ -51,31 +55,36 @@ def _bind_loops(sch: Any, loops: list[Any], exact: bool = False) -> Any:
         while extent % threads:
             threads //= 2
     outer, inner = sch.split(fused, [None, threads])
-    sch.bind(outer, "blockIdx.x")
-    sch.bind(inner, "threadIdx.x")
+    if bind:
+        sch.bind(outer, "blockIdx.x")
+        sch.bind(inner, "threadIdx.x")
     return inner
 
 
-def _bind(sch: Any, block: Any) -> None:
-    """One thread per element of a spatial ``block``."""
-    _bind_loops(sch, sch.get_loops(block))
+def schedule_dp4a(func: Any, spec: ConvKernelSpec, emulate: bool = False) -> Any:
+    """The CUDA schedule of :mod:`.conv2d`'s dense definition (see the module doc).
 
-
-def schedule_dp4a(func: Any, spec: ConvKernelSpec) -> Any:
-    """The CUDA schedule of :mod:`.conv2d`'s dense definition (see the module doc)."""
+    ``emulate``: the same schedule with its block/thread loops left serial and the inner product
+    tensorized with ``djpq_cuda_dp4a_reference`` (the same description, its body four int32
+    products): a PrimFunc with the CUDA kernel's loop structure and indexing that builds for
+    ``llvm`` and runs on a CPU.
+    """
     tvm = load_tvm()
+    bind = not emulate
     sch = tvm.s_tir.Schedule(func)
     conv = sch.get_sblock("conv")
     writeback = sch.cache_write(conv, 0, "local")
-    _bind(sch, sch.get_sblock("pack"))
+    _bind_loops(sch, sch.get_loops(sch.get_sblock("pack")), bind)  # one thread per element
     loops = sch.get_loops(conv)
     # n, ob, y, xx, o: one accumulator element per thread (extent a multiple of 8: o)
-    inner = _bind_loops(sch, loops[:5], exact=True)
+    inner = _bind_loops(sch, loops[:5], bind, exact=True)
     sch.reverse_compute_at(writeback, inner)
     sch.reverse_compute_inline(sch.get_sblock("epilogue"))
     sch.decompose_reduction(conv, loops[5])  # rb: init the register before the reduction
-    sch.tensorize(sch.get_loops(conv)[-1], intrin_name("dp4a"))  # rl: 4 input channels
-    _bind(sch, sch.get_sblock("unpack"))
+    kind = "dp4a_reference" if emulate else "dp4a"
+    register_intrinsics(kind)
+    sch.tensorize(sch.get_loops(conv)[-1], intrin_name(kind))  # rl: 4 input channels
+    _bind_loops(sch, sch.get_loops(sch.get_sblock("unpack")), bind)
     return sch.mod["main"]
 
 
@@ -92,6 +101,5 @@ def build_dp4a_kernel(spec: ConvKernelSpec, schedule: bool = True) -> tuple[Any,
     tile_w, tile_oc = DP4A_TILES
     func = conv2d._compute(spec, tile_w, tile_oc)
     if schedule:
-        register_intrinsics("dp4a")
         func = schedule_dp4a(func, spec)
     return func, DP4A_TILES

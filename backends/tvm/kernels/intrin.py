@@ -48,6 +48,8 @@ def intrin_name(kind: str, groups: int = 1) -> str:
         return "djpq_neon_sdot"
     if kind == "dp4a":
         return "djpq_cuda_dp4a"
+    if kind == "dp4a_reference":
+        return "djpq_cuda_dp4a_reference"
     return "djpq_avx512_vnni" if kind == "vnni" else "djpq_avx2_wd"
 
 
@@ -189,6 +191,28 @@ def _dp4a() -> tuple[Any, Any]:
     return desc, impl
 
 
+def _dp4a_reference() -> tuple[Any, Any]:
+    """:func:`_dp4a`'s description with a plain-TIR body (four int32 products added to ``C``):
+    what ``dp4a.u32.s32`` computes, runnable on a CPU (``cuda.schedule_dp4a(emulate=True)``)."""
+    from tvm.script import tirx as T
+
+    desc, _ = _dp4a()
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((4,), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            C[0] = C[0] + (T.cast(A[0], "int32") * T.cast(B[0], "int32")
+                           + T.cast(A[1], "int32") * T.cast(B[1], "int32")
+                           + T.cast(A[2], "int32") * T.cast(B[2], "int32")
+                           + T.cast(A[3], "int32") * T.cast(B[3], "int32"))
+
+    return desc, impl
+
+
 def _ubsw_grouped(P: int) -> tuple[Any, Any]:  # noqa: N803
     from tvm.script import tirx as T
 
@@ -226,6 +250,7 @@ def _builders() -> dict[str, Callable[[], tuple[Any, Any]]]:
     found[intrin_name("vnni")] = _vnni
     found[intrin_name("sdot")] = _sdot
     found[intrin_name("dp4a")] = _dp4a
+    found[intrin_name("dp4a_reference")] = _dp4a_reference
     return found
 
 
