@@ -76,14 +76,26 @@ def test_quiet_tvm_log_restores_stderr_on_error(capfd: pytest.CaptureFixture[str
     assert err.index("kept before the error") < err.index("after the block")
 
 
-def test_x86_build_loads_the_library_at_build_time() -> None:
-    """The LLVM JIT happens in build() (load_seconds), not on the first call; a cross build
-    does not load."""
+def test_x86_build_loads_the_library_at_build_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LLVM JIT and one warm-up call on zeros happen in build() (load_seconds), not on the
+    first call; the first call is still bit-exact; a cross build does not load."""
     from test_tvm_backend import BITS, Net, example, im
+
+    from djpq_compiler.backends.tvm import adapter
 
     gm = im.trace_integer(Net(BITS["mid"]).eval())
     x = (example((1, 3, 9, 9)), example((1, 2, 7, 7), signed=True))
+    calls: list[list[tuple[int, ...]]] = []
+    run_vm = adapter.run_vm
+
+    def counting(vm: object, arrays: list) -> list:
+        calls.append([a.shape for a in arrays])
+        return run_vm(vm, arrays)
+
+    monkeypatch.setattr(adapter, "run_vm", counting)
     model = tvm_backend.build(gm, "x86", example_inputs=x)
+    monkeypatch.undo()
+    assert calls == [[(1, 3, 9, 9), (1, 2, 7, 7)]]  # one warm-up call, at the input shapes
     assert model.load_seconds > 0
     assert model._vm is not None  # the VM the first call uses exists already
     got = model(*x)

@@ -123,3 +123,60 @@ def test_thread_setting_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert codegen.build_threads() == 3
     monkeypatch.delenv(codegen.BUILD_THREADS_ENV)
     assert 1 <= codegen.build_threads() <= codegen.MAX_BUILD_THREADS
+
+
+def test_intrinsics_register_one_at_a_time_with_the_same_description() -> None:
+    """A kernel registers only the intrinsic it tensorizes with; what is registered is the
+    description built by the module (structurally equal), and registering all names them all."""
+    import subprocess
+    import sys
+
+    code = (
+        "from djpq_compiler.backends.tvm import adapter\n"
+        "from djpq_compiler.backends.tvm.kernels import intrin\n"
+        "tvm = adapter.load_tvm()\n"
+        "get = lambda n: tvm.s_tir.TensorIntrin.get(n, allow_missing=True)\n"
+        "names = lambda: {n for n in intrin._builders() if get(n) is not None}\n"
+        "assert names() == set(), names()\n"
+        "intrin.register_intrinsics('vnni')\n"
+        "assert names() == {'djpq_avx512_vnni'}, names()\n"
+        "got = tvm.s_tir.TensorIntrin.get('djpq_avx512_vnni')\n"
+        "desc, impl = intrin._vnni()\n"
+        "tvm.ir.assert_structural_equal(got.desc, desc)\n"
+        "tvm.ir.assert_structural_equal(got.impl, impl)\n"
+        "intrin.register_intrinsics()\n"
+        "assert len(names()) == 8, names()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_skipped_tir_passes_leave_the_machine_code_unchanged() -> None:
+    """Every PrimFunc of a lowered model (written kernels, fused elementwise, TVM's default
+    convs of the avg pools) compiles to the same instructions with and without
+    ``SKIPPED_TIR_PASSES``."""
+    tvm = adapter.load_tvm()
+    from tvm.relax import vm_build
+
+    gm, x = _tiny()
+    spec, _ = target_spec("x86")
+    target = adapter.make_target(spec)
+    mod, ctx = lower(gm, list(x), spec)
+    assert any(c.variant != "default" for c in ctx.kernels)  # a written kernel is among them
+    mod = adapter.schedule_elementwise(adapter.fuse_module(mod, target), target)
+    with target:
+        lowered = tvm.relax.get_pipeline("default")(mod)
+    leftover = vm_build._vmcodegen(tvm.relax.ExecBuilder(), lowered, "bytecode")
+    funcs = {g: f for g, f in leftover.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert len(funcs) > 5
+
+    def instructions(gvar: object, func: object, disabled: list[str]) -> list[str]:
+        with tvm.transform.PassContext(opt_level=3, disabled_pass=disabled):
+            lib = tvm.tirx.build(tvm.IRModule({gvar: func}, attrs=leftover.attrs), target=target)
+        asm = lib.inspect_source("asm")
+        return [ln for ln in asm.splitlines() if ln.startswith("\t") and not ln.startswith("\t.")]
+
+    for gvar, func in funcs.items():
+        assert instructions(gvar, func, []) == \
+            instructions(gvar, func, list(codegen.SKIPPED_TIR_PASSES)), gvar.name_hint

@@ -84,7 +84,10 @@ def test_sdot_selection_accumulator_and_depthwise_fall_back() -> None:
     assert "needs int64" in select_kernel(big).note
     dw = _facts(0, 255, -8, 7, groups=8, shape=(8, 1, 3, 3))
     choice = select_kernel(dw)
-    assert choice.variant == "default" and "no aarch64 depthwise kernel" in choice.note
+    assert choice.variant == "neon_dw8" and "<= 32767" in choice.bound
+    wide = _facts(0, 2**15, -8, 7, groups=8, shape=(8, 1, 3, 3))  # one code past int16
+    choice = select_kernel(wide)
+    assert choice.variant == "default" and "too wide for int16" in choice.note
     grouped = _facts(0, 255, -8, 7, groups=2, shape=(16, 8, 3, 3))
     choice = select_kernel(grouped)
     assert choice.variant == "neon_sdot" and "2 groups" in choice.note
@@ -180,11 +183,37 @@ def test_sdot_grouped_conv_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Pa
     assert [c.variant for c in kernels] == ["neon_sdot"] and "2 groups" in kernels[0].note
 
 
-def test_depthwise_stays_default_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Path) -> None:
-    layer = int_layer("conv", 7, 7, x_bits=8, w_bits=8, groups=7, seed=6)
-    kernels, _ = check_arm(layer, (1, 7, 8, 9), 8, False, tmp_path)
-    assert [c.variant for c in kernels] == ["default"]
-    assert "no aarch64 depthwise kernel" in kernels[0].note
+@pytest.mark.parametrize(("channels", "x_bits", "signed", "w_bits", "stride", "batch", "variant"), [
+    (7, 8, False, 8, 1, 1, "neon_dw8"),  # odd pruned count, W8A8
+    (13, 8, True, 8, 2, 2, "neon_dw8"),  # signed codes (offset), strided, batch 2
+    (9, 15, False, 12, 1, 1, "neon_dw8"),  # the int16 bound: 15-bit codes
+    (9, 16, False, 8, 1, 1, "default"),  # one bit past it
+])
+def test_depthwise_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Path, channels: int,
+                                        x_bits: int, signed: bool, w_bits: int, stride: int,
+                                        batch: int, variant: str) -> None:
+    layer = int_layer("conv", channels, channels, x_bits=x_bits, w_bits=w_bits,
+                      x_signed=signed, groups=channels, stride=stride, seed=channels)
+    kernels, _ = check_arm(layer, (batch, channels, 8, 9), x_bits, signed, tmp_path)
+    assert [c.variant for c in kernels] == [variant]
+    if variant == "default":
+        assert "too wide for int16" in kernels[0].note
+
+
+def test_disassembly_shows_neon_multiply_accumulate_in_depthwise(aarch64_qemu: None,
+                                                                 tmp_path: Path) -> None:
+    if shutil.which(OBJDUMP) is None:
+        pytest.skip(f"{OBJDUMP} not installed (binutils-aarch64-linux-gnu)")
+    layer = int_layer("conv", 16, 16, x_bits=8, w_bits=8, groups=16, seed=7)
+    kernels, library = check_arm(layer, (1, 16, 9, 10), 8, False, tmp_path)
+    assert [c.variant for c in kernels] == ["neon_dw8"]
+    text = subprocess.run([OBJDUMP, "-d", str(library)], capture_output=True, text=True,
+                          check=True, timeout=120).stdout
+    dw = {name: body for name, body in _function_bodies(text).items()
+          if name.startswith("djpq_neon_dw8")}
+    assert dw
+    for name, body in dw.items():  # int16 x int16 -> int32 lanes, 4 at a time
+        assert re.search(r"\b(smlal2?|mla)\s+v\d+\.4s", body), name
 
 
 def test_forcing_sdot_past_its_bound_is_wrong(aarch64_qemu: None, tmp_path: Path,

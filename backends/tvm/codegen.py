@@ -11,6 +11,8 @@ generation, default TIR pipeline and ``VMLink``), except that
 * the PrimFuncs are compiled as several LLVM modules, in a thread pool (TVM releases the GIL),
   imported into one library; :func:`jit` turns them into machine code in parallel too. Each
   function's own code is the same as in one module (no PrimFunc calls another);
+* TVM's TIR pass ``RemoveNoOp`` is skipped (:data:`SKIPPED_TIR_PASSES`): a third of the TIR
+  pipeline's time, and the same machine code without it;
 * only the PrimFuncs that can see the caller's tensors (an argument of a Relax function, or a
   view of one) keep TVM's argument checks; the others get ``tirx.disable_assert``. Their
   arguments are tensors the VM allocated itself for fixed shapes, so a check that held once holds
@@ -32,7 +34,8 @@ from djpq_compiler.errors import BackendError
 
 from .adapter import load_tvm
 
-__all__ = ["BUILD_THREADS_ENV", "build_threads", "checked_functions", "compile_llvm", "jit"]
+__all__ = ["BUILD_THREADS_ENV", "SKIPPED_TIR_PASSES", "build_threads", "checked_functions",
+           "compile_llvm", "jit"]
 
 #: Environment variable overriding :func:`build_threads` (a positive integer).
 BUILD_THREADS_ENV = "DJPQ_TVM_BUILD_THREADS"
@@ -41,6 +44,12 @@ MAX_BUILD_THREADS = 8
 #: The symbol prefix of a PrimFunc's packed wrapper in a TVM 0.27 LLVM module.
 _FFI_PREFIX = "__tvm_ffi_"
 _DISABLE_ASSERT = "tirx.disable_assert"
+#: TIR passes of TVM's default pipeline that :func:`compile_llvm` skips: ``RemoveNoOp`` costs
+#: about a third of the TIR pipeline on the written kernels' unrolled bodies (it simplifies
+#: every statement to prove it a no-op) and changes nothing LLVM does not remove itself: the
+#: machine code is instruction for instruction the same (``tests/test_tvm_codegen.py``,
+#: ``benchmarks/latency/FIRST_CALL.md``).
+SKIPPED_TIR_PASSES = ("tirx.RemoveNoOp",)
 
 
 def build_threads() -> int:
@@ -161,7 +170,8 @@ def compile_llvm(mod: Any, target: Any, relax_pipeline: Any = None,
         options = {**config, _DISABLE_ASSERT: bool(config.get(_DISABLE_ASSERT)) or not part.checked}
         with tvm.transform.PassContext(opt_level=context.opt_level, config=options,
                                        required_pass=list(context.required_pass),
-                                       disabled_pass=list(context.disabled_pass)):
+                                       disabled_pass=[*context.disabled_pass,
+                                                      *SKIPPED_TIR_PASSES]):
             part_mod = tvm.IRModule(part.funcs, attrs=leftover.attrs)
             part_mod = vm_build._auto_attach_system_lib_prefix(part_mod, target, None)
             return tvm.tirx.build(part_mod, target=target)

@@ -45,6 +45,33 @@ def _compile_as_one_module() -> None:
     codegen.jit = lambda executable, threads=None: None
 
 
+def _register_all_intrinsics() -> None:
+    """Replay the intrinsic registration before it was made lazy: every intrinsic of
+    ``kernels/intrin.py`` parsed and registered at the first kernel of a build."""
+    from djpq_compiler.backends.tvm.kernels import conv2d, intrin
+
+    conv2d.register_intrinsics = lambda *_: intrin.register_intrinsics()  # type: ignore[assignment]
+
+
+def _before_session() -> None:
+    """Replay the build before the 2026-12-03 22:11 session: every intrinsic registered at once,
+    TVM's TIR pipeline with ``RemoveNoOp``, no warm-up call at load."""
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.backends.tvm import codegen
+
+    _register_all_intrinsics()
+    codegen.SKIPPED_TIR_PASSES = ()
+    tvm_backend.CompiledModel._warm_up = lambda self: None  # type: ignore[method-assign]
+
+
+def _pack_rolled() -> None:
+    """Experiment (not the default): the conv kernels' pack loop over columns rolled, only its
+    channel lanes unrolled (``conv2d.PACK_UNROLL_WIDTH = 0``)."""
+    from djpq_compiler.backends.tvm.kernels import conv2d
+
+    conv2d.PACK_UNROLL_WIDTH = 0
+
+
 def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str, Any]:
     """Build ``name`` at ``size`` and time its build, first call and steady-state calls.
 
@@ -54,6 +81,11 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
     that was not loaded; the library is compiled as one LLVM module (``tvm.compile``).
     ``mode="one_module"``: the build loads the library, compiled by ``tvm.compile`` as one LLVM
     module (the path before ``codegen.compile_llvm``). ``mode="eager"``: ``build`` as it is.
+    ``mode="all_intrinsics"``: every tensor intrinsic registered at the first kernel (before they
+    were registered one by one, as needed). ``mode="before_session"``: that, plus TVM's TIR
+    ``RemoveNoOp`` and no warm-up call at load (the build before 2026-12-03 22:11 UTC).
+    ``mode="pack_rolled"``: an experiment, the conv kernels' pack with its column loop rolled
+    (``conv2d.PACK_UNROLL_WIDTH = 0``).
     """
     import torch
     import torchvision
@@ -78,6 +110,12 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
         cls._runnable_here = lambda self: False  # type: ignore[method-assign]
     if mode in ("lazy", "one_module"):
         _compile_as_one_module()
+    if mode == "all_intrinsics":
+        _register_all_intrinsics()
+    if mode == "before_session":
+        _before_session()
+    if mode == "pack_rolled":
+        _pack_rolled()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
     build_s, build_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
@@ -113,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="one_module,eager",
                     help="lazy: the first call loads the library (before the first fix); "
                          "one_module: build loads it, compiled by tvm.compile as one LLVM module; "
-                         "eager: build as it is now; each model runs once per mode, alternating")
+                         "eager: build as it is now; all_intrinsics: every tensor intrinsic "
+                         "registered at the first kernel (before lazy registration); "
+                         "before_session: that + RemoveNoOp + no warm-up call; "
+                         "pack_rolled: experiment, the kernels' pack column loop rolled; "
+                         "each model runs once per mode, alternating")
     ap.add_argument("--build-threads", default=None,
                     help="DJPQ_TVM_BUILD_THREADS for the builds (default: the usable cores)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole alternation this many times")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args(argv)
@@ -128,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_threads is not None:
         env["DJPQ_TVM_BUILD_THREADS"] = str(args.build_threads)
     results = []
-    jobs = [(item, mode) for item in args.models.split(",") for mode in args.modes.split(",")]
+    jobs = [(item, mode) for _ in range(args.rounds) for item in args.models.split(",")
+            for mode in args.modes.split(",")]
     for item, mode in jobs:
         cmd = [sys.executable, __file__, "--one", item, "--modes", mode, "--batch",
                str(args.batch), "--runs", str(args.runs)]

@@ -475,7 +475,8 @@ def build_conv_kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
     (:func:`pack_weight`), int32 bias (padded to the channel blocks), then for a requantizing
     kernel int64 ``m``, rounding term and ``shift`` (same padding), and the NCHW output.
     """
-    register_intrinsics()
+    if not spec.depthwise:  # only the intrinsic this kernel is tensorized with
+        register_intrinsics(spec.kind, spec.groups)
     tile_w, tile_oc = choose_tiles(spec)
     func = _schedule(_compute(spec, tile_w, tile_oc), spec, tile_w, tile_oc)
     return func, (tile_w, tile_oc)

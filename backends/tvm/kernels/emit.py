@@ -39,6 +39,10 @@ def target_features(spec: dict[str, Any] | None) -> frozenset[str] | None:
     LLVM sees them); ``None`` if no spec."""
     if spec is None:
         return None
+    if spec.get("kind") == "cuda":  # the written CUDA kernels: kernels/cuda.py
+        from .cuda_select import dp4a_arch
+
+        return frozenset({"dp4a"}) if dp4a_arch(str(spec.get("arch", ""))) else frozenset()
     if spec.get("kind") != "llvm":
         return frozenset()
     arm = "aarch64" in str(spec.get("mtriple", ""))
@@ -139,4 +143,8 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
 @functools.lru_cache(maxsize=512)
 def _kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
     """:func:`build_conv_kernel`, memoized: scheduling is a pure function of the spec."""
+    if spec.kind == "dp4a":  # CUDA
+        from .cuda import build_dp4a_kernel
+
+        return build_dp4a_kernel(spec)
     return build_conv_kernel(spec)

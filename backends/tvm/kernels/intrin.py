@@ -1,5 +1,5 @@
 # mypy: disable-error-code="valid-type"
-"""TVM-facing: the tensor intrinsics the integer kernels are tensorized with (x86, aarch64).
+"""TVM-facing: the tensor intrinsics the integer kernels are tensorized with (x86, aarch64, CUDA).
 
 Registered once with ``tvm.s_tir.TensorIntrin.register`` (lazily: importing TVM is slow). All
 but the grouped ``vpmaddubsw`` share one shape, built by :func:`_broadcast_intrin`: one pixel's
@@ -19,6 +19,8 @@ but the grouped ``vpmaddubsw`` share one shape, built by :func:`_broadcast_intri
 * ``djpq_neon_sdot`` (aarch64 ``dotprod``): ``C[4] += sum_{k<4} A[k] * B[:, k]``, s8 x s8
   through one ``sdot`` (``llvm.aarch64.neon.sdot``): four full-width products summed into each
   int32 lane, exact whenever the int32 accumulator is.
+* ``djpq_cuda_dp4a`` (CUDA sm_61+): ``C[0] += sum_{k<4} A[k] * B[k]``, u8 x s8 through
+  ``__dp4a`` into one int32 register, exact whenever the int32 accumulator is.
 
 The description uses a ``local`` output buffer (the kernels accumulate in a ``cache_write``
 buffer). With P = 1 the ``g`` axis is dropped entirely: extent-1 loops break the match.
@@ -44,6 +46,10 @@ def intrin_name(kind: str, groups: int = 1) -> str:
         return f"djpq_avx2_ubsw_p{groups}"
     if kind == "sdot":
         return "djpq_neon_sdot"
+    if kind == "dp4a":
+        return "djpq_cuda_dp4a"
+    if kind == "dp4a_reference":
+        return "djpq_cuda_dp4a_reference"
     return "djpq_avx512_vnni" if kind == "vnni" else "djpq_avx2_wd"
 
 
@@ -152,6 +158,61 @@ def _sdot() -> tuple[Any, Any]:
                                                         "int8"))
 
 
+def _dp4a() -> tuple[Any, Any]:
+    """CUDA ``dp4a`` (sm_61+): ``C[0] += sum_{k<4} A[k] * B[k]``, u8 x s8 into int32 through
+    ``__dp4a(unsigned, int, int)`` (PTX ``dp4a.u32.s32``): the four products and their sum are
+    formed at full width, so it is exact whenever the int32 accumulator is. ``A`` and ``B`` are
+    4 contiguous bytes of global buffers (the pack's and the weights' innermost axis), ``C`` one
+    int32 register."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((4,), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            for k in range(4):
+                with T.sblock("update"):
+                    vk = T.axis.remap("R", [k])
+                    C[0] = C[0] + T.cast(A[vk], "int32") * T.cast(B[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((4,), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            C[0] = T.call_pure_extern("int32", "__dp4a", A.vload([0], "uint8x4"),
+                                      B.vload([0], "int8x4"), C[0])
+
+    return desc, impl
+
+
+def _dp4a_reference() -> tuple[Any, Any]:
+    """:func:`_dp4a`'s description with a plain-TIR body (four int32 products added to ``C``):
+    what ``dp4a.u32.s32`` computes, runnable on a CPU (``cuda.schedule_dp4a(emulate=True)``)."""
+    from tvm.script import tirx as T
+
+    desc, _ = _dp4a()
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),  # noqa: N803
+             B: T.Buffer((4,), "int8", offset_factor=1),  # noqa: N803
+             C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:  # noqa: N803
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            C[0] = C[0] + (T.cast(A[0], "int32") * T.cast(B[0], "int32")
+                           + T.cast(A[1], "int32") * T.cast(B[1], "int32")
+                           + T.cast(A[2], "int32") * T.cast(B[2], "int32")
+                           + T.cast(A[3], "int32") * T.cast(B[3], "int32"))
+
+    return desc, impl
+
+
 def _ubsw_grouped(P: int) -> tuple[Any, Any]:  # noqa: N803
     from tvm.script import tirx as T
 
@@ -179,15 +240,36 @@ def _ubsw_grouped(P: int) -> tuple[Any, Any]:  # noqa: N803
     return desc, impl
 
 
-@functools.cache
-def register_intrinsics() -> None:
-    """Register every intrinsic of this module with TVM (once per process)."""
-    tvm = load_tvm()
-    register = tvm.s_tir.TensorIntrin.register
-    register(intrin_name("ubsw", 1), *_ubsw_p1(), override=True)
+def _builders() -> dict[str, Callable[[], tuple[Any, Any]]]:
+    """Every intrinsic of this module: registered name -> ``(desc, impl)`` builder."""
+    found: dict[str, Callable[[], tuple[Any, Any]]] = {intrin_name("ubsw", 1): _ubsw_p1}
     for groups in UBSW_GROUPS:
         if groups > 1:
-            register(intrin_name("ubsw", groups), *_ubsw_grouped(groups), override=True)
-    register(intrin_name("wd"), *_wd(), override=True)
-    register(intrin_name("vnni"), *_vnni(), override=True)
-    register(intrin_name("sdot"), *_sdot(), override=True)
+            found[intrin_name("ubsw", groups)] = functools.partial(_ubsw_grouped, groups)
+    found[intrin_name("wd")] = _wd
+    found[intrin_name("vnni")] = _vnni
+    found[intrin_name("sdot")] = _sdot
+    found[intrin_name("dp4a")] = _dp4a
+    found[intrin_name("dp4a_reference")] = _dp4a_reference
+    return found
+
+
+@functools.cache
+def _register(name: str) -> None:
+    """Parse and register intrinsic ``name`` with TVM (once per process)."""
+    load_tvm().s_tir.TensorIntrin.register(name, *_builders()[name](), override=True)
+
+
+def register_intrinsics(kind: str | None = None, groups: int = 1) -> None:
+    """Register the intrinsic of ``kind``/``groups`` (:func:`intrin_name`) with TVM, or every
+    intrinsic of this module when ``kind`` is ``None``; each once per process.
+
+    Building an intrinsic's description runs the TVMScript parser (~0.07 s of CPU each, 12
+    PrimFuncs in all), so a build registers only the ones its kernels tensorize with.
+
+    Raises:
+        KeyError: ``kind``/``groups`` names no intrinsic of this module.
+    """
+    names = list(_builders()) if kind is None else [intrin_name(kind, groups)]
+    for name in names:
+        _register(name)

@@ -29,7 +29,9 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   ``<= 2^16``) to an int32 lane with no intermediate rounding or saturation, so it is exact
   whenever the accumulator bound below holds (W8A8 included). ``udot`` (u8 x u8) would need
   non-negative weights and ``usdot`` (u8 x s8) needs ``i8mm`` (Armv8.6), hence the offset.
-  Dense and per-group convs and 2-D linears; depthwise stays ``default`` on aarch64.
+  Dense and per-group convs and 2-D linears.
+* ``neon_dw8`` (aarch64 depthwise): the depthwise kernel of ``avx2_dw8`` (int16 operands, int32
+  products and sums, 8 channels in lanes), vectorized by LLVM into NEON ``smlal``; same bound.
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
@@ -59,9 +61,10 @@ class KernelChoice:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
-            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"`` (with
-            ``"_acc16"``: int16 tap sums), ``"neon_sdot"`` (aarch64) or ``"default"`` (TVM's
-            generic lowering).
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"``,
+            ``"neon_sdot"``, ``"neon_dw8"`` (aarch64; depthwise variants with ``"_acc16"``:
+            int16 tap sums), ``"cuda_dp4a"`` (CUDA, ``kernels/cuda_select.py``) or
+            ``"default"`` (TVM's generic lowering).
         bound: The inequality the variant relies on, with this layer's numbers.
         note: Why this variant (for ``default``: why no written kernel applies).
         macs: Multiply-accumulates of one call.
@@ -85,7 +88,8 @@ class KernelChoice:
         if self.variant.startswith("avx2_u8s8"):
             return "ubsw"
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
-                "avx2_dw8": "dw8", "neon_sdot": "sdot"}.get(self.variant.removesuffix("_acc16"))
+                "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a",
+                "neon_dw8": "dw8"}.get(self.variant.removesuffix("_acc16"))
 
     @property
     def acc_dtype(self) -> str:
@@ -173,7 +177,10 @@ def _select_depthwise(facts: LayerFacts, acc_text: str) -> KernelChoice:
         return _default(facts, f"depthwise operands too wide for int16 (span {span}, "
                                f"max|w| {w_max})")
     assert facts.features is not None  # checked by the caller
-    variant = "avx512_dw16" if "avx512bw" in facts.features else "avx2_dw8"
+    if "dotprod" in facts.features:  # aarch64: 8 lanes = two NEON registers, smlal
+        variant = "neon_dw8"
+    else:
+        variant = "avx512_dw16" if "avx512bw" in facts.features else "avx2_dw8"
     if variant == "avx2_dw8" and "avx2" not in facts.features:
         return _default(facts, f"target {facts.target} has no AVX2")
     taps = np.abs(facts.weight.reshape(facts.weight.shape[0], -1)).astype(np.int64).sum(1)
@@ -195,12 +202,18 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
     if facts.features is None:
         return _default(facts, "no target given (lowered for tuning or inspection)")
     arm = "dotprod" in facts.features
-    if not arm and not facts.features & {"avx2", "avx512vnni"}:
+    gpu = "dp4a" in facts.features  # CUDA: kernels/cuda_select.py
+    if not arm and not gpu and not facts.features & {"avx2", "avx512vnni"}:
         return _default(facts, f"target {facts.target} has no AVX2 (nor aarch64 dotprod); no "
                                "written kernel for it yet")
     depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
-    if arm and depthwise:
-        return _default(facts, f"target {facts.target}: no aarch64 depthwise kernel yet")
+    if gpu and depthwise:
+        return _default(facts, f"target {facts.target}: no CUDA depthwise kernel yet")
+    if arm and depthwise:  # NEON: the same int16 x int16 -> int32 depthwise kernel
+        bound = facts.kernel_acc_bound()
+        if bound > INT32_MAX:
+            return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
+        return _select_depthwise(facts, f"acc bound {bound} <= 2^31-1")
     in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // facts.groups
     if facts.groups != 1 and not depthwise and (in_g < MIN_GROUP_IN or out_g < MIN_GROUP_OUT
                                                 or facts.groups > MAX_GROUPS):
@@ -209,6 +222,10 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
                                f"{MIN_GROUP_OUT} channels and <= {MAX_GROUPS} groups")
     if arm:
         choice = _select_sdot(facts)
+    elif gpu:
+        from .cuda_select import select_dp4a
+
+        choice = select_dp4a(facts)
     else:
         bound = facts.kernel_acc_bound()
         if bound > INT32_MAX:
