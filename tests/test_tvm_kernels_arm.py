@@ -84,6 +84,10 @@ def test_sdot_selection_accumulator_and_depthwise_fall_back() -> None:
     assert "needs int64" in select_kernel(big).note
     dw = _facts(0, 255, -8, 7, groups=8, shape=(8, 1, 3, 3))
     choice = select_kernel(dw)
+    assert choice.variant == "neon_dw8_acc16" and "<= 32767" in choice.bound  # 4-bit taps
+    dw8 = _facts(0, 255, -128, 127, groups=8, shape=(8, 1, 3, 3))
+    dw8.weight[:] = -128  # 9 taps * 128 * span 256: past int16 sums, int32 sums remain
+    choice = select_kernel(dw8)
     assert choice.variant == "neon_dw8" and "<= 32767" in choice.bound
     wide = _facts(0, 2**15, -8, 7, groups=8, shape=(8, 1, 3, 3))  # one code past int16
     choice = select_kernel(wide)
@@ -187,6 +191,7 @@ def test_sdot_grouped_conv_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Pa
     (7, 8, False, 8, 1, 1, "neon_dw8"),  # odd pruned count, W8A8
     (13, 8, True, 8, 2, 2, "neon_dw8"),  # signed codes (offset), strided, batch 2
     (9, 15, False, 12, 1, 1, "neon_dw8"),  # the int16 bound: 15-bit codes
+    (11, 8, False, 4, 1, 2, "neon_dw8_acc16"),  # W4A8: int16 tap sums
     (9, 16, False, 8, 1, 1, "default"),  # one bit past it
 ])
 def test_depthwise_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Path, channels: int,
