@@ -39,7 +39,8 @@ from djpq_compiler.records import converted_record
 #: may differ by float32 rounding (TVM's summation order); integer outputs must be bit-exact.
 FLOAT_OUTPUT_RTOL = 1e-5
 
-__all__ = ["BackendZooResult", "StageOutcome", "check_backends", "pruned_converted", "zoo_input"]
+__all__ = ["BackendZooResult", "StageOutcome", "check_backends", "check_tvm", "pruned_converted",
+           "zoo_input"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,12 @@ def _first(t: Any) -> torch.Tensor:
     return t if isinstance(t, torch.Tensor) else t[0]
 
 
-def _tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
+def check_tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
+    """The ``tvm`` stage of the gate on a converted model: build for x86, run two inputs;
+    ``ok`` when bit-exact (a float output within ``FLOAT_OUTPUT_RTOL``), or, for a net with float
+    islands, when the teacher-forced per-op check holds (the detail then says the end-to-end
+    difference is propagated island flips); else ``mismatch`` (``refused``/``crash`` when the
+    build or a run raises)."""
     from djpq_compiler.backends import tvm as tvm_backend
 
     outcome, compiled = _run(lambda: tvm_backend.build(converted, "x86", example_inputs=x))
@@ -212,7 +218,7 @@ def check_backends(name: str, model: nn.Module, x: torch.Tensor,
     prepared, converted = pair
     float_ops = converted_record(converted).float_ops
     checks = {"agreement": lambda: _agreement(prepared, converted, x),
-              "tvm": lambda: _tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
+              "tvm": lambda: check_tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
     for stage in stages:
         result[stage] = checks[stage]()
     return BackendZooResult(name, result, float_ops)
