@@ -50,6 +50,9 @@ class PerOpReport:
         quantizer_diffs: ``{node name: (max code difference, fraction of codes that differ)}``
             of the ``Quantize`` nodes that differ (each must be <= 1 LSB).
         float_output_rel: Largest relative difference of a float graph output.
+        kernels: ``{layer: kernel variant}`` of the probe's integer conv/linear layers
+            (compare with the real build's ``CompiledModel.kernels``: the probe materializes
+            every integer value, which could change a layer's layout, not its arithmetic).
     """
 
     integer_ops: int = 0
@@ -57,6 +60,7 @@ class PerOpReport:
     quantizers: int = 0
     quantizer_diffs: dict[str, tuple[int, float]] = field(default_factory=dict)
     float_output_rel: float = 0.0
+    kernels: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_quantizer_lsb(self) -> int:
@@ -199,7 +203,8 @@ def verify_per_op(converted: fx.GraphModule, inputs: Sequence[torch.Tensor],
     compiled = build(probe, target, example_inputs=[inputs[0], *forced])
     cut_set = set(cut)
     report = PerOpReport(integer_ops=len(compared) - len(cut_set & set(compared)),
-                         quantizers=len(cut))
+                         quantizers=len(cut),
+                         kernels={k.layer: k.variant for k in compiled.kernels})
     for index, x in enumerate(inputs):
         if index:
             recorder = _Recorder(converted)

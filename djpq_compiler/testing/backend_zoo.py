@@ -170,13 +170,14 @@ def check_tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
     if worst > 0 or worst_float > FLOAT_OUTPUT_RTOL:
         detail = f"max |diff| {max(worst, worst_float):.3g}"
         if converted_record(converted).float_ops:
-            return _per_op(converted, x, detail, outcome.seconds)
+            return _per_op(converted, x, detail, outcome.seconds, compiled)
         return StageOutcome("mismatch", detail, outcome.seconds)
     detail = "bit-exact" if worst_float == 0 else f"float output within {worst_float:.1e} rel."
     return StageOutcome("ok", detail, outcome.seconds)
 
 
-def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float) -> StageOutcome:
+def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float,
+            compiled: Any) -> StageOutcome:
     """Where a net with float islands disagrees end to end: the teacher-forced per-op check
     (``backends.tvm.verify.verify_per_op``). ``ok`` when every integer op is bit-exact and every
     island output within 1 LSB on the reference's own inputs, so the end-to-end difference is
@@ -187,8 +188,12 @@ def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float) -> Stag
     if not checked.ok:
         return StageOutcome("mismatch", f"{final}; per-op probe: {checked.detail}", seconds)
     status = "ok" if report.ok else "mismatch"
+    built = {k.layer: k.variant for k in compiled.kernels}
+    other = sorted(n for n, v in built.items() if report.kernels.get(n) != v)
+    kernels = (f"; {len(other)} layer(s) got other kernels in the probe: {other[:3]}" if other
+               else "; same kernels as the build")
     return StageOutcome(status, f"{final} end to end (island flips propagated); "
-                        f"{report.summary()}", seconds)
+                        f"{report.summary()}{kernels}", seconds)
 
 
 def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
