@@ -36,13 +36,10 @@ pytest.importorskip("onnxruntime")
 
 STAGES = ("convert", "agreement", "tvm", "onnx")
 
-#: model -> why it does not pass every stage yet. (swin_t and swin_v2_t pass since the tvm stage
-#: has the teacher-forced per-op check: their end-to-end differences are propagated 1-LSB island
-#: flips; benchmarks/torchvision_zoo/BACKENDS.md.)
-_DRIFT = ("tvm: builds and runs; its float islands flip codes by 1 LSB at their outputs (TVM's "
-          "float math) and the flips grow downstream; not yet re-run with the teacher-forced "
-          "per-op check (backends/tvm/verify.py)")
-KNOWN_FAILURES: dict[str, str] = {"maxvit_t": _DRIFT}
+#: model -> why it does not pass every stage yet. None at present: swin_t, swin_v2_t and maxvit_t
+#: pass since the tvm stage has the teacher-forced per-op check (their end-to-end differences are
+#: propagated 1-LSB island flips; benchmarks/torchvision_zoo/BACKENDS.md).
+KNOWN_FAILURES: dict[str, str] = {}
 
 SAMPLE = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
           "regnet_y_400mf", "efficientnet_b0"]
