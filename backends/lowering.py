@@ -16,6 +16,10 @@ reference executor itself (:func:`constant_subgraphs`) when the backend register
 under ``"constant"``: each float tensor (or ``Quantize`` output) where such a subgraph meets the
 rest of the graph is handed to that converter (``ctx.folded[node]``) and the subgraph is not
 lowered, so the backend gets exactly the reference's values and nothing is recomputed per call.
+A backend that also registers ``"constant_codes"`` gets every integer boundary folded too (the
+codes of any integer op, range read from the values): TVM does, since an integer op left on
+constant inputs would reach its FoldConstant pass, which compiles a written x86 kernel for a
+generic CPU and aborts the process.
 """
 
 from __future__ import annotations
@@ -184,26 +188,30 @@ def _constant_values(gm: fx.GraphModule) -> dict[fx.Node, Any]:
     return {n: v for n, v in values.items() if n.op != "get_attr"}
 
 
-def _foldable(gm: fx.GraphModule, node: fx.Node, value: Any) -> bool:
+def _foldable(gm: fx.GraphModule, node: fx.Node, value: Any, codes: bool) -> bool:
     """A float tensor, or the integer codes of a ``Quantize`` (whose scale and range the backend
-    reads from the module)."""
+    reads from the module), or with ``codes`` any non-empty integer tensor."""
     from djpq_compiler.ir.modules import Quantize
 
     if not torch.is_tensor(value):
         return False
     if value.is_floating_point():
         return True
+    if codes and value.dtype != torch.bool and value.numel():
+        return True
     return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), Quantize)
 
 
-def constant_subgraphs(gm: fx.GraphModule) -> tuple[dict[fx.Node, torch.Tensor], set[fx.Node]]:
+def constant_subgraphs(gm: fx.GraphModule, codes: bool = False
+                       ) -> tuple[dict[fx.Node, torch.Tensor], set[fx.Node]]:
     """``(folded, skipped)``: the boundaries of constant subgraphs with their reference values,
     and the constant calls that then need no lowering.
 
     A constant call is *folded* when a non-constant node (or the output) uses it and its value
-    is a float tensor or a ``Quantize``'s codes; constant calls only folded nodes depend on are
-    *skipped*. Anything else (other integer or non-tensor boundaries) is lowered as usual.
-    Evaluation errors fold nothing.
+    is a float tensor or a ``Quantize``'s codes (with ``codes=True``: any integer tensor);
+    constant calls only folded nodes depend on are *skipped*. Anything else (non-tensor
+    boundaries, other integer ones without ``codes``) is lowered as usual. Evaluation errors
+    fold nothing.
     """
     try:
         with torch.no_grad():
@@ -211,7 +219,7 @@ def constant_subgraphs(gm: fx.GraphModule) -> tuple[dict[fx.Node, torch.Tensor],
     except Exception:  # the converters then lower (or refuse) these nodes as usual
         return {}, set()
     folded = {n: v for n, v in values.items()
-              if _foldable(gm, n, v) and any(u not in values for u in n.users)}
+              if _foldable(gm, n, v, codes) and any(u not in values for u in n.users)}
     needed: set[fx.Node] = set()
     for node in reversed(gm.graph.nodes):
         if node in values and node not in needed:
@@ -239,7 +247,7 @@ def lower_nodes(ctx: LoweringContext, registry: Registry[Any], backend: str, pac
     constant = registry.get("constant")
     skipped: set[fx.Node] = set()
     if constant is not None:
-        ctx.folded, skipped = constant_subgraphs(gm)
+        ctx.folded, skipped = constant_subgraphs(gm, codes="constant_codes" in registry)
     for node in gm.graph.nodes:
         if node in skipped:
             continue  # only folded constants use it

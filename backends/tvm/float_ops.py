@@ -15,7 +15,9 @@ order of operations where that decides the rounding:
   float ``nn.Conv2d``/``nn.Linear``/BatchNorm sum in another order. A last-ulp difference flips the
   next ``Quantize``'s rounding when the value lies that close to a rounding boundary, so TVM
   agrees with the reference within **1 LSB at the island's output codes** (rarely differs at all),
-  and bit for bit everywhere else.
+  and bit for bit everywhere else. ``verify.py`` checks exactly that, teacher-forced (each
+  island and integer op on the reference's own inputs), so flips carried downstream through
+  chained islands are told apart from defects.
 
 Elementwise unary functions of <= 8-bit codes do not stay float: ``convert`` turns them into an
 :class:`~djpq_compiler.ir.lookup.IntLUT`, lowered here as ``take`` on an integer

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
+from djpq_compiler.ir import modules as im
 
 from ..common_ops import plan_slice
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
@@ -368,15 +369,21 @@ def convert_get_attr(ctx: Lowering, node: fx.Node) -> Lowered:
 
 
 
-@register("constant")
+@register("constant", "constant_codes")
 def convert_folded_constant(ctx: Lowering, node: fx.Node) -> Lowered:
     """A tensor computed from model attributes only (e.g. Swin V2's position-bias MLP on its
     coordinate table, MaxViT's bias-table gather), evaluated once by the reference executor
-    (``lowering.lower_nodes``): a float32 constant, or a ``Quantize``'s codes in their
-    container with the module's range; exactly the reference's values."""
+    (``lowering.lower_nodes``): a float32 constant, or integer codes in their container, with
+    a ``Quantize``'s range or else the values' own (registered as ``"constant_codes"`` too, so
+    every integer boundary is folded: an integer op on constant inputs would reach TVM's
+    FoldConstant, which compiles a written x86 kernel for a generic CPU and aborts the
+    process); exactly the reference's values."""
     value = ctx.folded[node].detach().cpu()
     if value.is_floating_point():
         return FloatValue(ctx.bb.const(value.float().numpy(), "float32"))
-    module = ctx.module(node)
-    lo, hi = int(module.qmin), int(module.qmax)
+    module = ctx.module(node) if node.op == "call_module" else None
+    if isinstance(module, im.Quantize):
+        lo, hi = int(module.qmin), int(module.qmax)
+    else:
+        lo, hi = int(value.min()), int(value.max())
     return IntValue(ctx.bb.const(value.numpy(), container_dtype(lo, hi)), lo, hi)

@@ -45,7 +45,7 @@ def _cell(result, stage: str) -> str:
     if outcome.detail and outcome.status != "ok":
         text += f": {outcome.detail[:90]}".replace("|", "/").replace("\n", " ")
     elif outcome.detail:
-        text += f" ({outcome.detail})"
+        text += f" ({outcome.detail})".replace("|", "/")
     return text
 
 

@@ -3,6 +3,10 @@ outputs every ``Quantize``'s codes, compared on the gate's two inputs; prints ea
 quantizer with its max code difference, the fraction of codes that differ and the op it reads.
 
 Usage: python benchmarks/torchvision_zoo/island_flips.py MODEL   (random init, gate's pruning)
+
+This shows the end-to-end picture (flips and their growth downstream). Whether a difference is
+only propagation is decided by the teacher-forced per-op check the gate runs,
+``djpq_compiler.backends.tvm.verify.verify_per_op``.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ each executor against the integer reference (the converted GraphModule run in Py
   (:func:`djpq_compiler.verify.integer_agreement`);
 * the TVM build for this CPU (``target="x86"``): equal to the reference bit for bit (integer
   outputs; a float output, where a float island ends the net, within float32 rounding); where a
-  net with float islands differs, a second build that outputs every quantizer's codes must show
-  differences only at quantizers reading a float-island op, of at most 1 LSB (the island bound:
-  TVM's float math is a few ulps from PyTorch's), which then propagate;
+  net with float islands differs, the teacher-forced per-op check
+  (``backends.tvm.verify.verify_per_op``, TVM's counterpart of ONNX's per-op check) decides:
+  every integer op bit-exact and every island output within 1 LSB on the reference's own
+  inputs (TVM's float math is a few ulps from PyTorch's), so the end-to-end difference is only
+  those flips propagating (``ok``, the detail says so), else ``mismatch``;
 * the ONNX export run in onnxruntime: at most 1 LSB per integer op (``backends.onnx.verify``).
 
 Each stage's outcome is recorded in a :class:`BackendZooResult` instead of raised, so a zoo run
@@ -37,7 +39,8 @@ from djpq_compiler.records import converted_record
 #: may differ by float32 rounding (TVM's summation order); integer outputs must be bit-exact.
 FLOAT_OUTPUT_RTOL = 1e-5
 
-__all__ = ["BackendZooResult", "StageOutcome", "check_backends", "pruned_converted", "zoo_input"]
+__all__ = ["BackendZooResult", "StageOutcome", "check_backends", "check_tvm", "pruned_converted",
+           "zoo_input"]
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,12 @@ def _first(t: Any) -> torch.Tensor:
     return t if isinstance(t, torch.Tensor) else t[0]
 
 
-def _tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
+def check_tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
+    """The ``tvm`` stage of the gate on a converted model: build for x86, run two inputs;
+    ``ok`` when bit-exact (a float output within ``FLOAT_OUTPUT_RTOL``), or, for a net with float
+    islands, when the teacher-forced per-op check holds (the detail then says the end-to-end
+    difference is propagated island flips); else ``mismatch`` (``refused``/``crash`` when the
+    build or a run raises)."""
     from djpq_compiler.backends import tvm as tvm_backend
 
     outcome, compiled = _run(lambda: tvm_backend.build(converted, "x86", example_inputs=x))
@@ -162,58 +170,30 @@ def _tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
     if worst > 0 or worst_float > FLOAT_OUTPUT_RTOL:
         detail = f"max |diff| {max(worst, worst_float):.3g}"
         if converted_record(converted).float_ops:
-            return _island_flips(converted, x, detail, outcome.seconds)
+            return _per_op(converted, x, detail, outcome.seconds, compiled)
         return StageOutcome("mismatch", detail, outcome.seconds)
     detail = "bit-exact" if worst_float == 0 else f"float output within {worst_float:.1e} rel."
     return StageOutcome("ok", detail, outcome.seconds)
 
 
-def _island_source(gm: Any, node: Any) -> Any:
-    """The op a quantizer's value comes from, looking through shape-only ops
-    (``op_facts.SHAPE_ONLY``: permute, reshape, flatten, ...): they move values unchanged."""
-    from djpq_compiler import op_facts as facts
-    from djpq_compiler.registry import node_key
+def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float,
+            compiled: Any) -> StageOutcome:
+    """Where a net with float islands disagrees end to end: the teacher-forced per-op check
+    (``backends.tvm.verify.verify_per_op``). ``ok`` when every integer op is bit-exact and every
+    island output within 1 LSB on the reference's own inputs, so the end-to-end difference is
+    propagation of island flips only; else ``mismatch``."""
+    from djpq_compiler.backends.tvm.verify import verify_per_op
 
-    while getattr(node, "op", None) in ("call_function", "call_method", "call_module") and \
-            node_key(gm, node) in facts.SHAPE_ONLY and node.all_input_nodes:
-        node = node.all_input_nodes[0]
-    return node
-
-
-def _island_flips(converted: Any, x: torch.Tensor, final: str, seconds: float) -> StageOutcome:
-    """Where a net with float islands disagrees: a second build that also outputs every
-    ``Quantize``'s codes. ``ok`` when every quantizer that differs reads a float-island op
-    directly and by at most 1 LSB (the stated bound of TVM's float math: its own ``exp``,
-    ``sqrt`` and summation order, a few float32 ulps from PyTorch, flip a value sitting on a
-    rounding tie), else ``mismatch``."""
-    import copy
-
-    from djpq_compiler.backends import tvm as tvm_backend
-    from djpq_compiler.ir import modules as im
-
-    probe = copy.deepcopy(converted)
-    quantizers = [n for n in probe.graph.nodes if n.op == "call_module"
-                  and isinstance(probe.get_submodule(str(n.target)), im.Quantize)]
-    islands = set(converted_record(converted).float_ops)
-    out = next(n for n in probe.graph.nodes if n.op == "output")
-    out.args = ((out.args[0], *quantizers),)
-    probe.recompile()
-    built, compiled = _run(lambda: tvm_backend.build(probe, "x86", example_inputs=x))
-    if not built.ok:
-        return StageOutcome("mismatch", f"{final}; probe build: {built.detail}", seconds)
-    flips: dict[str, int] = {}
-    for inp in _tvm_inputs(x):
-        got, want = compiled(inp), probe(inp)
-        for node, g, w in zip(quantizers, got[1:], want[1:], strict=True):
-            diff = int((g - w).abs().max()) if g.numel() else 0
-            if diff:
-                flips[node.name] = max(flips.get(node.name, 0), diff)
-    sources = {n.name: _island_source(probe, n.args[0]) for n in quantizers}
-    bad = {k: v for k, v in flips.items()
-           if v > 1 or getattr(sources[k], "name", None) not in islands}
-    detail = (f"{final} at the output; {len(flips)} quantizer(s) after float islands differ by "
-              f"<= 1 LSB" + (f", others: {bad}" if bad else ""))
-    return StageOutcome("mismatch" if bad else "ok", detail, seconds)
+    checked, report = _run(lambda: verify_per_op(converted, _tvm_inputs(x), "x86"))
+    if not checked.ok:
+        return StageOutcome("mismatch", f"{final}; per-op probe: {checked.detail}", seconds)
+    status = "ok" if report.ok else "mismatch"
+    built = {k.layer: k.variant for k in compiled.kernels}
+    other = sorted(n for n, v in built.items() if report.kernels.get(n) != v)
+    kernels = (f"; {len(other)} layer(s) got other kernels in the probe: {other[:3]}" if other
+               else "; same kernels as the build")
+    return StageOutcome(status, f"{final} end to end (island flips propagated); "
+                        f"{report.summary()}{kernels}", seconds)
 
 
 def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
@@ -243,7 +223,7 @@ def check_backends(name: str, model: nn.Module, x: torch.Tensor,
     prepared, converted = pair
     float_ops = converted_record(converted).float_ops
     checks = {"agreement": lambda: _agreement(prepared, converted, x),
-              "tvm": lambda: _tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
+              "tvm": lambda: check_tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
     for stage in stages:
         result[stage] = checks[stage]()
     return BackendZooResult(name, result, float_ops)
