@@ -34,7 +34,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from djpq_compiler import prepared_bops as _prepared_bops  # noqa: F401  (bops row source)
 from djpq_compiler.config import DJPQConfig, ResolvedLayerConfig
-from djpq_compiler.errors import ConfigError
+from djpq_compiler.errors import ConfigError, UnsupportedOpError
 from djpq_compiler.layers import Layer, find_layers
 from djpq_compiler.modules.gates import VIBGate, attach_step_hook
 from djpq_compiler.modules.quantizers import DQQuantizer
@@ -93,6 +93,8 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
         ConfigError: ``model`` is already prepared, ``config`` is not a ``DJPQConfig``, or an
             override/ignore name matches no module.
         CaptureError: the model cannot be traced or does not run on ``example_inputs``.
+        UnsupportedOpError: a conv/linear module is called more than once (shared weights)
+            and is not in ``DJPQConfig.ignore``.
     """
     config = DJPQConfig() if config is None else config
     if not isinstance(config, DJPQConfig):
@@ -108,6 +110,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
     config.check_names([n for n, _ in model.named_modules() if n] +
                        [la.node.name for la in layers if la.weight_source == "functional"])
     resolved = _resolve(gm, config, layers)
+    _check_unshared(layers, resolved)
     analysis = run(dependency_analysis, gm, strict=config.strict,
                    ignore=_frozen_names(gm, config, resolved)).record
     sources = {la.node.name: _input_name(la) for la in layers}
@@ -178,6 +181,28 @@ def _resolve(gm: fx.GraphModule, config: DJPQConfig,
         name, kind = _layer_type(gm, layer)
         out[layer.node.name] = config.resolve(name, kind, first_or_last=i in (0, len(layers) - 1))
     return out
+
+
+def _check_unshared(layers: Sequence[Layer],
+                    resolved: Mapping[str, ResolvedLayerConfig]) -> None:
+    """Refuse a conv/linear module called at several nodes (weights shared between calls).
+
+    Each call would get its own gate, bit-width and integer weights while the float weights are
+    one tensor, so the compressed model could not be the trained one; an ignored module stays
+    float at every call and is fine.
+    """
+    calls: dict[str, list[str]] = {}
+    for layer in layers:
+        if layer.weight_source == "module" and not resolved[layer.node.name].ignored:
+            calls.setdefault(str(layer.node.target), []).append(layer.node.name)
+    for target, nodes in calls.items():
+        if len(nodes) > 1:
+            raise UnsupportedOpError(
+                f"prepare(): module '{target}' is called at {len(nodes)} nodes "
+                f"({', '.join(nodes)}): its weights are shared between the calls, but DJPQ gives "
+                "every layer its own gates, bit-width and integer weights. Give each call its "
+                "own module (copy.deepcopy), or keep it float with "
+                f"DJPQConfig(ignore=('{target}',))")
 
 
 def _frozen_names(gm: fx.GraphModule, config: DJPQConfig,

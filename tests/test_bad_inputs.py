@@ -226,6 +226,29 @@ def test_config_of_the_wrong_type(residual: nn.Module) -> None:
         djpq.prepare(residual, X, {"prune": False})  # type: ignore[arg-type]
 
 
+class _SharedConv(nn.Module):
+    """One conv module called twice: on the input and on its own ReLU'd output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.c(torch.relu(self.c(x)))))
+
+
+def test_a_conv_module_called_twice_is_refused_unless_ignored() -> None:
+    """Shared weights used to crash convert deep in a pass; prepare now names the module."""
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(UnsupportedOpError, match=r"module 'c' is called at 2 nodes \(c, c_1\).*"
+                                                 r"copy\.deepcopy.*ignore=\('c',\)"):
+        djpq.prepare(_SharedConv(), x)
+    prepared = djpq.prepare(_SharedConv(), x, DJPQConfig(ignore=("c",)))  # float at both calls
+    converted = djpq.convert(prepared)
+    torch.testing.assert_close(converted(x), prepared(x), atol=1e-4, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- prepared models
 def test_prepare_on_an_already_prepared_model() -> None:
     gm = _prepared()
