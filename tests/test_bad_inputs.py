@@ -240,13 +240,16 @@ class _SharedConv(nn.Module):
 
 def test_a_conv_module_called_twice_is_refused_unless_ignored() -> None:
     """Shared weights used to crash convert deep in a pass; prepare now names the module."""
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(UnsupportedOpError, match=r"module 'c' is called at 2 nodes \(c, c_1\).*"
                                                  r"copy\.deepcopy.*ignore=\('c',\)"):
         djpq.prepare(_SharedConv(), x)
     prepared = djpq.prepare(_SharedConv(), x, DJPQConfig(ignore=("c",)))  # float at both calls
-    converted = djpq.convert(prepared)
-    torch.testing.assert_close(converted(x), prepared(x), atol=1e-4, rtol=1e-4)
+    with pytest.warns(djpq.FloatOpsWarning, match="c, relu, c_1, relu_1"):
+        converted = djpq.convert(prepared)
+    want = prepared(x)  # the integer head may differ by a code or two from fake-quant
+    assert (converted(x) - want).abs().max() <= 0.05 * want.abs().max()
 
 
 # --------------------------------------------------------------------------- prepared models
