@@ -178,3 +178,34 @@ def test_depthwise_weight_floor_method_sets_min_bits_on_depthwise_convs_only() -
     assert single.method_config("djpq", model) == djpq.DJPQConfig()
     with pytest.raises(SystemExit, match="no depthwise conv"):
         single.method_config("djpq_dw_w4", zoo.get_model("vgg7"))
+
+
+def test_finalize_fraction_is_a_new_run_and_section_sharing_the_fp32_finetune(
+        tmp_path: Path) -> None:
+    claims = _claims()
+    base = {"model": "vgg7", "gamma": 1.0, "steps": 10, "djpq_lr": 0.03, "weight_lr": 1e-3,
+            "schedule": "cosine", "test_images": 100, "fp32_acc": 0.90, "fp32_gbops": 100.0,
+            "fake_quant_acc": 0.89, "checkpoint": "0123456789ab", "seed": 0}
+    old = dict(base, method="djpq", integer_acc=0.89, gbops=0.5, bops_reduction=200.0,
+               drop_points=1.0)  # written before finalize was recorded: the default
+    default = dict(old, finalize=0.1)
+    longer = dict(old, finalize=0.3, integer_acc=0.905, gbops=0.4, bops_reduction=250.0)
+    tuned = dict(base, method="fp32_finetune", finalize=0.0, integer_acc=0.91, gbops=100.0,
+                 bops_reduction=1.0, drop_points=-1.0, float_model=True)
+    assert claims._key(old) == claims._key(default) != claims._key(longer)
+    # the FP32 fine-tune freezes nothing: --finalize does not make it a new run
+    assert claims._key(tuned) == claims._key(dict(tuned, finalize=0.3))
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (default, longer, tuned)))
+    text = claims.summarize(results, tmp_path)
+    assert text.count("## vgg7: 10 steps") == 2
+    title = "cosine rates, last 0.3 of the steps at frozen gates and bits (checkpoint"
+    assert text.count(title) == 1
+    longer_section = text.split(title)[1]
+    # its drops are against the shared FP32 fine-tune (91 %): 0.50 points at 250x
+    assert "FP32 fine-tuned with this recipe: 91.00 %" in longer_section
+    assert "250.0× at 0.50 points" in longer_section
+    assert "| fp32_finetune | 1 | 10 |" in longer_section
+    with pytest.raises(SystemExit):
+        claims.main(["--finalize", "1.0", "--results", str(results), "--out-dir",
+                     str(tmp_path)])

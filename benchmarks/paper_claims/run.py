@@ -21,6 +21,12 @@ commands behind every committed row):
       --methods djpq two_stage dq_only --threads 1
   python benchmarks/paper_claims/run.py --summarize            # tables and plot only
 ``djpq_dw_w4`` is DJPQ with a read-out floor of 4 weight bits on depthwise convs (issue 18, item 4).
+``--finalize F`` (default 0.1) is the fraction of the steps trained at the end with gates and bits
+frozen at their deployed values (weights only); with cosine rates the last 10 % run at under 2.5 %
+of the initial learning rate, so a larger fraction gives the weights a real fine-tune at the
+deployed bits (issue 18, item 4's "longer finalization"). It is part of a run's identity and of
+its section; ``fp32_finetune`` has no finalization phase, so one FP32 fine-tune row serves as the
+reference of every finalize variant of its recipe.
 Fixed-bit methods (w8a8, w4a4) and fp32_finetune learn nothing that depends on gamma and run once
 per model, at the first gamma. ``--seed`` is part of a run's identity: another seed of a
 measured point runs again.
@@ -51,6 +57,8 @@ BASELINES = ("fp32_finetune", "w8a8", "w4a4")
 #: files committed on 2026-11-30 (unchanged until issue 18), whose SHA-256 starts like this.
 LEGACY_CHECKPOINTS = {"resnet20": "1d9f49e27708", "mobilenetv2": "f5c9629120e5",
                       "vgg7": "3612f05c3b3b", "inception": "e90a5bb8558a"}
+#: ``--finalize`` of rows from before the option existed (the single-run script's default).
+DEFAULT_FINALIZE = 0.1
 #: The plot's y axis stops this many points below FP32; runs below it are drawn on the floor (v).
 FLOOR_POINTS = 12.0
 
@@ -65,16 +73,27 @@ def _single_run_module() -> Any:
     return module
 
 
-def _recipe(r: dict[str, Any]) -> tuple[int | None, float, float, str]:
-    """The training recipe of a run: steps, weight lr, DJPQ lr, schedule (runs from before the
-    weight lr and schedule were recorded used 2e-4 and constant rates)."""
+def _finalize(r: dict[str, Any]) -> float:
+    """The finalization fraction a row's section is filed under: the row's own, except for
+    ``fp32_finetune`` (no gates or bits to freeze, recorded as 0), filed under the default."""
+    if r["method"] == FP32_FINETUNE:
+        return DEFAULT_FINALIZE
+    return float(r.get("finalize", DEFAULT_FINALIZE))
+
+
+def _recipe(r: dict[str, Any]) -> tuple[int | None, float, float, str, float]:
+    """The training recipe of a run: steps, weight lr, DJPQ lr, schedule, finalize fraction (runs
+    from before the weight lr and schedule were recorded used 2e-4 and constant rates)."""
     return (r.get("steps"), float(r.get("weight_lr", 2e-4)), float(r["djpq_lr"]),
-            r.get("schedule", "constant"))
+            r.get("schedule", "constant"), _finalize(r))
 
 
-def _recipe_text(recipe: tuple[int | None, float, float, str]) -> str:
-    steps, weight_lr, djpq_lr, schedule = recipe
-    return f"{steps} steps, weight lr {weight_lr:g}, DJPQ lr {djpq_lr:g}, {schedule} rates"
+def _recipe_text(recipe: tuple[int | None, float, float, str, float]) -> str:
+    steps, weight_lr, djpq_lr, schedule, finalize = recipe
+    text = f"{steps} steps, weight lr {weight_lr:g}, DJPQ lr {djpq_lr:g}, {schedule} rates"
+    if finalize != DEFAULT_FINALIZE:
+        text += f", last {finalize:g} of the steps at frozen gates and bits"
+    return text
 
 
 #: A section of the tables: model, checkpoint id, recipe.
@@ -84,9 +103,9 @@ Section = tuple[str, str | None, tuple[Any, ...]]
 def _section_order(kv: tuple[Section, Any]) -> tuple[Any, ...]:
     """Sections by model, then by recipe with the step budget compared as a number, then by
     checkpoint."""
-    (model, checkpoint, (steps, weight_lr, djpq_lr, schedule)), _ = kv
+    (model, checkpoint, (steps, weight_lr, djpq_lr, schedule, finalize)), _ = kv
     return (model, steps if steps is not None else -1, weight_lr, djpq_lr, schedule,
-            checkpoint or "")
+            checkpoint or "", finalize)
 
 
 def checkpoint_id(model: str) -> str:
@@ -135,6 +154,7 @@ def run_all(args: argparse.Namespace) -> None:
                     "--djpq-lr", str(args.djpq_lr), "--weight-lr", str(args.weight_lr),
                     "--schedule", args.schedule, "--threads", str(args.threads),
                     "--log-every", str(max(1, args.steps // 5)), "--seed", str(args.seed),
+                    "--finalize", str(args.finalize),
                     *(["--train-subset", str(args.train_subset)] if args.train_subset else []),
                     *(["--test-subset", str(args.test_subset)] if args.test_subset else [])])
                 run_args.minutes = None
@@ -143,7 +163,8 @@ def run_all(args: argparse.Namespace) -> None:
                 planned = {"model": model, "method": method, "gamma": gamma,
                            "test_images": n_test, "seed": args.seed, "steps": args.steps,
                            "weight_lr": args.weight_lr, "djpq_lr": args.djpq_lr,
-                           "schedule": args.schedule, "checkpoint": checkpoint}
+                           "schedule": args.schedule, "checkpoint": checkpoint,
+                           "finalize": args.finalize}
                 if _key(planned) in done:  # the identity a recorded row of this run would have
                     print(f"[claims] skip {model} {method} gamma={gamma}: already measured")
                     continue
@@ -267,6 +288,21 @@ def _points(runs: list[dict[str, Any]], reference: float | None = None) -> list[
     return points
 
 
+def _sections(rows: list[dict[str, Any]]) -> dict[Section, list[dict[str, Any]]]:
+    """Rows by (model, checkpoint, recipe). A section of a non-default ``--finalize`` also gets
+    the ``fp32_finetune`` rows of its recipe (filed under the default finalize: a float fine-tune
+    freezes nothing, so it is the same run for every finalize variant)."""
+    sections: dict[Section, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        sections[(r["model"], _checkpoint(r), _recipe(r))].append(r)
+    for (model, checkpoint, recipe), runs in list(sections.items()):
+        if recipe[4] == DEFAULT_FINALIZE or any(r["method"] == FP32_FINETUNE for r in runs):
+            continue
+        base = sections.get((model, checkpoint, (*recipe[:4], DEFAULT_FINALIZE)), [])
+        runs.extend(r for r in base if r["method"] == FP32_FINETUNE)
+    return sections
+
+
 def summarize(results: Path, out_dir: Path) -> str:
     """RESULTS.md text (also written) and the accuracy-vs-GBOPs plot from ``results``."""
     rows = [json.loads(line) for line in results.read_text().splitlines()] \
@@ -279,9 +315,7 @@ def summarize(results: Path, out_dir: Path) -> str:
              "training recipe (and FP32 checkpoint, named by the first 12 hex digits of its "
              "SHA-256); methods are compared only within a section. Where a point was run "
              "with several seeds, the statements below use the mean over seeds.", ""]
-    sections: dict[Section, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        sections[(r["model"], _checkpoint(r), _recipe(r))].append(r)
+    sections = _sections(rows)
     for (model, checkpoint, recipe), runs in sorted(sections.items(), key=_section_order):
         fp32 = runs[0]
         reference, source = reference_fp32(runs)
@@ -462,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", default="cosine", choices=["constant", "cosine"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--finalize", type=float, default=DEFAULT_FINALIZE,
+                        help="fraction of the steps trained at frozen (deployed) gates and bits")
     parser.add_argument("--train-subset", type=int, default=None, help="(smoke runs only)")
     parser.add_argument("--test-subset", type=int, default=None, help="(smoke runs only)")
     parser.add_argument("--results", default=str(HERE / "results.jsonl"))
@@ -470,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (math.isfinite(args.djpq_lr) and math.isfinite(args.weight_lr)) or args.steps < 1:
         parser.error("--steps must be >= 1 and --djpq-lr, --weight-lr finite")
+    if not 0.0 <= args.finalize < 1.0:
+        parser.error("--finalize must be in [0, 1)")
     if not args.summarize:
         run_all(args)
     print(summarize(Path(args.results), Path(args.out_dir)))
