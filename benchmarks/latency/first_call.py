@@ -72,6 +72,29 @@ def _pack_rolled() -> None:
     conv2d.PACK_UNROLL_WIDTH = 0
 
 
+def converted_model(name: str, size: int, batch: int = 1) -> tuple[Any, Any]:
+    """``(converted, x)``: torchvision ``name`` (random init, seed 0) prepared on a
+    ``(batch, 3, size, size)`` input, about 40 % of every group's gates closed (seeded, one
+    channel kept), converted to integers. Shared by ``first_call_profile.py`` and
+    ``first_call_asm_check.py`` so all three build the same model."""
+    import torch
+    import torchvision
+
+    import djpq_compiler as djpq
+    from djpq_compiler.convert import convert
+    from djpq_compiler.prepared import gates
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    prepared = djpq.prepare(torchvision.models.get_model(name, weights=None).eval(), x)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, gate in gates(prepared):
+            gate.mu[torch.rand(gate.mu.shape, generator=gen) < 0.4] = 1e-3
+            gate.mu[0] = 1.0
+    return convert(prepared.eval()), x
+
+
 def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str, Any]:
     """Build ``name`` at ``size`` and time its build, first call and steady-state calls.
 
@@ -88,22 +111,10 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
     (``conv2d.PACK_UNROLL_WIDTH = 0``).
     """
     import torch
-    import torchvision
 
-    import djpq_compiler as djpq
     from djpq_compiler.backends import tvm as tvm_backend
-    from djpq_compiler.convert import convert
-    from djpq_compiler.prepared import gates
 
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, size, size)
-    prepared = djpq.prepare(torchvision.models.get_model(name, weights=None).eval(), x)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, gate in gates(prepared):
-            gate.mu[torch.rand(gate.mu.shape, generator=gen) < 0.4] = 1e-3
-            gate.mu[0] = 1.0
-    converted = convert(prepared.eval())
+    converted, x = converted_model(name, size, batch)
     cls = tvm_backend.CompiledModel
     runnable = cls._runnable_here
     if mode == "lazy":

@@ -16,7 +16,8 @@ import argparse
 import json
 import os
 import time
-from typing import Any
+
+from first_call import converted_model  # the script's folder is on sys.path
 
 
 def _instructions(asm: str) -> list[str]:
@@ -24,31 +25,12 @@ def _instructions(asm: str) -> list[str]:
             if line.startswith("\t") and not line.startswith("\t.")]
 
 
-def _converted(name: str, size: int) -> tuple[Any, Any]:
-    import torch
-    import torchvision
-
-    import djpq_compiler as djpq
-    from djpq_compiler.convert import convert
-    from djpq_compiler.prepared import gates
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, size, size)
-    prepared = djpq.prepare(torchvision.models.get_model(name, weights=None).eval(), x)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, gate in gates(prepared):
-            gate.mu[torch.rand(gate.mu.shape, generator=gen) < 0.4] = 1e-3
-            gate.mu[0] = 1.0
-    return convert(prepared.eval()), x
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="inception_v3:96")
     args = ap.parse_args()
     name, _, size = args.model.partition(":")
-    converted, x = _converted(name, int(size))
+    converted, x = converted_model(name, int(size))
     from djpq_compiler.backends.tvm import adapter, codegen
     from djpq_compiler.backends.tvm.build import target_spec
     from djpq_compiler.backends.tvm.emit import lower

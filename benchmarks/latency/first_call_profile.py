@@ -20,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from first_call import converted_model  # the script's folder is on sys.path
+
 _TOTALS: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
 
 
@@ -79,22 +81,10 @@ def main() -> int:
     args = ap.parse_args()
     name, _, size = args.model.partition(":")
     import torch
-    import torchvision
 
-    import djpq_compiler as djpq
     from djpq_compiler.backends import tvm as tvm_backend
-    from djpq_compiler.convert import convert
-    from djpq_compiler.prepared import gates
 
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, int(size), int(size))
-    prepared = djpq.prepare(torchvision.models.get_model(name, weights=None).eval(), x)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, gate in gates(prepared):
-            gate.mu[torch.rand(gate.mu.shape, generator=gen) < 0.4] = 1e-3
-            gate.mu[0] = 1.0
-    converted = convert(prepared.eval())
+    converted, x = converted_model(name, int(size))
     _instrument()
     t0, c0 = time.perf_counter(), _cpu()
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
