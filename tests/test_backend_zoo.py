@@ -26,7 +26,7 @@ from djpq_compiler.registry import op_key
 from djpq_compiler.testing.backend_zoo import (
     check_backends,
     check_tvm,
-    pruned_converted,
+    tiny_swin,
     zoo_input,
 )
 
@@ -75,16 +75,6 @@ def test_sample_and_known_failures_are_zoo_models() -> None:
 # ------------------------------------------------------------------ the tvm stage's verdict
 
 
-def _tiny_swin() -> tuple[fx.GraphModule, torch.Tensor]:
-    from torchvision.models.swin_transformer import SwinTransformer
-
-    torch.manual_seed(0)
-    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                            window_size=[4, 4], num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return pruned_converted(model, x)[1], x
-
-
 def _shift_island_codes(monkeypatch: pytest.MonkeyPatch, shift: int) -> None:
     """Every ``Quantize`` of the model (not the per-op probe's own cuts) returns its codes plus
     ``shift``, clipped: a stand-in for island outputs that differ from the reference."""
@@ -110,7 +100,7 @@ def test_tvm_stage_verdict_on_island_flips(monkeypatch: pytest.MonkeyPatch, shif
     differ, but the teacher-forced per-op check shows only propagation: ``ok``, and the detail
     says so. 2 LSB off is beyond the island bound: ``mismatch``."""
     _shift_island_codes(monkeypatch, shift)
-    outcome = check_tvm(*_tiny_swin())
+    outcome = check_tvm(*tiny_swin())
     assert outcome.status == status, outcome.detail
     assert "end to end (island flips propagated)" in outcome.detail
     assert "0 differ" in outcome.detail  # the integer ops, fed the reference's codes

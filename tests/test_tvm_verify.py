@@ -18,10 +18,9 @@ from torch import fx, nn
 
 from djpq_compiler.ir import modules as im
 from djpq_compiler.registry import op_key
-from djpq_compiler.testing.backend_zoo import pruned_converted
+from djpq_compiler.testing.backend_zoo import pruned_converted, tiny_swin
 
 tv = pytest.importorskip("torchvision")
-from torchvision.models.swin_transformer import SwinTransformer  # noqa: E402
 
 from djpq_compiler.backends.tvm.verify import (  # noqa: E402
     _Recorder,
@@ -30,17 +29,9 @@ from djpq_compiler.backends.tvm.verify import (  # noqa: E402
 )
 
 
-def _swin() -> tuple[fx.GraphModule, torch.Tensor]:
-    torch.manual_seed(0)
-    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                            window_size=[4, 4], num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return pruned_converted(model, x)[1], x
-
-
 @pytest.fixture(scope="module")
 def swin() -> tuple[fx.GraphModule, torch.Tensor]:
-    return _swin()
+    return tiny_swin()
 
 
 def _inputs(x: torch.Tensor) -> list[torch.Tensor]:

@@ -90,6 +90,19 @@ def zoo_input(name: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def tiny_swin() -> tuple[Any, torch.Tensor]:
+    """``(converted, x)``: a two-stage Swin V1 (embed 16, window 4, seeded random init) on a
+    ``(2, 3, 32, 32)`` input, pruned and converted by :func:`pruned_converted`: the small model
+    with float islands that the TVM per-op check is tested on."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                            window_size=[4, 4], num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return pruned_converted(model, x)[1], x
+
+
 def pruned_converted(model: nn.Module, x: torch.Tensor, seed: int = 0,
                      close: float = 0.4) -> tuple[Any, Any]:
     """``(prepared, converted)`` for ``model`` with ~``close`` of every gate group closed at
