@@ -19,7 +19,8 @@ from torch import fx
 from djpq_compiler.errors import BackendError
 from djpq_compiler.ir import modules as im
 
-from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
+from .emit import FloatValue, IntValue, LaneChain, Lowered, Lowering, container_dtype, register
+from .kernels.eltwise import Clamp, Expr, Leaf, Requant, Sum, value_range
 from .kernels.select import KernelChoice, LayerFacts, fit_groups_to_lanes, select_kernel
 from .layout import NCHW, Layout, packed_channel_const
 
@@ -339,15 +340,17 @@ def _lanewise_args(ctx: Lowering, node: fx.Node, count: int) -> list[IntValue]:
 @register(im.IntAdd)
 def convert_add(ctx: Lowering, node: fx.Node) -> Lowered:
     """TFLite-style add: both inputs to the intermediate scale, sum, requantize + clip.
-    Lane-wise: runs on packed operands of one layout."""
+    Lane-wise: part of a fused chain (:func:`_finish_chain`)."""
     module = ctx.module(node)
-    a, b = _lanewise_args(ctx, node, 2)
-    p, layout = module.params, a.layout
-    a_i = requantize(ctx, a.expr, p.a_m, p.a_shift, layout=layout)
-    b_i = requantize(ctx, b.expr, p.b_m, p.b_shift, layout=layout)
-    out = requantize(ctx, ctx.bb.binary("add", a_i, b_i), p.out_m, p.out_shift,
-                     module.qmin, module.qmax, layout=layout)
-    return ctx.int_value(out, module.qmin, module.qmax, layout)
+    p = module.params
+    leaves: list[fx.Node] = []
+    ops: list[str] = []
+    a = _chain_input(ctx, node, 0, leaves, ops)
+    b = _chain_input(ctx, node, 1, leaves, ops)
+    tree = Requant(Sum(Requant(a, int(p.a_m), int(p.a_shift)),
+                       Requant(b, int(p.b_m), int(p.b_shift))),
+                   int(p.out_m), int(p.out_shift), module.qmin, module.qmax)
+    return _finish_chain(ctx, node, tree, leaves, ops, module.qmin, module.qmax)
 
 
 @register(im.IntMul)
@@ -388,14 +391,16 @@ def convert_concat(ctx: Lowering, node: fx.Node) -> Lowered:
 
 @register(im.IntClip)
 def convert_clip(ctx: Lowering, node: fx.Node) -> Lowered:
-    """``clamp(q, lo, hi)`` (torch semantics, also for ``lo > hi``); lane-wise (any layout)."""
+    """``clamp(q, lo, hi)`` (torch semantics, also for ``lo > hi``); lane-wise (any layout),
+    part of a fused chain."""
     module = ctx.module(node)
-    (x,) = _lanewise_args(ctx, node, 1)
+    leaves: list[fx.Node] = []
+    ops: list[str] = []
+    x = _chain_input(ctx, node, 0, leaves, ops)
+    x_lo, x_hi = value_range(x)
     lo, hi = module.lo, module.hi
-    new_lo, new_hi = min(max(x.lo, lo), hi), min(max(x.hi, lo), hi)
-    wide = container_dtype(min(x.lo, new_lo), max(x.hi, new_hi))
-    out = ctx.bb.clip(ctx.bb.astype(x.expr, wide), new_lo, new_hi)
-    return ctx.int_value(out, new_lo, new_hi, x.layout)
+    new_lo, new_hi = min(max(x_lo, lo), hi), min(max(x_hi, lo), hi)
+    return _finish_chain(ctx, node, Clamp(x, new_lo, new_hi), leaves, ops, new_lo, new_hi)
 
 
 def _strides(kernel: tuple[int, int], stride: Sequence[int] | None) -> tuple[int, int]:
@@ -418,14 +423,127 @@ def convert_max_pool(ctx: Lowering, node: fx.Node) -> Lowered:
     return IntValue(out, x.lo, x.hi, x.layout)
 
 
-if hasattr(im, "Requantize"):  # added to the reference modules alongside convert()
+@register(im.Requantize)
+def convert_requantize(ctx: Lowering, node: fx.Node) -> Lowered:
+    """Codes moved to another scale: ``clip((q * m + R) >> shift)``; lane-wise (any layout),
+    part of a fused chain."""
+    module = ctx.module(node)
+    leaves: list[fx.Node] = []
+    ops: list[str] = []
+    x = _chain_input(ctx, node, 0, leaves, ops)
+    tree = Requant(x, int(module.m), int(module.shift), module.qmin, module.qmax)
+    return _finish_chain(ctx, node, tree, leaves, ops, module.qmin, module.qmax)
 
-    @register(im.Requantize)
-    def convert_requantize(ctx: Lowering, node: fx.Node) -> Lowered:
-        """Codes moved to another scale: ``clip((q * m + R) >> shift)`` in int64; lane-wise
-        (any layout)."""
-        module = ctx.module(node)
-        (x,) = _lanewise_args(ctx, node, 1)
-        out = requantize(ctx, x.expr, module.m, module.shift, module.qmin, module.qmax,
-                         layout=x.layout)
-        return ctx.int_value(out, module.qmin, module.qmax, x.layout)
+
+# --------------------------------------------------------------- fused lane-wise chains
+
+#: The lane-wise per-tensor integer ops fused into one kernel (``kernels/eltwise.py``).
+CHAIN_OPS = (im.IntAdd, im.Requantize, im.IntClip)
+
+
+def chains_enabled(ctx: Lowering) -> bool:
+    """Fused lane-wise kernels are written for CPU (``llvm``) targets only."""
+    return ctx.target is not None and ctx.target.get("kind") == "llvm"
+
+
+def _defers(ctx: Lowering, node: fx.Node) -> bool:
+    """A chain op is deferred (not emitted yet) when its only user is another chain op."""
+    users = list(node.users)
+    if not chains_enabled(ctx) or len(users) != 1 or users[0].op != "call_module":
+        return False
+    return isinstance(ctx.gm.get_submodule(str(users[0].target)), CHAIN_OPS)
+
+
+def _leaf(leaves: list[fx.Node], node: fx.Node) -> int:
+    if node not in leaves:
+        leaves.append(node)
+    return leaves.index(node)
+
+
+def _reindex(tree: Expr, mapping: list[int]) -> Expr:
+    """``tree`` with leaf ``i`` renumbered ``mapping[i]``."""
+    if isinstance(tree, Leaf):
+        return dataclasses.replace(tree, index=mapping[tree.index])
+    if isinstance(tree, Sum):
+        return Sum(_reindex(tree.a, mapping), _reindex(tree.b, mapping))
+    return dataclasses.replace(tree, child=_reindex(tree.child, mapping))
+
+
+def _chain_input(ctx: Lowering, node: fx.Node, index: int, leaves: list[fx.Node],
+                 ops: list[str]) -> Expr:
+    """Input ``index`` of a chain op as a tree: a deferred chain's tree (its leaves merged into
+    ``leaves``), else a new leaf."""
+    arg = node.args[index]
+    value = ctx.env.get(arg) if isinstance(arg, fx.Node) else None
+    if isinstance(value, LaneChain):
+        ops.extend(value.ops)
+        return _reindex(value.tree, [_leaf(leaves, n) for n in value.leaves])
+    x = ctx.packed_int_arg(node, index)  # raises the usual error for non-integer inputs
+    assert isinstance(arg, fx.Node)
+    return Leaf(_leaf(leaves, arg), x.lo, x.hi, ctx.bb.dtype(x.expr))
+
+
+def _finish_chain(ctx: Lowering, node: fx.Node, tree: Expr, leaves: list[fx.Node],
+                  ops: list[str], lo: int, hi: int) -> Lowered:
+    """Defer the chain (:func:`_defers`), or emit it: one written kernel on CPU targets when
+    all inputs have one shape, else TVM's elementwise Relax ops (int64, fused by TVM).
+
+    The inputs are read as they are when they share one layout and shape (packed values stay
+    packed: the ops are per tensor, so padding lanes map to padding lanes), else all in NCHW."""
+    ops = ops + [node.name]
+    if _defers(ctx, node):
+        return LaneChain(None, lo, hi, NCHW, tree, tuple(leaves), tuple(ops))
+    values = [ctx.env[n] for n in leaves]
+    first = values[0]
+    shape = ctx.bb.shape(first.expr)
+    if not (first.layout.packed and all(v.layout == first.layout and ctx.bb.shape(v.expr) == shape
+                                        for v in values)):
+        values = [ctx.plain_int(n) for n in leaves]
+    layout = values[0].layout
+    if chains_enabled(ctx) and all(ctx.bb.shape(v.expr) == ctx.bb.shape(values[0].expr)
+                                   for v in values):
+        return _chain_kernel(ctx, node, tree, values, ops, (lo, hi))
+    out = _relax_tree(ctx, tree, [v.expr for v in values], layout)
+    return ctx.int_value(out, lo, hi, layout)
+
+
+def _chain_kernel(ctx: Lowering, node: fx.Node, tree: Expr, values: list[IntValue],
+                  ops: list[str], out_range: tuple[int, int]) -> IntValue:
+    """Emit ``tree`` as one scheduled lane-wise kernel (``kernels/eltwise.py``) and record it."""
+    from .adapter import make_target
+    from .kernels.eltwise import ChainRecord, build_chain_kernel, chain_steps
+
+    assert ctx.target is not None  # chains_enabled
+    shape = tuple(ctx.bb.shape(values[0].expr))
+    size = int(np.prod(shape))
+    out_dtype = container_dtype(*out_range)
+    key = ("eltwise", tree, size, out_dtype)
+    named = ctx.bb.kernel_cache.get(key)
+    if named is None:
+        name = f"fused_eltwise_{node.name}"
+        func = build_chain_kernel(tree, size, out_dtype, make_target(ctx.target))
+        named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8))
+        ctx.bb.kernel_cache[key] = named
+    flat = [ctx.bb.reshape(v.expr, (size,)) for v in values]  # free views of the same memory
+    out = ctx.bb.reshape(ctx.bb.call_tir(named[1], named[0], flat, (size,), out_dtype), shape)
+    layout = values[0].layout
+    ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), size,
+                                   tuple(chain_steps(tree))))
+    return IntValue(out, out_range[0], out_range[1], layout)
+
+
+def _relax_tree(ctx: Lowering, tree: Expr, exprs: list[Any], layout: Layout) -> Any:
+    """``tree`` as Relax elementwise ops, the reference's arithmetic step by step (int64
+    requantizations; broadcasting operands allowed)."""
+    if isinstance(tree, Leaf):
+        return exprs[tree.index]
+    if isinstance(tree, Sum):
+        a = ctx.bb.astype(_relax_tree(ctx, tree.a, exprs, layout), "int64")
+        b = ctx.bb.astype(_relax_tree(ctx, tree.b, exprs, layout), "int64")
+        return ctx.bb.binary("add", a, b)
+    child = _relax_tree(ctx, tree.child, exprs, layout)
+    if isinstance(tree, Requant):
+        return requantize(ctx, child, tree.m, tree.shift, tree.qmin, tree.qmax, layout=layout)
+    c_lo, c_hi = value_range(tree.child)
+    wide = container_dtype(min(c_lo, tree.lo), max(c_hi, tree.hi))
+    return ctx.bb.clip(ctx.bb.astype(child, wide), tree.lo, tree.hi)

@@ -35,6 +35,7 @@ __all__ = [
     "CONVERTERS",
     "FloatValue",
     "IntValue",
+    "LaneChain",
     "Lowered",
     "Lowering",
     "container_dtype",
@@ -57,6 +58,18 @@ class IntValue:
     lo: int
     hi: int
     layout: Layout = NCHW
+
+
+@dataclass(frozen=True)
+class LaneChain(IntValue):
+    """A lane-wise integer op whose only user is another one (``converters.py``): not emitted
+    yet, but kept as an expression tree (``kernels/eltwise.py``) over the values of ``leaves``,
+    so that the chain's last op emits the whole chain as one kernel. ``expr`` is ``None``; only
+    the chain's converters ever read such a value."""
+
+    tree: Any = None
+    leaves: tuple[fx.Node, ...] = ()
+    ops: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,8 @@ class Lowering(lowering.LoweringContext):
         self.outputs: list[Any] = []
         self.output_kinds: list[str] = []
         self.output_tuple = False
+        #: One ``kernels.eltwise.ChainRecord`` per fused lane-wise kernel, in graph order.
+        self.eltwise: list[Any] = []
         #: Which values are planned packed (``layout.plan_layouts``; all NCHW without a target).
         self.plan: LayoutPlan = plan_layouts(gm, layout_lanes(_features(target)))
         self._unpacked: dict[fx.Node, IntValue] = {}
@@ -149,6 +164,11 @@ class Lowering(lowering.LoweringContext):
             self._unpacked[node] = IntValue(to_nchw(self.bb, value.expr, value.layout),
                                             value.lo, value.hi)
         return self._unpacked[node]
+
+    def plain_int(self, node: fx.Node) -> IntValue:
+        """The integer value of ``node`` in NCHW (unpacked once per value)."""
+        value: IntValue = self._plain(node)
+        return value
 
     def packed_int_arg(self, node: fx.Node, index: int = 0) -> IntValue:
         """The ``index``-th argument as integer codes *in whatever layout it has* (for the
