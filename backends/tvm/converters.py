@@ -528,7 +528,7 @@ def _chain_kernel(ctx: Lowering, node: fx.Node, tree: Expr, values: list[IntValu
     out = ctx.bb.reshape(ctx.bb.call_tir(named[1], named[0], flat, (size,), out_dtype), shape)
     layout = values[0].layout
     ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), size,
-                                   tuple(chain_steps(tree))))
+                                   tuple(chain_steps(tree)), tree))
     return IntValue(out, out_range[0], out_range[1], layout)
 
 

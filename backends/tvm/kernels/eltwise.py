@@ -265,6 +265,7 @@ class ChainRecord:
         layout: The layout it read and wrote (``"NCHW"`` or ``"NCHW16c"``).
         elements: Elements per call.
         steps: :func:`chain_steps`.
+        tree: The chain itself.
     """
 
     name: str
@@ -272,6 +273,7 @@ class ChainRecord:
     layout: str
     elements: int
     steps: tuple[str, ...]
+    tree: Expr | None = None
 
     @property
     def int64_steps(self) -> int:
@@ -296,11 +298,14 @@ def eltwise_table(records: list[ChainRecord]) -> str:
 # ------------------------------------------------------------------- TVM-facing: the kernel
 
 
-def _is_int32(expr: Expr) -> bool:
-    """Whether ``expr`` is computed in int32 by :func:`_emit` (else int64)."""
+def _is_int32(expr: Expr, int32: bool = True) -> bool:
+    """Whether ``expr`` is computed in int32 by :func:`_emit` (else int64; always int64 but for
+    the leaves and the clipped results with ``int32=False``)."""
     lo, hi = value_range(expr)
     if not (INT32_MIN <= lo and hi <= INT32_MAX):
         return False
+    if not int32:
+        return isinstance(expr, Leaf) and expr.dtype != "int64"
     if isinstance(expr, Leaf):
         return expr.dtype != "int64"
     if isinstance(expr, Sum):
@@ -315,31 +320,32 @@ def _dtype(x: Any) -> str:
     return str(x.ty.dtype)
 
 
-def _emit(expr: Expr, tensors: list[Any], index: tuple[Any, ...]) -> Any:
+def _emit(expr: Expr, tensors: list[Any], index: tuple[Any, ...], int32: bool = True) -> Any:
     """The TIR expression of ``expr`` at ``index``: int32 where :func:`_is_int32`, with the
-    int32 split of each requantization where :func:`split_multiplier` finds one."""
+    int32 split of each requantization where :func:`split_multiplier` finds one (``int32``
+    False: every step in int64, the reference's arithmetic, for comparisons)."""
     from tvm import tirx
 
     if isinstance(expr, Leaf):
-        dtype = "int32" if _is_int32(expr) else "int64"
+        dtype = "int32" if _is_int32(expr, int32) else "int64"
         return tensors[expr.index][index].astype(dtype)
     if isinstance(expr, Sum):
-        a, b = _emit(expr.a, tensors, index), _emit(expr.b, tensors, index)
-        dtype = "int32" if _is_int32(expr) else "int64"
+        a, b = _emit(expr.a, tensors, index, int32), _emit(expr.b, tensors, index, int32)
+        dtype = "int32" if _is_int32(expr, int32) else "int64"
         return a.astype(dtype) + b.astype(dtype)
     if isinstance(expr, Clamp):
-        x = _emit(expr.child, tensors, index)
+        x = _emit(expr.child, tensors, index, int32)
         x = tirx.max(tirx.min(x, tirx.const(expr.hi, _dtype(x))), tirx.const(expr.lo, _dtype(x)))
-        return x.astype("int32") if _is_int32(expr) else x
-    return _emit_requant(expr, _emit(expr.child, tensors, index))
+        return x.astype("int32") if _is_int32(expr, int32) else x
+    return _emit_requant(expr, _emit(expr.child, tensors, index, int32), int32)
 
 
-def _emit_requant(expr: Requant, x: Any) -> Any:
+def _emit_requant(expr: Requant, x: Any, int32: bool = True) -> Any:
     from tvm import tirx
 
     lo, hi = value_range(expr.child)
     split = (split_multiplier(lo, hi, expr.m, expr.shift, expr.qmin, expr.qmax)
-             if _dtype(x) == "int32" else None)
+             if int32 and _dtype(x) == "int32" else None)
     if split is not None:
         i32 = functools.partial(tirx.const, dtype="int32")
         out = x * i32(split.mh) + i32(split.add)
@@ -353,7 +359,7 @@ def _emit_requant(expr: Requant, x: Any) -> Any:
         out = tirx.min(out, tirx.const(expr.qmax, _dtype(out)))
     if expr.qmin is not None:
         out = tirx.max(out, tirx.const(expr.qmin, _dtype(out)))
-    return out.astype("int32") if _is_int32(expr) else out
+    return out.astype("int32") if _is_int32(expr, int32) else out
 
 
 def _vector_width(size: int, widest: int = 64) -> int:
@@ -367,7 +373,8 @@ def _vector_width(size: int, widest: int = 64) -> int:
 PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
-def build_chain_kernel(expr: Expr, size: int, out_dtype: str, target: Any) -> Any:
+def build_chain_kernel(expr: Expr, size: int, out_dtype: str, target: Any,
+                       int32: bool = True) -> Any:
     """The scheduled, flattened PrimFunc computing ``expr`` lane-wise over ``size`` elements.
 
     The inputs and the output are flat ``(size,)`` views of tensors of one shape (any layout:
@@ -380,6 +387,7 @@ def build_chain_kernel(expr: Expr, size: int, out_dtype: str, target: Any) -> An
         size: Elements of every input and of the output.
         out_dtype: The output container.
         target: The TVM target (for :func:`~..adapter.flatten_scheduled`).
+        int32: ``False`` computes every step in int64 (same schedule; for comparisons).
 
     Returns:
         A PrimFunc ``(x_0, ..., x_k, out)``, marked scheduled.
@@ -393,7 +401,7 @@ def build_chain_kernel(expr: Expr, size: int, out_dtype: str, target: Any) -> An
     if [leaf.index for leaf in leaves] != list(range(len(leaves))):
         raise ValueError(f"chain leaves must be numbered 0..k, got {[x.index for x in leaves]}")
     tensors = [te.placeholder((size,), leaf.dtype, name=f"x{leaf.index}") for leaf in leaves]
-    out = te.compute((size,), lambda i: _emit(expr, tensors, (i,)).astype(out_dtype),
+    out = te.compute((size,), lambda i: _emit(expr, tensors, (i,), int32).astype(out_dtype),
                      name="chain")
     sch = s_tir.Schedule(te.create_prim_func(tensors + [out]))
     (loop,) = sch.get_loops(sch.get_sblock("chain"))
