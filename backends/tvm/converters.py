@@ -20,9 +20,9 @@ from djpq_compiler.errors import BackendError
 from djpq_compiler.ir import modules as im
 
 from .emit import FloatValue, IntValue, LaneChain, Lowered, Lowering, container_dtype, register
-from .kernels.eltwise import Clamp, Expr, Leaf, Requant, Sum, value_range
+from .kernels.eltwise import Clamp, Expr, Leaf, Requant, Sum, split_multiplier, value_range
 from .kernels.select import KernelChoice, LayerFacts, fit_groups_to_lanes, select_kernel
-from .layout import NCHW, Layout, packed_channel_const
+from .layout import NCHW, Layout, packed_channel_const, to_packed
 
 INT32_MAX = 2**31 - 1
 
@@ -353,15 +353,78 @@ def convert_add(ctx: Lowering, node: fx.Node) -> Lowered:
     return _finish_chain(ctx, node, tree, leaves, ops, module.qmin, module.qmax)
 
 
+def _broadcast_operand(ctx: Lowering, value: IntValue, layout: Layout) -> Any | None:
+    """``value`` (NCHW) as an operand broadcasting against a packed value of ``layout``: one
+    value (reshaped to 5-D), a per-channel ``[N|1, C, 1, 1]`` one packed (padding lanes 0), or
+    ``None`` when it has no such form."""
+    shape = ctx.bb.shape(value.expr)
+    if all(d == 1 for d in shape):
+        return ctx.bb.reshape(value.expr, (1,) * 5)
+    if len(shape) == 4 and shape[1] == layout.channels and shape[2:] == (1, 1):
+        return to_packed(ctx.bb, value.expr, layout)
+    return None
+
+
+def _mul_args(ctx: Lowering, node: fx.Node) -> tuple[Any, Any, IntValue, IntValue, Layout]:
+    """The operands of ``IntMul`` as expressions and their layout: as they are when both share
+    one layout, packed when one is packed and the other broadcasts over ``H, W``
+    (:func:`_broadcast_operand`), else both NCHW."""
+    a, b = ctx.packed_int_arg(node, 0), ctx.packed_int_arg(node, 1)
+    shapes = zip(ctx.bb.shape(a.expr), ctx.bb.shape(b.expr), strict=False)
+    if a.layout == b.layout and (not a.layout.packed  # packed: broadcasting over N, H, W only
+                                 or all(x == y or 1 in (x, y) for x, y in shapes)):
+        return a.expr, b.expr, a, b, a.layout
+    for big, small, swap in ((a, b, False), (b, a, True)):
+        if big.layout.packed and not small.layout.packed:
+            operand = _broadcast_operand(ctx, small, big.layout)
+            if operand is not None:
+                pair = (operand, big.expr) if swap else (big.expr, operand)
+                return pair[0], pair[1], a, b, big.layout
+    a, b = ctx.int_arg(node, 0), ctx.int_arg(node, 1)
+    return a.expr, b.expr, a, b, NCHW
+
+
+def _requantize_narrow(ctx: Lowering, x: Any, x_range: tuple[int, int], m: int, shift: int,
+                       qmin: int, qmax: int) -> Any:
+    """``clip((x*m + R) >> shift)`` in int32 where :func:`split_multiplier` proves a form exact
+    on ``x_range`` (``kernels/eltwise.py``), else :func:`requantize` (int64)."""
+    split = split_multiplier(x_range[0], x_range[1], m, shift, qmin, qmax)
+    if split is None or container_dtype(*x_range) == "int64":
+        return requantize(ctx, x, m, shift, qmin, qmax)
+
+    def i32(value: int) -> Any:
+        return ctx.bb.const(np.int32(value), "int32")
+
+    x = ctx.bb.astype(x, "int32")
+    out = ctx.bb.binary("add", ctx.bb.binary("multiply", x, i32(split.mh)), i32(split.add))
+    if split.correction:
+        low = ctx.bb.binary("right_shift", ctx.bb.binary("multiply", x, i32(split.ml)),
+                            i32(split.u))
+        out = ctx.bb.binary("add", out, low)
+    if split.shift:
+        out = ctx.bb.binary("right_shift", out, i32(split.shift))
+    return ctx.bb.clip(out, qmin, qmax)
+
+
 @register(im.IntMul)
 def convert_mul(ctx: Lowering, node: fx.Node) -> Lowered:
-    """Broadcasting int64 product of the codes, requantized by one dyadic multiplier + clip."""
+    """Broadcasting product of the codes, requantized by one dyadic multiplier + clip: in
+    int32 where the code ranges prove it exact (else int64). Lane-wise on packed values,
+    including a packed ``x`` times a per-channel gate (squeeze-excite; ``layout.py``)."""
     module = ctx.module(node)
-    a, b = ctx.int_arg(node, 0), ctx.int_arg(node, 1)
-    product = ctx.bb.binary("multiply", ctx.bb.astype(a.expr, "int64"),
-                            ctx.bb.astype(b.expr, "int64"))
-    out = requantize(ctx, product, module.m, module.shift, module.qmin, module.qmax)
-    return ctx.int_value(out, module.qmin, module.qmax)
+    a_expr, b_expr, a, b, layout = _mul_args(ctx, node)
+    corners = [a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]
+    p_range = (min(corners), max(corners))
+    p_dtype = "int32" if container_dtype(*p_range) != "int64" else "int64"
+    product = ctx.bb.binary("multiply", ctx.bb.astype(a_expr, p_dtype),
+                            ctx.bb.astype(b_expr, p_dtype))
+    if p_dtype == "int32":
+        out = _requantize_narrow(ctx, product, p_range, int(module.m), int(module.shift),
+                                 module.qmin, module.qmax)
+    else:
+        out = requantize(ctx, ctx.bb.astype(product, "int64"), module.m, module.shift,
+                         module.qmin, module.qmax)
+    return ctx.int_value(out, module.qmin, module.qmax, layout)
 
 
 def _rescale_part(ctx: Lowering, x: IntValue, rescale: tuple[int, int] | None,
@@ -375,18 +438,35 @@ def _rescale_part(ctx: Lowering, x: IntValue, rescale: tuple[int, int] | None,
     return ctx.bb.astype(requantize(ctx, x.expr, rescale[0], rescale[1], qmin, qmax), target)
 
 
+def _concat_args(ctx: Lowering, node: fx.Node, dim: int) -> tuple[list[IntValue], int, Layout]:
+    """The inputs of a concat along NCHW ``dim``, the axis to concatenate and the result's
+    layout: packed on the channel blocks when every input has the same lanes and all but the
+    last fill whole blocks (``C % L == 0``), packed along ``N``/``H``/``W`` when every input has
+    one layout, else NCHW."""
+    raw = [ctx.packed_int_arg(node, i) for i in range(len(node.args))]
+    first = raw[0].layout
+    if first.packed and all(v.layout.lanes == first.lanes for v in raw):
+        axis = dim % 4
+        if axis == 1 and all(v.layout.channels % first.lanes == 0 for v in raw[:-1]):
+            return raw, 1, Layout(first.lanes, sum(v.layout.channels for v in raw))
+        if axis != 1 and all(v.layout == first for v in raw):
+            return raw, axis, first
+    xs = [ctx.int_arg(node, i) for i in range(len(node.args))]
+    return xs, dim % len(ctx.bb.shape(xs[0].expr)), NCHW
+
+
 @register(im.IntConcat)
 def convert_concat(ctx: Lowering, node: fx.Node) -> Lowered:
-    """Concatenation with each input rescaled to the output scale."""
+    """Concatenation with each input rescaled to the output scale; on packed values when the
+    channel offsets are block-aligned (:func:`_concat_args`)."""
     module = ctx.module(node)
-    xs = [ctx.int_arg(node, i) for i in range(len(node.args))]
-    if len(xs) != len(module.rescales):
-        raise BackendError(f"{node.format_node()}: {len(xs)} inputs but "
+    if len(node.args) != len(module.rescales):
+        raise BackendError(f"{node.format_node()}: {len(node.args)} inputs but "
                            f"{len(module.rescales)} rescales")
+    xs, axis, layout = _concat_args(ctx, node, module.dim)
     parts = [_rescale_part(ctx, x, r, module.qmin, module.qmax)
              for x, r in zip(xs, module.rescales, strict=True)]
-    axis = module.dim % len(ctx.bb.shape(parts[0]))
-    return IntValue(ctx.bb.concat(parts, axis), module.qmin, module.qmax)
+    return IntValue(ctx.bb.concat(parts, axis), module.qmin, module.qmax, layout)
 
 
 @register(im.IntClip)

@@ -26,16 +26,28 @@ op                                      packed form
 ``IntConv2d`` dense / depthwise         reads any layout, writes ``NCHW{L}c`` if planned
 ``IntConv2d`` grouped, float output     NCHW in and out (per-group channel slices; float)
 ``IntAdd`` (equal shapes), ``IntClip``,  lane-wise on packed values when every operand has
-``Requantize``, ``IntMaxPool2d``        the same :class:`Layout`; else NCHW
+``Requantize``                          the same :class:`Layout`; else NCHW. A chain of them
+                                        is one written kernel (``kernels/eltwise.py``)
+``IntMaxPool2d``                        lane-wise on packed values (Relax's pool layout)
+``IntMul``                              lane-wise when both operands share a layout, or when
+                                        one is packed and the other broadcasts over ``H, W``
+                                        (a per-channel ``[N|1, C, 1, 1]`` gate, squeeze-
+                                        excite; it is packed, padding lanes 0) or is one
+                                        value; else NCHW
+``IntConcat``                           on the channel blocks when every input shares the
+                                        lanes and all but the last have ``C % L == 0``
+                                        (block-aligned offsets); along ``N``/``H``/``W``
+                                        when every input has one :class:`Layout`; else NCHW
 ``IntAvgPool2d``, ``IntPoolRequantize``  lane-wise window sums (``pools.py``), and read
 (avg), ``IntAdaptiveAvgPool2d`` and     packed even when their users unpack ("reducing": the
 ``IntPoolRequantize`` to ``1x1``        pooled value is the smaller one to unpack)
 other adaptive pools                    unpack
 ``IntLinear``, flatten, reshape, ...    unpack (they index channels)
-``IntConcat``                           unpack (channel offsets are not block aligned)
-``IntMul``, ``IntLUT``                  unpack (no packed form written: ``IntMul`` broadcasts
-                                        over any dims; neither occurs between the convs of
-                                        the benchmarked models)
+``IntLUT``                              unpack: its converter (``float_ops.py``) reads NCHW;
+                                        a lookup is lane-wise (``take`` on any shape), so a
+                                        packed form only needs that converter to keep the
+                                        layout (padding lanes index the table with codes in
+                                        range and get table entries, codes in range)
 float islands, graph outputs            unpack
 =====================================  ===================================================
 
@@ -43,7 +55,13 @@ float islands, graph outputs            unpack
 
 1. Every producer of a packed value writes *defined* codes into the padding lanes: the conv
    kernels (the only producers from unpacked values) compute them with zero weights, zero bias
-   and a zero multiplier (``clip(0)``). Lane-wise ops map padding lanes only to padding lanes.
+   and a zero multiplier (``clip(0)``). Lane-wise ops map padding lanes only to padding lanes,
+   and every one of them ends in a clip to its range, so the codes stay in range: a fused chain
+   (``kernels/eltwise.py``; its int32 bounds assume in-range codes, and only padding lanes could
+   break that, which the clip then confines to themselves); ``IntMul`` by a packed gate, whose
+   padding lanes are 0 (:func:`to_packed`): ``requantize(x * 0)`` is ``clip(0)``; a channel
+   concat, whose inputs before the last have no padding lanes (block-aligned), so the only
+   padding lanes are the last input's, rescaled and clipped like its real lanes.
 2. No padding lane reaches a real channel: the pack stage of every written conv kernel masks
    channels ``c >= C`` to the zero code (``conv2d._packed_value``), exactly as it pads an NCHW
    input, and the packed weights of those channels are zero as well (``conv2d.pack_weight``).
@@ -70,7 +88,7 @@ from torch import fx
 from djpq_compiler.ir import modules as im
 
 __all__ = ["NCHW", "PACKED_OPS", "Layout", "LayoutPlan", "layout_lanes", "packed_channel_const",
-           "plan_layouts", "to_nchw"]
+           "plan_layouts", "to_nchw", "to_packed"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +134,9 @@ def layout_lanes(features: frozenset[str] | None) -> int:
 # ------------------------------------------------------------------------------ the plan
 
 #: How an op relates to the packed layout: ``"kernel"`` (reads any layout, may write packed:
-#: the written conv kernels), ``"lanewise"`` (packed output iff all its tensor inputs are) or
+#: the written conv kernels), ``"lanewise"`` (packed output iff all its tensor inputs are),
+#: ``"broadcast"`` (lane-wise, packed output iff some input is: the others are small operands
+#: broadcast over ``H, W`` and packed at emission, e.g. a squeeze-excite gate) or
 #: ``"reducing"`` (lane-wise, and worth reading packed values even when its own users unpack:
 #: its output is smaller than its input, e.g. the global average pool before a classifier).
 PackedRule = Callable[[Any], str | None]
@@ -135,6 +155,10 @@ def _lanewise(module: Any) -> str | None:
 
 def _reducing(module: Any) -> str | None:
     return "reducing"
+
+
+def _broadcast(module: Any) -> str | None:
+    return "broadcast"
 
 
 def _adaptive_rule(module: Any) -> str | None:
@@ -156,6 +180,8 @@ PACKED_OPS: dict[type, PackedRule] = {
     im.IntClip: _lanewise,
     im.Requantize: _lanewise,
     im.IntMaxPool2d: _lanewise,  # per channel over H, W: lane-wise on the blocks
+    im.IntMul: _broadcast,  # x * gate: the gate broadcasts over H, W (packed at emission)
+    im.IntConcat: _lanewise,  # on channel blocks when block-aligned (checked at emission)
     im.IntAvgPool2d: _reducing,  # window sums lane by lane (pools.py)
     im.IntAdaptiveAvgPool2d: _adaptive_rule,
     im.IntPoolRequantize: _pool_requantize_rule,
@@ -181,18 +207,48 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None if rule is None else rule(module)
 
 
+def _channels(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """Channels of ``node``'s value where the graph says so: a conv's output channels, through
+    lane-wise and pooling ops (their first input's), a concat's sum; ``None`` if unknown."""
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(str(node.target))
+    if isinstance(module, im.IntConv2d):
+        return int(module.weight.shape[0])
+    inputs = node.all_input_nodes
+    if isinstance(module, im.IntConcat) and module.dim % 4 == 1:
+        counts = [_channels(gm, a) for a in inputs]
+        return None if None in counts else sum(c for c in counts if c is not None)
+    if type(module) in PACKED_OPS and inputs:
+        return _channels(gm, inputs[0])
+    return None
+
+
+def _block_aligned(gm: fx.GraphModule, node: fx.Node, lanes: int) -> bool:
+    """Whether a concat can run on channel blocks: along ``N``/``H``/``W``, or along the channels
+    with every input but the last a whole number of blocks (:func:`_channels`)."""
+    module = gm.get_submodule(str(node.target))
+    if not isinstance(module, im.IntConcat) or module.dim % 4 != 1:
+        return True
+    counts = [_channels(gm, a) for a in node.all_input_nodes[:-1]]
+    return all(c is not None and c % lanes == 0 for c in counts)
+
+
 def _consumes_packed(gm: fx.GraphModule, user: fx.Node, packed: set[fx.Node]) -> bool:
     rule = _rule(gm, user)
-    return rule in ("kernel", "reducing") or (rule == "lanewise" and user in packed)
+    return rule in ("kernel", "reducing") or (rule in ("lanewise", "broadcast")
+                                              and user in packed)
 
 
 def plan_layouts(gm: fx.GraphModule, lanes: int) -> LayoutPlan:
     """Plan the packed values of a converted graph (pure; reads only ops and the graph).
 
-    Forward: conv candidates (:data:`PACKED_OPS`) and lane-wise (or reducing) ops whose tensor
-    inputs are all candidates. Backward: a candidate stays packed only if a user consumes packed
-    values (a conv, a reducing op, or a lane-wise op that stays packed), so no value is packed
-    just to be unpacked at its full size.
+    Forward: conv candidates (:data:`PACKED_OPS`), lane-wise (or reducing) ops whose tensor
+    inputs are all candidates (a channel concat only with block-aligned offsets, as far as the
+    graph tells the channel counts) and broadcasting ones with at least one candidate input.
+    Backward: a candidate stays packed only if a user consumes packed values (a conv, a reducing
+    op, or a lane-wise op that stays packed), so no value is packed just to be unpacked at its
+    full size.
 
     Args:
         gm: The converted model.
@@ -205,7 +261,10 @@ def plan_layouts(gm: fx.GraphModule, lanes: int) -> LayoutPlan:
         rule = _rule(gm, node)
         inputs = node.all_input_nodes
         if rule == "kernel" or (rule in ("lanewise", "reducing") and inputs
-                                and all(a in candidates for a in inputs)):
+                                and all(a in candidates for a in inputs)
+                                and _block_aligned(gm, node, lanes)):
+            candidates.add(node)
+        elif rule == "broadcast" and any(a in candidates for a in inputs):
             candidates.add(node)
     packed: set[fx.Node] = set()
     for node in reversed(list(gm.graph.nodes)):
@@ -227,6 +286,17 @@ def to_nchw(bb: Any, expr: Any, layout: Layout) -> Any:
     if cb * lanes == layout.channels:
         return flat
     return bb.strided_slice(flat, [1], [0], [layout.channels], [1])
+
+
+def to_packed(bb: Any, expr: Any, layout: Layout) -> Any:
+    """``[N, C, H, W]`` -> ``[N, CB, H, W, L]`` of ``layout`` (``C == layout.channels``), the
+    padding lanes 0: for small operands broadcast against a packed value (a per-channel gate)."""
+    n, c, h, w = bb.shape(expr)
+    full = layout.blocks * layout.lanes
+    if full != c:
+        expr = bb.call("nn.pad", expr, [0, 0, 0, full - c, 0, 0, 0, 0])
+    blocks = bb.reshape(expr, (n, layout.blocks, layout.lanes, h, w))
+    return bb.permute(blocks, (0, 1, 3, 4, 2))
 
 
 def packed_channel_const(values: Any, layout: Layout) -> np.ndarray:
