@@ -45,9 +45,11 @@ other adaptive pools                    unpack
 ``IntLinear``, flatten, reshape, ...    unpack (they index channels)
 ``IntLUT``                              unpack: its converter (``float_ops.py``) reads NCHW;
                                         a lookup is lane-wise (``take`` on any shape), so a
-                                        packed form only needs that converter to keep the
-                                        layout (padding lanes index the table with codes in
-                                        range and get table entries, codes in range)
+                                        packed form only needs that converter to read
+                                        ``converters._lanewise_args``, keep the layout and
+                                        register ``PACKED_OPS[IntLUT] = lanewise_rule``
+                                        (padding lanes index the table with codes in range
+                                        and get table entries: codes in range)
 float islands, graph outputs            unpack
 =====================================  ===================================================
 
@@ -88,7 +90,7 @@ from torch import fx
 from djpq_compiler.ir import modules as im
 
 __all__ = ["NCHW", "PACKED_OPS", "Layout", "LayoutPlan", "layout_lanes", "packed_channel_const",
-           "plan_layouts", "to_nchw", "to_packed"]
+           "lanewise_rule", "plan_layouts", "to_nchw", "to_packed"]
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,14 @@ def _conv_rule(module: Any) -> str | None:
     return "kernel"
 
 
-def _lanewise(module: Any) -> str | None:
+def lanewise_rule(module: Any) -> str | None:
+    """The :data:`PACKED_OPS` rule of an op that maps each lane to the same lane (and ends
+    in codes of its range): a converter module whose converter reads packed values registers
+    its op with it (``PACKED_OPS[op] = lanewise_rule``)."""
     return "lanewise"
+
+
+_lanewise = lanewise_rule
 
 
 def _reducing(module: Any) -> str | None:
