@@ -117,27 +117,27 @@ def resnet_tail(c: Leaf, p: Leaf) -> Requant:
 
 def run_kernel(tree: Expr, inputs: list[np.ndarray], out_dtype: str, spec: dict) -> np.ndarray:
     tvm = pytest.importorskip("tvm")
-    size = inputs[0].size
+    shape = inputs[0].shape
     target = adapter.make_target(spec)
-    func = build_chain_kernel(tree, size, out_dtype, target)
+    func = build_chain_kernel(tree, shape, out_dtype, target)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a).reshape(-1), dev) for a in inputs]
-    args.append(tvm.runtime.tensor(np.zeros(size, out_dtype), dev))
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    args.append(tvm.runtime.tensor(np.zeros(shape, out_dtype), dev))
     lib["main"](*args)
-    return args[-1].numpy().reshape(inputs[0].shape)
+    return args[-1].numpy()
 
 
 @pytest.mark.parametrize("spec", TARGETS)
-@pytest.mark.parametrize("size", [1, 37, 64 * 5 + 3, 4096])
-def test_resnet_tail_kernel_bit_exact(spec: dict, size: int) -> None:
-    """Random codes and the range ends at odd sizes; the steps say which requantizations ran
-    in int32."""
+@pytest.mark.parametrize("shape", [(1,), (37,), (3, 5, 7), (2, 1, 7, 7, 16), (32, 2, 3, 4, 8)])
+def test_resnet_tail_kernel_bit_exact(spec: dict, shape: tuple[int, ...]) -> None:
+    """Random codes and the range ends at odd and packed shapes; the steps say which
+    requantizations ran in int32."""
     tree = resnet_tail(Leaf(0, -255, 255, "int16"), Leaf(1, 0, 15, "uint8"))
-    gen = np.random.default_rng(size)
-    c = gen.integers(-255, 256, size).astype(np.int16)
-    p = gen.integers(0, 16, size).astype(np.uint8)
-    c[:2], p[:2] = np.array([-255, 255])[:size], np.array([0, 15])[:size]
+    gen = np.random.default_rng(len(shape))
+    c = gen.integers(-255, 256, shape).astype(np.int16)
+    p = gen.integers(0, 16, shape).astype(np.uint8)
+    c.flat[:2], p.flat[:2] = np.array([-255, 255])[:c.size], np.array([0, 15])[:c.size]
     got = run_kernel(tree, [c, p], "uint8", spec)
     np.testing.assert_array_equal(got, reference_eval(tree, [c, p]))
     steps = chain_steps(tree)
@@ -160,7 +160,7 @@ def test_wide_codes_take_int64_steps_and_stay_exact(spec: dict) -> None:
     leaf = Leaf(0, -(2**24), 2**24, "int32")
     tree = Clamp(Requant(leaf, 2**31 - 5, 20, -(2**20), 2**20), -1000, 1000)
     assert "int64" in chain_steps(tree)[0]
-    x = np.random.default_rng(1).integers(-(2**24), 2**24 + 1, 999).astype(np.int32)
+    x = np.random.default_rng(1).integers(-(2**24), 2**24 + 1, (9, 111)).astype(np.int32)
     np.testing.assert_array_equal(run_kernel(tree, [x], "int16", spec),
                                   reference_eval(tree, [x]))
 

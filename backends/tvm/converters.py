@@ -595,19 +595,17 @@ def _chain_kernel(ctx: Lowering, node: fx.Node, tree: Expr, values: list[IntValu
 
     assert ctx.target is not None  # chains_enabled
     shape = tuple(ctx.bb.shape(values[0].expr))
-    size = int(np.prod(shape))
     out_dtype = container_dtype(*out_range)
-    key = ("eltwise", tree, size, out_dtype)
+    key = ("eltwise", tree, shape, out_dtype)
     named = ctx.bb.kernel_cache.get(key)
     if named is None:
         name = f"fused_eltwise_{node.name}"
-        func = build_chain_kernel(tree, size, out_dtype, make_target(ctx.target))
+        func = build_chain_kernel(tree, shape, out_dtype, make_target(ctx.target))
         named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8))
         ctx.bb.kernel_cache[key] = named
-    flat = [ctx.bb.reshape(v.expr, (size,)) for v in values]  # free views of the same memory
-    out = ctx.bb.reshape(ctx.bb.call_tir(named[1], named[0], flat, (size,), out_dtype), shape)
+    out = ctx.bb.call_tir(named[1], named[0], [v.expr for v in values], shape, out_dtype)
     layout = values[0].layout
-    ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), size,
+    ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), shape,
                                    tuple(chain_steps(tree)), tree))
     return IntValue(out, out_range[0], out_range[1], layout)
 

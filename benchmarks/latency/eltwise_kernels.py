@@ -67,16 +67,16 @@ def main() -> int:
     funcs: dict[tuple[str, bool], list[Any]] = {}
     data = []
     for i, rec in enumerate(records):
-        inputs = _inputs(rec.tree, rec.elements, i)
+        inputs = [a.reshape(rec.shape) for a in _inputs(rec.tree, rec.elements, i)]
         out_dtype = container_dtype(*value_range(rec.tree))
         want = reference_eval(rec.tree, inputs)
         tensors = [tvm.runtime.tensor(a, dev) for a in inputs]
-        tensors.append(tvm.runtime.tensor(np.zeros(rec.elements, out_dtype), dev))
+        tensors.append(tvm.runtime.tensor(np.zeros(rec.shape, out_dtype), dev))
         data.append(tensors)
         for tname, spec in targets.items():
             target = adapter.make_target(spec)
             for int32 in (True, False):
-                func = build_chain_kernel(rec.tree, rec.elements, out_dtype, target, int32)
+                func = build_chain_kernel(rec.tree, rec.shape, out_dtype, target, int32)
                 lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
                 lib["main"](*tensors)
                 if not np.array_equal(tensors[-1].numpy(), want):

@@ -263,7 +263,7 @@ class ChainRecord:
         name: The PrimFunc's name.
         ops: The fx nodes fused into it, in graph order.
         layout: The layout it read and wrote (``"NCHW"`` or ``"NCHW16c"``).
-        elements: Elements per call.
+        shape: The shape of its inputs and output.
         steps: :func:`chain_steps`.
         tree: The chain itself.
     """
@@ -271,9 +271,14 @@ class ChainRecord:
     name: str
     ops: tuple[str, ...]
     layout: str
-    elements: int
+    shape: tuple[int, ...]
     steps: tuple[str, ...]
     tree: Expr | None = None
+
+    @property
+    def elements(self) -> int:
+        """Elements per call."""
+        return int(np.prod(self.shape))
 
     @property
     def int64_steps(self) -> int:
@@ -373,18 +378,20 @@ def _vector_width(size: int, widest: int = 64) -> int:
 PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
-def build_chain_kernel(expr: Expr, size: int, out_dtype: str, target: Any,
+def build_chain_kernel(expr: Expr, shape: tuple[int, ...], out_dtype: str, target: Any,
                        int32: bool = True) -> Any:
-    """The scheduled, flattened PrimFunc computing ``expr`` lane-wise over ``size`` elements.
+    """The scheduled, flattened PrimFunc computing ``expr`` lane-wise over tensors of ``shape``.
 
-    The inputs and the output are flat ``(size,)`` views of tensors of one shape (any layout:
-    every op of the chain is per tensor), so the vectorized loop reads and writes contiguous
-    vectors whatever the shape (a loop nest fused and split by a width that does not divide
-    its inner extents would keep per-lane index arithmetic).
+    One loop over every element (the ops are per tensor, so any layout is read as it is),
+    vectorized by the largest power of two (<= 64) dividing the innermost extent -- the lanes
+    of a packed value -- and parallel over the rest. (A width that does not divide the innermost
+    extent would leave per-lane index arithmetic that :func:`~..adapter.flatten_scheduled`
+    cannot simplify: gathers instead of vector loads. A flat ``(size,)`` view would avoid that,
+    but a Relax reshape around the kernel is a copy in this pipeline.)
 
     Args:
         expr: The chain; its leaves' dtypes are the inputs' containers.
-        size: Elements of every input and of the output.
+        shape: The common shape of every input and of the output.
         out_dtype: The output container.
         target: The TVM target (for :func:`~..adapter.flatten_scheduled`).
         int32: ``False`` computes every step in int64 (same schedule; for comparisons).
@@ -400,17 +407,19 @@ def build_chain_kernel(expr: Expr, size: int, out_dtype: str, target: Any,
                     key=lambda leaf: leaf.index)
     if [leaf.index for leaf in leaves] != list(range(len(leaves))):
         raise ValueError(f"chain leaves must be numbered 0..k, got {[x.index for x in leaves]}")
-    tensors = [te.placeholder((size,), leaf.dtype, name=f"x{leaf.index}") for leaf in leaves]
-    out = te.compute((size,), lambda i: _emit(expr, tensors, (i,), int32).astype(out_dtype),
+    tensors = [te.placeholder(shape, leaf.dtype, name=f"x{leaf.index}") for leaf in leaves]
+    out = te.compute(shape, lambda *i: _emit(expr, tensors, i, int32).astype(out_dtype),
                      name="chain")
     sch = s_tir.Schedule(te.create_prim_func(tensors + [out]))
-    (loop,) = sch.get_loops(sch.get_sblock("chain"))
-    width = _vector_width(size)
+    loops = sch.get_loops(sch.get_sblock("chain"))
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    size = int(np.prod(shape))
+    width = _vector_width(int(shape[-1]) if shape else 1)
     if width > 1:
-        outer, inner = sch.split(loop, factors=[None, width])
+        outer, inner = sch.split(fused, factors=[None, width])
         sch.vectorize(inner)
     else:
-        outer = loop
+        outer = fused
     if size >= PARALLEL_MIN_ELEMENTS and size // width > 1:
         sch.parallel(outer)
     func = flatten_scheduled(sch.mod["main"], target)
