@@ -591,22 +591,24 @@ def _chain_kernel(ctx: Lowering, node: fx.Node, tree: Expr, values: list[IntValu
                   ops: list[str], out_range: tuple[int, int]) -> IntValue:
     """Emit ``tree`` as one scheduled lane-wise kernel (``kernels/eltwise.py``) and record it."""
     from .adapter import make_target
-    from .kernels.eltwise import ChainRecord, build_chain_kernel, chain_steps
+    from .kernels.eltwise import ChainRecord, build_chain_kernel, chain_steps, prefers_int32
 
     assert ctx.target is not None  # chains_enabled
     shape = tuple(ctx.bb.shape(values[0].expr))
     out_dtype = container_dtype(*out_range)
     key = ("eltwise", tree, shape, out_dtype)
+    target = make_target(ctx.target)
+    int32 = prefers_int32(target)
     named = ctx.bb.kernel_cache.get(key)
     if named is None:
         name = f"fused_eltwise_{node.name}"
-        func = build_chain_kernel(tree, shape, out_dtype, make_target(ctx.target))
+        func = build_chain_kernel(tree, shape, out_dtype, target, int32)
         named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8))
         ctx.bb.kernel_cache[key] = named
     out = ctx.bb.call_tir(named[1], named[0], [v.expr for v in values], shape, out_dtype)
     layout = values[0].layout
     ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), shape,
-                                   tuple(chain_steps(tree)), tree))
+                                   tuple(chain_steps(tree, int32)), tree))
     return IntValue(out, out_range[0], out_range[1], layout)
 
 

@@ -1,11 +1,13 @@
 """A/B of the fused lane-wise kernels (``backends/tvm/kernels/eltwise.py``), interleaved.
 
-Builds one committed DJPQ-trained model twice in one process: ``A`` with the lane-wise ops
+Builds one committed DJPQ-trained model in one process: ``A`` with the lane-wise ops
 (``IntAdd``, ``Requantize``, ``IntClip``) emitted op by op as Relax int64 arithmetic and fused by
 TVM (the code before the kernel; ``converters.chains_enabled`` patched off), ``B`` with the
-written chain kernels. Checks both bit-exact against the integer reference, then times them
-alternately (A, B, A, B, ...) and reports medians, the time spent in the lane-wise calls of
-each (``VirtualMachine.set_instrument``) and the load average before and after.
+written chain kernels (int32 or int64 forms as ``eltwise.prefers_int32`` picks for the host),
+and ``B`` with each form forced. Checks each bit-exact against the integer reference, then
+times them alternately (A, B, ..., A, B, ...) and reports medians, the time spent in the
+lane-wise calls of each (``VirtualMachine.set_instrument``) and the load average before and
+after.
 
 Usage:
   TVM_NUM_THREADS=1 python benchmarks/latency/eltwise_ab.py --model resnet20 --batch 32
@@ -27,17 +29,22 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _build(converted: Any, x: torch.Tensor, chains: bool) -> Any:
+def _build(converted: Any, x: torch.Tensor, chains: bool, int32: bool | None = None) -> Any:
+    """Build with the chain kernels off, on (their own int32/int64 choice) or on with
+    ``int32`` forced."""
     from djpq_compiler.backends import tvm as tvm_backend
     from djpq_compiler.backends.tvm import converters
+    from djpq_compiler.backends.tvm.kernels import eltwise
 
-    saved = converters.chains_enabled
+    saved, saved_int32 = converters.chains_enabled, eltwise.prefers_int32
     if not chains:
         converters.chains_enabled = lambda ctx: False
+    if int32 is not None:
+        eltwise.prefers_int32 = lambda target: int32
     try:
         return tvm_backend.build(converted, "x86", example_inputs=(x,))
     finally:
-        converters.chains_enabled = saved
+        converters.chains_enabled, eltwise.prefers_int32 = saved, saved_int32
 
 
 def _lanewise_ms(vm: Any, arr: Any, runs: int) -> dict[str, float]:
@@ -79,7 +86,9 @@ def main() -> int:
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.batch))
     want = converted(x)
     builds = {"A (op by op, int64)": _build(converted, x, False),
-              "B (chain kernels)": _build(converted, x, True)}
+              "B (chain kernels)": _build(converted, x, True),
+              "B, int32 forced": _build(converted, x, True, True),
+              "B, int64 forced": _build(converted, x, True, False)}
     arr = tvm.runtime.tensor(x.numpy(), tvm.cpu())
     vms = {}
     for name, compiled in builds.items():

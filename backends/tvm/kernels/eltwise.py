@@ -240,19 +240,35 @@ def _step_text(expr: Requant, lo: int, hi: int, split: SplitMultiplier | None) -
             f"({split.why})")
 
 
-def chain_steps(expr: Expr) -> list[str]:
-    """One line per requantization of the chain: int32 (with its bound) or int64 (and why)."""
+def chain_steps(expr: Expr, int32: bool = True) -> list[str]:
+    """One line per requantization of the chain: int32 (with its bound) or int64 (and why);
+    ``int32=False``: the kernel was built all-int64 (:func:`prefers_int32`)."""
     if isinstance(expr, Leaf):
         return []
     if isinstance(expr, Sum):
-        return chain_steps(expr.a) + chain_steps(expr.b)
-    steps = chain_steps(expr.child)
+        return chain_steps(expr.a, int32) + chain_steps(expr.b, int32)
+    steps = chain_steps(expr.child, int32)
     if isinstance(expr, Requant):
         lo, hi = value_range(expr.child)
+        if not int32:
+            steps.append(f"rq(m={expr.m},s={expr.shift}) int64: the target multiplies int64 "
+                         "lanes natively (avx512dq), measured faster than the int32 forms")
+            return steps
         split = (split_multiplier(lo, hi, expr.m, expr.shift, expr.qmin, expr.qmax)
                  if _is_int32(expr.child) else None)
         steps.append(_step_text(expr, lo, hi, split))
     return steps
+
+
+def prefers_int32(target: Any) -> bool:
+    """Whether the chain kernels take their int32 forms on ``target``: everywhere but where the
+    CPU multiplies 64-bit lanes natively (AVX-512DQ ``vpmullq``), where the all-int64 kernel
+    measured ~10 % faster than the int32 one (the split forms need more multiplies and
+    int32/int64 conversions around ``IntAdd``'s int64 step); on AVX2 the int32 kernel is ~27 %
+    faster (int64 products are emulated). ``benchmarks/latency/eltwise_kernels.py``."""
+    from tvm.target import codegen
+
+    return not bool(codegen.target_has_features("avx512dq", target))
 
 
 @dataclass(frozen=True)
