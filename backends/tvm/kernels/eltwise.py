@@ -23,7 +23,9 @@ most :data:`EXHAUSTIVE_MAX` codes, the correction term ``floor(q * ml / 2^u)`` i
 exhaustive comparison with the reference over the whole range (after the op's clip) shows it
 never changes the result. Sums are int32 when both operands are and the summed range fits.
 Anything else (typically ``IntAdd``'s final rescale, ``sum * out_m`` with the 2^20 headroom of
-``add_rescale``) stays int64, and the record says which steps did and why.
+``add_rescale``) stays int64, and the record says which steps did and why. Where the target
+multiplies 64-bit lanes natively (AVX-512DQ), the kernel is built all-int64 instead, which
+measured faster there (:func:`prefers_int32`; ``benchmarks/latency/PROFILE.md``).
 """
 
 from __future__ import annotations
