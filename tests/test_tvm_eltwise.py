@@ -254,3 +254,20 @@ def test_no_target_keeps_the_relax_ops() -> None:
     got = [torch.from_numpy(o).to(torch.int64) for o in adapter.run_vm(vm, [x.numpy()])]
     for g, w in zip(got, gm(x), strict=True):
         assert torch.equal(g, w)
+
+
+def test_build_report_lists_the_fused_chains() -> None:
+    """``build(...).kernel_report()`` shows each fused chain after the conv table, with the
+    arithmetic of its steps; the built model stays bit-exact."""
+    from djpq_compiler.backends.tvm import build
+
+    gm = im.trace_integer(Blocks().eval())
+    x = torch.rand((2, 1, 9, 11), generator=torch.Generator().manual_seed(5)) * 5.0
+    model = build(gm, "x86", example_inputs=x)
+    for g, w in zip(model(x), gm(x), strict=True):
+        assert torch.equal(g, w)
+    assert [r.ops for r in model.eltwise][:1] == [("short1", "add1", "relu1", "rq1")]
+    report = model.kernel_report()
+    assert "ops: short1, add1, relu1, rq1" in report
+    assert "requantizations in int32" in report
+    assert report.index("ops: short1") > report.index(model.kernels[0].variant)

@@ -160,12 +160,17 @@ class CompiledModel:
 
     #: One ``KernelChoice`` per integer conv/linear layer: the kernel it got and the bound used.
     kernels: tuple[Any, ...] = ()
+    #: One ``kernels.eltwise.ChainRecord`` per fused lane-wise kernel (requantize / add / clip
+    #: chains): the ops it fused and, per requantization, int32 or int64 and why.
+    eltwise: tuple[Any, ...] = ()
 
     def kernel_report(self) -> str:
-        """A table of :attr:`kernels`: layer, op, variant, MACs, bound / reason."""
+        """A table of :attr:`kernels` (layer, op, variant, MACs, bound / reason), then one of
+        :attr:`eltwise` (the fused lane-wise kernels and the arithmetic of each step)."""
+        from .kernels.eltwise import eltwise_table
         from .kernels.report import kernel_table
 
-        return kernel_table(self.kernels)
+        return kernel_table(self.kernels) + "\n\n" + eltwise_table(list(self.eltwise))
 
     def script(self) -> str:
         """The Relax IRModule as TVMScript text."""
@@ -226,6 +231,7 @@ def build(converted: fx.GraphModule, target: str = "x86",
     compiled = CompiledModel(target, executable, ir_module, [tuple(t.shape) for t in inputs],
                              lowering.output_kinds, lowering.output_tuple, seconds, tuned)
     compiled.kernels = tuple(lowering.kernels)
+    compiled.eltwise = tuple(lowering.eltwise)
     return compiled
 
 
