@@ -77,6 +77,10 @@ class ConvKernelSpec:
     #: Depthwise only: the products' and sums' dtype, ``"int16"`` where the selection proved
     #: every partial sum fits (``select.py``, ``*_acc16`` variants), else ``"int32"``.
     acc_dtype: str = "int32"
+    #: Every channel's shift is at least 32 (:func:`split_shift_ok`): the requantization takes
+    #: the high word of ``acc * m + R`` and shifts it in int32 by ``shift - 32`` (the ``shift``
+    #: parameter then holds ``shift - 32`` as int32), see :func:`_requantize`.
+    split_shift: bool = False
 
     @property
     def depthwise(self) -> bool:
@@ -354,6 +358,28 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
     return x, wt, te.compute((n_, ocb, oh, owp, ol), conv, name="conv")
 
 
+def split_shift_ok(shifts: np.ndarray) -> bool:
+    """Whether every requantization shift is at least 32 (:attr:`ConvKernelSpec.split_shift`)."""
+    return bool(shifts.size and shifts.min() >= 32)
+
+
+def _requantize(spec: ConvKernelSpec, product: Any, shift: Any) -> Any:
+    """``product >> shift`` (arithmetic, int64 ``product = acc * m + R``).
+
+    With ``spec.split_shift`` (every shift ``s >= 32``; ``shift`` holds ``s - 32`` as int32):
+    ``int32(product >> 32) >> (s - 32)``. Equal for every int64 ``product``: arithmetic right
+    shifts are floor divisions by powers of two and ``floor(floor(p / 2^32) / 2^(s-32)) =
+    floor(p / 2^s)``; ``product >> 32`` fits int32 because ``|product| < 2^63``. On AVX2 (no
+    64-bit arithmetic shift, no 64-bit min/max) the int64 form costs a logical shift with sign
+    fix-ups and compare-and-blend clips per 4 lanes; this one takes the high words and does one
+    ``vpsravd`` and int32 ``vpminsd``/``vpmaxsd`` per 8 lanes (the epilogue was most of the
+    instructions of 1x1 and depthwise kernels, which do 9-64 MACs per output).
+    """
+    if spec.split_shift:
+        return (product >> 32).astype("int32") >> shift
+    return product >> shift
+
+
 def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
     """Epilogue (bias, requantization) and unpack to NCHW; the whole PrimFunc."""
     tvm = load_tvm()
@@ -369,14 +395,15 @@ def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
     else:
         m = te.placeholder((ocb * ol,), spec.mult_dtype, name="m")
         rnd = te.placeholder((ocb * ol,), "int64", name="rnd")
-        shift = te.placeholder((ocb * ol,), "int64", name="shift")
+        shift = te.placeholder((ocb * ol,), "int32" if spec.split_shift else "int64",
+                               name="shift")
         params += [m, rnd, shift]
 
         def requant(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
             c = ob * ol + o
             full = (acc[n, ob, y, xx, o].astype("int32") * (1 << spec.acc_shift)
                     + bias[c]).astype("int64")
-            q = (full * m[c].astype("int64") + rnd[c]) >> shift[c]
+            q = _requantize(spec, full * m[c].astype("int64") + rnd[c], shift[c])
             return tirx.max(tirx.min(q, spec.qmax), spec.qmin).astype(spec.out_dtype)
 
         epi = te.compute(acc.shape, requant, name="epilogue")
@@ -398,15 +425,22 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     conv = sch.get_sblock("conv")
     writeback = sch.cache_write(conv, 0, "local")
     if spec.depthwise:
-        return _schedule_depthwise(sch, conv, writeback, tile_w, lanes_aligned(spec))
+        return _schedule_depthwise(sch, conv, writeback, tile_w, lanes_aligned(spec),
+                                   batch_outer(spec))
     loops = sch.get_loops(conv)
     n, ob, y, xx, o = loops[:5]
     rb, ry, rx, *inner = loops[5:]
     obo, obi = sch.split(ob, [None, tile_oc])
     xo, xi = sch.split(xx, [None, tile_w])
     sch.reorder(n, obo, y, xo, rb, ry, rx, xi, obi, o, *inner)
-    _schedule_stages(sch, sch.fuse(n, obo, y), xo, writeback,
-                     pack=not reads_directly(spec, tile_w), vector_lanes=packs_blocks(spec))
+    pack = not reads_directly(spec, tile_w)
+    if batch_outer(spec, tile_w):  # one image per parallel iteration, its pack just before
+        sch.fuse(obo, y)
+        _schedule_stages(sch, n, xo, writeback, pack=pack, vector_lanes=packs_blocks(spec),
+                         pack_at=n)
+    else:
+        _schedule_stages(sch, sch.fuse(n, obo, y), xo, writeback, pack=pack,
+                         vector_lanes=packs_blocks(spec))
     init = sch.decompose_reduction(conv, rb)
     sch.tensorize(o, intrin_name(spec.kind, spec.groups))
     sch.unroll(xi)
@@ -417,12 +451,18 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
 
 
 def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int,
-                        vector_pack: bool = False) -> Any:
-    """Depthwise: channels vectorized, ``tile_w`` columns x all taps unrolled in registers."""
+                        vector_pack: bool = False, per_block: bool = False) -> Any:
+    """Depthwise: channels vectorized, ``tile_w`` columns x all taps unrolled in registers;
+    ``per_block``: one (image, channel block) per parallel iteration, its pack right before
+    its conv (:func:`batch_outer`)."""
     n, b, y, xx, o, ry, rx = sch.get_loops(conv)
     xo, xi = sch.split(xx, [None, tile_w])
     sch.reorder(n, b, y, xo, ry, rx, xi, o)
-    _schedule_stages(sch, sch.fuse(n, b, y), xo, writeback, vector_lanes=vector_pack)
+    if per_block:
+        outer = sch.fuse(n, b)
+        _schedule_stages(sch, outer, xo, writeback, vector_lanes=vector_pack, pack_at=outer)
+    else:
+        _schedule_stages(sch, sch.fuse(n, b, y), xo, writeback, vector_lanes=vector_pack)
     sch.vectorize(o)
     init = sch.decompose_reduction(conv, ry)
     sch.unroll(xi)
@@ -436,36 +476,67 @@ def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int,
 PACK_UNROLL_WIDTH = 32
 
 
-def _schedule_pack(sch: Any, vector_lanes: bool = False) -> None:
-    """The pack stage as its own parallel loop nest over (image, channel block, row).
+def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None) -> None:
+    """The pack stage as its own parallel loop nest over (image, channel block, row), or, with
+    ``at``, computed under the conv's loop ``at`` (only the part that iteration reads).
 
     The channel-lane loops (and narrow rows) are unrolled: each lane's channel index, bounds test
     and clamp then fold to constants per unrolled copy, which made the pack of a 9-channel 28x28
     batch-32 input 5-10x faster than the rolled scalar loop (it cost 70 % of that conv kernel).
     """
-    loops = sch.get_loops(sch.get_sblock("pack"))
-    sch.parallel(sch.fuse(*loops[:3]))
-    if vector_lanes:  # lanes_aligned / packs_blocks: one vector per pixel
-        sch.vectorize(sch.fuse(*loops[4:]) if len(loops) > 5 else loops[4])
+    pack = sch.get_sblock("pack")
+    if at is not None:
+        sch.compute_at(pack, at)
+        lane_dims = len(sch.get(pack).iter_vars) - 4  # after (n, b, y, x): lanes (, groups)
+        loops = sch.get_loops(pack)
+        cols, lanes = loops[-lane_dims - 1], loops[-lane_dims:]
     else:
-        for lane in loops[4:]:
+        loops = sch.get_loops(pack)
+        sch.parallel(sch.fuse(*loops[:3]))
+        cols, lanes = loops[3], loops[4:]
+    if vector_lanes:  # lanes_aligned / packs_blocks: one vector per pixel
+        sch.vectorize(sch.fuse(*lanes) if len(lanes) > 1 else lanes[0])
+    else:
+        for lane in lanes:
             sch.unroll(lane)
-    if int(sch.get(loops[3]).extent) <= PACK_UNROLL_WIDTH:
-        sch.unroll(loops[3])
+    if int(sch.get(cols).extent) <= PACK_UNROLL_WIDTH:
+        sch.unroll(cols)
 
 
 def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any, pack: bool = True,
-                     vector_lanes: bool = False) -> None:
+                     vector_lanes: bool = False, pack_at: Any = None) -> None:
     """Around the conv's register tile loop ``xo`` (under the fused ``outer`` loop): the
     write-back with the epilogue inlined, then the unpack of that tile right after it (while it
     is in cache, inside the parallel loop rather than in a serial pass over the whole output
-    afterwards); ``outer`` parallel; the pack (:func:`_schedule_pack`), if there is one."""
+    afterwards); ``outer`` parallel; the pack (:func:`_schedule_pack`), if there is one, under
+    ``pack_at`` if given."""
     sch.reverse_compute_at(writeback, xo)
     sch.reverse_compute_inline(sch.get_sblock("epilogue"))
     sch.reverse_compute_at(sch.get_sblock("unpack"), xo)
     sch.parallel(outer)
     if pack:
-        _schedule_pack(sch, vector_lanes)
+        _schedule_pack(sch, vector_lanes, pack_at)
+
+
+#: Batches at least this large run one image per parallel iteration (:func:`batch_outer`).
+BATCH_OUTER_MIN = 2
+
+
+def batch_outer(spec: ConvKernelSpec, tile_w: int = 0) -> bool:
+    """Whether the kernel of ``spec`` runs its batch as the outer parallel axis, packing each
+    image (each image's channel block, for a depthwise kernel) right before its conv.
+
+    At batch 32 the whole padded input (3.4 MB of int16 for a 61-channel 28x28 depthwise layer)
+    was packed in one pass and read back from memory by the conv; one image's part stays in
+    cache between the two. Measured (``benchmarks/latency/kernels_avx2_ab.py``, haswell, batch
+    32): depthwise 1.3-1.6x faster, a 1x1 dense kernel with a pack stage 1.09x; but 3x3 dense
+    kernels 0.9x and 1x1 kernels without a pack (:func:`reads_directly`) 0.8x, so those keep
+    the rows as the parallel axis, as batch 1 does."""
+    if spec.batch < BATCH_OUTER_MIN:
+        return False
+    if spec.depthwise:
+        return True
+    return spec.kernel == (1, 1) and not reads_directly(spec, tile_w)
 
 
 def build_conv_kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
