@@ -101,3 +101,62 @@ def test_batch_outer_choice() -> None:
     assert not conv2d.batch_outer(spec(32, 3, "ubsw", groups=4))
     assert conv2d.batch_outer(spec(32, 1, "ubsw", offset=128, groups=4), 8)
     assert not conv2d.batch_outer(spec(32, 1, "ubsw", groups=2), 8)  # reads directly
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("c_in", "c_out", "k", "stride", "padding", "dilation", "signed",
+                          "w_bits", "batch"), [
+    (1, 13, 3, 1, 1, 1, True, 7, 32),  # a grayscale stem: P = 1 (7-bit weights)
+    (1, 16, 3, 1, 1, 1, False, 5, 1),  # P = 4
+    (3, 9, 5, 2, 2, 1, False, 6, 2),  # RGB 5x5 stride 2, P = 2
+    (4, 11, 3, 1, 2, 2, True, 4, 32),  # dilated, K = 36
+])
+def test_im2col_stem_exact(spec: dict, c_in: int, c_out: int, k: int, stride: int, padding: int,
+                           dilation: int, signed: bool, w_bits: int, batch: int) -> None:
+    """Dense convs on <= 4 input channels reduce over taps and channels jointly (im2col pack);
+    bit-exact with odd widths, strides, padding, dilation, signed input (the offset in the
+    padding), batch 1 and 32."""
+    layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=w_bits, x_signed=signed, k=k,
+                      stride=stride, padding=padding, dilation=dilation, seed=c_out)
+    _, records = check(layer, (batch, c_in, 11, 13), 8, signed, spec)
+    assert records[0].variant.startswith("avx2_u8s8" if spec is AVX2 else "avx512_vnni")
+    assert conv2d.im2col_pays(conv2d.ConvKernelSpec(
+        batch, c_in, 11, 13, c_out, (k, k), (stride, stride), (padding, padding),
+        (dilation, dilation), "ubsw", 1, "uint8", 0, 0, "uint8", 0, 255))
+
+
+def test_im2col_only_for_few_channels() -> None:
+    def spec(c_in: int, k: int, kind: str = "ubsw") -> Any:
+        return conv2d.ConvKernelSpec(1, c_in, 8, 8, 8, (k, k), (1, 1), (0, 0), (1, 1), kind, 1,
+                                     "uint8", 0, 0, "uint8", 0, 255)
+    assert conv2d.im2col_pays(spec(3, 3)) and conv2d.im2col_pays(spec(4, 7))
+    assert not conv2d.im2col_pays(spec(5, 3))
+    assert not conv2d.im2col_pays(spec(1, 1))
+    assert not conv2d.im2col_pays(spec(2, 3, "dw8"))
+
+
+def test_selection_lowers_p_to_pad_less() -> None:
+    """Spatial kernels take the largest P that pads their reduction to the fewest operands:
+    7 channels per tap -> P = 2 (8, not 16); 13 -> P = 4 (16 either way); a 1-channel 3x3 stem
+    reduces 9 operands jointly -> P = 1 (12, not 16); 1x1 kernels keep the bound's P."""
+    from djpq_compiler.backends.tvm.kernels.select import LayerFacts, select_kernel
+
+    def variant(shape: tuple[int, ...]) -> Any:
+        facts = LayerFacts("l", "conv2d", 0, 31, np.full(shape, 7), np.zeros(shape[0]), 0, 1,
+                           0, frozenset({"avx2"}), "llvm mcpu=haswell")
+        return select_kernel(facts)
+    seven = variant((13, 7, 3, 3))
+    assert seven.variant == "avx2_u8s8_p2" and "lowered from 4" in seven.note
+    assert "2*2*31*7" in seven.bound
+    assert variant((9, 13, 3, 3)).variant == "avx2_u8s8_p4"
+    assert variant((16, 1, 3, 3)).variant == "avx2_u8s8_p1"
+    assert variant((16, 7, 1, 1)).variant == "avx2_u8s8_p4"
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_lowered_p_exact(batch: int) -> None:
+    """resnet20's 7 -> 13 3x3 layer shape with P lowered to 2, on signed input (the offset in
+    the padding), bit-exact at batch 1 and 32."""
+    layer = int_layer("conv", 7, 13, x_bits=8, w_bits=5, x_signed=True, seed=3)
+    _, records = check(layer, (batch, 7, 9, 11), 8, True, AVX2)
+    assert records[0].variant == "avx2_u8s8_p2"

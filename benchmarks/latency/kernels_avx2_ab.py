@@ -47,11 +47,20 @@ def _spec(n: int, c: int, hw: int, oc: int, k: int, s: int, kind: str, groups: i
 
 
 CASES = [
+    Case("stem 1->16 28 P1", _spec(32, 1, 28, 16, 3, 1, "ubsw", 1, in_lanes=0), 62),
+    Case("stem 1->16 28 P2", _spec(32, 1, 28, 16, 3, 1, "ubsw", 2, in_lanes=0), 31),
+    Case("stem 1->16 28 P4", _spec(32, 1, 28, 16, 3, 1, "ubsw", 4, in_lanes=0), 15),
+    Case("r20 3x3 11->16 28 P4", _spec(32, 11, 28, 16, 3, 1, "ubsw", 4), 7),
+    Case("r20 3x3 11->16 28 P1", _spec(32, 11, 28, 16, 3, 1, "ubsw", 1), 7),
     Case("mbv2 dw 61 s2 28", _spec(32, 61, 28, 61, 3, 2, "dw8", 1, acc="int16"), 7),
     Case("mbv2 dw 128 7", _spec(32, 128, 7, 128, 3, 1, "dw8", 1, acc="int16"), 7),
     Case("mbv2 1x1 16->61 28", _spec(32, 16, 28, 61, 1, 1, "ubsw", 4, in_lanes=8), 7),
     Case("mbv2 1x1 61->24 14", _spec(32, 61, 14, 24, 1, 1, "ubsw", 2), 7),
     Case("r20 3x3 13->9 28", _spec(32, 13, 28, 9, 3, 1, "ubsw", 4), 7),
+    Case("r20 3x3 13->9 28 in16", _spec(32, 13, 28, 9, 3, 1, "ubsw", 4, in_lanes=16), 7),
+    Case("r20 3x3 13->9 28 P2", _spec(32, 13, 28, 9, 3, 1, "ubsw", 2), 7),
+    Case("r20 3x3 7->13 28", _spec(32, 7, 28, 13, 3, 1, "ubsw", 4), 7),
+    Case("r20 3x3 7->13 28 P2", _spec(32, 7, 28, 13, 3, 1, "ubsw", 2), 7),
     Case("vgg7 3x3 32->32 14", _spec(32, 32, 14, 32, 3, 1, "ubsw", 4), 7),
 ]
 
@@ -81,11 +90,17 @@ def _same(spec: ConvKernelSpec) -> ConvKernelSpec:
 
 Variant = tuple[Callable[[ConvKernelSpec], ConvKernelSpec],
                 Callable[[], contextlib.AbstractContextManager[Any]]]
-VARIANTS: dict[str, Variant] = {
-    "before": (_same, _patched(BATCH_OUTER_MIN=10**9)),
+def _im2col(spec: ConvKernelSpec) -> ConvKernelSpec:
+    return dataclasses.replace(spec, split_shift=True, im2col=True)
+
+
+#: Every variant this harness knows; ``--variants`` picks (the first is the reference).
+ALL_VARIANTS: dict[str, Variant] = {
+    "before": (_same, _patched(BATCH_OUTER_MIN=10**9)),  # before commit 693b2c2
     "batch_outer": (_same, _patched(BATCH_OUTER_MIN=2)),
     "split_shift": (_split, _patched(BATCH_OUTER_MIN=10**9)),
-    "both": (_split, _patched(BATCH_OUTER_MIN=2)),
+    "both": (_split, _patched(BATCH_OUTER_MIN=2)),  # commit 693b2c2
+    "im2col": (_im2col, _patched(BATCH_OUTER_MIN=2)),
 }
 
 
@@ -147,13 +162,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", default="", help="substring of the case names to run")
+    ap.add_argument("--variants", default="before,batch_outer,split_shift,both",
+                    help=f"comma-separated, from {', '.join(ALL_VARIANTS)}")
     args = ap.parse_args()
+    variants = {k: ALL_VARIANTS[k] for k in args.variants.split(",")}
     print(f"load {os.getloadavg()}")
     for case in CASES:
         if args.only and args.only not in case.name:
             continue
         calls, outs = {}, {}
-        for name, (transform, ctx) in VARIANTS.items():
+        for name, (transform, ctx) in variants.items():
             with ctx():
                 try:
                     calls[name], outs[name] = build(case, transform(case.spec))

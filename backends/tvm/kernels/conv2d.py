@@ -81,6 +81,10 @@ class ConvKernelSpec:
     #: the high word of ``acc * m + R`` and shifts it in int32 by ``shift - 32`` (the ``shift``
     #: parameter then holds ``shift - 32`` as int32), see :func:`_requantize`.
     split_shift: bool = False
+    #: Dense kernels on few input channels (:func:`im2col_pays`): reduce over the taps and the
+    #: channels jointly, ``K = KH * KW * C`` padded once to the intrinsic's width (a 1-channel 3x3
+    #: stem: 12 operands per output instead of 9 taps x 4), through an im2col pack.
+    im2col: bool = False
 
     @property
     def depthwise(self) -> bool:
@@ -110,8 +114,14 @@ class ConvKernelSpec:
                 (self.width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
     @property
+    def reduce_channels(self) -> int:
+        """Channels the kernel reduces over per output: ``C``, or ``KH * KW * C`` (im2col)."""
+        kh, kw = self.kernel
+        return kh * kw * self.in_channels if self.im2col else self.in_channels
+
+    @property
     def in_blocks(self) -> int:
-        return -(-self.in_channels // (self.lanes * self.groups))
+        return -(-self.reduce_channels // (self.lanes * self.groups))
 
     def out_blocks(self, tile_oc: int) -> int:
         return -(-self.out_channels // (self.oc_lanes * tile_oc)) * tile_oc
@@ -151,6 +161,9 @@ def pack_weight(weight: np.ndarray, spec: ConvKernelSpec, tile_oc: int) -> np.nd
         full[:oc] = weight[:, 0]
         packed = full.reshape(-1, spec.oc_lanes, kh, kw).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(packed)
+    if spec.im2col:  # O x (KH, KW, C) as a 1x1 conv over K = KH * KW * C channels
+        weight = weight.transpose(0, 2, 3, 1).reshape(oc, kh * kw * ic, 1, 1)
+        oc, ic, kh, kw = weight.shape
     lanes, groups, ol = spec.lanes, spec.groups, spec.oc_lanes
     ocb, icb = spec.out_blocks(tile_oc), spec.in_blocks
     dtype = "int16" if spec.kind == "wd" else "int8"
@@ -209,6 +222,28 @@ def _packed_value(x: Any, spec: ConvKernelSpec, n: Any, c: Any, y: Any, xx: Any,
     return (tirx.if_then_else(inside, value, 0) + spec.act_offset).astype(dtype)
 
 
+def _im2col_value(x: Any, spec: ConvKernelSpec, n: Any, k: Any, y: Any, xx: Any,
+                  dtype: str) -> Any:
+    """Operand ``k`` of output pixel ``(y, xx)`` in the im2col pack: tap ``k // C`` (row-major
+    over ``KH x KW``), channel ``k % C``, through :func:`_packed_value` (zero plus the offset in
+    the spatial padding; ``k >= KH * KW * C`` lands there too or on a clamped in-bounds load,
+    and meets zero weights)."""
+    c_ = spec.in_channels
+    (_, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
+    tap, c = k // c_, k % c_
+    return _packed_value(x, spec, n, c, y * sh + (tap // kw) * dh, xx * sw + (tap % kw) * dw,
+                         dtype)
+
+
+def im2col_pays(spec: ConvKernelSpec) -> bool:
+    """Whether a dense kernel should reduce over taps and channels jointly (``im2col``): a
+    spatial kernel on at most 4 input channels (a stem on grayscale or RGB input), where padding
+    each tap's channels to the intrinsic's group of 4 (x P) multiplies the work: 1 channel, 3x3,
+    P = 2: 72 operands per output for 9 products; jointly 16."""
+    return (not spec.depthwise and spec.kind in ("ubsw", "vnni", "wd")
+            and spec.kernel != (1, 1) and spec.in_channels <= 4)
+
+
 def lanes_aligned(spec: ConvKernelSpec) -> bool:
     """A depthwise kernel on a packed input with its own lane count: its pack copies whole
     channel blocks (vectorized over the lanes, no per-lane channel test). It reads the input's
@@ -224,7 +259,7 @@ def packs_blocks(spec: ConvKernelSpec) -> bool:
     read, as codes in the value's range (plus the offset: in ``[0, span]``), and meet zero
     weights (:func:`pack_weight`): they add exactly 0."""
     return (spec.in_lanes > 0 and not spec.depthwise and spec.kind in ("vnni", "ubsw")
-            and spec.in_lanes % (spec.lanes * spec.groups) == 0)
+            and not spec.im2col and spec.in_lanes % (spec.lanes * spec.groups) == 0)
 
 
 def _block_value(x: Any, spec: ConvKernelSpec, n: Any, b: Any, y: Any, xx: Any, lane: Any,
@@ -300,6 +335,8 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
     te = load_tvm().te
     n_ = spec.batch
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
+    if spec.im2col:  # the conv proper is a 1x1 over the im2col pack's K channels
+        (kh, kw), (sh, sw), (dh, dw) = (1, 1), (1, 1), (1, 1)
     oh, ow = spec.out_size
     owp = -(-ow // tile_w) * tile_w
     lanes, groups = spec.lanes, spec.groups
@@ -346,6 +383,8 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
 
     def pack(n: Any, b: Any, y: Any, xx: Any, *gl: Any) -> Any:
         g, lane = gl if groups > 1 else (0, gl[0])
+        if spec.im2col:
+            return _im2col_value(x, spec, n, (b * groups + g) * lanes + lane, y, xx, act)
         return _packed_value(x, spec, n, (b * groups + g) * lanes + lane, y, xx, act)
 
     xp = te.compute((n_, icb, hp, wp) + gdim + (lanes,), pack, name="pack")
@@ -440,7 +479,7 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
                          pack_at=n)
     else:
         _schedule_stages(sch, sch.fuse(n, obo, y), xo, writeback, pack=pack,
-                         vector_lanes=packs_blocks(spec))
+                         vector_lanes=packs_blocks(spec), im2col=spec.im2col)
     init = sch.decompose_reduction(conv, rb)
     sch.tensorize(o, intrin_name(spec.kind, spec.groups))
     sch.unroll(xi)
@@ -476,7 +515,8 @@ def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int,
 PACK_UNROLL_WIDTH = 32
 
 
-def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None) -> None:
+def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None,
+                   im2col: bool = False) -> None:
     """The pack stage as its own parallel loop nest over (image, channel block, row), or, with
     ``at``, computed under the conv's loop ``at`` (only the part that iteration reads).
 
@@ -490,6 +530,11 @@ def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None) -> None
         lane_dims = len(sch.get(pack).iter_vars) - 4  # after (n, b, y, x): lanes (, groups)
         loops = sch.get_loops(pack)
         cols, lanes = loops[-lane_dims - 1], loops[-lane_dims:]
+    elif im2col:  # rows parallel; blocks, columns, lanes unrolled: each tap's index folds
+        n, b, y, cols, *lanes = sch.get_loops(pack)
+        sch.reorder(n, y, b, cols, *lanes)
+        sch.parallel(sch.fuse(n, y))
+        sch.unroll(b)
     else:
         loops = sch.get_loops(pack)
         sch.parallel(sch.fuse(*loops[:3]))
@@ -504,7 +549,8 @@ def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None) -> None
 
 
 def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any, pack: bool = True,
-                     vector_lanes: bool = False, pack_at: Any = None) -> None:
+                     vector_lanes: bool = False, pack_at: Any = None,
+                     im2col: bool = False) -> None:
     """Around the conv's register tile loop ``xo`` (under the fused ``outer`` loop): the
     write-back with the epilogue inlined, then the unpack of that tile right after it (while it
     is in cache, inside the parallel loop rather than in a serial pass over the whole output
@@ -515,7 +561,7 @@ def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any, pack: bool =
     sch.reverse_compute_at(sch.get_sblock("unpack"), xo)
     sch.parallel(outer)
     if pack:
-        _schedule_pack(sch, vector_lanes, pack_at)
+        _schedule_pack(sch, vector_lanes, pack_at, im2col)
 
 
 #: Batches at least this large run one image per parallel iteration (:func:`batch_outer`).

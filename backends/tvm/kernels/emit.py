@@ -19,6 +19,7 @@ from .conv2d import (
     ConvKernelSpec,
     build_conv_kernel,
     direct_input_shape,
+    im2col_pays,
     pack_weight,
     reads_directly,
     split_shift_ok,
@@ -113,6 +114,8 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
                           in_layout.lanes, acc_dtype=choice.acc_dtype)
     if out_lanes and requant is not None and out_lanes == spec.oc_lanes:
         spec = dataclasses.replace(spec, out_lanes=out_lanes)
+    if im2col_pays(spec):
+        spec = dataclasses.replace(spec, im2col=True)
     shift_c = _per_channel(shift, oc)
     if requant is not None and spec.kind in SPLIT_SHIFT_KINDS and split_shift_ok(shift_c):
         spec = dataclasses.replace(spec, split_shift=True)
