@@ -160,3 +160,22 @@ def test_lowered_p_exact(batch: int) -> None:
     layer = int_layer("conv", 7, 13, x_bits=8, w_bits=5, x_signed=True, seed=3)
     _, records = check(layer, (batch, 7, 9, 11), 8, True, AVX2)
     assert records[0].variant == "avx2_u8s8_p2"
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize("groups", [1, 12])
+def test_bias_in_rounding_term_exact_with_extreme_bias(spec: dict, groups: int) -> None:
+    """The x86 epilogue folds the bias into the rounding term (``bias * m + R``, int64): exact
+    with biases near 2^30 (products near 2^61) beside small ones, dense and depthwise."""
+    from tests.test_tvm_kernels import compile_for, inputs
+
+    layer = int_layer("conv", 12, 12, x_bits=8, w_bits=4, groups=groups, seed=5)
+    with torch.no_grad():
+        layer.bias[::3] = 2**30
+        layer.bias[1::3] = -(2**30) + 7
+    gm = im.trace_integer(One(layer, 8, False).eval())
+    xs = inputs((32, 12, 5, 6), 8, False)
+    run, records = compile_for(gm, xs[0], spec)
+    assert records[0].variant != "default"
+    for x in xs:
+        assert torch.equal(run(x), gm(x))

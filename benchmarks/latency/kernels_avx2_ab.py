@@ -94,13 +94,19 @@ def _im2col(spec: ConvKernelSpec) -> ConvKernelSpec:
     return dataclasses.replace(spec, split_shift=True, im2col=True)
 
 
+def _bias_in_round(spec: ConvKernelSpec) -> ConvKernelSpec:
+    return dataclasses.replace(spec, split_shift=True, bias_in_round=True,
+                               im2col=conv2d.im2col_pays(spec))
+
+
 #: Every variant this harness knows; ``--variants`` picks (the first is the reference).
 ALL_VARIANTS: dict[str, Variant] = {
     "before": (_same, _patched(BATCH_OUTER_MIN=10**9)),  # before commit 693b2c2
     "batch_outer": (_same, _patched(BATCH_OUTER_MIN=2)),
     "split_shift": (_split, _patched(BATCH_OUTER_MIN=10**9)),
     "both": (_split, _patched(BATCH_OUTER_MIN=2)),  # commit 693b2c2
-    "im2col": (_im2col, _patched(BATCH_OUTER_MIN=2)),
+    "im2col": (_im2col, _patched(BATCH_OUTER_MIN=2)),  # commit 6fd5277 (for the stems)
+    "bias_in_round": (_bias_in_round, _patched(BATCH_OUTER_MIN=2)),
 }
 
 
@@ -128,10 +134,12 @@ def build(case: Case, spec: ConvKernelSpec) -> tuple[Callable[[], Any], Callable
     ol = spec.out_lanes
     out_shape = (n, -(-spec.out_channels // ol), oh, ow, ol) if ol else (n, spec.out_channels,
                                                                          oh, ow)
-    arrays = [x.astype(spec.in_dtype), pack_weight(weight, spec, tile_oc),
-              rng.integers(-500, 500, size).astype("int32"),
-              rng.integers(2**29, 2**30, size).astype(spec.mult_dtype),
-              np.full(size, 2**37, "int64"),
+    bias = rng.integers(-500, 500, size).astype("int32")
+    mult = rng.integers(2**29, 2**30, size).astype(spec.mult_dtype)
+    rnd = np.full(size, 2**37, "int64")
+    if spec.bias_in_round:
+        rnd = rnd + bias.astype(np.int64) * mult
+    arrays = [x.astype(spec.in_dtype), pack_weight(weight, spec, tile_oc), bias, mult, rnd,
               np.full(size, 6, "int32") if spec.split_shift else np.full(size, 38, "int64"),
               np.zeros(out_shape, spec.out_dtype)]
     args = [tvm.runtime.tensor(a, tvm.cpu()) for a in arrays]

@@ -85,6 +85,14 @@ class ConvKernelSpec:
     #: channels jointly, ``K = KH * KW * C`` padded once to the intrinsic's width (a 1-channel 3x3
     #: stem: 12 operands per output instead of 9 taps x 4), through an im2col pack.
     im2col: bool = False
+    #: The requantization's rounding term carries the bias, ``rnd = bias * m + R`` (int64), and
+    #: the epilogue forms ``(acc * 2^k) * m + rnd``: the same int64 value as ``(acc * 2^k +
+    #: bias) * m + R`` (each product is below ``2^62``: ``|acc * 2^k|``, ``|bias|`` and ``|m|``
+    #: are below ``2^31``, which the selection's accumulator bound and ``mult_dtype`` int32
+    #: guarantee), but the multiplicand stays a sign-extended 32-bit value, so LLVM emits one
+    #: ``vpmuldq`` per 4 lanes; ``sext(acc + bias)`` may need 33 bits and cost three
+    #: ``vpmuludq`` with shifts and adds (seen in the AVX2 depthwise kernels).
+    bias_in_round: bool = False
 
     @property
     def depthwise(self) -> bool:
@@ -440,9 +448,12 @@ def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
 
         def requant(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
             c = ob * ol + o
-            full = (acc[n, ob, y, xx, o].astype("int32") * (1 << spec.acc_shift)
-                    + bias[c]).astype("int64")
-            q = _requantize(spec, full * m[c].astype("int64") + rnd[c], shift[c])
+            scaled = acc[n, ob, y, xx, o].astype("int32") * (1 << spec.acc_shift)
+            if spec.bias_in_round:  # rnd holds bias * m + R (emit.py)
+                product = scaled.astype("int64") * m[c].astype("int64") + rnd[c]
+            else:
+                product = (scaled + bias[c]).astype("int64") * m[c].astype("int64") + rnd[c]
+            q = _requantize(spec, product, shift[c])
             return tirx.max(tirx.min(q, spec.qmax), spec.qmin).astype(spec.out_dtype)
 
         epi = te.compute(acc.shape, requant, name="epilogue")

@@ -119,6 +119,8 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     shift_c = _per_channel(shift, oc)
     if requant is not None and spec.kind in SPLIT_SHIFT_KINDS and split_shift_ok(shift_c):
         spec = dataclasses.replace(spec, split_shift=True)
+    if requant is not None and spec.kind in SPLIT_SHIFT_KINDS and m_dtype == "int32":
+        spec = dataclasses.replace(spec, bias_in_round=True)
     func, (tile_w, tile_oc) = _kernel(spec)
     if reads_directly(spec, tile_w):  # a free view of the packed input (no pack stage)
         x = bb.reshape(x, direct_input_shape(spec))
@@ -128,6 +130,8 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
             bb.const(_padded(facts.kernel_bias(offset), size, "int32"), "int32")]
     if requant is not None:
         rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
+        if spec.bias_in_round:  # conv2d: ConvKernelSpec.bias_in_round
+            rnd = rnd + facts.kernel_bias(offset).astype(np.int64) * m_c
         args += [bb.const(_padded(m_c, size, m_dtype), m_dtype)]
         args += [bb.const(_padded(rnd, size, "int64"), "int64")]
         if spec.split_shift:  # the int32 shift of the product's high word (conv2d._requantize)
