@@ -28,6 +28,8 @@ from djpq_compiler.backends.tvm.kernels import conv2d
 from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec, pack_weight
 
 HASWELL = {"kind": "llvm", "mcpu": "haswell"}
+#: The target the kernels are compiled for (``--mcpu``).
+TARGET: dict[str, str] = dict(HASWELL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,16 @@ CASES = [
     Case("r20 3x3 11->16 28 P1", _spec(32, 11, 28, 16, 3, 1, "ubsw", 1), 7),
     Case("mbv2 dw 61 s2 28", _spec(32, 61, 28, 61, 3, 2, "dw8", 1, acc="int16"), 7),
     Case("mbv2 dw 128 7", _spec(32, 128, 7, 128, 3, 1, "dw8", 1, acc="int16"), 7),
+    Case("mbv2 dw 61 s2 28 dw16", _spec(32, 61, 28, 61, 3, 2, "dw16", 1, in_lanes=16,
+                                         out_lanes=16, acc="int16"), 7),
+    Case("mbv2 dw 128 7 dw16", _spec(32, 128, 7, 128, 3, 1, "dw16", 1, in_lanes=16,
+                                      out_lanes=16, acc="int16"), 7),
     Case("mbv2 1x1 16->61 28", _spec(32, 16, 28, 61, 1, 1, "ubsw", 4, in_lanes=8), 7),
     Case("mbv2 1x1 61->24 14", _spec(32, 61, 14, 24, 1, 1, "ubsw", 2), 7),
+    Case("mbv2 1x1 16->61 28 signed P4",
+         dataclasses.replace(_spec(32, 16, 28, 61, 1, 1, "ubsw", 4), act_offset=128), 7),
+    Case("mbv2 1x1 16->61 28 signed P2",
+         dataclasses.replace(_spec(32, 16, 28, 61, 1, 1, "ubsw", 2), act_offset=128), 7),
     Case("r20 3x3 13->9 28", _spec(32, 13, 28, 9, 3, 1, "ubsw", 4), 7),
     Case("r20 3x3 13->9 28 in16", _spec(32, 13, 28, 9, 3, 1, "ubsw", 4, in_lanes=16), 7),
     Case("r20 3x3 13->9 28 P2", _spec(32, 13, 28, 9, 3, 1, "ubsw", 2), 7),
@@ -110,6 +120,14 @@ ALL_VARIANTS: dict[str, Variant] = {
 }
 
 
+def _to_vnni(spec: ConvKernelSpec) -> ConvKernelSpec:
+    """The same layer as an AVX-512 kernel: ``vnni`` (P = 1) or ``dw16``, 16-lane layouts."""
+    kind = "dw16" if spec.depthwise else "vnni"
+    lanes = 16 if spec.in_lanes else 0
+    return dataclasses.replace(spec, kind=kind, groups=1, in_lanes=lanes,
+                               out_lanes=16 if spec.out_lanes else 0)
+
+
 def macs(spec: ConvKernelSpec) -> int:
     oh, ow = spec.out_size
     kh, kw = spec.kernel
@@ -122,7 +140,7 @@ def build(case: Case, spec: ConvKernelSpec) -> tuple[Callable[[], Any], Callable
     import tvm
 
     func, (tile_w, tile_oc) = conv2d.build_conv_kernel(spec)
-    lib = tvm.tirx.build(tvm.IRModule({"main": func}), target=tvm.target.Target(HASWELL))
+    lib = tvm.tirx.build(tvm.IRModule({"main": func}), target=tvm.target.Target(TARGET))
     rng = np.random.default_rng(0)
     n, c, h, w = spec.batch, spec.in_channels, spec.height, spec.width
     lanes = spec.in_lanes
@@ -172,12 +190,19 @@ def main() -> int:
     ap.add_argument("--only", default="", help="substring of the case names to run")
     ap.add_argument("--variants", default="before,batch_outer,split_shift,both",
                     help=f"comma-separated, from {', '.join(ALL_VARIANTS)}")
+    ap.add_argument("--mcpu", default="haswell",
+                    help="LLVM CPU (haswell: AVX2; e.g. cascadelake with --vnni)")
+    ap.add_argument("--vnni", action="store_true",
+                    help="time the cases as avx512_vnni / avx512_dw16 kernels (16 lanes)")
     args = ap.parse_args()
+    TARGET["mcpu"] = args.mcpu
     variants = {k: ALL_VARIANTS[k] for k in args.variants.split(",")}
     print(f"load {os.getloadavg()}")
     for case in CASES:
         if args.only and args.only not in case.name:
             continue
+        if args.vnni:
+            case = dataclasses.replace(case, spec=_to_vnni(case.spec))
         calls, outs = {}, {}
         for name, (transform, ctx) in variants.items():
             with ctx():
