@@ -66,9 +66,10 @@ HERE = Path(__file__).resolve().parent
 TRAINED = ("vgg7", "resnet20", "mobilenetv2")
 BACKENDS = ("torch_fp32", "tvm", "onnxruntime")
 LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ",
-          "tvm_unfused": "TVM unfused", "tvm_nchw": "TVM NCHW between layers"}
+          "tvm_unfused": "TVM unfused", "tvm_nchw": "TVM NCHW between layers",
+          "tvm_prev_kernels": "TVM previous conv kernels"}
 #: Optional A/B builds of the same model, timed interleaved with the others.
-VARIANTS = ("tvm_unfused", "tvm_nchw")
+VARIANTS = ("tvm_unfused", "tvm_nchw", "tvm_prev_kernels")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also time a TVM build with layout planning off (backend tvm_nchw: "
                          "every written kernel reads and writes NCHW, the build before issue "
                          "#15 item 3's packed layouts), interleaved with the others")
+    ap.add_argument("--compare-prev-kernels", action="store_true",
+                    help="also time a TVM build with the 2026-12-04 conv kernel changes off "
+                         "(backend tvm_prev_kernels: int64 requantization shift with the bias "
+                         "added before it, batch 32 packed in one pass, per-tap channel padding "
+                         "for stems, P from the bound alone), interleaved with the others")
     ap.add_argument("--isa", choices=tuple(ISA_TARGETS), default="native",
                     help="the ISA the TVM builds target: native (this CPU) or avx2 (an "
                          "AVX2-only haswell target, run on this CPU)")
@@ -306,6 +312,27 @@ def build_nchw(converted: nn.Module, x: torch.Tensor) -> Any:
         return tvm_backend.build(converted, "x86", example_inputs=(x,))
 
 
+def build_prev_kernels(converted: nn.Module, x: torch.Tensor) -> Any:
+    """``build(converted, "x86")`` with the conv kernels as before 2026-12-04 03:30 UTC (commit
+    ``3d2bcf9``): no split shift or bias in the rounding term (``SPLIT_SHIFT_KINDS`` empty), no
+    batch-outer schedule, no im2col stems, P chosen from the bound alone."""
+    from unittest import mock
+
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.backends.tvm.kernels import conv2d, select
+    from djpq_compiler.backends.tvm.kernels import emit as kernel_emit
+
+    kernel_emit._kernel.cache_clear()  # memoized per spec; batch_outer is decided inside
+    try:
+        with mock.patch.object(kernel_emit, "SPLIT_SHIFT_KINDS", frozenset()), \
+                mock.patch.object(conv2d, "BATCH_OUTER_MIN", 10**9), \
+                mock.patch.object(kernel_emit, "im2col_pays", lambda spec: False), \
+                mock.patch.object(select, "_fewest_padded", lambda shape, p: (p, "")):
+            return tvm_backend.build(converted, "x86", example_inputs=(x,))
+    finally:
+        kernel_emit._kernel.cache_clear()
+
+
 def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tensor,
               rec: dict[str, Any], variant: str | None = None) -> Callable[[], Any] | None:
     """Build, check bit-exactness, record build times and kernels; None when TVM fails.
@@ -314,7 +341,8 @@ def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tenso
 
     b = str(x.shape[0])
     if variant is not None:
-        compiled = {"tvm_unfused": build_unfused, "tvm_nchw": build_nchw}[variant](converted, x)
+        compiled = {"tvm_unfused": build_unfused, "tvm_nchw": build_nchw,
+                    "tvm_prev_kernels": build_prev_kernels}[variant](converted, x)
         rec.setdefault(f"{variant}_bit_exact", {})[b] = bool(torch.equal(compiled(x), ref))
         return tvm_runner(compiled, x)
     try:
@@ -357,8 +385,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     with torch.no_grad():
         refs = {b: converted(x) for b, x in xs.items()}
     tvm_fns = {b: build_tvm(name, converted, x, refs[b], rec) for b, x in xs.items()}
-    wanted = [v for v, on in zip(VARIANTS, (args.compare_unfused, args.compare_nchw),
-                                 strict=True) if on]
+    wanted = [v for v, on in zip(VARIANTS, (args.compare_unfused, args.compare_nchw,
+                                            args.compare_prev_kernels), strict=True) if on]
     variant_fns = {v: {b: build_tvm(name, converted, x, refs[b], rec, variant=v)
                        for b, x in xs.items()} for v in wanted}
     onnx_path = onnx_backend.export(converted, work / f"{name}.onnx", (xs[batches[0]],))

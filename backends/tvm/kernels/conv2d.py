@@ -9,16 +9,24 @@ One PrimFunc per layer, in four stages:
    A 1x1 dense kernel on packed unsigned 8-bit codes with nothing to pad (:func:`reads_directly`)
    has no pack stage: it reads the packed input as it is, viewed as ``[N, CB, H, W, L/(4P), (P,)
    4]`` (a free reshape of the same memory), so its intrinsic's 4 (x P) bytes are contiguous.
+   A dense kernel on at most 4 input channels (a stem, :func:`im2col_pays`) packs im2col rows
+   instead, ``[N, KB, OH, OWp, (G,) L]`` over ``K = KH * KW * C`` (taps and channels reduced
+   jointly, padded once), and its conv is a 1x1 over them.
 2. ``conv``: ``[N, OCB, OH, OWp, 8]`` int32, tensorized with an intrinsic of :mod:`.intrin`;
    register tile of ``tile_w`` output columns x ``tile_oc`` blocks of 8 output channels.
 3. ``epilogue`` (fused into the accumulator write-back): ``acc * 2^k + bias`` in int32, then the
    dyadic requantization ``clip(((acc * m + R) >> shift))`` in int64 and the cast to the output
-   container -- or the int32 accumulator itself for float-output layers.
+   container -- or the int32 accumulator itself for float-output layers. On x86 the bias rides
+   in the rounding term and the shift is split at 32 bits where that is exact
+   (``ConvKernelSpec.bias_in_round``, ``split_shift``): AVX2 has neither a 64-bit arithmetic
+   shift nor 64-bit min/max, and the epilogue was most of a 1x1 or depthwise kernel's work.
 4. ``unpack``: back to NCHW, dropping padded channels and columns -- or, for a packed output
    (``spec.out_lanes``), the epilogue's channel blocks as they are (padded columns dropped,
    padding lanes kept: zero weights, bias and multipliers make them ``clip(0)``).
 
 Tile sizes come from the shape (no tuning). The weights arrive pre-packed (:func:`pack_weight`).
+At batch >= 2 depthwise and packed 1x1 kernels run the batch as the outer parallel axis with each
+image's pack right before its conv (:func:`batch_outer`).
 """
 
 from __future__ import annotations
