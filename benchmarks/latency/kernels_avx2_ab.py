@@ -72,6 +72,9 @@ CASES = [
     Case("r20 3x3 7->13 28", _spec(32, 7, 28, 13, 3, 1, "ubsw", 4), 7),
     Case("r20 3x3 7->13 28 P2", _spec(32, 7, 28, 13, 3, 1, "ubsw", 2), 7),
     Case("vgg7 3x3 32->32 14", _spec(32, 32, 14, 32, 3, 1, "ubsw", 4), 7),
+    Case("r20 1x1 s2 31->64 14", _spec(32, 31, 14, 64, 1, 2, "ubsw", 2), 15),
+    Case("r20 3x3 64->64 7", _spec(32, 64, 7, 64, 3, 1, "ubsw", 4), 7),
+    Case("r20 3x3 31->28 14", _spec(32, 31, 14, 28, 3, 1, "ubsw", 4), 7),
 ]
 
 #: name -> context manager factory; the first is the reference.

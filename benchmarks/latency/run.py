@@ -269,8 +269,15 @@ def ort_session(path: Path, threads: int) -> Any:
 
 
 def timed_rounds(fns: dict[str, Callable[[], Any]], runs: int, warmup: int,
-                 max_seconds: float) -> dict[str, list[float]]:
+                 max_seconds: float,
+                 cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall ms per call of each backend over interleaved rounds; ``cpu`` (if given) receives
+    the calling thread's CPU ms per call (``time.thread_time``: at one thread every backend
+    computes on the calling thread, so this is its work without the time other processes held
+    the core)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    if cpu is not None:
+        cpu.update({k: [] for k in fns})
     order = list(fns)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -282,9 +289,11 @@ def timed_rounds(fns: dict[str, Callable[[], Any]], runs: int, warmup: int,
                 break
             rot = order[r % len(order):] + order[: r % len(order)]
             for k in rot:
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 fns[k]()
                 times[k].append(1e3 * (time.perf_counter() - t0))
+                if cpu is not None:
+                    cpu[k].append(1e3 * (time.thread_time() - c0))
     return times
 
 
@@ -408,8 +417,11 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                 if by_batch.get(b) is not None:
                     fns[v] = by_batch[b]  # type: ignore[assignment]
             load0 = os.getloadavg()[0]
-            times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds)
+            cpu: dict[str, list[float]] = {}
+            times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds,
+                                 cpu if threads == 1 else None)
             med = {k: statistics.median(v) for k, v in times.items() if v}
+            cpu_med = {k: statistics.median(v) for k, v in cpu.items() if v}
             cell = {"threads": threads, "tvm_threads": tvm_threads, "batch": b,
                     "runs": {k: len(v) for k, v in times.items()}, "median_ms": med,
                     "min_ms": {k: min(v) for k, v in times.items() if v},
@@ -417,6 +429,10 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                                for k, v in times.items() if v},
                     "speedup_vs_torch_fp32": {k: med["torch_fp32"] / v for k, v in med.items()},
                     "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
+            if cpu_med:  # one thread: the calling thread's CPU time per call
+                cell["cpu_median_ms"] = cpu_med
+                cell["cpu_speedup_vs_torch_fp32"] = {
+                    k: cpu_med["torch_fp32"] / v for k, v in cpu_med.items() if v > 0}
             rec["cells"].append(cell)
             say(f"   {name} b{b} t{threads}: "
                 + "  ".join(f"{k} {v:.2f} ms" for k, v in med.items())
@@ -459,7 +475,8 @@ def table(results: list[dict[str, Any]]) -> str:
     extra = [b for b in backends if b in VARIANTS]
     head = ("| model | batch | threads | " + " | ".join(f"{LABELS[b]} ms" for b in backends)
             + " | TVM ×FP32 | onnxruntime ×FP32 | "
-            + "".join(f"{LABELS[b]} ×FP32 | " for b in extra) + "TVM ×onnxruntime | runs |")
+            + "".join(f"{LABELS[b]} ×FP32 | " for b in extra) + "TVM ×onnxruntime | "
+            + "TVM ×FP32 thread CPU | runs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rec in results:
         for cell in sorted(rec["cells"], key=lambda c: (c["batch"], c["threads"])):
@@ -468,8 +485,11 @@ def table(results: list[dict[str, Any]]) -> str:
                       for k in ["tvm", "onnxruntime", *extra]]
             vs_ort = (f"{med['onnxruntime'] / med['tvm']:.2f}×"
                       if "tvm" in med and "onnxruntime" in med else "—")
+            cpu_sp = cell.get("cpu_speedup_vs_torch_fp32", {})
+            cpu_ratio = f"{cpu_sp['tvm']:.2f}×" if "tvm" in cpu_sp else "—"
             lines.append(f"| {rec['model']} | {cell['batch']} | {cell['threads']} | "
-                         + " | ".join([fmt(med.get(k)) for k in backends] + ratios + [vs_ort])
+                         + " | ".join([fmt(med.get(k)) for k in backends] + ratios
+                                      + [vs_ort, cpu_ratio])
                          + f" | {min(cell['runs'].values())} |")
     return "\n".join(lines)
 
