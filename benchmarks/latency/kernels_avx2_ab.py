@@ -50,6 +50,9 @@ def _spec(n: int, c: int, hw: int, oc: int, k: int, s: int, kind: str, groups: i
 
 CASES = [
     Case("stem 1->16 28 P1", _spec(32, 1, 28, 16, 3, 1, "ubsw", 1, in_lanes=0), 62),
+    Case("b1 stem 1->16 28 P1", _spec(1, 1, 28, 16, 3, 1, "ubsw", 1, in_lanes=0), 62),
+    Case("b1 vgg7 3x3 16->16 28", _spec(1, 16, 28, 16, 3, 1, "ubsw", 4), 15),
+    Case("b1 vgg7 3x3 64->64 7", _spec(1, 64, 7, 64, 3, 1, "ubsw", 4), 15),
     Case("stem 1->16 28 P2", _spec(32, 1, 28, 16, 3, 1, "ubsw", 2, in_lanes=0), 31),
     Case("stem 1->16 28 P4", _spec(32, 1, 28, 16, 3, 1, "ubsw", 4, in_lanes=0), 15),
     Case("r20 3x3 11->16 28 P4", _spec(32, 11, 28, 16, 3, 1, "ubsw", 4), 7),
