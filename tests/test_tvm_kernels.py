@@ -129,8 +129,9 @@ LADDER = [
 @pytest.mark.parametrize(("x_bits", "signed", "w_bits", "variant"), LADDER)
 def test_conv_variant_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_bits: int,
                                                   variant: str) -> None:
-    layer = int_layer("conv", 21, 19, x_bits=x_bits, w_bits=w_bits, x_signed=signed, seed=w_bits)
-    _, records = check(layer, (1, 21, 9, 10), x_bits, signed)
+    # 29 input channels pad to 32 with P = 4, 2 and 1 alike: the bound alone decides P
+    layer = int_layer("conv", 29, 19, x_bits=x_bits, w_bits=w_bits, x_signed=signed, seed=w_bits)
+    _, records = check(layer, (1, 29, 9, 10), x_bits, signed)
     assert [r.variant for r in records] == [variant]
     assert records[0].bound != "-" and records[0].op == "conv2d"
 
@@ -153,15 +154,15 @@ def test_vnni_variant_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_b
 
 
 @pytest.mark.parametrize("spec", TARGETS)
-@pytest.mark.parametrize(("c_in", "c_out", "k", "stride", "padding", "batch", "hw"), [
-    (1, 1, 3, 1, 1, 1, (5, 5)),
-    (3, 37, 3, 2, 1, 32, (9, 8)),
-    (37, 3, 1, 1, 0, 1, (7, 13)),
-    (13, 9, 3, 2, 0, 2, (11, 11)),
-    (8, 16, 5, 1, 2, 1, (6, 17)),
+@pytest.mark.parametrize(("c_in", "c_out", "k", "stride", "padding", "batch", "hw", "p"), [
+    (1, 1, 3, 1, 1, 1, (5, 5), 0),
+    (3, 37, 3, 2, 1, 32, (9, 8), 1),  # taps x channels jointly: 27 pad to 28 with P = 1
+    (37, 3, 1, 1, 0, 1, (7, 13), 4),
+    (13, 9, 3, 2, 0, 2, (11, 11), 4),
+    (8, 16, 5, 1, 2, 1, (6, 17), 2),  # 8 channels per tap: P = 2 pads none, P = 4 to 16
 ])
 def test_conv_odd_channels_batch_stride_padding(c_in: int, c_out: int, k: int, stride: int,
-                                               padding: int, batch: int, hw: tuple,
+                                               padding: int, batch: int, hw: tuple, p: int,
                                                spec: dict) -> None:
     layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=4, k=k, stride=stride,
                       padding=padding, seed=c_in)
@@ -169,7 +170,7 @@ def test_conv_odd_channels_batch_stride_padding(c_in: int, c_out: int, k: int, s
     if c_in == c_out == 1:  # a 1 -> 1 conv is depthwise: the channels-in-lanes kernel
         assert records[0].variant == depthwise_variant(spec, layer, 8, False)
     else:
-        assert records[0].variant == ("avx2_u8s8_p4" if spec is AVX2 else "avx512_vnni")
+        assert records[0].variant == (f"avx2_u8s8_p{p}" if spec is AVX2 else "avx512_vnni")
 
 
 @pytest.mark.parametrize("spec", TARGETS)
@@ -218,7 +219,7 @@ def test_dilated_conv_exact(groups: int) -> None:
     layer = int_layer("conv", 6, 6 if groups > 1 else 11, x_bits=8, w_bits=4, padding=2,
                       dilation=2, groups=groups, seed=groups)
     _, records = check(layer, (2, 6, 10, 9), 8)
-    assert records[0].variant == ("avx2_u8s8_p4" if groups == 1
+    assert records[0].variant == ("avx2_u8s8_p2" if groups == 1  # 6 channels: 8, not 16
                                   else depthwise_variant(AVX2, layer, 8, False))
 
 

@@ -15,6 +15,8 @@ timed without it. Prints a table and optionally writes JSON.
 
 Usage:
   TVM_NUM_THREADS=1 python benchmarks/latency/profile_layers.py --model resnet20 --batch 32
+  TVM_NUM_THREADS=1 python benchmarks/latency/profile_layers.py --model resnet20 --batch 32 \
+      --isa avx2
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ def category(symbol: str) -> str:
     return "other:" + symbol
 
 
-def profile(vm: Any, arr: Any, runs: int) -> tuple[dict[str, float], dict[str, float], float]:
-    """Per-symbol and per-category seconds per call of ``main``, and the instrumented total."""
+def profile(vm: Any, arr: Any, runs: int,
+            counts: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float],
+                                                           float]:
+    """Per-symbol and per-category seconds per call of ``main``, and the instrumented total;
+    ``counts`` (if given) receives the number of calls per symbol and call of ``main``."""
     starts: dict[str, float] = {}
     per_symbol: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
 
     def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
         now = time.perf_counter()
@@ -59,6 +65,7 @@ def profile(vm: Any, arr: Any, runs: int) -> tuple[dict[str, float], dict[str, f
             starts[symbol] = now
         else:
             per_symbol[symbol] += now - starts.pop(symbol)
+            calls[symbol] += 1
         return 0
 
     vm.set_instrument(instrument)
@@ -68,10 +75,29 @@ def profile(vm: Any, arr: Any, runs: int) -> tuple[dict[str, float], dict[str, f
     total = (time.perf_counter() - t0) / runs
     vm.set_instrument(None)
     symbols = {k: v / runs for k, v in per_symbol.items()}
+    if counts is not None:
+        counts.update({k: v // runs for k, v in calls.items()})
     cats: dict[str, float] = defaultdict(float)
     for k, v in symbols.items():
         cats[category(k)] += v
     return symbols, dict(cats), total
+
+
+def kernel_rates(kernels: Any, symbols: dict[str, float], counts: dict[str, int]) -> str:
+    """Per written-kernel symbol: calls, ms per call of ``main``, MACs per kernel call and
+    GMAC/s (same-spec layers share one symbol, named after the first; MACs from that layer's
+    record, which counts the whole batch)."""
+    lines = ["  written kernels: calls, ms, GMAC/s, variant, layout in -> out"]
+    for choice in kernels:
+        symbol = f"djpq_{choice.variant}_{choice.layer}"
+        if symbol not in symbols:
+            continue
+        ms = symbols[symbol] * 1e3
+        n = counts.get(symbol, 1)
+        rate = choice.macs * n / (symbols[symbol] * 1e9) if symbols[symbol] else 0.0
+        lines.append(f"    {choice.layer:40s} {n:2d} {ms:7.3f} {rate:7.1f}  {choice.variant} "
+                     f"{choice.in_layout} -> {choice.out_layout}")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -82,6 +108,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--nchw", action="store_true",
                     help="layout planning off (NCHW between all layers; run.py's tvm_nchw)")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="the ISA the build targets (run.py's --isa: avx2 = an AVX2-only "
+                         "haswell target, run on this CPU)")
     args = ap.parse_args()
 
     sys.argv = sys.argv[:1]
@@ -91,6 +120,7 @@ def main() -> int:
 
     from djpq_compiler.backends import tvm as tvm_backend
 
+    latency.force_isa(args.isa)
     converted = latency.trained_model(args.model, HERE / "models")["converted"]
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.batch))
     if args.nchw:
@@ -106,7 +136,8 @@ def main() -> int:
         t0 = time.perf_counter()
         vm["main"](arr)
         plain.append(time.perf_counter() - t0)
-    symbols, cats, total = profile(vm, arr, args.runs)
+    counts: dict[str, int] = {}
+    symbols, cats, total = profile(vm, arr, args.runs, counts)
     steady = statistics.median(plain)
     what = " (NCHW between layers)" if args.nchw else ""
     print(f"{args.model} batch {args.batch}{what}: main {steady * 1e3:.2f} ms "
@@ -117,11 +148,13 @@ def main() -> int:
     print("  top calls:")
     for k, v in sorted(symbols.items(), key=lambda kv: -kv[1])[:15]:
         print(f"    {k:44s} {v * 1e3:8.3f} ms")
+    print(kernel_rates(compiled.kernels, symbols, counts))
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "batch": args.batch,
                                          "steady_ms": steady * 1e3, "instrumented_ms": total * 1e3,
                                          "categories_ms": {k: v * 1e3 for k, v in cats.items()},
-                                         "calls_ms": {k: v * 1e3 for k, v in symbols.items()}},
+                                         "calls_ms": {k: v * 1e3 for k, v in symbols.items()},
+                                         "calls_per_main": counts},
                                         indent=1))
     return 0
 

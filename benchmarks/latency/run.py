@@ -66,9 +66,10 @@ HERE = Path(__file__).resolve().parent
 TRAINED = ("vgg7", "resnet20", "mobilenetv2")
 BACKENDS = ("torch_fp32", "tvm", "onnxruntime")
 LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ",
-          "tvm_unfused": "TVM unfused", "tvm_nchw": "TVM NCHW between layers"}
+          "tvm_unfused": "TVM unfused", "tvm_nchw": "TVM NCHW between layers",
+          "tvm_prev_kernels": "TVM previous conv kernels"}
 #: Optional A/B builds of the same model, timed interleaved with the others.
-VARIANTS = ("tvm_unfused", "tvm_nchw")
+VARIANTS = ("tvm_unfused", "tvm_nchw", "tvm_prev_kernels")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also time a TVM build with layout planning off (backend tvm_nchw: "
                          "every written kernel reads and writes NCHW, the build before issue "
                          "#15 item 3's packed layouts), interleaved with the others")
+    ap.add_argument("--compare-prev-kernels", action="store_true",
+                    help="also time a TVM build with the 2026-12-04 conv kernel changes off "
+                         "(backend tvm_prev_kernels: int64 requantization shift with the bias "
+                         "added before it, batch 32 packed in one pass, per-tap channel padding "
+                         "for stems, P from the bound alone), interleaved with the others")
     ap.add_argument("--isa", choices=tuple(ISA_TARGETS), default="native",
                     help="the ISA the TVM builds target: native (this CPU) or avx2 (an "
                          "AVX2-only haswell target, run on this CPU)")
@@ -263,8 +269,15 @@ def ort_session(path: Path, threads: int) -> Any:
 
 
 def timed_rounds(fns: dict[str, Callable[[], Any]], runs: int, warmup: int,
-                 max_seconds: float) -> dict[str, list[float]]:
+                 max_seconds: float,
+                 cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall ms per call of each backend over interleaved rounds; ``cpu`` (if given) receives
+    the calling thread's CPU ms per call (``time.thread_time``: at one thread every backend
+    computes on the calling thread, so this is its work without the time other processes held
+    the core)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    if cpu is not None:
+        cpu.update({k: [] for k in fns})
     order = list(fns)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -276,9 +289,11 @@ def timed_rounds(fns: dict[str, Callable[[], Any]], runs: int, warmup: int,
                 break
             rot = order[r % len(order):] + order[: r % len(order)]
             for k in rot:
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 fns[k]()
                 times[k].append(1e3 * (time.perf_counter() - t0))
+                if cpu is not None:
+                    cpu[k].append(1e3 * (time.thread_time() - c0))
     return times
 
 
@@ -306,6 +321,27 @@ def build_nchw(converted: nn.Module, x: torch.Tensor) -> Any:
         return tvm_backend.build(converted, "x86", example_inputs=(x,))
 
 
+def build_prev_kernels(converted: nn.Module, x: torch.Tensor) -> Any:
+    """``build(converted, "x86")`` with the conv kernels as before 2026-12-04 03:30 UTC (commit
+    ``3d2bcf9``): no split shift or bias in the rounding term (``SPLIT_SHIFT_KINDS`` empty), no
+    batch-outer schedule, no im2col stems, P chosen from the bound alone."""
+    from unittest import mock
+
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.backends.tvm.kernels import conv2d, select
+    from djpq_compiler.backends.tvm.kernels import emit as kernel_emit
+
+    kernel_emit._kernel.cache_clear()  # memoized per spec; batch_outer is decided inside
+    try:
+        with mock.patch.object(kernel_emit, "SPLIT_SHIFT_KINDS", frozenset()), \
+                mock.patch.object(conv2d, "BATCH_OUTER_MIN", 10**9), \
+                mock.patch.object(kernel_emit, "im2col_pays", lambda spec: False), \
+                mock.patch.object(select, "_fewest_padded", lambda shape, p: (p, "")):
+            return tvm_backend.build(converted, "x86", example_inputs=(x,))
+    finally:
+        kernel_emit._kernel.cache_clear()
+
+
 def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tensor,
               rec: dict[str, Any], variant: str | None = None) -> Callable[[], Any] | None:
     """Build, check bit-exactness, record build times and kernels; None when TVM fails.
@@ -314,7 +350,8 @@ def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tenso
 
     b = str(x.shape[0])
     if variant is not None:
-        compiled = {"tvm_unfused": build_unfused, "tvm_nchw": build_nchw}[variant](converted, x)
+        compiled = {"tvm_unfused": build_unfused, "tvm_nchw": build_nchw,
+                    "tvm_prev_kernels": build_prev_kernels}[variant](converted, x)
         rec.setdefault(f"{variant}_bit_exact", {})[b] = bool(torch.equal(compiled(x), ref))
         return tvm_runner(compiled, x)
     try:
@@ -357,8 +394,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     with torch.no_grad():
         refs = {b: converted(x) for b, x in xs.items()}
     tvm_fns = {b: build_tvm(name, converted, x, refs[b], rec) for b, x in xs.items()}
-    wanted = [v for v, on in zip(VARIANTS, (args.compare_unfused, args.compare_nchw),
-                                 strict=True) if on]
+    wanted = [v for v, on in zip(VARIANTS, (args.compare_unfused, args.compare_nchw,
+                                            args.compare_prev_kernels), strict=True) if on]
     variant_fns = {v: {b: build_tvm(name, converted, x, refs[b], rec, variant=v)
                        for b, x in xs.items()} for v in wanted}
     onnx_path = onnx_backend.export(converted, work / f"{name}.onnx", (xs[batches[0]],))
@@ -380,8 +417,11 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                 if by_batch.get(b) is not None:
                     fns[v] = by_batch[b]  # type: ignore[assignment]
             load0 = os.getloadavg()[0]
-            times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds)
+            cpu: dict[str, list[float]] = {}
+            times = timed_rounds(fns, args.runs, args.warmup, args.max_seconds,
+                                 cpu if threads == 1 else None)
             med = {k: statistics.median(v) for k, v in times.items() if v}
+            cpu_med = {k: statistics.median(v) for k, v in cpu.items() if v}
             cell = {"threads": threads, "tvm_threads": tvm_threads, "batch": b,
                     "runs": {k: len(v) for k, v in times.items()}, "median_ms": med,
                     "min_ms": {k: min(v) for k, v in times.items() if v},
@@ -389,6 +429,10 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                                for k, v in times.items() if v},
                     "speedup_vs_torch_fp32": {k: med["torch_fp32"] / v for k, v in med.items()},
                     "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
+            if cpu_med:  # one thread: the calling thread's CPU time per call
+                cell["cpu_median_ms"] = cpu_med
+                cell["cpu_speedup_vs_torch_fp32"] = {
+                    k: cpu_med["torch_fp32"] / v for k, v in cpu_med.items() if v > 0}
             rec["cells"].append(cell)
             say(f"   {name} b{b} t{threads}: "
                 + "  ".join(f"{k} {v:.2f} ms" for k, v in med.items())
@@ -431,7 +475,8 @@ def table(results: list[dict[str, Any]]) -> str:
     extra = [b for b in backends if b in VARIANTS]
     head = ("| model | batch | threads | " + " | ".join(f"{LABELS[b]} ms" for b in backends)
             + " | TVM ×FP32 | onnxruntime ×FP32 | "
-            + "".join(f"{LABELS[b]} ×FP32 | " for b in extra) + "TVM ×onnxruntime | runs |")
+            + "".join(f"{LABELS[b]} ×FP32 | " for b in extra) + "TVM ×onnxruntime | "
+            + "TVM ×FP32 thread CPU | runs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rec in results:
         for cell in sorted(rec["cells"], key=lambda c: (c["batch"], c["threads"])):
@@ -440,8 +485,11 @@ def table(results: list[dict[str, Any]]) -> str:
                       for k in ["tvm", "onnxruntime", *extra]]
             vs_ort = (f"{med['onnxruntime'] / med['tvm']:.2f}×"
                       if "tvm" in med and "onnxruntime" in med else "—")
+            cpu_sp = cell.get("cpu_speedup_vs_torch_fp32", {})
+            cpu_ratio = f"{cpu_sp['tvm']:.2f}×" if "tvm" in cpu_sp else "—"
             lines.append(f"| {rec['model']} | {cell['batch']} | {cell['threads']} | "
-                         + " | ".join([fmt(med.get(k)) for k in backends] + ratios + [vs_ort])
+                         + " | ".join([fmt(med.get(k)) for k in backends] + ratios
+                                      + [vs_ort, cpu_ratio])
                          + f" | {min(cell['runs'].values())} |")
     return "\n".join(lines)
 

@@ -19,8 +19,10 @@ from .conv2d import (
     ConvKernelSpec,
     build_conv_kernel,
     direct_input_shape,
+    im2col_pays,
     pack_weight,
     reads_directly,
+    split_shift_ok,
 )
 from .select import KernelChoice, LayerFacts
 
@@ -30,6 +32,10 @@ __all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "ta
 KNOWN_FEATURES = ("avx2", "avx512bw", "avx512vnni")
 #: aarch64 features the written kernels use (LLVM names).
 KNOWN_ARM_FEATURES = ("dotprod",)
+
+#: Kernel kinds whose requantization uses the split shift (``conv2d._requantize``) when every
+#: shift allows it: the x86 ones, where it was measured (CUDA and aarch64 keep the int64 shift).
+SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16"})
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
 
@@ -108,6 +114,13 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
                           in_layout.lanes, acc_dtype=choice.acc_dtype)
     if out_lanes and requant is not None and out_lanes == spec.oc_lanes:
         spec = dataclasses.replace(spec, out_lanes=out_lanes)
+    if im2col_pays(spec):
+        spec = dataclasses.replace(spec, im2col=True)
+    shift_c = _per_channel(shift, oc)
+    if requant is not None and spec.kind in SPLIT_SHIFT_KINDS and split_shift_ok(shift_c):
+        spec = dataclasses.replace(spec, split_shift=True)
+    if requant is not None and spec.kind in SPLIT_SHIFT_KINDS and m_dtype == "int32":
+        spec = dataclasses.replace(spec, bias_in_round=True)
     func, (tile_w, tile_oc) = _kernel(spec)
     if reads_directly(spec, tile_w):  # a free view of the packed input (no pack stage)
         x = bb.reshape(x, direct_input_shape(spec))
@@ -116,10 +129,15 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), w_dtype),
             bb.const(_padded(facts.kernel_bias(offset), size, "int32"), "int32")]
     if requant is not None:
-        shift_c = _per_channel(shift, oc)
         rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
+        if spec.bias_in_round:  # conv2d: ConvKernelSpec.bias_in_round
+            rnd = rnd + facts.kernel_bias(offset).astype(np.int64) * m_c
         args += [bb.const(_padded(m_c, size, m_dtype), m_dtype)]
-        args += [bb.const(_padded(v, size, "int64"), "int64") for v in (rnd, shift_c)]
+        args += [bb.const(_padded(rnd, size, "int64"), "int64")]
+        if spec.split_shift:  # the int32 shift of the product's high word (conv2d._requantize)
+            args += [bb.const(_padded(shift_c - 32, size, "int32"), "int32")]
+        else:
+            args += [bb.const(_padded(shift_c, size, "int64"), "int64")]
     out_layout = Layout(spec.out_lanes, oc) if spec.out_lanes else NCHW
     if spec.out_lanes:
         out_shape: tuple[int, ...] = (n, out_layout.blocks) + spec.out_size + (spec.out_lanes,)

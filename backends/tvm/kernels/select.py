@@ -254,10 +254,11 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
     if span <= 255 and w_max <= 127:
         for p in UBSW_GROUPS:
             if 2 * p * span * w_max <= INT16_MAX:
+                p, why = _fewest_padded(facts.weight.shape, p)
                 text = f"2*{p}*{span}*{w_max} = {2 * p * span * w_max} <= 32767; {acc_text}"
                 return KernelChoice(facts.layer, facts.op, f"avx2_u8s8_p{p}", text,
-                                    f"{facts.target}: u8 x s8 vpmaddubsw, {p} summed in int16",
-                                    facts.macs)
+                                    f"{facts.target}: u8 x s8 vpmaddubsw, {p} summed in int16"
+                                    f"{why}", facts.macs)
     if span <= INT16_MAX and w_max <= INT16_MAX and 2 * span * w_max <= INT32_MAX:
         text = (f"2*{span}*{w_max} = {2 * span * w_max} <= 2^31-1 (vpmaddubsw bound "
                 f"2*1*{span}*{w_max} = {2 * span * w_max} > 32767 or operands past 8 bits); "
@@ -265,6 +266,45 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
         return KernelChoice(facts.layer, facts.op, "avx2_s16", text,
                             f"{facts.target}: int16 x int16 vpmaddwd", facts.macs)
     return _default(facts, f"operands too wide for int16 (span {span}, max|w| {w_max})")
+
+
+def reduce_width(shape: tuple[int, ...]) -> int:
+    """Operands a dense kernel reduces over per output, before padding, for weights of
+    ``shape`` (``O, C[, KH, KW]``): ``C`` per tap, or ``KH * KW * C`` for a spatial kernel on at
+    most 4 channels (taps and channels reduced jointly: ``conv2d.im2col_pays``)."""
+    channels, taps = int(shape[1]), int(np.prod(shape[2:], dtype=np.int64))
+    return channels * taps if channels <= 4 and taps > 1 else channels
+
+
+#: Relative MAC rate of the ``vpmaddubsw`` kernels by P (64 -> 64 3x3 at 28x28, haswell:
+#: 112.0, 91.8, 77.7 GMAC/s, ``KERNELS_avx2.md``), for trading P against channel padding.
+UBSW_RATE = {4: 1.0, 2: 0.82, 1: 0.69}
+
+
+def _fewest_padded(shape: tuple[int, ...], p: int) -> tuple[int, str]:
+    """For a spatial ``vpmaddubsw`` kernel whose bound allows ``P = p``: the ``P' <= p`` that
+    does its real work fastest given the padding of the reduction to ``4 * P'`` operands
+    (:func:`reduce_width`), and a note when it is lower than ``p``. Exact: the bound shrinks
+    with P. Per tap: the most ``UBSW_RATE[P'] / padded`` (7 channels: P = 2, 8 not 16 operands,
+    measured 1.5x faster on resnet20's 7 -> 13 layer; 11 channels stay at P = 4, 16, measured
+    1.08x faster than P = 1 at 12). Taps and channels jointly (a stem): the fewest operands,
+    since its im2col pack and its outputs dominate (1 channel 3x3: P = 1, 12 operands, 1.3x
+    faster than P = 2 and 1.4x than P = 4 at 16; ``kernels_avx2_ab.py``). 1x1 kernels keep P:
+    their reduction is short and :func:`fit_groups_to_lanes` sets P for packed inputs."""
+    if int(np.prod(shape[2:], dtype=np.int64)) <= 1:
+        return p, ""
+    width = reduce_width(shape)
+    joint = width != int(shape[1])
+    padded = {g: -(-width // (4 * g)) * 4 * g for g in UBSW_GROUPS if g <= p}
+    if joint:
+        best = min(padded, key=lambda g: (padded[g], -g))
+    else:
+        best = max(padded, key=lambda g: (UBSW_RATE[g] / padded[g], g))
+    if best == p:
+        return p, ""
+    per = "per output (taps x channels)" if joint else "per tap"
+    return best, (f" (P lowered from {p}: {width} operands {per} pad to {padded[best]}, "
+                  f"not {padded[p]})")
 
 
 def _select_sdot(facts: LayerFacts) -> KernelChoice:
