@@ -76,16 +76,18 @@ def test_requantization_shift_forms_exact(spec: dict, ratio: float, split: bool)
 
 
 @pytest.mark.parametrize("spec", TARGETS)
-@pytest.mark.parametrize(("c_in", "c_out", "signed", "batch"), [
-    (13, 29, True, 32), (13, 29, True, 1), (19, 7, False, 32),
+@pytest.mark.parametrize(("c_in", "c_out", "signed", "batch", "hw"), [
+    (13, 29, True, 32, (5, 9)), (13, 29, True, 1, (5, 9)), (19, 7, False, 32, (5, 9)),
+    (4, 18, True, 2, (1, 1)),  # a squeeze-excite expand conv: one block, one pixel per image
 ])
 def test_pointwise_with_pack_batch_outer_exact(spec: dict, c_in: int, c_out: int, signed: bool,
-                                               batch: int) -> None:
+                                               batch: int, hw: tuple[int, int]) -> None:
     """1x1 convs on signed input (a pack stage: the +128 offset) at batch 32 run batch-outer
-    (:func:`conv2d.batch_outer`), odd channel counts; bit-exact, batch 1 too."""
+    (:func:`conv2d.batch_outer`), odd channel counts; bit-exact, batch 1 too; at 1x1 pixels
+    with one channel block the pack under the image loop has only its lane loops left."""
     layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=4, x_signed=signed, k=1, padding=0,
                       seed=c_in)
-    check(layer, (batch, c_in, 5, 9), 8, signed, spec)
+    check(layer, (batch, c_in, *hw), 8, signed, spec)
 
 
 def test_batch_outer_choice() -> None:

@@ -23,6 +23,7 @@ from djpq_compiler.backends.tvm.adapter import Builder  # noqa: E402
 from djpq_compiler.backends.tvm.build import target_spec  # noqa: E402
 from djpq_compiler.backends.tvm.converters import convert_concat, convert_mul  # noqa: E402
 from djpq_compiler.backends.tvm.emit import IntValue, Lowering, lower  # noqa: E402
+from djpq_compiler.backends.tvm.float_ops import convert_lut  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.emit import target_features  # noqa: E402
 from djpq_compiler.backends.tvm.layout import Layout, layout_lanes, plan_layouts  # noqa: E402
 
@@ -68,6 +69,30 @@ class SqueezeExcite(nn.Module):
         return self.c2(self.mul(a, gate))
 
 
+class SignedSqueeze(nn.Module):
+    """conv -> global pool -> 1x1 to 4 *signed* channels -> [table] -> 1x1 (one packed block,
+    one pixel per image: the expand conv packs it with the +128 offset, batch-outer at batch
+    >= 2) -> the product with the conv's output."""
+
+    def __init__(self, table: bool) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.c1 = conv(3, 13, 0.02, 0.05, seed=94)
+        self.pool = im.IntAdaptiveAvgPool2d(1)
+        self.f1 = conv(13, 4, 0.05, 0.05, k=1, out_signed=True, seed=95)
+        self.table = IntLUT(torch.arange(-127, 128) // 3, "tanh", 0.05, 8, True, 0.05, 8,
+                            True) if table else None
+        self.f2 = conv(4, 13, 0.05, 1 / 255, k=1, seed=96)
+        self.mul = im.IntMul((0.05, 1 / 255, 0.04), 8, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.c1(self.quant(x))
+        s = self.f1(self.pool(a))
+        if self.table is not None:
+            s = self.table(s)
+        return self.mul(a, self.f2(s))
+
+
 class Concat(nn.Module):
     """A concat of a 16-channel conv and a 5-channel one (rescaled), then a conv; ``aligned``
     puts the 16 channels first (block-aligned offsets for 8 and 16 lanes)."""
@@ -104,7 +129,7 @@ def test_plan_packs_the_product_and_the_aligned_concat() -> None:
     """The gated product is packed whatever its gate; its producer c1 writes packed; a concat
     is planned packed only with block-aligned channel offsets."""
     plan = plan_layouts(im.trace_integer(SqueezeExcite(table=True).eval()), 16)
-    assert {"c1", "mul"} <= plan.packed and "table" not in plan.packed
+    assert {"c1", "f2", "table", "mul"} <= plan.packed  # a table lookup is lane-wise
     plan = plan_layouts(im.trace_integer(SqueezeExcite(table=False).eval()), 16)
     assert {"c1", "f2", "mul"} <= plan.packed
     assert {"wide", "narrow", "cat"} <= plan_layouts(im.trace_integer(Concat(True).eval()),
@@ -121,6 +146,18 @@ def test_squeeze_excite_product_stays_packed(spec: dict, batch: int, table: bool
     packed = f"NCHW{layout_lanes(target_features(spec))}c"
     layouts = {k.layer: (k.in_layout, k.out_layout) for k in ctx.kernels}
     assert layouts["c1"][1] == packed and layouts["c2"][0] == packed  # x * gate: no unpack
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize("batch", [1, 2, 32])
+@pytest.mark.parametrize("table", [True, False], ids=["lut", "direct"])
+def test_signed_squeeze_one_block_one_pixel(spec: dict, batch: int, table: bool) -> None:
+    """The expand conv of a squeeze-excite reads a packed signed 4-channel value at 1x1
+    (through a table or straight from the squeeze conv); bit-exact at every batch."""
+    ctx = assert_exact(SignedSqueeze(table), (batch, 3, 9, 7), spec)
+    packed = f"NCHW{layout_lanes(target_features(spec))}c"
+    layouts = {k.layer: (k.in_layout, k.out_layout) for k in ctx.kernels}
+    assert layouts["f2"][0] == packed
 
 
 @pytest.mark.parametrize("spec", TARGETS)
@@ -213,6 +250,21 @@ def test_aligned_concat_with_255_in_padding_lanes(spec: dict) -> None:
     want = module(*(torch.from_numpy(v.astype(np.int64)) for v in (a, b))).numpy()
     np.testing.assert_array_equal(_unpacked(got, lanes + 5), want)
     assert got.max() <= 255
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+def test_lookup_table_with_255_in_padding_lanes(spec: dict) -> None:
+    """A table on 4-bit codes reads packed values; the padding lanes' 255 would index far past
+    its 16 entries: the clipped index keeps every lane inside the table, real lanes exact."""
+    lanes = layout_lanes(target_features(spec))
+    table = IntLUT((torch.arange(16) * 7) % 13 - 6, "tanh", 0.1, 4, False, 0.05, 4, True)
+    x = np.random.default_rng(8).integers(0, 16, (2, 11, 3, 4)).astype(np.uint8)
+    got, layout = _run_one(table, convert_lut, [(_packed(x, lanes), Layout(lanes, 11))],
+                           [(0, 15)], spec)
+    assert layout == Layout(lanes, 11)
+    want = table(torch.from_numpy(x.astype(np.int64))).numpy()
+    np.testing.assert_array_equal(_unpacked(got, 11), want)
+    assert got.min() >= table.qmin and got.max() <= table.qmax  # padding lanes too
 
 
 def test_misaligned_concat_unpacks() -> None:

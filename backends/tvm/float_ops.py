@@ -347,9 +347,16 @@ def convert_float_batch_norm(ctx: Lowering, node: fx.Node) -> Lowered:
 
 @register(IntLUT)
 def convert_lut(ctx: Lowering, node: fx.Node) -> Lowered:
-    """``table[q - in_qmin]`` as ``take`` on an integer constant (bit-exact)."""
+    """``table[q - in_qmin]`` as ``take`` on an integer constant (bit-exact).
+
+    Lane-wise: a packed input stays packed (``layout.PACKED_OPS[IntLUT]``); its padding lanes
+    look up table entries too, and the index is clipped to the table so that no lane, whatever
+    its code, reads outside it (real lanes are in range, checked here, so the clip never
+    changes them)."""
+    from .converters import _lanewise_args
+
     module = ctx.module(node)
-    q = ctx.int_arg(node)
+    q = _lanewise_args(ctx, node, 1)[0]
     if q.lo < module.in_qmin or q.hi > module.in_qmax:
         raise BackendError(f"{node.format_node()}: input codes [{q.lo}, {q.hi}] exceed the "
                            f"table's [{module.in_qmin}, {module.in_qmax}]")
@@ -357,6 +364,8 @@ def convert_lut(ctx: Lowering, node: fx.Node) -> Lowered:
     if module.in_qmin:
         index = ctx.bb.binary("subtract", index, ctx.bb.const(np.int32(module.in_qmin), "int32"))
     table = module.table.detach().cpu().numpy()
+    if q.layout.packed:
+        index = ctx.bb.clip(index, 0, len(table) - 1)
     dtype = container_dtype(module.qmin, module.qmax)
     out = ctx.bb.call("take", ctx.bb.const(table, dtype), index, 0)
-    return IntValue(out, module.qmin, module.qmax)
+    return IntValue(out, module.qmin, module.qmax, q.layout)

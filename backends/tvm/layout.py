@@ -43,13 +43,10 @@ op                                      packed form
 ``IntPoolRequantize`` to ``1x1``        pooled value is the smaller one to unpack)
 other adaptive pools                    unpack
 ``IntLinear``, flatten, reshape, ...    unpack (they index channels)
-``IntLUT``                              unpack: its converter (``float_ops.py``) reads NCHW;
-                                        a lookup is lane-wise (``take`` on any shape), so a
-                                        packed form only needs that converter to read
-                                        ``converters._lanewise_args``, keep the layout and
-                                        register ``PACKED_OPS[IntLUT] = lanewise_rule``
-                                        (padding lanes index the table with codes in range
-                                        and get table entries: codes in range)
+``IntLUT``                              lane-wise (``take`` on any shape; the converter in
+                                        ``float_ops.py`` keeps the layout; the index is
+                                        clipped to the table, so padding lanes read table
+                                        entries: codes in the output range)
 float islands, graph outputs            unpack
 =====================================  ===================================================
 
@@ -88,6 +85,7 @@ import numpy as np
 from torch import fx
 
 from djpq_compiler.ir import modules as im
+from djpq_compiler.ir.lookup import IntLUT
 
 __all__ = ["NCHW", "PACKED_OPS", "Layout", "LayoutPlan", "layout_lanes", "packed_channel_const",
            "lanewise_rule", "plan_layouts", "to_nchw", "to_packed"]
@@ -190,6 +188,7 @@ PACKED_OPS: dict[type, PackedRule] = {
     im.IntMaxPool2d: _lanewise,  # per channel over H, W: lane-wise on the blocks
     im.IntMul: _broadcast,  # x * gate: the gate broadcasts over H, W (packed at emission)
     im.IntConcat: _lanewise,  # on channel blocks when block-aligned (checked at emission)
+    IntLUT: _lanewise,  # a table lookup per lane (float_ops.convert_lut)
     im.IntAvgPool2d: _reducing,  # window sums lane by lane (pools.py)
     im.IntAdaptiveAvgPool2d: _adaptive_rule,
     im.IntPoolRequantize: _pool_requantize_rule,

@@ -547,8 +547,13 @@ def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None,
     if at is not None:
         sch.compute_at(pack, at)
         lane_dims = len(sch.get(pack).iter_vars) - 4  # after (n, b, y, x): lanes (, groups)
+        # compute_at creates no loop for an extent-1 region (one channel block, a 1x1
+        # image): the lane loops are innermost and never extent 1, a column loop may be gone
         loops = sch.get_loops(pack)
-        cols, lanes = loops[-lane_dims - 1], loops[-lane_dims:]
+        at_loop = sch.get(at)
+        own = loops[1 + next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(at_loop)):]
+        lanes = own[-lane_dims:]
+        cols = own[-lane_dims - 1] if len(own) > lane_dims else None
     elif im2col:  # rows parallel; blocks, columns, lanes unrolled: each tap's index folds
         n, b, y, cols, *lanes = sch.get_loops(pack)
         sch.reorder(n, y, b, cols, *lanes)
@@ -563,7 +568,7 @@ def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None,
     else:
         for lane in lanes:
             sch.unroll(lane)
-    if int(sch.get(cols).extent) <= PACK_UNROLL_WIDTH:
+    if cols is not None and int(sch.get(cols).extent) <= PACK_UNROLL_WIDTH:
         sch.unroll(cols)
 
 
