@@ -209,3 +209,22 @@ def test_finalize_fraction_is_a_new_run_and_section_sharing_the_fp32_finetune(
     with pytest.raises(SystemExit):
         claims.main(["--finalize", "1.0", "--results", str(results), "--out-dir",
                      str(tmp_path)])
+
+
+def test_distilled_djpq_method_is_plain_djpq_config_with_a_teacher() -> None:
+    import djpq_compiler as djpq
+    from djpq_compiler.workflows import zoo
+
+    claims = _claims()
+    single = claims._single_run_module()
+    assert "djpq_kd" in claims.METHODS and "djpq_kd" not in claims.ONCE
+    assert single.method_config("djpq_kd", zoo.get_model("vgg7")) == djpq.DJPQConfig()
+    weight, temperature = single.DISTILLED["djpq_kd"]
+    assert 0 < weight <= 1 and temperature > 0
+    args = single.build_parser().parse_args(["--model", "vgg7", "--method", "djpq_kd"])
+    assert args.method == "djpq_kd"
+    points = [{"method": "djpq_kd", "gamma": 8.0, "seeds": 1, "integer_acc": 0.93,
+               "gbops": 0.04, "drop_points": 0.9, "bops_reduction": 205.0}]
+    verdict = "\n".join(claims._verdict(points, claims.FP32_FINETUNE))
+    assert "No DJPQ run stays within 1 point" in verdict  # djpq_kd is not plain DJPQ
+    assert "djpq_kd" in verdict and "205.0× at 0.90 points" in verdict and "met)" in verdict
