@@ -131,7 +131,7 @@ def test_distillation_loss_mixes_cross_entropy_and_the_teachers_soft_targets() -
     loss.backward()
     assert student.grad is not None
     moved = (student - 0.5 * student.grad).detach()
-    assert float(distillation_loss(moved, teacher, target, 1.0, 2.0)) < float(loss)
+    assert float(distillation_loss(moved, teacher, target, 1.0, 2.0)) < loss.item()
 
 
 def test_distillation_is_validated_and_needs_a_teacher() -> None:
