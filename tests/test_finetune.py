@@ -110,3 +110,54 @@ def test_cosine_schedule_decays_every_group_to_zero(monkeypatch: pytest.MonkeyPa
             assert max(seen[-1]) < 0.04 * 0.1
     with pytest.raises(ConfigError, match="schedule"):
         FinetuneConfig(schedule="linear")
+
+
+def test_distillation_loss_mixes_cross_entropy_and_the_teachers_soft_targets() -> None:
+    from djpq_compiler.workflows.finetune import distillation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5, generator=gen)
+    target = torch.randint(0, 5, (8,), generator=gen)
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    # weight 0: plain cross-entropy; a teacher equal to the model adds nothing (KL = 0)
+    assert distillation_loss(logits, torch.randn(8, 5), target, 0.0, 2.0) == pytest.approx(ce)
+    same = distillation_loss(logits, logits.clone(), target, 0.7, 2.0)
+    assert float(same) == pytest.approx(0.3 * float(ce), rel=1e-5)
+    # a different teacher costs more, and its gradient pulls the model's logits toward it
+    teacher = torch.randn(8, 5, generator=gen) * 3
+    student = logits.clone().requires_grad_(True)
+    loss = distillation_loss(student, teacher, target, 1.0, 2.0)
+    assert loss.item() > 0
+    loss.backward()
+    assert student.grad is not None
+    moved = (student - 0.5 * student.grad).detach()
+    assert float(distillation_loss(moved, teacher, target, 1.0, 2.0)) < loss.item()
+
+
+def test_distillation_is_validated_and_needs_a_teacher() -> None:
+    with pytest.raises(ConfigError, match="distill must be in"):
+        FinetuneConfig(distill=1.5)
+    with pytest.raises(ConfigError, match="distill_temperature"):
+        FinetuneConfig(distill=0.5, distill_temperature=0.0)
+    loader = _data()
+    prepared = djpq.prepare(T.Residual().eval(), next(iter(loader))[0])
+    config = FinetuneConfig(steps=2, minutes=None, distill=0.5)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        finetune(prepared, loader, config, progress=False)
+
+
+def test_distilled_finetune_runs_the_teacher_in_eval_mode_without_training_it() -> None:
+    torch.manual_seed(0)
+    loader = _data()
+    x = next(iter(loader))[0]
+    teacher = T.Residual()
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    calls: list[bool] = []
+    teacher.register_forward_hook(lambda m, i, o: calls.append(m.training))
+    prepared = djpq.prepare(T.Residual().eval(), x)
+    finetune(prepared, loader, FinetuneConfig(gamma=1.0, steps=4, minutes=None, distill=0.7),
+             progress=False, teacher=teacher)
+    assert calls == [False] * 4  # one eval-mode forward per step
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats and weights kept

@@ -209,3 +209,50 @@ def test_finalize_fraction_is_a_new_run_and_section_sharing_the_fp32_finetune(
     with pytest.raises(SystemExit):
         claims.main(["--finalize", "1.0", "--results", str(results), "--out-dir",
                      str(tmp_path)])
+
+
+def test_distilled_djpq_method_is_plain_djpq_config_with_a_teacher() -> None:
+    import djpq_compiler as djpq
+    from djpq_compiler.workflows import zoo
+
+    claims = _claims()
+    single = claims._single_run_module()
+    assert "djpq_kd" in claims.METHODS and "djpq_kd" not in claims.ONCE
+    assert single.method_config("djpq_kd", zoo.get_model("vgg7")) == djpq.DJPQConfig()
+    weight, temperature = single.DISTILLED["djpq_kd"]
+    assert 0 < weight <= 1 and temperature > 0
+    args = single.build_parser().parse_args(["--model", "vgg7", "--method", "djpq_kd"])
+    assert args.method == "djpq_kd"
+    points = [{"method": "djpq_kd", "gamma": 8.0, "seeds": 1, "integer_acc": 0.93,
+               "gbops": 0.04, "drop_points": 0.9, "bops_reduction": 205.0}]
+    verdict = "\n".join(claims._verdict(points, claims.FP32_FINETUNE))
+    assert "No DJPQ run stays within 1 point" in verdict  # djpq_kd is not plain DJPQ
+    assert "djpq_kd" in verdict and "205.0× at 0.90 points" in verdict and "met)" in verdict
+
+
+def test_distilled_fp32_finetune_raises_the_bar_of_its_section(tmp_path: Path) -> None:
+    claims = _claims()
+    base = {"model": "vgg7", "gamma": 1.0, "steps": 10, "djpq_lr": 0.03, "weight_lr": 1e-3,
+            "schedule": "cosine", "test_images": 100, "fp32_acc": 0.90, "fp32_gbops": 100.0,
+            "checkpoint": "0123456789ab", "seed": 0}
+    floats = dict(base, finalize=0.0, gbops=100.0, bops_reduction=1.0, drop_points=-1.0,
+                  float_model=True)
+    tuned = dict(floats, method="fp32_finetune", integer_acc=0.91, fake_quant_acc=0.91)
+    tuned_kd = dict(floats, method="fp32_finetune_kd", integer_acc=0.915, fake_quant_acc=0.915,
+                    distill=0.7, distill_temperature=2.0)
+    kd = dict(base, method="djpq_kd", finalize=0.3, integer_acc=0.907, fake_quant_acc=0.907,
+              gbops=0.4, bops_reduction=250.0, drop_points=-0.7)
+    assert "fp32_finetune_kd" in claims.ONCE
+    # both float fine-tunes are filed under the default finalize and shared by the 0.3 section
+    assert claims._key(tuned_kd) == claims._key(dict(tuned_kd, finalize=0.3))
+    assert claims._key(tuned_kd) != claims._key(tuned)
+    reference, source = claims.reference_fp32([tuned, tuned_kd])
+    assert abs(reference - 0.915) < 1e-12 and source == "fp32_finetune"
+    assert claims.reference_fp32([tuned])[0] == 0.91
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (tuned, tuned_kd, kd)))
+    text = claims.summarize(results, tmp_path)
+    section = text.split("last 0.3 of the steps")[1]
+    assert "(fp32_finetune_kd): 91.50 %" in section and "stronger of the three" in section
+    # 0.8 points below the distilled fine-tune (91.5 %), not 0.3 below the plain one
+    assert "250.0× at 0.80 points" in section

@@ -9,8 +9,8 @@ Usage:
   python benchmarks/djpq_finetune/run.py --model resnet20 --method djpq --minutes 15 --gamma 1
   python benchmarks/djpq_finetune/run.py --model resnet20 --method two_stage --minutes 0 \
       --steps 700 --gamma 1
-  methods: djpq, djpq_restricted, djpq_soft_bops, djpq_dw_w4, two_stage, two_stage_restricted,
-    dq_only, vib_only, w8a8, w4a4
+  methods: djpq, djpq_restricted, djpq_soft_bops, djpq_dw_w4, djpq_kd, two_stage,
+    two_stage_restricted, dq_only, vib_only, w8a8, w4a4
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ METHODS: dict[str, dict[str, Any]] = {
 #: mobilenetv2, whose 3x3 depthwise filters hold few weights each and little of the BOPs).
 MODEL_METHODS = ("djpq_dw_w4",)
 DEPTHWISE_WEIGHT_FLOOR = 4
+#: DJPQ whose task loss distils the FP32 checkpoint (issue 18 lever, not the paper's method):
+#: method -> (distillation weight, temperature) of :class:`FinetuneConfig`.
+DISTILLED = {"djpq_kd": (0.7, 2.0)}
 
 
 def depthwise_convs(model: torch.nn.Module) -> list[str]:
@@ -58,6 +61,8 @@ def depthwise_convs(model: torch.nn.Module) -> list[str]:
 
 def method_config(method: str, model: torch.nn.Module) -> DJPQConfig:
     """The DJPQConfig of a single-stage ``method`` for ``model``."""
+    if method in DISTILLED:
+        return DJPQConfig()
     if method == "djpq_dw_w4":
         names = depthwise_convs(model)
         if not names:
@@ -69,14 +74,18 @@ def method_config(method: str, model: torch.nn.Module) -> DJPQConfig:
 
 def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argparse.Namespace,
            minutes: float | None, gamma: float, steps: int | None,
-           finalize: float) -> torch.fx.GraphModule:
+           finalize: float,
+           teacher: torch.nn.Module | None = None) -> torch.fx.GraphModule:
     train, _ = loaders
     calib = [next(iter(train))[0] for _ in range(4)]
     prepared = djpq.prepare(model, calib[0], cfg, calibration_data=calib)
+    distill, temperature = DISTILLED.get(args.method, (0.0, 2.0))
     finetune(prepared, train, FinetuneConfig(gamma=gamma, minutes=minutes, steps=steps,
                                              weight_lr=args.weight_lr, djpq_lr=args.djpq_lr,
                                              log_every=args.log_every, finalize=finalize,
-                                             schedule=args.schedule),
+                                             schedule=args.schedule, distill=distill,
+                                             distill_temperature=temperature),
+             teacher=teacher if distill else None,
              progress=False, on_log=lambda log: print(f"  step {log.step} {log.seconds:.0f}s "
                                                       f"task {log.task_loss:.3f} "
                                                       f"R {log.regularizer:.4f} "
@@ -108,8 +117,10 @@ def run(args: argparse.Namespace) -> dict:
         prepared = _stage(pruned, DJPQConfig(prune=False, restricted=restricted), loaders, args,
                           half[0], args.gamma, half[1], args.finalize)
     else:
+        # the teacher of a distilled method: the same FP32 checkpoint, a separate copy
+        teacher = zoo.load_pretrained(args.model) if args.method in DISTILLED else None
         prepared = _stage(model, method_config(args.method, model), loaders, args,
-                          minutes, args.gamma, steps, args.finalize)
+                          minutes, args.gamma, steps, args.finalize, teacher)
     train_s = time.perf_counter() - start
     converted = convert(prepared)
     report = djpq.bops(converted)
@@ -127,6 +138,8 @@ def run(args: argparse.Namespace) -> dict:
         "bits": {r.name: [r.b_w, r.b_a, r.out_kept, r.out_total] for r in report.rows},
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.method in DISTILLED:
+        result["distill"], result["distill_temperature"] = DISTILLED[args.method]
     result["drop_points"] = 100 * (result["fp32_acc"] - result["integer_acc"])
     return result
 
@@ -137,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20", choices=sorted(zoo.MODELS))
     parser.add_argument("--method", default="djpq",
-                        choices=sorted(METHODS) + list(MODEL_METHODS)
+                        choices=sorted(METHODS) + list(MODEL_METHODS) + sorted(DISTILLED)
                         + ["two_stage", "two_stage_restricted"])
     parser.add_argument("--minutes", type=float, default=15.0,
                         help="wall-clock budget (0: none, use --steps)")

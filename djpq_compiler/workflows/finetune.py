@@ -25,7 +25,7 @@ from djpq_compiler.loss import djpq_loss
 from djpq_compiler.modules.fused import fused_kernels
 from djpq_compiler.prepared import check_finite, freeze_for_deployment, param_groups, unwrap
 
-__all__ = ["FinetuneConfig", "FinetuneLog", "finetune", "accuracy"]
+__all__ = ["FinetuneConfig", "FinetuneLog", "finetune", "accuracy", "distillation_loss"]
 
 #: Learning-rate schedules of :class:`FinetuneConfig`.
 SCHEDULES = ("constant", "cosine")
@@ -52,6 +52,11 @@ class FinetuneConfig:
         schedule: ``"constant"`` learning rates, or ``"cosine"``: every group's rate follows
             ``0.5 * (1 + cos(pi * progress))`` from its initial value to 0, ``progress`` being the
             fraction of the budget used (steps or minutes, whichever is further along).
+        distill: Weight ``a`` of knowledge distillation from a float teacher (``finetune``'s
+            ``teacher``): the task loss becomes ``(1 - a) * CE + a * T^2 * KL(teacher || model)``
+            on softmax at temperature ``T`` (:func:`distillation_loss`); ``0`` (default): plain
+            cross-entropy, no teacher. Not part of the paper's method [choice, issue 18 lever].
+        distill_temperature: ``T`` of the distillation term, ``> 0``.
     """
 
     gamma: float = 1.0
@@ -63,6 +68,8 @@ class FinetuneConfig:
     loss_kind: str | None = None
     finalize: float = 0.1
     schedule: str = "constant"
+    distill: float = 0.0
+    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -74,6 +81,11 @@ class FinetuneConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"FinetuneConfig: schedule must be one of {SCHEDULES}, "
                               f"got {self.schedule!r}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"FinetuneConfig: distill must be in [0, 1], got {self.distill!r}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise ConfigError("FinetuneConfig: distill_temperature must be finite and > 0, got "
+                              f"{self.distill_temperature!r}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,20 @@ def _set_lr(opt: torch.optim.Optimizer, base: list[float], schedule: str,
             group["lr"] = lr * factor
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                      weight: float, temperature: float) -> torch.Tensor:
+    """``(1 - weight) * CE(logits, target) + weight * T^2 * KL(p_teacher || p_model)``, both
+    softmaxes at temperature ``T`` (the ``T^2`` keeps the soft term's gradient scale independent
+    of ``T``); ``weight == 0`` is plain cross-entropy."""
+    task = F.cross_entropy(logits, target)
+    if weight == 0:
+        return task
+    soft = F.kl_div(F.log_softmax(logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits.detach() / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1.0 - weight) * task + weight * temperature**2 * soft
+
+
 def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         yield from loader
@@ -101,7 +127,8 @@ def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConfig,
              progress: bool = True,
-             on_log: Callable[[FinetuneLog], None] | None = None) -> list[FinetuneLog]:
+             on_log: Callable[[FinetuneLog], None] | None = None,
+             teacher: nn.Module | None = None) -> list[FinetuneLog]:
     """Train ``prepared`` in place; returns the periodic logs (BOPs at hard gates, read-out bits).
 
     The last ``config.finalize`` of the budget trains the weights only, with gates and
@@ -110,9 +137,18 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
     the model's parameters. Under DistributedDataParallel set ``finalize=0``: freezing
     parameters mid-run needs the wrapper rebuilt (``examples/ddp_finetune.py`` does that).
 
+    With ``config.distill > 0`` the task loss distils ``teacher`` (a float model, run in eval
+    mode without gradients on the same batches); the logged ``task_loss`` is then that mixed loss.
+
     Raises:
+        ConfigError: ``config.distill > 0`` without a ``teacher``.
         QuantizationError: a gate or quantizer parameter became NaN/Inf (checked at every log).
     """
+    if config.distill and teacher is None:
+        raise ConfigError("finetune: config.distill > 0 needs a teacher model (e.g. the FP32 "
+                          "checkpoint); pass teacher=... or set distill=0")
+    if teacher is not None:
+        teacher.eval()
     opt = torch.optim.Adam(param_groups(prepared, weight_lr=config.weight_lr,
                                         djpq_lr=config.djpq_lr))
     device = next(prepared.parameters()).device
@@ -139,7 +175,14 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
         _set_lr(opt, base_lrs, config.schedule,
                 max(step / limit, elapsed / seconds if math.isfinite(seconds) else 0.0))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        task = F.cross_entropy(prepared(x), y)
+        logits = prepared(x)
+        if config.distill and teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            task = distillation_loss(logits, teacher_logits, y, config.distill,
+                                     config.distill_temperature)
+        else:
+            task = F.cross_entropy(logits, y)
         reg = (djpq_loss(prepared, config.loss_kind) if config.gamma and not finalizing
                else torch.zeros(()))
         opt.zero_grad(set_to_none=True)
