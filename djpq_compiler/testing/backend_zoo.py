@@ -23,6 +23,7 @@ worst outcome besides a silent disagreement). Used by ``tests/test_backend_zoo.p
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ from djpq_compiler.records import converted_record
 #: A float output (the net ends in a float island, e.g. a float ReLU + pool after the last layer)
 #: may differ by float32 rounding (TVM's summation order); integer outputs must be bit-exact.
 FLOAT_OUTPUT_RTOL = 1e-5
+
+#: Each stage's start is logged here (INFO), so a run stopped from outside (timeout, memory
+#: guard of ``benchmarks/torchvision_zoo/backends.py``) can say which stage it was in.
+LOG = logging.getLogger(__name__)
 
 __all__ = ["BackendZooResult", "StageOutcome", "check_backends", "check_tvm", "pruned_converted",
            "zoo_input"]
@@ -111,6 +116,7 @@ def pruned_converted(model: nn.Module, x: torch.Tensor, seed: int = 0,
     from djpq_compiler.prepared import gates
 
     torch.manual_seed(seed)
+    LOG.info("prepare")
     prepared = djpq.prepare(model.eval(), x)
     gen = torch.Generator().manual_seed(seed)
     for _, gate in gates(prepared):
@@ -118,6 +124,7 @@ def pruned_converted(model: nn.Module, x: torch.Tensor, seed: int = 0,
             gate.mu[torch.rand(gate.mu.shape, generator=gen) < close] = 1e-3
             gate.mu[0] = 1.0
     prepared.eval()
+    LOG.info("convert")
     return prepared, djpq.convert(prepared)
 
 
@@ -162,10 +169,12 @@ def check_tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
     build or a run raises)."""
     from djpq_compiler.backends import tvm as tvm_backend
 
+    LOG.info("tvm: build")
     outcome, compiled = _run(lambda: tvm_backend.build(converted, "x86", example_inputs=x))
     if not outcome.ok:
         return outcome
     worst, worst_float = 0.0, 0.0
+    LOG.info("tvm: run and compare")
     for inp in _tvm_inputs(x):
         run, pair = _run(lambda inp=inp: (compiled(inp), converted(inp)))
         if not run.ok:
@@ -197,6 +206,7 @@ def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float,
     propagation of island flips only; else ``mismatch``."""
     from djpq_compiler.backends.tvm.verify import verify_per_op
 
+    LOG.info("tvm: per-op probe")
     checked, report = _run(lambda: verify_per_op(converted, _tvm_inputs(x), "x86"))
     if not checked.ok:
         return StageOutcome("mismatch", f"{final}; per-op probe: {checked.detail}", seconds)
@@ -215,9 +225,11 @@ def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
+        LOG.info("onnx: export")
         outcome, _ = _run(lambda: export(converted, path, example_inputs=(x,)))
         if not outcome.ok:
             return outcome
+        LOG.info("onnx: verify")
         checked, report = _run(lambda: verify(converted, path, x))
     if not checked.ok:
         return StageOutcome(checked.status, "verify: " + checked.detail, outcome.seconds)
@@ -229,6 +241,7 @@ def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
 def check_backends(name: str, model: nn.Module, x: torch.Tensor,
                    stages: tuple[str, ...] = ("agreement", "tvm", "onnx")) -> BackendZooResult:
     """Convert ``model`` (pruned at random) and check it in each of ``stages``."""
+    LOG.info("%s: stage convert", name)
     outcome, pair = _run(lambda: pruned_converted(model, x))
     result: dict[str, StageOutcome] = {"convert": outcome}
     if not outcome.ok:
@@ -238,5 +251,6 @@ def check_backends(name: str, model: nn.Module, x: torch.Tensor,
     checks = {"agreement": lambda: _agreement(prepared, converted, x),
               "tvm": lambda: check_tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
     for stage in stages:
+        LOG.info("%s: stage %s", name, stage)
         result[stage] = checks[stage]()
     return BackendZooResult(name, result, float_ops)

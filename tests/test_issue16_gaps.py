@@ -1,0 +1,145 @@
+"""Issue #16 items the audit (``benchmarks/torchvision_zoo/ISSUE16_AUDIT.md``) found without a
+regression test of their own: a net whose last layer is followed by a ReLU, ``bmm``/``matmul`` of
+two activations, a bias beyond int32 in every backend, ``bops`` accepting the capture options
+its ``CaptureError`` recommends, and an op with no sign rule after a ReLU staying signed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_correctness_regressions import _big_bias_model, _ModeSwitch, _ValueBranch
+from torch import nn
+
+import djpq_compiler as djpq
+from djpq_compiler.errors import CaptureError, ConfigError
+from djpq_compiler.passes.capture import capture
+from djpq_compiler.passes.sign_analysis import nonnegative_nodes
+
+X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+STAGES = ("convert", "agreement", "tvm", "onnx")
+
+
+class _Bmm(nn.Module):
+    """Two activations multiplied: ``bmm(p, qᵀ)``, softmax, ``matmul`` with ``q``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.a(x).flatten(2)  # (N, 8, 16)
+        q = torch.relu(self.b(x)).flatten(2)
+        s = torch.bmm(p, q.transpose(1, 2))  # (N, 8, 8)
+        return self.head(torch.matmul(s.softmax(-1), q))
+
+
+def _nets() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "conv_then_relu_ends_the_net": nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.ReLU()),
+        "linear_then_relu6_ends_the_net": nn.Sequential(
+            nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 5), nn.ReLU6()),
+        "bmm_and_matmul_of_two_activations": _Bmm(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_nets()))
+def test_every_backend_agrees(name: str) -> None:
+    pytest.importorskip("tvm")
+    pytest.importorskip("onnxruntime")
+    from djpq_compiler.testing.backend_zoo import check_backends
+
+    result = check_backends(name, _nets()[name].eval(), X)
+    assert result.passed(*STAGES), {s: (o.status, o.detail) for s, o in result.stages.items()}
+    if name.startswith("bmm"):
+        assert {"bmm", "matmul", "softmax"} <= set(result.float_ops)  # float islands, named
+
+
+@pytest.mark.parametrize("units", [3e9, 2**31 - 1000.0])  # beyond int32; next to it
+def test_bias_beyond_int32_agrees_in_tvm_and_onnxruntime(units: float) -> None:
+    """googlenet's defect: a clamped int32 bias wrapped in onnxruntime (255 LSB). The clamp
+    leaves room for the accumulator, so TVM is bit-exact and onnxruntime within 1 LSB."""
+    pytest.importorskip("tvm")
+    pytest.importorskip("onnxruntime")
+    from djpq_compiler.errors import BiasSaturationWarning
+    from djpq_compiler.testing.backend_zoo import _onnx, check_tvm
+
+    prepared, x = _big_bias_model(units)
+    with pytest.warns(BiasSaturationWarning):
+        converted = djpq.convert(prepared)
+    tvm = check_tvm(converted, x)
+    assert tvm.ok and tvm.detail == "bit-exact", tvm
+    onnx = _onnx(converted, x)
+    assert onnx.ok, onnx
+
+
+def test_bops_accepts_the_capture_options_its_error_recommends() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 3, 3, padding=1)
+            self.block = _ValueBranch()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(torch.relu(self.stem(x)))
+
+    torch.manual_seed(0)
+    model = Wrapper().eval()
+    with pytest.raises(CaptureError, match="leaf_modules="):
+        djpq.bops(model, X)
+    report = djpq.bops(model, X, leaf_modules=(_ValueBranch,))
+    captured = djpq.analyze(model, X, leaf_modules=(_ValueBranch,)).graph_module
+    assert report.total == djpq.bops(captured).total > 0
+    switch = _ModeSwitch().eval()
+    assert djpq.bops(switch, X, concrete_args={"mode": "pool"}).total == djpq.bops(switch, X).total
+    prepared = djpq.prepare(switch, X)
+    with pytest.raises(ConfigError, match="already captured"):
+        djpq.bops(prepared, leaf_modules=(_ValueBranch,))
+
+
+class _Opaque(nn.Module):
+    """A module with no sign rule (its forward happens to keep the sign; the analysis cannot
+    know that)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs() * 0.5
+
+
+class _ReluThenUnknown(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.opaque = _Opaque()
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        z = torch.cumsum(y, dim=3) if self.how == "cumsum" else self.opaque(y)
+        return self.conv2(z)
+
+
+@pytest.mark.parametrize("how", ["cumsum", "leaf_module"])
+def test_an_op_without_a_sign_rule_after_a_relu_is_not_proven_nonnegative(how: str) -> None:
+    """Unknown is "may be negative" (safe), never "non-negative": the quantizer starts signed
+    and only calibration data can make it unsigned."""
+    torch.manual_seed(0)
+    model = _ReluThenUnknown(how).eval()
+    leaves = (_Opaque,) if how == "leaf_module" else ()
+    gm = capture(model, X, leaf_modules=leaves).graph_module
+    value = next(n for n in gm.graph.nodes if n.target == "conv2").args[0]
+    assert value.name not in nonnegative_nodes(gm)
+    relu = next(n for n in gm.graph.nodes if n.target is torch.relu)
+    assert relu.name in nonnegative_nodes(gm)  # the analysis does prove what it can
+    prepared = djpq.prepare(model, X, leaf_modules=leaves)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unknown op stays a float island
+        converted = djpq.convert(prepared)
+    with torch.no_grad():
+        ref = model(X)
+        assert float((converted(X) - ref).abs().max()) <= 0.03 * float(ref.max() - ref.min())
