@@ -6,6 +6,9 @@ its ``CaptureError`` recommends, and an op with no sign rule after a ReLU stayin
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ import djpq_compiler as djpq
 from djpq_compiler.errors import CaptureError, ConfigError
 from djpq_compiler.passes.capture import capture
 from djpq_compiler.passes.sign_analysis import nonnegative_nodes
+from djpq_compiler.serialize import load_converted, save_converted
 
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
 STAGES = ("convert", "agreement", "tvm", "onnx")
@@ -143,3 +147,41 @@ def test_an_op_without_a_sign_rule_after_a_relu_is_not_proven_nonnegative(how: s
     with torch.no_grad():
         ref = model(X)
         assert float((converted(X) - ref).abs().max()) <= 0.03 * float(ref.max() - ref.min())
+
+
+class _Named(nn.Module):
+    """A submodule with an odd (legal) name beside one called ``aA``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.odd = name
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.add_module(name, nn.Conv2d(8, 4, 1))
+        self.aA = nn.Conv2d(8, 4, 1)  # noqa: N815 -- the name "a\x41" reads as, escaped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.odd)(torch.relu(self.stem(x)))
+
+
+@pytest.mark.parametrize("name", ["class", 'say "hi"', "a\\x41", "a\nb"])
+def test_a_name_torch_fx_cannot_write_is_a_capture_error_naming_it(name: str) -> None:
+    """torch.fx writes ``self.class`` (a SyntaxError, raised raw by ``analyze``) or an
+    unescaped ``getattr(self, "a\\x41")``, which reads attribute ``aA`` (was an
+    AttributeError reported as "a bug in djpq-compiler" by ``prepare``): refused up front."""
+    model = _Named(name).eval()
+    entries: list[Callable[[nn.Module, torch.Tensor], object]] = [
+        djpq.analyze, djpq.prepare, djpq.bops]
+    for entry in entries:
+        with pytest.raises(CaptureError, match="cannot generate code for the attribute") as info:
+            entry(model, X)
+        assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["block1-0", "with space", "ünï", "1st", "a:b", "x[0]", "match"])
+def test_other_legal_names_convert_save_and_load(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Named(name).eval()
+    prepared = djpq.prepare(model, X)
+    converted: Any = djpq.convert(prepared)
+    loaded: Any = load_converted(save_converted(converted, tmp_path / "m.djpq"))
+    assert torch.equal(loaded(X), converted(X))
