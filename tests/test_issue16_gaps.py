@@ -19,6 +19,7 @@ import djpq_compiler as djpq
 from djpq_compiler.errors import CaptureError, ConfigError
 from djpq_compiler.passes.capture import capture
 from djpq_compiler.passes.sign_analysis import nonnegative_nodes
+from djpq_compiler.records import prepared_record
 from djpq_compiler.serialize import load_converted, save_converted
 
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -185,3 +186,25 @@ def test_other_legal_names_convert_save_and_load(name: str, tmp_path: Path) -> N
     converted: Any = djpq.convert(prepared)
     loaded: Any = load_converted(save_converted(converted, tmp_path / "m.djpq"))
     assert torch.equal(loaded(X), converted(X))
+
+
+def test_agreement_check_shares_the_weights_and_leaves_the_prepared_model_alone() -> None:
+    """``integer_agreement`` snaps quantizers and hardens gates on its own copy, which shares
+    every other tensor with ``prepared`` (the second copy of vit_h_14's weights ran the zoo gate
+    out of memory)."""
+    from djpq_compiler.verify import _copy_for_readout, integer_agreement
+
+    torch.manual_seed(0)
+    prepared = djpq.prepare(_nets()["conv_then_relu_ends_the_net"].eval(), X)
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    copy_ = _copy_for_readout(prepared)
+    weight = "0.parametrizations.weight.original"
+    assert copy_.get_parameter(weight) is prepared.get_parameter(weight)
+    quant = prepared_record(prepared).quantizers.input["_2"]
+    assert copy_.get_submodule(quant) is not prepared.get_submodule(quant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = djpq.convert(prepared)
+    assert max(integer_agreement(prepared, converted, X).values()) <= 1
+    after = prepared.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

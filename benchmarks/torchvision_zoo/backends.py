@@ -26,6 +26,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -62,9 +63,9 @@ def _run_one(name: str) -> dict:
     """Check one model in this process; the record written to ``--jsonl``."""
     start = time.perf_counter()
     torch.manual_seed(0)  # the random init (the pruning is seeded in check_backends)
-    model = torchvision.models.get_model(name, weights=None).eval()
     x = zoo_input(name)
-    result = check_backends(name, model, x)
+    # no reference kept here, so check_backends frees the float model once prepare copied it
+    result = check_backends(name, torchvision.models.get_model(name, weights=None).eval(), x)
     return {"model": name, "input": x.shape[-1], "seconds": time.perf_counter() - start,
             "float_ops": list(result.float_ops), "cells": [_cell(result, s) for s in STAGES],
             "passed": {s: result.passed(s) for s in STAGES},
@@ -80,6 +81,16 @@ def _rss_gb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+class _Usage(logging.Filter):
+    """Adds the process's CPU seconds and resident memory to each log record (the stage log
+    then says where a big model spends its time and memory)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.cpu = time.process_time()
+        record.rss = _rss_gb(os.getpid())
+        return True
 
 
 def _watch(proc: subprocess.Popen, timeout: float, max_rss_gb: float) -> tuple[str, float]:
@@ -153,8 +164,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.child:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="[zoo %(relativeCreated).0f ms] %(message)s")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(_Usage())
+        handler.setFormatter(logging.Formatter(
+            "[zoo %(relativeCreated).0f ms, cpu %(cpu).0f s, rss %(rss).2f GiB] %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         print(json.dumps(_run_one(args.child)), flush=True)
         return
     names = args.models or [n for n in torchvision.models.list_models(module=torchvision.models)

@@ -118,6 +118,7 @@ def pruned_converted(model: nn.Module, x: torch.Tensor, seed: int = 0,
     torch.manual_seed(seed)
     LOG.info("prepare")
     prepared = djpq.prepare(model.eval(), x)
+    del model  # prepare copied it: a caller that holds no other reference frees it now
     gen = torch.Generator().manual_seed(seed)
     for _, gate in gates(prepared):
         with torch.no_grad():
@@ -240,17 +241,28 @@ def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
 
 def check_backends(name: str, model: nn.Module, x: torch.Tensor,
                    stages: tuple[str, ...] = ("agreement", "tvm", "onnx")) -> BackendZooResult:
-    """Convert ``model`` (pruned at random) and check it in each of ``stages``."""
+    """Convert ``model`` (pruned at random) and check it in each of ``stages``.
+
+    Memory (a big model, e.g. vit_h_14, holds three copies of its weights at once otherwise):
+    the float ``model`` is released once ``prepare`` has copied it, when the caller keeps no
+    reference of its own, and the prepared model once the agreement stage is done.
+    """
     LOG.info("%s: stage convert", name)
-    outcome, pair = _run(lambda: pruned_converted(model, x))
+    held = [model]
+    del model
+    outcome, pair = _run(lambda: pruned_converted(held.pop(), x))
     result: dict[str, StageOutcome] = {"convert": outcome}
     if not outcome.ok:
         return BackendZooResult(name, result)
     prepared, converted = pair
+    del pair
     float_ops = converted_record(converted).float_ops
     checks = {"agreement": lambda: _agreement(prepared, converted, x),
               "tvm": lambda: check_tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
     for stage in stages:
         LOG.info("%s: stage %s", name, stage)
         result[stage] = checks[stage]()
+        if stage == "agreement":
+            prepared = None  # the backends read only the converted model
+    LOG.info("%s: done", name)
     return BackendZooResult(name, result, float_ops)
