@@ -130,11 +130,29 @@ def _run_isolated(name: str, timeout: float, max_rss_gb: float = float("inf")) -
     else:
         why = f"process died (exit {proc.returncode}): {stderr.strip()[-160:]}"
     why = why.replace("|", "/").replace("\n", " ")
+    done = _finished_stages(name, log)
+    cells = [done[s] for s in STAGES if s in done]
+    if len(cells) < len(STAGES):  # else it was stopped after its last stage
+        cells += [f"crash: {why}"] + ["-"] * (len(STAGES) - len(cells) - 1)
     return {"model": name, "input": zoo_input(name).shape[-1],
-            "seconds": time.perf_counter() - start, "float_ops": [],
-            "cells": [f"crash: {why}"] + ["-"] * (len(STAGES) - 1),
-            "passed": {s: False for s in STAGES}, "stages": {}, "peak_rss_gb": round(peak, 2),
-            "log": log}
+            "seconds": time.perf_counter() - start, "float_ops": [], "cells": cells,
+            "passed": {s: s in done and done[s].startswith("ok") for s in STAGES},
+            "stages": {}, "peak_rss_gb": round(peak, 2), "stopped": why, "log": log}
+
+
+def _finished_stages(name: str, log: list[str]) -> dict[str, str]:
+    """``stage -> cell`` of the stages a stopped child finished, in order, from its stage log
+    (``"<name>: <stage> <status> <detail>"`` lines of ``check_backends``)."""
+    done: dict[str, str] = {}
+    for stage in STAGES:
+        marker = f"] {name}: {stage} "
+        line = next((ln for ln in log if marker in ln), None)
+        if line is None:
+            break
+        status, _, detail = line.split(marker, 1)[1].partition(" ")
+        done[stage] = (f"{status} ({detail})" if detail and status == "ok" else
+                       f"{status}: {detail}" if detail else status).replace("|", "/")
+    return done
 
 
 def _write_table(path: str, records: list[dict], names: list[str]) -> None:

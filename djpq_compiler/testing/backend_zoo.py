@@ -23,6 +23,9 @@ worst outcome besides a silent disagreement). Used by ``tests/test_backend_zoo.p
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import tempfile
 import time
@@ -127,6 +130,15 @@ def pruned_converted(model: nn.Module, x: torch.Tensor, seed: int = 0,
     prepared.eval()
     LOG.info("convert")
     return prepared, djpq.convert(prepared)
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op
+    elsewhere): tensors of a few MB freed by one stage otherwise stay in the process's resident
+    memory while the next stage (a big model's TVM build) allocates more."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _run(fn: Any) -> tuple[StageOutcome, Any]:
@@ -259,10 +271,13 @@ def check_backends(name: str, model: nn.Module, x: torch.Tensor,
     float_ops = converted_record(converted).float_ops
     checks = {"agreement": lambda: _agreement(prepared, converted, x),
               "tvm": lambda: check_tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
+    LOG.info("%s: convert %s", name, outcome.status)
     for stage in stages:
         LOG.info("%s: stage %s", name, stage)
         result[stage] = checks[stage]()
+        LOG.info("%s: %s %s %s", name, stage, result[stage].status, result[stage].detail)
         if stage == "agreement":
             prepared = None  # the backends read only the converted model
+            _release_memory()
     LOG.info("%s: done", name)
     return BackendZooResult(name, result, float_ops)
