@@ -13,7 +13,7 @@ soft channel counts and continuous bit-widths) and the benchmarks.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -194,6 +194,8 @@ def bops(
     weight_bits: float = FP32_BITS,
     act_bits: float = FP32_BITS,
     overrides: Mapping[str, tuple[float, float]] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
 ) -> BopsReport:
     """Count BOPs of a model at any stage.
 
@@ -205,6 +207,9 @@ def bops(
         weight_bits: Weight bit-width of every layer of a plain model (default 32 = FP32).
         act_bits: Input-activation bit-width of every layer of a plain model.
         overrides: ``{layer_name: (b_w, b_a)}`` for a plain model; names as in the report.
+        leaf_modules: Module classes kept opaque when capturing a plain model (as in
+            :func:`~djpq_compiler.analyze`, which a ``CaptureError`` recommends).
+        concrete_args: Forward arguments fixed when capturing a plain model.
 
     Returns:
         A :class:`BopsReport`.
@@ -214,6 +219,9 @@ def bops(
         if overrides or weight_bits != FP32_BITS or act_bits != FP32_BITS:
             raise ConfigError(f"bops(): a {stage} model carries its own bit-widths; do not pass "
                               "weight_bits/act_bits/overrides")
+        if leaf_modules or concrete_args is not None:
+            raise ConfigError(f"bops(): a {stage} model is already captured; do not pass "
+                              "leaf_modules/concrete_args")
         return _ROW_SOURCES[stage](model)
     if example_inputs is None:
         if not (isinstance(model, fx.GraphModule) and _has_shapes(model)):
@@ -223,7 +231,8 @@ def bops(
     else:
         from djpq_compiler.passes.capture import capture
 
-        gm = capture(model, example_inputs).graph_module
+        gm = capture(model, example_inputs, leaf_modules=tuple(leaf_modules),
+                     concrete_args=concrete_args).graph_module
     _check_bits("weight_bits", weight_bits)
     _check_bits("act_bits", act_bits)
     overrides = dict(overrides or {})

@@ -97,7 +97,7 @@ def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphM
 
     inputs = as_input_tuple(example)
     mapping = converted_record(converted).quant_map
-    model = copy.deepcopy(prepared).eval()
+    model = _copy_for_readout(prepared).eval()
     set_gates_deterministic(model, True)
     snap_quantizers(model)  # the deployed grid (read-out bits) is the reference
     fq = _node_values(model, inputs, set(mapping))
@@ -111,6 +111,19 @@ def integer_agreement(prepared: torch.fx.GraphModule, converted: torch.fx.GraphM
     ints = _node_values(converted, inputs, set(mapping.values()),
                         forced=reference if per_op else None)
     return {q: int((reference[c] - ints[c]).abs().max()) for q, c in mapping.items()}
+
+
+def _copy_for_readout(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of ``prepared`` whose gates and quantizers are its own (they are changed on
+    it) while every other parameter and buffer (the weights) is shared with ``prepared``: an eval
+    forward never writes them, and a second copy of a large model's weights (2.5 GB for
+    vit_h_14) is what made the agreement check run out of memory."""
+    from djpq_compiler.prepared import gates, quantizers
+
+    own = {id(t) for _, m in (*quantizers(prepared), *gates(prepared))
+           for t in (*m.parameters(), *m.buffers())}
+    shared = {id(t): t for t in (*prepared.parameters(), *prepared.buffers()) if id(t) not in own}
+    return copy.deepcopy(prepared, shared)
 
 
 def _kept_part(model: torch.fx.GraphModule, keep: dict[int, list[int]], qnode: torch.fx.Node,

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import keyword
 import operator
 import traceback
 import warnings
@@ -50,7 +51,7 @@ from djpq_compiler.passes.pipeline import Recorded
 from djpq_compiler.records import NODE_VALUE, CaptureRecord, store
 
 __all__ = ["capture", "as_input_tuple", "propagate_shapes", "export_probe", "graph_signature",
-           "check_finite_inputs"]
+           "check_finite_inputs", "check_attribute_names"]
 
 #: Start of the message of every ``torch._assert`` guard that capture inserts for a shape
 #: condition it decided; later passes keep these guards (``passes/fold_shape_code.py``).
@@ -93,6 +94,30 @@ def check_finite_inputs(value: Any, where: str = "example_inputs") -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             check_finite_inputs(item, f"{where}[{key!r}]")
+
+
+def _codegen_unsafe(name: str) -> bool:
+    """Whether torch.fx's generated code mangles attribute ``name``: it writes ``self.name`` for
+    identifiers (a Python keyword is then a syntax error) and ``getattr(self, "name")`` for the
+    rest, unescaped (a quote breaks it; a backslash or control character becomes an escape that
+    names another attribute)."""
+    return keyword.iskeyword(name) or any(c in name for c in "\"\\") or not name.isprintable()
+
+
+def check_attribute_names(model: nn.Module) -> None:
+    """Raise :class:`CaptureError` listing the submodules, parameters and buffers of ``model``
+    whose names torch.fx cannot write into Python code (:func:`_codegen_unsafe`): tracing would
+    fail with a ``SyntaxError`` or, worse, read another attribute."""
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    names += [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    bad = sorted({n for n in names if any(_codegen_unsafe(part) for part in n.split("."))})
+    if bad:
+        raise CaptureError(
+            f"{type(model).__name__}: torch.fx cannot generate code for the attribute name(s) "
+            f"{bad[:8]}{' ...' if len(bad) > 8 else ''} (a Python keyword, a quote, a backslash "
+            "or a control character in a submodule/parameter/buffer name). Rename them to "
+            "identifier-like names (and use the new names in forward).")
 
 
 class _LeafTracer(fx.Tracer):
@@ -424,12 +449,14 @@ def capture(
     Raises:
         CaptureError: tracing failed (with FX's reason, the user code location and whether
             ``torch.export`` could capture it instead), the example inputs hold NaN/inf (naming
-            the argument) or do not fit the model (naming the failing node).
+            the argument) or do not fit the model (naming the failing node), or a submodule,
+            parameter or buffer name cannot be written into torch.fx's code (naming it).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
     check_finite_inputs(example_inputs)
+    check_attribute_names(model)
     source = copy.deepcopy(model) if copy_model else model
     gm, specialized = _trace(source, tuple(leaf_modules), concrete_args, inputs)
     if concrete_args:

@@ -23,6 +23,10 @@ worst outcome besides a silent disagreement). Used by ``tests/test_backend_zoo.p
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,6 +42,10 @@ from djpq_compiler.records import converted_record
 #: A float output (the net ends in a float island, e.g. a float ReLU + pool after the last layer)
 #: may differ by float32 rounding (TVM's summation order); integer outputs must be bit-exact.
 FLOAT_OUTPUT_RTOL = 1e-5
+
+#: Each stage's start is logged here (INFO), so a run stopped from outside (timeout, memory
+#: guard of ``benchmarks/torchvision_zoo/backends.py``) can say which stage it was in.
+LOG = logging.getLogger(__name__)
 
 __all__ = ["BackendZooResult", "StageOutcome", "check_backends", "check_tvm", "pruned_converted",
            "zoo_input"]
@@ -111,14 +119,26 @@ def pruned_converted(model: nn.Module, x: torch.Tensor, seed: int = 0,
     from djpq_compiler.prepared import gates
 
     torch.manual_seed(seed)
+    LOG.info("prepare")
     prepared = djpq.prepare(model.eval(), x)
+    del model  # prepare copied it: a caller that holds no other reference frees it now
     gen = torch.Generator().manual_seed(seed)
     for _, gate in gates(prepared):
         with torch.no_grad():
             gate.mu[torch.rand(gate.mu.shape, generator=gen) < close] = 1e-3
             gate.mu[0] = 1.0
     prepared.eval()
+    LOG.info("convert")
     return prepared, djpq.convert(prepared)
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op
+    elsewhere): tensors of a few MB freed by one stage otherwise stay in the process's resident
+    memory while the next stage (a big model's TVM build) allocates more."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _run(fn: Any) -> tuple[StageOutcome, Any]:
@@ -162,10 +182,12 @@ def check_tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
     build or a run raises)."""
     from djpq_compiler.backends import tvm as tvm_backend
 
+    LOG.info("tvm: build")
     outcome, compiled = _run(lambda: tvm_backend.build(converted, "x86", example_inputs=x))
     if not outcome.ok:
         return outcome
     worst, worst_float = 0.0, 0.0
+    LOG.info("tvm: run and compare")
     for inp in _tvm_inputs(x):
         run, pair = _run(lambda inp=inp: (compiled(inp), converted(inp)))
         if not run.ok:
@@ -197,6 +219,7 @@ def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float,
     propagation of island flips only; else ``mismatch``."""
     from djpq_compiler.backends.tvm.verify import verify_per_op
 
+    LOG.info("tvm: per-op probe")
     checked, report = _run(lambda: verify_per_op(converted, _tvm_inputs(x), "x86"))
     if not checked.ok:
         return StageOutcome("mismatch", f"{final}; per-op probe: {checked.detail}", seconds)
@@ -215,9 +238,11 @@ def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
+        LOG.info("onnx: export")
         outcome, _ = _run(lambda: export(converted, path, example_inputs=(x,)))
         if not outcome.ok:
             return outcome
+        LOG.info("onnx: verify")
         checked, report = _run(lambda: verify(converted, path, x))
     if not checked.ok:
         return StageOutcome(checked.status, "verify: " + checked.detail, outcome.seconds)
@@ -228,15 +253,31 @@ def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
 
 def check_backends(name: str, model: nn.Module, x: torch.Tensor,
                    stages: tuple[str, ...] = ("agreement", "tvm", "onnx")) -> BackendZooResult:
-    """Convert ``model`` (pruned at random) and check it in each of ``stages``."""
-    outcome, pair = _run(lambda: pruned_converted(model, x))
+    """Convert ``model`` (pruned at random) and check it in each of ``stages``.
+
+    Memory (a big model, e.g. vit_h_14, holds three copies of its weights at once otherwise):
+    the float ``model`` is released once ``prepare`` has copied it, when the caller keeps no
+    reference of its own, and the prepared model once the agreement stage is done.
+    """
+    LOG.info("%s: stage convert", name)
+    held = [model]
+    del model
+    outcome, pair = _run(lambda: pruned_converted(held.pop(), x))
     result: dict[str, StageOutcome] = {"convert": outcome}
     if not outcome.ok:
         return BackendZooResult(name, result)
     prepared, converted = pair
+    del pair
     float_ops = converted_record(converted).float_ops
     checks = {"agreement": lambda: _agreement(prepared, converted, x),
               "tvm": lambda: check_tvm(converted, x), "onnx": lambda: _onnx(converted, x)}
+    LOG.info("%s: convert %s", name, outcome.status)
     for stage in stages:
+        LOG.info("%s: stage %s", name, stage)
         result[stage] = checks[stage]()
+        LOG.info("%s: %s %s %s", name, stage, result[stage].status, result[stage].detail)
+        if stage == "agreement":
+            prepared = None  # the backends read only the converted model
+            _release_memory()
+    LOG.info("%s: done", name)
     return BackendZooResult(name, result, float_ops)
