@@ -271,3 +271,12 @@ def test_build_report_lists_the_fused_chains() -> None:
     assert "ops: short1, add1, relu1, rq1" in report
     assert "requantizations in int32" in report
     assert report.index("ops: short1") > report.index(model.kernels[0].variant)
+
+
+def test_a_negative_multiplier_is_refused_not_mis_bounded() -> None:
+    """The chain's range and int32 proofs assume a non-decreasing step: a negative multiplier
+    (never produced by convert) is an error, not a silently wrong bound."""
+    from djpq_compiler.errors import BackendError
+
+    with pytest.raises(BackendError, match="multiplier -3"):
+        Requant(Leaf(0, 0, 255, "uint8"), -3, 4)

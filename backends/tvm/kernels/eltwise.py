@@ -69,6 +69,15 @@ class Requant:
     qmin: int | None = None
     qmax: int | None = None
 
+    def __post_init__(self) -> None:
+        # value_range and the int32 proofs assume a monotone non-decreasing step
+        if self.m < 0 or self.shift < 0:
+            from djpq_compiler.errors import BackendError
+
+            raise BackendError(f"lane-wise chain: requantization multiplier {self.m} / shift "
+                               f"{self.shift} must be >= 0 (a converted model never has "
+                               "others); this is a bug, please report it")
+
 
 @dataclass(frozen=True)
 class Sum:
