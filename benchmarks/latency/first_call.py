@@ -108,7 +108,8 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
     were registered one by one, as needed). ``mode="before_session"``: that, plus TVM's TIR
     ``RemoveNoOp`` and no warm-up call at load (the build before 2026-12-03 22:11 UTC).
     ``mode="pack_rolled"``: an experiment, the conv kernels' pack with its column loop rolled
-    (``conv2d.PACK_UNROLL_WIDTH = 0``).
+    (``conv2d.PACK_UNROLL_WIDTH = 0``). ``mode="no_warm_up"``: ``eager`` without the warm-up
+    call on zeros that ``CompiledModel`` makes at load.
     """
     import torch
 
@@ -127,6 +128,8 @@ def measure(name: str, size: int, batch: int, runs: int, mode: str) -> dict[str,
         _before_session()
     if mode == "pack_rolled":
         _pack_rolled()
+    if mode == "no_warm_up":  # eager, without the warm-up call on zeros at load
+        cls._warm_up = lambda self: None  # type: ignore[method-assign]
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     compiled = tvm_backend.build(converted, "x86", example_inputs=x)
     build_s, build_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                          "registered at the first kernel (before lazy registration); "
                          "before_session: that + RemoveNoOp + no warm-up call; "
                          "pack_rolled: experiment, the kernels' pack column loop rolled; "
+                         "no_warm_up: eager without the warm-up call at load; "
                          "each model runs once per mode, alternating")
     ap.add_argument("--build-threads", default=None,
                     help="DJPQ_TVM_BUILD_THREADS for the builds (default: the usable cores)")
