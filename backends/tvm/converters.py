@@ -21,7 +21,13 @@ from djpq_compiler.ir import modules as im
 
 from .emit import FloatValue, IntValue, LaneChain, Lowered, Lowering, container_dtype, register
 from .kernels.eltwise import Clamp, Expr, Leaf, Requant, Sum, split_multiplier, value_range
-from .kernels.select import KernelChoice, LayerFacts, fit_groups_to_lanes, select_kernel
+from .kernels.select import (
+    KernelChoice,
+    LayerFacts,
+    fit_groups_to_lanes,
+    narrow_pixels,
+    select_kernel,
+)
 from .layout import NCHW, Layout, packed_channel_const, to_packed
 
 INT32_MAX = 2**31 - 1
@@ -230,6 +236,8 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
                 and container_dtype(x.lo, x.hi) == "uint8"):  # may read x directly
             choice = fit_groups_to_lanes(choice, facts, x.layout.lanes)
             ctx.kernels[index] = choice
+        choice = narrow_pixels(choice, facts, stride, padding, ow)
+        ctx.kernels[index] = choice
         out_lanes = ctx.plan.lanes if ctx.plan.wants_packed(node) else 0
         out, layout = _written_layer(ctx, node, x, facts, choice, (stride, padding, dilation),
                                      out_lanes)

@@ -99,6 +99,15 @@ SHAPES = (
     Shape("mobilenetv2 dw 3x3", 1, 96, 14, 96, 3, 1, 1, 4, groups=96),
     Shape("mobilenetv2 dw 3x3 s2", 1, 144, 28, 144, 3, 2, 1, 8, groups=144),
     Shape("mbv2-224 dw 3x3", 1, 192, 28, 192, 3, 1, 1, 8, groups=192),
+    # resnet20's pruned first stage (benchmarks/latency/models/resnet20.pt): A4 W4, 28x28
+    Shape("r20 s0 13->9", 1, 13, 28, 9, 3, 1, 1, 4, 4),
+    Shape("r20 s0 9->13", 1, 9, 28, 13, 3, 1, 1, 4, 4),
+    Shape("r20 s0 13->7", 1, 13, 28, 7, 3, 1, 1, 4, 4),
+    Shape("r20 s0 7->13", 1, 7, 28, 13, 3, 1, 1, 4, 4),
+    Shape("r20 s0 13->9 b32", 32, 13, 28, 9, 3, 1, 1, 4, 4),
+    Shape("r20 s0 9->13 b32", 32, 9, 28, 13, 3, 1, 1, 4, 4),
+    Shape("r20 s0 13->7 b32", 32, 13, 28, 7, 3, 1, 1, 4, 4),
+    Shape("r20 s0 7->13 b32", 32, 7, 28, 13, 3, 1, 1, 4, 4),
 )
 
 
@@ -142,9 +151,21 @@ def int_module(s: Shape, layer: Layer) -> Any:
                         padding=(s.pad, s.pad), dilation=(1, 1), groups=s.groups)
 
 
-def tvm_callable(s: Shape, layer: Layer, written: bool,
-                 mcpu: str = "") -> tuple[Callable[[], Any], str, float]:
-    """Lower the layer through ``convert_conv2d`` from a u8 input; (call, variant, compile s)."""
+def tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
+                 narrow: bool = True) -> tuple[Callable[[], Any], str, float]:
+    """Lower the layer through ``convert_conv2d`` from a u8 input; (call, variant, compile s).
+    ``narrow=False``: without the pixels-in-lanes kernel (``select.NARROW_MIN_GAIN`` = inf)."""
+    from unittest import mock
+
+    from djpq_compiler.backends.tvm.kernels import select
+
+    gain = select.NARROW_MIN_GAIN if narrow else float("inf")
+    with mock.patch.object(select, "NARROW_MIN_GAIN", gain):
+        return _tvm_callable(s, layer, written, mcpu)
+
+
+def _tvm_callable(s: Shape, layer: Layer, written: bool,
+                  mcpu: str = "") -> tuple[Callable[[], Any], str, float]:
     import tvm
     from torch import fx
 
@@ -277,9 +298,16 @@ def bench_shape(s: Shape, rounds: int, budget: float, mcpu: str = "") -> dict[st
     ort_f, ort_q = ort_callables(s, layer)
     calls = {"djpq_kernel": kernel, "tvm_default": default, "torch_fp32": torch_callable(s, layer),
              "ort_fp32": ort_f, "ort_qlinear": ort_q}
+    lanes, lanes_variant, _ = tvm_callable(s, layer, True, mcpu, narrow=False)
+    if lanes_variant != variant:  # the layer took the pixels-in-lanes kernel: time the old one
+        calls["djpq_lanes"] = lanes
+        exact = exact and bool(np.array_equal(lanes().numpy(), default().numpy()))
     seconds, wall = time_interleaved(calls, rounds, budget)
     gmacs = {name: s.macs / t / 1e9 for name, t in seconds.items()}
     return {"shape": asdict(s), "macs": s.macs, "variant": variant, "exact_vs_default": exact,
+            "lanes_variant": lanes_variant,
+            "x_lanes": (seconds["djpq_lanes"] / seconds["djpq_kernel"]
+                        if "djpq_lanes" in seconds else None),
             "compile_s": {"djpq_kernel": kernel_compile, "tvm_default": default_compile},
             "ms": {k: v * 1e3 for k, v in seconds.items()},
             "wall_ms": {k: v * 1e3 for k, v in wall.items()}, "gmacs": gmacs,
@@ -302,9 +330,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "generic lowering; `QLinear` = onnxruntime QLinearConv u8 x s8. Ratios are per-call time "
         "ratios from the same run. `exact` = kernel output equals the default build's bit for bit.",
         "",
-        "| layer | N,C,HW -> C_out, k/s | bits W/A | kernel | exact | kernel | default "
-        "| torch fp32 | ORT fp32 | ORT QLinear | x torch | x QLinear | x default |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "`old` = the channel-lane kernel the layer had before the pixels-in-lanes one "
+        "(`avx2_px16`), timed in the same rounds, with its variant; `x old` = its time / the "
+        "kernel's.",
+        "",
+        "| layer | N,C,HW -> C_out, k/s | bits W/A | kernel | exact | kernel | old (variant) "
+        "| x old | default | torch fp32 | ORT fp32 | ORT QLinear | x torch | x QLinear "
+        "| x default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, g = r["shape"], r["gmacs"]
@@ -312,7 +345,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {s['name']} | {s['batch']},{s['c_in']},{s['hw']} -> {s['c_out']}, "
             f"{s['k']}/{s['stride']} | {s['w_bits']}/{s['a_bits']} | {r['variant']} | "
             f"{'yes' if r['exact_vs_default'] else 'NO'} | {g['djpq_kernel']:.1f} | "
-            f"{g['tvm_default']:.1f} | {g['torch_fp32']:.1f} | {g['ort_fp32']:.1f} | "
+            + (f"{g['djpq_lanes']:.1f} ({r['lanes_variant']}) | {r['x_lanes']:.2f} | "
+               if r.get("x_lanes") else "- | - | ")
+            + f"{g['tvm_default']:.1f} | {g['torch_fp32']:.1f} | {g['ort_fp32']:.1f} | "
             f"{g['ort_qlinear']:.1f} | {r['x_torch_fp32']:.2f} | {r['x_ort_qlinear']:.2f} | "
             f"{r['x_tvm_default']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -330,7 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="",
                         help="directory for kernels_<tag>.json + KERNELS_<tag>.md")
     parser.add_argument("--tag", default="host", help="suffix of the output files")
+    parser.add_argument("--narrow-gain", type=float, default=None,
+                        help="override select.NARROW_MIN_GAIN (0: every stride-1 AVX2 u8s8 "
+                             "layer takes the pixels-in-lanes kernel, to measure it)")
     args = parser.parse_args(argv)
+    if args.narrow_gain is not None:
+        from djpq_compiler.backends.tvm.kernels import select
+
+        select.NARROW_MIN_GAIN = args.narrow_gain
     torch.set_num_threads(1)
     from djpq_compiler.backends.tvm import adapter
 
@@ -344,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         g = row["gmacs"]
         print(f"{s.name:26s} {row['variant']:13s} exact={row['exact_vs_default']} "
               + " ".join(f"{k}={v:.1f}" for k, v in g.items())
-              + f" x_torch={row['x_torch_fp32']:.2f} x_qlinear={row['x_ort_qlinear']:.2f}",
+              + f" x_torch={row['x_torch_fp32']:.2f} x_qlinear={row['x_ort_qlinear']:.2f}"
+              + f" x_old={row['x_lanes']} ({row['lanes_variant']})",
               flush=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "mcpu": args.mcpu or adapter.system_cpu(), "host_cpu": adapter.system_cpu(),

@@ -67,9 +67,10 @@ TRAINED = ("vgg7", "resnet20", "mobilenetv2")
 BACKENDS = ("torch_fp32", "tvm", "onnxruntime")
 LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ",
           "tvm_unfused": "TVM unfused", "tvm_nchw": "TVM NCHW between layers",
-          "tvm_prev_kernels": "TVM previous conv kernels"}
+          "tvm_prev_kernels": "TVM previous conv kernels",
+          "tvm_no_narrow": "TVM without the pixels-in-lanes kernel"}
 #: Optional A/B builds of the same model, timed interleaved with the others.
-VARIANTS = ("tvm_unfused", "tvm_nchw", "tvm_prev_kernels")
+VARIANTS = ("tvm_unfused", "tvm_nchw", "tvm_prev_kernels", "tvm_no_narrow")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(backend tvm_prev_kernels: int64 requantization shift with the bias "
                          "added before it, batch 32 packed in one pass, per-tap channel padding "
                          "for stems, P from the bound alone), interleaved with the others")
+    ap.add_argument("--compare-no-narrow", action="store_true",
+                    help="also time a TVM build without the pixels-in-lanes kernel for narrow "
+                         "layers (backend tvm_no_narrow: every such layer keeps its channel-lane "
+                         "avx2_u8s8 kernel), interleaved with the others")
     ap.add_argument("--isa", choices=tuple(ISA_TARGETS), default="native",
                     help="the ISA the TVM builds target: native (this CPU) or avx2 (an "
                          "AVX2-only haswell target, run on this CPU)")
@@ -342,6 +347,18 @@ def build_prev_kernels(converted: nn.Module, x: torch.Tensor) -> Any:
         kernel_emit._kernel.cache_clear()
 
 
+def build_no_narrow(converted: nn.Module, x: torch.Tensor) -> Any:
+    """``build(converted, "x86")`` without the ``avx2_px16`` kernel (``select.narrow_pixels``
+    never pays): the build before it."""
+    from unittest import mock
+
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.backends.tvm.kernels import select
+
+    with mock.patch.object(select, "NARROW_MIN_GAIN", float("inf")):
+        return tvm_backend.build(converted, "x86", example_inputs=(x,))
+
+
 def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tensor,
               rec: dict[str, Any], variant: str | None = None) -> Callable[[], Any] | None:
     """Build, check bit-exactness, record build times and kernels; None when TVM fails.
@@ -351,7 +368,8 @@ def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tenso
     b = str(x.shape[0])
     if variant is not None:
         compiled = {"tvm_unfused": build_unfused, "tvm_nchw": build_nchw,
-                    "tvm_prev_kernels": build_prev_kernels}[variant](converted, x)
+                    "tvm_prev_kernels": build_prev_kernels,
+                    "tvm_no_narrow": build_no_narrow}[variant](converted, x)
         rec.setdefault(f"{variant}_bit_exact", {})[b] = bool(torch.equal(compiled(x), ref))
         return tvm_runner(compiled, x)
     try:
@@ -395,7 +413,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         refs = {b: converted(x) for b, x in xs.items()}
     tvm_fns = {b: build_tvm(name, converted, x, refs[b], rec) for b, x in xs.items()}
     wanted = [v for v, on in zip(VARIANTS, (args.compare_unfused, args.compare_nchw,
-                                            args.compare_prev_kernels), strict=True) if on]
+                                            args.compare_prev_kernels,
+                                            args.compare_no_narrow), strict=True) if on]
     variant_fns = {v: {b: build_tvm(name, converted, x, refs[b], rec, variant=v)
                        for b, x in xs.items()} for v in wanted}
     onnx_path = onnx_backend.export(converted, work / f"{name}.onnx", (xs[batches[0]],))

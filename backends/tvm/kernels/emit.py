@@ -100,6 +100,11 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         out_lanes: ``L`` to write the packed layout ``NCHW{L}c``; honoured only for a
             requantizing kernel whose output vector has ``L`` lanes, else the result is NCHW.
     """
+    if choice.kind == "px16":  # pixels in lanes (narrow layers): kernels/conv2d_narrow.py
+        from .conv2d_narrow import emit_narrow
+
+        return emit_narrow(bb, x, in_dtype, facts, choice, geometry, requant, in_layout,
+                           out_lanes)
     n, _, h, w = bb.shape(x)[:4]
     ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
     oc, _, kh, kw = facts.weight.shape

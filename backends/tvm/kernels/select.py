@@ -32,6 +32,11 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   Dense and per-group convs and 2-D linears.
 * ``neon_dw8`` (aarch64 depthwise): the depthwise kernel of ``avx2_dw8`` (int16 operands, int32
   products and sums, 8 channels in lanes), vectorized by LLVM into NEON ``smlal``; same bound.
+* ``avx2_px16`` (:func:`narrow_pixels`, ``conv2d_narrow.py``): stride-1 dense convs on AVX2
+  (no VNNI) whose channel-lane kernel would pad most of its work (few output channels, e.g.
+  13 -> 9): 16 output pixels in the lanes, ``vpmaddubsw`` over channel pairs, every partial
+  sum in int16: exact iff ``span <= 255``, ``max|w| <= 127`` and
+  ``span * max_o sum|w_o| <= 32767``.
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
@@ -45,7 +50,7 @@ import numpy as np
 from .intrin import UBSW_GROUPS
 
 __all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "fit_groups_to_lanes",
-           "select_kernel"]
+           "narrow_pixels", "select_kernel"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
@@ -89,7 +94,7 @@ class KernelChoice:
             return "ubsw"
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
                 "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a",
-                "neon_dw8": "dw8"}.get(self.variant.removesuffix("_acc16"))
+                "neon_dw8": "dw8", "avx2_px16": "px16"}.get(self.variant.removesuffix("_acc16"))
 
     @property
     def acc_dtype(self) -> str:
@@ -343,3 +348,63 @@ def fit_groups_to_lanes(choice: KernelChoice, facts: LayerFacts, lanes: int) -> 
     note = (f"{facts.target}: u8 x s8 vpmaddubsw, {p} summed in int16 (P lowered from "
             f"{choice.groups} to read NCHW{lanes}c input directly)")
     return dataclasses.replace(choice, variant=f"avx2_u8s8_p{p}", bound=text, note=note)
+
+
+#: ``avx2_px16`` is chosen when the channel-lane kernel computes at least this many times the
+#: narrow kernel's padded work (``narrow_pixels``). Measured on resnet20's four first-stage
+#: shapes (``benchmarks/latency/KERNELS_narrow.md``, haswell, batch 1 and 32): the narrow
+#: kernel was 1.31-1.93x faster where this ratio is 1.07-1.90 (it runs more MACs per cycle of
+#: padded work: no pack into channel groups, one ``vpmaddubsw`` + ``vpaddw`` per 32 products).
+NARROW_MIN_GAIN = 1.0
+#: Output pixels per vector of the narrow kernel and its accumulator registers (as in
+#: ``conv2d_narrow.py``, which imports TVM).
+_PIXEL_LANES, _ACC_REGS = 16, 12
+
+
+def _lane_work(shape: tuple[int, ...], p: int) -> int:
+    """Products per output pixel of the AVX2 channel-lane kernel: output channels padded to
+    blocks of 8, the reduction to groups of ``4 * P`` (per tap, or jointly: ``reduce_width``)."""
+    oc, taps = int(shape[0]), int(np.prod(shape[2:], dtype=np.int64))
+    width = reduce_width(shape)
+    padded = -(-width // (4 * p)) * 4 * p
+    per_out = padded if width != int(shape[1]) else padded * taps
+    return -(-oc // 8) * 8 * per_out
+
+
+def _narrow_work(shape: tuple[int, ...], out_w: int, pad_w: int) -> float:
+    """Products per output pixel of ``avx2_px16``: channels padded to whole tiles of at most
+    12, input channels to pairs, rows computed over the padded width ``W + 2 * pw``."""
+    oc, ic, taps = int(shape[0]), int(shape[1]), int(np.prod(shape[2:], dtype=np.int64))
+    tiles = -(-oc // _ACC_REGS)
+    tile_o = -(-oc // tiles)
+    return tiles * tile_o * 2 * -(-ic // 2) * taps * (out_w + 2 * pad_w) / out_w
+
+
+def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
+                  padding: tuple[int, int], out_w: int) -> KernelChoice:
+    """``choice`` replaced by ``avx2_px16`` (pixels in lanes, ``conv2d_narrow.py``) where that
+    is exact and pays: an ``avx2_u8s8_p*`` dense conv (AVX2 without VNNI, ``groups == 1``,
+    spatial or 1x1) at stride 1 whose padded work in channel lanes (:func:`_lane_work`) is at
+    least :data:`NARROW_MIN_GAIN` times the narrow kernel's (:func:`_narrow_work`), and whose
+    every int16 partial sum is bounded: ``span * max_o sum|w_o| <= 32767`` (the pair sums of
+    ``vpmaddubsw`` and the wrapping ``vpaddw`` sums are then exact). Other choices are returned
+    unchanged (the bound one bit past keeps the channel-lane variant, exact at its own bound)."""
+    if (choice.kind != "ubsw" or facts.op != "conv2d" or facts.groups != 1
+            or tuple(stride) != (1, 1) or facts.features is None
+            or "avx512vnni" in facts.features):
+        return choice
+    shape = facts.weight.shape
+    old, new = _lane_work(shape, choice.groups), _narrow_work(shape, out_w, padding[1])
+    if old < NARROW_MIN_GAIN * new:
+        return choice
+    span = facts.span
+    sums = np.abs(facts.weight.reshape(shape[0], -1)).astype(np.int64).sum(1)
+    bound = span * int(sums.max(initial=0))
+    if span > 255 or facts.w_max > 127 or bound > INT16_MAX:
+        return choice
+    acc_text = choice.bound.split("; ", 1)[1] if "; " in choice.bound else ""
+    text = (f"span {span} * max sum|w| {int(sums.max(initial=0))} = {bound} <= 32767 (int16 "
+            f"pair and partial sums); {acc_text}")
+    note = (f"{facts.target}: pixels in 16 lanes, u8 x s8 vpmaddubsw on channel pairs "
+            f"({old} products per pixel in channel lanes vs {new:.0f})")
+    return dataclasses.replace(choice, variant="avx2_px16", bound=text, note=note)

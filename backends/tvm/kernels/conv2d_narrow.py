@@ -1,0 +1,325 @@
+# mypy: disable-error-code="valid-type,name-defined"
+"""TVM-facing: a conv kernel with output *pixels* in the vector lanes, for narrow layers.
+
+The channels-in-lanes kernels (:mod:`.conv2d`) pad the output channels to blocks of 8 (AVX2)
+and the input channels to groups of ``4 * P``: a pruned 13 -> 9 3x3 layer (resnet20's first
+stage) computes 16 x 16 products per tap for 13 x 9 real ones, 2.2x its work. Here the lanes run
+over 16 output pixels of one output channel instead; the channels are plain loops, so neither
+is padded (``avx2_px16``, :mod:`.select`).
+
+Stride-1 convs only: the input is packed per image into rows of the padded width ``Wp = W +
+2 * pw``, flattened (``[N, C, R * Wp]`` int16, the activation offset added, the spatial padding
+filled with the offset), and output pixel ``q = y * Wp + x`` (``x < Wp``: the ``Wp - OW``
+columns past the row are computed and dropped) reads tap ``(ky, kx)`` at ``q + ky * dh * Wp +
+kx * dw``: a contiguous 16-lane load per tap and channel, whatever the padding and dilation.
+
+Arithmetic: u8 operands (``[0, span]`` after the offset, ``span <= 255``) packed as channel
+pairs per pixel (``[C/2, pixel, 2]``), s8 weights; one ``vpmaddubsw`` multiplies 16 pixels'
+channel pair by one output channel's weight pair (pre-broadcast in memory: a 32-byte load, no
+shuffle) and sums each pair in int16; ``vpaddw`` adds it to the int16 accumulator (32 MACs per
+two instructions); widened to int32 once per output in the epilogue. Exact iff every partial
+sum fits int16: ``span * max_o sum_{c,ky,kx} |w_o| <= 32767`` bounds each pair sum (no
+saturation) and each partial sum (the wrapping adds never wrap); checked by the selection. A
+plain int16 version (``vpmullw`` + ``vpaddw`` with broadcast weights) ran 23 GMAC/s on the
+13 -> 9 shape at batch 1, this one 70-78.
+
+Layouts: the input is read NCHW or packed ``[N, ceil(C/L), H, W, L]``; the output is written
+NCHW or packed with any ``L`` (padding lanes get ``clip(0)``, a defined code, as the other
+kernels' zero-weight lanes do), so layout planning is unchanged. The pack and the final store
+are this kernel's layout conversions (channels in lanes <-> pixels in lanes), scalar byte
+copies per image, inside the kernel and included in every time measured
+(``benchmarks/latency/KERNELS_narrow.md``).
+
+Epilogue as in :mod:`.conv2d`: ``acc * 2^k`` then ``acc * m + rnd`` in int64 with the bias in the
+rounding term (``bias_in_round``) or added in int32, split shift where every shift >= 32, clip,
+cast; or the int32 accumulator plus bias for float-output layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Output pixels per vector (int16 lanes of a ymm register).
+PIXEL_LANES = 16
+#: Accumulator vectors held in registers per tile (of AVX2's 16 ymm registers).
+ACC_REGS = 12
+
+__all__ = ["NarrowSpec", "build_narrow_kernel", "narrow_tiles", "pack_narrow_weight",
+           "padded_channels"]
+
+
+@dataclass(frozen=True)
+class NarrowSpec:
+    """What one pixels-in-lanes conv kernel is specialized on (stride 1, groups 1)."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    in_dtype: str
+    act_offset: int
+    acc_shift: int
+    out_dtype: str
+    qmin: int
+    qmax: int
+    mult_dtype: str = "int64"
+    in_lanes: int = 0
+    out_lanes: int = 0
+    split_shift: bool = False
+    bias_in_round: bool = False
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        (kh, kw), (ph, pw), (dh, dw) = self.kernel, self.padding, self.dilation
+        return (self.height + 2 * ph - dh * (kh - 1), self.width + 2 * pw - dw * (kw - 1))
+
+    @property
+    def row(self) -> int:
+        """``Wp``: the padded input width, also the stride of the flattened output rows."""
+        return self.width + 2 * self.padding[1]
+
+
+def narrow_tiles(spec: NarrowSpec) -> tuple[int, int]:
+    """``(tile_o, vectors)``: output channels x 16-pixel vectors held in registers.
+
+    ``tile_o * vectors <= ACC_REGS`` accumulators; the channels are split into the fewest tiles
+    of at most ``ACC_REGS`` (13 -> 2 x 7, 9 -> 9), padded with zero-weight channels to whole
+    tiles; the spare registers go to more pixel vectors (reusing each weight broadcast)."""
+    oc = spec.out_channels
+    n_tiles = -(-oc // ACC_REGS)
+    tile_o = -(-oc // n_tiles)
+    return tile_o, max(1, ACC_REGS // tile_o)
+
+
+def pack_narrow_weight(weight: np.ndarray, spec: NarrowSpec) -> np.ndarray:
+    """OIHW integer weights to ``[OT, C/2, KH, KW, tile_o, 16, 2]`` int8 (flattened): each
+    channel pair's two weights repeated for the 16 pixel lanes (one 32-byte vector, the
+    ``vpmaddubsw`` operand read straight from memory), zero past ``O``
+    and past ``C`` (an odd count)."""
+    tile_o, _ = narrow_tiles(spec)
+    oc, ic, kh, kw = weight.shape
+    n_tiles, pairs = -(-oc // tile_o), -(-ic // 2)
+    full = np.zeros((n_tiles * tile_o, pairs * 2, kh, kw), np.int8)
+    full[:oc, :ic] = weight
+    # [OT, tile_o, CP, 2, KH, KW] -> [OT, CP, KH, KW, tile_o, 2], then 16 lanes
+    per = full.reshape(n_tiles, tile_o, pairs, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    lanes = np.broadcast_to(per[..., None, :], per.shape[:-1] + (PIXEL_LANES, 2))
+    return np.ascontiguousarray(lanes).reshape(-1)
+
+
+def padded_channels(spec: NarrowSpec) -> int:
+    """Output channels the kernel computes (whole channel tiles): the length of its bias and
+    requantization parameters."""
+    tile_o, _ = narrow_tiles(spec)
+    return -(-spec.out_channels // tile_o) * tile_o
+
+
+def build_narrow_kernel(spec: NarrowSpec) -> Any:
+    """The PrimFunc of ``spec``: params ``x, w, bias, m, rnd, shift, out`` (``m``, ``rnd``,
+    ``shift`` unused for an int32 output).
+
+    One parallel iteration per image: fill its pack ``[C/2, R * Wp, 2]`` u8 with the offset,
+    copy the codes (plus the offset) into the interior, then per register tile (``tile_o``
+    channels x ``vectors`` x 16 pixels, int16 accumulators) sum ``vpmaddubsw`` over channel
+    pairs and taps, apply the epilogue vectorized over the pixels into a per-image result
+    ``[O', OH * Wp]``, and finally write the real columns out (NCHW rows, or every lane of a
+    packed pixel together, padding lanes ``clip(0)``)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    (kh, kw), (ph, pw), (dh, dw) = spec.kernel, spec.padding, spec.dilation
+    oh, ow = spec.out_size
+    wp = spec.row
+    tile_o, vecs = narrow_tiles(spec)
+    oc = spec.out_channels
+    ocp = padded_channels(spec)
+    n_ot = ocp // tile_o
+    tile_px = vecs * PIXEL_LANES
+    q_tiles = -(-(oh * wp) // tile_px)
+    length = q_tiles * tile_px + (kh - 1) * dh * wp + (kw - 1) * dw
+    rows = -(-length // wp)
+    offset, k = spec.act_offset, spec.acc_shift
+    in_lanes, out_lanes = spec.in_lanes, spec.out_lanes
+    if in_lanes:
+        x_shape: tuple[int, ...] = (n_, -(-c_ // in_lanes), h, w, in_lanes)
+    else:
+        x_shape = (n_, c_, h, w)
+    if out_lanes:
+        out_shape: tuple[int, ...] = (n_, -(-oc // out_lanes), oh, ow, out_lanes)
+    else:
+        out_shape = (n_, oc, oh, ow)
+    in_dtype, out_dtype = spec.in_dtype, spec.out_dtype
+    requant = out_dtype != "int32"
+    m_dtype = spec.mult_dtype
+    shift_dtype = "int32" if spec.split_shift else "int64"
+    qmin, qmax = spec.qmin, spec.qmax
+    blocks = q_tiles * n_ot
+
+    def load(x: Any, n: Any, c: Any, y: Any, xx: Any) -> Any:
+        """Code of channel ``c`` at input position ``(y, xx)`` (in bounds), as int32."""
+        if in_lanes:
+            return T.Cast("int32", x[n, c // in_lanes, y, xx, c % in_lanes])
+        return T.Cast("int32", x[n, c, y, xx])
+
+    def finish(acc: Any, c: Any, bias: Any, m: Any, rnd: Any, shift: Any) -> Any:
+        """Epilogue of one accumulator of output channel ``c`` (``conv2d._finish``)."""
+        scaled = T.Cast("int32", acc) * (1 << k)
+        if not requant:
+            return scaled + bias[c]
+        if spec.bias_in_round:
+            product = T.Cast("int64", scaled) * T.Cast("int64", m[c]) + rnd[c]
+        else:
+            product = T.Cast("int64", scaled + bias[c]) * T.Cast("int64", m[c]) + rnd[c]
+        if spec.split_shift:
+            q = T.shift_right(T.Cast("int32", T.shift_right(product, T.int64(32))), shift[c])
+        else:
+            q = T.shift_right(product, shift[c])
+        return T.Cast(out_dtype, T.max(T.min(q, qmax), qmin))
+
+    def zero_code() -> Any:
+        return T.Cast(out_dtype, T.max(T.min(0, qmax), qmin)) if requant else T.int32(0)
+
+    mp = (ocp,)
+    pad_lanes = bool(out_lanes and oc % out_lanes)
+    packed_out = bool(out_lanes)
+    pairs = -(-c_ // 2)
+    flat = rows * wp * 2  # one channel pair's packed operands: [pixel, 2] u8
+    vec = PIXEL_LANES
+    w_size = n_ot * pairs * kh * kw * tile_o * 2 * vec
+
+    def operand(x: Any, n: Any, c: Any, r: Any, col: Any) -> Any:
+        """Packed operand of channel ``c`` at padded row ``r``, column ``col``: code + offset,
+        or the offset in the spatial padding and past the last channel (zero weights)."""
+        yy, xw = r - ph, col - pw
+        inside = tirx.all(c < c_, yy >= 0, yy < h, xw >= 0, xw < w)
+        value = load(x, n, T.min(c, c_ - 1), T.max(T.min(yy, h - 1), 0),
+                     T.max(T.min(xw, w - 1), 0))
+        return T.Cast("uint8", T.if_then_else(inside, value, 0) + offset)
+
+    def pair_sum(xp: Any, wt: Any, xbase: Any, wbase: Any) -> Any:
+        """``vpmaddubsw``: 16 pixels' channel pair (u8) times one output channel's weight pair
+        (s8), pair sums in int16 (no saturation within the selection's bound)."""
+        return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
+                                       xp[T.ramp(xbase, 1, 2 * vec)],
+                                       wt[T.ramp(wbase, 1, 2 * vec)])
+
+    def x_at(n: Any, cp: Any, q: Any) -> Any:
+        return (n * pairs + cp) * flat + q * 2
+
+    def w_at(ot: Any, cp: Any, tap: int, o: int) -> Any:
+        return (((ot * pairs + cp) * kh * kw + tap) * tile_o + o) * 2 * vec
+
+    qlen = q_tiles * tile_px
+    out_blocks = -(-oc // out_lanes) if out_lanes else 0
+
+    def result(c: Any, y: Any, xx: Any, res: Any, n: Any) -> Any:
+        """The epilogue's code of channel ``c`` at output ``(y, xx)``; ``clip(0)`` for the
+        padding lanes of a packed output (``c >= O``)."""
+        value = res[(n * ocp + T.min(c, ocp - 1)) * qlen + y * wp + xx]
+        return T.if_then_else(c < oc, value, zero_code()) if pad_lanes else value
+
+    @T.prim_func
+    def kernel(x: T.Buffer(x_shape, in_dtype), wt: T.Buffer((w_size,), "int8"),
+               bias: T.Buffer(mp, "int32"), m: T.Buffer(mp, m_dtype), rnd: T.Buffer(mp, "int64"),
+               shift: T.Buffer(mp, shift_dtype), out: T.Buffer(out_shape, out_dtype)) -> None:
+        T.func_attr({"tirx.noalias": True})
+        xp = T.alloc_buffer((n_ * pairs * flat,), "uint8")
+        res = T.alloc_buffer((n_ * ocp * qlen,), out_dtype)
+        for n in T.parallel(n_):
+            # pack: the offset everywhere (spatial and channel padding), then the codes
+            for i in T.vectorized(pairs * flat):
+                xp[n * pairs * flat + i] = T.uint8(offset)
+            for y, xx in T.grid(h, w):
+                for c in T.unroll(c_):
+                    xp[x_at(n, c // 2, (y + ph) * wp + xx + pw) + c % 2] = T.Cast(
+                        "uint8", load(x, n, c, y, xx) + offset)
+            for blk in range(blocks):
+                acc = T.alloc_buffer((tile_o * tile_px,), "int16", scope="local")
+                ot = blk // q_tiles
+                q0 = blk % q_tiles * tile_px
+                for i in T.vectorized(tile_o * tile_px):
+                    acc[i] = T.int16(0)
+                for cp in range(pairs):
+                    for t in T.unroll(kh * kw):
+                        for v in T.unroll(vecs):
+                            for o in T.unroll(tile_o):
+                                acc[T.ramp((o * vecs + v) * vec, 1, vec)] = (
+                                    acc[T.ramp((o * vecs + v) * vec, 1, vec)] + pair_sum(
+                                        xp, wt, x_at(n, cp, q0 + v * vec + t // kw * dh * wp
+                                                     + t % kw * dw), w_at(ot, cp, t, o)))
+                for o in T.unroll(tile_o):
+                    for p in T.vectorized(tile_px):
+                        res[(n * ocp + ot * tile_o + o) * qlen + q0 + p] = finish(
+                            acc[o * tile_px + p], ot * tile_o + o, bias, m, rnd, shift)
+            # unpack: the real columns of each row, every channel of a pixel together
+            if packed_out:
+                for b, y, xx in T.grid(out_blocks, oh, ow):
+                    for lane in T.unroll(out_lanes):
+                        out[n, b, y, xx, lane] = result(b * out_lanes + lane, y, xx, res, n)
+            else:
+                for c, y in T.grid(oc, oh):
+                    for xx in T.vectorized(ow):
+                        out[n, c, y, xx] = result(c, y, xx, res, n)
+
+    return kernel
+
+
+def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometry: Any,
+                requant: tuple[Any, Any, int, int, str] | None, in_layout: Any,
+                out_lanes: int = 0) -> tuple[Any, Any]:
+    """``emit.emit_conv`` for an ``avx2_px16`` choice: the pixels-in-lanes kernel of this
+    module, reading ``x`` in ``in_layout`` and writing ``NCHW{out_lanes}c`` when asked (any
+    requantizing layer), else NCHW. Same parameters and result as ``emit_conv``."""
+    from ..layout import NCHW, Layout
+    from .conv2d import split_shift_ok
+    from .emit import SPLIT_SHIFT_KINDS, _fits_int32, _padded, _per_channel
+
+    n, _, h, w = bb.shape(x)[:4]
+    ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
+    oc, _, kh, kw = facts.weight.shape
+    stride, padding, dilation = geometry
+    if tuple(stride) != (1, 1):
+        raise ValueError(f"{facts.layer}: the pixels-in-lanes kernel needs stride 1, got "
+                         f"{stride} (select.narrow_pixels admits stride 1 only)")
+    m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
+    m_c = _per_channel(m, oc)
+    shift_c = _per_channel(shift, oc)
+    m_dtype = "int32" if _fits_int32(m_c) else "int64"
+    offset = facts.offset_for("ubsw")
+    lanes = out_lanes if requant is not None else 0
+    split = requant is not None and "ubsw" in SPLIT_SHIFT_KINDS and split_shift_ok(shift_c)
+    spec = NarrowSpec(n, ic, h, w, oc, (kh, kw), tuple(padding), tuple(dilation), in_dtype,
+                      offset, facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype,
+                      in_layout.lanes, lanes, split_shift=split,
+                      bias_in_round=requant is not None and m_dtype == "int32")
+    size = padded_channels(spec)
+    bias = facts.kernel_bias(offset)
+    rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
+    if spec.bias_in_round:
+        rnd = rnd + bias.astype(np.int64) * m_c
+    shift_arg = shift_c - 32 if spec.split_shift else shift_c
+    args = [x, bb.const(pack_narrow_weight(facts.weight, spec), "int8"),
+            bb.const(_padded(bias, size, "int32"), "int32"),
+            bb.const(_padded(m_c, size, m_dtype), m_dtype),
+            bb.const(_padded(rnd, size, "int64"), "int64"),
+            bb.const(_padded(shift_arg, size, "int32" if split else "int64"),
+                     "int32" if split else "int64")]
+    out_layout = Layout(lanes, oc) if lanes else NCHW
+    out_shape = ((n, out_layout.blocks) + spec.out_size + (lanes,) if lanes
+                 else (n, oc) + spec.out_size)
+    named = bb.kernel_cache.get(spec)
+    if named is None:
+        name = f"djpq_{choice.variant}_{facts.layer}"
+        func = build_narrow_kernel(spec)
+        named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+                 .with_attr("tirx.is_scheduled", True))
+        bb.kernel_cache[spec] = named
+    return bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout

@@ -1,0 +1,166 @@
+"""The pixels-in-lanes kernel for narrow layers (``avx2_px16``, issue 15): bit-exact against the
+reference executor on pruned odd channel counts, batch 1 and 32, 3x3 and 1x1, NCHW and packed
+layouts, at its int16 bound and one past it (where the selection keeps a channel-lane variant),
+and chosen exactly where the selection's rule says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from djpq_compiler.ir import modules as im
+
+pytest.importorskip("tvm")
+narrow = pytest.importorskip("djpq_compiler.backends.tvm.kernels.conv2d_narrow")
+from djpq_compiler.backends.tvm.kernels.select import (  # noqa: E402
+    LayerFacts,
+    narrow_pixels,
+    select_kernel,
+)
+from tests.test_tvm_kernels import AVX2, One, check, compile_for, inputs, int_layer  # noqa: E402
+from tests.test_tvm_layout import add, conv  # noqa: E402
+
+
+def _variants(records: list) -> list[str]:
+    return [r.variant for r in records]
+
+
+#: (c_in, c_out, k, padding, stride, batch, x_bits, signed, w_bits, hw, variant)
+CASES = [
+    (13, 9, 3, 1, 1, 32, 4, False, 4, (28, 28), "avx2_px16"),  # resnet20's first stage
+    (9, 13, 3, 1, 1, 1, 4, False, 4, (28, 28), "avx2_px16"),
+    (13, 7, 3, 1, 1, 32, 5, False, 4, (9, 11), "avx2_px16"),
+    (7, 5, 3, 1, 1, 1, 8, False, 3, (6, 7), "avx2_px16"),
+    (11, 5, 1, 0, 1, 32, 4, False, 4, (5, 9), "avx2_px16"),  # 1x1
+    (5, 11, 3, 0, 1, 1, 6, True, 4, (7, 8), "avx2_px16"),  # signed activations, no padding
+    (13, 5, 3, 1, 2, 32, 4, False, 4, (9, 11), "avx2_u8s8_p4"),  # stride 2: channel lanes
+]
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "k", "padding", "stride", "batch", "x_bits", "signed",
+                          "w_bits", "hw", "variant"), CASES)
+def test_narrow_conv_exact(c_in: int, c_out: int, k: int, padding: int, stride: int, batch: int,
+                           x_bits: int, signed: bool, w_bits: int, hw: tuple[int, int],
+                           variant: str) -> None:
+    layer = int_layer("conv", c_in, c_out, x_bits=x_bits, x_signed=signed, w_bits=w_bits, k=k,
+                      padding=padding, stride=stride, seed=c_in * 31 + c_out)
+    _, records = check(layer, (batch, c_in) + hw, x_bits, signed)
+    assert _variants(records) == [variant]
+
+
+def test_narrow_conv_float_output_and_acc_shift() -> None:
+    """The int32 accumulator (a float-output layer) with ``acc_shift``, through the same kernel."""
+    layer = int_layer("conv", 7, 5, x_bits=4, w_bits=4, out_scale=None, acc_shift=2)
+    _, records = check(layer, (2, 7, 6, 9), 4)
+    assert _variants(records) == ["avx2_px16"]
+
+
+def _bound_layer(row_sum: int, x_bits: int = 8) -> torch.nn.Module:
+    """A 5 -> 3 3x3 layer whose first output channel's weights are non-negative and sum to
+    ``row_sum`` (the others smaller): ``span * row_sum`` is the int16 bound's left side."""
+    layer = int_layer("conv", 5, 3, x_bits=x_bits, w_bits=5, seed=3)
+    current = layer.weight
+    assert isinstance(current, torch.Tensor)
+    weight = torch.zeros(3, 5, 3, 3, dtype=current.dtype)
+    flat = weight.view(3, -1)
+    per, rest = divmod(row_sum, 45)
+    flat[0] = per
+    flat[0, :rest] += 1
+    gen = torch.Generator().manual_seed(5)
+    flat[1:] = torch.randint(-2, 3, (2, 45), generator=gen)
+    current.copy_(weight)
+    return layer
+
+
+@pytest.mark.parametrize(("row_sum", "variant"), [(128, "avx2_px16"), (129, "avx2_u8s8_p2")])
+def test_narrow_bound_and_one_past(row_sum: int, variant: str) -> None:
+    """``255 * 128 = 32640 <= 32767``: pixels in lanes; ``255 * 129 = 32895``: the selection
+    keeps the channel-lane kernel (its own bound ``2*P*255*max|w|`` holds); both bit-exact on
+    random and all-255 codes."""
+    layer = _bound_layer(row_sum)
+    gm = im.trace_integer(One(layer, 8, False).eval())
+    xs = inputs((32, 5, 7, 9), 8, False)
+    run, records = compile_for(gm, xs[0], AVX2)
+    assert _variants(records) == [variant]
+    for x in xs:
+        assert torch.equal(run(x), gm(x))
+
+
+def test_narrow_kernel_past_its_bound_is_wrong() -> None:
+    """The bound is real: the kernel built directly for all-255 codes and weights summing to
+    129 per output (``255 * 129 > 32767``) wraps its int16 sums; at 128 it is exact."""
+    tvm = pytest.importorskip("tvm")
+    spec = narrow.NarrowSpec(1, 5, 4, 4, 3, (3, 3), (0, 0), (1, 1), "uint8", 0, 0, "int32", 0, 0)
+    lib = tvm.compile(tvm.IRModule({"main": narrow.build_narrow_kernel(spec)}),
+                      target=tvm.target.Target(AVX2))
+    size = narrow.padded_channels(spec)
+    for row_sum, exact in ((128, True), (129, False)):
+        w = np.zeros((3, 5, 3, 3), np.int64)
+        per, rest = divmod(row_sum, 45)
+        w.reshape(3, -1)[:] = per
+        w.reshape(3, -1)[:, :rest] += 1
+        args = [np.full((1, 5, 4, 4), 255, np.uint8), narrow.pack_narrow_weight(w, spec),
+                np.zeros(size, np.int32), np.zeros(size, np.int64), np.zeros(size, np.int64),
+                np.zeros(size, np.int64), np.zeros((1, 3, 2, 2), np.int32)]
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib["main"](*tensors)
+        assert np.array_equal(tensors[-1].numpy(), np.full((1, 3, 2, 2), 255 * row_sum)) == exact
+
+
+def _facts(shape: tuple[int, ...], span: int = 15, w: int = 7,
+           features: frozenset[str] = frozenset({"avx2"})) -> LayerFacts:
+    weight = np.full(shape, w)
+    return LayerFacts("l", "conv2d", 0, span, weight, np.zeros(shape[0], np.int64), 0, 1, 0,
+                      features, "llvm")
+
+
+def test_narrow_selection_rule() -> None:
+    """Pure selection: narrow where the channel lanes pad most; stride 2, wide layers, VNNI
+    targets, the im2col stem and a bound one past keep their variant."""
+    def pick(shape: tuple[int, ...], stride: tuple[int, int] = (1, 1), **kw: object) -> str:
+        facts = _facts(shape, **kw)  # type: ignore[arg-type]
+        choice = select_kernel(facts)
+        pad = (shape[2] // 2, shape[3] // 2)
+        return narrow_pixels(choice, facts, stride, pad, 28).variant
+    assert pick((9, 13, 3, 3)) == "avx2_px16"  # 13 -> 9: 16 x 16 products per tap for 13 x 9
+    assert pick((13, 9, 3, 3)) == "avx2_px16"
+    assert pick((9, 13, 3, 3), stride=(2, 2)) == "avx2_u8s8_p4"
+    assert pick((32, 31, 3, 3)) == "avx2_u8s8_p4"  # whole blocks: nothing to gain
+    assert pick((13, 1, 3, 3)) == "avx2_u8s8_p1"  # the stem: im2col, 12 operands per output
+    assert pick((9, 13, 3, 3), features=frozenset({"avx2", "avx512vnni"})) == "avx512_vnni"
+    # 117 weights of 7 on span 39: 39 * 819 = 31941 fits; span 41: 33579 does not
+    assert pick((9, 13, 3, 3), span=39) == "avx2_px16"
+    assert pick((9, 13, 3, 3), span=41).startswith("avx2_u8s8_p")
+
+
+class NarrowBlock(torch.nn.Module):
+    """resnet20's first-stage block, pruned, 4-bit activations: stem 1 -> 13, 13 -> 9 -> 13
+    narrow convs, the residual add, a last conv (packed ``NCHW8c`` values between all of them
+    on AVX2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.stem = conv(1, 13, 0.02, 0.05, out_bits=4, seed=20)
+        self.a = conv(13, 9, 0.05, 0.05, x_bits=4, out_bits=4, seed=21)
+        self.relu = im.IntClip(0, 15)
+        self.b = conv(9, 13, 0.05, 0.05, x_bits=4, out_bits=4, seed=22)
+        self.add = add(0.05, 0.05, 0.05)
+        self.out = conv(13, 3, 0.05, 0.05, x_bits=8, seed=23)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(self.quant(x))
+        return self.out(self.add(s, self.b(self.relu(self.a(s)))))
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_narrow_packed_between_layers(batch: int) -> None:
+    """Narrow convs reading and writing the packed layout mid-network, bit-exact."""
+    from tests.test_tvm_layout import assert_exact
+
+    ctx = assert_exact(NarrowBlock(), (batch, 1, 12, 10), AVX2)
+    records = ctx.kernels  # type: ignore[attr-defined]
+    narrow_layers = [r for r in records if r.variant == "avx2_px16"]
+    assert len(narrow_layers) == 2, records
+    assert all(r.in_layout == "NCHW8c" and r.out_layout == "NCHW8c" for r in narrow_layers)
