@@ -232,11 +232,12 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
     if choice.kind is not None:
         if int(module.groups) != 1 and not depthwise:
             x = ctx.int_arg(node)
-        if (x.layout.packed and (kh, kw) == (1, 1) and padding == (0, 0) and x.lo >= 0
-                and container_dtype(x.lo, x.hi) == "uint8"):  # may read x directly
+        direct = (x.layout.packed and (kh, kw) == (1, 1) and padding == (0, 0) and x.lo >= 0
+                  and container_dtype(x.lo, x.hi) == "uint8")  # may read x directly
+        if direct:
             choice = fit_groups_to_lanes(choice, facts, x.layout.lanes)
             ctx.kernels[index] = choice
-        choice = narrow_pixels(choice, facts, stride, padding, ow)
+        choice = narrow_pixels(choice, facts, stride, padding, ow, direct)
         ctx.kernels[index] = choice
         out_lanes = ctx.plan.lanes if ctx.plan.wants_packed(node) else 0
         out, layout = _written_layer(ctx, node, x, facts, choice, (stride, padding, dilation),

@@ -381,15 +381,18 @@ def _narrow_work(shape: tuple[int, ...], out_w: int, pad_w: int) -> float:
 
 
 def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
-                  padding: tuple[int, int], out_w: int) -> KernelChoice:
+                  padding: tuple[int, int], out_w: int, direct: bool = False) -> KernelChoice:
     """``choice`` replaced by ``avx2_px16`` (pixels in lanes, ``conv2d_narrow.py``) where that
     is exact and pays: an ``avx2_u8s8_p*`` dense conv (AVX2 without VNNI, ``groups == 1``,
     spatial or 1x1) at stride 1 whose padded work in channel lanes (:func:`_lane_work`) is at
     least :data:`NARROW_MIN_GAIN` times the narrow kernel's (:func:`_narrow_work`), and whose
     every int16 partial sum is bounded: ``span * max_o sum|w_o| <= 32767`` (the pair sums of
     ``vpmaddubsw`` and the wrapping ``vpaddw`` sums are then exact). Other choices are returned
-    unchanged (the bound one bit past keeps the channel-lane variant, exact at its own bound)."""
-    if (choice.kind != "ubsw" or facts.op != "conv2d" or facts.groups != 1
+    unchanged (the bound one bit past keeps the channel-lane variant, exact at its own bound).
+    ``direct``: a 1x1 conv whose channel-lane kernel may read its packed input without a pack
+    stage (``conv2d.reads_directly``); it keeps that kernel (the narrow kernel was measured
+    against channel-lane kernels with a pack only)."""
+    if (direct or choice.kind != "ubsw" or facts.op != "conv2d" or facts.groups != 1
             or tuple(stride) != (1, 1) or facts.features is None
             or "avx512vnni" in facts.features):
         return choice
