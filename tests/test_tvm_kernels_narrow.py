@@ -30,7 +30,7 @@ def _variants(records: list) -> list[str]:
 CASES = [
     (13, 9, 3, 1, 1, 32, 4, False, 4, (28, 28), "avx2_px16"),  # resnet20's first stage
     (9, 13, 3, 1, 1, 1, 4, False, 4, (28, 28), "avx2_px16"),
-    (13, 7, 3, 1, 1, 32, 5, False, 4, (9, 11), "avx2_px16"),
+    (13, 7, 3, 1, 1, 32, 5, False, 4, (9, 11), "avx2_px16"),  # work ratio 1.105
     (7, 5, 3, 1, 1, 1, 8, False, 3, (6, 7), "avx2_px16"),
     (11, 5, 1, 0, 1, 32, 4, False, 4, (5, 9), "avx2_px16"),  # 1x1
     (5, 11, 3, 0, 1, 1, 6, True, 4, (7, 8), "avx2_px16"),  # signed activations, no padding
@@ -127,6 +127,8 @@ def test_narrow_selection_rule() -> None:
     assert pick((13, 9, 3, 3)) == "avx2_px16"
     assert pick((9, 13, 3, 3), stride=(2, 2)) == "avx2_u8s8_p4"
     assert pick((32, 31, 3, 3)) == "avx2_u8s8_p4"  # whole blocks: nothing to gain
+    assert pick((95, 24, 1, 1)) == "avx2_u8s8_p4"  # 24 -> 95: wide output (NARROW_MAX_OUT)
+    assert pick((13, 7, 3, 3)) == "avx2_u8s8_p2"  # 7 -> 13: work ratio 1.07 < 1.1
     assert pick((13, 1, 3, 3)) == "avx2_u8s8_p1"  # the stem: im2col, 12 operands per output
     assert pick((9, 13, 3, 3), features=frozenset({"avx2", "avx512vnni"})) == "avx512_vnni"
     # 117 weights of 7 on span 39: 39 * 819 = 31941 fits; span 41: 33579 does not

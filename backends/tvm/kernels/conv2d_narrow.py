@@ -223,8 +223,32 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
     def result(c: Any, y: Any, xx: Any, res: Any, n: Any) -> Any:
         """The epilogue's code of channel ``c`` at output ``(y, xx)``; ``clip(0)`` for the
         padding lanes of a packed output (``c >= O``)."""
-        value = res[(n * ocp + T.min(c, ocp - 1)) * qlen + y * wp + xx]
+        value = res[(n * res_rows + T.min(c, ocp - 1)) * qlen + y * wp + xx]
         return T.if_then_else(c < oc, value, zero_code()) if pad_lanes else value
+
+    in_blocks = -(-c_ // in_lanes) if in_lanes else 0
+    x_size = int(np.prod(x_shape))
+    out_size = int(np.prod(out_shape))
+    res_rows = max(ocp, out_blocks * out_lanes)
+    vec_pack = in_lanes == 8 and w >= vec and in_dtype in ("uint8", "int8")
+    vec_unpack = out_lanes == 8 and ow >= vec and out_dtype in ("uint8", "int8")
+
+    def pair_plane(xf: Any, base: Any, j: int) -> Any:
+        """Channel pair ``j`` of 16 packed pixels (128 bytes from ``base``), plus the offset:
+        32 bytes ``[pixel, 2]`` (the codes plus the offset fit a byte, so the u8 add is exact
+        for signed containers too)."""
+        v = tirx.reinterpret("uint8x128", xf[T.ramp(base, 1, vec * in_lanes)]) \
+            if in_dtype == "int8" else xf[T.ramp(base, 1, vec * in_lanes)]
+        if offset:
+            v = v + tirx.Broadcast(tirx.const(offset, "uint8"), vec * in_lanes)
+        return tirx.Shuffle([v], [tirx.const(p * in_lanes + 2 * j + e, "int32")
+                                  for p in range(vec) for e in range(2)])
+
+    def to_pixels(res: Any, base: Any) -> Any:
+        """8 result rows (channels) x 16 pixels from ``base`` as 16 pixels x 8 channels."""
+        rows8 = [res[T.ramp(base + lane * qlen, 1, vec)] for lane in range(out_lanes)]
+        return tirx.Shuffle(rows8, [tirx.const(lane * vec + p, "int32")
+                                    for p in range(vec) for lane in range(out_lanes)])
 
     @T.prim_func
     def kernel(x: T.Buffer(x_shape, in_dtype), wt: T.Buffer((w_size,), "int8"),
@@ -232,15 +256,40 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
                shift: T.Buffer(mp, shift_dtype), out: T.Buffer(out_shape, out_dtype)) -> None:
         T.func_attr({"tirx.noalias": True})
         xp = T.alloc_buffer((n_ * pairs * flat,), "uint8")
-        res = T.alloc_buffer((n_ * ocp * qlen,), out_dtype)
+        res = T.alloc_buffer((n_ * res_rows * qlen,), out_dtype)
         for n in T.parallel(n_):
             # pack: the offset everywhere (spatial and channel padding), then the codes
             for i in T.vectorized(pairs * flat):
                 xp[n * pairs * flat + i] = T.uint8(offset)
-            for y, xx in T.grid(h, w):
-                for c in T.unroll(c_):
-                    xp[x_at(n, c // 2, (y + ph) * wp + xx + pw) + c % 2] = T.Cast(
-                        "uint8", load(x, n, c, y, xx) + offset)
+            if vec_pack:  # 16 pixels x 8 lanes per load, 4 channel pairs per shuffle
+                xf = T.decl_buffer((x_size,), in_dtype, data=x.data)
+                for y, i in T.grid(h, -(-w // vec)):
+                    for b in T.unroll(in_blocks):  # the 4 channel pairs of each 8-lane block
+                        if b * 4 + 0 < pairs:
+                            xp[T.ramp(x_at(n, b * 4 + 0, (y + ph) * wp + pw
+                                           + T.min(i * vec, w - vec)), 1, 2 * vec)] = \
+                                pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
+                                           + T.min(i * vec, w - vec) * 8, 0)
+                        if b * 4 + 1 < pairs:
+                            xp[T.ramp(x_at(n, b * 4 + 1, (y + ph) * wp + pw
+                                           + T.min(i * vec, w - vec)), 1, 2 * vec)] = \
+                                pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
+                                           + T.min(i * vec, w - vec) * 8, 1)
+                        if b * 4 + 2 < pairs:
+                            xp[T.ramp(x_at(n, b * 4 + 2, (y + ph) * wp + pw
+                                           + T.min(i * vec, w - vec)), 1, 2 * vec)] = \
+                                pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
+                                           + T.min(i * vec, w - vec) * 8, 2)
+                        if b * 4 + 3 < pairs:
+                            xp[T.ramp(x_at(n, b * 4 + 3, (y + ph) * wp + pw
+                                           + T.min(i * vec, w - vec)), 1, 2 * vec)] = \
+                                pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
+                                           + T.min(i * vec, w - vec) * 8, 3)
+            else:
+                for y, xx in T.grid(h, w):
+                    for c in T.unroll(c_):
+                        xp[x_at(n, c // 2, (y + ph) * wp + xx + pw) + c % 2] = T.Cast(
+                            "uint8", load(x, n, c, y, xx) + offset)
             for blk in range(blocks):
                 acc = T.alloc_buffer((tile_o * tile_px,), "int16", scope="local")
                 ot = blk // q_tiles
@@ -257,10 +306,20 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
                                                      + t % kw * dw), w_at(ot, cp, t, o)))
                 for o in T.unroll(tile_o):
                     for p in T.vectorized(tile_px):
-                        res[(n * ocp + ot * tile_o + o) * qlen + q0 + p] = finish(
+                        res[(n * res_rows + ot * tile_o + o) * qlen + q0 + p] = finish(
                             acc[o * tile_px + p], ot * tile_o + o, bias, m, rnd, shift)
             # unpack: the real columns of each row, every channel of a pixel together
-            if packed_out:
+            if vec_unpack:  # 8 channel rows x 16 pixels per shuffle, one 128-lane store
+                for c, i in T.grid(res_rows - oc, qlen // vec):
+                    res[T.ramp((n * res_rows + oc + c) * qlen + i * vec, 1, vec)] = \
+                        T.Broadcast(zero_code(), vec)
+                of = T.decl_buffer((out_size,), out_dtype, data=out.data)
+                for b, y, i in T.grid(out_blocks, oh, -(-ow // vec)):
+                    of[T.ramp((((n * out_blocks + b) * oh + y) * ow + T.min(i * vec, ow - vec))
+                              * out_lanes, 1, out_lanes * vec)] = to_pixels(
+                        res, (n * res_rows + b * out_lanes) * qlen + y * wp
+                        + T.min(i * vec, ow - vec))
+            elif packed_out:
                 for b, y, xx in T.grid(out_blocks, oh, ow):
                     for lane in T.unroll(out_lanes):
                         out[n, b, y, xx, lane] = result(b * out_lanes + lane, y, xx, res, n)

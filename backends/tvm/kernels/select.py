@@ -350,12 +350,17 @@ def fit_groups_to_lanes(choice: KernelChoice, facts: LayerFacts, lanes: int) -> 
     return dataclasses.replace(choice, variant=f"avx2_u8s8_p{p}", bound=text, note=note)
 
 
-#: ``avx2_px16`` is chosen when the channel-lane kernel computes at least this many times the
-#: narrow kernel's padded work (``narrow_pixels``). Measured on resnet20's four first-stage
-#: shapes (``benchmarks/latency/KERNELS_narrow.md``, haswell, batch 1 and 32): the narrow
-#: kernel was 1.31-1.93x faster where this ratio is 1.07-1.90 (it runs more MACs per cycle of
-#: padded work: no pack into channel groups, one ``vpmaddubsw`` + ``vpaddw`` per 32 products).
-NARROW_MIN_GAIN = 1.0
+#: ``avx2_px16`` is chosen for layers of at most ``NARROW_MAX_OUT`` output channels when the
+#: channel-lane kernel computes at least ``NARROW_MIN_GAIN`` times the narrow kernel's padded
+#: work (``narrow_pixels``). Measured in the packed layout, as inside a model
+#: (``benchmarks/latency/KERNELS_narrow.md``, haswell, batch 32, thread CPU time): work ratio
+#: 1.90 -> 1.63x faster (13 -> 9), 1.71 -> 1.46x (9 -> 13), 1.22 -> 1.21x (13 -> 7),
+#: 1.07 -> 1.07x (7 -> 13), but 1.04 -> 0.95x (31 -> 27 at 14x14); and mobilenetv2's wide 1x1
+#: expansions (24 -> 95, ratio 1.33 from P = 4 padding) made the whole net 7 % slower: with many
+#: output channels the narrow kernel re-reads its input per tile of 12 channels and the channel
+#: lanes pad little, hence the width limit.
+NARROW_MIN_GAIN = 1.1
+NARROW_MAX_OUT = 16
 #: Output pixels per vector of the narrow kernel and its accumulator registers (as in
 #: ``conv2d_narrow.py``, which imports TVM).
 _PIXEL_LANES, _ACC_REGS = 16, 12
@@ -384,15 +389,16 @@ def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, in
                   padding: tuple[int, int], out_w: int, direct: bool = False) -> KernelChoice:
     """``choice`` replaced by ``avx2_px16`` (pixels in lanes, ``conv2d_narrow.py``) where that
     is exact and pays: an ``avx2_u8s8_p*`` dense conv (AVX2 without VNNI, ``groups == 1``,
-    spatial or 1x1) at stride 1 whose padded work in channel lanes (:func:`_lane_work`) is at
-    least :data:`NARROW_MIN_GAIN` times the narrow kernel's (:func:`_narrow_work`), and whose
-    every int16 partial sum is bounded: ``span * max_o sum|w_o| <= 32767`` (the pair sums of
+    spatial or 1x1, at most :data:`NARROW_MAX_OUT` output channels) at stride 1 whose padded
+    work in channel lanes (:func:`_lane_work`) is at least :data:`NARROW_MIN_GAIN` times the
+    narrow kernel's (:func:`_narrow_work`), and whose every int16 partial sum is bounded: ``span * max_o sum|w_o| <= 32767`` (the pair sums of
     ``vpmaddubsw`` and the wrapping ``vpaddw`` sums are then exact). Other choices are returned
     unchanged (the bound one bit past keeps the channel-lane variant, exact at its own bound).
     ``direct``: a 1x1 conv whose channel-lane kernel may read its packed input without a pack
     stage (``conv2d.reads_directly``); it keeps that kernel (the narrow kernel was measured
     against channel-lane kernels with a pack only)."""
     if (direct or choice.kind != "ubsw" or facts.op != "conv2d" or facts.groups != 1
+            or facts.weight.shape[0] > NARROW_MAX_OUT
             or tuple(stride) != (1, 1) or facts.features is None
             or "avx512vnni" in facts.features):
         return choice
