@@ -391,7 +391,8 @@ def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, in
     is exact and pays: an ``avx2_u8s8_p*`` dense conv (AVX2 without VNNI, ``groups == 1``,
     spatial or 1x1, at most :data:`NARROW_MAX_OUT` output channels) at stride 1 whose padded
     work in channel lanes (:func:`_lane_work`) is at least :data:`NARROW_MIN_GAIN` times the
-    narrow kernel's (:func:`_narrow_work`), and whose every int16 partial sum is bounded: ``span * max_o sum|w_o| <= 32767`` (the pair sums of
+    narrow kernel's (:func:`_narrow_work`), and whose every int16 partial sum is bounded:
+    ``span * max_o sum|w_o| <= 32767`` (the pair sums of
     ``vpmaddubsw`` and the wrapping ``vpaddw`` sums are then exact). Other choices are returned
     unchanged (the bound one bit past keeps the channel-lane variant, exact at its own bound).
     ``direct``: a 1x1 conv whose channel-lane kernel may read its packed input without a pack
