@@ -51,16 +51,18 @@ def category(symbol: str) -> str:
 
 
 def profile(vm: Any, arr: Any, runs: int,
-            counts: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float],
-                                                           float]:
+            counts: dict[str, int] | None = None,
+            clock: Any = time.perf_counter) -> tuple[dict[str, float], dict[str, float], float]:
     """Per-symbol and per-category seconds per call of ``main``, and the instrumented total;
-    ``counts`` (if given) receives the number of calls per symbol and call of ``main``."""
+    ``counts`` (if given) receives the number of calls per symbol and call of ``main``.
+    ``clock``: ``time.thread_time`` times the calling thread's CPU (at one TVM thread every
+    kernel runs on it), unaffected by other processes holding the core."""
     starts: dict[str, float] = {}
     per_symbol: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
 
     def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
-        now = time.perf_counter()
+        now = clock()
         if before:
             starts[symbol] = now
         else:
@@ -69,10 +71,10 @@ def profile(vm: Any, arr: Any, runs: int,
         return 0
 
     vm.set_instrument(instrument)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(runs):
         vm["main"](arr)
-    total = (time.perf_counter() - t0) / runs
+    total = (clock() - t0) / runs
     vm.set_instrument(None)
     symbols = {k: v / runs for k, v in per_symbol.items()}
     if counts is not None:
@@ -111,6 +113,12 @@ def main() -> int:
     ap.add_argument("--isa", choices=("native", "avx2"), default="native",
                     help="the ISA the build targets (run.py's --isa: avx2 = an AVX2-only "
                          "haswell target, run on this CPU)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="time with the thread's CPU clock (time.thread_time) instead of wall "
+                         "time: robust to a loaded host at TVM_NUM_THREADS=1")
+    ap.add_argument("--no-narrow", action="store_true",
+                    help="build without the pixels-in-lanes kernel (avx2_px16: "
+                         "select.NARROW_MIN_GAIN = inf)")
     args = ap.parse_args()
 
     sys.argv = sys.argv[:1]
@@ -125,21 +133,25 @@ def main() -> int:
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.batch))
     if args.nchw:
         compiled = latency.build_nchw(converted, x)
+    elif args.no_narrow:
+        compiled = latency.build_no_narrow(converted, x)
     else:
         compiled = tvm_backend.build(converted, "x86", example_inputs=(x,))
     vm = tvm.relax.VirtualMachine(compiled.executable, tvm.cpu())
     arr = tvm.runtime.tensor(x.numpy(), tvm.cpu())
     for _ in range(3):
         vm["main"](arr)
+    clock = time.thread_time if args.cpu else time.perf_counter
     plain = []
     for _ in range(args.runs):
-        t0 = time.perf_counter()
+        t0 = clock()
         vm["main"](arr)
-        plain.append(time.perf_counter() - t0)
+        plain.append(clock() - t0)
     counts: dict[str, int] = {}
-    symbols, cats, total = profile(vm, arr, args.runs, counts)
+    symbols, cats, total = profile(vm, arr, args.runs, counts, clock)
     steady = statistics.median(plain)
-    what = " (NCHW between layers)" if args.nchw else ""
+    what = (" (NCHW between layers)" if args.nchw else "") + (
+        " (no avx2_px16)" if args.no_narrow else "") + (" [thread CPU time]" if args.cpu else "")
     print(f"{args.model} batch {args.batch}{what}: main {steady * 1e3:.2f} ms "
           f"(median of {args.runs}), "
           f"instrumented {total * 1e3:.2f} ms, in calls {sum(cats.values()) * 1e3:.2f} ms")
