@@ -26,9 +26,11 @@ plain int16 version (``vpmullw`` + ``vpaddw`` with broadcast weights) ran 23 GMA
 Layouts: the input is read NCHW or packed ``[N, ceil(C/L), H, W, L]``; the output is written
 NCHW or packed with any ``L`` (padding lanes get ``clip(0)``, a defined code, as the other
 kernels' zero-weight lanes do), so layout planning is unchanged. The pack and the final store
-are this kernel's layout conversions (channels in lanes <-> pixels in lanes), scalar byte
-copies per image, inside the kernel and included in every time measured
-(``benchmarks/latency/KERNELS_narrow.md``).
+are this kernel's layout conversions (channels in lanes <-> pixels in lanes), per image, inside
+the kernel and included in every time measured (``benchmarks/latency/narrow_packed_ab.json``):
+on ``NCHW8c`` (AVX2) one 128-byte load of 16 pixels x 8 lanes and a shuffle per channel pair,
+and one shuffle of 8 channel rows x 16 pixels per 128-byte packed store (rows narrower than 16
+pixels, other lane counts and NCHW input: scalar copies).
 
 Epilogue as in :mod:`.conv2d`: ``acc * 2^k`` then ``acc * m + rnd`` in int64 with the bias in the
 rounding term (``bias_in_round``) or added in int32, split shift where every shift >= 32, clip,

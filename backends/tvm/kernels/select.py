@@ -66,7 +66,8 @@ class KernelChoice:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
-            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"``,
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx2_px16"`` (pixels in lanes,
+            :func:`narrow_pixels`), ``"avx512_dw16"``, ``"avx2_dw8"``,
             ``"neon_sdot"``, ``"neon_dw8"`` (aarch64; depthwise variants with ``"_acc16"``:
             int16 tap sums), ``"cuda_dp4a"`` (CUDA, ``kernels/cuda_select.py``) or
             ``"default"`` (TVM's generic lowering).
