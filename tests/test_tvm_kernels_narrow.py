@@ -35,7 +35,15 @@ CASES = [
     (11, 5, 1, 0, 1, 32, 4, False, 4, (5, 9), "avx2_px16"),  # 1x1
     (5, 11, 3, 0, 1, 1, 6, True, 4, (7, 8), "avx2_px16"),  # signed activations, no padding
     (13, 5, 3, 1, 2, 32, 4, False, 4, (9, 11), "avx2_u8s8_p4"),  # stride 2: channel lanes
+    (1, 3, 5, 2, 1, 2, 8, False, 3, (7, 19), "avx2_px16"),  # a 1-channel stem (not im2col)
 ]
+
+
+def test_narrow_conv_dilated_exact() -> None:
+    """Dilation 2 (taps 2 rows / 2 columns apart in the flattened rows), 5 -> 7 channels."""
+    layer = int_layer("conv", 5, 7, x_bits=4, w_bits=4, padding=2, dilation=2, seed=9)
+    _, records = check(layer, (2, 5, 11, 17), 4)
+    assert _variants(records) == ["avx2_px16"]
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "k", "padding", "stride", "batch", "x_bits", "signed",
@@ -116,8 +124,8 @@ def _facts(shape: tuple[int, ...], span: int = 15, w: int = 7,
 
 
 def test_narrow_selection_rule() -> None:
-    """Pure selection: narrow where the channel lanes pad most; stride 2, wide layers, VNNI
-    targets, the im2col stem and a bound one past keep their variant."""
+    """Pure selection: narrow where the channel lanes pad most and on stems; stride 2, wide
+    layers, VNNI targets and a bound one past keep their variant."""
     def pick(shape: tuple[int, ...], stride: tuple[int, int] = (1, 1), **kw: object) -> str:
         facts = _facts(shape, **kw)  # type: ignore[arg-type]
         choice = select_kernel(facts)
@@ -129,7 +137,8 @@ def test_narrow_selection_rule() -> None:
     assert pick((32, 31, 3, 3)) == "avx2_u8s8_p4"  # whole blocks: nothing to gain
     assert pick((95, 24, 1, 1)) == "avx2_u8s8_p4"  # 24 -> 95: wide output (NARROW_MAX_OUT)
     assert pick((13, 7, 3, 3)) == "avx2_u8s8_p2"  # 7 -> 13: work ratio 1.07 < 1.1
-    assert pick((13, 1, 3, 3)) == "avx2_u8s8_p1"  # the stem: im2col, 12 operands per output
+    assert pick((13, 1, 3, 3)) == "avx2_px16"  # a stem: whenever exact (its im2col pack)
+    assert pick((13, 1, 3, 3), span=255, w=15) == "avx2_u8s8_p1"  # 255 * 135 > 32767
     assert pick((9, 13, 3, 3), features=frozenset({"avx2", "avx512vnni"})) == "avx512_vnni"
     # 117 weights of 7 on span 39: 39 * 819 = 31941 fits; span 41: 33579 does not
     assert pick((9, 13, 3, 3), span=39) == "avx2_px16"
@@ -156,13 +165,18 @@ class NarrowBlock(torch.nn.Module):
         return self.out(self.add(s, self.b(self.relu(self.a(s)))))
 
 
-@pytest.mark.parametrize("batch", [1, 32])
-def test_narrow_packed_between_layers(batch: int) -> None:
-    """Narrow convs reading and writing the packed layout mid-network, bit-exact."""
+@pytest.mark.parametrize(("batch", "hw"), [(1, (12, 10)), (32, (12, 10)), (1, (9, 18)),
+                                         (32, (20, 28))])
+def test_narrow_packed_between_layers(batch: int, hw: tuple[int, int]) -> None:
+    """Narrow convs reading and writing the packed layout mid-network, bit-exact: rows under
+    16 pixels (scalar pack and store) and of 18 and 28 (the shuffled 16-pixel loads and stores,
+    the last one overlapping)."""
     from tests.test_tvm_layout import assert_exact
 
-    ctx = assert_exact(NarrowBlock(), (batch, 1, 12, 10), AVX2)
-    records = ctx.kernels  # type: ignore[attr-defined]
-    narrow_layers = [r for r in records if r.variant == "avx2_px16"]
-    assert len(narrow_layers) == 2, records
-    assert all(r.in_layout == "NCHW8c" and r.out_layout == "NCHW8c" for r in narrow_layers)
+    ctx = assert_exact(NarrowBlock(), (batch, 1) + hw, AVX2)
+    got = {r.layer: (r.variant, r.in_layout, r.out_layout)
+           for r in ctx.kernels}  # type: ignore[attr-defined]
+    assert got == {"stem": ("avx2_px16", "NCHW", "NCHW8c"),
+                   "a": ("avx2_px16", "NCHW8c", "NCHW8c"),
+                   "b": ("avx2_px16", "NCHW8c", "NCHW8c"),
+                   "out": ("avx2_u8s8_p4", "NCHW8c", "NCHW")}
