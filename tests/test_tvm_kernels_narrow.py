@@ -180,3 +180,9 @@ def test_narrow_packed_between_layers(batch: int, hw: tuple[int, int]) -> None:
                    "a": ("avx2_px16", "NCHW8c", "NCHW8c"),
                    "b": ("avx2_px16", "NCHW8c", "NCHW8c"),
                    "out": ("avx2_u8s8_p4", "NCHW8c", "NCHW")}
+    from djpq_compiler.backends.tvm.kernels.report import kernel_table
+
+    table = kernel_table(ctx.kernels)  # type: ignore[attr-defined]
+    # the report gives each narrow layer's int16 bound and why it beat the channel lanes
+    assert table.count("<= 32767 (int16 pair and partial sums)") == 3
+    assert "products per pixel in channel lanes vs" in table and "a stem:" in table

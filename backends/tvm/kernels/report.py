@@ -9,6 +9,16 @@ from .select import KernelChoice
 __all__ = ["kernel_table"]
 
 
+def _why(c: KernelChoice) -> str:
+    """The bound a written kernel relies on (for ``avx2_px16`` also why it was chosen over the
+    channel-lane kernel), or why the layer fell back to ``default``."""
+    if c.variant == "default":
+        return c.note
+    if c.kind == "px16":  # select.narrow_pixels: the padded-work comparison behind the choice
+        return f"{c.bound} [{c.note.split('channel pairs (', 1)[-1][:-1]}]"
+    return c.bound
+
+
 def kernel_table(choices: Sequence[KernelChoice]) -> str:
     """One line per layer: name, op, variant, MACs, input -> output layout, and the bound (or
     why it fell back)."""
@@ -16,7 +26,7 @@ def kernel_table(choices: Sequence[KernelChoice]) -> str:
         return "no integer conv/linear layers"
     rows = [("layer", "op", "kernel", "MACs", "layout in -> out", "exact because / why default")]
     rows += [(c.layer, c.op, c.variant, f"{c.macs:,}", f"{c.in_layout} -> {c.out_layout}",
-              c.bound if c.variant != "default" else c.note) for c in choices]
+              _why(c)) for c in choices]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5] for r in rows]
     fast = sum(c.macs for c in choices if c.variant != "default")
