@@ -186,3 +186,13 @@ def test_narrow_packed_between_layers(batch: int, hw: tuple[int, int]) -> None:
     # the report gives each narrow layer's int16 bound and why it beat the channel lanes
     assert table.count("<= 32767 (int16 pair and partial sums)") == 3
     assert "products per pixel in channel lanes vs" in table and "a stem:" in table
+
+
+def test_narrow_on_sixteen_lane_layout() -> None:
+    """An AVX-512 target without VNNI (``skylake-avx512``: 16-lane ``NCHW16c`` layouts, AVX2's
+    ``vpmaddubsw`` kernels) takes ``avx2_px16`` with its scalar pack and store: bit-exact."""
+    from tests.test_tvm_layout import assert_exact
+
+    ctx = assert_exact(NarrowBlock(), (2, 1, 9, 18), {"kind": "llvm", "mcpu": "skylake-avx512"})
+    got = {r.layer: (r.variant, r.in_layout) for r in ctx.kernels}  # type: ignore[attr-defined]
+    assert got["a"] == ("avx2_px16", "NCHW16c") and got["b"] == ("avx2_px16", "NCHW16c")
