@@ -7,6 +7,11 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
 * ``avx512_vnni``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
   ``vpdpbusd`` sums four u8 x s8 products into int32 without intermediate saturation, so only the
   accumulator bound below applies (W8A8 included). Chosen first where the target has it.
+* ``amx_int8`` (x86 with AMX-INT8, ``kernels/amx.py``): the operands of ``avx512_vnni``
+  (activations shifted to ``[0, span]``, ``span <= 255``, weights in int8); ``tdpbusd`` sums
+  four u8 x s8 products at full width into each int32 element of a 16 x 16 tile without
+  intermediate saturation, so only the accumulator bound below applies. Chosen before VNNI for
+  dense convs and 2-D linears whose shape pays for 16 x 64 tiles (:func:`amx_pays`), else VNNI.
 * ``avx2_u8s8_p{P}``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
   ``vpmaddubsw`` pair sums and ``P`` of them summed in int16 are exact iff
   ``2 * P * span * max|w| <= 32767``; P = 4, 2, 1 tried in that order. A 1x1 conv on packed
@@ -44,8 +49,8 @@ import numpy as np
 
 from .intrin import UBSW_GROUPS
 
-__all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "fit_groups_to_lanes",
-           "select_kernel"]
+__all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
+           "fit_groups_to_lanes", "select_kernel"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
@@ -60,7 +65,7 @@ class KernelChoice:
     Attributes:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
-        variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
+        variant: ``"amx_int8"``, ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
             ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx512_dw16"``, ``"avx2_dw8"``,
             ``"neon_sdot"``, ``"neon_dw8"`` (aarch64; depthwise variants with ``"_acc16"``:
             int16 tap sums), ``"cuda_dp4a"`` (CUDA, ``kernels/cuda_select.py``) or
@@ -87,7 +92,7 @@ class KernelChoice:
         """Intrinsic family: ``"ubsw"``, ``"wd"``, ``"vnni"``, ``"sdot"`` or ``None`` (default)."""
         if self.variant.startswith("avx2_u8s8"):
             return "ubsw"
-        return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
+        return {"avx2_s16": "wd", "avx512_vnni": "vnni", "amx_int8": "amx", "avx512_dw16": "dw16",
                 "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a",
                 "neon_dw8": "dw8"}.get(self.variant.removesuffix("_acc16"))
 
@@ -203,7 +208,7 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
         return _default(facts, "no target given (lowered for tuning or inspection)")
     arm = "dotprod" in facts.features
     gpu = "dp4a" in facts.features  # CUDA: kernels/cuda_select.py
-    if not arm and not gpu and not facts.features & {"avx2", "avx512vnni"}:
+    if not arm and not gpu and not facts.features & {"avx2", "avx512vnni", "amx-int8"}:
         return _default(facts, f"target {facts.target} has no AVX2 (nor aarch64 dotprod); no "
                                "written kernel for it yet")
     depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
@@ -244,11 +249,21 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
     """Dense (or per-group) conv/linear: VNNI, then vpmaddubsw with P = 4, 2, 1, then int16."""
     assert facts.features is not None  # checked by the caller
     span, w_max = facts.span, facts.w_max
+    if "amx-int8" in facts.features and span <= 255 and w_max <= 127:
+        pays, why = amx_pays(facts)
+        if pays:
+            return KernelChoice(facts.layer, facts.op, "amx_int8",
+                                f"span {span} <= 255, max|w| {w_max} <= 127 (tdpbusd sums "
+                                f"exactly in int32); {acc_text}",
+                                f"{facts.target}: u8 x s8 AMX tdpbusd tiles ({why})", facts.macs)
+        amx_note = f"; AMX not used: {why}"
+    else:
+        amx_note = ""
     if "avx512vnni" in facts.features and span <= 255 and w_max <= 127:
         return KernelChoice(facts.layer, facts.op, "avx512_vnni",
                             f"span {span} <= 255, max|w| {w_max} <= 127 (vpdpbusd sums exactly "
-                            f"in int32); {acc_text}", f"{facts.target}: u8 x s8 vpdpbusd",
-                            facts.macs)
+                            f"in int32); {acc_text}", f"{facts.target}: u8 x s8 vpdpbusd"
+                            f"{amx_note}", facts.macs)
     if "avx2" not in facts.features:
         return _default(facts, f"target {facts.target}: operands past u8 x s8 and no AVX2")
     if span <= 255 and w_max <= 127:
@@ -266,6 +281,28 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
         return KernelChoice(facts.layer, facts.op, "avx2_s16", text,
                             f"{facts.target}: int16 x int16 vpmaddwd", facts.macs)
     return _default(facts, f"operands too wide for int16 (span {span}, max|w| {w_max})")
+
+
+#: AMX is chosen only for layers with at least this many input channels (a tile row holds 64,
+#: the rest is zero padding) and output pixels per call (a tile holds 16 pixels).
+AMX_MIN_CHANNELS, AMX_MIN_PIXELS = 16, 16
+
+
+def amx_pays(facts: LayerFacts) -> tuple[bool, str]:
+    """Whether the AMX kernel is worth it for ``facts``' shape, and why (for the record).
+
+    Dense (one group) only; the 64-channel tile rows pad the input channels (16 of 64 still
+    leaves AMX ahead of VNNI, see ``benchmarks/latency/KERNELS_amx.md``); a tile holds 16 output
+    pixels, so a call with fewer (a batch-1 linear) leaves most of it empty."""
+    channels = int(facts.weight.shape[1])
+    pixels = facts.macs // max(int(facts.weight.size), 1)
+    if facts.groups != 1:
+        return False, f"groups={facts.groups}: AMX kernel is dense only"
+    if channels < AMX_MIN_CHANNELS:
+        return False, f"{channels} input channels < {AMX_MIN_CHANNELS} (tile rows hold 64)"
+    if pixels < AMX_MIN_PIXELS:
+        return False, f"{pixels} output pixels per call < {AMX_MIN_PIXELS} (tiles hold 16)"
+    return True, f"{channels} channels, {pixels} pixels"
 
 
 def reduce_width(shape: tuple[int, ...]) -> int:
