@@ -223,12 +223,43 @@ def _emit_pack(T: Any, spec: ConvKernelSpec, plan: AmxPlan, x: Any, pack: Any) -
                     T.buffer_store(pack, _pack_lane_block(
                         spec, x, n, b * (K_BLOCK // lanes) + j, yy, xx, lane),
                         [n, b, p, r, col, j * lanes + lane])
+        elif nph == 1 and not lanes:
+            _emit_pack_rows(T, spec, plan, x, pack, n, b, p)
         else:  # channel outer: contiguous reads of NCHW rows
             with T.serial(0, K_BLOCK) as c, T.serial(0, plan.hq) as r, \
                     T.serial(0, plan.wq) as col:
                 yy, xx = r * sh + py - ph, col * sw + px - pw
                 T.buffer_store(pack, _pack_value(spec, x, n, b * K_BLOCK + c, yy, xx),
                                [n, b, p, r, col, c])
+
+
+def _emit_pack_rows(T: Any, spec: ConvKernelSpec, plan: AmxPlan, x: Any, pack: Any,  # noqa: N803
+                    n: Any, b: Any, p: Any) -> None:
+    """NCHW input, one phase: per channel and row, the columns inside the image are a plain
+    strided copy (no test, no clamp: the loop bounds are the image's), the border columns, the
+    rows outside the image and the channels past ``C`` get the offset alone (the zero code)."""
+    tirx = load_tvm().tirx
+    (sh, sw), (ph, pw) = spec.stride, spec.padding
+    py, px = plan.phases[0]
+    off = tirx.const(spec.act_offset, "int32")
+    lo = max(0, -(-(pw - px) // sw))  # first column with xx = col * sw + px - pw >= 0
+    hi = min(plan.wq, (spec.width - 1 + pw - px) // sw + 1)  # past the last with xx < W
+    with T.serial(0, K_BLOCK) as c, T.serial(0, plan.hq) as r:
+        ch, yy = b * K_BLOCK + c, r * sh + py - ph
+        with T.If(tirx.all(ch < spec.in_channels, yy >= 0, yy < spec.height)):
+            with T.Then():
+                if lo > 0:
+                    with T.serial(0, lo) as col:
+                        T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
+                if hi > lo:
+                    with T.serial(lo, hi) as col:
+                        value = x[n, ch, yy, col * sw + px - pw].astype("int32") + off
+                        T.buffer_store(pack, value.astype("uint8"), [n, b, p, r, col, c])
+                if plan.wq > max(hi, lo):
+                    with T.serial(max(hi, lo), plan.wq) as col:
+                        T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
+            with T.Else(), T.serial(0, plan.wq) as col:
+                T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
 
 
 def _select_phase(phases: tuple[tuple[int, int], ...], p: Any, axis: int) -> Any:
@@ -278,6 +309,11 @@ def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any, 
         q0 = mt * plan.pixels
         cfg = T.alloc_buffer((64,), "uint8")
         scratch = T.alloc_buffer((plan.pixels, tn * OC_LANES), "int32")
+        res = None if packed_out else T.alloc_buffer((plan.pixels, tn * OC_LANES),
+                                                     spec.out_dtype)
+        pos = None if packed_out else T.alloc_buffer((plan.pixels,), "int32")
+        flat = None if packed_out else T.decl_buffer(
+            (spec.batch * spec.out_channels * oh * ow,), spec.out_dtype, data=out.data)
         _tile_config(T, cfg, c_tiles + tm + tn)
         for i in range(c_tiles):
             _tile(T, "tilezero", T.int8(i))
@@ -314,13 +350,22 @@ def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any, 
                             value = _epilogue_value(spec, scratch[i, j * OC_LANES + lane],
                                                     blk * OC_LANES + lane, params)
                             T.buffer_store(out, value, [n, blk, y, xx, lane])
-                    else:
-                        with T.serial(0, OC_LANES) as lane:
-                            c = blk * OC_LANES + lane
-                            with T.If(c < spec.out_channels), T.Then():
-                                value = _epilogue_value(spec, scratch[i, j * OC_LANES + lane],
-                                                        c, params)
-                                T.buffer_store(out, value, [n, c, y, xx])
+                    else:  # vectorized epilogue into ``res``, scattered to NCHW below
+                        with T.vectorized(0, OC_LANES) as lane:
+                            value = _epilogue_value(spec, scratch[i, j * OC_LANES + lane],
+                                                    blk * OC_LANES + lane, params)
+                            T.buffer_store(res, value, [i, j * OC_LANES + lane])
+        if not packed_out:  # channels outer, pixels' output offsets (or -1) computed once
+            with T.serial(0, plan.pixels) as i:
+                q = q0 + i
+                y, xx = q // plan.wq, q % plan.wq
+                T.buffer_store(pos, T.Select(T.And(y < oh, xx < ow), y * ow + xx, -1), [i])
+            with T.serial(0, tn * OC_LANES) as jc:
+                c = obp * tn * OC_LANES + jc
+                with T.If(c < spec.out_channels), T.Then(), T.serial(0, plan.pixels) as i:
+                    with T.If(pos[i] >= 0), T.Then():
+                        T.buffer_store(flat, res[i, jc], [(n * spec.out_channels + c) * oh * ow
+                                                          + pos[i]])
         _tile(T, "tilerelease")
 
 
