@@ -236,29 +236,36 @@ def _emit_pack(T: Any, spec: ConvKernelSpec, plan: AmxPlan, x: Any, pack: Any) -
 def _emit_pack_rows(T: Any, spec: ConvKernelSpec, plan: AmxPlan, x: Any, pack: Any,  # noqa: N803
                     n: Any, b: Any, p: Any) -> None:
     """NCHW input, one phase: per channel and row, the columns inside the image are a plain
-    strided copy (no test, no clamp: the loop bounds are the image's), the border columns, the
-    rows outside the image and the channels past ``C`` get the offset alone (the zero code)."""
+    strided copy (no test, no clamp: the loop bounds are the image's), the border columns and
+    the rows outside the image get the offset alone (the zero code). The lanes of channels past
+    ``C`` are not written: any byte there meets a zero weight and adds exactly 0 to the int32
+    sums, so a 16-channel layer packs 16 of its 64 lanes."""
     tirx = load_tvm().tirx
     (sh, sw), (ph, pw) = spec.stride, spec.padding
     py, px = plan.phases[0]
     off = tirx.const(spec.act_offset, "int32")
     lo = max(0, -(-(pw - px) // sw))  # first column with xx = col * sw + px - pw >= 0
     hi = min(plan.wq, (spec.width - 1 + pw - px) // sw + 1)  # past the last with xx < W
-    with T.serial(0, K_BLOCK) as c, T.serial(0, plan.hq) as r:
-        ch, yy = b * K_BLOCK + c, r * sh + py - ph
-        with T.If(tirx.all(ch < spec.in_channels, yy >= 0, yy < spec.height)):
+    # lanes past C are left unwritten: whatever bytes they hold meet zero weights (exact)
+    # pixel outer, channel inner: each 64-byte row of the pack is written whole (channel outer
+    # streamed every row of the pack through L1 once per channel, ~3x slower)
+    chans = tirx.min(K_BLOCK, spec.in_channels - b * K_BLOCK)
+    with T.serial(0, plan.hq) as r:
+        yy = r * sh + py - ph
+        with T.If(tirx.all(yy >= 0, yy < spec.height)):
             with T.Then():
                 if lo > 0:
-                    with T.serial(0, lo) as col:
+                    with T.serial(0, lo) as col, T.serial(0, chans) as c:
                         T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
                 if hi > lo:
-                    with T.serial(lo, hi) as col:
-                        value = x[n, ch, yy, col * sw + px - pw].astype("int32") + off
-                        T.buffer_store(pack, value.astype("uint8"), [n, b, p, r, col, c])
+                    with T.serial(lo, hi) as col, T.serial(0, chans) as c:
+                        value = x[n, b * K_BLOCK + c, yy, col * sw + px - pw].astype("int32")
+                        T.buffer_store(pack, (value + off).astype("uint8"),
+                                       [n, b, p, r, col, c])
                 if plan.wq > max(hi, lo):
-                    with T.serial(max(hi, lo), plan.wq) as col:
+                    with T.serial(max(hi, lo), plan.wq) as col, T.serial(0, chans) as c:
                         T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
-            with T.Else(), T.serial(0, plan.wq) as col:
+            with T.Else(), T.serial(0, plan.wq) as col, T.serial(0, chans) as c:
                 T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
 
 
@@ -360,12 +367,13 @@ def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any, 
                 q = q0 + i
                 y, xx = q // plan.wq, q % plan.wq
                 T.buffer_store(pos, T.Select(T.And(y < oh, xx < ow), y * ow + xx, -1), [i])
-            with T.serial(0, tn * OC_LANES) as jc:
+            chans = min(tn * OC_LANES, spec.out_channels) if ob_iters == 1 else \
+                T.min(tn * OC_LANES, spec.out_channels - obp * tn * OC_LANES)
+            with T.serial(0, plan.pixels) as i, T.If(pos[i] >= 0), T.Then(), \
+                    T.serial(0, chans) as jc:
                 c = obp * tn * OC_LANES + jc
-                with T.If(c < spec.out_channels), T.Then(), T.serial(0, plan.pixels) as i:
-                    with T.If(pos[i] >= 0), T.Then():
-                        T.buffer_store(flat, res[i, jc], [(n * spec.out_channels + c) * oh * ow
-                                                          + pos[i]])
+                T.buffer_store(flat, res[i, jc], [(n * spec.out_channels + c) * oh * ow
+                                                  + pos[i]])
         _tile(T, "tilerelease")
 
 
