@@ -148,6 +148,8 @@ NO_AMX = "no-amx"
 
 #: ``--packed``: the written kernels read and write ``NCHW16c`` (a layer inside a network).
 PACKED_LANES = 16
+PACKED_TEXT = ("NCHW16c in and out (as between integer layers of a network; torch and ORT take "
+               "NCHW)")
 
 
 def tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
@@ -378,7 +380,7 @@ def _markdown_amx(rows: list[dict[str, Any]], meta: dict[str, Any], head: list[s
     lines = head + [
         f"Load (1-min average) before / after: {meta.get('load_before')} / "
         f"{meta.get('load_after')}. Written kernels' layout: "
-        f"{'NCHW16c in and out (as between integer layers of a network; torch and ORT take NCHW)' if meta.get('packed') else 'NCHW in and out'}. "
+        f"{PACKED_TEXT if meta.get('packed') else 'NCHW in and out'}. "
         "`kernel` = the selected written kernel with the target's "
         "AMX features; `no AMX` = the written kernel of the same CPU's target without them "
         "(`exact`: both equal the default build bit for bit).", "",
@@ -440,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 timespec="minutes"),
             "command": "TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py "
                        + " ".join(sys.argv[1:] if argv is None else argv),
-            "threads": 1, "packed": args.packed, "load_before": load_before, "load_after": os.getloadavg()[0]}
+            "threads": 1, "packed": args.packed, "load_before": load_before,
+            "load_after": os.getloadavg()[0]}
     if args.out:
         out = Path(args.out)
         (out / f"kernels_{args.tag}.json").write_text(

@@ -315,12 +315,16 @@ def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any, 
         mt = t % plan.m_tiles
         q0 = mt * plan.pixels
         cfg = T.alloc_buffer((64,), "uint8")
-        scratch = T.alloc_buffer((plan.pixels, tn * OC_LANES), "int32")
-        res = None if packed_out else T.alloc_buffer((plan.pixels, tn * OC_LANES),
-                                                     spec.out_dtype)
-        pos = None if packed_out else T.alloc_buffer((plan.pixels,), "int32")
-        flat = None if packed_out else T.decl_buffer(
-            (spec.batch * spec.out_channels * oh * ow,), spec.out_dtype, data=out.data)
+        # bytes with an int32 view: the tile store's pointer is then to the allocation's own
+        # dtype (TVM's storage rewrite may merge same-scope allocations into one byte buffer)
+        scratch_bytes = T.alloc_buffer((plan.pixels * tn * OC_LANES * 4,), "uint8")
+        scratch = T.decl_buffer((plan.pixels, tn * OC_LANES), "int32", data=scratch_bytes.data)
+        res: Any = None
+        if not packed_out:  # NCHW: results, pixels' output offsets, the output as flat
+            res = T.alloc_buffer((plan.pixels, tn * OC_LANES), spec.out_dtype)
+            pos = T.alloc_buffer((plan.pixels,), "int32")
+            flat = T.decl_buffer((spec.batch * spec.out_channels * oh * ow,), spec.out_dtype,
+                                 data=out.data)
         _tile_config(T, cfg, c_tiles + tm + tn)
         for i in range(c_tiles):
             _tile(T, "tilezero", T.int8(i))
@@ -343,7 +347,7 @@ def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any, 
         for i in range(tm):
             for j in range(tn):
                 _tile(T, "tilestored64", T.int8(i * tn + j),
-                      scratch.access_ptr("w", offset=(i * ROWS * tn + j) * OC_LANES),
+                      scratch_bytes.access_ptr("w", offset=(i * ROWS * tn + j) * OC_LANES * 4),
                       T.int64(tn * OC_LANES * 4))
         with T.serial(0, plan.pixels) as i:
             q = q0 + i
