@@ -30,6 +30,17 @@ needs_amx = pytest.mark.skipif(
 NO_AMX_TARGETS = [{"kind": "llvm", "mcpu": "cascadelake"}, {"kind": "llvm", "mcpu": "haswell"},
                   {"kind": "llvm", "mcpu": "icelake-server"}]
 
+@pytest.fixture
+def amx_from_16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMX for every dense layer of >= 16 channels, whatever its layouts: the exactness tests
+    run single NCHW layers of odd pruned widths through the AMX kernel (the speed thresholds
+    are tested in :func:`test_selection_with_amx_by_bits_and_shape`)."""
+    from djpq_compiler.backends.tvm.kernels import select
+
+    monkeypatch.setattr(select, "AMX_MIN_CHANNELS_NCHW", 16)
+    monkeypatch.setattr(select, "AMX_MIN_CHANNELS_PACKED", 16)
+
+
 #: (activation bits, signed, weight bits) -> variant, each next to one bit past the bound
 #: (u8 operands after the offset, |w| <= 127; past either, the int16 path is the safe one).
 AMX_LADDER = [
@@ -45,7 +56,7 @@ AMX_LADDER = [
 @needs_amx
 @pytest.mark.parametrize(("x_bits", "signed", "w_bits", "variant"), AMX_LADDER)
 def test_amx_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_bits: int,
-                                         variant: str) -> None:
+                                         variant: str, amx_from_16: None) -> None:
     layer = int_layer("conv", 37, 41, x_bits=x_bits, w_bits=w_bits, x_signed=signed, seed=w_bits)
     _, records = check(layer, (1, 37, 9, 10), x_bits, signed, AMX)
     assert [r.variant for r in records] == [variant]
@@ -65,7 +76,8 @@ def test_amx_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_bits: int,
     (130, 33, 3, 1, 0, 1, 1, (6, 7)),  # no padding, three input blocks
 ])
 def test_amx_conv_shapes_exact(c_in: int, c_out: int, k: int, stride: int, padding: int,
-                               dilation: int, batch: int, hw: tuple[int, int]) -> None:
+                               dilation: int, batch: int, hw: tuple[int, int],
+                               amx_from_16: None) -> None:
     layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=5, k=k, stride=stride,
                       padding=padding, dilation=dilation, seed=c_in + k)
     _, records = check(layer, (batch, c_in) + hw, 8, spec=AMX)
@@ -73,7 +85,7 @@ def test_amx_conv_shapes_exact(c_in: int, c_out: int, k: int, stride: int, paddi
 
 
 @needs_amx
-def test_amx_float_output_and_acc_shift() -> None:
+def test_amx_float_output_and_acc_shift(amx_from_16: None) -> None:
     """A float-output layer (the int32 accumulator out) and a layer with ``acc_shift``."""
     for layer, bits in ((int_layer("conv", 23, 20, x_bits=8, w_bits=4, out_scale=None), 8),
                         (int_layer("conv", 23, 20, x_bits=6, w_bits=3, acc_shift=3), 6)):
@@ -83,7 +95,7 @@ def test_amx_float_output_and_acc_shift() -> None:
 
 @needs_amx
 @pytest.mark.parametrize("batch", [1, 32])
-def test_amx_linear_exact(batch: int) -> None:
+def test_amx_linear_exact(batch: int, amx_from_16: None) -> None:
     """2-D linears run as a 1x1 conv over the batch: AMX from 16 rows, VNNI below."""
     layer = int_layer("linear", 45, 17, x_bits=8, w_bits=8, seed=batch)
     _, records = check(layer, (batch, 45), 8, spec=AMX)
@@ -107,11 +119,11 @@ class TwoConvs(nn.Module):
 
 @needs_amx
 @pytest.mark.parametrize("batch", [1, 32])
-def test_amx_packed_layout_between_layers(batch: int) -> None:
-    """The first conv writes ``NCHW16c`` (padding lanes included: 19 of 32), the second reads it
-    (signed codes, offset +128) and writes NCHW; bit-exact against the reference."""
-    first = int_layer("conv", 24, 19, x_bits=8, w_bits=4, seed=1)
-    second = int_layer("conv", 19, 27, x_bits=8, w_bits=6, x_signed=True, stride=2, seed=2)
+def test_amx_packed_layout_between_layers(batch: int, amx_from_16: None) -> None:
+    """The first conv writes ``NCHW16c`` (padding lanes included: 35 of 48), the second reads
+    it (signed codes, offset +128) and writes NCHW; bit-exact against the reference."""
+    first = int_layer("conv", 24, 35, x_bits=8, w_bits=4, seed=1)
+    second = int_layer("conv", 35, 27, x_bits=8, w_bits=6, x_signed=True, stride=2, seed=2)
     gm = im.trace_integer(TwoConvs(first, second).eval())
     xs = inputs((batch, 24, 11, 12), 8, False)
     mod, ctx = lower(gm, [xs[0]], AMX)
@@ -126,9 +138,9 @@ def test_amx_packed_layout_between_layers(batch: int) -> None:
 @needs_amx
 def test_build_for_this_cpu_picks_amx_and_reports_it() -> None:
     """``build(..., "x86")`` on an AMX CPU targets AMX and names the variant per layer."""
-    layer = int_layer("conv", 32, 32, x_bits=8, w_bits=4)
+    layer = int_layer("conv", 64, 32, x_bits=8, w_bits=4)
     gm = im.trace_integer(One(layer, 8, False).eval())
-    x = inputs((1, 32, 8, 8), 8, False)
+    x = inputs((1, 64, 8, 8), 8, False)
     model = tvm_backend.build(gm, "x86", example_inputs=x[0])
     for t in x:
         assert torch.equal(model(t), gm(t))
@@ -137,10 +149,10 @@ def test_build_for_this_cpu_picks_amx_and_reports_it() -> None:
 
 
 def _facts(features: frozenset[str] | None, c_in: int = 64, pixels: int = 196, groups: int = 1,
-           w_max: int = 7, act: tuple[int, int] = (0, 255)) -> LayerFacts:
+           w_max: int = 7, act: tuple[int, int] = (0, 255), packed: bool = False) -> LayerFacts:
     weight = np.full((32, c_in // groups, 3, 3), w_max, np.int64)
     return LayerFacts("conv", "conv2d", act[0], act[1], weight, np.zeros(32, np.int64), 0,
-                      groups, pixels * weight.size, features, "test")
+                      groups, pixels * weight.size, features, "test", packed)
 
 
 VNNI_FEATURES = frozenset({"avx2", "avx512bw", "avx512vnni"})
@@ -164,8 +176,11 @@ def test_selection_with_amx_by_bits_and_shape() -> None:
     # one bit past: 128 does not fit int8 weights; span 256 not u8
     assert select_kernel(_facts(AMX_FEATURES, w_max=128)).variant == "avx2_s16"
     assert select_kernel(_facts(AMX_FEATURES, act=(0, 256))).variant == "avx2_s16"
+    # packed in and out: from 32 channels; NCHW in or out: from 64
+    assert select_kernel(_facts(AMX_FEATURES, c_in=32, packed=True)).variant == "amx_int8"
     # shapes AMX does not pay for keep VNNI, with the reason recorded
-    for facts, why in ((_facts(AMX_FEATURES, c_in=15), "input channels"),
+    for facts, why in ((_facts(AMX_FEATURES, c_in=31, packed=True), "31 input channels < 32"),
+                       (_facts(AMX_FEATURES, c_in=63), "63 input channels < 64"),
                        (_facts(AMX_FEATURES, pixels=15), "output pixels"),
                        (_facts(AMX_FEATURES, groups=2), "dense only")):
         choice = select_kernel(facts)
@@ -210,3 +225,35 @@ def test_amx_plan_geometry() -> None:
         assert last < plan.hq * plan.wq
         assert plan.m_tiles * plan.pixels + max(off for _, off in plan.taps) <= plan.hq * plan.wq
         assert plan.out_blocks % plan.tile_n == 0 and plan.out_blocks * 16 >= sp.out_channels
+
+
+class ThreeConvs(nn.Module):
+    """Quantize -> conv -> conv -> conv: the middle conv reads and writes ``NCHW16c``."""
+
+    def __init__(self, *convs: nn.Module) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.convs = nn.Sequential(*convs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(self.quant(x))
+
+
+@needs_amx
+def test_amx_chosen_from_the_layouts_in_a_network() -> None:
+    """Default thresholds: 40 channels take AMX where the conv reads and writes packed values,
+    VNNI where it reads the graph's NCHW input or writes NCHW (the reason recorded)."""
+    convs = [int_layer("conv", 40, 40, x_bits=8, w_bits=4, x_signed=i > 0, seed=i)
+             for i in range(3)]
+    gm = im.trace_integer(ThreeConvs(*convs).eval())
+    xs = inputs((2, 40, 9, 9), 8, False)
+    mod, ctx = lower(gm, [xs[0]], AMX)
+    vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(AMX)))
+    for x in xs:
+        got = torch.from_numpy(adapter.run_vm(vm, [x.numpy()])[0]).to(torch.int64)
+        assert torch.equal(got, gm(x))
+    got = [(k.variant, k.in_layout, k.out_layout) for k in ctx.kernels]
+    assert got == [("avx512_vnni", "NCHW", "NCHW16c"), ("amx_int8", "NCHW16c", "NCHW16c"),
+                   ("avx512_vnni", "NCHW16c", "NCHW")]
+    assert "40 input channels < 64 (NCHW in or out" in ctx.kernels[0].note
+    assert "packed in and out" in ctx.kernels[1].note

@@ -223,29 +223,31 @@ def _emit_pack(T: Any, spec: ConvKernelSpec, plan: AmxPlan, x: Any, pack: Any) -
                     T.buffer_store(pack, _pack_lane_block(
                         spec, x, n, b * (K_BLOCK // lanes) + j, yy, xx, lane),
                         [n, b, p, r, col, j * lanes + lane])
-        elif nph == 1 and not lanes:
-            _emit_pack_rows(T, spec, plan, x, pack, n, b, p)
-        else:  # channel outer: contiguous reads of NCHW rows
-            with T.serial(0, K_BLOCK) as c, T.serial(0, plan.hq) as r, \
-                    T.serial(0, plan.wq) as col:
+        elif not lanes:
+            _emit_pack_rows(T, spec, plan, x, pack, n, b, p, py, px)
+        else:  # packed input whose lanes do not divide 64: per channel, tested and clamped
+            with T.serial(0, plan.hq) as r, T.serial(0, plan.wq) as col, \
+                    T.serial(0, K_BLOCK) as c:
                 yy, xx = r * sh + py - ph, col * sw + px - pw
                 T.buffer_store(pack, _pack_value(spec, x, n, b * K_BLOCK + c, yy, xx),
                                [n, b, p, r, col, c])
 
 
 def _emit_pack_rows(T: Any, spec: ConvKernelSpec, plan: AmxPlan, x: Any, pack: Any,  # noqa: N803
-                    n: Any, b: Any, p: Any) -> None:
-    """NCHW input, one phase: per channel and row, the columns inside the image are a plain
+                    n: Any, b: Any, p: Any, py: Any, px: Any) -> None:
+    """NCHW input, phase ``(py, px)``: per row, the columns inside the image are a plain
     strided copy (no test, no clamp: the loop bounds are the image's), the border columns and
     the rows outside the image get the offset alone (the zero code). The lanes of channels past
     ``C`` are not written: any byte there meets a zero weight and adds exactly 0 to the int32
     sums, so a 16-channel layer packs 16 of its 64 lanes."""
     tirx = load_tvm().tirx
     (sh, sw), (ph, pw) = spec.stride, spec.padding
-    py, px = plan.phases[0]
     off = tirx.const(spec.act_offset, "int32")
-    lo = max(0, -(-(pw - px) // sw))  # first column with xx = col * sw + px - pw >= 0
-    hi = min(plan.wq, (spec.width - 1 + pw - px) // sw + 1)  # past the last with xx < W
+    # first column with xx = col * sw + px - pw >= 0, and one past the last with xx < W
+    # (floor divisions: exact for the phase's px, a constant or a Select of constants)
+    lo = tirx.max(0, tirx.floordiv(pw - px + sw - 1, sw))
+    hi = tirx.min(plan.wq, tirx.floordiv(spec.width - 1 + pw - px, sw) + 1)
+    hi = tirx.max(hi, lo)
     # lanes past C are left unwritten: whatever bytes they hold meet zero weights (exact)
     # pixel outer, channel inner: each 64-byte row of the pack is written whole (channel outer
     # streamed every row of the pack through L1 once per channel, ~3x slower)
@@ -254,17 +256,13 @@ def _emit_pack_rows(T: Any, spec: ConvKernelSpec, plan: AmxPlan, x: Any, pack: A
         yy = r * sh + py - ph
         with T.If(tirx.all(yy >= 0, yy < spec.height)):
             with T.Then():
-                if lo > 0:
-                    with T.serial(0, lo) as col, T.serial(0, chans) as c:
-                        T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
-                if hi > lo:
-                    with T.serial(lo, hi) as col, T.serial(0, chans) as c:
-                        value = x[n, b * K_BLOCK + c, yy, col * sw + px - pw].astype("int32")
-                        T.buffer_store(pack, (value + off).astype("uint8"),
-                                       [n, b, p, r, col, c])
-                if plan.wq > max(hi, lo):
-                    with T.serial(max(hi, lo), plan.wq) as col, T.serial(0, chans) as c:
-                        T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
+                with T.serial(0, lo) as col, T.serial(0, chans) as c:
+                    T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
+                with T.serial(lo, hi) as col, T.serial(0, chans) as c:
+                    value = x[n, b * K_BLOCK + c, yy, col * sw + px - pw].astype("int32")
+                    T.buffer_store(pack, (value + off).astype("uint8"), [n, b, p, r, col, c])
+                with T.serial(hi, plan.wq) as col, T.serial(0, chans) as c:
+                    T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
             with T.Else(), T.serial(0, plan.wq) as col, T.serial(0, chans) as c:
                 T.buffer_store(pack, off.astype("uint8"), [n, b, p, r, col, c])
 

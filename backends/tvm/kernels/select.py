@@ -129,6 +129,10 @@ class LayerFacts:
     macs: int
     features: frozenset[str] | None
     target: str
+    #: The layer reads and writes the packed ``NCHW{L}c`` layout (known when lowering a conv;
+    #: ``False`` for NCHW input or output, linears, or unknown): AMX pays from narrower layers
+    #: then (:func:`amx_pays`).
+    packed_io: bool = False
 
     @property
     def act_offset(self) -> int:
@@ -284,25 +288,28 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
 
 
 #: AMX is chosen only for layers with at least this many input channels (a tile row holds 64,
-#: the rest is zero padding) and output pixels per call (a tile holds 16 pixels).
-AMX_MIN_CHANNELS, AMX_MIN_PIXELS = 16, 16
+#: the rest is zero padding): ``PACKED`` when the layer reads and writes ``NCHW16c``, ``NCHW``
+#: otherwise (its NCHW pack and NCHW scatter cost more per MAC than VNNI's); and at least
+#: ``AMX_MIN_PIXELS`` output pixels per call (a tile holds 16). Measured one thread,
+#: ``benchmarks/latency/KERNELS_amx*.md``: 3x3 at 16 channels AMX 1.00x VNNI packed, 0.5x NCHW;
+#: 32 channels 1.4x packed, 0.6x NCHW; 64 channels 1.9-3x packed, 1.1-1.2x NCHW.
+AMX_MIN_CHANNELS_PACKED, AMX_MIN_CHANNELS_NCHW, AMX_MIN_PIXELS = 32, 64, 16
 
 
 def amx_pays(facts: LayerFacts) -> tuple[bool, str]:
-    """Whether the AMX kernel is worth it for ``facts``' shape, and why (for the record).
-
-    Dense (one group) only; the 64-channel tile rows pad the input channels (16 of 64 still
-    leaves AMX ahead of VNNI, see ``benchmarks/latency/KERNELS_amx.md``); a tile holds 16 output
-    pixels, so a call with fewer (a batch-1 linear) leaves most of it empty."""
+    """Whether the AMX kernel is worth it for ``facts``' shape and layouts, and why (for the
+    record). Dense (one group) only."""
     channels = int(facts.weight.shape[1])
     pixels = facts.macs // max(int(facts.weight.size), 1)
+    least = AMX_MIN_CHANNELS_PACKED if facts.packed_io else AMX_MIN_CHANNELS_NCHW
+    io = "packed in and out" if facts.packed_io else "NCHW in or out"
     if facts.groups != 1:
         return False, f"groups={facts.groups}: AMX kernel is dense only"
-    if channels < AMX_MIN_CHANNELS:
-        return False, f"{channels} input channels < {AMX_MIN_CHANNELS} (tile rows hold 64)"
+    if channels < least:
+        return False, f"{channels} input channels < {least} ({io}; tile rows hold 64)"
     if pixels < AMX_MIN_PIXELS:
         return False, f"{pixels} output pixels per call < {AMX_MIN_PIXELS} (tiles hold 16)"
-    return True, f"{channels} channels, {pixels} pixels"
+    return True, f"{channels} channels >= {least} ({io}), {pixels} pixels"
 
 
 def reduce_width(shape: tuple[int, ...]) -> int:
