@@ -37,8 +37,8 @@ def amx_from_16(monkeypatch: pytest.MonkeyPatch) -> None:
     are tested in :func:`test_selection_with_amx_by_bits_and_shape`)."""
     from djpq_compiler.backends.tvm.kernels import select
 
-    monkeypatch.setattr(select, "AMX_MIN_CHANNELS_NCHW", 16)
-    monkeypatch.setattr(select, "AMX_MIN_CHANNELS_PACKED", 16)
+    for name in ("AMX_MIN_NCHW", "AMX_MIN_PACKED"):
+        monkeypatch.setattr(select, name, {"channels": 16, "reduce": 16})
 
 
 #: (activation bits, signed, weight bits) -> variant, each next to one bit past the bound
@@ -149,8 +149,9 @@ def test_build_for_this_cpu_picks_amx_and_reports_it() -> None:
 
 
 def _facts(features: frozenset[str] | None, c_in: int = 64, pixels: int = 196, groups: int = 1,
-           w_max: int = 7, act: tuple[int, int] = (0, 255), packed: bool = False) -> LayerFacts:
-    weight = np.full((32, c_in // groups, 3, 3), w_max, np.int64)
+           w_max: int = 7, act: tuple[int, int] = (0, 255), packed: bool = False,
+           k: int = 3) -> LayerFacts:
+    weight = np.full((32, c_in // groups, k, k), w_max, np.int64)
     return LayerFacts("conv", "conv2d", act[0], act[1], weight, np.zeros(32, np.int64), 0,
                       groups, pixels * weight.size, features, "test", packed)
 
@@ -181,6 +182,9 @@ def test_selection_with_amx_by_bits_and_shape() -> None:
     # shapes AMX does not pay for keep VNNI, with the reason recorded
     for facts, why in ((_facts(AMX_FEATURES, c_in=31, packed=True), "31 input channels < 32"),
                        (_facts(AMX_FEATURES, c_in=63), "63 input channels < 64"),
+                       (_facts(AMX_FEATURES, c_in=64, k=1), "64 products per output < 576"),
+                       (_facts(AMX_FEATURES, c_in=64, k=1, packed=True),
+                        "64 products per output < 128"),
                        (_facts(AMX_FEATURES, pixels=15), "output pixels"),
                        (_facts(AMX_FEATURES, groups=2), "dense only")):
         choice = select_kernel(facts)

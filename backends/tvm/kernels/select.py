@@ -287,29 +287,38 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
     return _default(facts, f"operands too wide for int16 (span {span}, max|w| {w_max})")
 
 
-#: AMX is chosen only for layers with at least this many input channels (a tile row holds 64,
-#: the rest is zero padding): ``PACKED`` when the layer reads and writes ``NCHW16c``, ``NCHW``
-#: otherwise (its NCHW pack and NCHW scatter cost more per MAC than VNNI's); and at least
-#: ``AMX_MIN_PIXELS`` output pixels per call (a tile holds 16). Measured one thread,
-#: ``benchmarks/latency/KERNELS_amx*.md``: 3x3 at 16 channels AMX 1.00x VNNI packed, 0.5x NCHW;
-#: 32 channels 1.4x packed, 0.6x NCHW; 64 channels 1.9-3x packed, 1.1-1.2x NCHW.
-AMX_MIN_CHANNELS_PACKED, AMX_MIN_CHANNELS_NCHW, AMX_MIN_PIXELS = 32, 64, 16
+#: AMX is chosen only for layers with at least ``channels`` input channels (a tile row holds 64,
+#: the rest is zero padding) and ``reduce`` products per output (``C * KH * KW``: the NCHW
+#: epilogue and the per-iteration tile set-up are paid per output): ``PACKED`` when the layer
+#: reads and writes ``NCHW16c``, ``NCHW`` otherwise (its NCHW pack and scalar NCHW scatter cost
+#: more than VNNI's); and at least ``AMX_MIN_PIXELS`` output pixels per call (a tile holds 16).
+#: Measured one thread (``benchmarks/latency/KERNELS_amx_*.md``), AMX / VNNI: packed 3x3 at 16
+#: channels 1.00x, 32 channels 1.41x, 64 1.9-3.0x, 1x1 stride 2 on 128 channels 1.63x; NCHW 3x3
+#: at 64 channels 1.09-1.29x, 128-256 1.3-2.1x, but 1x1 stride 2 on 128 channels 0.76x.
+AMX_MIN_PACKED = {"channels": 32, "reduce": 128}
+AMX_MIN_NCHW = {"channels": 64, "reduce": 576}
+AMX_MIN_PIXELS = 16
 
 
 def amx_pays(facts: LayerFacts) -> tuple[bool, str]:
     """Whether the AMX kernel is worth it for ``facts``' shape and layouts, and why (for the
     record). Dense (one group) only."""
     channels = int(facts.weight.shape[1])
+    reduce = int(np.prod(facts.weight.shape[1:], dtype=np.int64))
     pixels = facts.macs // max(int(facts.weight.size), 1)
-    least = AMX_MIN_CHANNELS_PACKED if facts.packed_io else AMX_MIN_CHANNELS_NCHW
+    least = AMX_MIN_PACKED if facts.packed_io else AMX_MIN_NCHW
     io = "packed in and out" if facts.packed_io else "NCHW in or out"
     if facts.groups != 1:
         return False, f"groups={facts.groups}: AMX kernel is dense only"
-    if channels < least:
-        return False, f"{channels} input channels < {least} ({io}; tile rows hold 64)"
+    if channels < least["channels"]:
+        return False, (f"{channels} input channels < {least['channels']} ({io}; tile rows hold "
+                       "64)")
+    if reduce < least["reduce"]:
+        return False, f"{reduce} products per output < {least['reduce']} ({io})"
     if pixels < AMX_MIN_PIXELS:
         return False, f"{pixels} output pixels per call < {AMX_MIN_PIXELS} (tiles hold 16)"
-    return True, f"{channels} channels >= {least} ({io}), {pixels} pixels"
+    return True, (f"{channels} channels, {reduce} products per output ({io}), {pixels} "
+                  "pixels")
 
 
 def reduce_width(shape: tuple[int, ...]) -> int:
