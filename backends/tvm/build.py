@@ -140,6 +140,10 @@ class CompiledModel:
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Write the compiled library: ``.so`` (linked) or ``.tar`` (objects, no toolchain).
 
+        An x86 library with AMX kernels (``amx_int8`` in :meth:`kernel_report`) runs only in a
+        process that holds the AMX tile state: call ``kernels.amx.request_amx()`` there before
+        the first call (Linux raises SIGILL otherwise; this object does it itself).
+
         Raises:
             BackendError: Bad suffix, or an aarch64 ``.so`` without the cross compiler.
         """
