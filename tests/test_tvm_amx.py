@@ -261,3 +261,13 @@ def test_amx_chosen_from_the_layouts_in_a_network() -> None:
                    ("avx512_vnni", "NCHW16c", "NCHW")]
     assert "40 input channels < 64 (NCHW in or out" in ctx.kernels[0].note
     assert "packed in and out" in ctx.kernels[1].note
+
+
+def test_amx_kernel_refuses_int32_overflowing_sizes() -> None:
+    """Offsets are int32: a call whose pack or output passes 2^31 is refused with the fix."""
+    from djpq_compiler.errors import BackendError
+
+    huge = ConvKernelSpec(4096, 512, 224, 224, 64, (3, 3), (1, 1), (1, 1), (1, 1), "amx", 1,
+                          "uint8", 0, 0, "int32", 0, 0, "int32")
+    with pytest.raises(BackendError, match="smaller batch"):
+        amx.build_amx_kernel(huge)

@@ -394,6 +394,15 @@ def build_amx_kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
     plan = amx_plan(spec)
     oh, ow = spec.out_size
     size = plan.out_blocks * OC_LANES
+    pack_bytes = spec.batch * plan.in_blocks * len(plan.phases) * plan.hq * plan.wq * K_BLOCK
+    out_elems = spec.batch * plan.out_blocks * OC_LANES * oh * ow
+    if max(pack_bytes, out_elems) > 2**31 - 1:  # the kernel's offsets are int32
+        from djpq_compiler.errors import BackendError
+
+        raise BackendError(f"AMX conv kernel of {spec.in_channels} -> {spec.out_channels} "
+                           f"channels at batch {spec.batch}, {spec.height}x{spec.width}: its "
+                           f"pack ({pack_bytes} bytes) or output ({out_elems} elements) passes "
+                           "2^31 (int32 offsets); build with a smaller batch")
     kh, kw = spec.kernel
     if spec.in_lanes:
         x_shape: tuple[int, ...] = (spec.batch, -(-spec.in_channels // spec.in_lanes),
