@@ -186,6 +186,7 @@ def test_selection_with_amx_by_bits_and_shape() -> None:
                        (_facts(AMX_FEATURES, c_in=64, k=1, packed=True),
                         "64 products per output < 128"),
                        (_facts(AMX_FEATURES, pixels=15), "output pixels"),
+                       (_facts(AMX_FEATURES, pixels=2**27), "int32"),
                        (_facts(AMX_FEATURES, groups=2), "dense only")):
         choice = select_kernel(facts)
         assert choice.variant == "avx512_vnni" and "AMX not used" in choice.note

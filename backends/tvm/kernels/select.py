@@ -317,6 +317,11 @@ def amx_pays(facts: LayerFacts) -> tuple[bool, str]:
         return False, f"{reduce} products per output < {least['reduce']} ({io})"
     if pixels < AMX_MIN_PIXELS:
         return False, f"{pixels} output pixels per call < {AMX_MIN_PIXELS} (tiles hold 16)"
+    # the kernel's offsets are int32 (amx.build_amx_kernel): its pack (input pixels, at most
+    # stride^2 per output, times 64-padded channels) and output must stay below 2^31
+    out_c = int(facts.weight.shape[0])
+    if pixels * max(-(-out_c // 32) * 32, -(-channels // 64) * 64) * 16 > INT32_MAX:
+        return False, f"{pixels} pixels per call: AMX kernel offsets would pass int32"
     return True, (f"{channels} channels, {reduce} products per output ({io}), {pixels} "
                   "pixels")
 
