@@ -25,6 +25,12 @@ Usage (the committed results; ``--mcpu haswell`` times the AVX2 kernels on an AV
   TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --rounds 9 --mcpu haswell --tag avx2 \
       --out benchmarks/latency
   (depthwise shapes alone: ``--only dw --tag dw_host``, ``--only dw --mcpu haswell --tag dw_avx2``)
+  AMX CPUs (``KERNELS.md`` *AMX*): ``--amx`` adds this CPU's kernel without AMX (VNNI) as a
+  column, ``--packed`` makes the written kernels read and write ``NCHW16c``:
+  TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --amx --packed --rounds 9 \
+      --tag amx_packed --out benchmarks/latency
+  TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --amx --rounds 9 --tag amx_nchw \
+      --out benchmarks/latency
 """
 
 from __future__ import annotations
