@@ -417,7 +417,9 @@ def make_vm(executable: Any) -> Any:
     kernel), once per executable: :func:`.codegen.jit` does it first, one thread per module.
     """
     from .codegen import jit
+    from .kernels.amx import request_amx
 
+    request_amx()  # AMX kernels need the process's tile state before their first instruction
     tvm = load_tvm()
     with quiet_tvm_log():
         jit(executable)

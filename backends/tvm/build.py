@@ -2,7 +2,9 @@
 
 Targets (dicts, TVM 0.27):
 
-* ``"x86"``: ``{"kind": "llvm", "mcpu": <this CPU>}``; the result is callable here.
+* ``"x86"``: ``{"kind": "llvm", "mcpu": <this CPU>}``, plus ``"mattr": ["+amx-tile",
+  "+amx-int8"]`` where the CPU reports AMX-INT8 and Linux grants the tile state (LLVM names such
+  CPUs' model without it, e.g. ``rocketlake``); the result is callable here.
 * ``"aarch64"``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon",
   "+dotprod"]}``, cross-compiled; ``export("m.tar")`` needs no toolchain, ``export("m.so")`` needs
   ``aarch64-linux-gnu-gcc``.
@@ -45,7 +47,12 @@ def target_spec(target: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         BackendError: Unknown target name.
     """
     if target == "x86":
-        return {"kind": "llvm", "mcpu": adapter.system_cpu()}, None
+        spec: dict[str, Any] = {"kind": "llvm", "mcpu": adapter.system_cpu()}
+        from .kernels.amx import request_amx
+
+        if request_amx():  # the CPU has AMX-INT8 and Linux granted the tile state
+            spec["mattr"] = ["+amx-tile", "+amx-int8"]
+        return spec, None
     if target == "aarch64":
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                 "mattr": ["+neon", "+dotprod"]}, None
@@ -132,6 +139,10 @@ class CompiledModel:
 
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Write the compiled library: ``.so`` (linked) or ``.tar`` (objects, no toolchain).
+
+        An x86 library with AMX kernels (``amx_int8`` in :meth:`kernel_report`) runs only in a
+        process that holds the AMX tile state: call ``kernels.amx.request_amx()`` there before
+        the first call (Linux raises SIGILL otherwise; this object does it itself).
 
         Raises:
             BackendError: Bad suffix, or an aarch64 ``.so`` without the cross compiler.

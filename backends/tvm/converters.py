@@ -144,9 +144,11 @@ def _select(ctx: Lowering, node: fx.Node, op: str, x: IntValue, weight: np.ndarr
     from .kernels.emit import target_features, target_text
 
     module = ctx.module(node)
+    packed_io = (op == "conv2d" and x.layout.packed and ctx.plan.wants_packed(node)
+                 and module.out_scale is not None)  # AMX's threshold depends on it
     facts = LayerFacts(node.name, op, x.lo, x.hi, weight, bias,
                        int(getattr(module, "acc_shift", 0)), groups, macs,
-                       target_features(ctx.target), target_text(ctx.target))
+                       target_features(ctx.target), target_text(ctx.target), packed_io)
     choice = select_kernel(facts)
     ctx.kernels.append(choice)
     return facts, choice

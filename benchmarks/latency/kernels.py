@@ -25,6 +25,12 @@ Usage (the committed results; ``--mcpu haswell`` times the AVX2 kernels on an AV
   TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --rounds 9 --mcpu haswell --tag avx2 \
       --out benchmarks/latency
   (depthwise shapes alone: ``--only dw --tag dw_host``, ``--only dw --mcpu haswell --tag dw_avx2``)
+  AMX CPUs (``KERNELS.md`` *AMX*): ``--amx`` adds this CPU's kernel without AMX (VNNI) as a
+  column, ``--packed`` makes the written kernels read and write ``NCHW16c``:
+  TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --amx --packed --rounds 9 \
+      --tag amx_packed --out benchmarks/latency
+  TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --amx --rounds 9 --tag amx_nchw \
+      --out benchmarks/latency
 """
 
 from __future__ import annotations
@@ -151,21 +157,35 @@ def int_module(s: Shape, layer: Layer) -> Any:
                         padding=(s.pad, s.pad), dilation=(1, 1), groups=s.groups)
 
 
+#: ``--amx``: the second written-kernel column, this CPU's target without AMX (the VNNI kernels).
+NO_AMX = "no-amx"
+
+
+#: ``--packed``: the written kernels read and write ``NCHW16c`` (a layer inside a network).
+PACKED_LANES = 16
+PACKED_TEXT = ("NCHW16c in and out (as between integer layers of a network; torch and ORT take "
+               "NCHW)")
+
+
 def tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
-                 narrow: bool = True) -> tuple[Callable[[], Any], str, float]:
+                 packed: bool = False, narrow: bool = True) -> tuple[Callable[[], Any], str, float]:
     """Lower the layer through ``convert_conv2d`` from a u8 input; (call, variant, compile s).
-    ``narrow=False``: without the pixels-in-lanes kernel (``select.NARROW_MIN_GAIN`` = inf)."""
+    ``mcpu`` :data:`NO_AMX`: this CPU's target with its AMX features left out. ``packed``
+    (written kernels only): the input arrives as ``NCHW16c`` and the output is planned packed,
+    as between two integer layers of a converted network; the call returns NCHW numpy (the
+    unpack is outside the timed call). ``narrow=False``: without the pixels-in-lanes kernel
+    (``select.NARROW_MIN_GAIN`` = inf)."""
     from unittest import mock
 
     from djpq_compiler.backends.tvm.kernels import select
 
     gain = select.NARROW_MIN_GAIN if narrow else float("inf")
     with mock.patch.object(select, "NARROW_MIN_GAIN", gain):
-        return _tvm_callable(s, layer, written, mcpu)
+        return _tvm_callable(s, layer, written, mcpu, packed)
 
 
-def _tvm_callable(s: Shape, layer: Layer, written: bool,
-                  mcpu: str = "") -> tuple[Callable[[], Any], str, float]:
+def _tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
+                  packed: bool = False) -> tuple[Callable[[], Any], str, float]:
     import tvm
     from torch import fx
 
@@ -173,6 +193,7 @@ def _tvm_callable(s: Shape, layer: Layer, written: bool,
     from djpq_compiler.backends.tvm.build import target_spec
     from djpq_compiler.backends.tvm.converters import convert_conv2d
     from djpq_compiler.backends.tvm.emit import IntValue, Lowering
+    from djpq_compiler.backends.tvm.layout import NCHW, Layout, LayoutPlan
 
     root = torch.nn.Module()
     root.conv = int_module(s, layer)
@@ -182,14 +203,21 @@ def _tvm_callable(s: Shape, layer: Layer, written: bool,
     gm = fx.GraphModule(root, graph)
     bb = adapter.Builder()
     target = target_spec("x86")[0]
-    if mcpu:
+    if mcpu == NO_AMX:
+        target = {"kind": "llvm", "mcpu": adapter.system_cpu()}
+    elif mcpu:
         target = {"kind": "llvm", "mcpu": mcpu}
     ctx = Lowering(gm, bb, target if written else None)
-    param = bb.var("x", layer.x.shape, "uint8")
+    x_in, layout = layer.x, NCHW
+    if packed and written:
+        layout = Layout(PACKED_LANES, s.c_in)
+        x_in = to_packed_np(layer.x, PACKED_LANES)
+        ctx.plan = LayoutPlan(PACKED_LANES, frozenset({node.name}))
+    param = bb.var("x", x_in.shape, "uint8")
     with bb.function("main", [param]):
         with bb.dataflow():
             placeholder = next(iter(gm.graph.nodes))
-            ctx.env[placeholder] = IntValue(param, 0, 2 ** s.a_bits - 1)
+            ctx.env[placeholder] = IntValue(param, 0, 2 ** s.a_bits - 1, layout)
             out = convert_conv2d(ctx, node)
             result = bb.emit_output([out.expr])  # type: ignore[union-attr]
         mod = bb.finish(result)
@@ -197,9 +225,29 @@ def _tvm_callable(s: Shape, layer: Layer, written: bool,
     exe = adapter.compile_module(mod, adapter.make_target(target))
     seconds = time.perf_counter() - start
     vm = adapter.make_vm(exe)
-    arg = tvm.runtime.tensor(layer.x, tvm.cpu())
+    arg = tvm.runtime.tensor(x_in, tvm.cpu())
     fn = vm["main"]
+    if packed and written:
+        assert ctx.kernels[0].out_layout == f"NCHW{PACKED_LANES}c", ctx.kernels[0]
     return (lambda: fn(arg)), ctx.kernels[0].variant, seconds
+
+
+def to_packed_np(x: np.ndarray, lanes: int) -> np.ndarray:
+    """NCHW -> ``[N, ceil(C/L), H, W, L]`` with zero padding lanes."""
+    n, c, h, w = x.shape
+    blocks = -(-c // lanes)
+    full = np.zeros((n, blocks * lanes, h, w), x.dtype)
+    full[:, :c] = x
+    return np.ascontiguousarray(full.reshape(n, blocks, lanes, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def nchw(out: Any, channels: int) -> np.ndarray:
+    """A kernel's result as NCHW numpy (unpacking ``NCHW{L}c``)."""
+    a = out.numpy()
+    if a.ndim == 5:
+        n, cb, h, w, lanes = a.shape
+        a = a.transpose(0, 1, 4, 2, 3).reshape(n, cb * lanes, h, w)[:, :channels]
+    return a
 
 
 def torch_callable(s: Shape, layer: Layer) -> Callable[[], Any]:
@@ -290,24 +338,36 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int,
             {name: statistics.median(v) for name, v in wall.items()})
 
 
-def bench_shape(s: Shape, rounds: int, budget: float, mcpu: str = "") -> dict[str, Any]:
+def bench_shape(s: Shape, rounds: int, budget: float, mcpu: str = "",
+                amx: bool = False, packed: bool = False) -> dict[str, Any]:
+    """One shape, every backend interleaved; ``amx``: also ``djpq_no_amx``, the written kernel
+    of this CPU's target without AMX (the VNNI kernel), checked exact against the default;
+    ``packed``: the written kernels read and write ``NCHW16c`` (:func:`tvm_callable`)."""
     layer = make_layer(s)
-    kernel, variant, kernel_compile = tvm_callable(s, layer, True, mcpu)
+    kernel, variant, kernel_compile = tvm_callable(s, layer, True, mcpu, packed)
     default, _, default_compile = tvm_callable(s, layer, False, mcpu)
-    exact = bool(np.array_equal(kernel().numpy(), default().numpy()))
+    exact = bool(np.array_equal(nchw(kernel(), s.c_out), default().numpy()))
     ort_f, ort_q = ort_callables(s, layer)
     calls = {"djpq_kernel": kernel, "tvm_default": default, "torch_fp32": torch_callable(s, layer),
              "ort_fp32": ort_f, "ort_qlinear": ort_q}
-    lanes, lanes_variant, _ = tvm_callable(s, layer, True, mcpu, narrow=False)
+    extra: dict[str, Any] = {}
+    if amx:
+        no_amx, extra["variant_no_amx"], _ = tvm_callable(s, layer, True, NO_AMX, packed)
+        exact = exact and bool(np.array_equal(nchw(no_amx(), s.c_out), default().numpy()))
+        calls["djpq_no_amx"] = no_amx
+    lanes, lanes_variant, _ = tvm_callable(s, layer, True, mcpu, packed, narrow=False)
     if lanes_variant != variant:  # the layer took the pixels-in-lanes kernel: time the old one
         calls["djpq_lanes"] = lanes
-        exact = exact and bool(np.array_equal(lanes().numpy(), default().numpy()))
+        exact = exact and bool(np.array_equal(nchw(lanes(), s.c_out), default().numpy()))
     seconds, wall = time_interleaved(calls, rounds, budget)
     gmacs = {name: s.macs / t / 1e9 for name, t in seconds.items()}
+    if amx:
+        extra["x_no_amx"] = seconds["djpq_no_amx"] / seconds["djpq_kernel"]
     return {"shape": asdict(s), "macs": s.macs, "variant": variant, "exact_vs_default": exact,
             "lanes_variant": lanes_variant,
             "x_lanes": (seconds["djpq_lanes"] / seconds["djpq_kernel"]
                         if "djpq_lanes" in seconds else None),
+            **extra,
             "compile_s": {"djpq_kernel": kernel_compile, "tvm_default": default_compile},
             "ms": {k: v * 1e3 for k, v in seconds.items()},
             "wall_ms": {k: v * 1e3 for k, v in wall.items()}, "gmacs": gmacs,
@@ -339,6 +399,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| x default |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if any("djpq_no_amx" in r["gmacs"] for r in rows):
+        return _markdown_amx(rows, meta, lines[:6])
     for r in rows:
         s, g = r["shape"], r["gmacs"]
         lines.append(
@@ -350,6 +412,32 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             + f"{g['tvm_default']:.1f} | {g['torch_fp32']:.1f} | {g['ort_fp32']:.1f} | "
             f"{g['ort_qlinear']:.1f} | {r['x_torch_fp32']:.2f} | {r['x_ort_qlinear']:.2f} | "
             f"{r['x_tvm_default']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_amx(rows: list[dict[str, Any]], meta: dict[str, Any], head: list[str]) -> str:
+    """The ``--amx`` table: the selected kernel (AMX where it pays) beside this CPU's kernel
+    without AMX (VNNI), PyTorch FP32 and onnxruntime QLinearConv, all from one interleaved run."""
+    lines = head + [
+        f"Load (1-min average) before / after: {meta.get('load_before')} / "
+        f"{meta.get('load_after')}. Written kernels' layout: "
+        f"{PACKED_TEXT if meta.get('packed') else 'NCHW in and out'}. "
+        "`kernel` = the selected written kernel with the target's "
+        "AMX features; `no AMX` = the written kernel of the same CPU's target without them "
+        "(`exact`: both equal the default build bit for bit).", "",
+        "| layer | N,C,HW -> C_out, k/s | bits W/A | kernel | no-AMX kernel | exact | kernel "
+        "| no AMX | torch fp32 | ORT QLinear | x no AMX | x torch | x QLinear |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s, g = r["shape"], r["gmacs"]
+        lines.append(
+            f"| {s['name']} | {s['batch']},{s['c_in']},{s['hw']} -> {s['c_out']}, "
+            f"{s['k']}/{s['stride']} | {s['w_bits']}/{s['a_bits']} | {r['variant']} | "
+            f"{r['variant_no_amx']} | {'yes' if r['exact_vs_default'] else 'NO'} | "
+            f"{g['djpq_kernel']:.1f} | {g['djpq_no_amx']:.1f} | {g['torch_fp32']:.1f} | "
+            f"{g['ort_qlinear']:.1f} | {r['x_no_amx']:.2f} | {r['x_torch_fp32']:.2f} | "
+            f"{r['x_ort_qlinear']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -368,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--narrow-gain", type=float, default=None,
                         help="override select.NARROW_MIN_GAIN (0: every stride-1 AVX2 u8s8 "
                              "layer takes the pixels-in-lanes kernel, to measure it)")
+    parser.add_argument("--amx", action="store_true",
+                        help="also time this CPU's written kernels without AMX (VNNI) beside "
+                             "the selected ones (AMX where it pays)")
+    parser.add_argument("--packed", action="store_true",
+                        help="the written kernels read and write NCHW16c, as inside a network "
+                             "(the other backends keep NCHW)")
     args = parser.parse_args(argv)
     if args.narrow_gain is not None:
         from djpq_compiler.backends.tvm.kernels import select
@@ -377,25 +471,28 @@ def main(argv: list[str] | None = None) -> int:
     from djpq_compiler.backends.tvm import adapter
 
     wanted = [w for w in args.only.split(",") if w]
+    load_before = os.getloadavg()[0]
     rows = []
     for s in SHAPES:
         if wanted and not any(w in s.name for w in wanted):
             continue
-        row = bench_shape(s, args.rounds, args.budget, args.mcpu)
+        row = bench_shape(s, args.rounds, args.budget, args.mcpu, args.amx, args.packed)
         rows.append(row)
         g = row["gmacs"]
         print(f"{s.name:26s} {row['variant']:13s} exact={row['exact_vs_default']} "
               + " ".join(f"{k}={v:.1f}" for k, v in g.items())
               + f" x_torch={row['x_torch_fp32']:.2f} x_qlinear={row['x_ort_qlinear']:.2f}"
-              + f" x_old={row['x_lanes']} ({row['lanes_variant']})",
-              flush=True)
+              + (f" x_no_amx={row['x_no_amx']:.2f} ({row['variant_no_amx']})" if args.amx
+                 else "")
+              + f" x_old={row['x_lanes']} ({row['lanes_variant']})", flush=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "mcpu": args.mcpu or adapter.system_cpu(), "host_cpu": adapter.system_cpu(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="minutes"),
             "command": "TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py "
                        + " ".join(sys.argv[1:] if argv is None else argv),
-            "threads": 1}
+            "threads": 1, "packed": args.packed, "load_before": load_before,
+            "load_after": os.getloadavg()[0]}
     if args.out:
         out = Path(args.out)
         (out / f"kernels_{args.tag}.json").write_text(

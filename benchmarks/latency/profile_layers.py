@@ -104,7 +104,10 @@ def kernel_rates(kernels: Any, symbols: dict[str, float], counts: dict[str, int]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="resnet20", choices=("vgg7", "resnet20", "mobilenetv2"))
+    ap.add_argument("--model", default="resnet20",
+                    choices=("vgg7", "resnet20", "mobilenetv2", "resnet18"),
+                    help="a committed DJPQ-trained model, or resnet18: run.py's pruned resnet18 "
+                         "at 224 (seed 0)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
@@ -129,8 +132,11 @@ def main() -> int:
     from djpq_compiler.backends import tvm as tvm_backend
 
     latency.force_isa(args.isa)
-    converted = latency.trained_model(args.model, HERE / "models")["converted"]
-    x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.batch))
+    info = (latency.resnet18_pruned(0) if args.model == "resnet18"
+            else latency.trained_model(args.model, HERE / "models"))
+    converted = info["converted"]
+    x = torch.randn(args.batch, *info["shape"],
+                    generator=torch.Generator().manual_seed(args.batch))
     if args.nchw:
         compiled = latency.build_nchw(converted, x)
     elif args.no_narrow:

@@ -67,10 +67,10 @@ TRAINED = ("vgg7", "resnet20", "mobilenetv2")
 BACKENDS = ("torch_fp32", "tvm", "onnxruntime")
 LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ",
           "tvm_unfused": "TVM unfused", "tvm_nchw": "TVM NCHW between layers",
-          "tvm_prev_kernels": "TVM previous conv kernels",
+          "tvm_prev_kernels": "TVM previous conv kernels", "tvm_no_amx": "TVM without AMX",
           "tvm_no_narrow": "TVM without the pixels-in-lanes kernel"}
 #: Optional A/B builds of the same model, timed interleaved with the others.
-VARIANTS = ("tvm_unfused", "tvm_nchw", "tvm_prev_kernels", "tvm_no_narrow")
+VARIANTS = ("tvm_unfused", "tvm_nchw", "tvm_prev_kernels", "tvm_no_amx", "tvm_no_narrow")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(backend tvm_prev_kernels: int64 requantization shift with the bias "
                          "added before it, batch 32 packed in one pass, per-tap channel padding "
                          "for stems, P from the bound alone), interleaved with the others")
+    ap.add_argument("--compare-no-amx", action="store_true",
+                    help="also time a TVM build for this CPU without its AMX features (backend "
+                         "tvm_no_amx: the AVX512-VNNI kernels where the default build picks "
+                         "AMX), interleaved with the others")
     ap.add_argument("--compare-no-narrow", action="store_true",
                     help="also time a TVM build without the pixels-in-lanes kernel for narrow "
                          "layers (backend tvm_no_narrow: every such layer keeps its channel-lane "
@@ -326,6 +330,17 @@ def build_nchw(converted: nn.Module, x: torch.Tensor) -> Any:
         return tvm_backend.build(converted, "x86", example_inputs=(x,))
 
 
+def build_no_amx(converted: nn.Module, x: torch.Tensor) -> Any:
+    """``build(converted, "x86")`` for this CPU with its AMX features left out of the target."""
+    from unittest import mock
+
+    from djpq_compiler.backends import tvm as tvm_backend
+    from djpq_compiler.backends.tvm.kernels import amx
+
+    with mock.patch.object(amx, "request_amx", lambda: False):
+        return tvm_backend.build(converted, "x86", example_inputs=(x,))
+
+
 def build_prev_kernels(converted: nn.Module, x: torch.Tensor) -> Any:
     """``build(converted, "x86")`` with the conv kernels as before 2026-12-04 03:30 UTC (commit
     ``3d2bcf9``): no split shift or bias in the rounding term (``SPLIT_SHIFT_KINDS`` empty), no
@@ -369,6 +384,7 @@ def build_tvm(name: str, converted: nn.Module, x: torch.Tensor, ref: torch.Tenso
     if variant is not None:
         compiled = {"tvm_unfused": build_unfused, "tvm_nchw": build_nchw,
                     "tvm_prev_kernels": build_prev_kernels,
+                    "tvm_no_amx": build_no_amx,
                     "tvm_no_narrow": build_no_narrow}[variant](converted, x)
         rec.setdefault(f"{variant}_bit_exact", {})[b] = bool(torch.equal(compiled(x), ref))
         return tvm_runner(compiled, x)
@@ -413,7 +429,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         refs = {b: converted(x) for b, x in xs.items()}
     tvm_fns = {b: build_tvm(name, converted, x, refs[b], rec) for b, x in xs.items()}
     wanted = [v for v, on in zip(VARIANTS, (args.compare_unfused, args.compare_nchw,
-                                            args.compare_prev_kernels,
+                                            args.compare_prev_kernels, args.compare_no_amx,
                                             args.compare_no_narrow), strict=True) if on]
     variant_fns = {v: {b: build_tvm(name, converted, x, refs[b], rec, variant=v)
                        for b, x in xs.items()} for v in wanted}

@@ -120,7 +120,7 @@ class ConvKernelSpec:
         """Output channels per vector: 16 int32 (AVX-512), 8 (AVX2) or 4 (NEON)."""
         if self.kind == "sdot":
             return 4
-        return 16 if self.kind in ("vnni", "dw16") else 8
+        return 16 if self.kind in ("vnni", "dw16", "amx") else 8
 
     @property
     def out_size(self) -> tuple[int, int]:

@@ -29,13 +29,13 @@ from .select import KernelChoice, LayerFacts
 __all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "target_text"]
 
 #: CPU features the written kernels use (LLVM names).
-KNOWN_FEATURES = ("avx2", "avx512bw", "avx512vnni")
+KNOWN_FEATURES = ("avx2", "avx512bw", "avx512vnni", "amx-int8")
 #: aarch64 features the written kernels use (LLVM names).
 KNOWN_ARM_FEATURES = ("dotprod",)
 
 #: Kernel kinds whose requantization uses the split shift (``conv2d._requantize``) when every
 #: shift allows it: the x86 ones, where it was measured (CUDA and aarch64 keep the int64 shift).
-SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16"})
+SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx"})
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
 
@@ -64,6 +64,8 @@ def target_text(spec: dict[str, Any] | None) -> str:
         return "none"
     parts = [str(spec.get("kind"))] + [f"{k}={spec[k]}" for k in ("mcpu", "mtriple", "arch")
                                        if k in spec]
+    if spec.get("mattr"):
+        parts.append("mattr=" + ",".join(str(a) for a in spec["mattr"]))
     return " ".join(parts)
 
 
@@ -131,7 +133,11 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         x = bb.reshape(x, direct_input_shape(spec))
     size = spec.out_blocks(tile_oc) * spec.oc_lanes
     w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
-    args = [x, bb.const(pack_weight(facts.weight, spec, tile_oc), w_dtype),
+    if spec.kind == "amx":
+        from .amx import pack_weight_amx as pack
+    else:
+        pack = pack_weight
+    args = [x, bb.const(pack(facts.weight, spec, tile_oc), w_dtype),
             bb.const(_padded(facts.kernel_bias(offset), size, "int32"), "int32")]
     if requant is not None:
         rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
@@ -170,4 +176,8 @@ def _kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
         from .cuda import build_dp4a_kernel
 
         return build_dp4a_kernel(spec)
+    if spec.kind == "amx":  # x86 AMX-INT8 tiles
+        from .amx import build_amx_kernel
+
+        return build_amx_kernel(spec)
     return build_conv_kernel(spec)

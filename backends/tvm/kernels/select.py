@@ -7,6 +7,11 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
 * ``avx512_vnni``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
   ``vpdpbusd`` sums four u8 x s8 products into int32 without intermediate saturation, so only the
   accumulator bound below applies (W8A8 included). Chosen first where the target has it.
+* ``amx_int8`` (x86 with AMX-INT8, ``kernels/amx.py``): the operands of ``avx512_vnni``
+  (activations shifted to ``[0, span]``, ``span <= 255``, weights in int8); ``tdpbusd`` sums
+  four u8 x s8 products at full width into each int32 element of a 16 x 16 tile without
+  intermediate saturation, so only the accumulator bound below applies. Chosen before VNNI for
+  dense convs and 2-D linears whose shape pays for 16 x 64 tiles (:func:`amx_pays`), else VNNI.
 * ``avx2_u8s8_p{P}``: activations shifted to ``[0, span]`` (``span <= 255``), weights in int8;
   ``vpmaddubsw`` pair sums and ``P`` of them summed in int16 are exact iff
   ``2 * P * span * max|w| <= 32767``; P = 4, 2, 1 tried in that order. A 1x1 conv on packed
@@ -49,8 +54,8 @@ import numpy as np
 
 from .intrin import UBSW_GROUPS
 
-__all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "fit_groups_to_lanes",
-           "narrow_pixels", "select_kernel"]
+__all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
+           "fit_groups_to_lanes", "narrow_pixels", "select_kernel"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
@@ -65,7 +70,7 @@ class KernelChoice:
     Attributes:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
-        variant: ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
+        variant: ``"amx_int8"``, ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
             ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx2_px16"`` (pixels in lanes,
             :func:`narrow_pixels`), ``"avx512_dw16"``, ``"avx2_dw8"``,
             ``"neon_sdot"``, ``"neon_dw8"`` (aarch64; depthwise variants with ``"_acc16"``:
@@ -93,7 +98,7 @@ class KernelChoice:
         """Intrinsic family: ``"ubsw"``, ``"wd"``, ``"vnni"``, ``"sdot"`` or ``None`` (default)."""
         if self.variant.startswith("avx2_u8s8"):
             return "ubsw"
-        return {"avx2_s16": "wd", "avx512_vnni": "vnni", "avx512_dw16": "dw16",
+        return {"avx2_s16": "wd", "avx512_vnni": "vnni", "amx_int8": "amx", "avx512_dw16": "dw16",
                 "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a",
                 "neon_dw8": "dw8", "avx2_px16": "px16"}.get(self.variant.removesuffix("_acc16"))
 
@@ -130,6 +135,10 @@ class LayerFacts:
     macs: int
     features: frozenset[str] | None
     target: str
+    #: The layer reads and writes the packed ``NCHW{L}c`` layout (known when lowering a conv;
+    #: ``False`` for NCHW input or output, linears, or unknown): AMX pays from narrower layers
+    #: then (:func:`amx_pays`).
+    packed_io: bool = False
 
     @property
     def act_offset(self) -> int:
@@ -209,7 +218,7 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
         return _default(facts, "no target given (lowered for tuning or inspection)")
     arm = "dotprod" in facts.features
     gpu = "dp4a" in facts.features  # CUDA: kernels/cuda_select.py
-    if not arm and not gpu and not facts.features & {"avx2", "avx512vnni"}:
+    if not arm and not gpu and not facts.features & {"avx2", "avx512vnni", "amx-int8"}:
         return _default(facts, f"target {facts.target} has no AVX2 (nor aarch64 dotprod); no "
                                "written kernel for it yet")
     depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
@@ -250,11 +259,21 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
     """Dense (or per-group) conv/linear: VNNI, then vpmaddubsw with P = 4, 2, 1, then int16."""
     assert facts.features is not None  # checked by the caller
     span, w_max = facts.span, facts.w_max
+    if "amx-int8" in facts.features and span <= 255 and w_max <= 127:
+        pays, why = amx_pays(facts)
+        if pays:
+            return KernelChoice(facts.layer, facts.op, "amx_int8",
+                                f"span {span} <= 255, max|w| {w_max} <= 127 (tdpbusd sums "
+                                f"exactly in int32); {acc_text}",
+                                f"{facts.target}: u8 x s8 AMX tdpbusd tiles ({why})", facts.macs)
+        amx_note = f"; AMX not used: {why}"
+    else:
+        amx_note = ""
     if "avx512vnni" in facts.features and span <= 255 and w_max <= 127:
         return KernelChoice(facts.layer, facts.op, "avx512_vnni",
                             f"span {span} <= 255, max|w| {w_max} <= 127 (vpdpbusd sums exactly "
-                            f"in int32); {acc_text}", f"{facts.target}: u8 x s8 vpdpbusd",
-                            facts.macs)
+                            f"in int32); {acc_text}", f"{facts.target}: u8 x s8 vpdpbusd"
+                            f"{amx_note}", facts.macs)
     if "avx2" not in facts.features:
         return _default(facts, f"target {facts.target}: operands past u8 x s8 and no AVX2")
     if span <= 255 and w_max <= 127:
@@ -272,6 +291,45 @@ def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
         return KernelChoice(facts.layer, facts.op, "avx2_s16", text,
                             f"{facts.target}: int16 x int16 vpmaddwd", facts.macs)
     return _default(facts, f"operands too wide for int16 (span {span}, max|w| {w_max})")
+
+
+#: AMX is chosen only for layers with at least ``channels`` input channels (a tile row holds 64,
+#: the rest is zero padding) and ``reduce`` products per output (``C * KH * KW``: the NCHW
+#: epilogue and the per-iteration tile set-up are paid per output): ``PACKED`` when the layer
+#: reads and writes ``NCHW16c``, ``NCHW`` otherwise (its NCHW pack and scalar NCHW scatter cost
+#: more than VNNI's); and at least ``AMX_MIN_PIXELS`` output pixels per call (a tile holds 16).
+#: Measured one thread (``benchmarks/latency/KERNELS_amx_*.md``), AMX / VNNI: packed 3x3 at 16
+#: channels 1.00x, 32 channels 1.41x, 64 1.9-3.0x, 1x1 stride 2 on 128 channels 1.63x; NCHW 3x3
+#: at 64 channels 1.09-1.29x, 128-256 1.3-2.1x, but 1x1 stride 2 on 128 channels 0.76x.
+AMX_MIN_PACKED = {"channels": 32, "reduce": 128}
+AMX_MIN_NCHW = {"channels": 64, "reduce": 576}
+AMX_MIN_PIXELS = 16
+
+
+def amx_pays(facts: LayerFacts) -> tuple[bool, str]:
+    """Whether the AMX kernel is worth it for ``facts``' shape and layouts, and why (for the
+    record). Dense (one group) only."""
+    channels = int(facts.weight.shape[1])
+    reduce = int(np.prod(facts.weight.shape[1:], dtype=np.int64))
+    pixels = facts.macs // max(int(facts.weight.size), 1)
+    least = AMX_MIN_PACKED if facts.packed_io else AMX_MIN_NCHW
+    io = "packed in and out" if facts.packed_io else "NCHW in or out"
+    if facts.groups != 1:
+        return False, f"groups={facts.groups}: AMX kernel is dense only"
+    if channels < least["channels"]:
+        return False, (f"{channels} input channels < {least['channels']} ({io}; tile rows hold "
+                       "64)")
+    if reduce < least["reduce"]:
+        return False, f"{reduce} products per output < {least['reduce']} ({io})"
+    if pixels < AMX_MIN_PIXELS:
+        return False, f"{pixels} output pixels per call < {AMX_MIN_PIXELS} (tiles hold 16)"
+    # the kernel's offsets are int32 (amx.build_amx_kernel): its pack (input pixels, at most
+    # stride^2 per output, times 64-padded channels) and output must stay below 2^31
+    out_c = int(facts.weight.shape[0])
+    if pixels * max(-(-out_c // 32) * 32, -(-channels // 64) * 64) * 16 > INT32_MAX:
+        return False, f"{pixels} pixels per call: AMX kernel offsets would pass int32"
+    return True, (f"{channels} channels, {reduce} products per output ({io}), {pixels} "
+                  "pixels")
 
 
 def reduce_width(shape: tuple[int, ...]) -> int:
