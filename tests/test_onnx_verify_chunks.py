@@ -136,3 +136,16 @@ def test_wrong_number_of_inputs_is_a_backend_error(tmp_path: Path) -> None:
     path = export(converted, tmp_path / "m.onnx", (x,))
     with pytest.raises(BackendError, match=r"1 input\(s\) but 2 example input\(s\)"):
         verify(converted, path, (x, x))
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_shape_inference_without_weight_payloads_equals_the_full_one(name: str,
+                                                                     tmp_path: Path) -> None:
+    """The verifier infers types and shapes on the graph with its large initializers as typed
+    inputs (no second copy of the weights): the same value infos as on the whole file."""
+    converted, x = _model(name)
+    model = onnx.load(str(export(converted, tmp_path / "m.onnx", (x,))))
+    infos, types = verify_module._value_infos(model)
+    full = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    assert infos == full
+    assert len(types) == len(full) > 50

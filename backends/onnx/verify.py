@@ -11,6 +11,8 @@ error ~1e-7 relative), a correct export stays within 1 such unit.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +66,21 @@ class _Streamer(fx.Interpreter):
 
 
 def _session(model: Any) -> Any:
+    """An onnxruntime CPU session of ``model`` (a ``ModelProto``, or a file path: the same bytes,
+    without a serialized copy)."""
     ort = require_onnx(runtime=True)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def _release() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere), so that
+    what a finished session or model copy held (freed by reference count) does not stay
+    resident."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 #: ONNX element types (int32, int64, bool, uint32, uint64) of tensors that may cross from one
@@ -202,9 +214,25 @@ def _layer_unit(module: Any) -> np.ndarray:
     return (scale * w.sum(dim=1)).numpy()
 
 
-def _code_diff(ref: torch.Tensor, got: np.ndarray) -> tuple[int, float]:
+def _as_int64(codes: torch.Tensor | np.ndarray) -> np.ndarray:
+    return (codes.astype(np.int64) if isinstance(codes, np.ndarray)
+            else codes.to(torch.int64).numpy())
+
+
+def _compact(codes: torch.Tensor, dtype: Any) -> torch.Tensor | np.ndarray:
+    """The reference's codes in the ONNX tensor's own integer type (uint8 for most activations,
+    not the reference's int64: 8x less to hold until the last chunk that reads them), where
+    every code fits it exactly; else unchanged, so a difference is still measured on the
+    reference's own values."""
+    info = np.iinfo(dtype)
+    if codes.numel() and (int(codes.min()) < info.min or int(codes.max()) > info.max):
+        return codes
+    return codes.to(torch.int64).numpy().astype(dtype)
+
+
+def _code_diff(ref: torch.Tensor | np.ndarray, got: np.ndarray) -> tuple[int, float]:
     """Max code difference and the fraction of codes that differ."""
-    diff = np.abs(ref.to(torch.int64).numpy() - got.astype(np.int64))
+    diff = np.abs(_as_int64(ref) - got.astype(np.int64))
     return int(diff.max(initial=0)), float((diff > 0).mean()) if diff.size else 0.0
 
 
@@ -285,18 +313,51 @@ def _chunk_model(model: Any, chunk: _Chunk, infos: dict[str, Any], types: dict[s
     return sub
 
 
-def _value_infos(model: Any) -> tuple[dict[str, Any], dict[str, int]]:
-    """Shape inference's value info (type and shape) of every intermediate tensor, copied out of
-    the inferred model so that its copy of the weights is freed at once, and their element
-    types."""
+def _load(path: str | Path) -> Any:
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    return onnx.load(str(path))
+
+
+#: Initializers with more elements than this are handed to shape inference as typed, shaped
+#: graph inputs (no values): weights, whose values no output type or shape depends on.
+_SHAPE_ONLY = 4096
+
+
+def _value_infos(model: Any) -> tuple[dict[str, Any], dict[str, int]]:
+    """Shape inference's value info (type and shape) of every intermediate tensor, and their
+    element types.
+
+    Inference runs on a copy of ``model`` without the payload of its large initializers (each
+    becomes a graph input of the same type and shape), so no second copy of the weights is made;
+    small ones (shapes, axes, scales) keep their values, which a ``Reshape``'s output shape
+    needs.
+    """
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    out = light.graph
+    out.node.extend(graph.node)
+    out.input.extend(graph.input)
+    out.output.extend(graph.output)
+    out.value_info.extend(graph.value_info)
+    out.sparse_initializer.extend(graph.sparse_initializer)
+    given = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if int(np.prod(t.dims)) <= _SHAPE_ONLY:
+            out.initializer.add().CopyFrom(t)
+        elif t.name not in given:
+            out.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    inferred = onnx.shape_inference.infer_shapes(light)
     infos = {}
     for vi in inferred.graph.value_info:
         infos[vi.name] = onnx.ValueInfoProto()
         infos[vi.name].CopyFrom(vi)
-    del inferred
     return infos, {n: vi.type.tensor_type.elem_type for n, vi in infos.items()}
 
 
@@ -319,7 +380,7 @@ class _ChunkCheck:
         self.initializers = _initializers(model.graph)
         self.nodes: dict[str, tuple[int, float]] = {}
         self.per_op: dict[str, tuple[int, float]] = {}
-        self.ref: dict[str, torch.Tensor] = {}
+        self.ref: dict[str, torch.Tensor | np.ndarray] = {}
         self.free: dict[str, np.ndarray] = {}
         self.carry: dict[str, np.ndarray] = {}
         self.next = 0
@@ -336,7 +397,7 @@ class _ChunkCheck:
                 self.val_last[n] = g
 
     def take(self, name: str, value: torch.Tensor) -> None:
-        self.ref[name] = value
+        self.ref[name] = _compact(value, _NP_TYPES[self.types[name]])
         self._advance()
 
     def finish(self) -> None:
@@ -362,6 +423,8 @@ class _ChunkCheck:
                             (self.carry, self.val_last)):
             for name in [n for n in store if last.get(n, -1) <= g]:
                 del store[name]
+        if runs:
+            _release()  # the chunk's sessions and model copies
         if self.observe is not None:
             held = len(self.ref) + len(self.free) + len(self.carry)
             for kind, fed, fetched in runs:
@@ -372,7 +435,7 @@ class _ChunkCheck:
         c = self.chunks[g]
         feeds = {n: self.feeds[n] for n in c.graph_inputs}
         if forced:
-            feeds.update({n: self.ref[n].to(torch.int64).numpy().astype(_NP_TYPES[self.types[n]])
+            feeds.update({n: _as_int64(self.ref[n]).astype(_NP_TYPES[self.types[n]])
                           for n in c.read})
             feeds.update({n: self.carry[n] for n in c.carry_in})
         else:
@@ -445,18 +508,23 @@ def verify(converted: fx.GraphModule, onnx_path: str | Path,
             inputs is not the model's.
         MissingExtraError: ``onnx``/``onnxruntime`` is not installed (extra ``onnxruntime``).
     """
-    onnx = require_onnx()
+    require_onnx()
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
                               or chunk < 1):
         raise BackendError(f"verify: chunk must be a positive int (integer activations per "
                            f"onnxruntime run) or None (one run), got {chunk!r}")
     inputs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
-    model = onnx.load(str(onnx_path))
-    if len(model.graph.input) != len(inputs):
-        raise BackendError(f"verify: {onnx_path} has {len(model.graph.input)} input(s) but "
+    session = _session(onnx_path)  # end to end, from the file: no proto held alongside
+    names = [i.name for i in session.get_inputs()]
+    results = [o.name for o in session.get_outputs()]
+    if len(names) != len(inputs):
+        raise BackendError(f"verify: {onnx_path} has {len(names)} input(s) but "
                            f"{len(inputs)} example input(s) were given; pass one per input")
-    feeds = {i.name: x.detach().cpu().numpy().astype(np.float32)
-             for i, x in zip(model.graph.input, inputs, strict=True)}
+    feeds = {name: x.detach().cpu().numpy().astype(np.float32)
+             for name, x in zip(names, inputs, strict=True)}
+    got = session.run(None, feeds)
+    del session
+    _release()
     kinds = _Kinds(converted)
     with torch.no_grad():
         result = kinds.run(*inputs)
@@ -464,15 +532,15 @@ def verify(converted: fx.GraphModule, onnx_path: str | Path,
     out_node = next(n for n in converted.graph.nodes if n.op == "output")
     arg = out_node.args[0]
     producers = list(arg) if isinstance(arg, (tuple, list)) else [arg]
-    got = _session(model).run(None, feeds)
     reports = []
-    for info, ref, value, producer in zip(model.graph.output, outputs, got, producers,
-                                          strict=True):
+    for name, ref, value, producer in zip(results, outputs, got, producers, strict=True):
         rep = _output_report(converted, ref, value, producer if isinstance(producer, fx.Node)
                              else None)
-        reports.append({"name": info.name, **rep})
+        reports.append({"name": name, **rep})
     del result, outputs, got
+    model = _load(onnx_path)
     infos, types = _value_infos(model)
+    _release()
     extra = [n for n in kinds.integer if types.get(n) in _NP_TYPES]
     del kinds
     exact = {n for n, t in types.items() if t in _EXACT_TYPES}
