@@ -460,8 +460,9 @@ class _ChunkCheck:
         return fed, len(fetch)
 
 
-#: Cut tensors each chunk of the per-op check writes (at least; a chunk ends only where no float
-#: tensor crosses): the bound on what one onnxruntime run holds beyond the model's own working set.
+#: Cut tensors (integer activations) each chunk writes, at least: a chunk ends only where no
+#: float or quantized tensor other than a cut one crosses (:func:`_plan`). Bounds what one
+#: onnxruntime run fetches and what is held between runs beyond the model's own working set.
 CHUNK = 32
 
 
