@@ -122,9 +122,9 @@ def _run_isolated(name: str, timeout: float, max_rss_gb: float = float("inf")) -
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    if not stopped and proc.returncode == 0 and lines:
-        return {**json.loads(lines[-1]), "peak_rss_gb": round(peak, 2)}
     log = [ln for ln in stderr.splitlines() if ln.startswith("[zoo ")]
+    if not stopped and proc.returncode == 0 and lines:  # the stage log: where time and memory go
+        return {**json.loads(lines[-1]), "peak_rss_gb": round(peak, 2), "log": log}
     if stopped:
         why = f"{stopped}; last step: {log[-1] if log else '?'}"
     else:

@@ -242,6 +242,7 @@ def _onnx(converted: Any, x: torch.Tensor) -> StageOutcome:
         outcome, _ = _run(lambda: export(converted, path, example_inputs=(x,)))
         if not outcome.ok:
             return outcome
+        _release_memory()  # the exporter's model proto and its checker's copies
         LOG.info("onnx: verify")
         checked, report = _run(lambda: verify(converted, path, x))
     if not checked.ok:
