@@ -256,3 +256,50 @@ def test_distilled_fp32_finetune_raises_the_bar_of_its_section(tmp_path: Path) -
     assert "(fp32_finetune_kd): 91.50 %" in section and "stronger of the three" in section
     # 0.8 points below the distilled fine-tune (91.5 %), not 0.3 below the plain one
     assert "250.0× at 0.80 points" in section
+
+
+#: method -> (weight min_bits, bind_min_bits, gamma_scale) of every depthwise conv; every other
+#: conv keeps the global (2, False, 1.0).
+DEPTHWISE_LEVERS = {
+    "djpq_dw_w4": (4, False, 1.0),
+    "djpq_dw_w4_bound": (4, True, 1.0),
+    "djpq_dw_gamma3": (2, False, 3.0),
+    "djpq_dw_gamma05": (2, False, 0.5),
+}
+
+
+@pytest.mark.parametrize(("method", "expected"), DEPTHWISE_LEVERS.items())
+def test_depthwise_levers_configure_the_depthwise_convs_only(
+        method: str, expected: tuple[int, bool, float]) -> None:
+    import torch
+
+    import djpq_compiler as djpq
+    from djpq_compiler.prepared import prepared_layers
+    from djpq_compiler.workflows import zoo
+
+    claims = _claims()
+    single = claims._single_run_module()
+    assert method in claims.METHODS and method in single.MODEL_METHODS
+    assert method not in claims.ONCE and method in claims.LEVERS
+    model = zoo.get_model("mobilenetv2")
+    depthwise = set(single.depthwise_convs(model))
+    cfg = single.method_config(method, model)
+    assert cfg.prune and cfg.quantize and not cfg.restricted
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            r = cfg.resolve(name, type(module))
+            assert r.weight is not None
+            got = (r.weight.min_bits, r.weight.bind_min_bits, r.gamma_scale)
+            assert got == (expected if name in depthwise else (2, False, 1.0)), name
+    prepared = djpq.prepare(model, torch.randn(2, 1, 28, 28), cfg)
+    scales = {r.name: r.gamma_scale for r in prepared_layers(prepared)}
+    assert {n for n, s in scales.items() if s != 1.0} == (depthwise if expected[2] != 1.0
+                                                           else set())
+    with pytest.raises(SystemExit, match="no depthwise conv"):
+        single.method_config(method, zoo.get_model("vgg7"))
+    points = [{"method": method, "gamma": 8.0, "seeds": 1, "integer_acc": 0.93,
+               "gbops": 0.04, "drop_points": 0.9, "bops_reduction": 125.0}]
+    verdict = "\n".join(claims._verdict(points, claims.FP32_FINETUNE))
+    assert "No DJPQ run stays within 1 point" in verdict  # a lever is not plain DJPQ
+    assert f"({method})" in verdict and "125.0× at 0.90 points" in verdict
+    assert "not met)" in verdict
