@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,37 @@ def test_depthwise_levers_configure_the_depthwise_convs_only(
     assert "No DJPQ run stays within 1 point" in verdict  # a lever is not plain DJPQ
     assert f"({method})" in verdict and "125.0× at 0.90 points" in verdict
     assert "not met)" in verdict
+
+
+#: (model, method, gamma, finalize, checkpoint) of committed rows -> BOPs share (%) per layer kind,
+#: from ``benchmarks/paper_claims/layers.py`` (the per-layer reading in NOTES.md).
+LAYER_SHARES = [
+    (("mobilenetv2", "djpq", 12.0, 0.1, "01d749cd6be1"),
+     {"depthwise": 14.3, "linear": 0.2, "pointwise": 78.5, "stem": 7.0}),
+    (("mobilenetv2", "djpq", 5.0, 0.1, "01d749cd6be1"),
+     {"depthwise": 17.3, "linear": 0.1, "pointwise": 77.6, "stem": 5.0}),
+    (("vgg7", "djpq_kd", 10.0, 0.3, "0447be57a773"), {"conv": 90.3, "linear": 3.2, "stem": 6.5}),
+]
+
+
+@pytest.mark.parametrize(("key", "expected"), LAYER_SHARES)
+def test_layer_shares_reproduce_the_recorded_reduction(key: tuple, expected: dict) -> None:
+    import torch
+
+    from djpq_compiler.workflows import zoo
+
+    spec = importlib.util.spec_from_file_location("paper_claims_layers",
+                                                  ROOT / "benchmarks/paper_claims/layers.py")
+    layers = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = layers  # its dataclasses look their module up
+    spec.loader.exec_module(layers)
+    model, method, gamma, finalize, checkpoint = key
+    rows = [json.loads(line) for line in
+            (ROOT / "benchmarks/paper_claims/results.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if (r["model"], r["method"], r["gamma"], r.get("finalize", 0.1),
+                                   r.get("checkpoint")) == key and r.get("seed", 0) == 0
+               and r.get("steps") == 700)
+    s = layers.shares(row, zoo.get_model(model), torch.zeros(1, 1, 28, 28))
+    assert s.estimated_reduction == pytest.approx(s.recorded_reduction, rel=1e-3)
+    assert {k: round(100 * v, 1) for k, v in s.by_kind} == expected
+    assert sum(la.bops_share for la in s.layers) == pytest.approx(1.0)
