@@ -79,6 +79,10 @@ class QuantSpec:
         signed: Signed grid; ``None`` = automatic (weights signed, activations unsigned when the
             graph proves them non-negative, e.g. after ReLU).
         per_channel: One step/clip per output channel instead of per tensor.
+        bind_min_bits: Also hold the *training* bit-width at ``>= min_bits`` (the learned step is
+            capped at ``q_max / levels(min_bits)``, so the continuous bits, the BOPs penalty and
+            the fake-quant grid never go below the floor); ``False`` (default): ``min_bits``
+            acts at read-out only and training may go below it.
     """
 
     bits: int = 8
@@ -87,6 +91,7 @@ class QuantSpec:
     learn_bits: bool = True
     signed: bool | None = None
     per_channel: bool = False
+    bind_min_bits: bool = False
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -105,6 +110,7 @@ class QuantSpec:
         _check_bool(owner, "learn_bits", self.learn_bits)
         _check_bool(owner, "signed", self.signed, optional=True)
         _check_bool(owner, "per_channel", self.per_channel)
+        _check_bool(owner, "bind_min_bits", self.bind_min_bits)
 
 
 @dataclass(frozen=True)
@@ -156,12 +162,17 @@ class Override:
         weight: Weight quantization of the matching modules, or ``None`` to leave it.
         activation: Activation quantization, or ``None`` to leave it.
         prune: Whether the matching modules' output channels may be pruned, or ``None``.
+        gamma_scale: Factor on the matching layers' terms of the DJPQ regulariser (``djpq_loss``),
+            a finite number ``>= 0``, or ``None`` (1): ``0.5`` halves the BOPs penalty of those
+            layers (their bits and channels are cheaper to keep), ``2`` doubles it, ``0`` leaves
+            them to the task loss alone. Per-group regularisation strength on top of ``gamma``.
     """
 
     match: str | type[nn.Module]
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
     prune: bool | None = None
+    gamma_scale: float | None = None
 
     def __post_init__(self) -> None:
         m = self.match
@@ -178,9 +189,18 @@ class Override:
             if value is not None and not isinstance(value, QuantSpec):
                 raise ConfigError(f"Override.{name} must be a QuantSpec or None, got {value!r}")
         _check_bool("Override", "prune", self.prune, optional=True)
-        if self.weight is None and self.activation is None and self.prune is None:
+        if self.gamma_scale is not None:
+            _check_finite("Override", "gamma_scale", self.gamma_scale)
+            if self.gamma_scale < 0:
+                raise ConfigError(
+                    f"Override.gamma_scale must be >= 0 (a factor on the layer's regulariser "
+                    f"term), got {self.gamma_scale!r}"
+                )
+        if (self.weight is None and self.activation is None and self.prune is None
+                and self.gamma_scale is None):
             raise ConfigError(
-                f"Override({m!r}) sets nothing: give at least one of weight, activation, prune"
+                f"Override({m!r}) sets nothing: give at least one of weight, activation, prune, "
+                "gamma_scale"
             )
 
     @property
@@ -209,6 +229,7 @@ class ResolvedLayerConfig:
         ignored: The module matched ``DJPQConfig.ignore`` (no quantization, no pruning).
         sources: ``(field, source)`` pairs saying which rule set each field, e.g.
             ``("weight", "name 'fc'")``, ``("prune", "global")``.
+        gamma_scale: Factor on the layer's term of the DJPQ regulariser (1: plain ``gamma``).
     """
 
     module_name: str
@@ -217,6 +238,7 @@ class ResolvedLayerConfig:
     prune: bool
     ignored: bool = False
     sources: tuple[tuple[str, str], ...] = ()
+    gamma_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -348,8 +370,8 @@ class DJPQConfig:
         override (among patterns the later one wins) > module-type override (later wins;
         subclasses match) > first/last-layer rule (``fix_first_last_8bit`` with
         ``first_or_last=True``) > global default. [choice] Each field (``weight``,
-        ``activation``, ``prune``) is resolved independently: a field left ``None`` by an override
-        falls through to the next rule.
+        ``activation``, ``prune``, ``gamma_scale``) is resolved independently: a field left
+        ``None`` by an override falls through to the next rule.
 
         Args:
             module_name: Qualified module name (``"layer1.0.conv1"``).
@@ -360,8 +382,9 @@ class DJPQConfig:
             return ResolvedLayerConfig(module_name, None, None, False, True, (("all", "ignore"),))
         weight = self.weight if self.quantize else None
         activation = self.activation if self.quantize else None
-        prune = self.prune
-        sources = {"weight": "global", "activation": "global", "prune": "global"}
+        prune, gamma_scale = self.prune, 1.0
+        sources = {"weight": "global", "activation": "global", "prune": "global",
+                   "gamma_scale": "global"}
         if first_or_last and self.fix_first_last_8bit and self.quantize:
             weight, activation = _fixed8(self.weight), _fixed8(self.activation)
             sources["weight"] = sources["activation"] = "fix_first_last_8bit"
@@ -376,10 +399,13 @@ class DJPQConfig:
                     activation, sources["activation"] = o.activation, label
                 if o.prune is not None:
                     prune, sources["prune"] = o.prune, label
+                if o.gamma_scale is not None:
+                    gamma_scale, sources["gamma_scale"] = float(o.gamma_scale), label
         if weight is not None and weight.signed is None:
             weight = replace(weight, signed=True)  # [choice] weights use a signed grid
         return ResolvedLayerConfig(
-            module_name, weight, activation, prune, False, tuple(sorted(sources.items()))
+            module_name, weight, activation, prune, False, tuple(sorted(sources.items())),
+            gamma_scale,
         )
 
     def _is_ignored(self, module_name: str, module_type: type) -> bool:

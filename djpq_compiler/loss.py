@@ -16,6 +16,11 @@ counts each output channel with weight 1 in ``"vib_bops"`` (there is no VIB term
 without any gate both kinds equal the BOPs term with full channels, ``BOPs(b) / BOPs_fp32``.
 Layers without a quantizer (or with it disabled) count 32 bits. A per-channel quantizer counts the
 mean of its channels' bits. Depthwise convs see ``C_in / groups`` inputs per output channel.
+
+Per-layer strength: each layer's term is multiplied by its ``gamma_scale``
+(``Override(match, gamma_scale=s)``, default 1), so ``gamma * R`` weighs the matching layers'
+BOPs ``s`` times as much as the others' (e.g. depthwise convs 0.5, the classifier 2). The
+normalisation stays the unscaled FP32 BOPs, so with every scale 1 ``R`` is unchanged.
 """
 
 from __future__ import annotations
@@ -104,5 +109,6 @@ def djpq_loss(prepared: nn.Module, kind: str | None = None, *,
         b_w, b_a = _bits(gm, rec.weight_quantizer), _bits(gm, rec.input_quantizer)
         out = _out_term(gm, rec, kind, temperature)
         in_pg = _in_per_group(gm, rec, temperature)
-        total = total + layer_bops(rec.kernel_positions, out, in_pg, b_w, b_a)  # type: ignore[type-var]
+        term = layer_bops(rec.kernel_positions, out, in_pg, b_w, b_a)  # type: ignore[type-var]
+        total = total + (term if rec.gamma_scale == 1.0 else rec.gamma_scale * term)
     return total / fp32

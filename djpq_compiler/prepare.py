@@ -127,7 +127,8 @@ def prepare(model: nn.Module, example_inputs: Any, config: DJPQConfig | None = N
     run(record_shapes, gm, inputs)
     store(gm, PreparedRecord(config=config, capture=captured.record, analysis=analysis,
                              gates=gates, quantizers=paths,
-                             layers=_records(gm, layers, sources, analysis.groups, paths)))
+                             layers=_records(gm, layers, sources, analysis.groups, paths,
+                                             resolved)))
     return gm
 
 
@@ -232,8 +233,8 @@ def _find_member(by_node: Mapping[str, tuple[ChannelGroup, Member]], node: str |
 
 
 def _records(gm: fx.GraphModule, layers: list[Layer], sources: Mapping[str, str | None],
-             groups: tuple[ChannelGroup, ...], paths: QuantizerPaths
-             ) -> tuple[PreparedLayer, ...]:
+             groups: tuple[ChannelGroup, ...], paths: QuantizerPaths,
+             resolved: Mapping[str, ResolvedLayerConfig]) -> tuple[PreparedLayer, ...]:
     by_node = {m.node: (g, m) for g in groups for m in g.members}
     nodes = {n.name: n for n in gm.graph.nodes}
     weight_q, input_q = paths.weight, paths.input
@@ -249,7 +250,7 @@ def _records(gm: fx.GraphModule, layers: list[Layer], sources: Mapping[str, str 
             weight_quantizer=weight_q.get(name), input_quantizer=input_q.get(name),
             network_input=src is not None and nodes[src].op == "placeholder",
             out_group=og, out_index=oi, in_group=ig, in_index=ii, out_group_size=osz,
-            in_group_size=isz))
+            in_group_size=isz, gamma_scale=resolved[name].gamma_scale))
     return tuple(records)
 
 

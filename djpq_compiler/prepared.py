@@ -68,6 +68,7 @@ class PreparedLayer:
         in_group: Channel group of its input channels (``None``: untracked).
         in_index: Atom of ``in_group`` of each input channel (feature, after a flatten).
         out_group_size: Atoms of ``out_group``; ``in_group_size`` likewise.
+        gamma_scale: Factor on its term of the DJPQ regulariser (``Override.gamma_scale``; 1).
     """
 
     name: str
@@ -86,6 +87,7 @@ class PreparedLayer:
     in_index: tuple[int, ...] | None
     out_group_size: int | None = None
     in_group_size: int | None = None
+    gamma_scale: float = 1.0
     out_counts: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
     in_counts: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
 

@@ -27,6 +27,8 @@ from djpq_compiler.errors import ConfigError
         ({"learn_bits": 1}, "learn_bits"),
         ({"signed": "yes"}, "signed"),
         ({"per_channel": None}, "per_channel"),
+        ({"bind_min_bits": 1}, "bind_min_bits"),
+        ({"bind_min_bits": None}, "bind_min_bits"),
     ],
 )
 def test_quant_spec_rejects(kwargs: dict[str, Any], field: str) -> None:
@@ -103,6 +105,12 @@ def test_djpq_config_rejects(kwargs: dict[str, Any], match: str) -> None:
         ({"match": int, "prune": False}, "nn.Module subclass"),
         ({"match": "fc", "weight": 8}, "Override.weight"),
         ({"match": "fc", "prune": 0}, "Override.prune"),
+        ({"match": "fc", "gamma_scale": -0.5}, "Override.gamma_scale must be >= 0"),
+        ({"match": "fc", "gamma_scale": math.nan}, "Override.gamma_scale must be a finite"),
+        ({"match": "fc", "gamma_scale": math.inf}, "Override.gamma_scale must be a finite"),
+        ({"match": "fc", "gamma_scale": "2"}, "Override.gamma_scale must be a finite"),
+        ({"match": "fc", "gamma_scale": True}, "Override.gamma_scale must be a finite"),
+        ({"match": "fc", "gamma_scale": None}, "weight, activation, prune, gamma_scale"),
     ],
 )
 def test_override_rejects(kwargs: dict[str, Any], match: str) -> None:
@@ -122,7 +130,9 @@ def test_resolve_global_default_and_signed_weights() -> None:
     r = DJPQConfig(weight=QuantSpec(bits=4)).resolve("layer1.conv", nn.Conv2d)
     assert r.weight == QuantSpec(bits=4, signed=True)
     assert r.activation == QuantSpec() and r.prune and not r.ignored
-    assert dict(r.sources) == {"weight": "global", "activation": "global", "prune": "global"}
+    assert dict(r.sources) == {"weight": "global", "activation": "global", "prune": "global",
+                               "gamma_scale": "global"}
+    assert r.gamma_scale == 1.0
 
 
 def test_resolve_precedence_name_over_pattern_over_type_over_first_last() -> None:
@@ -141,7 +151,8 @@ def test_resolve_precedence_name_over_pattern_over_type_over_first_last() -> Non
     assert r.activation == w6  # pattern '*' beats the type override
     assert r.prune is False  # pattern 'f*' beats the type override
     sources = dict(r.sources)
-    assert sources == {"weight": "name 'fc'", "activation": "pattern '*'", "prune": "pattern 'f*'"}
+    assert sources == {"weight": "name 'fc'", "activation": "pattern '*'", "prune": "pattern 'f*'",
+                       "gamma_scale": "global"}
 
     later = DJPQConfig(overrides=(Override("l*", weight=w4), Override("layer*", weight=w2)))
     assert later.resolve("layer1", nn.Conv2d).weight == QuantSpec(bits=2, signed=True)
@@ -189,3 +200,35 @@ def test_check_names_reports_unmatched_overrides_and_ignores() -> None:
     assert "'layer1.0.conv3'" in msg and "'head*'" in msg
     assert "did you mean layer1.0.conv1" in msg or "did you mean layer1.0.conv2" in msg
     assert "Valid module names include: conv1" in msg
+
+
+#: (overrides, module, first_or_last, expected gamma_scale, expected source): the per-layer
+#: regulariser strength resolves like every other field (name > pattern > type > global).
+GAMMA_SCALE_RESOLUTION = [
+    ((), "features.3", False, 1.0, "global"),
+    ((Override("features.*", gamma_scale=0.5),), "features.3", False, 0.5, "pattern 'features.*'"),
+    ((Override("features.*", gamma_scale=0.5),), "fc", True, 1.0, "global"),
+    ((Override(nn.Linear, gamma_scale=2.0), Override("f*", gamma_scale=3.0)), "fc", False, 3.0,
+     "pattern 'f*'"),
+    ((Override("fc", gamma_scale=0.0), Override("*", gamma_scale=3.0)), "fc", False, 0.0,
+     "name 'fc'"),
+    ((Override("fc", prune=False), Override(nn.Linear, gamma_scale=2)), "fc", True, 2.0,
+     "type Linear"),  # a field left None falls through; an int scale is a float
+]
+
+
+@pytest.mark.parametrize(("overrides", "name", "first_or_last", "scale", "source"),
+                         GAMMA_SCALE_RESOLUTION)
+def test_gamma_scale_resolves_with_the_override_precedence(
+        overrides: tuple[Override, ...], name: str, first_or_last: bool, scale: float,
+        source: str) -> None:
+    r = DJPQConfig(overrides=overrides, fix_first_last_8bit=True).resolve(
+        name, nn.Linear if name == "fc" else nn.Conv2d, first_or_last=first_or_last)
+    assert r.gamma_scale == scale and isinstance(r.gamma_scale, float)
+    assert dict(r.sources)["gamma_scale"] == source
+
+
+def test_misspelt_gamma_scale_override_names_the_close_module() -> None:
+    cfg = DJPQConfig(overrides=(Override("features.3.conv", gamma_scale=0.5),))
+    with pytest.raises(ConfigError, match=r"did you mean features\.3\.conv1"):
+        cfg.check_names(["features.3.conv1", "fc"])

@@ -8,10 +8,10 @@ from tiny_models import InvertedResidual, Residual
 from torch import nn
 
 import djpq_compiler as djpq
-from djpq_compiler.config import DJPQConfig
+from djpq_compiler.config import DJPQConfig, Override, QuantSpec
 from djpq_compiler.errors import ConfigError
 from djpq_compiler.loss import fp32_bops
-from djpq_compiler.prepared import gates, quantizers
+from djpq_compiler.prepared import gates, prepared_layers, quantizers
 from djpq_compiler.records import prepared_record
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -95,3 +95,82 @@ def test_bad_arguments() -> None:
         djpq.djpq_loss(gm, temperature=0.0)
     with pytest.raises(ConfigError, match="prepare"):
         djpq.djpq_loss(Residual())
+
+
+# ----------------------------------------------------------- per-layer strength (gamma_scale)
+#: (overrides as {match: gamma_scale}, the factor each InvertedResidual layer's term gets).
+#: Layer report names: stem, expand, dw, project, head.
+PER_LAYER_SCALES = [
+    ({}, {"stem": 1.0, "expand": 1.0, "dw": 1.0, "project": 1.0, "head": 1.0}),
+    ({"dw": 0.5, "head": 2.0}, {"stem": 1.0, "expand": 1.0, "dw": 0.5, "project": 1.0,
+                                "head": 2.0}),
+    ({"*": 3.0}, {"stem": 3.0, "expand": 3.0, "dw": 3.0, "project": 3.0, "head": 3.0}),
+    ({"*": 0.0, "expand": 1.5}, {"stem": 0.0, "expand": 1.5, "dw": 0.0, "project": 0.0,
+                                 "head": 0.0}),
+]
+
+
+def _scaled(scales: dict[str, float], **cfg: object) -> torch.fx.GraphModule:
+    overrides = tuple(Override(m, gamma_scale=s) for m, s in scales.items())
+    return _prepare(InvertedResidual(), overrides=overrides, **cfg)
+
+
+@pytest.mark.parametrize(("scales", "factors"), PER_LAYER_SCALES)
+def test_gamma_scale_multiplies_each_layers_bops_term(scales: dict[str, float],
+                                                      factors: dict[str, float]) -> None:
+    """Quantize-only: R is the BOPs ratio, so each layer's term is its BOPs row / FP32 BOPs."""
+    gm = _scaled(scales, prune=False)
+    assert {r.name: r.gamma_scale for r in prepared_layers(gm)} == factors
+    rows = {r.name: r.bops for r in djpq.bops(gm).rows}
+    expected = sum(factors[name] * b for name, b in rows.items()) / fp32_bops(gm)
+    for kind in ("vib_bops", "soft_bops"):
+        assert djpq.djpq_loss(gm, kind).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vib_bops", "soft_bops"])
+@pytest.mark.parametrize(("scales", "factors"), PER_LAYER_SCALES)
+def test_gamma_scale_is_linear_in_the_layer_terms_with_gates(
+        kind: str, scales: dict[str, float], factors: dict[str, float]) -> None:
+    """With gates and bits: R(scales) = sum_l s_l * R(only layer l, scale 1)."""
+    one_hot = {name: djpq.djpq_loss(_scaled({"*": 0.0, name: 1.0}), kind).item()
+               for name in factors}
+    expected = sum(factors[name] * term for name, term in one_hot.items())
+    assert djpq.djpq_loss(_scaled(scales), kind).item() == pytest.approx(expected, rel=1e-5)
+    assert sum(one_hot.values()) == pytest.approx(djpq.djpq_loss(_scaled({}), kind).item(),
+                                                  rel=1e-5)
+
+
+def test_gamma_scale_scales_the_gradient_of_the_layers_own_parameters() -> None:
+    """Halving the depthwise conv's term halves the regulariser's gradient on its weight
+    quantizer (the only term that quantizer's step appears in)."""
+    grads = []
+    for scale in (1.0, 0.5):
+        gm = _scaled({"dw": scale})
+        djpq.djpq_loss(gm).backward()
+        path = prepared_record(gm).quantizers.weight["dw"]
+        grads.append(gm.get_submodule(path).log_d.grad.item())
+    assert grads[1] == pytest.approx(0.5 * grads[0], rel=1e-5)
+
+
+@pytest.mark.parametrize(("bind", "lowest"), [(False, None), (True, 4.0)])
+def test_a_bound_weight_floor_holds_while_the_regulariser_trains(bind: bool,
+                                                                 lowest: float | None) -> None:
+    """``QuantSpec(min_bits=4, bind_min_bits=True)`` on the depthwise conv: minimizing R alone
+    takes every other weight below 4 bits, that one stops at 4 (unbound, it goes below too)."""
+    floor = QuantSpec(bits=5, min_bits=4, bind_min_bits=bind)
+    gm = _prepare(InvertedResidual(), weight=QuantSpec(bits=5),
+                  overrides=(Override("dw", weight=floor),))
+    groups = djpq.param_groups(gm, weight_lr=0.0, djpq_lr=0.1)
+    opt = torch.optim.Adam([g for g in groups if g["name"] == "djpq"])
+    for _ in range(30):
+        opt.zero_grad()
+        djpq.djpq_loss(gm).backward()
+        opt.step()
+    paths = prepared_record(gm).quantizers.weight
+    bits = {name: gm.get_submodule(p).bits().item() for name, p in paths.items()}
+    assert all(b < 4.0 for name, b in bits.items() if name != "dw"), bits
+    if lowest is None:
+        assert bits["dw"] < 4.0
+    else:
+        assert bits["dw"] == pytest.approx(lowest, abs=1e-5)
+        assert gm.get_submodule(paths["dw"]).readout_bits() == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,84 @@ def test_distilled_fp32_finetune_raises_the_bar_of_its_section(tmp_path: Path) -
     assert "(fp32_finetune_kd): 91.50 %" in section and "stronger of the three" in section
     # 0.8 points below the distilled fine-tune (91.5 %), not 0.3 below the plain one
     assert "250.0× at 0.80 points" in section
+
+
+#: method -> (weight min_bits, bind_min_bits, gamma_scale) of every depthwise conv; every other
+#: conv keeps the global (2, False, 1.0).
+DEPTHWISE_LEVERS = {
+    "djpq_dw_w4": (4, False, 1.0),
+    "djpq_dw_w4_bound": (4, True, 1.0),
+    "djpq_dw_gamma3": (2, False, 3.0),
+    "djpq_dw_gamma05": (2, False, 0.5),
+}
+
+
+@pytest.mark.parametrize(("method", "expected"), DEPTHWISE_LEVERS.items())
+def test_depthwise_levers_configure_the_depthwise_convs_only(
+        method: str, expected: tuple[int, bool, float]) -> None:
+    import torch
+
+    import djpq_compiler as djpq
+    from djpq_compiler.prepared import prepared_layers
+    from djpq_compiler.workflows import zoo
+
+    claims = _claims()
+    single = claims._single_run_module()
+    assert method in claims.METHODS and method in single.MODEL_METHODS
+    assert method not in claims.ONCE and method in claims.LEVERS
+    model = zoo.get_model("mobilenetv2")
+    depthwise = set(single.depthwise_convs(model))
+    cfg = single.method_config(method, model)
+    assert cfg.prune and cfg.quantize and not cfg.restricted
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            r = cfg.resolve(name, type(module))
+            assert r.weight is not None
+            got = (r.weight.min_bits, r.weight.bind_min_bits, r.gamma_scale)
+            assert got == (expected if name in depthwise else (2, False, 1.0)), name
+    prepared = djpq.prepare(model, torch.randn(2, 1, 28, 28), cfg)
+    scales = {r.name: r.gamma_scale for r in prepared_layers(prepared)}
+    assert {n for n, s in scales.items() if s != 1.0} == (depthwise if expected[2] != 1.0
+                                                           else set())
+    with pytest.raises(SystemExit, match="no depthwise conv"):
+        single.method_config(method, zoo.get_model("vgg7"))
+    points = [{"method": method, "gamma": 8.0, "seeds": 1, "integer_acc": 0.93,
+               "gbops": 0.04, "drop_points": 0.9, "bops_reduction": 125.0}]
+    verdict = "\n".join(claims._verdict(points, claims.FP32_FINETUNE))
+    assert "No DJPQ run stays within 1 point" in verdict  # a lever is not plain DJPQ
+    assert f"({method})" in verdict and "125.0× at 0.90 points" in verdict
+    assert "not met)" in verdict
+
+
+#: (model, method, gamma, finalize, checkpoint) of committed rows -> BOPs share (%) per layer kind,
+#: from ``benchmarks/paper_claims/layers.py`` (the per-layer reading in NOTES.md).
+LAYER_SHARES = [
+    (("mobilenetv2", "djpq", 12.0, 0.1, "01d749cd6be1"),
+     {"depthwise": 14.3, "linear": 0.2, "pointwise": 78.5, "stem": 7.0}),
+    (("mobilenetv2", "djpq", 5.0, 0.1, "01d749cd6be1"),
+     {"depthwise": 17.3, "linear": 0.1, "pointwise": 77.6, "stem": 5.0}),
+    (("vgg7", "djpq_kd", 10.0, 0.3, "0447be57a773"), {"conv": 90.3, "linear": 3.2, "stem": 6.5}),
+]
+
+
+@pytest.mark.parametrize(("key", "expected"), LAYER_SHARES)
+def test_layer_shares_reproduce_the_recorded_reduction(key: tuple, expected: dict) -> None:
+    import torch
+
+    from djpq_compiler.workflows import zoo
+
+    spec = importlib.util.spec_from_file_location("paper_claims_layers",
+                                                  ROOT / "benchmarks/paper_claims/layers.py")
+    layers = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = layers  # its dataclasses look their module up
+    spec.loader.exec_module(layers)
+    model, method, gamma, finalize, checkpoint = key
+    rows = [json.loads(line) for line in
+            (ROOT / "benchmarks/paper_claims/results.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if (r["model"], r["method"], r["gamma"], r.get("finalize", 0.1),
+                                   r.get("checkpoint")) == key and r.get("seed", 0) == 0
+               and r.get("steps") == 700)
+    s = layers.shares(row, zoo.get_model(model), torch.zeros(1, 1, 28, 28))
+    assert s.estimated_reduction == pytest.approx(s.recorded_reduction, rel=1e-3)
+    assert {k: round(100 * v, 1) for k, v in s.by_kind} == expected
+    assert sum(la.bops_share for la in s.layers) == pytest.approx(1.0)

@@ -136,6 +136,46 @@ def test_d_never_exceeds_q_max() -> None:
     torch.testing.assert_close(q.bits(), torch.tensor(2.0))
 
 
+#: (signed, min_bits, d, q_max, training bits without the bind, with it): a step too coarse for
+#: min_bits is capped at q_max / levels(min_bits) only when the floor binds in training.
+BOUND_FLOORS = [
+    (True, 4, 0.5, 1.0, math.log2(3.0) + 1, 4.0),
+    (False, 4, 0.5, 1.0, math.log2(3.0), 4.0),
+    (True, 3, 3.0, 1.0, 2.0, 3.0),  # d > q_max: already capped at q_max without the bind
+    (False, 2, 0.5, 1.0, math.log2(3.0), 2.0),
+    (True, 4, 1 / 127, 1.0, 8.0, 8.0),  # above the floor: the bind changes nothing
+]
+
+
+@pytest.mark.parametrize(("signed", "min_bits", "d", "q_max", "free", "bound"), BOUND_FLOORS)
+def test_bind_min_bits_floors_the_training_bit_width(signed: bool, min_bits: int, d: float,
+                                                      q_max: float, free: float,
+                                                      bound: float) -> None:
+    for bind, bits in ((False, free), (True, bound)):
+        q = _set(DQQuantizer(signed=signed, min_bits=min_bits, bind_min_bits=bind), d, q_max)
+        torch.testing.assert_close(q.bits(), torch.tensor(bits))
+        torch.testing.assert_close(q.d(), torch.tensor(min(d, q_max / levels(bits, signed))))
+        assert q.readout_bits() == max(min_bits, math.ceil(bits - 1e-6))
+
+
+def test_bound_floor_holds_the_bits_and_sends_the_task_gradient_to_q_max() -> None:
+    q = _set(DQQuantizer(signed=True, min_bits=4, bind_min_bits=True), d=0.5, q_max=1.0)
+    q.bits().backward()  # b is flat at the floor: no gradient pushes it lower
+    assert q.log_d is not None and q.log_d.grad is not None and q.log_d.grad.item() == 0.0
+    assert q.log_q_max.grad is not None and abs(q.log_q_max.grad.item()) < 1e-6
+    q.zero_grad()
+    y = q(torch.linspace(-1.2, 1.2, 25))
+    assert len(torch.unique(y)) == 2 * 7 + 1  # the 4-bit grid, not the free 2.6-bit one
+    (y - 0.3).square().sum().backward()
+    assert q.log_d.grad.item() == 0.0 and q.log_q_max.grad.abs().item() > 0
+
+
+def test_from_spec_passes_bind_min_bits() -> None:
+    spec = QuantSpec(bits=8, min_bits=4, bind_min_bits=True)
+    assert DQQuantizer.from_spec(spec, signed=True).bind_min_bits
+    assert not DQQuantizer.from_spec(QuantSpec(min_bits=4), signed=True).bind_min_bits
+
+
 def test_snapped_keeps_the_clip_range_and_refines_the_step() -> None:
     """Read-out keeps the learned q_max (the network was trained to be clipped there) and puts
     levels(ceil b) steps below it: q_max is an exact multiple of the new d."""

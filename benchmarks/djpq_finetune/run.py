@@ -9,8 +9,8 @@ Usage:
   python benchmarks/djpq_finetune/run.py --model resnet20 --method djpq --minutes 15 --gamma 1
   python benchmarks/djpq_finetune/run.py --model resnet20 --method two_stage --minutes 0 \
       --steps 700 --gamma 1
-  methods: djpq, djpq_restricted, djpq_soft_bops, djpq_dw_w4, djpq_kd, two_stage,
-    two_stage_restricted, dq_only, vib_only, w8a8, w4a4
+  methods: djpq, djpq_restricted, djpq_soft_bops, djpq_dw_w4, djpq_dw_w4_bound, djpq_dw_gamma3,
+    djpq_dw_gamma05, djpq_kd, two_stage, two_stage_restricted, dq_only, vib_only, w8a8, w4a4
 """
 
 from __future__ import annotations
@@ -43,10 +43,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "w4a4": {"prune": False, "weight": QuantSpec(bits=4, learn_bits=False),
              "activation": QuantSpec(bits=4, learn_bits=False)},
 }
-#: Methods whose config depends on the model's layers: DJPQ with a read-out floor of
-#: ``DEPTHWISE_WEIGHT_FLOOR`` weight bits on every depthwise conv (issue 18, item 4: a lever for
-#: mobilenetv2, whose 3x3 depthwise filters hold few weights each and little of the BOPs).
-MODEL_METHODS = ("djpq_dw_w4",)
+#: Per-group regularisation strength (issue 18, item 4): method -> the factor on the depthwise
+#: convs' terms of the DJPQ regulariser (``Override.gamma_scale``; every other layer keeps 1).
+DEPTHWISE_GAMMA = {"djpq_dw_gamma3": 3.0, "djpq_dw_gamma05": 0.5}
+#: Methods whose config depends on the model's layers (issue 18, item 4: levers for mobilenetv2,
+#: whose 3x3 depthwise filters hold few weights each): DJPQ with a floor of
+#: ``DEPTHWISE_WEIGHT_FLOOR`` weight bits on every depthwise conv, at read-out only
+#: (``djpq_dw_w4``) or held during training too (``djpq_dw_w4_bound``, ``QuantSpec.bind_min_bits``),
+#: and DJPQ with the depthwise convs' share of the regulariser scaled (``DEPTHWISE_GAMMA``).
+MODEL_METHODS = ("djpq_dw_w4", "djpq_dw_w4_bound", *DEPTHWISE_GAMMA)
 DEPTHWISE_WEIGHT_FLOOR = 4
 #: DJPQ whose task loss distils the FP32 checkpoint (issue 18 lever, not the paper's method):
 #: method -> (distillation weight, temperature) of :class:`FinetuneConfig`.
@@ -63,11 +68,15 @@ def method_config(method: str, model: torch.nn.Module) -> DJPQConfig:
     """The DJPQConfig of a single-stage ``method`` for ``model``."""
     if method in DISTILLED:
         return DJPQConfig()
-    if method == "djpq_dw_w4":
+    if method in MODEL_METHODS:
         names = depthwise_convs(model)
         if not names:
             raise SystemExit(f"{method}: the model has no depthwise conv")
-        floor = QuantSpec(min_bits=DEPTHWISE_WEIGHT_FLOOR)
+        if method in DEPTHWISE_GAMMA:
+            scale = DEPTHWISE_GAMMA[method]
+            return DJPQConfig(overrides=tuple(Override(match=n, gamma_scale=scale) for n in names))
+        floor = QuantSpec(min_bits=DEPTHWISE_WEIGHT_FLOOR,
+                          bind_min_bits=method == "djpq_dw_w4_bound")
         return DJPQConfig(overrides=tuple(Override(match=n, weight=floor) for n in names))
     return DJPQConfig(**METHODS[method])
 

@@ -222,6 +222,10 @@ class DQQuantizer(nn.Module):
         allowed_bits: Sorted powers of two for ``restricted``.
         min_bits: Smallest read-out bit-width (at least 2 [choice]).
         max_bits: Largest read-out bit-width.
+        bind_min_bits: Hold the training bit-width at ``>= min_bits`` too: the free step is
+            capped at ``q_grid / levels(min_bits)`` (the same ``min`` as ``d <= q_max``, so the
+            gradient then reaches ``q_max`` instead of ``d``); otherwise ``min_bits`` is a
+            read-out floor only.
         fixed_bits: Do not learn the bit-width.
         n_channels: Channels for per-channel quantization.
         channel_dim: The channel dimension of the quantized tensor (0 for weights, 1 for NCHW).
@@ -255,6 +259,7 @@ class DQQuantizer(nn.Module):
         observer: str = "minmax",
         percentile: float = 99.99,
         calibrating: bool = True,
+        bind_min_bits: bool = False,
     ) -> None:
         super().__init__()
         _check_args(init_bits, min_bits, max_bits, allowed_bits, per_tensor, n_channels)
@@ -263,6 +268,7 @@ class DQQuantizer(nn.Module):
         self.restricted, self.fixed_bits = bool(restricted), bool(fixed_bits)
         self.allowed_bits = tuple(int(b) for b in allowed_bits)
         self.min_bits, self.max_bits = int(min_bits), int(max_bits)
+        self.bind_min_bits = bool(bind_min_bits)
         self.channel_dim, self.observer, self.percentile = channel_dim, observer, float(percentile)
         self.enabled, self.calibrating = True, bool(calibrating)
         shape = () if per_tensor else (int(n_channels),)  # type: ignore[arg-type]
@@ -302,6 +308,7 @@ class DQQuantizer(nn.Module):
             fixed_bits=not spec.learn_bits,
             n_channels=n_channels,
             channel_dim=channel_dim,
+            bind_min_bits=spec.bind_min_bits,
         )
 
     # ------------------------------------------------------------------------------- params
@@ -325,7 +332,10 @@ class DQQuantizer(nn.Module):
     def _free_d(self) -> torch.Tensor:
         if self.log_d is None:
             raise QuantizationError("a fixed-bit quantizer has no free step size")
-        return torch.minimum(torch.exp(self.log_d), self.q_grid())
+        cap = self.q_grid()
+        if self.bind_min_bits:  # the largest step that still gives min_bits
+            cap = cap / levels(float(self.min_bits), self.signed)
+        return torch.minimum(torch.exp(self.log_d), cap)
 
     def continuous_bits(self) -> torch.Tensor:
         """``log2(q_max^t/d + 1) (+ 1 if signed)`` before any rounding (fixed: ``init_bits``)."""
