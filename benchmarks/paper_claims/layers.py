@@ -71,17 +71,18 @@ def shares(row: dict[str, Any], model: Any, example: Any) -> Shares:
     modules = dict(model.named_modules())
     total_macs = sum(macs.values())
     bops: dict[str, float] = {}
+    kinds: dict[str, str] = {}
     prev: float | None = None
     for name, (b_w, b_a, kept, total) in row["bits"].items():
-        kind = layer_kind(modules[name], name, prev is None)
+        kind = kinds[name] = layer_kind(modules[name], name, prev is None)
         kept_in = 1.0 if prev is None or kind == "depthwise" else prev
         bops[name] = macs[name] * kept / total * kept_in * b_w * b_a
         prev = kept / total
     integer = sum(bops.values())
     layers = []
     by_kind: dict[str, float] = {}
-    for i, (name, (b_w, b_a, kept, total)) in enumerate(row["bits"].items()):
-        kind = layer_kind(modules[name], name, i == 0)
+    for name, (b_w, b_a, kept, total) in row["bits"].items():
+        kind = kinds[name]
         share = bops[name] / integer
         by_kind[kind] = by_kind.get(kind, 0.0) + share
         layers.append(LayerShare(name, kind, b_w, b_a, kept, total, macs[name] / total_macs,
