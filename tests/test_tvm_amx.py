@@ -20,7 +20,7 @@ from djpq_compiler.backends.tvm.kernels import amx  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.emit import target_features  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.select import LayerFacts, select_kernel  # noqa: E402
-from tests.test_tvm_kernels import One, check, inputs, int_layer  # noqa: E402
+from tests.test_tvm_kernels import One, check, compile_for, inputs, int_layer  # noqa: E402
 
 AMX = {"kind": "llvm", "mcpu": adapter.system_cpu(), "mattr": ["+amx-tile", "+amx-int8"]}
 HOST_AMX = amx.cpu_has_amx() and amx.request_amx()
@@ -126,12 +126,10 @@ def test_amx_packed_layout_between_layers(batch: int, amx_from_16: None) -> None
     second = int_layer("conv", 35, 27, x_bits=8, w_bits=6, x_signed=True, stride=2, seed=2)
     gm = im.trace_integer(TwoConvs(first, second).eval())
     xs = inputs((batch, 24, 11, 12), 8, False)
-    mod, ctx = lower(gm, [xs[0]], AMX)
-    vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(AMX)))
+    run, kernels = compile_for(gm, xs[0], AMX)
     for x in xs:
-        got = torch.from_numpy(adapter.run_vm(vm, [x.numpy()])[0]).to(torch.int64)
-        assert torch.equal(got, gm(x))
-    layouts = [(k.variant, k.in_layout, k.out_layout) for k in ctx.kernels]
+        assert torch.equal(run(x), gm(x))
+    layouts = [(k.variant, k.in_layout, k.out_layout) for k in kernels]
     assert layouts == [("amx_int8", "NCHW", "NCHW16c"), ("amx_int8", "NCHW16c", "NCHW")]
 
 
@@ -252,16 +250,14 @@ def test_amx_chosen_from_the_layouts_in_a_network() -> None:
              for i in range(3)]
     gm = im.trace_integer(ThreeConvs(*convs).eval())
     xs = inputs((2, 40, 9, 9), 8, False)
-    mod, ctx = lower(gm, [xs[0]], AMX)
-    vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(AMX)))
+    run, kernels = compile_for(gm, xs[0], AMX)
     for x in xs:
-        got = torch.from_numpy(adapter.run_vm(vm, [x.numpy()])[0]).to(torch.int64)
-        assert torch.equal(got, gm(x))
-    got = [(k.variant, k.in_layout, k.out_layout) for k in ctx.kernels]
+        assert torch.equal(run(x), gm(x))
+    got = [(k.variant, k.in_layout, k.out_layout) for k in kernels]
     assert got == [("avx512_vnni", "NCHW", "NCHW16c"), ("amx_int8", "NCHW16c", "NCHW16c"),
                    ("avx512_vnni", "NCHW16c", "NCHW")]
-    assert "40 input channels < 64 (NCHW in or out" in ctx.kernels[0].note
-    assert "packed in and out" in ctx.kernels[1].note
+    assert "40 input channels < 64 (NCHW in or out" in kernels[0].note
+    assert "packed in and out" in kernels[1].note
 
 
 def test_amx_kernel_refuses_int32_overflowing_sizes() -> None:
