@@ -1,8 +1,9 @@
 """Fused lane-wise integer chains (``backends/tvm/kernels/eltwise.py``): the int32 forms of a
 requantization are exact on the whole code range (or refused), the written chain kernel is
 bit-exact against the reference arithmetic (int32 and int64 steps, odd sizes, packed values with
-out-of-range padding lanes), and residual-block tails in a network fuse into one kernel each,
-bit-exact at batch 1 and 32 with odd pruned channel counts."""
+out-of-range padding lanes), the table form equals the reference on every code combination and
+is chosen only where it was measured faster, and residual-block tails in a network fuse into one
+kernel each, bit-exact at batch 1 and 32 with odd pruned channel counts."""
 
 from __future__ import annotations
 
@@ -23,16 +24,22 @@ from djpq_compiler.backends.tvm.build import target_spec  # noqa: E402
 from djpq_compiler.backends.tvm.emit import lower  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.eltwise import (  # noqa: E402
     INT32_MAX,
+    TABLE_L1_BYTES,
+    TABLE_MAX_BYTES,
     Clamp,
     Expr,
     Leaf,
     Requant,
     Sum,
     build_chain_kernel,
+    build_table_kernel,
+    chain_form,
     chain_steps,
     eltwise_table,
     reference_eval,
     split_multiplier,
+    table_layout,
+    tabulate,
     value_range,
 )
 from djpq_compiler.backends.tvm.kernels.emit import target_features  # noqa: E402
@@ -183,6 +190,142 @@ def test_padding_lanes_do_not_reach_real_lanes(spec: dict) -> None:
     assert got.min() >= 0 and got.max() <= 15
 
 
+# ------------------------------------------------------------------------------ tables
+
+
+def run_table_kernel(tree: Expr, inputs: list[np.ndarray], out_dtype: str,
+                     spec: dict) -> np.ndarray:
+    tvm = pytest.importorskip("tvm")
+    shape = inputs[0].shape
+    target = adapter.make_target(spec)
+    lib = tvm.compile(tvm.IRModule({"main": build_table_kernel(tree, shape, out_dtype, target)}),
+                      target=target)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    args.append(tvm.runtime.tensor(tabulate(tree, out_dtype), dev))
+    args.append(tvm.runtime.tensor(np.zeros(shape, out_dtype), dev))
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+def test_table_layout_and_contents_follow_the_leaves() -> None:
+    """Row-major over the leaves by index (the last leaf fastest); each entry is the reference
+    result of its code combination."""
+    tree = resnet_tail(Leaf(0, -255, 255, "int16"), Leaf(1, 0, 15, "uint8"))
+    entries, strides = table_layout(tree)
+    assert (entries, strides) == (511 * 16, (16, 1))
+    table = tabulate(tree, "uint8")
+    assert table.dtype == np.uint8 and table.shape == (entries + 3,)  # a 4-byte gather's pad
+    assert tabulate(tree, "int16").shape == (entries + 1,) and not tabulate(tree, "int16")[-1]
+    for c, p in [(-255, 0), (-255, 15), (0, 7), (37, 3), (255, 15)]:
+        want = reference_eval(tree, [np.array([c]), np.array([p])])[0]
+        assert table[(c + 255) * 16 + p] == want
+    with pytest.raises(ValueError, match="do not fit int8"):
+        tabulate(Requant(Leaf(0, 0, 255, "uint8"), 1, 0), "int8")
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("shape", "gather"), [((1022, 8), True), ((511, 16), True),
+                                               ((16, 511), False), ((8176,), True)])
+@pytest.mark.parametrize("out_dtype", ["uint8", "int16", "int32"])
+def test_table_kernel_bit_exact_on_every_code_combination(spec: dict, shape: tuple[int, ...],
+                                                          gather: bool, out_dtype: str) -> None:
+    """Whole 8-lane rows take the gather (any result container up to 32 bits); an odd
+    innermost extent the scalar lookup; both equal the reference on all 511 x 16 codes."""
+    from djpq_compiler.backends.tvm.kernels.eltwise import uses_gather
+
+    tree = resnet_tail(Leaf(0, -255, 255, "int16"), Leaf(1, 0, 15, "uint8"))
+    assert uses_gather(tree, shape, out_dtype, adapter.make_target(spec)) is gather
+    c, p = np.meshgrid(np.arange(-255, 256), np.arange(16), indexing="ij")
+    c, p = c.astype(np.int16).reshape(shape), p.astype(np.uint8).reshape(shape)
+    np.testing.assert_array_equal(run_table_kernel(tree, [c, p], out_dtype, spec),
+                                  reference_eval(tree, [c, p]))
+
+
+def test_gather_kernel_machine_code_gathers() -> None:
+    """On AVX2 the two-leaf lookup is ``vpgatherdd`` in the machine code, not per-lane loads;
+    a three-leaf chain (scalar path) has none."""
+    tvm = pytest.importorskip("tvm")
+    target = adapter.make_target(AVX2)
+    tree = resnet_tail(Leaf(0, -255, 255, "int16"), Leaf(1, 0, 15, "uint8"))
+    func = build_table_kernel(tree, (4, 2, 3, 5, 8), "uint8", target)
+    assert "vpgatherdd" in tvm.compile(tvm.IRModule({"main": func}),
+                                       target=target).mod.inspect_source("asm")
+    three = Requant(Sum(Sum(Leaf(0, 0, 3, "uint8"), Leaf(1, 0, 3, "uint8")),
+                        Leaf(2, 0, 3, "uint8")), 1, 0)
+    func = build_table_kernel(three, (4, 8), "uint8", target)
+    assert "vpgatherdd" not in tvm.compile(tvm.IRModule({"main": func}),
+                                           target=target).mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+def test_table_kernel_keeps_out_of_range_codes_inside_the_table(spec: dict) -> None:
+    """Padding lanes of a packed value may hold any code of the container (here the extremes
+    of int16 and uint8, far outside the leaves' ranges): the lookup clamps each code into its
+    leaf's range, so real lanes stay exact and every output is a code of the result's range."""
+    tree = resnet_tail(Leaf(0, -255, 255, "int16"), Leaf(1, 0, 15, "uint8"))
+    gen = np.random.default_rng(4)
+    shape = (3, 2, 5, 7, 8)
+    c = gen.integers(-255, 256, shape).astype(np.int16)
+    p = gen.integers(0, 16, shape).astype(np.uint8)
+    c[..., 5:7], p[..., 5:7] = -32768, 255
+    c[..., 7], p[..., 7] = 32767, 16
+    got = run_table_kernel(tree, [c, p], "uint8", spec)
+    want = reference_eval(tree, [c[..., :5], p[..., :5]])
+    np.testing.assert_array_equal(got[..., :5], want)
+    lo, hi = value_range(tree)
+    assert got.min() >= lo and got.max() <= hi
+    # a clamped code looks up the range end's entry
+    np.testing.assert_array_equal(got[..., 7], reference_eval(tree, [np.full(shape[:-1], 255),
+                                                                     np.full(shape[:-1], 15)]))
+
+
+def test_a_three_leaf_chain_tabulates_exactly() -> None:
+    """Strides of three leaves (codes of odd ranges, one signed)."""
+    a, b, c = Leaf(0, -3, 4, "int8"), Leaf(1, 0, 6, "uint8"), Leaf(2, 2, 12, "uint8")
+    tree = Requant(Sum(Sum(Requant(a, 3 << 20, 21), b), Requant(c, 5 << 18, 19)), 7 << 25, 27,
+                   0, 63)
+    assert table_layout(tree) == (8 * 7 * 11, (77, 11, 1))
+    grids = np.meshgrid(np.arange(-3, 5), np.arange(7), np.arange(2, 13), indexing="ij")
+    x = [g.astype(d).reshape(-1, 4) for g, d in zip(grids, ("int8", "uint8", "uint8"),
+                                                    strict=True)]
+    np.testing.assert_array_equal(run_table_kernel(tree, x, "uint8", AVX2),
+                                  reference_eval(tree, x))
+
+
+#: (chain, output container, target emulates int64 lanes, lookup is a gather, expected form):
+#: the selection rule of ``chain_form`` as a table. Where int64 is emulated a two-leaf tail is a
+#: table, gathered or not, and so is a one-leaf chain with an int64 step; a one-leaf int32
+#: requantization stays arithmetic and a table above TABLE_MAX_BYTES never is one. Where int64
+#: lanes multiply natively only a gathered, L1-sized table is taken.
+TAIL = resnet_tail(Leaf(0, -255, 255, "int16"), Leaf(1, 0, 15, "uint8"))  # 8,176 entries
+WIDE_TAIL = resnet_tail(Leaf(0, -255, 255, "int16"), Leaf(1, -255, 255, "int16"))  # 261,121
+HUGE_PAIR = Requant(Sum(Leaf(0, -4095, 4095, "int16"), Leaf(1, -4095, 4095, "int16")), 3, 2)
+ONE_LEAF_INT32 = Requant(Leaf(0, 0, 25039, "uint16"), 1367816774, 35, 0, 255)
+ONE_LEAF_INT64 = Requant(Leaf(0, 0, 65535, "uint16"), 2**31 - 1, 3, 0, 32767)  # no int32 split
+FORMS = [
+    (TAIL, "uint8", True, True, "table"),
+    (TAIL, "uint8", True, False, "table"),
+    (TAIL, "uint8", False, True, "table"),
+    (TAIL, "uint8", False, False, "int64"),
+    (WIDE_TAIL, "uint8", True, True, "table"),
+    (WIDE_TAIL, "uint8", False, True, "int64"),
+    (HUGE_PAIR, "int16", True, True, "int32"),
+    (ONE_LEAF_INT32, "uint8", True, False, "int32"),
+    (ONE_LEAF_INT64, "int16", True, False, "table"),
+    (ONE_LEAF_INT64, "int16", False, False, "int64"),
+]
+
+
+@pytest.mark.parametrize(("tree", "out_dtype", "int32", "gather", "form"), FORMS)
+def test_chain_form_selection(tree: Expr, out_dtype: str, int32: bool, gather: bool,
+                              form: str) -> None:
+    assert chain_form(tree, out_dtype, int32, gather) == form
+    nbytes = table_layout(tree)[0] * np.dtype(out_dtype).itemsize
+    if form == "table":
+        assert nbytes <= (TABLE_MAX_BYTES if int32 else TABLE_L1_BYTES)
+
+
 # ------------------------------------------------------------------------- in a network
 
 
@@ -241,7 +384,10 @@ def test_block_tails_fuse_into_one_kernel_each(spec: dict, batch: int) -> None:
     # rq2 has two users (the output and the pool / the gate add): a chain end, not deferred
     assert ("short2", "add2", "relu2", "rq2") in fused
     assert all("gate_add" not in ops for ops in fused)  # broadcasting: Relax ops
-    assert "requantizations in int32" in eltwise_table(ctx.eltwise)  # type: ignore[attr-defined]
+    table = eltwise_table(ctx.eltwise)  # type: ignore[attr-defined]
+    # both two-leaf tails are gathered from L1-sized tables, on AVX2 and on AVX-512
+    assert all(r.table for r in fused.values()) and "2 of 2 chains as tables" in table
+    assert "table: 16,352 entries (511 x 32 codes)" in table
 
 
 def test_no_target_keeps_the_relax_ops() -> None:
@@ -257,8 +403,8 @@ def test_no_target_keeps_the_relax_ops() -> None:
 
 
 def test_build_report_lists_the_fused_chains() -> None:
-    """``build(...).kernel_report()`` shows each fused chain after the conv table, with the
-    arithmetic of its steps; the built model stays bit-exact."""
+    """``build(...).kernel_report()`` shows each fused chain after the conv table, with how it
+    is computed (here: a table, and its size); the built model stays bit-exact."""
     from djpq_compiler.backends.tvm import build
 
     gm = im.trace_integer(Blocks().eval())
@@ -269,7 +415,7 @@ def test_build_report_lists_the_fused_chains() -> None:
     assert [r.ops for r in model.eltwise][:1] == [("short1", "add1", "relu1", "rq1")]
     report = model.kernel_report()
     assert "ops: short1, add1, relu1, rq1" in report
-    assert "requantizations in int32" in report
+    assert "2 of 2 chains as tables" in report and "table: 16,352 entries" in report
     assert report.index("ops: short1") > report.index(model.kernels[0].variant)
 
 

@@ -600,26 +600,42 @@ def _finish_chain(ctx: Lowering, node: fx.Node, tree: Expr, leaves: list[fx.Node
 
 def _chain_kernel(ctx: Lowering, node: fx.Node, tree: Expr, values: list[IntValue],
                   ops: list[str], out_range: tuple[int, int]) -> IntValue:
-    """Emit ``tree`` as one scheduled lane-wise kernel (``kernels/eltwise.py``) and record it."""
+    """Emit ``tree`` as one scheduled lane-wise kernel (``kernels/eltwise.py``: arithmetic, or a
+    lookup in the chain's table where :func:`~.kernels.eltwise.chain_form` says) and record it."""
     from .adapter import make_target
-    from .kernels.eltwise import ChainRecord, build_chain_kernel, chain_steps, prefers_int32
+    from .kernels.eltwise import (
+        ChainRecord,
+        build_chain_kernel,
+        build_table_kernel,
+        chain_form,
+        chain_steps,
+        prefers_int32,
+        table_steps,
+        tabulate,
+        uses_gather,
+    )
 
     assert ctx.target is not None  # chains_enabled
     shape = tuple(ctx.bb.shape(values[0].expr))
     out_dtype = container_dtype(*out_range)
-    key = ("eltwise", tree, shape, out_dtype)
     target = make_target(ctx.target)
     int32 = prefers_int32(target)
+    form = chain_form(tree, out_dtype, int32, uses_gather(tree, shape, out_dtype, target))
+    key = ("eltwise", tree, shape, out_dtype, form)
     named = ctx.bb.kernel_cache.get(key)
     if named is None:
         name = f"fused_eltwise_{node.name}"
-        func = build_chain_kernel(tree, shape, out_dtype, target, int32)
+        func = (build_table_kernel(tree, shape, out_dtype, target) if form == "table"
+                else build_chain_kernel(tree, shape, out_dtype, target, int32))
         named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8))
         ctx.bb.kernel_cache[key] = named
-    out = ctx.bb.call_tir(named[1], named[0], [v.expr for v in values], shape, out_dtype)
+    args = [v.expr for v in values]
+    if form == "table":
+        args.append(ctx.bb.const(tabulate(tree, out_dtype), out_dtype))
+    out = ctx.bb.call_tir(named[1], named[0], args, shape, out_dtype)
     layout = values[0].layout
-    ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), shape,
-                                   tuple(chain_steps(tree, int32)), tree))
+    steps = table_steps(tree, out_dtype) if form == "table" else chain_steps(tree, int32)
+    ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), shape, tuple(steps), tree))
     return IntValue(out, out_range[0], out_range[1], layout)
 
 

@@ -3,14 +3,16 @@
 Builds one committed DJPQ-trained model in one process: ``A`` with the lane-wise ops
 (``IntAdd``, ``Requantize``, ``IntClip``) emitted op by op as Relax int64 arithmetic and fused by
 TVM (the code before the kernel; ``converters.chains_enabled`` patched off), ``B`` with the
-written chain kernels (int32 or int64 forms as ``eltwise.prefers_int32`` picks for the host),
-and ``B`` with each form forced. Checks each bit-exact against the integer reference, then
-times them alternately (A, B, ..., A, B, ...) and reports medians, the time spent in the
-lane-wise calls of each (``VirtualMachine.set_instrument``) and the load average before and
-after.
+written chain kernels (table, int32 or int64 forms as ``eltwise.chain_form`` picks for the
+target), and ``B`` with each arithmetic form forced (no tables). Checks each bit-exact against
+the integer reference, then times them alternately (A, B, ..., A, B, ...) and reports medians,
+the time spent in the lane-wise calls of each (``VirtualMachine.set_instrument``) and the load
+average before and after.
 
 Usage:
   TVM_NUM_THREADS=1 python benchmarks/latency/eltwise_ab.py --model resnet20 --batch 32
+  TVM_NUM_THREADS=1 python benchmarks/latency/eltwise_ab.py --model resnet20 --batch 32 \
+      --isa avx2   # the AVX2 kernels (mcpu=haswell), where tables are chosen
 """
 
 from __future__ import annotations
@@ -30,21 +32,22 @@ HERE = Path(__file__).resolve().parent
 
 
 def _build(converted: Any, x: torch.Tensor, chains: bool, int32: bool | None = None) -> Any:
-    """Build with the chain kernels off, on (their own int32/int64 choice) or on with
-    ``int32`` forced."""
+    """Build with the chain kernels off, on (their own table/int32/int64 choice) or on with
+    the arithmetic form ``int32`` (True) or int64 (False) forced, no tables."""
     from djpq_compiler.backends import tvm as tvm_backend
     from djpq_compiler.backends.tvm import converters
     from djpq_compiler.backends.tvm.kernels import eltwise
 
-    saved, saved_int32 = converters.chains_enabled, eltwise.prefers_int32
+    saved = converters.chains_enabled, eltwise.prefers_int32, eltwise.chain_form
     if not chains:
         converters.chains_enabled = lambda ctx: False
     if int32 is not None:
         eltwise.prefers_int32 = lambda target: int32
+        eltwise.chain_form = lambda *_: "int32" if int32 else "int64"
     try:
         return tvm_backend.build(converted, "x86", example_inputs=(x,))
     finally:
-        converters.chains_enabled, eltwise.prefers_int32 = saved, saved_int32
+        converters.chains_enabled, eltwise.prefers_int32, eltwise.chain_form = saved
 
 
 def _lanewise_ms(vm: Any, arr: Any, runs: int) -> dict[str, float]:
@@ -74,6 +77,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--calls", type=int, default=0, help="print the N slowest lane-wise calls")
     ap.add_argument("--table", action="store_true", help="print B's chain kernels and bounds")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: build for mcpu=haswell (run.py's --isa)")
     args = ap.parse_args()
 
     sys.argv = sys.argv[:1]
@@ -81,6 +86,7 @@ def main() -> int:
     import run as latency  # noqa: PLC0415
     import tvm  # noqa: PLC0415
 
+    latency.force_isa(args.isa)
     load_before = os.getloadavg()
     converted = latency.trained_model(args.model, HERE / "models")["converted"]
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.batch))
@@ -89,6 +95,9 @@ def main() -> int:
               "B (chain kernels)": _build(converted, x, True),
               "B, int32 forced": _build(converted, x, True, True),
               "B, int64 forced": _build(converted, x, True, False)}
+    for name, compiled in builds.items():
+        tables = sum(r.table for r in compiled.eltwise)
+        print(f"{name}: {len(compiled.eltwise)} chain kernels, {tables} of them tables")
     arr = tvm.runtime.tensor(x.numpy(), tvm.cpu())
     vms = {}
     for name, compiled in builds.items():
@@ -111,7 +120,7 @@ def main() -> int:
         for name, vm in vms.items():
             lanewise[name].append(_lanewise_ms(vm, arr, 5))
     load_after = os.getloadavg()
-    print(f"{args.model} batch {args.batch}, TVM_NUM_THREADS="
+    print(f"{args.model} batch {args.batch}, --isa {args.isa}, TVM_NUM_THREADS="
           f"{os.environ.get('TVM_NUM_THREADS', 'unset')}, {args.runs} interleaved calls each, "
           f"load average before {load_before[0]:.2f}/{load_before[1]:.2f}, after "
           f"{load_after[0]:.2f}/{load_after[1]:.2f}")
