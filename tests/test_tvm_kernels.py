@@ -332,3 +332,38 @@ def test_grouped_conv_groups_share_one_kernel() -> None:
     assert len(written) == 1 and "4 groups" in ctx.kernels[0].note
     assert adapter.call_tir_count(mod) >= 4
     check(layer, (2, 16, 9, 8), 8)
+
+
+#: (batch, channels in -> out, spatial, kernel, depthwise, runs parallel): the thread rule of
+#: ``conv2d.runs_parallel`` as a table. Batch-1 layers of the reference nets (under a million
+#: MACs) run on the calling thread; their batch-32 layers and resnet18-size layers go parallel;
+#: a MAC-light 1x1 stride-2 shortcut at batch 32 counts its outputs' epilogue work.
+PARALLEL_RULE = [
+    (1, 16, 16, 28, 3, False, False),  # resnet20 stage 1, batch 1: 1.8 M MACs
+    (32, 16, 16, 28, 3, False, True),  # the same at batch 32: 58 M MACs
+    (1, 96, 96, 14, 3, True, False),  # a mobilenetv2 depthwise layer, batch 1
+    (32, 96, 96, 14, 3, True, True),  # ... at batch 32 (outputs dominate)
+    (1, 64, 64, 56, 3, False, True),  # resnet18 at 224, batch 1: 116 M MACs
+    (32, 13, 32, 28, 1, False, True),  # resnet20's stride-2 shortcut at batch 32 (2.5 M MACs)
+]
+
+
+@pytest.mark.parametrize(("batch", "cin", "cout", "hw", "k", "dw", "parallel"), PARALLEL_RULE)
+def test_small_kernels_run_on_the_calling_thread(batch: int, cin: int, cout: int, hw: int,
+                                                 k: int, dw: bool, parallel: bool) -> None:
+    """Small kernels have no parallel loop (each call would wake the thread pool for less work
+    than the wake-up costs); large ones keep theirs."""
+    pytest.importorskip("tvm")
+    from djpq_compiler.backends.tvm.kernels.conv2d import (
+        ConvKernelSpec,
+        build_conv_kernel,
+        runs_parallel,
+    )
+
+    stride = 2 if k == 1 else 1
+    spec = ConvKernelSpec(batch, cin, hw, hw, cout, (k, k), (stride, stride), (k // 2, k // 2),
+                          (1, 1), "dw8" if dw else "ubsw", 1, "uint8", 0, 0, "int8", -127, 127,
+                          in_lanes=8, out_lanes=8)
+    assert runs_parallel(spec) is parallel
+    func, _ = build_conv_kernel(spec)
+    assert ("T.parallel" in func.script()) is parallel

@@ -103,6 +103,13 @@ class ConvKernelSpec:
     bias_in_round: bool = False
 
     @property
+    def macs(self) -> int:
+        """Multiply-adds per call (one input channel per output channel if depthwise)."""
+        (oh, ow), (kh, kw) = self.out_size, self.kernel
+        per = 1 if self.depthwise else self.in_channels
+        return self.batch * self.out_channels * oh * ow * kh * kw * per
+
+    @property
     def depthwise(self) -> bool:
         """Depthwise kinds ``"dw8"``/``"dw16"``: channels in vector lanes, int32 products."""
         return self.kind.startswith("dw")
@@ -482,9 +489,10 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     sch = tvm.s_tir.Schedule(func)
     conv = sch.get_sblock("conv")
     writeback = sch.cache_write(conv, 0, "local")
+    parallel = runs_parallel(spec)
     if spec.depthwise:
         return _schedule_depthwise(sch, conv, writeback, tile_w, lanes_aligned(spec),
-                                   batch_outer(spec))
+                                   batch_outer(spec), parallel)
     loops = sch.get_loops(conv)
     n, ob, y, xx, o = loops[:5]
     rb, ry, rx, *inner = loops[5:]
@@ -495,10 +503,10 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
     if batch_outer(spec, tile_w):  # one image per parallel iteration, its pack just before
         sch.fuse(obo, y)
         _schedule_stages(sch, n, xo, writeback, pack=pack, vector_lanes=packs_blocks(spec),
-                         pack_at=n)
+                         pack_at=n, parallel=parallel)
     else:
         _schedule_stages(sch, sch.fuse(n, obo, y), xo, writeback, pack=pack,
-                         vector_lanes=packs_blocks(spec), im2col=spec.im2col)
+                         vector_lanes=packs_blocks(spec), im2col=spec.im2col, parallel=parallel)
     init = sch.decompose_reduction(conv, rb)
     sch.tensorize(o, intrin_name(spec.kind, spec.groups))
     sch.unroll(xi)
@@ -509,7 +517,8 @@ def _schedule(func: Any, spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> Any
 
 
 def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int,
-                        vector_pack: bool = False, per_block: bool = False) -> Any:
+                        vector_pack: bool = False, per_block: bool = False,
+                        parallel: bool = True) -> Any:
     """Depthwise: channels vectorized, ``tile_w`` columns x all taps unrolled in registers;
     ``per_block``: one (image, channel block) per parallel iteration, its pack right before
     its conv (:func:`batch_outer`)."""
@@ -518,9 +527,11 @@ def _schedule_depthwise(sch: Any, conv: Any, writeback: Any, tile_w: int,
     sch.reorder(n, b, y, xo, ry, rx, xi, o)
     if per_block:
         outer = sch.fuse(n, b)
-        _schedule_stages(sch, outer, xo, writeback, vector_lanes=vector_pack, pack_at=outer)
+        _schedule_stages(sch, outer, xo, writeback, vector_lanes=vector_pack, pack_at=outer,
+                         parallel=parallel)
     else:
-        _schedule_stages(sch, sch.fuse(n, b, y), xo, writeback, vector_lanes=vector_pack)
+        _schedule_stages(sch, sch.fuse(n, b, y), xo, writeback, vector_lanes=vector_pack,
+                         parallel=parallel)
     sch.vectorize(o)
     init = sch.decompose_reduction(conv, ry)
     sch.unroll(xi)
@@ -535,7 +546,7 @@ PACK_UNROLL_WIDTH = 32
 
 
 def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None,
-                   im2col: bool = False) -> None:
+                   im2col: bool = False, parallel: bool = True) -> None:
     """The pack stage as its own parallel loop nest over (image, channel block, row), or, with
     ``at``, computed under the conv's loop ``at`` (only the part that iteration reads).
 
@@ -557,11 +568,15 @@ def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None,
     elif im2col:  # rows parallel; blocks, columns, lanes unrolled: each tap's index folds
         n, b, y, cols, *lanes = sch.get_loops(pack)
         sch.reorder(n, y, b, cols, *lanes)
-        sch.parallel(sch.fuse(n, y))
+        rows = sch.fuse(n, y)
+        if parallel:
+            sch.parallel(rows)
         sch.unroll(b)
     else:
         loops = sch.get_loops(pack)
-        sch.parallel(sch.fuse(*loops[:3]))
+        rows = sch.fuse(*loops[:3])
+        if parallel:
+            sch.parallel(rows)
         cols, lanes = loops[3], loops[4:]
     if vector_lanes:  # lanes_aligned / packs_blocks: one vector per pixel
         sch.vectorize(sch.fuse(*lanes) if len(lanes) > 1 else lanes[0])
@@ -574,18 +589,41 @@ def _schedule_pack(sch: Any, vector_lanes: bool = False, at: Any = None,
 
 def _schedule_stages(sch: Any, outer: Any, xo: Any, writeback: Any, pack: bool = True,
                      vector_lanes: bool = False, pack_at: Any = None,
-                     im2col: bool = False) -> None:
+                     im2col: bool = False, parallel: bool = True) -> None:
     """Around the conv's register tile loop ``xo`` (under the fused ``outer`` loop): the
     write-back with the epilogue inlined, then the unpack of that tile right after it (while it
     is in cache, inside the parallel loop rather than in a serial pass over the whole output
-    afterwards); ``outer`` parallel; the pack (:func:`_schedule_pack`), if there is one, under
-    ``pack_at`` if given."""
+    afterwards); ``outer`` parallel (if ``parallel``, :func:`runs_parallel`); the pack
+    (:func:`_schedule_pack`), if there is one, under ``pack_at`` if given."""
     sch.reverse_compute_at(writeback, xo)
     sch.reverse_compute_inline(sch.get_sblock("epilogue"))
     sch.reverse_compute_at(sch.get_sblock("unpack"), xo)
-    sch.parallel(outer)
+    if parallel:
+        sch.parallel(outer)
     if pack:
-        _schedule_pack(sch, vector_lanes, pack_at, im2col)
+        _schedule_pack(sch, vector_lanes, pack_at, im2col, parallel)
+
+
+#: Work per call (MACs, plus :data:`OUTPUT_WORK` per output element for the pack, epilogue and
+#: unpack) below which a kernel runs on the calling thread (:func:`runs_parallel`).
+PARALLEL_MIN_WORK = 1 << 23
+#: MAC-equivalents of one output element's share of pack, epilogue and unpack (~0.6 ns, what
+#: the 1x1 stride-2 shortcut of resnet20 spends per output on AVX2).
+OUTPUT_WORK = 64
+
+
+def runs_parallel(spec: ConvKernelSpec) -> bool:
+    """Whether the kernel's outer loops are parallel (else it runs on the calling thread).
+
+    A parallel loop wakes the thread pool's workers on every call; with workers that do not spin
+    (``TVM_THREAD_POOL_SPIN_COUNT=0``, as every latency benchmark here runs, so that backends do
+    not steal each other's cores) that cost ~37 us per kernel on this machine: mobilenetv2 at
+    batch 1 took 1.15 ms with 2 threads against 0.19 ms with 1, every kernel of it doing under
+    a million MACs. Below :data:`PARALLEL_MIN_WORK` (~80 us of one core) the wake-up costs more
+    than the second core saves."""
+    oh, ow = spec.out_size
+    return spec.macs + OUTPUT_WORK * spec.batch * spec.out_channels * oh * ow \
+        >= PARALLEL_MIN_WORK
 
 
 #: Batches at least this large run one image per parallel iteration (:func:`batch_outer`).
