@@ -268,3 +268,20 @@ def test_amx_kernel_refuses_int32_overflowing_sizes() -> None:
                           "uint8", 0, 0, "int32", 0, 0, "int32")
     with pytest.raises(BackendError, match="smaller batch"):
         amx.build_amx_kernel(huge)
+
+
+def test_small_amx_kernels_run_on_the_calling_thread() -> None:
+    """The AMX kernel follows the thread rule of the other conv kernels (``runs_parallel``): a
+    batch-1 layer of a small net has no parallel loop; a resnet18-size one keeps both."""
+    pytest.importorskip("tvm")
+    from djpq_compiler.backends.tvm.kernels.amx import build_amx_kernel
+    from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec, runs_parallel
+
+    def spec(batch: int, hw: int) -> ConvKernelSpec:
+        return ConvKernelSpec(batch, 64, hw, hw, 64, (3, 3), (1, 1), (1, 1), (1, 1), "amx", 1,
+                              "uint8", 0, 0, "int8", -127, 127, in_lanes=16, out_lanes=16)
+
+    small, large = spec(1, 7), spec(1, 56)
+    assert not runs_parallel(small) and runs_parallel(large)
+    assert "T.parallel" not in build_amx_kernel(small)[0].script()
+    assert build_amx_kernel(large)[0].script().count("T.parallel") == 2  # pack and conv

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..adapter import load_tvm
-from .conv2d import ConvKernelSpec, _requantize
+from .conv2d import ConvKernelSpec, _requantize, runs_parallel
 
 __all__ = ["AmxPlan", "amx_plan", "build_amx_kernel", "cpu_has_amx", "pack_weight_amx",
            "request_amx"]
@@ -203,12 +203,14 @@ def _pack_lane_block(spec: ConvKernelSpec, x: Any, n: Any, blk: Any, yy: Any, xx
 
 
 def _emit_pack(T: Any, spec: ConvKernelSpec, plan: AmxPlan, x: Any, pack: Any) -> None:  # noqa: N803
-    """The pack stage: one parallel iteration per (image, input block, phase)."""
+    """The pack stage: one iteration per (image, input block, phase), parallel where the
+    kernel's work pays for the thread pool (:func:`.conv2d.runs_parallel`)."""
     (sh, sw), (ph, pw) = spec.stride, spec.padding
     nph = len(plan.phases)
     lanes = spec.in_lanes
     by_blocks = lanes > 0 and K_BLOCK % lanes == 0
-    with T.parallel(0, spec.batch * plan.in_blocks * nph) as t:
+    outer = T.parallel if runs_parallel(spec) else T.serial
+    with outer(0, spec.batch * plan.in_blocks * nph) as t:
         n = t // (plan.in_blocks * nph)
         b = (t // nph) % plan.in_blocks
         p = t % nph
@@ -294,8 +296,8 @@ def _epilogue_value(spec: ConvKernelSpec, acc: Any, c: Any, params: dict[str, An
 
 def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any,  # noqa: N803
                params: dict[str, Any], out: Any) -> None:
-    """Tiles + reduction + epilogue, one parallel iteration per (image, output tile pair,
-    pixel tile group)."""
+    """Tiles + reduction + epilogue, one iteration per (image, output tile pair, pixel tile
+    group), parallel as the pack's (:func:`.conv2d.runs_parallel`)."""
     tm, tn = plan.tile_m, plan.tile_n
     c_tiles = tm * tn
     a_tile = [c_tiles + i for i in range(tm)]
@@ -307,7 +309,8 @@ def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any, 
     pack_rows = plan.hq * plan.wq
     packed_out = spec.out_lanes > 0
     real_blocks = -(-spec.out_channels // OC_LANES)
-    with T.parallel(0, spec.batch * ob_iters * plan.m_tiles) as t:
+    outer = T.parallel if runs_parallel(spec) else T.serial
+    with outer(0, spec.batch * ob_iters * plan.m_tiles) as t:
         n = t // (ob_iters * plan.m_tiles)
         obp = (t // plan.m_tiles) % ob_iters
         mt = t % plan.m_tiles
