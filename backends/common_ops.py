@@ -42,6 +42,7 @@ __all__ = [
     "SWIN_RELATIVE_POSITION_BIAS",
     "WindowAttentionPlan",
     "constant_tensor",
+    "index_select_plan",
     "relative_position_index",
     "window_attention_plan",
     "INFERENCE_IDENTITIES",
@@ -295,6 +296,29 @@ def constant_tensor(ctx: LoweringContext, node: fx.Node, arg: Any, what: str) ->
             return value.detach().cpu()
     raise BackendError(f"{node.format_node()}: {what} must be a tensor attribute of the model "
                        f"(get_attr), got {arg!r}")
+
+
+def index_select_plan(ctx: LoweringContext, node: fx.Node,
+                      shape: Sequence[int]) -> tuple[int, np.ndarray]:
+    """``torch.index_select(x, dim, index)`` with a constant index (``prune`` writes the kept
+    positions of a channel selection as one, a ``get_attr`` buffer): the dim (non-negative) and
+    the positions (1-D int64, each in ``[0, shape[dim])``).
+
+    Raises:
+        BackendError: A non-constant dim or index, or positions out of range.
+    """
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(dim, int) or not -len(shape) <= dim < len(shape):
+        raise BackendError(f"{node.format_node()}: index_select needs a constant dim in "
+                           f"[-{len(shape)}, {len(shape)}), got {dim!r}")
+    dim %= len(shape)
+    index = node.args[2] if len(node.args) > 2 else node.kwargs.get("index")
+    positions = constant_tensor(ctx, node, index, "index_select's index").reshape(-1)
+    at = positions.to(torch.int64).numpy()
+    if positions.is_floating_point() or (at.size and not 0 <= at.min() <= at.max() < shape[dim]):
+        raise BackendError(f"{node.format_node()}: index_select positions must be integers in "
+                           f"[0, {shape[dim]}) along dim {dim}")
+    return dim, at
 
 
 def _static_pair(node: fx.Node, value: Any, what: str) -> tuple[int, int]:

@@ -510,7 +510,10 @@ def test_tvm_backend_unknown_target() -> None:
     with pytest.raises(BackendError) as info:
         build(converted, target="riscv", example_inputs=(X,))
     msg = str(info.value)
-    assert "unknown TVM target 'riscv'" in msg and "choose one of x86, aarch64, cuda" in msg
+    assert "unknown TVM target 'riscv'" in msg
+    assert "choose one of x86, x86-avx2, x86-avx512, aarch64, cuda" in msg
+    with pytest.raises(BackendError, match="did you mean 'x86-avx2'"):
+        build(converted, target="x86_avx2", example_inputs=(X,))
     _assert_unchanged(converted, snap)
 
 

@@ -7,6 +7,7 @@ a regression test below with that recipe.
 
 from __future__ import annotations
 
+import importlib.util
 import operator
 import warnings
 
@@ -26,6 +27,7 @@ from djpq_compiler.testing import (
     check_convert,
     check_prepare,
     check_signs,
+    check_tvm,
     example_input,
 )
 from djpq_compiler.testing.graphs import (
@@ -82,6 +84,15 @@ def test_random_graphs_convert_exactly_within_one_lsb_and_keep_bops(recipe: Reci
     check_convert(recipe)
 
 
+@settings(CI, max_examples=8)
+@given(recipes())
+def test_random_graphs_build_bit_exact_in_tvm(recipe: Recipe) -> None:
+    """Issue 15, item 5: every kernel TVM picks for a random converted graph (this CPU's and the
+    AVX2 ones, residual tails as tables included) equals the reference executor."""
+    pytest.importorskip("tvm")
+    check_tvm(recipe)
+
+
 EVERY_BLOCK = Recipe(blocks=(
     Conv(out=6, k=3, stride=2, groups=1, bn=True, act="hardswish"),
     Conv(out=6, k=3, groups="depthwise", act="relu6"),
@@ -108,6 +119,10 @@ def test_a_recipe_with_every_block_kind_holds_every_property() -> None:
     check_prepare(EVERY_BLOCK)
     converted = check_convert(EVERY_BLOCK)
     assert converted.quantizers > 5 and converted.bops_ratio < 1 / 16
+    if importlib.util.find_spec("tvm") is not None:
+        built = check_tvm(EVERY_BLOCK)
+        assert ("x86", "ok") in built.outcomes and built.float_ops > 0  # islands: per-op check
+        assert any(v.startswith("avx2_") for v in built.variants)
 
 
 def test_recipes_print_as_readable_recipes() -> None:

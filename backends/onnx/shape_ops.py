@@ -21,7 +21,7 @@ from torch import fx
 from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 
-from ..common_ops import plan_slice
+from ..common_ops import index_select_plan, plan_slice
 from .float_ops import _batch_size, _rewrap, _tensor
 from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, register
 
@@ -188,6 +188,18 @@ def slice_tensor(ctx: Emitter, node: fx.Node, value: Any, index: Any) -> Value:
         last = i == len(plan.picks) - 1
         name = ctx.op("Gather", [name, ctx.const(np.array(at, np.int64), f"{node.name}/at")],
                       node.name if last else f"{node.name}/gather", axis=axis)
+    return _rewrap(value, name)
+
+
+@register(torch.index_select, torch.Tensor.index_select)
+def _index_select(ctx: Emitter, node: fx.Node) -> Value:
+    """``index_select(x, dim, index)`` with a constant index (the kept positions of a pruned
+    channel selection) as ``Gather``; codes keep their scale and range."""
+    value = _tensor(ctx, node)
+    dim, at = index_select_plan(ctx, node, ctx.shape(node.args[0]))
+    _no_batch(ctx, node, [dim], "index_select along")
+    name = ctx.op("Gather", [value.name, ctx.const(at, f"{node.name}/index")], node.name,
+                  axis=dim)
     return _rewrap(value, name)
 
 

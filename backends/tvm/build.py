@@ -5,6 +5,10 @@ Targets (dicts, TVM 0.27):
 * ``"x86"``: ``{"kind": "llvm", "mcpu": <this CPU>}``, plus ``"mattr": ["+amx-tile",
   "+amx-int8"]`` where the CPU reports AMX-INT8 and Linux grants the tile state (LLVM names such
   CPUs' model without it, e.g. ``rocketlake``); the result is callable here.
+* ``"x86-avx2"`` / ``"x86-avx512"``: a portable x86 build for another machine than this one
+  (:data:`PORTABLE_X86`): ``mcpu`` ``haswell`` (AVX2 + FMA: the AVX2 kernels; runs on any x86-64
+  CPU with AVX2, AMD Zen included) or ``cascadelake`` (AVX-512 BW/VNNI kernels, no AMX). Callable
+  here when this CPU has those features, else export it and load it on the device.
 * ``"aarch64"``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon",
   "+dotprod"]}``, cross-compiled; ``export("m.tar")`` needs no toolchain, ``export("m.so")`` needs
   ``aarch64-linux-gnu-gcc``.
@@ -33,10 +37,13 @@ from djpq_compiler.errors import BackendError
 from . import adapter, ms_adapter
 from .emit import lower
 
-__all__ = ["TARGETS", "CompiledModel", "build", "compile_cuda_to_ptx", "find_nvcc",
-           "target_spec"]
+__all__ = ["PORTABLE_X86", "TARGETS", "CompiledModel", "build", "compile_cuda_to_ptx", "find_nvcc",
+           "host_has_features", "target_spec"]
 
-TARGETS = ("x86", "aarch64", "cuda")
+TARGETS = ("x86", "x86-avx2", "x86-avx512", "aarch64", "cuda")
+#: The portable x86 targets: LLVM CPU model, and the features this host needs to run the build.
+PORTABLE_X86 = {"x86-avx2": ("haswell", ("avx2", "fma")),
+                "x86-avx512": ("cascadelake", ("avx512bw", "avx512vnni"))}
 AARCH64_GCC = "aarch64-linux-gnu-gcc"
 
 
@@ -53,12 +60,26 @@ def target_spec(target: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         if request_amx():  # the CPU has AMX-INT8 and Linux granted the tile state
             spec["mattr"] = ["+amx-tile", "+amx-int8"]
         return spec, None
+    if target in PORTABLE_X86:
+        return {"kind": "llvm", "mcpu": PORTABLE_X86[target][0]}, None
     if target == "aarch64":
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                 "mattr": ["+neon", "+dotprod"]}, None
     if target == "cuda":
         return {"kind": "cuda", "arch": "sm_80"}, {"kind": "llvm"}
-    raise BackendError(f"unknown TVM target {target!r}; choose one of {', '.join(TARGETS)}")
+    import difflib
+
+    close = difflib.get_close_matches(str(target), TARGETS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise BackendError(f"unknown TVM target {target!r}{hint}; choose one of "
+                       f"{', '.join(TARGETS)}")
+
+
+def host_has_features(features: Sequence[str]) -> bool:
+    """Whether this CPU has every one of the LLVM ``features`` (e.g. ``"avx2"``)."""
+    tvm = adapter.load_tvm()
+    host = adapter.make_target({"kind": "llvm", "mcpu": adapter.system_cpu()})
+    return all(bool(tvm.target.codegen.target_has_features(f, host)) for f in features)
 
 
 class CompiledModel:
@@ -69,7 +90,7 @@ class CompiledModel:
     ``float32`` tensors.
 
     Attributes:
-        target: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
+        target: A name of :data:`TARGETS`.
         ir_module: The Relax IRModule that was compiled.
         compile_seconds: Wall time of ``tvm.compile``.
         load_seconds: Wall time of loading the library for this host at build time (TVM
@@ -106,8 +127,11 @@ class CompiledModel:
         adapter.run_vm(self._vm, [np.zeros(s, dtype=np.float32) for s in self.input_shapes])
 
     def _runnable_here(self) -> bool:
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
         if self.target == "x86":
-            return platform.machine().lower() in ("x86_64", "amd64")
+            return x86
+        if self.target in PORTABLE_X86:
+            return x86 and host_has_features(PORTABLE_X86[self.target][1])
         if self.target == "aarch64":
             return platform.machine().lower() in ("aarch64", "arm64")
         return False
@@ -201,7 +225,8 @@ def build(converted: fx.GraphModule, target: str = "x86",
 
     Args:
         converted: The output of ``convert()`` (``records.stage(gm) == "converted"``).
-        target: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
+        target: ``"x86"`` (this CPU), ``"x86-avx2"`` / ``"x86-avx512"`` (portable x86 builds
+            for other machines), ``"aarch64"`` or ``"cuda"``.
         example_inputs: One float32 tensor (or a sequence, one per input) fixing static shapes.
         work_dir: A directory filled by :func:`~djpq_compiler.backends.tvm.tune`: every kernel
             with a record in its JSON database is compiled with its best tuned schedule (the

@@ -13,6 +13,7 @@ import math
 import operator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -20,7 +21,7 @@ from djpq_compiler import op_facts as facts
 from djpq_compiler.errors import BackendError
 from djpq_compiler.ir import modules as im
 
-from ..common_ops import plan_slice
+from ..common_ops import index_select_plan, plan_slice
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 
 Tensorish = IntValue | FloatValue
@@ -350,6 +351,17 @@ def convert_assert(ctx: Lowering, node: fx.Node) -> Lowered:
         raise BackendError(f"{node.format_node()}: the assert fails for the example inputs "
                            f"({node.args[1] if len(node.args) > 1 else ''!r})")
     return None
+
+
+@register(torch.index_select, torch.Tensor.index_select)
+def convert_index_select(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``index_select(x, dim, index)`` with a constant index (the kept positions of a pruned
+    channel selection) as ``take``; codes keep their range."""
+    x = _tensor_arg(ctx, node)
+    dim, at = index_select_plan(ctx, node, ctx.bb.shape(x.expr))
+    # positions checked in range above; "clip" keeps even a wrong one inside the tensor
+    return _rewrap(x, ctx.bb.call("take", x.expr, ctx.bb.const(at.astype(np.int32), "int32"),
+                                  axis=dim, mode="clip"))
 
 
 @register("get_attr")

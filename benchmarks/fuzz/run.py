@@ -1,10 +1,12 @@
-"""Long fuzzing run: random architectures through analyze / prune oracle / prepare / convert.
+"""Long fuzzing run: random architectures through analyze / prune oracle / prepare / convert
+(and, with ``--tvm``, the TVM builds for this CPU and for AVX2, against the reference).
 
 Runs the properties of ``djpq_compiler.testing.properties`` on ``--examples`` random recipes
 (hypothesis, one CPU thread) and writes a summary to ``--out``. On the first failure hypothesis
-shrinks it to a minimal recipe, which is printed and recorded.
+shrinks it to a minimal recipe, which is printed and recorded. TVM builds refused with a clear
+error are counted with their reasons (not failures); a mismatch or a crash is a failure.
 
-Usage: python benchmarks/fuzz/run.py --examples 2000 [--seed 0] [--minutes 30]
+Usage: python benchmarks/fuzz/run.py --examples 2000 [--seed 0] [--minutes 30] [--tvm]
        [--out benchmarks/fuzz/RESULTS.md]
 """
 
@@ -28,6 +30,7 @@ from djpq_compiler.testing import (
     check_convert,
     check_prepare,
     check_signs,
+    check_tvm,
     recipes,
 )
 
@@ -54,6 +57,15 @@ class Tally:
         self.max_float_err = 0.0
         self.lsb: collections.Counter[int] = collections.Counter()
         self.nonneg = 0
+        self.tvm: collections.Counter[str] = collections.Counter()
+        self.variants: collections.Counter[str] = collections.Counter()
+        self.tables = 0
+
+    def add_tvm(self, stats: object) -> None:
+        for target, status in stats.outcomes:  # type: ignore[attr-defined]
+            self.tvm[f"{target} {status}"] += 1
+        self.variants.update(stats.variants)  # type: ignore[attr-defined]
+        self.tables += stats.tables  # type: ignore[attr-defined]
 
     def add(self, recipe: Recipe, stats: object, conv: object) -> None:
         self.examples += 1
@@ -70,8 +82,8 @@ class Tally:
         self.lsb[conv.max_lsb] += 1  # type: ignore[attr-defined]
 
 
-def run(examples: int, seed: int, max_blocks: int,
-        minutes: float | None = None) -> tuple[Tally, str | None, float]:
+def run(examples: int, seed: int, max_blocks: int, minutes: float | None = None,
+        tvm: bool = False) -> tuple[Tally, str | None, float]:
     """Check up to ``examples`` recipes (stopping cleanly after ``minutes``)."""
     tally = Tally()
     start = time.perf_counter()
@@ -87,6 +99,8 @@ def run(examples: int, seed: int, max_blocks: int,
         check_prepare(recipe)
         tally.nonneg += check_signs(recipe)
         tally.add(recipe, stats, check_convert(recipe))
+        if tvm:
+            tally.add_tvm(check_tvm(recipe))
         if tally.examples % 100 == 0:
             print(f"{tally.examples} examples, {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -107,7 +121,8 @@ def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Nam
         f"seed {args.seed}, max {args.max_blocks} blocks",
         "",
         f"* command: `python benchmarks/fuzz/run.py --examples {args.examples} --seed {args.seed}"
-        f" --max-blocks {args.max_blocks} --minutes {args.minutes}` (torch {torch.__version__}, "
+        f" --max-blocks {args.max_blocks} --minutes {args.minutes}{' --tvm' * args.tvm}` "
+        f"(torch {torch.__version__}, "
         f"1 thread, {platform.machine()}, shared 2-core machine)",
         f"* passing examples: {tally.examples} in {seconds:.0f} s; result: **{status}**",
         f"* channel groups analysed: {tally.groups} ({tally.prunable} prunable); ops with no "
@@ -122,6 +137,11 @@ def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Nam
         f"* blocks generated: {dict(sorted(tally.blocks.items()))}",
         f"* heads: {dict(sorted(tally.heads.items()))}",
     ]
+    if args.tvm:
+        lines.append(f"* TVM (`check_tvm`: this CPU's build and the AVX2 build, each equal to the "
+                     f"reference): outcomes {dict(sorted(tally.tvm.items()))}; kernel variants "
+                     f"(AVX2 build) {dict(sorted(tally.variants.items()))}; lane-wise chains as "
+                     f"tables: {tally.tables}")
     if failure is not None:
         lines += ["", "```", failure, "```"]
     return "\n".join(lines) + "\n"
@@ -135,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop cleanly (and report) after this many minutes")
     parser.add_argument("--out", type=Path, default=None, help="append the summary to this file")
+    parser.add_argument("--tvm", action="store_true",
+                        help="also build every example with TVM (this CPU, AVX2) and compare")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    tally, failure, seconds = run(args.examples, args.seed, args.max_blocks, args.minutes)
+    tally, failure, seconds = run(args.examples, args.seed, args.max_blocks, args.minutes,
+                                  args.tvm)
     text = report(tally, failure, seconds, args)
     print(text)
     if args.out is not None:

@@ -13,7 +13,8 @@ from djpq_compiler.testing.properties import (
     check_convert,
     check_prepare,
     check_signs,
+    check_tvm,
 )
 
 __all__ = ["Recipe", "build", "example_input", "recipes", "PropertyViolation", "check_analysis",
-           "check_prepare", "check_convert", "check_signs"]
+           "check_prepare", "check_convert", "check_signs", "check_tvm"]

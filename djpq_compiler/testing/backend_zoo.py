@@ -174,16 +174,17 @@ def _first(t: Any) -> torch.Tensor:
     return t if isinstance(t, torch.Tensor) else t[0]
 
 
-def check_tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
-    """The ``tvm`` stage of the gate on a converted model: build for x86, run two inputs;
-    ``ok`` when bit-exact (a float output within ``FLOAT_OUTPUT_RTOL``), or, for a net with float
+def check_tvm(converted: Any, x: torch.Tensor, target: str = "x86") -> StageOutcome:
+    """The ``tvm`` stage of the gate on a converted model: build for ``target`` (an x86 target
+    this CPU runs: ``"x86"``, or ``"x86-avx2"`` for the AVX2 kernels), run two inputs; ``ok``
+    when bit-exact (a float output within ``FLOAT_OUTPUT_RTOL``), or, for a net with float
     islands, when the teacher-forced per-op check holds (the detail then says the end-to-end
     difference is propagated island flips); else ``mismatch`` (``refused``/``crash`` when the
     build or a run raises)."""
     from djpq_compiler.backends import tvm as tvm_backend
 
     LOG.info("tvm: build")
-    outcome, compiled = _run(lambda: tvm_backend.build(converted, "x86", example_inputs=x))
+    outcome, compiled = _run(lambda: tvm_backend.build(converted, target, example_inputs=x))
     if not outcome.ok:
         return outcome
     worst, worst_float = 0.0, 0.0
@@ -205,14 +206,14 @@ def check_tvm(converted: Any, x: torch.Tensor) -> StageOutcome:
     if worst > 0 or worst_float > FLOAT_OUTPUT_RTOL:
         detail = f"max |diff| {max(worst, worst_float):.3g}"
         if converted_record(converted).float_ops:
-            return _per_op(converted, x, detail, outcome.seconds, compiled)
+            return _per_op(converted, x, detail, outcome.seconds, compiled, target)
         return StageOutcome("mismatch", detail, outcome.seconds)
     detail = "bit-exact" if worst_float == 0 else f"float output within {worst_float:.1e} rel."
     return StageOutcome("ok", detail, outcome.seconds)
 
 
 def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float,
-            compiled: Any) -> StageOutcome:
+            compiled: Any, target: str = "x86") -> StageOutcome:
     """Where a net with float islands disagrees end to end: the teacher-forced per-op check
     (``backends.tvm.verify.verify_per_op``). ``ok`` when every integer op is bit-exact and every
     island output within 1 LSB on the reference's own inputs, so the end-to-end difference is
@@ -220,7 +221,7 @@ def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float,
     from djpq_compiler.backends.tvm.verify import verify_per_op
 
     LOG.info("tvm: per-op probe")
-    checked, report = _run(lambda: verify_per_op(converted, _tvm_inputs(x), "x86"))
+    checked, report = _run(lambda: verify_per_op(converted, _tvm_inputs(x), target))
     if not checked.ok:
         return StageOutcome("mismatch", f"{final}; per-op probe: {checked.detail}", seconds)
     status = "ok" if report.ok else "mismatch"

@@ -35,9 +35,9 @@ from djpq_compiler.records import converted_record
 from djpq_compiler.testing.graphs import Recipe, build, example_input
 from djpq_compiler.verify import integer_agreement, pruning_oracle
 
-__all__ = ["PropertyViolation", "OracleStats", "ConvertStats", "check_analysis", "check_prepare",
-           "check_convert", "check_signs", "NO_RULE_TARGETS", "ORACLE_TOLERANCE",
-           "CONVERT_TOLERANCE", "INTEGER_LSB_BOUND"]
+__all__ = ["PropertyViolation", "OracleStats", "ConvertStats", "TvmStats", "check_analysis",
+           "check_prepare", "check_convert", "check_signs", "check_tvm", "NO_RULE_TARGETS",
+           "ORACLE_TOLERANCE", "CONVERT_TOLERANCE", "INTEGER_LSB_BOUND", "TVM_TARGETS"]
 
 #: Targets of the generator's ops that have no channel rule (they must be barriers).
 NO_RULE_TARGETS: tuple[object, ...] = (torch.cumsum, torch.flip, "roll")
@@ -236,6 +236,18 @@ def _bops_mismatch(prepared: torch.fx.GraphModule, converted: torch.fx.GraphModu
     return bad
 
 
+def _prepared(recipe: Recipe) -> tuple[torch.nn.Module, torch.fx.GraphModule, torch.Tensor,
+                                         DJPQConfig]:
+    """The recipe's model, prepared (eval) with seeded random gates and bit-widths, its input and
+    config: what :func:`check_convert` and :func:`check_tvm` convert."""
+    model, x = build(recipe), example_input(recipe)
+    config, rng = random_state(recipe)
+    torch.manual_seed(recipe.seed)
+    p = prepare(model, x, config).eval()
+    _randomize(p, rng)
+    return model, p, x, config
+
+
 def check_convert(recipe: Recipe) -> ConvertStats:
     """prepare -> seeded random gate states and bit-widths -> convert, float and integer.
 
@@ -250,11 +262,7 @@ def check_convert(recipe: Recipe) -> ConvertStats:
       their totals are equal when nothing stayed float (invariant 5);
     * ``p`` itself is unchanged by both conversions.
     """
-    model, x = build(recipe), example_input(recipe)
-    config, rng = random_state(recipe)
-    torch.manual_seed(recipe.seed)
-    p = prepare(model, x, config).eval()
-    _randomize(p, rng)
+    model, p, x, config = _prepared(recipe)
     with torch.no_grad():
         before = p(x)
     ref = copy.deepcopy(p)
@@ -289,3 +297,62 @@ def check_convert(recipe: Recipe) -> ConvertStats:
         raise _fail(recipe, f"all-integer model but bops total {total_c} != prepared {total_p}")
     return ConvertStats(err, max(lsb.values(), default=0), len(lsb), len(float_ops),
                         total_c / max(bops(model, x).total, 1), len(coarse))
+
+
+#: The TVM targets :func:`check_tvm` builds for: this CPU's kernels, and the AVX2 kernels of the
+#: issue's 2-core EPYC class of machine (``mcpu=haswell``; skipped on a CPU without AVX2).
+TVM_TARGETS = ("x86", "x86-avx2")
+
+
+@dataclass(frozen=True)
+class TvmStats:
+    """What one :func:`check_tvm` run saw: per target the stage's status (``ok``, or
+    ``refused`` with a clear :class:`~djpq_compiler.errors.DjpqError`), and the kernels built."""
+
+    outcomes: tuple[tuple[str, str], ...]
+    variants: tuple[str, ...]
+    tables: int
+    float_ops: int
+
+
+def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStats:
+    """prepare -> seeded random state -> ``convert`` (as :func:`check_convert`) -> TVM build for
+    each of ``targets`` -> the compiled model equals the reference executor (integer outputs bit
+    for bit, a float output within float32 rounding; with float islands, the teacher-forced
+    per-op check: every integer op bit-exact, every island within 1 LSB), on two inputs
+    (``testing.backend_zoo.check_tvm``, the zoo gate's stage).
+
+    A build refused with a :class:`~djpq_compiler.errors.DjpqError` is allowed (recorded);
+    a mismatch or any other exception is a :class:`PropertyViolation`.
+    """
+    from djpq_compiler.backends.tvm.build import PORTABLE_X86, host_has_features
+    from djpq_compiler.testing.backend_zoo import check_tvm as tvm_stage
+
+    _, p, x, _ = _prepared(recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = convert(p)
+    outcomes: list[tuple[str, str]] = []
+    variants: list[str] = []
+    tables = 0
+    for target in targets:
+        if target in PORTABLE_X86 and not host_has_features(PORTABLE_X86[target][1]):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outcome = tvm_stage(converted, x, target)
+        if outcome.status not in ("ok", "refused"):
+            raise _fail(recipe, f"TVM {target}: {outcome.status}: {outcome.detail}")
+        outcomes.append((target, outcome.status))
+    built = [t for t, status in outcomes if status == "ok"]
+    if built:  # what the last target built (lowering only: cheap, no LLVM)
+        from djpq_compiler.backends.tvm.build import target_spec
+        from djpq_compiler.backends.tvm.emit import lower
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, lowering = lower(converted, [x], target_spec(built[-1])[0])
+        variants = sorted({k.variant for k in lowering.kernels})
+        tables = sum(r.table for r in lowering.eltwise)
+    return TvmStats(tuple(outcomes), tuple(variants), tables,
+                    len(converted_record(converted).float_ops))
