@@ -42,6 +42,8 @@ __all__ = [
     "SWIN_RELATIVE_POSITION_BIAS",
     "WindowAttentionPlan",
     "constant_tensor",
+    "cumsum_dim",
+    "flip_dims",
     "index_select_plan",
     "relative_position_index",
     "window_attention_plan",
@@ -319,6 +321,37 @@ def index_select_plan(ctx: LoweringContext, node: fx.Node,
         raise BackendError(f"{node.format_node()}: index_select positions must be integers in "
                            f"[0, {shape[dim]}) along dim {dim}")
     return dim, at
+
+
+def cumsum_dim(node: fx.Node, ndim: int) -> int:
+    """``torch.cumsum(x, dim)``'s dim (non-negative); only the plain float form is lowered.
+
+    Raises:
+        BackendError: A non-constant dim, or a ``dtype``/``out`` argument.
+    """
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(dim, int) or not -ndim <= dim < ndim:
+        raise BackendError(f"{node.format_node()}: cumsum needs a constant dim in "
+                           f"[-{ndim}, {ndim}), got {dim!r}")
+    if node.kwargs.get("dtype") is not None or node.kwargs.get("out") is not None:
+        raise BackendError(f"{node.format_node()}: cumsum with dtype= or out= is not lowered")
+    return dim % ndim
+
+
+def flip_dims(node: fx.Node, ndim: int) -> list[int]:
+    """``torch.flip(x, dims)``'s dims (non-negative, distinct).
+
+    Raises:
+        BackendError: Dims that are not constant ints in range, or repeated.
+    """
+    arg: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    dims: list[Any] = [arg] if isinstance(arg, int) else \
+        list(arg) if isinstance(arg, (list, tuple)) else []
+    ints = [d for d in dims if isinstance(d, int) and -ndim <= d < ndim]
+    if not dims or len(ints) != len(dims) or len({d % ndim for d in ints}) != len(ints):
+        raise BackendError(f"{node.format_node()}: flip needs distinct constant dims in "
+                           f"[-{ndim}, {ndim}), got {arg!r}")
+    return sorted(d % ndim for d in ints)
 
 
 def _static_pair(node: fx.Node, value: Any, what: str) -> tuple[int, int]:

@@ -21,7 +21,12 @@ from djpq_compiler.errors import BackendError
 from djpq_compiler.ir.pooling import adaptive_bin_matrix
 from djpq_compiler.registry import node_key
 
-from ..common_ops import INFERENCE_IDENTITIES, check_inference_identity
+from ..common_ops import (
+    INFERENCE_IDENTITIES,
+    check_inference_identity,
+    cumsum_dim,
+    flip_dims,
+)
 from ..lowering import index_or_slice
 from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, container, register
 from .integer_ops import adaptive_windows, pair
@@ -258,6 +263,29 @@ def _mean(ctx: Emitter, node: fx.Node) -> Value:
     axes = ctx.const(np.array([d % ndim for d in dims], np.int64), f"{node.name}/axes")
     return FValue(ctx.op("ReduceMean", [_float(ctx, node), axes], node.name,
                          keepdims=int(keep)))
+
+
+@register(torch.cumsum, torch.Tensor.cumsum)
+def _cumsum(ctx: Emitter, node: fx.Node) -> Value:
+    """``torch.cumsum(x, dim)`` on floats as CumSum (not along the dynamic batch dim)."""
+    dim = cumsum_dim(node, len(ctx.shape(node.args[0])))
+    if dim == 0:
+        raise BackendError(f"{node.format_node()}: cumsum along the batch dim is not exported")
+    axis = ctx.const(np.array(dim, np.int64), f"{node.name}/axis")
+    return FValue(ctx.op("CumSum", [_float(ctx, node), axis], node.name))
+
+
+@register(torch.flip, torch.Tensor.flip)
+def _flip(ctx: Emitter, node: fx.Node) -> Value:
+    """``torch.flip(x, dims)`` on floats as one Slice with step -1 on each dim."""
+    dims = flip_dims(node, len(ctx.shape(node.args[0])))
+    if 0 in dims:
+        raise BackendError(f"{node.format_node()}: flip of the batch dim is not exported")
+    lowest = np.iinfo(np.int64).min
+    consts = [ctx.const(np.array(v, np.int64), f"{node.name}/{k}")
+              for k, v in (("starts", [-1] * len(dims)), ("ends", [lowest] * len(dims)),
+                           ("axes", dims), ("steps", [-1] * len(dims)))]
+    return FValue(ctx.op("Slice", [_float(ctx, node), *consts], node.name))
 
 
 @register(*facts.CONCAT)

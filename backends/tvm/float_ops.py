@@ -48,6 +48,7 @@ from djpq_compiler.ir.pooling import (
 )
 from djpq_compiler.registry import node_key
 
+from ..common_ops import cumsum_dim, flip_dims
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 
 __all__ = ["FLOAT_UNARY"]
@@ -206,6 +207,24 @@ def convert_mean(ctx: Lowering, node: fx.Node) -> Lowered:
         raise BackendError(f"{node.format_node()}: mean with a dtype is not lowered")
     keep = bool(ctx.arg(node, 2, "keepdim", False))
     return FloatValue(_mean_f32(ctx, x, [int(d) % ndim for d in dims], keep))
+
+
+@register(torch.cumsum, torch.Tensor.cumsum)
+def convert_cumsum(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``torch.cumsum(x, dim)`` on floats (a float island: TVM's running sum may round
+    differently from PyTorch's, within the islands' 1 LSB at the next quantizer)."""
+    x = _float_arg(ctx, node)
+    dim = cumsum_dim(node, len(ctx.bb.shape(x)))
+    return FloatValue(ctx.bb.call("cumsum", x, axis=dim))
+
+
+@register(torch.flip, torch.Tensor.flip)
+def convert_flip(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``torch.flip(x, dims)`` on floats: one reversal per dim (exact)."""
+    x = _float_arg(ctx, node)
+    for dim in flip_dims(node, len(ctx.bb.shape(x))):
+        x = ctx.bb.call("flip", x, axis=dim)
+    return FloatValue(x)
 
 
 def _pool_params(ctx: Lowering, node: fx.Node, names: tuple[str, ...],

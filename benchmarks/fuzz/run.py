@@ -60,12 +60,14 @@ class Tally:
         self.tvm: collections.Counter[str] = collections.Counter()
         self.variants: collections.Counter[str] = collections.Counter()
         self.tables = 0
+        self.unsupported: collections.Counter[str] = collections.Counter()
 
     def add_tvm(self, stats: object) -> None:
         for target, status in stats.outcomes:  # type: ignore[attr-defined]
             self.tvm[f"{target} {status}"] += 1
         self.variants.update(stats.variants)  # type: ignore[attr-defined]
         self.tables += stats.tables  # type: ignore[attr-defined]
+        self.unsupported.update(stats.unsupported)  # type: ignore[attr-defined]
 
     def add(self, recipe: Recipe, stats: object, conv: object) -> None:
         self.examples += 1
@@ -141,7 +143,8 @@ def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Nam
         lines.append(f"* TVM (`check_tvm`: this CPU's build and the AVX2 build, each equal to the "
                      f"reference): outcomes {dict(sorted(tally.tvm.items()))}; kernel variants "
                      f"(AVX2 build) {dict(sorted(tally.variants.items()))}; lane-wise chains as "
-                     f"tables: {tally.tables}")
+                     f"tables: {tally.tables}; ops of refused builds (examples): "
+                     f"{dict(sorted(tally.unsupported.items()))}")
     if failure is not None:
         lines += ["", "```", failure, "```"]
     return "\n".join(lines) + "\n"

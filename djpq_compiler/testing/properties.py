@@ -313,6 +313,8 @@ class TvmStats:
     variants: tuple[str, ...]
     tables: int
     float_ops: int
+    #: The ops of the nodes TVM has no converter for (where a build was refused).
+    unsupported: tuple[str, ...] = ()
 
 
 def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStats:
@@ -344,6 +346,12 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
         if outcome.status not in ("ok", "refused"):
             raise _fail(recipe, f"TVM {target}: {outcome.status}: {outcome.detail}")
         outcomes.append((target, outcome.status))
+    unsupported: tuple[str, ...] = ()
+    if any(status == "refused" for _, status in outcomes):
+        from djpq_compiler.backends.tvm.emit import unsupported_nodes
+
+        unsupported = tuple(sorted({str(getattr(n.target, "__name__", n.target))
+                                    for n, _ in unsupported_nodes(converted)}))
     built = [t for t, status in outcomes if status == "ok"]
     if built:  # what the last target built (lowering only: cheap, no LLVM)
         from djpq_compiler.backends.tvm.build import target_spec
@@ -355,4 +363,4 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
         variants = sorted({k.variant for k in lowering.kernels})
         tables = sum(r.table for r in lowering.eltwise)
     return TvmStats(tuple(outcomes), tuple(variants), tables,
-                    len(converted_record(converted).float_ops))
+                    len(converted_record(converted).float_ops), unsupported)
