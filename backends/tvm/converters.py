@@ -635,7 +635,8 @@ def _chain_kernel(ctx: Lowering, node: fx.Node, tree: Expr, values: list[IntValu
     out = ctx.bb.call_tir(named[1], named[0], args, shape, out_dtype)
     layout = values[0].layout
     steps = table_steps(tree, out_dtype) if form == "table" else chain_steps(tree, int32)
-    ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), shape, tuple(steps), tree))
+    ctx.eltwise.append(ChainRecord(named[0], tuple(ops), str(layout), shape, tuple(steps), tree,
+                                   form))
     return IntValue(out, out_range[0], out_range[1], layout)
 
 

@@ -31,11 +31,11 @@ measured faster there (:func:`prefers_int32`; ``benchmarks/latency/PROFILE.md``)
 **Tables where the arithmetic is the cost.** A chain is a function of its leaves' codes only, and
 those ranges are small in a converted net (a residual tail reads a 9-bit conv output and a 4-bit
 shortcut: 511 x 16 codes). A chain of two or more leaves (or one with an int64 step) whose
-table is small enough for the target (:func:`chain_form`) is computed once per code combination by
-:func:`reference_eval` at build time (:func:`tabulate`, so the table is exact by construction)
-and the kernel is one lookup per element (:func:`build_table_kernel`: an AVX2 gather of 8
-lanes where it applies). Each leaf's code is
-clamped to its range before indexing, so padding lanes holding any code stay inside the table.
+table is small enough for the target (:func:`chain_form`) is computed once per code combination
+by :func:`reference_eval` at build time (:func:`tabulate`, so the table is exact by
+construction) and the kernel is one lookup per element (:func:`build_table_kernel`: an AVX2
+gather of 8 lanes where it applies). Each leaf's code is clamped to its range before indexing,
+so padding lanes holding any code stay inside the table.
 """
 
 from __future__ import annotations
@@ -357,11 +357,12 @@ def chain_form(expr: Expr, out_dtype: str, int32: bool, gather: bool = False) ->
     and whose table fits :data:`TABLE_MAX_BYTES`. It is taken where the target emulates 64-bit
     lane multiplies (``int32``), and where it multiplies them natively (AVX-512DQ) only when the
     lookup is a gather and the table fits :data:`TABLE_L1_BYTES`. Measured, one thread, thread
-    CPU time (``benchmarks/latency/eltwise_kernels.py``, resnet20 at batch 32): on AVX2 every
-    two-leaf tail 2.0-4.1x faster as a gathered table than in int32 arithmetic (0.64 vs 1.95 ms
-    for the model's chains), the 255 KiB table included; on this AVX-512 host the 8-16 K-entry
-    tables 1.6-1.9x faster than int64 arithmetic and the 127-255 KiB ones level with it. A
-    one-leaf int32 requantization (the pooled value's) is as fast or faster in arithmetic."""
+    CPU time (``benchmarks/latency/eltwise_kernels.py``, resnet20 at batch 32,
+    ``benchmarks/latency/RESULTS.md``): on AVX2 every two-leaf tail 2.1-4.2x faster as a gathered
+    table than in int32 arithmetic (0.60 vs 1.94 ms for the model's chains), the 255 KiB table
+    included; on this AVX-512 host the 8-16 K-entry tables 1.7-2.0x faster than int64
+    arithmetic and the 127-255 KiB ones level with it or slower. A one-leaf int32
+    requantization (the pooled value's) is as fast or faster in arithmetic."""
     entries, _ = table_layout(expr)
     nbytes = entries * np.dtype(out_dtype).itemsize
     wants = len(leaves_sorted(expr)) > 1 or _has_int64_step(expr)
@@ -390,8 +391,10 @@ class ChainRecord:
         ops: The fx nodes fused into it, in graph order.
         layout: The layout it read and wrote (``"NCHW"`` or ``"NCHW16c"``).
         shape: The shape of its inputs and output.
-        steps: :func:`chain_steps`.
+        steps: :func:`chain_steps` (or :func:`table_steps`).
         tree: The chain itself.
+        form: How the kernel computes it, :func:`chain_form`: ``"table"``, ``"int32"`` or
+            ``"int64"``.
     """
 
     name: str
@@ -400,6 +403,7 @@ class ChainRecord:
     shape: tuple[int, ...]
     steps: tuple[str, ...]
     tree: Expr | None = None
+    form: str = "int32"
 
     @property
     def elements(self) -> int:
@@ -413,7 +417,7 @@ class ChainRecord:
     @property
     def table(self) -> bool:
         """Whether the kernel looks the chain up in a table (:func:`chain_form`)."""
-        return bool(self.steps) and self.steps[0].startswith("table:")
+        return self.form == "table"
 
 
 def eltwise_table(records: list[ChainRecord]) -> str:
