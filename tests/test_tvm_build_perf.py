@@ -55,6 +55,38 @@ def test_build_and_export_print_no_scope_saving_lines(tmp_path: Path) -> None:
     assert (tmp_path / "ours.so").stat().st_size > 0
 
 
+#: A build refused inside a converter (cumsum with a dtype): the BackendError, and nothing from
+#: TVM's C++ side on the way out.
+_REFUSED = """
+import gc, torch
+from torch import nn
+from djpq_compiler.ir import modules as im
+from djpq_compiler.backends.tvm import build
+from djpq_compiler.errors import BackendError
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.d = im.Quantize(0.1, 8, False), im.Dequantize(0.1)
+    def forward(self, x):
+        return torch.cumsum(self.d(self.q(x)), 3, dtype=torch.float64)
+try:
+    build(im.trace_integer(M()), "x86", example_inputs=torch.rand(1, 2, 3, 4))
+except BackendError as exc:
+    print("refused:", "dtype= or out=" in str(exc))
+gc.collect()
+"""
+
+
+def test_a_refused_build_leaves_no_tvm_warning_behind() -> None:
+    """The builder's open blocks are closed on the error path (``Builder.abandon``): no
+    "BlockBuilder destroyed with remaining blocks!" line on the terminal after the error."""
+    done = subprocess.run([sys.executable, "-c", _REFUSED], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "refused: True"
+    assert "BlockBuilder destroyed" not in done.stderr
+
+
 def test_quiet_tvm_log_keeps_real_messages(capfd: pytest.CaptureFixture[str]) -> None:
     """Only the listed noise is dropped; other fd-2 output comes back, in order."""
     with adapter.quiet_tvm_log():

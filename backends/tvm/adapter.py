@@ -121,6 +121,16 @@ class Builder:
         """Context manager opening a dataflow block."""
         return self._bb.dataflow()
 
+    def abandon(self) -> None:
+        """Close what an exception left open inside :meth:`function` (the binding block TVM
+        begins after a dataflow block, and the function's variable scope), so that the builder's
+        destructor does not log "BlockBuilder destroyed with remaining blocks!" after a refused
+        build. Best effort: nothing more is built with this builder."""
+        with contextlib.suppress(Exception):
+            self._bb._end_block()
+        with contextlib.suppress(Exception):
+            self._bb.end_scope()
+
     def emit_output(self, outputs: list[Any]) -> Any:
         """Emit the (tuple of) outputs of the dataflow block."""
         value = outputs[0] if len(outputs) == 1 else self._relax.Tuple(outputs)

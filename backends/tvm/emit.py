@@ -226,11 +226,15 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     ctx = Lowering(gm, bb, target)
     for node, example in zip(placeholders, example_inputs, strict=True):
         ctx.params.append(_input_var(bb, node, example))
-    with bb.function("main", ctx.params):
-        with bb.dataflow():
-            lowering.lower_nodes(ctx, CONVERTERS, "TVM", _PACKAGE)
-            out = bb.emit_output(ctx.outputs)
-        mod = bb.finish(out)
+    try:
+        with bb.function("main", ctx.params):
+            with bb.dataflow():
+                lowering.lower_nodes(ctx, CONVERTERS, "TVM", _PACKAGE)
+                out = bb.emit_output(ctx.outputs)
+            mod = bb.finish(out)
+    except BaseException:
+        bb.abandon()
+        raise
     return mod, ctx
 
 
