@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +41,13 @@ __all__ = [
     "SWIN_PATCH_MERGING_PAD",
     "SWIN_RELATIVE_POSITION_BIAS",
     "WindowAttentionPlan",
+    "binary_alpha",
+    "clamp_bounds",
     "constant_tensor",
     "cumsum_dim",
     "flip_dims",
     "index_select_plan",
+    "rsub_operand",
     "relative_position_index",
     "window_attention_plan",
     "INFERENCE_IDENTITIES",
@@ -336,6 +339,53 @@ def cumsum_dim(node: fx.Node, ndim: int) -> int:
     if node.kwargs.get("dtype") is not None or node.kwargs.get("out") is not None:
         raise BackendError(f"{node.format_node()}: cumsum with dtype= or out= is not lowered")
     return dim % ndim
+
+
+def clamp_bounds(node: fx.Node, bound: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """``torch.clamp(x, min=None, max=None)``'s bounds with number operands (``None`` where not
+    given), each read through ``bound`` (a backend's value of an argument).
+
+    Raises:
+        BackendError: Neither bound, or a bound that is not a number.
+    """
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    lo, hi = (None if b is None else bound(b) for b in (lo, hi))
+    for b in (lo, hi):
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float))):
+            raise BackendError(f"{node.format_node()}: clamp bounds must be numbers, got {b!r}")
+    if lo is None and hi is None:
+        raise BackendError(f"{node.format_node()}: clamp needs min or max")
+    return lo, hi
+
+
+def binary_alpha(node: fx.Node, name: str) -> float:
+    """The ``alpha`` of ``add``/``sub`` (``a + alpha * b``); 1 for every other binary op.
+
+    Raises:
+        BackendError: ``alpha`` on another op, not a number, or a ``rounding_mode``.
+    """
+    alpha = node.kwargs.get("alpha", 1)
+    if node.kwargs.get("rounding_mode") is not None:
+        raise BackendError(f"{node.format_node()}: division with rounding_mode is not lowered")
+    if alpha == 1:
+        return 1.0
+    if name not in ("add", "subtract") or isinstance(alpha, bool) or \
+            not isinstance(alpha, (int, float)):
+        raise BackendError(f"{node.format_node()}: alpha={alpha!r} is lowered only as a number "
+                           "on add/sub")
+    return float(alpha)
+
+
+def rsub_operand(node: fx.Node) -> Any:
+    """``torch.rsub(x, other, alpha=1)`` (``other - x``): the ``other`` argument.
+
+    Raises:
+        BackendError: ``alpha`` other than 1.
+    """
+    if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
+        raise BackendError(f"{node.format_node()}: rsub with alpha is not lowered")
+    return node.args[1] if len(node.args) > 1 else node.kwargs["other"]
 
 
 def flip_dims(node: fx.Node, ndim: int) -> list[int]:

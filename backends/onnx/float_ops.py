@@ -23,9 +23,12 @@ from djpq_compiler.registry import node_key
 
 from ..common_ops import (
     INFERENCE_IDENTITIES,
+    binary_alpha,
     check_inference_identity,
+    clamp_bounds,
     cumsum_dim,
     flip_dims,
+    rsub_operand,
 )
 from ..lowering import index_or_slice
 from .graph import DimValue, Emitter, FValue, QValue, SumValue, Value, container, register
@@ -215,12 +218,13 @@ _BINARY = {key: _ONNX_BINARY[name]
 @register(*_BINARY)
 def _binary(ctx: Emitter, node: fx.Node) -> Value:
     target: Any = node_key(ctx.gm, node)
-    if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
-        raise BackendError(f"{node.format_node()}: alpha/rounding_mode are not exported")
-    static = _static_arithmetic(ctx, node, target)
+    alpha = binary_alpha(node, _BINARY[target].replace("Add", "add").replace("Sub", "subtract"))
+    static = _static_arithmetic(ctx, node, target) if alpha == 1 else None
     if static is not None:
         return static
     a, b = ctx.real(node, node.args[0]), ctx.real(node, node.args[1])
+    if alpha != 1:  # a + alpha * b, the product rounded to float32 first
+        b = ctx.op("Mul", [b, ctx.scalar(alpha, f"{node.name}/alpha")], f"{node.name}/scaled")
     return FValue(ctx.op(_BINARY[target], [a, b], node.name))
 
 
@@ -263,6 +267,28 @@ def _mean(ctx: Emitter, node: fx.Node) -> Value:
     axes = ctx.const(np.array([d % ndim for d in dims], np.int64), f"{node.name}/axes")
     return FValue(ctx.op("ReduceMean", [_float(ctx, node), axes], node.name,
                          keepdims=int(keep)))
+
+
+@register(torch.rsub)
+def _rsub(ctx: Emitter, node: fx.Node) -> Value:
+    """``torch.rsub(x, other)`` = ``other - x`` on floats as Sub."""
+    return FValue(ctx.op("Sub", [ctx.real(node, rsub_operand(node)), _float(ctx, node)],
+                         node.name))
+
+
+@register(torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip)
+def _clamp(ctx: Emitter, node: fx.Node) -> Value:
+    """``x.clamp(min, max)`` on floats with number bounds as Max then Min (PyTorch's order:
+    ``max`` wins where ``min > max``)."""
+    lo, hi = clamp_bounds(node, lambda b: b)
+    name = _float(ctx, node)
+    if lo is not None:
+        name = ctx.op("Max", [name, ctx.scalar(float(lo), f"{node.name}/min_value")],
+                      node.name if hi is None else f"{node.name}/lower")
+    if hi is not None:
+        name = ctx.op("Min", [name, ctx.scalar(float(hi), f"{node.name}/max_value")],
+                      node.name)
+    return FValue(name)
 
 
 @register(torch.cumsum, torch.Tensor.cumsum)

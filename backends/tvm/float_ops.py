@@ -48,7 +48,7 @@ from djpq_compiler.ir.pooling import (
 )
 from djpq_compiler.registry import node_key
 
-from ..common_ops import cumsum_dim, flip_dims
+from ..common_ops import binary_alpha, clamp_bounds, cumsum_dim, flip_dims, rsub_operand
 from .emit import FloatValue, IntValue, Lowered, Lowering, container_dtype, register
 
 __all__ = ["FLOAT_UNARY"]
@@ -177,14 +177,16 @@ def convert_binary(ctx: Lowering, node: fx.Node) -> Lowered:
     target: Any = (node.target if node.op == "call_function"
                    else getattr(torch.Tensor, str(node.target)))
     name = BINARY_OPS[target]
-    if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
-        raise BackendError(f"{node.format_node()}: alpha/rounding_mode are not lowered")
+    alpha = binary_alpha(node, name)
     a = ctx.value(node.args[0])
     b = ctx.value(node.args[1] if len(node.args) > 1 else node.kwargs["other"])
     numbers = (int, float)
     if isinstance(a, numbers) and isinstance(b, numbers):
-        return _PY[name](a, b)
-    return FloatValue(ctx.bb.binary(name, _operand(ctx, node, a, 0), _operand(ctx, node, b, 1)))
+        return _PY[name](a, b * alpha if alpha != 1 else b)
+    rhs = _operand(ctx, node, b, 1)
+    if alpha != 1:  # a + alpha * b, the product rounded to float32 first
+        rhs = ctx.bb.binary("multiply", rhs, _f32(ctx, alpha))
+    return FloatValue(ctx.bb.binary(name, _operand(ctx, node, a, 0), rhs))
 
 
 # ------------------------------------------------------------------------------ reductions, pools
@@ -207,6 +209,28 @@ def convert_mean(ctx: Lowering, node: fx.Node) -> Lowered:
         raise BackendError(f"{node.format_node()}: mean with a dtype is not lowered")
     keep = bool(ctx.arg(node, 2, "keepdim", False))
     return FloatValue(_mean_f32(ctx, x, [int(d) % ndim for d in dims], keep))
+
+
+@register(torch.rsub)
+def convert_rsub(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``torch.rsub(x, other)`` = ``other - x`` on floats."""
+    other = ctx.value(rsub_operand(node))
+    x = ctx.value(node.args[0])
+    return FloatValue(ctx.bb.binary("subtract", _operand(ctx, node, other, 1),
+                                    _operand(ctx, node, x, 0)))
+
+
+@register(torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip)
+def convert_clamp(ctx: Lowering, node: fx.Node) -> Lowered:
+    """``x.clamp(min, max)`` on floats with number bounds: ``min(max(x, min), max)``, which is
+    also PyTorch's answer (``max``) where ``min > max``."""
+    lo, hi = clamp_bounds(node, ctx.value)
+    x = _float_arg(ctx, node)
+    if lo is not None:
+        x = ctx.bb.binary("maximum", x, _f32(ctx, float(lo)))
+    if hi is not None:
+        x = ctx.bb.binary("minimum", x, _f32(ctx, float(hi)))
+    return FloatValue(x)
 
 
 @register(torch.cumsum, torch.Tensor.cumsum)

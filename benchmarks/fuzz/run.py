@@ -61,6 +61,7 @@ class Tally:
         self.variants: collections.Counter[str] = collections.Counter()
         self.tables = 0
         self.unsupported: collections.Counter[str] = collections.Counter()
+        self.refusals: collections.Counter[str] = collections.Counter()
 
     def add_tvm(self, stats: object) -> None:
         for target, status in stats.outcomes:  # type: ignore[attr-defined]
@@ -68,6 +69,7 @@ class Tally:
         self.variants.update(stats.variants)  # type: ignore[attr-defined]
         self.tables += stats.tables  # type: ignore[attr-defined]
         self.unsupported.update(stats.unsupported)  # type: ignore[attr-defined]
+        self.refusals.update(stats.refusals)  # type: ignore[attr-defined]
 
     def add(self, recipe: Recipe, stats: object, conv: object) -> None:
         self.examples += 1
@@ -144,7 +146,8 @@ def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Nam
                      f"reference): outcomes {dict(sorted(tally.tvm.items()))}; kernel variants "
                      f"(AVX2 build) {dict(sorted(tally.variants.items()))}; lane-wise chains as "
                      f"tables: {tally.tables}; ops of refused builds (examples): "
-                     f"{dict(sorted(tally.unsupported.items()))}")
+                     f"{dict(sorted(tally.unsupported.items()))}; refusal messages "
+                     f"(examples): {dict(tally.refusals.most_common(8))}")
     if failure is not None:
         lines += ["", "```", failure, "```"]
     return "\n".join(lines) + "\n"

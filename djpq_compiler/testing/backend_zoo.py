@@ -146,8 +146,9 @@ def _run(fn: Any) -> tuple[StageOutcome, Any]:
     try:
         value = fn()
     except DjpqError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return StageOutcome("refused", f"{type(exc).__name__}: {first[:200]}",
+        # the first line, and the first node a backend names (an UnsupportedNodesError's)
+        first = " | ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        return StageOutcome("refused", f"{type(exc).__name__}: {first[:300]}",
                             time.perf_counter() - start), None
     except Exception as exc:  # recorded, never hidden: a non-DjpqError is a defect
         return StageOutcome("crash", f"{type(exc).__name__}: {str(exc)[:200]}",

@@ -315,6 +315,8 @@ class TvmStats:
     float_ops: int
     #: The ops of the nodes TVM has no converter for (where a build was refused).
     unsupported: tuple[str, ...] = ()
+    #: Each refusal's message (``backend_zoo``: its first line and the first node it names).
+    refusals: tuple[str, ...] = ()
 
 
 def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStats:
@@ -335,6 +337,7 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
         warnings.simplefilter("ignore")
         converted = convert(p)
     outcomes: list[tuple[str, str]] = []
+    refusals: list[str] = []
     variants: list[str] = []
     tables = 0
     for target in targets:
@@ -346,6 +349,8 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
         if outcome.status not in ("ok", "refused"):
             raise _fail(recipe, f"TVM {target}: {outcome.status}: {outcome.detail}")
         outcomes.append((target, outcome.status))
+        if outcome.status == "refused":
+            refusals.append(outcome.detail)
     unsupported: tuple[str, ...] = ()
     if any(status == "refused" for _, status in outcomes):
         from djpq_compiler.backends.tvm.emit import unsupported_nodes
@@ -363,4 +368,5 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
         variants = sorted({k.variant for k in lowering.kernels})
         tables = sum(r.table for r in lowering.eltwise)
     return TvmStats(tuple(outcomes), tuple(variants), tables,
-                    len(converted_record(converted).float_ops), unsupported)
+                    len(converted_record(converted).float_ops), unsupported,
+                    tuple(dict.fromkeys(refusals)))
