@@ -211,14 +211,15 @@ def _tanh(ctx: Emitter, node: fx.Node) -> Value:
 
 
 _ONNX_BINARY = {"add": "Add", "subtract": "Sub", "multiply": "Mul", "divide": "Div"}
-_BINARY = {key: _ONNX_BINARY[name]
-           for key, name in facts.name_table(facts.ELEMENTWISE_BINARY).items()}
+#: Each binary op's registry key -> its name (``"add"``, ...), as ``lookup.BINARY_OPS`` has it.
+_BINARY_NAMES = facts.name_table(facts.ELEMENTWISE_BINARY)
+_BINARY = {key: _ONNX_BINARY[name] for key, name in _BINARY_NAMES.items()}
 
 
 @register(*_BINARY)
 def _binary(ctx: Emitter, node: fx.Node) -> Value:
     target: Any = node_key(ctx.gm, node)
-    alpha = binary_alpha(node, _BINARY[target].replace("Add", "add").replace("Sub", "subtract"))
+    alpha = binary_alpha(node, _BINARY_NAMES[target])
     static = _static_arithmetic(ctx, node, target) if alpha == 1 else None
     if static is not None:
         return static

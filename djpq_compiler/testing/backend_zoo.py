@@ -47,8 +47,8 @@ FLOAT_OUTPUT_RTOL = 1e-5
 #: guard of ``benchmarks/torchvision_zoo/backends.py``) can say which stage it was in.
 LOG = logging.getLogger(__name__)
 
-__all__ = ["BackendZooResult", "StageOutcome", "check_backends", "check_tvm", "pruned_converted",
-           "zoo_input"]
+__all__ = ["BackendZooResult", "StageOutcome", "check_backends", "check_tvm", "check_tvm_build",
+           "pruned_converted", "zoo_input"]
 
 
 @dataclass(frozen=True)
@@ -176,28 +176,35 @@ def _first(t: Any) -> torch.Tensor:
 
 
 def check_tvm(converted: Any, x: torch.Tensor, target: str = "x86") -> StageOutcome:
+    """The ``tvm`` stage of the gate: :func:`check_tvm_build`'s outcome."""
+    return check_tvm_build(converted, x, target)[0]
+
+
+def check_tvm_build(converted: Any, x: torch.Tensor,
+                    target: str = "x86") -> tuple[StageOutcome, Any]:
     """The ``tvm`` stage of the gate on a converted model: build for ``target`` (an x86 target
     this CPU runs: ``"x86"``, or ``"x86-avx2"`` for the AVX2 kernels), run two inputs; ``ok``
     when bit-exact (a float output within ``FLOAT_OUTPUT_RTOL``), or, for a net with float
     islands, when the teacher-forced per-op check holds (the detail then says the end-to-end
     difference is propagated island flips); else ``mismatch`` (``refused``/``crash`` when the
-    build or a run raises)."""
+    build or a run raises). Returns the outcome and the ``CompiledModel`` (``None`` when the
+    build did not succeed), whose kernel records callers may read."""
     from djpq_compiler.backends import tvm as tvm_backend
 
     LOG.info("tvm: build")
     outcome, compiled = _run(lambda: tvm_backend.build(converted, target, example_inputs=x))
     if not outcome.ok:
-        return outcome
+        return outcome, None
     worst, worst_float = 0.0, 0.0
     LOG.info("tvm: run and compare")
     for inp in _tvm_inputs(x):
         run, pair = _run(lambda inp=inp: (compiled(inp), converted(inp)))
         if not run.ok:
-            return StageOutcome(run.status, "call: " + run.detail, outcome.seconds)
+            return StageOutcome(run.status, "call: " + run.detail, outcome.seconds), compiled
         got, want = (_first(t) for t in pair)
         if got.shape != want.shape or got.dtype != want.dtype:
             return StageOutcome("mismatch", f"output {got.dtype}{tuple(got.shape)} vs "
-                                f"{want.dtype}{tuple(want.shape)}", outcome.seconds)
+                                f"{want.dtype}{tuple(want.shape)}", outcome.seconds), compiled
         diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
         if want.is_floating_point():  # a float island ends the net: float32 rounding only
             scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
@@ -207,10 +214,10 @@ def check_tvm(converted: Any, x: torch.Tensor, target: str = "x86") -> StageOutc
     if worst > 0 or worst_float > FLOAT_OUTPUT_RTOL:
         detail = f"max |diff| {max(worst, worst_float):.3g}"
         if converted_record(converted).float_ops:
-            return _per_op(converted, x, detail, outcome.seconds, compiled, target)
-        return StageOutcome("mismatch", detail, outcome.seconds)
+            return _per_op(converted, x, detail, outcome.seconds, compiled, target), compiled
+        return StageOutcome("mismatch", detail, outcome.seconds), compiled
     detail = "bit-exact" if worst_float == 0 else f"float output within {worst_float:.1e} rel."
-    return StageOutcome("ok", detail, outcome.seconds)
+    return StageOutcome("ok", detail, outcome.seconds), compiled
 
 
 def _per_op(converted: Any, x: torch.Tensor, final: str, seconds: float,

@@ -330,7 +330,7 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
     a mismatch or any other exception is a :class:`PropertyViolation`.
     """
     from djpq_compiler.backends.tvm.build import PORTABLE_X86, host_has_features
-    from djpq_compiler.testing.backend_zoo import check_tvm as tvm_stage
+    from djpq_compiler.testing.backend_zoo import check_tvm_build
 
     _, p, x, _ = _prepared(recipe)
     with warnings.catch_warnings():
@@ -345,28 +345,21 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outcome = tvm_stage(converted, x, target)
+            outcome, compiled = check_tvm_build(converted, x, target)
         if outcome.status not in ("ok", "refused"):
             raise _fail(recipe, f"TVM {target}: {outcome.status}: {outcome.detail}")
         outcomes.append((target, outcome.status))
         if outcome.status == "refused":
             refusals.append(outcome.detail)
+        else:  # the kernels of the last target built
+            variants = sorted({k.variant for k in compiled.kernels})
+            tables = sum(r.table for r in compiled.eltwise)
     unsupported: tuple[str, ...] = ()
     if any(status == "refused" for _, status in outcomes):
         from djpq_compiler.backends.tvm.emit import unsupported_nodes
 
         unsupported = tuple(sorted({str(getattr(n.target, "__name__", n.target))
                                     for n, _ in unsupported_nodes(converted)}))
-    built = [t for t, status in outcomes if status == "ok"]
-    if built:  # what the last target built (lowering only: cheap, no LLVM)
-        from djpq_compiler.backends.tvm.build import target_spec
-        from djpq_compiler.backends.tvm.emit import lower
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _, lowering = lower(converted, [x], target_spec(built[-1])[0])
-        variants = sorted({k.variant for k in lowering.kernels})
-        tables = sum(r.table for r in lowering.eltwise)
     return TvmStats(tuple(outcomes), tuple(variants), tables,
                     len(converted_record(converted).float_ops), unsupported,
                     tuple(dict.fromkeys(refusals)))
