@@ -17,6 +17,7 @@ from djpq_compiler.backends.common_ops import clamp_bounds, rsub_operand
 from djpq_compiler.errors import BackendError
 from djpq_compiler.ir import modules as im
 from djpq_compiler.testing.int_layers import int_layer
+from tests.test_cumsum_flip import _node
 
 
 class Islands(nn.Module):
@@ -72,11 +73,6 @@ def test_onnx_rsub_and_clamp_bit_exact(tmp_path: Path) -> None:
                for g, w in zip(got[:4], want[:4], strict=True))
     assert all(np.abs(g.astype(np.int64) - w.numpy()).max() <= 1
                for g, w in zip(got[4:], want[4:], strict=True))
-
-
-def _node(fn: object, *args: object, **kwargs: object) -> fx.Node:
-    graph = fx.Graph()
-    return graph.call_function(fn, (graph.placeholder("x"), *args), kwargs)  # type: ignore[arg-type]
 
 
 def test_bad_arguments_are_refused_naming_the_node() -> None:
