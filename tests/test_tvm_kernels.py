@@ -32,8 +32,9 @@ TARGETS = [pytest.param(AVX2, id="avx2"), pytest.param(VNNI, id="vnni", marks=ne
 def int_layer(kind: str, c_in: int, c_out: int, *, x_bits: int, w_bits: int, x_signed: bool = False,
               k: int = 3, stride: int = 1, padding: int = 1, groups: int = 1,
               out_scale: float | None = 1.0, acc_shift: int = 0, dilation: int = 1,
-              seed: int = 0) -> nn.Module:
-    """A conv/linear whose weights reach ``+-max`` of ``w_bits`` (the selection's worst case)."""
+              seed: int = 0, out_bits: int = 8, out_signed: bool = True) -> nn.Module:
+    """A conv/linear whose weights reach ``+-max`` of ``w_bits`` (the selection's worst case),
+    requantizing to ``out_bits`` codes (``out_signed``) unless ``out_scale`` is None."""
     gen = torch.Generator().manual_seed(seed)
     wmin, wmax = qrange(w_bits, True)
     shape = (c_out, c_in // groups, k, k) if kind == "conv" else (c_out, c_in)
@@ -49,7 +50,8 @@ def int_layer(kind: str, c_in: int, c_out: int, *, x_bits: int, w_bits: int, x_s
     bound = fan_in * (2 * x_max + 1) * wmax * 2 ** acc_shift + 300
     m, shift = requant_params(IN_SCALE, w_scale / 2 ** acc_shift, real_out or 1.0, bound)
     common = dict(weight=weight, bias=bias, w_scale=w_scale, in_scale=IN_SCALE, w_bits=w_bits,
-                  out_scale=real_out, out_bits=8, out_signed=True, clip=None, m=m, shift=shift,
+                  out_scale=real_out, out_bits=out_bits, out_signed=out_signed, clip=None,
+                  m=m, shift=shift,
                   acc_shift=acc_shift)
     if kind == "linear":
         return im.IntLinear(**common)
@@ -160,6 +162,10 @@ def test_vnni_variant_exact_at_and_past_its_bound(x_bits: int, signed: bool, w_b
     (37, 3, 1, 1, 0, 1, (7, 13), 4),
     (13, 9, 3, 2, 0, 2, (11, 11), 4),
     (8, 16, 5, 1, 2, 1, (6, 17), 2),  # 8 channels per tap: P = 2 pads none, P = 4 to 16
+    # strided 1x1 (resnet shortcuts): the pack holds every other pixel (conv2d.subsamples);
+    # odd sizes, and a padded one (the padding ring is read at odd offsets)
+    (13, 31, 1, 2, 0, 32, (15, 14), 4),
+    (6, 10, 1, 3, 1, 2, (10, 11), 4),
 ])
 def test_conv_odd_channels_batch_stride_padding(c_in: int, c_out: int, k: int, stride: int,
                                                padding: int, batch: int, hw: tuple, p: int,

@@ -110,7 +110,8 @@ def test_narrow_kernel_past_its_bound_is_wrong() -> None:
         w.reshape(3, -1)[:, :rest] += 1
         args = [np.full((1, 5, 4, 4), 255, np.uint8), narrow.pack_narrow_weight(w, spec),
                 np.zeros(size, np.int32), np.zeros(size, np.int64), np.zeros(size, np.int64),
-                np.zeros(size, np.int64), np.zeros((1, 3, 2, 2), np.int32)]
+                np.zeros(size, np.int64), np.zeros(size, np.int32), np.zeros(size, np.int32),
+                np.zeros((1, 3, 2, 2), np.int32)]  # m, rnd, shift, lo, hi: unread (int32 out)
         tensors = [tvm.runtime.tensor(a) for a in args]
         lib["main"](*tensors)
         assert np.array_equal(tensors[-1].numpy(), np.full((1, 3, 2, 2), 255 * row_sum)) == exact

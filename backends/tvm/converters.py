@@ -160,7 +160,18 @@ def _written_layer(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
 
     Dense and depthwise kernels read ``x`` in its layout and write ``NCHW{out_lanes}c`` where
     they can (``out_lanes`` > 0). A grouped (non-depthwise) conv runs one dense kernel per group
-    on its NCHW channel slice, and the results are concatenated along the channels (NCHW)."""
+    on its NCHW channel slice, and the results are concatenated along the channels (NCHW).
+    The layer's record (the last of ``ctx.kernels``) notes how the kernel finished its
+    accumulators (``emit.epilogue_form``)."""
+    out, layout, forms = _emit_written(ctx, node, x, facts, choice, geometry, out_lanes)
+    ctx.kernels[-1] = dataclasses.replace(ctx.kernels[-1], epilogue=", ".join(sorted(forms)))
+    return out, layout
+
+
+def _emit_written(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
+                  choice: KernelChoice, geometry: Any,
+                  out_lanes: int) -> tuple[Any, Layout, set[str]]:
+    """:func:`_written_layer`'s kernels, and the set of their epilogue forms."""
     from .kernels.emit import emit_conv
 
     module = ctx.module(node)
@@ -171,14 +182,15 @@ def _written_layer(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
     if facts.groups == 1 or facts.weight.shape[1] == 1:  # dense or depthwise: one kernel
         requant = None if module.out_scale is None else (m, shift, module.qmin, module.qmax,
                                                          dtype)
-        return emit_conv(ctx.bb, x.expr, in_dtype, facts, choice, geometry, requant, x.layout,
-                         out_lanes)
+        out, layout, form = emit_conv(ctx.bb, x.expr, in_dtype, facts, choice, geometry,
+                                      requant, x.layout, out_lanes)
+        return out, layout, {form}
     if x.layout.packed:
         raise BackendError(f"{node.format_node()}: per-group kernels read NCHW input only")
     in_g, out_g = facts.weight.shape[1], out_channels // facts.groups
     bias = np.broadcast_to(facts.bias.reshape(-1), (out_channels,)) if facts.bias.size \
         else np.zeros(out_channels, np.int64)
-    parts = []
+    parts, forms = [], set()
     for g in range(facts.groups):
         rows = slice(g * out_g, (g + 1) * out_g)
         part = LayerFacts(f"{facts.layer}_g{g}", facts.op, facts.act_lo, facts.act_hi,
@@ -188,8 +200,10 @@ def _written_layer(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
         requant = None if module.out_scale is None else (
             m if m.size == 1 else m[rows], shift if shift.size == 1 else shift[rows],
             module.qmin, module.qmax, dtype)
-        parts.append(emit_conv(ctx.bb, x_g, in_dtype, part, choice, geometry, requant)[0])
-    return ctx.bb.concat(parts, 1), NCHW
+        out, _, form = emit_conv(ctx.bb, x_g, in_dtype, part, choice, geometry, requant)
+        parts.append(out)
+        forms.add(form)
+    return ctx.bb.concat(parts, 1), NCHW, forms
 
 
 def _written_result(ctx: Lowering, module: im._IntLayer, out: Any,

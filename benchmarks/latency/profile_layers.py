@@ -89,7 +89,7 @@ def kernel_rates(kernels: Any, symbols: dict[str, float], counts: dict[str, int]
     """Per written-kernel symbol: calls, ms per call of ``main``, MACs per kernel call and
     GMAC/s (same-spec layers share one symbol, named after the first; MACs from that layer's
     record, which counts the whole batch)."""
-    lines = ["  written kernels: calls, ms, GMAC/s, variant, layout in -> out"]
+    lines = ["  written kernels: calls, ms, GMAC/s, variant, layout in -> out, epilogue"]
     for choice in kernels:
         symbol = f"djpq_{choice.variant}_{choice.layer}"
         if symbol not in symbols:
@@ -98,7 +98,7 @@ def kernel_rates(kernels: Any, symbols: dict[str, float], counts: dict[str, int]
         n = counts.get(symbol, 1)
         rate = choice.macs * n / (symbols[symbol] * 1e9) if symbols[symbol] else 0.0
         lines.append(f"    {choice.layer:40s} {n:2d} {ms:7.3f} {rate:7.1f}  {choice.variant} "
-                     f"{choice.in_layout} -> {choice.out_layout}")
+                     f"{choice.in_layout} -> {choice.out_layout}, {choice.epilogue}")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..adapter import load_tvm
-from .conv2d import ConvKernelSpec, _requantize, runs_parallel
+from .conv2d import ConvKernelSpec, epilogue_params, epilogue_value, runs_parallel
 
 __all__ = ["AmxPlan", "amx_plan", "build_amx_kernel", "cpu_has_amx", "pack_weight_amx",
            "request_amx"]
@@ -278,22 +278,6 @@ def _select_phase(phases: tuple[tuple[int, int], ...], p: Any, axis: int) -> Any
     return value
 
 
-def _epilogue_value(spec: ConvKernelSpec, acc: Any, c: Any, params: dict[str, Any]) -> Any:
-    """``conv2d._finish``'s epilogue on one int32 accumulator of channel ``c``."""
-    tirx = load_tvm().tirx
-    bias = params["bias"]
-    if spec.out_dtype == "int32":
-        return acc * (1 << spec.acc_shift) + bias[c]
-    m, rnd, shift = params["m"], params["rnd"], params["shift"]
-    scaled = acc * (1 << spec.acc_shift)
-    if spec.bias_in_round:
-        product = scaled.astype("int64") * m[c].astype("int64") + rnd[c]
-    else:
-        product = (scaled + bias[c]).astype("int64") * m[c].astype("int64") + rnd[c]
-    q = _requantize(spec, product, shift[c])
-    return tirx.max(tirx.min(q, spec.qmax), spec.qmin).astype(spec.out_dtype)
-
-
 def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any,  # noqa: N803
                params: dict[str, Any], out: Any) -> None:
     """Tiles + reduction + epilogue, one iteration per (image, output tile pair, pixel tile
@@ -359,12 +343,12 @@ def _emit_conv(T: Any, spec: ConvKernelSpec, plan: AmxPlan, pack: Any, wt: Any, 
                     if packed_out:
                         with T.If(blk < real_blocks), T.Then(), \
                                 T.vectorized(0, OC_LANES) as lane:
-                            value = _epilogue_value(spec, scratch[i, j * OC_LANES + lane],
+                            value = epilogue_value(spec, scratch[i, j * OC_LANES + lane],
                                                     blk * OC_LANES + lane, params)
                             T.buffer_store(out, value, [n, blk, y, xx, lane])
                     else:  # vectorized epilogue into ``res``, scattered to NCHW below
                         with T.vectorized(0, OC_LANES) as lane:
-                            value = _epilogue_value(spec, scratch[i, j * OC_LANES + lane],
+                            value = epilogue_value(spec, scratch[i, j * OC_LANES + lane],
                                                     blk * OC_LANES + lane, params)
                             T.buffer_store(res, value, [i, j * OC_LANES + lane])
         if not packed_out:  # channels outer, pixels' output offsets (or -1) computed once
@@ -426,11 +410,8 @@ def build_amx_kernel(spec: ConvKernelSpec) -> tuple[Any, tuple[int, int]]:
             wt = T.arg("w", T.buffer((plan.out_blocks, plan.in_blocks, kh, kw, ROWS, OC_LANES,
                                       4), "int8"))
             params = {"bias": T.arg("bias", T.buffer((size,), "int32"))}
-            if spec.out_dtype != "int32":
-                params["m"] = T.arg("m", T.buffer((size,), spec.mult_dtype))
-                params["rnd"] = T.arg("rnd", T.buffer((size,), "int64"))
-                params["shift"] = T.arg("shift", T.buffer(
-                    (size,), "int32" if spec.split_shift else "int64"))
+            for name, dtype in epilogue_params(spec):
+                params[name] = T.arg(name, T.buffer((size,), dtype))
             out = T.arg("out", T.buffer(out_shape, spec.out_dtype))
             T.func_attr({"tirx.noalias": True})
             pack = T.alloc_buffer((spec.batch, plan.in_blocks, len(plan.phases), plan.hq,

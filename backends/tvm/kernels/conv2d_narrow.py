@@ -32,9 +32,10 @@ on ``NCHW8c`` (AVX2) one 128-byte load of 16 pixels x 8 lanes and a shuffle per 
 and one shuffle of 8 channel rows x 16 pixels per 128-byte packed store (rows narrower than 16
 pixels, other lane counts and NCHW input: scalar copies).
 
-Epilogue as in :mod:`.conv2d`: ``acc * 2^k`` then ``acc * m + rnd`` in int64 with the bias in the
-rounding term (``bias_in_round``) or added in int32, split shift where every shift >= 32, clip,
-cast; or the int32 accumulator plus bias for float-output layers.
+Epilogue as in :mod:`.conv2d` (``epilogue_value``): in int32 where a :mod:`.requant32` plan
+exists, else ``acc * 2^k`` then ``acc * m + rnd`` in int64 with the bias in the rounding term
+(``bias_in_round``) or added in int32, split shift where every shift >= 32, clip, cast; or the
+int32 accumulator plus bias for float-output layers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .conv2d import epilogue_params, epilogue_value
 
 #: Output pixels per vector (int16 lanes of a ymm register).
 PIXEL_LANES = 16
@@ -76,6 +79,7 @@ class NarrowSpec:
     out_lanes: int = 0
     split_shift: bool = False
     bias_in_round: bool = False
+    int32_requant: bool = False
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -124,8 +128,8 @@ def padded_channels(spec: NarrowSpec) -> int:
 
 
 def build_narrow_kernel(spec: NarrowSpec) -> Any:
-    """The PrimFunc of ``spec``: params ``x, w, bias, m, rnd, shift, out`` (``m``, ``rnd``,
-    ``shift`` unused for an int32 output).
+    """The PrimFunc of ``spec``: params ``x, w, bias, m, rnd, shift, lo, hi, out`` (``m``,
+    ``rnd``, ``shift`` unused for an int32 output, ``lo``, ``hi`` but for ``int32_requant``).
 
     One parallel iteration per image: fill its pack ``[C/2, R * Wp, 2]`` u8 with the offset,
     copy the codes (plus the offset) into the interior, then per register tile (``tile_o``
@@ -148,7 +152,7 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
     q_tiles = -(-(oh * wp) // tile_px)
     length = q_tiles * tile_px + (kh - 1) * dh * wp + (kw - 1) * dw
     rows = -(-length // wp)
-    offset, k = spec.act_offset, spec.acc_shift
+    offset = spec.act_offset
     in_lanes, out_lanes = spec.in_lanes, spec.out_lanes
     if in_lanes:
         x_shape: tuple[int, ...] = (n_, -(-c_ // in_lanes), h, w, in_lanes)
@@ -160,8 +164,10 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
         out_shape = (n_, oc, oh, ow)
     in_dtype, out_dtype = spec.in_dtype, spec.out_dtype
     requant = out_dtype != "int32"
-    m_dtype = spec.mult_dtype
-    shift_dtype = "int32" if spec.split_shift else "int64"
+    # the requantization parameters' dtypes (conv2d.epilogue_params); the kernel always takes
+    # ``lo`` and ``hi`` (read only by the int32 form)
+    dtypes = dict(epilogue_params(spec)) or {"m": "int64", "rnd": "int64", "shift": "int64"}
+    m_dtype, rnd_dtype, shift_dtype = dtypes["m"], dtypes["rnd"], dtypes["shift"]
     qmin, qmax = spec.qmin, spec.qmax
     blocks = q_tiles * n_ot
 
@@ -171,20 +177,9 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
             return T.Cast("int32", x[n, c // in_lanes, y, xx, c % in_lanes])
         return T.Cast("int32", x[n, c, y, xx])
 
-    def finish(acc: Any, c: Any, bias: Any, m: Any, rnd: Any, shift: Any) -> Any:
-        """Epilogue of one accumulator of output channel ``c`` (``conv2d._finish``)."""
-        scaled = T.Cast("int32", acc) * (1 << k)
-        if not requant:
-            return scaled + bias[c]
-        if spec.bias_in_round:
-            product = T.Cast("int64", scaled) * T.Cast("int64", m[c]) + rnd[c]
-        else:
-            product = T.Cast("int64", scaled + bias[c]) * T.Cast("int64", m[c]) + rnd[c]
-        if spec.split_shift:
-            q = T.shift_right(T.Cast("int32", T.shift_right(product, T.int64(32))), shift[c])
-        else:
-            q = T.shift_right(product, shift[c])
-        return T.Cast(out_dtype, T.max(T.min(q, qmax), qmin))
+    def finish(acc: Any, c: Any, params: dict[str, Any]) -> Any:
+        """Epilogue of one accumulator of output channel ``c`` (``conv2d.epilogue_value``)."""
+        return epilogue_value(spec, T.Cast("int32", acc), c, params)
 
     def zero_code() -> Any:
         return T.Cast(out_dtype, T.max(T.min(0, qmax), qmin)) if requant else T.int32(0)
@@ -254,8 +249,9 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
 
     @T.prim_func
     def kernel(x: T.Buffer(x_shape, in_dtype), wt: T.Buffer((w_size,), "int8"),
-               bias: T.Buffer(mp, "int32"), m: T.Buffer(mp, m_dtype), rnd: T.Buffer(mp, "int64"),
-               shift: T.Buffer(mp, shift_dtype), out: T.Buffer(out_shape, out_dtype)) -> None:
+               bias: T.Buffer(mp, "int32"), m: T.Buffer(mp, m_dtype), rnd: T.Buffer(mp, rnd_dtype),
+               shift: T.Buffer(mp, shift_dtype), lo: T.Buffer(mp, "int32"),
+               hi: T.Buffer(mp, "int32"), out: T.Buffer(out_shape, out_dtype)) -> None:
         T.func_attr({"tirx.noalias": True})
         xp = T.alloc_buffer((n_ * pairs * flat,), "uint8")
         res = T.alloc_buffer((n_ * res_rows * qlen,), out_dtype)
@@ -309,7 +305,9 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
                 for o in T.unroll(tile_o):
                     for p in T.vectorized(tile_px):
                         res[(n * res_rows + ot * tile_o + o) * qlen + q0 + p] = finish(
-                            acc[o * tile_px + p], ot * tile_o + o, bias, m, rnd, shift)
+                            acc[o * tile_px + p], ot * tile_o + o,
+                            {"bias": bias, "m": m, "rnd": rnd, "shift": shift, "lo": lo,
+                             "hi": hi})
             # unpack: the real columns of each row, every channel of a pixel together
             if vec_unpack:  # 8 channel rows x 16 pixels per shuffle, one 128-lane store
                 for c, i in T.grid(res_rows - oc, qlen // vec):
@@ -335,13 +333,12 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
 
 def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometry: Any,
                 requant: tuple[Any, Any, int, int, str] | None, in_layout: Any,
-                out_lanes: int = 0) -> tuple[Any, Any]:
+                out_lanes: int = 0) -> tuple[Any, Any, str]:
     """``emit.emit_conv`` for an ``avx2_px16`` choice: the pixels-in-lanes kernel of this
     module, reading ``x`` in ``in_layout`` and writing ``NCHW{out_lanes}c`` when asked (any
     requantizing layer), else NCHW. Same parameters and result as ``emit_conv``."""
     from ..layout import NCHW, Layout
-    from .conv2d import split_shift_ok
-    from .emit import SPLIT_SHIFT_KINDS, _fits_int32, _padded, _per_channel
+    from .emit import _fits_int32, _padded, _per_channel, epilogue_form, plan_epilogue
 
     n, _, h, w = bb.shape(x)[:4]
     ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
@@ -356,23 +353,20 @@ def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometr
     m_dtype = "int32" if _fits_int32(m_c) else "int64"
     offset = facts.offset_for("ubsw")
     lanes = out_lanes if requant is not None else 0
-    split = requant is not None and "ubsw" in SPLIT_SHIFT_KINDS and split_shift_ok(shift_c)
     spec = NarrowSpec(n, ic, h, w, oc, (kh, kw), tuple(padding), tuple(dilation), in_dtype,
                       offset, facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype,
-                      in_layout.lanes, lanes, split_shift=split,
-                      bias_in_round=requant is not None and m_dtype == "int32")
+                      in_layout.lanes, lanes)
     size = padded_channels(spec)
     bias = facts.kernel_bias(offset)
-    rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
-    if spec.bias_in_round:
-        rnd = rnd + bias.astype(np.int64) * m_c
-    shift_arg = shift_c - 32 if spec.split_shift else shift_c
+    if requant is not None:
+        spec, extra = plan_epilogue(spec, "px16", bias, m_c, shift_c, size)
+    else:  # an int32 output reads none of them (build_narrow_kernel takes them all)
+        extra = [(np.zeros(size, np.int64), "int64")] * 3
+    if not spec.int32_requant:  # lo, hi: read by the int32 form only
+        extra += [(np.zeros(size, np.int32), "int32")] * 2
     args = [x, bb.const(pack_narrow_weight(facts.weight, spec), "int8"),
-            bb.const(_padded(bias, size, "int32"), "int32"),
-            bb.const(_padded(m_c, size, m_dtype), m_dtype),
-            bb.const(_padded(rnd, size, "int64"), "int64"),
-            bb.const(_padded(shift_arg, size, "int32" if split else "int64"),
-                     "int32" if split else "int64")]
+            bb.const(_padded(bias, size, "int32"), "int32")]
+    args += [bb.const(values, dtype) for values, dtype in extra]
     out_layout = Layout(lanes, oc) if lanes else NCHW
     out_shape = ((n, out_layout.blocks) + spec.out_size + (lanes,) if lanes
                  else (n, oc) + spec.out_size)
@@ -383,4 +377,5 @@ def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometr
         named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
                  .with_attr("tirx.is_scheduled", True))
         bb.kernel_cache[spec] = named
-    return bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout
+    return (bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout,
+            epilogue_form(spec))

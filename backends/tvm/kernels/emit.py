@@ -18,6 +18,7 @@ from ..layout import NCHW, Layout
 from .conv2d import (
     ConvKernelSpec,
     build_conv_kernel,
+    choose_tiles,
     direct_input_shape,
     im2col_pays,
     pack_weight,
@@ -33,11 +34,59 @@ KNOWN_FEATURES = ("avx2", "avx512bw", "avx512vnni", "amx-int8")
 #: aarch64 features the written kernels use (LLVM names).
 KNOWN_ARM_FEATURES = ("dotprod",)
 
-#: Kernel kinds whose requantization uses the split shift (``conv2d._requantize``) when every
-#: shift allows it: the x86 ones, where it was measured (CUDA and aarch64 keep the int64 shift).
-SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx"})
+#: Kernel kinds whose int64 requantization uses the split shift (``conv2d._requantize``) when
+#: every shift allows it: the x86 ones, where it was measured (CUDA and aarch64 keep the int64
+#: shift).
+SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx", "px16"})
+
+#: Kernel kinds whose requantization runs in int32 where :func:`.requant32.plan_int32` finds a
+#: plan for every channel (``ConvKernelSpec.int32_requant``): the x86 ones, where it was
+#: measured.
+INT32_REQUANT_KINDS = SPLIT_SHIFT_KINDS
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
+
+
+def epilogue_form(spec: Any) -> str:
+    """How a kernel of ``spec`` finishes its accumulators, for the kernel report."""
+    if spec.out_dtype == "int32":
+        return "int32 accumulator"
+    return "int32 requantization" if spec.int32_requant else "int64 requantization"
+
+
+def plan_epilogue(spec: Any, kind: str, bias: np.ndarray, m_c: np.ndarray, shift_c: np.ndarray,
+                  size: int) -> tuple[Any, list[tuple[np.ndarray, str]]]:
+    """The requantization form of a requantizing kernel and its parameters.
+
+    Returns ``spec`` with ``int32_requant`` (a :func:`.requant32.plan_int32` plan for every
+    channel), else ``split_shift`` / ``bias_in_round`` where they hold, and the parameter arrays
+    after ``bias`` in ``conv2d.epilogue_params`` order, padded to ``size`` channels (zeros: the
+    padding channels' code is ``clip(0)`` in both forms). ``bias`` is the kernel's int32 bias
+    (offset correction included), ``m_c``/``shift_c`` the per-channel multipliers and shifts."""
+    from .requant32 import plan_int32
+
+    rounding = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
+    if kind in INT32_REQUANT_KINDS:
+        mult = [int(m) << spec.acc_shift for m in m_c]
+        add = [int(b) * int(m) + int(r) for b, m, r in zip(bias.tolist(), m_c.tolist(),
+                                                            rounding.tolist(), strict=True)]
+        plan = plan_int32(np.array(mult, dtype=object), np.array(add, dtype=object), shift_c,
+                          spec.qmin, spec.qmax)
+        if plan is not None:
+            spec = dataclasses.replace(spec, int32_requant=True)
+            return spec, [(_padded(v, size, "int32"), "int32")
+                          for v in (plan.m, plan.r, plan.s, plan.lo, plan.hi)]
+    if kind in SPLIT_SHIFT_KINDS and split_shift_ok(shift_c):
+        spec = dataclasses.replace(spec, split_shift=True)
+    if kind in SPLIT_SHIFT_KINDS and spec.mult_dtype == "int32":
+        spec = dataclasses.replace(spec, bias_in_round=True)
+    rnd = rounding
+    if spec.bias_in_round:  # conv2d: ConvKernelSpec.bias_in_round
+        rnd = rnd + bias.astype(np.int64) * m_c
+    shift = (shift_c - 32, "int32") if spec.split_shift else (shift_c, "int64")
+    return spec, [(_padded(m_c, size, spec.mult_dtype), spec.mult_dtype),
+                  (_padded(rnd, size, "int64"), "int64"),
+                  (_padded(shift[0], size, shift[1]), shift[1])]
 
 
 def target_features(spec: dict[str, Any] | None) -> frozenset[str] | None:
@@ -86,8 +135,9 @@ def _fits_int32(values: np.ndarray) -> bool:
 
 def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: KernelChoice,
               geometry: ConvGeometry, requant: tuple[Any, Any, int, int, str] | None,
-              in_layout: Layout = NCHW, out_lanes: int = 0) -> tuple[Any, Layout]:
-    """Emit the written kernel of ``choice`` for a conv; returns the result and its layout.
+              in_layout: Layout = NCHW, out_lanes: int = 0) -> tuple[Any, Layout, str]:
+    """Emit the written kernel of ``choice`` for a conv; returns the result, its layout and how
+    the kernel finished its accumulators (:func:`epilogue_form`).
 
     Args:
         bb: The builder.
@@ -124,31 +174,22 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     if im2col_pays(spec):
         spec = dataclasses.replace(spec, im2col=True)
     shift_c = _per_channel(shift, oc)
-    if requant is not None and spec.kind in SPLIT_SHIFT_KINDS and split_shift_ok(shift_c):
-        spec = dataclasses.replace(spec, split_shift=True)
-    if requant is not None and spec.kind in SPLIT_SHIFT_KINDS and m_dtype == "int32":
-        spec = dataclasses.replace(spec, bias_in_round=True)
+    bias = facts.kernel_bias(offset)
+    size = spec.out_blocks(_tiles(spec)[1]) * spec.oc_lanes
+    extra: list[tuple[np.ndarray, str]] = []
+    if requant is not None:
+        spec, extra = plan_epilogue(spec, spec.kind, bias, m_c, shift_c, size)
     func, (tile_w, tile_oc) = _kernel(spec)
     if reads_directly(spec, tile_w):  # a free view of the packed input (no pack stage)
         x = bb.reshape(x, direct_input_shape(spec))
-    size = spec.out_blocks(tile_oc) * spec.oc_lanes
     w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
     if spec.kind == "amx":
         from .amx import pack_weight_amx as pack
     else:
         pack = pack_weight
     args = [x, bb.const(pack(facts.weight, spec, tile_oc), w_dtype),
-            bb.const(_padded(facts.kernel_bias(offset), size, "int32"), "int32")]
-    if requant is not None:
-        rnd = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
-        if spec.bias_in_round:  # conv2d: ConvKernelSpec.bias_in_round
-            rnd = rnd + facts.kernel_bias(offset).astype(np.int64) * m_c
-        args += [bb.const(_padded(m_c, size, m_dtype), m_dtype)]
-        args += [bb.const(_padded(rnd, size, "int64"), "int64")]
-        if spec.split_shift:  # the int32 shift of the product's high word (conv2d._requantize)
-            args += [bb.const(_padded(shift_c - 32, size, "int32"), "int32")]
-        else:
-            args += [bb.const(_padded(shift_c, size, "int64"), "int64")]
+            bb.const(_padded(bias, size, "int32"), "int32")]
+    args += [bb.const(values, dtype) for values, dtype in extra]
     out_layout = Layout(spec.out_lanes, oc) if spec.out_lanes else NCHW
     if spec.out_lanes:
         out_shape: tuple[int, ...] = (n, out_layout.blocks) + spec.out_size + (spec.out_lanes,)
@@ -166,7 +207,22 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
                  .with_attr("tirx.is_scheduled", True))
         bb.kernel_cache[spec] = named
-    return bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout
+    return (bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout,
+            epilogue_form(spec))
+
+
+def _tiles(spec: ConvKernelSpec) -> tuple[int, int]:
+    """The ``(tile_w, tile_oc)`` :func:`_kernel` will use for ``spec`` (from the shape alone)."""
+    if spec.kind == "dp4a":
+        from .cuda import DP4A_TILES
+
+        return DP4A_TILES
+    if spec.kind == "amx":
+        from .amx import amx_plan
+
+        plan = amx_plan(spec)
+        return plan.pixels, plan.tile_n
+    return choose_tiles(spec)
 
 
 @functools.lru_cache(maxsize=512)

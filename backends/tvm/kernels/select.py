@@ -82,6 +82,10 @@ class KernelChoice:
         in_layout: The layout the kernel read its input in (``"NCHW"`` or ``"NCHW16c"``,
             ``backends/tvm/layout.py``); set when the layer is emitted.
         out_layout: The layout it wrote its output in.
+        epilogue: How the kernel finished its accumulators (``emit.epilogue_form``: ``"int32
+            requantization"`` where a :mod:`.requant32` plan exists, ``"int64
+            requantization"``, ``"int32 accumulator"`` for a float-output layer); set when the
+            layer is emitted.
     """
 
     layer: str
@@ -92,6 +96,7 @@ class KernelChoice:
     macs: int
     in_layout: str = "NCHW"
     out_layout: str = "NCHW"
+    epilogue: str = ""
 
     @property
     def kind(self) -> str | None:
