@@ -234,3 +234,33 @@ def test_scheduled_elementwise_functions_index_their_buffers_contiguously() -> N
     lib["main"](tvm.runtime.tensor(a), out)
     expect = np.clip((a.astype(np.int64) * (1 << 30) + (1 << 29)) >> 30, 0, 255)
     assert np.array_equal(out.numpy(), expect.astype("uint8"))
+
+
+def test_calls_cross_by_dlpack_safely() -> None:
+    """``model(x)`` hands tensors to the VM by DLPack: an input at an unaligned address (a
+    slice of a larger tensor) gives the same result as an aligned copy, results of two calls
+    stay independent, and an output that is the input itself comes back as a copy."""
+    from test_tvm_backend import BITS, Net, example, im
+
+    from djpq_compiler.backends.tvm.build import ARG_ALIGNMENT
+
+    gm = im.trace_integer(Net(BITS["mid"]).eval())
+    x = (example((1, 3, 9, 9)), example((1, 2, 7, 7), signed=True))
+    model = tvm_backend.build(gm, "x86", example_inputs=x)
+    want = gm(*x)
+    big = torch.cat([torch.zeros(1), x[0].reshape(-1)])
+    unaligned = big[1:].view(1, 3, 9, 9)
+    assert unaligned.data_ptr() % ARG_ALIGNMENT != 0 and torch.equal(unaligned, x[0])
+    first = model(unaligned, x[1])
+    assert all(torch.equal(a, b) for a, b in zip(first, want, strict=True))
+    model(x[0] * 3, x[1] * 3)  # a second call must not change the first call's results
+    assert all(torch.equal(a, b) for a, b in zip(first, want, strict=True))
+
+    class Same(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t
+
+    t = torch.rand(1, 2, 3, 4)
+    echo = tvm_backend.build(im.trace_integer(Same()), "x86", example_inputs=t)
+    out = echo(t)
+    assert torch.equal(out, t) and out.data_ptr() != t.data_ptr()

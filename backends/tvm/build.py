@@ -82,6 +82,32 @@ def host_has_features(features: Sequence[str]) -> bool:
     return all(bool(tvm.target.codegen.target_has_features(f, host)) for f in features)
 
 
+#: The alignment TVM's kernels may assume of a tensor argument's data (``kAllocAlignment``).
+ARG_ALIGNMENT = 64
+
+
+def _call_vm(vm: Any, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``main`` on contiguous float32 CPU tensors and return its outputs as torch tensors.
+
+    Inputs and outputs cross by DLPack, without copies: a model call at batch 1 spent ~60 of its
+    150 us (vgg7, AVX2 build) copying the input into a new TVM tensor and the output into numpy
+    and torch. An input whose data is not :data:`ARG_ALIGNMENT`-aligned (a slice of a larger
+    tensor) is copied into a TVM tensor, which is. Each output keeps its VM tensor alive."""
+    tvm = adapter.load_tvm()
+    args = [tvm.runtime.from_dlpack(t) if t.data_ptr() % ARG_ALIGNMENT == 0
+            else tvm.runtime.tensor(t.numpy(), tvm.cpu()) for t in tensors]
+    result = vm["main"](*args)
+    items = list(result) if not hasattr(result, "numpy") else [result]
+    return [torch.from_dlpack(item) for item in items]
+
+
+def _unaliased(out: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``out``, copied if it shares memory with an input (a model that returns its input)."""
+    if out.numel() and any(out.data_ptr() == t.data_ptr() for t in inputs):
+        return out.clone()
+    return out
+
+
 class CompiledModel:
     """A converted model compiled by TVM.
 
@@ -151,12 +177,12 @@ class CompiledModel:
         if shapes != self.input_shapes:
             raise BackendError(f"compiled for input shapes {self.input_shapes}, got {shapes}; "
                                "rebuild with matching example_inputs")
-        arrays = [t.detach().cpu().to(torch.float32).contiguous().numpy() for t in inputs]
+        tensors = [t.detach().to(device="cpu", dtype=torch.float32).contiguous() for t in inputs]
         if self._vm is None:  # made at build time for host targets; reused
             self._vm = adapter.make_vm(self.executable)
-        results = adapter.run_vm(self._vm, arrays)
+        results = _call_vm(self._vm, tensors)
         outs = tuple(
-            torch.from_numpy(r).to(torch.int64) if kind == "int" else torch.from_numpy(r)
+            r.to(torch.int64) if kind == "int" else _unaliased(r, tensors)
             for r, kind in zip(results, self.output_kinds, strict=True)
         )
         return outs if self.output_tuple else outs[0]
