@@ -231,17 +231,10 @@ def set_tvm_threads(n: int) -> int:
 
 
 def tvm_runner(compiled: Any, x: torch.Tensor) -> Callable[[], Any]:
-    import tvm
-
-    dev = tvm.cpu()
-    vm = tvm.relax.VirtualMachine(compiled.executable, dev)
-    arr = x.numpy()
-    fn = vm["main"]
-
-    def run() -> Any:
-        out = fn(tvm.runtime.tensor(arr, dev))
-        return out.numpy() if hasattr(out, "numpy") else [o.numpy() for o in out]
-    return run
+    """The call a user makes: ``compiled(x)`` (torch tensor in, torch tensor out; since
+    2026-12-04 18:10 UTC by DLPack, no copies). Runs before then timed the VM's ``main`` on a
+    fresh TVM tensor copied from numpy, returning numpy."""
+    return lambda: compiled(x)
 
 
 def kernel_records(compiled: Any) -> list[Any]:
