@@ -235,3 +235,14 @@ def test_forcing_sdot_past_its_bound_is_wrong(aarch64_qemu: None, tmp_path: Path
     layer = int_layer("conv", 9, 7, x_bits=9, w_bits=8, seed=8)
     with pytest.raises(AssertionError, match=r"^tensor\(\d+\)"):  # the max code difference
         check_arm(layer, (1, 9, 6, 7), 9, False, tmp_path)
+
+
+def test_depthwise_int32_requantization_under_qemu(aarch64_qemu: None, tmp_path: Path) -> None:
+    """A W4A4 depthwise layer with 4-bit output codes takes the int32 requantization
+    (``kernels/requant32.py``; the depthwise kind is shared with AVX2): bit-exact on aarch64
+    too, and recorded as such."""
+    layer = int_layer("conv", 11, 11, x_bits=4, w_bits=4, groups=11, seed=11, out_bits=4,
+                      out_signed=False)
+    kernels, _ = check_arm(layer, (2, 11, 8, 9), 4, False, tmp_path)
+    assert [(c.variant, c.epilogue) for c in kernels] == [("neon_dw8_acc16",
+                                                           "int32 requantization")]
