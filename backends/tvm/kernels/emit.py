@@ -35,13 +35,13 @@ KNOWN_FEATURES = ("avx2", "avx512bw", "avx512vnni", "amx-int8")
 KNOWN_ARM_FEATURES = ("dotprod",)
 
 #: Kernel kinds whose int64 requantization uses the split shift (``conv2d._requantize``) when
-#: every shift allows it: the x86 ones, where it was measured (CUDA and aarch64 keep the int64
-#: shift).
+#: every shift allows it: the x86 ones, where it was measured (CUDA and aarch64 ``sdot`` keep the
+#: int64 shift; the depthwise kind ``dw8`` is shared by AVX2 and NEON).
 SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx", "px16"})
 
 #: Kernel kinds whose requantization runs in int32 where :func:`.requant32.plan_int32` finds a
-#: plan for every channel (``ConvKernelSpec.int32_requant``): the x86 ones, where it was
-#: measured.
+#: plan for every channel (``ConvKernelSpec.int32_requant``): the same kinds (NEON depthwise
+#: included: bit-exact under qemu, not timed on ARM hardware).
 INT32_REQUANT_KINDS = SPLIT_SHIFT_KINDS
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
