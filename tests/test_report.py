@@ -140,3 +140,17 @@ def test_kernel_table_only_when_the_build_recorded_kernels() -> None:
     assert "| fc2 | linear | default | 1.00 | float island |" in text
     assert "1 of 2 layers, 75.0 % of the MACs, run in written kernels" in text
     assert "TVM kernels: 1 of 2 layers, 75.0 %" in summary(_result(tvm_kernels=kernels))
+
+
+def test_kernel_table_shows_layouts_and_epilogues_when_recorded() -> None:
+    """A build that recorded layouts and epilogue forms gets both columns; a layer without an
+    epilogue (TVM's default lowering) shows "-" there."""
+    kernels = (KernelRow("features.0", "conv2d", "avx2_u8s8_p4", 3_000_000, "P=4 bound",
+                         "NCHW -> NCHW8c", "int32 requantization"),
+               KernelRow("fc2", "linear", "default", 1_000_000, "float island", "NCHW -> NCHW"))
+    text = render_markdown(_result(tvm_kernels=kernels))
+    assert ("| layer | op | TVM kernel | MMACs | layout in -> out | epilogue | exact because / "
+            "why the default |") in text
+    assert ("| features.0 | conv2d | avx2_u8s8_p4 | 3.00 | NCHW -> NCHW8c | int32 "
+            "requantization | P=4 bound |") in text
+    assert "| fc2 | linear | default | 1.00 | NCHW -> NCHW | - | float island |" in text

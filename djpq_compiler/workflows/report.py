@@ -77,6 +77,8 @@ class KernelRow:
         reason: Why it is exact (the bound it relies on), or why no written kernel applies.
         layout: ``"NCHW -> NCHW16c"``: the layouts the kernel read and wrote (empty when the
             build did not record them).
+        epilogue: How the kernel requantized (``"int32 requantization"``, ``"int64
+            requantization"``, ``"int32 accumulator"``; empty when not recorded).
     """
 
     layer: str
@@ -85,6 +87,7 @@ class KernelRow:
     macs: int
     reason: str
     layout: str = ""
+    epilogue: str = ""
 
 
 @dataclass
@@ -153,7 +156,7 @@ def kernel_rows(records: Iterable[Any]) -> list[KernelRow]:
         rows.append(KernelRow(layer=str(getattr(rec, "layer", "?")),
                               op=str(getattr(rec, "op", "")), kernel=variant,
                               macs=int(getattr(rec, "macs", 0) or 0), reason=str(why),
-                              layout=layout))
+                              layout=layout, epilogue=str(getattr(rec, "epilogue", "") or "")))
     return rows
 
 
@@ -194,16 +197,21 @@ def _latency_table(latencies: Sequence[Latency]) -> list[str]:
 
 
 def _kernel_table(kernels: Sequence[KernelRow]) -> list[str]:
-    if any(k.layout for k in kernels):  # the build recorded the layouts (layout planning)
-        lines = ["| layer | op | TVM kernel | MMACs | layout in -> out | exact because / why "
-                 "the default |", "|---|---|---|---:|---|---|"]
-        lines += [f"| {k.layer} | {k.op} | {k.kernel} | {k.macs / 1e6:.2f} | {k.layout} | "
-                  f"{k.reason} |" for k in kernels]
-        return lines + ["", _kernel_share(kernels)]
-    lines = ["| layer | op | TVM kernel | MMACs | exact because / why the default |",
-             "|---|---|---|---:|---|"]
-    lines += [f"| {k.layer} | {k.op} | {k.kernel} | {k.macs / 1e6:.2f} | {k.reason} |"
-              for k in kernels]
+    """The per-layer kernel table; the layout and epilogue columns only when the build recorded
+    them."""
+    heads = ["layer", "op", "TVM kernel", "MMACs"]
+    cells = [[k.layer, k.op, k.kernel, f"{k.macs / 1e6:.2f}"] for k in kernels]
+    for head, attr in (("layout in -> out", "layout"), ("epilogue", "epilogue")):
+        if any(getattr(k, attr) for k in kernels):
+            heads.append(head)
+            for row, k in zip(cells, kernels, strict=True):
+                row.append(getattr(k, attr) or "-")
+    heads.append("exact because / why the default")
+    for row, k in zip(cells, kernels, strict=True):
+        row.append(k.reason)
+    align = ["---", "---", "---", "---:"] + ["---"] * (len(heads) - 4)
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return lines + ["", _kernel_share(kernels)]
 
 
