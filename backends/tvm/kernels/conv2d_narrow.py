@@ -359,14 +359,14 @@ def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometr
     size = padded_channels(spec)
     bias = facts.kernel_bias(offset)
     if requant is not None:
-        spec, extra = plan_epilogue(spec, "px16", bias, m_c, shift_c, size)
+        spec, extra = plan_epilogue(spec, "px16", bias, m_c, shift_c)
     else:  # an int32 output reads none of them (build_narrow_kernel takes them all)
-        extra = [(np.zeros(size, np.int64), "int64")] * 3
+        extra = [(np.zeros(0, np.int64), "int64")] * 3
     if not spec.int32_requant:  # lo, hi: read by the int32 form only
-        extra += [(np.zeros(size, np.int32), "int32")] * 2
+        extra += [(np.zeros(0, np.int32), "int32")] * 2
     args = [x, bb.const(pack_narrow_weight(facts.weight, spec), "int8"),
             bb.const(_padded(bias, size, "int32"), "int32")]
-    args += [bb.const(values, dtype) for values, dtype in extra]
+    args += [bb.const(_padded(values, size, dtype), dtype) for values, dtype in extra]
     out_layout = Layout(lanes, oc) if lanes else NCHW
     out_shape = ((n, out_layout.blocks) + spec.out_size + (lanes,) if lanes
                  else (n, oc) + spec.out_size)

@@ -19,7 +19,6 @@ from .conv2d import (
     ConvKernelSpec,
     EpilogueSpec,
     build_conv_kernel,
-    choose_tiles,
     direct_input_shape,
     im2col_pays,
     pack_weight,
@@ -57,15 +56,16 @@ def epilogue_form(spec: EpilogueSpec) -> str:
     return "int32 requantization" if spec.int32_requant else "int64 requantization"
 
 
-def plan_epilogue(spec: Spec, kind: str, bias: np.ndarray, m_c: np.ndarray, shift_c: np.ndarray,
-                  size: int) -> tuple[Spec, list[tuple[np.ndarray, str]]]:
+def plan_epilogue(spec: Spec, kind: str, bias: np.ndarray, m_c: np.ndarray,
+                  shift_c: np.ndarray) -> tuple[Spec, list[tuple[np.ndarray, str]]]:
     """The requantization form of a requantizing kernel and its parameters.
 
     Returns ``spec`` with ``int32_requant`` (a :func:`.requant32.plan_int32` plan for every
-    channel), else ``split_shift`` / ``bias_in_round`` where they hold, and the parameter arrays
-    after ``bias`` in ``conv2d.epilogue_params`` order, padded to ``size`` channels (zeros: the
-    padding channels' code is ``clip(0)`` in both forms). ``bias`` is the kernel's int32 bias
-    (offset correction included), ``m_c``/``shift_c`` the per-channel multipliers and shifts."""
+    channel), else ``split_shift`` / ``bias_in_round`` where they hold, and the per-channel
+    parameter arrays after ``bias`` in ``conv2d.epilogue_params`` order with their dtypes (the
+    caller pads them with zeros to its kernel's channel count: the padding channels' code is
+    ``clip(0)`` in both forms). ``bias`` is the kernel's int32 bias (offset correction included),
+    ``m_c``/``shift_c`` the per-channel multipliers and shifts."""
     from .requant32 import plan_int32
 
     rounding = np.where(shift_c > 0, np.left_shift(1, np.maximum(shift_c - 1, 0)), 0)
@@ -77,8 +77,7 @@ def plan_epilogue(spec: Spec, kind: str, bias: np.ndarray, m_c: np.ndarray, shif
                           spec.qmin, spec.qmax)
         if plan is not None:
             spec = dataclasses.replace(spec, int32_requant=True)
-            return spec, [(_padded(v, size, "int32"), "int32")
-                          for v in (plan.m, plan.r, plan.s, plan.lo, plan.hi)]
+            return spec, [(v, "int32") for v in (plan.m, plan.r, plan.s, plan.lo, plan.hi)]
     if kind in SPLIT_SHIFT_KINDS and split_shift_ok(shift_c):
         spec = dataclasses.replace(spec, split_shift=True)
     if kind in SPLIT_SHIFT_KINDS and spec.mult_dtype == "int32":
@@ -87,9 +86,7 @@ def plan_epilogue(spec: Spec, kind: str, bias: np.ndarray, m_c: np.ndarray, shif
     if spec.bias_in_round:  # conv2d: ConvKernelSpec.bias_in_round
         rnd = rnd + bias.astype(np.int64) * m_c
     shift = (shift_c - 32, "int32") if spec.split_shift else (shift_c, "int64")
-    return spec, [(_padded(m_c, size, spec.mult_dtype), spec.mult_dtype),
-                  (_padded(rnd, size, "int64"), "int64"),
-                  (_padded(shift[0], size, shift[1]), shift[1])]
+    return spec, [(m_c, spec.mult_dtype), (rnd, "int64"), shift]
 
 
 def target_features(spec: dict[str, Any] | None) -> frozenset[str] | None:
@@ -178,11 +175,11 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         spec = dataclasses.replace(spec, im2col=True)
     shift_c = _per_channel(shift, oc)
     bias = facts.kernel_bias(offset)
-    size = spec.out_blocks(_tiles(spec)[1]) * spec.oc_lanes
     extra: list[tuple[np.ndarray, str]] = []
     if requant is not None:
-        spec, extra = plan_epilogue(spec, spec.kind, bias, m_c, shift_c, size)
+        spec, extra = plan_epilogue(spec, spec.kind, bias, m_c, shift_c)
     func, (tile_w, tile_oc) = _kernel(spec)
+    size = spec.out_blocks(tile_oc) * spec.oc_lanes
     if reads_directly(spec, tile_w):  # a free view of the packed input (no pack stage)
         x = bb.reshape(x, direct_input_shape(spec))
     w_dtype = "int16" if spec.kind == "wd" or spec.depthwise else "int8"
@@ -192,7 +189,7 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         pack = pack_weight
     args = [x, bb.const(pack(facts.weight, spec, tile_oc), w_dtype),
             bb.const(_padded(bias, size, "int32"), "int32")]
-    args += [bb.const(values, dtype) for values, dtype in extra]
+    args += [bb.const(_padded(values, size, dtype), dtype) for values, dtype in extra]
     out_layout = Layout(spec.out_lanes, oc) if spec.out_lanes else NCHW
     if spec.out_lanes:
         out_shape: tuple[int, ...] = (n, out_layout.blocks) + spec.out_size + (spec.out_lanes,)
@@ -212,20 +209,6 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         bb.kernel_cache[spec] = named
     return (bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout,
             epilogue_form(spec))
-
-
-def _tiles(spec: ConvKernelSpec) -> tuple[int, int]:
-    """The ``(tile_w, tile_oc)`` :func:`_kernel` will use for ``spec`` (from the shape alone)."""
-    if spec.kind == "dp4a":
-        from .cuda import DP4A_TILES
-
-        return DP4A_TILES
-    if spec.kind == "amx":
-        from .amx import amx_plan
-
-        plan = amx_plan(spec)
-        return plan.pixels, plan.tile_n
-    return choose_tiles(spec)
 
 
 @functools.lru_cache(maxsize=512)
