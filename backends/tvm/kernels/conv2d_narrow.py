@@ -247,6 +247,15 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
         return tirx.Shuffle(rows8, [tirx.const(lane * vec + p, "int32")
                                     for p in range(vec) for lane in range(out_lanes)])
 
+    @T.macro
+    def pack_pair(xp: Any, xf: Any, n: Any, b: Any, y: Any, i: Any, j: int) -> None:
+        """Channel pair ``b * 4 + j`` (``j`` a Python int: the shuffle's lanes are constants) of
+        the 16 pixels from column ``min(i * 16, W - 16)`` of row ``y`` into the pack."""
+        if b * 4 + j < pairs:
+            xp[T.ramp(x_at(n, b * 4 + j, (y + ph) * wp + pw + T.min(i * vec, w - vec)), 1,
+                      2 * vec)] = pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
+                                             + T.min(i * vec, w - vec) * 8, j)
+
     @T.prim_func
     def kernel(x: T.Buffer(x_shape, in_dtype), wt: T.Buffer((w_size,), "int8"),
                bias: T.Buffer(mp, "int32"), m: T.Buffer(mp, m_dtype), rnd: T.Buffer(mp, rnd_dtype),
@@ -263,26 +272,10 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
                 xf = T.decl_buffer((x_size,), in_dtype, data=x.data)
                 for y, i in T.grid(h, -(-w // vec)):
                     for b in T.unroll(in_blocks):  # the 4 channel pairs of each 8-lane block
-                        if b * 4 + 0 < pairs:
-                            xp[T.ramp(x_at(n, b * 4 + 0, (y + ph) * wp + pw
-                                           + T.min(i * vec, w - vec)), 1, 2 * vec)] = \
-                                pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
-                                           + T.min(i * vec, w - vec) * 8, 0)
-                        if b * 4 + 1 < pairs:
-                            xp[T.ramp(x_at(n, b * 4 + 1, (y + ph) * wp + pw
-                                           + T.min(i * vec, w - vec)), 1, 2 * vec)] = \
-                                pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
-                                           + T.min(i * vec, w - vec) * 8, 1)
-                        if b * 4 + 2 < pairs:
-                            xp[T.ramp(x_at(n, b * 4 + 2, (y + ph) * wp + pw
-                                           + T.min(i * vec, w - vec)), 1, 2 * vec)] = \
-                                pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
-                                           + T.min(i * vec, w - vec) * 8, 2)
-                        if b * 4 + 3 < pairs:
-                            xp[T.ramp(x_at(n, b * 4 + 3, (y + ph) * wp + pw
-                                           + T.min(i * vec, w - vec)), 1, 2 * vec)] = \
-                                pair_plane(xf, ((n * in_blocks + b) * h + y) * w * 8
-                                           + T.min(i * vec, w - vec) * 8, 3)
+                        pack_pair(xp, xf, n, b, y, i, 0)
+                        pack_pair(xp, xf, n, b, y, i, 1)
+                        pack_pair(xp, xf, n, b, y, i, 2)
+                        pack_pair(xp, xf, n, b, y, i, 3)
             else:
                 for y, xx in T.grid(h, w):
                     for c in T.unroll(c_):
