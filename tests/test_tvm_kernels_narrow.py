@@ -13,6 +13,7 @@ from djpq_compiler.ir import modules as im
 
 pytest.importorskip("tvm")
 narrow = pytest.importorskip("djpq_compiler.backends.tvm.kernels.conv2d_narrow")
+from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.select import (  # noqa: E402
     LayerFacts,
     narrow_pixels,
@@ -99,7 +100,8 @@ def test_narrow_kernel_past_its_bound_is_wrong() -> None:
     """The bound is real: the kernel built directly for all-255 codes and weights summing to
     129 per output (``255 * 129 > 32767``) wraps its int16 sums; at 128 it is exact."""
     tvm = pytest.importorskip("tvm")
-    spec = narrow.NarrowSpec(1, 5, 4, 4, 3, (3, 3), (0, 0), (1, 1), "uint8", 0, 0, "int32", 0, 0)
+    spec = ConvKernelSpec(1, 5, 4, 4, 3, (3, 3), (1, 1), (0, 0), (1, 1), "px16", 1, "uint8", 0, 0,
+                          "int32", 0, 0)
     lib = tvm.compile(tvm.IRModule({"main": narrow.build_narrow_kernel(spec)}),
                       target=tvm.target.Target(AVX2))
     size = narrow.padded_channels(spec)
@@ -115,6 +117,20 @@ def test_narrow_kernel_past_its_bound_is_wrong() -> None:
         tensors = [tvm.runtime.tensor(a) for a in args]
         lib["main"](*tensors)
         assert np.array_equal(tensors[-1].numpy(), np.full((1, 3, 2, 2), 255 * row_sum)) == exact
+
+
+@pytest.mark.parametrize("change", [{"kind": "ubsw"}, {"stride": (2, 2)}, {"groups": 2},
+                                    {"im2col": True}])
+def test_narrow_kernel_refuses_a_spec_it_does_not_compute(change: dict) -> None:
+    """A spec of another kind, stride, group count or an im2col reduction is refused by name
+    before any TIR is built (the kernel assumes stride 1, one group, channel pairs)."""
+    import dataclasses
+
+    spec = ConvKernelSpec(1, 5, 4, 4, 3, (3, 3), (1, 1), (1, 1), (1, 1), "px16", 1, "uint8", 0, 0,
+                          "uint8", 0, 255)
+    bad = dataclasses.replace(spec, **change)
+    with pytest.raises(ValueError, match="pixels-in-lanes kernel computes kind 'px16'"):
+        narrow.build_narrow_kernel(bad)
 
 
 def _facts(shape: tuple[int, ...], span: int = 15, w: int = 7,

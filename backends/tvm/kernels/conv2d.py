@@ -32,7 +32,7 @@ image's pack right before its conv (:func:`batch_outer`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -49,10 +49,12 @@ class ConvKernelSpec:
 
     ``kind`` is ``"ubsw"`` (u8 x s8, ``groups`` = P input-channel groups of 4 summed in int16),
     ``"wd"`` (int16 x int16 pairs), ``"vnni"`` or ``"sdot"`` (aarch64, s8 x s8: the offset then
-    moves the codes into ``[-128, 127]``). ``act_offset`` is added to every activation (and to
-    the zero padding) before the product: ``-lo`` for signed inputs, so that the operand is
-    unsigned (``sdot``: ``-128 - lo`` or 0, see ``LayerFacts.offset_for``); the bias passed in
-    carries the correction ``-act_offset * sum(w) * 2^acc_shift``.
+    moves the codes into ``[-128, 127]``); ``"amx"`` is built by :mod:`.amx`, ``"px16"`` (output
+    pixels in the lanes; stride 1, one group) by :mod:`.conv2d_narrow`. ``act_offset`` is added
+    to every activation (and to the zero padding) before the product: ``-lo`` for signed
+    inputs, so that the operand is unsigned (``sdot``: ``-128 - lo`` or 0, see
+    ``LayerFacts.offset_for``); the bias passed in carries the correction
+    ``-act_offset * sum(w) * 2^acc_shift``.
     ``out_dtype`` ``"int32"`` means: no requantization, return the accumulator.
     ``mult_dtype`` is the dtype of the requantization multipliers: ``"int32"`` when they all fit,
     so that the int64 product ``acc * m`` of two sign-extended 32-bit values is one ``vpmuldq``
@@ -446,7 +448,7 @@ def split_shift_ok(shifts: np.ndarray) -> bool:
     return bool(shifts.size and shifts.min() >= 32)
 
 
-def _requantize(spec: EpilogueSpec, product: Any, shift: Any) -> Any:
+def _requantize(spec: ConvKernelSpec, product: Any, shift: Any) -> Any:
     """``product >> shift`` (arithmetic, int64 ``product = acc * m + R``).
 
     With ``spec.split_shift`` (every shift ``s >= 32``; ``shift`` holds ``s - 32`` as int32):
@@ -463,32 +465,7 @@ def _requantize(spec: EpilogueSpec, product: Any, shift: Any) -> Any:
     return product >> shift
 
 
-class EpilogueSpec(Protocol):
-    """The fields of a kernel spec its epilogue reads: :class:`ConvKernelSpec` and
-    ``conv2d_narrow.NarrowSpec`` both have them (same meaning); both are dataclasses
-    (``emit.plan_epilogue`` replaces fields)."""
-
-    __dataclass_fields__: ClassVar[dict[str, Any]]
-
-    @property
-    def acc_shift(self) -> int: ...
-    @property
-    def out_dtype(self) -> str: ...
-    @property
-    def qmin(self) -> int: ...
-    @property
-    def qmax(self) -> int: ...
-    @property
-    def mult_dtype(self) -> str: ...
-    @property
-    def split_shift(self) -> bool: ...
-    @property
-    def bias_in_round(self) -> bool: ...
-    @property
-    def int32_requant(self) -> bool: ...
-
-
-def epilogue_params(spec: EpilogueSpec) -> tuple[tuple[str, str], ...]:
+def epilogue_params(spec: ConvKernelSpec) -> tuple[tuple[str, str], ...]:
     """``(name, dtype)`` of the requantization parameters a kernel of ``spec`` takes after its
     int32 ``bias`` (none for an int32 output), in order (``emit.py`` passes them so)."""
     if spec.out_dtype == "int32":
@@ -499,7 +476,7 @@ def epilogue_params(spec: EpilogueSpec) -> tuple[tuple[str, str], ...]:
             ("shift", "int32" if spec.split_shift else "int64"))
 
 
-def epilogue_value(spec: EpilogueSpec, acc: Any, c: Any, params: dict[str, Any]) -> Any:
+def epilogue_value(spec: ConvKernelSpec, acc: Any, c: Any, params: dict[str, Any]) -> Any:
     """The epilogue of one int32 accumulator ``acc`` of output channel ``c`` (TE or TIR
     expressions; ``params``: ``bias`` and :func:`epilogue_params`' buffers by name).
 

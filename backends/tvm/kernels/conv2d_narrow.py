@@ -40,59 +40,35 @@ int32 accumulator plus bias for float-output layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .conv2d import epilogue_params, epilogue_value
+from .conv2d import ConvKernelSpec, epilogue_params, epilogue_value
 
 #: Output pixels per vector (int16 lanes of a ymm register).
 PIXEL_LANES = 16
 #: Accumulator vectors held in registers per tile (of AVX2's 16 ymm registers).
 ACC_REGS = 12
 
-__all__ = ["NarrowSpec", "build_narrow_kernel", "narrow_tiles", "pack_narrow_weight",
-           "padded_channels"]
+__all__ = ["build_narrow_kernel", "check_narrow", "narrow_tiles", "pack_narrow_weight",
+           "padded_channels", "padded_row"]
 
 
-@dataclass(frozen=True)
-class NarrowSpec:
-    """What one pixels-in-lanes conv kernel is specialized on (stride 1, groups 1)."""
-
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    in_dtype: str
-    act_offset: int
-    acc_shift: int
-    out_dtype: str
-    qmin: int
-    qmax: int
-    mult_dtype: str = "int64"
-    in_lanes: int = 0
-    out_lanes: int = 0
-    split_shift: bool = False
-    bias_in_round: bool = False
-    int32_requant: bool = False
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        (kh, kw), (ph, pw), (dh, dw) = self.kernel, self.padding, self.dilation
-        return (self.height + 2 * ph - dh * (kh - 1), self.width + 2 * pw - dw * (kw - 1))
-
-    @property
-    def row(self) -> int:
-        """``Wp``: the padded input width, also the stride of the flattened output rows."""
-        return self.width + 2 * self.padding[1]
+def check_narrow(spec: ConvKernelSpec) -> None:
+    """Refuse a spec this kernel does not compute (``kind`` ``"px16"``, stride 1, one group)."""
+    if spec.kind != "px16" or spec.stride != (1, 1) or spec.groups != 1 or spec.im2col:
+        raise ValueError(f"the pixels-in-lanes kernel computes kind 'px16' stride-1 dense "
+                         f"convs, got kind {spec.kind!r}, stride {spec.stride}, groups "
+                         f"{spec.groups}, im2col {spec.im2col}")
 
 
-def narrow_tiles(spec: NarrowSpec) -> tuple[int, int]:
+def padded_row(spec: ConvKernelSpec) -> int:
+    """``Wp``: the padded input width, also the stride of the flattened output rows."""
+    return spec.width + 2 * spec.padding[1]
+
+
+def narrow_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
     """``(tile_o, vectors)``: output channels x 16-pixel vectors held in registers.
 
     ``tile_o * vectors <= ACC_REGS`` accumulators; the channels are split into the fewest tiles
@@ -104,7 +80,7 @@ def narrow_tiles(spec: NarrowSpec) -> tuple[int, int]:
     return tile_o, max(1, ACC_REGS // tile_o)
 
 
-def pack_narrow_weight(weight: np.ndarray, spec: NarrowSpec) -> np.ndarray:
+def pack_narrow_weight(weight: np.ndarray, spec: ConvKernelSpec) -> np.ndarray:
     """OIHW integer weights to ``[OT, C/2, KH, KW, tile_o, 16, 2]`` int8 (flattened): each
     channel pair's two weights repeated for the 16 pixel lanes (one 32-byte vector, the
     ``vpmaddubsw`` operand read straight from memory), zero past ``O``
@@ -120,14 +96,14 @@ def pack_narrow_weight(weight: np.ndarray, spec: NarrowSpec) -> np.ndarray:
     return np.ascontiguousarray(lanes).reshape(-1)
 
 
-def padded_channels(spec: NarrowSpec) -> int:
+def padded_channels(spec: ConvKernelSpec) -> int:
     """Output channels the kernel computes (whole channel tiles): the length of its bias and
     requantization parameters."""
     tile_o, _ = narrow_tiles(spec)
     return -(-spec.out_channels // tile_o) * tile_o
 
 
-def build_narrow_kernel(spec: NarrowSpec) -> Any:
+def build_narrow_kernel(spec: ConvKernelSpec) -> Any:
     """The PrimFunc of ``spec``: params ``x, w, bias, m, rnd, shift, lo, hi, out`` (``m``,
     ``rnd``, ``shift`` unused for an int32 output, ``lo``, ``hi`` but for ``int32_requant``).
 
@@ -143,7 +119,8 @@ def build_narrow_kernel(spec: NarrowSpec) -> Any:
     n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
     (kh, kw), (ph, pw), (dh, dw) = spec.kernel, spec.padding, spec.dilation
     oh, ow = spec.out_size
-    wp = spec.row
+    check_narrow(spec)
+    wp = padded_row(spec)
     tile_o, vecs = narrow_tiles(spec)
     oc = spec.out_channels
     ocp = padded_channels(spec)
@@ -346,9 +323,9 @@ def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometr
     m_dtype = "int32" if _fits_int32(m_c) else "int64"
     offset = facts.offset_for("ubsw")
     lanes = out_lanes if requant is not None else 0
-    spec = NarrowSpec(n, ic, h, w, oc, (kh, kw), tuple(padding), tuple(dilation), in_dtype,
-                      offset, facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype,
-                      in_layout.lanes, lanes)
+    spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), (1, 1), tuple(padding), tuple(dilation),
+                          "px16", 1, in_dtype, offset, facts.acc_shift, out_dtype, int(qmin),
+                          int(qmax), m_dtype, in_layout.lanes, lanes)
     size = padded_channels(spec)
     bias = facts.kernel_bias(offset)
     if requant is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +17,6 @@ from ..adapter import Builder, load_tvm
 from ..layout import NCHW, Layout
 from .conv2d import (
     ConvKernelSpec,
-    EpilogueSpec,
     build_conv_kernel,
     direct_input_shape,
     im2col_pays,
@@ -45,19 +44,17 @@ SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx", "px16
 INT32_REQUANT_KINDS = SPLIT_SHIFT_KINDS
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
-#: A kernel spec with an epilogue (``ConvKernelSpec`` or ``conv2d_narrow.NarrowSpec``).
-Spec = TypeVar("Spec", bound=EpilogueSpec)
 
 
-def epilogue_form(spec: EpilogueSpec) -> str:
+def epilogue_form(spec: ConvKernelSpec) -> str:
     """How a kernel of ``spec`` finishes its accumulators, for the kernel report."""
     if spec.out_dtype == "int32":
         return "int32 accumulator"
     return "int32 requantization" if spec.int32_requant else "int64 requantization"
 
 
-def plan_epilogue(spec: Spec, kind: str, bias: np.ndarray, m_c: np.ndarray,
-                  shift_c: np.ndarray) -> tuple[Spec, list[tuple[np.ndarray, str]]]:
+def plan_epilogue(spec: ConvKernelSpec, kind: str, bias: np.ndarray, m_c: np.ndarray,
+                  shift_c: np.ndarray) -> tuple[ConvKernelSpec, list[tuple[np.ndarray, str]]]:
     """The requantization form of a requantizing kernel and its parameters.
 
     Returns ``spec`` with ``int32_requant`` (a :func:`.requant32.plan_int32` plan for every
