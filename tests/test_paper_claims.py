@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,7 +73,9 @@ def test_claims_smoke_run_writes_table_and_plot(tmp_path) -> None:
     assert {k: tuned[k] for k in ("weight_lr", "djpq_lr", "schedule", "seed")} == \
         {k: rows[0][k] for k in ("weight_lr", "djpq_lr", "schedule", "seed")}
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "## vgg7" in text and text.count("| vgg7") == 0 and "| w8a8 | 1 | 2 | 64 |" in text
+    section = text.split("\n## vgg7")[1]  # rows name no model; the overview's row does
+    assert section.count("| vgg7") == 0 and "| w8a8 | 1 | 2 | 64 |" in section
+    assert "## Where each net stands" in text and "| vgg7 | " in text.split("\n## vgg7")[0]
     assert "| fp32_finetune | 1 | 2 | 64 |" in text and "(float) | — |" in text
     assert "FP32 fine-tuned with this recipe" in text and "Not run in this section: w4a4" in text
     assert "djpq vs two_stage" in text or "two_stage point" in text or "do not overlap" in text
@@ -338,3 +341,40 @@ def test_layer_shares_reproduce_the_recorded_reduction(key: tuple, expected: dic
     assert s.estimated_reduction == pytest.approx(s.recorded_reduction, rel=1e-3)
     assert {k: round(100 * v, 1) for k, v in s.by_kind} == expected
     assert sum(la.bops_share for la in s.layers) == pytest.approx(1.0)
+
+
+def test_overview_lists_the_installed_checkpoints_sections_first(tmp_path: Path) -> None:
+    """RESULTS.md opens with one row per section on the installed checkpoint: its stronger FP32,
+    DJPQ's largest reduction within 1 point of it, the smallest drop at >= 200x and DJPQ minus
+    two-stage / DQ-only at equal BOPs; sections on other checkpoints follow, marked as such."""
+    claims = _claims()
+    base = {"model": "vgg7", "steps": 10, "djpq_lr": 0.03, "weight_lr": 1e-3,
+            "schedule": "cosine", "test_images": 100, "fp32_acc": 0.90, "fp32_gbops": 100.0,
+            "fake_quant_acc": 0.0, "checkpoint": "0123456789ab", "seed": 0, "finalize": 0.1,
+            "drop_points": 0.0}
+
+    def run(method: str, gamma: float, acc: float, gbops: float, **kw: Any) -> dict:
+        return dict(base, method=method, gamma=gamma, integer_acc=acc, gbops=gbops,
+                    bops_reduction=100.0 / gbops, **kw)
+
+    rows = [run("fp32_finetune", 1, 0.91, 100.0, float_model=True),  # the bar: 91 %
+            run("djpq", 1, 0.905, 0.8),    # 125x at 0.50: within
+            run("djpq", 4, 0.895, 0.5),    # 200x at 1.50
+            run("djpq", 4, 0.899, 0.5, seed=1),  # mean 89.70 % at 200x: 1.30
+            run("two_stage", 0.5, 0.90, 1.0),    # djpq at or below 1.0 GBOPs: 90.5 -> +0.50
+            run("dq_only", 6, 0.908, 0.9),       # djpq at or below 0.9: 90.5 -> -0.30
+            dict(run("djpq", 1, 0.80, 0.5), checkpoint="ffffffffffff")]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = claims.summarize(results, tmp_path, installed={"vgg7": "0123456789ab"})
+    overview = text.split("## Where each net stands on its installed FP32 checkpoint")[1]
+    overview = overview.split("\n## ")[0]
+    row = next(line for line in overview.splitlines() if line.startswith("| vgg7 |"))
+    assert row == ("| vgg7 | 0123456789ab | 10 steps, weight lr 0.001, DJPQ lr 0.03, cosine "
+                   "rates | 91.00 % | 125.0× at 0.50 (γ=1) | none within 1 point | "
+                   "1.30 at 200.0× (γ=4, 2 seeds) | +0.50 | -0.30 |")
+    assert "ffffffffffff" not in overview
+    titles = [line for line in text.splitlines() if line.startswith("## vgg7")]
+    assert titles[0].endswith("(checkpoint 0123456789ab)")
+    assert titles[1].endswith("(checkpoint ffffffffffff): not the installed checkpoint "
+                              "(0123456789ab), kept for the record")

@@ -342,8 +342,12 @@ def _sections(rows: list[dict[str, Any]]) -> dict[Section, list[dict[str, Any]]]
     return sections
 
 
-def summarize(results: Path, out_dir: Path) -> str:
-    """RESULTS.md text (also written) and the accuracy-vs-GBOPs plot from ``results``."""
+def summarize(results: Path, out_dir: Path, installed: dict[str, str | None] | None = None) -> str:
+    """RESULTS.md text (also written) and the accuracy-vs-GBOPs plot from ``results``.
+
+    ``installed``: each model's installed checkpoint id (default: :func:`checkpoint_id` of the
+    committed files); its sections come first, after an overview of them (:func:`overview`),
+    the others are marked as kept for the record."""
     rows = [json.loads(line) for line in results.read_text().splitlines()] \
         if results.exists() else []
     lines = ["# Paper claims on Fashion-MNIST: DJPQ vs baselines at equal budgets", "",
@@ -355,10 +359,21 @@ def summarize(results: Path, out_dir: Path) -> str:
              "SHA-256); methods are compared only within a section. Where a point was run "
              "with several seeds, the statements below use the mean over seeds.", ""]
     sections = _sections(rows)
-    for (model, checkpoint, recipe), runs in sorted(sections.items(), key=_section_order):
+    if installed is None:
+        installed = {m: _installed_id(m) for m in {r["model"] for r in rows}}
+    lines += overview(sections, installed)
+
+    def order(kv: tuple[Section, Any]) -> tuple[Any, ...]:  # the installed checkpoints first
+        (model, checkpoint, _), _ = kv
+        return (installed.get(model) != checkpoint,) + _section_order(kv)
+
+    for (model, checkpoint, recipe), runs in sorted(sections.items(), key=order):
         fp32 = runs[0]
         reference, source = reference_fp32(runs)
-        lines += [f"## {model}: {_recipe_text(recipe)} (checkpoint {checkpoint})", "",
+        current = installed.get(model)
+        status = ("" if current is None or current == checkpoint else
+                  f": not the installed checkpoint ({current}), kept for the record")
+        lines += [f"## {model}: {_recipe_text(recipe)} (checkpoint {checkpoint}){status}", "",
                   f"FP32 checkpoint: {100 * fp32['fp32_acc']:.2f} % at "
                   f"{fp32['fp32_gbops']:.3f} GBOPs. {_reference_text(runs, reference, source)}",
                   "",
@@ -383,6 +398,86 @@ def summarize(results: Path, out_dir: Path) -> str:
     (out_dir / "RESULTS.md").write_text(text)
     _plot(sections, out_dir / "accuracy_vs_gbops.png")
     return text
+
+
+def _installed_id(model: str) -> str | None:
+    """:func:`checkpoint_id`, or None for a model without a committed checkpoint."""
+    try:
+        return checkpoint_id(model)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _largest_within(points: list[dict[str, Any]], methods: tuple[str, ...]) -> str:
+    """The largest reduction of ``methods``' points at <= 1 point drop, as table text."""
+    ok = [p for p in points if p["method"] in methods and p["drop_points"] <= 1.0]
+    if not ok:
+        return "none within 1 point"
+    best = max(ok, key=lambda p: p["bops_reduction"])
+    seeds = f", {best['seeds']} seeds" if best["seeds"] > 1 else ""
+    name = "" if best["method"] == "djpq" else f"{best['method']} "
+    return (f"{name}{best['bops_reduction']:.1f}× at {best['drop_points']:.2f} "
+            f"(γ={best['gamma']:g}{seeds})")
+
+
+def _least_drop_at_200(points: list[dict[str, Any]]) -> str:
+    """The smallest drop of a DJPQ or lever point at >= 200x, as table text."""
+    far = [p for p in points if p["method"] in ("djpq", *LEVERS) and p["bops_reduction"] >= 200]
+    if not far:
+        return "no point at ≥ 200×"
+    best = min(far, key=lambda p: p["drop_points"])
+    seeds = f", {best['seeds']} seeds" if best["seeds"] > 1 else ""
+    name = "" if best["method"] == "djpq" else f"{best['method']} "
+    return (f"{name}{best['drop_points']:.2f} at {best['bops_reduction']:.1f}× "
+            f"(γ={best['gamma']:g}{seeds})")
+
+
+def _diff_range(points: list[dict[str, Any]], mine: str, theirs: str) -> str:
+    diffs = [d for _, _, d in equal_bops_diffs(points, mine, theirs)]
+    if not diffs:
+        return "—"
+    lo, hi = min(diffs), max(diffs)
+    return f"{lo:+.2f}" if len(diffs) == 1 else f"{lo:+.2f} to {hi:+.2f}"
+
+
+def overview(sections: dict[Section, list[dict[str, Any]]],
+             installed: dict[str, str | None]) -> list[str]:
+    """RESULTS.md's first table: one row per section on an installed checkpoint with the
+    section's stronger FP32, DJPQ's largest reduction within 1 point of it, the best lever's
+    (:data:`LEVERS`), and DJPQ minus two-stage and minus DQ-only at equal BOPs (points; the
+    range over the other method's front, :func:`equal_bops_diffs`)."""
+    rows = []
+    for key, runs in sorted(sections.items(), key=_section_order):
+        model, checkpoint, recipe = key
+        if installed.get(model) != checkpoint or not any(
+                r["method"] not in FLOAT_METHODS for r in runs):
+            continue
+        reference, source = reference_fp32(runs)
+        points = _points(runs, reference)
+        bar = f"{100 * reference:.2f} %" + ("" if source == FP32_FINETUNE else
+                                             " (checkpoint only)" if source == "checkpoint only"
+                                             else " (checkpoint)")
+        rows.append(f"| {model} | {checkpoint} | {_recipe_text(recipe)} | {bar} | "
+                    f"{_largest_within(points, ('djpq',))} | "
+                    f"{_largest_within(points, tuple(LEVERS))} | "
+                    f"{_least_drop_at_200(points)} | "
+                    f"{_diff_range(points, 'djpq', 'two_stage')} | "
+                    f"{_diff_range(points, 'djpq', 'dq_only')} |")
+    if not rows:
+        return []
+    return ["## Where each net stands on its installed FP32 checkpoint", "",
+            "One row per section below on the installed checkpoint. \"Within 1 point\": the "
+            "drop against the section's stronger FP32 (the checkpoint or its same-recipe "
+            "fine-tune) is at most 1.00 point; the target is ≥ 200× there (\"at ≥ 200×\": the "
+            "smallest drop of a DJPQ or lever point that removes ≥ 200× the BOPs). DJPQ − "
+            "two-stage and "
+            "DJPQ − DQ-only: at each point of the other method's accuracy-vs-BOPs front, DJPQ's "
+            "best accuracy at or below its BOPs minus that point's (points; positive: DJPQ "
+            "better; — where not both measured or DJPQ has no point that cheap). One seed "
+            "unless stated.", "",
+            "| model | checkpoint | recipe | stronger FP32 | DJPQ within 1 point | a lever "
+            "within 1 point | drop at ≥ 200× | DJPQ − two-stage | DJPQ − DQ-only |",
+            "|---|---|---|---:|---|---|---|---:|---:|", *rows, ""]
 
 
 def _reference_text(runs: list[dict[str, Any]], reference: float, source: str) -> str:
@@ -442,19 +537,33 @@ def _verdict(points: list[dict[str, Any]], source: str = "checkpoint only") -> l
     return out
 
 
-def _compare(points: list[dict[str, Any]], mine: str, theirs: str) -> str:
-    """``mine`` vs ``theirs`` at the BOPs of each of ``theirs``'s points."""
-    fronts = {m: _frontier([(p["gbops"], p["integer_acc"]) for p in points
-                            if p["method"] == m]) for m in (mine, theirs)}
-    if not (fronts[mine] and fronts[theirs]):
-        return f"* {mine} vs {theirs}: not both measured yet."
-    diffs = []
+def _fronts(points: list[dict[str, Any]], *methods: str) -> dict[str, list[tuple[float, float]]]:
+    return {m: _frontier([(p["gbops"], p["integer_acc"]) for p in points if p["method"] == m])
+            for m in methods}
+
+
+def equal_bops_diffs(points: list[dict[str, Any]], mine: str,
+                     theirs: str) -> list[tuple[float, float, float]]:
+    """``(gbops, gbops_mine, points)`` at each point of ``theirs``'s front that ``mine`` has a
+    point at or below: ``mine``'s best accuracy there minus ``theirs``'s, in points (positive:
+    ``mine`` better), and the BOPs of ``mine``'s point. The conservative comparison: ``mine``
+    is never credited with more BOPs than ``theirs`` spent."""
+    fronts = _fronts(points, mine, theirs)
+    out = []
     for g, a in fronts[theirs]:
         best = _best_at(fronts[mine], g)
         if best is not None:
-            g_mine, acc = best
-            diffs.append(f"{100 * (acc - a):+.2f} points at {g:.4g} GBOPs ({mine} point at "
-                         f"{g_mine:.4g} GBOPs)")
+            out.append((g, best[0], 100 * (best[1] - a)))
+    return out
+
+
+def _compare(points: list[dict[str, Any]], mine: str, theirs: str) -> str:
+    """``mine`` vs ``theirs`` at the BOPs of each of ``theirs``'s points."""
+    fronts = _fronts(points, mine, theirs)
+    if not (fronts[mine] and fronts[theirs]):
+        return f"* {mine} vs {theirs}: not both measured yet."
+    diffs = [f"{d:+.2f} points at {g:.4g} GBOPs ({mine} point at {g_mine:.4g} GBOPs)"
+             for g, g_mine, d in equal_bops_diffs(points, mine, theirs)]
     inside = []
     for g, a in fronts[mine]:
         theirs_acc = _interpolate(fronts[theirs], g)
