@@ -303,6 +303,31 @@ def test_selection_bound_is_tight() -> None:
     assert select_kernel(vnni).variant == "avx512_vnni"
 
 
+#: (kind, P, output channels, output width) -> (tile_w, tile_oc): the register tile of the
+#: channel-lane kernels (``conv2d.choose_tiles``; ``benchmarks/latency/tiles_ab.json``).
+TILES = [
+    ("ubsw", 4, 64, 28, (7, 1)),  # one block: its 4 weight vectors reused over 7 columns
+    ("ubsw", 2, 64, 56, (4, 2)),  # P <= 2, 8 blocks: each broadcast feeds two blocks
+    ("ubsw", 1, 23, 14, (7, 1)),  # 3 blocks: a second block per tile would pad 24 -> 32
+    ("ubsw", 4, 9, 5, (5, 1)),  # a row narrower than the widest tile: the whole row
+    ("wd", 1, 64, 28, (4, 2)),  # int16, 8 blocks: each broadcast pair feeds two blocks
+    ("wd", 1, 40, 28, (7, 1)),  # int16, 5 blocks (odd): one block, no padded block
+    ("vnni", 1, 64, 28, (7, 2)),  # 32 zmm registers: two 16-channel blocks
+    ("sdot", 1, 64, 28, (4, 4)),  # 32 NEON registers, 4 int32 lanes: four blocks
+]
+
+
+@pytest.mark.parametrize(("kind", "p", "oc", "width", "tiles"), TILES)
+def test_register_tiles_pad_no_block_of_output_channels(kind: str, p: int, oc: int,
+                                                         width: int,
+                                                         tiles: tuple[int, int]) -> None:
+    from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec, choose_tiles
+
+    spec = ConvKernelSpec(1, 16, 3, width, oc, (3, 3), (1, 1), (1, 1), (1, 1), kind, p,
+                          "uint8", 0, 0, "uint8", 0, 255)
+    assert choose_tiles(spec) == tiles
+
+
 def test_unsafe_group_count_is_wrong_on_worst_case() -> None:
     """The bound is real: forcing P = 4 past it saturates (so the selection's check matters)."""
     tvm = pytest.importorskip("tvm")

@@ -16,12 +16,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +32,69 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _build(converted: Any, x: torch.Tensor, int32: bool) -> Any:
-    """Build with the int32 requantization allowed (as ``build()`` does) or switched off."""
-    from djpq_compiler.backends import tvm as tvm_backend
+@contextlib.contextmanager
+def int64_only() -> Iterator[None]:
+    """Build with every written kernel's requantization in int64 (the code before the change)."""
     from djpq_compiler.backends.tvm.kernels import emit
 
     saved = emit.INT32_REQUANT_KINDS
-    if not int32:
-        emit.INT32_REQUANT_KINDS = frozenset()
+    emit.INT32_REQUANT_KINDS = frozenset()
     try:
-        return tvm_backend.build(converted, "x86", example_inputs=(x,))
+        yield
     finally:
         emit.INT32_REQUANT_KINDS = saved
+
+
+def compare_builds(model: str, batch: int, rounds: int, isa: str,
+                   variants: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]],
+                   ) -> dict[str, Any]:
+    """Build ``model`` (a committed DJPQ-trained one) once per variant (``build(..., "x86")``
+    under the variant's context manager), check each bit-exact against the integer reference,
+    time the VMs' ``main`` alternately by thread CPU time and return the record: median ms per
+    variant, every round, each build's epilogue and kernel-variant counts, the load."""
+    sys.argv = sys.argv[:1]
+    sys.path.insert(0, str(HERE))
+    import run as latency  # noqa: PLC0415
+    import tvm  # noqa: PLC0415
+
+    from djpq_compiler.backends import tvm as tvm_backend
+
+    latency.force_isa(isa)
+    info = latency.trained_model(model, HERE / "models")
+    converted = info["converted"]
+    x = torch.randn(batch, *info["shape"], generator=torch.Generator().manual_seed(1))
+    want = converted(x)
+    builds = {}
+    for name, ctx in variants.items():
+        with ctx():
+            builds[name] = tvm_backend.build(converted, "x86", example_inputs=(x,))
+    forms, kinds = {}, {}
+    for name, compiled in builds.items():
+        got = compiled(x)
+        if not torch.equal(got, want.to(got.dtype)):
+            raise SystemExit(f"{name} build differs from the integer reference")
+        forms[name] = dict(Counter(k.epilogue for k in compiled.kernels))
+        kinds[name] = dict(Counter(k.variant for k in compiled.kernels))
+    vms = {k: tvm.relax.VirtualMachine(c.executable, tvm.cpu()) for k, c in builds.items()}
+    arr = tvm.runtime.tensor(x.numpy(), tvm.cpu())
+    for vm in vms.values():
+        for _ in range(3):
+            vm["main"](arr)
+    reps = 5
+    times: dict[str, list[float]] = {k: [] for k in vms}
+    names = list(vms)
+    load = [os.getloadavg()[0]]
+    for r in range(rounds):
+        for key in (names if r % 2 else names[::-1]):
+            t0 = time.thread_time()
+            for _ in range(reps):
+                vms[key]["main"](arr)
+            times[key].append((time.thread_time() - t0) / reps)
+    load.append(os.getloadavg()[0])
+    return {"model": model, "batch": batch, "isa": isa,
+            "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+            "rounds_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+            "epilogues": forms, "variants": kinds, "load": load, "reps": reps}
 
 
 def main() -> int:
@@ -54,49 +107,18 @@ def main() -> int:
     args = ap.parse_args()
     if os.environ.get("TVM_NUM_THREADS") != "1":
         print("warning: run at TVM_NUM_THREADS=1 (thread CPU time counts the calling thread)")
-    sys.argv = sys.argv[:1]
-    sys.path.insert(0, str(HERE))
-    import run as latency  # noqa: PLC0415
-    import tvm  # noqa: PLC0415
-
-    latency.force_isa(args.isa)
-    info = latency.trained_model(args.model, HERE / "models")
-    converted = info["converted"]
-    x = torch.randn(args.batch, *info["shape"], generator=torch.Generator().manual_seed(1))
-    want = converted(x)
-    builds = {"int64": _build(converted, x, False), "int32": _build(converted, x, True)}
-    forms = {}
-    for name, compiled in builds.items():
-        got = compiled(x)
-        if not torch.equal(got, want.to(got.dtype)):
-            raise SystemExit(f"{name} build differs from the integer reference")
-        forms[name] = dict(Counter(k.epilogue for k in compiled.kernels))
-    vms = {k: tvm.relax.VirtualMachine(c.executable, tvm.cpu()) for k, c in builds.items()}
-    arr = tvm.runtime.tensor(x.numpy(), tvm.cpu())
-    for vm in vms.values():
-        for _ in range(3):
-            vm["main"](arr)
-    reps = 5
-    times: dict[str, list[float]] = {k: [] for k in vms}
-    load = [os.getloadavg()[0]]
-    for r in range(args.rounds):
-        for key in (("int64", "int32") if r % 2 else ("int32", "int64")):
-            t0 = time.thread_time()
-            for _ in range(reps):
-                vms[key]["main"](arr)
-            times[key].append((time.thread_time() - t0) / reps)
-    load.append(os.getloadavg()[0])
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rec = compare_builds(args.model, args.batch, args.rounds, args.isa,
+                         {"int64": int64_only, "int32": contextlib.nullcontext})
+    med, load, forms = rec["median_ms"], rec["load"], rec["epilogues"]
     print(f"{args.model} batch {args.batch} isa {args.isa}: int64 epilogue {med['int64']:.3f} ms,"
           f" int32 where planned {med['int32']:.3f} ms, x{med['int64'] / med['int32']:.3f} "
-          f"(thread CPU time, median of {args.rounds} rounds of {reps}; load {load[0]:.1f} -> "
-          f"{load[1]:.1f}); both bit-exact")
+          f"(thread CPU time, median of {args.rounds} rounds of {rec['reps']}; load "
+          f"{load[0]:.1f} -> {load[1]:.1f}); both bit-exact")
     print(f"  layers per epilogue: int64 build {forms['int64']}, int32 build {forms['int32']}")
     if args.json:
         args.json.write_text(json.dumps({
-            "model": args.model, "batch": args.batch, "isa": args.isa, "median_ms": med,
-            "rounds_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
-            "epilogues": forms, "load": load,
+            **{k: rec[k] for k in ("model", "batch", "isa", "median_ms", "rounds_ms",
+                                   "epilogues", "load")},
             "command": "TVM_NUM_THREADS=1 python benchmarks/latency/epilogue_ab.py "
                        f"--model {args.model} --batch {args.batch} --isa {args.isa} "
                        f"--rounds {args.rounds}"}, indent=1))

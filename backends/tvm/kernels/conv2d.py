@@ -160,9 +160,13 @@ class ConvKernelSpec:
 def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
     """``(tile_w, tile_oc)``: output columns x 8-channel blocks held in registers.
 
-    16 ymm registers hold ``tile_w * tile_oc`` accumulators plus the weight vectors; P = 4 keeps one
-    channel block (its 4 weight vectors are reused over the columns), P <= 2 and the int16 path take
-    two. The width tile minimizes padded columns, preferring the larger tile on ties.
+    16 ymm registers hold ``tile_w * tile_oc`` accumulators plus the weight vectors; P = 4 keeps
+    one channel block (its 4 weight vectors are reused over the columns), P <= 2 and the int16
+    path take two (each broadcast then feeds two blocks) where the layer has an even number of
+    blocks, else one: a second block per tile would pad a whole block of 8 zero-weight channels
+    (a pruned 23 -> 32 channels; measured 1.16-1.48x faster with one block,
+    ``benchmarks/latency/tiles_ab.json``). The width tile minimizes padded columns, preferring
+    the larger tile on ties.
     """
     out_w = spec.out_size[1]
     if spec.depthwise:
@@ -174,7 +178,9 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
         tile_oc = 2 if spec.out_channels > 16 else 1
         widest = 12 if tile_oc == 1 else 8
     else:
-        tile_oc = 2 if (spec.kind == "wd" or spec.groups <= 2) and spec.out_channels > 8 else 1
+        blocks = -(-spec.out_channels // spec.oc_lanes)
+        pair = spec.kind == "wd" or spec.groups <= 2
+        tile_oc = 2 if pair and blocks % 2 == 0 else 1
         widest = 7 if tile_oc == 1 else 5
     if out_w <= widest:
         return out_w, tile_oc
