@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx
 
@@ -148,9 +147,10 @@ class CompiledModel:
             self.load_seconds = time.perf_counter() - start
 
     def _warm_up(self) -> None:
-        """One call on zeros: the VM allocates its memory pool and the kernels' pages are
-        touched here rather than in the caller's first call (first call ~= steady calls)."""
-        adapter.run_vm(self._vm, [np.zeros(s, dtype=np.float32) for s in self.input_shapes])
+        """One call on zeros through the path ``__call__`` takes (:func:`_call_vm`, DLPack): the
+        VM allocates its memory pool and the kernels' pages are touched here rather than in the
+        caller's first call (first call ~= steady calls)."""
+        _call_vm(self._vm, [torch.zeros(s, dtype=torch.float32) for s in self.input_shapes])
 
     def _runnable_here(self) -> bool:
         x86 = platform.machine().lower() in ("x86_64", "amd64")
