@@ -309,6 +309,34 @@ def test_depthwise_levers_configure_the_depthwise_convs_only(
     assert "not met)" in verdict
 
 
+def test_activation_floor_lever_binds_three_bits_on_every_learned_activation() -> None:
+    """``djpq_a3_bound``: plain DJPQ except that every learned activation quantizer keeps its
+    training bit-width at >= 3 (``QuantSpec.bind_min_bits``); weights keep the default floor;
+    the network input stays fixed at 8 bits."""
+    import torch
+
+    import djpq_compiler as djpq
+    from djpq_compiler.prepared import quantizers
+    from djpq_compiler.workflows import zoo
+
+    claims = _claims()
+    single = claims._single_run_module()
+    assert "djpq_a3_bound" in claims.METHODS and "djpq_a3_bound" in claims.LEVERS
+    assert "djpq_a3_bound" not in claims.ONCE
+    cfg = single.method_config("djpq_a3_bound", zoo.get_model("resnet20"))
+    assert cfg.prune and cfg.quantize and not cfg.restricted
+    assert (cfg.activation.min_bits, cfg.activation.bind_min_bits) == (3, True)
+    assert (cfg.weight.min_bits, cfg.weight.bind_min_bits) == (2, False)
+    assert cfg.activation.bits == 8 and cfg.activation.learn_bits
+    prepared = djpq.prepare(zoo.get_model("resnet20"), torch.randn(2, 1, 28, 28), cfg)
+    acts = {name: q for name, q in quantizers(prepared) if name.startswith("djpq_quant.")}
+    assert acts["djpq_quant.a_x"].fixed_bits  # the network input: 8 bits, not learned
+    learned = [q for q in acts.values() if not q.fixed_bits]
+    assert learned and all((q.min_bits, q.bind_min_bits) == (3, True) for q in learned)
+    weights = [q for name, q in quantizers(prepared) if not name.startswith("djpq_quant.")]
+    assert weights and not any(q.bind_min_bits for q in weights)
+
+
 #: (model, method, gamma, finalize, checkpoint) of committed rows -> BOPs share (%) per layer kind,
 #: from ``benchmarks/paper_claims/layers.py`` (the per-layer reading in NOTES.md).
 LAYER_SHARES = [

@@ -24,6 +24,7 @@ commands behind every committed row):
 ``djpq_dw_w4_bound`` holds that floor during training too (``QuantSpec.bind_min_bits``);
 ``djpq_dw_gamma3`` / ``djpq_dw_gamma05`` weigh the depthwise convs' terms of the regulariser 3x /
 0.5x (``Override.gamma_scale``: per-group regularisation strength).
+``djpq_a3_bound`` holds every learned activation quantizer at >= 3 bits during training.
 ``djpq_kd`` is DJPQ whose task loss distils the FP32 checkpoint (weight 0.7, temperature 2; a lever
 of issue 18, not the paper's method; the section's FP32 bar stays the undistilled fine-tune).
 ``--finalize F`` (default 0.1) is the fraction of the steps trained at the end with gates and bits
@@ -53,7 +54,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 METHODS = ("djpq", "djpq_restricted", "two_stage", "two_stage_restricted", "dq_only",
            "vib_only", "w8a8", "w4a4", "djpq_soft_bops", "djpq_dw_w4", "djpq_dw_w4_bound",
-           "djpq_dw_gamma3", "djpq_dw_gamma05", "djpq_kd", "fp32_finetune", "fp32_finetune_kd")
+           "djpq_dw_gamma3", "djpq_dw_gamma05", "djpq_a3_bound", "djpq_kd", "fp32_finetune",
+           "fp32_finetune_kd")
 ONCE = ("w8a8", "w4a4", "fp32_finetune", "fp32_finetune_kd")  # no learned quantity depends on gamma
 #: The same-recipe FP32 baseline: a float model, scored with float accuracy at FP32 BOPs.
 FP32_FINETUNE = "fp32_finetune"
@@ -76,6 +78,7 @@ LEVERS = {
                          "(djpq_dw_w4_bound)"),
     "djpq_dw_gamma3": "DJPQ with the depthwise convs' regulariser terms ×3 (djpq_dw_gamma3)",
     "djpq_dw_gamma05": "DJPQ with the depthwise convs' regulariser terms ×0.5 (djpq_dw_gamma05)",
+    "djpq_a3_bound": ("DJPQ with a 3-bit activation floor held in training (djpq_a3_bound)"),
 }
 #: ``--finalize`` of rows from before the option existed (the single-run script's default).
 DEFAULT_FINALIZE = 0.1
