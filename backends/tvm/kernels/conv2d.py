@@ -164,7 +164,7 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
     one channel block (its 4 weight vectors are reused over the columns), P <= 2 and the int16
     path take two (each broadcast then feeds two blocks) where the layer has an even number of
     blocks, else one: a second block per tile would pad a whole block of 8 zero-weight channels
-    (a pruned 23 -> 32 channels; measured 1.16-1.48x faster with one block,
+    (a pruned 23 -> 32 channels; measured 1.12-1.54x faster with one block,
     ``benchmarks/latency/tiles_ab.json``). The width tile minimizes padded columns, preferring
     the larger tile on ties.
     """
