@@ -78,7 +78,7 @@ LEVERS = {
                          "(djpq_dw_w4_bound)"),
     "djpq_dw_gamma3": "DJPQ with the depthwise convs' regulariser terms ×3 (djpq_dw_gamma3)",
     "djpq_dw_gamma05": "DJPQ with the depthwise convs' regulariser terms ×0.5 (djpq_dw_gamma05)",
-    "djpq_a3_bound": ("DJPQ with a 3-bit activation floor held in training (djpq_a3_bound)"),
+    "djpq_a3_bound": "DJPQ with a 3-bit activation floor held in training (djpq_a3_bound)",
 }
 #: ``--finalize`` of rows from before the option existed (the single-run script's default).
 DEFAULT_FINALIZE = 0.1
@@ -472,9 +472,8 @@ def overview(sections: dict[Section, list[dict[str, Any]]],
             "One row per section below on the installed checkpoint. \"Within 1 point\": the "
             "drop against the section's stronger FP32 (the checkpoint or its same-recipe "
             "fine-tune) is at most 1.00 point; the target is ≥ 200× there (\"at ≥ 200×\": the "
-            "smallest drop of a DJPQ or lever point that removes ≥ 200× the BOPs). DJPQ − "
-            "two-stage and "
-            "DJPQ − DQ-only: at each point of the other method's accuracy-vs-BOPs front, DJPQ's "
+            "smallest drop of a DJPQ or lever point that removes ≥ 200× the BOPs). "
+            "DJPQ − two-stage and DJPQ − DQ-only: at each point of the other method's accuracy-vs-BOPs front, DJPQ's "
             "best accuracy at or below its BOPs minus that point's (points; positive: DJPQ "
             "better; — where not both measured or DJPQ has no point that cheap). One seed "
             "unless stated.", "",
