@@ -473,8 +473,9 @@ def overview(sections: dict[Section, list[dict[str, Any]]],
             "drop against the section's stronger FP32 (the checkpoint or its same-recipe "
             "fine-tune) is at most 1.00 point; the target is ≥ 200× there (\"at ≥ 200×\": the "
             "smallest drop of a DJPQ or lever point that removes ≥ 200× the BOPs). "
-            "DJPQ − two-stage and DJPQ − DQ-only: at each point of the other method's accuracy-vs-BOPs front, DJPQ's "
-            "best accuracy at or below its BOPs minus that point's (points; positive: DJPQ "
+            "DJPQ − two-stage and DJPQ − DQ-only: at each point of the other method's "
+            "accuracy-vs-BOPs front, DJPQ's best accuracy at or below its BOPs minus that "
+            "point's (points; positive: DJPQ "
             "better; — where not both measured or DJPQ has no point that cheap). One seed "
             "unless stated.", "",
             "| model | checkpoint | recipe | stronger FP32 | DJPQ within 1 point | a lever "
