@@ -365,6 +365,59 @@ def test_grouped_conv_groups_share_one_kernel() -> None:
     check(layer, (2, 16, 9, 8), 8)
 
 
+#: (groups, in per group, out per group) -> merge factor k of ``select.merge_groups`` (the
+#: smallest divisor of the group count, at most MAX_MERGE, giving >= 4 -> 8 channels per group
+#: and <= 16 groups; 1: unchanged).
+MERGES = [
+    (4, 4, 8, 1),  # wide enough already: one kernel per group
+    (32, 4, 4, 2),  # ResNeXt-50 32x4d, first stage: 16 groups of 8 -> 8
+    (32, 32, 32, 2),  # its last stage: too many groups, 16 groups of 64 -> 64
+    (8, 1, 2, 4),  # channel multiplier 2 (not depthwise): 2 groups of 4 -> 8
+    (3, 2, 2, 1),  # 3 groups of 2 -> 2: merging all three gives 6 -> 6, still < 8 outputs
+    (64, 2, 2, 4),  # 64 groups of 2 -> 2: k = 2 gives 4 -> 4 (too narrow), k = 4 16 of 8 -> 8
+]
+
+
+@pytest.mark.parametrize(("groups", "in_g", "out_g", "k"), MERGES)
+def test_narrow_groups_merge_block_diagonally(groups: int, in_g: int, out_g: int,
+                                             k: int) -> None:
+    """Pure selection: narrow or numerous groups are merged ``k`` at a time into block-diagonal
+    groups (each original group's weights at its own input channels, zeros elsewhere), so every
+    output's weights and ``sum|w|`` are the same."""
+    from djpq_compiler.backends.tvm.kernels.select import merge_groups
+
+    rng = np.random.default_rng(groups)
+    weight = rng.integers(-7, 8, (groups * out_g, in_g, 3, 3))
+    facts = LayerFacts("l", "conv2d", 0, 255, weight, np.zeros(groups * out_g, np.int64), 0,
+                       groups, 0, frozenset({"avx2"}), "llvm")
+    merged, got = merge_groups(facts)
+    assert got == k
+    if k == 1:
+        assert merged is facts
+        return
+    assert merged.groups == groups // k and merged.weight.shape == (groups * out_g, k * in_g, 3, 3)
+    for g in range(groups):
+        rows = slice(g * out_g, (g + 1) * out_g)
+        block = merged.weight[rows]
+        j = g % k
+        assert np.array_equal(block[:, j * in_g:(j + 1) * in_g], weight[rows])
+        assert not np.delete(block, np.s_[j * in_g:(j + 1) * in_g], axis=1).any()
+    assert select_kernel(merged).kind is not None
+
+
+def test_resnext_like_grouped_conv_merges_groups_and_stays_exact() -> None:
+    """32 groups of 4 -> 4 channels (ResNeXt's first stage, narrower than per-group kernels
+    take) get written kernels on block-diagonal pairs of groups, bit-exact; 3 groups of 2 -> 2,
+    which no merge within MAX_MERGE widens enough, keep TVM's generic lowering."""
+    layer = int_layer("conv", 128, 128, x_bits=8, w_bits=4, groups=32, seed=5)
+    _, records = check(layer, (2, 128, 6, 7), 8)
+    assert records[0].variant.startswith("avx2_u8s8")
+    assert "32 groups of 4 -> 4 channels merged 2 at a time into 16" in records[0].note
+    narrow = int_layer("conv", 6, 6, x_bits=8, w_bits=4, groups=3, seed=6)
+    _, records = check(narrow, (2, 6, 6, 7), 8)
+    assert records[0].variant == "default" and "groups=3" in records[0].note
+
+
 #: (batch, channels in -> out, spatial, kernel, depthwise, runs parallel): the thread rule of
 #: ``conv2d.runs_parallel`` as a table. Batch-1 layers of the reference nets (under a million
 #: MACs) run on the calling thread; their batch-32 layers and resnet18-size layers go parallel;

@@ -25,6 +25,7 @@ from .kernels.select import (
     KernelChoice,
     LayerFacts,
     fit_groups_to_lanes,
+    merge_groups,
     narrow_pixels,
     select_kernel,
 )
@@ -149,7 +150,14 @@ def _select(ctx: Lowering, node: fx.Node, op: str, x: IntValue, weight: np.ndarr
     facts = LayerFacts(node.name, op, x.lo, x.hi, weight, bias,
                        int(getattr(module, "acc_shift", 0)), groups, macs,
                        target_features(ctx.target), target_text(ctx.target), packed_io)
-    choice = select_kernel(facts)
+    merged, k = merge_groups(facts)
+    choice = select_kernel(merged)
+    if k > 1 and choice.kind is not None:  # else the default lowering of the layer as it is
+        in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // groups
+        facts = merged
+        choice = dataclasses.replace(choice, note=(
+            f"{choice.note} ({groups} groups of {in_g} -> {out_g} channels merged {k} at a time "
+            f"into {merged.groups} block-diagonal groups: {k}x the multiply-adds)"))
     ctx.kernels.append(choice)
     return facts, choice
 
