@@ -353,17 +353,24 @@ def test_unsafe_group_count_is_wrong_on_worst_case() -> None:
     assert not np.array_equal(args[-1].numpy(), np.full((1, 8, 3, 3), 16 * 255 * 31))
 
 
-def test_grouped_conv_groups_share_one_kernel() -> None:
-    """The groups of a grouped conv have one kernel spec: the module holds one written PrimFunc,
-    called once per group (scheduled and compiled once), and the build stays exact."""
-    layer = int_layer("conv", 16, 32, x_bits=8, w_bits=4, groups=4, seed=4)
+@pytest.mark.parametrize(("c_in", "c_out", "groups", "batch"), [
+    (16, 32, 4, 2),  # 4 groups of 4 -> 8
+    (40, 24, 2, 3),  # 2 groups of 20 -> 12: each group's channels padded to whole blocks
+    (64, 64, 4, 1),  # 4 groups of 16 -> 16: every block full
+])
+def test_grouped_conv_is_one_kernel_over_images_and_groups(c_in: int, c_out: int, groups: int,
+                                                           batch: int) -> None:
+    """A grouped conv is one written kernel called once, its batch the images x groups
+    (``ConvKernelSpec.conv_groups``: each group with its own weights and epilogue parameters),
+    scheduled and compiled once, and bit-exact (odd group widths and batch sizes included)."""
+    layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=4, groups=groups, seed=4)
     gm = im.trace_integer(One(layer, 8, False).eval())
-    x = inputs((2, 16, 9, 8), 8, False)[0]
+    x = inputs((batch, c_in, 9, 8), 8, False)[0]
     mod, ctx = lower(gm, [x], AVX2)
     written = [gv.name_hint for gv, _ in mod.functions.items() if gv.name_hint.startswith("djpq_")]
-    assert len(written) == 1 and "4 groups" in ctx.kernels[0].note
-    assert adapter.call_tir_count(mod) >= 4
-    check(layer, (2, 16, 9, 8), 8)
+    assert len(written) == 1 and f"{groups} groups" in ctx.kernels[0].note
+    assert adapter.call_tir_count(mod) == 1
+    check(layer, (batch, c_in, 9, 8), 8)
 
 
 #: (groups, in per group, out per group) -> merge factor k of ``select.merge_groups`` (the

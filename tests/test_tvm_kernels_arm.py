@@ -181,7 +181,8 @@ def test_disassembly_shows_sdot_in_conv_kernels(aarch64_qemu: None, tmp_path: Pa
 
 
 def test_sdot_grouped_conv_bit_exact_under_qemu(aarch64_qemu: None, tmp_path: Path) -> None:
-    """A grouped conv (groups of 8 -> 12 channels) runs one sdot kernel per group."""
+    """A grouped conv (groups of 8 -> 12 channels) runs in one sdot kernel whose batch is the
+    images x groups, bit-exact under qemu."""
     layer = int_layer("conv", 16, 24, x_bits=8, w_bits=8, groups=2, stride=2, seed=5)
     kernels, _ = check_arm(layer, (2, 16, 9, 8), 8, False, tmp_path)
     assert [c.variant for c in kernels] == ["neon_sdot"] and "2 groups" in kernels[0].note

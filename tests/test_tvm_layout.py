@@ -346,6 +346,45 @@ def test_float_island_concat_pool_and_fallback_bit_exact(spec: dict, batch: int)
     assert layouts["c2"] == ("NCHW", "NCHW") and layouts["c3"][1] == "NCHW"
 
 
+class Grouped(nn.Module):
+    """conv -> grouped conv (4 groups of 8 -> 8: whole 8-lane blocks per group) -> conv ->
+    grouped 1x1 conv (8 groups of 4 -> 3, merged four at a time: 16 -> 12, 12 not whole
+    blocks) -> conv
+    (ResNeXt-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.c1 = conv(3, 32, 0.02, 0.05, seed=1)
+        self.g1 = conv(32, 32, 0.05, 0.05, groups=4, seed=2)
+        self.c2 = conv(32, 32, 0.05, 0.05, seed=3)
+        self.g2 = conv(32, 24, 0.05, 0.05, groups=8, k=1, padding=0, seed=4)
+        self.c3 = conv(24, 5, 0.05, 0.04, seed=5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(self.g2(self.c2(self.g1(self.c1(self.quant(x))))))
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_grouped_convs_read_and_write_packed_blocks_bit_exact(spec: dict, batch: int) -> None:
+    """A grouped conv whose groups fill whole lane blocks reads and writes the packed layout
+    (its input and output are the images x groups batch, the same memory); one whose groups do
+    not (8 groups of 4 -> 3, merged four at a time: 16 -> 12 channels per merged group) reads
+    and writes NCHW, and so do its neighbours' sides that meet it."""
+    ctx = assert_exact(Grouped(), (batch, 3, 9, 10), spec)
+    layouts = {k.layer: (k.in_layout, k.out_layout) for k in ctx.kernels}
+    notes = {k.layer: k.note for k in ctx.kernels}
+    lanes = layout_lanes(target_features(spec))
+    if lanes == 8:  # 4 groups of 8 channels: whole 8-lane blocks
+        assert layouts["g1"] == ("NCHW8c", "NCHW8c") and layouts["c1"][1] == "NCHW8c"
+    else:  # 16 lanes: a group's 8 channels are half a block
+        assert layouts["g1"] == ("NCHW", "NCHW") and layouts["c1"][1] == "NCHW"
+    assert layouts["g2"] == ("NCHW", "NCHW") and layouts["c2"][1] == "NCHW"
+    assert "merged 4 at a time into 2" in notes["g2"]
+    assert "in one kernel" in notes["g1"] and "in one kernel" in notes["g2"]
+
+
 @pytest.mark.parametrize("spec", TARGETS)
 @pytest.mark.parametrize("batch", [1, 32])
 def test_average_pools_read_packed_values_bit_exact(spec: dict, batch: int) -> None:

@@ -22,6 +22,7 @@ from djpq_compiler.ir import modules as im
 from .emit import FloatValue, IntValue, LaneChain, Lowered, Lowering, container_dtype, register
 from .kernels.eltwise import Clamp, Expr, Leaf, Requant, Sum, split_multiplier, value_range
 from .kernels.select import (
+    GROUPED_KINDS,
     KernelChoice,
     LayerFacts,
     fit_groups_to_lanes,
@@ -167,8 +168,10 @@ def _written_layer(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
     """Emit a written kernel: fused requantization (integer out) or the int32 accumulator.
 
     Dense and depthwise kernels read ``x`` in its layout and write ``NCHW{out_lanes}c`` where
-    they can (``out_lanes`` > 0). A grouped (non-depthwise) conv runs one dense kernel per group
-    on its NCHW channel slice, and the results are concatenated along the channels (NCHW).
+    they can (``out_lanes`` > 0). A grouped (non-depthwise) conv runs one dense kernel over the
+    batch of images x groups (``select.GROUPED_KINDS``, ``ConvKernelSpec.conv_groups``); other
+    kinds run one kernel per group on its NCHW channel slice, and the results are concatenated
+    along the channels (NCHW).
     The layer's record (the last of ``ctx.kernels``) notes how the kernel finished its
     accumulators (``emit.epilogue_form``)."""
     out, layout, forms = _emit_written(ctx, node, x, facts, choice, geometry, out_lanes)
@@ -187,7 +190,8 @@ def _emit_written(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
     m, shift = _np(module.m).reshape(-1), _np(module.shift).reshape(-1)
     dtype = container_dtype(module.qmin, module.qmax)
     in_dtype = ctx.bb.dtype(x.expr)
-    if facts.groups == 1 or facts.weight.shape[1] == 1:  # dense or depthwise: one kernel
+    if (facts.groups == 1 or facts.weight.shape[1] == 1  # dense or depthwise: one kernel
+            or choice.kind in GROUPED_KINDS):  # grouped: one kernel over images x groups
         requant = None if module.out_scale is None else (m, shift, module.qmin, module.qmax,
                                                          dtype)
         out, layout, form = emit_conv(ctx.bb, x.expr, in_dtype, facts, choice, geometry,
@@ -254,7 +258,10 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
     index = len(ctx.kernels) - 1
     depthwise = weight.shape[1] == 1 and int(module.groups) == weight.shape[0]
     if choice.kind is not None:
-        if int(module.groups) != 1 and not depthwise:
+        # a grouped kernel reads packed input where each group fills whole blocks, else NCHW
+        if int(module.groups) != 1 and not depthwise and not (
+                choice.kind in GROUPED_KINDS and x.layout.packed
+                and facts.weight.shape[1] % x.layout.lanes == 0):
             x = ctx.int_arg(node)
         direct = (x.layout.packed and (kh, kw) == (1, 1) and padding == (0, 0) and x.lo >= 0
                   and container_dtype(x.lo, x.hi) == "uint8")  # may read x directly

@@ -24,7 +24,11 @@ Ops and their packed form (the record asked for by issue 15, item 3):
 op                                      packed form
 =====================================  ===================================================
 ``IntConv2d`` dense / depthwise         reads any layout, writes ``NCHW{L}c`` if planned
-``IntConv2d`` grouped, float output     NCHW in and out (per-group channel slices; float)
+``IntConv2d`` grouped                   like dense where each group (merged groups,
+                                        ``select.merge_factor``) holds whole lane blocks on
+                                        both sides (images x groups as the kernel's batch);
+                                        else NCHW in and out
+``IntConv2d``, float output             NCHW in and out
 ``IntAdd`` (equal shapes), ``IntClip``,  lane-wise on packed values when every operand has
 ``Requantize``                          the same :class:`Layout`; else NCHW. A chain of them
                                         is one written kernel (``kernels/eltwise.py``)
@@ -144,9 +148,22 @@ PackedRule = Callable[[Any], str | None]
 
 def _conv_rule(module: Any) -> str | None:
     depthwise = module.groups == module.weight.shape[0] and module.weight.shape[1] == 1
-    if module.out_scale is None or (module.groups != 1 and not depthwise):
-        return None  # float output / per-group channel slices: NCHW
-    return "kernel"
+    if module.out_scale is None:
+        return None  # float output: NCHW
+    return "grouped" if module.groups != 1 and not depthwise else "kernel"
+
+
+def grouped_in_blocks(module: Any, lanes: int) -> bool:
+    """Whether a grouped (not depthwise) integer conv's groups, as its kernel runs them
+    (``select.merge_factor``), hold whole blocks of ``lanes`` channels on both sides: its
+    kernel then reads and writes ``NCHW{L}c`` as the images x groups batch (the same memory);
+    otherwise it runs on NCHW."""
+    from .kernels.select import merge_factor
+
+    groups = int(module.groups)
+    oc, in_g = (int(d) for d in module.weight.shape[:2])
+    k = merge_factor(groups, in_g, oc // groups)
+    return (k * in_g) % lanes == 0 and (k * oc // groups) % lanes == 0
 
 
 def lanewise_rule(module: Any) -> str | None:
@@ -206,12 +223,15 @@ class LayoutPlan:
         return self.lanes > 0 and node.name in self.packed
 
 
-def _rule(gm: fx.GraphModule, node: fx.Node) -> str | None:
+def _rule(gm: fx.GraphModule, node: fx.Node, lanes: int) -> str | None:
     if node.op != "call_module":
         return None
     module = gm.get_submodule(str(node.target))
     rule = PACKED_OPS.get(type(module))
-    return None if rule is None else rule(module)
+    found = None if rule is None else rule(module)
+    if found == "grouped":  # a kernel where its groups fill whole lane blocks, else NCHW
+        return "kernel" if grouped_in_blocks(module, lanes) else None
+    return found
 
 
 def _channels(gm: fx.GraphModule, node: fx.Node) -> int | None:
@@ -241,8 +261,9 @@ def _block_aligned(gm: fx.GraphModule, node: fx.Node, lanes: int) -> bool:
     return all(c is not None and c % lanes == 0 for c in counts)
 
 
-def _consumes_packed(gm: fx.GraphModule, user: fx.Node, packed: set[fx.Node]) -> bool:
-    rule = _rule(gm, user)
+def _consumes_packed(gm: fx.GraphModule, user: fx.Node, packed: set[fx.Node],
+                     lanes: int) -> bool:
+    rule = _rule(gm, user, lanes)
     return rule in ("kernel", "reducing") or (rule in ("lanewise", "broadcast")
                                               and user in packed)
 
@@ -265,7 +286,7 @@ def plan_layouts(gm: fx.GraphModule, lanes: int) -> LayoutPlan:
         return LayoutPlan(0, frozenset())
     candidates: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        rule = _rule(gm, node)
+        rule = _rule(gm, node, lanes)
         inputs = node.all_input_nodes
         if rule == "kernel" or (rule in ("lanewise", "reducing") and inputs
                                 and all(a in candidates for a in inputs)
@@ -275,7 +296,8 @@ def plan_layouts(gm: fx.GraphModule, lanes: int) -> LayoutPlan:
             candidates.add(node)
     packed: set[fx.Node] = set()
     for node in reversed(list(gm.graph.nodes)):
-        if node in candidates and any(_consumes_packed(gm, u, packed) for u in node.users):
+        if node in candidates and any(_consumes_packed(gm, u, packed, lanes)
+                                      for u in node.users):
             packed.add(node)
     return LayoutPlan(lanes, frozenset(n.name for n in packed))
 

@@ -55,19 +55,28 @@ def compare_builds(model: str, batch: int, rounds: int, isa: str,
     sys.argv = sys.argv[:1]
     sys.path.insert(0, str(HERE))
     import run as latency  # noqa: PLC0415
+
+    latency.force_isa(isa)
+    info = latency.trained_model(model, HERE / "models")
+    x = torch.randn(batch, *info["shape"], generator=torch.Generator().manual_seed(1))
+    rec = compare_converted(info["converted"], x, rounds, "x86", variants)
+    return {"model": model, "batch": batch, "isa": isa, **rec}
+
+
+def compare_converted(converted: Any, x: torch.Tensor, rounds: int, target: str,
+                      variants: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]],
+                      ) -> dict[str, Any]:
+    """:func:`compare_builds` for any converted model and input: build it for ``target`` once
+    per variant, check each build bit-exact, time the VMs alternately (thread CPU time)."""
     import tvm  # noqa: PLC0415
 
     from djpq_compiler.backends import tvm as tvm_backend
 
-    latency.force_isa(isa)
-    info = latency.trained_model(model, HERE / "models")
-    converted = info["converted"]
-    x = torch.randn(batch, *info["shape"], generator=torch.Generator().manual_seed(1))
     want = converted(x)
     builds = {}
     for name, ctx in variants.items():
         with ctx():
-            builds[name] = tvm_backend.build(converted, "x86", example_inputs=(x,))
+            builds[name] = tvm_backend.build(converted, target, example_inputs=(x,))
     forms, kinds = {}, {}
     for name, compiled in builds.items():
         got = compiled(x)
@@ -91,8 +100,7 @@ def compare_builds(model: str, batch: int, rounds: int, isa: str,
                 vms[key]["main"](arr)
             times[key].append((time.thread_time() - t0) / reps)
     load.append(os.getloadavg()[0])
-    return {"model": model, "batch": batch, "isa": isa,
-            "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+    return {"median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
             "rounds_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
             "epilogues": forms, "variants": kinds, "load": load, "reps": reps}
 

@@ -31,6 +31,7 @@ image's pack right before its conv (:func:`batch_outer`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,13 @@ class ConvKernelSpec:
     #: ``acc_shift`` and the bias folded into them; a plan found at build time gives the int64
     #: form's codes for every int32 accumulator.
     int32_requant: bool = False
+    #: Dense kinds (``ubsw``, ``wd``, ``vnni``, ``sdot``) only: the batch holds ``N`` images x
+    #: ``conv_groups`` groups of a grouped conv (batch index ``image * G + group``: the layer's
+    #: ``(N, G * C, H, W)`` input seen as ``(N * G, C, H, W)``, the same memory), each group
+    #: convolved with its own weights (``[G, ...]``, :func:`pack_weight`) and epilogue
+    #: parameters (``[G * channels padded to the blocks]``); ``in_channels`` / ``out_channels``
+    #: are one group's. One kernel for every group of the layer.
+    conv_groups: int = 1
 
     @property
     def macs(self) -> int:
@@ -190,7 +198,13 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
 
 
 def pack_weight(weight: np.ndarray, spec: ConvKernelSpec, tile_oc: int) -> np.ndarray:
-    """OIHW integer weights to the ``[OCB, ICB, KH, KW, (G,) O, L]`` layout (zero padded)."""
+    """OIHW integer weights to the ``[OCB, ICB, KH, KW, (G,) O, L]`` layout (zero padded); with
+    ``spec.conv_groups`` > 1 the layer's ``(G * O, I, KH, KW)`` weights to ``[G, OCB, ...]``,
+    each group packed alone."""
+    if spec.conv_groups > 1:
+        per_group = weight.reshape((spec.conv_groups, -1) + weight.shape[1:])
+        return np.stack([pack_weight(w, dataclasses.replace(spec, conv_groups=1), tile_oc)
+                         for w in per_group])
     oc, ic, kh, kw = weight.shape
     if spec.depthwise:  # (C, 1, KH, KW) -> [CB, KH, KW, L] int16
         full = np.zeros((spec.out_blocks(1) * spec.oc_lanes, kh, kw), dtype="int16")
@@ -395,8 +409,14 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
     gdim = (groups,) if groups > 1 else ()
     ol = spec.oc_lanes
 
-    wt = te.placeholder((ocb, icb, kh, kw) + gdim + (ol, lanes), act.replace("uint", "int"),
-                        name="w")
+    cg = spec.conv_groups
+    wt = te.placeholder(((cg,) if cg > 1 else ()) + (ocb, icb, kh, kw) + gdim + (ol, lanes),
+                        act.replace("uint", "int"), name="w")
+
+    def weight(n: Any, index: tuple[Any, ...]) -> Any:
+        """``wt[index]``; of batch entry ``n``'s group when the batch holds groups."""
+        return wt[(n % cg,) + index] if cg > 1 else wt[index]
+
     rb, ry, rx = (te.reduce_axis((0, icb), "rb"), te.reduce_axis((0, kh), "ry"),
                   te.reduce_axis((0, kw), "rx"))
     rg, rl = te.reduce_axis((0, groups), "rg"), te.reduce_axis((0, lanes), "rl")
@@ -408,7 +428,7 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
 
         def direct(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
             a = x[(n, rb // per, y * sh, xx * sw, rb % per) + gi + (rl,)]
-            b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
+            b = weight(n, (ob, rb, ry, rx) + gi + (o, rl))
             return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
 
         return x, wt, te.compute((n_, ocb, oh, owp, ol), direct, name="conv")
@@ -427,7 +447,7 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
         def conv_blocks(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
             a = xb[(n, rb // per, y * csh + ry * dh, xx * csw + rx * dw, rb % per) + gi
                    + (rl,)]
-            b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
+            b = weight(n, (ob, rb, ry, rx) + gi + (o, rl))
             return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
 
         return x, wt, te.compute((n_, ocb, oh, owp, ol), conv_blocks, name="conv")
@@ -443,7 +463,7 @@ def _dense(spec: ConvKernelSpec, tile_w: int, tile_oc: int) -> tuple[Any, Any, A
 
     def conv(n: Any, ob: Any, y: Any, xx: Any, o: Any) -> Any:
         a = xp[(n, rb, y * csh + ry * dh, xx * csw + rx * dw) + gi + (rl,)]
-        b = wt[(ob, rb, ry, rx) + gi + (o, rl)]
+        b = weight(n, (ob, rb, ry, rx) + gi + (o, rl))
         return te.sum(a.astype("int32") * b.astype("int32"), axis=red)
 
     return x, wt, te.compute((n_, ocb, oh, owp, ol), conv, name="conv")
@@ -513,14 +533,19 @@ def _finish(spec: ConvKernelSpec, x: Any, wt: Any, acc: Any) -> Any:
     te = load_tvm().te
     n_, oc, ol = spec.batch, spec.out_channels, spec.oc_lanes
     oh, ow = spec.out_size
-    ocb = int(acc.shape[1])
-    bias = te.placeholder((ocb * ol,), "int32", name="bias")
+    ocb, cg = int(acc.shape[1]), spec.conv_groups
+    bias = te.placeholder((cg * ocb * ol,), "int32", name="bias")
     named = {"bias": bias}
     for name, dtype in epilogue_params(spec):
-        named[name] = te.placeholder((ocb * ol,), dtype, name=name)
+        named[name] = te.placeholder((cg * ocb * ol,), dtype, name=name)
     params = [x, wt, *named.values()]
+
+    def channel(n: Any, ob: Any, o: Any) -> Any:
+        """The epilogue parameters' index of lane ``o`` of block ``ob`` (of ``n``'s group)."""
+        return (n % cg * ocb + ob) * ol + o if cg > 1 else ob * ol + o
+
     epi = te.compute(acc.shape, lambda n, ob, y, xx, o: epilogue_value(
-        spec, acc[n, ob, y, xx, o].astype("int32"), ob * ol + o, named), name="epilogue")
+        spec, acc[n, ob, y, xx, o].astype("int32"), channel(n, ob, o), named), name="epilogue")
     if spec.out_lanes:  # packed output: the epilogue's blocks, padded channels included
         if spec.out_lanes != ol:
             raise ValueError(f"packed output needs {ol} lanes, got {spec.out_lanes}")

@@ -24,7 +24,7 @@ from .conv2d import (
     reads_directly,
     split_shift_ok,
 )
-from .select import KernelChoice, LayerFacts
+from .select import GROUPED_KINDS, KernelChoice, LayerFacts
 
 __all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "target_text"]
 
@@ -44,6 +44,7 @@ SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx", "px16
 INT32_REQUANT_KINDS = SPLIT_SHIFT_KINDS
 
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
+
 
 
 def epilogue_form(spec: ConvKernelSpec) -> str:
@@ -121,6 +122,11 @@ def _padded(values: np.ndarray, size: int, dtype: str) -> np.ndarray:
     return out
 
 
+def _padded_groups(values: np.ndarray, groups: int, size: int, dtype: str) -> np.ndarray:
+    """Per-channel ``values`` of ``groups`` groups, each group's zero-padded to ``size``."""
+    return np.concatenate([_padded(v, size, dtype) for v in np.asarray(values).reshape(groups, -1)])
+
+
 def _per_channel(value: Any, channels: int) -> np.ndarray:
     flat = np.asarray(value, dtype=np.int64).reshape(-1)
     return np.broadcast_to(flat, (channels,)) if flat.size == 1 else flat
@@ -156,17 +162,31 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
                            out_lanes)
     n, _, h, w = bb.shape(x)[:4]
     ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
-    oc, _, kh, kw = facts.weight.shape
+    oc, in_g, kh, kw = facts.weight.shape
+    # a grouped (not depthwise) conv: one kernel over the batch of images x groups
+    cg = facts.groups if facts.groups > 1 and not (in_g == 1 and facts.groups == oc) else 1
+    if cg > 1:
+        if choice.kind not in GROUPED_KINDS:
+            raise ValueError(f"{facts.layer}: no grouped {choice.kind} kernel (kinds "
+                             f"{GROUPED_KINDS}); lower it per group")
+        if in_layout.packed and in_g % in_layout.lanes:
+            raise ValueError(f"{facts.layer}: a grouped kernel reads packed input only when a "
+                             f"group's {in_g} channels fill whole blocks of {in_layout.lanes}")
+        blocks = (in_g // in_layout.lanes,) if in_layout.packed else (in_g,)
+        x = bb.reshape(x, (n * cg,) + blocks + tuple(bb.shape(x)[2:]))
+        ic = in_g
+    oc_g = oc // cg
     stride, padding, dilation = geometry
     m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
     m_c = _per_channel(m, oc)
     m_dtype = "int32" if _fits_int32(m_c) else "int64"
     offset = facts.offset_for(choice.kind)
-    spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), stride, padding, dilation,
+    spec = ConvKernelSpec(n * cg, ic, h, w, oc_g, (kh, kw), stride, padding, dilation,
                           str(choice.kind), choice.groups, in_dtype, offset,
                           facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype,
-                          in_layout.lanes, acc_dtype=choice.acc_dtype)
-    if out_lanes and requant is not None and out_lanes == spec.oc_lanes:
+                          in_layout.lanes, acc_dtype=choice.acc_dtype, conv_groups=cg)
+    if (out_lanes and requant is not None and out_lanes == spec.oc_lanes
+            and (cg == 1 or oc_g % out_lanes == 0)):
         spec = dataclasses.replace(spec, out_lanes=out_lanes)
     if im2col_pays(spec):
         spec = dataclasses.replace(spec, im2col=True)
@@ -185,13 +205,14 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     else:
         pack = pack_weight
     args = [x, bb.const(pack(facts.weight, spec, tile_oc), w_dtype),
-            bb.const(_padded(bias, size, "int32"), "int32")]
-    args += [bb.const(_padded(values, size, dtype), dtype) for values, dtype in extra]
+            bb.const(_padded_groups(bias, cg, size, "int32"), "int32")]
+    args += [bb.const(_padded_groups(values, cg, size, dtype), dtype) for values, dtype in extra]
     out_layout = Layout(spec.out_lanes, oc) if spec.out_lanes else NCHW
     if spec.out_lanes:
-        out_shape: tuple[int, ...] = (n, out_layout.blocks) + spec.out_size + (spec.out_lanes,)
+        out_shape: tuple[int, ...] = ((n * cg, -(-oc_g // spec.out_lanes)) + spec.out_size
+                                      + (spec.out_lanes,))
     else:
-        out_shape = (n, oc) + spec.out_size
+        out_shape = (n * cg, oc_g) + spec.out_size
     # one PrimFunc per distinct spec in a module: the groups of a grouped conv (and same-shaped
     # layers) share it, named after the first layer that used it (BlockBuilder deduplicates
     # equal functions), so it is scheduled and compiled by LLVM once
@@ -204,8 +225,10 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
                  .with_attr("tirx.is_scheduled", True))
         bb.kernel_cache[spec] = named
-    return (bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout,
-            epilogue_form(spec))
+    out = bb.call_tir(named[1], named[0], args, out_shape, out_dtype)
+    if cg > 1:  # (N * G, C, ...) back to the layer's (N, G * C, ...): the same memory
+        out = bb.reshape(out, (n, cg * out_shape[1]) + tuple(out_shape[2:]))
+    return out, out_layout, epilogue_form(spec)
 
 
 @functools.lru_cache(maxsize=512)

@@ -27,7 +27,9 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
 * all of them need the whole accumulator (offset correction and ``acc_shift`` included) to fit
   int32, checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
 * grouped (non-depthwise) convs with groups at least ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels
-  wide (and at most ``MAX_GROUPS`` of them) take the dense variants, one kernel per group.
+  wide (and at most ``MAX_GROUPS`` of them) take the dense variants: one kernel whose batch is
+  the images x groups (:data:`GROUPED_KINDS`), else one kernel per group; narrower or more
+  numerous groups are first merged block-diagonally (:func:`merge_groups`).
 * ``neon_sdot`` (aarch64 with ``dotprod``): operands shifted into int8 (offset 0 when the codes
   already lie in ``[-128, 127]``, else ``-128 - lo``: needs ``hi - lo <= 255``), weights in
   ``[-128, 127]``; ``sdot`` adds four full-width s8 x s8 products (each ``|p| <= 2^14``, their sum
@@ -54,13 +56,17 @@ import numpy as np
 
 from .intrin import UBSW_GROUPS
 
-__all__ = ["INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
-           "fit_groups_to_lanes", "merge_groups", "narrow_pixels", "select_kernel"]
+__all__ = ["GROUPED_KINDS", "INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
+           "fit_groups_to_lanes", "merge_factor", "merge_groups", "narrow_pixels",
+           "select_kernel"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
 #: Grouped (non-depthwise) convs run one dense kernel per group when the groups are this wide.
 MIN_GROUP_IN, MIN_GROUP_OUT, MAX_GROUPS = 4, 8, 16
+#: Intrinsic families whose dense kernel (``conv2d._dense``) runs every group of a grouped conv
+#: in one kernel (``ConvKernelSpec.conv_groups``); the others run one kernel per group.
+GROUPED_KINDS = ("ubsw", "wd", "vnni", "sdot")
 #: Narrower or more numerous groups are merged, ``k`` adjacent groups into one block-diagonal
 #: group (:func:`merge_groups`), for ``k`` up to this: ``k`` times the multiply-adds, against
 #: TVM's generic lowering at ~4 GMAC/s (15-30x slower than the written kernels).
@@ -221,6 +227,19 @@ def _select_depthwise(facts: LayerFacts, acc_text: str) -> KernelChoice:
                         f"{facts.target}: depthwise, channels in lanes", facts.macs)
 
 
+def merge_factor(groups: int, in_g: int, out_g: int) -> int:
+    """How many adjacent groups :func:`merge_groups` merges for a grouped conv of ``groups``
+    groups of ``in_g -> out_g`` channels: 1 if they are wide and few enough for per-group
+    kernels already, or if no divisor ``k <= MAX_MERGE`` of ``groups`` makes them so."""
+    def fits(k: int) -> bool:
+        return (k * in_g >= MIN_GROUP_IN and k * out_g >= MIN_GROUP_OUT
+                and groups // k <= MAX_GROUPS)
+
+    if fits(1):
+        return 1
+    return next((k for k in range(2, MAX_MERGE + 1) if groups % k == 0 and fits(k)), 1)
+
+
 def merge_groups(facts: LayerFacts) -> tuple[LayerFacts, int]:
     """``facts`` of a grouped conv whose groups are too narrow or too many for per-group kernels
     (fewer than ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels, more than ``MAX_GROUPS`` groups),
@@ -238,15 +257,8 @@ def merge_groups(facts: LayerFacts) -> tuple[LayerFacts, int]:
     if groups == 1 or (in_g == 1 and groups == oc):
         return facts, 1
     out_g = oc // groups
-
-    def fits(k: int) -> bool:
-        return (k * in_g >= MIN_GROUP_IN and k * out_g >= MIN_GROUP_OUT
-                and groups // k <= MAX_GROUPS)
-
-    if fits(1):
-        return facts, 1
-    k = next((k for k in range(2, MAX_MERGE + 1) if groups % k == 0 and fits(k)), None)
-    if k is None:
+    k = merge_factor(groups, in_g, out_g)
+    if k == 1:
         return facts, 1
     merged = np.zeros((oc, k * in_g) + facts.weight.shape[2:], facts.weight.dtype)
     for g in range(groups):
@@ -293,8 +305,9 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
             return _select_depthwise(facts, acc_text)
         choice = _select_dense(facts, acc_text)
     if facts.groups != 1 and choice.kind is not None:
-        note = f"{choice.note}; {facts.groups} groups, one kernel each"
-        return dataclasses.replace(choice, note=note)
+        how = ("in one kernel, its batch the images x groups" if choice.kind in GROUPED_KINDS
+               else "one kernel each")
+        return dataclasses.replace(choice, note=f"{choice.note}; {facts.groups} groups {how}")
     return choice
 
 
