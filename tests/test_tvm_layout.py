@@ -385,6 +385,39 @@ def test_grouped_convs_read_and_write_packed_blocks_bit_exact(spec: dict, batch:
     assert "in one kernel" in notes["g1"] and "in one kernel" in notes["g2"]
 
 
+class GroupedBetween(nn.Module):
+    """conv -> grouped conv (k x k, stride s, 4 groups of 8 -> 16) -> conv, or with a float
+    output (``out_scale`` None) as the last layer."""
+
+    def __init__(self, k: int, stride: int, float_out: bool, out_signed: bool) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.c1 = conv(3, 32, 0.02, 0.05, out_signed=out_signed, seed=1)
+        self.g = conv(32, 64, 0.05, None if float_out else 0.05, groups=4, k=k, stride=stride,
+                      padding=k // 2, seed=2)
+        self.c2 = None if float_out else conv(64, 5, 0.05, 0.04, seed=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.g(self.c1(self.quant(x)))
+        return y if self.c2 is None else self.c2(y)
+
+
+@pytest.mark.parametrize("spec", TARGETS)
+@pytest.mark.parametrize(("k", "stride", "float_out", "signed"), [
+    (1, 1, False, False),  # a 1x1 reading its packed input directly (no pack stage)
+    (1, 2, False, True),  # strided 1x1 on signed codes (offset, corrected in the bias)
+    (3, 2, False, False),
+    (3, 1, True, False),  # float output: the int32 accumulator and the float finish
+])
+def test_grouped_kernel_geometries_bit_exact(spec: dict, k: int, stride: int, float_out: bool,
+                                             signed: bool) -> None:
+    """The one-kernel grouped conv (images x groups as the batch) is exact at 1x1 and 3x3,
+    strides 1 and 2, on signed input codes and with a float output, on AVX2 and VNNI."""
+    ctx = assert_exact(GroupedBetween(k, stride, float_out, signed), (2, 3, 10, 9), spec)
+    record = next(r for r in ctx.kernels if r.layer == "g")
+    assert record.variant != "default" and "4 groups in one kernel" in record.note
+
+
 @pytest.mark.parametrize("spec", TARGETS)
 @pytest.mark.parametrize("batch", [1, 32])
 def test_average_pools_read_packed_values_bit_exact(spec: dict, batch: int) -> None:

@@ -460,8 +460,9 @@ def fit_groups_to_lanes(choice: KernelChoice, facts: LayerFacts, lanes: int) -> 
     span, w_max = facts.span, facts.w_max
     acc_text = choice.bound.split("; ", 1)[1] if "; " in choice.bound else ""
     text = f"2*{p}*{span}*{w_max} = {2 * p * span * w_max} <= 32767; {acc_text}"
+    rest = choice.note[choice.note.index("; "):] if "; " in choice.note else ""  # groups
     note = (f"{facts.target}: u8 x s8 vpmaddubsw, {p} summed in int16 (P lowered from "
-            f"{choice.groups} to read NCHW{lanes}c input directly)")
+            f"{choice.groups} to read NCHW{lanes}c input directly){rest}")
     return dataclasses.replace(choice, variant=f"avx2_u8s8_p{p}", bound=text, note=note)
 
 
