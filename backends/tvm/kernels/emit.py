@@ -46,7 +46,6 @@ INT32_REQUANT_KINDS = SPLIT_SHIFT_KINDS
 ConvGeometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # stride, pad, dilation
 
 
-
 def epilogue_form(spec: ConvKernelSpec) -> str:
     """How a kernel of ``spec`` finishes its accumulators, for the kernel report."""
     if spec.out_dtype == "int32":
@@ -213,9 +212,10 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
                                       + (spec.out_lanes,))
     else:
         out_shape = (n * cg, oc_g) + spec.out_size
-    # one PrimFunc per distinct spec in a module: the groups of a grouped conv (and same-shaped
-    # layers) share it, named after the first layer that used it (BlockBuilder deduplicates
-    # equal functions), so it is scheduled and compiled by LLVM once
+    # one PrimFunc per distinct spec in a module: same-shaped layers (and the per-group kernels
+    # of a grouped conv whose kind has no grouped kernel) share it, named after the first layer
+    # that used it (BlockBuilder deduplicates equal functions), so it is scheduled and compiled
+    # by LLVM once
     named = bb.kernel_cache.get(spec)
     if named is None:
         name = f"djpq_{choice.variant}_{facts.layer}"
