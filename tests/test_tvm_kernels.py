@@ -373,13 +373,13 @@ def test_grouped_conv_is_one_kernel_over_images_and_groups(c_in: int, c_out: int
     check(layer, (batch, c_in, 9, 8), 8)
 
 
-#: (groups, in per group, out per group) -> merge factor k of ``select.merge_groups`` (the
-#: smallest divisor of the group count, at most MAX_MERGE, giving >= 4 -> 8 channels per group
-#: and <= 16 groups; 1: unchanged).
+#: (groups, in per group, out per group) -> merge factor k of ``select.merge_groups`` on a CPU
+#: target (the smallest divisor of the group count, at most MAX_MERGE, giving >= 4 -> 8 channels
+#: per group; 1: unchanged).
 MERGES = [
-    (4, 4, 8, 1),  # wide enough already: one kernel per group
+    (4, 4, 8, 1),  # wide enough already
     (32, 4, 4, 2),  # ResNeXt-50 32x4d, first stage: 16 groups of 8 -> 8
-    (32, 32, 32, 2),  # its last stage: too many groups, 16 groups of 64 -> 64
+    (32, 32, 32, 1),  # its last stage: 32 groups in one kernel call, no merge
     (8, 1, 2, 4),  # channel multiplier 2 (not depthwise): 2 groups of 4 -> 8
     (3, 2, 2, 1),  # 3 groups of 2 -> 2: merging all three gives 6 -> 6, still < 8 outputs
     (64, 2, 2, 4),  # 64 groups of 2 -> 2: k = 2 gives 4 -> 4 (too narrow), k = 4 16 of 8 -> 8
@@ -411,6 +411,18 @@ def test_narrow_groups_merge_block_diagonally(groups: int, in_g: int, out_g: int
         assert np.array_equal(block[:, j * in_g:(j + 1) * in_g], weight[rows])
         assert not np.delete(block, np.s_[j * in_g:(j + 1) * in_g], axis=1).any()
     assert select_kernel(merged).kind is not None
+
+
+def test_cuda_merges_numerous_groups_its_kernels_are_one_call_each() -> None:
+    """CUDA's dp4a kernels run one call per group: there more than 16 groups are merged too
+    (32 groups of 32 -> 32 into 16 of 64 -> 64); the CPU kernels run them in one call."""
+    from djpq_compiler.backends.tvm.kernels.select import merge_groups
+
+    weight = np.ones((32 * 32, 32, 3, 3), np.int64)
+    facts = [LayerFacts("l", "conv2d", 0, 255, weight, np.zeros(1024, np.int64), 0, 32, 0,
+                        features, "t") for features in (frozenset({"dp4a"}),
+                                                          frozenset({"avx2"}))]
+    assert [merge_groups(f)[1] for f in facts] == [2, 1]
 
 
 def test_resnext_like_grouped_conv_merges_groups_and_stays_exact() -> None:

@@ -34,12 +34,12 @@ def generic_grouped() -> Iterator[None]:
     """Builds inside send every grouped (non-depthwise) conv to TVM's generic lowering."""
     from djpq_compiler.backends.tvm.kernels import select
 
-    saved = select.MAX_GROUPS, select.MAX_MERGE
-    select.MAX_GROUPS, select.MAX_MERGE = 0, 1
+    saved = select.MIN_GROUP_IN, select.MAX_MERGE
+    select.MIN_GROUP_IN, select.MAX_MERGE = 10**9, 1  # no group wide enough, no merge
     try:
         yield
     finally:
-        select.MAX_GROUPS, select.MAX_MERGE = saved
+        select.MIN_GROUP_IN, select.MAX_MERGE = saved
 
 
 def main() -> int:

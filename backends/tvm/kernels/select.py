@@ -27,9 +27,10 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
 * all of them need the whole accumulator (offset correction and ``acc_shift`` included) to fit
   int32, checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
 * grouped (non-depthwise) convs with groups at least ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels
-  wide (and at most ``MAX_GROUPS`` of them) take the dense variants: one kernel whose batch is
-  the images x groups (:data:`GROUPED_KINDS`), else one kernel per group; narrower or more
-  numerous groups are first merged block-diagonally (:func:`merge_groups`).
+  wide take the dense variants: one kernel whose batch is the images x groups
+  (:data:`GROUPED_KINDS`), or on CUDA one kernel per group (at most ``MAX_GROUPS`` of them);
+  narrower (or, on CUDA, more numerous) groups are first merged block-diagonally
+  (:func:`merge_groups`).
 * ``neon_sdot`` (aarch64 with ``dotprod``): operands shifted into int8 (offset 0 when the codes
   already lie in ``[-128, 127]``, else ``-128 - lo``: needs ``hi - lo <= 255``), weights in
   ``[-128, 127]``; ``sdot`` adds four full-width s8 x s8 products (each ``|p| <= 2^14``, their sum
@@ -62,7 +63,8 @@ __all__ = ["GROUPED_KINDS", "INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFact
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
-#: Grouped (non-depthwise) convs run one dense kernel per group when the groups are this wide.
+#: Grouped (non-depthwise) convs take the dense kernels when the groups are this wide (and, on
+#: CUDA, whose kernels run one call per group, at most ``MAX_GROUPS`` of them).
 MIN_GROUP_IN, MIN_GROUP_OUT, MAX_GROUPS = 4, 8, 16
 #: Intrinsic families whose dense kernel (``conv2d._dense``) runs every group of a grouped conv
 #: in one kernel (``ConvKernelSpec.conv_groups``); the others run one kernel per group.
@@ -227,13 +229,21 @@ def _select_depthwise(facts: LayerFacts, acc_text: str) -> KernelChoice:
                         f"{facts.target}: depthwise, channels in lanes", facts.macs)
 
 
-def merge_factor(groups: int, in_g: int, out_g: int) -> int:
+def _per_group_calls(facts: LayerFacts) -> bool:
+    """Whether the target's kernels run a grouped conv one call per group (CUDA's ``dp4a``;
+    the CPU kernels run every group in one call)."""
+    return facts.features is not None and "dp4a" in facts.features
+
+
+def merge_factor(groups: int, in_g: int, out_g: int, per_group_calls: bool = False) -> int:
     """How many adjacent groups :func:`merge_groups` merges for a grouped conv of ``groups``
-    groups of ``in_g -> out_g`` channels: 1 if they are wide and few enough for per-group
-    kernels already, or if no divisor ``k <= MAX_MERGE`` of ``groups`` makes them so."""
+    groups of ``in_g -> out_g`` channels: 1 if they are wide enough (and, where each group is
+    its own kernel call, ``per_group_calls``, few enough) already, or if no divisor
+    ``k <= MAX_MERGE`` of ``groups`` makes them so. The CPU kernels run every group in one call
+    (:data:`GROUPED_KINDS`), so only CUDA's per-group kernels bound the group count."""
     def fits(k: int) -> bool:
         return (k * in_g >= MIN_GROUP_IN and k * out_g >= MIN_GROUP_OUT
-                and groups // k <= MAX_GROUPS)
+                and (not per_group_calls or groups // k <= MAX_GROUPS))
 
     if fits(1):
         return 1
@@ -257,7 +267,7 @@ def merge_groups(facts: LayerFacts) -> tuple[LayerFacts, int]:
     if groups == 1 or (in_g == 1 and groups == oc):
         return facts, 1
     out_g = oc // groups
-    k = merge_factor(groups, in_g, out_g)
+    k = merge_factor(groups, in_g, out_g, per_group_calls=_per_group_calls(facts))
     if k == 1:
         return facts, 1
     merged = np.zeros((oc, k * in_g) + facts.weight.shape[2:], facts.weight.dtype)
@@ -285,11 +295,13 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
             return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
         return _select_depthwise(facts, f"acc bound {bound} <= 2^31-1")
     in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // facts.groups
+    calls = _per_group_calls(facts)
     if facts.groups != 1 and not depthwise and (in_g < MIN_GROUP_IN or out_g < MIN_GROUP_OUT
-                                                or facts.groups > MAX_GROUPS):
+                                                or (calls and facts.groups > MAX_GROUPS)):
+        limit = f" and <= {MAX_GROUPS} groups (one call each)" if calls else ""
         return _default(facts, f"groups={facts.groups} with {in_g} -> {out_g} channels per "
-                               f"group: per-group kernels need >= {MIN_GROUP_IN} -> "
-                               f"{MIN_GROUP_OUT} channels and <= {MAX_GROUPS} groups")
+                               f"group: grouped kernels need >= {MIN_GROUP_IN} -> "
+                               f"{MIN_GROUP_OUT} channels{limit}")
     if arm:
         choice = _select_sdot(facts)
     elif gpu:
