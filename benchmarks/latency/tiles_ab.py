@@ -46,14 +46,8 @@ def before_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
     ``wd``); the other kinds' rules did not change."""
     if spec.depthwise or spec.kind not in ("ubsw", "wd"):
         return _CHOOSE_TILES(spec)
-    out_w = spec.out_size[1]
     tile_oc = 2 if (spec.kind == "wd" or spec.groups <= 2) and spec.out_channels > 8 else 1
-    widest = 7 if tile_oc == 1 else 5
-    if out_w <= widest:
-        return out_w, tile_oc
-    candidates = range(widest, 3, -1)
-    waste = {t: -(-out_w // t) * t - out_w for t in candidates}
-    return min(candidates, key=lambda t: (waste[t], -t)), tile_oc
+    return conv2d.width_tile(spec.out_size[1], 7 if tile_oc == 1 else 5), tile_oc
 
 
 def build(spec: ConvKernelSpec, w_max: int) -> tuple[Any, Any]:

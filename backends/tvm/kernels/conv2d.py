@@ -190,11 +190,17 @@ def choose_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
         pair = spec.kind == "wd" or spec.groups <= 2
         tile_oc = 2 if pair and blocks % 2 == 0 else 1
         widest = 7 if tile_oc == 1 else 5
+    return width_tile(out_w, widest), tile_oc
+
+
+def width_tile(out_w: int, widest: int) -> int:
+    """Output columns per register tile: the whole row if it fits ``widest``, else the tile of
+    4..``widest`` columns that pads the row least, the larger on ties."""
     if out_w <= widest:
-        return out_w, tile_oc
+        return out_w
     candidates = range(widest, 3, -1)
     waste = {t: -(-out_w // t) * t - out_w for t in candidates}
-    return min(candidates, key=lambda t: (waste[t], -t)), tile_oc
+    return min(candidates, key=lambda t: (waste[t], -t))
 
 
 def pack_weight(weight: np.ndarray, spec: ConvKernelSpec, tile_oc: int) -> np.ndarray:
