@@ -163,7 +163,7 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
     oc, in_g, kh, kw = facts.weight.shape
     # a grouped (not depthwise) conv: one kernel over the batch of images x groups
-    cg = facts.groups if facts.groups > 1 and not (in_g == 1 and facts.groups == oc) else 1
+    cg = facts.groups if facts.groups > 1 and not facts.depthwise else 1
     if cg > 1:
         if choice.kind not in GROUPED_KINDS:
             raise ValueError(f"{facts.layer}: no grouped {choice.kind} kernel (kinds "

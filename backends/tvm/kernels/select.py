@@ -168,6 +168,11 @@ class LayerFacts:
         return self.act_hi + self.act_offset
 
     @property
+    def depthwise(self) -> bool:
+        """One input channel per output channel (``groups`` equal to the output channels)."""
+        return self.groups == self.weight.shape[0] and self.weight.shape[1] == 1
+
+    @property
     def w_max(self) -> int:
         return int(np.abs(self.weight).max(initial=0))
 
@@ -264,7 +269,7 @@ def merge_groups(facts: LayerFacts) -> tuple[LayerFacts, int]:
     ``(facts, 1)`` unchanged for a dense, depthwise or already wide enough layer, or when no
     such ``k`` exists."""
     groups, (oc, in_g) = facts.groups, facts.weight.shape[:2]
-    if groups == 1 or (in_g == 1 and groups == oc):
+    if groups == 1 or facts.depthwise:
         return facts, 1
     out_g = oc // groups
     k = merge_factor(groups, in_g, out_g, per_group_calls=_per_group_calls(facts))
@@ -286,7 +291,7 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
     if not arm and not gpu and not facts.features & {"avx2", "avx512vnni", "amx-int8"}:
         return _default(facts, f"target {facts.target} has no AVX2 (nor aarch64 dotprod); no "
                                "written kernel for it yet")
-    depthwise = facts.groups == facts.weight.shape[0] and facts.weight.shape[1] == 1
+    depthwise = facts.depthwise
     if gpu and depthwise:
         return _default(facts, f"target {facts.target}: no CUDA depthwise kernel yet")
     if arm and depthwise:  # NEON: the same int16 x int16 -> int32 depthwise kernel
