@@ -417,10 +417,7 @@ def _largest_within(points: list[dict[str, Any]], methods: tuple[str, ...]) -> s
     if not ok:
         return "none within 1 point"
     best = max(ok, key=lambda p: p["bops_reduction"])
-    seeds = f", {best['seeds']} seeds" if best["seeds"] > 1 else ""
-    name = "" if best["method"] == "djpq" else f"{best['method']} "
-    return (f"{name}{best['bops_reduction']:.1f}× at {best['drop_points']:.2f} "
-            f"(γ={best['gamma']:g}{seeds})")
+    return _point_text(best, f"{best['bops_reduction']:.1f}× at {best['drop_points']:.2f}")
 
 
 def _least_drop_at_200(points: list[dict[str, Any]]) -> str:
@@ -429,10 +426,14 @@ def _least_drop_at_200(points: list[dict[str, Any]]) -> str:
     if not far:
         return "no point at ≥ 200×"
     best = min(far, key=lambda p: p["drop_points"])
-    seeds = f", {best['seeds']} seeds" if best["seeds"] > 1 else ""
-    name = "" if best["method"] == "djpq" else f"{best['method']} "
-    return (f"{name}{best['drop_points']:.2f} at {best['bops_reduction']:.1f}× "
-            f"(γ={best['gamma']:g}{seeds})")
+    return _point_text(best, f"{best['drop_points']:.2f} at {best['bops_reduction']:.1f}×")
+
+
+def _point_text(point: dict[str, Any], what: str) -> str:
+    """``what`` of one point, as table text: its method unless plain DJPQ, its γ and seeds."""
+    seeds = f", {point['seeds']} seeds" if point["seeds"] > 1 else ""
+    name = "" if point["method"] == "djpq" else f"{point['method']} "
+    return f"{name}{what} (γ={point['gamma']:g}{seeds})"
 
 
 def _diff_range(points: list[dict[str, Any]], mine: str, theirs: str) -> str:
