@@ -223,8 +223,8 @@ def test_distilled_djpq_method_is_plain_djpq_config_with_a_teacher() -> None:
     single = claims._single_run_module()
     assert "djpq_kd" in claims.METHODS and "djpq_kd" not in claims.ONCE
     assert single.method_config("djpq_kd", zoo.get_model("vgg7")) == djpq.DJPQConfig()
-    weight, temperature = single.DISTILLED["djpq_kd"]
-    assert 0 < weight <= 1 and temperature > 0
+    weight, temperature, config_of = single.DISTILLED["djpq_kd"]
+    assert 0 < weight <= 1 and temperature > 0 and config_of == "djpq"
     args = single.build_parser().parse_args(["--model", "vgg7", "--method", "djpq_kd"])
     assert args.method == "djpq_kd"
     points = [{"method": "djpq_kd", "gamma": 8.0, "seeds": 1, "integer_acc": 0.93,
@@ -335,6 +335,24 @@ def test_activation_floor_lever_binds_three_bits_on_every_learned_activation() -
     assert learned and all((q.min_bits, q.bind_min_bits) == (3, True) for q in learned)
     weights = [q for name, q in quantizers(prepared) if not name.startswith("djpq_quant.")]
     assert weights and not any(q.bind_min_bits for q in weights)
+
+
+def test_distilled_activation_floor_is_the_floor_config_with_djpq_kd_teacher() -> None:
+    """``djpq_a3_kd``: ``djpq_a3_bound``'s config, distilled like ``djpq_kd`` (same weight and
+    temperature), and a lever with its own verdict line."""
+    from djpq_compiler.workflows import zoo
+
+    claims = _claims()
+    single = claims._single_run_module()
+    assert "djpq_a3_kd" in claims.METHODS and "djpq_a3_kd" in claims.LEVERS
+    assert "djpq_a3_kd" not in claims.ONCE
+    model = zoo.get_model("resnet20")
+    assert (single.method_config("djpq_a3_kd", model)
+            == single.method_config("djpq_a3_bound", model))
+    kd, a3_kd = single.DISTILLED["djpq_kd"], single.DISTILLED["djpq_a3_kd"]
+    assert (a3_kd.weight, a3_kd.temperature) == (kd.weight, kd.temperature)
+    args = single.build_parser().parse_args(["--model", "resnet20", "--method", "djpq_a3_kd"])
+    assert args.method == "djpq_a3_kd"
 
 
 #: (model, method, gamma, finalize, checkpoint) of committed rows -> BOPs share (%) per layer kind,

@@ -10,8 +10,8 @@ Usage:
   python benchmarks/djpq_finetune/run.py --model resnet20 --method two_stage --minutes 0 \
       --steps 700 --gamma 1
   methods: djpq, djpq_restricted, djpq_soft_bops, djpq_dw_w4, djpq_dw_w4_bound, djpq_dw_gamma3,
-    djpq_dw_gamma05, djpq_a3_bound, djpq_kd, two_stage, two_stage_restricted, dq_only, vib_only,
-    w8a8, w4a4
+    djpq_dw_gamma05, djpq_a3_bound, djpq_kd, djpq_a3_kd, two_stage, two_stage_restricted, dq_only,
+    vib_only, w8a8, w4a4
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -57,9 +57,22 @@ DEPTHWISE_GAMMA = {"djpq_dw_gamma3": 3.0, "djpq_dw_gamma05": 0.5}
 #: and DJPQ with the depthwise convs' share of the regulariser scaled (``DEPTHWISE_GAMMA``).
 MODEL_METHODS = ("djpq_dw_w4", "djpq_dw_w4_bound", *DEPTHWISE_GAMMA)
 DEPTHWISE_WEIGHT_FLOOR = 4
-#: DJPQ whose task loss distils the FP32 checkpoint (issue 18 lever, not the paper's method):
-#: method -> (distillation weight, temperature) of :class:`FinetuneConfig`.
-DISTILLED = {"djpq_kd": (0.7, 2.0)}
+
+
+class Distilled(NamedTuple):
+    """A DJPQ variant whose task loss distils the FP32 checkpoint (issue 18 lever, not the
+    paper's method): the distillation weight and temperature of :class:`FinetuneConfig`, and the
+    method (a key of :data:`METHODS`) whose config it trains."""
+
+    weight: float
+    temperature: float
+    config_of: str
+
+
+#: Distilled methods: ``djpq_kd`` is plain DJPQ with a teacher; ``djpq_a3_kd`` is
+#: ``djpq_a3_bound`` (3-bit activation floor held in training) with the same teacher.
+DISTILLED = {"djpq_kd": Distilled(0.7, 2.0, "djpq"),
+             "djpq_a3_kd": Distilled(0.7, 2.0, "djpq_a3_bound")}
 
 
 def depthwise_convs(model: torch.nn.Module) -> list[str]:
@@ -71,7 +84,7 @@ def depthwise_convs(model: torch.nn.Module) -> list[str]:
 def method_config(method: str, model: torch.nn.Module) -> DJPQConfig:
     """The DJPQConfig of a single-stage ``method`` for ``model``."""
     if method in DISTILLED:
-        return DJPQConfig()
+        return DJPQConfig(**METHODS[DISTILLED[method].config_of])
     if method in MODEL_METHODS:
         names = depthwise_convs(model)
         if not names:
@@ -92,7 +105,8 @@ def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argpar
     train, _ = loaders
     calib = [next(iter(train))[0] for _ in range(4)]
     prepared = djpq.prepare(model, calib[0], cfg, calibration_data=calib)
-    distill, temperature = DISTILLED.get(args.method, (0.0, 2.0))
+    distilled = DISTILLED.get(args.method)
+    distill, temperature = (distilled.weight, distilled.temperature) if distilled else (0.0, 2.0)
     finetune(prepared, train, FinetuneConfig(gamma=gamma, minutes=minutes, steps=steps,
                                              weight_lr=args.weight_lr, djpq_lr=args.djpq_lr,
                                              log_every=args.log_every, finalize=finalize,
@@ -152,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.method in DISTILLED:
-        result["distill"], result["distill_temperature"] = DISTILLED[args.method]
+        result["distill"] = DISTILLED[args.method].weight
+        result["distill_temperature"] = DISTILLED[args.method].temperature
     result["drop_points"] = 100 * (result["fp32_acc"] - result["integer_acc"])
     return result
 
