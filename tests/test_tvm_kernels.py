@@ -376,29 +376,40 @@ def test_grouped_conv_is_one_kernel_over_images_and_groups(c_in: int, c_out: int
 #: (groups, in per group, out per group) -> merge factor k of ``select.merge_groups`` on a CPU
 #: target (the smallest divisor of the group count, at most MAX_MERGE, giving >= 4 -> 8 channels
 #: per group; 1: unchanged).
+#: (groups, in_g, out_g, lanes, k): ``lanes`` is the packed layout's L where the layer reads or
+#: writes it (0: NCHW on both sides).
 MERGES = [
-    (4, 4, 8, 1),  # wide enough already
-    (32, 4, 4, 2),  # ResNeXt-50 32x4d, first stage: 16 groups of 8 -> 8
-    (32, 32, 32, 1),  # its last stage: 32 groups in one kernel call, no merge
-    (8, 1, 2, 4),  # channel multiplier 2 (not depthwise): 2 groups of 4 -> 8
-    (3, 2, 2, 1),  # 3 groups of 2 -> 2: merging all three gives 6 -> 6, still < 8 outputs
-    (64, 2, 2, 4),  # 64 groups of 2 -> 2: k = 2 gives 4 -> 4 (too narrow), k = 4 16 of 8 -> 8
+    (4, 4, 8, 0, 1),  # wide enough already
+    (32, 4, 4, 0, 2),  # ResNeXt-50 32x4d, first stage: 16 groups of 8 -> 8
+    (32, 4, 4, 8, 2),  # the same packed on AVX2: 8 channels fill its 8 lanes
+    (32, 4, 4, 16, 4),  # packed with 16 lanes (VNNI): 8 groups of 16 -> 16, 2x the narrowest
+    (32, 8, 8, 16, 2),  # its second stage packed with 16 lanes: pairs
+    (32, 8, 8, 8, 1),  # ... with 8 lanes: as it is
+    (32, 32, 32, 16, 1),  # its last stage: 32 groups in one kernel call, no merge
+    (8, 1, 2, 0, 4),  # channel multiplier 2 (not depthwise): 2 groups of 4 -> 8
+    (8, 1, 2, 8, 8),  # ... packed: 1 group of 8 -> 16, 2x the narrowest, fills 8 lanes
+    (3, 2, 2, 0, 1),  # 3 groups of 2 -> 2: merging all three gives 6 -> 6, still < 8 outputs
+    (64, 2, 2, 0, 4),  # 64 groups of 2 -> 2: k = 2 gives 4 -> 4 (too narrow), k = 4 16 of 8 -> 8
+    (4, 12, 12, 8, 2),  # 24 channels fill 8 lanes
+    (2, 12, 12, 16, 1),  # no divisor of 2 groups fills 16 lanes: the narrowest (none)
+    (8, 3, 8, 8, 2),  # filling 8 lanes needs k = 8, 4x the narrowest (k = 2): not taken
 ]
 
 
-@pytest.mark.parametrize(("groups", "in_g", "out_g", "k"), MERGES)
-def test_narrow_groups_merge_block_diagonally(groups: int, in_g: int, out_g: int,
+@pytest.mark.parametrize(("groups", "in_g", "out_g", "lanes", "k"), MERGES)
+def test_narrow_groups_merge_block_diagonally(groups: int, in_g: int, out_g: int, lanes: int,
                                              k: int) -> None:
     """Pure selection: narrow or numerous groups are merged ``k`` at a time into block-diagonal
     groups (each original group's weights at its own input channels, zeros elsewhere), so every
-    output's weights and ``sum|w|`` are the same."""
+    output's weights and ``sum|w|`` are the same; in the packed layout further, up to twice the
+    narrowest merge's work, to fill whole lane blocks."""
     from djpq_compiler.backends.tvm.kernels.select import merge_groups
 
     rng = np.random.default_rng(groups)
     weight = rng.integers(-7, 8, (groups * out_g, in_g, 3, 3))
     facts = LayerFacts("l", "conv2d", 0, 255, weight, np.zeros(groups * out_g, np.int64), 0,
                        groups, 0, frozenset({"avx2"}), "llvm")
-    merged, got = merge_groups(facts)
+    merged, got = merge_groups(facts, lanes)
     assert got == k
     if k == 1:
         assert merged is facts

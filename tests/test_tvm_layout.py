@@ -347,10 +347,8 @@ def test_float_island_concat_pool_and_fallback_bit_exact(spec: dict, batch: int)
 
 
 class Grouped(nn.Module):
-    """conv -> grouped conv (4 groups of 8 -> 8: whole 8-lane blocks per group) -> conv ->
-    grouped 1x1 conv (8 groups of 4 -> 3, merged four at a time: 16 -> 12, 12 not whole
-    blocks) -> conv
-    (ResNeXt-like)."""
+    """conv -> grouped conv (4 groups of 8 -> 8) -> conv -> grouped 1x1 conv (8 groups of 4 -> 3)
+    -> conv (ResNeXt-like)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -365,24 +363,34 @@ class Grouped(nn.Module):
         return self.c3(self.g2(self.c2(self.g1(self.c1(self.quant(x))))))
 
 
+#: lanes -> layer -> (in, out layout, how the groups ran): with 8 lanes g1's groups fill whole
+#: blocks as they are, and g2's 4 -> 3 groups, which the kernels need merged four at a time
+#: (16 -> 12, not whole blocks), merge all eight (32 -> 24: twice the narrowest merge's work) to
+#: stay packed; with 16 lanes g1's groups merge in pairs (16 -> 16) to stay packed, and no
+#: merge within twice the work makes g2's whole blocks (32 -> 24): it runs NCHW, and so do its
+#: neighbours' sides that meet it.
+GROUPED_LAYOUTS = {
+    8: {"c1": ("NCHW", "NCHW8c", None), "g1": ("NCHW8c", "NCHW8c", "4 groups in one kernel"),
+        "c2": ("NCHW8c", "NCHW8c", None), "g2": ("NCHW8c", "NCHW8c", "merged 8 at a time into 1"),
+        "c3": ("NCHW8c", "NCHW", None)},
+    16: {"c1": ("NCHW", "NCHW16c", None), "g1": ("NCHW16c", "NCHW16c", "merged 2 at a time into 2"),
+         "c2": ("NCHW16c", "NCHW", None), "g2": ("NCHW", "NCHW", "merged 4 at a time into 2"),
+         "c3": ("NCHW", "NCHW", None)},
+}
+
+
 @pytest.mark.parametrize("spec", TARGETS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_grouped_convs_read_and_write_packed_blocks_bit_exact(spec: dict, batch: int) -> None:
-    """A grouped conv whose groups fill whole lane blocks reads and writes the packed layout
-    (its input and output are the images x groups batch, the same memory); one whose groups do
-    not (8 groups of 4 -> 3, merged four at a time: 16 -> 12 channels per merged group) reads
-    and writes NCHW, and so do its neighbours' sides that meet it."""
+    """A grouped conv whose (merged) groups fill whole lane blocks reads and writes the packed
+    layout (its input and output are the images x groups batch, the same memory); groups are
+    merged further to fill them where that at most doubles the work; otherwise NCHW."""
     ctx = assert_exact(Grouped(), (batch, 3, 9, 10), spec)
-    layouts = {k.layer: (k.in_layout, k.out_layout) for k in ctx.kernels}
-    notes = {k.layer: k.note for k in ctx.kernels}
-    lanes = layout_lanes(target_features(spec))
-    if lanes == 8:  # 4 groups of 8 channels: whole 8-lane blocks
-        assert layouts["g1"] == ("NCHW8c", "NCHW8c") and layouts["c1"][1] == "NCHW8c"
-    else:  # 16 lanes: a group's 8 channels are half a block
-        assert layouts["g1"] == ("NCHW", "NCHW") and layouts["c1"][1] == "NCHW"
-    assert layouts["g2"] == ("NCHW", "NCHW") and layouts["c2"][1] == "NCHW"
-    assert "merged 4 at a time into 2" in notes["g2"]
-    assert "in one kernel" in notes["g1"] and "in one kernel" in notes["g2"]
+    got = {k.layer: (k.in_layout, k.out_layout, k.note) for k in ctx.kernels}
+    want = GROUPED_LAYOUTS[layout_lanes(target_features(spec))]
+    assert {layer: g[:2] for layer, g in got.items()} == {layer: w[:2] for layer, w in want.items()}
+    for layer, (_, _, how) in want.items():
+        assert how is None or how in got[layer][2], (layer, got[layer][2])
 
 
 class GroupedBetween(nn.Module):
@@ -415,7 +423,13 @@ def test_grouped_kernel_geometries_bit_exact(spec: dict, k: int, stride: int, fl
     strides 1 and 2, on signed input codes and with a float output, on AVX2 and VNNI."""
     ctx = assert_exact(GroupedBetween(k, stride, float_out, signed), (2, 3, 10, 9), spec)
     record = next(r for r in ctx.kernels if r.layer == "g")
-    assert record.variant != "default" and "4 groups in one kernel" in record.note
+    # packed unless its output is float (NCHW: then c1 writes NCHW too); with 16 lanes packed,
+    # the 8-channel input groups merge in pairs (16 -> 32) to fill whole blocks
+    lanes = 0 if float_out else layout_lanes(target_features(spec))
+    groups = "2 groups in one kernel" if lanes == 16 else "4 groups in one kernel"
+    assert record.variant != "default" and groups in record.note
+    assert (lanes == 16) == ("merged 2 at a time" in record.note)
+    assert record.in_layout == (f"NCHW{lanes}c" if lanes else "NCHW")
 
 
 @pytest.mark.parametrize("spec", TARGETS)

@@ -151,16 +151,27 @@ def _select(ctx: Lowering, node: fx.Node, op: str, x: IntValue, weight: np.ndarr
     facts = LayerFacts(node.name, op, x.lo, x.hi, weight, bias,
                        int(getattr(module, "acc_shift", 0)), groups, macs,
                        target_features(ctx.target), target_text(ctx.target), packed_io)
-    merged, k = merge_groups(facts)
+    # packed on either side: merged groups fill whole lane blocks where that is cheap enough
+    lanes = ctx.plan.lanes if x.layout.packed or ctx.plan.wants_packed(node) else 0
+    merged, k = merge_groups(facts, lanes)
     choice = select_kernel(merged)
     if k > 1 and choice.kind is not None:  # else the default lowering of the layer as it is
-        in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // groups
         facts = merged
-        choice = dataclasses.replace(choice, note=(
-            f"{choice.note} ({groups} groups of {in_g} -> {out_g} channels merged {k} at a time "
-            f"into {merged.groups} block-diagonal groups: {k}x the multiply-adds)"))
     ctx.kernels.append(choice)
     return facts, choice
+
+
+def _merge_note(choice: KernelChoice, weight: np.ndarray, groups: int,
+                facts: LayerFacts) -> KernelChoice:
+    """``choice`` noting that its kernel runs ``facts``' groups, merged block-diagonally from the
+    layer's ``groups`` (``select.merge_groups``), when they were (after the selection's last
+    rewrite of the note)."""
+    if facts.groups == groups or choice.kind is None:
+        return choice
+    k, in_g, out_g = groups // facts.groups, weight.shape[1], weight.shape[0] // groups
+    return dataclasses.replace(choice, note=(
+        f"{choice.note} ({groups} groups of {in_g} -> {out_g} channels merged {k} at a time "
+        f"into {facts.groups} block-diagonal groups: {k}x the multiply-adds)"))
 
 
 def _written_layer(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
@@ -269,6 +280,7 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
             choice = fit_groups_to_lanes(choice, facts, x.layout.lanes)
             ctx.kernels[index] = choice
         choice = narrow_pixels(choice, facts, stride, padding, ow, direct)
+        choice = _merge_note(choice, weight, int(module.groups), facts)
         ctx.kernels[index] = choice
         out_lanes = ctx.plan.lanes if ctx.plan.wants_packed(node) else 0
         out, layout = _written_layer(ctx, node, x, facts, choice, (stride, padding, dilation),

@@ -162,7 +162,7 @@ def grouped_in_blocks(module: Any, lanes: int) -> bool:
 
     groups = int(module.groups)
     oc, in_g = (int(d) for d in module.weight.shape[:2])
-    k = merge_factor(groups, in_g, oc // groups)
+    k = merge_factor(groups, in_g, oc // groups, lanes=lanes)
     return (k * in_g) % lanes == 0 and (k * oc // groups) % lanes == 0
 
 

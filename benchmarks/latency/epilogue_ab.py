@@ -77,13 +77,15 @@ def compare_converted(converted: Any, x: torch.Tensor, rounds: int, target: str,
     for name, ctx in variants.items():
         with ctx():
             builds[name] = tvm_backend.build(converted, target, example_inputs=(x,))
-    forms, kinds = {}, {}
+    forms, kinds, layouts = {}, {}, {}
     for name, compiled in builds.items():
         got = compiled(x)
         if not torch.equal(got, want.to(got.dtype)):
             raise SystemExit(f"{name} build differs from the integer reference")
         forms[name] = dict(Counter(k.epilogue for k in compiled.kernels))
         kinds[name] = dict(Counter(k.variant for k in compiled.kernels))
+        layouts[name] = dict(Counter(f"{k.in_layout} -> {k.out_layout}"
+                                     for k in compiled.kernels if k.variant != "default"))
     vms = {k: tvm.relax.VirtualMachine(c.executable, tvm.cpu()) for k, c in builds.items()}
     arr = tvm.runtime.tensor(x.numpy(), tvm.cpu())
     for vm in vms.values():
@@ -102,7 +104,8 @@ def compare_converted(converted: Any, x: torch.Tensor, rounds: int, target: str,
     load.append(os.getloadavg()[0])
     return {"median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
             "rounds_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
-            "epilogues": forms, "variants": kinds, "load": load, "reps": reps}
+            "epilogues": forms, "variants": kinds, "layouts": layouts, "load": load,
+            "reps": reps}
 
 
 def main() -> int:

@@ -6,8 +6,10 @@ generic lowering ran them. Now narrow or numerous groups are merged block-diagon
 (``select.merge_groups``) and every group runs in one kernel whose batch is the images x groups
 (``ConvKernelSpec.conv_groups``). This script builds the same converted model (as
 ``first_call.py`` makes it: torchvision weights at random init, prepared and converted with
-mixed bits) twice in one process: ``generic`` with grouped convs sent to the generic lowering (the
-code before the change, for these layers) and ``written`` as ``build()`` makes it; checks both
+mixed bits) three times in one process: ``generic`` with grouped convs sent to the generic
+lowering (the code before the change, for these layers), ``narrowest_merge`` with groups merged
+only as far as the kernels need (not to fill the packed layout's lane blocks: the rule before
+2026-12-05) and ``written`` as ``build()`` makes it; checks each
 bit-exact against the integer reference and times them alternately (thread CPU time, one TVM
 thread: ``epilogue_ab.compare_converted``).
 
@@ -42,6 +44,20 @@ def generic_grouped() -> Iterator[None]:
         select.MIN_GROUP_IN, select.MAX_MERGE = saved
 
 
+@contextlib.contextmanager
+def narrowest_merge() -> Iterator[None]:
+    """Builds inside merge groups only as far as the kernels need (``select.merge_factor``
+    without the lane-filling step: the rule before 2026-12-05)."""
+    from djpq_compiler.backends.tvm.kernels import select
+
+    saved = select.LANE_MERGE_EXTRA
+    select.LANE_MERGE_EXTRA = 0
+    try:
+        yield
+    finally:
+        select.LANE_MERGE_EXTRA = saved
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnext50_32x4d")
@@ -59,11 +75,14 @@ def main() -> int:
     converted, x = first_call.converted_model(args.model, args.size, batch=args.batch)
     target = "x86-avx2" if args.isa == "avx2" else "x86"
     rec = compare_converted(converted, x, args.rounds, target,
-                            {"generic": generic_grouped, "written": contextlib.nullcontext})
+                            {"generic": generic_grouped, "narrowest_merge": narrowest_merge,
+                             "written": contextlib.nullcontext})
     med = rec["median_ms"]
     print(f"{args.model} at {args.size}, batch {args.batch}, {target}: grouped convs generic "
-          f"{med['generic']:.3f} ms, written {med['written']:.3f} ms, "
-          f"x{med['generic'] / med['written']:.2f} (thread CPU time, median of {args.rounds} "
+          f"{med['generic']:.3f} ms, written with the narrowest merge "
+          f"{med['narrowest_merge']:.3f} ms (x{med['generic'] / med['narrowest_merge']:.2f}), "
+          f"written as built {med['written']:.3f} ms "
+          f"(x{med['generic'] / med['written']:.2f}) (thread CPU time, median of {args.rounds} "
           f"rounds of {rec['reps']}; load {rec['load'][0]:.1f} -> {rec['load'][1]:.1f}); both "
           f"bit-exact; kernels {rec['variants']}")
     if args.out:

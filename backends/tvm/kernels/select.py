@@ -73,6 +73,12 @@ GROUPED_KINDS = ("ubsw", "wd", "vnni", "sdot")
 #: group (:func:`merge_groups`), for ``k`` up to this: ``k`` times the multiply-adds, against
 #: TVM's generic lowering at ~4 GMAC/s (15-30x slower than the written kernels).
 MAX_MERGE = 8
+#: A grouped conv in the packed layout merges further (up to this factor more multiply-adds than
+#: the narrowest merge that fits) to fill whole lane blocks and stay packed (:func:`merge_factor`):
+#: on this CPU's VNNI/AMX build ResNeXt-50 (its 4- and 8-channel groups merged to 16 lanes, every
+#: grouped conv packed) measured 2.86x the generic lowering against 2.13x with the narrowest
+#: merges, in one run (``benchmarks/latency/grouped_ab.py``).
+LANE_MERGE_EXTRA = 2
 
 
 @dataclass(frozen=True)
@@ -240,26 +246,39 @@ def _per_group_calls(facts: LayerFacts) -> bool:
     return facts.features is not None and "dp4a" in facts.features
 
 
-def merge_factor(groups: int, in_g: int, out_g: int, per_group_calls: bool = False) -> int:
+def merge_factor(groups: int, in_g: int, out_g: int, per_group_calls: bool = False,
+                 lanes: int = 0) -> int:
     """How many adjacent groups :func:`merge_groups` merges for a grouped conv of ``groups``
     groups of ``in_g -> out_g`` channels: 1 if they are wide enough (and, where each group is
     its own kernel call, ``per_group_calls``, few enough) already, or if no divisor
     ``k <= MAX_MERGE`` of ``groups`` makes them so. The CPU kernels run every group in one call
-    (:data:`GROUPED_KINDS`), so only CUDA's per-group kernels bound the group count."""
+    (:data:`GROUPED_KINDS`), so only CUDA's per-group kernels bound the group count.
+
+    ``lanes``: the packed layout's ``L`` where the layer reads or writes it (``0``: NCHW on
+    both sides). Then the smallest such ``k`` whose merged groups also hold whole blocks of
+    ``L`` channels on both sides is taken if it costs at most :data:`LANE_MERGE_EXTRA` times
+    the smallest fitting one's multiply-adds: the kernel then reads and writes ``NCHW{L}c``
+    (``layout.grouped_in_blocks``) instead of converting its input and output to NCHW and back.
+    On AVX2 (``L = 8 = MIN_GROUP_OUT``) this changes nothing for power-of-two widths; with
+    AVX-512/VNNI's 16 lanes ResNeXt's 8-channel groups merge in pairs."""
     def fits(k: int) -> bool:
         return (k * in_g >= MIN_GROUP_IN and k * out_g >= MIN_GROUP_OUT
                 and (not per_group_calls or groups // k <= MAX_GROUPS))
 
-    if fits(1):
+    ks = [k for k in range(1, MAX_MERGE + 1) if groups % k == 0 and fits(k)]
+    if not ks:
         return 1
-    return next((k for k in range(2, MAX_MERGE + 1) if groups % k == 0 and fits(k)), 1)
+    filled = [k for k in ks if lanes > 0 and (k * in_g) % lanes == 0 and (k * out_g) % lanes == 0
+              and k <= LANE_MERGE_EXTRA * ks[0]]
+    return filled[0] if filled else ks[0]
 
 
-def merge_groups(facts: LayerFacts) -> tuple[LayerFacts, int]:
+def merge_groups(facts: LayerFacts, lanes: int = 0) -> tuple[LayerFacts, int]:
     """``facts`` of a grouped conv whose groups are too narrow or too many for per-group kernels
     (fewer than ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels, more than ``MAX_GROUPS`` groups),
-    rewritten with every ``k`` adjacent groups merged into one, and ``k``: the smallest ``k``
-    (a divisor of the group count, at most :data:`MAX_MERGE`) whose merged groups meet the rule.
+    or (``lanes`` > 0, the layer in the packed layout) do not fill whole lane blocks, rewritten
+    with every ``k`` adjacent groups merged into one: ``k`` as :func:`merge_factor` chooses it
+    (a divisor of the group count, at most :data:`MAX_MERGE`).
 
     Merged group ``j`` reads the input channels of groups ``j*k .. j*k+k-1`` (adjacent, as in
     the layer) and its weight is block-diagonal: each original group's weights at its own input
@@ -272,7 +291,7 @@ def merge_groups(facts: LayerFacts) -> tuple[LayerFacts, int]:
     if groups == 1 or facts.depthwise:
         return facts, 1
     out_g = oc // groups
-    k = merge_factor(groups, in_g, out_g, per_group_calls=_per_group_calls(facts))
+    k = merge_factor(groups, in_g, out_g, per_group_calls=_per_group_calls(facts), lanes=lanes)
     if k == 1:
         return facts, 1
     merged = np.zeros((oc, k * in_g) + facts.weight.shape[2:], facts.weight.dtype)
