@@ -26,7 +26,7 @@ Usage (the committed results; ``--mcpu haswell`` times the AVX2 kernels on an AV
       --out benchmarks/latency
   (depthwise shapes alone: ``--only dw --tag dw_host``, ``--only dw --mcpu haswell --tag dw_avx2``)
   AMX CPUs (``KERNELS.md`` *AMX*): ``--amx`` adds this CPU's kernel without AMX (VNNI) as a
-  column, ``--packed`` makes the written kernels read and write ``NCHW16c``:
+  column, ``--packed`` makes the written kernels read and write the target's packed layout:
   TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --amx --packed --rounds 9 \
       --tag amx_packed --out benchmarks/latency
   TVM_NUM_THREADS=1 python benchmarks/latency/kernels.py --amx --rounds 9 --tag amx_nchw \
@@ -161,17 +161,19 @@ def int_module(s: Shape, layer: Layer) -> Any:
 NO_AMX = "no-amx"
 
 
-#: ``--packed``: the written kernels read and write ``NCHW16c`` (a layer inside a network).
-PACKED_LANES = 16
-PACKED_TEXT = ("NCHW16c in and out (as between integer layers of a network; torch and ORT take "
-               "NCHW)")
+#: ``--packed``: the written kernels read and write the target's packed layout (``NCHW16c`` with
+#: AVX-512, ``NCHW8c`` with AVX2: ``layout.layout_lanes``), as a layer inside a network.
+PACKED_TEXT = ("the target's packed layout NCHW{L}c in and out (L = 16 with AVX-512, 8 with AVX2; "
+               "as between integer layers of a network, no pack or unpack stage; torch and ORT "
+               "take NCHW)")
 
 
 def tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
                  packed: bool = False, narrow: bool = True) -> tuple[Callable[[], Any], str, float]:
     """Lower the layer through ``convert_conv2d`` from a u8 input; (call, variant, compile s).
     ``mcpu`` :data:`NO_AMX`: this CPU's target with its AMX features left out. ``packed``
-    (written kernels only): the input arrives as ``NCHW16c`` and the output is planned packed,
+    (written kernels only): the input arrives as the target's ``NCHW{L}c`` and the output is
+    planned packed,
     as between two integer layers of a converted network; the call returns NCHW numpy (the
     unpack is outside the timed call). ``narrow=False``: without the pixels-in-lanes kernel
     (``select.NARROW_MIN_GAIN`` = inf)."""
@@ -193,7 +195,8 @@ def _tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
     from djpq_compiler.backends.tvm.build import target_spec
     from djpq_compiler.backends.tvm.converters import convert_conv2d
     from djpq_compiler.backends.tvm.emit import IntValue, Lowering
-    from djpq_compiler.backends.tvm.layout import NCHW, Layout, LayoutPlan
+    from djpq_compiler.backends.tvm.kernels.emit import target_features
+    from djpq_compiler.backends.tvm.layout import NCHW, Layout, LayoutPlan, layout_lanes
 
     root = torch.nn.Module()
     root.conv = int_module(s, layer)
@@ -209,10 +212,11 @@ def _tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
         target = {"kind": "llvm", "mcpu": mcpu}
     ctx = Lowering(gm, bb, target if written else None)
     x_in, layout = layer.x, NCHW
+    lanes = layout_lanes(target_features(target))
     if packed and written:
-        layout = Layout(PACKED_LANES, s.c_in)
-        x_in = to_packed_np(layer.x, PACKED_LANES)
-        ctx.plan = LayoutPlan(PACKED_LANES, frozenset({node.name}))
+        layout = Layout(lanes, s.c_in)
+        x_in = to_packed_np(layer.x, lanes)
+        ctx.plan = LayoutPlan(lanes, frozenset({node.name}))
     param = bb.var("x", x_in.shape, "uint8")
     with bb.function("main", [param]):
         with bb.dataflow():
@@ -228,7 +232,7 @@ def _tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
     arg = tvm.runtime.tensor(x_in, tvm.cpu())
     fn = vm["main"]
     if packed and written:
-        assert ctx.kernels[0].out_layout == f"NCHW{PACKED_LANES}c", ctx.kernels[0]
+        assert ctx.kernels[0].out_layout == f"NCHW{lanes}c", ctx.kernels[0]
     return (lambda: fn(arg)), ctx.kernels[0].variant, seconds
 
 
@@ -342,7 +346,7 @@ def bench_shape(s: Shape, rounds: int, budget: float, mcpu: str = "",
                 amx: bool = False, packed: bool = False) -> dict[str, Any]:
     """One shape, every backend interleaved; ``amx``: also ``djpq_no_amx``, the written kernel
     of this CPU's target without AMX (the VNNI kernel), checked exact against the default;
-    ``packed``: the written kernels read and write ``NCHW16c`` (:func:`tvm_callable`)."""
+    ``packed``: the written kernels read and write the packed layout (:func:`tvm_callable`)."""
     layer = make_layer(s)
     kernel, variant, kernel_compile = tvm_callable(s, layer, True, mcpu, packed)
     default, _, default_compile = tvm_callable(s, layer, False, mcpu)
@@ -386,7 +390,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "GMAC/s per backend (median per-call thread CPU time over interleaved rounds; higher is "
         "better). "
         "`kernel` = the written kernel the selector picked for the layer's bits (u8 in, "
-        "requantized u8 out, pack/unpack included); `default` = the same layer through TVM 0.27's "
+        "requantized u8 out, "
+        + (f"{PACKED_TEXT})" if meta.get("packed") else "NCHW in and out, pack/unpack included)")
+        + "; `default` = the same layer through TVM 0.27's "
         "generic lowering; `QLinear` = onnxruntime QLinearConv u8 x s8. Ratios are per-call time "
         "ratios from the same run. `exact` = kernel output equals the default build's bit for bit.",
         "",
@@ -460,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time this CPU's written kernels without AMX (VNNI) beside "
                              "the selected ones (AMX where it pays)")
     parser.add_argument("--packed", action="store_true",
-                        help="the written kernels read and write NCHW16c, as inside a network "
-                             "(the other backends keep NCHW)")
+                        help="the written kernels read and write the target's packed layout "
+                             "(NCHW16c with AVX-512, NCHW8c with AVX2), as inside a network (the "
+                             "other backends keep NCHW)")
     args = parser.parse_args(argv)
     if args.narrow_gain is not None:
         from djpq_compiler.backends.tvm.kernels import select
