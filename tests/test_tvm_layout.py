@@ -323,6 +323,32 @@ def test_mobilenet_like_bit_exact(spec: dict, batch: int) -> None:
     assert {variants[name] for name in one_by_one} == {want}
 
 
+class StridedOneByOne(nn.Module):
+    """conv -> 1x1 stride 1 -> 1x1 stride 2 -> conv, on packed 32-channel values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.c1 = conv(1, 32, 0.02, 0.05, seed=81)
+        self.s1 = conv(32, 32, 0.05, 0.05, k=1, padding=0, seed=82)
+        self.s2 = conv(32, 64, 0.05, 0.05, k=1, stride=2, padding=0, seed=83)
+        self.c2 = conv(64, 5, 0.05, 0.04, seed=84)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.s2(self.s1(self.c1(self.quant(x)))))
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_only_stride_one_1x1_lowers_p_to_read_packed_input(batch: int) -> None:
+    """On AVX2 a stride-1 1x1 on packed u8 input lowers P to 2 and reads the NCHW8c blocks
+    directly; a stride-2 one keeps P = 4 behind a pack stage (measured faster: its direct read
+    uses every other pixel of each block row). Both bit-exact and both packed in and out."""
+    ctx = assert_exact(StridedOneByOne(), (batch, 1, 12, 10), AVX2)
+    got = {k.layer: (k.variant, k.in_layout, k.out_layout) for k in ctx.kernels}
+    assert got["s1"] == ("avx2_u8s8_p2", "NCHW8c", "NCHW8c")
+    assert got["s2"] == ("avx2_u8s8_p4", "NCHW8c", "NCHW8c")
+
+
 @pytest.mark.parametrize("spec", TARGETS)
 @pytest.mark.parametrize("batch", [1, 32])
 def test_vgg_like_packed_max_pools_bit_exact(spec: dict, batch: int) -> None:

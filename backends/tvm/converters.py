@@ -33,6 +33,11 @@ from .kernels.select import (
 from .layout import NCHW, Layout, packed_channel_const, to_packed
 
 INT32_MAX = 2**31 - 1
+#: Strides at which a 1x1 conv on packed u8 input reads it without a pack stage (P lowered to fit
+#: the lanes: ``select.fit_groups_to_lanes``). At stride 2 a pack stage that keeps P = 4 measured
+#: 1.07-1.87x faster per layer on AVX2 (the direct read uses every other pixel of each packed
+#: row; ``benchmarks/latency/KERNELS.md``, ``strided_1x1_ab.py``).
+DIRECT_READ_STRIDES = ((1, 1),)
 
 
 def _np(value: Any) -> np.ndarray:
@@ -274,8 +279,9 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
                 choice.kind in GROUPED_KINDS and x.layout.packed
                 and facts.weight.shape[1] % x.layout.lanes == 0):
             x = ctx.int_arg(node)
-        direct = (x.layout.packed and (kh, kw) == (1, 1) and padding == (0, 0) and x.lo >= 0
-                  and container_dtype(x.lo, x.hi) == "uint8")  # may read x directly
+        direct = (x.layout.packed and (kh, kw) == (1, 1) and padding == (0, 0)
+                  and stride in DIRECT_READ_STRIDES and x.lo >= 0
+                  and container_dtype(x.lo, x.hi) == "uint8")
         if direct:
             choice = fit_groups_to_lanes(choice, facts, x.layout.lanes)
             ctx.kernels[index] = choice
