@@ -33,10 +33,11 @@ from .kernels.select import (
 from .layout import NCHW, Layout, packed_channel_const, to_packed
 
 INT32_MAX = 2**31 - 1
-#: Strides at which a 1x1 conv on packed u8 input reads it without a pack stage (P lowered to fit
-#: the lanes: ``select.fit_groups_to_lanes``). At stride 2 a pack stage that keeps P = 4 measured
-#: 1.07-1.87x faster per layer on AVX2 (the direct read uses every other pixel of each packed
-#: row; ``benchmarks/latency/KERNELS.md``, ``strided_1x1_ab.py``).
+#: Strides at which a 1x1 conv on packed u8 input lowers its P so that it reads the blocks without
+#: a pack stage (AVX2's ``NCHW8c``: ``select.fit_groups_to_lanes``); at other strides it keeps the
+#: selected P (and reads directly only where that P fits the lanes, as VNNI's does). At stride 2
+#: a pack stage that keeps P = 4 measured 1.10-1.98x faster per layer on AVX2 than the direct read
+#: at P = 2, which uses every other pixel of each packed row (``strided_1x1_ab.py``).
 DIRECT_READ_STRIDES = ((1, 1),)
 
 
