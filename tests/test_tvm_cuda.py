@@ -152,7 +152,25 @@ def test_dp4a_linear_grouped_and_float_output_bit_exact_on_cpu(
         == ["cuda_dp4a"]
     grouped = int_layer("conv", 16, 24, x_bits=8, w_bits=8, groups=2, stride=2, seed=5)
     kernels = cpu_check(grouped, (2, 16, 9, 8), 8, False, monkeypatch)
-    assert [c.variant for c in kernels] == ["cuda_dp4a"] and "2 groups" in kernels[0].note
+    assert [c.variant for c in kernels] == ["cuda_dp4a"]
+    assert "2 groups in one kernel" in kernels[0].note
+
+
+@pytest.mark.parametrize(("c", "groups", "merged"), [
+    (128, 32, "32 groups of 4 -> 4 channels merged 2 at a time into 16"),  # ResNeXt-like
+    (96, 24, "24 groups of 4 -> 4 channels merged 2 at a time into 12"),
+    (64, 4, None),  # 16 -> 16 per group: as they are
+])
+def test_dp4a_grouped_conv_in_one_kernel_bit_exact_on_cpu(
+        monkeypatch: pytest.MonkeyPatch, c: int, groups: int, merged: str | None) -> None:
+    """Every group of a grouped conv in one dp4a kernel over the images x groups batch
+    (``ConvKernelSpec.conv_groups``; more than 16 groups too, narrow ones merged), emulated on
+    the CPU: equal to the reference, on signed input codes."""
+    layer = int_layer("conv", c, c, x_bits=8, w_bits=4, groups=groups, seed=groups)
+    kernels = cpu_check(layer, (2, c, 7, 6), 8, True, monkeypatch)
+    assert [k.variant for k in kernels] == ["cuda_dp4a"]
+    assert "in one kernel" in kernels[0].note
+    assert merged is None or merged in kernels[0].note
 
 
 def _kernel_bodies(ptx: str) -> dict[str, str]:
@@ -161,10 +179,14 @@ def _kernel_bodies(ptx: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
-def test_cuda_build_reports_dp4a_and_the_ptx_uses_it() -> None:
-    layer = int_layer("conv", 13, 11, x_bits=8, w_bits=8, seed=3)
+@pytest.mark.parametrize(("c_in", "c_out", "groups"), [(13, 11, 1), (128, 128, 32)])
+def test_cuda_build_reports_dp4a_and_the_ptx_uses_it(c_in: int, c_out: int, groups: int) -> None:
+    """A dense and a grouped conv (32 groups in one kernel) built for CUDA: the report names
+    ``cuda_dp4a``, the source calls ``__dp4a`` and the PTX the conv kernel compiles to uses
+    ``dp4a`` (where nvcc is installed)."""
+    layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=8, groups=groups, seed=3)
     gm = im.trace_integer(One(layer, 8, False).eval())
-    model = tvm_backend.build(gm, "cuda", example_inputs=inputs((1, 13, 9, 10), 8, False)[0])
+    model = tvm_backend.build(gm, "cuda", example_inputs=inputs((1, c_in, 9, 10), 8, False)[0])
     assert [c.variant for c in model.kernels] == ["cuda_dp4a"]
     assert "cuda_dp4a" in model.kernel_report()
     source = model.cuda_source()

@@ -211,13 +211,13 @@ def test_depthwise_int16_sums_at_the_bound_and_one_past(spec: dict, last_tap: in
 @pytest.mark.parametrize(("c_in", "c_out", "groups", "x_bits", "w_bits", "out_scale"), [
     (16, 32, 2, 8, 4, 1.0), (12, 24, 3, 8, 7, None), (20, 40, 5, 6, 8, 1.0),
 ])
-def test_grouped_conv_one_kernel_per_group(c_in: int, c_out: int, groups: int, x_bits: int,
-                                           w_bits: int, out_scale: float | None,
-                                           spec: dict) -> None:
+def test_grouped_conv_in_one_kernel(c_in: int, c_out: int, groups: int, x_bits: int,
+                                    w_bits: int, out_scale: float | None, spec: dict) -> None:
     layer = int_layer("conv", c_in, c_out, x_bits=x_bits, w_bits=w_bits, groups=groups,
                       out_scale=out_scale, stride=2, seed=groups)
     _, records = check(layer, (2, c_in, 9, 8), x_bits, spec=spec)
-    assert records[0].variant != "default" and f"{groups} groups" in records[0].note
+    assert records[0].variant != "default"
+    assert f"{groups} groups in one kernel" in records[0].note
 
 
 @pytest.mark.parametrize("groups", [1, 6])
@@ -424,16 +424,19 @@ def test_narrow_groups_merge_block_diagonally(groups: int, in_g: int, out_g: int
     assert select_kernel(merged).kind is not None
 
 
-def test_cuda_merges_numerous_groups_its_kernels_are_one_call_each() -> None:
-    """CUDA's dp4a kernels run one call per group: there more than 16 groups are merged too
-    (32 groups of 32 -> 32 into 16 of 64 -> 64); the CPU kernels run them in one call."""
+def test_cuda_runs_numerous_groups_in_one_kernel_like_the_cpu() -> None:
+    """CUDA's dp4a kernel runs every group in one call, as the CPU kernels do: 32 groups of
+    32 -> 32 are not merged on either, 32 groups of 4 -> 4 are merged in pairs on both."""
     from djpq_compiler.backends.tvm.kernels.select import merge_groups
 
-    weight = np.ones((32 * 32, 32, 3, 3), np.int64)
-    facts = [LayerFacts("l", "conv2d", 0, 255, weight, np.zeros(1024, np.int64), 0, 32, 0,
-                        features, "t") for features in (frozenset({"dp4a"}),
-                                                          frozenset({"avx2"}))]
-    assert [merge_groups(f)[1] for f in facts] == [2, 1]
+    for width, k in ((32, 1), (4, 2)):
+        weight = np.ones((32 * width, width, 3, 3), np.int64)
+        facts = [LayerFacts("l", "conv2d", 0, 255, weight, np.zeros(32 * width, np.int64), 0,
+                            32, 0, features, "t") for features in (frozenset({"dp4a"}),
+                                                                   frozenset({"avx2"}))]
+        assert [merge_groups(f)[1] for f in facts] == [k, k]
+        cuda = select_kernel(merge_groups(facts[0])[0])
+        assert cuda.variant == "cuda_dp4a" and f"{32 // k} groups in one kernel" in cuda.note
 
 
 def test_resnext_like_grouped_conv_merges_groups_and_stays_exact() -> None:

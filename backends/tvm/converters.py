@@ -186,53 +186,20 @@ def _written_layer(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
 
     Dense and depthwise kernels read ``x`` in its layout and write ``NCHW{out_lanes}c`` where
     they can (``out_lanes`` > 0). A grouped (non-depthwise) conv runs one dense kernel over the
-    batch of images x groups (``select.GROUPED_KINDS``, ``ConvKernelSpec.conv_groups``); other
-    kinds run one kernel per group on its NCHW channel slice, and the results are concatenated
-    along the channels (NCHW).
+    batch of images x groups (``select.GROUPED_KINDS``, ``ConvKernelSpec.conv_groups``).
     The layer's record (the last of ``ctx.kernels``) notes how the kernel finished its
     accumulators (``emit.epilogue_form``)."""
-    out, layout, forms = _emit_written(ctx, node, x, facts, choice, geometry, out_lanes)
-    ctx.kernels[-1] = dataclasses.replace(ctx.kernels[-1], epilogue=", ".join(sorted(forms)))
-    return out, layout
-
-
-def _emit_written(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
-                  choice: KernelChoice, geometry: Any,
-                  out_lanes: int) -> tuple[Any, Layout, set[str]]:
-    """:func:`_written_layer`'s kernels, and the set of their epilogue forms."""
     from .kernels.emit import emit_conv
 
     module = ctx.module(node)
-    out_channels = facts.weight.shape[0]
-    m, shift = _np(module.m).reshape(-1), _np(module.shift).reshape(-1)
-    dtype = container_dtype(module.qmin, module.qmax)
-    in_dtype = ctx.bb.dtype(x.expr)
-    if (facts.groups == 1 or facts.weight.shape[1] == 1  # dense or depthwise: one kernel
-            or choice.kind in GROUPED_KINDS):  # grouped: one kernel over images x groups
-        requant = None if module.out_scale is None else (m, shift, module.qmin, module.qmax,
-                                                         dtype)
-        out, layout, form = emit_conv(ctx.bb, x.expr, in_dtype, facts, choice, geometry,
-                                      requant, x.layout, out_lanes)
-        return out, layout, {form}
-    if x.layout.packed:
-        raise BackendError(f"{node.format_node()}: per-group kernels read NCHW input only")
-    in_g, out_g = facts.weight.shape[1], out_channels // facts.groups
-    bias = np.broadcast_to(facts.bias.reshape(-1), (out_channels,)) if facts.bias.size \
-        else np.zeros(out_channels, np.int64)
-    parts, forms = [], set()
-    for g in range(facts.groups):
-        rows = slice(g * out_g, (g + 1) * out_g)
-        part = LayerFacts(f"{facts.layer}_g{g}", facts.op, facts.act_lo, facts.act_hi,
-                          facts.weight[rows], bias[rows], facts.acc_shift, 1, facts.macs,
-                          facts.features, facts.target)
-        x_g = ctx.bb.strided_slice(x.expr, [1], [g * in_g], [(g + 1) * in_g], [1])
-        requant = None if module.out_scale is None else (
-            m if m.size == 1 else m[rows], shift if shift.size == 1 else shift[rows],
-            module.qmin, module.qmax, dtype)
-        out, _, form = emit_conv(ctx.bb, x_g, in_dtype, part, choice, geometry, requant)
-        parts.append(out)
-        forms.add(form)
-    return ctx.bb.concat(parts, 1), NCHW, forms
+    requant = None
+    if module.out_scale is not None:
+        m, shift = _np(module.m).reshape(-1), _np(module.shift).reshape(-1)
+        requant = (m, shift, module.qmin, module.qmax, container_dtype(module.qmin, module.qmax))
+    out, layout, form = emit_conv(ctx.bb, x.expr, ctx.bb.dtype(x.expr), facts, choice, geometry,
+                                  requant, x.layout, out_lanes)
+    ctx.kernels[-1] = dataclasses.replace(ctx.kernels[-1], epilogue=form)
+    return out, layout
 
 
 def _written_result(ctx: Lowering, module: im._IntLayer, out: Any,

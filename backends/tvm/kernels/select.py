@@ -28,8 +28,7 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   int32, checked from the weights: ``max_o sum|w_o| * span * 2^k + max|bias'| <= 2^31 - 1``.
 * grouped (non-depthwise) convs with groups at least ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels
   wide take the dense variants: one kernel whose batch is the images x groups
-  (:data:`GROUPED_KINDS`), or on CUDA one kernel per group (at most ``MAX_GROUPS`` of them);
-  narrower (or, on CUDA, more numerous) groups are first merged block-diagonally
+  (:data:`GROUPED_KINDS`, every dense kind); narrower groups are first merged block-diagonally
   (:func:`merge_groups`).
 * ``neon_sdot`` (aarch64 with ``dotprod``): operands shifted into int8 (offset 0 when the codes
   already lie in ``[-128, 127]``, else ``-128 - lo``: needs ``hi - lo <= 255``), weights in
@@ -63,12 +62,12 @@ __all__ = ["GROUPED_KINDS", "INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFact
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
-#: Grouped (non-depthwise) convs take the dense kernels when the groups are this wide (and, on
-#: CUDA, whose kernels run one call per group, at most ``MAX_GROUPS`` of them).
-MIN_GROUP_IN, MIN_GROUP_OUT, MAX_GROUPS = 4, 8, 16
-#: Intrinsic families whose dense kernel (``conv2d._dense``) runs every group of a grouped conv
-#: in one kernel (``ConvKernelSpec.conv_groups``); the others run one kernel per group.
-GROUPED_KINDS = ("ubsw", "wd", "vnni", "sdot")
+#: Grouped (non-depthwise) convs take the dense kernels when the groups are this wide.
+MIN_GROUP_IN, MIN_GROUP_OUT = 4, 8
+#: Intrinsic families whose dense kernel (``conv2d._dense``; CUDA's ``dp4a`` schedules the same
+#: definition) runs every group of a grouped conv in one kernel (``ConvKernelSpec.conv_groups``):
+#: every dense kind that takes grouped convs (AMX's kernels are dense only: VNNI takes them).
+GROUPED_KINDS = ("ubsw", "wd", "vnni", "sdot", "dp4a")
 #: Narrower or more numerous groups are merged, ``k`` adjacent groups into one block-diagonal
 #: group (:func:`merge_groups`), for ``k`` up to this: ``k`` times the multiply-adds, against
 #: TVM's generic lowering at ~4 GMAC/s (15-30x slower than the written kernels).
@@ -240,19 +239,11 @@ def _select_depthwise(facts: LayerFacts, acc_text: str) -> KernelChoice:
                         f"{facts.target}: depthwise, channels in lanes", facts.macs)
 
 
-def _per_group_calls(facts: LayerFacts) -> bool:
-    """Whether the target's kernels run a grouped conv one call per group (CUDA's ``dp4a``;
-    the CPU kernels run every group in one call)."""
-    return facts.features is not None and "dp4a" in facts.features
-
-
-def merge_factor(groups: int, in_g: int, out_g: int, per_group_calls: bool = False,
-                 lanes: int = 0) -> int:
+def merge_factor(groups: int, in_g: int, out_g: int, lanes: int = 0) -> int:
     """How many adjacent groups :func:`merge_groups` merges for a grouped conv of ``groups``
-    groups of ``in_g -> out_g`` channels: 1 if they are wide enough (and, where each group is
-    its own kernel call, ``per_group_calls``, few enough) already, or if no divisor
-    ``k <= MAX_MERGE`` of ``groups`` makes them so. The CPU kernels run every group in one call
-    (:data:`GROUPED_KINDS`), so only CUDA's per-group kernels bound the group count.
+    groups of ``in_g -> out_g`` channels: 1 if they are wide enough already, or if no divisor
+    ``k <= MAX_MERGE`` of ``groups`` makes them so. Every kernel runs all groups in one call
+    (:data:`GROUPED_KINDS`), so the group count is not bounded.
 
     ``lanes``: the packed layout's ``L`` where the layer reads or writes it (``0``: NCHW on
     both sides). Then the smallest such ``k`` whose merged groups also hold whole blocks of
@@ -262,8 +253,7 @@ def merge_factor(groups: int, in_g: int, out_g: int, per_group_calls: bool = Fal
     On AVX2 (``L = 8 = MIN_GROUP_OUT``) this changes nothing for power-of-two widths; with
     AVX-512/VNNI's 16 lanes ResNeXt's 8-channel groups merge in pairs."""
     def fits(k: int) -> bool:
-        return (k * in_g >= MIN_GROUP_IN and k * out_g >= MIN_GROUP_OUT
-                and (not per_group_calls or groups // k <= MAX_GROUPS))
+        return k * in_g >= MIN_GROUP_IN and k * out_g >= MIN_GROUP_OUT
 
     ks = [k for k in range(1, MAX_MERGE + 1) if groups % k == 0 and fits(k)]
     if not ks:
@@ -274,11 +264,11 @@ def merge_factor(groups: int, in_g: int, out_g: int, per_group_calls: bool = Fal
 
 
 def merge_groups(facts: LayerFacts, lanes: int = 0) -> tuple[LayerFacts, int]:
-    """``facts`` of a grouped conv whose groups are too narrow or too many for per-group kernels
-    (fewer than ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels, more than ``MAX_GROUPS`` groups),
-    or (``lanes`` > 0, the layer in the packed layout) do not fill whole lane blocks, rewritten
-    with every ``k`` adjacent groups merged into one: ``k`` as :func:`merge_factor` chooses it
-    (a divisor of the group count, at most :data:`MAX_MERGE`).
+    """``facts`` of a grouped conv whose groups are too narrow for the kernels (fewer than
+    ``MIN_GROUP_IN -> MIN_GROUP_OUT`` channels) or, with ``lanes`` > 0 (the layer in the packed
+    layout), do not fill whole lane blocks, rewritten with every ``k`` adjacent groups merged
+    into one: ``k`` as :func:`merge_factor` chooses it (a divisor of the group count, at most
+    :data:`MAX_MERGE`).
 
     Merged group ``j`` reads the input channels of groups ``j*k .. j*k+k-1`` (adjacent, as in
     the layer) and its weight is block-diagonal: each original group's weights at its own input
@@ -291,7 +281,7 @@ def merge_groups(facts: LayerFacts, lanes: int = 0) -> tuple[LayerFacts, int]:
     if groups == 1 or facts.depthwise:
         return facts, 1
     out_g = oc // groups
-    k = merge_factor(groups, in_g, out_g, per_group_calls=_per_group_calls(facts), lanes=lanes)
+    k = merge_factor(groups, in_g, out_g, lanes)
     if k == 1:
         return facts, 1
     merged = np.zeros((oc, k * in_g) + facts.weight.shape[2:], facts.weight.dtype)
@@ -319,13 +309,10 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
             return _default(facts, f"accumulator bound {bound} > 2^31-1 needs int64")
         return _select_depthwise(facts, f"acc bound {bound} <= 2^31-1")
     in_g, out_g = facts.weight.shape[1], facts.weight.shape[0] // facts.groups
-    calls = _per_group_calls(facts)
-    if facts.groups != 1 and not depthwise and (in_g < MIN_GROUP_IN or out_g < MIN_GROUP_OUT
-                                                or (calls and facts.groups > MAX_GROUPS)):
-        limit = f" and <= {MAX_GROUPS} groups (one call each)" if calls else ""
+    if facts.groups != 1 and not depthwise and (in_g < MIN_GROUP_IN or out_g < MIN_GROUP_OUT):
         return _default(facts, f"groups={facts.groups} with {in_g} -> {out_g} channels per "
                                f"group: grouped kernels need >= {MIN_GROUP_IN} -> "
-                               f"{MIN_GROUP_OUT} channels{limit}")
+                               f"{MIN_GROUP_OUT} channels")
     if arm:
         choice = _select_sdot(facts)
     elif gpu:
@@ -341,9 +328,10 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
             return _select_depthwise(facts, acc_text)
         choice = _select_dense(facts, acc_text)
     if facts.groups != 1 and choice.kind is not None:
-        how = ("in one kernel, its batch the images x groups" if choice.kind in GROUPED_KINDS
-               else "one kernel each")
-        return dataclasses.replace(choice, note=f"{choice.note}; {facts.groups} groups {how}")
+        if choice.kind not in GROUPED_KINDS:
+            return _default(facts, f"groups={facts.groups}: no grouped {choice.kind} kernel")
+        return dataclasses.replace(choice, note=f"{choice.note}; {facts.groups} groups in one "
+                                                "kernel, its batch the images x groups")
     return choice
 
 
