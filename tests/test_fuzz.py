@@ -96,6 +96,16 @@ def test_random_graphs_build_bit_exact_in_tvm(recipe: Recipe) -> None:
         stats.unsupported
 
 
+@settings(CI, max_examples=4)
+@given(recipes())
+def test_random_graphs_lowered_for_cuda_equal_the_reference_emulated(recipe: Recipe) -> None:
+    """The CUDA build's computation (``build(..., "cuda-emulated")``: lowered for CUDA, its dp4a
+    kernels' schedule emulated on this CPU) equals the reference executor on random graphs."""
+    pytest.importorskip("tvm")
+    stats = check_tvm(recipe, ("cuda-emulated",))
+    assert stats.outcomes == (("cuda-emulated", "ok"),), stats.unsupported
+
+
 EVERY_BLOCK = Recipe(blocks=(
     Conv(out=6, k=3, stride=2, groups=1, bn=True, act="hardswish"),
     Conv(out=6, k=3, groups="depthwise", act="relu6"),
@@ -126,6 +136,8 @@ def test_a_recipe_with_every_block_kind_holds_every_property() -> None:
         built = check_tvm(EVERY_BLOCK)
         assert ("x86", "ok") in built.outcomes and built.float_ops > 0  # islands: per-op check
         assert any(v.startswith("avx2_") for v in built.variants)
+        cuda = check_tvm(EVERY_BLOCK, ("cuda-emulated",))
+        assert cuda.outcomes == (("cuda-emulated", "ok"),) and "cuda_dp4a" in cuda.variants
 
 
 def test_recipes_print_as_readable_recipes() -> None:

@@ -88,8 +88,9 @@ def test_dp4a_selection_accumulator_depthwise_and_groups() -> None:
 def _emulated(monkeypatch: pytest.MonkeyPatch, scheduled: bool = True) -> None:
     """Make the dp4a kernels CPU-runnable: the CUDA schedule with serial loops and ``dp4a``'s
     definition (``emulate=True``), or no schedule at all (``scheduled=False``)."""
-    monkeypatch.setattr(cuda, "schedule_dp4a", (lambda func, spec: SCHEDULE_DP4A(func, spec, True))
-                        if scheduled else (lambda func, spec: func))
+    monkeypatch.setattr(cuda, "schedule_dp4a",
+                        (lambda func, spec, emulate=False: SCHEDULE_DP4A(func, spec, True))
+                        if scheduled else (lambda func, spec, emulate=False: func))
 
 
 def cpu_check(layer: nn.Module, shape: tuple[int, ...], x_bits: int, signed: bool,
@@ -202,25 +203,25 @@ def test_cuda_build_reports_dp4a_and_the_ptx_uses_it(c_in: int, c_out: int, grou
     assert any(re.search(r"\bdp4a\.u32\.s32\b", body) for body in conv.values()), sorted(conv)
 
 
-def test_cuda_lowering_of_a_mixed_net_bit_exact_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A net with a conv, depthwise and grouped convs, pools, add, concat and a linear, lowered
-    for CUDA (dp4a kernels emulated) and run on the CPU: equal to the reference."""
+def test_cuda_emulated_build_of_a_mixed_net_bit_exact_on_cpu() -> None:
+    """``build(..., "cuda-emulated")``: a net with a conv, depthwise and grouped convs, pools,
+    add, concat and a linear, lowered as for CUDA (the same kernel records as the CUDA build),
+    its dp4a kernels emulated, run on the CPU: equal to the reference. A CUDA build made after
+    it gets the real ``__dp4a`` kernels (the emulated ones do not leak through the memo)."""
     from test_tvm_backend import BITS, Net, example
 
     gm = im.trace_integer(Net(BITS["mid"]).eval())
     x = (example((2, 3, 9, 9), seed=4), example((1, 2, 7, 7), signed=True))
-    emit._kernel.cache_clear()
-    _emulated(monkeypatch)
-    try:
-        mod, ctx = lower(gm, list(x), CUDA)
-    finally:
-        emit._kernel.cache_clear()
-    assert "cuda_dp4a" in {c.variant for c in ctx.kernels}
-    vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(target_spec("x86")[0])))
-    got = adapter.run_vm(vm, [t.numpy() for t in x])
-    want = gm(*x)
-    for a, r in zip(got, want, strict=True):
-        assert torch.equal(torch.from_numpy(a).to(r.dtype), r)
+    emulated = tvm_backend.build(gm, "cuda-emulated", example_inputs=x)
+    real = tvm_backend.build(gm, "cuda", example_inputs=x)
+    assert [(k.layer, k.variant) for k in emulated.kernels] \
+        == [(k.layer, k.variant) for k in real.kernels]
+    assert "cuda_dp4a" in {k.variant for k in emulated.kernels}
+    for got, want in zip(emulated(*x), gm(*x), strict=True):
+        assert torch.equal(got.to(want.dtype), want)
+    assert "__dp4a(" in real.cuda_source()
+    with pytest.raises(BackendError, match="cannot run on this"):
+        real(*x)
 
 
 def test_forcing_dp4a_past_its_bound_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -220,6 +220,70 @@ def test_grouped_conv_in_one_kernel(c_in: int, c_out: int, groups: int, x_bits: 
     assert f"{groups} groups in one kernel" in records[0].note
 
 
+@pytest.mark.parametrize(("c_in", "c_out", "stride", "padding"), [
+    (3, 3, 1, 0), (16, 32, 2, 0), (5, 5, 1, 1),  # channel multiplier 2, stride 2, padding
+    (1, 6, 1, 0),  # a dense 1x1 conv of one input channel: the same TVM pattern
+])
+@pytest.mark.parametrize("target", [None, "cuda-emulated"])
+def test_generic_lowering_of_1x1_depthwise_adds_the_bias_once(c_in: int, c_out: int,
+                                                              stride: int, padding: int,
+                                                              target: str | None) -> None:
+    """TVM 0.27 compiles an integer 1x1 ``nn.conv2d`` with one input channel per group fused
+    with the bias ``add`` after it into a kernel that adds the bias twice (a silent wrong
+    answer the fuzzer found through ``build(..., "cuda-emulated")``). The generic lowering --
+    builds without a target (tuning, inspection) and CUDA's depthwise layers -- computes such a
+    layer as per-channel products instead (``converters._depthwise_1x1``): bit-exact with every
+    multiplier, stride and padding, on signed codes."""
+    from djpq_compiler.backends import tvm as tvm_backend
+
+    layer = int_layer("conv", c_in, c_out, x_bits=8, w_bits=4, x_signed=True, k=1,
+                      stride=stride, padding=padding, groups=c_in, seed=c_out)  # c_in 1: dense
+    gm = im.trace_integer(One(layer, 8, True).eval())
+    xs = inputs((2, c_in, 7, 6), 8, True)
+    if target is None:
+        mod, ctx = lower(gm, [xs[0]], None)
+        vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(AVX2)))
+        run = lambda t: torch.from_numpy(adapter.run_vm(vm, [t.numpy()])[0])  # noqa: E731
+        kernels = ctx.kernels
+    else:
+        model = tvm_backend.build(gm, target, example_inputs=xs[0])
+        run, kernels = model, model.kernels
+    # CUDA takes a channel multiplier as a grouped conv (4 groups merged: its dp4a kernel)
+    generic = target is None or c_out == c_in
+    assert [k.variant for k in kernels] == (["default"] if generic else ["cuda_dp4a"])
+    for x in xs:
+        want = gm(x)
+        assert torch.equal(run(x).to(want.dtype), want)
+
+
+@pytest.mark.parametrize(("stride", "padding", "ceil_mode"), [
+    (2, 0, False), (2, 0, True), (1, 0, False), (3, 0, True),
+])
+def test_1x1_average_pool_window_sums_exact_in_the_generic_lowering(
+        stride: int, padding: int, ceil_mode: bool) -> None:
+    """A 1x1 average pool (a strided subsample) sums its windows without the 1x1 depthwise
+    ``conv2d`` that TVM 0.27 miscompiles when an add follows: equal to the reference, on signed
+    codes, in a build without a target (NCHW, the generic lowering)."""
+
+    class Pool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = im.Quantize(1.0, 8, True)
+            self.pool = im.IntAvgPool2d((1, 1), (stride, stride), (padding, padding), ceil_mode,
+                                        True, None)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pool(self.q(x))
+
+    gm = im.trace_integer(Pool().eval())
+    x = torch.randint(-128, 128, (2, 3, 7, 8), generator=torch.Generator().manual_seed(2))
+    mod, _ = lower(gm, [x.float()], None)
+    vm = adapter.make_vm(adapter.compile_module(mod, adapter.make_target(AVX2)))
+    got = torch.from_numpy(adapter.run_vm(vm, [x.float().numpy()])[0])
+    want = gm(x.float())
+    assert torch.equal(got.to(want.dtype), want)
+
+
 @pytest.mark.parametrize("groups", [1, 6])
 def test_dilated_conv_exact(groups: int) -> None:
     layer = int_layer("conv", 6, 6 if groups > 1 else 11, x_bits=8, w_bits=4, padding=2,

@@ -39,7 +39,9 @@ from .emit import lower
 __all__ = ["PORTABLE_X86", "TARGETS", "CompiledModel", "build", "compile_cuda_to_ptx", "find_nvcc",
            "host_has_features", "target_spec"]
 
-TARGETS = ("x86", "x86-avx2", "x86-avx512", "aarch64", "cuda")
+#: What the CUDA build computes, run on this CPU (:func:`build`): a check target, not a deployment.
+CUDA_EMULATED = "cuda-emulated"
+TARGETS = ("x86", "x86-avx2", "x86-avx512", "aarch64", "cuda", CUDA_EMULATED)
 #: The portable x86 targets: LLVM CPU model, and the features this host needs to run the build.
 PORTABLE_X86 = {"x86-avx2": ("haswell", ("avx2", "fma")),
                 "x86-avx512": ("cascadelake", ("avx512bw", "avx512vnni"))}
@@ -64,7 +66,7 @@ def target_spec(target: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if target == "aarch64":
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                 "mattr": ["+neon", "+dotprod"]}, None
-    if target == "cuda":
+    if target in ("cuda", CUDA_EMULATED):  # the emulated build lowers as for CUDA (build())
         return {"kind": "cuda", "arch": "sm_80"}, {"kind": "llvm"}
     import difflib
 
@@ -154,7 +156,7 @@ class CompiledModel:
 
     def _runnable_here(self) -> bool:
         x86 = platform.machine().lower() in ("x86_64", "amd64")
-        if self.target == "x86":
+        if self.target in ("x86", CUDA_EMULATED):
             return x86
         if self.target in PORTABLE_X86:
             return x86 and host_has_features(PORTABLE_X86[self.target][1])
@@ -252,7 +254,13 @@ def build(converted: fx.GraphModule, target: str = "x86",
     Args:
         converted: The output of ``convert()`` (``records.stage(gm) == "converted"``).
         target: ``"x86"`` (this CPU), ``"x86-avx2"`` / ``"x86-avx512"`` (portable x86 builds
-            for other machines), ``"aarch64"`` or ``"cuda"``.
+            for other machines), ``"aarch64"`` or ``"cuda"``; or ``"cuda-emulated"``, a check
+            of the CUDA build without a GPU: the model lowered for CUDA (every layer gets the
+            kernel, packed weights and arguments the CUDA build gets), each ``dp4a`` kernel with
+            its CUDA schedule emulated (``kernels.cuda.emulated``: block/thread loops serial,
+            ``dp4a`` replaced by its four-product definition), compiled for and run on this CPU
+            (slow; it checks the lowering and the kernels' definitions, loop structure and
+            indexing, not the thread binding, ``__dp4a`` itself or CUDA code generation).
         example_inputs: One float32 tensor (or a sequence, one per input) fixing static shapes.
         work_dir: A directory filled by :func:`~djpq_compiler.backends.tvm.tune`: every kernel
             with a record in its JSON database is compiled with its best tuned schedule (the
@@ -272,7 +280,14 @@ def build(converted: fx.GraphModule, target: str = "x86",
     if work_dir is not None:
         _check_database(target, work_dir)
     inputs = _as_inputs(example_inputs)
-    ir_module, lowering = lower(converted, inputs, spec)
+    if target == CUDA_EMULATED:
+        from .kernels.cuda import emulated
+
+        with emulated():
+            ir_module, lowering = lower(converted, inputs, spec)
+        spec, host = target_spec("x86")  # compiled for this CPU
+    else:
+        ir_module, lowering = lower(converted, inputs, spec)
     start = time.perf_counter()
     tuned = None
     if work_dir is None:

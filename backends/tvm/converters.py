@@ -177,7 +177,8 @@ def _merge_note(choice: KernelChoice, weight: np.ndarray, groups: int,
     k, in_g, out_g = groups // facts.groups, weight.shape[1], weight.shape[0] // groups
     return dataclasses.replace(choice, note=(
         f"{choice.note} ({groups} groups of {in_g} -> {out_g} channels merged {k} at a time "
-        f"into {facts.groups} block-diagonal groups: {k}x the multiply-adds)"))
+        f"into {facts.groups} block-diagonal group{'s' if facts.groups > 1 else ''}: {k}x the "
+        "multiply-adds)"))
 
 
 def _written_layer(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,
@@ -264,10 +265,39 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
     x = ctx.int_arg(node)
     x_dtype, w_dtype = _operand_dtypes(x, int(weight.min()), int(weight.max()))
     acc_dtype = _accumulate_dtype(x, weight, bias, int(getattr(module, "acc_shift", 0)))
-    acc = ctx.bb.conv2d(ctx.bb.astype(x.expr, x_dtype), ctx.bb.const(weight, w_dtype),
-                        stride, padding, dilation, int(module.groups), acc_dtype)
+    if weight.shape[1] == 1 and (kh, kw) == (1, 1):  # one input channel per group
+        acc = _depthwise_1x1(ctx, x.expr, weight, stride, padding + padding, acc_dtype)
+    else:
+        acc = ctx.bb.conv2d(ctx.bb.astype(x.expr, x_dtype), ctx.bb.const(weight, w_dtype),
+                            stride, padding, dilation, int(module.groups), acc_dtype)
     acc = _add_bias(ctx, module, acc, bias, (1, -1, 1, 1), acc_dtype)
     return _finish_layer(ctx, module, acc)
+
+
+def _depthwise_1x1(ctx: Lowering, x: Any, weight: np.ndarray, stride: tuple[int, int],
+                   pads: tuple[int, int, int, int], acc_dtype: str) -> Any:
+    """A 1x1 conv with one input channel per group (depthwise with ``M = O / C`` outputs per
+    channel, or a dense conv of one input channel) as what it computes: every input channel
+    times its ``M`` weights, ``out[:, c*M + j] = x[:, c] * w[c*M + j]``, after the zero padding
+    ``pads`` (top, left, bottom, right) and the stride. Not ``nn.conv2d``: TVM 0.27 compiles an
+    integer 1x1 ``conv2d`` with one input channel per group, fused with an ``add`` after it, to
+    a kernel that adds the addend twice (every such case of a sweep over channels, groups,
+    multipliers, strides and padding; no other conv shape). Found by the fuzzer through
+    ``build(..., "cuda-emulated")``, whose depthwise layers take the generic lowering; pinned
+    by ``tests/test_tvm_kernels.py``. Also the window sums of 1x1 average pools (``pools.py``)."""
+    n, c, _, _ = ctx.bb.shape(x)
+    x = ctx.bb.astype(x, acc_dtype)
+    if any(pads):
+        top, left, bottom, right = pads
+        x = ctx.bb.call("nn.pad", x, [0, 0, 0, 0, top, bottom, left, right])
+    if stride != (1, 1):
+        h, w = ctx.bb.shape(x)[2:]
+        x = ctx.bb.strided_slice(x, [2, 3], [0, 0], [h, w], list(stride))
+    h, w = ctx.bb.shape(x)[2:]
+    m = weight.shape[0] // c
+    products = ctx.bb.binary("multiply", ctx.bb.reshape(x, (n, c, 1, h, w)),
+                             ctx.bb.const(weight.reshape(1, c, m, 1, 1), acc_dtype))
+    return ctx.bb.reshape(products, (n, c * m, h, w))
 
 
 def _linear_as_conv(ctx: Lowering, node: fx.Node, x: IntValue, facts: LayerFacts,

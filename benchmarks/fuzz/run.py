@@ -7,6 +7,7 @@ shrinks it to a minimal recipe, which is printed and recorded. TVM builds refuse
 error are counted with their reasons (not failures); a mismatch or a crash is a failure.
 
 Usage: python benchmarks/fuzz/run.py --examples 2000 [--seed 0] [--minutes 30] [--tvm]
+       [--tvm-targets x86 x86-avx2 cuda-emulated]
        [--out benchmarks/fuzz/RESULTS.md]
 """
 
@@ -33,6 +34,7 @@ from djpq_compiler.testing import (
     check_tvm,
     recipes,
 )
+from djpq_compiler.testing.properties import TVM_TARGETS
 
 
 class TimeUp(BaseException):
@@ -87,7 +89,8 @@ class Tally:
 
 
 def run(examples: int, seed: int, max_blocks: int, minutes: float | None = None,
-        tvm: bool = False) -> tuple[Tally, str | None, float]:
+        tvm: bool = False,
+        tvm_targets: tuple[str, ...] = TVM_TARGETS) -> tuple[Tally, str | None, float]:
     """Check up to ``examples`` recipes (stopping cleanly after ``minutes``)."""
     tally = Tally()
     start = time.perf_counter()
@@ -104,7 +107,7 @@ def run(examples: int, seed: int, max_blocks: int, minutes: float | None = None,
         tally.nonneg += check_signs(recipe)
         tally.add(recipe, stats, check_convert(recipe))
         if tvm:
-            tally.add_tvm(check_tvm(recipe))
+            tally.add_tvm(check_tvm(recipe, tvm_targets))
         if tally.examples % 100 == 0:
             print(f"{tally.examples} examples, {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -120,12 +123,15 @@ def run(examples: int, seed: int, max_blocks: int, minutes: float | None = None,
 
 def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Namespace) -> str:
     status = "no property violated" if failure is None else "FAILURE (minimal recipe below)"
+    targets = ("" if list(args.tvm_targets) == list(TVM_TARGETS)
+               else " --tvm-targets " + " ".join(args.tvm_targets))
     lines = [
         f"## Run: {args.examples} requested examples (time budget {args.minutes} min), "
         f"seed {args.seed}, max {args.max_blocks} blocks",
         "",
         f"* command: `python benchmarks/fuzz/run.py --examples {args.examples} --seed {args.seed}"
-        f" --max-blocks {args.max_blocks} --minutes {args.minutes}{' --tvm' * args.tvm}` "
+        f" --max-blocks {args.max_blocks} --minutes {args.minutes}{' --tvm' * args.tvm}"
+        f"{targets}` "
         f"(torch {torch.__version__}, "
         f"1 thread, {platform.machine()}, shared 2-core machine)",
         f"* passing examples: {tally.examples} in {seconds:.0f} s; result: **{status}**",
@@ -142,9 +148,10 @@ def report(tally: Tally, failure: str | None, seconds: float, args: argparse.Nam
         f"* heads: {dict(sorted(tally.heads.items()))}",
     ]
     if args.tvm:
-        lines.append(f"* TVM (`check_tvm`: this CPU's build and the AVX2 build, each equal to the "
-                     f"reference): outcomes {dict(sorted(tally.tvm.items()))}; kernel variants "
-                     f"(AVX2 build) {dict(sorted(tally.variants.items()))}; lane-wise chains as "
+        lines.append(f"* TVM (`check_tvm`: the builds for {', '.join(args.tvm_targets)}, each "
+                     f"equal to the reference): outcomes {dict(sorted(tally.tvm.items()))}; "
+                     f"kernel variants (the last target's build) "
+                     f"{dict(sorted(tally.variants.items()))}; lane-wise chains as "
                      f"tables: {tally.tables}; ops of refused builds (examples): "
                      f"{dict(sorted(tally.unsupported.items()))}; refusal messages "
                      f"(examples): {dict(tally.refusals.most_common(8))}")
@@ -163,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="append the summary to this file")
     parser.add_argument("--tvm", action="store_true",
                         help="also build every example with TVM (this CPU, AVX2) and compare")
+    parser.add_argument("--tvm-targets", nargs="+", default=list(TVM_TARGETS),
+                        help="the TVM targets --tvm builds (default: %(default)s; "
+                             "cuda-emulated: the CUDA build's computation on this CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tally, failure, seconds = run(args.examples, args.seed, args.max_blocks, args.minutes,
-                                  args.tvm)
+                                  args.tvm, tuple(args.tvm_targets))
     text = report(tally, failure, seconds, args)
     print(text)
     if args.out is not None:

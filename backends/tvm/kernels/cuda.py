@@ -26,6 +26,8 @@ checked without a GPU: the thread binding itself, ``__dp4a`` and the CUDA code g
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from ..adapter import load_tvm
@@ -33,7 +35,7 @@ from . import conv2d
 from .conv2d import ConvKernelSpec
 from .intrin import intrin_name, register_intrinsics
 
-__all__ = ["DP4A_TILES", "THREADS", "build_dp4a_kernel", "schedule_dp4a"]
+__all__ = ["DP4A_TILES", "THREADS", "build_dp4a_kernel", "emulated", "schedule_dp4a"]
 
 #: ``(tile_w, tile_oc)`` of the dp4a kernel's definition: no padded columns, one block of 8.
 DP4A_TILES = (1, 1)
@@ -88,6 +90,29 @@ def schedule_dp4a(func: Any, spec: ConvKernelSpec, emulate: bool = False) -> Any
     return sch.mod["main"]
 
 
+#: Inside :func:`emulated`: every dp4a kernel gets ``schedule_dp4a(..., emulate=True)``.
+_EMULATED = False
+
+
+@contextlib.contextmanager
+def emulated() -> Iterator[None]:
+    """Kernels built inside get the CUDA schedule emulated (``schedule_dp4a(emulate=True)``), so
+    that a module lowered for CUDA builds for and runs on this CPU (``build(...,
+    "cuda-emulated")``). ``emit``'s per-process memo of kernels is emptied on entry and exit: no
+    emulated kernel leaks into a real CUDA build, nor the reverse."""
+    from .emit import _kernel
+
+    global _EMULATED
+    saved = _EMULATED
+    _EMULATED = True
+    _kernel.cache_clear()
+    try:
+        yield
+    finally:
+        _EMULATED = saved
+        _kernel.cache_clear()
+
+
 def build_dp4a_kernel(spec: ConvKernelSpec, schedule: bool = True) -> tuple[Any, tuple[int, int]]:
     """The dp4a conv kernel of ``spec`` (kind ``"dp4a"``) and its ``(tile_w, tile_oc)``.
 
@@ -101,5 +126,5 @@ def build_dp4a_kernel(spec: ConvKernelSpec, schedule: bool = True) -> tuple[Any,
     tile_w, tile_oc = DP4A_TILES
     func = conv2d._compute(spec, tile_w, tile_oc)
     if schedule:
-        func = schedule_dp4a(func, spec)
+        func = schedule_dp4a(func, spec, _EMULATED)
     return func, DP4A_TILES

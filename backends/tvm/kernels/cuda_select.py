@@ -28,7 +28,7 @@ def dp4a_arch(arch: str) -> bool:
 
 
 def select_dp4a(facts: LayerFacts) -> KernelChoice:
-    """``cuda_dp4a`` for a dense (or per-group) conv/linear whose operands fit u8 x s8 and whose
+    """``cuda_dp4a`` for a dense (or grouped) conv/linear whose operands fit u8 x s8 and whose
     accumulator fits int32; ``default`` otherwise, with the reason."""
     span = facts.span
     w_lo, w_hi = int(facts.weight.min(initial=0)), int(facts.weight.max(initial=0))

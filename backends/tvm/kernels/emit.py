@@ -167,7 +167,7 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     if cg > 1:
         if choice.kind not in GROUPED_KINDS:
             raise ValueError(f"{facts.layer}: no grouped {choice.kind} kernel (kinds "
-                             f"{GROUPED_KINDS}); lower it per group")
+                             f"{GROUPED_KINDS})")
         if in_layout.packed and in_g % in_layout.lanes:
             raise ValueError(f"{facts.layer}: a grouped kernel reads packed input only when a "
                              f"group's {in_g} channels fill whole blocks of {in_layout.lanes}")
@@ -212,10 +212,9 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
                                       + (spec.out_lanes,))
     else:
         out_shape = (n * cg, oc_g) + spec.out_size
-    # one PrimFunc per distinct spec in a module: same-shaped layers (and the per-group kernels
-    # of a grouped conv whose kind has no grouped kernel) share it, named after the first layer
-    # that used it (BlockBuilder deduplicates equal functions), so it is scheduled and compiled
-    # by LLVM once
+    # one PrimFunc per distinct spec in a module: same-shaped layers share it, named after the
+    # first layer that used it (BlockBuilder deduplicates equal functions), so it is scheduled
+    # and compiled by LLVM once
     named = bb.kernel_cache.get(spec)
     if named is None:
         name = f"djpq_{choice.variant}_{facts.layer}"

@@ -36,7 +36,7 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   ``<= 2^16``) to an int32 lane with no intermediate rounding or saturation, so it is exact
   whenever the accumulator bound below holds (W8A8 included). ``udot`` (u8 x u8) would need
   non-negative weights and ``usdot`` (u8 x s8) needs ``i8mm`` (Armv8.6), hence the offset.
-  Dense and per-group convs and 2-D linears.
+  Dense and grouped convs and 2-D linears.
 * ``neon_dw8`` (aarch64 depthwise): the depthwise kernel of ``avx2_dw8`` (int16 operands, int32
   products and sums, 8 channels in lanes), vectorized by LLVM into NEON ``smlal``; same bound.
 * ``avx2_px16`` (:func:`narrow_pixels`, ``conv2d_narrow.py``): stride-1 dense convs on AVX2
@@ -68,8 +68,8 @@ MIN_GROUP_IN, MIN_GROUP_OUT = 4, 8
 #: definition) runs every group of a grouped conv in one kernel (``ConvKernelSpec.conv_groups``):
 #: every dense kind that takes grouped convs (AMX's kernels are dense only: VNNI takes them).
 GROUPED_KINDS = ("ubsw", "wd", "vnni", "sdot", "dp4a")
-#: Narrower or more numerous groups are merged, ``k`` adjacent groups into one block-diagonal
-#: group (:func:`merge_groups`), for ``k`` up to this: ``k`` times the multiply-adds, against
+#: Narrower groups are merged, ``k`` adjacent groups into one block-diagonal group
+#: (:func:`merge_groups`), for ``k`` up to this: ``k`` times the multiply-adds, against
 #: TVM's generic lowering at ~4 GMAC/s (15-30x slower than the written kernels).
 MAX_MERGE = 8
 #: A grouped conv in the packed layout merges further (up to this factor more multiply-adds than
@@ -336,7 +336,7 @@ def select_kernel(facts: LayerFacts) -> KernelChoice:
 
 
 def _select_dense(facts: LayerFacts, acc_text: str) -> KernelChoice:
-    """Dense (or per-group) conv/linear: VNNI, then vpmaddubsw with P = 4, 2, 1, then int16."""
+    """Dense (or grouped) conv/linear: VNNI, then vpmaddubsw with P = 4, 2, 1, then int16."""
     assert facts.features is not None  # checked by the caller
     span, w_max = facts.span, facts.w_max
     if "amx-int8" in facts.features and span <= 255 and w_max <= 127:
@@ -452,7 +452,7 @@ def _fewest_padded(shape: tuple[int, ...], p: int) -> tuple[int, str]:
 
 
 def _select_sdot(facts: LayerFacts) -> KernelChoice:
-    """aarch64 dense (or per-group) conv/linear: s8 x s8 ``sdot`` with the activations shifted
+    """aarch64 dense (or grouped) conv/linear: s8 x s8 ``sdot`` with the activations shifted
     into int8, or ``default`` when the codes or weights do not fit int8 or the accumulator does
     not fit int32."""
     lo, hi = facts.act_lo, facts.act_hi
