@@ -9,7 +9,7 @@ generic lowering ran them. Now narrow or numerous groups are merged block-diagon
 mixed bits) three times in one process: ``generic`` with grouped convs sent to the generic
 lowering (the code before the change, for these layers), ``narrowest_merge`` with groups merged
 only as far as the kernels need (not to fill the packed layout's lane blocks: the rule before
-2026-12-05) and ``written`` as ``build()`` makes it; checks each
+2026-12-04 23:10 UTC) and ``written`` as ``build()`` makes it; checks each
 bit-exact against the integer reference and times them alternately (thread CPU time, one TVM
 thread: ``epilogue_ab.compare_converted``).
 
@@ -47,7 +47,7 @@ def generic_grouped() -> Iterator[None]:
 @contextlib.contextmanager
 def narrowest_merge() -> Iterator[None]:
     """Builds inside merge groups only as far as the kernels need (``select.merge_factor``
-    without the lane-filling step: the rule before 2026-12-05)."""
+    without the lane-filling step: the rule before 2026-12-04 23:10 UTC)."""
     from djpq_compiler.backends.tvm.kernels import select
 
     saved = select.LANE_MERGE_EXTRA

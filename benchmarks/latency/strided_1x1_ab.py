@@ -2,7 +2,7 @@
 
 A 1x1 conv without padding on packed u8 input may read the ``NCHW{L}c`` blocks directly, with P
 lowered so that ``4 * P`` channels fit a block (``select.fit_groups_to_lanes``: P = 2 on AVX2's
-``NCHW8c``). Until 2026-12-05 every such 1x1 did; now only stride-1 ones do
+``NCHW8c``). Until 2026-12-04 23:25 UTC every such 1x1 did; now only stride-1 ones do
 (``converters.DIRECT_READ_STRIDES``): at stride 2 the direct read uses every other pixel of each
 packed row, and a pack stage that gathers the strided pixels keeps P = 4. This script builds each
 layer both ways (``direct``: stride 2 allowed again; ``pack``: as ``build()`` does now), packed
