@@ -36,8 +36,8 @@ from djpq_compiler.errors import BackendError
 from . import adapter, ms_adapter
 from .emit import lower
 
-__all__ = ["PORTABLE_X86", "TARGETS", "CompiledModel", "build", "compile_cuda_to_ptx", "find_nvcc",
-           "host_has_features", "target_spec"]
+__all__ = ["CUDA_EMULATED", "PORTABLE_X86", "TARGETS", "CompiledModel", "build",
+           "compile_cuda_to_ptx", "find_nvcc", "host_has_features", "target_spec"]
 
 #: What the CUDA build computes, run on this CPU (:func:`build`): a check target, not a deployment.
 CUDA_EMULATED = "cuda-emulated"

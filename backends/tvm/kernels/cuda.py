@@ -99,7 +99,8 @@ def emulated() -> Iterator[None]:
     """Kernels built inside get the CUDA schedule emulated (``schedule_dp4a(emulate=True)``), so
     that a module lowered for CUDA builds for and runs on this CPU (``build(...,
     "cuda-emulated")``). ``emit``'s per-process memo of kernels is emptied on entry and exit: no
-    emulated kernel leaks into a real CUDA build, nor the reverse."""
+    emulated kernel leaks into a real CUDA build, nor the reverse. A process-wide switch: a
+    CUDA build lowered in another thread meanwhile would get emulated kernels too."""
     from .emit import _kernel
 
     global _EMULATED
