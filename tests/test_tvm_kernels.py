@@ -504,7 +504,7 @@ def test_cuda_runs_numerous_groups_in_one_kernel_like_the_cpu() -> None:
 
 
 def test_resnext_like_grouped_conv_merges_groups_and_stays_exact() -> None:
-    """32 groups of 4 -> 4 channels (ResNeXt's first stage, narrower than per-group kernels
+    """32 groups of 4 -> 4 channels (ResNeXt's first stage, narrower than the grouped kernels
     take) get written kernels on block-diagonal pairs of groups, bit-exact; 3 groups of 2 -> 2,
     which no merge within MAX_MERGE widens enough, keep TVM's generic lowering."""
     layer = int_layer("conv", 128, 128, x_bits=8, w_bits=4, groups=32, seed=5)
