@@ -108,6 +108,26 @@ def compare_converted(converted: Any, x: torch.Tensor, rounds: int, target: str,
             "reps": reps}
 
 
+def model_ab(script: str, args: argparse.Namespace,
+             variants: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]]) -> int:
+    """An A/B script's ``--model`` run: :func:`compare_builds` of ``args.model`` (batch, rounds,
+    isa) with two ``variants`` (the old rule first, the build's own second), the medians and
+    their ratio printed, the record (with the command of ``script``, a file in this folder)
+    written to ``args.out`` when given."""
+    rec = compare_builds(args.model, args.batch, args.rounds, args.isa, variants)
+    (old, new), med = variants, rec["median_ms"]
+    print(f"{args.model} batch {args.batch} isa {args.isa}: {old} {med[old]:.3f} ms, "
+          f"{new} {med[new]:.3f} ms, x{med[old] / med[new]:.3f} (thread CPU time, "
+          f"median of {args.rounds} rounds of {rec['reps']}; load {rec['load'][0]:.1f} -> "
+          f"{rec['load'][1]:.1f}); both bit-exact; kernels {rec['variants'][new]}")
+    if args.out:
+        rec["command"] = (f"TVM_NUM_THREADS=1 python benchmarks/latency/{script} --model "
+                          f"{args.model} --batch {args.batch} --isa {args.isa} --rounds "
+                          f"{args.rounds} --out {args.out}")
+        Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet20", choices=("vgg7", "resnet20", "mobilenetv2"))

@@ -100,21 +100,10 @@ def main() -> int:
 
 
 def _model_ab(args: argparse.Namespace) -> int:
-    from epilogue_ab import compare_builds
+    from epilogue_ab import model_ab
 
-    rec = compare_builds(args.model, args.batch, args.rounds, args.isa,
-                         {"direct": direct_strided, "pack": contextlib.nullcontext})
-    med = rec["median_ms"]
-    print(f"{args.model} batch {args.batch} isa {args.isa}: direct {med['direct']:.3f} ms, "
-          f"pack {med['pack']:.3f} ms, x{med['direct'] / med['pack']:.3f} (thread CPU time, "
-          f"median of {args.rounds} rounds of {rec['reps']}; load {rec['load'][0]:.1f} -> "
-          f"{rec['load'][1]:.1f}); both bit-exact; kernels {rec['variants']['pack']}")
-    if args.out:
-        rec["command"] = ("TVM_NUM_THREADS=1 python benchmarks/latency/strided_1x1_ab.py --model "
-                          f"{args.model} --batch {args.batch} --isa {args.isa} --rounds "
-                          f"{args.rounds} --out {args.out}")
-        Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
-    return 0
+    return model_ab("strided_1x1_ab.py", args,
+                    {"direct": direct_strided, "pack": contextlib.nullcontext})
 
 
 if __name__ == "__main__":

@@ -153,21 +153,9 @@ def main() -> int:
 
 
 def _model_ab(args: argparse.Namespace) -> int:
-    from epilogue_ab import compare_builds
+    from epilogue_ab import model_ab
 
-    rec = compare_builds(args.model, args.batch, args.rounds, args.isa,
-                         {"before": old_rule, "after": contextlib.nullcontext})
-    med = rec["median_ms"]
-    print(f"{args.model} batch {args.batch} isa {args.isa}: before {med['before']:.3f} ms, "
-          f"after {med['after']:.3f} ms, x{med['before'] / med['after']:.3f} (thread CPU time, "
-          f"median of {args.rounds} rounds of {rec['reps']}; load {rec['load'][0]:.1f} -> "
-          f"{rec['load'][1]:.1f}); both bit-exact; kernels {rec['variants']['after']}")
-    if args.out:
-        rec["command"] = ("TVM_NUM_THREADS=1 python benchmarks/latency/tiles_ab.py --model "
-                          f"{args.model} --batch {args.batch} --isa {args.isa} --rounds "
-                          f"{args.rounds} --out {args.out}")
-        Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
-    return 0
+    return model_ab("tiles_ab.py", args, {"before": old_rule, "after": contextlib.nullcontext})
 
 
 if __name__ == "__main__":
