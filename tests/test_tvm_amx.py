@@ -42,14 +42,15 @@ def amx_from_16(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 #: (activation bits, signed, weight bits) -> variant, each next to one bit past the bound
-#: (u8 operands after the offset, |w| <= 127; past either, the int16 path is the safe one).
+#: (u8 operands after the offset, |w| <= 127; past either, int16 operands are the safe ones).
 AMX_LADDER = [
     (8, False, 4, "amx_int8"),
     (8, False, 8, "amx_int8"),  # W8A8: tdpbusd sums at full width, no saturation
     (8, True, 8, "amx_int8"),  # signed 8-bit codes shifted by +128: span 255
-    (9, False, 8, "avx2_s16"),  # one bit past u8 activations
-    (8, False, 9, "avx2_s16"),  # one bit past int8 weights
-    (9, True, 4, "avx2_s16"),  # signed 9-bit: span 511
+    # one bit past either, int16 operands (this 3x3 stride-1 conv: through Winograd)
+    (9, False, 8, "avx2_wino_s16"),  # one bit past u8 activations
+    (8, False, 9, "avx2_wino_s16"),  # one bit past int8 weights
+    (9, True, 4, "avx2_wino_s16"),  # signed 9-bit: span 511
 ]
 
 

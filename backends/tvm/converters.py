@@ -29,6 +29,7 @@ from .kernels.select import (
     merge_groups,
     narrow_pixels,
     select_kernel,
+    winograd,
 )
 from .layout import NCHW, Layout, packed_channel_const, to_packed
 
@@ -255,6 +256,7 @@ def convert_conv2d(ctx: Lowering, node: fx.Node) -> Lowered:
             choice = fit_groups_to_lanes(choice, facts, x.layout.lanes)
             ctx.kernels[index] = choice
         choice = narrow_pixels(choice, facts, stride, padding, ow, direct)
+        choice = winograd(choice, facts, stride, dilation, (oh, ow))
         choice = _merge_note(choice, weight, int(module.groups), facts)
         ctx.kernels[index] = choice
         out_lanes = ctx.plan.lanes if ctx.plan.wants_packed(node) else 0

@@ -44,6 +44,12 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   13 -> 9): 16 output pixels in the lanes, ``vpmaddubsw`` over channel pairs, every partial
   sum in int16: exact iff ``span <= 255``, ``max|w| <= 127`` and
   ``span * max_o sum|w_o| <= 32767``.
+* ``avx2_wino_s16`` (:func:`winograd`, ``winograd.py``): 3x3 stride-1 undilated dense convs
+  that would get ``avx2_s16`` (W8A8 and wider): Winograd F(2x2, 3x3) with integer transforms,
+  16 ``vpmaddwd`` products per 2x2 outputs instead of 36. Exact iff ``4 * span <= 32767`` (the
+  transformed activations), every transformed weight ``|U| <= 32767``, every partial sum of the
+  16 products ``max_{xi,o} sum_c |U[xi,o,c]| * 4 * span <= 2^31 - 1``, and ``4 * max_o sum|w_o| *
+  span <= 2^31 - 1`` (the output transform's result, formed modulo 2^32).
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
@@ -58,7 +64,7 @@ from .intrin import UBSW_GROUPS
 
 __all__ = ["GROUPED_KINDS", "INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
            "fit_groups_to_lanes", "merge_factor", "merge_groups", "narrow_pixels",
-           "select_kernel"]
+           "select_kernel", "winograd", "winograd_bounds"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
@@ -88,7 +94,8 @@ class KernelChoice:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"amx_int8"``, ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
-            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx2_px16"`` (pixels in lanes,
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx2_wino_s16"`` (Winograd F(2x2, 3x3),
+            :func:`winograd`), ``"avx2_px16"`` (pixels in lanes,
             :func:`narrow_pixels`), ``"avx512_dw16"``, ``"avx2_dw8"``,
             ``"neon_sdot"``, ``"neon_dw8"`` (aarch64; depthwise variants with ``"_acc16"``:
             int16 tap sums), ``"cuda_dp4a"`` (CUDA, ``kernels/cuda_select.py``) or
@@ -122,7 +129,8 @@ class KernelChoice:
             return "ubsw"
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "amx_int8": "amx", "avx512_dw16": "dw16",
                 "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a",
-                "neon_dw8": "dw8", "avx2_px16": "px16"}.get(self.variant.removesuffix("_acc16"))
+                "neon_dw8": "dw8", "avx2_px16": "px16",
+                "avx2_wino_s16": "wino"}.get(self.variant.removesuffix("_acc16"))
 
     @property
     def acc_dtype(self) -> str:
@@ -564,3 +572,54 @@ def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, in
            f"{old} products per pixel in channel lanes vs {new:.0f}")
     note = f"{facts.target}: pixels in 16 lanes, u8 x s8 vpmaddubsw on channel pairs ({why})"
     return dataclasses.replace(choice, variant="avx2_px16", bound=text, note=note)
+
+
+#: ``avx2_wino_s16`` needs an output of at least this many rows and columns: its 2x2 tiles
+#: compute up to one padded row and column (a 3x3 output computes 4x4), measured on outputs of
+#: 7x7 and more (``benchmarks/latency/winograd_ab.py``).
+WINOGRAD_MIN_OUT = 4
+#: F(2, 3)'s weight transform scaled to integers (``2G``; ``winograd.py`` holds the same).
+_G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+
+
+def winograd_bounds(facts: LayerFacts) -> tuple[bool, str]:
+    """Whether Winograd F(2x2, 3x3) in int16 operands and int32 sums (``winograd.py``) is exact
+    for ``facts``' 3x3 weights and activation span, and the bound with this layer's numbers.
+
+    ``V = B^T d B`` of operands in ``[0, span]``: ``|V| <= 4 * span``; ``U = (2G) g (2G)^T``
+    from the weights themselves; the 16 products' sums over the input channels are bounded by
+    ``sum_c |U[xi, o, c]| * 4 * span`` (each partial sum too: the terms are added one
+    ``vpmaddwd`` pair at a time); the output transform's result is ``4 * (the conv sum)``."""
+    span = facts.span
+    w = np.asarray(facts.weight, np.int64)
+    u = np.einsum("ai,ocij,bj->aboc", _G2, w, _G2)
+    u_max = int(np.abs(u).max(initial=0))
+    v_max = 4 * span
+    m_max = int(np.abs(u).sum(axis=3).max(initial=0)) * v_max
+    y_max = 4 * int(np.abs(w.reshape(w.shape[0], -1)).sum(1).max(initial=0)) * span
+    ok = v_max <= INT16_MAX and u_max <= INT16_MAX and m_max <= INT32_MAX and y_max <= INT32_MAX
+    text = (f"Winograd F(2x2,3x3): |V| <= 4*{span} = {v_max} <= 32767, max|U| {u_max} <= 32767, "
+            f"max sum|U|*|V| {m_max} <= 2^31-1, 4*max sum|w|*span {y_max} <= 2^31-1")
+    return ok, text
+
+
+def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
+             dilation: tuple[int, int], out_size: tuple[int, int]) -> KernelChoice:
+    """``choice`` replaced by ``avx2_wino_s16`` (``winograd.py``) where that is exact and
+    measured faster: an ``avx2_s16`` dense conv (no ``vpmaddubsw`` bound holds: W8A8 and wider;
+    AVX2 without VNNI, ``groups == 1``) with a 3x3 kernel, stride 1, dilation 1, an output of
+    at least :data:`WINOGRAD_MIN_OUT` rows and columns and :func:`winograd_bounds`. Other
+    choices are returned unchanged (``avx2_s16`` is exact under wider bounds: one bit past
+    Winograd's keeps it)."""
+    if (choice.variant != "avx2_s16" or facts.op != "conv2d" or facts.groups != 1
+            or tuple(facts.weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1)
+            or tuple(dilation) != (1, 1) or min(out_size) < WINOGRAD_MIN_OUT):
+        return choice
+    ok, text = winograd_bounds(facts)
+    if not ok:
+        return dataclasses.replace(choice, note=f"{choice.note}; Winograd not exact: {text}")
+    acc_text = choice.bound.split("; ", 1)[1] if "; " in choice.bound else ""
+    note = (f"{facts.target}: Winograd F(2x2, 3x3), int16 x int16 vpmaddwd on transformed "
+            "operands (16 products per 2x2 outputs instead of 36)")
+    return dataclasses.replace(choice, variant="avx2_wino_s16", bound=f"{text}; {acc_text}",
+                               note=note)

@@ -1,0 +1,319 @@
+# mypy: disable-error-code="valid-type,name-defined"
+"""TVM-facing: a Winograd F(2x2, 3x3) integer conv kernel for wide operands on AVX2.
+
+W8A8 layers (and any layer whose ``vpmaddubsw`` bound fails) get ``avx2_s16`` in
+:mod:`.conv2d`: two ``vpmaddwd`` and two ``vpaddd`` per 32 multiply-adds, which this core's two
+multiply ports hold to at most 1.5x a PyTorch FP32 at its FMA peak (``KERNELS.md``). Winograd's
+F(2x2, 3x3) computes each 2x2 block of outputs from a 4x4 block of inputs with 16 products per
+input/output channel pair instead of 36: 2.25x fewer multiplies, paid for by transforms that are
+additions only (``avx2_wino_s16``, :mod:`.select`).
+
+Exact in integers. With ``B^T``, ``G``, ``A^T`` the F(2, 3) matrices, ``Y = A^T [(G g G^T) .
+(B^T d B)] A``; ``G`` has halves, so the weights are transformed with ``2G`` (integer):
+``U = (2G) g (2G)^T = 4 G g G^T`` and the kernel's result is ``4 Y`` exactly, shifted right by 2.
+``B^T`` and ``A^T`` hold 0 and +-1 only. Ranges, for operands in ``[0, span]`` (the activation
+offset added, as in every kernel here) and weights ``|w| <= w_max``:
+
+* ``V = B^T d B``: ``|V| <= 4 * span`` (int16 for ``span <= 8191``);
+* ``U``: ``|U| <= 9 * w_max``, computed per weight at build time (int16 checked);
+* ``M[xi, o] = sum_c U[xi, o, c] * V[xi, c]``: ``vpmaddwd`` pairs and int32 sums, every partial
+  sum within ``max_{xi,o} sum_c |U[xi,o,c]| * 4 * span`` (the selection checks it is < 2^31);
+* the output transform (sums of up to nine ``M``) runs in uint32, i.e. modulo 2^32: its result
+  ``4 Y`` fits int32 (checked: ``4 * max_o sum|w_o| * span < 2^31``), so the wrapped sums give it
+  exactly; then ``>> 2`` and the epilogue of :mod:`.conv2d` (bias, requantization).
+
+One parallel iteration per image row of 2x2 tiles: input transform of the row (``V``,
+``[16, TW', Cp]`` int16, 8 channels per vector: the input's ``NCHW8c`` blocks are read as they
+are, NCHW input is gathered), 16 products as register-tiled GEMMs (``tile_t`` tiles x
+``tile_oc`` blocks of 8 output channels, one broadcast input-channel pair per ``vpmaddwd``),
+then per tile and channel block the output transform, the epilogue and the store (NCHW, or the
+packed output's 8 lanes together). Stride 1, dilation 1, one group, 3x3 kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .conv2d import ConvKernelSpec, epilogue_params, epilogue_value
+
+__all__ = ["B_T", "G2", "A_T", "build_winograd_kernel", "check_winograd", "emit_winograd",
+           "pack_winograd_weight", "padded_channels", "transform_weight", "winograd_tiles"]
+
+#: F(2, 3): input transform ``B^T`` (4x4), ``2G`` (4x3, the weight transform scaled to
+#: integers), output transform ``A^T`` (2x4).
+B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.int64)
+G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.int64)
+
+#: Output-channel lanes of a vector (int32 lanes of a ymm register) and input-channel lanes of
+#: the input transform (int16 x 8: one ``NCHW8c`` block).
+LANES = 8
+#: Accumulator vectors held in registers per tile (of AVX2's 16 ymm registers).
+ACC_REGS = 8
+
+
+def check_winograd(spec: ConvKernelSpec) -> None:
+    """Refuse a spec this kernel does not compute (kind ``"wino"``, 3x3, stride 1, dilation 1,
+    one group, no grouped batch)."""
+    if (spec.kind != "wino" or spec.kernel != (3, 3) or spec.stride != (1, 1)
+            or spec.dilation != (1, 1) or spec.conv_groups != 1 or spec.im2col):
+        raise ValueError(f"the Winograd kernel computes kind 'wino' 3x3 stride-1 undilated "
+                         f"dense convs, got kind {spec.kind!r}, kernel {spec.kernel}, stride "
+                         f"{spec.stride}, dilation {spec.dilation}, conv_groups "
+                         f"{spec.conv_groups}")
+    if spec.out_lanes not in (0, LANES):
+        raise ValueError(f"the Winograd kernel writes NCHW or NCHW{LANES}c, got out_lanes "
+                         f"{spec.out_lanes}")
+
+
+def transform_weight(weight: np.ndarray) -> np.ndarray:
+    """``U = (2G) g (2G)^T`` of OIHW 3x3 integer weights: ``[4, 4, O, C]`` int64 (4x the
+    textbook ``G g G^T``, integers)."""
+    w = np.asarray(weight, np.int64)
+    return np.einsum("ai,ocij,bj->aboc", G2, w, G2)
+
+
+def winograd_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
+    """``(tile_t, tile_oc)``: 2x2 output tiles x 8-channel output blocks held in registers
+    (``tile_t * tile_oc <= ACC_REGS``); two blocks where the block count is even (each
+    broadcast input pair then feeds two), else one block and twice the tiles."""
+    blocks = -(-spec.out_channels // LANES)
+    tile_oc = 2 if blocks % 2 == 0 else 1
+    return ACC_REGS // tile_oc, tile_oc
+
+
+def padded_channels(spec: ConvKernelSpec) -> int:
+    """Output channels the kernel computes (whole 8-channel blocks): the length of its bias and
+    requantization parameters."""
+    return -(-spec.out_channels // LANES) * LANES
+
+
+def pack_winograd_weight(weight: np.ndarray, spec: ConvKernelSpec) -> np.ndarray:
+    """OIHW 3x3 weights to ``U`` packed ``[16, OT, Cp/2, tile_oc, 8, 2]`` int16 (flattened):
+    for each of the 16 products, output-channel tile and input-channel pair, ``tile_oc``
+    vectors of 8 output channels x the pair (``vpmaddwd``'s second operand, read from memory);
+    zero past ``O`` and ``C``. Raises if a transformed weight passes int16 (the selection never
+    asks for such a kernel)."""
+    u = transform_weight(weight)
+    if np.abs(u).max(initial=0) > 2**15 - 1:
+        raise ValueError(f"Winograd weights past int16 (max |U| {np.abs(u).max()})")
+    _, tile_oc = winograd_tiles(spec)
+    oc, ic = weight.shape[:2]
+    ocp, cp = padded_channels(spec), -(-ic // LANES) * LANES
+    full = np.zeros((16, ocp, cp), np.int64)
+    full[:, :oc, :ic] = u.reshape(16, oc, ic)
+    # [16, OT, tile_oc, 8, CP/2, 2] -> [16, OT, CP/2, tile_oc, 8, 2]
+    per = full.reshape(16, ocp // (tile_oc * LANES), tile_oc, LANES, cp // 2, 2)
+    return np.ascontiguousarray(per.transpose(0, 1, 4, 2, 3, 5)).astype(np.int16).reshape(-1)
+
+
+def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
+    """The PrimFunc of ``spec``: params ``x, w, bias, m, rnd, shift, lo, hi, out`` (``m``,
+    ``rnd``, ``shift`` unused for an int32 output, ``lo``, ``hi`` but for ``int32_requant``)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    check_winograd(spec)
+    n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
+    ph, pw = spec.padding
+    oh, ow = spec.out_size
+    oc = spec.out_channels
+    tile_t, tile_oc = winograd_tiles(spec)
+    th_n, tw_n = -(-oh // 2), -(-ow // 2)
+    twp = -(-tw_n // tile_t) * tile_t
+    cp = -(-c_ // LANES) * LANES
+    cb_n, pairs = cp // LANES, cp // 2
+    ocp = padded_channels(spec)
+    ocb_n = ocp // LANES
+    n_ot = ocb_n // tile_oc
+    offset = spec.act_offset
+    in_lanes, out_lanes = spec.in_lanes, spec.out_lanes
+    if in_lanes:
+        x_shape: tuple[int, ...] = (n_, -(-c_ // in_lanes), h, w, in_lanes)
+    else:
+        x_shape = (n_, c_, h, w)
+    if out_lanes:
+        out_shape: tuple[int, ...] = (n_, -(-oc // out_lanes), oh, ow, out_lanes)
+    else:
+        out_shape = (n_, oc, oh, ow)
+    in_dtype, out_dtype = spec.in_dtype, spec.out_dtype
+    dtypes = dict(epilogue_params(spec)) or {"m": "int64", "rnd": "int64", "shift": "int64"}
+    m_dtype, rnd_dtype, shift_dtype = dtypes["m"], dtypes["rnd"], dtypes["shift"]
+    mp = (ocp,)
+    v_size = 16 * twp * cp
+    m_size = twp * ocb_n * 16 * LANES
+    w_size = 16 * n_ot * pairs * tile_oc * LANES * 2
+    out_blocks = -(-oc // LANES)
+    packed_out = bool(out_lanes)
+
+    def operand(x: Any, n: Any, c: Any, y: Any, xx: Any) -> Any:
+        """Code + offset of channel ``c`` at input ``(y, xx)`` as int16; the offset in the
+        spatial padding and past the last channel (zero weights there)."""
+        inside = tirx.all(c < c_, y >= 0, y < h, xx >= 0, xx < w)
+        yc, xc, cc = T.max(T.min(y, h - 1), 0), T.max(T.min(xx, w - 1), 0), T.min(c, c_ - 1)
+        code = (x[n, cc // in_lanes, yc, xc, cc % in_lanes] if in_lanes else x[n, cc, yc, xc])
+        return T.Cast("int16", T.if_then_else(inside, T.Cast("int32", code), 0) + offset)
+
+    def pair_word(vb: Any, base: Any) -> Any:
+        """One tile's input-channel pair (two int16 at ``base``) in every 32-bit lane."""
+        return T.reinterpret("int16x16", T.Broadcast(
+            T.reinterpret("int32", vb[T.ramp(base, 1, 2)]), LANES))
+
+    def u32(v: Any) -> Any:
+        return T.reinterpret("uint32", v)
+
+    @T.prim_func
+    def kernel(x: T.Buffer(x_shape, in_dtype), wt: T.Buffer((w_size,), "int16"),
+               bias: T.Buffer(mp, "int32"), m: T.Buffer(mp, m_dtype), rnd: T.Buffer(mp, rnd_dtype),
+               shift: T.Buffer(mp, shift_dtype), lo: T.Buffer(mp, "int32"),
+               hi: T.Buffer(mp, "int32"), out: T.Buffer(out_shape, out_dtype)) -> None:
+        T.func_attr({"tirx.noalias": True})
+        for row in T.parallel(n_ * th_n):
+            n = row // th_n
+            th = row % th_n
+            vb = T.alloc_buffer((v_size,), "int16")
+            mb = T.alloc_buffer((m_size,), "int32")
+            # input transform: V[xi, tile, c] for the row's tiles, 8 channels per vector
+            for tw, cb in T.grid(twp, cb_n):
+                d = T.alloc_buffer((16 * LANES,), "int16", scope="local")
+                for ij in T.unroll(16):
+                    for lane in T.vectorized(LANES):
+                        d[ij * LANES + lane] = operand(x, n, cb * LANES + lane,
+                                                       th * 2 - ph + ij // 4,
+                                                       tw * 2 - pw + ij % 4)
+                # B^T d (rows), then (B^T d) B (columns): 0 and +-1 only
+                t = T.alloc_buffer((16 * LANES,), "int16", scope="local")
+                for j in T.unroll(4):
+                    for lane in T.vectorized(LANES):
+                        t[j * LANES + lane] = d[j * LANES + lane] - d[(8 + j) * LANES + lane]
+                        t[(4 + j) * LANES + lane] = (d[(4 + j) * LANES + lane]
+                                                     + d[(8 + j) * LANES + lane])
+                        t[(8 + j) * LANES + lane] = (d[(8 + j) * LANES + lane]
+                                                     - d[(4 + j) * LANES + lane])
+                        t[(12 + j) * LANES + lane] = (d[(4 + j) * LANES + lane]
+                                                      - d[(12 + j) * LANES + lane])
+                for a in T.unroll(4):
+                    for lane in T.vectorized(LANES):
+                        vb[((a * 4) * twp + tw) * cp + cb * LANES + lane] = (
+                            t[a * 4 * LANES + lane] - t[(a * 4 + 2) * LANES + lane])
+                        vb[((a * 4 + 1) * twp + tw) * cp + cb * LANES + lane] = (
+                            t[(a * 4 + 1) * LANES + lane] + t[(a * 4 + 2) * LANES + lane])
+                        vb[((a * 4 + 2) * twp + tw) * cp + cb * LANES + lane] = (
+                            t[(a * 4 + 2) * LANES + lane] - t[(a * 4 + 1) * LANES + lane])
+                        vb[((a * 4 + 3) * twp + tw) * cp + cb * LANES + lane] = (
+                            t[(a * 4 + 1) * LANES + lane] - t[(a * 4 + 3) * LANES + lane])
+            # the 16 products: GEMMs over the input-channel pairs, register-tiled
+            for xi, ot, tb in T.grid(16, n_ot, twp // tile_t):
+                acc = T.alloc_buffer((tile_t * tile_oc * LANES,), "int32", scope="local")
+                for i in T.vectorized(tile_t * tile_oc * LANES):
+                    acc[i] = 0
+                for p in range(pairs):
+                    for t in T.unroll(tile_t):
+                        for o in T.unroll(tile_oc):
+                            acc[T.ramp((t * tile_oc + o) * LANES, 1, LANES)] = (
+                                acc[T.ramp((t * tile_oc + o) * LANES, 1, LANES)]
+                                + T.call_llvm_pure_intrin(
+                                    "int32x8", "llvm.x86.avx2.pmadd.wd",
+                                    pair_word(vb, (xi * twp + tb * tile_t + t) * cp + p * 2),
+                                    wt[T.ramp((((xi * n_ot + ot) * pairs + p) * tile_oc + o)
+                                              * LANES * 2, 1, LANES * 2)]))
+                for t in T.unroll(tile_t):
+                    for o in T.unroll(tile_oc):
+                        mb[T.ramp((((tb * tile_t + t) * ocb_n + ot * tile_oc + o) * 16 + xi)
+                                  * LANES, 1, LANES)] = acc[T.ramp((t * tile_oc + o) * LANES,
+                                                                  1, LANES)]
+            # output transform, epilogue, store
+            for tw, ob in T.grid(tw_n, ocb_n):
+                r = T.alloc_buffer((4 * LANES,), "int32", scope="local")
+                s_ = T.alloc_buffer((8 * LANES,), "uint32", scope="local")
+                base = (tw * ocb_n + ob) * 16 * LANES
+                # A^T M (rows), then (A^T M) A (columns), in uint32: wrapping sums
+                for b in T.unroll(4):
+                    for lane in T.vectorized(LANES):
+                        s_[b * LANES + lane] = (u32(mb[base + b * LANES + lane])
+                                                + u32(mb[base + (4 + b) * LANES + lane])
+                                                + u32(mb[base + (8 + b) * LANES + lane]))
+                        s_[(4 + b) * LANES + lane] = (u32(mb[base + (4 + b) * LANES + lane])
+                                                      - u32(mb[base + (8 + b) * LANES + lane])
+                                                      - u32(mb[base + (12 + b) * LANES + lane]))
+                for i in T.unroll(2):
+                    for lane in T.vectorized(LANES):
+                        r[i * 2 * LANES + lane] = T.reinterpret("int32", (
+                            s_[i * 4 * LANES + lane] + s_[(i * 4 + 1) * LANES + lane]
+                            + s_[(i * 4 + 2) * LANES + lane])) >> 2
+                        r[(i * 2 + 1) * LANES + lane] = T.reinterpret("int32", (
+                            s_[(i * 4 + 1) * LANES + lane] - s_[(i * 4 + 2) * LANES + lane]
+                            - s_[(i * 4 + 3) * LANES + lane])) >> 2
+                for ij in T.unroll(4):
+                    if th * 2 + ij // 2 < oh and tw * 2 + ij % 2 < ow:
+                        if packed_out:
+                            if ob < out_blocks:
+                                for lane in T.vectorized(LANES):
+                                    out[n, ob, th * 2 + ij // 2, tw * 2 + ij % 2, lane] = \
+                                        epilogue_value(spec, r[ij * LANES + lane],
+                                                       ob * LANES + lane,
+                                                       {"bias": bias, "m": m, "rnd": rnd,
+                                                        "shift": shift, "lo": lo, "hi": hi})
+                        else:
+                            for lane in range(LANES):
+                                if ob * LANES + lane < oc:
+                                    out[n, ob * LANES + lane, th * 2 + ij // 2,
+                                        tw * 2 + ij % 2] = epilogue_value(
+                                        spec, r[ij * LANES + lane], ob * LANES + lane,
+                                        {"bias": bias, "m": m, "rnd": rnd, "shift": shift,
+                                         "lo": lo, "hi": hi})
+
+    return kernel
+
+
+def emit_winograd(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometry: Any,
+                  requant: tuple[Any, Any, int, int, str] | None, in_layout: Any,
+                  out_lanes: int = 0) -> tuple[Any, Any, str]:
+    """``emit.emit_conv`` for an ``avx2_wino_s16`` choice: the kernel of this module, reading
+    ``x`` in ``in_layout`` (NCHW or packed, any lanes) and writing ``NCHW8c`` when asked (a
+    requantizing layer), else NCHW. Same parameters and result as ``emit_conv``."""
+    from ..layout import NCHW, Layout
+    from .emit import _fits_int32, _padded, _per_channel, epilogue_form, plan_epilogue
+
+    n, _, h, w = bb.shape(x)[:4]
+    ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
+    oc = facts.weight.shape[0]
+    stride, padding, dilation = geometry
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or facts.groups != 1:
+        raise ValueError(f"{facts.layer}: the Winograd kernel needs stride 1, dilation 1 and "
+                         f"one group, got {stride}, {dilation}, {facts.groups} "
+                         "(select.winograd admits those only)")
+    m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
+    m_c = _per_channel(m, oc)
+    shift_c = _per_channel(shift, oc)
+    m_dtype = "int32" if _fits_int32(m_c) else "int64"
+    offset = facts.offset_for("wd")
+    lanes = out_lanes if requant is not None and out_lanes == LANES else 0
+    spec = ConvKernelSpec(n, ic, h, w, oc, (3, 3), (1, 1), tuple(padding), (1, 1), "wino", 1,
+                          in_dtype, offset, facts.acc_shift, out_dtype, int(qmin), int(qmax),
+                          m_dtype, in_layout.lanes, lanes)
+    size = padded_channels(spec)
+    bias = facts.kernel_bias(offset)
+    if requant is not None:
+        spec, extra = plan_epilogue(spec, "wino", bias, m_c, shift_c)
+    else:  # an int32 output reads none of them (build_winograd_kernel takes them all)
+        extra = [(np.zeros(0, np.int64), "int64")] * 3
+    if not spec.int32_requant:  # lo, hi: read by the int32 form only
+        extra += [(np.zeros(0, np.int32), "int32")] * 2
+    args = [x, bb.const(pack_winograd_weight(facts.weight, spec), "int16"),
+            bb.const(_padded(bias, size, "int32"), "int32")]
+    args += [bb.const(_padded(values, size, dtype), dtype) for values, dtype in extra]
+    out_layout = Layout(lanes, oc) if lanes else NCHW
+    out_shape = ((n, out_layout.blocks) + spec.out_size + (lanes,) if lanes
+                 else (n, oc) + spec.out_size)
+    named = bb.kernel_cache.get(spec)
+    if named is None:
+        name = f"djpq_{choice.variant}_{facts.layer}"
+        func = build_winograd_kernel(spec)
+        named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+                 .with_attr("tirx.is_scheduled", True))
+        bb.kernel_cache[spec] = named
+    return (bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout,
+            epilogue_form(spec))

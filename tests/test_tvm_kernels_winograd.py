@@ -1,0 +1,251 @@
+"""The Winograd F(2x2, 3x3) kernel for W8A8 and wider layers on AVX2 (``avx2_wino_s16``, issue
+15): bit-exact against the reference executor on pruned odd channel counts, odd output sizes,
+batch 1 and 32, padding 0-2, signed and 13-bit activations, NCHW and packed layouts; each of its
+four bounds at the bound and one past (where the selection keeps ``avx2_s16``); the kernel
+itself wrong past its activation bound; chosen exactly where the selection's rule says."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from djpq_compiler.ir import modules as im
+
+pytest.importorskip("tvm")
+wino = pytest.importorskip("djpq_compiler.backends.tvm.kernels.winograd")
+from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec  # noqa: E402
+from djpq_compiler.backends.tvm.kernels.select import (  # noqa: E402
+    INT16_MAX,
+    INT32_MAX,
+    KernelChoice,
+    LayerFacts,
+    winograd,
+    winograd_bounds,
+)
+from tests.test_tvm_kernels import AVX2, check, int_layer  # noqa: E402
+from tests.test_tvm_layout import add, conv  # noqa: E402
+
+
+def _variants(records: list) -> list[str]:
+    return [r.variant for r in records]
+
+
+#: (c_in, c_out, padding, batch, x_bits, signed, w_bits, hw, variant)
+CASES = [
+    (29, 19, 1, 1, 8, False, 8, (9, 10), "avx2_wino_s16"),  # W8A8, odd channels and sizes
+    (29, 19, 1, 32, 8, True, 8, (7, 5), "avx2_wino_s16"),  # signed activations, batch 32
+    (5, 3, 0, 2, 8, False, 8, (6, 7), "avx2_wino_s16"),  # no padding, 4x5 output
+    (16, 24, 2, 1, 8, False, 8, (6, 6), "avx2_wino_s16"),  # padding 2 (8x8 output)
+    (37, 40, 1, 1, 10, False, 4, (11, 9), "avx2_wino_s16"),  # 10-bit activations
+    (7, 9, 1, 1, 13, False, 6, (5, 6), "avx2_wino_s16"),  # span 8191: 4 * span = 32764
+    (7, 9, 1, 1, 14, False, 6, (5, 6), "avx2_s16"),  # span 16383: |V| past int16
+    (29, 19, 1, 1, 8, False, 8, (3, 9), "avx2_s16"),  # a 3-row output (WINOGRAD_MIN_OUT)
+    (29, 19, 1, 1, 8, False, 7, (9, 10), "avx2_u8s8_p1"),  # W7A8: vpmaddubsw's bound holds
+]
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "padding", "batch", "x_bits", "signed", "w_bits",
+                          "hw", "variant"), CASES)
+def test_winograd_conv_exact(c_in: int, c_out: int, padding: int, batch: int, x_bits: int,
+                             signed: bool, w_bits: int, hw: tuple[int, int],
+                             variant: str) -> None:
+    layer = int_layer("conv", c_in, c_out, x_bits=x_bits, x_signed=signed, w_bits=w_bits,
+                      padding=padding, seed=c_in * 7 + c_out)
+    _, records = check(layer, (batch, c_in) + hw, x_bits, signed)
+    assert _variants(records) == [variant]
+
+
+def test_winograd_float_output_and_acc_shift() -> None:
+    """The int32 accumulator (a float-output layer) with ``acc_shift``, through the same kernel."""
+    layer = int_layer("conv", 11, 13, x_bits=8, w_bits=8, out_scale=None, acc_shift=2)
+    _, records = check(layer, (2, 11, 8, 7), 8)
+    assert _variants(records) == ["avx2_wino_s16"]
+
+
+@pytest.mark.parametrize("stride, dilation, k", [(2, 1, 3), (1, 2, 3), (1, 1, 1), (1, 1, 5)])
+def test_other_geometries_keep_the_int16_kernel(stride: int, dilation: int, k: int) -> None:
+    """Stride 2, dilation 2, 1x1 and 5x5 W8A8 convs keep ``avx2_s16`` (bit-exact)."""
+    layer = int_layer("conv", 13, 11, x_bits=8, w_bits=8, k=k, stride=stride,
+                      padding=dilation * (k // 2), dilation=dilation, seed=k + stride)
+    _, records = check(layer, (1, 13, 12, 11), 8)
+    assert _variants(records) == ["avx2_s16"]
+
+
+class W8A8Block(torch.nn.Module):
+    """Two W8A8 3x3 convs around a residual add, 8-bit codes between them: packed ``NCHW8c``
+    values between the Winograd kernels and the add on AVX2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.a = conv(3, 21, 0.02, 0.05, w_bits=8, seed=31)
+        self.relu = im.IntClip(0, 255)
+        self.b = conv(21, 21, 0.05, 0.05, w_bits=8, seed=32)
+        self.add = add(0.05, 0.05, 0.05)
+        self.c = conv(21, 5, 0.05, 0.05, w_bits=8, seed=33)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu(self.a(self.quant(x)))
+        return self.c(self.add(a, self.b(a)))
+
+
+@pytest.mark.parametrize(("batch", "hw"), [(1, (12, 10)), (32, (9, 7))])
+def test_winograd_packed_between_layers(batch: int, hw: tuple[int, int]) -> None:
+    """Winograd kernels reading and writing ``NCHW8c`` mid-network (21 channels: a padded
+    block), bit-exact; the report gives the Winograd bound of every such layer."""
+    from djpq_compiler.backends.tvm.kernels.report import kernel_table
+    from tests.test_tvm_layout import assert_exact
+
+    ctx = assert_exact(W8A8Block(), (batch, 3) + hw, AVX2)
+    got = {r.layer: (r.variant, r.in_layout, r.out_layout)
+           for r in ctx.kernels}  # type: ignore[attr-defined]
+    assert got == {"a": ("avx2_wino_s16", "NCHW", "NCHW8c"),
+                   "b": ("avx2_wino_s16", "NCHW8c", "NCHW8c"),
+                   "c": ("avx2_wino_s16", "NCHW8c", "NCHW")}
+    table = kernel_table(ctx.kernels)  # type: ignore[attr-defined]
+    assert table.count("Winograd F(2x2,3x3): |V| <= 4*255 = 1020 <= 32767") == 3
+
+
+class StemThenW8A8(torch.nn.Module):
+    """A narrow 4-bit stem (``avx2_px16`` writes any lane count) into a W8A8 3x3 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.stem = conv(1, 13, 0.02, 0.05, seed=41)
+        self.b = conv(13, 21, 0.05, 0.05, w_bits=8, seed=42)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.stem(self.quant(x)))
+
+
+def test_winograd_reads_sixteen_lane_layout() -> None:
+    """An AVX-512 target without VNNI (``skylake-avx512``: ``NCHW16c`` between layers): the
+    Winograd kernel reads 16-lane blocks (its packed store is 8 lanes: it writes NCHW there),
+    bit-exact."""
+    from tests.test_tvm_layout import assert_exact
+
+    ctx = assert_exact(StemThenW8A8(), (2, 1, 9, 10), {"kind": "llvm", "mcpu": "skylake-avx512"})
+    got = {r.layer: (r.variant, r.in_layout, r.out_layout)
+           for r in ctx.kernels}  # type: ignore[attr-defined]
+    assert got["b"] == ("avx2_wino_s16", "NCHW16c", "NCHW")
+
+
+# ------------------------------------------------------------------------- bounds, as data
+
+AVX2_FEATURES = frozenset({"avx2"})
+
+
+def _facts(weight: np.ndarray, span: int) -> LayerFacts:
+    oc = weight.shape[0]
+    return LayerFacts("conv", "conv2d", 0, span, weight, np.zeros(oc, np.int64), 0, 1,
+                      int(weight.size) * 16, AVX2_FEATURES, "llvm -mcpu=haswell")
+
+
+def _s16(facts: LayerFacts) -> KernelChoice:
+    return KernelChoice(facts.layer, "conv2d", "avx2_s16", "2*... <= 2^31-1; acc bound 1",
+                        "int16", facts.macs)
+
+
+def _pick(weight: np.ndarray, span: int) -> str:
+    facts = _facts(weight, span)
+    return winograd(_s16(facts), facts, (1, 1), (1, 1), (8, 8)).variant
+
+
+def test_activation_bound_at_and_one_past() -> None:
+    """``4 * span <= 32767``: span 8191 is the last that fits."""
+    w = np.ones((2, 3, 3, 3), np.int64)
+    assert _pick(w, 8191) == "avx2_wino_s16"
+    assert _pick(w, 8192) == "avx2_s16"
+
+
+def test_weight_transform_bound_at_and_one_past() -> None:
+    """``|U| <= 32767``: the centre of ``(2G) g (2G)^T`` is the sum of all nine weights, so nine
+    weights of 3640 give 32760 and one of them at 3647 gives 32767; 3648 one past."""
+    w = np.full((1, 1, 3, 3), 3640, np.int64)
+    w[0, 0, 1, 1] = 3647
+    assert int(np.abs(wino.transform_weight(w)).max()) == INT16_MAX
+    assert _pick(w, 1) == "avx2_wino_s16"
+    w[0, 0, 1, 1] = 3648
+    assert _pick(w, 1) == "avx2_s16"
+
+
+def test_product_sum_bound_at_and_one_past() -> None:
+    """``max sum_c |U| * 4 * span <= 2^31 - 1``: with span 255 (|V| <= 1020) and every centre
+    ``U`` at 9 * 127 = 1143, ``C`` channels reach ``C * 1143 * 1020``; the largest ``C`` that
+    fits is 1841, and 1842 is one past (the output bound ``4 * 9 * 127 * 255 * C`` passes later,
+    at C = 1842 too: both must hold)."""
+    def facts(channels: int) -> LayerFacts:
+        return _facts(np.full((1, channels, 3, 3), 127, np.int64), 255)
+
+    limit = INT32_MAX // (1143 * 1020)
+    assert limit == 1841
+    ok, text = winograd_bounds(facts(limit))
+    assert ok and f"max sum|U|*|V| {limit * 1143 * 1020} <= 2^31-1" in text
+    assert not winograd_bounds(facts(limit + 1))[0]
+
+
+def test_output_bound_at_and_one_past_alone() -> None:
+    """``4 * max sum|w| * span <= 2^31 - 1`` binds alone where the transformed weights cancel:
+    this 3x3 pattern (times 63) has ``sum|w|`` 882 but ``max|U|`` only 252, so with span 255
+    the product sums stay far inside int32 while the output ``4 * 882 * 255 * C`` reaches it at
+    ``C = 2387`` (fits) and passes it at 2388."""
+    pattern = np.array([[-1, 2, 1], [2, 2, -2], [1, -2, -1]], np.int64) * 63
+    assert int(np.abs(wino.transform_weight(pattern[None, None])).max()) == 252
+    for channels, fits in ((2387, True), (2388, False)):
+        w = np.broadcast_to(pattern, (1, channels, 3, 3)).copy()
+        ok, text = winograd_bounds(_facts(w, 255))
+        y = 4 * 882 * 255 * channels
+        assert ok == fits and f"4*max sum|w|*span {y}" in text
+        assert f"max sum|U|*|V| {252 * 1020 * channels} <= 2^31-1" in text  # holds in both
+        assert (y <= INT32_MAX) == fits
+
+
+def test_kernel_past_its_activation_bound_is_wrong() -> None:
+    """The activation bound is real: the kernel built directly for 14-bit codes (``4 * 16383``
+    passes int16) wraps its transformed inputs on a constant input (``V[1, 1]`` is the sum of
+    the block's four centre codes); 13-bit codes are exact."""
+    tvm = pytest.importorskip("tvm")
+    spec = ConvKernelSpec(1, 1, 6, 6, 1, (3, 3), (1, 1), (0, 0), (1, 1), "wino", 1, "int16", 0,
+                          0, "int32", 0, 0)
+    lib = tvm.compile(tvm.IRModule({"main": wino.build_winograd_kernel(spec)}),
+                      target=tvm.target.Target(AVX2))
+    size = wino.padded_channels(spec)
+    w = np.array([[[[1, 0, 1], [0, 1, 0], [1, 0, 1]]]], np.int64)
+    for hi, exact in ((8191, True), (16383, False)):
+        x = np.full((1, 1, 6, 6), hi, np.int16)
+        want = torch.nn.functional.conv2d(torch.tensor(x, dtype=torch.float64),
+                                          torch.tensor(w, dtype=torch.float64)).numpy()
+        args = [x, wino.pack_winograd_weight(w, spec), np.zeros(size, np.int32)]
+        args += [np.zeros(size, np.int64)] * 3 + [np.zeros(size, np.int32)] * 2
+        args.append(np.zeros((1, 1, 4, 4), np.int32))
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib["main"](*tensors)
+        assert np.array_equal(tensors[-1].numpy(), want.astype(np.int64)) == exact
+
+
+def test_kernel_refuses_what_it_does_not_compute() -> None:
+    spec = ConvKernelSpec(1, 4, 6, 6, 8, (3, 3), (2, 2), (1, 1), (1, 1), "wino", 1, "uint8", 0,
+                          0, "int32", 0, 0)
+    with pytest.raises(ValueError, match="3x3 stride-1 undilated"):
+        wino.build_winograd_kernel(spec)
+    with pytest.raises(ValueError, match="writes NCHW or NCHW8c"):
+        wino.build_winograd_kernel(dataclasses.replace(spec, stride=(1, 1), out_lanes=16))
+
+
+def test_transform_matches_the_textbook() -> None:
+    """``U = 4 G g G^T`` with F(2, 3)'s ``G``, and the three transforms compute the 2x2 outputs
+    of a 4x4 input block exactly (the identity the kernel relies on)."""
+    gen = np.random.default_rng(0)
+    g = gen.integers(-128, 128, (3, 3))
+    d = gen.integers(0, 256, (4, 4))
+    g_std = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    u = wino.transform_weight(g.reshape(1, 1, 3, 3))[:, :, 0, 0]
+    assert np.array_equal(u, np.rint(4 * g_std @ g @ g_std.T).astype(np.int64))
+    v = wino.B_T @ d @ wino.B_T.T
+    y4 = wino.A_T @ (u * v) @ wino.A_T.T
+    direct = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(2)] for i in range(2)])
+    assert np.array_equal(y4, 4 * direct)
