@@ -1,7 +1,8 @@
 """The Winograd F(2x2, 3x3) kernel for W8A8 and wider layers on AVX2 (``avx2_wino_s16``, issue
 15): bit-exact against the reference executor on pruned odd channel counts, odd output sizes,
 batch 1 and 32, padding 0-2, signed and 13-bit activations, NCHW and packed layouts; each of its
-four bounds at the bound and one past (where the selection keeps ``avx2_s16``); the kernel
+four bounds at the bound and one past (where the selection keeps ``avx2_s16``); W7A8 layers
+(``avx2_u8s8_p1`` by the bound) take it too, P = 1 for channel padding does not; the kernel
 itself wrong past its activation bound; chosen exactly where the selection's rule says."""
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ def _variants(records: list) -> list[str]:
 CASES = [
     (29, 19, 1, 1, 8, False, 8, (9, 10), "avx2_wino_s16"),  # W8A8, odd channels and sizes
     (29, 19, 1, 32, 8, True, 8, (7, 5), "avx2_wino_s16"),  # signed activations, batch 32
-    (5, 3, 0, 2, 8, False, 8, (6, 7), "avx2_wino_s16"),  # no padding, 4x5 output
-    (16, 24, 2, 1, 8, False, 8, (6, 6), "avx2_wino_s16"),  # padding 2 (8x8 output)
+    (37, 3, 0, 2, 8, False, 8, (6, 7), "avx2_wino_s16"),  # no padding, 4x5 output
+    (32, 24, 2, 1, 8, False, 8, (6, 6), "avx2_wino_s16"),  # padding 2 (8x8 output)
     (37, 40, 1, 1, 10, False, 4, (11, 9), "avx2_wino_s16"),  # 10-bit activations
-    (7, 9, 1, 1, 13, False, 6, (5, 6), "avx2_wino_s16"),  # span 8191: 4 * span = 32764
-    (7, 9, 1, 1, 14, False, 6, (5, 6), "avx2_s16"),  # span 16383: |V| past int16
+    (29, 9, 1, 1, 13, False, 6, (5, 6), "avx2_wino_s16"),  # span 8191: 4 * span = 32764
+    (29, 9, 1, 1, 14, False, 6, (5, 6), "avx2_s16"),  # span 16383: |V| past int16
     (29, 19, 1, 1, 8, False, 8, (3, 9), "avx2_s16"),  # a 3-row output (WINOGRAD_MIN_OUT)
-    (29, 19, 1, 1, 8, False, 7, (9, 10), "avx2_u8s8_p1"),  # W7A8: vpmaddubsw's bound holds
+    (27, 19, 1, 1, 8, False, 8, (9, 10), "avx2_s16"),  # 27 channels (WINOGRAD_MIN_IN)
+    (29, 19, 1, 1, 8, False, 7, (9, 10), "avx2_wino_s16"),  # W7A8: P = 2's bound fails
+    (29, 19, 1, 1, 8, False, 6, (9, 10), "avx2_u8s8_p2"),  # W6A8: P = 2 kept
+    (4, 19, 1, 1, 8, False, 4, (9, 10), "avx2_u8s8_p1"),  # P = 1 for padding, not the bound
 ]
 
 
@@ -60,32 +64,33 @@ def test_winograd_conv_exact(c_in: int, c_out: int, padding: int, batch: int, x_
 
 def test_winograd_float_output_and_acc_shift() -> None:
     """The int32 accumulator (a float-output layer) with ``acc_shift``, through the same kernel."""
-    layer = int_layer("conv", 11, 13, x_bits=8, w_bits=8, out_scale=None, acc_shift=2)
-    _, records = check(layer, (2, 11, 8, 7), 8)
+    layer = int_layer("conv", 31, 13, x_bits=8, w_bits=8, out_scale=None, acc_shift=2)
+    _, records = check(layer, (2, 31, 8, 7), 8)
     assert _variants(records) == ["avx2_wino_s16"]
 
 
 @pytest.mark.parametrize("stride, dilation, k", [(2, 1, 3), (1, 2, 3), (1, 1, 1), (1, 1, 5)])
 def test_other_geometries_keep_the_int16_kernel(stride: int, dilation: int, k: int) -> None:
     """Stride 2, dilation 2, 1x1 and 5x5 W8A8 convs keep ``avx2_s16`` (bit-exact)."""
-    layer = int_layer("conv", 13, 11, x_bits=8, w_bits=8, k=k, stride=stride,
+    layer = int_layer("conv", 29, 11, x_bits=8, w_bits=8, k=k, stride=stride,
                       padding=dilation * (k // 2), dilation=dilation, seed=k + stride)
-    _, records = check(layer, (1, 13, 12, 11), 8)
+    _, records = check(layer, (1, 29, 12, 11), 8)
     assert _variants(records) == ["avx2_s16"]
 
 
 class W8A8Block(torch.nn.Module):
-    """Two W8A8 3x3 convs around a residual add, 8-bit codes between them: packed ``NCHW8c``
-    values between the Winograd kernels and the add on AVX2."""
+    """A W8A8 3-channel stem (``avx2_s16``: too few channels for Winograd), two W8A8 3x3 convs
+    around a residual add (29 channels: a padded block), 8-bit codes between them: packed
+    ``NCHW8c`` values between the kernels and the add on AVX2."""
 
     def __init__(self) -> None:
         super().__init__()
         self.quant = im.Quantize(0.02, 8, False)
-        self.a = conv(3, 21, 0.02, 0.05, w_bits=8, seed=31)
+        self.a = conv(3, 29, 0.02, 0.05, w_bits=8, seed=31)
         self.relu = im.IntClip(0, 255)
-        self.b = conv(21, 21, 0.05, 0.05, w_bits=8, seed=32)
+        self.b = conv(29, 29, 0.05, 0.05, w_bits=8, seed=32)
         self.add = add(0.05, 0.05, 0.05)
-        self.c = conv(21, 5, 0.05, 0.05, w_bits=8, seed=33)
+        self.c = conv(29, 5, 0.05, 0.05, w_bits=8, seed=33)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.relu(self.a(self.quant(x)))
@@ -94,32 +99,33 @@ class W8A8Block(torch.nn.Module):
 
 @pytest.mark.parametrize(("batch", "hw"), [(1, (12, 10)), (32, (9, 7))])
 def test_winograd_packed_between_layers(batch: int, hw: tuple[int, int]) -> None:
-    """Winograd kernels reading and writing ``NCHW8c`` mid-network (21 channels: a padded
-    block), bit-exact; the report gives the Winograd bound of every such layer."""
+    """Winograd kernels reading and writing ``NCHW8c`` mid-network, bit-exact; the report
+    gives the Winograd bound of each such layer."""
     from djpq_compiler.backends.tvm.kernels.report import kernel_table
     from tests.test_tvm_layout import assert_exact
 
     ctx = assert_exact(W8A8Block(), (batch, 3) + hw, AVX2)
     got = {r.layer: (r.variant, r.in_layout, r.out_layout)
            for r in ctx.kernels}  # type: ignore[attr-defined]
-    assert got == {"a": ("avx2_wino_s16", "NCHW", "NCHW8c"),
+    assert got == {"a": ("avx2_s16", "NCHW", "NCHW8c"),
                    "b": ("avx2_wino_s16", "NCHW8c", "NCHW8c"),
                    "c": ("avx2_wino_s16", "NCHW8c", "NCHW")}
     table = kernel_table(ctx.kernels)  # type: ignore[attr-defined]
-    assert table.count("Winograd F(2x2,3x3): |V| <= 4*255 = 1020 <= 32767") == 3
+    assert table.count("Winograd F(2x2,3x3): |V| <= 4*255 = 1020 <= 32767") == 2
 
 
-class StemThenW8A8(torch.nn.Module):
-    """A narrow 4-bit stem (``avx2_px16`` writes any lane count) into a W8A8 3x3 conv."""
+class DepthwiseThenW8A8(torch.nn.Module):
+    """A 4-bit depthwise conv (``avx512_dw16`` writes ``NCHW16c`` on AVX-512) into a W8A8 3x3
+    conv."""
 
     def __init__(self) -> None:
         super().__init__()
         self.quant = im.Quantize(0.02, 8, False)
-        self.stem = conv(1, 13, 0.02, 0.05, seed=41)
-        self.b = conv(13, 21, 0.05, 0.05, w_bits=8, seed=42)
+        self.dw = conv(29, 29, 0.02, 0.05, groups=29, seed=41)
+        self.b = conv(29, 21, 0.05, 0.05, w_bits=8, seed=42)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.stem(self.quant(x)))
+        return self.b(self.dw(self.quant(x)))
 
 
 def test_winograd_reads_sixteen_lane_layout() -> None:
@@ -128,7 +134,8 @@ def test_winograd_reads_sixteen_lane_layout() -> None:
     bit-exact."""
     from tests.test_tvm_layout import assert_exact
 
-    ctx = assert_exact(StemThenW8A8(), (2, 1, 9, 10), {"kind": "llvm", "mcpu": "skylake-avx512"})
+    ctx = assert_exact(DepthwiseThenW8A8(), (2, 29, 9, 10),
+                       {"kind": "llvm", "mcpu": "skylake-avx512"})
     got = {r.layer: (r.variant, r.in_layout, r.out_layout)
            for r in ctx.kernels}  # type: ignore[attr-defined]
     assert got["b"] == ("avx2_wino_s16", "NCHW16c", "NCHW")
@@ -157,15 +164,17 @@ def _pick(weight: np.ndarray, span: int) -> str:
 
 def test_activation_bound_at_and_one_past() -> None:
     """``4 * span <= 32767``: span 8191 is the last that fits."""
-    w = np.ones((2, 3, 3, 3), np.int64)
+    w = np.ones((2, 28, 3, 3), np.int64)
     assert _pick(w, 8191) == "avx2_wino_s16"
     assert _pick(w, 8192) == "avx2_s16"
 
 
 def test_weight_transform_bound_at_and_one_past() -> None:
     """``|U| <= 32767``: the centre of ``(2G) g (2G)^T`` is the sum of all nine weights, so nine
-    weights of 3640 give 32760 and one of them at 3647 gives 32767; 3648 one past."""
-    w = np.full((1, 1, 3, 3), 3640, np.int64)
+    weights of 3640 give 32760 and one of them at 3647 gives 32767; 3648 one past (the other
+    27 input channels zero)."""
+    w = np.zeros((1, 28, 3, 3), np.int64)
+    w[0, 0] = 3640
     w[0, 0, 1, 1] = 3647
     assert int(np.abs(wino.transform_weight(w)).max()) == INT16_MAX
     assert _pick(w, 1) == "avx2_wino_s16"

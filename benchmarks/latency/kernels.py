@@ -102,6 +102,16 @@ SHAPES = (
     Shape("ref 28x28 64 W7", 1, 64, 28, 64, 3, 1, 1, 7),
     Shape("r18 layer1 W8A8", 1, 64, 56, 64, 3, 1, 1, 8),
     Shape("r18 layer2 W8A8", 1, 128, 28, 128, 3, 1, 1, 8),
+    Shape("ref 28x28 64 W8A8", 1, 64, 28, 64, 3, 1, 1, 8),
+    Shape("r18/2 layer3 W8A8", 1, 128, 14, 128, 3, 1, 1, 8),
+    Shape("r18/2 layer4 W8A8", 1, 256, 7, 256, 3, 1, 1, 8),
+    Shape("vgg7 conv2 b32 W8A8", 32, 16, 28, 16, 3, 1, 1, 8),
+    Shape("vgg7 conv4 W8A8", 1, 32, 14, 32, 3, 1, 1, 8),
+    Shape("r18/2 layer1 W8A8", 1, 32, 56, 32, 3, 1, 1, 8),
+    Shape("vgg7 conv4 b32 W7", 32, 32, 14, 32, 3, 1, 1, 7),
+    Shape("r18 layer1 W7", 1, 64, 56, 64, 3, 1, 1, 7),
+    Shape("r18/2 layer4 W7", 1, 256, 7, 256, 3, 1, 1, 7),
+    Shape("vgg7 conv2 b32 W7", 32, 16, 28, 16, 3, 1, 1, 7),
     Shape("mobilenetv2 dw 3x3", 1, 96, 14, 96, 3, 1, 1, 4, groups=96),
     Shape("mobilenetv2 dw 3x3 s2", 1, 144, 28, 144, 3, 2, 1, 8, groups=144),
     Shape("mbv2-224 dw 3x3", 1, 192, 28, 192, 3, 1, 1, 8, groups=192),
@@ -168,21 +178,24 @@ PACKED_TEXT = ("the target's packed layout NCHW{L}c in and out (L = 16 with AVX-
                "take NCHW)")
 
 
-def tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "",
-                 packed: bool = False, narrow: bool = True) -> tuple[Callable[[], Any], str, float]:
+def tvm_callable(s: Shape, layer: Layer, written: bool, mcpu: str = "", packed: bool = False,
+                 narrow: bool = True, wino: bool = True) -> tuple[Callable[[], Any], str, float]:
     """Lower the layer through ``convert_conv2d`` from a u8 input; (call, variant, compile s).
     ``mcpu`` :data:`NO_AMX`: this CPU's target with its AMX features left out. ``packed``
     (written kernels only): the input arrives as the target's ``NCHW{L}c`` and the output is
     planned packed,
     as between two integer layers of a converted network; the call returns NCHW numpy (the
     unpack is outside the timed call). ``narrow=False``: without the pixels-in-lanes kernel
-    (``select.NARROW_MIN_GAIN`` = inf)."""
+    (``select.NARROW_MIN_GAIN`` = inf); ``wino=False``: without the Winograd kernel
+    (``select.WINOGRAD_MIN_OUT`` past any output)."""
     from unittest import mock
 
     from djpq_compiler.backends.tvm.kernels import select
 
     gain = select.NARROW_MIN_GAIN if narrow else float("inf")
-    with mock.patch.object(select, "NARROW_MIN_GAIN", gain):
+    least = select.WINOGRAD_MIN_OUT if wino else 2**31
+    with (mock.patch.object(select, "NARROW_MIN_GAIN", gain),
+          mock.patch.object(select, "WINOGRAD_MIN_OUT", least)):
         return _tvm_callable(s, layer, written, mcpu, packed)
 
 
@@ -359,9 +372,10 @@ def bench_shape(s: Shape, rounds: int, budget: float, mcpu: str = "",
         no_amx, extra["variant_no_amx"], _ = tvm_callable(s, layer, True, NO_AMX, packed)
         exact = exact and bool(np.array_equal(nchw(no_amx(), s.c_out), default().numpy()))
         calls["djpq_no_amx"] = no_amx
-    lanes, lanes_variant, _ = tvm_callable(s, layer, True, mcpu, packed, narrow=False)
-    if lanes_variant != variant:  # the layer took the pixels-in-lanes kernel: time the old one
-        calls["djpq_lanes"] = lanes
+    lanes, lanes_variant, _ = tvm_callable(s, layer, True, mcpu, packed, narrow=False,
+                                           wino=False)
+    if lanes_variant != variant:  # the layer took the pixels-in-lanes or the Winograd kernel:
+        calls["djpq_lanes"] = lanes  # time the channel-lane kernel it would have had before
         exact = exact and bool(np.array_equal(nchw(lanes(), s.c_out), default().numpy()))
     seconds, wall = time_interleaved(calls, rounds, budget)
     gmacs = {name: s.macs / t / 1e9 for name, t in seconds.items()}
@@ -396,9 +410,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "generic lowering; `QLinear` = onnxruntime QLinearConv u8 x s8. Ratios are per-call time "
         "ratios from the same run. `exact` = kernel output equals the default build's bit for bit.",
         "",
-        "`old` = the channel-lane kernel the layer had before the pixels-in-lanes one "
-        "(`avx2_px16`), timed in the same rounds, with its variant; `x old` = its time / the "
-        "kernel's.",
+        "`old` = the channel-lane kernel the layer had before the pixels-in-lanes "
+        "(`avx2_px16`) or the Winograd (`avx2_wino_s16`) one, timed in the same rounds, with its "
+        "variant; `x old` = its time / the kernel's.",
         "",
         "| layer | N,C,HW -> C_out, k/s | bits W/A | kernel | exact | kernel | old (variant) "
         "| x old | default | torch fp32 | ORT fp32 | ORT QLinear | x torch | x QLinear "

@@ -45,11 +45,12 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   sum in int16: exact iff ``span <= 255``, ``max|w| <= 127`` and
   ``span * max_o sum|w_o| <= 32767``.
 * ``avx2_wino_s16`` (:func:`winograd`, ``winograd.py``): 3x3 stride-1 undilated dense convs
-  that would get ``avx2_s16`` (W8A8 and wider): Winograd F(2x2, 3x3) with integer transforms,
-  16 ``vpmaddwd`` products per 2x2 outputs instead of 36. Exact iff ``4 * span <= 32767`` (the
-  transformed activations), every transformed weight ``|U| <= 32767``, every partial sum of the
-  16 products ``max_{xi,o} sum_c |U[xi,o,c]| * 4 * span <= 2^31 - 1``, and ``4 * max_o sum|w_o| *
-  span <= 2^31 - 1`` (the output transform's result, formed modulo 2^32).
+  of >= 28 input channels that would get ``avx2_s16`` (W8A8 and wider) or ``avx2_u8s8_p1``
+  (W7A8): Winograd F(2x2, 3x3) with integer transforms, 16 ``vpmaddwd`` products per 2x2
+  outputs instead of 36. Exact iff ``4 * span <= 32767`` (the transformed activations), every
+  transformed weight ``|U| <= 32767``, every partial sum of the 16 products
+  ``max_{xi,o} sum_c |U[xi,o,c]| * 4 * span <= 2^31 - 1``, and
+  ``4 * max_o sum|w_o| * span <= 2^31 - 1`` (the output transform's result, formed modulo 2^32).
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
@@ -578,6 +579,12 @@ def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, in
 #: compute up to one padded row and column (a 3x3 output computes 4x4), measured on outputs of
 #: 7x7 and more (``benchmarks/latency/winograd_ab.py``).
 WINOGRAD_MIN_OUT = 4
+#: ... and at least this many input channels: its GEMMs reduce over the channels padded to 8
+#: (``avx2_s16`` pads to pairs), and with a short reduction its transforms weigh more. Measured
+#: (``KERNELS_avx2_winograd*.md``, packed / NCHW): 16 channels 1.31x / 0.89x ``avx2_s16`` and
+#: 0.89x / 0.63x ``avx2_u8s8_p1``; 32 channels 1.20-1.82x and 1.10-1.44x. At 28 channels its
+#: padded work is 32 / 28 of the real one, within the smallest 32-channel gain (1.10x).
+WINOGRAD_MIN_IN = 28
 #: F(2, 3)'s weight transform scaled to integers (``2G``; ``winograd.py`` holds the same).
 _G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
 
@@ -606,20 +613,27 @@ def winograd_bounds(facts: LayerFacts) -> tuple[bool, str]:
 def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
              dilation: tuple[int, int], out_size: tuple[int, int]) -> KernelChoice:
     """``choice`` replaced by ``avx2_wino_s16`` (``winograd.py``) where that is exact and
-    measured faster: an ``avx2_s16`` dense conv (no ``vpmaddubsw`` bound holds: W8A8 and wider;
-    AVX2 without VNNI, ``groups == 1``) with a 3x3 kernel, stride 1, dilation 1, an output of
-    at least :data:`WINOGRAD_MIN_OUT` rows and columns and :func:`winograd_bounds`. Other
-    choices are returned unchanged (``avx2_s16`` is exact under wider bounds: one bit past
-    Winograd's keeps it)."""
-    if (choice.variant != "avx2_s16" or facts.op != "conv2d" or facts.groups != 1
+    measured faster: a dense conv (``groups == 1``, x86) that got ``avx2_s16`` (no
+    ``vpmaddubsw`` bound holds: W8A8 and wider) or ``avx2_u8s8_p1`` because P = 2's bound fails
+    (W7A8), with a 3x3 kernel, stride 1, dilation 1, an output of at least
+    :data:`WINOGRAD_MIN_OUT` rows and columns, at least :data:`WINOGRAD_MIN_IN` input
+    channels and :func:`winograd_bounds`. Measured against them on the same shapes with >= 32
+    channels (``KERNELS_avx2_winograd*.md``): 1.2-2.1x ``avx2_s16``, 1.1-2.1x
+    ``avx2_u8s8_p1``; not taken for P = 2 and 4 (a scratch run: 0.75-1.2x of P = 4, 1.12x of
+    P = 2 on one shape). Other choices are returned unchanged; one bit past Winograd's bounds
+    keeps the channel-lane kernel (exact under its own)."""
+    p2_fails = 2 * 2 * facts.span * facts.w_max > INT16_MAX
+    if (not (choice.variant == "avx2_s16" or (choice.variant == "avx2_u8s8_p1" and p2_fails))
+            or facts.op != "conv2d" or facts.groups != 1
             or tuple(facts.weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1)
-            or tuple(dilation) != (1, 1) or min(out_size) < WINOGRAD_MIN_OUT):
+            or tuple(dilation) != (1, 1) or min(out_size) < WINOGRAD_MIN_OUT
+            or facts.weight.shape[1] < WINOGRAD_MIN_IN):
         return choice
     ok, text = winograd_bounds(facts)
     if not ok:
         return dataclasses.replace(choice, note=f"{choice.note}; Winograd not exact: {text}")
     acc_text = choice.bound.split("; ", 1)[1] if "; " in choice.bound else ""
     note = (f"{facts.target}: Winograd F(2x2, 3x3), int16 x int16 vpmaddwd on transformed "
-            "operands (16 products per 2x2 outputs instead of 36)")
+            f"operands (16 products per 2x2 outputs instead of 36; {choice.variant} before)")
     return dataclasses.replace(choice, variant="avx2_wino_s16", bound=f"{text}; {acc_text}",
                                note=note)
