@@ -29,6 +29,8 @@ Models:
   * ``resnet18`` (3x224x224): torchvision resnet18, random init (no ImageNet weights offline;
     latency does not depend on weight values), ``prepare`` at W4A8 (first conv and fc W8A8), half
     of every gate group closed (seeded), ``convert``.
+  * ``resnet18_w8a8`` (3x224x224): the same at W8A8 everywhere (a user who quantizes to 8 bits
+    and prunes; its 3x3 stride-1 convs take the Winograd kernel on AVX2).
 
 ``--isa avx2`` builds every TVM variant for an AVX2-only CPU (the target dict of ``"x86"`` is
 replaced by ``{"kind": "llvm", "mcpu": "haswell"}``: AVX2, no AVX-512, no VNNI), so the written
@@ -64,6 +66,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TRAINED = ("vgg7", "resnet20", "mobilenetv2")
+#: torchvision resnet18 at 224, pruned at random (:func:`resnet18_pruned`): W4A8 and W8A8.
+SYNTHETIC = ("resnet18", "resnet18_w8a8")
 BACKENDS = ("torch_fp32", "tvm", "onnxruntime")
 LABELS = {"torch_fp32": "PyTorch FP32 (original)", "tvm": "TVM", "onnxruntime": "onnxruntime QDQ",
           "tvm_unfused": "TVM unfused", "tvm_nchw": "TVM NCHW between layers",
@@ -197,13 +201,13 @@ def trained_model(name: str, models_dir: Path) -> dict[str, Any]:
             "bits": bits_summary(converted), **kept_summary(converted, model)}
 
 
-def resnet18_pruned(seed: int) -> dict[str, Any]:
+def resnet18_pruned(seed: int, w_bits: int = 4) -> dict[str, Any]:
     import torchvision
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(2, 3, 224, 224)
-    config = DJPQConfig(weight=QuantSpec(bits=4), activation=QuantSpec(bits=8),
+    config = DJPQConfig(weight=QuantSpec(bits=w_bits), activation=QuantSpec(bits=8),
                         fix_first_last_8bit=True)
     prepared = djpq.prepare(model, x, config)
     gen = torch.Generator().manual_seed(seed)
@@ -215,8 +219,8 @@ def resnet18_pruned(seed: int) -> dict[str, Any]:
     return {"model": model, "converted": converted, "shape": (3, 224, 224),
             "gbops_fp32": djpq.bops(model, x[:1]).gbops,
             "gbops_compressed": djpq.bops(converted).gbops,
-            "how": "torchvision resnet18 (random init), prepare W4A8 (first conv/fc W8A8), 50 % "
-                   "of every gate group closed (seeded), convert",
+            "how": f"torchvision resnet18 (random init), prepare W{w_bits}A8 (first conv/fc W8A8), "
+                   "50 % of every gate group closed (seeded), convert",
             "bits": bits_summary(converted), **kept_summary(converted, model)}
 
 
@@ -407,8 +411,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     from djpq_compiler.backends import onnx as onnx_backend
 
     say(f"== {name}: loading / converting")
-    info = (resnet18_pruned(args.seed) if name == "resnet18"
-            else trained_model(name, Path(args.models_dir)))
+    info = (resnet18_pruned(args.seed, 8 if name == "resnet18_w8a8" else 4)
+            if name in SYNTHETIC else trained_model(name, Path(args.models_dir)))
     model, converted, shape = info.pop("model"), info.pop("converted"), info.pop("shape")
     rec: dict[str, Any] = {"model": name, "input": list(shape), **info,
                            "float_islands": list(converted_record(converted).float_ops),
@@ -529,8 +533,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     models = [m for m in args.models.split(",") if m]
     for name in models:
-        if name not in TRAINED and name != "resnet18":
-            raise SystemExit(f"unknown model {name!r}: one of {TRAINED + ('resnet18',)}")
+        if name not in TRAINED + SYNTHETIC:
+            raise SystemExit(f"unknown model {name!r}: one of {TRAINED + SYNTHETIC}")
     force_isa(args.isa)
     started = datetime.datetime.now().astimezone()
     say(f"models {models}, batches {args.batches}, threads {args.threads}, runs {args.runs}; "
