@@ -44,6 +44,7 @@ from djpq_compiler.testing.graphs import (
     SqueezeExcite,
     recipes,
 )
+from djpq_compiler.testing.properties import WINOGRAD_TARGET
 from djpq_compiler.verify import random_keep
 
 
@@ -106,6 +107,17 @@ def test_random_graphs_lowered_for_cuda_equal_the_reference_emulated(recipe: Rec
     assert stats.outcomes == (("cuda-emulated", "ok"),), stats.unsupported
 
 
+@settings(CI, max_examples=4)
+@given(recipes())
+def test_random_graphs_with_winograd_everywhere_equal_the_reference(recipe: Recipe) -> None:
+    """The AVX2 build with the Winograd kernel on every 3x3 stride-1 dense layer where it is
+    exact (``WINOGRAD_TARGET``: the speed rule lifted, the fuzzer's layers are narrow) equals the
+    reference executor on random graphs."""
+    pytest.importorskip("tvm")
+    stats = check_tvm(recipe, (WINOGRAD_TARGET,))
+    assert all(status == "ok" for _, status in stats.outcomes), stats.unsupported
+
+
 EVERY_BLOCK = Recipe(blocks=(
     Conv(out=6, k=3, stride=2, groups=1, bn=True, act="hardswish"),
     Conv(out=6, k=3, groups="depthwise", act="relu6"),
@@ -138,6 +150,9 @@ def test_a_recipe_with_every_block_kind_holds_every_property() -> None:
         assert any(v.startswith("avx2_") for v in built.variants)
         cuda = check_tvm(EVERY_BLOCK, ("cuda-emulated",))
         assert cuda.outcomes == (("cuda-emulated", "ok"),) and "cuda_dp4a" in cuda.variants
+        wino = check_tvm(EVERY_BLOCK, (WINOGRAD_TARGET,))
+        assert all(status == "ok" for _, status in wino.outcomes)
+        assert "avx2_wino_s16" in wino.variants
 
 
 def test_recipes_print_as_readable_recipes() -> None:

@@ -7,9 +7,11 @@ runs one part of the compiler on it and raises :class:`PropertyViolation` (an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +39,8 @@ from djpq_compiler.verify import integer_agreement, pruning_oracle
 
 __all__ = ["PropertyViolation", "OracleStats", "ConvertStats", "TvmStats", "check_analysis",
            "check_prepare", "check_convert", "check_signs", "check_tvm", "NO_RULE_TARGETS",
-           "ORACLE_TOLERANCE", "CONVERT_TOLERANCE", "INTEGER_LSB_BOUND", "TVM_TARGETS"]
+           "ORACLE_TOLERANCE", "CONVERT_TOLERANCE", "INTEGER_LSB_BOUND", "TVM_TARGETS",
+           "WINOGRAD_TARGET", "winograd_everywhere"]
 
 #: Targets of the generator's ops that have no channel rule (they must be barriers).
 NO_RULE_TARGETS: tuple[object, ...] = (torch.cumsum, torch.flip, "roll")
@@ -302,6 +305,26 @@ def check_convert(recipe: Recipe) -> ConvertStats:
 #: The TVM targets :func:`check_tvm` builds for: this CPU's kernels, and the AVX2 kernels of the
 #: issue's 2-core EPYC class of machine (``mcpu=haswell``; skipped on a CPU without AVX2).
 TVM_TARGETS = ("x86", "x86-avx2")
+#: A further :func:`check_tvm` target: the ``x86-avx2`` build with the Winograd kernel taken by
+#: every 3x3 stride-1 dense layer where it is exact (:func:`winograd_everywhere`): the fuzzer's
+#: graphs have 1-8 channels, below the speed rule's minimum, so it would never run there.
+WINOGRAD_TARGET = "x86-avx2-winograd"
+
+
+@contextlib.contextmanager
+def winograd_everywhere() -> Iterator[None]:
+    """Builds inside give ``avx2_wino_s16`` to every AVX2 dense 3x3 stride-1 conv where its
+    bounds hold, whatever its channels, output size or bits (``select.winograd``'s speed rule
+    lifted; its exactness rule kept)."""
+    from unittest import mock
+
+    from djpq_compiler.backends.tvm.kernels import select
+
+    with (mock.patch.object(select, "WINOGRAD_MIN_IN", 1),
+          mock.patch.object(select, "WINOGRAD_MIN_OUT", 1),
+          mock.patch.object(select, "_winograd_replaces",
+                            lambda choice, facts: choice.kind in ("ubsw", "wd"))):
+        yield
 
 
 @dataclass(frozen=True)
@@ -341,11 +364,13 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
     variants: list[str] = []
     tables = 0
     for target in targets:
-        if target in PORTABLE_X86 and not host_has_features(PORTABLE_X86[target][1]):
+        build_target = "x86-avx2" if target == WINOGRAD_TARGET else target
+        if build_target in PORTABLE_X86 and not host_has_features(PORTABLE_X86[build_target][1]):
             continue
-        with warnings.catch_warnings():
+        lifted = winograd_everywhere() if target == WINOGRAD_TARGET else contextlib.nullcontext()
+        with warnings.catch_warnings(), lifted:
             warnings.simplefilter("ignore")
-            outcome, compiled = check_tvm_build(converted, x, target)
+            outcome, compiled = check_tvm_build(converted, x, build_target)
         if outcome.status not in ("ok", "refused"):
             raise _fail(recipe, f"TVM {target}: {outcome.status}: {outcome.detail}")
         outcomes.append((target, outcome.status))

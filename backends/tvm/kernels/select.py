@@ -610,6 +610,15 @@ def winograd_bounds(facts: LayerFacts) -> tuple[bool, str]:
     return ok, text
 
 
+def _winograd_replaces(choice: KernelChoice, facts: LayerFacts) -> bool:
+    """Whether :func:`winograd` may replace ``choice`` (the speed rule, not the exactness one):
+    ``avx2_s16``, or ``avx2_u8s8_p1`` where P = 2's bound fails. (The fuzzer's
+    ``x86-avx2-winograd`` build widens it to every AVX2 dense variant to exercise the kernel on
+    small random graphs: ``testing.properties.winograd_everywhere``.)"""
+    p2_fails = 2 * 2 * facts.span * facts.w_max > INT16_MAX
+    return choice.variant == "avx2_s16" or (choice.variant == "avx2_u8s8_p1" and p2_fails)
+
+
 def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
              dilation: tuple[int, int], out_size: tuple[int, int]) -> KernelChoice:
     """``choice`` replaced by ``avx2_wino_s16`` (``winograd.py``) where that is exact and
@@ -622,9 +631,7 @@ def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
     ``avx2_u8s8_p1``; not taken for P = 2 and 4 (a scratch run: 0.75-1.2x of P = 4, 1.12x of
     P = 2 on one shape). Other choices are returned unchanged; one bit past Winograd's bounds
     keeps the channel-lane kernel (exact under its own)."""
-    p2_fails = 2 * 2 * facts.span * facts.w_max > INT16_MAX
-    if (not (choice.variant == "avx2_s16" or (choice.variant == "avx2_u8s8_p1" and p2_fails))
-            or facts.op != "conv2d" or facts.groups != 1
+    if (not _winograd_replaces(choice, facts) or facts.op != "conv2d" or facts.groups != 1
             or tuple(facts.weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1)
             or tuple(dilation) != (1, 1) or min(out_size) < WINOGRAD_MIN_OUT
             or facts.weight.shape[1] < WINOGRAD_MIN_IN):
