@@ -355,6 +355,21 @@ def test_distilled_activation_floor_is_the_floor_config_with_djpq_kd_teacher() -
     assert args.method == "djpq_a3_kd"
 
 
+def test_distilled_restricted_is_the_restricted_config_with_djpq_kd_teacher() -> None:
+    """``djpq_restricted_kd``: ``djpq_restricted``'s config (power-of-two bits), distilled like
+    ``djpq_kd``, and a lever with its own verdict line."""
+    from djpq_compiler.workflows import zoo
+
+    claims = _claims()
+    single = claims._single_run_module()
+    assert "djpq_restricted_kd" in claims.METHODS and "djpq_restricted_kd" in claims.LEVERS
+    assert "djpq_restricted_kd" not in claims.ONCE
+    model = zoo.get_model("resnet20")
+    config = single.method_config("djpq_restricted_kd", model)
+    assert config == single.method_config("djpq_restricted", model) and config.restricted
+    assert single.DISTILLED["djpq_restricted_kd"][:2] == single.DISTILLED["djpq_kd"][:2]
+
+
 #: (model, method, gamma, finalize, checkpoint) of committed rows -> BOPs share (%) per layer kind,
 #: from ``benchmarks/paper_claims/layers.py`` (the per-layer reading in NOTES.md).
 LAYER_SHARES = [

@@ -10,8 +10,8 @@ Usage:
   python benchmarks/djpq_finetune/run.py --model resnet20 --method two_stage --minutes 0 \
       --steps 700 --gamma 1
   methods: djpq, djpq_restricted, djpq_soft_bops, djpq_dw_w4, djpq_dw_w4_bound, djpq_dw_gamma3,
-    djpq_dw_gamma05, djpq_a3_bound, djpq_kd, djpq_a3_kd, two_stage, two_stage_restricted, dq_only,
-    vib_only, w8a8, w4a4
+    djpq_dw_gamma05, djpq_a3_bound, djpq_kd, djpq_a3_kd, djpq_restricted_kd, two_stage,
+    two_stage_restricted, dq_only, vib_only, w8a8, w4a4
 """
 
 from __future__ import annotations
@@ -70,9 +70,11 @@ class Distilled(NamedTuple):
 
 
 #: Distilled methods: ``djpq_kd`` is plain DJPQ with a teacher; ``djpq_a3_kd`` is
-#: ``djpq_a3_bound`` (3-bit activation floor held in training) with the same teacher.
+#: ``djpq_a3_bound`` (3-bit activation floor held in training) with the same teacher;
+#: ``djpq_restricted_kd`` is ``djpq_restricted`` (power-of-two bits) with it.
 DISTILLED = {"djpq_kd": Distilled(0.7, 2.0, "djpq"),
-             "djpq_a3_kd": Distilled(0.7, 2.0, "djpq_a3_bound")}
+             "djpq_a3_kd": Distilled(0.7, 2.0, "djpq_a3_bound"),
+             "djpq_restricted_kd": Distilled(0.7, 2.0, "djpq_restricted")}
 
 
 def depthwise_convs(model: torch.nn.Module) -> list[str]:

@@ -27,7 +27,8 @@ commands behind every committed row):
 ``djpq_a3_bound`` holds every learned activation quantizer at >= 3 bits during training.
 ``djpq_kd`` is DJPQ whose task loss distils the FP32 checkpoint (weight 0.7, temperature 2; a lever
 of issue 18, not the paper's method; the section's FP32 bar stays the undistilled fine-tune);
-``djpq_a3_kd`` combines that distillation with ``djpq_a3_bound``'s activation floor.
+``djpq_a3_kd`` combines that distillation with ``djpq_a3_bound``'s activation floor,
+``djpq_restricted_kd`` with ``djpq_restricted``'s power-of-two bits.
 ``--finalize F`` (default 0.1) is the fraction of the steps trained at the end with gates and bits
 frozen at their deployed values (weights only); with cosine rates the last 10 % run at under 2.5 %
 of the initial learning rate, so a larger fraction gives the weights a real fine-tune at the
@@ -56,6 +57,7 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("djpq", "djpq_restricted", "two_stage", "two_stage_restricted", "dq_only",
            "vib_only", "w8a8", "w4a4", "djpq_soft_bops", "djpq_dw_w4", "djpq_dw_w4_bound",
            "djpq_dw_gamma3", "djpq_dw_gamma05", "djpq_a3_bound", "djpq_kd", "djpq_a3_kd",
+           "djpq_restricted_kd",
            "fp32_finetune", "fp32_finetune_kd")
 ONCE = ("w8a8", "w4a4", "fp32_finetune", "fp32_finetune_kd")  # no learned quantity depends on gamma
 #: The same-recipe FP32 baseline: a float model, scored with float accuracy at FP32 BOPs.
@@ -82,6 +84,8 @@ LEVERS = {
     "djpq_a3_bound": "DJPQ with a 3-bit activation floor held in training (djpq_a3_bound)",
     "djpq_a3_kd": ("DJPQ with the 3-bit activation floor and distillation from the FP32 "
                    "checkpoint (djpq_a3_kd, not the paper's method)"),
+    "djpq_restricted_kd": ("DJPQ with power-of-two bits and distillation from the FP32 "
+                           "checkpoint (djpq_restricted_kd, not the paper's method)"),
 }
 #: ``--finalize`` of rows from before the option existed (the single-run script's default).
 DEFAULT_FINALIZE = 0.1
