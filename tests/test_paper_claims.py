@@ -406,8 +406,9 @@ def test_layer_shares_reproduce_the_recorded_reduction(key: tuple, expected: dic
 
 def test_overview_lists_the_installed_checkpoints_sections_first(tmp_path: Path) -> None:
     """RESULTS.md opens with one row per section on the installed checkpoint: its stronger FP32,
-    DJPQ's largest reduction within 1 point of it, the smallest drop at >= 200x and DJPQ minus
-    two-stage / DQ-only at equal BOPs; sections on other checkpoints follow, marked as such."""
+    DJPQ's largest reduction within 1 point of it (plain or power-of-two restricted, named when
+    restricted), the smallest drop at >= 200x and plain DJPQ minus two-stage / DQ-only at equal
+    BOPs; sections on other checkpoints follow, marked as such."""
     claims = _claims()
     base = {"model": "vgg7", "steps": 10, "djpq_lr": 0.03, "weight_lr": 1e-3,
             "schedule": "cosine", "test_images": 100, "fp32_acc": 0.90, "fp32_gbops": 100.0,
@@ -420,6 +421,7 @@ def test_overview_lists_the_installed_checkpoints_sections_first(tmp_path: Path)
 
     rows = [run("fp32_finetune", 1, 0.91, 100.0, float_model=True),  # the bar: 91 %
             run("djpq", 1, 0.905, 0.8),    # 125x at 0.50: within
+            run("djpq_restricted", 2, 0.902, 0.625),  # 160x at 0.80: within, the largest
             run("djpq", 4, 0.895, 0.5),    # 200x at 1.50
             run("djpq", 4, 0.899, 0.5, seed=1),  # mean 89.70 % at 200x: 1.30
             run("two_stage", 0.5, 0.90, 1.0),    # djpq at or below 1.0 GBOPs: 90.5 -> +0.50
@@ -432,7 +434,7 @@ def test_overview_lists_the_installed_checkpoints_sections_first(tmp_path: Path)
     overview = overview.split("\n## ")[0]
     row = next(line for line in overview.splitlines() if line.startswith("| vgg7 |"))
     assert row == ("| vgg7 | 0123456789ab | 10 steps, weight lr 0.001, DJPQ lr 0.03, cosine "
-                   "rates | 91.00 % | 125.0× at 0.50 (γ=1) | none within 1 point | "
+                   "rates | 91.00 % | djpq_restricted 160.0× at 0.80 (γ=2) | none within 1 point | "
                    "1.30 at 200.0× (γ=4, 2 seeds) | +0.50 | -0.30 |")
     assert "ffffffffffff" not in overview
     titles = [line for line in text.splitlines() if line.startswith("## vgg7")]
