@@ -576,14 +576,15 @@ def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, in
 
 
 #: ``avx2_wino_s16`` needs an output of at least this many rows and columns: its 2x2 tiles
-#: compute up to one padded row and column (a 3x3 output computes 4x4), measured on outputs of
-#: 7x7 and more (``benchmarks/latency/winograd_ab.py``).
+#: compute up to one padded row and column (a 3x3 output computes 4x4, 1.8x its outputs). The
+#: smallest output measured is 7x7 (1.45-1.60x ``avx2_s16``, ``KERNELS_avx2_winograd*.md``);
+#: 4x4 to 6x6 are not measured.
 WINOGRAD_MIN_OUT = 4
 #: ... and at least this many input channels: its GEMMs reduce over the channels padded to 8
 #: (``avx2_s16`` pads to pairs), and with a short reduction its transforms weigh more. Measured
 #: (``KERNELS_avx2_winograd*.md``, packed / NCHW): 16 channels 1.31x / 0.89x ``avx2_s16`` and
-#: 0.89x / 0.63x ``avx2_u8s8_p1``; 32 channels 1.20-1.82x and 1.10-1.44x. At 28 channels its
-#: padded work is 32 / 28 of the real one, within the smallest 32-channel gain (1.10x).
+#: 0.89x / 0.63x ``avx2_u8s8_p1``; 32 channels 1.08-1.85x (median ~1.5x). A pruned 28-31
+#: channels pads to 32: by that padding the median gain becomes ~1.3x, the smallest ~0.95x.
 WINOGRAD_MIN_IN = 28
 #: F(2, 3)'s weight transform scaled to integers (``2G``; ``winograd.py`` holds the same).
 _G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
