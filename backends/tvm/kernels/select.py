@@ -583,7 +583,7 @@ WINOGRAD_MIN_OUT = 4
 #: ... and at least this many input channels: its GEMMs reduce over the channels padded to 8
 #: (``avx2_s16`` pads to pairs), and with a short reduction its transforms weigh more. Measured
 #: (``KERNELS_avx2_winograd*.md``, packed / NCHW): 16 channels 1.31x / 0.89x ``avx2_s16`` and
-#: 0.89x / 0.63x ``avx2_u8s8_p1``; 32 channels 1.08-1.85x (median ~1.5x). A pruned 28-31
+#: 0.89x / 0.63x ``avx2_u8s8_p1``; 32 channels 1.08-1.85x (median ~1.4x). A pruned 28-31
 #: channels pads to 32: by that padding the median gain becomes ~1.3x, the smallest ~0.95x.
 WINOGRAD_MIN_IN = 28
 #: F(2, 3)'s weight transform scaled to integers (``2G``; ``winograd.py`` holds the same).
