@@ -508,6 +508,26 @@ def epilogue_params(spec: ConvKernelSpec) -> tuple[tuple[str, str], ...]:
             ("shift", "int32" if spec.split_shift else "int64"))
 
 
+def io_shapes(spec: ConvKernelSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The input and output buffer shapes of a kernel that reads NCHW or packed
+    ``[N, ceil(C/L), H, W, L]`` (``spec.in_lanes``) and writes NCHW or packed
+    (``spec.out_lanes``): the pixels-in-lanes and Winograd kernels."""
+    n, c, (oh, ow), oc = spec.batch, spec.in_channels, spec.out_size, spec.out_channels
+    li, lo = spec.in_lanes, spec.out_lanes
+    x_shape = (n, -(-c // li), spec.height, spec.width, li) if li else \
+        (n, c, spec.height, spec.width)
+    out_shape = (n, -(-oc // lo), oh, ow, lo) if lo else (n, oc, oh, ow)
+    return x_shape, out_shape
+
+
+def all_params_dtypes(spec: ConvKernelSpec) -> tuple[str, str, str]:
+    """Dtypes of ``m``, ``rnd``, ``shift`` of a kernel that takes every requantization
+    parameter whether it reads them or not (:func:`epilogue_params`; int64 for an int32
+    output, which reads none)."""
+    dtypes = dict(epilogue_params(spec)) or {"m": "int64", "rnd": "int64", "shift": "int64"}
+    return dtypes["m"], dtypes["rnd"], dtypes["shift"]
+
+
 def epilogue_value(spec: ConvKernelSpec, acc: Any, c: Any, params: dict[str, Any]) -> Any:
     """The epilogue of one int32 accumulator ``acc`` of output channel ``c`` (TE or TIR
     expressions; ``params``: ``bias`` and :func:`epilogue_params`' buffers by name).

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .conv2d import ConvKernelSpec, epilogue_params, epilogue_value
+from .conv2d import ConvKernelSpec, all_params_dtypes, epilogue_value, io_shapes
 
 #: Output pixels per vector (int16 lanes of a ymm register).
 PIXEL_LANES = 16
@@ -131,20 +131,12 @@ def build_narrow_kernel(spec: ConvKernelSpec) -> Any:
     rows = -(-length // wp)
     offset = spec.act_offset
     in_lanes, out_lanes = spec.in_lanes, spec.out_lanes
-    if in_lanes:
-        x_shape: tuple[int, ...] = (n_, -(-c_ // in_lanes), h, w, in_lanes)
-    else:
-        x_shape = (n_, c_, h, w)
-    if out_lanes:
-        out_shape: tuple[int, ...] = (n_, -(-oc // out_lanes), oh, ow, out_lanes)
-    else:
-        out_shape = (n_, oc, oh, ow)
+    x_shape, out_shape = io_shapes(spec)
     in_dtype, out_dtype = spec.in_dtype, spec.out_dtype
     requant = out_dtype != "int32"
     # the requantization parameters' dtypes (conv2d.epilogue_params); the kernel always takes
     # ``lo`` and ``hi`` (read only by the int32 form)
-    dtypes = dict(epilogue_params(spec)) or {"m": "int64", "rnd": "int64", "shift": "int64"}
-    m_dtype, rnd_dtype, shift_dtype = dtypes["m"], dtypes["rnd"], dtypes["shift"]
+    m_dtype, rnd_dtype, shift_dtype = all_params_dtypes(spec)
     qmin, qmax = spec.qmin, spec.qmax
     blocks = q_tiles * n_ot
 
@@ -307,8 +299,7 @@ def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometr
     """``emit.emit_conv`` for an ``avx2_px16`` choice: the pixels-in-lanes kernel of this
     module, reading ``x`` in ``in_layout`` and writing ``NCHW{out_lanes}c`` when asked (any
     requantizing layer), else NCHW. Same parameters and result as ``emit_conv``."""
-    from ..layout import NCHW, Layout
-    from .emit import _fits_int32, _padded, _per_channel, epilogue_form, plan_epilogue
+    from .emit import _fits_int32, _per_channel, emit_all_params_kernel
 
     n, _, h, w = bb.shape(x)[:4]
     ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
@@ -326,26 +317,7 @@ def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometr
     spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), (1, 1), tuple(padding), tuple(dilation),
                           "px16", 1, in_dtype, offset, facts.acc_shift, out_dtype, int(qmin),
                           int(qmax), m_dtype, in_layout.lanes, lanes)
-    size = padded_channels(spec)
-    bias = facts.kernel_bias(offset)
-    if requant is not None:
-        spec, extra = plan_epilogue(spec, "px16", bias, m_c, shift_c)
-    else:  # an int32 output reads none of them (build_narrow_kernel takes them all)
-        extra = [(np.zeros(0, np.int64), "int64")] * 3
-    if not spec.int32_requant:  # lo, hi: read by the int32 form only
-        extra += [(np.zeros(0, np.int32), "int32")] * 2
-    args = [x, bb.const(pack_narrow_weight(facts.weight, spec), "int8"),
-            bb.const(_padded(bias, size, "int32"), "int32")]
-    args += [bb.const(_padded(values, size, dtype), dtype) for values, dtype in extra]
-    out_layout = Layout(lanes, oc) if lanes else NCHW
-    out_shape = ((n, out_layout.blocks) + spec.out_size + (lanes,) if lanes
-                 else (n, oc) + spec.out_size)
-    named = bb.kernel_cache.get(spec)
-    if named is None:
-        name = f"djpq_{choice.variant}_{facts.layer}"
-        func = build_narrow_kernel(spec)
-        named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
-                 .with_attr("tirx.is_scheduled", True))
-        bb.kernel_cache[spec] = named
-    return (bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout,
-            epilogue_form(spec))
+    requant_c = (m_c, shift_c) if requant is not None else None
+    return emit_all_params_kernel(bb, x, spec, facts, choice, requant_c, padded_channels(spec),
+                                  (pack_narrow_weight(facts.weight, spec), "int8"),
+                                  build_narrow_kernel)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -233,6 +234,40 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
     if cg > 1:  # (N * G, C, ...) back to the layer's (N, G * C, ...): the same memory
         out = bb.reshape(out, (n, cg * out_shape[1]) + tuple(out_shape[2:]))
     return out, out_layout, epilogue_form(spec)
+
+
+def emit_all_params_kernel(bb: Builder, x: Any, spec: ConvKernelSpec, facts: LayerFacts,
+                           choice: KernelChoice, requant_c: tuple[np.ndarray, np.ndarray] | None,
+                           size: int, weight: tuple[np.ndarray, str],
+                           build: Callable[[ConvKernelSpec], Any]) -> tuple[Any, Layout, str]:
+    """The call of a written kernel whose PrimFunc always takes ``x, w, bias, m, rnd, shift,
+    lo, hi, out`` (the pixels-in-lanes and Winograd kernels): plans the epilogue of a
+    requantizing ``spec`` (``requant_c`` = per-channel multipliers and shifts; ``None``: an
+    int32 output, the unread parameters passed empty), pads the bias and parameters to
+    ``size`` channels, builds the PrimFunc once per spec (``build``) and calls it. Returns the
+    result, its layout (``spec.out_lanes``) and the epilogue form, as :func:`emit_conv`."""
+    oc = spec.out_channels
+    bias = facts.kernel_bias(spec.act_offset)
+    if requant_c is not None:
+        spec, extra = plan_epilogue(spec, spec.kind, bias, *requant_c)
+    else:  # an int32 output reads none of them
+        extra = [(np.zeros(0, np.int64), "int64")] * 3
+    if not spec.int32_requant:  # lo, hi: read by the int32 form only
+        extra += [(np.zeros(0, np.int32), "int32")] * 2
+    args = [x, bb.const(*weight), bb.const(_padded(bias, size, "int32"), "int32")]
+    args += [bb.const(_padded(values, size, dtype), dtype) for values, dtype in extra]
+    lanes = spec.out_lanes
+    out_layout = Layout(lanes, oc) if lanes else NCHW
+    out_shape = ((spec.batch, out_layout.blocks) + spec.out_size + (lanes,) if lanes
+                 else (spec.batch, oc) + spec.out_size)
+    named = bb.kernel_cache.get(spec)
+    if named is None:
+        name = f"djpq_{choice.variant}_{facts.layer}"
+        named = (name, build(spec).with_attr("global_symbol", name).with_attr("op_pattern", 8)
+                 .with_attr("tirx.is_scheduled", True))
+        bb.kernel_cache[spec] = named
+    return (bb.call_tir(named[1], named[0], args, out_shape, spec.out_dtype), out_layout,
+            epilogue_form(spec))
 
 
 @functools.lru_cache(maxsize=512)

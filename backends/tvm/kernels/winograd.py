@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .conv2d import ConvKernelSpec, epilogue_params, epilogue_value
+from .conv2d import ConvKernelSpec, all_params_dtypes, epilogue_value, io_shapes
 
 __all__ = ["B_T", "G2", "A_T", "build_winograd_kernel", "check_winograd", "emit_winograd",
            "pack_winograd_weight", "padded_channels", "transform_weight", "winograd_tiles"]
@@ -130,17 +130,9 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
     n_ot = ocb_n // tile_oc
     offset = spec.act_offset
     in_lanes, out_lanes = spec.in_lanes, spec.out_lanes
-    if in_lanes:
-        x_shape: tuple[int, ...] = (n_, -(-c_ // in_lanes), h, w, in_lanes)
-    else:
-        x_shape = (n_, c_, h, w)
-    if out_lanes:
-        out_shape: tuple[int, ...] = (n_, -(-oc // out_lanes), oh, ow, out_lanes)
-    else:
-        out_shape = (n_, oc, oh, ow)
+    x_shape, out_shape = io_shapes(spec)
     in_dtype, out_dtype = spec.in_dtype, spec.out_dtype
-    dtypes = dict(epilogue_params(spec)) or {"m": "int64", "rnd": "int64", "shift": "int64"}
-    m_dtype, rnd_dtype, shift_dtype = dtypes["m"], dtypes["rnd"], dtypes["shift"]
+    m_dtype, rnd_dtype, shift_dtype = all_params_dtypes(spec)
     mp = (ocp,)
     v_size = 16 * twp * cp
     m_size = twp * ocb_n * 16 * LANES
@@ -274,8 +266,7 @@ def emit_winograd(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geome
     """``emit.emit_conv`` for an ``avx2_wino_s16`` choice: the kernel of this module, reading
     ``x`` in ``in_layout`` (NCHW or packed, any lanes) and writing ``NCHW8c`` when asked (a
     requantizing layer), else NCHW. Same parameters and result as ``emit_conv``."""
-    from ..layout import NCHW, Layout
-    from .emit import _fits_int32, _padded, _per_channel, epilogue_form, plan_epilogue
+    from .emit import _fits_int32, _per_channel, emit_all_params_kernel
 
     n, _, h, w = bb.shape(x)[:4]
     ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
@@ -294,26 +285,7 @@ def emit_winograd(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geome
     spec = ConvKernelSpec(n, ic, h, w, oc, (3, 3), (1, 1), tuple(padding), (1, 1), "wino", 1,
                           in_dtype, offset, facts.acc_shift, out_dtype, int(qmin), int(qmax),
                           m_dtype, in_layout.lanes, lanes)
-    size = padded_channels(spec)
-    bias = facts.kernel_bias(offset)
-    if requant is not None:
-        spec, extra = plan_epilogue(spec, "wino", bias, m_c, shift_c)
-    else:  # an int32 output reads none of them (build_winograd_kernel takes them all)
-        extra = [(np.zeros(0, np.int64), "int64")] * 3
-    if not spec.int32_requant:  # lo, hi: read by the int32 form only
-        extra += [(np.zeros(0, np.int32), "int32")] * 2
-    args = [x, bb.const(pack_winograd_weight(facts.weight, spec), "int16"),
-            bb.const(_padded(bias, size, "int32"), "int32")]
-    args += [bb.const(_padded(values, size, dtype), dtype) for values, dtype in extra]
-    out_layout = Layout(lanes, oc) if lanes else NCHW
-    out_shape = ((n, out_layout.blocks) + spec.out_size + (lanes,) if lanes
-                 else (n, oc) + spec.out_size)
-    named = bb.kernel_cache.get(spec)
-    if named is None:
-        name = f"djpq_{choice.variant}_{facts.layer}"
-        func = build_winograd_kernel(spec)
-        named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
-                 .with_attr("tirx.is_scheduled", True))
-        bb.kernel_cache[spec] = named
-    return (bb.call_tir(named[1], named[0], args, out_shape, out_dtype), out_layout,
-            epilogue_form(spec))
+    requant_c = (m_c, shift_c) if requant is not None else None
+    return emit_all_params_kernel(bb, x, spec, facts, choice, requant_c, padded_channels(spec),
+                                  (pack_winograd_weight(facts.weight, spec), "int16"),
+                                  build_winograd_kernel)
