@@ -630,8 +630,8 @@ def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
     channels and :func:`winograd_bounds`. Measured against them on the same shapes with >= 32
     channels (``KERNELS_avx2_winograd*.md``): 1.2-2.1x ``avx2_s16``, 1.1-2.1x
     ``avx2_u8s8_p1``; not taken for P = 2 and 4 (scratch runs: 0.80-1.39x P = 2, median ~1.1x
-    inside a network; 0.75-1.2x P = 4). Other choices are returned unchanged; one bit past Winograd's bounds
-    keeps the channel-lane kernel (exact under its own)."""
+    inside a network; 0.75-1.2x P = 4). Other choices are returned unchanged; one bit past
+    Winograd's bounds keeps the channel-lane kernel (exact under its own)."""
     if (not _winograd_replaces(choice, facts) or facts.op != "conv2d" or facts.groups != 1
             or tuple(facts.weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1)
             or tuple(dilation) != (1, 1) or min(out_size) < WINOGRAD_MIN_OUT
