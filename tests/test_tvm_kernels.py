@@ -371,6 +371,20 @@ def test_selection_bound_is_tight() -> None:
     assert select_kernel(vnni).variant == "avx512_vnni"
 
 
+def test_negative_only_ranges_count_the_zero_padding_operand() -> None:
+    """Codes in ``[-128, -1]`` shift by 128 into ``[0, 127]``, but the zero padding (code 0) is
+    the operand 128: the bounds use 128, so P = 1's ``2*1*span*127 <= 32767`` fails (2*128*127
+    = 32512 fits, 2*129*127 would not) exactly as for the range ``[-128, 0]``."""
+    def facts(lo: int, hi: int) -> LayerFacts:
+        return LayerFacts("l", "conv2d", lo, hi, np.full((2, 3, 1, 1), 127), np.zeros(2, np.int64),
+                          0, 1, 0, frozenset({"avx2"}), "llvm")
+    assert facts(-128, -1).span == facts(-128, 0).span == 128
+    # products 128 * sum|w| (381) plus the offset correction in the bias, 128 * sum(w)
+    assert facts(-128, -1).kernel_acc_bound() == facts(-128, 0).kernel_acc_bound() == 2 * 381 * 128
+    assert facts(5, 200).span == 200  # a range above zero: offset 0, the padding operand 0
+    assert select_kernel(facts(-128, -1)).variant == select_kernel(facts(-128, 0)).variant
+
+
 #: (kind, P, output channels, output width) -> (tile_w, tile_oc): the register tile of the
 #: channel-lane kernels (``conv2d.choose_tiles``; ``benchmarks/latency/tiles_ab.json``).
 TILES = [

@@ -65,7 +65,7 @@ from .intrin import UBSW_GROUPS
 
 __all__ = ["GROUPED_KINDS", "INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
            "fit_groups_to_lanes", "merge_factor", "merge_groups", "narrow_pixels",
-           "select_kernel", "winograd", "winograd_bounds"]
+           "select_kernel", "winograd", "winograd_bounds", "winograd_weight_transform"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
@@ -178,8 +178,10 @@ class LayerFacts:
 
     @property
     def span(self) -> int:
-        """Largest operand after the offset."""
-        return self.act_hi + self.act_offset
+        """Largest operand after the offset, the zero padding's included: every kernel pads with
+        code 0 plus the offset, so a range of negative codes only (``hi < 0``) still has the
+        operand ``offset`` at the padding."""
+        return max(self.act_hi, 0) + self.act_offset
 
     @property
     def depthwise(self) -> bool:
@@ -211,7 +213,8 @@ class LayerFacts:
         """Bound on every int32 value the kernel forms (products, ``acc * 2^k``, ``+ bias'``)
         with activations shifted by ``offset`` (default :attr:`act_offset`)."""
         offset = self.act_offset if offset is None else offset
-        a_max = max(abs(self.act_lo + offset), abs(self.act_hi + offset))
+        # code 0 (the zero padding) included: a range without 0 still pads with it
+        a_max = max(abs(self.act_lo + offset), abs(self.act_hi + offset), abs(offset))
         per_out = np.abs(self.weight.reshape(self.weight.shape[0], -1)).astype(np.int64).sum(1)
         conv = int(per_out.max(initial=0)) * a_max << self.acc_shift
         return conv + int(np.abs(self.kernel_bias(offset)).max(initial=0))
@@ -586,8 +589,15 @@ WINOGRAD_MIN_OUT = 4
 #: 0.89x / 0.63x ``avx2_u8s8_p1``; 32 channels 1.08-1.85x (median ~1.4x). A pruned 28-31
 #: channels pads to 32: by that padding the median gain becomes ~1.3x, the smallest ~0.95x.
 WINOGRAD_MIN_IN = 28
-#: F(2, 3)'s weight transform scaled to integers (``2G``; ``winograd.py`` holds the same).
-_G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+#: F(2, 3)'s weight transform scaled to integers (``2G``), used by ``winograd.py`` too.
+WINOGRAD_G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+
+
+def winograd_weight_transform(weight: np.ndarray) -> np.ndarray:
+    """``U = (2G) g (2G)^T`` of OIHW 3x3 integer weights: ``[4, 4, O, C]`` int64 (4x the
+    textbook ``G g G^T``, integers)."""
+    w = np.asarray(weight, np.int64)
+    return np.einsum("ai,ocij,bj->aboc", WINOGRAD_G2, w, WINOGRAD_G2)
 
 
 def winograd_bounds(facts: LayerFacts) -> tuple[bool, str]:
@@ -600,7 +610,7 @@ def winograd_bounds(facts: LayerFacts) -> tuple[bool, str]:
     ``vpmaddwd`` pair at a time); the output transform's result is ``4 * (the conv sum)``."""
     span = facts.span
     w = np.asarray(facts.weight, np.int64)
-    u = np.einsum("ai,ocij,bj->aboc", _G2, w, _G2)
+    u = winograd_weight_transform(w)
     u_max = int(np.abs(u).max(initial=0))
     v_max = 4 * span
     m_max = int(np.abs(u).sum(axis=3).max(initial=0)) * v_max

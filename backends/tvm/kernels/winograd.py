@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .conv2d import ConvKernelSpec, all_params_dtypes, epilogue_value, io_shapes
+from .select import WINOGRAD_G2, winograd_weight_transform
 
 __all__ = ["B_T", "G2", "A_T", "build_winograd_kernel", "check_winograd", "emit_winograd",
            "pack_winograd_weight", "padded_channels", "transform_weight", "winograd_tiles"]
@@ -44,7 +45,7 @@ __all__ = ["B_T", "G2", "A_T", "build_winograd_kernel", "check_winograd", "emit_
 #: F(2, 3): input transform ``B^T`` (4x4), ``2G`` (4x3, the weight transform scaled to
 #: integers), output transform ``A^T`` (2x4).
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.int64)
-G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+G2 = WINOGRAD_G2
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.int64)
 
 #: Output-channel lanes of a vector (int32 lanes of a ymm register) and input-channel lanes of
@@ -68,11 +69,9 @@ def check_winograd(spec: ConvKernelSpec) -> None:
                          f"{spec.out_lanes}")
 
 
-def transform_weight(weight: np.ndarray) -> np.ndarray:
-    """``U = (2G) g (2G)^T`` of OIHW 3x3 integer weights: ``[4, 4, O, C]`` int64 (4x the
-    textbook ``G g G^T``, integers)."""
-    w = np.asarray(weight, np.int64)
-    return np.einsum("ai,ocij,bj->aboc", G2, w, G2)
+#: ``U = (2G) g (2G)^T`` of OIHW 3x3 weights (``select.winograd_weight_transform``: the
+#: selection's bounds read the same transform).
+transform_weight = winograd_weight_transform
 
 
 def winograd_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
@@ -137,7 +136,6 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
     v_size = 16 * twp * cp
     m_size = twp * ocb_n * 16 * LANES
     w_size = 16 * n_ot * pairs * tile_oc * LANES * 2
-    out_blocks = -(-oc // LANES)
     packed_out = bool(out_lanes)
 
     def operand(x: Any, n: Any, c: Any, y: Any, xx: Any) -> Any:
@@ -240,14 +238,12 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
                             - s_[(i * 4 + 3) * LANES + lane])) >> 2
                 for ij in T.unroll(4):
                     if th * 2 + ij // 2 < oh and tw * 2 + ij % 2 < ow:
-                        if packed_out:
-                            if ob < out_blocks:
-                                for lane in T.vectorized(LANES):
-                                    out[n, ob, th * 2 + ij // 2, tw * 2 + ij % 2, lane] = \
-                                        epilogue_value(spec, r[ij * LANES + lane],
-                                                       ob * LANES + lane,
-                                                       {"bias": bias, "m": m, "rnd": rnd,
-                                                        "shift": shift, "lo": lo, "hi": hi})
+                        if packed_out:  # ocb_n is the output's block count
+                            for lane in T.vectorized(LANES):
+                                out[n, ob, th * 2 + ij // 2, tw * 2 + ij % 2, lane] = \
+                                    epilogue_value(spec, r[ij * LANES + lane], ob * LANES + lane,
+                                                   {"bias": bias, "m": m, "rnd": rnd,
+                                                    "shift": shift, "lo": lo, "hi": hi})
                         else:
                             for lane in range(LANES):
                                 if ob * LANES + lane < oc:
