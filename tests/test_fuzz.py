@@ -44,7 +44,7 @@ from djpq_compiler.testing.graphs import (
     SqueezeExcite,
     recipes,
 )
-from djpq_compiler.testing.properties import WINOGRAD_TARGET
+from djpq_compiler.testing.properties import WINOGRAD4_TARGET, WINOGRAD_TARGET
 from djpq_compiler.verify import random_keep
 
 
@@ -110,11 +110,12 @@ def test_random_graphs_lowered_for_cuda_equal_the_reference_emulated(recipe: Rec
 @settings(CI, max_examples=4)
 @given(recipes())
 def test_random_graphs_with_winograd_everywhere_equal_the_reference(recipe: Recipe) -> None:
-    """The AVX2 build with the Winograd kernel on every 3x3 stride-1 dense layer where it is
-    exact (``WINOGRAD_TARGET``: the speed rule lifted, the fuzzer's layers are narrow) equals the
-    reference executor on random graphs."""
+    """The AVX2 builds with a Winograd kernel, F(2x2, 3x3) or F(4x4, 3x3), on every 3x3
+    stride-1 dense layer where it is exact (``WINOGRAD_TARGET``, ``WINOGRAD4_TARGET``: the speed
+    rules lifted, the fuzzer's layers are narrow) equal the reference executor on random
+    graphs."""
     pytest.importorskip("tvm")
-    stats = check_tvm(recipe, (WINOGRAD_TARGET,))
+    stats = check_tvm(recipe, (WINOGRAD_TARGET, WINOGRAD4_TARGET))
     assert all(status == "ok" for _, status in stats.outcomes), stats.unsupported
 
 
@@ -153,6 +154,9 @@ def test_a_recipe_with_every_block_kind_holds_every_property() -> None:
         wino = check_tvm(EVERY_BLOCK, (WINOGRAD_TARGET,))
         assert all(status == "ok" for _, status in wino.outcomes)
         assert "avx2_wino_s16" in wino.variants
+        wino4 = check_tvm(EVERY_BLOCK, (WINOGRAD4_TARGET,))
+        assert all(status == "ok" for _, status in wino4.outcomes)
+        assert "avx2_wino4_s16" in wino4.variants
 
 
 def test_recipes_print_as_readable_recipes() -> None:

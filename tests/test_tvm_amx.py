@@ -195,13 +195,14 @@ def test_selection_with_amx_by_bits_and_shape() -> None:
 @pytest.mark.parametrize("spec", NO_AMX_TARGETS + [AMX])
 def test_compile_only_selection_per_target(spec: dict) -> None:
     """Lower and compile (not run) a 64-channel conv for each target: AMX exactly where the
-    target dict has amx-int8; the AMX build's machine code has ``tdpbusd``."""
+    target dict has amx-int8 (AVX2 alone: Winograd F(4x4, 3x3), the 3x3 conv's 8x8 output and 64
+    channels pass its speed rule); the AMX build's machine code has ``tdpbusd``."""
     layer = int_layer("conv", 64, 64, x_bits=8, w_bits=4)
     gm = im.trace_integer(One(layer, 8, False).eval())
     mod, ctx = lower(gm, [torch.zeros(1, 64, 8, 8)], spec)
     has_amx = "amx-int8" in spec.get("mattr", [""])[-1]
     assert ctx.kernels[0].variant == ("amx_int8" if has_amx else
-                                      "avx2_u8s8_p4" if spec["mcpu"] == "haswell"
+                                      "avx2_wino4_s16" if spec["mcpu"] == "haswell"
                                       else "avx512_vnni")
     adapter.compile_module(mod, adapter.make_target(spec))
     if has_amx:

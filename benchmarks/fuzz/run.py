@@ -7,7 +7,7 @@ shrinks it to a minimal recipe, which is printed and recorded. TVM builds refuse
 error are counted with their reasons (not failures); a mismatch or a crash is a failure.
 
 Usage: python benchmarks/fuzz/run.py --examples 2000 [--seed 0] [--minutes 30] [--tvm]
-       [--tvm-targets x86 x86-avx2 cuda-emulated x86-avx2-winograd]
+       [--tvm-targets x86 x86-avx2 cuda-emulated x86-avx2-winograd x86-avx2-winograd4]
        [--out benchmarks/fuzz/RESULTS.md]
 """
 
@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tvm-targets", nargs="+", default=list(TVM_TARGETS),
                         help="the TVM targets --tvm builds (default: %(default)s; "
                              "cuda-emulated: the CUDA build's computation on this CPU; "
-                             "x86-avx2-winograd: the AVX2 build with the Winograd kernel on every "
-                             "3x3 stride-1 dense layer where it is exact)")
+                             "x86-avx2-winograd / x86-avx2-winograd4: the AVX2 build with the "
+                             "Winograd F(2x2, 3x3) / F(4x4, 3x3) kernel on every 3x3 stride-1 "
+                             "dense layer where it is exact)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tally, failure, seconds = run(args.examples, args.seed, args.max_blocks, args.minutes,

@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from djpq_compiler.verify import integer_agreement, pruning_oracle
 __all__ = ["PropertyViolation", "OracleStats", "ConvertStats", "TvmStats", "check_analysis",
            "check_prepare", "check_convert", "check_signs", "check_tvm", "NO_RULE_TARGETS",
            "ORACLE_TOLERANCE", "CONVERT_TOLERANCE", "INTEGER_LSB_BOUND", "TVM_TARGETS",
-           "WINOGRAD_TARGET", "winograd_everywhere"]
+           "WINOGRAD4_TARGET", "WINOGRAD_TARGET", "WINOGRAD_TARGETS", "winograd_everywhere"]
 
 #: Targets of the generator's ops that have no channel rule (they must be barriers).
 NO_RULE_TARGETS: tuple[object, ...] = (torch.cumsum, torch.flip, "roll")
@@ -305,26 +306,39 @@ def check_convert(recipe: Recipe) -> ConvertStats:
 #: The TVM targets :func:`check_tvm` builds for: this CPU's kernels, and the AVX2 kernels of the
 #: issue's 2-core EPYC class of machine (``mcpu=haswell``; skipped on a CPU without AVX2).
 TVM_TARGETS = ("x86", "x86-avx2")
-#: A further :func:`check_tvm` target: the ``x86-avx2`` build with the Winograd kernel taken by
-#: every 3x3 stride-1 dense layer where it is exact (:func:`winograd_everywhere`): the fuzzer's
-#: graphs have 1-8 channels, below the speed rule's minimum, so it would never run there.
+#: Further :func:`check_tvm` targets: the ``x86-avx2`` build with a Winograd kernel taken by
+#: every 3x3 stride-1 dense layer where it is exact (:func:`winograd_everywhere`): F(2x2, 3x3)
+#: (``avx2_wino_s16``) and F(4x4, 3x3) (``avx2_wino4_s16``). The fuzzer's graphs have 1-8
+#: channels, below the speed rules' minimums, so neither would run there otherwise.
 WINOGRAD_TARGET = "x86-avx2-winograd"
+WINOGRAD4_TARGET = "x86-avx2-winograd4"
 
 
 @contextlib.contextmanager
-def winograd_everywhere() -> Iterator[None]:
-    """Builds inside give ``avx2_wino_s16`` to every AVX2 dense 3x3 stride-1 conv where its
-    bounds hold, whatever its channels, output size or bits (``select.winograd``'s speed rule
-    lifted; its exactness rule kept)."""
+def winograd_everywhere(tiles: int = 2) -> Iterator[None]:
+    """Builds inside give the Winograd kernel of ``tiles`` x ``tiles`` output tiles (2:
+    ``avx2_wino_s16``, 4: ``avx2_wino4_s16``) to every AVX2 dense 3x3 stride-1 conv where its
+    bounds hold, whatever its channels, output size or bits (``select.winograd``'s speed rules
+    lifted, the other scheme's turned off; the exactness rules kept)."""
     from unittest import mock
 
     from djpq_compiler.backends.tvm.kernels import select
 
+    def lanes(choice: Any, *_: Any) -> bool:
+        return choice.kind in ("ubsw", "wd")
+
+    def never(*_: Any) -> bool:
+        return False
+
     with (mock.patch.object(select, "WINOGRAD_MIN_IN", 1),
           mock.patch.object(select, "WINOGRAD_MIN_OUT", 1),
-          mock.patch.object(select, "_winograd_replaces",
-                            lambda choice, facts: choice.kind in ("ubsw", "wd"))):
+          mock.patch.object(select, "_winograd_replaces", lanes if tiles == 2 else never),
+          mock.patch.object(select, "_winograd4_replaces", lanes if tiles == 4 else never)):
         yield
+
+
+#: Each Winograd target's output tile (:func:`winograd_everywhere`).
+WINOGRAD_TARGETS = {WINOGRAD_TARGET: 2, WINOGRAD4_TARGET: 4}
 
 
 @dataclass(frozen=True)
@@ -364,10 +378,11 @@ def check_tvm(recipe: Recipe, targets: tuple[str, ...] = TVM_TARGETS) -> TvmStat
     variants: list[str] = []
     tables = 0
     for target in targets:
-        build_target = "x86-avx2" if target == WINOGRAD_TARGET else target
+        build_target = "x86-avx2" if target in WINOGRAD_TARGETS else target
         if build_target in PORTABLE_X86 and not host_has_features(PORTABLE_X86[build_target][1]):
             continue
-        lifted = winograd_everywhere() if target == WINOGRAD_TARGET else contextlib.nullcontext()
+        lifted = (winograd_everywhere(WINOGRAD_TARGETS[target]) if target in WINOGRAD_TARGETS
+                  else contextlib.nullcontext())
         with warnings.catch_warnings(), lifted:
             warnings.simplefilter("ignore")
             outcome, compiled = check_tvm_build(converted, x, build_target)

@@ -37,7 +37,7 @@ KNOWN_ARM_FEATURES = ("dotprod",)
 #: Kernel kinds whose int64 requantization uses the split shift (``conv2d._requantize``) when
 #: every shift allows it: the x86 ones, where it was measured (CUDA and aarch64 ``sdot`` keep the
 #: int64 shift; the depthwise kind ``dw8`` is shared by AVX2 and NEON).
-SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx", "px16", "wino"})
+SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx", "px16", "wino", "wino4"})
 
 #: Kernel kinds whose requantization runs in int32 where :func:`.requant32.plan_int32` finds a
 #: plan for every channel (``ConvKernelSpec.int32_requant``): the same kinds (NEON depthwise
@@ -160,7 +160,7 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
 
         return emit_narrow(bb, x, in_dtype, facts, choice, geometry, requant, in_layout,
                            out_lanes)
-    if choice.kind == "wino":  # Winograd F(2x2, 3x3) (W8A8 on AVX2): kernels/winograd.py
+    if choice.kind in ("wino", "wino4"):  # Winograd F(2x2 / 4x4, 3x3): kernels/winograd.py
         from .winograd import emit_winograd
 
         return emit_winograd(bb, x, in_dtype, facts, choice, geometry, requant, in_layout,

@@ -131,7 +131,8 @@ class KernelChoice:
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "amx_int8": "amx", "avx512_dw16": "dw16",
                 "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a",
                 "neon_dw8": "dw8", "avx2_px16": "px16",
-                "avx2_wino_s16": "wino"}.get(self.variant.removesuffix("_acc16"))
+                "avx2_wino_s16": "wino", "avx2_wino4_s16": "wino4",
+                }.get(self.variant.removesuffix("_acc16"))
 
     @property
     def acc_dtype(self) -> str:
@@ -589,35 +590,105 @@ WINOGRAD_MIN_OUT = 4
 #: 0.89x / 0.63x ``avx2_u8s8_p1``; 32 channels 1.08-1.85x (median ~1.4x). A pruned 28-31
 #: channels pads to 32: by that padding the median gain becomes ~1.3x, the smallest ~0.95x.
 WINOGRAD_MIN_IN = 28
+@dataclass(frozen=True)
+class WinogradScheme:
+    """One Winograd algorithm F(m x m, 3x3) in integers: ``Y = A^T [(G g G^T) . (B^T d B)] A``
+    computes an ``m x m`` output block from an ``alpha x alpha`` input block (``alpha = m + 2``)
+    with ``alpha^2`` products per channel pair instead of ``9 m^2``.
+
+    ``g`` is ``G`` with every row scaled to integers (row ``i`` by ``s_i``) and ``a_t`` is
+    ``A^T`` with column ``i`` scaled by ``L / s_i`` (``L`` a common multiple of the ``s_i``), so
+    ``a_t [(g w g^T) . (b_t d b_t^T)] a_t^T = divisor * Y`` with ``divisor = L^2``: every
+    matrix an integer one, the result exact. Checked on construction on random integers."""
+
+    name: str
+    b_t: tuple[tuple[int, ...], ...]
+    g: tuple[tuple[int, ...], ...]
+    a_t: tuple[tuple[int, ...], ...]
+    divisor: int
+
+    def __post_init__(self) -> None:
+        alpha, m = len(self.b_t), len(self.a_t)
+        shapes = (np.shape(self.b_t), np.shape(self.g), np.shape(self.a_t))
+        if alpha != m + 2 or shapes != ((alpha, alpha), (alpha, 3), (m, alpha)):
+            raise ValueError(f"{self.name}: B^T, G, A^T shapes {shapes} are not F({m}, 3)'s")
+        gen = np.random.default_rng(0)
+        w = gen.integers(-128, 128, (3, 3))
+        d = gen.integers(0, 256, (alpha, alpha))
+        b_t, g, a_t = (np.array(t, np.int64) for t in (self.b_t, self.g, self.a_t))
+        y = a_t @ ((g @ w @ g.T) * (b_t @ d @ b_t.T)) @ a_t.T
+        direct = np.array([[(d[i:i + 3, j:j + 3] * w).sum() for j in range(m)]
+                           for i in range(m)])
+        if not np.array_equal(y, self.divisor * direct):
+            raise ValueError(f"{self.name}: the transforms do not give {self.divisor} x the "
+                             "direct convolution")
+
+    @property
+    def m(self) -> int:
+        """Output rows and columns per tile."""
+        return len(self.a_t)
+
+    @property
+    def alpha(self) -> int:
+        """Input rows and columns per tile (``m + 2``): ``alpha^2`` products per channel pair."""
+        return len(self.b_t)
+
+    @property
+    def v_gain(self) -> int:
+        """``|B^T d B| <= v_gain * span`` for operands in ``[0, span]``, every partial sum of
+        the two passes included: the square of ``B^T``'s largest row sum of ``|b|``."""
+        return int(np.abs(np.array(self.b_t)).sum(1).max()) ** 2
+
+    def weight_transform(self, weight: np.ndarray) -> np.ndarray:
+        """``U = g w g^T`` of OIHW 3x3 integer weights: ``[alpha, alpha, O, C]`` int64."""
+        g = np.array(self.g, np.int64)
+        return np.einsum("ai,ocij,bj->aboc", g, np.asarray(weight, np.int64), g)
+
+
+#: F(2, 3): ``G``'s halves scaled by 2 (``2G``), ``A^T`` unchanged: the result is ``4 Y``.
+WINOGRAD_F2 = WinogradScheme(
+    "F(2x2,3x3)", ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    ((2, 0, 0), (1, 1, 1), (1, -1, 1), (0, 0, 2)), ((1, 1, 1, 0), (0, 1, -1, -1)), 4)
+#: F(4, 3) on the points 0, +-1, +-2 and infinity: ``G``'s rows scaled by 4, 6, 6, 24, 24, 1,
+#: ``A^T``'s columns by 6, 4, 4, 1, 1, 24: the result is ``576 Y``. ``|V| <= 100 span``,
+#: ``|U| <= 49 max|w|``.
+WINOGRAD_F4 = WinogradScheme(
+    "F(4x4,3x3)",
+    ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+     (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+    ((1, 0, 0), (-1, -1, -1), (-1, 1, -1), (1, 2, 4), (1, -2, 4), (0, 0, 1)),
+    ((6, 4, 4, 1, 1, 0), (0, 4, -4, 2, -2, 0), (0, 4, 4, 4, 4, 0), (0, 4, -4, 8, -8, 24)), 576)
 #: F(2, 3)'s weight transform scaled to integers (``2G``), used by ``winograd.py`` too.
-WINOGRAD_G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+WINOGRAD_G2 = np.array(WINOGRAD_F2.g, np.int64)
 
 
 def winograd_weight_transform(weight: np.ndarray) -> np.ndarray:
     """``U = (2G) g (2G)^T`` of OIHW 3x3 integer weights: ``[4, 4, O, C]`` int64 (4x the
     textbook ``G g G^T``, integers)."""
-    w = np.asarray(weight, np.int64)
-    return np.einsum("ai,ocij,bj->aboc", WINOGRAD_G2, w, WINOGRAD_G2)
+    return WINOGRAD_F2.weight_transform(weight)
 
 
-def winograd_bounds(facts: LayerFacts) -> tuple[bool, str]:
-    """Whether Winograd F(2x2, 3x3) in int16 operands and int32 sums (``winograd.py``) is exact
+def winograd_bounds(facts: LayerFacts,
+                    scheme: WinogradScheme = WINOGRAD_F2) -> tuple[bool, str]:
+    """Whether Winograd ``scheme`` in int16 operands and int32 sums (``winograd.py``) is exact
     for ``facts``' 3x3 weights and activation span, and the bound with this layer's numbers.
 
-    ``V = B^T d B`` of operands in ``[0, span]``: ``|V| <= 4 * span``; ``U = (2G) g (2G)^T``
-    from the weights themselves; the 16 products' sums over the input channels are bounded by
-    ``sum_c |U[xi, o, c]| * 4 * span`` (each partial sum too: the terms are added one
-    ``vpmaddwd`` pair at a time); the output transform's result is ``4 * (the conv sum)``."""
+    ``V = B^T d B`` of operands in ``[0, span]``: ``|V| <= v_gain * span`` (F(2, 3): 4, F(4,
+    3): 100, every partial sum of the transform included); ``U`` from the weights themselves;
+    the products' sums over the input channels are bounded by ``sum_c |U[xi, o, c]| * |V|``
+    (each partial sum too: the terms are added one ``vpmaddwd`` pair at a time); the output
+    transform's result is ``divisor * (the conv sum)``, formed modulo 2^32."""
     span = facts.span
     w = np.asarray(facts.weight, np.int64)
-    u = winograd_weight_transform(w)
+    u = scheme.weight_transform(w)
     u_max = int(np.abs(u).max(initial=0))
-    v_max = 4 * span
+    v_max = scheme.v_gain * span
     m_max = int(np.abs(u).sum(axis=3).max(initial=0)) * v_max
-    y_max = 4 * int(np.abs(w.reshape(w.shape[0], -1)).sum(1).max(initial=0)) * span
+    y_max = scheme.divisor * int(np.abs(w.reshape(w.shape[0], -1)).sum(1).max(initial=0)) * span
     ok = v_max <= INT16_MAX and u_max <= INT16_MAX and m_max <= INT32_MAX and y_max <= INT32_MAX
-    text = (f"Winograd F(2x2,3x3): |V| <= 4*{span} = {v_max} <= 32767, max|U| {u_max} <= 32767, "
-            f"max sum|U|*|V| {m_max} <= 2^31-1, 4*max sum|w|*span {y_max} <= 2^31-1")
+    text = (f"Winograd {scheme.name}: |V| <= {scheme.v_gain}*{span} = {v_max} <= 32767, "
+            f"max|U| {u_max} <= 32767, max sum|U|*|V| {m_max} <= 2^31-1, "
+            f"{scheme.divisor}*max sum|w|*span {y_max} <= 2^31-1")
     return ok, text
 
 
@@ -630,28 +701,79 @@ def _winograd_replaces(choice: KernelChoice, facts: LayerFacts) -> bool:
     return choice.variant == "avx2_s16" or (choice.variant == "avx2_u8s8_p1" and p2_fails)
 
 
+#: ``avx2_wino4_s16`` (F(4x4, 3x3)) needs an output of at least this many rows and columns:
+#: at 7x7 its 4x4 tiles compute 8x8 and a row holds two tiles, so each transformed weight
+#: (36 int16 per nine int8 weights: 8x their bytes) is read for two tiles only: resnet18/2's
+#: 7x7 layer4 (256 channels) measured 0.63x ``avx2_u8s8_p4``, vgg7's 7x7 conv6 (64) 1.10x.
+WINOGRAD4_MIN_OUT = 8
+#: ... and at least this many input channels, unless the output has
+#: :data:`WINOGRAD4_FULL_OUT` rows and columns (its tiles then pad little and a row holds seven
+#: or more) and the layer reads and writes the packed layout (NCHW input is gathered one
+#: channel at a time by the input transform). Measured against ``avx2_u8s8_p4``, 32 channels:
+#: 14x14 0.92x (packed), 56x56 1.51x packed and 0.95x NCHW; 64-128 channels 1.13-1.37x NCHW.
+WINOGRAD4_MIN_IN = 64
+WINOGRAD4_FULL_OUT = 28
+
+
+def _winograd4_replaces(choice: KernelChoice, facts: LayerFacts,
+                        out_size: tuple[int, int]) -> bool:
+    """Whether :func:`winograd` may replace ``choice`` by F(4x4, 3x3) (the speed rule, not the
+    exactness one): any AVX2 channel-lane dense kernel (``avx2_u8s8_p4``/``p2``/``p1``,
+    ``avx2_s16``) on an output of at least :data:`WINOGRAD4_MIN_OUT` rows and columns, with
+    :data:`WINOGRAD4_MIN_IN` input channels, or packed in and out with
+    :data:`WINOGRAD4_FULL_OUT` output rows and columns. (The fuzzer's ``x86-avx2-winograd``
+    build lifts the rule: ``testing.properties.winograd_everywhere``.)"""
+    lanes = choice.variant == "avx2_s16" or choice.variant.startswith("avx2_u8s8")
+    wide = facts.weight.shape[1] >= WINOGRAD4_MIN_IN
+    full = facts.packed_io and min(out_size) >= WINOGRAD4_FULL_OUT
+    return lanes and min(out_size) >= WINOGRAD4_MIN_OUT and (wide or full)
+
+
 def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
              dilation: tuple[int, int], out_size: tuple[int, int]) -> KernelChoice:
-    """``choice`` replaced by ``avx2_wino_s16`` (``winograd.py``) where that is exact and
-    measured faster: a dense conv (``groups == 1``, x86) that got ``avx2_s16`` (no
-    ``vpmaddubsw`` bound holds: W8A8 and wider) or ``avx2_u8s8_p1`` because P = 2's bound fails
-    (W7A8), with a 3x3 kernel, stride 1, dilation 1, an output of at least
-    :data:`WINOGRAD_MIN_OUT` rows and columns, at least :data:`WINOGRAD_MIN_IN` input
-    channels and :func:`winograd_bounds`. Measured against them on the same shapes with >= 32
-    channels (``KERNELS_avx2_winograd*.md``): 1.2-2.1x ``avx2_s16``, 1.1-2.1x
-    ``avx2_u8s8_p1``; not taken for P = 2 and 4 (scratch runs: 0.80-1.39x P = 2, median ~1.1x
-    inside a network; 0.75-1.2x P = 4). Other choices are returned unchanged; one bit past
-    Winograd's bounds keeps the channel-lane kernel (exact under its own)."""
-    if (not _winograd_replaces(choice, facts) or facts.op != "conv2d" or facts.groups != 1
+    """``choice`` replaced by a Winograd kernel (``winograd.py``) where that is exact and
+    measured faster, for a dense conv (``groups == 1``, x86) with a 3x3 kernel, stride 1,
+    dilation 1, an output of at least :data:`WINOGRAD_MIN_OUT` rows and columns and at least
+    :data:`WINOGRAD_MIN_IN` input channels:
+
+    * ``avx2_wino4_s16``, F(4x4, 3x3) (36 products per 16 outputs instead of 144), where
+      :func:`_winograd4_replaces` and ``winograd_bounds(facts, WINOGRAD_F4)`` hold: <= 6-bit
+      weights on 8-bit activations, typically (its result is 576x the conv sum, which must fit
+      int32). Measured (``KERNELS_avx2_winograd4*.md``) on W4A8 3x3 shapes of 64-128 channels:
+      see ``KERNELS.md``, section "Winograd F(4x4, 3x3)".
+    * else ``avx2_wino_s16``, F(2x2, 3x3), for a layer that got ``avx2_s16`` (no ``vpmaddubsw``
+      bound holds: W8A8 and wider) or ``avx2_u8s8_p1`` because P = 2's bound fails (W7A8), where
+      :func:`winograd_bounds` holds. Measured against them on the same shapes with >= 32
+      channels (``KERNELS_avx2_winograd*.md``): 1.2-2.1x ``avx2_s16``, 1.1-2.1x
+      ``avx2_u8s8_p1``; not taken for P = 2 and 4 (scratch runs: 0.80-1.39x P = 2, median
+      ~1.1x inside a network; 0.75-1.2x P = 4).
+
+    Other choices are returned unchanged; one bit past a Winograd bound keeps the next kernel
+    in that order (exact under its own), the failed bound written in the note."""
+    if (facts.op != "conv2d" or facts.groups != 1
             or tuple(facts.weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1)
             or tuple(dilation) != (1, 1) or min(out_size) < WINOGRAD_MIN_OUT
             or facts.weight.shape[1] < WINOGRAD_MIN_IN):
         return choice
+    acc_text = choice.bound.split("; ", 1)[1] if "; " in choice.bound else ""
+    refused = ""
+    if _winograd4_replaces(choice, facts, out_size):
+        ok, text = winograd_bounds(facts, WINOGRAD_F4)
+        if ok:
+            note = (f"{facts.target}: Winograd F(4x4, 3x3), int16 x int16 vpmaddwd on "
+                    f"transformed operands (36 products per 4x4 outputs instead of 144; "
+                    f"{choice.variant} before)")
+            return dataclasses.replace(choice, variant="avx2_wino4_s16",
+                                       bound=f"{text}; {acc_text}", note=note)
+        refused = f"; Winograd F(4x4, 3x3) not exact: {text}"
+    if not _winograd_replaces(choice, facts):
+        return dataclasses.replace(choice, note=choice.note + refused) if refused else choice
     ok, text = winograd_bounds(facts)
     if not ok:
-        return dataclasses.replace(choice, note=f"{choice.note}; Winograd not exact: {text}")
-    acc_text = choice.bound.split("; ", 1)[1] if "; " in choice.bound else ""
+        return dataclasses.replace(choice, note=f"{choice.note}{refused}; Winograd not exact: "
+                                                f"{text}")
     note = (f"{facts.target}: Winograd F(2x2, 3x3), int16 x int16 vpmaddwd on transformed "
-            f"operands (16 products per 2x2 outputs instead of 36; {choice.variant} before)")
+            f"operands (16 products per 2x2 outputs instead of 36; {choice.variant} before)"
+            f"{refused}")
     return dataclasses.replace(choice, variant="avx2_wino_s16", bound=f"{text}; {acc_text}",
                                note=note)

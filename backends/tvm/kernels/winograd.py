@@ -37,16 +37,20 @@ from typing import Any
 import numpy as np
 
 from .conv2d import ConvKernelSpec, all_params_dtypes, epilogue_value, io_shapes
-from .select import WINOGRAD_G2, winograd_weight_transform
+from .select import WINOGRAD_F2, WINOGRAD_F4, WinogradScheme
 
-__all__ = ["B_T", "G2", "A_T", "build_winograd_kernel", "check_winograd", "emit_winograd",
-           "pack_winograd_weight", "padded_channels", "transform_weight", "winograd_tiles"]
+__all__ = ["A_T", "B_T", "G2", "SCHEMES", "build_winograd_kernel", "check_winograd",
+           "emit_winograd", "pack_winograd_weight", "padded_channels", "transform_weight",
+           "winograd_tiles"]
+
+#: The scheme of each kernel kind: ``"wino"`` F(2x2, 3x3), ``"wino4"`` F(4x4, 3x3).
+SCHEMES: dict[str, WinogradScheme] = {"wino": WINOGRAD_F2, "wino4": WINOGRAD_F4}
 
 #: F(2, 3): input transform ``B^T`` (4x4), ``2G`` (4x3, the weight transform scaled to
 #: integers), output transform ``A^T`` (2x4).
-B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.int64)
-G2 = WINOGRAD_G2
-A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.int64)
+B_T = np.array(WINOGRAD_F2.b_t, np.int64)
+G2 = np.array(WINOGRAD_F2.g, np.int64)
+A_T = np.array(WINOGRAD_F2.a_t, np.int64)
 
 #: Output-channel lanes of a vector (int32 lanes of a ymm register) and input-channel lanes of
 #: the input transform (int16 x 8: one ``NCHW8c`` block).
@@ -56,31 +60,42 @@ ACC_REGS = 8
 
 
 def check_winograd(spec: ConvKernelSpec) -> None:
-    """Refuse a spec this kernel does not compute (kind ``"wino"``, 3x3, stride 1, dilation 1,
-    one group, no grouped batch)."""
-    if (spec.kind != "wino" or spec.kernel != (3, 3) or spec.stride != (1, 1)
+    """Refuse a spec this kernel does not compute (kind ``"wino"`` or ``"wino4"``, 3x3, stride
+    1, dilation 1, one group, no grouped batch)."""
+    if (spec.kind not in SCHEMES or spec.kernel != (3, 3) or spec.stride != (1, 1)
             or spec.dilation != (1, 1) or spec.conv_groups != 1 or spec.im2col):
-        raise ValueError(f"the Winograd kernel computes kind 'wino' 3x3 stride-1 undilated "
-                         f"dense convs, got kind {spec.kind!r}, kernel {spec.kernel}, stride "
-                         f"{spec.stride}, dilation {spec.dilation}, conv_groups "
+        raise ValueError(f"the Winograd kernel computes kind 'wino' or 'wino4' 3x3 stride-1 "
+                         f"undilated dense convs, got kind {spec.kind!r}, kernel {spec.kernel}, "
+                         f"stride {spec.stride}, dilation {spec.dilation}, conv_groups "
                          f"{spec.conv_groups}")
     if spec.out_lanes not in (0, LANES):
         raise ValueError(f"the Winograd kernel writes NCHW or NCHW{LANES}c, got out_lanes "
                          f"{spec.out_lanes}")
 
 
-#: ``U = (2G) g (2G)^T`` of OIHW 3x3 weights (``select.winograd_weight_transform``: the
-#: selection's bounds read the same transform).
-transform_weight = winograd_weight_transform
+#: ``U = (2G) g (2G)^T`` of OIHW 3x3 weights (F(2, 3); ``WinogradScheme.weight_transform``:
+#: the selection's bounds read the same transform).
+transform_weight = WINOGRAD_F2.weight_transform
 
 
 def winograd_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
-    """``(tile_t, tile_oc)``: 2x2 output tiles x 8-channel output blocks held in registers
-    (``tile_t * tile_oc <= ACC_REGS``); two blocks where the block count is even (each
-    broadcast input pair then feeds two), else one block and twice the tiles."""
+    """``(tile_t, tile_oc)``: output tiles x 8-channel output blocks held in registers
+    (``tile_t * tile_oc <= ACC_REGS``).
+
+    F(2x2, 3x3): two blocks where the block count is even (each broadcast input pair then feeds
+    two), else one block and twice the tiles. F(4x4, 3x3): the most blocks of 4, 2, 1 that
+    divide the block count, and the tile count that pads a row of tiles least (ties: the
+    larger), e.g. 1 x 4 for a row of 7 tiles: measured 1.02-1.24x 2 x 4 there and 1.07x 2 x 4 on
+    rows of 14 (``KERNELS.md``, "Winograd F(4x4, 3x3)")."""
     blocks = -(-spec.out_channels // LANES)
-    tile_oc = 2 if blocks % 2 == 0 else 1
-    return ACC_REGS // tile_oc, tile_oc
+    if spec.kind != "wino4":
+        tile_oc = 2 if blocks % 2 == 0 else 1
+        return ACC_REGS // tile_oc, tile_oc
+    tile_oc = next(b for b in (4, 2, 1) if blocks % b == 0)
+    tw_n = -(-spec.out_size[1] // SCHEMES[spec.kind].m)
+    most = ACC_REGS // tile_oc
+    tile_t = min(range(most, 0, -1), key=lambda t: -(-tw_n // t) * t)
+    return tile_t, tile_oc
 
 
 def padded_channels(spec: ConvKernelSpec) -> int:
@@ -90,22 +105,44 @@ def padded_channels(spec: ConvKernelSpec) -> int:
 
 
 def pack_winograd_weight(weight: np.ndarray, spec: ConvKernelSpec) -> np.ndarray:
-    """OIHW 3x3 weights to ``U`` packed ``[16, OT, Cp/2, tile_oc, 8, 2]`` int16 (flattened):
-    for each of the 16 products, output-channel tile and input-channel pair, ``tile_oc``
-    vectors of 8 output channels x the pair (``vpmaddwd``'s second operand, read from memory);
-    zero past ``O`` and ``C``. Raises if a transformed weight passes int16 (the selection never
-    asks for such a kernel)."""
-    u = transform_weight(weight)
+    """OIHW 3x3 weights to ``U`` packed ``[alpha^2, OT, Cp/2, tile_oc, 8, 2]`` int16
+    (flattened): for each of the ``alpha^2`` products, output-channel tile and input-channel
+    pair, ``tile_oc`` vectors of 8 output channels x the pair (``vpmaddwd``'s second operand,
+    read from memory); zero past ``O`` and ``C``. Raises if a transformed weight passes int16
+    (the selection never asks for such a kernel)."""
+    scheme = SCHEMES[spec.kind]
+    u = scheme.weight_transform(weight)
     if np.abs(u).max(initial=0) > 2**15 - 1:
         raise ValueError(f"Winograd weights past int16 (max |U| {np.abs(u).max()})")
     _, tile_oc = winograd_tiles(spec)
     oc, ic = weight.shape[:2]
+    a2 = scheme.alpha ** 2
     ocp, cp = padded_channels(spec), -(-ic // LANES) * LANES
-    full = np.zeros((16, ocp, cp), np.int64)
-    full[:, :oc, :ic] = u.reshape(16, oc, ic)
-    # [16, OT, tile_oc, 8, CP/2, 2] -> [16, OT, CP/2, tile_oc, 8, 2]
-    per = full.reshape(16, ocp // (tile_oc * LANES), tile_oc, LANES, cp // 2, 2)
+    full = np.zeros((a2, ocp, cp), np.int64)
+    full[:, :oc, :ic] = u.reshape(a2, oc, ic)
+    # [A2, OT, tile_oc, 8, CP/2, 2] -> [A2, OT, CP/2, tile_oc, 8, 2]
+    per = full.reshape(a2, ocp // (tile_oc * LANES), tile_oc, LANES, cp // 2, 2)
     return np.ascontiguousarray(per.transpose(0, 1, 4, 2, 3, 5)).astype(np.int16).reshape(-1)
+
+
+def _comb(coeffs: tuple[int, ...], load: Any, base: Any, step: Any, dtype: str) -> Any:
+    """``sum_k coeffs[k] * load(base + k * step)`` as one expression, zero terms left out and
+    the signs as additions and subtractions (the dtype's own wrapping arithmetic: int16 in the
+    input transform, uint32 in the output one)."""
+    from tvm import tirx
+
+    expr = None
+    for k, c in enumerate(coeffs):
+        if c == 0:
+            continue
+        v = load(base + k * step)
+        term = v if abs(c) == 1 else v * tirx.const(abs(c), dtype)
+        if expr is None:
+            expr = term if c > 0 else tirx.const(0, dtype) - term
+        else:
+            expr = expr + term if c > 0 else expr - term
+    assert expr is not None, "a transform row of zeros"
+    return expr
 
 
 def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
@@ -115,12 +152,20 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
     from tvm.script import tirx as T
 
     check_winograd(spec)
+    scheme = SCHEMES[spec.kind]
+    tm, al = scheme.m, scheme.alpha  # output and input rows per tile
+    a2 = al * al
+    bt, at = scheme.b_t, scheme.a_t
+    six, four = al > 4, tm > 2  # the rows F(4, 3) adds to F(2, 3)'s
+    div_shift = (scheme.divisor & -scheme.divisor).bit_length() - 1
+    div_odd = scheme.divisor >> div_shift
+    div_inv = pow(div_odd, -1, 2**32)  # exact division by the odd part: times its inverse
     n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
     ph, pw = spec.padding
     oh, ow = spec.out_size
     oc = spec.out_channels
     tile_t, tile_oc = winograd_tiles(spec)
-    th_n, tw_n = -(-oh // 2), -(-ow // 2)
+    th_n, tw_n = -(-oh // tm), -(-ow // tm)
     twp = -(-tw_n // tile_t) * tile_t
     cp = -(-c_ // LANES) * LANES
     cb_n, pairs = cp // LANES, cp // 2
@@ -133,10 +178,11 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
     in_dtype, out_dtype = spec.in_dtype, spec.out_dtype
     m_dtype, rnd_dtype, shift_dtype = all_params_dtypes(spec)
     mp = (ocp,)
-    v_size = 16 * twp * cp
-    m_size = twp * ocb_n * 16 * LANES
-    w_size = 16 * n_ot * pairs * tile_oc * LANES * 2
+    v_size = a2 * twp * cp
+    m_size = twp * ocb_n * a2 * LANES
+    w_size = a2 * n_ot * pairs * tile_oc * LANES * 2
     packed_out = bool(out_lanes)
+    sl = al * LANES  # the transforms' column stride (their row stride is LANES)
 
     def operand(x: Any, n: Any, c: Any, y: Any, xx: Any) -> Any:
         """Code + offset of channel ``c`` at input ``(y, xx)`` as int16; the offset in the
@@ -154,6 +200,26 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
     def u32(v: Any) -> Any:
         return T.reinterpret("uint32", v)
 
+    def col(buf: Any, row: int, base: Any) -> Any:
+        """Row ``row`` of ``B^T`` applied down the columns: ``sum_k B^T[row, k] buf[k, .]``."""
+        return _comb(bt[row], lambda i: buf[i], base, sl, "int16")
+
+    def row_(buf: Any, row: int, base: Any) -> Any:
+        """... and along the rows: ``sum_k buf[., k] B^T[row, k]``."""
+        return _comb(bt[row], lambda i: buf[i], base, LANES, "int16")
+
+    def out_col(mb: Any, row: int, base: Any) -> Any:
+        """Row ``row`` of ``A^T`` down the columns of ``M`` (uint32: wrapping sums)."""
+        return _comb(at[row], lambda i: u32(mb[i]), base, sl, "uint32")
+
+    def out_row(s_: Any, row: int, base: Any) -> Any:
+        """Row ``row`` of ``A^T`` along the rows, then the exact division by the divisor."""
+        total = T.reinterpret("int32", _comb(at[row], lambda i: s_[i], base, LANES, "uint32"))
+        shifted = total >> div_shift
+        if div_odd == 1:
+            return shifted
+        return T.reinterpret("int32", u32(shifted) * tirx.const(div_inv, "uint32"))
+
     @T.prim_func
     def kernel(x: T.Buffer(x_shape, in_dtype), wt: T.Buffer((w_size,), "int16"),
                bias: T.Buffer(mp, "int32"), m: T.Buffer(mp, m_dtype), rnd: T.Buffer(mp, rnd_dtype),
@@ -167,35 +233,40 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
             mb = T.alloc_buffer((m_size,), "int32")
             # input transform: V[xi, tile, c] for the row's tiles, 8 channels per vector
             for tw, cb in T.grid(twp, cb_n):
-                d = T.alloc_buffer((16 * LANES,), "int16", scope="local")
-                for ij in T.unroll(16):
+                d = T.alloc_buffer((a2 * LANES,), "int16", scope="local")
+                for ij in T.unroll(a2):
                     for lane in T.vectorized(LANES):
                         d[ij * LANES + lane] = operand(x, n, cb * LANES + lane,
-                                                       th * 2 - ph + ij // 4,
-                                                       tw * 2 - pw + ij % 4)
-                # B^T d (rows), then (B^T d) B (columns): 0 and +-1 only
-                t = T.alloc_buffer((16 * LANES,), "int16", scope="local")
-                for j in T.unroll(4):
+                                                       th * tm - ph + ij // al,
+                                                       tw * tm - pw + ij % al)
+                # B^T d (down the columns), then (B^T d) B (along the rows)
+                t = T.alloc_buffer((a2 * LANES,), "int16", scope="local")
+                for j in T.unroll(al):
                     for lane in T.vectorized(LANES):
-                        t[j * LANES + lane] = d[j * LANES + lane] - d[(8 + j) * LANES + lane]
-                        t[(4 + j) * LANES + lane] = (d[(4 + j) * LANES + lane]
-                                                     + d[(8 + j) * LANES + lane])
-                        t[(8 + j) * LANES + lane] = (d[(8 + j) * LANES + lane]
-                                                     - d[(4 + j) * LANES + lane])
-                        t[(12 + j) * LANES + lane] = (d[(4 + j) * LANES + lane]
-                                                      - d[(12 + j) * LANES + lane])
-                for a in T.unroll(4):
+                        t[j * LANES + lane] = col(d, 0, j * LANES + lane)
+                        t[(al + j) * LANES + lane] = col(d, 1, j * LANES + lane)
+                        t[(2 * al + j) * LANES + lane] = col(d, 2, j * LANES + lane)
+                        t[(3 * al + j) * LANES + lane] = col(d, 3, j * LANES + lane)
+                        if six:
+                            t[(4 * al + j) * LANES + lane] = col(d, 4, j * LANES + lane)
+                            t[(5 * al + j) * LANES + lane] = col(d, 5, j * LANES + lane)
+                for a in T.unroll(al):
                     for lane in T.vectorized(LANES):
-                        vb[((a * 4) * twp + tw) * cp + cb * LANES + lane] = (
-                            t[a * 4 * LANES + lane] - t[(a * 4 + 2) * LANES + lane])
-                        vb[((a * 4 + 1) * twp + tw) * cp + cb * LANES + lane] = (
-                            t[(a * 4 + 1) * LANES + lane] + t[(a * 4 + 2) * LANES + lane])
-                        vb[((a * 4 + 2) * twp + tw) * cp + cb * LANES + lane] = (
-                            t[(a * 4 + 2) * LANES + lane] - t[(a * 4 + 1) * LANES + lane])
-                        vb[((a * 4 + 3) * twp + tw) * cp + cb * LANES + lane] = (
-                            t[(a * 4 + 1) * LANES + lane] - t[(a * 4 + 3) * LANES + lane])
-            # the 16 products: GEMMs over the input-channel pairs, register-tiled
-            for xi, ot, tb in T.grid(16, n_ot, twp // tile_t):
+                        vb[((a * al) * twp + tw) * cp + cb * LANES + lane] = row_(
+                            t, 0, a * sl + lane)
+                        vb[((a * al + 1) * twp + tw) * cp + cb * LANES + lane] = row_(
+                            t, 1, a * sl + lane)
+                        vb[((a * al + 2) * twp + tw) * cp + cb * LANES + lane] = row_(
+                            t, 2, a * sl + lane)
+                        vb[((a * al + 3) * twp + tw) * cp + cb * LANES + lane] = row_(
+                            t, 3, a * sl + lane)
+                        if six:
+                            vb[((a * al + 4) * twp + tw) * cp + cb * LANES + lane] = row_(
+                                t, 4, a * sl + lane)
+                            vb[((a * al + 5) * twp + tw) * cp + cb * LANES + lane] = row_(
+                                t, 5, a * sl + lane)
+            # the alpha^2 products: GEMMs over the input-channel pairs, register-tiled
+            for xi, ot, tb in T.grid(a2, n_ot, twp // tile_t):
                 acc = T.alloc_buffer((tile_t * tile_oc * LANES,), "int32", scope="local")
                 for i in T.vectorized(tile_t * tile_oc * LANES):
                     acc[i] = 0
@@ -211,44 +282,44 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
                                               * LANES * 2, 1, LANES * 2)]))
                 for t in T.unroll(tile_t):
                     for o in T.unroll(tile_oc):
-                        mb[T.ramp((((tb * tile_t + t) * ocb_n + ot * tile_oc + o) * 16 + xi)
+                        mb[T.ramp((((tb * tile_t + t) * ocb_n + ot * tile_oc + o) * a2 + xi)
                                   * LANES, 1, LANES)] = acc[T.ramp((t * tile_oc + o) * LANES,
                                                                   1, LANES)]
-            # output transform, epilogue, store
+            # output transform, exact division, epilogue, store
             for tw, ob in T.grid(tw_n, ocb_n):
-                r = T.alloc_buffer((4 * LANES,), "int32", scope="local")
-                s_ = T.alloc_buffer((8 * LANES,), "uint32", scope="local")
-                base = (tw * ocb_n + ob) * 16 * LANES
-                # A^T M (rows), then (A^T M) A (columns), in uint32: wrapping sums
-                for b in T.unroll(4):
+                r = T.alloc_buffer((tm * tm * LANES,), "int32", scope="local")
+                s_ = T.alloc_buffer((tm * al * LANES,), "uint32", scope="local")
+                base = (tw * ocb_n + ob) * a2 * LANES
+                # A^T M (down the columns), then (A^T M) A (along the rows), in uint32
+                for b in T.unroll(al):
                     for lane in T.vectorized(LANES):
-                        s_[b * LANES + lane] = (u32(mb[base + b * LANES + lane])
-                                                + u32(mb[base + (4 + b) * LANES + lane])
-                                                + u32(mb[base + (8 + b) * LANES + lane]))
-                        s_[(4 + b) * LANES + lane] = (u32(mb[base + (4 + b) * LANES + lane])
-                                                      - u32(mb[base + (8 + b) * LANES + lane])
-                                                      - u32(mb[base + (12 + b) * LANES + lane]))
-                for i in T.unroll(2):
+                        s_[b * LANES + lane] = out_col(mb, 0, base + b * LANES + lane)
+                        s_[(al + b) * LANES + lane] = out_col(mb, 1, base + b * LANES + lane)
+                        if four:
+                            s_[(2 * al + b) * LANES + lane] = out_col(mb, 2,
+                                                                      base + b * LANES + lane)
+                            s_[(3 * al + b) * LANES + lane] = out_col(mb, 3,
+                                                                      base + b * LANES + lane)
+                for i in T.unroll(tm):
                     for lane in T.vectorized(LANES):
-                        r[i * 2 * LANES + lane] = T.reinterpret("int32", (
-                            s_[i * 4 * LANES + lane] + s_[(i * 4 + 1) * LANES + lane]
-                            + s_[(i * 4 + 2) * LANES + lane])) >> 2
-                        r[(i * 2 + 1) * LANES + lane] = T.reinterpret("int32", (
-                            s_[(i * 4 + 1) * LANES + lane] - s_[(i * 4 + 2) * LANES + lane]
-                            - s_[(i * 4 + 3) * LANES + lane])) >> 2
-                for ij in T.unroll(4):
-                    if th * 2 + ij // 2 < oh and tw * 2 + ij % 2 < ow:
+                        r[i * tm * LANES + lane] = out_row(s_, 0, i * sl + lane)
+                        r[(i * tm + 1) * LANES + lane] = out_row(s_, 1, i * sl + lane)
+                        if four:
+                            r[(i * tm + 2) * LANES + lane] = out_row(s_, 2, i * sl + lane)
+                            r[(i * tm + 3) * LANES + lane] = out_row(s_, 3, i * sl + lane)
+                for ij in T.unroll(tm * tm):
+                    if th * tm + ij // tm < oh and tw * tm + ij % tm < ow:
                         if packed_out:  # ocb_n is the output's block count
                             for lane in T.vectorized(LANES):
-                                out[n, ob, th * 2 + ij // 2, tw * 2 + ij % 2, lane] = \
+                                out[n, ob, th * tm + ij // tm, tw * tm + ij % tm, lane] = \
                                     epilogue_value(spec, r[ij * LANES + lane], ob * LANES + lane,
                                                    {"bias": bias, "m": m, "rnd": rnd,
                                                     "shift": shift, "lo": lo, "hi": hi})
                         else:
                             for lane in range(LANES):
                                 if ob * LANES + lane < oc:
-                                    out[n, ob * LANES + lane, th * 2 + ij // 2,
-                                        tw * 2 + ij % 2] = epilogue_value(
+                                    out[n, ob * LANES + lane, th * tm + ij // tm,
+                                        tw * tm + ij % tm] = epilogue_value(
                                         spec, r[ij * LANES + lane], ob * LANES + lane,
                                         {"bias": bias, "m": m, "rnd": rnd, "shift": shift,
                                          "lo": lo, "hi": hi})
@@ -259,9 +330,10 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
 def emit_winograd(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometry: Any,
                   requant: tuple[Any, Any, int, int, str] | None, in_layout: Any,
                   out_lanes: int = 0) -> tuple[Any, Any, str]:
-    """``emit.emit_conv`` for an ``avx2_wino_s16`` choice: the kernel of this module, reading
-    ``x`` in ``in_layout`` (NCHW or packed, any lanes) and writing ``NCHW8c`` when asked (a
-    requantizing layer), else NCHW. Same parameters and result as ``emit_conv``."""
+    """``emit.emit_conv`` for an ``avx2_wino_s16`` or ``avx2_wino4_s16`` choice: the kernel of
+    this module, reading ``x`` in ``in_layout`` (NCHW or packed, any lanes) and writing
+    ``NCHW8c`` when asked (a requantizing layer), else NCHW. Same parameters and result as
+    ``emit_conv``."""
     from .emit import _fits_int32, _per_channel, emit_all_params_kernel
 
     n, _, h, w = bb.shape(x)[:4]
@@ -278,8 +350,8 @@ def emit_winograd(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geome
     m_dtype = "int32" if _fits_int32(m_c) else "int64"
     offset = facts.offset_for("wd")
     lanes = out_lanes if requant is not None and out_lanes == LANES else 0
-    spec = ConvKernelSpec(n, ic, h, w, oc, (3, 3), (1, 1), tuple(padding), (1, 1), "wino", 1,
-                          in_dtype, offset, facts.acc_shift, out_dtype, int(qmin), int(qmax),
+    spec = ConvKernelSpec(n, ic, h, w, oc, (3, 3), (1, 1), tuple(padding), (1, 1), choice.kind,
+                          1, in_dtype, offset, facts.acc_shift, out_dtype, int(qmin), int(qmax),
                           m_dtype, in_layout.lanes, lanes)
     requant_c = (m_c, shift_c) if requant is not None else None
     return emit_all_params_kernel(bb, x, spec, facts, choice, requant_c, padded_channels(spec),
