@@ -51,6 +51,11 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   transformed weight ``|U| <= 32767``, every partial sum of the 16 products
   ``max_{xi,o} sum_c |U[xi,o,c]| * 4 * span <= 2^31 - 1``, and
   ``4 * max_o sum|w_o| * span <= 2^31 - 1`` (the output transform's result, formed modulo 2^32).
+* ``avx2_wino4_s16`` (:func:`winograd`, the same kernel): Winograd F(4x4, 3x3), 36 products per
+  4x4 outputs instead of 144, tried first on 3x3 stride-1 dense convs that would get any AVX2
+  channel-lane kernel (:func:`_winograd4_replaces`). The same four bounds with F(4, 3)'s
+  integer matrices (:data:`WINOGRAD_F4`): ``100 * span <= 32767``, ``|U| <= 32767``,
+  ``max sum_c |U| * 100 * span <= 2^31 - 1`` and ``576 * max_o sum|w_o| * span <= 2^31 - 1``.
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
@@ -65,7 +70,8 @@ from .intrin import UBSW_GROUPS
 
 __all__ = ["GROUPED_KINDS", "INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
            "fit_groups_to_lanes", "merge_factor", "merge_groups", "narrow_pixels",
-           "select_kernel", "winograd", "winograd_bounds", "winograd_weight_transform"]
+           "select_kernel", "winograd", "winograd_bounds", "winograd_weight_transform",
+           "WINOGRAD_F2", "WINOGRAD_F4", "WinogradScheme"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
@@ -95,9 +101,9 @@ class KernelChoice:
         layer: The fx node name.
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"amx_int8"``, ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
-            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx2_wino_s16"`` (Winograd F(2x2, 3x3),
-            :func:`winograd`), ``"avx2_px16"`` (pixels in lanes,
-            :func:`narrow_pixels`), ``"avx512_dw16"``, ``"avx2_dw8"``,
+            ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx2_wino_s16"`` / ``"avx2_wino4_s16"``
+            (Winograd F(2x2, 3x3) / F(4x4, 3x3), :func:`winograd`), ``"avx2_px16"`` (pixels
+            in lanes, :func:`narrow_pixels`), ``"avx512_dw16"``, ``"avx2_dw8"``,
             ``"neon_sdot"``, ``"neon_dw8"`` (aarch64; depthwise variants with ``"_acc16"``:
             int16 tap sums), ``"cuda_dp4a"`` (CUDA, ``kernels/cuda_select.py``) or
             ``"default"`` (TVM's generic lowering).
@@ -739,8 +745,9 @@ def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
     * ``avx2_wino4_s16``, F(4x4, 3x3) (36 products per 16 outputs instead of 144), where
       :func:`_winograd4_replaces` and ``winograd_bounds(facts, WINOGRAD_F4)`` hold: <= 6-bit
       weights on 8-bit activations, typically (its result is 576x the conv sum, which must fit
-      int32). Measured (``KERNELS_avx2_winograd4*.md``) on W4A8 3x3 shapes of 64-128 channels:
-      see ``KERNELS.md``, section "Winograd F(4x4, 3x3)".
+      int32). Measured on resnet18's W4A8 3x3 shapes of 14x14-56x56 outputs
+      (``KERNELS_avx2_winograd4*.md``): 1.37-1.71x ``avx2_u8s8_p4`` packed in and out,
+      1.18-1.36x at a graph edge; W6A8 1.26x-2.5x ``avx2_u8s8_p2``.
     * else ``avx2_wino_s16``, F(2x2, 3x3), for a layer that got ``avx2_s16`` (no ``vpmaddubsw``
       bound holds: W8A8 and wider) or ``avx2_u8s8_p1`` because P = 2's bound fails (W7A8), where
       :func:`winograd_bounds` holds. Measured against them on the same shapes with >= 32

@@ -1,33 +1,39 @@
 # mypy: disable-error-code="valid-type,name-defined"
-"""TVM-facing: a Winograd F(2x2, 3x3) integer conv kernel for wide operands on AVX2.
+"""TVM-facing: Winograd F(2x2, 3x3) and F(4x4, 3x3) integer conv kernels on AVX2 (one kernel,
+written from a scheme's integer matrices, ``select.WinogradScheme``).
 
 W8A8 layers (and any layer whose ``vpmaddubsw`` bound fails) get ``avx2_s16`` in
 :mod:`.conv2d`: two ``vpmaddwd`` and two ``vpaddd`` per 32 multiply-adds, which this core's two
-multiply ports hold to at most 1.5x a PyTorch FP32 at its FMA peak (``KERNELS.md``). Winograd's
-F(2x2, 3x3) computes each 2x2 block of outputs from a 4x4 block of inputs with 16 products per
-input/output channel pair instead of 36: 2.25x fewer multiplies, paid for by transforms that are
-additions only (``avx2_wino_s16``, :mod:`.select`).
+multiply ports hold to at most 1.5x a PyTorch FP32 at its FMA peak, and the ``vpmaddubsw``
+kernels of narrower layers to at most 2.67x (``KERNELS.md``). Winograd's F(m x m, 3x3) computes
+each m x m block of outputs from an ``alpha x alpha`` block of inputs (``alpha = m + 2``) with
+``alpha^2`` products per input/output channel pair instead of ``9 m^2``: 16 for 36 (F(2, 3),
+``avx2_wino_s16``), 36 for 144 (F(4, 3), ``avx2_wino4_s16``), paid for by transforms made of
+additions and small constant multiplies (:mod:`.select`, :func:`~.select.winograd`).
 
-Exact in integers. With ``B^T``, ``G``, ``A^T`` the F(2, 3) matrices, ``Y = A^T [(G g G^T) .
-(B^T d B)] A``; ``G`` has halves, so the weights are transformed with ``2G`` (integer):
-``U = (2G) g (2G)^T = 4 G g G^T`` and the kernel's result is ``4 Y`` exactly, shifted right by 2.
-``B^T`` and ``A^T`` hold 0 and +-1 only. Ranges, for operands in ``[0, span]`` (the activation
+Exact in integers. ``Y = A^T [(G g G^T) . (B^T d B)] A``; the scheme's ``G`` has its rows
+scaled to integers and ``A^T`` its columns, so the kernel's result is ``divisor * Y`` exactly
+(F(2, 3): ``2G``, ``A^T`` unchanged, divisor 4; F(4, 3): rows by 4, 6, 6, 24, 24, 1, columns by 6,
+4, 4, 1, 1, 24, divisor 576), divided exactly at the end (``>>`` by its power of two, then times
+the inverse of its odd part modulo 2^32). Ranges, for operands in ``[0, span]`` (the activation
 offset added, as in every kernel here) and weights ``|w| <= w_max``:
 
-* ``V = B^T d B``: ``|V| <= 4 * span`` (int16 for ``span <= 8191``);
-* ``U``: ``|U| <= 9 * w_max``, computed per weight at build time (int16 checked);
+* ``V = B^T d B`` in int16: every partial sum within ``v_gain * span`` (4 and 100);
+* ``U = g w g^T``: computed per weight at build time (int16 checked);
 * ``M[xi, o] = sum_c U[xi, o, c] * V[xi, c]``: ``vpmaddwd`` pairs and int32 sums, every partial
-  sum within ``max_{xi,o} sum_c |U[xi,o,c]| * 4 * span`` (the selection checks it is < 2^31);
-* the output transform (sums of up to nine ``M``) runs in uint32, i.e. modulo 2^32: its result
-  ``4 Y`` fits int32 (checked: ``4 * max_o sum|w_o| * span < 2^31``), so the wrapped sums give it
-  exactly; then ``>> 2`` and the epilogue of :mod:`.conv2d` (bias, requantization).
+  sum within ``max_{xi,o} sum_c |U[xi,o,c]| * v_gain * span`` (the selection checks it is
+  < 2^31);
+* the output transform runs in uint32, i.e. modulo 2^32: its result ``divisor * Y`` fits int32
+  (checked: ``divisor * max_o sum|w_o| * span < 2^31``), so the wrapped sums give it exactly.
+  Then the exact division and the epilogue of :mod:`.conv2d` (bias, requantization).
 
-One parallel iteration per image row of 2x2 tiles: input transform of the row (``V``,
-``[16, TW', Cp]`` int16, 8 channels per vector: the input's ``NCHW8c`` blocks are read as they
-are, NCHW input is gathered), 16 products as register-tiled GEMMs (``tile_t`` tiles x
-``tile_oc`` blocks of 8 output channels, one broadcast input-channel pair per ``vpmaddwd``),
-then per tile and channel block the output transform, the epilogue and the store (NCHW, or the
-packed output's 8 lanes together). Stride 1, dilation 1, one group, 3x3 kernels.
+One parallel iteration per image row of m x m tiles: input transform of the row (``V``,
+``[alpha^2, TW', Cp]`` int16, 8 channels per vector: the input's ``NCHW8c`` blocks are read as
+they are, NCHW input is gathered), ``alpha^2`` register-tiled GEMMs (``tile_t`` tiles x
+``tile_oc`` blocks of 8 output channels, one broadcast input-channel pair per ``vpmaddwd``,
+:func:`winograd_tiles`), then per tile and channel block the output transform, the epilogue and
+the store (NCHW, or the packed output's 8 lanes together). Stride 1, dilation 1, one group, 3x3
+kernels.
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ def winograd_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
     F(2x2, 3x3): two blocks where the block count is even (each broadcast input pair then feeds
     two), else one block and twice the tiles. F(4x4, 3x3): the most blocks of 4, 2, 1 that
     divide the block count, and the tile count that pads a row of tiles least (ties: the
-    larger), e.g. 1 x 4 for a row of 7 tiles: measured 1.02-1.24x 2 x 4 there and 1.07x 2 x 4 on
+    larger), e.g. 1 x 4 for a row of 7 tiles: measured 1.03-1.24x 2 x 4 there and 1.07x 2 x 4 on
     rows of 14 (``KERNELS.md``, "Winograd F(4x4, 3x3)")."""
     blocks = -(-spec.out_channels // LANES)
     if spec.kind != "wino4":
