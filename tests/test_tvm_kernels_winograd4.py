@@ -40,7 +40,8 @@ CASES = [
     (64, 8, 1, 1, 10, False, 4, (9, 9), "avx2_wino_s16"),  # 100 * 1023 past int16: F(2, 3)
     (64, 8, 1, 1, 8, False, 8, (9, 9), "avx2_wino_s16"),  # W8A8: 576 * sum|w| * 255 past int32
     (64, 8, 1, 1, 8, False, 4, (7, 7), "avx2_u8s8_p4"),  # 7x7 output (WINOGRAD4_MIN_OUT)
-    (32, 8, 1, 1, 8, False, 4, (30, 30), "avx2_u8s8_p4"),  # 32 channels at a graph edge
+    (32, 8, 1, 1, 8, False, 4, (28, 29), "avx2_wino4_s16"),  # 32 channels, 28x29 output
+    (32, 8, 1, 1, 8, False, 4, (27, 30), "avx2_u8s8_p4"),  # 32 channels, 27 rows
 ]
 
 
@@ -63,9 +64,9 @@ def test_winograd4_float_output_and_acc_shift() -> None:
 
 
 class W4A8Block(torch.nn.Module):
-    """A 3-channel stem, then two W4A8 3x3 convs of 32 channels at 28x28 (packed ``NCHW8c``
-    between the kernels: the packed speed rule takes F(4x4, 3x3) at 32 channels) and a
-    5-channel output conv (NCHW out: the 64-channel rule does not hold, P = 4 kept)."""
+    """A 3-channel stem, then two W4A8 3x3 convs of 32 channels at 28x29 (packed ``NCHW8c``
+    between the kernels; 28 output rows take F(4x4, 3x3) at 32 channels), the second one into a
+    5-channel output conv (NCHW out)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -80,8 +81,8 @@ class W4A8Block(torch.nn.Module):
 
 
 def test_winograd4_packed_between_layers() -> None:
-    """F(4x4, 3x3) reading and writing ``NCHW8c`` mid-network, bit-exact, its bound in the
-    report."""
+    """F(4x4, 3x3) reading and writing ``NCHW8c`` mid-network and writing NCHW at the graph's
+    output, bit-exact, its bound in the report."""
     from djpq_compiler.backends.tvm.kernels.report import kernel_table
     from tests.test_tvm_layout import assert_exact
 
@@ -89,7 +90,7 @@ def test_winograd4_packed_between_layers() -> None:
     got = {r.layer: (r.variant, r.in_layout, r.out_layout)
            for r in ctx.kernels}  # type: ignore[attr-defined]
     assert got["b"] == ("avx2_wino4_s16", "NCHW8c", "NCHW8c")
-    assert got["c"][0] == "avx2_u8s8_p4"
+    assert got["c"] == ("avx2_wino4_s16", "NCHW8c", "NCHW")
     table = kernel_table(ctx.kernels)  # type: ignore[attr-defined]
     assert "Winograd F(4x4,3x3): |V| <= 100*255 = 25500 <= 32767" in table
 
@@ -175,8 +176,8 @@ SPEED_RULE = [
     (64, 8, False, "avx2_u8s8_p4", "avx2_wino4_s16"),
     (64, 7, False, "avx2_u8s8_p4", "avx2_u8s8_p4"),  # WINOGRAD4_MIN_OUT
     (63, 27, True, "avx2_u8s8_p4", "avx2_u8s8_p4"),  # neither 64 channels nor 28 rows
-    (32, 28, True, "avx2_u8s8_p2", "avx2_wino4_s16"),  # packed, WINOGRAD4_FULL_OUT
-    (32, 28, False, "avx2_u8s8_p4", "avx2_u8s8_p4"),  # ... but NCHW
+    (32, 28, True, "avx2_u8s8_p2", "avx2_wino4_s16"),  # WINOGRAD4_FULL_OUT
+    (32, 28, False, "avx2_u8s8_p4", "avx2_wino4_s16"),  # ... NCHW in or out too
     (32, 14, True, "avx2_u8s8_p4", "avx2_u8s8_p4"),
     (64, 8, False, "avx2_u8s8_p1", "avx2_wino4_s16"),
     (64, 8, False, "avx2_px16", "avx2_px16"),  # not a channel-lane kernel

@@ -714,9 +714,8 @@ def _winograd_replaces(choice: KernelChoice, facts: LayerFacts) -> bool:
 WINOGRAD4_MIN_OUT = 8
 #: ... and at least this many input channels, unless the output has
 #: :data:`WINOGRAD4_FULL_OUT` rows and columns (its tiles then pad little and a row holds seven
-#: or more) and the layer reads and writes the packed layout (NCHW input is gathered one
-#: channel at a time by the input transform). Measured against ``avx2_u8s8_p4``, 32 channels:
-#: 14x14 0.92x (packed), 56x56 1.51x packed and 0.95x NCHW; 64-128 channels 1.13-1.37x NCHW.
+#: or more). Measured against ``avx2_u8s8_p4``, 32 channels: 14x14 0.92x packed and 0.78x NCHW,
+#: 56x56 1.51x packed and 1.18x NCHW; 64-128 channels 1.13-1.37x NCHW.
 WINOGRAD4_MIN_IN = 64
 WINOGRAD4_FULL_OUT = 28
 
@@ -726,13 +725,13 @@ def _winograd4_replaces(choice: KernelChoice, facts: LayerFacts,
     """Whether :func:`winograd` may replace ``choice`` by F(4x4, 3x3) (the speed rule, not the
     exactness one): any AVX2 channel-lane dense kernel (``avx2_u8s8_p4``/``p2``/``p1``,
     ``avx2_s16``) on an output of at least :data:`WINOGRAD4_MIN_OUT` rows and columns, with
-    :data:`WINOGRAD4_MIN_IN` input channels, or packed in and out with
-    :data:`WINOGRAD4_FULL_OUT` output rows and columns. (The fuzzer's ``x86-avx2-winograd``
-    build lifts the rule: ``testing.properties.winograd_everywhere``.)"""
+    :data:`WINOGRAD4_MIN_IN` input channels or :data:`WINOGRAD4_FULL_OUT` output rows and
+    columns. (The fuzzer's ``x86-avx2-winograd4`` build lifts the rule:
+    ``testing.properties.winograd_everywhere``.)"""
     lanes = choice.variant == "avx2_s16" or choice.variant.startswith("avx2_u8s8")
     wide = facts.weight.shape[1] >= WINOGRAD4_MIN_IN
-    full = facts.packed_io and min(out_size) >= WINOGRAD4_FULL_OUT
-    return lanes and min(out_size) >= WINOGRAD4_MIN_OUT and (wide or full)
+    return (lanes and min(out_size) >= WINOGRAD4_MIN_OUT
+            and (wide or min(out_size) >= WINOGRAD4_FULL_OUT))
 
 
 def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],

@@ -313,22 +313,28 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
                         if four:
                             r[(i * tm + 2) * LANES + lane] = out_row(s_, 2, i * sl + lane)
                             r[(i * tm + 3) * LANES + lane] = out_row(s_, 3, i * sl + lane)
-                for ij in T.unroll(tm * tm):
-                    if th * tm + ij // tm < oh and tw * tm + ij % tm < ow:
-                        if packed_out:  # ocb_n is the output's block count
+                if packed_out:  # ocb_n is the output's block count
+                    for ij in T.unroll(tm * tm):
+                        if th * tm + ij // tm < oh and tw * tm + ij % tm < ow:
                             for lane in T.vectorized(LANES):
                                 out[n, ob, th * tm + ij // tm, tw * tm + ij % tm, lane] = \
                                     epilogue_value(spec, r[ij * LANES + lane], ob * LANES + lane,
                                                    {"bias": bias, "m": m, "rnd": rnd,
                                                     "shift": shift, "lo": lo, "hi": hi})
-                        else:
-                            for lane in range(LANES):
-                                if ob * LANES + lane < oc:
+                else:  # the epilogue on 8 channels at once, then each channel's outputs
+                    e = T.alloc_buffer((tm * tm * LANES,), out_dtype, scope="local")
+                    for ij in T.unroll(tm * tm):
+                        for lane in T.vectorized(LANES):
+                            e[ij * LANES + lane] = epilogue_value(
+                                spec, r[ij * LANES + lane], ob * LANES + lane,
+                                {"bias": bias, "m": m, "rnd": rnd, "shift": shift, "lo": lo,
+                                 "hi": hi})
+                    for lane in range(LANES):
+                        if ob * LANES + lane < oc:
+                            for ij in T.unroll(tm * tm):
+                                if th * tm + ij // tm < oh and tw * tm + ij % tm < ow:
                                     out[n, ob * LANES + lane, th * tm + ij // tm,
-                                        tw * tm + ij % tm] = epilogue_value(
-                                        spec, r[ij * LANES + lane], ob * LANES + lane,
-                                        {"bias": bias, "m": m, "rnd": rnd, "shift": shift,
-                                         "lo": lo, "hi": hi})
+                                        tw * tm + ij % tm] = e[ij * LANES + lane]
 
     return kernel
 
