@@ -1,8 +1,9 @@
 """The Winograd F(4x4, 3x3) kernel on AVX2 (``avx2_wino4_s16``, issue 15): bit-exact against the
 reference executor on pruned odd channel counts, output sizes that are no multiple of 4, batch 1
-and 32, padding 0-2, signed activations, NCHW and packed layouts; each of its bounds at the bound
-and one past (the selection then falls back to F(2x2, 3x3) or the channel-lane kernel); the
-kernel itself wrong past its activation bound; its speed rule and register tiles as data."""
+and 32, padding 0-2, signed activations, W8A8 whose ``576 Y`` passes int32, NCHW and packed
+layouts; each of its bounds at the bound and one past (the selection then falls back to F(2x2,
+3x3) or the channel-lane kernel); the kernel itself wrong past its activation and output
+bounds; its speed rule and register tiles as data."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ wino = pytest.importorskip("djpq_compiler.backends.tvm.kernels.winograd")
 from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.select import (  # noqa: E402
     INT16_MAX,
-    INT32_MAX,
     WINOGRAD_F4,
     KernelChoice,
     LayerFacts,
@@ -38,7 +38,8 @@ CASES = [
     (64, 16, 1, 32, 8, False, 4, (8, 9), "avx2_wino4_s16"),  # batch 32
     (64, 13, 1, 1, 5, False, 5, (13, 8), "avx2_wino4_s16"),  # W5A5
     (64, 8, 1, 1, 10, False, 4, (9, 9), "avx2_wino_s16"),  # 100 * 1023 past int16: F(2, 3)
-    (64, 8, 1, 1, 8, False, 8, (9, 9), "avx2_wino_s16"),  # W8A8: 576 * sum|w| * 255 past int32
+    (64, 8, 1, 1, 8, False, 8, (9, 9), "avx2_wino4_s16"),  # W8A8: 576 Y passes int32, Y fits
+    (256, 8, 1, 1, 8, False, 8, (9, 9), "avx2_wino_s16"),  # W8A8: sum|w| * 255 past 2^25
     (64, 8, 1, 1, 8, False, 4, (7, 7), "avx2_u8s8_p4"),  # 7x7 output (WINOGRAD4_MIN_OUT)
     (32, 8, 1, 1, 8, False, 4, (28, 29), "avx2_wino4_s16"),  # 32 channels, 28x29 output
     (32, 8, 1, 1, 8, False, 4, (27, 30), "avx2_u8s8_p4"),  # 32 channels, 27 rows
@@ -139,36 +140,46 @@ def test_weight_transform_bound_at_and_one_past() -> None:
     assert _pick(w, 1) == "avx2_wino_s16"
 
 
-def test_product_sum_bound_at_and_one_past_alone() -> None:
-    """``max sum_c |U| * 100 * span <= 2^31 - 1`` binds alone for weights on the corner tap
-    only (``U[3, 3] = 16 w``, while the output bound counts ``sum|w| = w``): with ``w = 127`` and
-    span 100, 105 channels fit and 106 do not; the output bound ``576 * 127 * 100 * C`` holds at
-    both."""
-    def weights(channels: int) -> np.ndarray:
-        w = np.zeros((1, channels, 3, 3), np.int64)
-        w[0, :, 2, 2] = 127
-        return w
-
-    for channels, fits in ((105, True), (106, False)):
-        ok, text = winograd_bounds(_facts(weights(channels), 100), WINOGRAD_F4)
-        m = 16 * 127 * channels * 100 * 100
-        assert ok == fits == (m <= INT32_MAX)
-        assert f"max sum|U|*|V| {m} <= 2^31-1" in text
-        assert 576 * 127 * 100 * channels <= INT32_MAX
+def test_output_bound_at_and_one_past() -> None:
+    """``max sum|w| * span <= 2^25 - 1`` (``576 Y`` is formed modulo 2^32, which gives ``Y``
+    modulo 2^26): with equal weights ``w = 1`` and span 255, ``C`` channels give
+    ``9 * 255 * C``: 14620 fit, 14621 do not; the layer then gets F(2x2, 3x3)."""
+    for channels, fits in ((14620, True), (14621, False)):
+        w = np.ones((1, channels, 3, 3), np.int64)
+        ok, text = winograd_bounds(_facts(w, 255), WINOGRAD_F4)
+        y = 9 * 255 * channels
+        assert ok == fits == (y <= 2**25 - 1)
+        assert f"max sum|w|*span {y} <= 2^25-1 (576*Y formed modulo 2^32)" in text
+        assert _pick(w, 255) == ("avx2_wino4_s16" if fits else "avx2_wino_s16")
 
 
-def test_output_bound_at_and_one_past_alone() -> None:
-    """``576 * max sum|w| * span <= 2^31 - 1`` (the output transform's result, formed modulo
-    2^32) binds alone for equal weights: with ``w = 1`` and span 255 ``C`` channels give
-    ``576 * 9 * 255 * C``: 1624 fit, 1625 do not, while the product sums ``49 * 100 * 255 * C``
-    stay inside int32."""
-    for channels, fits in ((1624, True), (1625, False)):
-        ok, text = winograd_bounds(_facts(np.ones((1, channels, 3, 3), np.int64), 255),
-                                   WINOGRAD_F4)
-        y = 576 * 9 * 255 * channels
-        assert ok == fits == (y <= INT32_MAX)
-        assert f"576*max sum|w|*span {y} <= 2^31-1" in text
-        assert 49 * 100 * 255 * channels <= INT32_MAX
+def _run_kernel(spec: ConvKernelSpec, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The F(4x4, 3x3) kernel of ``spec`` built alone and run on ``x`` (int32 output)."""
+    tvm = pytest.importorskip("tvm")
+    lib = tvm.compile(tvm.IRModule({"main": wino.build_winograd_kernel(spec)}),
+                      target=tvm.target.Target(AVX2))
+    size = wino.padded_channels(spec)
+    args = [x, wino.pack_winograd_weight(w, spec), np.zeros(size, np.int32)]
+    args += [np.zeros(size, np.int64)] * 3 + [np.zeros(size, np.int32)] * 2
+    args.append(np.zeros((1, 1) + spec.out_size, np.int32))
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+def test_kernel_past_its_output_bound_is_wrong() -> None:
+    """The output bound is real and tight: on a constant input of 327 and weights of 668 (every
+    other bound at its edge), ``Y = 9 * 668 * 327 * C`` is recovered from ``576 Y`` modulo
+    2^32 for 17 channels (33,421,788 <= 2^25 - 1) and not for 18 (35,387,964: it comes back
+    ``2^26`` lower). The partial sums pass int32 for both."""
+    for channels, exact in ((17, True), (18, False)):
+        spec = ConvKernelSpec(1, channels, 6, 6, 1, (3, 3), (1, 1), (0, 0), (1, 1), "wino4", 1,
+                              "int16", 0, 0, "int32", 0, 0)
+        w = np.full((1, channels, 3, 3), 668, np.int64)
+        y = 9 * 668 * 327 * channels
+        got = _run_kernel(spec, np.full((1, channels, 6, 6), 327, np.int16), w)
+        assert np.array_equal(got, np.full((1, 1, 4, 4), y if exact else y - 2**26))
+        assert 576 * y > 2**31  # 576 Y itself wrapped: recovered from its low bits
 
 
 #: (input channels, output rows and columns, packed in and out, variant before) -> variant after
@@ -214,12 +225,8 @@ def test_kernel_past_its_activation_bound_is_wrong() -> None:
     (codes ``hi`` where ``B^T``'s row 1, ``(0, -4, -4, 1, 1, 0)``, gives products of one sign),
     the kernel built directly for 10-bit codes wraps its transformed inputs; at the selection's
     bound (span 327) it is exact."""
-    tvm = pytest.importorskip("tvm")
     spec = ConvKernelSpec(1, 1, 6, 6, 1, (3, 3), (1, 1), (0, 0), (1, 1), "wino4", 1, "int16", 0,
                           0, "int32", 0, 0)
-    lib = tvm.compile(tvm.IRModule({"main": wino.build_winograd_kernel(spec)}),
-                      target=tvm.target.Target(AVX2))
-    size = wino.padded_channels(spec)
     w = np.ones((1, 1, 3, 3), np.int64)
     mask = np.zeros((6, 6), np.int16)
     mask[1:3, 1:3] = mask[3:5, 3:5] = 1
@@ -227,12 +234,7 @@ def test_kernel_past_its_activation_bound_is_wrong() -> None:
         x = (mask * hi)[None, None]
         want = torch.nn.functional.conv2d(torch.tensor(x, dtype=torch.float64),
                                           torch.tensor(w, dtype=torch.float64)).numpy()
-        args = [x, wino.pack_winograd_weight(w, spec), np.zeros(size, np.int32)]
-        args += [np.zeros(size, np.int64)] * 3 + [np.zeros(size, np.int32)] * 2
-        args.append(np.zeros((1, 1, 4, 4), np.int32))
-        tensors = [tvm.runtime.tensor(a) for a in args]
-        lib["main"](*tensors)
-        assert np.array_equal(tensors[-1].numpy(), want.astype(np.int64)) == exact
+        assert np.array_equal(_run_kernel(spec, x, w), want.astype(np.int64)) == exact
 
 
 def test_schemes_check_their_identity() -> None:

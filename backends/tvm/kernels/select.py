@@ -48,14 +48,14 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   of >= 28 input channels that would get ``avx2_s16`` (W8A8 and wider) or ``avx2_u8s8_p1``
   (W7A8): Winograd F(2x2, 3x3) with integer transforms, 16 ``vpmaddwd`` products per 2x2
   outputs instead of 36. Exact iff ``4 * span <= 32767`` (the transformed activations), every
-  transformed weight ``|U| <= 32767``, every partial sum of the 16 products
-  ``max_{xi,o} sum_c |U[xi,o,c]| * 4 * span <= 2^31 - 1``, and
-  ``4 * max_o sum|w_o| * span <= 2^31 - 1`` (the output transform's result, formed modulo 2^32).
+  transformed weight ``|U| <= 32767`` and ``max_o sum|w_o| * span <= 2^29 - 1``: the sums
+  after each exact ``vpmaddwd`` run modulo 2^32 and give ``4 Y`` modulo 2^32, hence ``Y``
+  modulo 2^30 (:func:`winograd_bounds`).
 * ``avx2_wino4_s16`` (:func:`winograd`, the same kernel): Winograd F(4x4, 3x3), 36 products per
   4x4 outputs instead of 144, tried first on 3x3 stride-1 dense convs that would get any AVX2
-  channel-lane kernel (:func:`_winograd4_replaces`). The same four bounds with F(4, 3)'s
-  integer matrices (:data:`WINOGRAD_F4`): ``100 * span <= 32767``, ``|U| <= 32767``,
-  ``max sum_c |U| * 100 * span <= 2^31 - 1`` and ``576 * max_o sum|w_o| * span <= 2^31 - 1``.
+  channel-lane kernel (:func:`_winograd4_replaces`). The same three bounds with F(4, 3)'s
+  integer matrices (:data:`WINOGRAD_F4`): ``100 * span <= 32767``, ``|U| <= 32767`` and
+  ``max_o sum|w_o| * span <= 2^25 - 1`` (``576 Y`` modulo 2^32 gives ``Y`` modulo 2^26).
 * ``default``: TVM's generic lowering (int32 or int64 accumulators), for everything else.
 """
 
@@ -645,6 +645,11 @@ class WinogradScheme:
         the two passes included: the square of ``B^T``'s largest row sum of ``|b|``."""
         return int(np.abs(np.array(self.b_t)).sum(1).max()) ** 2
 
+    @property
+    def divisor_shift(self) -> int:
+        """``s`` of ``divisor = 2^s * odd``."""
+        return (self.divisor & -self.divisor).bit_length() - 1
+
     def weight_transform(self, weight: np.ndarray) -> np.ndarray:
         """``U = g w g^T`` of OIHW 3x3 integer weights: ``[alpha, alpha, O, C]`` int64."""
         g = np.array(self.g, np.int64)
@@ -676,25 +681,28 @@ def winograd_weight_transform(weight: np.ndarray) -> np.ndarray:
 
 def winograd_bounds(facts: LayerFacts,
                     scheme: WinogradScheme = WINOGRAD_F2) -> tuple[bool, str]:
-    """Whether Winograd ``scheme`` in int16 operands and int32 sums (``winograd.py``) is exact
-    for ``facts``' 3x3 weights and activation span, and the bound with this layer's numbers.
+    """Whether Winograd ``scheme`` in int16 operands (``winograd.py``) is exact for ``facts``'
+    3x3 weights and activation span, and the bound with this layer's numbers.
 
     ``V = B^T d B`` of operands in ``[0, span]``: ``|V| <= v_gain * span`` (F(2, 3): 4, F(4,
-    3): 100, every partial sum of the transform included); ``U`` from the weights themselves;
-    the products' sums over the input channels are bounded by ``sum_c |U[xi, o, c]| * |V|``
-    (each partial sum too: the terms are added one ``vpmaddwd`` pair at a time); the output
-    transform's result is ``divisor * (the conv sum)``, formed modulo 2^32."""
+    3): 100, every partial sum of the transform included) must fit int16, and so must ``U``,
+    from the weights themselves. Each ``vpmaddwd`` pair sum of two int16 products is exact in
+    int32; everything after it (the sums over the input channels, the output transform) is
+    linear with integer coefficients and runs modulo 2^32, giving ``divisor * Y`` modulo 2^32
+    for the conv sum ``Y``. With ``divisor = 2^s * odd``, that determines ``Y`` modulo
+    ``2^(32 - s)`` (the odd part is invertible), hence ``Y`` itself when
+    ``|Y| <= max sum|w| * span <= 2^(31 - s) - 1``: F(2, 3) ``2^29 - 1``, F(4, 3) ``2^25 - 1``."""
     span = facts.span
     w = np.asarray(facts.weight, np.int64)
     u = scheme.weight_transform(w)
     u_max = int(np.abs(u).max(initial=0))
     v_max = scheme.v_gain * span
-    m_max = int(np.abs(u).sum(axis=3).max(initial=0)) * v_max
-    y_max = scheme.divisor * int(np.abs(w.reshape(w.shape[0], -1)).sum(1).max(initial=0)) * span
-    ok = v_max <= INT16_MAX and u_max <= INT16_MAX and m_max <= INT32_MAX and y_max <= INT32_MAX
+    y_max = int(np.abs(w.reshape(w.shape[0], -1)).sum(1).max(initial=0)) * span
+    y_bits = 31 - scheme.divisor_shift
+    ok = v_max <= INT16_MAX and u_max <= INT16_MAX and y_max <= 2**y_bits - 1
     text = (f"Winograd {scheme.name}: |V| <= {scheme.v_gain}*{span} = {v_max} <= 32767, "
-            f"max|U| {u_max} <= 32767, max sum|U|*|V| {m_max} <= 2^31-1, "
-            f"{scheme.divisor}*max sum|w|*span {y_max} <= 2^31-1")
+            f"max|U| {u_max} <= 32767, max sum|w|*span {y_max} <= 2^{y_bits}-1 "
+            f"({scheme.divisor}*Y formed modulo 2^32)")
     return ok, text
 
 
@@ -742,11 +750,12 @@ def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
     :data:`WINOGRAD_MIN_IN` input channels:
 
     * ``avx2_wino4_s16``, F(4x4, 3x3) (36 products per 16 outputs instead of 144), where
-      :func:`_winograd4_replaces` and ``winograd_bounds(facts, WINOGRAD_F4)`` hold: <= 6-bit
-      weights on 8-bit activations, typically (its result is 576x the conv sum, which must fit
-      int32). Measured on resnet18's W4A8 3x3 shapes of 14x14-56x56 outputs
-      (``KERNELS_avx2_winograd4*.md``): 1.37-1.71x ``avx2_u8s8_p4`` packed in and out,
-      1.18-1.36x at a graph edge; W6A8 1.26x-2.5x ``avx2_u8s8_p2``.
+      :func:`_winograd4_replaces` and ``winograd_bounds(facts, WINOGRAD_F4)`` hold (8-bit
+      activations; W8A8 where ``max sum|w| * span <= 2^25 - 1``, e.g. up to ~128 channels of
+      weights spread over the 8-bit range). Measured on resnet18's W4A8 3x3 shapes of
+      14x14-56x56 outputs (``KERNELS_avx2_winograd4_packed.md``, ``KERNELS_avx2_wino4_all.md``):
+      1.37-1.71x ``avx2_u8s8_p4`` packed in and out, 1.17-1.47x at a graph edge; W6A8
+      1.5-2.5x ``avx2_u8s8_p2``.
     * else ``avx2_wino_s16``, F(2x2, 3x3), for a layer that got ``avx2_s16`` (no ``vpmaddubsw``
       bound holds: W8A8 and wider) or ``avx2_u8s8_p1`` because P = 2's bound fails (W7A8), where
       :func:`winograd_bounds` holds. Measured against them on the same shapes with >= 32

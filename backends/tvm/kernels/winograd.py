@@ -12,20 +12,22 @@ each m x m block of outputs from an ``alpha x alpha`` block of inputs (``alpha =
 additions and small constant multiplies (:mod:`.select`, :func:`~.select.winograd`).
 
 Exact in integers. ``Y = A^T [(G g G^T) . (B^T d B)] A``; the scheme's ``G`` has its rows
-scaled to integers and ``A^T`` its columns, so the kernel's result is ``divisor * Y`` exactly
-(F(2, 3): ``2G``, ``A^T`` unchanged, divisor 4; F(4, 3): rows by 4, 6, 6, 24, 24, 1, columns by 6,
-4, 4, 1, 1, 24, divisor 576), divided exactly at the end (``>>`` by its power of two, then times
-the inverse of its odd part modulo 2^32). Ranges, for operands in ``[0, span]`` (the activation
-offset added, as in every kernel here) and weights ``|w| <= w_max``:
+scaled to integers and ``A^T`` its columns, so the integer transforms give ``divisor * Y``
+(F(2, 3): ``2G``, ``A^T`` unchanged, divisor 4; F(4, 3): rows by 4, 6, 6, 24, 24, 1, columns by
+6, 4, 4, 1, 1, 24, divisor 576). Ranges, for operands in ``[0, span]`` (the activation offset
+added, as in every kernel here):
 
-* ``V = B^T d B`` in int16: every partial sum within ``v_gain * span`` (4 and 100);
+* ``V = B^T d B`` in int16: every partial sum within ``v_gain * span`` (4 and 100; checked);
 * ``U = g w g^T``: computed per weight at build time (int16 checked);
-* ``M[xi, o] = sum_c U[xi, o, c] * V[xi, c]``: ``vpmaddwd`` pairs and int32 sums, every partial
-  sum within ``max_{xi,o} sum_c |U[xi,o,c]| * v_gain * span`` (the selection checks it is
-  < 2^31);
-* the output transform runs in uint32, i.e. modulo 2^32: its result ``divisor * Y`` fits int32
-  (checked: ``divisor * max_o sum|w_o| * span < 2^31``), so the wrapped sums give it exactly.
-  Then the exact division and the epilogue of :mod:`.conv2d` (bias, requantization).
+* each ``vpmaddwd`` sums two int16 products exactly into int32; from there on everything runs in
+  uint32, i.e. modulo 2^32: the sums over the input channels (``M[xi, o] = sum_c U[xi, o, c] *
+  V[xi, c]``) and the output transform (integer coefficients) give ``divisor * Y`` modulo 2^32,
+  however large the partial sums grow;
+* with ``divisor = 2^s * odd``: ``>> s`` (logical) leaves ``odd * Y`` modulo ``2^(32 - s)``, times
+  the odd part's inverse modulo 2^32 ``Y`` modulo ``2^(32 - s)``, and sign extension from
+  ``32 - s`` bits ``Y`` itself, since ``|Y| <= max_o sum|w_o| * span <= 2^(31 - s) - 1`` (checked:
+  ``2^29 - 1`` for F(2, 3), ``2^25 - 1`` for F(4, 3)). Then the epilogue of :mod:`.conv2d`
+  (bias, requantization).
 
 One parallel iteration per image row of m x m tiles: input transform of the row (``V``,
 ``[alpha^2, TW', Cp]`` int16, 8 channels per vector: the input's ``NCHW8c`` blocks are read as
@@ -163,9 +165,9 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
     a2 = al * al
     bt, at = scheme.b_t, scheme.a_t
     six, four = al > 4, tm > 2  # the rows F(4, 3) adds to F(2, 3)'s
-    div_shift = (scheme.divisor & -scheme.divisor).bit_length() - 1
+    div_shift = scheme.divisor_shift
     div_odd = scheme.divisor >> div_shift
-    div_inv = pow(div_odd, -1, 2**32)  # exact division by the odd part: times its inverse
+    div_inv = pow(div_odd, -1, 2**32)  # the odd part's inverse modulo 2^32
     n_, c_, h, w = spec.batch, spec.in_channels, spec.height, spec.width
     ph, pw = spec.padding
     oh, ow = spec.out_size
@@ -203,9 +205,6 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
         return T.reinterpret("int16x16", T.Broadcast(
             T.reinterpret("int32", vb[T.ramp(base, 1, 2)]), LANES))
 
-    def u32(v: Any) -> Any:
-        return T.reinterpret("uint32", v)
-
     def col(buf: Any, row: int, base: Any) -> Any:
         """Row ``row`` of ``B^T`` applied down the columns: ``sum_k B^T[row, k] buf[k, .]``."""
         return _comb(bt[row], lambda i: buf[i], base, sl, "int16")
@@ -216,15 +215,18 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
 
     def out_col(mb: Any, row: int, base: Any) -> Any:
         """Row ``row`` of ``A^T`` down the columns of ``M`` (uint32: wrapping sums)."""
-        return _comb(at[row], lambda i: u32(mb[i]), base, sl, "uint32")
+        return _comb(at[row], lambda i: mb[i], base, sl, "uint32")
 
     def out_row(s_: Any, row: int, base: Any) -> Any:
-        """Row ``row`` of ``A^T`` along the rows, then the exact division by the divisor."""
-        total = T.reinterpret("int32", _comb(at[row], lambda i: s_[i], base, LANES, "uint32"))
-        shifted = total >> div_shift
-        if div_odd == 1:
-            return shifted
-        return T.reinterpret("int32", u32(shifted) * tirx.const(div_inv, "uint32"))
+        """Row ``row`` of ``A^T`` along the rows, giving ``divisor * Y`` modulo 2^32, then ``Y``:
+        ``>> div_shift`` (logical) leaves ``odd * Y`` modulo ``2^(32 - div_shift)``, times the
+        odd part's inverse ``Y`` modulo the same, and the sign extension from ``32 - div_shift``
+        bits ``Y`` itself (``|Y| < 2^(31 - div_shift)``, checked by the selection)."""
+        total = _comb(at[row], lambda i: s_[i], base, LANES, "uint32")
+        low = total >> tirx.const(div_shift, "uint32")
+        if div_odd != 1:
+            low = low * tirx.const(div_inv, "uint32")
+        return T.reinterpret("int32", low << tirx.const(div_shift, "uint32")) >> div_shift
 
     @T.prim_func
     def kernel(x: T.Buffer(x_shape, in_dtype), wt: T.Buffer((w_size,), "int16"),
@@ -236,7 +238,7 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
             n = row // th_n
             th = row % th_n
             vb = T.alloc_buffer((v_size,), "int16")
-            mb = T.alloc_buffer((m_size,), "int32")
+            mb = T.alloc_buffer((m_size,), "uint32")
             # input transform: V[xi, tile, c] for the row's tiles, 8 channels per vector
             for tw, cb in T.grid(twp, cb_n):
                 d = T.alloc_buffer((a2 * LANES,), "int16", scope="local")
@@ -273,7 +275,7 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
                                 t, 5, a * sl + lane)
             # the alpha^2 products: GEMMs over the input-channel pairs, register-tiled
             for xi, ot, tb in T.grid(a2, n_ot, twp // tile_t):
-                acc = T.alloc_buffer((tile_t * tile_oc * LANES,), "int32", scope="local")
+                acc = T.alloc_buffer((tile_t * tile_oc * LANES,), "uint32", scope="local")
                 for i in T.vectorized(tile_t * tile_oc * LANES):
                     acc[i] = 0
                 for p in range(pairs):
@@ -281,11 +283,11 @@ def build_winograd_kernel(spec: ConvKernelSpec) -> Any:
                         for o in T.unroll(tile_oc):
                             acc[T.ramp((t * tile_oc + o) * LANES, 1, LANES)] = (
                                 acc[T.ramp((t * tile_oc + o) * LANES, 1, LANES)]
-                                + T.call_llvm_pure_intrin(
+                                + T.reinterpret("uint32x8", T.call_llvm_pure_intrin(
                                     "int32x8", "llvm.x86.avx2.pmadd.wd",
                                     pair_word(vb, (xi * twp + tb * tile_t + t) * cp + p * 2),
                                     wt[T.ramp((((xi * n_ot + ot) * pairs + p) * tile_oc + o)
-                                              * LANES * 2, 1, LANES * 2)]))
+                                              * LANES * 2, 1, LANES * 2)])))
                 for t in T.unroll(tile_t):
                     for o in T.unroll(tile_oc):
                         mb[T.ramp((((tb * tile_t + t) * ocb_n + ot * tile_oc + o) * a2 + xi)
