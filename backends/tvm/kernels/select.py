@@ -752,10 +752,10 @@ def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
     * ``avx2_wino4_s16``, F(4x4, 3x3) (36 products per 16 outputs instead of 144), where
       :func:`_winograd4_replaces` and ``winograd_bounds(facts, WINOGRAD_F4)`` hold (8-bit
       activations; W8A8 where ``max sum|w| * span <= 2^25 - 1``, e.g. up to ~128 channels of
-      weights spread over the 8-bit range). Measured on resnet18's W4A8 3x3 shapes of
-      14x14-56x56 outputs (``KERNELS_avx2_winograd4_packed.md``, ``KERNELS_avx2_wino4_all.md``):
-      1.37-1.71x ``avx2_u8s8_p4`` packed in and out, 1.17-1.47x at a graph edge; W6A8
-      1.5-2.5x ``avx2_u8s8_p2``.
+      weights spread over the 8-bit range). Measured on resnet18's 3x3 shapes of 14x14-56x56
+      outputs (``KERNELS_avx2_wino4_all{_packed,}.md``): W4A8 1.35-1.70x ``avx2_u8s8_p4``
+      packed in and out, 1.18-1.52x at a graph edge; W6A8 1.55-1.73x ``avx2_u8s8_p2``; W7A8
+      and W8A8 1.8-3.1x the channel-lane kernels, 1.3-1.9x F(2x2, 3x3).
     * else ``avx2_wino_s16``, F(2x2, 3x3), for a layer that got ``avx2_s16`` (no ``vpmaddubsw``
       bound holds: W8A8 and wider) or ``avx2_u8s8_p1`` because P = 2's bound fails (W7A8), where
       :func:`winograd_bounds` holds. Measured against them on the same shapes with >= 32
