@@ -596,6 +596,8 @@ WINOGRAD_MIN_OUT = 4
 #: 0.89x / 0.63x ``avx2_u8s8_p1``; 32 channels 1.08-1.85x (median ~1.4x). A pruned 28-31
 #: channels pads to 32: by that padding the median gain becomes ~1.3x, the smallest ~0.95x.
 WINOGRAD_MIN_IN = 28
+
+
 @dataclass(frozen=True)
 class WinogradScheme:
     """One Winograd algorithm F(m x m, 3x3) in integers: ``Y = A^T [(G g G^T) . (B^T d B)] A``
