@@ -96,6 +96,32 @@ def test_winograd4_packed_between_layers() -> None:
     assert "Winograd F(4x4,3x3): |V| <= 100*255 = 25500 <= 32767" in table
 
 
+class DepthwiseThenW4A8(torch.nn.Module):
+    """A 4-bit depthwise conv (``avx512_dw16`` writes ``NCHW16c`` on AVX-512) into a 64-channel
+    W4A8 3x3 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.dw = conv(64, 64, 0.02, 0.05, groups=64, seed=61)
+        self.b = conv(64, 21, 0.05, 0.05, w_bits=4, seed=62)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.dw(self.quant(x)))
+
+
+def test_winograd4_reads_sixteen_lane_layout() -> None:
+    """An AVX-512 target without VNNI (``skylake-avx512``: ``NCHW16c`` between layers): F(4x4,
+    3x3) reads 16-lane blocks (its packed store is 8 lanes: it writes NCHW there), bit-exact."""
+    from tests.test_tvm_layout import assert_exact
+
+    ctx = assert_exact(DepthwiseThenW4A8(), (2, 64, 9, 10),
+                       {"kind": "llvm", "mcpu": "skylake-avx512"})
+    got = {r.layer: (r.variant, r.in_layout, r.out_layout)
+           for r in ctx.kernels}  # type: ignore[attr-defined]
+    assert got["b"] == ("avx2_wino4_s16", "NCHW16c", "NCHW")
+
+
 # ------------------------------------------------------------------------- bounds, as data
 
 AVX2_FEATURES = frozenset({"avx2"})
