@@ -2,13 +2,14 @@
 
 ``avx2_wino4_s16`` (F(4x4, 3x3)) and ``avx2_wino_s16`` (F(2x2, 3x3), ``kernels/winograd.py``)
 replace the channel-lane kernels on 3x3 stride-1 layers (``select.winograd``). The DJPQ-trained
-reference nets have few such layers wide enough (28x28 inputs, 16-64 channels), so this builds
+reference nets have no layer either takes (28x28 inputs, 16-64 channels), so this builds
 ``run.resnet18_pruned`` (torchvision resnet18 at 224, half of every gate group closed, seeded) at
 W4A8 (``--w-bits 4``, first conv and fc W8A8) or W8A8 (``--w-bits 8``) three ways: without
 Winograd (``select.WINOGRAD_MIN_OUT`` past any output: the kernels those layers had before),
 with F(2x2, 3x3) only (F(4x4, 3x3)'s speed rule off) and as ``build`` does it; checks each
 bit-exact against the integer reference and times the VMs' ``main`` alternately by thread CPU
-time (``epilogue_ab.compare_converted``). Per-layer numbers: ``KERNELS_avx2_winograd*.md``.
+time (``epilogue_ab.compare_converted``). Per-layer numbers: ``KERNELS_avx2_winograd*.md``,
+``KERNELS_avx2_wino4_all*.md``.
 
 Usage (pause other jobs first; one thread):
   TVM_NUM_THREADS=1 python benchmarks/latency/winograd_ab.py --batch 1 --isa avx2 --rounds 9 \
