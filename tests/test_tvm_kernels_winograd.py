@@ -20,6 +20,7 @@ wino = pytest.importorskip("djpq_compiler.backends.tvm.kernels.winograd")
 from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec  # noqa: E402
 from djpq_compiler.backends.tvm.kernels.select import (  # noqa: E402
     INT16_MAX,
+    WINOGRAD_F2,
     KernelChoice,
     LayerFacts,
     winograd,
@@ -113,15 +114,15 @@ def test_winograd_packed_between_layers(batch: int, hw: tuple[int, int]) -> None
     assert table.count("Winograd F(2x2,3x3): |V| <= 4*255 = 1020 <= 32767") == 2
 
 
-class DepthwiseThenW8A8(torch.nn.Module):
-    """A 4-bit depthwise conv (``avx512_dw16`` writes ``NCHW16c`` on AVX-512) into a W8A8 3x3
-    conv."""
+class DepthwiseThenDense(torch.nn.Module):
+    """A 4-bit depthwise conv of ``channels`` (``avx512_dw16`` writes ``NCHW16c`` on AVX-512)
+    into a ``w_bits`` 3x3 conv to ``out`` channels."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int, out: int, w_bits: int, seed: int) -> None:
         super().__init__()
         self.quant = im.Quantize(0.02, 8, False)
-        self.dw = conv(29, 29, 0.02, 0.05, groups=29, seed=41)
-        self.b = conv(29, 21, 0.05, 0.05, w_bits=8, seed=42)
+        self.dw = conv(channels, channels, 0.02, 0.05, groups=channels, seed=seed)
+        self.b = conv(channels, out, 0.05, 0.05, w_bits=w_bits, seed=seed + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.dw(self.quant(x)))
@@ -133,7 +134,7 @@ def test_winograd_reads_sixteen_lane_layout() -> None:
     bit-exact."""
     from tests.test_tvm_layout import assert_exact
 
-    ctx = assert_exact(DepthwiseThenW8A8(), (2, 29, 9, 10),
+    ctx = assert_exact(DepthwiseThenDense(29, 21, 8, 41), (2, 29, 9, 10),
                        {"kind": "llvm", "mcpu": "skylake-avx512"})
     got = {r.layer: (r.variant, r.in_layout, r.out_layout)
            for r in ctx.kernels}  # type: ignore[attr-defined]
@@ -145,20 +146,22 @@ def test_winograd_reads_sixteen_lane_layout() -> None:
 AVX2_FEATURES = frozenset({"avx2"})
 
 
-def _facts(weight: np.ndarray, span: int) -> LayerFacts:
+def layer_facts(weight: np.ndarray, span: int, packed: bool = False) -> LayerFacts:
+    """The facts of a conv with ``weight``, codes in ``[0, span]``, on AVX2."""
     oc = weight.shape[0]
     return LayerFacts("conv", "conv2d", 0, span, weight, np.zeros(oc, np.int64), 0, 1,
-                      int(weight.size) * 16, AVX2_FEATURES, "llvm -mcpu=haswell")
+                      int(weight.size) * 16, AVX2_FEATURES, "llvm -mcpu=haswell", packed)
 
 
-def _s16(facts: LayerFacts) -> KernelChoice:
-    return KernelChoice(facts.layer, "conv2d", "avx2_s16", "2*... <= 2^31-1; acc bound 1",
-                        "int16", facts.macs)
+def lanes_choice(facts: LayerFacts, variant: str = "avx2_s16") -> KernelChoice:
+    """The channel-lane kernel ``variant`` the selection chose before Winograd."""
+    return KernelChoice(facts.layer, "conv2d", variant, "2*... <= 32767; acc bound 1", "lanes",
+                        facts.macs)
 
 
 def _pick(weight: np.ndarray, span: int) -> str:
-    facts = _facts(weight, span)
-    return winograd(_s16(facts), facts, (1, 1), (1, 1), (8, 8)).variant
+    facts = layer_facts(weight, span)
+    return winograd(lanes_choice(facts), facts, (1, 1), (1, 1), (8, 8)).variant
 
 
 def test_activation_bound_at_and_one_past() -> None:
@@ -175,7 +178,7 @@ def test_weight_transform_bound_at_and_one_past() -> None:
     w = np.zeros((1, 28, 3, 3), np.int64)
     w[0, 0] = 3640
     w[0, 0, 1, 1] = 3647
-    assert int(np.abs(wino.transform_weight(w)).max()) == INT16_MAX
+    assert int(np.abs(WINOGRAD_F2.weight_transform(w)).max()) == INT16_MAX
     assert _pick(w, 1) == "avx2_wino_s16"
     w[0, 0, 1, 1] = 3648
     assert _pick(w, 1) == "avx2_s16"
@@ -188,33 +191,38 @@ def test_output_bound_at_and_one_past() -> None:
     pattern = np.array([[-1, 2, 1], [2, 2, -2], [1, -2, -1]], np.int64) * 63
     for channels, fits in ((2387, True), (2388, False)):
         w = np.broadcast_to(pattern, (1, channels, 3, 3)).copy()
-        ok, text = winograd_bounds(_facts(w, 255))
+        ok, text = winograd_bounds(layer_facts(w, 255))
         y = 882 * 255 * channels
         assert ok == fits == (y <= 2**29 - 1)
         assert f"max sum|w|*span {y} <= 2^29-1 (4*Y formed modulo 2^32)" in text
+
+
+def run_kernel_alone(spec: ConvKernelSpec, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The Winograd kernel of ``spec`` (an int32 output) built alone and run on ``x``."""
+    tvm = pytest.importorskip("tvm")
+    lib = tvm.compile(tvm.IRModule({"main": wino.build_winograd_kernel(spec)}),
+                      target=tvm.target.Target(AVX2))
+    size = wino.padded_channels(spec)
+    args = [x, wino.pack_winograd_weight(w, spec), np.zeros(size, np.int32)]
+    args += [np.zeros(size, np.int64)] * 3 + [np.zeros(size, np.int32)] * 2
+    args.append(np.zeros((1, 1) + spec.out_size, np.int32))
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
 
 
 def test_kernel_past_its_activation_bound_is_wrong() -> None:
     """The activation bound is real: the kernel built directly for 14-bit codes (``4 * 16383``
     passes int16) wraps its transformed inputs on a constant input (``V[1, 1]`` is the sum of
     the block's four centre codes); 13-bit codes are exact."""
-    tvm = pytest.importorskip("tvm")
     spec = ConvKernelSpec(1, 1, 6, 6, 1, (3, 3), (1, 1), (0, 0), (1, 1), "wino", 1, "int16", 0,
                           0, "int32", 0, 0)
-    lib = tvm.compile(tvm.IRModule({"main": wino.build_winograd_kernel(spec)}),
-                      target=tvm.target.Target(AVX2))
-    size = wino.padded_channels(spec)
     w = np.array([[[[1, 0, 1], [0, 1, 0], [1, 0, 1]]]], np.int64)
     for hi, exact in ((8191, True), (16383, False)):
         x = np.full((1, 1, 6, 6), hi, np.int16)
         want = torch.nn.functional.conv2d(torch.tensor(x, dtype=torch.float64),
                                           torch.tensor(w, dtype=torch.float64)).numpy()
-        args = [x, wino.pack_winograd_weight(w, spec), np.zeros(size, np.int32)]
-        args += [np.zeros(size, np.int64)] * 3 + [np.zeros(size, np.int32)] * 2
-        args.append(np.zeros((1, 1, 4, 4), np.int32))
-        tensors = [tvm.runtime.tensor(a) for a in args]
-        lib["main"](*tensors)
-        assert np.array_equal(tensors[-1].numpy(), want.astype(np.int64)) == exact
+        assert np.array_equal(run_kernel_alone(spec, x, w), want.astype(np.int64)) == exact
 
 
 def test_kernel_refuses_what_it_does_not_compute() -> None:
@@ -233,9 +241,10 @@ def test_transform_matches_the_textbook() -> None:
     g = gen.integers(-128, 128, (3, 3))
     d = gen.integers(0, 256, (4, 4))
     g_std = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-    u = wino.transform_weight(g.reshape(1, 1, 3, 3))[:, :, 0, 0]
+    u = WINOGRAD_F2.weight_transform(g.reshape(1, 1, 3, 3))[:, :, 0, 0]
     assert np.array_equal(u, np.rint(4 * g_std @ g @ g_std.T).astype(np.int64))
-    v = wino.B_T @ d @ wino.B_T.T
-    y4 = wino.A_T @ (u * v) @ wino.A_T.T
+    b_t, a_t = np.array(WINOGRAD_F2.b_t), np.array(WINOGRAD_F2.a_t)
+    v = b_t @ d @ b_t.T
+    y4 = a_t @ (u * v) @ a_t.T
     direct = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(2)] for i in range(2)])
     assert np.array_equal(y4, 4 * direct)

@@ -21,13 +21,17 @@ from djpq_compiler.backends.tvm.kernels.conv2d import ConvKernelSpec  # noqa: E4
 from djpq_compiler.backends.tvm.kernels.select import (  # noqa: E402
     INT16_MAX,
     WINOGRAD_F4,
-    KernelChoice,
-    LayerFacts,
     WinogradScheme,
     winograd,
     winograd_bounds,
 )
 from tests.test_tvm_kernels import AVX2, check, int_layer  # noqa: E402
+from tests.test_tvm_kernels_winograd import (  # noqa: E402
+    DepthwiseThenDense,
+    lanes_choice,
+    layer_facts,
+    run_kernel_alone,
+)
 from tests.test_tvm_layout import conv  # noqa: E402
 
 #: (c_in, c_out, padding, batch, x_bits, signed, w_bits, hw, variant)
@@ -96,26 +100,12 @@ def test_winograd4_packed_between_layers() -> None:
     assert "Winograd F(4x4,3x3): |V| <= 100*255 = 25500 <= 32767" in table
 
 
-class DepthwiseThenW4A8(torch.nn.Module):
-    """A 4-bit depthwise conv (``avx512_dw16`` writes ``NCHW16c`` on AVX-512) into a 64-channel
-    W4A8 3x3 conv."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant = im.Quantize(0.02, 8, False)
-        self.dw = conv(64, 64, 0.02, 0.05, groups=64, seed=61)
-        self.b = conv(64, 21, 0.05, 0.05, w_bits=4, seed=62)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.dw(self.quant(x)))
-
-
 def test_winograd4_reads_sixteen_lane_layout() -> None:
     """An AVX-512 target without VNNI (``skylake-avx512``: ``NCHW16c`` between layers): F(4x4,
     3x3) reads 16-lane blocks (its packed store is 8 lanes: it writes NCHW there), bit-exact."""
     from tests.test_tvm_layout import assert_exact
 
-    ctx = assert_exact(DepthwiseThenW4A8(), (2, 64, 9, 10),
+    ctx = assert_exact(DepthwiseThenDense(64, 21, 4, 61), (2, 64, 9, 10),
                        {"kind": "llvm", "mcpu": "skylake-avx512"})
     got = {r.layer: (r.variant, r.in_layout, r.out_layout)
            for r in ctx.kernels}  # type: ignore[attr-defined]
@@ -124,24 +114,10 @@ def test_winograd4_reads_sixteen_lane_layout() -> None:
 
 # ------------------------------------------------------------------------- bounds, as data
 
-AVX2_FEATURES = frozenset({"avx2"})
-
-
-def _facts(weight: np.ndarray, span: int, packed: bool = False) -> LayerFacts:
-    oc = weight.shape[0]
-    return LayerFacts("conv", "conv2d", 0, span, weight, np.zeros(oc, np.int64), 0, 1,
-                      int(weight.size) * 16, AVX2_FEATURES, "llvm -mcpu=haswell", packed)
-
-
-def _choice(facts: LayerFacts, variant: str) -> KernelChoice:
-    return KernelChoice(facts.layer, "conv2d", variant, "2*... <= 32767; acc bound 1", "lanes",
-                        facts.macs)
-
-
 def _pick(weight: np.ndarray, span: int, variant: str = "avx2_s16",
           out: tuple[int, int] = (8, 8), packed: bool = False) -> str:
-    facts = _facts(weight, span, packed)
-    return winograd(_choice(facts, variant), facts, (1, 1), (1, 1), out).variant
+    facts = layer_facts(weight, span, packed)
+    return winograd(lanes_choice(facts, variant), facts, (1, 1), (1, 1), out).variant
 
 
 def test_activation_bound_at_and_one_past() -> None:
@@ -172,25 +148,11 @@ def test_output_bound_at_and_one_past() -> None:
     ``9 * 255 * C``: 14620 fit, 14621 do not; the layer then gets F(2x2, 3x3)."""
     for channels, fits in ((14620, True), (14621, False)):
         w = np.ones((1, channels, 3, 3), np.int64)
-        ok, text = winograd_bounds(_facts(w, 255), WINOGRAD_F4)
+        ok, text = winograd_bounds(layer_facts(w, 255), WINOGRAD_F4)
         y = 9 * 255 * channels
         assert ok == fits == (y <= 2**25 - 1)
         assert f"max sum|w|*span {y} <= 2^25-1 (576*Y formed modulo 2^32)" in text
         assert _pick(w, 255) == ("avx2_wino4_s16" if fits else "avx2_wino_s16")
-
-
-def _run_kernel(spec: ConvKernelSpec, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The F(4x4, 3x3) kernel of ``spec`` built alone and run on ``x`` (int32 output)."""
-    tvm = pytest.importorskip("tvm")
-    lib = tvm.compile(tvm.IRModule({"main": wino.build_winograd_kernel(spec)}),
-                      target=tvm.target.Target(AVX2))
-    size = wino.padded_channels(spec)
-    args = [x, wino.pack_winograd_weight(w, spec), np.zeros(size, np.int32)]
-    args += [np.zeros(size, np.int64)] * 3 + [np.zeros(size, np.int32)] * 2
-    args.append(np.zeros((1, 1) + spec.out_size, np.int32))
-    tensors = [tvm.runtime.tensor(a) for a in args]
-    lib["main"](*tensors)
-    return tensors[-1].numpy()
 
 
 def test_kernel_past_its_output_bound_is_wrong() -> None:
@@ -203,7 +165,7 @@ def test_kernel_past_its_output_bound_is_wrong() -> None:
                               "int16", 0, 0, "int32", 0, 0)
         w = np.full((1, channels, 3, 3), 668, np.int64)
         y = 9 * 668 * 327 * channels
-        got = _run_kernel(spec, np.full((1, channels, 6, 6), 327, np.int16), w)
+        got = run_kernel_alone(spec, np.full((1, channels, 6, 6), 327, np.int16), w)
         assert np.array_equal(got, np.full((1, 1, 4, 4), y if exact else y - 2**26))
         assert 576 * y > 2**31  # 576 Y itself wrapped: recovered from its low bits
 
@@ -260,7 +222,7 @@ def test_kernel_past_its_activation_bound_is_wrong() -> None:
         x = (mask * hi)[None, None]
         want = torch.nn.functional.conv2d(torch.tensor(x, dtype=torch.float64),
                                           torch.tensor(w, dtype=torch.float64)).numpy()
-        assert np.array_equal(_run_kernel(spec, x, w), want.astype(np.int64)) == exact
+        assert np.array_equal(run_kernel_alone(spec, x, w), want.astype(np.int64)) == exact
 
 
 def test_schemes_check_their_identity() -> None:

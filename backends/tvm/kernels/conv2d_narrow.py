@@ -299,7 +299,7 @@ def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometr
     """``emit.emit_conv`` for an ``avx2_px16`` choice: the pixels-in-lanes kernel of this
     module, reading ``x`` in ``in_layout`` and writing ``NCHW{out_lanes}c`` when asked (any
     requantizing layer), else NCHW. Same parameters and result as ``emit_conv``."""
-    from .emit import _fits_int32, _per_channel, emit_all_params_kernel
+    from .emit import emit_all_params_kernel, requant_args
 
     n, _, h, w = bb.shape(x)[:4]
     ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
@@ -308,15 +308,12 @@ def emit_narrow(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geometr
     if tuple(stride) != (1, 1):
         raise ValueError(f"{facts.layer}: the pixels-in-lanes kernel needs stride 1, got "
                          f"{stride} (select.narrow_pixels admits stride 1 only)")
-    m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
-    m_c = _per_channel(m, oc)
-    shift_c = _per_channel(shift, oc)
-    m_dtype = "int32" if _fits_int32(m_c) else "int64"
+    m_c, shift_c, qmin, qmax, out_dtype, m_dtype = requant_args(requant, oc)
     offset = facts.offset_for("ubsw")
     lanes = out_lanes if requant is not None else 0
     spec = ConvKernelSpec(n, ic, h, w, oc, (kh, kw), (1, 1), tuple(padding), tuple(dilation),
-                          "px16", 1, in_dtype, offset, facts.acc_shift, out_dtype, int(qmin),
-                          int(qmax), m_dtype, in_layout.lanes, lanes)
+                          "px16", 1, in_dtype, offset, facts.acc_shift, out_dtype, qmin, qmax,
+                          m_dtype, in_layout.lanes, lanes)
     requant_c = (m_c, shift_c) if requant is not None else None
     return emit_all_params_kernel(bb, x, spec, facts, choice, requant_c, padded_channels(spec),
                                   (pack_narrow_weight(facts.weight, spec), "int8"),

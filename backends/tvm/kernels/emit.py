@@ -136,6 +136,17 @@ def _fits_int32(values: np.ndarray) -> bool:
     return bool(values.size == 0 or (values.min() >= -(2**31) and values.max() <= 2**31 - 1))
 
 
+def requant_args(requant: tuple[Any, Any, int, int, str] | None, channels: int,
+                 ) -> tuple[np.ndarray, np.ndarray, int, int, str, str]:
+    """``requant`` = ``(m, shift, qmin, qmax, out_dtype)`` (``None``: an int32 output) as
+    per-channel multipliers and shifts, ``qmin``, ``qmax``, the output dtype and the
+    multipliers' dtype (``"int32"`` where they all fit)."""
+    m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
+    m_c = _per_channel(m, channels)
+    return (m_c, _per_channel(shift, channels), int(qmin), int(qmax), out_dtype,
+            "int32" if _fits_int32(m_c) else "int64")
+
+
 def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: KernelChoice,
               geometry: ConvGeometry, requant: tuple[Any, Any, int, int, str] | None,
               in_layout: Layout = NCHW, out_lanes: int = 0) -> tuple[Any, Layout, str]:
@@ -182,20 +193,17 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         ic = in_g
     oc_g = oc // cg
     stride, padding, dilation = geometry
-    m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
-    m_c = _per_channel(m, oc)
-    m_dtype = "int32" if _fits_int32(m_c) else "int64"
+    m_c, shift_c, qmin, qmax, out_dtype, m_dtype = requant_args(requant, oc)
     offset = facts.offset_for(choice.kind)
     spec = ConvKernelSpec(n * cg, ic, h, w, oc_g, (kh, kw), stride, padding, dilation,
                           str(choice.kind), choice.groups, in_dtype, offset,
-                          facts.acc_shift, out_dtype, int(qmin), int(qmax), m_dtype,
+                          facts.acc_shift, out_dtype, qmin, qmax, m_dtype,
                           in_layout.lanes, acc_dtype=choice.acc_dtype, conv_groups=cg)
     if (out_lanes and requant is not None and out_lanes == spec.oc_lanes
             and (cg == 1 or oc_g % out_lanes == 0)):
         spec = dataclasses.replace(spec, out_lanes=out_lanes)
     if im2col_pays(spec):
         spec = dataclasses.replace(spec, im2col=True)
-    shift_c = _per_channel(shift, oc)
     bias = facts.kernel_bias(offset)
     extra: list[tuple[np.ndarray, str]] = []
     if requant is not None:

@@ -70,8 +70,8 @@ from .intrin import UBSW_GROUPS
 
 __all__ = ["GROUPED_KINDS", "INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
            "fit_groups_to_lanes", "merge_factor", "merge_groups", "narrow_pixels",
-           "select_kernel", "winograd", "winograd_bounds", "winograd_weight_transform",
-           "WINOGRAD_F2", "WINOGRAD_F4", "WinogradScheme"]
+           "select_kernel", "winograd", "winograd_bounds", "WINOGRAD_F2", "WINOGRAD_F4",
+           "WinogradScheme"]
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
@@ -671,14 +671,6 @@ WINOGRAD_F4 = WinogradScheme(
      (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
     ((1, 0, 0), (-1, -1, -1), (-1, 1, -1), (1, 2, 4), (1, -2, 4), (0, 0, 1)),
     ((6, 4, 4, 1, 1, 0), (0, 4, -4, 2, -2, 0), (0, 4, 4, 4, 4, 0), (0, 4, -4, 8, -8, 24)), 576)
-#: F(2, 3)'s weight transform scaled to integers (``2G``), used by ``winograd.py`` too.
-WINOGRAD_G2 = np.array(WINOGRAD_F2.g, np.int64)
-
-
-def winograd_weight_transform(weight: np.ndarray) -> np.ndarray:
-    """``U = (2G) g (2G)^T`` of OIHW 3x3 integer weights: ``[4, 4, O, C]`` int64 (4x the
-    textbook ``G g G^T``, integers)."""
-    return WINOGRAD_F2.weight_transform(weight)
 
 
 def winograd_bounds(facts: LayerFacts,

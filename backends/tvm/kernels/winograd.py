@@ -47,18 +47,11 @@ import numpy as np
 from .conv2d import ConvKernelSpec, all_params_dtypes, epilogue_value, io_shapes
 from .select import WINOGRAD_F2, WINOGRAD_F4, WinogradScheme
 
-__all__ = ["A_T", "B_T", "G2", "SCHEMES", "build_winograd_kernel", "check_winograd",
-           "emit_winograd", "pack_winograd_weight", "padded_channels", "transform_weight",
-           "winograd_tiles"]
+__all__ = ["SCHEMES", "build_winograd_kernel", "check_winograd", "emit_winograd",
+           "pack_winograd_weight", "padded_channels", "winograd_tiles"]
 
 #: The scheme of each kernel kind: ``"wino"`` F(2x2, 3x3), ``"wino4"`` F(4x4, 3x3).
 SCHEMES: dict[str, WinogradScheme] = {"wino": WINOGRAD_F2, "wino4": WINOGRAD_F4}
-
-#: F(2, 3): input transform ``B^T`` (4x4), ``2G`` (4x3, the weight transform scaled to
-#: integers), output transform ``A^T`` (2x4).
-B_T = np.array(WINOGRAD_F2.b_t, np.int64)
-G2 = np.array(WINOGRAD_F2.g, np.int64)
-A_T = np.array(WINOGRAD_F2.a_t, np.int64)
 
 #: Output-channel lanes of a vector (int32 lanes of a ymm register) and input-channel lanes of
 #: the input transform (int16 x 8: one ``NCHW8c`` block).
@@ -79,11 +72,6 @@ def check_winograd(spec: ConvKernelSpec) -> None:
     if spec.out_lanes not in (0, LANES):
         raise ValueError(f"the Winograd kernel writes NCHW or NCHW{LANES}c, got out_lanes "
                          f"{spec.out_lanes}")
-
-
-#: ``U = (2G) g (2G)^T`` of OIHW 3x3 weights (F(2, 3); ``WinogradScheme.weight_transform``:
-#: the selection's bounds read the same transform).
-transform_weight = WINOGRAD_F2.weight_transform
 
 
 def winograd_tiles(spec: ConvKernelSpec) -> tuple[int, int]:
@@ -348,7 +336,7 @@ def emit_winograd(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geome
     this module, reading ``x`` in ``in_layout`` (NCHW or packed, any lanes) and writing
     ``NCHW8c`` when asked (a requantizing layer), else NCHW. Same parameters and result as
     ``emit_conv``."""
-    from .emit import _fits_int32, _per_channel, emit_all_params_kernel
+    from .emit import emit_all_params_kernel, requant_args
 
     n, _, h, w = bb.shape(x)[:4]
     ic = in_layout.channels if in_layout.packed else bb.shape(x)[1]
@@ -358,15 +346,12 @@ def emit_winograd(bb: Any, x: Any, in_dtype: str, facts: Any, choice: Any, geome
         raise ValueError(f"{facts.layer}: the Winograd kernel needs stride 1, dilation 1 and "
                          f"one group, got {stride}, {dilation}, {facts.groups} "
                          "(select.winograd admits those only)")
-    m, shift, qmin, qmax, out_dtype = requant if requant is not None else (0, 0, 0, 0, "int32")
-    m_c = _per_channel(m, oc)
-    shift_c = _per_channel(shift, oc)
-    m_dtype = "int32" if _fits_int32(m_c) else "int64"
+    m_c, shift_c, qmin, qmax, out_dtype, m_dtype = requant_args(requant, oc)
     offset = facts.offset_for("wd")
     lanes = out_lanes if requant is not None and out_lanes == LANES else 0
     spec = ConvKernelSpec(n, ic, h, w, oc, (3, 3), (1, 1), tuple(padding), (1, 1), choice.kind,
-                          1, in_dtype, offset, facts.acc_shift, out_dtype, int(qmin), int(qmax),
-                          m_dtype, in_layout.lanes, lanes)
+                          1, in_dtype, offset, facts.acc_shift, out_dtype, qmin, qmax, m_dtype,
+                          in_layout.lanes, lanes)
     requant_c = (m_c, shift_c) if requant is not None else None
     return emit_all_params_kernel(bb, x, spec, facts, choice, requant_c, padded_channels(spec),
                                   (pack_winograd_weight(facts.weight, spec), "int16"),
