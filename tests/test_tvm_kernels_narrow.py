@@ -1,9 +1,12 @@
-"""The pixels-in-lanes kernel for narrow layers (``avx2_px16``, issue 15): bit-exact against the
-reference executor on pruned odd channel counts, batch 1 and 32, 3x3 and 1x1, NCHW and packed
-layouts, at its int16 bound and one past it (where the selection keeps a channel-lane variant),
-and chosen exactly where the selection's rule says."""
+"""The pixels-in-lanes kernels for narrow layers (``avx2_px16`` and AVX-512 VNNI's
+``avx512_px16``, issue 15): bit-exact against the reference executor on pruned odd channel
+counts, batch 1 and 32, 3x3 and 1x1, NCHW and packed layouts, at the AVX2 kernel's int16 bound
+and one past it (where the selection keeps a channel-lane variant), W8A8 on VNNI (no int16
+sums), and chosen exactly where the selection's rule says."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -19,7 +22,16 @@ from djpq_compiler.backends.tvm.kernels.select import (  # noqa: E402
     narrow_pixels,
     select_kernel,
 )
-from tests.test_tvm_kernels import AVX2, One, check, compile_for, inputs, int_layer  # noqa: E402
+from tests.test_tvm_kernels import (  # noqa: E402
+    AVX2,
+    VNNI,
+    One,
+    check,
+    compile_for,
+    inputs,
+    int_layer,
+    needs_vnni,
+)
 from tests.test_tvm_layout import add, conv  # noqa: E402
 
 
@@ -123,13 +135,11 @@ def test_narrow_kernel_past_its_bound_is_wrong() -> None:
                                     {"im2col": True}])
 def test_narrow_kernel_refuses_a_spec_it_does_not_compute(change: dict) -> None:
     """A spec of another kind, stride, group count or an im2col reduction is refused by name
-    before any TIR is built (the kernel assumes stride 1, one group, channel pairs)."""
-    import dataclasses
-
+    before any TIR is built (the kernel assumes stride 1, one group, channel groups)."""
     spec = ConvKernelSpec(1, 5, 4, 4, 3, (3, 3), (1, 1), (1, 1), (1, 1), "px16", 1, "uint8", 0, 0,
                           "uint8", 0, 255)
     bad = dataclasses.replace(spec, **change)
-    with pytest.raises(ValueError, match="pixels-in-lanes kernel computes kind 'px16'"):
+    with pytest.raises(ValueError, match="pixels-in-lanes kernel computes kinds"):
         narrow.build_narrow_kernel(bad)
 
 
@@ -156,7 +166,7 @@ def test_narrow_selection_rule() -> None:
     assert pick((13, 7, 3, 3)) == "avx2_u8s8_p2"  # 7 -> 13: work ratio 1.07 < 1.1
     assert pick((13, 1, 3, 3)) == "avx2_px16"  # a stem: whenever exact (its im2col pack)
     assert pick((13, 1, 3, 3), span=255, w=15) == "avx2_u8s8_p1"  # 255 * 135 > 32767
-    assert pick((9, 13, 3, 3), features=frozenset({"avx2", "avx512vnni"})) == "avx512_vnni"
+    assert pick((9, 13, 3, 3), features=frozenset({"avx2", "avx512bw"})) == "avx2_px16"
     # 117 weights of 7 on span 39: 39 * 819 = 31941 fits; span 41: 33579 does not
     assert pick((9, 13, 3, 3), span=39) == "avx2_px16"
     assert pick((9, 13, 3, 3), span=41).startswith("avx2_u8s8_p")
@@ -213,3 +223,124 @@ def test_narrow_on_sixteen_lane_layout() -> None:
     ctx = assert_exact(NarrowBlock(), (2, 1, 9, 18), {"kind": "llvm", "mcpu": "skylake-avx512"})
     got = {r.layer: (r.variant, r.in_layout) for r in ctx.kernels}  # type: ignore[attr-defined]
     assert got["a"] == ("avx2_px16", "NCHW16c") and got["b"] == ("avx2_px16", "NCHW16c")
+
+
+#: VNNI: (c_in, c_out, k, padding, batch, x_bits, signed, w_bits, hw, variant, weight lanes)
+VNNI_CASES = [
+    (13, 9, 3, 1, 32, 4, False, 4, (28, 28), "avx512_px16", 16),  # 9 x 2 vectors per tile
+    (9, 13, 3, 1, 1, 4, False, 4, (28, 28), "avx512_px16", 1),  # 13 x 1: weights broadcast
+    (13, 7, 3, 1, 2, 8, False, 8, (9, 11), "avx512_px16", 16),  # W8A8: past any int16 bound
+    (11, 5, 1, 0, 32, 4, False, 4, (5, 9), "avx512_px16", 16),  # 1x1
+    (6, 13, 3, 1, 1, 8, True, 8, (9, 20), "avx512_px16", 1),  # signed W8A8
+    (14, 16, 3, 1, 1, 4, False, 4, (8, 20), "avx512_vnni", 0),  # 16 outputs: lanes all used
+    (1, 13, 3, 1, 2, 8, False, 4, (9, 9), "avx512_vnni", 0),  # a stem keeps its im2col kernel
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize(("c_in", "c_out", "k", "padding", "batch", "x_bits", "signed", "w_bits",
+                          "hw", "variant", "lanes"), VNNI_CASES)
+def test_vnni_narrow_conv_exact(c_in: int, c_out: int, k: int, padding: int, batch: int,
+                                x_bits: int, signed: bool, w_bits: int, hw: tuple[int, int],
+                                variant: str, lanes: int) -> None:
+    """``avx512_px16`` where the 16 channel lanes pad most of the work, bit-exact (the
+    accumulator bound alone: W8A8 with the worst-case weights of ``int_layer`` included), its
+    weights whole vectors or broadcast as the tile says; wide layers and stems keep VNNI's
+    channel lanes."""
+    layer = int_layer("conv", c_in, c_out, x_bits=x_bits, x_signed=signed, w_bits=w_bits, k=k,
+                      padding=padding, seed=c_in * 17 + c_out)
+    _, records = check(layer, (batch, c_in) + hw, x_bits, signed, VNNI)
+    assert _variants(records) == [variant]
+    if lanes:
+        spec = ConvKernelSpec(batch, c_in, *hw, c_out, (k, k), (1, 1), (padding, padding),
+                              (1, 1), "px16v", 1, "uint8", 0, 0, "uint8", 0, 255)
+        assert narrow.weight_lanes(spec) == lanes
+        assert narrow.pack_narrow_weight(np.ones((c_out, c_in, k, k), np.int64), spec).size == (
+            narrow.padded_channels(spec) * -(-c_in // 4) * 4 * k * k * lanes)
+
+
+@needs_vnni
+def test_vnni_narrow_float_output_acc_shift_and_dilation() -> None:
+    """The int32 accumulator of a float-output layer with ``acc_shift``, and dilation 2."""
+    layer = int_layer("conv", 7, 5, x_bits=4, w_bits=4, out_scale=None, acc_shift=2)
+    _, records = check(layer, (2, 7, 6, 9), 4, False, VNNI)
+    assert _variants(records) == ["avx512_px16"]
+    layer = int_layer("conv", 5, 7, x_bits=4, w_bits=4, padding=2, dilation=2, seed=9)
+    _, records = check(layer, (2, 5, 11, 17), 4, False, VNNI)
+    assert _variants(records) == ["avx512_px16"]
+
+
+def test_vnni_narrow_selection_rule() -> None:
+    """Pure selection on a VNNI target: pixels in lanes where the 16 channel lanes pad at least
+    1.1x the work, whatever the int16 bound (vpdpbusd sums in int32); not for AMX choices,
+    stride 2, stems, 16 outputs, or a padding ratio under 1.1."""
+    vnni = frozenset({"avx2", "avx512bw", "avx512vnni"})
+
+    def pick(shape: tuple[int, ...], stride: tuple[int, int] = (1, 1), **kw: object) -> str:
+        facts = _facts(shape, features=vnni, **kw)  # type: ignore[arg-type]
+        choice = select_kernel(facts)
+        pad = (shape[2] // 2, shape[3] // 2)
+        return narrow_pixels(choice, facts, stride, pad, 28).variant
+    assert pick((9, 13, 3, 3)) == "avx512_px16"  # 16 x 16 per tap for 9 x 16: 1.66x the work
+    assert pick((13, 9, 3, 3)) == "avx512_px16"  # 16 x 12 for 13 x 12 (and the row ends): 1.15x
+    assert pick((13, 7, 3, 3)) == "avx512_px16"
+    assert pick((9, 13, 3, 3), span=255, w=127) == "avx512_px16"  # W8A8: no int16 sums
+    assert pick((16, 16, 3, 3)) == "avx512_vnni"  # 16 lanes all used: 0.93
+    assert pick((9, 13, 3, 3), stride=(2, 2)) == "avx512_vnni"
+    assert pick((13, 1, 3, 3)) == "avx512_vnni"  # a stem: its im2col kernel reduces 12, not 36
+    amx = frozenset(vnni | {"amx-int8"})
+    facts = _facts((9, 13, 3, 3), features=amx)
+    choice = dataclasses.replace(select_kernel(facts), variant="amx_int8")
+    assert narrow_pixels(choice, facts, (1, 1), (1, 1), 28).variant == "amx_int8"
+
+
+@needs_vnni
+@pytest.mark.parametrize(("batch", "hw"), [(1, (12, 10)), (32, (20, 28))])
+def test_vnni_narrow_packed_between_layers(batch: int, hw: tuple[int, int]) -> None:
+    """resnet20's pruned block on VNNI: its narrow convs read and write ``NCHW16c`` through the
+    256-byte shuffled pack and store (rows of 28) and the scalar ones (rows of 10), bit-exact;
+    the report gives the int32 bound and the padded-work comparison."""
+    from tests.test_tvm_layout import assert_exact
+
+    ctx = assert_exact(NarrowBlock(), (batch, 1) + hw, VNNI)
+    got = {r.layer: (r.variant, r.in_layout, r.out_layout)
+           for r in ctx.kernels}  # type: ignore[attr-defined]
+    # 9 -> 13: 16 / 13 lanes against rows of W + 2 over W: 1.03 at 10 columns, 1.15 at 28
+    b = "avx512_px16" if hw[1] == 28 else "avx512_vnni"
+    assert got == {"stem": ("avx512_vnni", "NCHW", "NCHW16c"),
+                   "a": ("avx512_px16", "NCHW16c", "NCHW16c"),
+                   "b": (b, "NCHW16c", "NCHW16c"),
+                   "out": ("avx512_px16", "NCHW16c", "NCHW")}
+    from djpq_compiler.backends.tvm.kernels.report import kernel_table
+
+    table = kernel_table(ctx.kernels)  # type: ignore[attr-defined]
+    assert table.count("(vpdpbusd sums exactly in int32)") == 4  # the stem's bound reads alike
+    narrow_layers = sum(v == "avx512_px16" for v, _, _ in got.values())
+    assert table.count("products per pixel in channel lanes vs") == narrow_layers
+
+
+class SignedNarrow(torch.nn.Module):
+    """A stem writing signed 8-bit codes (an int8 ``NCHW16c`` value on VNNI) into a narrow
+    13 -> 9 conv, then a 9 -> 3 one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = im.Quantize(0.02, 8, False)
+        self.stem = conv(1, 13, 0.02, 0.05, out_signed=True, seed=30)
+        self.a = conv(13, 9, 0.05, 0.05, seed=31)
+        self.out = conv(9, 3, 0.05, 0.05, seed=32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.a(self.stem(self.quant(x))))
+
+
+@needs_vnni
+@pytest.mark.parametrize("hw", [(5, 20), (6, 9)])
+def test_vnni_narrow_reads_signed_packed_codes(hw: tuple[int, int]) -> None:
+    """int8 codes in ``NCHW16c``: the shuffled 16-pixel pack reinterprets 256 bytes as u8 before
+    adding the offset (rows of 20), the scalar one converts per code (rows of 9); bit-exact."""
+    from tests.test_tvm_layout import assert_exact
+
+    ctx = assert_exact(SignedNarrow(), (2, 1) + hw, VNNI)
+    got = {r.layer: (r.variant, r.in_layout) for r in ctx.kernels}  # type: ignore[attr-defined]
+    assert got["a"] == ("avx512_px16", "NCHW16c")

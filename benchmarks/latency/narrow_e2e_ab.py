@@ -1,5 +1,6 @@
-"""End-to-end A/B of the pixels-in-lanes kernel (issue 15): each committed DJPQ-trained model
-built for the AVX2 target (``run.py --isa avx2``) with and without ``avx2_px16``
+"""End-to-end A/B of the pixels-in-lanes kernels (issue 15): each committed DJPQ-trained model
+built for the AVX2 target (``run.py --isa avx2``: ``avx2_px16``) or for this CPU (``--isa
+native``: ``avx512_px16`` where it has AVX512-VNNI) with and without them
 (``run.build_no_narrow``), both bit-exact with the integer reference, timed alone and
 interleaved (alternating order every round), thread CPU time per call at one TVM thread.
 
@@ -10,6 +11,7 @@ script times only the two TVM builds.
 
 Usage:
   TVM_NUM_THREADS=1 python benchmarks/latency/narrow_e2e_ab.py --out benchmarks/latency
+  TVM_NUM_THREADS=1 python benchmarks/latency/narrow_e2e_ab.py --isa native --out benchmarks/latency
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> int:
     ap.add_argument("--models", default="resnet20,mobilenetv2,vgg7")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--isa", choices=("avx2", "native"), default="avx2",
+                    help="avx2: the AVX2 kernels (mcpu=haswell); native: this CPU's")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     argv, sys.argv = sys.argv[1:], sys.argv[:1]
@@ -42,7 +46,8 @@ def main() -> int:
 
     from djpq_compiler.backends import tvm as tvm_backend
 
-    latency.force_isa("avx2")
+    if args.isa == "avx2":
+        latency.force_isa("avx2")
     rows = []
     load = [os.getloadavg()[0]]
     for name in args.models.split(","):
@@ -67,18 +72,20 @@ def main() -> int:
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"model": name, "batch": batch, "cpu_median_ms": med,
                    "speedup": med["no_narrow"] / med["narrow"], "bit_exact": exact,
-                   "narrow_layers": variants["narrow"].get("avx2_px16", 0),
+                   "narrow_layers": sum(n for v, n in variants["narrow"].items()
+                                        if v.endswith("_px16")),
                    "variants": variants}
             rows.append(row)
             print(f"{name} b{batch}: narrow {med['narrow']:.3f} ms, no_narrow "
                   f"{med['no_narrow']:.3f} ms, x{row['speedup']:.3f}, "
-                  f"{row['narrow_layers']} avx2_px16 layers, exact {exact}", flush=True)
+                  f"{row['narrow_layers']} pixels-in-lanes layers, exact {exact}", flush=True)
     load.append(os.getloadavg()[0])
     if args.out:
         meta = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
                 "command": "TVM_NUM_THREADS=1 python benchmarks/latency/narrow_e2e_ab.py "
                            + " ".join(argv), "loadavg_1min_before_after": load}
-        (Path(args.out) / "narrow_e2e_ab.json").write_text(
+        out_name = "narrow_e2e_ab.json" if args.isa == "avx2" else "narrow_e2e_ab_native.json"
+        (Path(args.out) / out_name).write_text(
             json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 

@@ -360,8 +360,8 @@ def build_prev_kernels(converted: nn.Module, x: torch.Tensor) -> Any:
 
 
 def build_no_narrow(converted: nn.Module, x: torch.Tensor) -> Any:
-    """``build(converted, "x86")`` without the ``avx2_px16`` kernel (``select.narrow_pixels``
-    never pays): the build before it."""
+    """``build(converted, "x86")`` without the pixels-in-lanes kernels (``avx2_px16``,
+    ``avx512_px16``: ``select.narrow_pixels`` never pays): the build before them."""
     from unittest import mock
 
     from djpq_compiler.backends import tvm as tvm_backend

@@ -25,7 +25,7 @@ from .conv2d import (
     reads_directly,
     split_shift_ok,
 )
-from .select import GROUPED_KINDS, KernelChoice, LayerFacts
+from .select import GROUPED_KINDS, PIXEL_KERNELS, KernelChoice, LayerFacts
 
 __all__ = ["KNOWN_FEATURES", "ConvGeometry", "emit_conv", "target_features", "target_text"]
 
@@ -37,7 +37,8 @@ KNOWN_ARM_FEATURES = ("dotprod",)
 #: Kernel kinds whose int64 requantization uses the split shift (``conv2d._requantize``) when
 #: every shift allows it: the x86 ones, where it was measured (CUDA and aarch64 ``sdot`` keep the
 #: int64 shift; the depthwise kind ``dw8`` is shared by AVX2 and NEON).
-SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx", "px16", "wino", "wino4"})
+SPLIT_SHIFT_KINDS = frozenset({"ubsw", "wd", "vnni", "dw8", "dw16", "amx", "px16", "px16v", "wino",
+                               "wino4"})
 
 #: Kernel kinds whose requantization runs in int32 where :func:`.requant32.plan_int32` finds a
 #: plan for every channel (``ConvKernelSpec.int32_requant``): the same kinds (NEON depthwise
@@ -166,7 +167,7 @@ def emit_conv(bb: Builder, x: Any, in_dtype: str, facts: LayerFacts, choice: Ker
         out_lanes: ``L`` to write the packed layout ``NCHW{L}c``; honoured only for a
             requantizing kernel whose output vector has ``L`` lanes, else the result is NCHW.
     """
-    if choice.kind == "px16":  # pixels in lanes (narrow layers): kernels/conv2d_narrow.py
+    if choice.kind in PIXEL_KERNELS:  # pixels in lanes (narrow layers): conv2d_narrow.py
         from .conv2d_narrow import emit_narrow
 
         return emit_narrow(bb, x, in_dtype, facts, choice, geometry, requant, in_layout,

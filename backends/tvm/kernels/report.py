@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .select import KernelChoice
+from .select import PIXEL_KERNELS, KernelChoice
 
 __all__ = ["kernel_table"]
 
 
 def _why(c: KernelChoice) -> str:
-    """The bound a written kernel relies on (for ``avx2_px16`` also why it was chosen over the
-    channel-lane kernel), or why the layer fell back to ``default``."""
+    """The bound a written kernel relies on (for a pixels-in-lanes kernel also why it was
+    chosen over the channel-lane kernel), or why the layer fell back to ``default``."""
     if c.variant == "default":
         return c.note
-    if c.kind == "px16":  # select.narrow_pixels: the padded-work comparison behind the choice
-        return f"{c.bound} [{c.note.split('channel pairs (', 1)[-1][:-1]}]"
+    if c.kind in PIXEL_KERNELS:  # select.narrow_pixels: the padded-work comparison behind it
+        return f"{c.bound} [{c.note.split('on channel ', 1)[-1].split(' (', 1)[-1][:-1]}]"
     return c.bound
 
 

@@ -44,6 +44,9 @@ target's features, and is recorded as a frozen :class:`KernelChoice` per layer. 
   13 -> 9): 16 output pixels in the lanes, ``vpmaddubsw`` over channel pairs, every partial
   sum in int16: exact iff ``span <= 255``, ``max|w| <= 127`` and
   ``span * max_o sum|w_o| <= 32767``.
+* ``avx512_px16`` (the same rule and kernel, :data:`PX16_VNNI`): stride-1 dense convs that
+  would get ``avx512_vnni`` and pad its 16 channel lanes most: ``vpdpbusd`` over channel quads
+  of 16 output pixels, sums in int32: the bounds of ``avx512_vnni`` (W8A8 included).
 * ``avx2_wino_s16`` (:func:`winograd`, ``winograd.py``): 3x3 stride-1 undilated dense convs
   of >= 28 input channels that would get ``avx2_s16`` (W8A8 and wider) or ``avx2_u8s8_p1``
   (W7A8): Winograd F(2x2, 3x3) with integer transforms, 16 ``vpmaddwd`` products per 2x2
@@ -70,6 +73,7 @@ from .intrin import UBSW_GROUPS
 
 __all__ = ["GROUPED_KINDS", "INT16_MAX", "INT32_MAX", "KernelChoice", "LayerFacts", "amx_pays",
            "fit_groups_to_lanes", "merge_factor", "merge_groups", "narrow_pixels",
+           "PIXEL_KERNELS", "PIXEL_LANES", "PixelKernel", "PX16_AVX2", "PX16_VNNI", "pixel_tiles",
            "select_kernel", "winograd", "winograd_bounds", "WINOGRAD_F2", "WINOGRAD_F4",
            "WinogradScheme"]
 
@@ -102,8 +106,9 @@ class KernelChoice:
         op: ``"conv2d"`` or ``"linear"``.
         variant: ``"amx_int8"``, ``"avx512_vnni"``, ``"avx2_u8s8_p4"``, ``"avx2_u8s8_p2"``,
             ``"avx2_u8s8_p1"``, ``"avx2_s16"``, ``"avx2_wino_s16"`` / ``"avx2_wino4_s16"``
-            (Winograd F(2x2, 3x3) / F(4x4, 3x3), :func:`winograd`), ``"avx2_px16"`` (pixels
-            in lanes, :func:`narrow_pixels`), ``"avx512_dw16"``, ``"avx2_dw8"``,
+            (Winograd F(2x2, 3x3) / F(4x4, 3x3), :func:`winograd`), ``"avx2_px16"`` /
+            ``"avx512_px16"`` (pixels in lanes, :func:`narrow_pixels`), ``"avx512_dw16"``,
+            ``"avx2_dw8"``,
             ``"neon_sdot"``, ``"neon_dw8"`` (aarch64; depthwise variants with ``"_acc16"``:
             int16 tap sums), ``"cuda_dp4a"`` (CUDA, ``kernels/cuda_select.py``) or
             ``"default"`` (TVM's generic lowering).
@@ -136,7 +141,7 @@ class KernelChoice:
             return "ubsw"
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "amx_int8": "amx", "avx512_dw16": "dw16",
                 "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a",
-                "neon_dw8": "dw8", "avx2_px16": "px16",
+                "neon_dw8": "dw8", "avx2_px16": "px16", "avx512_px16": "px16v",
                 "avx2_wino_s16": "wino", "avx2_wino4_s16": "wino4",
                 }.get(self.variant.removesuffix("_acc16"))
 
@@ -509,9 +514,46 @@ def fit_groups_to_lanes(choice: KernelChoice, facts: LayerFacts, lanes: int) -> 
     return dataclasses.replace(choice, variant=f"avx2_u8s8_p{p}", bound=text, note=note)
 
 
-#: ``avx2_px16`` is chosen for layers of at most ``NARROW_MAX_OUT`` output channels when the
-#: channel-lane kernel computes at least ``NARROW_MIN_GAIN`` times the narrow kernel's padded
-#: work (``narrow_pixels``). Measured in the packed layout, as inside a model
+@dataclass(frozen=True)
+class PixelKernel:
+    """One instruction set's pixels-in-lanes kernel (``conv2d_narrow.py``): 16 output pixels
+    in the vector lanes, the input channels multiplied ``group`` at a time per pixel.
+
+    ``kind`` is the ``ConvKernelSpec.kind`` it builds, ``variant`` the :class:`KernelChoice`
+    name, ``acc_dtype`` the accumulators' dtype, ``acc_regs`` the accumulator vectors a
+    register tile holds, ``lanes`` the packed layout (``NCHW{lanes}c``) its pack and store
+    read and write with vector shuffles (other layouts: scalar copies), ``channel_lanes`` the
+    output channel block of the channel-lane kernel it replaces. ``splat_weights``: a tile of
+    one pixel vector stores each weight group once and broadcasts it to the 16 lanes at the
+    load (``vpdpbusd``'s ``{1to16}`` memory operand); otherwise (and always on AVX2) each
+    group is stored as a whole vector, read as it is. VNNI, measured packed in and out, batch
+    1 / 32 (``benchmarks/latency/KERNELS_pxv_*.md``): one vector per tile (9 -> 13, 7 -> 13)
+    1.14 / 1.18x and 1.12 / 1.12x the channel lanes with broadcasts, 0.96 / 1.01x and 1.00 /
+    1.04x with whole vectors; two or three (13 -> 9, 13 -> 7) 1.32 / 1.44x and 1.27 / 1.42x with
+    whole vectors, 1.15 / 1.11x and 1.19 / 1.33x with broadcasts."""
+
+    kind: str
+    variant: str
+    group: int
+    acc_dtype: str
+    acc_regs: int
+    lanes: int
+    channel_lanes: int
+    splat_weights: bool
+
+
+#: AVX2: ``vpmaddubsw`` on channel pairs, pair sums added in int16 (``vpaddw``): 32 products
+#: per two instructions; 12 of the 16 ymm registers accumulate.
+PX16_AVX2 = PixelKernel("px16", "avx2_px16", 2, "int16", 12, 8, 8, False)
+#: AVX-512 VNNI: ``vpdpbusd`` on channel quads into int32 (64 products per instruction, no
+#: int16 partial sums); 24 of the 32 zmm registers accumulate.
+PX16_VNNI = PixelKernel("px16v", "avx512_px16", 4, "int32", 24, 16, 16, True)
+#: Every pixels-in-lanes kernel by ``ConvKernelSpec.kind``.
+PIXEL_KERNELS = {k.kind: k for k in (PX16_AVX2, PX16_VNNI)}
+
+#: A pixels-in-lanes kernel is chosen for layers of at most ``NARROW_MAX_OUT`` output channels
+#: when the channel-lane kernel computes at least ``NARROW_MIN_GAIN`` times its padded work
+#: (``narrow_pixels``). AVX2, measured in the packed layout, as inside a model
 #: (``benchmarks/latency/KERNELS_narrow.md``, haswell, batch 32, thread CPU time): work ratio
 #: 1.90 -> 1.63x faster (13 -> 9), 1.71 -> 1.46x (9 -> 13), 1.22 -> 1.21x (13 -> 7),
 #: 1.07 -> 1.07x (7 -> 13), but 1.04 -> 0.95x (31 -> 27 at 14x14); and mobilenetv2's wide 1x1
@@ -520,69 +562,97 @@ def fit_groups_to_lanes(choice: KernelChoice, facts: LayerFacts, lanes: int) -> 
 #: lanes pad little, hence the width limit.
 NARROW_MIN_GAIN = 1.1
 NARROW_MAX_OUT = 16
-#: Output pixels per vector of the narrow kernel and its accumulator registers (as in
-#: ``conv2d_narrow.py``, which imports TVM).
-_PIXEL_LANES, _ACC_REGS = 16, 12
+#: Output pixels per vector of the pixels-in-lanes kernels.
+PIXEL_LANES = 16
 
 
-def _lane_work(shape: tuple[int, ...], p: int) -> int:
-    """Products per output pixel of the AVX2 channel-lane kernel: output channels padded to
-    blocks of 8, the reduction to groups of ``4 * P`` (per tap, or jointly: ``reduce_width``)."""
+def _lane_work(shape: tuple[int, ...], p: int, lanes: int = 8, group: int = 4) -> int:
+    """Products per output pixel of a channel-lane kernel: output channels padded to blocks
+    of ``lanes`` (AVX2 8, VNNI 16), the reduction to groups of ``group * P`` (per tap, or
+    jointly: ``reduce_width``)."""
     oc, taps = int(shape[0]), int(np.prod(shape[2:], dtype=np.int64))
     width = reduce_width(shape)
-    padded = -(-width // (4 * p)) * 4 * p
+    padded = -(-width // (group * p)) * group * p
     per_out = padded if width != int(shape[1]) else padded * taps
-    return -(-oc // 8) * 8 * per_out
+    return -(-oc // lanes) * lanes * per_out
 
 
-def _narrow_work(shape: tuple[int, ...], out_w: int, pad_w: int) -> float:
-    """Products per output pixel of ``avx2_px16``: channels padded to whole tiles of at most
-    12, input channels to pairs, rows computed over the padded width ``W + 2 * pw``."""
+def pixel_tiles(out_channels: int, kernel: PixelKernel) -> tuple[int, int]:
+    """``(tile_o, vectors)`` of a pixels-in-lanes kernel: output channels x 16-pixel vectors
+    held in registers. ``tile_o * vectors <= acc_regs`` accumulators; the channels are split
+    into the fewest tiles of at most ``acc_regs`` (AVX2: 13 -> 2 x 7, 9 -> 9), padded with
+    zero-weight channels to whole tiles; the spare registers go to more pixel vectors (reusing
+    each weight vector)."""
+    n_tiles = -(-out_channels // kernel.acc_regs)
+    tile_o = -(-out_channels // n_tiles)
+    return tile_o, max(1, kernel.acc_regs // tile_o)
+
+
+def _narrow_work(shape: tuple[int, ...], out_w: int, pad_w: int,
+                 kernel: PixelKernel = PX16_AVX2) -> float:
+    """Products per output pixel of a pixels-in-lanes kernel: channels padded to whole tiles,
+    input channels to ``group``, rows computed over the padded width ``W + 2 * pw``."""
     oc, ic, taps = int(shape[0]), int(shape[1]), int(np.prod(shape[2:], dtype=np.int64))
-    tiles = -(-oc // _ACC_REGS)
-    tile_o = -(-oc // tiles)
-    return tiles * tile_o * 2 * -(-ic // 2) * taps * (out_w + 2 * pad_w) / out_w
+    tile_o, _ = pixel_tiles(oc, kernel)
+    tiles = -(-oc // tile_o)
+    group = kernel.group
+    return tiles * tile_o * group * -(-ic // group) * taps * (out_w + 2 * pad_w) / out_w
 
 
 def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
                   padding: tuple[int, int], out_w: int, direct: bool = False) -> KernelChoice:
-    """``choice`` replaced by ``avx2_px16`` (pixels in lanes, ``conv2d_narrow.py``) where that
-    is exact and pays: an ``avx2_u8s8_p*`` dense conv (AVX2 without VNNI, ``groups == 1``,
-    spatial or 1x1, at most :data:`NARROW_MAX_OUT` output channels) at stride 1 whose padded
-    work in channel lanes (:func:`_lane_work`) is at least :data:`NARROW_MIN_GAIN` times the
-    narrow kernel's (:func:`_narrow_work`), and whose every int16 partial sum is bounded:
-    ``span * max_o sum|w_o| <= 32767`` (the pair sums of
-    ``vpmaddubsw`` and the wrapping ``vpaddw`` sums are then exact). Other choices are returned
-    unchanged (the bound one bit past keeps the channel-lane variant, exact at its own bound).
-    Stems (at most 4 input channels, spatial kernel) take it whenever it is exact: their
-    channel-lane kernel's im2col pack dominates its time, which the work ratio does not count
-    (measured 1.5-1.65x on 1 -> 13 and 1 -> 16 3x3 at work ratio 0.77-0.8, 2.4x on 1 -> 3 5x5).
-    ``direct``: a 1x1 conv whose channel-lane kernel may read its packed input without a pack
-    stage (``conv2d.reads_directly``); it keeps that kernel (the narrow kernel was measured
-    against channel-lane kernels with a pack only)."""
-    if (direct or choice.kind != "ubsw" or facts.op != "conv2d" or facts.groups != 1
-            or facts.weight.shape[0] > NARROW_MAX_OUT
+    """``choice`` replaced by a pixels-in-lanes kernel (``conv2d_narrow.py``) where that is
+    exact and pays: a dense conv (``groups == 1``, spatial or 1x1, at most
+    :data:`NARROW_MAX_OUT` output channels) at stride 1 whose padded work in channel lanes
+    (:func:`_lane_work`) is at least :data:`NARROW_MIN_GAIN` times the pixel kernel's
+    (:func:`_narrow_work`):
+
+    * ``avx2_px16`` for an ``avx2_u8s8_p*`` layer (AVX2 without VNNI), where every int16
+      partial sum is bounded: ``span * max_o sum|w_o| <= 32767`` (the pair sums of
+      ``vpmaddubsw`` and the wrapping ``vpaddw`` sums are then exact). Stems (at most 4 input
+      channels, spatial kernel) take it whenever it is exact: their channel-lane kernel's
+      im2col pack dominates its time, which the work ratio does not count (measured 1.5-1.65x
+      on 1 -> 13 and 1 -> 16 3x3 at work ratio 0.77-0.8, 2.4x on 1 -> 3 5x5).
+    * ``avx512_px16`` for an ``avx512_vnni`` layer: ``vpdpbusd`` sums four u8 x s8 products
+      into int32 exactly, so the bounds of ``avx512_vnni`` itself (``span <= 255``, ``max|w| <=
+      127``, the accumulator) are all it needs; no stem exception (a 1-channel tap pads to 4
+      operands here, 12 per 3x3 output jointly in the channel-lane im2col kernel).
+
+    Other choices are returned unchanged (one bit past the int16 bound keeps the channel-lane
+    variant, exact at its own bound). ``direct``: a 1x1 conv whose channel-lane kernel may
+    read its packed input without a pack stage (``conv2d.reads_directly``); it keeps that
+    kernel (the narrow kernel was measured against channel-lane kernels with a pack only)."""
+    vnni = choice.variant == "avx512_vnni"
+    if (direct or not (vnni or choice.kind == "ubsw") or facts.op != "conv2d"
+            or facts.groups != 1 or facts.weight.shape[0] > NARROW_MAX_OUT
             or tuple(stride) != (1, 1) or facts.features is None
-            or "avx512vnni" in facts.features):
+            or (not vnni and "avx512vnni" in facts.features)):
         return choice
+    kernel = PX16_VNNI if vnni else PX16_AVX2
     shape = facts.weight.shape
-    old, new = _lane_work(shape, choice.groups), _narrow_work(shape, out_w, padding[1])
-    stem = reduce_width(shape) != int(shape[1])  # <= 4 channels, spatial: the im2col kernel
+    old = _lane_work(shape, 1 if vnni else choice.groups, kernel.channel_lanes)
+    new = _narrow_work(shape, out_w, padding[1], kernel)
+    stem = not vnni and reduce_width(shape) != int(shape[1])  # AVX2's im2col kernel
     if old < NARROW_MIN_GAIN * new and not stem:
         return choice
     span = facts.span
     sums = np.abs(facts.weight.reshape(shape[0], -1)).astype(np.int64).sum(1)
     bound = span * int(sums.max(initial=0))
-    if span > 255 or facts.w_max > 127 or bound > INT16_MAX:
+    if span > 255 or facts.w_max > 127 or (not vnni and bound > INT16_MAX):
         return choice
     acc_text = choice.bound.split("; ", 1)[1] if "; " in choice.bound else ""
-    text = (f"span {span} * max sum|w| {int(sums.max(initial=0))} = {bound} <= 32767 (int16 "
-            f"pair and partial sums); {acc_text}")
     why = (f"a stem: the channel-lane kernel's im2col pack dominates ({old} products per pixel "
            f"vs {new:.0f})" if stem else
            f"{old} products per pixel in channel lanes vs {new:.0f}")
-    note = f"{facts.target}: pixels in 16 lanes, u8 x s8 vpmaddubsw on channel pairs ({why})"
-    return dataclasses.replace(choice, variant="avx2_px16", bound=text, note=note)
+    if vnni:
+        text = (f"span {span} <= 255, max|w| {facts.w_max} <= 127 (vpdpbusd sums exactly in "
+                f"int32); {acc_text}")
+        note = f"{facts.target}: pixels in 16 lanes, u8 x s8 vpdpbusd on channel quads ({why})"
+    else:
+        text = (f"span {span} * max sum|w| {int(sums.max(initial=0))} = {bound} <= 32767 (int16 "
+                f"pair and partial sums); {acc_text}")
+        note = f"{facts.target}: pixels in 16 lanes, u8 x s8 vpmaddubsw on channel pairs ({why})"
+    return dataclasses.replace(choice, variant=kernel.variant, bound=text, note=note)
 
 
 #: ``avx2_wino_s16`` needs an output of at least this many rows and columns: its 2x2 tiles
