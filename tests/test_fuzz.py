@@ -441,3 +441,20 @@ def test_regression_avg_pool_then_float_scalar_add_sums_windows() -> None:
     names = {n for n, _ in converted.named_modules()}
     assert "djpq_int.sum_avg_pool2d" in names  # the exact window sum ...
     assert "djpq_int.op_avg_pool2d" not in names  # ... not the mean rounded to the input grid
+
+
+#: Found by the seed-27 run on this CPU's build (benchmarks/fuzz/RESULTS.md): a concat of three
+#: pruned branches (3, 1 and 4 channels) whose parts are requantized to its scale with shifts
+#: 31, 33 and 32. TVM fused the three int64 requantizations into the concat, and LLVM's AVX-512
+#: code for it gave wrong codes on the 1-channel part (each part alone, or any two, were right;
+#: AVX2 right); the codes fed a pool and the head: 0.08 off end to end. Each rescaled part is now
+#: its own lane-wise kernel (``converters._rescale_part``) and the concat only copies.
+CONCAT_OF_REQUANTIZED_PARTS = Recipe(blocks=(Pool(kind='avg'), Concat(branches=((7, 3), (1, 3),
+                                                                              (7, 3)), act=None)),
+                                     head='pool_linear', size=4, seed=782)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tvm") is None, reason="needs apache-tvm")
+def test_regression_concat_of_requantized_parts_is_exact_on_every_x86_target() -> None:
+    stats = check_tvm(CONCAT_OF_REQUANTIZED_PARTS, ("x86", "x86-avx2"))
+    assert ("x86", "ok") in stats.outcomes and all(s == "ok" for _, s in stats.outcomes)

@@ -485,13 +485,27 @@ def convert_mul(ctx: Lowering, node: fx.Node) -> Lowered:
     return ctx.int_value(out, module.qmin, module.qmax, layout)
 
 
-def _rescale_part(ctx: Lowering, x: IntValue, rescale: tuple[int, int] | None,
-                  qmin: int, qmax: int) -> Any:
-    """One concat input moved to the output scale: requantize (or not) and clip."""
+def _rescale_part(ctx: Lowering, node: fx.Node, index: int, x: IntValue,
+                  rescale: tuple[int, int] | None, qmin: int, qmax: int) -> Any:
+    """Concat input ``index`` moved to the output scale: requantize (or not) and clip, in the
+    output's container.
+
+    On CPU targets a part that needs arithmetic is its own lane-wise kernel
+    (:func:`_chain_kernel`), so that the concat only copies and casts: TVM 0.27's LLVM code for
+    a concat fused with three int64 requantizations gave wrong codes on AVX-512 (the fuzzer,
+    seed 27: parts of 3, 1 and 4 channels, shifts 31, 33 and 32; one part's codes wrong, each
+    part alone and any two of them right, AVX2 right; ``tests/test_fuzz.py``)."""
     target = container_dtype(qmin, qmax)
+    if rescale is None and qmin <= x.lo and x.hi <= qmax:
+        return ctx.bb.astype(x.expr, target)
+    leaf = Leaf(0, x.lo, x.hi, ctx.bb.dtype(x.expr))
+    tree: Expr = (Clamp(leaf, max(min(x.lo, qmax), qmin), min(max(x.hi, qmin), qmax))
+                  if rescale is None else Requant(leaf, rescale[0], rescale[1], qmin, qmax))
+    if chains_enabled(ctx):
+        part = _chain_kernel(ctx, node, tree, [x], [f"{node.name}[{index}]"], value_range(tree),
+                             name=f"fused_eltwise_{node.name}_{index}")
+        return ctx.bb.astype(part.expr, target)
     if rescale is None:
-        if qmin <= x.lo and x.hi <= qmax:
-            return ctx.bb.astype(x.expr, target)
         return ctx.bb.astype(ctx.bb.clip(ctx.bb.astype(x.expr, "int64"), qmin, qmax), target)
     return ctx.bb.astype(requantize(ctx, x.expr, rescale[0], rescale[1], qmin, qmax), target)
 
@@ -522,8 +536,8 @@ def convert_concat(ctx: Lowering, node: fx.Node) -> Lowered:
         raise BackendError(f"{node.format_node()}: {len(node.args)} inputs but "
                            f"{len(module.rescales)} rescales")
     xs, axis, layout = _concat_args(ctx, node, module.dim)
-    parts = [_rescale_part(ctx, x, r, module.qmin, module.qmax)
-             for x, r in zip(xs, module.rescales, strict=True)]
+    parts = [_rescale_part(ctx, node, i, x, r, module.qmin, module.qmax)
+             for i, (x, r) in enumerate(zip(xs, module.rescales, strict=True))]
     return IntValue(ctx.bb.concat(parts, axis), module.qmin, module.qmax, layout)
 
 
@@ -646,9 +660,10 @@ def _finish_chain(ctx: Lowering, node: fx.Node, tree: Expr, leaves: list[fx.Node
 
 
 def _chain_kernel(ctx: Lowering, node: fx.Node, tree: Expr, values: list[IntValue],
-                  ops: list[str], out_range: tuple[int, int]) -> IntValue:
+                  ops: list[str], out_range: tuple[int, int], name: str = "") -> IntValue:
     """Emit ``tree`` as one scheduled lane-wise kernel (``kernels/eltwise.py``: arithmetic, or a
-    lookup in the chain's table where :func:`~.kernels.eltwise.chain_form` says) and record it."""
+    lookup in the chain's table where :func:`~.kernels.eltwise.chain_form` says) and record it;
+    ``name`` defaults to ``fused_eltwise_<node>``."""
     from .adapter import make_target
     from .kernels.eltwise import (
         ChainRecord,
@@ -671,7 +686,7 @@ def _chain_kernel(ctx: Lowering, node: fx.Node, tree: Expr, values: list[IntValu
     key = ("eltwise", tree, shape, out_dtype, form)
     named = ctx.bb.kernel_cache.get(key)
     if named is None:
-        name = f"fused_eltwise_{node.name}"
+        name = name or f"fused_eltwise_{node.name}"
         func = (build_table_kernel(tree, shape, out_dtype, target) if form == "table"
                 else build_chain_kernel(tree, shape, out_dtype, target, int32))
         named = (name, func.with_attr("global_symbol", name).with_attr("op_pattern", 8))
