@@ -527,7 +527,9 @@ class PixelKernel:
     one pixel vector stores each weight group once and broadcasts it to the 16 lanes at the
     load (``vpdpbusd``'s ``{1to16}`` memory operand); otherwise (and always on AVX2) each
     group is stored as a whole vector, read as it is. VNNI, measured packed in and out, batch
-    1 / 32 (``benchmarks/latency/KERNELS_pxv_*.md``): one vector per tile (9 -> 13, 7 -> 13)
+    1 / 32, every narrow layer forced to this kernel in each form (scratch runs of
+    ``kernels.py --narrow-gain 0``; the committed ``KERNELS_pxv_*.md`` time the rule's
+    outcome): one vector per tile (9 -> 13, 7 -> 13)
     1.14 / 1.18x and 1.12 / 1.12x the channel lanes with broadcasts, 0.96 / 1.01x and 1.00 /
     1.04x with whole vectors; two or three (13 -> 9, 13 -> 7) 1.32 / 1.44x and 1.27 / 1.42x with
     whole vectors, 1.15 / 1.11x and 1.19 / 1.33x with broadcasts."""
