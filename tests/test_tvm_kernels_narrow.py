@@ -150,14 +150,18 @@ def _facts(shape: tuple[int, ...], span: int = 15, w: int = 7,
                       features, "llvm")
 
 
+def pick(shape: tuple[int, ...], stride: tuple[int, int] = (1, 1), **kw: object) -> str:
+    """The variant a layer of OIHW ``shape`` gets (``_facts``' weights and span), same padding,
+    28 output columns: ``select_kernel`` then ``narrow_pixels``."""
+    facts = _facts(shape, **kw)  # type: ignore[arg-type]
+    choice = select_kernel(facts)
+    pad = (shape[2] // 2, shape[3] // 2)
+    return narrow_pixels(choice, facts, stride, pad, 28).variant
+
+
 def test_narrow_selection_rule() -> None:
     """Pure selection: narrow where the channel lanes pad most and on stems; stride 2, wide
     layers, VNNI targets and a bound one past keep their variant."""
-    def pick(shape: tuple[int, ...], stride: tuple[int, int] = (1, 1), **kw: object) -> str:
-        facts = _facts(shape, **kw)  # type: ignore[arg-type]
-        choice = select_kernel(facts)
-        pad = (shape[2] // 2, shape[3] // 2)
-        return narrow_pixels(choice, facts, stride, pad, 28).variant
     assert pick((9, 13, 3, 3)) == "avx2_px16"  # 13 -> 9: 16 x 16 products per tap for 13 x 9
     assert pick((13, 9, 3, 3)) == "avx2_px16"
     assert pick((9, 13, 3, 3), stride=(2, 2)) == "avx2_u8s8_p4"
@@ -275,19 +279,17 @@ def test_vnni_narrow_selection_rule() -> None:
     1.1x the work, whatever the int16 bound (vpdpbusd sums in int32); not for AMX choices,
     stride 2, stems, 16 outputs, or a padding ratio under 1.1."""
     vnni = frozenset({"avx2", "avx512bw", "avx512vnni"})
-
-    def pick(shape: tuple[int, ...], stride: tuple[int, int] = (1, 1), **kw: object) -> str:
-        facts = _facts(shape, features=vnni, **kw)  # type: ignore[arg-type]
-        choice = select_kernel(facts)
-        pad = (shape[2] // 2, shape[3] // 2)
-        return narrow_pixels(choice, facts, stride, pad, 28).variant
-    assert pick((9, 13, 3, 3)) == "avx512_px16"  # 16 x 16 per tap for 9 x 16: 1.66x the work
-    assert pick((13, 9, 3, 3)) == "avx512_px16"  # 16 x 12 for 13 x 12 (and the row ends): 1.15x
-    assert pick((13, 7, 3, 3)) == "avx512_px16"
-    assert pick((9, 13, 3, 3), span=255, w=127) == "avx512_px16"  # W8A8: no int16 sums
-    assert pick((16, 16, 3, 3)) == "avx512_vnni"  # 16 lanes all used: 0.93
-    assert pick((9, 13, 3, 3), stride=(2, 2)) == "avx512_vnni"
-    assert pick((13, 1, 3, 3)) == "avx512_vnni"  # a stem: its im2col kernel reduces 12, not 36
+    # 16 x 16 per tap for 9 x 16: 1.66x the work
+    assert pick((9, 13, 3, 3), features=vnni) == "avx512_px16"
+    # 16 x 12 for 13 x 12 (and the row ends): 1.15x
+    assert pick((13, 9, 3, 3), features=vnni) == "avx512_px16"
+    assert pick((13, 7, 3, 3), features=vnni) == "avx512_px16"
+    # W8A8: no int16 sums
+    assert pick((9, 13, 3, 3), span=255, w=127, features=vnni) == "avx512_px16"
+    assert pick((16, 16, 3, 3), features=vnni) == "avx512_vnni"  # 16 lanes all used: 0.93
+    assert pick((9, 13, 3, 3), stride=(2, 2), features=vnni) == "avx512_vnni"
+    # a stem: its im2col kernel reduces 12, not 36
+    assert pick((13, 1, 3, 3), features=vnni) == "avx512_vnni"
     amx = frozenset(vnni | {"amx-int8"})
     facts = _facts((9, 13, 3, 3), features=amx)
     choice = dataclasses.replace(select_kernel(facts), variant="amx_int8")

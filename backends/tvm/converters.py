@@ -505,9 +505,7 @@ def _rescale_part(ctx: Lowering, node: fx.Node, index: int, x: IntValue,
         part = _chain_kernel(ctx, node, tree, [x], [f"{node.name}[{index}]"], value_range(tree),
                              name=f"fused_eltwise_{node.name}_{index}")
         return ctx.bb.astype(part.expr, target)
-    if rescale is None:
-        return ctx.bb.astype(ctx.bb.clip(ctx.bb.astype(x.expr, "int64"), qmin, qmax), target)
-    return ctx.bb.astype(requantize(ctx, x.expr, rescale[0], rescale[1], qmin, qmax), target)
+    return ctx.bb.astype(_relax_tree(ctx, tree, [x.expr], x.layout), target)
 
 
 def _concat_args(ctx: Lowering, node: fx.Node, dim: int) -> tuple[list[IntValue], int, Layout]:

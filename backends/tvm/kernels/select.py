@@ -141,8 +141,8 @@ class KernelChoice:
             return "ubsw"
         return {"avx2_s16": "wd", "avx512_vnni": "vnni", "amx_int8": "amx", "avx512_dw16": "dw16",
                 "avx2_dw8": "dw8", "neon_sdot": "sdot", "cuda_dp4a": "dp4a",
-                "neon_dw8": "dw8", "avx2_px16": "px16", "avx512_px16": "px16v",
-                "avx2_wino_s16": "wino", "avx2_wino4_s16": "wino4",
+                "neon_dw8": "dw8", "avx2_wino_s16": "wino", "avx2_wino4_s16": "wino4",
+                **{k.variant: k.kind for k in PIXEL_KERNELS.values()},
                 }.get(self.variant.removesuffix("_acc16"))
 
     @property
@@ -568,13 +568,13 @@ NARROW_MAX_OUT = 16
 PIXEL_LANES = 16
 
 
-def _lane_work(shape: tuple[int, ...], p: int, lanes: int = 8, group: int = 4) -> int:
+def _lane_work(shape: tuple[int, ...], p: int, lanes: int) -> int:
     """Products per output pixel of a channel-lane kernel: output channels padded to blocks
-    of ``lanes`` (AVX2 8, VNNI 16), the reduction to groups of ``group * P`` (per tap, or
-    jointly: ``reduce_width``)."""
+    of ``lanes`` (AVX2 8, VNNI 16), the reduction to groups of ``4 * P`` (per tap, or jointly:
+    ``reduce_width``)."""
     oc, taps = int(shape[0]), int(np.prod(shape[2:], dtype=np.int64))
     width = reduce_width(shape)
-    padded = -(-width // (group * p)) * group * p
+    padded = -(-width // (4 * p)) * 4 * p
     per_out = padded if width != int(shape[1]) else padded * taps
     return -(-oc // lanes) * lanes * per_out
 
@@ -590,8 +590,7 @@ def pixel_tiles(out_channels: int, kernel: PixelKernel) -> tuple[int, int]:
     return tile_o, max(1, kernel.acc_regs // tile_o)
 
 
-def _narrow_work(shape: tuple[int, ...], out_w: int, pad_w: int,
-                 kernel: PixelKernel = PX16_AVX2) -> float:
+def _narrow_work(shape: tuple[int, ...], out_w: int, pad_w: int, kernel: PixelKernel) -> float:
     """Products per output pixel of a pixels-in-lanes kernel: channels padded to whole tiles,
     input channels to ``group``, rows computed over the padded width ``W + 2 * pw``."""
     oc, ic, taps = int(shape[0]), int(shape[1]), int(np.prod(shape[2:], dtype=np.int64))
