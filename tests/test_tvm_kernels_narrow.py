@@ -176,6 +176,26 @@ def test_narrow_selection_rule() -> None:
     assert pick((9, 13, 3, 3), span=41).startswith("avx2_u8s8_p")
 
 
+def test_narrow_choice_records_why_it_was_preferred() -> None:
+    """The padded-work comparison travels as ``KernelChoice.preferred`` (not parsed back from the
+    note) and the kernel table prints it after the bound; a channel-lane choice has none."""
+    from djpq_compiler.backends.tvm.kernels.report import kernel_table
+
+    def choose(shape: tuple[int, ...]) -> object:
+        facts = _facts(shape)
+        return narrow_pixels(select_kernel(facts), facts, (1, 1), (1, 1), 28)
+
+    narrow_choice, stem_choice, wide = choose((9, 13, 3, 3)), choose((13, 1, 3, 3)), \
+        choose((32, 31, 3, 3))
+    # 13 -> 9 in 16-channel blocks: 16 x 16 x 9 products per pixel; pixel lanes pad rows only
+    assert narrow_choice.preferred == "2304 products per pixel in channel lanes vs 1215"
+    assert stem_choice.preferred.startswith("a stem: the channel-lane kernel's im2col pack")
+    assert (wide.variant, wide.preferred) == ("avx2_u8s8_p4", "")
+    lines = kernel_table([narrow_choice, wide]).splitlines()
+    assert lines[1].endswith(f"{narrow_choice.bound} [{narrow_choice.preferred}]")
+    assert lines[2].endswith(wide.bound)
+
+
 class NarrowBlock(torch.nn.Module):
     """resnet20's first-stage block, pruned, 4-bit activations: stem 1 -> 13, 13 -> 9 -> 13
     narrow convs, the residual add, a last conv (packed ``NCHW8c`` values between all of them

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .select import PIXEL_KERNELS, KernelChoice
+from .select import KernelChoice
 
 __all__ = ["kernel_table"]
 
@@ -14,9 +14,7 @@ def _why(c: KernelChoice) -> str:
     chosen over the channel-lane kernel), or why the layer fell back to ``default``."""
     if c.variant == "default":
         return c.note
-    if c.kind in PIXEL_KERNELS:  # select.narrow_pixels: the padded-work comparison behind it
-        return f"{c.bound} [{c.note.split('on channel ', 1)[-1].split(' (', 1)[-1][:-1]}]"
-    return c.bound
+    return f"{c.bound} [{c.preferred}]" if c.preferred else c.bound
 
 
 def kernel_table(choices: Sequence[KernelChoice]) -> str:

@@ -122,6 +122,9 @@ class KernelChoice:
             requantization"`` where a :mod:`.requant32` plan exists, ``"int64
             requantization"``, ``"int32 accumulator"`` for a float-output layer); set when the
             layer is emitted.
+        preferred: Why this written variant was taken over another that is exact too (the
+            padded-work comparison of :func:`narrow_pixels`); empty where no second written
+            kernel competed.
     """
 
     layer: str
@@ -133,6 +136,7 @@ class KernelChoice:
     in_layout: str = "NCHW"
     out_layout: str = "NCHW"
     epilogue: str = ""
+    preferred: str = ""
 
     @property
     def kind(self) -> str | None:
@@ -653,7 +657,8 @@ def narrow_pixels(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, in
         text = (f"span {span} * max sum|w| {int(sums.max(initial=0))} = {bound} <= 32767 (int16 "
                 f"pair and partial sums); {acc_text}")
         note = f"{facts.target}: pixels in 16 lanes, u8 x s8 vpmaddubsw on channel pairs ({why})"
-    return dataclasses.replace(choice, variant=kernel.variant, bound=text, note=note)
+    return dataclasses.replace(choice, variant=kernel.variant, bound=text, note=note,
+                               preferred=why)
 
 
 #: ``avx2_wino_s16`` needs an output of at least this many rows and columns: its 2x2 tiles
@@ -844,7 +849,7 @@ def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
                     f"transformed operands (36 products per 4x4 outputs instead of 144; "
                     f"{choice.variant} before)")
             return dataclasses.replace(choice, variant="avx2_wino4_s16",
-                                       bound=f"{text}; {acc_text}", note=note)
+                                       bound=f"{text}; {acc_text}", note=note, preferred="")
         refused = f"; Winograd F(4x4, 3x3) not exact: {text}"
     if not _winograd_replaces(choice, facts):
         return dataclasses.replace(choice, note=choice.note + refused) if refused else choice
@@ -856,4 +861,4 @@ def winograd(choice: KernelChoice, facts: LayerFacts, stride: tuple[int, int],
             f"operands (16 products per 2x2 outputs instead of 36; {choice.variant} before)"
             f"{refused}")
     return dataclasses.replace(choice, variant="avx2_wino_s16", bound=f"{text}; {acc_text}",
-                               note=note)
+                               note=note, preferred="")
