@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -161,3 +162,82 @@ def test_distilled_finetune_runs_the_teacher_in_eval_mode_without_training_it() 
     assert calls == [False] * 4  # one eval-mode forward per step
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats and weights kept
+
+
+class _Stop(Exception):
+    pass
+
+
+def _shuffled(n: int = 64) -> DataLoader:
+    """A loader reshuffled every epoch by its own seeded generator (as ``make_loader``'s)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 8, 8, generator=gen)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,
+                      generator=torch.Generator().manual_seed(1))
+
+
+def _prepared() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return djpq.prepare(T.Residual().eval(), next(iter(_data()))[0])
+
+
+@pytest.mark.parametrize(("stop", "later_logs"), [(4, [8, 12]), (8, [12])])
+def test_a_run_stopped_after_a_save_resumes_to_the_uninterrupted_result(
+        tmp_path, stop: int, later_logs: list[int]) -> None:
+    """Stopped at step 4 or 8 of 14 (after the save there), a freshly prepared model resumes from
+    the state file and ends bit for bit where the run that was never stopped ends: the same
+    weights, gates, quantizers, BN statistics, across epoch boundaries (4 batches an epoch,
+    reshuffled), the sampled gates' noise (steps 5-7) and the finalization phase (from step 7:
+    stopped at 8, the resumed model must be frozen as deployed before it trains on)."""
+    config = FinetuneConfig(gamma=5.0, steps=14, minutes=None, djpq_lr=0.1, weight_lr=1e-3,
+                            schedule="cosine", finalize=0.5, log_every=4)
+    whole = _prepared()
+    finetune(whole, _shuffled(), config, progress=False)
+
+    saved = dataclasses.replace(config, state_file=str(tmp_path / "run.pt"), save_every=4)
+    stopped = _prepared()
+
+    def stop_there(log: object) -> None:
+        if log.step == stop:  # type: ignore[attr-defined]
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        finetune(stopped, _shuffled(), saved, progress=False, on_log=stop_there)
+    torch.manual_seed(123)  # the resumed run takes the saved RNG state, not the process's
+    resumed = _prepared()
+    logs = finetune(resumed, _shuffled(), saved, progress=False)
+    assert [(log.step, log.finalizing) for log in logs] == [(s, True) for s in later_logs]
+    want, got = whole.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want), [
+        k for k in want if not torch.equal(want[k], got[k])]
+    assert all(g.deterministic for _, g in gates(resumed))  # finalizing: frozen as deployed
+    # a finished state resumes to no further steps
+    again = _prepared()
+    assert finetune(again, _shuffled(), saved, progress=False) == []
+    assert all(torch.equal(want[k], again.state_dict()[k]) for k in want)
+
+
+def test_a_state_file_is_resumed_only_under_its_own_config(tmp_path) -> None:
+    """A state saved under one recipe, a file that is no state, a state of another model and a
+    wall-clock budget are refused with a message naming the file, the field and the way out."""
+    with pytest.raises(ConfigError, match="needs a step budget"):
+        FinetuneConfig(steps=10, minutes=1.0, state_file=str(tmp_path / "x.pt"))
+    with pytest.raises(ConfigError, match="save_every must be >= 1"):
+        FinetuneConfig(steps=10, minutes=None, state_file="x.pt", save_every=0)
+    path = tmp_path / "run.pt"
+    config = FinetuneConfig(gamma=1.0, steps=2, minutes=None, state_file=str(path))
+    finetune(_prepared(), _data(), config, progress=False)
+    assert path.exists() and not (tmp_path / "run.pt.tmp").exists()
+    other = dataclasses.replace(config, gamma=2.0, log_every=7)  # log_every does not count
+    with pytest.raises(ConfigError, match=r"run\.pt: it was saved under another config "
+                                          r"\(gamma=1\.0, now 2\.0\); delete the file"):
+        finetune(_prepared(), _data(), other, progress=False)
+    torch.manual_seed(0)
+    wider = djpq.prepare(T.InvertedResidual().eval(), torch.randn(2, 3, 8, 8))
+    with pytest.raises(ConfigError, match="saved for another model"):
+        finetune(wider, _data(), config, progress=False)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a saved training state"):
+        finetune(_prepared(), _data(), config, progress=False)

@@ -441,3 +441,57 @@ def test_overview_lists_the_installed_checkpoints_sections_first(tmp_path: Path)
     assert titles[0].endswith("(checkpoint 0123456789ab)")
     assert titles[1].endswith("(checkpoint ffffffffffff): not the installed checkpoint "
                               "(0123456789ab), kept for the record")
+
+
+def test_a_stopped_claims_run_resumes_from_its_state_and_cleans_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--state-dir``: a run stopped after its training (here: at the conversion) leaves its
+    state, named by the run; the next invocation resumes it without training again and records
+    the same row an unstopped run records; every state file goes once its row is written
+    (two-stage runs keep one per stage meanwhile; the FP32 fine-tune resumes alike)."""
+    from djpq_compiler.errors import DataError
+    from djpq_compiler.workflows.data import fashion_mnist_loaders
+
+    try:
+        fashion_mnist_loaders(train_subset=8, test_subset=8)
+    except DataError:
+        pytest.skip("Fashion-MNIST is not installed")
+    claims = _claims()
+    argv = ["--models", "vgg7", "--methods", "djpq", "two_stage", "fp32_finetune",
+            "--gammas", "1", "--steps", "4", "--threads", "1", "--train-subset", "256",
+            "--test-subset", "64", "--out-dir", str(tmp_path)]
+    plain = tmp_path / "plain.jsonl"
+    claims.main([*argv, "--results", str(plain)])
+
+    single = claims._single_run_module()
+    convert, seen = single.convert, []
+
+    def stopped_once(*args: Any, **kwargs: Any) -> Any:
+        if not seen:
+            seen.append(1)
+            raise KeyboardInterrupt  # the process is stopped after djpq's training
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(single, "convert", stopped_once)
+    monkeypatch.setattr(claims, "_single_run_module", lambda: single)
+    state, results = tmp_path / "state", tmp_path / "results.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        claims.main([*argv, "--results", str(results), "--state-dir", str(state)])
+    left = [p.name for p in state.iterdir()]
+    assert len(left) == 1 and left[0].startswith("vgg7-djpq-g1-s0-4-") and not results.exists()
+    import torch
+
+    adam_step, steps = torch.optim.Adam.step, []
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        steps.append(1)
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    claims.main([*argv, "--results", str(results), "--state-dir", str(state)])
+    assert len(steps) == 2 + 2 + 4  # two_stage's halves and the fine-tune; djpq resumed done
+    assert list(state.iterdir()) == []
+    fields = ("method", "integer_acc", "fake_quant_acc", "gbops", "bits")
+    want = [{k: r[k] for k in fields} for r in map(json.loads, plain.read_text().splitlines())]
+    got = [{k: r[k] for k in fields} for r in map(json.loads, results.read_text().splitlines())]
+    assert got == want

@@ -100,10 +100,20 @@ def method_config(method: str, model: torch.nn.Module) -> DJPQConfig:
     return DJPQConfig(**METHODS[method])
 
 
+def _state_file(args: argparse.Namespace, stage: str = "") -> str | None:
+    """``--state-file`` (with ``stage`` before its suffix for each half of a two-stage run)."""
+    path = getattr(args, "state_file", None)
+    if path is None or not stage:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{stage}{p.suffix}"))
+
+
 def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argparse.Namespace,
            minutes: float | None, gamma: float, steps: int | None,
            finalize: float,
-           teacher: torch.nn.Module | None = None) -> torch.fx.GraphModule:
+           teacher: torch.nn.Module | None = None,
+           state_file: str | None = None) -> torch.fx.GraphModule:
     train, _ = loaders
     calib = [next(iter(train))[0] for _ in range(4)]
     prepared = djpq.prepare(model, calib[0], cfg, calibration_data=calib)
@@ -113,7 +123,8 @@ def _stage(model: torch.nn.Module, cfg: DJPQConfig, loaders: tuple, args: argpar
                                              weight_lr=args.weight_lr, djpq_lr=args.djpq_lr,
                                              log_every=args.log_every, finalize=finalize,
                                              schedule=args.schedule, distill=distill,
-                                             distill_temperature=temperature),
+                                             distill_temperature=temperature,
+                                             state_file=state_file),
              teacher=teacher if distill else None,
              progress=False, on_log=lambda log: print(f"  step {log.step} {log.seconds:.0f}s "
                                                       f"task {log.task_loss:.3f} "
@@ -140,16 +151,18 @@ def run(args: argparse.Namespace) -> dict:
         # half the budget each; stage 1 freezes its gates at the end, stage 2 its bits
         half = (None if minutes is None else minutes / 2, None if steps is None else steps // 2)
         stage1 = _stage(model, DJPQConfig(quantize=False), loaders, args, half[0], args.gamma,
-                        half[1], args.finalize)
+                        half[1], args.finalize, state_file=_state_file(args, "stage1"))
         pruned = convert(stage1, integer=False)
         restricted = args.method.endswith("restricted")
         prepared = _stage(pruned, DJPQConfig(prune=False, restricted=restricted), loaders, args,
-                          half[0], args.gamma, half[1], args.finalize)
+                          half[0], args.gamma, half[1], args.finalize,
+                          state_file=_state_file(args, "stage2"))
     else:
         # the teacher of a distilled method: the same FP32 checkpoint, a separate copy
         teacher = zoo.load_pretrained(args.model) if args.method in DISTILLED else None
         prepared = _stage(model, method_config(args.method, model), loaders, args,
-                          minutes, args.gamma, steps, args.finalize, teacher)
+                          minutes, args.gamma, steps, args.finalize, teacher,
+                          state_file=_state_file(args))
     train_s = time.perf_counter() - start
     converted = convert(prepared)
     report = djpq.bops(converted)
@@ -199,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-subset", type=int, default=None, help="(smoke runs only)")
     parser.add_argument("--test-subset", type=int, default=None,
                         help="evaluate on this many test images (default: all 10k)")
+    parser.add_argument("--state-file", default=None,
+                        help="save the training state here as it goes and resume from it when "
+                             "present (needs --minutes 0 and --steps; FinetuneConfig.state_file)")
     parser.add_argument("--out", default="benchmarks/djpq_finetune/results.jsonl")
     return parser
 

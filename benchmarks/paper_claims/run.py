@@ -35,6 +35,10 @@ of the initial learning rate, so a larger fraction gives the weights a real fine
 deployed bits (issue 18, item 4's "longer finalization"). It is part of a run's identity and of
 its section; ``fp32_finetune`` has no finalization phase, so one FP32 fine-tune row serves as the
 reference of every finalize variant of its recipe.
+``--state-dir DIR`` saves each run's training state there every 200 steps
+(``FinetuneConfig.state_file``, a file named by the run's identity): a run stopped part way
+resumes from it when the same command is given again, to the row it would have recorded
+uninterrupted; the file is deleted once the row is written.
 Fixed-bit methods (w8a8, w4a4) and fp32_finetune learn nothing that depends on gamma and run once
 per model, at the first gamma. ``--seed`` is part of a run's identity: another seed of a
 measured point runs again.
@@ -163,6 +167,14 @@ def _done(results: Path) -> set[tuple[Any, ...]]:
     return {_key(json.loads(line)) for line in results.read_text().splitlines()}
 
 
+def state_path(state_dir: Path, planned: dict[str, Any]) -> str:
+    """The training-state file of one run (``--state-dir``): named by the run's identity
+    (:func:`_key`), so that only the same run resumes from it."""
+    digest = hashlib.sha256(repr(_key(planned)).encode()).hexdigest()[:12]
+    return str(state_dir / (f"{planned['model']}-{planned['method']}-g{planned['gamma']:g}-"
+                            f"s{planned['seed']}-{planned['steps']}-{digest}.pt"))
+
+
 def run_all(args: argparse.Namespace) -> None:
     """Run every (model, method, gamma) not yet in ``args.results`` (so a run can resume)."""
     single = _single_run_module()
@@ -198,6 +210,8 @@ def run_all(args: argparse.Namespace) -> None:
                 if _key(planned) in done:  # the identity a recorded row of this run would have
                     print(f"[claims] skip {model} {method} gamma={gamma}: already measured")
                     continue
+                run_args.state_file = (state_path(Path(args.state_dir), planned)
+                                       if args.state_dir else None)
                 print(f"[claims] {model} {method} gamma={gamma} ({args.steps} steps)",
                       flush=True)
                 start = time.perf_counter()
@@ -207,6 +221,10 @@ def run_all(args: argparse.Namespace) -> None:
                 result["checkpoint"] = checkpoint
                 with results.open("a") as f:
                     f.write(json.dumps(result) + "\n")
+                if run_args.state_file:  # recorded: a later run of this identity starts afresh
+                    state = Path(run_args.state_file)
+                    for path in state.parent.glob(f"{state.stem}*{state.suffix}"):
+                        path.unlink()
                 kind = "float" if result.get("float_model") else "integer"
                 print(f"[claims]   {kind} {100 * result['integer_acc']:.2f} % at "
                       f"{result['gbops']:.4f} GBOPs ({result['bops_reduction']:.1f}x)",
@@ -248,7 +266,8 @@ def fp32_finetune_run(args: argparse.Namespace) -> dict[str, Any]:
                                           weight_lr=args.weight_lr, djpq_lr=args.djpq_lr,
                                           log_every=args.steps + 1, finalize=0.0,
                                           schedule=args.schedule, distill=distill,
-                                          distill_temperature=temperature),
+                                          distill_temperature=temperature,
+                                          state_file=getattr(args, "state_file", None)),
              progress=False, teacher=teacher)
     train_s = time.perf_counter() - start
     acc = accuracy(model, test)
@@ -678,6 +697,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="fraction of the steps trained at frozen (deployed) gates and bits")
     parser.add_argument("--train-subset", type=int, default=None, help="(smoke runs only)")
     parser.add_argument("--test-subset", type=int, default=None, help="(smoke runs only)")
+    parser.add_argument("--state-dir", default=None,
+                        help="save each run's training state in this folder as it goes (every "
+                             "200 steps) and resume a stopped run from it; a run's file is "
+                             "deleted once its row is recorded")
     parser.add_argument("--results", default=str(HERE / "results.jsonl"))
     parser.add_argument("--out-dir", default=str(HERE))
     parser.add_argument("--summarize", action="store_true", help="only write RESULTS.md + plot")

@@ -9,9 +9,11 @@ learned) differ only in the :class:`~djpq_compiler.config.DJPQConfig` given to `
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,14 @@ class FinetuneConfig:
             on softmax at temperature ``T`` (:func:`distillation_loss`); ``0`` (default): plain
             cross-entropy, no teacher. Not part of the paper's method [choice, issue 18 lever].
         distill_temperature: ``T`` of the distillation term, ``> 0``.
+        state_file: Where the loop saves its training state (weights, gate and quantizer
+            parameters, optimizer moments, step, whether it is finalizing, the torch RNG) every
+            ``save_every`` steps and at the end, written atomically; a run started with that
+            file present resumes from it and computes what the uninterrupted run would have
+            (the batches are replayed to the saved step, so the loader must give the same
+            sequence: a seeded shuffle, as :func:`~djpq_compiler.workflows.data.make_loader`'s).
+            Step budgets only (``minutes=None``); ``None`` (default): nothing saved.
+        save_every: Steps between saves of ``state_file``, ``>= 1``.
     """
 
     gamma: float = 1.0
@@ -70,6 +80,8 @@ class FinetuneConfig:
     schedule: str = "constant"
     distill: float = 0.0
     distill_temperature: float = 2.0
+    state_file: str | None = None
+    save_every: int = 200
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -86,6 +98,17 @@ class FinetuneConfig:
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise ConfigError("FinetuneConfig: distill_temperature must be finite and > 0, got "
                               f"{self.distill_temperature!r}")
+        if self.state_file is not None and (self.steps is None or self.minutes is not None):
+            raise ConfigError("FinetuneConfig: state_file needs a step budget (steps=N, "
+                              "minutes=None): a wall-clock budget cannot resume at the same step")
+        if self.save_every < 1:
+            raise ConfigError(f"FinetuneConfig: save_every must be >= 1, got {self.save_every!r}")
+
+    def resume_fields(self) -> dict[str, object]:
+        """The fields a saved state must agree on to be resumed (all but where and how often
+        it is saved, and how often the loop logs)."""
+        skip = {"state_file", "save_every", "log_every"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 @dataclass(frozen=True)
@@ -125,6 +148,60 @@ def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from loader
 
 
+@dataclass(frozen=True)
+class _Resumed:
+    step: int
+    seconds: float
+    finalizing: bool
+    rng: torch.Tensor
+
+
+def _save_state(path: Path, config: FinetuneConfig, prepared: nn.Module,
+                opt: torch.optim.Optimizer, step: int, seconds: float, finalizing: bool) -> None:
+    """Write the loop's state to ``path`` atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": 1, "config": config.resume_fields(), "step": step,
+                "seconds": seconds, "finalizing": finalizing, "rng": torch.get_rng_state(),
+                "model": prepared.state_dict(), "optimizer": opt.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, config: FinetuneConfig, prepared: nn.Module,
+                opt: torch.optim.Optimizer) -> _Resumed:
+    """Load a state :func:`_save_state` wrote into ``prepared`` and ``opt``.
+
+    Raises:
+        ConfigError: the file is not such a state, was saved under another budget or recipe,
+            or for another model.
+    """
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"finetune: cannot resume from {path}: {why}; delete the file to "
+                           "start over, or pass another state_file")
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused, truncated file, not a torch file
+        raise refuse(f"not a saved training state ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != 1:
+        raise refuse("not a saved training state (format 1)")
+    mine = config.resume_fields()
+    differ = sorted(k for k in mine.keys() | state["config"].keys()
+                    if mine.get(k) != state["config"].get(k))
+    if differ:
+        raise refuse("it was saved under another config (" + ", ".join(
+            f"{k}={state['config'].get(k)!r}, now {mine.get(k)!r}" for k in differ) + ")")
+    if state["finalizing"]:  # the flags and requires_grad the saved values were trained under
+        freeze_for_deployment(prepared)
+    try:
+        prepared.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise refuse(f"it was saved for another model ({e})") from e
+    return _Resumed(int(state["step"]), float(state["seconds"]), bool(state["finalizing"]),
+                    state["rng"])
+
+
 def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConfig,
              progress: bool = True,
              on_log: Callable[[FinetuneLog], None] | None = None,
@@ -140,8 +217,14 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
     With ``config.distill > 0`` the task loss distils ``teacher`` (a float model, run in eval
     mode without gradients on the same batches); the logged ``task_loss`` is then that mixed loss.
 
+    With ``config.state_file`` set the loop saves its state as it goes and, when the file is
+    there at the start, resumes from it (``prepared`` freshly prepared as before, the same
+    loader and teacher): a long run survives being stopped. The logs returned are those of this
+    call only; a finished state resumes to no further steps.
+
     Raises:
-        ConfigError: ``config.distill > 0`` without a ``teacher``.
+        ConfigError: ``config.distill > 0`` without a ``teacher``; a ``state_file`` that is not
+            a saved state of this config and model.
         QuantizationError: a gate or quantizer parameter became NaN/Inf (checked at every log).
     """
     if config.distill and teacher is None:
@@ -161,9 +244,19 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
     final_second = seconds * (1.0 - config.finalize)
     finalizing = False
     base_lrs = [group["lr"] for group in opt.param_groups]
-    bar = tqdm(total=config.steps, disable=not progress, desc="djpq fine-tune", leave=False)
+    batches = _batches(train_loader)
+    state_file = Path(config.state_file) if config.state_file is not None else None
+    if state_file is not None and state_file.exists():
+        resumed = _load_state(state_file, config, prepared, opt)
+        step, finalizing = resumed.step, resumed.finalizing
+        start -= resumed.seconds
+        for _ in range(step):  # the loader's batches of the steps already taken
+            next(batches)
+        torch.set_rng_state(resumed.rng)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="djpq fine-tune",
+               leave=False)
     prepared.train()
-    for x, y in _batches(train_loader):
+    for x, y in batches:
         elapsed = time.perf_counter() - start
         if step >= limit or elapsed > seconds:
             break
@@ -190,6 +283,9 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
         opt.step()
         step += 1
         bar.update(1)
+        if state_file is not None and (step % config.save_every == 0 or step == limit):
+            _save_state(state_file, config, prepared, opt, step, time.perf_counter() - start,
+                        finalizing)
         if step % config.log_every == 0:
             check_finite(prepared)
             log = FinetuneLog(step, elapsed, task.item(), reg.item(), bops(unwrap(prepared)).gbops,
