@@ -191,13 +191,15 @@ def _load_state(path: Path, config: FinetuneConfig, prepared: nn.Module,
     if differ:
         raise refuse("it was saved under another config (" + ", ".join(
             f"{k}={state['config'].get(k)!r}, now {mine.get(k)!r}" for k in differ) + ")")
+    own, saved = prepared.state_dict(), state["model"]
+    differ = sorted(own.keys() ^ saved.keys()) or [
+        k for k in own if tuple(own[k].shape) != tuple(saved[k].shape)]
+    if differ:  # checked before anything is loaded: a refused model stays as it was
+        raise refuse(f"it was saved for another model (first differing entry: {differ[0]!r})")
     if state["finalizing"]:  # the flags and requires_grad the saved values were trained under
         freeze_for_deployment(prepared)
-    try:
-        prepared.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise refuse(f"it was saved for another model ({e})") from e
+    prepared.load_state_dict(saved)
+    opt.load_state_dict(state["optimizer"])
     return _Resumed(int(state["step"]), float(state["seconds"]), bool(state["finalizing"]),
                     state["rng"])
 
