@@ -38,7 +38,8 @@ reference of every finalize variant of its recipe.
 ``--state-dir DIR`` saves each run's training state there every 200 steps
 (``FinetuneConfig.state_file``, a file named by the run's identity): a run stopped part way
 resumes from it when the same command is given again, to the row it would have recorded
-uninterrupted; the file is deleted once the row is written.
+uninterrupted; the file is deleted once the row is written (a resumed row's ``train_seconds`` and
+``wall_seconds`` count its last process only).
 Fixed-bit methods (w8a8, w4a4) and fp32_finetune learn nothing that depends on gamma and run once
 per model, at the first gamma. ``--seed`` is part of a run's identity: another seed of a
 measured point runs again.
