@@ -235,11 +235,11 @@ def test_a_state_file_is_resumed_only_under_its_own_config(tmp_path) -> None:
                                           r"\(gamma=1\.0, now 2\.0\); delete the file"):
         finetune(_prepared(), _data(), other, progress=False)
     torch.manual_seed(0)
-    wider = djpq.prepare(T.InvertedResidual().eval(), torch.randn(2, 3, 8, 8))
-    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    other_model = djpq.prepare(T.InvertedResidual().eval(), torch.randn(2, 3, 8, 8))
+    before = {k: v.clone() for k, v in other_model.state_dict().items()}
     with pytest.raises(ConfigError, match="saved for another model"):
-        finetune(wider, _data(), config, progress=False)
-    assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())  # untouched
+        finetune(other_model, _data(), config, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in other_model.state_dict().items())  # untouched
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a saved training state"):
         finetune(_prepared(), _data(), config, progress=False)
