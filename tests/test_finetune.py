@@ -240,6 +240,13 @@ def test_a_state_file_is_resumed_only_under_its_own_config(tmp_path) -> None:
     with pytest.raises(ConfigError, match="saved for another model"):
         finetune(other_model, _data(), config, progress=False)
     assert all(torch.equal(before[k], v) for k, v in other_model.state_dict().items())  # untouched
+    fit_state = tmp_path / "fit.pt"  # format 1 too, but written by workflows.train.fit
+    torch.save({"format": 1, "settings": {}, "epoch": 1, "log": [], "model": {},
+                "optimizer": {}, "scheduler": None, "rng": {}}, fit_state)
+    with pytest.raises(ConfigError, match=r"not a saved training state \(a resume state of "
+                                          r"another loop\)"):
+        finetune(_prepared(), _data(), dataclasses.replace(config, state_file=str(fit_state)),
+                 progress=False)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a saved training state"):
         finetune(_prepared(), _data(), config, progress=False)

@@ -9,11 +9,11 @@ learned) differ only in the :class:`~djpq_compiler.config.DJPQConfig` given to `
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,13 @@ from djpq_compiler.errors import ConfigError
 from djpq_compiler.loss import djpq_loss
 from djpq_compiler.modules.fused import fused_kernels
 from djpq_compiler.prepared import check_finite, freeze_for_deployment, param_groups, unwrap
+from djpq_compiler.workflows.train import (
+    RESUME_FORMAT,
+    _rng_state,
+    _save_resume_state,
+    _set_rng_state,
+    load_resume_state,
+)
 
 __all__ = ["FinetuneConfig", "FinetuneLog", "finetune", "accuracy", "distillation_loss"]
 
@@ -60,7 +67,7 @@ class FinetuneConfig:
             cross-entropy, no teacher. Not part of the paper's method [choice, issue 18 lever].
         distill_temperature: ``T`` of the distillation term, ``> 0``.
         state_file: Where the loop saves its training state (weights, gate and quantizer
-            parameters, optimizer moments, step, whether it is finalizing, the torch RNG) every
+            parameters, optimizer moments, step, whether it is finalizing, the RNGs) every
             ``save_every`` steps and at the end, written atomically; a run started with that
             file present resumes from it and computes what the uninterrupted run would have
             (the batches are replayed to the saved step, so the loader must give the same
@@ -153,18 +160,23 @@ class _Resumed:
     step: int
     seconds: float
     finalizing: bool
-    rng: torch.Tensor
+    rng: dict[str, Any]
+
+
+#: The entries of a fine-tune's state (a resume state of :func:`~.train.fit` has others).
+_STATE_KEYS = frozenset({"format", "config", "step", "seconds", "finalizing", "rng", "model",
+                         "optimizer"})
 
 
 def _save_state(path: Path, config: FinetuneConfig, prepared: nn.Module,
-                opt: torch.optim.Optimizer, step: int, seconds: float, finalizing: bool) -> None:
-    """Write the loop's state to ``path`` atomically (a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": 1, "config": config.resume_fields(), "step": step,
-                "seconds": seconds, "finalizing": finalizing, "rng": torch.get_rng_state(),
-                "model": prepared.state_dict(), "optimizer": opt.state_dict()}, tmp)
-    os.replace(tmp, path)
+                opt: torch.optim.Optimizer, loader: DataLoader, step: int, seconds: float,
+                finalizing: bool) -> None:
+    """Write the loop's state to ``path`` atomically, as :func:`~.train.fit` writes its own
+    (the same writer, format and RNG record)."""
+    _save_resume_state(path, {
+        "format": RESUME_FORMAT, "config": config.resume_fields(), "step": step,
+        "seconds": seconds, "finalizing": finalizing, "rng": _rng_state(loader),
+        "model": prepared.state_dict(), "optimizer": opt.state_dict()})
 
 
 def _load_state(path: Path, config: FinetuneConfig, prepared: nn.Module,
@@ -180,11 +192,11 @@ def _load_state(path: Path, config: FinetuneConfig, prepared: nn.Module,
                            "start over, or pass another state_file")
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused, truncated file, not a torch file
-        raise refuse(f"not a saved training state ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or state.get("format") != 1:
-        raise refuse("not a saved training state (format 1)")
+        state = load_resume_state(path)
+    except ConfigError as e:  # unreadable, or not a resume state of this format
+        raise refuse(f"not a saved training state ({e})") from e
+    if state.keys() != _STATE_KEYS:
+        raise refuse("not a saved training state (a resume state of another loop)")
     mine = config.resume_fields()
     differ = sorted(k for k in mine.keys() | state["config"].keys()
                     if mine.get(k) != state["config"].get(k))
@@ -201,7 +213,7 @@ def _load_state(path: Path, config: FinetuneConfig, prepared: nn.Module,
     prepared.load_state_dict(saved)
     opt.load_state_dict(state["optimizer"])
     return _Resumed(int(state["step"]), float(state["seconds"]), bool(state["finalizing"]),
-                    state["rng"])
+                    state["rng"])  # set once the loader has replayed its batches
 
 
 def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConfig,
@@ -254,7 +266,7 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
         start -= resumed.seconds
         for _ in range(step):  # the loader's batches of the steps already taken
             next(batches)
-        torch.set_rng_state(resumed.rng)
+        _set_rng_state(resumed.rng, train_loader)
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="djpq fine-tune",
                leave=False)
     prepared.train()
@@ -286,8 +298,8 @@ def finetune(prepared: nn.Module, train_loader: DataLoader, config: FinetuneConf
         step += 1
         bar.update(1)
         if state_file is not None and (step % config.save_every == 0 or step == limit):
-            _save_state(state_file, config, prepared, opt, step, time.perf_counter() - start,
-                        finalizing)
+            _save_state(state_file, config, prepared, opt, train_loader, step,
+                        time.perf_counter() - start, finalizing)
         if step % config.log_every == 0:
             check_finite(prepared)
             log = FinetuneLog(step, elapsed, task.item(), reg.item(), bops(unwrap(prepared)).gbops,
