@@ -132,6 +132,17 @@ def test_drop_is_against_the_stronger_fp32_of_a_section() -> None:
     assert "91.00 %" in header and "the fine-tune" in header
     assert "Not run in this section: w8a8, w4a4" in header
     assert "not run in this section" in claims._reference_text([djpq], 0.90, "checkpoint only")
+    # a distilled fine-tune above the plain one is the reference, and the texts name it
+    distilled = dict(tuned[0], method="fp32_finetune_kd", integer_acc=0.92)
+    reference, source = claims.reference_fp32([djpq, *tuned, distilled])
+    assert abs(reference - 0.92) < 1e-12 and source == "fp32_finetune_kd"
+    assert "(the distilled fine-tune, 92.00 %)" in claims._reference_text(
+        [djpq, *tuned, distilled], reference, source)
+    assert "the stronger FP32 (its same-recipe fine-tune distilling the checkpoint)" in \
+        "\n".join(claims._verdict(claims._points([djpq, *tuned, distilled], reference), source))
+    # level fine-tunes: the plain one is named
+    level = dict(distilled, integer_acc=0.91)
+    assert claims.reference_fp32([djpq, *tuned, level])[1] == "fp32_finetune"
     w8a8 = dict(base, method="w8a8", gamma=1.0, integer_acc=0.91, gbops=6.25)
     assert "W8A8 with this recipe reaches 91.00 %, above the checkpoint" in \
         claims._reference_text([djpq, w8a8], 0.90, "checkpoint only")
@@ -251,13 +262,14 @@ def test_distilled_fp32_finetune_raises_the_bar_of_its_section(tmp_path: Path) -
     assert claims._key(tuned_kd) == claims._key(dict(tuned_kd, finalize=0.3))
     assert claims._key(tuned_kd) != claims._key(tuned)
     reference, source = claims.reference_fp32([tuned, tuned_kd])
-    assert abs(reference - 0.915) < 1e-12 and source == "fp32_finetune"
+    assert abs(reference - 0.915) < 1e-12 and source == "fp32_finetune_kd"
     assert claims.reference_fp32([tuned])[0] == 0.91
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in (tuned, tuned_kd, kd)))
     text = claims.summarize(results, tmp_path)
     section = text.split("last 0.3 of the steps")[1]
     assert "(fp32_finetune_kd): 91.50 %" in section and "stronger of the three" in section
+    assert "(the distilled fine-tune, 91.50 %)" in section
     # 0.8 points below the distilled fine-tune (91.5 %), not 0.3 below the plain one
     assert "250.0× at 0.80 points" in section
 

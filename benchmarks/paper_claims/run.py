@@ -298,16 +298,24 @@ def _tuned(runs: list[dict[str, Any]]) -> dict[str, float]:
 def reference_fp32(runs: list[dict[str, Any]]) -> tuple[float, str]:
     """The stronger FP32 of a section: the checkpoint's accuracy or its same-recipe fine-tune's
     (mean over seeds; with ``fp32_finetune_kd`` also measured, the higher of the two fine-tunes),
-    whichever is higher, and which one it is: ``"fp32_finetune"`` (a fine-tune),
-    ``"checkpoint"`` (the fine-tune was measured and is not higher) or ``"checkpoint only"``
-    (no fine-tune measured in the section)."""
+    whichever is higher, and which one it is: the fine-tune's method (``"fp32_finetune"`` or
+    ``"fp32_finetune_kd"``, the higher of the two; the plain one on a tie), ``"checkpoint"`` (a
+    fine-tune was measured and is not higher) or ``"checkpoint only"`` (no fine-tune measured in
+    the section)."""
     checkpoint = runs[0]["fp32_acc"]
     tuned = _tuned(runs)
     if not tuned:
         return checkpoint, "checkpoint only"
-    if max(tuned.values()) > checkpoint:
-        return max(tuned.values()), FP32_FINETUNE
+    best = max(tuned, key=lambda m: (tuned[m], m == FP32_FINETUNE))
+    if tuned[best] > checkpoint:
+        return tuned[best], best
     return checkpoint, "checkpoint"
+
+
+#: How the texts name the stronger FP32 that :func:`reference_fp32` picked.
+_BAR_NAMES = {FP32_FINETUNE: "its same-recipe fine-tune",
+              FP32_FINETUNE_KD: "its same-recipe fine-tune distilling the checkpoint",
+              "checkpoint": "the checkpoint"}
 
 
 def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -492,7 +500,7 @@ def overview(sections: dict[Section, list[dict[str, Any]]],
             continue
         reference, source = reference_fp32(runs)
         points = _points(runs, reference)
-        bar = f"{100 * reference:.2f} %" + ("" if source == FP32_FINETUNE else
+        bar = f"{100 * reference:.2f} %" + ("" if source in FLOAT_METHODS else
                                              " (checkpoint only)" if source == "checkpoint only"
                                              else " (checkpoint)")
         rows.append(f"| {model} | {checkpoint} | {_recipe_text(recipe)} | {bar} | "
@@ -523,7 +531,8 @@ def _reference_text(runs: list[dict[str, Any]], reference: float, source: str) -
     """Which FP32 the drops of a section are measured against, and what is missing."""
     tuned = _tuned(runs)
     if tuned:
-        which = "the fine-tune" if source == FP32_FINETUNE else "the checkpoint"
+        which = {FP32_FINETUNE: "the fine-tune", FP32_FINETUNE_KD: "the distilled fine-tune"}.get(
+            source, "the checkpoint")
         text = (f"FP32 fine-tuned with this recipe: {100 * tuned[FP32_FINETUNE]:.2f} %. "
                 if FP32_FINETUNE in tuned else "")
         if FP32_FINETUNE_KD in tuned:
@@ -549,8 +558,7 @@ def _verdict(points: list[dict[str, Any]], source: str = "checkpoint only") -> l
     against the section's stronger FP32, named by ``source``), and DJPQ vs two-stage at equal BOPs
     (also for the power-of-two restricted variants) and vs DQ-only (does pruning add anything)."""
     out = []
-    against = ("the stronger FP32 (its same-recipe fine-tune)" if source == FP32_FINETUNE
-               else "the stronger FP32 (the checkpoint)" if source == "checkpoint"
+    against = (f"the stronger FP32 ({_BAR_NAMES[source]})" if source in _BAR_NAMES
                else "the FP32 checkpoint (no same-recipe FP32 fine-tune measured: provisional)")
     ok = [p for p in points if p["method"] == "djpq" and p["drop_points"] <= 1.0]
     if ok:
