@@ -131,6 +131,10 @@ def test_drop_is_against_the_stronger_fp32_of_a_section() -> None:
     header = claims._reference_text([djpq, *tuned], reference, source)
     assert "91.00 %" in header and "the fine-tune" in header
     assert "Not run in this section: w8a8, w4a4" in header
+    # a section of FP32 fine-tunes only names no missing baseline: its quantized runs live in
+    # the recipe's finalize variants
+    float_only = claims._reference_text(tuned, reference, source)
+    assert "FP32 fine-tunes only" in float_only and "Not run in this section" not in float_only
     assert "not run in this section" in claims._reference_text([djpq], 0.90, "checkpoint only")
     # a distilled fine-tune above the plain one is the reference, and the texts name it
     distilled = dict(tuned[0], method="fp32_finetune_kd", integer_acc=0.92)

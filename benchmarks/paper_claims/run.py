@@ -547,6 +547,11 @@ def _reference_text(runs: list[dict[str, Any]], reference: float, source: str) -
         if w8a8 and sum(w8a8) / len(w8a8) > reference:
             text += (f" (W8A8 with this recipe reaches {100 * sum(w8a8) / len(w8a8):.2f} %, above "
                      "the checkpoint: the recipe's extra training alone adds accuracy.)")
+    if runs and all(r["method"] in FLOAT_METHODS for r in runs):
+        text += (" FP32 fine-tunes only: no quantized run used this recipe at the default "
+                 "finalization; a float fine-tune freezes nothing, so the recipe's sections with "
+                 "a longer finalization list these rows beside their own.")
+        return text
     missing = [b for b in BASELINES[1:] if not any(r["method"] == b for r in runs)]
     if missing:
         text += f" Not run in this section: {', '.join(missing)}."
