@@ -549,8 +549,8 @@ def _reference_text(runs: list[dict[str, Any]], reference: float, source: str) -
                      "the checkpoint: the recipe's extra training alone adds accuracy.)")
     if runs and all(r["method"] in FLOAT_METHODS for r in runs):
         text += (" FP32 fine-tunes only: no quantized run used this recipe at the default "
-                 "finalization; a float fine-tune freezes nothing, so the recipe's sections with "
-                 "a longer finalization list these rows beside their own.")
+                 "finalization (a float fine-tune freezes nothing, so any section of this recipe "
+                 "with a longer finalization lists these rows beside its own).")
         return text
     missing = [b for b in BASELINES[1:] if not any(r["method"] == b for r in runs)]
     if missing:
